@@ -1,0 +1,33 @@
+//! Compiles the kernel programs in `ebpf/` for `bpfel-unknown-none` and places the object in
+//! OUT_DIR, where the daemon embeds it.
+use anyhow::{Context as _, anyhow};
+
+fn main() -> anyhow::Result<()> {
+    if which::which("bpf-linker").is_err() {
+        return Err(anyhow!(
+            "bpf-linker is not installed (or not on PATH). Run `cargo xtask setup` once; it installs \
+             bpf-linker and the nightly rust-src component that building the kernel programs needs."
+        ));
+    }
+    let metadata = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("reading the workspace metadata")?;
+    let ebpf = metadata
+        .packages
+        .into_iter()
+        .find(|p| p.name.as_str() == "agentwall-ebpf")
+        .ok_or_else(|| anyhow!("package agentwall-ebpf not found in the workspace"))?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
+    let package = aya_build::Package {
+        name: ebpf.name.as_str(),
+        root_dir: root.as_str(),
+        ..Default::default()
+    };
+    aya_build::build_ebpf([package], aya_build::Toolchain::Nightly).context(
+        "building the kernel programs (ebpf/); `cargo xtask setup` installs what this needs",
+    )
+}

@@ -1,0 +1,368 @@
+//! Command-line interface.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    cgroup::{self, Cgroup},
+    config::{self, Config, LogFormat, Overrides},
+    control::{Reply, Request, Status, client::Client},
+    daemon, enforce, exec, logging, policy, probe,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentwall",
+    version,
+    about = "Zero-trust egress enforcement for AI agent processes, in the kernel."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// Admin socket of the daemon.
+    #[arg(long, env = "AGENTWALL_SOCKET", default_value = config::defaults::SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: load the kernel programs, enforce the policies, serve the admin socket.
+    Run(RunArgs),
+    /// Run a command under a policy, in a new enforced cgroup; exits with the command's code.
+    Exec {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Run the command as this user (name or uid).
+        #[arg(long)]
+        user: Option<String>,
+        /// Policy the command runs under.
+        #[arg(long)]
+        policy: String,
+        /// The command and its arguments (after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Show the daemon's health, policies, cgroups and counters.
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload the policy directory; on any error the policy in force stays.
+    Reload {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Deny every flow of a bound cgroup, open ones included (or lift that with --lift).
+    Quarantine {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Cgroup path (relative to the cgroup v2 mount, or absolute) or `id:N`.
+        cgroup: String,
+        #[arg(long)]
+        lift: bool,
+    },
+    /// Stream verdicts as they happen.
+    Events {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Remove agentwall from the kernel: unpin links (detaching the programs) and maps, and
+    /// remove the managed cgroup subtree. Enforcement ends.
+    Teardown {
+        #[arg(long, default_value = config::defaults::PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Managed cgroup subtree, relative to the cgroup v2 mount.
+        #[arg(long, default_value = config::defaults::CGROUP_ROOT)]
+        cgroup_root: String,
+        /// Kill processes still in the managed subtree instead of refusing.
+        #[arg(long)]
+        kill: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    #[command(name = probe::PROBE_COMMAND, hide = true)]
+    ProbeConnect { addr: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory and show what it compiles to.
+    Check {
+        /// Policy directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Config file (default: /etc/agentwall/agentwall.yaml if it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Policy directory.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Managed cgroup subtree, relative to the cgroup v2 mount.
+    #[arg(long)]
+    cgroup_root: Option<String>,
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            #[expect(clippy::print_stderr, reason = "the CLI's one line of error")]
+            {
+                eprintln!("agentwall: {}", crate::error_chain(e.as_ref()));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn code(c: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(c).unwrap_or(1))
+}
+
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(a) => {
+            let overrides = Overrides {
+                config: a.config,
+                policy_dir: a.policies,
+                state_dir: a.state_dir,
+                pin_dir: a.pin_dir,
+                socket: a.socket,
+                cgroup_root: a.cgroup_root,
+                log_format: a.log_format,
+            };
+            let cfg = Config::load(&overrides)?;
+            logging::init(cfg.log_format, "info");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(daemon::run(cfg)).context("cannot enforce")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec {
+            socket,
+            user,
+            policy,
+            command,
+        } => {
+            logging::init(LogFormat::Text, "warn");
+            Ok(code(exec::run(
+                &socket.socket,
+                user.as_deref(),
+                &policy,
+                &command,
+            )?))
+        }
+        Command::Status { socket, json } => {
+            let Reply::Status(s) = Client::call(&socket.socket, &Request::Status)? else {
+                bail!("unexpected answer from the daemon");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { socket } => match Client::call(&socket.socket, &Request::Reload)? {
+            Reply::Reloaded {
+                generation,
+                policies,
+                rule_nodes,
+            } => {
+                println!(
+                    "reloaded: generation {generation}, {policies} policies, {rule_nodes} rule nodes"
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            other => bail!("unexpected answer from the daemon: {other:?}"),
+        },
+        Command::Quarantine {
+            socket,
+            cgroup,
+            lift,
+        } => {
+            match Client::call(&socket.socket, &Request::Quarantine { cgroup, lift })? {
+                Reply::Done { message } => println!("{message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events { socket, json } => {
+            let mut c = Client::connect(&socket.socket)?;
+            c.send(&Request::Events)?;
+            loop {
+                match c.recv()? {
+                    Reply::Event(e) if json => println!("{}", serde_json::to_string(&e)?),
+                    Reply::Event(e) => println!(
+                        "{} {:5} {:11} {}[{}] -> {}:{} {} {} {} {}",
+                        e.time,
+                        e.verdict,
+                        e.hook,
+                        e.comm,
+                        e.tgid,
+                        e.dst.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                        e.port,
+                        e.protocol,
+                        e.reason,
+                        e.policy.as_deref().unwrap_or("-"),
+                        e.rule.as_deref().unwrap_or("-"),
+                    ),
+                    Reply::Lagged { missed } => {
+                        println!("# {missed} events missed: reading too slowly")
+                    }
+                    other => bail!("unexpected answer from the daemon: {other:?}"),
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Check { dir }) => {
+            let set = policy::load_dir(&dir)?;
+            let mut next = 0;
+            let slots: std::collections::HashMap<String, u32> = set
+                .policies
+                .iter()
+                .map(|p| {
+                    next += 1;
+                    (p.name.clone(), next)
+                })
+                .collect();
+            let compiled = policy::compile(&set, |n| slots.get(n).copied().unwrap_or(0))
+                .map_err(|problems| policy::PolicyError { problems })?;
+            for p in &set.policies {
+                println!(
+                    "policy {} ({:?}) at {}: {} egress rules",
+                    p.name,
+                    p.mode,
+                    p.source,
+                    p.egress.len()
+                );
+            }
+            println!(
+                "{} policies, {} rules, {} kernel rule nodes: OK",
+                set.policies.len(),
+                compiled.rules.len(),
+                compiled.nodes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Teardown {
+            pin_dir,
+            cgroup_root,
+            kill,
+            socket,
+        } => {
+            if std::os::unix::net::UnixStream::connect(&socket.socket).is_ok() {
+                bail!(
+                    "the daemon is running (its socket {} answers); stop it first",
+                    socket.socket.display()
+                );
+            }
+            let mount = cgroup::cgroup2_mount()?;
+            let root = Cgroup::under(&mount, &cgroup_root)?;
+            root.ensure_not_root(&mount)?;
+            if root.exists() && root.populated()? {
+                if !kill {
+                    bail!(
+                        "{} still holds processes, which would run unenforced after teardown; \
+                         stop them or pass --kill",
+                        root.path().display()
+                    );
+                }
+                root.kill_all()?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while root.populated()? {
+                    if std::time::Instant::now() > deadline {
+                        bail!(
+                            "processes in {} did not die within 10 s",
+                            root.path().display()
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            let removed = enforce::teardown(&pin_dir)?;
+            root.remove_tree()?;
+            println!(
+                "removed {} pins under {} and the cgroup subtree {}",
+                removed.len(),
+                pin_dir.display(),
+                root.path().display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ProbeConnect { addr } => Ok(code(probe::child_main(&addr))),
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn print_status(s: &Status) {
+    println!("agentwall {}: {:?}", s.version, s.health);
+    println!(
+        "policy generation {} ({} rule nodes) from {}",
+        s.generation, s.rule_nodes, s.policy_dir
+    );
+    for p in &s.policies {
+        println!(
+            "  policy {:<24} slot {:<4} {:?}, {} rules",
+            p.name, p.slot, p.mode, p.rules
+        );
+    }
+    println!("cgroups under {}:", s.cgroup_root);
+    for c in &s.cgroups {
+        println!(
+            "  {} id {} policy {} ({}{}{})",
+            c.path,
+            c.id,
+            c.policy.as_deref().unwrap_or("-"),
+            c.kind,
+            if c.leased { ", running" } else { "" },
+            if c.quarantined { ", QUARANTINED" } else { "" }
+        );
+    }
+    let counters: Vec<String> = s
+        .kernel_counters
+        .totals
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("kernel counters: {}", counters.join(" "));
+    if !s.daemon_errors.is_empty() {
+        println!("daemon errors: {:?}", s.daemon_errors);
+    }
+}

@@ -1,0 +1,260 @@
+//! Daemon configuration: embedded defaults, an optional YAML file, command-line overrides.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use agentwall_common::maps;
+use serde::Deserialize;
+
+/// Where things live unless told otherwise. Documented in README.md.
+pub mod defaults {
+    pub const CONFIG_FILE: &str = "/etc/agentwall/agentwall.yaml";
+    pub const POLICY_DIR: &str = "/etc/agentwall/policies";
+    pub const STATE_DIR: &str = "/var/lib/agentwall";
+    pub const PIN_DIR: &str = "/sys/fs/bpf/agentwall";
+    pub const SOCKET: &str = "/run/agentwall/admin.sock";
+    pub const CGROUP_ROOT: &str = "agentwall";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("config {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Kernel map sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Cgroups that can be bound at once.
+    pub max_bindings: u32,
+    /// Prefix nodes in the rules trie, both generations together during a swap.
+    pub max_rule_nodes: u32,
+    /// Event ring buffer size in bytes: a power of two, at least one page.
+    pub event_ring_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bindings: maps::DEFAULT_MAX_BINDINGS,
+            max_rule_nodes: maps::DEFAULT_MAX_RULE_NODES,
+            event_ring_bytes: maps::DEFAULT_EVENT_RING_BYTES,
+        }
+    }
+}
+
+/// The daemon's configuration, as a file may give it; every field is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub policy_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    /// A group whose members may use the admin socket besides root.
+    pub socket_group: Option<String>,
+    /// The managed cgroup subtree, relative to the cgroup v2 mount.
+    pub cgroup_root: Option<String>,
+    /// Further cgroups (relative to the mount) to enforce, each with the policy to bind.
+    #[serde(default)]
+    pub enforce: Vec<EnforceEntry>,
+    #[serde(default)]
+    pub limits: Limits,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforceEntry {
+    pub cgroup: String,
+    pub policy: String,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub policy_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    pub socket_group: Option<String>,
+    pub cgroup_root: String,
+    pub enforce: Vec<EnforceEntry>,
+    pub limits: Limits,
+    pub log_format: LogFormat,
+}
+
+/// Command-line overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub policy_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub cgroup_root: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Reads the config file (the one given, or the default one if it exists) and applies the
+    /// overrides.
+    pub fn load(o: &Overrides) -> Result<Self, ConfigError> {
+        let file = match &o.config {
+            Some(path) => Self::read_file(path)?,
+            None if Path::new(defaults::CONFIG_FILE).exists() => {
+                Self::read_file(Path::new(defaults::CONFIG_FILE))?
+            }
+            None => FileConfig::default(),
+        };
+        let cfg = Self {
+            policy_dir: pick(&o.policy_dir, file.policy_dir, defaults::POLICY_DIR),
+            state_dir: pick(&o.state_dir, file.state_dir, defaults::STATE_DIR),
+            pin_dir: pick(&o.pin_dir, file.pin_dir, defaults::PIN_DIR),
+            socket: pick(&o.socket, file.socket, defaults::SOCKET),
+            socket_group: file.socket_group,
+            cgroup_root: o
+                .cgroup_root
+                .clone()
+                .or(file.cgroup_root)
+                .unwrap_or_else(|| defaults::CGROUP_ROOT.to_string()),
+            enforce: file.enforce,
+            limits: file.limits,
+            log_format: o.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let root = self.cgroup_root.trim_matches('/');
+        if root.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "cgroup_root",
+                message: "must name a cgroup below the cgroup v2 mount, not the root cgroup".into(),
+            });
+        }
+        let l = &self.limits;
+        if !l.event_ring_bytes.is_power_of_two() || l.event_ring_bytes < 4096 {
+            return Err(ConfigError::Invalid {
+                field: "limits.event_ring_bytes",
+                message: format!(
+                    "{} is not a power of two of at least 4096",
+                    l.event_ring_bytes
+                ),
+            });
+        }
+        if l.max_rule_nodes < 2 || l.max_bindings < 1 {
+            return Err(ConfigError::Invalid {
+                field: "limits",
+                message: "max_rule_nodes must be at least 2 and max_bindings at least 1".into(),
+            });
+        }
+        for e in &self.enforce {
+            if e.cgroup.trim_matches('/').is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "enforce.cgroup",
+                    message: "the root cgroup cannot be enforced: every process of the host \
+                              lives there"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pick(flag: &Option<PathBuf>, file: Option<PathBuf>, default: &str) -> PathBuf {
+    flag.clone()
+        .or(file)
+        .unwrap_or_else(|| PathBuf::from(default))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_without_file() {
+        let o = Overrides {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Default::default()
+        };
+        let c = Config::load(&o).unwrap();
+        assert_eq!(c.pin_dir, Path::new(defaults::PIN_DIR));
+        assert_eq!(c.cgroup_root, "agentwall");
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let dir = std::env::temp_dir().join(format!("aw-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.yaml");
+        fs::write(&p, "pin_dir: /x\nsocket_gruop: admins\n").unwrap();
+        let o = Overrides {
+            config: Some(p),
+            ..Default::default()
+        };
+        let e = Config::load(&o).unwrap_err().to_string();
+        assert!(e.contains("socket_gruop") && e.contains("line 2"), "{e}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn root_cgroup_is_refused() {
+        let dir = std::env::temp_dir().join(format!("aw-config-root-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.yaml");
+        fs::write(&p, "cgroup_root: /\n").unwrap();
+        let o = Overrides {
+            config: Some(p),
+            ..Default::default()
+        };
+        assert!(
+            Config::load(&o)
+                .unwrap_err()
+                .to_string()
+                .contains("root cgroup")
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

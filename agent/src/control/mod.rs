@@ -1,0 +1,151 @@
+//! The admin socket: a Unix stream socket carrying one JSON object per line.
+//!
+//! Access is checked twice: by the socket file's mode (0600, or 0660 with a configured group)
+//! and, per connection, by the kernel's account of the peer (SO_PEERCRED, SO_PEERGROUPS): root,
+//! or a member of the configured group.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{enforce::Counters, events::EventRecord, policy::Mode};
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Health, policies, cgroups and counters.
+    Status,
+    /// Create an enforced cgroup bound to `policy` for a command about to start. The
+    /// connection is the cgroup's lease: the cgroup is removed once the lease ends and no
+    /// process is left in it.
+    ExecBegin { policy: String },
+    /// Reload the policy directory.
+    Reload,
+    /// Deny every flow of a bound cgroup (or lift that), open flows included.
+    Quarantine { cgroup: String, lift: bool },
+    /// Stream verdicts until the client goes away.
+    Events,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Status(Box<Status>),
+    ExecReady {
+        cgroup: String,
+        cgroup_id: u64,
+    },
+    Reloaded {
+        generation: u32,
+        policies: usize,
+        rule_nodes: usize,
+    },
+    Done {
+        message: String,
+    },
+    Event(Box<EventRecord>),
+    /// Events were lost because this subscriber read too slowly.
+    Lagged {
+        missed: u64,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub health: Health,
+    pub generation: u32,
+    pub rule_nodes: usize,
+    pub policy_dir: String,
+    pub pin_dir: String,
+    pub cgroup_root: String,
+    pub policies: Vec<PolicyStatus>,
+    pub cgroups: Vec<CgroupStatus>,
+    pub kernel_counters: Counters,
+    pub daemon_errors: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    Starting,
+    /// The probe's connect was denied by the kernel at `probe_at`.
+    Healthy {
+        probe_at: String,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub name: String,
+    pub slot: u32,
+    pub mode: Mode,
+    pub rules: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStatus {
+    pub id: u64,
+    pub path: String,
+    pub policy: Option<String>,
+    pub kind: String,
+    pub quarantined: bool,
+    pub leased: bool,
+}
+
+// `Counters` holds `&'static str` keys for the kernel counter names; owned deserialization is
+// only needed by clients, which read them back as strings.
+impl<'de> Deserialize<'de> for Counters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            totals: std::collections::BTreeMap<String, u64>,
+            events_dropped_per_cpu: Vec<u64>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let mut totals = std::collections::BTreeMap::new();
+        for (k, v) in raw.totals {
+            if let Some(name) = agentwall_common::counters::NAMES.iter().find(|n| **n == k) {
+                totals.insert(*name, v);
+            }
+        }
+        Ok(Counters {
+            totals,
+            events_dropped_per_cpu: raw.events_dropped_per_cpu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let r: Request = serde_json::from_str(r#"{"op":"exec_begin","policy":"web"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::ExecBegin {
+                policy: "web".into()
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"op":"status"}"#
+        );
+        let e = serde_json::from_str::<Request>(r#"{"op":"exec_begin","policy":"web","x":1}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+    }
+}

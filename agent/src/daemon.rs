@@ -1,0 +1,737 @@
+//! `agentwall run`: start-up, the shared state behind the admin socket, and shutdown.
+//!
+//! Start-up order is chosen so that nothing is ever enforced by half: policies are validated
+//! before anything touches the kernel; the new rule generation is in place before programs are
+//! attached; programs are attached before a binding is written; and the daemon reports
+//! healthy only after the probe saw a denial.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use agentwall_common::binding::{Binding, flags};
+use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
+
+use crate::{
+    cgroup::{self, Cgroup},
+    config::Config,
+    control::{self, CgroupStatus, Health, PolicyStatus, Reply, Status},
+    enforce::{Enforcer, actor::EnforcerHandle},
+    events::{self, EventRecord, Resolve},
+    policy::{self, Compiled, Mode},
+    probe,
+    state::SlotTable,
+};
+
+/// Prefix of the cgroups `agentwall exec` creates below the managed root.
+const EXEC_PREFIX: &str = "exec-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Enforce(#[from] crate::enforce::EnforceError),
+    #[error(transparent)]
+    Call(#[from] crate::enforce::actor::CallError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("enforcement probe failed: {0}")]
+    Probe(#[from] probe::ProbeError),
+    #[error(transparent)]
+    Socket(#[from] control::server::ServerError),
+    #[error("creating the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("the event reader stopped: {0}")]
+    Events(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Exec,
+    Configured,
+}
+
+#[derive(Debug, Clone)]
+struct Managed {
+    cgroup: Cgroup,
+    policy: Option<String>,
+    kind: Kind,
+    leased: bool,
+    quarantined: bool,
+}
+
+/// The compiled policy in force and the one before it (events may still name its rules).
+#[derive(Debug, Default)]
+struct RuleBook {
+    generation: u32,
+    current: Arc<Compiled>,
+    previous: Option<(u32, Arc<Compiled>)>,
+}
+
+/// Resolves names for events from the shared rule book.
+struct Names(Arc<RwLock<RuleBook>>);
+
+impl Resolve for Names {
+    fn policy(&self, slot: u32) -> Option<String> {
+        let book = self.0.read().ok()?;
+        book.current
+            .policies
+            .iter()
+            .find(|(_, (s, _))| *s == slot)
+            .map(|(n, _)| n.clone())
+    }
+
+    fn rule(&self, generation: u32, rule_id: u32) -> Option<String> {
+        let book = self.0.read().ok()?;
+        let compiled = if generation == book.generation {
+            &book.current
+        } else {
+            &book.previous.as_ref().filter(|(g, _)| *g == generation)?.1
+        };
+        compiled.rule(rule_id).map(|r| r.source.to_string())
+    }
+}
+
+/// Everything the admin socket and the background tasks share.
+#[derive(Debug)]
+pub struct Daemon {
+    cfg: Config,
+    mount: PathBuf,
+    root: Cgroup,
+    enforcer: EnforcerHandle,
+    book: Arc<RwLock<RuleBook>>,
+    slots: Mutex<SlotTable>,
+    cgroups: AsyncMutex<BTreeMap<u64, Managed>>,
+    events: broadcast::Sender<Arc<EventRecord>>,
+    health: RwLock<Health>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    reload_lock: AsyncMutex<()>,
+    gc: Notify,
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Names")
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Daemon {
+    fn slots_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("slots.json")
+    }
+
+    pub fn count_error(&self, what: &str) {
+        if let Ok(mut e) = self.errors.lock() {
+            *e.entry(what.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRecord>> {
+        self.events.subscribe()
+    }
+
+    /// Parses and compiles the policy directory, assigning slots to new names.
+    fn compile_dir(&self) -> Result<Compiled, DaemonError> {
+        let set = policy::load_dir(&self.cfg.policy_dir)?;
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = slots.clone();
+        for p in &set.policies {
+            slots.assign(&p.name)?;
+        }
+        if *slots != before {
+            slots.save(&self.slots_path())?;
+        }
+        let compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
+            .map_err(|problems| policy::PolicyError { problems })?;
+        Ok(compiled)
+    }
+
+    /// Writes a compiled policy into the kernel and makes it the one in force.
+    async fn install(&self, compiled: Compiled) -> Result<u32, DaemonError> {
+        let compiled = Arc::new(compiled);
+        let generation = self.enforcer.apply(Arc::clone(&compiled)).await?;
+        {
+            let mut book = self
+                .book
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let old = std::mem::take(&mut *book);
+            *book = RuleBook {
+                generation,
+                current: Arc::clone(&compiled),
+                previous: Some((old.generation, old.current)),
+            };
+        }
+        self.sync_modes(&compiled).await;
+        Ok(generation)
+    }
+
+    /// Brings the audit flag of every binding in line with its policy's mode.
+    async fn sync_modes(&self, compiled: &Compiled) {
+        let Ok(bindings) = self.enforcer.bindings().await else {
+            return;
+        };
+        let modes: HashMap<u32, Mode> = compiled.policies.values().copied().collect();
+        for (id, b) in bindings {
+            let audit = modes.get(&b.slot) == Some(&Mode::Audit);
+            let want = if audit {
+                b.flags | flags::AUDIT
+            } else {
+                b.flags & !flags::AUDIT
+            };
+            if want != b.flags
+                && let Err(e) = self.enforcer.bind(id, Binding { flags: want, ..b }).await
+            {
+                tracing::error!(cgroup_id = id, error = %e, "cannot update a binding's mode");
+                self.count_error("binding_update");
+            }
+            if b.slot != 0 && !modes.contains_key(&b.slot) {
+                tracing::warn!(
+                    cgroup_id = id,
+                    slot = b.slot,
+                    "a bound cgroup's policy no longer exists; it is denied everything"
+                );
+            }
+        }
+    }
+
+    pub async fn reload(&self) -> Reply {
+        let _guard = self.reload_lock.lock().await;
+        let result = async {
+            let compiled = self.compile_dir()?;
+            let (policies, nodes) = (compiled.policies.len(), compiled.nodes.len());
+            let generation = self.install(compiled).await?;
+            Ok::<_, DaemonError>((generation, policies, nodes))
+        }
+        .await;
+        match result {
+            Ok((generation, policies, rule_nodes)) => {
+                tracing::info!(generation, policies, rule_nodes, "policies reloaded");
+                Reply::Reloaded {
+                    generation,
+                    policies,
+                    rule_nodes,
+                }
+            }
+            Err(e) => {
+                self.count_error("reload_rejected");
+                tracing::error!(error = %e, "reload rejected; the policy in force is unchanged");
+                Reply::Error {
+                    message: format!("reload rejected, the policy in force is unchanged: {e}"),
+                }
+            }
+        }
+    }
+
+    fn binding_for(&self, policy: &str) -> Option<Binding> {
+        let book = self
+            .book
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (slot, mode) = *book.current.policies.get(policy)?;
+        let f = if mode == Mode::Audit { flags::AUDIT } else { 0 };
+        Some(Binding {
+            slot,
+            flags: f,
+            expires_boot_ns: 0,
+        })
+    }
+
+    fn policy_names(&self) -> Vec<String> {
+        let book = self
+            .book
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        book.current.policies.keys().cloned().collect()
+    }
+
+    /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
+    /// cgroup id whose lease the caller holds.
+    pub async fn exec_begin(&self, policy: &str) -> (Reply, Option<u64>) {
+        let Some(binding) = self.binding_for(policy) else {
+            let known = self.policy_names().join(", ");
+            return (
+                Reply::Error {
+                    message: format!("no policy named {policy:?} is loaded (loaded: {known})"),
+                },
+                None,
+            );
+        };
+        let seq = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+            .map(|t| {
+                (t.tv_sec() as u64)
+                    .wrapping_mul(1_000_000_000)
+                    .wrapping_add(t.tv_nsec() as u64)
+            })
+            .unwrap_or_default();
+        let cg = self.root.child(&format!("{EXEC_PREFIX}{seq:x}"));
+        let result = async {
+            cg.create()?;
+            let id = cg.id()?;
+            // Bound before the reply: the command's first instruction runs under its policy.
+            if let Err(e) = self.enforcer.bind(id, binding).await {
+                let _ = cg.remove_tree();
+                return Err(DaemonError::from(e));
+            }
+            Ok(id)
+        }
+        .await;
+        match result {
+            Ok(id) => {
+                self.cgroups.lock().await.insert(
+                    id,
+                    Managed {
+                        cgroup: cg.clone(),
+                        policy: Some(policy.into()),
+                        kind: Kind::Exec,
+                        leased: true,
+                        quarantined: false,
+                    },
+                );
+                tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
+                (
+                    Reply::ExecReady {
+                        cgroup: cg.path().display().to_string(),
+                        cgroup_id: id,
+                    },
+                    Some(id),
+                )
+            }
+            Err(e) => {
+                self.count_error("exec_begin");
+                (
+                    Reply::Error {
+                        message: format!("cannot prepare a cgroup for policy {policy:?}: {e}"),
+                    },
+                    None,
+                )
+            }
+        }
+    }
+
+    pub async fn exec_end(&self, id: u64) {
+        if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
+            m.leased = false;
+        }
+        self.gc.notify_one();
+    }
+
+    /// Removes exec cgroups whose lease ended and that hold no process.
+    async fn collect(&self) {
+        let candidates: Vec<(u64, Cgroup)> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.kind == Kind::Exec && !m.leased)
+            .map(|(id, m)| (*id, m.cgroup.clone()))
+            .collect();
+        for (id, cg) in candidates {
+            if cg.exists() && cg.populated().unwrap_or(true) {
+                continue;
+            }
+            if let Err(e) = cg.remove_tree() {
+                tracing::debug!(cgroup = %cg.path().display(), error = %e, "exec cgroup not removable yet");
+                continue;
+            }
+            if let Err(e) = self.enforcer.unbind(id).await {
+                tracing::error!(cgroup_id = id, error = %e, "cannot remove the binding of a removed cgroup");
+                self.count_error("unbind");
+                continue;
+            }
+            self.cgroups.lock().await.remove(&id);
+            tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "exec cgroup removed");
+        }
+    }
+
+    fn resolve_cgroup(&self, spec: &str) -> Result<u64, String> {
+        if let Some(id) = spec
+            .strip_prefix("id:")
+            .or_else(|| spec.parse::<u64>().ok().map(|_| spec))
+        {
+            return id
+                .parse()
+                .map_err(|_| format!("{spec:?} is not a cgroup id"));
+        }
+        let path = PathBuf::from(spec);
+        let cg = if path.is_absolute() && path.starts_with(&self.mount) {
+            Cgroup::at(path)
+        } else {
+            Cgroup::under(&self.mount, spec).map_err(|e| e.to_string())?
+        };
+        cg.id().map_err(|e| e.to_string())
+    }
+
+    pub async fn quarantine(&self, spec: &str, lift: bool) -> Reply {
+        let id = match self.resolve_cgroup(spec) {
+            Ok(id) => id,
+            Err(message) => return Reply::Error { message },
+        };
+        let binding = match self.enforcer.binding(id).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return Reply::Error {
+                    message: format!("cgroup {spec} (id {id}) is not bound by agentwall"),
+                };
+            }
+            Err(e) => {
+                return Reply::Error {
+                    message: e.to_string(),
+                };
+            }
+        };
+        let f = if lift {
+            binding.flags & !flags::DENY_ALL
+        } else {
+            binding.flags | flags::DENY_ALL
+        };
+        if let Err(e) = self
+            .enforcer
+            .bind(
+                id,
+                Binding {
+                    flags: f,
+                    ..binding
+                },
+            )
+            .await
+        {
+            self.count_error("quarantine");
+            return Reply::Error {
+                message: e.to_string(),
+            };
+        }
+        if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
+            m.quarantined = !lift;
+        }
+        tracing::info!(cgroup_id = id, lift, "quarantine changed");
+        Reply::Done {
+            message: format!(
+                "cgroup {id} {}",
+                if lift {
+                    "released"
+                } else {
+                    "quarantined: every flow denied"
+                }
+            ),
+        }
+    }
+
+    pub async fn status(&self) -> Reply {
+        let (generation, rule_nodes) = self.enforcer.rule_state().await.unwrap_or_default();
+        let kernel_counters = self.enforcer.counters().await.unwrap_or_default();
+        let policies = {
+            let book = self
+                .book
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            book.current
+                .policies
+                .iter()
+                .map(|(name, (slot, mode))| PolicyStatus {
+                    name: name.clone(),
+                    slot: *slot,
+                    mode: *mode,
+                    rules: book
+                        .current
+                        .rules
+                        .iter()
+                        .filter(|r| &r.policy == name)
+                        .count(),
+                })
+                .collect()
+        };
+        let cgroups = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .map(|(id, m)| CgroupStatus {
+                id: *id,
+                path: m.cgroup.path().display().to_string(),
+                policy: m.policy.clone(),
+                kind: match m.kind {
+                    Kind::Exec => "exec".into(),
+                    Kind::Configured => "configured".into(),
+                },
+                quarantined: m.quarantined,
+                leased: m.leased,
+            })
+            .collect();
+        Reply::Status(Box::new(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            health: self
+                .health
+                .read()
+                .map(|h| h.clone())
+                .unwrap_or(Health::Starting),
+            generation,
+            rule_nodes,
+            policy_dir: self.cfg.policy_dir.display().to_string(),
+            pin_dir: self.cfg.pin_dir.display().to_string(),
+            cgroup_root: self.root.path().display().to_string(),
+            policies,
+            cgroups,
+            kernel_counters,
+            daemon_errors: self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        }))
+    }
+
+    /// Brings the registry in line with what the kernel and the cgroup tree hold after a
+    /// restart: adopts exec cgroups of the previous daemon, drops bindings and link pins of
+    /// cgroups that are gone.
+    async fn reconcile(&self) -> Result<(), DaemonError> {
+        let mut by_id: HashMap<u64, Cgroup> = HashMap::new();
+        for child in self.root.children()? {
+            let name = child
+                .path()
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            if let Ok(id) = child.id() {
+                if name.starts_with(EXEC_PREFIX) {
+                    by_id.insert(id, child);
+                }
+            }
+        }
+        let root_id = self.root.id()?;
+        let slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let bindings = self
+            .enforcer
+            .bindings()
+            .await
+            .map_err(crate::enforce::actor::CallError::from)?;
+        let mut registry = self.cgroups.lock().await;
+        let configured: Vec<u64> = registry.keys().copied().collect();
+        for (id, b) in &bindings {
+            if configured.contains(id) {
+                continue;
+            }
+            match by_id.remove(id) {
+                Some(cg) => {
+                    tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "adopted an exec cgroup of the previous daemon");
+                    registry.insert(
+                        *id,
+                        Managed {
+                            cgroup: cg,
+                            policy: slots.name_of(b.slot).map(str::to_string),
+                            kind: Kind::Exec,
+                            leased: false,
+                            quarantined: b.flags & flags::DENY_ALL != 0,
+                        },
+                    );
+                }
+                None => {
+                    tracing::info!(
+                        cgroup_id = id,
+                        "dropping the binding of a cgroup that no longer exists"
+                    );
+                    self.enforcer.unbind(*id).await?;
+                }
+            }
+        }
+        // Exec cgroups without a binding: nothing may run there (no binding means deny);
+        // collect them once empty.
+        for (id, cg) in by_id {
+            registry.insert(
+                id,
+                Managed {
+                    cgroup: cg,
+                    policy: None,
+                    kind: Kind::Exec,
+                    leased: false,
+                    quarantined: false,
+                },
+            );
+        }
+        let live: Vec<u64> = registry.keys().copied().chain([root_id]).collect();
+        drop(registry);
+        for id in self
+            .enforcer
+            .linked_cgroups()
+            .await
+            .map_err(crate::enforce::actor::CallError::from)?
+        {
+            if !live.contains(&id) {
+                self.enforcer.detach(id).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Returns an error (and the process exits non-zero)
+/// whenever enforcement cannot be established.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let mount = cgroup::cgroup2_mount()?;
+    let root = Cgroup::under(&mount, &cfg.cgroup_root)?;
+    root.ensure_not_root(&mount)?;
+    let slots = SlotTable::load(&cfg.state_dir.join("slots.json"))?;
+
+    let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
+    let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
+    let book = Arc::new(RwLock::new(RuleBook::default()));
+    let (events_tx, _) = broadcast::channel(4096);
+    let daemon = Arc::new(Daemon {
+        mount: mount.clone(),
+        root: root.clone(),
+        enforcer: handle.clone(),
+        book: Arc::clone(&book),
+        slots: Mutex::new(slots),
+        cgroups: AsyncMutex::new(BTreeMap::new()),
+        events: events_tx.clone(),
+        health: RwLock::new(Health::Starting),
+        errors: Mutex::new(BTreeMap::new()),
+        reload_lock: AsyncMutex::new(()),
+        gc: Notify::new(),
+        cfg,
+    });
+
+    // Events first, so that nothing the start-up triggers goes unreported.
+    let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(Arc::clone(&book)));
+    let mut reader = tokio::spawn(events::read_ring(ring, names, events_tx));
+
+    let compiled = daemon.compile_dir()?;
+    let generation = daemon.install(compiled).await?;
+    tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");
+
+    root.create()?;
+    handle.attach(root.clone()).await?;
+    for e in daemon.cfg.enforce.clone() {
+        let cg = Cgroup::under(&mount, &e.cgroup)?;
+        let id = handle.attach(cg.clone()).await?;
+        let Some(b) = daemon.binding_for(&e.policy) else {
+            return Err(policy::PolicyError {
+                problems: vec![policy::Problem {
+                    file: PathBuf::from("config"),
+                    line: None,
+                    field: "enforce.policy".into(),
+                    message: format!("no policy named {:?} for cgroup {}", e.policy, e.cgroup),
+                }],
+            }
+            .into());
+        };
+        handle.bind(id, b).await?;
+        daemon.cgroups.lock().await.insert(
+            id,
+            Managed {
+                cgroup: cg,
+                policy: Some(e.policy.clone()),
+                kind: Kind::Configured,
+                leased: false,
+                quarantined: false,
+            },
+        );
+    }
+    daemon.reconcile().await?;
+
+    if let Err(e) = probe::run(&root, &handle).await {
+        if let Ok(mut h) = daemon.health.write() {
+            *h = Health::Failed {
+                reason: e.to_string(),
+            };
+        }
+        return Err(e.into());
+    }
+    if let Ok(mut h) = daemon.health.write() {
+        *h = Health::Healthy {
+            probe_at: now_rfc3339(),
+        };
+    }
+
+    let (listener, access) =
+        control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
+    tokio::spawn(control::server::serve(
+        listener,
+        access,
+        Arc::clone(&daemon),
+    ));
+    let gc_daemon = Arc::clone(&daemon);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = gc_daemon.gc.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            gc_daemon.collect().await;
+        }
+    });
+    let _ = sd_notify("READY=1");
+    tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { daemon.reload().await; }
+            r = &mut reader => {
+                // Without the reader verdicts would go unreported: stop, so that the service
+                // manager restarts the daemon. The kernel keeps enforcing meanwhile.
+                let _ = sd_notify("STOPPING=1");
+                let _ = std::fs::remove_file(&daemon.cfg.socket);
+                let message = match r {
+                    Ok(Ok(())) => "ended".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(DaemonError::Events(std::io::Error::other(message)));
+            }
+        }
+    }
+    let _ = sd_notify("STOPPING=1");
+    // The socket goes; pins stay, so the kernel keeps enforcing until a daemon returns.
+    let _ = std::fs::remove_file(&daemon.cfg.socket);
+    tracing::info!(
+        "agentwall stopped; enforcement continues in the kernel through the pinned programs"
+    );
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) about a state change, if it is listening.
+fn sd_notify(state: &str) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = path.as_encoded_bytes();
+    if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))?;
+    }
+    Ok(())
+}

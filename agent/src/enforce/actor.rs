@@ -1,0 +1,115 @@
+//! One thread owns the [`Enforcer`]; tasks reach it through [`EnforcerHandle`], whose typed
+//! methods send a job over a channel and await the reply. Map updates are blocking syscalls
+//! (a 100k-rule generation takes a while), so they stay off the async runtime.
+
+use std::{path::PathBuf, sync::Arc, thread};
+
+use agentwall_common::binding::Binding;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Counters, EnforceError, Enforcer};
+use crate::{cgroup::Cgroup, policy::Compiled};
+
+type Job = Box<dyn FnOnce(&mut Enforcer) + Send>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the enforcement thread has stopped")]
+pub struct Stopped;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Enforce(#[from] EnforceError),
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+/// A cheap, cloneable way to the enforcement thread.
+#[derive(Debug, Clone)]
+pub struct EnforcerHandle {
+    tx: mpsc::Sender<Job>,
+    mount: Arc<PathBuf>,
+}
+
+impl EnforcerHandle {
+    /// Moves `enforcer` onto its own thread. `mount` is the cgroup v2 mount.
+    pub fn spawn(mut enforcer: Enforcer, mount: PathBuf) -> (Self, thread::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Job>(64);
+        let join = thread::Builder::new()
+            .name("agentwall-enforce".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut enforcer);
+                }
+            })
+            .unwrap_or_else(|e| {
+                // Without the thread nothing can be enforced; the daemon cannot go on.
+                tracing::error!(error = %e, "cannot start the enforcement thread");
+                std::process::exit(1)
+            });
+        (
+            Self {
+                tx,
+                mount: Arc::new(mount),
+            },
+            join,
+        )
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Enforcer) -> T + Send + 'static,
+    ) -> Result<T, Stopped> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Box::new(move |e| {
+                let _ = reply.send(f(e));
+            }))
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    pub async fn attach(&self, cgroup: Cgroup) -> Result<u64, CallError> {
+        let mount = Arc::clone(&self.mount);
+        Ok(self.call(move |e| e.attach(&cgroup, &mount)).await??)
+    }
+
+    pub async fn detach(&self, cgroup_id: u64) -> Result<(), CallError> {
+        Ok(self.call(move |e| e.detach(cgroup_id)).await??)
+    }
+
+    pub async fn apply(&self, compiled: Arc<Compiled>) -> Result<u32, CallError> {
+        Ok(self.call(move |e| e.apply(&compiled)).await??)
+    }
+
+    pub async fn bind(&self, cgroup_id: u64, binding: Binding) -> Result<(), CallError> {
+        Ok(self.call(move |e| e.bind(cgroup_id, binding)).await??)
+    }
+
+    pub async fn unbind(&self, cgroup_id: u64) -> Result<(), CallError> {
+        Ok(self.call(move |e| e.unbind(cgroup_id)).await??)
+    }
+
+    pub async fn binding(&self, cgroup_id: u64) -> Result<Option<Binding>, CallError> {
+        Ok(self.call(move |e| e.binding(cgroup_id)).await??)
+    }
+
+    pub async fn bindings(&self) -> Result<Vec<(u64, Binding)>, Stopped> {
+        self.call(|e| e.bindings()).await
+    }
+
+    pub async fn counters(&self) -> Result<Counters, CallError> {
+        Ok(self.call(|e| e.counters()).await??)
+    }
+
+    /// (active generation, rule nodes in the trie)
+    pub async fn rule_state(&self) -> Result<(u32, usize), Stopped> {
+        self.call(|e| (e.generation(), e.rule_nodes())).await
+    }
+
+    /// Cgroup ids with pinned links.
+    pub async fn linked_cgroups(&self) -> Result<Vec<u64>, Stopped> {
+        self.call(|e| e.layout().linked_cgroups()).await
+    }
+}

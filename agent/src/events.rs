@@ -1,0 +1,248 @@
+//! Kernel events: decoding ring buffer records and delivering them to logs and subscribers.
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agentwall_common::{
+    addr::{self, Addr16},
+    event::{Event, Hook, Reason, Verdict},
+    rules::proto,
+};
+use aya::maps::{MapData, RingBuf};
+use serde::{Deserialize, Serialize};
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+
+/// A decoded verdict, as logged and streamed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Wall-clock time, RFC 3339.
+    pub time: String,
+    pub hook: String,
+    pub verdict: String,
+    pub reason: String,
+    pub cgroup_id: u64,
+    /// 0 on the egress hook (the sending task is not known there).
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub protocol: String,
+    pub family: String,
+    /// Destination as judged (loopback aliases folded to 127.0.0.1).
+    pub dst: Option<IpAddr>,
+    /// Destination as the caller gave it.
+    pub dst_given: Option<IpAddr>,
+    pub port: u16,
+    pub rule_id: u32,
+    /// `file:line` of the rule that allowed.
+    pub rule: Option<String>,
+    pub policy: Option<String>,
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// Resolves slots and rule ids to names; the daemon supplies its current rule book.
+pub trait Resolve {
+    fn policy(&self, slot: u32) -> Option<String>;
+    fn rule(&self, generation: u32, rule_id: u32) -> Option<String>;
+}
+
+/// The address in the form a user would write: IPv4 for the mapped range.
+pub fn display_addr(a: &Addr16) -> IpAddr {
+    match addr::as_v4(a) {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::V6(Ipv6Addr::from(*a)),
+    }
+}
+
+fn code_name(name: Option<&'static str>, raw: u8) -> String {
+    name.map_or_else(|| format!("unknown({raw})"), str::to_string)
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMP => "icmp".into(),
+        proto::ICMPV6 => "icmpv6".into(),
+        0 => "any".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Converts a `CLOCK_BOOTTIME` timestamp to wall-clock time.
+fn wall_time(ts_boot_ns: u64) -> SystemTime {
+    let now_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+        .unwrap_or_default();
+    let age = now_boot.saturating_sub(Duration::from_nanos(ts_boot_ns));
+    SystemTime::now()
+        .checked_sub(age)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+impl EventRecord {
+    pub fn decode(e: &Event, names: &dyn Resolve) -> Self {
+        let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+        let has_addr = e.hook != Hook::SOCK_CREATE && e.reason != Reason::UNPARSED;
+        Self {
+            time: humantime::format_rfc3339_micros(wall_time(e.ts_boot_ns)).to_string(),
+            hook: code_name(e.hook.name(), e.hook.0),
+            verdict: code_name(e.verdict.name(), e.verdict.0),
+            reason: code_name(e.reason.name(), e.reason.0),
+            cgroup_id: e.cgroup_id,
+            pid: e.pid_tgid as u32,
+            tgid: (e.pid_tgid >> 32) as u32,
+            comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+            protocol: proto_name(e.proto),
+            family: match e.family {
+                2 => "ipv4".into(),
+                10 => "ipv6".into(),
+                0 => String::new(),
+                n => n.to_string(),
+            },
+            dst: has_addr.then(|| display_addr(&e.addr)),
+            dst_given: has_addr.then(|| display_addr(&e.orig_addr)),
+            port: e.port,
+            rule_id: e.rule_id,
+            rule: (e.rule_id != 0)
+                .then(|| names.rule(e.generation, e.rule_id))
+                .flatten(),
+            policy: (e.slot != 0).then(|| names.policy(e.slot)).flatten(),
+            slot: e.slot,
+            generation: e.generation,
+        }
+    }
+
+    pub fn denied(&self) -> bool {
+        self.verdict == "deny"
+    }
+}
+
+/// Reads the ring buffer until the process ends, logging every record and sending it to
+/// subscribers. A subscriber that falls behind loses records (counted by broadcast), never
+/// the reader.
+pub async fn read_ring(
+    ring: RingBuf<MapData>,
+    names: Arc<dyn Resolve + Send + Sync>,
+    tx: broadcast::Sender<Arc<EventRecord>>,
+) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, open and unchanged until the AsyncFd drops it.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some(raw) = Event::from_bytes(&item) else {
+                tracing::warn!(len = item.len(), "short record in the event ring; skipped");
+                continue;
+            };
+            let rec = Arc::new(EventRecord::decode(&raw, names.as_ref()));
+            log(&rec, raw.verdict, raw.reason);
+            let _ = tx.send(rec);
+        }
+        guard.clear_ready();
+    }
+}
+
+fn log(r: &EventRecord, verdict: Verdict, reason: Reason) {
+    let dst = r.dst.map(|a| a.to_string()).unwrap_or_default();
+    if verdict == Verdict::ALLOW && reason != Reason::AUDIT {
+        tracing::debug!(target: "agentwall::verdict", hook = %r.hook, verdict = %r.verdict, reason = %r.reason,
+            cgroup_id = r.cgroup_id, pid = r.tgid, comm = %r.comm, protocol = %r.protocol, dst = %dst,
+            port = r.port, rule_id = r.rule_id, rule = r.rule.as_deref().unwrap_or(""),
+            policy = r.policy.as_deref().unwrap_or(""), "verdict");
+    } else {
+        tracing::info!(target: "agentwall::verdict", hook = %r.hook, verdict = %r.verdict, reason = %r.reason,
+            cgroup_id = r.cgroup_id, pid = r.tgid, comm = %r.comm, protocol = %r.protocol, dst = %dst,
+            port = r.port, rule_id = r.rule_id, rule = r.rule.as_deref().unwrap_or(""),
+            policy = r.policy.as_deref().unwrap_or(""), "verdict");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Names;
+    impl Resolve for Names {
+        fn policy(&self, slot: u32) -> Option<String> {
+            (slot == 3).then(|| "web".to_string())
+        }
+        fn rule(&self, generation: u32, rule_id: u32) -> Option<String> {
+            (generation == 7 && rule_id == 2).then(|| "policies/web.yaml:9".to_string())
+        }
+    }
+
+    fn raw() -> Event {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        Event {
+            ts_boot_ns: 1,
+            cgroup_id: 42,
+            pid_tgid: (100u64 << 32) | 101,
+            addr: addr::LOOPBACK,
+            orig_addr: addr::from_v4([127, 0, 0, 2]),
+            rule_id: 2,
+            slot: 3,
+            generation: 7,
+            port: 8080,
+            hook: Hook::CONNECT6,
+            proto: proto::TCP,
+            verdict: Verdict::ALLOW,
+            reason: Reason::RULE,
+            sock_type: 1,
+            family: 10,
+            _pad: [0; 4],
+            comm,
+        }
+    }
+
+    #[test]
+    fn decodes_every_field() {
+        let r = EventRecord::decode(&raw(), &Names);
+        assert_eq!(r.hook, "connect6");
+        assert_eq!(r.verdict, "allow");
+        assert_eq!(r.reason, "rule");
+        assert_eq!(r.cgroup_id, 42);
+        assert_eq!((r.tgid, r.pid), (100, 101));
+        assert_eq!(r.comm, "curl");
+        assert_eq!(r.protocol, "tcp");
+        assert_eq!(r.family, "ipv6");
+        assert_eq!(r.dst, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(r.dst_given, Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(r.port, 8080);
+        assert_eq!(r.rule.as_deref(), Some("policies/web.yaml:9"));
+        assert_eq!(r.policy.as_deref(), Some("web"));
+        assert!(!r.denied());
+    }
+
+    #[test]
+    fn unknown_codes_are_shown_not_trusted() {
+        let mut e = raw();
+        e.hook = Hook(77);
+        e.reason = Reason(99);
+        e.verdict = Verdict(5);
+        e.rule_id = 0;
+        let r = EventRecord::decode(&e, &Names);
+        assert_eq!(r.hook, "unknown(77)");
+        assert_eq!(r.reason, "unknown(99)");
+        assert_eq!(r.verdict, "unknown(5)");
+        assert_eq!(r.rule, None);
+    }
+
+    #[test]
+    fn decodes_from_ring_bytes() {
+        let e = raw();
+        // SAFETY: `Event` is plain old data; viewing it as bytes is what the kernel writes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<Event>()) };
+        let back = Event::from_bytes(bytes).unwrap();
+        assert_eq!(back, e);
+        let r = EventRecord::decode(&back, &Names);
+        assert_eq!(r.port, 8080);
+    }
+}

@@ -1,0 +1,35 @@
+//! agentwall: host enforcement agent for zero-trust AI agent networks.
+//!
+//! The daemon loads kernel programs (`ebpf/`) that allow only the egress a cgroup's policy
+//! grants; this crate is the daemon and its CLI, one module per concern.
+
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod enforce;
+pub mod events;
+pub mod exec;
+pub mod logging;
+pub mod policy;
+pub mod probe;
+pub mod spawn;
+pub mod state;
+
+/// An error and its causes on one line, each text once (messages often repeat their cause).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        let s = cause.to_string();
+        if !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+        next = cause.source();
+    }
+    out
+}

@@ -1,0 +1,400 @@
+//! From a [`PolicySet`] to the kernel's rule nodes.
+//!
+//! Each egress rule becomes one rule id and, per destination and port range, one
+//! [`PortRule`] entry at the destination's prefix. Destinations are put in the canonical
+//! 16-byte form of [`agentwall_common::addr`]; a prefix that covers any loopback alias also
+//! grants the canonical loopback address, which is all the kernel ever looks up for them.
+//! Then every prefix node receives the entries of the shorter prefixes of its slot that cover
+//! it, because a longest-prefix match returns only the most specific node.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use agentwall_common::{
+    addr::{self, Addr16, LOOPBACK, MAPPED_PREFIX_BITS},
+    rules::{MAX_ENTRIES_PER_PREFIX, PortRule, RuleSet, proto},
+};
+use ipnet::IpNet;
+use serde::Serialize;
+
+use super::{Mode, PolicySet, PortRange, Problem, Protocol, Source};
+
+/// What a rule id stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleInfo {
+    pub id: u32,
+    pub policy: String,
+    pub source: Source,
+    pub to: Vec<IpNet>,
+    pub protocol: Protocol,
+    pub ports: Vec<PortRange>,
+}
+
+/// One node of the rules trie (generation is set when it is written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub slot: u32,
+    pub addr: Addr16,
+    /// Prefix length over the 128-bit canonical address.
+    pub bits: u32,
+    pub set: RuleSet,
+}
+
+/// A compiled policy set.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    pub nodes: Vec<Node>,
+    /// Indexed by rule id - 1.
+    pub rules: Vec<RuleInfo>,
+    /// Policy name → (slot, mode).
+    pub policies: BTreeMap<String, (u32, Mode)>,
+}
+
+impl Compiled {
+    pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
+        id.checked_sub(1).and_then(|i| self.rules.get(i as usize))
+    }
+}
+
+/// A destination in canonical form.
+fn canonical(net: &IpNet) -> (Addr16, u32) {
+    match net {
+        IpNet::V4(n) => (
+            addr::from_v4(n.network().octets()),
+            MAPPED_PREFIX_BITS + u32::from(n.prefix_len()),
+        ),
+        IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
+    }
+}
+
+/// `a` with every bit after the first `bits` cleared.
+fn mask(a: &Addr16, bits: u32) -> Addr16 {
+    let v = u128::from_be_bytes(*a);
+    let m = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits.min(128))
+    };
+    (v & m).to_be_bytes()
+}
+
+/// Whether prefix (a, abits) contains prefix (b, bbits).
+fn contains(a: &Addr16, abits: u32, b: &Addr16, bbits: u32) -> bool {
+    abits <= bbits && mask(a, abits) == mask(b, abits)
+}
+
+/// Every address form that reaches loopback (see `agentwall_common::addr`), as prefixes.
+fn loopback_aliases() -> [(Addr16, u32); 4] {
+    [
+        (addr::from_v4([127, 0, 0, 0]), MAPPED_PREFIX_BITS + 8),
+        (addr::from_v4([0, 0, 0, 0]), 128),
+        (std::net::Ipv6Addr::LOCALHOST.octets(), 128),
+        (std::net::Ipv6Addr::UNSPECIFIED.octets(), 128),
+    ]
+}
+
+fn proto_code(p: Protocol) -> u8 {
+    match p {
+        Protocol::Any => proto::ANY,
+        Protocol::Tcp => proto::TCP,
+        Protocol::Udp => proto::UDP,
+        Protocol::Icmp => proto::ICMP,
+    }
+}
+
+/// Compiles `set`; `slot_of` gives each policy's identity slot (never 0).
+pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compiled, Vec<Problem>> {
+    let mut out = Compiled::default();
+    // slot → prefix → (entries, source of the first rule there)
+    let mut own: BTreeMap<u32, HashMap<(Addr16, u32), (Vec<PortRule>, Source)>> = BTreeMap::new();
+    for policy in &set.policies {
+        let slot = slot_of(&policy.name);
+        out.policies
+            .insert(policy.name.clone(), (slot, policy.mode));
+        let nodes = own.entry(slot).or_default();
+        for rule in &policy.egress {
+            let id = u32::try_from(out.rules.len() + 1).unwrap_or(u32::MAX);
+            out.rules.push(RuleInfo {
+                id,
+                policy: policy.name.clone(),
+                source: rule.source.clone(),
+                to: rule.to.clone(),
+                protocol: rule.protocol,
+                ports: rule.ports.clone(),
+            });
+            let ranges = if rule.ports.is_empty() || rule.protocol == Protocol::Icmp {
+                vec![PortRange::ALL]
+            } else {
+                rule.ports.clone()
+            };
+            for net in &rule.to {
+                let (a, bits) = canonical(net);
+                let mut prefixes = vec![(a, bits)];
+                let covers_alias = loopback_aliases()
+                    .iter()
+                    .any(|(la, lb)| contains(&a, bits, la, *lb) || contains(la, *lb, &a, bits));
+                if covers_alias && !contains(&a, bits, &LOOPBACK, 128) {
+                    prefixes.push((LOOPBACK, 128));
+                }
+                for prefix in prefixes {
+                    let (entries, _) = nodes
+                        .entry(prefix)
+                        .or_insert_with(|| (Vec::new(), rule.source.clone()));
+                    for r in &ranges {
+                        entries.push(PortRule {
+                            rule_id: id,
+                            port_lo: r.lo,
+                            port_hi: r.hi,
+                            proto: proto_code(rule.protocol),
+                            _pad: [0; 3],
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    let mut problems = Vec::new();
+    for (slot, nodes) in &own {
+        let lengths: Vec<u32> = {
+            let mut l: Vec<u32> = nodes
+                .keys()
+                .map(|(_, b)| *b)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            l.sort_unstable();
+            l
+        };
+        let mut sorted: Vec<_> = nodes.iter().collect();
+        sorted.sort_by(|a, b| (a.0.1, a.0.0).cmp(&(b.0.1, b.0.0)));
+        for ((a, bits), (entries, source)) in sorted {
+            let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
+            let mut seen = HashSet::new();
+            let mut push = |e: &PortRule, all: &mut Vec<PortRule>| {
+                if seen.insert((e.proto, e.port_lo, e.port_hi)) {
+                    all.push(*e);
+                }
+            };
+            for e in entries {
+                push(e, &mut all);
+            }
+            // Covering prefixes, most specific first, so the nearest rule id is reported.
+            for l in lengths.iter().rev().filter(|l| **l < *bits) {
+                if let Some((inherited, _)) = nodes.get(&(mask(a, *l), *l)) {
+                    for e in inherited {
+                        push(e, &mut all);
+                    }
+                }
+            }
+            if all.len() > MAX_ENTRIES_PER_PREFIX {
+                let policy = out
+                    .policies
+                    .iter()
+                    .find(|(_, (s, _))| s == slot)
+                    .map(|(n, _)| n.as_str())
+                    .unwrap_or("?");
+                problems.push(Problem {
+                    file: source.file.clone(),
+                    line: Some(source.line),
+                    field: "policy.egress".into(),
+                    message: format!(
+                        "policy {policy:?}: destination {} is covered by {} (protocol, port range) \
+                         entries, counting those of wider destinations; at most \
+                         {MAX_ENTRIES_PER_PREFIX} fit. Merge port ranges or split the policy.",
+                        display_prefix(a, *bits),
+                        all.len()
+                    ),
+                });
+                continue;
+            }
+            let mut set = RuleSet::default();
+            set.len = all.len() as u32;
+            set.entries[..all.len()].copy_from_slice(&all);
+            out.nodes.push(Node {
+                slot: *slot,
+                addr: *a,
+                bits: *bits,
+                set,
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// A canonical prefix as the user wrote it: IPv4 for the mapped range.
+pub fn display_prefix(a: &Addr16, bits: u32) -> String {
+    match addr::as_v4(a) {
+        Some(v4) if bits >= MAPPED_PREFIX_BITS => {
+            format!(
+                "{}/{}",
+                std::net::Ipv4Addr::from(v4),
+                bits - MAPPED_PREFIX_BITS
+            )
+        }
+        _ => format!("{}/{bits}", std::net::Ipv6Addr::from(*a)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::parse_texts;
+
+    fn set(text: &str) -> PolicySet {
+        parse_texts(&[(Path::new("p.yaml").to_path_buf(), text.to_string())]).unwrap()
+    }
+
+    fn slots(name: &str) -> u32 {
+        match name {
+            "a" => 1,
+            "b" => 2,
+            _ => 9,
+        }
+    }
+
+    fn lookup(c: &Compiled, slot: u32, ip: &str, proto: u8, port: u16) -> Option<u32> {
+        let a = match ip.parse::<std::net::IpAddr>().unwrap() {
+            std::net::IpAddr::V4(v) => addr::from_v4(v.octets()),
+            std::net::IpAddr::V6(v) => v.octets(),
+        };
+        let a = addr::classify(a);
+        // Longest prefix match, as the kernel trie does it.
+        c.nodes
+            .iter()
+            .filter(|n| n.slot == slot && contains(&n.addr, n.bits, &a, 128))
+            .max_by_key(|n| n.bits)
+            .and_then(|n| n.set.find(proto, port))
+    }
+
+    #[test]
+    fn longest_match_sees_inherited_entries() {
+        let c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - to: 10.0.0.0/8\n      protocol: tcp\n      ports: [443]\n    - to: 10.1.2.3\n      protocol: udp\n      ports: [53]\n"),
+            slots,
+        )
+        .unwrap();
+        assert_eq!(lookup(&c, 1, "10.1.2.3", proto::UDP, 53), Some(2));
+        assert_eq!(
+            lookup(&c, 1, "10.1.2.3", proto::TCP, 443),
+            Some(1),
+            "inherited from /8"
+        );
+        assert_eq!(lookup(&c, 1, "10.9.9.9", proto::TCP, 443), Some(1));
+        assert_eq!(lookup(&c, 1, "10.9.9.9", proto::UDP, 53), None);
+        assert_eq!(lookup(&c, 1, "11.0.0.1", proto::TCP, 443), None);
+        assert_eq!(
+            lookup(&c, 2, "10.9.9.9", proto::TCP, 443),
+            None,
+            "other slot"
+        );
+        assert_eq!(c.rule(2).unwrap().source.line, 7);
+    }
+
+    #[test]
+    fn loopback_aliases_reach_the_canonical_node() {
+        let c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - to: 127.0.0.2\n      protocol: tcp\n      ports: [8080]\n"),
+            slots,
+        )
+        .unwrap();
+        for ip in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.3.4.5",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+        ] {
+            assert_eq!(lookup(&c, 1, ip, proto::TCP, 8080), Some(1), "{ip}");
+            assert_eq!(lookup(&c, 1, ip, proto::TCP, 8081), None, "{ip}");
+        }
+        let c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - to: ::1\n"),
+            slots,
+        )
+        .unwrap();
+        assert_eq!(lookup(&c, 1, "127.0.0.1", proto::UDP, 53), Some(1));
+        // A wide IPv4 range that includes 127/8 covers loopback by itself.
+        let c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - to: 0.0.0.0/0\n"),
+            slots,
+        )
+        .unwrap();
+        assert_eq!(c.nodes.len(), 1);
+        assert_eq!(lookup(&c, 1, "::1", proto::TCP, 1), Some(1));
+        assert_eq!(
+            lookup(&c, 1, "2001:db8::1", proto::TCP, 1),
+            None,
+            "IPv4 range does not cover IPv6"
+        );
+        // A range beside loopback does not grant it.
+        let c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - to: 126.0.0.0/8\n"),
+            slots,
+        )
+        .unwrap();
+        assert_eq!(lookup(&c, 1, "127.0.0.1", proto::TCP, 1), None);
+    }
+
+    #[test]
+    fn mapped_ipv6_and_ipv4_rules_agree() {
+        let c = compile(&set("policy:\n  name: a\n  egress:\n    - to: ::ffff:10.0.0.0/104\n      protocol: tcp\n"), slots).unwrap();
+        assert_eq!(lookup(&c, 1, "10.2.3.4", proto::TCP, 1), Some(1));
+        assert_eq!(lookup(&c, 1, "::ffff:10.2.3.4", proto::TCP, 1), Some(1));
+    }
+
+    #[test]
+    fn too_many_entries_is_an_error_with_a_line() {
+        let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        let text = format!(
+            "policy:\n  name: a\n  egress:\n    - to: 10.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+            ports.join(", ")
+        );
+        let e = compile(&set(&text), slots).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].line, Some(4));
+        assert!(
+            e[0].message.contains("10.0.0.1/32") && e[0].message.contains("17"),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
+    fn duplicate_entries_collapse() {
+        let c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - to: 10.0.0.0/8\n      protocol: tcp\n      ports: [443]\n    - to: 10.0.0.0/24\n      protocol: tcp\n      ports: [443]\n"),
+            slots,
+        )
+        .unwrap();
+        let n = c.nodes.iter().find(|n| n.bits == 96 + 24).unwrap();
+        assert_eq!(n.set.len, 1);
+        assert_eq!(n.set.entries[0].rule_id, 2);
+    }
+
+    #[test]
+    fn empty_egress_compiles_to_no_nodes() {
+        let c = compile(&set("policy:\n  name: b\n"), slots).unwrap();
+        assert!(c.nodes.is_empty());
+        assert_eq!(c.policies.get("b"), Some(&(2, Mode::Enforce)));
+    }
+
+    #[test]
+    fn display_prefixes() {
+        assert_eq!(
+            display_prefix(&addr::from_v4([10, 0, 0, 0]), 104),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            display_prefix(&std::net::Ipv6Addr::LOCALHOST.octets(), 128),
+            "::1/128"
+        );
+    }
+}

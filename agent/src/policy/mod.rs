@@ -1,0 +1,228 @@
+//! Policies: a directory of YAML files, parsed and validated into [`PolicySet`], then compiled
+//! into the kernel's rule form by [`compile`].
+//!
+//! Format (one or more YAML documents per file):
+//! ```yaml
+//! policy:
+//!   name: web-fetcher          # [a-z0-9][a-z0-9._-]*, at most 63 characters, unique
+//!   mode: enforce              # enforce (default) | audit
+//!   egress:
+//!     - to: 10.0.0.0/8         # an address or CIDR, or a list of them
+//!       protocol: tcp          # tcp | udp | icmp | any (default any)
+//!       ports: [443, 8000-8099] # ports and ranges; default all ports; not with icmp
+//! ```
+
+pub mod compile;
+mod parse;
+mod spans;
+
+use std::{
+    fmt, fs,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use self::compile::{Compiled, RuleInfo, compile};
+
+/// Whether denials are enforced or only reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub const ALL: Self = Self {
+        lo: 0,
+        hi: u16::MAX,
+    };
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// Where something was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// One allowed egress: destinations × protocol × ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    pub to: Vec<IpNet>,
+    pub protocol: Protocol,
+    /// Empty means every port.
+    pub ports: Vec<PortRange>,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub egress: Vec<EgressRule>,
+    pub source: Source,
+}
+
+/// Every policy of a directory, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySet {
+    pub policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    pub fn get(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+}
+
+/// One problem in one file, with the line and the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// Path of the field, e.g. `policy.egress[2].ports[0]`; empty for the whole file.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Everything wrong with a policy directory. Nothing of it is loaded.
+#[derive(Debug, thiserror::Error)]
+pub struct PolicyError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{n} problem{} in the policies, nothing loaded",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl PolicyError {
+    fn one(file: &Path, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![Problem {
+                file: file.to_path_buf(),
+                line: None,
+                field: String::new(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Whether a directory entry is a policy file: `*.yaml` or `*.yml`, not hidden.
+fn is_policy_file(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let ext = path.extension().and_then(|e| e.to_str());
+    !hidden && matches!(ext, Some("yaml" | "yml")) && path.is_file()
+}
+
+/// Loads and validates every policy file of `dir` (not recursive), in name order.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    let entries = fs::read_dir(dir)
+        .map_err(|e| PolicyError::one(dir, format!("cannot read the policy directory: {e}")))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| PolicyError::one(dir, format!("listing: {e}")))?;
+        if is_policy_file(&entry.path()) {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    let mut texts = Vec::with_capacity(files.len());
+    for f in files {
+        let text = fs::read_to_string(&f)
+            .map_err(|e| PolicyError::one(&f, format!("cannot read: {e}")))?;
+        texts.push((f, text));
+    }
+    parse_texts(&texts)
+}
+
+/// Parses and validates policy file contents (path, text) as one set.
+pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError> {
+    let mut problems = Vec::new();
+    let mut policies: Vec<Policy> = Vec::new();
+    for (path, text) in files {
+        match parse::file(path, text) {
+            Ok(ps) => policies.extend(ps),
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+    for (i, p) in policies.iter().enumerate() {
+        if let Some(first) = policies[..i].iter().find(|q| q.name == p.name) {
+            problems.push(Problem {
+                file: p.source.file.clone(),
+                line: Some(p.source.line),
+                field: "policy.name".into(),
+                message: format!("policy {:?} is already defined at {}", p.name, first.source),
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok(PolicySet { policies })
+    } else {
+        Err(PolicyError { problems })
+    }
+}

@@ -1,0 +1,419 @@
+//! From YAML text to validated [`Policy`] values, with file, line and field for every problem.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::{EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, spans::Spans};
+
+const MAX_NAME_LEN: usize = 63;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    egress: Vec<RawEgress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    to: OneOrMany,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPort {
+    Number(i64),
+    Text(String),
+}
+
+/// Collects problems of one document, locating each field through the spans.
+struct Checker<'a> {
+    file: &'a Path,
+    spans: &'a Spans,
+    doc: usize,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn line(&self, field: &str) -> usize {
+        self.spans.line(self.doc, field).unwrap_or(1)
+    }
+
+    fn problem(&mut self, field: String, message: String) {
+        let line = self.spans.line(self.doc, &field);
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            line,
+            field,
+            message,
+        });
+    }
+}
+
+/// Parses every document of one file.
+pub(super) fn file(path: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
+    let blank = text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---"
+    });
+    if blank {
+        return Err(vec![Problem {
+            file: path.to_path_buf(),
+            line: None,
+            field: String::new(),
+            message: "the file holds no policy; a policy file holds `policy:` documents".into(),
+        }]);
+    }
+    let spans = Spans::index(text);
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (doc_index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc = match Doc::deserialize(de) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(serde_problem(path, &e));
+                // After a syntax error the rest of the stream cannot be trusted.
+                break;
+            }
+        };
+        let mut c = Checker {
+            file: path,
+            spans: &spans,
+            doc: doc_index,
+            problems: Vec::new(),
+        };
+        let policy = check_policy(&mut c, doc.policy);
+        if c.problems.is_empty() {
+            out.push(policy);
+        } else {
+            problems.append(&mut c.problems);
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+fn serde_problem(path: &Path, e: &serde_yaml::Error) -> Problem {
+    let line = e.location().map(|l| l.line());
+    // serde_yaml's message is "<path>: <message> at line L column C"; keep the message only,
+    // the line is reported in its own place.
+    let mut msg = e.to_string();
+    if let Some(i) = msg.rfind(" at line ") {
+        msg.truncate(i);
+    }
+    let (field, message) = match msg.split_once(": ") {
+        Some((f, m)) if !f.contains(' ') => (f.to_string(), m.to_string()),
+        _ => (String::new(), msg),
+    };
+    Problem {
+        file: path.to_path_buf(),
+        line,
+        field,
+        message,
+    }
+}
+
+fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
+    let _ = raw.description;
+    if let Err(m) = check_name(&raw.name) {
+        c.problem("policy.name".into(), m);
+    }
+    let mut egress = Vec::with_capacity(raw.egress.len());
+    for (i, e) in raw.egress.into_iter().enumerate() {
+        let field = format!("policy.egress[{i}]");
+        if let Some(rule) = check_egress(c, &field, e) {
+            egress.push(rule);
+        }
+    }
+    Policy {
+        name: raw.name,
+        mode: raw.mode,
+        egress,
+        source: Source {
+            file: PathBuf::from(c.file),
+            line: c.line("policy"),
+        },
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok_first = name
+        .chars()
+        .next()
+        .is_some_and(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit());
+    let ok_rest = name
+        .chars()
+        .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '-' | '_' | '.'));
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_first || !ok_rest {
+        return Err(format!(
+            "{name:?} is not a valid policy name: use 1 to {MAX_NAME_LEN} characters of a-z, \
+             0-9, '-', '_' and '.', starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<EgressRule> {
+    let before = c.problems.len();
+    let _ = raw.description;
+    let to_raw = match raw.to {
+        OneOrMany::One(s) => vec![(format!("{field}.to"), s)],
+        OneOrMany::Many(v) => v
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{field}.to[{i}]"), s))
+            .collect(),
+    };
+    if to_raw.is_empty() {
+        c.problem(
+            format!("{field}.to"),
+            "names no destination; give an address or CIDR".into(),
+        );
+    }
+    let mut to = Vec::with_capacity(to_raw.len());
+    for (f, s) in to_raw {
+        match parse_destination(&s) {
+            Ok(net) => to.push(net),
+            Err(m) => c.problem(f, m),
+        }
+    }
+    let mut ports = Vec::with_capacity(raw.ports.len());
+    if raw.protocol == Protocol::Icmp && !raw.ports.is_empty() {
+        c.problem(
+            format!("{field}.ports"),
+            "ICMP has no ports; remove `ports` or change `protocol`".into(),
+        );
+    }
+    for (i, p) in raw.ports.into_iter().enumerate() {
+        match parse_port(&p) {
+            Ok(r) => ports.push(r),
+            Err(m) => c.problem(format!("{field}.ports[{i}]"), m),
+        }
+    }
+    if c.problems.len() > before {
+        return None;
+    }
+    Some(EgressRule {
+        to,
+        protocol: raw.protocol,
+        ports,
+        source: Source {
+            file: PathBuf::from(c.file),
+            line: c.line(field),
+        },
+    })
+}
+
+/// An address (a host prefix) or a CIDR whose host bits are zero.
+fn parse_destination(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    match s.parse::<IpNet>() {
+        Ok(net) if net.trunc() == net => Ok(net),
+        Ok(net) => Err(format!(
+            "{s:?} has bits set after the prefix length; did you mean {}?",
+            net.trunc()
+        )),
+        Err(_) => Err(format!(
+            "{s:?} is not an IP address or CIDR (such as 10.0.0.0/8 or 2001:db8::/32); \
+             host names come with the services catalog"
+        )),
+    }
+}
+
+/// A port (1..=65535) or an inclusive range `lo-hi`.
+fn parse_port(p: &RawPort) -> Result<PortRange, String> {
+    let one = |v: i64| -> Result<u16, String> {
+        match u16::try_from(v) {
+            Ok(0) | Err(_) => Err(format!("{v} is not a destination port (1 to 65535)")),
+            Ok(p) => Ok(p),
+        }
+    };
+    match p {
+        RawPort::Number(n) => one(*n).map(|v| PortRange { lo: v, hi: v }),
+        RawPort::Text(t) => {
+            let t = t.trim();
+            let parse = |s: &str| {
+                s.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("{t:?} is not a port or a range such as 8000-8099"))
+            };
+            let (lo, hi) = match t.split_once('-') {
+                Some((a, b)) => (one(parse(a)?)?, one(parse(b)?)?),
+                None => {
+                    let v = one(parse(t)?)?;
+                    (v, v)
+                }
+            };
+            if lo > hi {
+                return Err(format!("range {t:?} is empty: its start is above its end"));
+            }
+            Ok(PortRange { lo, hi })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_texts;
+
+    fn parse_one(text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
+        file(Path::new("p.yaml"), text)
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        parse_one(text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn valid_policy() {
+        let ps = parse_one(
+            "policy:\n  name: web\n  mode: audit\n  egress:\n    - to: 10.0.0.0/8\n      protocol: tcp\n      ports: [443, \"8000-8099\"]\n    - to: [\"::1\", 192.168.1.7]\n      protocol: icmp\n",
+        )
+        .unwrap();
+        assert_eq!(ps.len(), 1);
+        let p = &ps[0];
+        assert_eq!(p.name, "web");
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.egress.len(), 2);
+        assert_eq!(
+            p.egress[0].ports,
+            vec![
+                PortRange { lo: 443, hi: 443 },
+                PortRange { lo: 8000, hi: 8099 }
+            ]
+        );
+        assert_eq!(p.egress[0].source.line, 5);
+        assert_eq!(p.egress[1].source.line, 8);
+        assert_eq!(p.egress[1].to.len(), 2);
+        assert_eq!(p.egress[1].to[0].prefix_len(), 128);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "policy:\n  name: web\n  egress:\n    - to: 10.0.0.1/8\n      ports: [0, 70000, \"9-3\", \"x\"]\n    - to: nope.example\n      protocol: icmp\n      ports: [1]\n";
+        let got = problems(text);
+        let want = [
+            "p.yaml:4: policy.egress[0].to: \"10.0.0.1/8\" has bits set after the prefix length; did you mean 10.0.0.0/8?",
+            "p.yaml:5: policy.egress[0].ports[0]: 0 is not a destination port (1 to 65535)",
+            "p.yaml:5: policy.egress[0].ports[1]: 70000 is not a destination port (1 to 65535)",
+            "p.yaml:5: policy.egress[0].ports[2]: range \"9-3\" is empty: its start is above its end",
+            "p.yaml:5: policy.egress[0].ports[3]: \"x\" is not a port or a range such as 8000-8099",
+        ];
+        for w in want {
+            assert!(got.iter().any(|g| g == w), "missing {w:?} in {got:#?}");
+        }
+        assert!(
+            got.iter().any(|g| g.starts_with(
+                "p.yaml:6: policy.egress[1].to: \"nope.example\" is not an IP address"
+            )),
+            "{got:#?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.starts_with("p.yaml:8: policy.egress[1].ports: ICMP has no ports")),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn serde_errors_keep_line_and_field() {
+        let got =
+            problems("policy:\n  name: web\n  egress:\n    - to: 10.0.0.0/8\n      protocl: tcp\n");
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].starts_with("p.yaml:5: policy.egress[0]: unknown field `protocl`"),
+            "{got:?}"
+        );
+
+        let got = problems("policy:\n  name: web\n  mode: strict\n");
+        assert!(
+            got[0].starts_with("p.yaml:3: policy.mode: unknown variant `strict`"),
+            "{got:?}"
+        );
+
+        let got = problems("policy:\n  name: [web\n");
+        assert!(got[0].starts_with("p.yaml:"), "{got:?}");
+
+        let got = problems("");
+        assert!(got[0].contains("holds no policy"), "{got:?}");
+    }
+
+    #[test]
+    fn bad_names() {
+        for n in ["", "Web", "-x", "a b", &"x".repeat(64)] {
+            let got = problems(&format!("policy:\n  name: {n:?}\n"));
+            assert!(
+                got[0].contains("policy.name") && got[0].contains("not a valid policy name"),
+                "{n}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_names_across_files() {
+        let files = vec![
+            (PathBuf::from("a.yaml"), "policy:\n  name: x\n".to_string()),
+            (
+                PathBuf::from("b.yaml"),
+                "\n\npolicy:\n  name: x\n".to_string(),
+            ),
+        ];
+        let e = parse_texts(&files).unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert_eq!(
+            e.problems[0].to_string(),
+            "b.yaml:3: policy.name: policy \"x\" is already defined at a.yaml:1"
+        );
+    }
+
+    #[test]
+    fn multi_document_files() {
+        let ps = parse_one(
+            "policy:\n  name: a\n---\npolicy:\n  name: b\n  egress:\n    - to: 1.1.1.1\n",
+        )
+        .unwrap();
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps[1].egress[0].source.line, 7);
+    }
+}

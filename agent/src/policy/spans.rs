@@ -1,0 +1,178 @@
+//! Line numbers of YAML nodes by path (`policy.egress[1].ports`), so that a rule id and a
+//! validation error lead back to a line. serde gives values without positions; a second pass
+//! over the parser's events records where each node starts.
+
+use std::collections::HashMap;
+
+use yaml_rust2::{
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::Marker,
+};
+
+/// Path → 1-based line, one map per YAML document of a file.
+#[derive(Debug, Default)]
+pub(crate) struct Spans {
+    docs: Vec<HashMap<String, usize>>,
+}
+
+impl Spans {
+    /// Indexes `text`. A text the parser rejects yields no spans: serde reports that error.
+    pub(crate) fn index(text: &str) -> Self {
+        let mut r = Recorder::default();
+        let _ = Parser::new_from_str(text).load(&mut r, true);
+        Spans { docs: r.docs }
+    }
+
+    /// The line where the node at `path` starts in document `doc`, or the nearest enclosing
+    /// node's line.
+    pub(crate) fn line(&self, doc: usize, path: &str) -> Option<usize> {
+        let map = self.docs.get(doc)?;
+        let mut p = path;
+        loop {
+            if let Some(l) = map.get(p) {
+                return Some(*l);
+            }
+            let cut = p.rfind(['.', '['])?;
+            p = &p[..cut];
+        }
+    }
+}
+
+enum Frame {
+    Map {
+        key: Option<String>,
+        expecting_key: bool,
+    },
+    Seq {
+        next: usize,
+    },
+}
+
+#[derive(Default)]
+struct Recorder {
+    docs: Vec<HashMap<String, usize>>,
+    stack: Vec<(Frame, String)>,
+}
+
+impl Recorder {
+    /// Called at the start of every node; returns the node's path, or `None` for a map key.
+    fn node_start(&mut self, key_text: Option<&str>, line: usize) -> Option<String> {
+        let Some((frame, parent)) = self.stack.last_mut() else {
+            return Some(String::new());
+        };
+        match frame {
+            Frame::Map { key, expecting_key } => {
+                if *expecting_key {
+                    *expecting_key = false;
+                    let k = key_text.unwrap_or("?").to_string();
+                    let path = if parent.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{parent}.{k}")
+                    };
+                    if let Some(doc) = self.docs.last_mut() {
+                        doc.entry(path).or_insert(line);
+                    }
+                    *key = Some(k);
+                    None
+                } else {
+                    *expecting_key = true;
+                    let k = key.take().unwrap_or_default();
+                    Some(if parent.is_empty() {
+                        k
+                    } else {
+                        format!("{parent}.{k}")
+                    })
+                }
+            }
+            Frame::Seq { next } => {
+                let path = format!("{parent}[{next}]");
+                *next += 1;
+                Some(path)
+            }
+        }
+    }
+
+    fn record(&mut self, path: &str, line: usize) {
+        if let Some(doc) = self.docs.last_mut() {
+            doc.entry(path.to_string()).or_insert(line);
+        }
+    }
+}
+
+impl MarkedEventReceiver for Recorder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let line = mark.line();
+        match ev {
+            Event::DocumentStart => {
+                self.docs.push(HashMap::new());
+                self.stack.clear();
+            }
+            Event::Scalar(text, ..) => {
+                if let Some(path) = self.node_start(Some(&text), line) {
+                    self.record(&path, line);
+                }
+            }
+            Event::Alias(_) => {
+                if let Some(path) = self.node_start(None, line) {
+                    self.record(&path, line);
+                }
+            }
+            Event::MappingStart(..) => {
+                let path = self.node_start(None, line).unwrap_or_default();
+                self.record(&path, line);
+                self.stack.push((
+                    Frame::Map {
+                        key: None,
+                        expecting_key: true,
+                    },
+                    path,
+                ));
+            }
+            Event::SequenceStart(..) => {
+                let path = self.node_start(None, line).unwrap_or_default();
+                self.record(&path, line);
+                self.stack.push((Frame::Seq { next: 0 }, path));
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_lines() {
+        let text = "\
+policy:
+  name: a
+  egress:
+    - to: 10.0.0.0/8
+      ports: [80, 443]
+    - to:
+        - 1.2.3.4
+        - ::1
+      protocol: udp
+---
+policy:
+  name: b
+";
+        let s = Spans::index(text);
+        assert_eq!(s.line(0, "policy"), Some(1));
+        assert_eq!(s.line(0, "policy.name"), Some(2));
+        assert_eq!(s.line(0, "policy.egress[0]"), Some(4));
+        assert_eq!(s.line(0, "policy.egress[0].ports[1]"), Some(5));
+        assert_eq!(s.line(0, "policy.egress[1]"), Some(6));
+        assert_eq!(s.line(0, "policy.egress[1].to[1]"), Some(8));
+        assert_eq!(s.line(0, "policy.egress[1].protocol"), Some(9));
+        // Unknown paths fall back to the nearest enclosing node.
+        assert_eq!(s.line(0, "policy.egress[1].nope"), Some(6));
+        assert_eq!(s.line(1, "policy.name"), Some(12));
+        assert_eq!(s.line(2, "policy"), None);
+    }
+}

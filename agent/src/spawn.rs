@@ -1,0 +1,331 @@
+//! Starting a program inside a cgroup, with no window in which it runs outside it.
+//!
+//! `clone3(CLONE_INTO_CGROUP)` (Linux 5.7) creates the child directly in the target cgroup,
+//! so the child's first instruction already runs under the cgroup's programs, and every socket
+//! it ever creates belongs to that cgroup. Between clone and exec the child runs only raw
+//! system calls: the parent is multi-threaded, so nothing that allocates or takes a lock is
+//! safe there (and glibc's setuid wrappers would try to signal threads that the child does not
+//! have).
+
+use std::{
+    ffi::{CString, OsStr, OsString},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd},
+        unix::ffi::{OsStrExt as _, OsStringExt as _},
+    },
+    path::PathBuf,
+};
+
+use nix::{
+    errno::Errno,
+    sys::wait::{WaitStatus, waitpid},
+    unistd::{Pid, User, pipe2},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{0}: command not found (searched PATH)")]
+    NotFound(String),
+    #[error("{0:?} contains a NUL byte")]
+    Nul(OsString),
+    #[error("unknown user {0:?}")]
+    UnknownUser(String),
+    #[error("looking up user {user:?}: {errno}")]
+    UserLookup { user: String, errno: Errno },
+    #[error(
+        "clone3 into the cgroup failed: {0} (needs Linux 5.7 or later and write access to the cgroup)"
+    )]
+    Clone(Errno),
+    #[error("creating a pipe: {0}")]
+    Pipe(Errno),
+    #[error("in the child, {stage} failed: {errno}")]
+    Child { stage: &'static str, errno: Errno },
+}
+
+/// The user to run as.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub name: String,
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Resolves a user name or numeric uid.
+    pub fn lookup(user: &str) -> Result<Self, SpawnError> {
+        let found = if let Ok(uid) = user.parse::<u32>() {
+            User::from_uid(uid.into())
+        } else {
+            User::from_name(user)
+        };
+        let u = found
+            .map_err(|errno| SpawnError::UserLookup {
+                user: user.into(),
+                errno,
+            })?
+            .ok_or_else(|| SpawnError::UnknownUser(user.into()))?;
+        let cname =
+            CString::new(u.name.clone()).map_err(|_| SpawnError::UnknownUser(user.into()))?;
+        let groups =
+            nix::unistd::getgrouplist(&cname, u.gid).map_err(|errno| SpawnError::UserLookup {
+                user: user.into(),
+                errno,
+            })?;
+        Ok(Self {
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+            name: u.name,
+            home: u.dir,
+        })
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub user: Option<RunAs>,
+}
+
+impl Command {
+    /// `program` with `args`, in the current environment.
+    pub fn new(
+        program: impl Into<OsString>,
+        args: impl IntoIterator<Item = impl Into<OsString>>,
+    ) -> Self {
+        Self {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            env: std::env::vars_os().collect(),
+            user: None,
+        }
+    }
+
+    pub fn set_env(&mut self, key: &str, value: impl Into<OsString>) {
+        let key = OsString::from(key);
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.into()));
+    }
+}
+
+/// Finds `program` on PATH unless it contains a slash.
+fn resolve(program: &OsStr, env: &[(OsString, OsString)]) -> Result<PathBuf, SpawnError> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| {
+            OsString::from("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        });
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok()
+            && candidate.is_file()
+        {
+            return Ok(candidate);
+        }
+    }
+    Err(SpawnError::NotFound(program.to_string_lossy().into_owned()))
+}
+
+fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
+    CString::new(s.as_bytes()).map_err(|_| SpawnError::Nul(s.to_os_string()))
+}
+
+/// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2), see include/uapi/linux/sched.h.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Stages reported from the child through the pipe.
+const STAGES: [&str; 4] = ["setgroups", "setresgid", "setresuid", "execve"];
+
+/// Starts `cmd` inside the cgroup open at `cgroup`; returns the child's pid once it has
+/// executed the program.
+pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, SpawnError> {
+    let mut env = cmd.env.clone();
+    if let Some(u) = &cmd.user {
+        for (k, v) in [("USER", u.name.as_str()), ("LOGNAME", u.name.as_str())] {
+            env.retain(|(key, _)| key != k);
+            env.push((k.into(), v.into()));
+        }
+        env.retain(|(key, _)| key != "HOME");
+        env.push(("HOME".into(), u.home.clone().into_os_string()));
+    }
+    let path = cstring(resolve(&cmd.program, &env)?.as_os_str())?;
+    let mut argv = vec![cstring(&cmd.program)?];
+    for a in &cmd.args {
+        argv.push(cstring(a)?);
+    }
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone().into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).map_err(|e| SpawnError::Nul(OsString::from_vec(e.into_vec())))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    let groups: Vec<libc::gid_t> = cmd
+        .user
+        .as_ref()
+        .map(|u| u.groups.clone())
+        .unwrap_or_default();
+    let ids = cmd.user.as_ref().map(|u| (u.uid, u.gid));
+
+    let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    let wr_fd = wr.as_raw_fd();
+    // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed; without
+    // CLONE_VM the child gets a copy of this address space, like fork.
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+    if ret == 0 {
+        // Child. Only raw system calls from here on.
+        // SAFETY: every pointer refers to memory prepared above and copied into the child.
+        unsafe {
+            child(
+                wr_fd,
+                &groups,
+                ids,
+                path.as_ptr(),
+                argv_ptrs.as_ptr(),
+                envp_ptrs.as_ptr(),
+            )
+        }
+    }
+    if ret < 0 {
+        return Err(SpawnError::Clone(Errno::last()));
+    }
+    let pid = Pid::from_raw(ret as i32);
+    drop(wr);
+    let mut buf = [0u8; 5];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(&rd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    // The child reported a failure and exits; reap it.
+    let _ = waitpid(pid, None);
+    let stage = STAGES.get(usize::from(buf[0])).copied().unwrap_or("setup");
+    let errno = Errno::from_raw(i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]));
+    Err(SpawnError::Child { stage, errno })
+}
+
+/// The child side: drop privileges if asked, reset signal handling, exec.
+///
+/// # Safety
+/// Must run in a freshly cloned child; all pointers must be valid NUL-terminated strings and
+/// NULL-terminated arrays.
+unsafe fn child(
+    wr: i32,
+    groups: &[libc::gid_t],
+    ids: Option<(u32, u32)>,
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> ! {
+    let fail = |stage: u8| -> ! {
+        let e = Errno::last_raw().to_ne_bytes();
+        let msg = [stage, e[0], e[1], e[2], e[3]];
+        // SAFETY: writing a stack buffer to our pipe, then leaving without running atexit
+        // handlers or destructors of the parent's copied state.
+        unsafe {
+            libc::write(wr, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: raw system calls with valid arguments; see the module comment for why not the
+    // libc wrappers for the credential changes.
+    unsafe {
+        // The launcher may ignore SIGINT and SIGQUIT while it waits; ignored signals survive
+        // exec, so restore the defaults and an empty mask.
+        for sig in [
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        let empty: libc::sigset_t = std::mem::zeroed();
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &raw const empty,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8,
+        );
+        if let Some((uid, gid)) = ids {
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                fail(0);
+            }
+            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
+                fail(1);
+            }
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                fail(2);
+            }
+        }
+        libc::execve(path, argv, envp);
+        fail(3)
+    }
+}
+
+/// The exit code a shell would report for a wait status.
+pub fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 1,
+    }
+}
+
+/// Waits for `pid` to end, retrying on EINTR and skipping stop/continue reports.
+pub fn wait(pid: Pid) -> Result<WaitStatus, Errno> {
+    loop {
+        match waitpid(pid, None) {
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return Ok(s),
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}

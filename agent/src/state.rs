@@ -1,0 +1,137 @@
+//! State the daemon keeps on disk between runs: which identity slot each policy name holds.
+//! The kernel's bindings refer to slots, and they outlive the daemon in pinned maps, so a
+//! restarted daemon must give every policy the slot it had.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is corrupt ({source}); move it away to start with fresh slots, and restart enforced commands"
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no identity slot is left (u32 exhausted)")]
+    Exhausted,
+}
+
+/// Policy name → slot. Slot 0 is never handed out: it has no rules (the probe uses it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotTable {
+    next: u32,
+    slots: BTreeMap<String, u32>,
+}
+
+impl SlotTable {
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(StateError::Io {
+                op: "reading",
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes the table atomically (temporary file, fsync, rename), mode 0600.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let io = |op, source| StateError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        };
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| io("encoding", e.into()))?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io("creating", e))?;
+        f.write_all(&bytes).map_err(|e| io("writing", e))?;
+        f.sync_all().map_err(|e| io("syncing", e))?;
+        fs::rename(&tmp, path).map_err(|e| io("renaming", e))?;
+        if let Some(dir) = path.parent()
+            && let Ok(d) = fs::File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.slots.get(name).copied()
+    }
+
+    /// The slot of `name`, assigning a new one if it has none.
+    pub fn assign(&mut self, name: &str) -> Result<u32, StateError> {
+        if let Some(s) = self.slots.get(name) {
+            return Ok(*s);
+        }
+        let s = self.next.max(1);
+        self.next = s.checked_add(1).ok_or(StateError::Exhausted)?;
+        self.slots.insert(name.to_string(), s);
+        Ok(s)
+    }
+
+    pub fn name_of(&self, slot: u32) -> Option<&str> {
+        self.slots
+            .iter()
+            .find(|(_, s)| **s == slot)
+            .map(|(n, _)| n.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_stable_and_never_zero() {
+        let mut t = SlotTable::default();
+        assert_eq!(t.assign("a").unwrap(), 1);
+        assert_eq!(t.assign("b").unwrap(), 2);
+        assert_eq!(t.assign("a").unwrap(), 1);
+        assert_eq!(t.name_of(2), Some("b"));
+        let dir = std::env::temp_dir().join(format!("aw-slots-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("slots.json");
+        t.save(&p).unwrap();
+        let mut back = SlotTable::load(&p).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back.assign("c").unwrap(), 3);
+        fs::write(&p, b"{not json").unwrap();
+        assert!(
+            SlotTable::load(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("corrupt")
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

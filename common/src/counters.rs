@@ -1,0 +1,39 @@
+//! Indices of the per-CPU counter array. Every error path in the kernel programs counts here,
+//! and the daemon exports each counter in status and metrics.
+
+/// Flows (connects, datagrams, socket creations) allowed by a rule.
+pub const ALLOWED: u32 = 0;
+/// Flows denied, for any reason.
+pub const DENIED: u32 = 1;
+/// Policy denials let through because the binding is in audit mode.
+pub const AUDIT_PASSED: u32 = 2;
+/// Events that could not be written because the ring buffer was full.
+pub const EVENTS_DROPPED: u32 = 3;
+/// Lookups of a cgroup with no binding (denied).
+pub const NO_BINDING: u32 = 4;
+/// The policy state entry could not be read, or no policy was ever loaded (denied).
+pub const NO_POLICY: u32 = 5;
+/// Packets dropped by the egress backstop.
+pub const SKB_DROPPED: u32 = 6;
+/// Packets passed by the egress backstop.
+pub const SKB_PASSED: u32 = 7;
+/// Packets the backstop could not parse (dropped).
+pub const SKB_UNPARSED: u32 = 8;
+/// Raw sockets refused at creation.
+pub const RAW_SOCKET_DENIED: u32 = 9;
+/// Number of counters; the size of the array.
+pub const COUNT: u32 = 10;
+
+/// Names in index order, as exported in status and metrics.
+pub const NAMES: [&str; COUNT as usize] = [
+    "allowed",
+    "denied",
+    "audit_passed",
+    "events_dropped",
+    "no_binding",
+    "no_policy",
+    "skb_dropped",
+    "skb_passed",
+    "skb_unparsed",
+    "raw_socket_denied",
+];

@@ -1,0 +1,147 @@
+//! The record every kernel verdict writes to the event ring buffer, and its codes.
+
+use crate::addr::Addr16;
+
+macro_rules! code {
+    ($(#[$m:meta])* $name:ident { $($(#[$cm:meta])* $c:ident = $v:expr, $s:expr;)* }) => {
+        $(#[$m])*
+        #[repr(transparent)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        pub struct $name(pub u8);
+        impl $name {
+            $($(#[$cm])* pub const $c: Self = Self($v);)*
+            /// Stable lower-case name, or `None` for a value this version does not know.
+            pub fn name(self) -> Option<&'static str> {
+                match self.0 { $($v => Some($s),)* _ => None }
+            }
+        }
+    };
+}
+
+code!(
+    /// The kernel hook that judged.
+    Hook {
+        CONNECT4 = 1, "connect4";
+        CONNECT6 = 2, "connect6";
+        SENDMSG4 = 3, "sendmsg4";
+        SENDMSG6 = 4, "sendmsg6";
+        EGRESS = 5, "egress";
+        SOCK_CREATE = 6, "sock_create";
+    }
+);
+
+code!(
+    /// What the hook did.
+    Verdict {
+        DENY = 0, "deny";
+        ALLOW = 1, "allow";
+    }
+);
+
+code!(
+    /// Why.
+    Reason {
+        /// A rule allowed it ([`Event::rule_id`] names it).
+        RULE = 1, "rule";
+        /// No rule of the cgroup's identity covers the destination, protocol and port.
+        NO_RULE = 2, "no_rule";
+        /// The cgroup is enforced but has no binding.
+        NO_BINDING = 3, "no_binding";
+        /// No policy generation is active (or the state map could not be read).
+        NO_POLICY = 4, "no_policy";
+        /// The cgroup is quarantined.
+        DENY_ALL = 5, "deny_all";
+        /// The binding's certificate expired.
+        EXPIRED = 6, "expired";
+        /// The identity was revoked.
+        REVOKED = 7, "revoked";
+        /// The binding carries flags this version does not know.
+        BAD_BINDING = 8, "bad_binding";
+        /// A raw socket was refused.
+        RAW_SOCKET = 9, "raw_socket";
+        /// A policy denial let through because the binding is in audit mode.
+        AUDIT = 10, "audit";
+        /// A socket creation that is not a raw socket (policy is applied per flow).
+        SOCKET = 11, "socket";
+        /// The egress backstop could not parse the packet.
+        UNPARSED = 12, "unparsed";
+    }
+);
+
+/// One verdict, as written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub ts_boot_ns: u64,
+    pub cgroup_id: u64,
+    /// `tgid << 32 | pid`; 0 on the egress hook, which may run outside the sender's context.
+    pub pid_tgid: u64,
+    /// Destination after classification ([`crate::addr::classify`]).
+    pub addr: Addr16,
+    /// Destination as the caller gave it (mapped form for IPv4).
+    pub orig_addr: Addr16,
+    /// Rule that allowed, or 0.
+    pub rule_id: u32,
+    pub slot: u32,
+    pub generation: u32,
+    /// Destination port, host order; 0 where there is none.
+    pub port: u16,
+    pub hook: Hook,
+    /// IP protocol number.
+    pub proto: u8,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// Socket type (`SOCK_STREAM` = 1, `SOCK_DGRAM` = 2, `SOCK_RAW` = 3), 0 if unknown.
+    pub sock_type: u8,
+    /// Address family the caller used (`AF_INET` = 2, `AF_INET6` = 10).
+    pub family: u8,
+    pub _pad: [u8; 4],
+    /// Command name of the calling task, NUL-padded; empty on the egress hook.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 96);
+const _: () = assert!(core::mem::align_of::<Event>() == 8);
+
+impl Event {
+    /// Reads an event from ring buffer bytes, or `None` if there are too few of them.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: the length is checked above; `Event` is `repr(C)`, made of integers, byte
+        // arrays and `u8` newtypes, so every bit pattern is valid; `read_unaligned` makes no
+        // alignment assumption about the ring buffer slice.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_have_names_and_unknowns_do_not() {
+        assert_eq!(Hook::CONNECT6.name(), Some("connect6"));
+        assert_eq!(Verdict::DENY.name(), Some("deny"));
+        assert_eq!(Reason::NO_RULE.name(), Some("no_rule"));
+        assert_eq!(Hook(0).name(), None);
+        assert_eq!(Reason(200).name(), None);
+        assert_eq!(Verdict(2).name(), None);
+    }
+
+    #[test]
+    fn from_bytes_rejects_short_input() {
+        assert!(Event::from_bytes(&[0u8; 95]).is_none());
+        let e = Event::from_bytes(&[0u8; 96]).unwrap();
+        assert_eq!(e.verdict, Verdict::DENY);
+    }
+
+    #[test]
+    fn layout() {
+        assert_eq!(core::mem::offset_of!(Event, addr), 24);
+        assert_eq!(core::mem::offset_of!(Event, rule_id), 56);
+        assert_eq!(core::mem::offset_of!(Event, port), 68);
+        assert_eq!(core::mem::offset_of!(Event, comm), 80);
+    }
+}

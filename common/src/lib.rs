@@ -1,0 +1,29 @@
+//! The contract between agentwall's kernel programs (`ebpf/`) and its daemon (`agent/`).
+//!
+//! Everything here is `#[repr(C)]` with fixed-width fields and explicit padding, and every
+//! size is asserted at compile time, because the kernel and userspace read the same bytes.
+//! Codes read back from the kernel (hooks, verdicts, reasons) are `u8` newtypes with named
+//! constants rather than enums: an unknown value from a map must not be undefined behaviour.
+#![no_std]
+
+pub mod addr;
+pub mod binding;
+pub mod counters;
+pub mod event;
+pub mod maps;
+pub mod rules;
+pub mod state;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type below is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
+    // and has no implicit padding (the size asserts beside each type prove it), so every bit
+    // pattern is a valid value.
+    unsafe impl aya::Pod for crate::binding::Binding {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rules::RuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rules::RuleSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::state::PolicyState {}
+}

@@ -1,0 +1,32 @@
+//! Names and default sizes of the kernel maps. The kernel programs declare maps under these
+//! exact names; the daemon looks them up through these constants only.
+
+/// `HashMap<u64 cgroup id, Binding>`, allocated without preallocation so that an update
+/// replaces an entry under RCU and a reader never sees a torn value.
+pub const BINDINGS: &str = "AW_BINDINGS";
+/// `LpmTrie<RuleKey, RuleSet>`.
+pub const RULES: &str = "AW_RULES";
+/// `Array<PolicyState>` of one entry.
+pub const STATE: &str = "AW_STATE";
+/// `PerCpuArray<u64>` indexed by [`crate::counters`].
+pub const COUNTERS: &str = "AW_COUNTERS";
+/// `RingBuf` of [`crate::event::Event`].
+pub const EVENTS: &str = "AW_EVENTS";
+
+/// Default capacity of the bindings map.
+pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
+/// Default capacity of the rules trie: room for two generations of 131,072 prefix nodes.
+pub const DEFAULT_MAX_RULE_NODES: u32 = 262_144;
+/// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 22;
+
+/// Names of the kernel programs, as the daemon loads and pins them.
+pub mod programs {
+    pub const CONNECT4: &str = "aw_connect4";
+    pub const CONNECT6: &str = "aw_connect6";
+    pub const SENDMSG4: &str = "aw_sendmsg4";
+    pub const SENDMSG6: &str = "aw_sendmsg6";
+    pub const EGRESS: &str = "aw_egress";
+    pub const SOCK_CREATE: &str = "aw_sock_create";
+    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, EGRESS, SOCK_CREATE];
+}

@@ -1,0 +1,173 @@
+//! Rules as the kernel holds them: an LPM trie keyed by (slot, generation, destination prefix)
+//! whose value lists the protocol and port ranges allowed for that prefix.
+//!
+//! A longest-prefix match returns one node only, so the compiler stores in every node the
+//! entries of all shorter prefixes of the same slot that cover it. One lookup then answers.
+
+use crate::addr::Addr16;
+
+/// IP protocol numbers as rules use them.
+pub mod proto {
+    /// Any protocol.
+    pub const ANY: u8 = 0;
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Most entries one prefix node can hold, inherited ones included.
+pub const MAX_ENTRIES_PER_PREFIX: usize = 16;
+
+/// Bits of [`RuleKey`] before the address: slot and generation, always matched in full.
+pub const KEY_FIXED_BITS: u32 = 64;
+
+/// Data part of the LPM trie key (the trie's own key prepends a `u32` prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    pub slot: u32,
+    pub generation: u32,
+    /// Destination in canonical form ([`crate::addr`]).
+    pub addr: Addr16,
+}
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 24);
+
+impl RuleKey {
+    /// Prefix length of a key for an address prefix of `addr_bits` (0..=128).
+    pub const fn prefix_len(addr_bits: u32) -> u32 {
+        KEY_FIXED_BITS + addr_bits
+    }
+}
+
+/// One allowed (protocol, port range) at a prefix, with the rule it came from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    /// Rule id, resolved by the daemon to the policy file and line. Never 0.
+    pub rule_id: u32,
+    /// Inclusive destination port range (host order). Ignored for ICMP.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// [`proto`] value.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PortRule>() == 12);
+
+impl PortRule {
+    #[inline(always)]
+    pub fn matches(&self, proto: u8, port: u16) -> bool {
+        let icmp = proto == proto::ICMP || proto == proto::ICMPV6;
+        let proto_ok = self.proto == proto::ANY
+            || self.proto == proto
+            || (icmp && (self.proto == proto::ICMP || self.proto == proto::ICMPV6));
+        if !proto_ok {
+            return false;
+        }
+        // ICMP has no ports; a rule that names ICMP allows it whatever the range says.
+        (icmp && self.proto != proto::ANY) || (self.port_lo <= port && port <= self.port_hi)
+    }
+}
+
+/// Value of the rules trie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleSet {
+    /// Number of valid entries; never above [`MAX_ENTRIES_PER_PREFIX`].
+    pub len: u32,
+    pub _pad: u32,
+    pub entries: [PortRule; MAX_ENTRIES_PER_PREFIX],
+}
+const _: () = assert!(core::mem::size_of::<RuleSet>() == 8 + 12 * MAX_ENTRIES_PER_PREFIX);
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            _pad: 0,
+            entries: [PortRule::default(); MAX_ENTRIES_PER_PREFIX],
+        }
+    }
+}
+
+impl RuleSet {
+    /// The id of the first entry that allows `proto` to `port`.
+    #[inline(always)]
+    pub fn find(&self, proto: u8, port: u16) -> Option<u32> {
+        // A fixed bound keeps the kernel verifier's loop analysis simple.
+        let mut i = 0;
+        while i < MAX_ENTRIES_PER_PREFIX {
+            if i as u32 >= self.len {
+                return None;
+            }
+            let e = &self.entries[i];
+            if e.matches(proto, port) {
+                return Some(e.rule_id);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(rule_id: u32, proto: u8, lo: u16, hi: u16) -> PortRule {
+        PortRule {
+            rule_id,
+            port_lo: lo,
+            port_hi: hi,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn port_rule_matching() {
+        let tcp_80 = entry(1, proto::TCP, 80, 80);
+        assert!(tcp_80.matches(proto::TCP, 80));
+        assert!(!tcp_80.matches(proto::TCP, 81));
+        assert!(!tcp_80.matches(proto::UDP, 80));
+        assert!(!tcp_80.matches(proto::ICMP, 0));
+
+        let any_range = entry(2, proto::ANY, 1000, 2000);
+        assert!(any_range.matches(proto::UDP, 1000));
+        assert!(any_range.matches(proto::TCP, 2000));
+        assert!(!any_range.matches(proto::TCP, 2001));
+        // ICMP carries no port; an any-protocol rule with a port range does not cover it.
+        assert!(!any_range.matches(proto::ICMP, 0));
+        assert!(entry(3, proto::ANY, 0, u16::MAX).matches(proto::ICMP, 0));
+
+        let icmp = entry(4, proto::ICMP, 0, 0);
+        assert!(icmp.matches(proto::ICMP, 0));
+        assert!(icmp.matches(proto::ICMPV6, 0));
+        assert!(!icmp.matches(proto::TCP, 0));
+    }
+
+    #[test]
+    fn rule_set_find_respects_len() {
+        let mut set = RuleSet::default();
+        set.entries[0] = entry(10, proto::TCP, 443, 443);
+        set.entries[1] = entry(11, proto::UDP, 53, 53);
+        set.len = 1;
+        assert_eq!(set.find(proto::TCP, 443), Some(10));
+        assert_eq!(
+            set.find(proto::UDP, 53),
+            None,
+            "entry beyond len must not match"
+        );
+        set.len = 2;
+        assert_eq!(set.find(proto::UDP, 53), Some(11));
+        set.len = u32::MAX;
+        assert_eq!(set.find(proto::UDP, 54), None);
+    }
+
+    #[test]
+    fn key_prefix_len() {
+        assert_eq!(RuleKey::prefix_len(0), 64);
+        assert_eq!(RuleKey::prefix_len(128), 192);
+    }
+}

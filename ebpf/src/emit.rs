@@ -1,0 +1,75 @@
+//! Events and counters.
+
+use agentwall_common::{
+    addr, counters,
+    event::{Event, Reason, Verdict},
+    maps::DEFAULT_EVENT_RING_BYTES,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+
+use crate::decide::{Decision, Flow};
+
+#[map]
+static AW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+
+#[map]
+static AW_EVENTS: RingBuf = RingBuf::pinned(DEFAULT_EVENT_RING_BYTES, 0);
+
+#[inline(always)]
+pub(crate) fn count(index: u32) {
+    if let Some(p) = AW_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot of this CPU; programs do not migrate while running.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Counts the verdict and writes its event. `task` says whether the current task is the one
+/// that acted (not so on the egress hook).
+#[inline(always)]
+pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
+    count(if d.verdict == Verdict::ALLOW {
+        counters::ALLOWED
+    } else {
+        counters::DENIED
+    });
+    if d.reason == Reason::AUDIT {
+        count(counters::AUDIT_PASSED);
+    }
+    let Some(mut entry) = AW_EVENTS.reserve::<Event>(0) else {
+        count(counters::EVENTS_DROPPED);
+        return;
+    };
+    let (pid_tgid, comm) = if task {
+        (
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_comm().unwrap_or([0; 16]),
+        )
+    } else {
+        (0, [0; 16])
+    };
+    entry.write(Event {
+        // SAFETY: helper without arguments.
+        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id: flow.cgroup_id,
+        pid_tgid,
+        addr: addr::classify(flow.orig),
+        orig_addr: flow.orig,
+        rule_id: d.rule_id,
+        slot: d.slot,
+        generation: d.generation,
+        port: flow.port,
+        hook: flow.hook,
+        proto: flow.proto,
+        verdict: d.verdict,
+        reason: d.reason,
+        sock_type: flow.sock_type,
+        family: flow.family,
+        _pad: [0; 4],
+        comm,
+    });
+    entry.submit(0);
+}

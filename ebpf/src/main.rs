@@ -1,0 +1,240 @@
+//! agentwall's kernel programs.
+//!
+//! Each hook turns its context into a [`decide::Flow`] and calls [`decide::decide`], the one
+//! decision function, so that connect, sendmsg and the egress backstop cannot drift apart.
+//! Programs return 1 to allow and 0 to deny; a denied connect or sendmsg fails with EPERM,
+//! a denied packet is dropped.
+#![no_std]
+#![no_main]
+
+mod decide;
+mod emit;
+
+use agentwall_common::{
+    addr::{self, Addr16},
+    event::{Hook, Reason, Verdict},
+    rules::proto,
+};
+use aya_ebpf::{
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
+};
+
+use crate::decide::{Flow, decide};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const SOCK_RAW: u32 = 3;
+
+#[cgroup_sock_addr(connect4)]
+fn aw_connect4(ctx: SockAddrContext) -> i32 {
+    sock_addr(&ctx, Hook::CONNECT4)
+}
+
+#[cgroup_sock_addr(connect6)]
+fn aw_connect6(ctx: SockAddrContext) -> i32 {
+    sock_addr(&ctx, Hook::CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+fn aw_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_addr(&ctx, Hook::SENDMSG4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+fn aw_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_addr(&ctx, Hook::SENDMSG6)
+}
+
+/// connect4/6 and sendmsg4/6: the destination is in the socket address the caller passed.
+#[inline(always)]
+fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let sa = ctx.sock_addr;
+    let v6 = hook == Hook::CONNECT6 || hook == Hook::SENDMSG6;
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`; each field is read with
+    // its own 4-byte load, the access size the verifier accepts for these fields.
+    let (orig, port, sock_type, protocol) = unsafe {
+        let orig: Addr16 = if v6 {
+            let mut a = [0u8; 16];
+            let w0 = core::ptr::read_volatile(&raw const (*sa).user_ip6[0]).to_ne_bytes();
+            let w1 = core::ptr::read_volatile(&raw const (*sa).user_ip6[1]).to_ne_bytes();
+            let w2 = core::ptr::read_volatile(&raw const (*sa).user_ip6[2]).to_ne_bytes();
+            let w3 = core::ptr::read_volatile(&raw const (*sa).user_ip6[3]).to_ne_bytes();
+            a[0..4].copy_from_slice(&w0);
+            a[4..8].copy_from_slice(&w1);
+            a[8..12].copy_from_slice(&w2);
+            a[12..16].copy_from_slice(&w3);
+            a
+        } else {
+            addr::from_v4(core::ptr::read_volatile(&raw const (*sa).user_ip4).to_ne_bytes())
+        };
+        // `user_port` holds the port in network order in its first two bytes.
+        let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
+        let sock_type = core::ptr::read_volatile(&raw const (*sa).type_);
+        let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
+        (orig, port, sock_type, protocol)
+    };
+    let flow = Flow {
+        cgroup_id: decide::current_cgroup_id(),
+        orig,
+        port,
+        proto: protocol as u8,
+        hook,
+        sock_type: sock_type as u8,
+        family: if v6 { AF_INET6 } else { AF_INET },
+    };
+    let d = decide(&flow);
+    emit::event(&flow, &d, true);
+    if d.verdict == Verdict::ALLOW {
+        ALLOW
+    } else {
+        DENY
+    }
+}
+
+/// Backstop on every packet an enforced socket sends: ICMP, flows opened before a verdict
+/// changed, anything the address hooks do not see.
+#[cgroup_skb(egress)]
+fn aw_egress(ctx: SkBuffContext) -> i32 {
+    // In cgroup_skb the current task may be anyone (softirq, timers); the packet's own socket
+    // says which cgroup sent it.
+    // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
+    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
+    let Some((orig, port, proto, family)) = parse_packet(&ctx) else {
+        emit::count(agentwall_common::counters::SKB_UNPARSED);
+        let flow = Flow {
+            cgroup_id,
+            orig: [0; 16],
+            port: 0,
+            proto: 0,
+            hook: Hook::EGRESS,
+            sock_type: 0,
+            family: 0,
+        };
+        let d = decide::Decision::deny(Reason::UNPARSED, 0, 0);
+        emit::event(&flow, &d, false);
+        emit::count(agentwall_common::counters::SKB_DROPPED);
+        return DENY;
+    };
+    let flow = Flow {
+        cgroup_id,
+        orig,
+        port,
+        proto,
+        hook: Hook::EGRESS,
+        sock_type: 0,
+        family,
+    };
+    let d = decide(&flow);
+    if d.verdict == Verdict::ALLOW {
+        emit::count(agentwall_common::counters::SKB_PASSED);
+        ALLOW
+    } else {
+        // Only drops are reported per packet: a report per passed packet would flood the ring.
+        emit::event(&flow, &d, false);
+        emit::count(agentwall_common::counters::SKB_DROPPED);
+        DENY
+    }
+}
+
+/// Destination address, destination port, protocol and family of an outgoing packet.
+#[inline(always)]
+fn parse_packet(ctx: &SkBuffContext) -> Option<(Addr16, u16, u8, u8)> {
+    // cgroup_skb programs see the packet from its network header on.
+    // Fixed-size loads: the verifier must see a constant, non-zero length.
+    let first: [u8; 1] = ctx.load(0).ok()?;
+    match first[0] >> 4 {
+        4 => {
+            let h: [u8; 20] = ctx.load(0).ok()?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+            let proto = h[9];
+            let dst = addr::from_v4([h[16], h[17], h[18], h[19]]);
+            // Egress runs before fragmentation (ip_finish_output), so a later fragment here
+            // was crafted: without its transport header it cannot be judged.
+            if frag_offset != 0 {
+                return None;
+            }
+            let port = if proto == proto::TCP || proto == proto::UDP {
+                let p: [u8; 4] = ctx.load(ihl).ok()?;
+                u16::from_be_bytes([p[2], p[3]])
+            } else {
+                0
+            };
+            Some((dst, port, proto, AF_INET))
+        }
+        6 => {
+            let h: [u8; 40] = ctx.load(0).ok()?;
+            let next = h[6];
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&h[24..40]);
+            let port = if next == proto::TCP || next == proto::UDP {
+                let p: [u8; 4] = ctx.load(40).ok()?;
+                u16::from_be_bytes([p[2], p[3]])
+            } else {
+                0
+            };
+            // Extension headers are judged as their own protocol number: only a rule for any
+            // protocol and every port lets them through.
+            Some((dst, port, next, AF_INET6))
+        }
+        _ => None,
+    }
+}
+
+/// No raw sockets in enforced cgroups: they would bypass the address hooks.
+#[cgroup_sock(sock_create)]
+fn aw_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel hands the program a valid `bpf_sock`.
+    let (family, sock_type, protocol) = unsafe {
+        let sk = ctx.sock;
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).type_),
+            core::ptr::read_volatile(&raw const (*sk).protocol),
+        )
+    };
+    let flow = Flow {
+        cgroup_id: decide::current_cgroup_id(),
+        orig: [0; 16],
+        port: 0,
+        proto: protocol as u8,
+        hook: Hook::SOCK_CREATE,
+        sock_type: sock_type as u8,
+        family: family as u8,
+    };
+    let d = if sock_type == SOCK_RAW {
+        emit::count(agentwall_common::counters::RAW_SOCKET_DENIED);
+        decide::Decision::deny(Reason::RAW_SOCKET, 0, 0)
+    } else {
+        decide::Decision {
+            verdict: Verdict::ALLOW,
+            reason: Reason::SOCKET,
+            rule_id: 0,
+            slot: 0,
+            generation: 0,
+        }
+    };
+    emit::event(&flow, &d, true);
+    if d.verdict == Verdict::ALLOW {
+        ALLOW
+    } else {
+        DENY
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
