@@ -27,6 +27,10 @@ fn main() -> anyhow::Result<()> {
         root_dir: root.as_str(),
         ..Default::default()
     };
+    // The nested cargo's progress lines would each become a cargo warning; keep only its
+    // diagnostics.
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([package], aya_build::Toolchain::Nightly).context(
         "building the kernel programs (ebpf/); `cargo xtask setup` installs what this needs",
     )

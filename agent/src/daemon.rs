@@ -127,6 +127,26 @@ impl std::fmt::Debug for Names {
     }
 }
 
+/// Parses and compiles a policy directory, giving new policy names a slot (saved to
+/// `slots_path` before anything refers to it).
+fn compile_policies(
+    dir: &std::path::Path,
+    slots: &mut SlotTable,
+    slots_path: &std::path::Path,
+) -> Result<Compiled, DaemonError> {
+    let set = policy::load_dir(dir)?;
+    let before = slots.clone();
+    for p in &set.policies {
+        slots.assign(&p.name)?;
+    }
+    if *slots != before {
+        slots.save(slots_path)?;
+    }
+    let compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
+        .map_err(|problems| policy::PolicyError { problems })?;
+    Ok(compiled)
+}
+
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
@@ -148,21 +168,11 @@ impl Daemon {
 
     /// Parses and compiles the policy directory, assigning slots to new names.
     fn compile_dir(&self) -> Result<Compiled, DaemonError> {
-        let set = policy::load_dir(&self.cfg.policy_dir)?;
         let mut slots = self
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = slots.clone();
-        for p in &set.policies {
-            slots.assign(&p.name)?;
-        }
-        if *slots != before {
-            slots.save(&self.slots_path())?;
-        }
-        let compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
-            .map_err(|problems| policy::PolicyError { problems })?;
-        Ok(compiled)
+        compile_policies(&self.cfg.policy_dir, &mut slots, &self.slots_path())
     }
 
     /// Writes a compiled policy into the kernel and makes it the one in force.
@@ -508,10 +518,10 @@ impl Daemon {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_string();
-            if let Ok(id) = child.id() {
-                if name.starts_with(EXEC_PREFIX) {
-                    by_id.insert(id, child);
-                }
+            if name.starts_with(EXEC_PREFIX)
+                && let Ok(id) = child.id()
+            {
+                by_id.insert(id, child);
             }
         }
         let root_id = self.root.id()?;
@@ -594,7 +604,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mount = cgroup::cgroup2_mount()?;
     let root = Cgroup::under(&mount, &cfg.cgroup_root)?;
     root.ensure_not_root(&mount)?;
-    let slots = SlotTable::load(&cfg.state_dir.join("slots.json"))?;
+    let slots_path = cfg.state_dir.join("slots.json");
+    let mut slots = SlotTable::load(&slots_path)?;
+    // Policies are validated before anything touches the kernel: a bad directory loads nothing.
+    let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
 
     let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
     let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
@@ -619,7 +632,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(Arc::clone(&book)));
     let mut reader = tokio::spawn(events::read_ring(ring, names, events_tx));
 
-    let compiled = daemon.compile_dir()?;
     let generation = daemon.install(compiled).await?;
     tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");
 

@@ -1,1 +1,287 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | run | test | lint | bench`.
+//!
+//! `setup` installs what building the kernel programs needs and is idempotent; every other
+//! task runs it first, so a fresh machine needs no other step.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install nightly rust-src and bpf-linker (built against the nightly toolchain's LLVM).
+    Setup,
+    /// Build the agentwall binary (kernel programs embedded).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run the daemon on policies/ with the embedded defaults (needs root).
+    Run {
+        /// Extra arguments for `agentwall run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lints, unit tests, then the root integration tests (serially, against the real kernel).
+    Test,
+    /// cargo fmt --check and clippy, the kernel crate on its own target.
+    Lint,
+    /// Enforcement overhead benchmarks; writes docs/benchmarks.md.
+    Bench {
+        /// Interleaved rounds per configuration (at least 11).
+        #[arg(long, default_value_t = 21)]
+        rounds: u32,
+    },
+}
+
+#[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, failing with its command line if it fails.
+fn status(mut cmd: Command) -> anyhow::Result<()> {
+    let line = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("starting {line}"))?;
+    if !st.success() {
+        bail!("{line} failed ({st})");
+    }
+    Ok(())
+}
+
+#[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Task::Run { args } => {
+            setup::run()?;
+            build(true)?;
+            if !is_root() {
+                bail!("the daemon loads kernel programs and manages cgroups: run this as root");
+            }
+            let bin = root().join("target/release/agentwall");
+            step(&format!(
+                "{} run --policies policies {}",
+                bin.display(),
+                args.join(" ")
+            ));
+            use std::os::unix::process::CommandExt as _;
+            let err = Command::new(&bin)
+                .current_dir(root())
+                .arg("run")
+                .arg("--policies")
+                .arg("policies")
+                .args(&args)
+                .exec();
+            Err(err).context("starting the daemon")
+        }
+        Task::Lint => {
+            setup::run()?;
+            lint()
+        }
+        Task::Test => {
+            setup::run()?;
+            lint()?;
+            test()
+        }
+        Task::Bench { rounds } => {
+            setup::run()?;
+            if !is_root() {
+                bail!("the benchmark loads kernel programs: run it as root");
+            }
+            if rounds < 11 {
+                bail!("--rounds must be at least 11");
+            }
+            step("benchmark: enforcement overhead (release build)");
+            let mut c = cargo();
+            c.args([
+                "bench",
+                "-p",
+                "agentwall-tests",
+                "--bench",
+                "enforcement",
+                "--",
+            ]);
+            c.arg(format!("--rounds={rounds}"));
+            c.arg(format!(
+                "--report={}",
+                root().join("docs/benchmarks.md").display()
+            ));
+            status(c)
+        }
+    }
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    step(&format!(
+        "build agentwall ({})",
+        if release { "release" } else { "debug" }
+    ));
+    let mut c = cargo();
+    c.args(["build", "-p", "agentwall", "--bin", "agentwall"]);
+    if release {
+        c.arg("--release");
+    }
+    status(c)
+}
+
+fn lint() -> anyhow::Result<()> {
+    step("cargo fmt --check");
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--", "--check"]);
+    status(c)?;
+    step("clippy (userspace crates)");
+    let mut c = cargo();
+    // Default members: every crate but the kernel one, which only builds for BPF.
+    c.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    status(c)?;
+    step("clippy (kernel crate, bpfel-unknown-none)");
+    let mut c = Command::new("rustup");
+    c.current_dir(root());
+    c.args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "-p",
+        "agentwall-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    // aya-ebpf picks the architecture's bindings from this cfg, as aya-build sets it.
+    c.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+    );
+    c.env("CARGO_TARGET_DIR", root().join("target/ebpf-clippy"));
+    c.env_remove("RUSTC");
+    c.env_remove("RUSTC_WORKSPACE_WRAPPER");
+    status(c)
+}
+
+#[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
+fn test() -> anyhow::Result<()> {
+    step("build binaries for the tests");
+    let mut c = cargo();
+    c.args([
+        "build",
+        "-p",
+        "agentwall",
+        "-p",
+        "agentwall-tests",
+        "--bins",
+    ]);
+    status(c)?;
+    step("unit tests");
+    let mut c = cargo();
+    c.args([
+        "test",
+        "-p",
+        "agentwall-common",
+        "-p",
+        "agentwall",
+        "-p",
+        "xtask",
+    ]);
+    status(c)?;
+    if !is_root() {
+        bail!(
+            "the integration tests load kernel programs and create cgroups: run `cargo xtask test` as root \
+             (they are never skipped)"
+        );
+    }
+    step("root integration tests (serial, real kernel)");
+    let mut c = cargo();
+    c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
+    c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
+    c.stdout(std::process::Stdio::piped());
+    let out = c
+        .spawn()
+        .context("starting the integration tests")?
+        .wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    #[expect(clippy::print_stdout, reason = "the test output, passed through")]
+    {
+        print!("{text}");
+    }
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in text.lines().filter(|l| l.starts_with("test result:")) {
+        let num = |key: &str| -> u64 {
+            line.split(';')
+                .find_map(|part| {
+                    part.trim()
+                        .strip_suffix(key)
+                        .map(str::trim)
+                        .map(|n| n.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0))
+                })
+                .unwrap_or(0)
+        };
+        passed += num("passed");
+        failed += num("failed");
+    }
+    eprintln!("==> root integration tests: {passed} passed, {failed} failed");
+    if !out.status.success() || failed > 0 {
+        bail!("integration tests failed");
+    }
+    if passed == 0 {
+        bail!("no root integration test ran");
+    }
+    Ok(())
+}

@@ -101,11 +101,13 @@ fn proto_code(p: Protocol) -> u8 {
     }
 }
 
+/// Prefix → (entries written for it, source of the first rule there), for one slot.
+type SlotNodes = HashMap<(Addr16, u32), (Vec<PortRule>, Source)>;
+
 /// Compiles `set`; `slot_of` gives each policy's identity slot (never 0).
 pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compiled, Vec<Problem>> {
     let mut out = Compiled::default();
-    // slot → prefix → (entries, source of the first rule there)
-    let mut own: BTreeMap<u32, HashMap<(Addr16, u32), (Vec<PortRule>, Source)>> = BTreeMap::new();
+    let mut own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
     for policy in &set.policies {
         let slot = slot_of(&policy.name);
         out.policies
@@ -166,7 +168,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
             l
         };
         let mut sorted: Vec<_> = nodes.iter().collect();
-        sorted.sort_by(|a, b| (a.0.1, a.0.0).cmp(&(b.0.1, b.0.0)));
+        sorted.sort_by_key(|((a, bits), _)| (*bits, *a));
         for ((a, bits), (entries, source)) in sorted {
             let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
             let mut seen = HashSet::new();
@@ -207,8 +209,10 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 });
                 continue;
             }
-            let mut set = RuleSet::default();
-            set.len = all.len() as u32;
+            let mut set = RuleSet {
+                len: all.len() as u32,
+                ..RuleSet::default()
+            };
             set.entries[..all.len()].copy_from_slice(&all);
             out.nodes.push(Node {
                 slot: *slot,

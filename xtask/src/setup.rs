@@ -1,0 +1,161 @@
+//! `cargo xtask setup`: what building the kernel programs needs, installed once.
+//!
+//! - the nightly toolchain's `rust-src` (for `-Z build-std=core` on bpfel-unknown-none);
+//! - bpf-linker, built against the very LLVM of the nightly toolchain that emits the bitcode.
+//!   No LLVM development package of that version exists on these machines, so a prefix
+//!   directory whose `lib/` links to the toolchain's own libLLVM stands in for one; the
+//!   linker's RUNPATH points there, so the prefix lives under CARGO_HOME, not in target/.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::step;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let line = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("starting {line}"))?;
+    if !out.status.success() {
+        bail!(
+            "{line} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    step("setup: nightly toolchain");
+    let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))
+        .context(
+            "the nightly Rust toolchain is needed to build the kernel programs; install it with \
+         `rustup toolchain install nightly --profile minimal`",
+        )?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read the nightly toolchain's LLVM version from `rustc +nightly -vV`")?
+        .to_string();
+    let nightly_version = verbose.lines().next().unwrap_or_default().to_string();
+
+    step("setup: rust-src for nightly");
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        let st = Command::new("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .status()
+            .context("starting rustup")?;
+        if !st.success() {
+            bail!("`rustup component add rust-src --toolchain nightly` failed");
+        }
+    }
+
+    step("setup: bpf-linker");
+    let home = cargo_home();
+    let stamp = home.join("agentwall").join("bpf-linker.stamp");
+    let want_stamp = format!("bpf-linker {BPF_LINKER_VERSION} for {nightly_version}");
+    let linker_works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let stamp_ok = fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == want_stamp);
+    if linker_works && stamp_ok {
+        return Ok(());
+    }
+    if linker_works && !stamp.exists() {
+        // Installed by other means; trust it if it runs.
+        return Ok(());
+    }
+    let prefix = llvm_prefix(&home)?;
+    step(&format!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly LLVM {llvm_major} (about two minutes)"
+    ));
+    let st = Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--force",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .status()
+        .context("starting cargo install")?;
+    if !st.success() {
+        bail!("installing bpf-linker failed (see the cargo output above)");
+    }
+    let works = Command::new("bpf-linker").arg("--version").output();
+    match works {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => bail!(
+            "bpf-linker was installed but does not run: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => bail!(
+            "bpf-linker was installed but is not on PATH ({e}); add {} to PATH",
+            home.join("bin").display()
+        ),
+    }
+    fs::write(&stamp, format!("{want_stamp}\n"))
+        .with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+/// A directory with `lib/libLLVM.so` (and the library's own soname) linking to the nightly
+/// toolchain's libLLVM.
+fn llvm_prefix(home: &Path) -> anyhow::Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let lib = fs::read_dir(&libdir)
+        .with_context(|| format!("listing {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: the nightly toolchain is incomplete",
+                libdir.display()
+            )
+        })?;
+    let prefix = home.join("agentwall").join("llvm-prefix");
+    let plib = prefix.join("lib");
+    fs::create_dir_all(&plib).with_context(|| format!("creating {}", plib.display()))?;
+    let soname = lib
+        .file_name()
+        .context("libLLVM path without a file name")?;
+    for name in [Path::new("libLLVM.so"), Path::new(soname)] {
+        let link = plib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(prefix)
+}
