@@ -227,6 +227,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Events { socket, json } => {
             let mut c = Client::connect(&socket.socket)?;
             c.send(&Request::Events)?;
+            let _subscribed = c.recv()?;
             loop {
                 match c.recv()? {
                     Reply::Event(e) if json => println!("{}", serde_json::to_string(&e)?),

@@ -1,1 +1,596 @@
+//! Harness for the root integration tests: a real daemon in its own pin directory and cgroup
+//! subtree, real listeners on loopback, and guards that clean everything up even when a test
+//! fails.
 
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use agentwall::{
+    cgroup,
+    control::{Reply, Request, Status, client::Client},
+    events::EventRecord,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Root integration tests share kernel state: one at a time, and only as root.
+pub fn serial() -> MutexGuard<'static, ()> {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests load kernel programs and create cgroups: run them as root (`cargo xtask test`)"
+    );
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A binary built next to the running test executable (target/<profile>/).
+fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    dir.join(name)
+}
+
+/// The agentwall binary under test.
+pub fn agentwall_bin() -> PathBuf {
+    let p =
+        std::env::var_os("AGENTWALL_BIN").map_or_else(|| target_bin("agentwall"), PathBuf::from);
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p agentwall` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// The network helper binary of this package.
+pub fn netprobe_bin() -> PathBuf {
+    let p = target_bin("aw-netprobe");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p agentwall-tests --bins`",
+        p.display()
+    );
+    p
+}
+
+pub fn cgroup_mount() -> PathBuf {
+    cgroup::cgroup2_mount().expect("cgroup v2 mount")
+}
+
+/// Waits until `f` returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP listener on loopback that counts connections and bytes.
+#[derive(Debug)]
+pub struct TcpSink {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpSink {
+    /// Listens on `bind` (for example "127.0.0.1:0", or "[::]:0" for every loopback form).
+    pub fn new(bind: &str) -> Self {
+        let l = TcpListener::bind(bind).expect("bind tcp sink");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("local addr");
+        let (accepted, bytes, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (a, b, s) = (Arc::clone(&accepted), Arc::clone(&bytes), Arc::clone(&stop));
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut conn, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let (b, s) = (Arc::clone(&b), Arc::clone(&s));
+                        thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                            let mut buf = [0u8; 4096];
+                            while !s.load(Ordering::Relaxed) {
+                                match conn.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        b.fetch_add(n, Ordering::SeqCst);
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            bytes,
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A UDP socket on loopback that counts datagrams and bytes.
+#[derive(Debug)]
+pub struct UdpSink {
+    pub addr: SocketAddr,
+    datagrams: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpSink {
+    pub fn new(bind: &str) -> Self {
+        let s = UdpSocket::bind(bind).expect("bind udp sink");
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let addr = s.local_addr().expect("local addr");
+        let (datagrams, bytes, stop) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (d, b, st) = (
+            Arc::clone(&datagrams),
+            Arc::clone(&bytes),
+            Arc::clone(&stop),
+        );
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    d.fetch_add(1, Ordering::SeqCst);
+                    b.fetch_add(n, Ordering::SeqCst);
+                }
+            }
+        });
+        Self {
+            addr,
+            datagrams,
+            bytes,
+            stop,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn datagrams(&self) -> usize {
+        self.datagrams.load(Ordering::SeqCst)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A daemon of its own: pin directory, cgroup subtree, state and socket unique to the test.
+#[derive(Debug)]
+pub struct TestDaemon {
+    pub name: String,
+    pub dir: PathBuf,
+    pub policies: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub cgroup_root: String,
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl TestDaemon {
+    /// Starts a daemon with `policies` (file name, YAML text) and waits until it is healthy.
+    pub fn start(policies: &[(&str, &str)]) -> Self {
+        Self::start_with_config(policies, None)
+    }
+
+    pub fn start_with_config(policies: &[(&str, &str)], config: Option<&str>) -> Self {
+        let mut d = Self::prepare(policies, config);
+        d.launch();
+        d.wait_healthy();
+        d
+    }
+
+    /// Creates the directories and files without starting the daemon.
+    pub fn prepare(policies: &[(&str, &str)], config: Option<&str>) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("awt-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("policies")).expect("test dir");
+        // World-readable: commands run as an unprivileged user execute binaries copied here.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let config_path = config.map(|text| {
+            let p = dir.join("agentwall.yaml");
+            fs::write(&p, text).expect("config");
+            p
+        });
+        let d = Self {
+            policies: dir.join("policies"),
+            socket: dir.join("admin.sock"),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            cgroup_root: name.clone(),
+            config: config_path,
+            log: dir.join("daemon.log"),
+            child: None,
+            name,
+            dir,
+        };
+        for (file, text) in policies {
+            d.write_policy(file, text);
+        }
+        d
+    }
+
+    pub fn write_policy(&self, file: &str, text: &str) {
+        fs::write(self.policies.join(file), text).expect("write policy");
+    }
+
+    /// The `agentwall run` command line of this daemon.
+    pub fn run_command(&self) -> Command {
+        let mut c = Command::new(agentwall_bin());
+        c.arg("run")
+            .arg("--policies")
+            .arg(&self.policies)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .arg("--log-format")
+            .arg("json");
+        match &self.config {
+            Some(p) => c.arg("--config").arg(p),
+            None => c.arg("--config").arg("/dev/null"),
+        };
+        c.env("RUST_LOG", "info");
+        c
+    }
+
+    pub fn launch(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = self
+            .run_command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start agentwall run");
+        self.child = Some(child);
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(st)) = child.try_wait()
+            {
+                panic!(
+                    "agentwall run exited ({st}) before it was healthy:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(Reply::Status(s)) = Client::call(&self.socket, &Request::Status)
+                && matches!(s.health, agentwall::control::Health::Healthy { .. })
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not healthy after 30 s:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for an orderly exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        c.wait().expect("wait daemon")
+    }
+
+    pub fn status(&self) -> Status {
+        match Client::call(&self.socket, &Request::Status).expect("status") {
+            Reply::Status(s) => *s,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// An `agentwall` CLI command aimed at this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agentwall_bin())
+            .args(args)
+            .env("AGENTWALL_SOCKET", &self.socket)
+            .output()
+            .expect("run agentwall")
+    }
+
+    /// `agentwall exec --policy P [--user U] -- aw-netprobe CMDS...`, waited for.
+    pub fn exec(&self, policy: &str, user: Option<&str>, cmds: &[&str]) -> Output {
+        self.exec_command(policy, user, cmds)
+            .output()
+            .expect("agentwall exec")
+    }
+
+    fn exec_command(&self, policy: &str, user: Option<&str>, cmds: &[&str]) -> Command {
+        let mut c = Command::new(agentwall_bin());
+        c.arg("exec")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--policy")
+            .arg(policy);
+        let probe = match user {
+            Some(u) => {
+                c.arg("--user").arg(u);
+                self.world_netprobe()
+            }
+            None => netprobe_bin(),
+        };
+        c.arg("--").arg(probe).args(cmds);
+        c
+    }
+
+    /// A copy of the netprobe an unprivileged user can execute (the build tree may not be
+    /// reachable for it).
+    fn world_netprobe(&self) -> PathBuf {
+        let p = self.dir.join("aw-netprobe");
+        if !p.exists() {
+            fs::copy(netprobe_bin(), &p).expect("copy netprobe");
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod netprobe");
+        }
+        p
+    }
+
+    /// A long-running netprobe REPL under `policy`.
+    pub fn repl(&self, policy: &str) -> Repl {
+        let mut child = self
+            .exec_command(policy, None, &["repl"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("agentwall exec repl");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut r = Repl {
+            child,
+            stdin,
+            stdout,
+        };
+        // The first answer proves the command runs (its cgroup is ready).
+        assert!(r.cmd("pid").parse::<u32>().is_ok());
+        r
+    }
+
+    /// Subscribes to the daemon's verdict stream.
+    pub fn events(&self) -> Events {
+        let mut c = Client::connect(&self.socket).expect("connect events");
+        c.send(&Request::Events).expect("events request");
+        match c.recv().expect("subscription") {
+            Reply::Done { .. } => {}
+            other => panic!("unexpected reply {other:?}"),
+        }
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            while let Ok(Reply::Event(e)) = c.recv() {
+                if tx.send(*e).is_err() {
+                    break;
+                }
+            }
+        });
+        Events { rx }
+    }
+
+    /// The cgroup directory of the managed root.
+    pub fn root_cgroup(&self) -> PathBuf {
+        cgroup_mount().join(&self.cgroup_root)
+    }
+
+    /// Counter value from status.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.status()
+            .kernel_counters
+            .totals
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let root = cgroup::Cgroup::at(self.root_cgroup());
+        if root.exists() {
+            let _ = root.kill_all();
+        }
+        let out = Command::new(agentwall_bin())
+            .arg("teardown")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--cgroup-root")
+            .arg(&self.cgroup_root)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--kill")
+            .output();
+        let ok = out.as_ref().is_ok_and(|o| o.status.success());
+        if !ok {
+            // Last resort, so that nothing is left behind even if teardown itself failed.
+            let _ = wait_removed(&root);
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_removed(root: &cgroup::Cgroup) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if root.remove_tree().is_ok() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A netprobe REPL running under `agentwall exec`.
+#[derive(Debug)]
+pub struct Repl {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Repl {
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("write to repl");
+        self.stdin.flush().expect("flush repl");
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).expect("read repl");
+        out.trim().to_string()
+    }
+
+    /// Ends the REPL; returns the exit code `agentwall exec` reported.
+    pub fn quit(mut self) -> Option<i32> {
+        let _ = writeln!(self.stdin, "quit");
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Repl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Verdicts streamed from the daemon.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<EventRecord>,
+}
+
+impl Events {
+    /// Every event received until `quiet` passes without one (bounded by 10 s in all).
+    pub fn drain(&self, quiet: Duration) -> Vec<EventRecord> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            match self.rx.recv_timeout(quiet) {
+                Ok(e) => out.push(e),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+/// Lines of a command's stdout.
+pub fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A policy file allowing TCP to the given loopback ports (and nothing else).
+pub fn tcp_policy(name: &str, ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "policy:\n  name: {name}\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+        ports.join(", ")
+    )
+}

@@ -27,7 +27,8 @@ pub enum Request {
     Reload,
     /// Deny every flow of a bound cgroup (or lift that), open flows included.
     Quarantine { cgroup: String, lift: bool },
-    /// Stream verdicts until the client goes away.
+    /// Stream verdicts until the client goes away. The first reply, `done`, confirms the
+    /// subscription.
     Events,
 }
 

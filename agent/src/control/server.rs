@@ -195,6 +195,14 @@ async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> 
         }
         Request::Events => {
             let mut rx = daemon.subscribe();
+            // Acknowledged once subscribed, so a client can act knowing it will see the verdicts.
+            write(
+                &mut w,
+                &Reply::Done {
+                    message: "subscribed".into(),
+                },
+            )
+            .await?;
             loop {
                 let reply = match rx.recv().await {
                     Ok(e) => Reply::Event(Box::new((*e).clone())),

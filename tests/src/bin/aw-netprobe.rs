@@ -1,0 +1,136 @@
+//! Network actions for the integration tests, run inside enforced cgroups.
+//!
+//! Each argument is one command; `repl` reads commands from stdin instead. Every command
+//! prints one line: `ok`, `err <ERRNO>`, or a value.
+//!
+//! Commands: `pid`, `cgroup`, `tcp ADDR [PAYLOAD]`, `udp-sendto ADDR PAYLOAD`,
+//! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
+//! `watch ADDR MILLIS`, `exit CODE`, `repl`.
+#![expect(clippy::print_stdout, reason = "the tool's output is its result")]
+
+use std::{
+    io::{self, BufRead as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+fn errno(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!("err {:?}", nix::errno::Errno::from_raw(n)),
+        None => format!("err {e}"),
+    }
+}
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("err bad address {s:?}"))
+}
+
+fn tcp(a: SocketAddr, payload: &str) -> String {
+    match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+        Ok(mut s) => match s.write_all(payload.as_bytes()) {
+            Ok(()) => "ok".into(),
+            Err(e) => errno(&e),
+        },
+        Err(e) => errno(&e),
+    }
+}
+
+fn unspecified_for(a: &SocketAddr) -> &'static str {
+    if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+}
+
+fn raw(domain: libc::c_int, proto: libc::c_int) -> String {
+    // SAFETY: plain socket(2); the fd is closed right away.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        return errno(&io::Error::last_os_error());
+    }
+    // SAFETY: closing the fd just opened.
+    unsafe { libc::close(fd) };
+    "ok".into()
+}
+
+fn run(line: &str) -> String {
+    let mut parts = line.split_whitespace();
+    let cmd = parts.next().unwrap_or_default();
+    let args: Vec<&str> = parts.collect();
+    let r: Result<String, String> = (|| match (cmd, args.as_slice()) {
+        ("pid", []) => Ok(std::process::id().to_string()),
+        ("cgroup", []) => Ok(std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or_default()
+            .to_string()),
+        ("tcp", [a]) => Ok(tcp(addr(a)?, "hello\n")),
+        ("tcp", [a, p]) => Ok(tcp(addr(a)?, p)),
+        ("udp-sendto", [a, p]) => {
+            let a = addr(a)?;
+            let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
+            Ok(s.send_to(p.as_bytes(), a)
+                .map_or_else(|e| errno(&e), |_| "ok".into()))
+        }
+        ("udp-connect", [a, p]) => {
+            let a = addr(a)?;
+            let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
+            s.connect(a).map_err(|e| errno(&e))?;
+            Ok(s.send(p.as_bytes())
+                .map_or_else(|e| errno(&e), |_| "ok".into()))
+        }
+        ("raw4", []) => Ok(raw(libc::AF_INET, libc::IPPROTO_ICMP)),
+        ("raw6", []) => Ok(raw(libc::AF_INET6, libc::IPPROTO_ICMPV6)),
+        ("join-cgroup", [dir]) => {
+            let path = std::path::Path::new(dir).join("cgroup.procs");
+            Ok(std::fs::write(path, std::process::id().to_string())
+                .map_or_else(|e| errno(&e), |()| "ok".into()))
+        }
+        ("stream", [a]) => {
+            let mut s = TcpStream::connect_timeout(&addr(a)?, Duration::from_secs(2))
+                .map_err(|e| errno(&e))?;
+            std::thread::spawn(move || {
+                let chunk = [b'x'; 64];
+                while s.write_all(&chunk).is_ok() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+            Ok("ok".into())
+        }
+        ("watch", [a, ms]) => {
+            let a = addr(a)?;
+            let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
+            let end = Instant::now() + Duration::from_millis(ms);
+            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+            while Instant::now() < end {
+                match TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => other += 1,
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(format!("ok={ok} eperm={eperm} other={other}"))
+        }
+        ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
+        _ => Err(format!("err unknown command {line:?}")),
+    })();
+    r.unwrap_or_else(|e| e)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = io::stdout().lock();
+    if args.first().map(String::as_str) == Some("repl") {
+        for line in io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "quit" {
+                break;
+            }
+            let _ = writeln!(out, "{}", run(line.trim()));
+            let _ = out.flush();
+        }
+        return;
+    }
+    for a in args {
+        let _ = writeln!(out, "{}", run(&a));
+    }
+}

@@ -1,0 +1,327 @@
+//! Kernel enforcement through the daemon and `agentwall exec`: real programs, real cgroups,
+//! real sockets to real listeners on loopback. Run as root, one at a time (`cargo xtask test`).
+
+use std::{fs, os::fd::AsFd as _, time::Duration};
+
+use agentwall::{cgroup::Cgroup, spawn};
+use agentwall_tests::{
+    TcpSink, TestDaemon, UdpSink, lines, netprobe_bin, serial, tcp_policy, wait_for,
+};
+
+#[test]
+fn tcp_to_denied_destinations_gets_eperm_in_every_address_form() {
+    let _s = serial();
+    // Dual-stack listeners: every loopback form reaches them unless the kernel refuses.
+    let allowed = TcpSink::new("[::]:0");
+    let denied = TcpSink::new("[::]:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))]);
+    let (a, x) = (allowed.port(), denied.port());
+    let out = d.exec(
+        "web",
+        None,
+        &[
+            &format!("tcp 127.0.0.1:{x}"),
+            &format!("tcp [::1]:{x}"),
+            &format!("tcp [::ffff:127.0.0.1]:{x}"),
+            &format!("tcp 0.0.0.0:{x}"),
+            &format!("tcp [::]:{x}"),
+            &format!("tcp 127.0.0.2:{x}"),
+            &format!("tcp 127.0.0.1:{a}"),
+            &format!("tcp [::1]:{a}"),
+            &format!("tcp [::ffff:127.0.0.1]:{a}"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let got = lines(&out);
+    assert_eq!(got[..6], ["err EPERM"; 6], "denied forms: {got:?}");
+    assert_eq!(got[6..], ["ok"; 3], "allowed forms: {got:?}");
+    wait_for(
+        Duration::from_secs(5),
+        "the allowed listener to read 3 greetings",
+        || (allowed.accepted() == 3 && allowed.bytes() == 3 * "hello\n".len()).then_some(()),
+    );
+    assert_eq!(
+        denied.accepted(),
+        0,
+        "the denied listener must receive nothing"
+    );
+    assert_eq!(denied.bytes(), 0);
+}
+
+#[test]
+fn udp_sendto_and_connected_udp_are_refused_unless_allowed() {
+    let _s = serial();
+    let denied4 = UdpSink::new("127.0.0.1:0");
+    let denied6 = UdpSink::new("[::1]:0");
+    let allowed = UdpSink::new("127.0.0.1:0");
+    let policy = format!(
+        "policy:\n  name: dns\n  egress:\n    - to: 127.0.0.1\n      protocol: udp\n      ports: [{}]\n",
+        allowed.port()
+    );
+    let d = TestDaemon::start(&[("p.yaml", &policy)]);
+    let out = d.exec(
+        "dns",
+        None,
+        &[
+            &format!("udp-sendto 127.0.0.1:{} ping", denied4.port()),
+            &format!("udp-sendto [::1]:{} ping", denied6.port()),
+            &format!("udp-connect 127.0.0.1:{} ping", denied4.port()),
+            &format!("udp-connect [::1]:{} ping", denied6.port()),
+            &format!("udp-sendto 127.0.0.1:{} allowed", allowed.port()),
+            &format!("udp-connect 127.0.0.1:{} again", allowed.port()),
+        ],
+    );
+    let got = lines(&out);
+    assert_eq!(
+        got,
+        [
+            "err EPERM",
+            "err EPERM",
+            "err EPERM",
+            "err EPERM",
+            "ok",
+            "ok"
+        ],
+        "{out:?}"
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "two datagrams at the allowed listener",
+        || {
+            (allowed.datagrams() == 2 && allowed.bytes() == "allowed".len() + "again".len())
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        denied4.datagrams() + denied6.datagrams(),
+        0,
+        "denied listeners must receive nothing"
+    );
+}
+
+#[test]
+fn raw_sockets_are_refused_in_enforced_cgroups_only() {
+    let _s = serial();
+    let d = TestDaemon::start(&[(
+        "p.yaml",
+        "policy:\n  name: open\n  egress:\n    - to: 0.0.0.0/0\n",
+    )]);
+    // The same binary outside any enforced cgroup, as root, may open raw sockets.
+    let control = std::process::Command::new(netprobe_bin())
+        .args(["raw4", "raw6"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        lines(&control),
+        ["ok", "ok"],
+        "control run outside enforcement"
+    );
+    let out = d.exec("open", None, &["raw4", "raw6"]);
+    assert_eq!(lines(&out), ["err EPERM", "err EPERM"], "{out:?}");
+    assert!(d.counter("raw_socket_denied") >= 2);
+}
+
+#[test]
+fn every_verdict_is_one_event_with_its_fields() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let denied = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))]);
+    let events = d.events();
+    let out = d.exec(
+        "web",
+        None,
+        &[
+            "pid",
+            &format!("tcp 127.0.0.1:{}", allowed.port()),
+            &format!("tcp 127.0.0.1:{}", denied.port()),
+        ],
+    );
+    let got = lines(&out);
+    assert_eq!(got[1..], ["ok", "err EPERM"]);
+    let pid: u32 = got[0].parse().unwrap();
+    let evs: Vec<_> = events
+        .drain(Duration::from_millis(500))
+        .into_iter()
+        .filter(|e| e.tgid == pid)
+        .collect();
+    let connects: Vec<_> = evs.iter().filter(|e| e.hook == "connect4").collect();
+    assert_eq!(connects.len(), 2, "one event per connect verdict: {evs:#?}");
+    let (allow, deny) = (connects[0], connects[1]);
+    assert_eq!(
+        (allow.verdict.as_str(), allow.reason.as_str()),
+        ("allow", "rule")
+    );
+    assert_eq!(allow.port, allowed.port());
+    assert_eq!(allow.dst, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(allow.protocol, "tcp");
+    assert_eq!(allow.policy.as_deref(), Some("web"));
+    assert!(allow.rule_id > 0);
+    let rule = allow.rule.as_deref().unwrap();
+    assert!(
+        rule.ends_with("p.yaml:4"),
+        "rule {rule} must name the file and line of the rule"
+    );
+    assert_eq!(
+        (deny.verdict.as_str(), deny.reason.as_str()),
+        ("deny", "no_rule")
+    );
+    assert_eq!(deny.port, denied.port());
+    assert_eq!(deny.rule_id, 0);
+    assert_eq!(deny.comm, "aw-netprobe");
+    assert_eq!(deny.pid, pid, "single-threaded helper: pid == tgid");
+    assert_eq!(allow.cgroup_id, deny.cgroup_id);
+    assert_ne!(deny.cgroup_id, 0);
+    assert_eq!(allow.generation, deny.generation);
+    // Socket creations are verdicts too: one per socket.
+    assert_eq!(
+        evs.iter().filter(|e| e.hook == "sock_create").count(),
+        2,
+        "{evs:#?}"
+    );
+}
+
+#[test]
+fn an_unprivileged_process_cannot_leave_its_cgroup() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
+    let mount = agentwall_tests::cgroup_mount();
+    let sibling = d.root_cgroup().join("elsewhere");
+    fs::create_dir(&sibling).unwrap();
+    let out = d.exec(
+        "web",
+        Some("nobody"),
+        &[
+            "cgroup",
+            &format!("join-cgroup {}", mount.display()),
+            &format!("join-cgroup {}", sibling.display()),
+            &format!("join-cgroup {}", d.root_cgroup().display()),
+            "cgroup",
+            &format!("tcp 127.0.0.1:{}", denied.port()),
+        ],
+    );
+    let got = lines(&out);
+    assert!(
+        got[0].starts_with(&format!("/{}/exec-", d.cgroup_root)),
+        "{got:?}"
+    );
+    assert_eq!(
+        got[1..4],
+        ["err EACCES", "err EACCES", "err EACCES"],
+        "{got:?}"
+    );
+    assert_eq!(got[4], got[0], "still in its own cgroup");
+    assert_eq!(got[5], "err EPERM", "and still enforced");
+    fs::remove_dir(&sibling).unwrap();
+}
+
+#[test]
+fn a_cgroup_without_binding_is_denied_and_counted() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))]);
+    let before = d.counter("no_binding");
+    // A cgroup in the enforced subtree that agentwall never bound: programs apply, no rule.
+    let cg = Cgroup::at(d.root_cgroup().join("unbound"));
+    cg.create().unwrap();
+    let out_file = d.dir.join("unbound.out");
+    let script = format!(
+        "exec {} 'tcp 127.0.0.1:{}' > {}",
+        netprobe_bin().display(),
+        allowed.port(),
+        out_file.display()
+    );
+    let cmd = spawn::Command::new("/bin/sh", ["-c".to_string(), script]);
+    let fd = cg.open().unwrap();
+    let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap();
+    assert_eq!(spawn::exit_code(spawn::wait(pid).unwrap()), 0);
+    assert_eq!(fs::read_to_string(&out_file).unwrap().trim(), "err EPERM");
+    wait_for(
+        Duration::from_secs(2),
+        "no_binding to count the denial",
+        || (d.counter("no_binding") > before).then_some(()),
+    );
+    assert_eq!(
+        allowed.accepted(),
+        0,
+        "an allowed port of some policy is still denied without a binding"
+    );
+    cg.remove_tree().unwrap();
+}
+
+#[test]
+fn quarantine_blocks_the_next_connect_and_stops_an_open_stream() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[sink.port()]))]);
+    let mut repl = d.repl("web");
+    let cgroup = repl.cmd("cgroup");
+    assert_eq!(repl.cmd(&format!("stream 127.0.0.1:{}", sink.port())), "ok");
+    wait_for(Duration::from_secs(5), "the stream to flow", || {
+        (sink.bytes() > 640).then_some(())
+    });
+    let out = d.cli(&["quarantine", cgroup.trim_start_matches('/')]);
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = sink.bytes();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        sink.bytes(),
+        stopped_at,
+        "the listener must stop receiving once the cgroup is quarantined"
+    );
+    assert!(
+        d.counter("skb_dropped") > 0,
+        "the egress backstop dropped the stream's packets"
+    );
+    assert_eq!(
+        repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())),
+        "err EPERM"
+    );
+    let out = d.cli(&["quarantine", "--lift", cgroup.trim_start_matches('/')]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
+    assert_eq!(repl.quit(), Some(0));
+}
+
+#[test]
+fn exec_returns_the_exit_code_and_its_cgroup_goes_away() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
+    let out = d.exec("web", None, &["cgroup", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let cgroup = lines(&out)[0].clone();
+    let dir = agentwall_tests::cgroup_mount().join(cgroup.trim_start_matches('/'));
+    wait_for(
+        Duration::from_secs(5),
+        "the exec cgroup to be removed",
+        || (!dir.exists()).then_some(()),
+    );
+    let out = d.cli(&["exec", "--policy", "nope", "--", "true"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no policy named \"nope\"") && err.contains("web"),
+        "{err}"
+    );
+}
+
+#[test]
+fn audit_mode_lets_denials_through_and_reports_them() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", "policy:\n  name: watch\n  mode: audit\n")]);
+    let events = d.events();
+    let out = d.exec("watch", None, &[&format!("tcp 127.0.0.1:{}", sink.port())]);
+    assert_eq!(lines(&out), ["ok"]);
+    let evs = events.drain(Duration::from_millis(500));
+    assert!(
+        evs.iter().any(|e| e.hook == "connect4"
+            && e.verdict == "allow"
+            && e.reason == "audit"
+            && e.port == sink.port()),
+        "{evs:#?}"
+    );
+    assert!(d.counter("audit_passed") >= 1);
+}
