@@ -1,0 +1,294 @@
+//! The daemon's life: crashes, restarts, reloads, full maps and refusals to start. Enforcement
+//! must hold through all of it, and nothing may fail open.
+
+use std::{fs, os::fd::AsFd as _, os::unix::process::CommandExt as _, thread, time::Duration};
+
+use agentwall::{cgroup::Cgroup, spawn};
+use agentwall_tests::{TcpSink, TestDaemon, lines, netprobe_bin, serial, tcp_policy, wait_for};
+
+fn links_of(d: &TestDaemon) -> Vec<String> {
+    let root_id = Cgroup::at(d.root_cgroup()).id().unwrap();
+    let mut v: Vec<String> = fs::read_dir(d.pin_dir.join("links").join(root_id.to_string()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let denied = TcpSink::new("127.0.0.1:0");
+    let (a, x) = (allowed.port(), denied.port());
+    let mut d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[a]))]);
+    let mut repl = d.repl("web");
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
+    let links_before = links_of(&d);
+    assert_eq!(links_before.len(), 6, "{links_before:?}");
+
+    d.kill9();
+    // Down: the pinned programs and maps still decide.
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
+    // A new cgroup in the subtree, never bound, is denied too while the daemon is down.
+    let cg = Cgroup::at(d.root_cgroup().join("while-down"));
+    cg.create().unwrap();
+    let out_file = d.dir.join("down.out");
+    let script = format!(
+        "exec {} 'tcp 127.0.0.1:{a}' > {}",
+        netprobe_bin().display(),
+        out_file.display()
+    );
+    let pid = spawn::spawn_in_cgroup(
+        &spawn::Command::new("/bin/sh", ["-c".to_string(), script]),
+        cg.open().unwrap().as_fd(),
+    )
+    .unwrap();
+    spawn::wait(pid).unwrap();
+    assert_eq!(fs::read_to_string(&out_file).unwrap().trim(), "err EPERM");
+    cg.remove_tree().unwrap();
+
+    // Restart while the agent hammers the denied port: not one connect may get through.
+    let watcher = thread::spawn(move || {
+        let r = repl.cmd(&format!("watch 127.0.0.1:{x} 3000"));
+        (repl, r)
+    });
+    thread::sleep(Duration::from_millis(300));
+    d.launch();
+    d.wait_healthy();
+    let (mut repl, watched) = watcher.join().unwrap();
+    assert!(
+        watched.starts_with("ok=0 "),
+        "a denied connect got through during the restart: {watched}"
+    );
+    let eperm: u64 = watched
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("eperm="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        eperm > 100,
+        "the watcher must have been connecting throughout: {watched}"
+    );
+    assert_eq!(denied.accepted(), 0);
+
+    // Adopted: same enforcement, new links in place of the old ones, the exec cgroup known.
+    let links_after = links_of(&d);
+    assert_eq!(links_after.len(), 6, "{links_after:?}");
+    assert!(
+        links_after.iter().all(|l| !links_before.contains(l)),
+        "old links must be replaced: {links_before:?} {links_after:?}"
+    );
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
+    let cgroup = repl.cmd("cgroup");
+    let status = d.status();
+    assert!(
+        status
+            .cgroups
+            .iter()
+            .any(|c| c.path.ends_with(&cgroup) && c.policy.as_deref() == Some("web")),
+        "{status:#?}"
+    );
+    assert_eq!(repl.quit(), Some(0));
+    let dir = agentwall_tests::cgroup_mount().join(cgroup.trim_start_matches('/'));
+    wait_for(
+        Duration::from_secs(5),
+        "the adopted cgroup to be collected",
+        || (!dir.exists()).then_some(()),
+    );
+}
+
+#[test]
+fn sigterm_leaves_enforcement_in_place() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let mut d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
+    let mut repl = d.repl("web");
+    let st = d.stop();
+    assert!(st.success(), "orderly stop: {st}");
+    assert!(!d.socket.exists(), "the admin socket goes with the daemon");
+    assert_eq!(
+        repl.cmd(&format!("tcp 127.0.0.1:{}", denied.port())),
+        "err EPERM"
+    );
+    assert_eq!(repl.quit(), Some(0));
+}
+
+#[test]
+fn invalid_policies_refuse_to_start_and_load_nothing() {
+    let _s = serial();
+    let d = TestDaemon::prepare(
+        &[
+            ("good.yaml", &tcp_policy("web", &[80])),
+            (
+                "bad.yaml",
+                "policy:\n  name: bad\n  egress:\n    - to: 10.0.0.1/8\n",
+            ),
+        ],
+        None,
+    );
+    let out = d.run_command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:4: policy.egress[0].to"),
+        "file, line and field: {err}"
+    );
+    assert!(err.contains("did you mean 10.0.0.0/8?"), "{err}");
+    assert!(!d.pin_dir.exists(), "nothing may be loaded into the kernel");
+    assert!(!d.root_cgroup().exists());
+}
+
+#[test]
+fn without_ebpf_the_daemon_exits_with_one_line() {
+    let _s = serial();
+    let d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[80]))], None);
+    fs::create_dir_all(d.dir.join("state")).unwrap();
+    let st = d.dir.join("state");
+    nix::unistd::chown(&st, Some(65534.into()), Some(65534.into())).unwrap();
+    // An unprivileged user cannot load programs: the daemon must say so and exit non-zero.
+    let out = d.run_command().uid(65534).gid(65534).output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
+        .collect();
+    assert_eq!(err_lines.len(), 1, "exactly one line: {err}");
+    assert!(
+        err_lines[0].starts_with("agentwall: cannot enforce: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_reload_keeps_the_policy_in_force() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))]);
+    let generation = d.status().generation;
+    d.write_policy(
+        "p.yaml",
+        "policy:\n  name: web\n  egress:\n    - to: 127.0.0.1\n      ports: [99999]\n",
+    );
+    let out = d.cli(&["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.yaml:5: policy.egress[0].ports[0]: 99999 is not a destination port"),
+        "{err}"
+    );
+    let status = d.status();
+    assert_eq!(
+        status.generation, generation,
+        "the generation must not change"
+    );
+    assert_eq!(status.daemon_errors.get("reload_rejected"), Some(&1));
+    assert_eq!(
+        lines(&d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", allowed.port())])),
+        ["ok"]
+    );
+    // A good reload then takes effect.
+    d.write_policy("p.yaml", &tcp_policy("web", &[1]));
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(d.status().generation, generation + 1);
+    assert_eq!(
+        lines(&d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", allowed.port())])),
+        ["err EPERM"]
+    );
+}
+
+#[test]
+fn policy_swaps_are_atomic_under_load() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let denied = TcpSink::new("127.0.0.1:0");
+    // Many prefixes, so that each generation takes a while to write.
+    let mut policy = tcp_policy("web", &[allowed.port()]);
+    for i in 0..2000u32 {
+        policy.push_str(&format!(
+            "    - to: 10.{}.{}.0/24\n      protocol: tcp\n      ports: [443]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let d = TestDaemon::start(&[("p.yaml", &policy)]);
+    let mut ok_repl = d.repl("web");
+    let mut deny_repl = d.repl("web");
+    let a = allowed.port();
+    let x = denied.port();
+    let w1 = thread::spawn(move || ok_repl.cmd(&format!("watch 127.0.0.1:{a} 3000")));
+    let w2 = thread::spawn(move || deny_repl.cmd(&format!("watch 127.0.0.1:{x} 3000")));
+    let start = d.status().generation;
+    let mut reloads = 0;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_millis(2500) {
+        let out = d.cli(&["reload"]);
+        assert!(out.status.success(), "{out:?}");
+        reloads += 1;
+    }
+    let (r1, r2) = (w1.join().unwrap(), w2.join().unwrap());
+    assert!(reloads >= 3, "only {reloads} reloads");
+    assert_eq!(d.status().generation, start + reloads);
+    assert!(
+        r1.contains(" eperm=0 other=0"),
+        "an allowed connect was denied during a swap: {r1}"
+    );
+    assert!(
+        r2.starts_with("ok=0 "),
+        "a denied connect was allowed during a swap: {r2}"
+    );
+    assert_eq!(denied.accepted(), 0);
+}
+
+#[test]
+fn a_full_bindings_map_refuses_exec_and_counts_it() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[sink.port()]))],
+        Some("limits:\n  max_bindings: 2\n"),
+    );
+    let _r1 = d.repl("web");
+    let _r2 = d.repl("web");
+    let out = d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", sink.port())]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "the command must not have run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot prepare a cgroup") && err.contains(agentwall_common::maps::BINDINGS),
+        "{err}"
+    );
+    assert_eq!(d.status().daemon_errors.get("exec_begin"), Some(&1));
+    assert_eq!(sink.accepted(), 0, "the refused command never ran");
+}
+
+#[test]
+fn a_rules_map_too_small_rejects_the_reload() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some("limits:\n  max_rule_nodes: 3\n"),
+    );
+    let generation = d.status().generation;
+    d.write_policy(
+        "q.yaml",
+        "policy:\n  name: wide\n  egress:\n    - to: [10.0.0.0/8, 11.0.0.0/8]\n",
+    );
+    let out = d.cli(&["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("raise limits.max_rule_nodes"), "{err}");
+    assert_eq!(d.status().generation, generation);
+    assert_eq!(
+        lines(&d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", allowed.port())])),
+        ["ok"]
+    );
+}
