@@ -132,19 +132,37 @@ pub async fn read_ring(
     // SAFETY: the ring buffer owns its map fd, open and unchanged until the AsyncFd drops it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // Allowed verdicts are written without waking the reader (see ebpf/src/emit.rs): poll.
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(raw) = Event::from_bytes(&item) else {
-                tracing::warn!(len = item.len(), "short record in the event ring; skipped");
-                continue;
-            };
-            let rec = Arc::new(EventRecord::decode(&raw, names.as_ref()));
-            log(&rec, raw.verdict, raw.reason);
-            let _ = tx.send(rec);
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), names.as_ref(), &tx);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx),
         }
-        guard.clear_ready();
+    }
+}
+
+/// How often the reader looks for records written without a wakeup.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    names: &dyn Resolve,
+    tx: &broadcast::Sender<Arc<EventRecord>>,
+) {
+    while let Some(item) = ring.next() {
+        let Some(raw) = Event::from_bytes(&item) else {
+            tracing::warn!(len = item.len(), "short record in the event ring; skipped");
+            continue;
+        };
+        let rec = Arc::new(EventRecord::decode(&raw, names));
+        log(&rec, raw.verdict, raw.reason);
+        let _ = tx.send(rec);
     }
 }
 

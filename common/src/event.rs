@@ -61,8 +61,6 @@ code!(
         RAW_SOCKET = 9, "raw_socket";
         /// A policy denial let through because the binding is in audit mode.
         AUDIT = 10, "audit";
-        /// A socket creation that is not a raw socket (policy is applied per flow).
-        SOCKET = 11, "socket";
         /// The egress backstop could not parse the packet.
         UNPARSED = 12, "unparsed";
     }

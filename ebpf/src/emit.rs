@@ -13,6 +13,10 @@ use aya_ebpf::{
 
 use crate::decide::{Decision, Flow};
 
+/// Flags of `bpf_ringbuf_submit` (include/uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 #[map]
 static AW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 
@@ -71,5 +75,11 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         _pad: [0; 4],
         comm,
     });
-    entry.submit(0);
+    // Wake the reader for denials at once; allowed verdicts are picked up by its next wakeup
+    // or its periodic poll, which spares a wakeup (an irq_work) per allowed connect.
+    entry.submit(if d.verdict == Verdict::ALLOW {
+        BPF_RB_NO_WAKEUP
+    } else {
+        BPF_RB_FORCE_WAKEUP
+    });
 }

@@ -200,6 +200,10 @@ fn aw_sock_create(ctx: SockContext) -> i32 {
             core::ptr::read_volatile(&raw const (*sk).protocol),
         )
     };
+    if sock_type != SOCK_RAW {
+        // Not a verdict: policy applies per flow, at connect, sendmsg and egress.
+        return ALLOW;
+    }
     let flow = Flow {
         cgroup_id: decide::current_cgroup_id(),
         orig: [0; 16],
@@ -209,24 +213,13 @@ fn aw_sock_create(ctx: SockContext) -> i32 {
         sock_type: sock_type as u8,
         family: family as u8,
     };
-    let d = if sock_type == SOCK_RAW {
-        emit::count(agentwall_common::counters::RAW_SOCKET_DENIED);
-        decide::Decision::deny(Reason::RAW_SOCKET, 0, 0)
-    } else {
-        decide::Decision {
-            verdict: Verdict::ALLOW,
-            reason: Reason::SOCKET,
-            rule_id: 0,
-            slot: 0,
-            generation: 0,
-        }
-    };
-    emit::event(&flow, &d, true);
-    if d.verdict == Verdict::ALLOW {
-        ALLOW
-    } else {
-        DENY
-    }
+    emit::count(agentwall_common::counters::RAW_SOCKET_DENIED);
+    emit::event(
+        &flow,
+        &decide::Decision::deny(Reason::RAW_SOCKET, 0, 0),
+        true,
+    );
+    DENY
 }
 
 #[cfg(not(test))]
