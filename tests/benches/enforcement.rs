@@ -200,9 +200,8 @@ fn measure(
 }
 
 fn main() {
-    // SAFETY: geteuid has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        nix::unistd::geteuid().as_raw(),
         0,
         "the benchmark loads kernel programs: run it as root"
     );

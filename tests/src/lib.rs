@@ -2,6 +2,12 @@
 //! subtree, real listeners on loopback, and guards that clean everything up even when a test
 //! fails.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test harness: a failed set-up step fails the test, with its message"
+)]
+
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -29,10 +35,9 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Root integration tests share kernel state: one at a time, and only as root.
 pub fn serial() -> MutexGuard<'static, ()> {
-    // SAFETY: geteuid has no preconditions.
+    let euid = nix::unistd::geteuid().as_raw();
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "the integration tests load kernel programs and create cgroups: run them as root (`cargo xtask test`)"
     );
     SERIAL

@@ -6,6 +6,10 @@ use std::{fs, os::fd::AsFd as _, os::unix::process::CommandExt as _, thread, tim
 use agentwall::{cgroup::Cgroup, spawn};
 use agentwall_tests::{TcpSink, TestDaemon, lines, netprobe_bin, serial, tcp_policy, wait_for};
 
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: failing here fails the test"
+)]
 fn links_of(d: &TestDaemon) -> Vec<String> {
     let root_id = Cgroup::at(d.root_cgroup()).id().unwrap();
     let mut v: Vec<String> = fs::read_dir(d.pin_dir.join("links").join(root_id.to_string()))

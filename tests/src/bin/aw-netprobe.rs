@@ -6,7 +6,6 @@
 //! Commands: `pid`, `cgroup`, `tcp ADDR [PAYLOAD]`, `udp-sendto ADDR PAYLOAD`,
 //! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
 //! `watch ADDR MILLIS`, `exit CODE`, `repl`.
-#![expect(clippy::print_stdout, reason = "the tool's output is its result")]
 
 use std::{
     io::{self, BufRead as _, Write as _},
