@@ -51,6 +51,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another agentwall daemon is using the state directory {0} (lock held); stop it first")]
+    Locked(PathBuf),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the event reader stopped: {0}")]
@@ -382,12 +384,13 @@ impl Daemon {
                 .parse()
                 .map_err(|_| format!("{spec:?} is not a cgroup id"));
         }
-        let path = PathBuf::from(spec);
-        let cg = if path.is_absolute() && path.starts_with(&self.mount) {
-            Cgroup::at(path)
-        } else {
-            Cgroup::under(&self.mount, spec).map_err(|e| e.to_string())?
+        // An absolute path must lie below the mount; either way no `..` may lead out of it.
+        let path = std::path::Path::new(spec);
+        let rel = match path.strip_prefix(&self.mount) {
+            Ok(rel) => rel.to_string_lossy().into_owned(),
+            Err(_) => spec.to_string(),
         };
+        let cg = Cgroup::under(&self.mount, &rel).map_err(|e| e.to_string())?;
         cg.id().map_err(|e| e.to_string())
     }
 
@@ -601,6 +604,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         path: cfg.state_dir.clone(),
         source,
     })?;
+    // Two daemons on one state directory would fight over the same kernel objects.
+    let _lock = lock_state_dir(&cfg.state_dir)?;
     let mount = cgroup::cgroup2_mount()?;
     let root = Cgroup::under(&mount, &cfg.cgroup_root)?;
     root.ensure_not_root(&mount)?;
@@ -696,6 +701,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             gc_daemon.collect().await;
         }
     });
+    tokio::spawn(watch_event_loss(handle.clone()));
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
@@ -729,6 +735,48 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );
     Ok(())
+}
+
+/// Reports events the kernel could not deliver because the ring buffer was full: loss is
+/// counted per CPU in the kernel and said out loud here.
+async fn watch_event_loss(enforcer: EnforcerHandle) {
+    let mut seen: Vec<u64> = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(c) = enforcer.counters().await else {
+            continue;
+        };
+        for (cpu, now) in c.events_dropped_per_cpu.iter().enumerate() {
+            let before = seen.get(cpu).copied().unwrap_or(*now);
+            if *now > before {
+                tracing::warn!(
+                    cpu,
+                    lost = now - before,
+                    total = now,
+                    "events lost: the kernel event ring was full"
+                );
+            }
+        }
+        seen = c.events_dropped_per_cpu;
+    }
+}
+
+/// Holds an exclusive lock on `<state dir>/agentwall.lock` for the daemon's lifetime.
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("agentwall.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| DaemonError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::Locked(dir.to_path_buf()))
 }
 
 /// Tells systemd (Type=notify) about a state change, if it is listening.

@@ -176,6 +176,66 @@ impl Drop for TcpSink {
     }
 }
 
+/// A minimal HTTP server on 127.0.0.1: answers every request with `HttpSink::BODY`.
+#[derive(Debug)]
+pub struct HttpSink {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpSink {
+    pub const BODY: &'static str = "hello from an allowed destination\n";
+
+    pub fn new() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind http sink");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut conn, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = Self::BODY;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self { addr, stop }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Default for HttpSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HttpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A UDP socket on loopback that counts datagrams and bytes.
 #[derive(Debug)]
 pub struct UdpSink {
@@ -301,7 +361,13 @@ impl TestDaemon {
 
     /// The `agentwall run` command line of this daemon.
     pub fn run_command(&self) -> Command {
-        let mut c = Command::new(agentwall_bin());
+        self.run_command_of(&agentwall_bin())
+    }
+
+    /// The same, with another copy of the binary (for example one an unprivileged user can
+    /// execute: see [`TestDaemon::world_copy`]).
+    pub fn run_command_of(&self, bin: &Path) -> Command {
+        let mut c = Command::new(bin);
         c.arg("run")
             .arg("--policies")
             .arg(&self.policies)
@@ -427,13 +493,18 @@ impl TestDaemon {
         c
     }
 
-    /// A copy of the netprobe an unprivileged user can execute (the build tree may not be
-    /// reachable for it).
+    /// A copy of the netprobe an unprivileged user can execute.
     fn world_netprobe(&self) -> PathBuf {
-        let p = self.dir.join("aw-netprobe");
+        self.world_copy(&netprobe_bin())
+    }
+
+    /// A copy of `bin` in the test directory, which every user can reach (the build tree, in a
+    /// fresh clone under a 0700 temporary directory, may not be).
+    pub fn world_copy(&self, bin: &Path) -> PathBuf {
+        let p = self.dir.join(bin.file_name().expect("binary name"));
         if !p.exists() {
-            fs::copy(netprobe_bin(), &p).expect("copy netprobe");
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod netprobe");
+            fs::copy(bin, &p).expect("copy binary");
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod binary");
         }
         p
     }

@@ -5,7 +5,7 @@ use std::{fs, os::fd::AsFd as _, time::Duration};
 
 use agentwall::{cgroup::Cgroup, spawn};
 use agentwall_tests::{
-    TcpSink, TestDaemon, UdpSink, lines, netprobe_bin, serial, tcp_policy, wait_for,
+    HttpSink, TcpSink, TestDaemon, UdpSink, lines, netprobe_bin, serial, tcp_policy, wait_for,
 };
 
 #[test]
@@ -328,4 +328,44 @@ fn audit_mode_lets_denials_through_and_reports_them() {
         "{evs:#?}"
     );
     assert!(d.counter("audit_passed") >= 1);
+}
+
+#[test]
+fn curl_under_exec_reaches_the_allowed_port_and_gets_operation_not_permitted_elsewhere() {
+    let _s = serial();
+    let http = HttpSink::new();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[http.port()]))]);
+    let ok = d.cli(&[
+        "exec",
+        "--policy",
+        "web",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:{}/", http.port()),
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), HttpSink::BODY);
+    let no = d.cli(&[
+        "exec",
+        "--policy",
+        "web",
+        "--",
+        "curl",
+        "-sSv",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:{}/", denied.port()),
+    ]);
+    assert_eq!(
+        no.status.code(),
+        Some(7),
+        "curl's 'could not connect': {no:?}"
+    );
+    let err = String::from_utf8_lossy(&no.stderr);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert_eq!(denied.accepted(), 0);
 }

@@ -156,7 +156,13 @@ fn without_ebpf_the_daemon_exits_with_one_line() {
     let st = d.dir.join("state");
     nix::unistd::chown(&st, Some(65534.into()), Some(65534.into())).unwrap();
     // An unprivileged user cannot load programs: the daemon must say so and exit non-zero.
-    let out = d.run_command().uid(65534).gid(65534).output().unwrap();
+    let bin = d.world_copy(&agentwall_tests::agentwall_bin());
+    let out = d
+        .run_command_of(&bin)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     let err_lines: Vec<&str> = err
