@@ -302,3 +302,54 @@ fn a_rules_map_too_small_rejects_the_reload() {
         ["ok"]
     );
 }
+
+#[test]
+fn the_admin_socket_answers_bad_requests_and_refuses_other_users() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let _s = serial();
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[80]))]);
+    let mode = fs::metadata(&d.socket)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o600, "root only by default");
+    for (request, expect) in [
+        ("garbage\n", "bad request"),
+        (
+            "{\"op\":\"format_disk\"}\n",
+            "unknown variant `format_disk`",
+        ),
+        ("{\"op\":\"exec_begin\"}\n", "missing field `policy`"),
+        (
+            "{\"op\":\"quarantine\",\"cgroup\":\"../../etc\",\"lift\":false}\n",
+            "must be relative to the cgroup v2 mount",
+        ),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        assert!(
+            line.contains("\"type\":\"error\"") && line.contains(expect),
+            "{request:?} -> {line}"
+        );
+    }
+    let bin = d.world_copy(&agentwall_tests::agentwall_bin());
+    let out = std::process::Command::new(bin)
+        .args(["status", "--socket"])
+        .arg(&d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to the agentwall daemon") && err.contains("Permission denied"),
+        "{err}"
+    );
+    // The daemon is unharmed.
+    assert!(matches!(
+        d.status().health,
+        agentwall::control::Health::Healthy { .. }
+    ));
+}
