@@ -353,3 +353,93 @@ fn the_admin_socket_answers_bad_requests_and_refuses_other_users() {
         agentwall::control::Health::Healthy { .. }
     ));
 }
+
+#[test]
+fn a_cgroup_named_in_the_config_is_attached_and_bound() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let denied = TcpSink::new("127.0.0.1:0");
+    // A cgroup of the test's own, outside the managed subtree, as a systemd unit's would be.
+    struct Removed(Cgroup);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = self.0.kill_all();
+            for _ in 0..250 {
+                if self.0.remove_tree().is_ok() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let name = format!("awt-{}-unit", std::process::id());
+    let extra = Removed(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
+    extra.0.create().unwrap();
+    let config = format!("enforce:\n  - cgroup: {name}\n    policy: web\n");
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+    let out_file = d.dir.join("unit.out");
+    let script = format!(
+        "exec {} 'tcp 127.0.0.1:{}' 'tcp 127.0.0.1:{}' > {}",
+        netprobe_bin().display(),
+        allowed.port(),
+        denied.port(),
+        out_file.display()
+    );
+    let pid = spawn::spawn_in_cgroup(
+        &spawn::Command::new("/bin/sh", ["-c".to_string(), script]),
+        extra.0.open().unwrap().as_fd(),
+    )
+    .unwrap();
+    spawn::wait(pid).unwrap();
+    assert_eq!(
+        fs::read_to_string(&out_file)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+        ["ok", "err EPERM"]
+    );
+    let status = d.status();
+    assert!(
+        status.cgroups.iter().any(|c| c.path.ends_with(&name)
+            && c.kind == "configured"
+            && c.policy.as_deref() == Some("web")),
+        "{status:#?}"
+    );
+    // The root cgroup is refused outright.
+    let bad = TestDaemon::prepare(
+        &[("p.yaml", &tcp_policy("web", &[80]))],
+        Some("enforce:\n  - cgroup: /\n    policy: web\n"),
+    );
+    let out = bad.run_command().output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the root cgroup cannot be enforced"),
+        "{out:?}"
+    );
+    drop(d);
+    // After teardown the programs are gone from the extra cgroup too.
+    let out_file = std::env::temp_dir().join(format!("{name}.out"));
+    let pid = spawn::spawn_in_cgroup(
+        &spawn::Command::new(
+            "/bin/sh",
+            [
+                "-c".to_string(),
+                format!(
+                    "exec {} 'tcp 127.0.0.1:{}' > {}",
+                    netprobe_bin().display(),
+                    denied.port(),
+                    out_file.display()
+                ),
+            ],
+        ),
+        extra.0.open().unwrap().as_fd(),
+    )
+    .unwrap();
+    spawn::wait(pid).unwrap();
+    let after = fs::read_to_string(&out_file).unwrap();
+    let _ = fs::remove_file(&out_file);
+    assert_eq!(after.trim(), "ok");
+}
