@@ -1,7 +1,7 @@
 //! The one decision function and the maps it reads.
 
 use agentwall_common::{
-    addr::{self, Addr16},
+    addr::Addr16,
     binding::Binding,
     counters,
     event::{Hook, Reason, Verdict},
@@ -35,6 +35,9 @@ pub(crate) struct Flow {
     pub(crate) cgroup_id: u64,
     /// Destination as given, canonical 16-byte form before classification.
     pub(crate) orig: Addr16,
+    /// The destination it really reaches (`agentwall_common::addr::classify` of `orig`),
+    /// computed once.
+    pub(crate) dst: Addr16,
     pub(crate) port: u16,
     pub(crate) proto: u8,
     pub(crate) hook: Hook,
@@ -48,6 +51,10 @@ pub(crate) struct Decision {
     pub(crate) rule_id: u32,
     pub(crate) slot: u32,
     pub(crate) generation: u32,
+    /// Policy epoch the decision was made under (for the flow cache).
+    pub(crate) epoch: u32,
+    /// Expiry of the binding that allowed, 0 for none.
+    pub(crate) expires_boot_ns: u64,
 }
 
 impl Decision {
@@ -59,6 +66,8 @@ impl Decision {
             rule_id: 0,
             slot,
             generation,
+            epoch: 0,
+            expires_boot_ns: 0,
         }
     }
 }
@@ -69,15 +78,29 @@ pub(crate) fn current_cgroup_id() -> u64 {
     unsafe { bpf_get_current_cgroup_id() }
 }
 
+#[inline(always)]
+pub(crate) fn now_boot_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The policy state, if readable.
+#[inline(always)]
+pub(crate) fn state() -> Option<&'static PolicyState> {
+    AW_STATE.get(0)
+}
+
 /// Judges a flow. Every path that is not an explicit rule match denies: a missing state entry,
 /// a missing binding, a failed lookup.
 #[inline(always)]
 pub(crate) fn decide(flow: &Flow) -> Decision {
-    let Some(state) = AW_STATE.get(0) else {
+    let Some(state) = state() else {
         emit::count(counters::NO_POLICY);
         return Decision::deny(Reason::NO_POLICY, 0, 0);
     };
-    let generation = state.generation;
+    // The epoch is read before the binding: a decision made on a binding older than the epoch
+    // it records would outlive the change that bumped it.
+    let (generation, epoch) = (state.generation, state.epoch);
     if generation == 0 {
         emit::count(counters::NO_POLICY);
         return Decision::deny(Reason::NO_POLICY, 0, 0);
@@ -88,8 +111,12 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         emit::count(counters::NO_BINDING);
         return Decision::deny(Reason::NO_BINDING, 0, generation);
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // The clock is read only for a binding that can expire.
+    let now = if binding.expires_boot_ns == 0 {
+        0
+    } else {
+        now_boot_ns()
+    };
     let slot = match binding.admit(now) {
         Ok(slot) => slot,
         Err(reason) => return Decision::deny(reason, binding.slot, generation),
@@ -99,27 +126,24 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         RuleKey {
             slot,
             generation,
-            addr: addr::classify(flow.orig),
+            addr: flow.dst,
         },
     );
     let rule = AW_RULES
         .get(&key)
         .and_then(|set| set.find(flow.proto, flow.port));
-    match rule {
-        Some(rule_id) => Decision {
-            verdict: Verdict::ALLOW,
-            reason: Reason::RULE,
-            rule_id,
-            slot,
-            generation,
-        },
-        None if binding.audit_only() => Decision {
-            verdict: Verdict::ALLOW,
-            reason: Reason::AUDIT,
-            rule_id: 0,
-            slot,
-            generation,
-        },
-        None => Decision::deny(Reason::NO_RULE, slot, generation),
+    let (verdict, reason, rule_id) = match rule {
+        Some(rule_id) => (Verdict::ALLOW, Reason::RULE, rule_id),
+        None if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),
+        None => return Decision::deny(Reason::NO_RULE, slot, generation),
+    };
+    Decision {
+        verdict,
+        reason,
+        rule_id,
+        slot,
+        generation,
+        epoch,
+        expires_boot_ns: binding.expires_boot_ns,
     }
 }

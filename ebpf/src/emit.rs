@@ -1,7 +1,7 @@
 //! Events and counters.
 
 use agentwall_common::{
-    addr, counters,
+    counters,
     event::{Event, Reason, Verdict},
     maps::DEFAULT_EVENT_RING_BYTES,
 };
@@ -60,7 +60,7 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         cgroup_id: flow.cgroup_id,
         pid_tgid,
-        addr: addr::classify(flow.orig),
+        addr: flow.dst,
         orig_addr: flow.orig,
         rule_id: d.rule_id,
         slot: d.slot,

@@ -9,6 +9,7 @@
 
 mod decide;
 mod emit;
+mod flowcache;
 
 use agentwall_common::{
     addr::{self, Addr16},
@@ -80,6 +81,7 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let flow = Flow {
         cgroup_id: decide::current_cgroup_id(),
         orig,
+        dst: addr::classify(orig),
         port,
         proto: protocol as u8,
         hook,
@@ -88,6 +90,15 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     };
     let d = decide(&flow);
     emit::event(&flow, &d, true);
+    if hook == Hook::CONNECT4 || hook == Hook::CONNECT6 {
+        // A connected socket has one destination for all its packets: cache its verdict.
+        let cookie = flowcache::cookie(ctx.sock_addr.cast());
+        if d.verdict == Verdict::ALLOW {
+            flowcache::remember(cookie, &d);
+        } else {
+            flowcache::forget(cookie);
+        }
+    }
     if d.verdict == Verdict::ALLOW {
         ALLOW
     } else {
@@ -99,6 +110,11 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
 /// changed, anything the address hooks do not see.
 #[cgroup_skb(egress)]
 fn aw_egress(ctx: SkBuffContext) -> i32 {
+    let cookie = flowcache::cookie(ctx.skb.skb.cast());
+    if flowcache::vouches(cookie) {
+        emit::count(agentwall_common::counters::SKB_PASSED);
+        return ALLOW;
+    }
     // In cgroup_skb the current task may be anyone (softirq, timers); the packet's own socket
     // says which cgroup sent it.
     // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
@@ -108,6 +124,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         let flow = Flow {
             cgroup_id,
             orig: [0; 16],
+            dst: [0; 16],
             port: 0,
             proto: 0,
             hook: Hook::EGRESS,
@@ -122,6 +139,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     let flow = Flow {
         cgroup_id,
         orig,
+        dst: addr::classify(orig),
         port,
         proto,
         hook: Hook::EGRESS,
@@ -130,6 +148,10 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     };
     let d = decide(&flow);
     if d.verdict == Verdict::ALLOW {
+        if proto == agentwall_common::rules::proto::TCP {
+            // A TCP socket's destination is fixed: its next packets may use the cache.
+            flowcache::remember(cookie, &d);
+        }
         emit::count(agentwall_common::counters::SKB_PASSED);
         ALLOW
     } else {
@@ -207,6 +229,7 @@ fn aw_sock_create(ctx: SockContext) -> i32 {
     let flow = Flow {
         cgroup_id: decide::current_cgroup_id(),
         orig: [0; 16],
+        dst: [0; 16],
         port: 0,
         proto: protocol as u8,
         hook: Hook::SOCK_CREATE,

@@ -26,7 +26,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use agentwall::{
@@ -225,7 +225,8 @@ fn main() {
         ..Limits::default()
     };
     let (mut enforcer, mut ring) = Enforcer::load(&guard.pin_dir, &limits).unwrap();
-    // Drain the events as the daemon would; the cost of delivering them is part of the cost.
+    // Drain the events as the daemon's reader does (allowed verdicts do not wake it; it polls
+    // at the same interval); the cost of delivering them is part of the cost.
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let drainer = thread::spawn(move || {
@@ -234,7 +235,7 @@ fn main() {
             while let Some(item) = ring.next() {
                 n += item.len() as u64;
             }
-            thread::sleep(Duration::from_micros(200));
+            thread::sleep(agentwall::events::POLL_INTERVAL);
         }
         n
     });
@@ -367,10 +368,11 @@ fn main() {
         md,
         "\nWhat the enforced path adds per TCP connect: the sock_create program (a socket type check), \
          the connect4 program (binding lookup, one longest-prefix lookup in the rules trie, one ring \
-         buffer event) and the egress program on each outgoing packet of the flow (binding and trie \
-         lookups, no event). The client closes with SO_LINGER 0 (a reset) so that TIME_WAIT sockets \
-         do not pile up across rounds; the UDP loop sends no datagram, it measures socket, connect \
-         (one connect4 verdict) and close."
+         buffer event, a per-CPU flow cache entry for the socket) and the egress program on each \
+         outgoing packet (a flow cache hit for the packets of a socket judged under the current \
+         policy epoch, the full decision otherwise). The client closes with SO_LINGER 0 (a reset) \
+         so that TIME_WAIT sockets do not pile up across rounds; the UDP loop sends no datagram, it \
+         measures socket, connect (one connect4 verdict) and close."
     );
     print!("{md}");
     if let Some(path) = a.report {

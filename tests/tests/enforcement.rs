@@ -369,3 +369,36 @@ fn curl_under_exec_reaches_the_allowed_port_and_gets_operation_not_permitted_els
     assert!(err.contains("Operation not permitted"), "{err}");
     assert_eq!(denied.accepted(), 0);
 }
+
+#[test]
+fn a_reload_that_takes_a_permission_away_stops_an_open_stream() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[sink.port()]))]);
+    let mut repl = d.repl("web");
+    assert_eq!(repl.cmd(&format!("stream 127.0.0.1:{}", sink.port())), "ok");
+    wait_for(Duration::from_secs(5), "the stream to flow", || {
+        (sink.bytes() > 640).then_some(())
+    });
+    // The stream's packets pass through the per-CPU flow cache by now; a new generation
+    // without the port must stop them all the same.
+    d.write_policy("p.yaml", &tcp_policy("web", &[1]));
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped_at = sink.bytes();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        sink.bytes(),
+        stopped_at,
+        "the listener must stop receiving once the policy no longer allows the flow"
+    );
+    assert_eq!(
+        repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())),
+        "err EPERM"
+    );
+    // And a reload that grants it again lets new connections through.
+    d.write_policy("p.yaml", &tcp_policy("web", &[sink.port()]));
+    assert!(d.cli(&["reload"]).status.success());
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
+}

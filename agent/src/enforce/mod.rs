@@ -387,12 +387,13 @@ impl Enforcer {
                 return Err(map_err(maps::RULES, "inserting")(e));
             }
         }
+        let epoch = self.epoch().wrapping_add(1);
         self.state
             .set(
                 0,
                 PolicyState {
                     generation: next,
-                    _reserved: 0,
+                    epoch,
                 },
                 0,
             )
@@ -404,6 +405,23 @@ impl Enforcer {
         thread::sleep(GENERATION_GRACE);
         self.purge_inactive()?;
         Ok(next)
+    }
+
+    fn epoch(&self) -> u32 {
+        self.state.get(&0, 0).map(|s| s.epoch).unwrap_or_default()
+    }
+
+    /// Invalidates every cached flow verdict (`agentwall_common::state::FlowCacheEntry`).
+    /// Called after a binding change is in place, so that a packet that sees the new epoch
+    /// also sees the new binding.
+    fn bump_epoch(&mut self) -> Result<(), EnforceError> {
+        let state = PolicyState {
+            generation: self.generation,
+            epoch: self.epoch().wrapping_add(1),
+        };
+        self.state
+            .set(0, state, 0)
+            .map_err(map_err(maps::STATE, "bumping the epoch"))
     }
 
     /// Removes every rule node whose generation is not the active one.
@@ -443,13 +461,14 @@ impl Enforcer {
         }
         self.bindings
             .insert(cgroup_id, binding, 0)
-            .map_err(map_err(maps::BINDINGS, "binding"))
+            .map_err(map_err(maps::BINDINGS, "binding"))?;
+        self.bump_epoch()
     }
 
     /// Removes a binding: the cgroup, if still enforced, is then denied everything.
     pub fn unbind(&mut self, cgroup_id: u64) -> Result<(), EnforceError> {
         match self.bindings.remove(&cgroup_id) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(MapError::KeyNotFound) => self.bump_epoch(),
             Err(e) => Err(map_err(maps::BINDINGS, "unbinding")(e)),
         }
     }
