@@ -152,13 +152,6 @@ impl Cgroup {
         Ok(text.lines().any(|l| l.trim() == "populated 1"))
     }
 
-    /// Pids in this cgroup (not below).
-    pub fn procs(&self) -> Result<Vec<i32>, CgroupError> {
-        let p = self.path.join("cgroup.procs");
-        let text = fs::read_to_string(&p).map_err(io_err("reading", &p))?;
-        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
-    }
-
     /// Kills every process in the cgroup and below (`cgroup.kill`, Linux 5.14).
     pub fn kill_all(&self) -> Result<(), CgroupError> {
         let p = self.path.join("cgroup.kill");
@@ -201,16 +194,6 @@ impl Cgroup {
         }
         Ok(())
     }
-}
-
-/// The cgroup v2 path of a process, as /proc/PID/cgroup's `0::` line gives it.
-pub fn of_pid(pid: i32) -> Result<String, CgroupError> {
-    let p = PathBuf::from(format!("/proc/{pid}/cgroup"));
-    let text = fs::read_to_string(&p).map_err(io_err("reading", &p))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
-        .ok_or(CgroupError::NoCgroup2)
 }
 
 #[cfg(test)]

@@ -115,10 +115,6 @@ impl EventRecord {
             generation: e.generation,
         }
     }
-
-    pub fn denied(&self) -> bool {
-        self.verdict == "deny"
-    }
 }
 
 /// Reads the ring buffer until the process ends, logging every record and sending it to
@@ -235,7 +231,6 @@ mod tests {
         assert_eq!(r.port, 8080);
         assert_eq!(r.rule.as_deref(), Some("policies/web.yaml:9"));
         assert_eq!(r.policy.as_deref(), Some("web"));
-        assert!(!r.denied());
     }
 
     #[test]

@@ -106,12 +106,6 @@ pub struct PolicySet {
     pub policies: Vec<Policy>,
 }
 
-impl PolicySet {
-    pub fn get(&self, name: &str) -> Option<&Policy> {
-        self.policies.iter().find(|p| p.name == name)
-    }
-}
-
 /// One problem in one file, with the line and the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
