@@ -1,0 +1,220 @@
+//! Start-up, the signal loop and shutdown of `agentwall run`.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
+
+use super::{Daemon, DaemonError, Kind, Managed, Names, RuleBook, compile_policies, now_rfc3339};
+use crate::{
+    cgroup::{self, Cgroup},
+    config::Config,
+    control::{self, Health},
+    enforce::{Enforcer, actor::EnforcerHandle},
+    events::{self, Resolve},
+    policy, probe,
+    state::SlotTable,
+};
+
+/// Runs the daemon until SIGTERM or SIGINT. Returns an error (and the process exits non-zero)
+/// whenever enforcement cannot be established.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    // Two daemons on one state directory would fight over the same kernel objects.
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let mount = cgroup::cgroup2_mount()?;
+    let root = Cgroup::under(&mount, &cfg.cgroup_root)?;
+    root.ensure_not_root(&mount)?;
+    let slots_path = cfg.state_dir.join("slots.json");
+    let mut slots = SlotTable::load(&slots_path)?;
+    // Policies are validated before anything touches the kernel: a bad directory loads nothing.
+    let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
+
+    let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
+    let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
+    let book = Arc::new(RwLock::new(RuleBook::default()));
+    let (events_tx, _) = broadcast::channel(4096);
+    let daemon = Arc::new(Daemon {
+        mount: mount.clone(),
+        root: root.clone(),
+        enforcer: handle.clone(),
+        book: Arc::clone(&book),
+        slots: Mutex::new(slots),
+        cgroups: AsyncMutex::new(BTreeMap::new()),
+        events: events_tx.clone(),
+        health: RwLock::new(Health::Starting),
+        errors: Mutex::new(BTreeMap::new()),
+        reload_lock: AsyncMutex::new(()),
+        gc: Notify::new(),
+        cfg,
+    });
+
+    // Events first, so that nothing the start-up triggers goes unreported.
+    let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(Arc::clone(&book)));
+    let mut reader = tokio::spawn(events::read_ring(ring, names, events_tx));
+
+    let generation = daemon.install(compiled).await?;
+    tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");
+
+    root.create()?;
+    handle.attach(root.clone()).await?;
+    for e in daemon.cfg.enforce.clone() {
+        let cg = Cgroup::under(&mount, &e.cgroup)?;
+        let id = handle.attach(cg.clone()).await?;
+        let Some(b) = daemon.binding_for(&e.policy) else {
+            return Err(policy::PolicyError {
+                problems: vec![policy::Problem {
+                    file: PathBuf::from("config"),
+                    line: None,
+                    field: "enforce.policy".into(),
+                    message: format!("no policy named {:?} for cgroup {}", e.policy, e.cgroup),
+                }],
+            }
+            .into());
+        };
+        handle.bind(id, b).await?;
+        daemon.cgroups.lock().await.insert(
+            id,
+            Managed {
+                cgroup: cg,
+                policy: Some(e.policy.clone()),
+                kind: Kind::Configured,
+                leased: false,
+                quarantined: false,
+            },
+        );
+    }
+    daemon.reconcile().await?;
+
+    if let Err(e) = probe::run(&root, &handle).await {
+        if let Ok(mut h) = daemon.health.write() {
+            *h = Health::Failed {
+                reason: e.to_string(),
+            };
+        }
+        return Err(e.into());
+    }
+    if let Ok(mut h) = daemon.health.write() {
+        *h = Health::Healthy {
+            probe_at: now_rfc3339(),
+        };
+    }
+
+    let (listener, access) =
+        control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
+    tokio::spawn(control::server::serve(
+        listener,
+        access,
+        Arc::clone(&daemon),
+    ));
+    let gc_daemon = Arc::clone(&daemon);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = gc_daemon.gc.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            gc_daemon.collect().await;
+        }
+    });
+    tokio::spawn(watch_event_loss(handle.clone()));
+    let _ = sd_notify("READY=1");
+    tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { daemon.reload().await; }
+            r = &mut reader => {
+                // Without the reader verdicts would go unreported: stop, so that the service
+                // manager restarts the daemon. The kernel keeps enforcing meanwhile.
+                let _ = sd_notify("STOPPING=1");
+                let _ = std::fs::remove_file(&daemon.cfg.socket);
+                let message = match r {
+                    Ok(Ok(())) => "ended".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(DaemonError::Events(std::io::Error::other(message)));
+            }
+        }
+    }
+    let _ = sd_notify("STOPPING=1");
+    // The socket goes; pins stay, so the kernel keeps enforcing until a daemon returns.
+    let _ = std::fs::remove_file(&daemon.cfg.socket);
+    tracing::info!(
+        "agentwall stopped; enforcement continues in the kernel through the pinned programs"
+    );
+    Ok(())
+}
+
+/// Reports events the kernel could not deliver because the ring buffer was full: loss is
+/// counted per CPU in the kernel and said out loud here.
+async fn watch_event_loss(enforcer: EnforcerHandle) {
+    let mut seen: Vec<u64> = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(c) = enforcer.counters().await else {
+            continue;
+        };
+        for (cpu, now) in c.events_dropped_per_cpu.iter().enumerate() {
+            let before = seen.get(cpu).copied().unwrap_or(*now);
+            if *now > before {
+                tracing::warn!(
+                    cpu,
+                    lost = now - before,
+                    total = now,
+                    "events lost: the kernel event ring was full"
+                );
+            }
+        }
+        seen = c.events_dropped_per_cpu;
+    }
+}
+
+/// Holds an exclusive lock on `<state dir>/agentwall.lock` for the daemon's lifetime.
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("agentwall.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| DaemonError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::Locked(dir.to_path_buf()))
+}
+
+/// Tells systemd (Type=notify) about a state change, if it is listening.
+fn sd_notify(state: &str) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = path.as_encoded_bytes();
+    if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))?;
+    }
+    Ok(())
+}
