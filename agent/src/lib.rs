@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod enforce;
 pub mod events;
 pub mod exec;
+pub mod identity;
 pub mod logging;
 pub mod policy;
 pub mod probe;
