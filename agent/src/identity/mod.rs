@@ -2,3 +2,5 @@
 //! enrollment and revocation (see the identity issue).
 
 pub mod spiffe;
+pub mod svid;
+pub mod verify;

@@ -1,0 +1,550 @@
+//! Verifying an X509-SVID presented as a client certificate: the SPIFFE rules with
+//! x509-parser, the chain with rustls-webpki against the trust bundle of the ID's own trust
+//! domain. Each rejection has its own error. The clock is a parameter, so tests can stand at
+//! any instant.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
+
+use super::{
+    spiffe::{IdError, SpiffeId},
+    svid::CAPS_PREFIX,
+};
+
+/// Default tolerance for clocks that disagree.
+pub const DEFAULT_SKEW: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    #[error("no certificate was presented")]
+    NoCertificate,
+    #[error("the certificate cannot be parsed: {0}")]
+    Malformed(String),
+    #[error("the certificate has no URI SAN; an X509-SVID carries its SPIFFE ID in exactly one")]
+    NoUriSan,
+    #[error("the certificate has {0} URI SANs; an X509-SVID has exactly one")]
+    MultipleUriSans(usize),
+    #[error("the URI SAN is not a valid SPIFFE ID: {0}")]
+    BadId(IdError),
+    #[error("the certificate is a CA certificate; a leaf X509-SVID must not be")]
+    LeafIsCa,
+    #[error("the certificate has no key usage extension; an X509-SVID leaf needs digitalSignature")]
+    NoKeyUsage,
+    #[error("the certificate's key usage lacks digitalSignature")]
+    NoDigitalSignature,
+    #[error("the certificate's extended key usage does not allow client authentication")]
+    NoClientAuth,
+    #[error("the certificate expired at {not_after} (now {now}, tolerance {skew_secs} s)")]
+    Expired {
+        not_after: String,
+        now: String,
+        skew_secs: u64,
+    },
+    #[error("the certificate is valid only from {not_before} (now {now}, tolerance {skew_secs} s)")]
+    NotYetValid {
+        not_before: String,
+        now: String,
+        skew_secs: u64,
+    },
+    #[error("trust domain {0:?} is not trusted here")]
+    UnknownTrustDomain(String),
+    #[error("the certificate does not chain to a CA of trust domain {trust_domain:?}: {reason}")]
+    Chain {
+        trust_domain: String,
+        reason: String,
+    },
+}
+
+/// A verified client identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSvid {
+    pub id: SpiffeId,
+    /// Upper-case hex.
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub capabilities: Vec<String>,
+}
+
+/// A trusted CA certificate and its validity window (webpki does not judge the validity of
+/// trust anchors; we do).
+#[derive(Debug, Clone)]
+struct Anchor {
+    der: CertificateDer<'static>,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+/// The trusted CA certificates of each trust domain.
+#[derive(Debug, Clone, Default)]
+pub struct TrustBundles {
+    domains: BTreeMap<String, Vec<Anchor>>,
+}
+
+impl TrustBundles {
+    /// Adds a CA certificate (DER) to the bundle of `trust_domain`.
+    pub fn add(
+        &mut self,
+        trust_domain: &str,
+        ca: CertificateDer<'static>,
+    ) -> Result<(), SvidError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&ca)
+            .map_err(|e| SvidError::Malformed(e.to_string()))?;
+        let anchor = Anchor {
+            not_before: to_system(cert.validity().not_before),
+            not_after: to_system(cert.validity().not_after),
+            der: ca.clone(),
+        };
+        self.domains
+            .entry(trust_domain.to_string())
+            .or_default()
+            .push(anchor);
+        Ok(())
+    }
+
+    pub fn trusts(&self, trust_domain: &str) -> bool {
+        self.domains.contains_key(trust_domain)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    bundles: TrustBundles,
+    skew: Duration,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn to_system(t: x509_parser::time::ASN1Time) -> SystemTime {
+    let secs = t.timestamp();
+    if secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// The SPIFFE ID of a leaf: its only URI SAN.
+fn spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|n| {
+            if let GeneralName::URI(u) = n {
+                Some(*u)
+            } else {
+                None
+            }
+        })
+        .collect();
+    match uris.as_slice() {
+        [] => Err(SvidError::NoUriSan),
+        [one] => SpiffeId::workload(one).map_err(SvidError::BadId),
+        many => Err(SvidError::MultipleUriSans(many.len())),
+    }
+}
+
+fn capabilities(cert: &X509Certificate<'_>) -> Vec<String> {
+    cert.subject()
+        .iter_organizational_unit()
+        .filter_map(|ou| ou.as_str().ok())
+        .filter_map(|s| s.strip_prefix(CAPS_PREFIX))
+        .flat_map(|s| s.split(' ').filter(|c| !c.is_empty()).map(str::to_string))
+        .collect()
+}
+
+impl Verifier {
+    pub fn new(bundles: TrustBundles, skew: Duration) -> Self {
+        Self { bundles, skew }
+    }
+
+    /// Verifies a client's certificate chain (leaf first) at `now`.
+    pub fn verify_client(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<VerifiedSvid, SvidError> {
+        let (leaf_der, intermediates) = chain.split_first().ok_or(SvidError::NoCertificate)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf_der)
+            .map_err(|e| SvidError::Malformed(e.to_string()))?;
+        let id = spiffe_id(&cert)?;
+        let bc = cert
+            .basic_constraints()
+            .map_err(|e| SvidError::Malformed(e.to_string()))?;
+        if bc.is_some_and(|b| b.value.ca) {
+            return Err(SvidError::LeafIsCa);
+        }
+        match cert
+            .key_usage()
+            .map_err(|e| SvidError::Malformed(e.to_string()))?
+        {
+            None => return Err(SvidError::NoKeyUsage),
+            Some(ku) if !ku.value.digital_signature() => return Err(SvidError::NoDigitalSignature),
+            Some(_) => {}
+        }
+        if let Some(eku) = cert
+            .extended_key_usage()
+            .map_err(|e| SvidError::Malformed(e.to_string()))?
+            && !eku.value.client_auth
+            && !eku.value.any
+        {
+            return Err(SvidError::NoClientAuth);
+        }
+        let (not_before, not_after) = (
+            to_system(cert.validity().not_before),
+            to_system(cert.validity().not_after),
+        );
+        let skew_secs = self.skew.as_secs();
+        if now > not_after + self.skew {
+            return Err(SvidError::Expired {
+                not_after: rfc3339(not_after),
+                now: rfc3339(now),
+                skew_secs,
+            });
+        }
+        if now + self.skew < not_before {
+            return Err(SvidError::NotYetValid {
+                not_before: rfc3339(not_before),
+                now: rfc3339(now),
+                skew_secs,
+            });
+        }
+        let td = id.trust_domain().to_string();
+        let roots = self
+            .bundles
+            .domains
+            .get(&td)
+            .ok_or_else(|| SvidError::UnknownTrustDomain(td.clone()))?;
+        let chain_err = |reason: String| SvidError::Chain {
+            trust_domain: td.clone(),
+            reason,
+        };
+        let anchors = roots
+            .iter()
+            .filter(|a| a.not_before <= now + self.skew && now <= a.not_after + self.skew)
+            .map(|a| {
+                webpki::anchor_from_trusted_cert(&a.der)
+                    .map_err(|e| chain_err(format!("bad CA in the bundle: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if anchors.is_empty() {
+            return Err(chain_err(
+                "no CA certificate of the bundle is valid now".into(),
+            ));
+        }
+        let ee = webpki::EndEntityCert::try_from(leaf_der).map_err(|e| chain_err(e.to_string()))?;
+        // The leaf's own validity was judged above with the tolerance; the chain is judged
+        // at an instant inside the leaf's validity, so that only the CAs' validity counts.
+        let at = now.clamp(not_before, not_after);
+        let at = UnixTime::since_unix_epoch(
+            at.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            intermediates,
+            at,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| chain_err(e.to_string()))?;
+        Ok(VerifiedSvid {
+            serial: cert
+                .raw_serial()
+                .iter()
+                .map(|b| format!("{b:02X}"))
+                .collect(),
+            id,
+            not_before,
+            not_after,
+            capabilities: capabilities(&cert),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+        KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+    use crate::identity::svid::{DEFAULT_LIFETIME, LeafRequest, LocalCa};
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    const ID: &str = "spiffe://example.org/agent/reader/prod";
+
+    struct World {
+        ca: LocalCa,
+        other: LocalCa,
+        verifier: Verifier,
+    }
+
+    fn world() -> World {
+        let ca = LocalCa::create("example.org", t0()).unwrap();
+        let other = LocalCa::create("other.org", t0()).unwrap();
+        let mut bundles = TrustBundles::default();
+        bundles.add("example.org", ca.cert_der().clone()).unwrap();
+        bundles.add("other.org", other.cert_der().clone()).unwrap();
+        World {
+            ca,
+            other,
+            verifier: Verifier::new(bundles, DEFAULT_SKEW),
+        }
+    }
+
+    /// Leaf parameters as `LocalCa::issue` sets them, for tests to spoil one at a time.
+    fn good_params(uris: &[&str]) -> CertificateParams {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        p.not_before = (t0() - Duration::from_secs(60)).into();
+        p.not_after = (t0() + DEFAULT_LIFETIME).into();
+        p
+    }
+
+    fn signed(ca: &LocalCa, p: &CertificateParams) -> CertificateDer<'static> {
+        let id = SpiffeId::workload(ID).unwrap();
+        ca.sign(p, id, &[1, 2, 3], t0(), t0()).unwrap().cert_der
+    }
+
+    #[test]
+    fn a_proper_svid_is_accepted_with_its_capabilities() {
+        let w = world();
+        let leaf =
+            w.ca.issue(
+                &LeafRequest {
+                    id: SpiffeId::workload(ID).unwrap(),
+                    lifetime: DEFAULT_LIFETIME,
+                    capabilities: vec!["read:analytics".into(), "write:logs".into()],
+                },
+                t0(),
+            )
+            .unwrap();
+        let v = w
+            .verifier
+            .verify_client(std::slice::from_ref(&leaf.cert_der), t0())
+            .unwrap();
+        assert_eq!(v.id.to_string(), ID);
+        assert_eq!(v.serial, leaf.serial);
+        assert_eq!(v.capabilities, ["read:analytics", "write:logs"]);
+        assert_eq!(v.not_after, leaf.not_after);
+    }
+
+    #[test]
+    fn every_rejection_names_its_reason() {
+        let w = world();
+        let mut ca_leaf = good_params(&[ID]);
+        ca_leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let mut no_ku = good_params(&[ID]);
+        no_ku.key_usages = vec![];
+        let mut no_ds = good_params(&[ID]);
+        no_ds.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+        let mut server_only = good_params(&[ID]);
+        server_only.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let mut no_eku = good_params(&[ID]);
+        no_eku.extended_key_usages = vec![];
+        let mut dns_only = good_params(&[]);
+        dns_only.subject_alt_names =
+            vec![SanType::DnsName("reader.example.org".try_into().unwrap())];
+        let foreign_signed = signed(&w.other, &good_params(&[ID]));
+        let unknown_td = signed(
+            &w.ca,
+            &good_params(&["spiffe://nowhere.org/agent/reader/prod"]),
+        );
+        let long = format!("spiffe://example.org/{}", "a".repeat(2100));
+
+        let table: Vec<(&str, CertificateDer<'static>, Result<(), SvidError>)> = vec![
+            ("good", signed(&w.ca, &good_params(&[ID])), Ok(())),
+            ("no EKU is allowed", signed(&w.ca, &no_eku), Ok(())),
+            (
+                "two URI SANs",
+                signed(
+                    &w.ca,
+                    &good_params(&[ID, "spiffe://example.org/agent/x/prod"]),
+                ),
+                Err(SvidError::MultipleUriSans(2)),
+            ),
+            (
+                "no URI SAN",
+                signed(&w.ca, &dns_only),
+                Err(SvidError::NoUriSan),
+            ),
+            (
+                "CA as leaf",
+                signed(&w.ca, &ca_leaf),
+                Err(SvidError::LeafIsCa),
+            ),
+            (
+                "no key usage",
+                signed(&w.ca, &no_ku),
+                Err(SvidError::NoKeyUsage),
+            ),
+            (
+                "no digitalSignature",
+                signed(&w.ca, &no_ds),
+                Err(SvidError::NoDigitalSignature),
+            ),
+            (
+                "EKU without clientAuth",
+                signed(&w.ca, &server_only),
+                Err(SvidError::NoClientAuth),
+            ),
+            (
+                "unknown trust domain",
+                unknown_td,
+                Err(SvidError::UnknownTrustDomain("nowhere.org".into())),
+            ),
+            (
+                "upper-case trust domain",
+                signed(&w.ca, &good_params(&["spiffe://Example.org/agent/r/p"])),
+                Err(SvidError::BadId(IdError::UppercaseTrustDomain('E'))),
+            ),
+            (
+                "percent-encoding",
+                signed(&w.ca, &good_params(&["spiffe://example.org/agent/r%41/p"])),
+                Err(SvidError::BadId(IdError::PercentEncoded)),
+            ),
+            (
+                "dot segment",
+                signed(&w.ca, &good_params(&["spiffe://example.org/agent/../p"])),
+                Err(SvidError::BadId(IdError::DotSegment)),
+            ),
+            (
+                "empty segment",
+                signed(&w.ca, &good_params(&["spiffe://example.org/agent//p"])),
+                Err(SvidError::BadId(IdError::EmptySegment)),
+            ),
+            (
+                "trailing slash",
+                signed(&w.ca, &good_params(&["spiffe://example.org/agent/r/p/"])),
+                Err(SvidError::BadId(IdError::TrailingSlash)),
+            ),
+            (
+                "query",
+                signed(&w.ca, &good_params(&["spiffe://example.org/agent/r/p?x=1"])),
+                Err(SvidError::BadId(IdError::Query)),
+            ),
+            (
+                "fragment",
+                signed(&w.ca, &good_params(&["spiffe://example.org/agent/r/p#f"])),
+                Err(SvidError::BadId(IdError::Fragment)),
+            ),
+            (
+                "port",
+                signed(&w.ca, &good_params(&["spiffe://example.org:443/agent/r/p"])),
+                Err(SvidError::BadId(IdError::Port)),
+            ),
+            (
+                "userinfo",
+                signed(&w.ca, &good_params(&["spiffe://u@example.org/agent/r/p"])),
+                Err(SvidError::BadId(IdError::UserInfo)),
+            ),
+            (
+                "trust domain only",
+                signed(&w.ca, &good_params(&["spiffe://example.org"])),
+                Err(SvidError::BadId(IdError::NoPath(
+                    "spiffe://example.org".into(),
+                ))),
+            ),
+            (
+                "over-long ID",
+                signed(&w.ca, &good_params(&[&long])),
+                Err(SvidError::BadId(IdError::TooLong(long.len()))),
+            ),
+        ];
+        for (what, der, want) in table {
+            let got = w.verifier.verify_client(&[der], t0()).map(|_| ());
+            assert_eq!(got, want, "{what}");
+        }
+        // Signed by the CA of another trusted domain: the chain check names the domain.
+        let e = w
+            .verifier
+            .verify_client(&[foreign_signed], t0())
+            .unwrap_err();
+        assert!(
+            matches!(&e, SvidError::Chain { trust_domain, .. } if trust_domain == "example.org"),
+            "{e}"
+        );
+        assert_eq!(
+            w.verifier.verify_client(&[], t0()),
+            Err(SvidError::NoCertificate)
+        );
+        assert!(matches!(
+            w.verifier
+                .verify_client(&[CertificateDer::from(vec![1, 2, 3])], t0()),
+            Err(SvidError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn validity_boundaries_honour_the_skew() {
+        let w = world();
+        let leaf = signed(&w.ca, &good_params(&[ID]));
+        let not_after = t0() + DEFAULT_LIFETIME;
+        let not_before = t0() - Duration::from_secs(60);
+        let at = |t: SystemTime| {
+            w.verifier
+                .verify_client(std::slice::from_ref(&leaf), t)
+                .map(|_| ())
+        };
+        assert_eq!(at(not_after), Ok(()));
+        assert_eq!(at(not_after + DEFAULT_SKEW), Ok(()), "inside the tolerance");
+        assert!(matches!(
+            at(not_after + DEFAULT_SKEW + Duration::from_secs(1)),
+            Err(SvidError::Expired { .. })
+        ));
+        assert_eq!(at(not_before - DEFAULT_SKEW), Ok(()));
+        assert!(matches!(
+            at(not_before - DEFAULT_SKEW - Duration::from_secs(1)),
+            Err(SvidError::NotYetValid { .. })
+        ));
+        let strict = Verifier::new(w.verifier.bundles.clone(), Duration::ZERO);
+        assert!(matches!(
+            strict.verify_client(
+                std::slice::from_ref(&leaf),
+                not_after + Duration::from_secs(1)
+            ),
+            Err(SvidError::Expired { .. })
+        ));
+        // An expired CA fails the chain even while the leaf is in its window.
+        let mut late = TrustBundles::default();
+        let old_ca = LocalCa::create(
+            "example.org",
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+        )
+        .unwrap();
+        late.add("example.org", old_ca.cert_der().clone()).unwrap();
+        let v = Verifier::new(late, DEFAULT_SKEW);
+        let leaf2 = signed(&old_ca, &good_params(&[ID]));
+        assert!(matches!(
+            v.verify_client(&[leaf2], t0()),
+            Err(SvidError::Chain { .. })
+        ));
+    }
+}
