@@ -86,6 +86,9 @@ enum Command {
     /// Policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Identities: issue, inspect, list what was issued.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Remove agentwall from the kernel: unpin links (detaching the programs) and maps, and
     /// remove the managed cgroup subtree. Enforcement ends.
     Teardown {
@@ -110,6 +113,51 @@ enum PolicyCommand {
     Check {
         /// Policy directory.
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CaArgs {
+    /// State directory holding the local CA and the issuance log.
+    #[arg(long, default_value = config::defaults::STATE_DIR)]
+    state_dir: PathBuf,
+    /// Trust domain of the local CA.
+    #[arg(long, default_value = config::defaults::TRUST_DOMAIN)]
+    trust_domain: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Issue an X509-SVID from the local CA into a directory (svid.pem, svid.key, bundle.pem).
+    Issue {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// SPIFFE ID, or its path in the trust domain (agent/<name>/<env>[/<version>]).
+        #[arg(long)]
+        id: String,
+        /// Lifetime, such as 1h or 15m (1 minute to 24 hours).
+        #[arg(long, default_value = "1h")]
+        lifetime: String,
+        /// A capability the certificate carries (repeatable); capabilities only narrow policy.
+        #[arg(long = "cap")]
+        caps: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show an X509-SVID and check it against the local CA.
+    Inspect {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// PEM file.
+        file: PathBuf,
+    },
+    /// List every certificate ever issued.
+    Log {
+        #[command(flatten)]
+        ca: CaArgs,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -327,8 +375,104 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Identity(cmd) => identity_command(cmd),
         Command::ProbeConnect { addr } => Ok(code(probe::child_main(&addr))),
     }
+}
+
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
+    use crate::identity::{self, svid::LeafRequest, verify};
+    match cmd {
+        IdentityCommand::Issue {
+            ca,
+            id,
+            lifetime,
+            caps,
+            out,
+        } => {
+            let id = identity::parse_id(&id, &ca.trust_domain)?;
+            let lifetime = identity::parse_lifetime(&lifetime).map_err(anyhow::Error::msg)?;
+            let requester = format!("uid {} (agentwall identity issue)", nix::unistd::getuid());
+            let req = LeafRequest {
+                id,
+                lifetime,
+                capabilities: caps,
+            };
+            let issued =
+                identity::issue_into(&ca.state_dir, &ca.trust_domain, &req, &requester, &out)?;
+            println!(
+                "issued {} serial {} valid until {} into {}",
+                issued.id,
+                issued.serial,
+                humantime::format_rfc3339_seconds(issued.not_after),
+                out.display()
+            );
+        }
+        IdentityCommand::Inspect { ca, file } => {
+            let pem =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+                rustls_pki_types::pem::PemObject::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("{} is not a PEM certificate file", file.display()))?;
+            if chain.is_empty() {
+                bail!("{} holds no PEM certificate", file.display());
+            }
+            let mut bundles = verify::TrustBundles::default();
+            let ca_cert = identity::ca_dir(&ca.state_dir).join("ca.crt");
+            if let Ok(ca_pem) = std::fs::read(&ca_cert) {
+                for der in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca_pem) {
+                    bundles.add(
+                        &ca.trust_domain,
+                        der.with_context(|| format!("reading {}", ca_cert.display()))?,
+                    )?;
+                }
+            }
+            let v = verify::Verifier::new(bundles, verify::DEFAULT_SKEW);
+            match v.verify_client(&chain, std::time::SystemTime::now()) {
+                Ok(s) => {
+                    println!("SPIFFE ID:    {}", s.id);
+                    println!("serial:       {}", s.serial);
+                    println!(
+                        "valid:        {} .. {}",
+                        humantime::format_rfc3339_seconds(s.not_before),
+                        humantime::format_rfc3339_seconds(s.not_after)
+                    );
+                    println!(
+                        "capabilities: {}",
+                        if s.capabilities.is_empty() {
+                            "-".to_string()
+                        } else {
+                            s.capabilities.join(" ")
+                        }
+                    );
+                    println!(
+                        "verdict:      valid, issued by the local CA of {}",
+                        ca.trust_domain
+                    );
+                }
+                Err(e) => bail!("{} is not a valid X509-SVID here: {e}", file.display()),
+            }
+        }
+        IdentityCommand::Log { ca, json } => {
+            let (entries, torn) = identity::log::read(&identity::log_path(&ca.state_dir))?;
+            for e in &entries {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    println!(
+                        "{} {} {} until {} sha256:{} by {}",
+                        e.issued_at, e.serial, e.spiffe_id, e.not_after, e.sha256, e.requester
+                    );
+                }
+            }
+            if let Some(t) = torn {
+                tracing::warn!("{t}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[expect(clippy::print_stdout, reason = "CLI output")]

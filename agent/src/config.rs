@@ -16,6 +16,8 @@ pub mod defaults {
     pub const PIN_DIR: &str = "/sys/fs/bpf/agentwall";
     pub const SOCKET: &str = "/run/agentwall/admin.sock";
     pub const CGROUP_ROOT: &str = "agentwall";
+    /// Trust domain of the embedded CA.
+    pub const TRUST_DOMAIN: &str = "agentwall.local";
 }
 
 #[derive(Debug, thiserror::Error)]
