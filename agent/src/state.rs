@@ -64,24 +64,8 @@ impl SlotTable {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| io("encoding", e.into()))?;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("creating", e))?;
-        f.write_all(&bytes).map_err(|e| io("writing", e))?;
-        f.sync_all().map_err(|e| io("syncing", e))?;
-        fs::rename(&tmp, path).map_err(|e| io("renaming", e))?;
-        if let Some(dir) = path.parent()
-            && let Ok(d) = fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        write_atomic(path, &bytes, 0o600).map_err(|e| io("writing", e))
     }
 
     pub fn get(&self, name: &str) -> Option<u32> {
@@ -105,6 +89,28 @@ impl SlotTable {
             .find(|(_, s)| **s == slot)
             .map(|(n, _)| n.as_str())
     }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old content or the new, never a
+/// mix: a temporary file created with `mode`, synced, renamed over `path`, and the directory
+/// synced.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,8 +9,7 @@
 
 use std::{
     fs,
-    io::Write as _,
-    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -136,17 +135,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ca
 
 /// Writes `bytes` to `path` atomically with `mode` (temporary file, fsync, rename).
 pub(crate) fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io("creating", &tmp))?;
-    f.write_all(bytes).map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("syncing", &tmp))?;
-    fs::rename(&tmp, path).map_err(io("renaming", path))
+    crate::state::write_atomic(path, bytes, mode).map_err(io("writing", path))
 }
 
 /// Refuses a private key file that others can read or that root does not own.
