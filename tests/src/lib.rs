@@ -168,6 +168,26 @@ impl TcpSink {
     pub fn bytes(&self) -> usize {
         self.bytes.load(Ordering::SeqCst)
     }
+
+    /// Waits until a stream has delivered a few chunks.
+    pub fn wait_flowing(&self) {
+        wait_for(Duration::from_secs(5), "the stream to flow", || {
+            (self.bytes() > 640).then_some(())
+        });
+    }
+
+    /// Asserts that nothing more arrives: after a settling pause, the byte count holds still
+    /// for a second.
+    pub fn assert_stopped(&self, why: &str) {
+        thread::sleep(Duration::from_millis(300));
+        let stopped_at = self.bytes();
+        thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            self.bytes(),
+            stopped_at,
+            "the listener must stop receiving {why}"
+        );
+    }
 }
 
 impl Drop for TcpSink {

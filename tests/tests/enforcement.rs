@@ -262,19 +262,10 @@ fn quarantine_blocks_the_next_connect_and_stops_an_open_stream() {
     let mut repl = d.repl("web");
     let cgroup = repl.cmd("cgroup");
     assert_eq!(repl.cmd(&format!("stream 127.0.0.1:{}", sink.port())), "ok");
-    wait_for(Duration::from_secs(5), "the stream to flow", || {
-        (sink.bytes() > 640).then_some(())
-    });
+    sink.wait_flowing();
     let out = d.cli(&["quarantine", cgroup.trim_start_matches('/')]);
     assert!(out.status.success(), "{out:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let stopped_at = sink.bytes();
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(
-        sink.bytes(),
-        stopped_at,
-        "the listener must stop receiving once the cgroup is quarantined"
-    );
+    sink.assert_stopped("once the cgroup is quarantined");
     assert!(
         d.counter("skb_dropped") > 0,
         "the egress backstop dropped the stream's packets"
@@ -377,22 +368,13 @@ fn a_reload_that_takes_a_permission_away_stops_an_open_stream() {
     let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[sink.port()]))]);
     let mut repl = d.repl("web");
     assert_eq!(repl.cmd(&format!("stream 127.0.0.1:{}", sink.port())), "ok");
-    wait_for(Duration::from_secs(5), "the stream to flow", || {
-        (sink.bytes() > 640).then_some(())
-    });
+    sink.wait_flowing();
     // The stream's packets pass through the per-CPU flow cache by now; a new generation
     // without the port must stop them all the same.
     d.write_policy("p.yaml", &tcp_policy("web", &[1]));
     let out = d.cli(&["reload"]);
     assert!(out.status.success(), "{out:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let stopped_at = sink.bytes();
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(
-        sink.bytes(),
-        stopped_at,
-        "the listener must stop receiving once the policy no longer allows the flow"
-    );
+    sink.assert_stopped("once the policy no longer allows the flow");
     assert_eq!(
         repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())),
         "err EPERM"
