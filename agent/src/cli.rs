@@ -180,6 +180,9 @@ struct RunArgs {
     cgroup_root: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Enrollment socket (agents prove their identity here).
+    #[arg(long)]
+    enroll_socket: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
@@ -212,6 +215,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 socket: a.socket,
                 cgroup_root: a.cgroup_root,
                 log_format: a.log_format,
+                enroll_socket: a.enroll_socket,
             };
             let cfg = Config::load(&overrides)?;
             logging::init(cfg.log_format, "info");

@@ -15,6 +15,11 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/agentwall";
     pub const PIN_DIR: &str = "/sys/fs/bpf/agentwall";
     pub const SOCKET: &str = "/run/agentwall/admin.sock";
+    pub const ENROLL_SOCKET: &str = "/run/agentwall/enroll.sock";
+    /// Any local process may try to enroll: the certificate and the selectors decide.
+    pub const ENROLL_SOCKET_MODE: u32 = 0o666;
+    /// Where `agentwall exec --cert` puts the files of the agents it launches.
+    pub const AGENT_DIR: &str = "/run/agentwall/agents";
     pub const CGROUP_ROOT: &str = "agentwall";
     /// Trust domain of the embedded CA.
     pub const TRUST_DOMAIN: &str = "agentwall.local";
@@ -90,6 +95,118 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: Limits,
     pub log_format: Option<LogFormat>,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
+}
+
+/// The identity service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Trust domain of the embedded CA, and of policy identities given as paths.
+    pub trust_domain: String,
+    /// Lifetime of certificates the daemon issues (`agentwall exec --cert`, renewals).
+    #[serde(with = "humantime_serde_lite")]
+    pub svid_lifetime: std::time::Duration,
+    /// How long before expiry certificates of launched agents are renewed.
+    #[serde(with = "humantime_serde_lite")]
+    pub renew_before: std::time::Duration,
+    /// Lifetime of JWT-SVID tokens.
+    #[serde(with = "humantime_serde_lite")]
+    pub token_lifetime: std::time::Duration,
+    /// Tolerated clock difference when judging validity periods.
+    #[serde(with = "humantime_serde_lite")]
+    pub clock_skew: std::time::Duration,
+    /// Further trusted trust domains, each with its CA bundle (PEM), such as one exported by a
+    /// SPIRE server (`spire-server bundle show -format pem`).
+    pub bundles: Vec<BundleEntry>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            trust_domain: defaults::TRUST_DOMAIN.into(),
+            svid_lifetime: Duration::from_secs(3600),
+            renew_before: Duration::from_secs(300),
+            token_lifetime: Duration::from_secs(300),
+            clock_skew: Duration::from_secs(30),
+            bundles: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleEntry {
+    pub trust_domain: String,
+    pub file: PathBuf,
+}
+
+/// The enrollment socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollmentConfig {
+    pub socket: PathBuf,
+    /// File mode of the socket, such as 0666 (YAML octal `0o666` or the string "0666").
+    #[serde(deserialize_with = "octal_mode")]
+    pub mode: u32,
+    /// Owner and group of the socket file.
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+impl Default for EnrollmentConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(defaults::ENROLL_SOCKET),
+            mode: defaults::ENROLL_SOCKET_MODE,
+            owner: None,
+            group: None,
+        }
+    }
+}
+
+fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u32),
+        Text(String),
+    }
+    let v = match Raw::deserialize(d)? {
+        Raw::Number(n) => n,
+        Raw::Text(t) => {
+            let digits = t.trim().trim_start_matches("0o");
+            u32::from_str_radix(digits, 8).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not an octal file mode such as \"0660\""
+                ))
+            })?
+        }
+    };
+    if v > 0o777 {
+        return Err(serde::de::Error::custom(format!(
+            "{v:o} is not a file mode (0 to 0777)"
+        )));
+    }
+    Ok(v)
+}
+
+/// Durations as humantime text (`1h`, `90s`) in the config file.
+mod humantime_serde_lite {
+    use serde::Deserialize as _;
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration such as 1h or 15m: {e}"))
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -111,6 +228,8 @@ pub struct Config {
     pub enforce: Vec<EnforceEntry>,
     pub limits: Limits,
     pub log_format: LogFormat,
+    pub identity: IdentityConfig,
+    pub enrollment: EnrollmentConfig,
 }
 
 /// Command-line overrides.
@@ -123,6 +242,7 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub cgroup_root: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub enroll_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -150,6 +270,11 @@ impl Config {
             enforce: file.enforce,
             limits: file.limits,
             log_format: o.log_format.or(file.log_format).unwrap_or_default(),
+            identity: file.identity,
+            enrollment: crate::config::EnrollmentConfig {
+                socket: o.enroll_socket.clone().unwrap_or(file.enrollment.socket),
+                ..file.enrollment
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -188,6 +313,48 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "limits",
                 message: "max_rule_nodes must be at least 2 and max_bindings at least 1".into(),
+            });
+        }
+        let id = &self.identity;
+        if let Err(e) = crate::identity::spiffe::SpiffeId::trust_domain_only(&id.trust_domain) {
+            return Err(ConfigError::Invalid {
+                field: "identity.trust_domain",
+                message: e.to_string(),
+            });
+        }
+        for b in &id.bundles {
+            if let Err(e) = crate::identity::spiffe::SpiffeId::trust_domain_only(&b.trust_domain) {
+                return Err(ConfigError::Invalid {
+                    field: "identity.bundles.trust_domain",
+                    message: e.to_string(),
+                });
+            }
+        }
+        let (lo, hi) = (
+            crate::identity::svid::MIN_LIFETIME,
+            crate::identity::svid::MAX_LIFETIME,
+        );
+        if id.svid_lifetime < lo || id.svid_lifetime > hi {
+            return Err(ConfigError::Invalid {
+                field: "identity.svid_lifetime",
+                message: format!(
+                    "{} is outside {} to {}",
+                    humantime::format_duration(id.svid_lifetime),
+                    humantime::format_duration(lo),
+                    humantime::format_duration(hi)
+                ),
+            });
+        }
+        if id.renew_before >= id.svid_lifetime {
+            return Err(ConfigError::Invalid {
+                field: "identity.renew_before",
+                message: "must be shorter than identity.svid_lifetime".into(),
+            });
+        }
+        if id.token_lifetime.is_zero() || id.token_lifetime > std::time::Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid {
+                field: "identity.token_lifetime",
+                message: "must be between 1s and 1h".into(),
             });
         }
         for e in &self.enforce {

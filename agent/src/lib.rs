@@ -15,6 +15,7 @@ pub mod identity;
 pub mod logging;
 pub mod policy;
 pub mod probe;
+pub mod sockdiag;
 pub mod spawn;
 pub mod state;
 

@@ -1,7 +1,11 @@
 //! Agent identity: SPIFFE IDs, X509-SVIDs from the local CA, verification, and the
 //! issuance log. Enrollment over mTLS, rotation and revocation come next (identity issue).
 
+pub mod attest;
+pub mod enroll;
 pub mod log;
+pub mod revoke;
+pub mod service;
 pub mod spiffe;
 pub mod svid;
 pub mod verify;

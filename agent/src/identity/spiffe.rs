@@ -86,6 +86,11 @@ impl SpiffeId {
         Ok(id)
     }
 
+    /// Checks a bare trust domain name (config, bundles).
+    pub fn trust_domain_only(td: &str) -> Result<(), IdError> {
+        check_trust_domain(td)
+    }
+
     /// The agent this ID names, by agentwall's convention.
     pub fn agent(&self) -> Result<AgentName<'_>, IdError> {
         let mut segs = self.path.strip_prefix('/').unwrap_or_default().split('/');

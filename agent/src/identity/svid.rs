@@ -253,6 +253,17 @@ impl LocalCa {
 
     /// Issues a leaf for `req`, valid from `now` (slightly backdated) for its lifetime.
     pub fn issue(&self, req: &LeafRequest, now: SystemTime) -> Result<Issued, CaError> {
+        self.issue_with_dns(req, &[], now)
+    }
+
+    /// Issues a leaf that also names DNS hosts (the daemon's own enrollment server
+    /// certificate, which TLS clients check by host name).
+    pub fn issue_with_dns(
+        &self,
+        req: &LeafRequest,
+        dns: &[&str],
+        now: SystemTime,
+    ) -> Result<Issued, CaError> {
         if req.lifetime < MIN_LIFETIME || req.lifetime > MAX_LIFETIME {
             return Err(CaError::Lifetime(req.lifetime));
         }
@@ -290,6 +301,11 @@ impl LocalCa {
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
         params.subject_alt_names = vec![SanType::URI(req.id.to_string().try_into()?)];
+        for d in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*d).try_into()?));
+        }
         params.use_authority_key_identifier_extension = true;
         let not_before = now - BACKDATE;
         let not_after = now + req.lifetime;

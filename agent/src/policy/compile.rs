@@ -47,6 +47,16 @@ pub struct Compiled {
     pub rules: Vec<RuleInfo>,
     /// Policy name → (slot, mode).
     pub policies: BTreeMap<String, (u32, Mode)>,
+    /// Identity as the policy names it (full SPIFFE ID or path) → the policy governing it.
+    pub identities: BTreeMap<String, Grant>,
+}
+
+/// What an identity is granted, and what its holder must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub policy: String,
+    pub attest: super::Attest,
+    pub source: Source,
 }
 
 impl Compiled {
@@ -112,6 +122,16 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
         let slot = slot_of(&policy.name);
         out.policies
             .insert(policy.name.clone(), (slot, policy.mode));
+        if let Some(id) = &policy.identity {
+            out.identities.insert(
+                id.clone(),
+                Grant {
+                    policy: policy.name.clone(),
+                    attest: policy.attest.clone(),
+                    source: policy.source.clone(),
+                },
+            );
+        }
         let nodes = own.entry(slot).or_default();
         for rule in &policy.egress {
             let id = u32::try_from(out.rules.len() + 1).unwrap_or(u32::MAX);

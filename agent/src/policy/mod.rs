@@ -24,7 +24,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use self::compile::{Compiled, RuleInfo, compile};
+pub use self::compile::{Compiled, Grant, RuleInfo, compile};
 
 /// Whether denials are enforced or only reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,8 +96,37 @@ pub struct EgressRule {
 pub struct Policy {
     pub name: String,
     pub mode: Mode,
+    /// The SPIFFE ID whose holders this policy governs: a full `spiffe://` ID, or a path such
+    /// as `agent/reader/prod` in the node's trust domain. `None`: only `agentwall exec
+    /// --policy` and configured cgroups use it.
+    pub identity: Option<String>,
+    /// What the enrolling process must be, besides holding the certificate.
+    pub attest: Attest,
     pub egress: Vec<EgressRule>,
     pub source: Source,
+}
+
+/// Attestation selectors of an identity. Every selector given must match the enrolling
+/// process; a list matches when any of its values does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attest {
+    pub uid: Vec<u32>,
+    pub gid: Vec<u32>,
+    /// Absolute path of the executable.
+    pub exe: Option<PathBuf>,
+    /// SHA-256 of the executable, lower-case hex.
+    pub sha256: Option<String>,
+    /// Pattern over the cgroup path (from the cgroup v2 root, starting with `/`); `*` matches
+    /// within one path segment, `**` across segments.
+    pub cgroup: Option<String>,
+    /// The systemd unit whose cgroup the process runs in, such as `reader.service`.
+    pub systemd_unit: Option<String>,
+}
+
+impl Attest {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Every policy of a directory, validated.
@@ -211,6 +240,21 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
                 line: Some(p.source.line),
                 field: "policy.name".into(),
                 message: format!("policy {:?} is already defined at {}", p.name, first.source),
+            });
+        }
+        if let Some(id) = &p.identity
+            && let Some(first) = policies[..i]
+                .iter()
+                .find(|q| q.identity.as_deref() == Some(id))
+        {
+            problems.push(Problem {
+                file: p.source.file.clone(),
+                line: Some(p.source.line),
+                field: "policy.identity".into(),
+                message: format!(
+                    "identity {id:?} is already governed by policy {:?} at {}; one identity, one policy",
+                    first.name, first.source
+                ),
             });
         }
     }

@@ -8,7 +8,9 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::{EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, spans::Spans};
+use crate::identity::spiffe::SpiffeId;
+
+use super::{Attest, EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, spans::Spans};
 
 const MAX_NAME_LEN: usize = 63;
 
@@ -27,7 +29,44 @@ struct RawPolicy {
     #[serde(default)]
     mode: Mode,
     #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    attest: Option<RawAttest>,
+    #[serde(default)]
     egress: Vec<RawEgress>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttest {
+    #[serde(default)]
+    uid: Option<Ids>,
+    #[serde(default)]
+    gid: Option<Ids>,
+    #[serde(default)]
+    exe: Option<String>,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    cgroup: Option<String>,
+    #[serde(default)]
+    systemd_unit: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Ids {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Ids {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            Self::One(v) => vec![v],
+            Self::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +190,26 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
     if let Err(m) = check_name(&raw.name) {
         c.problem("policy.name".into(), m);
     }
+    let identity = raw.identity.map(|id| {
+        let id = id.trim().to_string();
+        if let Err(m) = check_identity(&id) {
+            c.problem("policy.identity".into(), m);
+        }
+        id
+    });
+    let attest = match raw.attest {
+        None => Attest::default(),
+        Some(a) => {
+            if identity.is_none() {
+                c.problem(
+                    "policy.attest".into(),
+                    "selectors need an identity to attest; add `identity:` or remove `attest:`"
+                        .into(),
+                );
+            }
+            check_attest(c, a)
+        }
+    };
     let mut egress = Vec::with_capacity(raw.egress.len());
     for (i, e) in raw.egress.into_iter().enumerate() {
         let field = format!("policy.egress[{i}]");
@@ -161,11 +220,98 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
     Policy {
         name: raw.name,
         mode: raw.mode,
+        identity,
+        attest,
         egress,
         source: Source {
             file: PathBuf::from(c.file),
             line: c.line("policy"),
         },
+    }
+}
+
+/// A full SPIFFE ID of a workload, or a path to be read in the node's trust domain.
+fn check_identity(id: &str) -> Result<(), String> {
+    let full = if id.contains("://") {
+        id.to_string()
+    } else {
+        format!(
+            "spiffe://trust.domain/{}",
+            id.strip_prefix('/').unwrap_or(id)
+        )
+    };
+    SpiffeId::workload(&full).map(|_| ()).map_err(|e| {
+        format!(
+            "{id:?} is not a SPIFFE ID or ID path (such as agent/reader/prod or \
+             spiffe://example.org/agent/reader/prod): {e}"
+        )
+    })
+}
+
+fn check_attest(c: &mut Checker<'_>, raw: RawAttest) -> Attest {
+    let exe = raw.exe.and_then(|e| {
+        if e.starts_with('/') {
+            Some(PathBuf::from(e))
+        } else {
+            c.problem(
+                "policy.attest.exe".into(),
+                format!("{e:?} is not an absolute path to an executable"),
+            );
+            None
+        }
+    });
+    let sha256 = raw.sha256.and_then(|h| {
+        let h = h.trim().to_ascii_lowercase();
+        if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Some(h)
+        } else {
+            c.problem(
+                "policy.attest.sha256".into(),
+                "give the executable's SHA-256 as 64 hex digits (as `sha256sum` prints it)".into(),
+            );
+            None
+        }
+    });
+    let cgroup = raw.cgroup.and_then(|p| {
+        if !p.starts_with('/') {
+            c.problem(
+                "policy.attest.cgroup".into(),
+                format!("{p:?} must start with '/', the root of the cgroup v2 tree"),
+            );
+            return None;
+        }
+        match glob::Pattern::new(&p) {
+            Ok(_) => Some(p),
+            Err(e) => {
+                c.problem(
+                    "policy.attest.cgroup".into(),
+                    format!("{p:?} is not a valid pattern: {e}"),
+                );
+                None
+            }
+        }
+    });
+    let systemd_unit = raw.systemd_unit.and_then(|u| {
+        let ok = !u.is_empty()
+            && !u.contains('/')
+            && [".service", ".scope"].iter().any(|s| u.ends_with(s));
+        if ok {
+            Some(u)
+        } else {
+            c.problem(
+                "policy.attest.systemd_unit".into(),
+                format!("{u:?} is not a unit name such as reader.service or run-1.scope"),
+            );
+            None
+        }
+    });
+    Attest {
+        uid: raw.uid.map(Ids::into_vec).unwrap_or_default(),
+        gid: raw.gid.map(Ids::into_vec).unwrap_or_default(),
+        exe,
+        sha256,
+        cgroup,
+        systemd_unit,
     }
 }
 
@@ -404,6 +550,56 @@ mod tests {
         assert_eq!(
             e.problems[0].to_string(),
             "b.yaml:3: policy.name: policy \"x\" is already defined at a.yaml:1"
+        );
+    }
+
+    #[test]
+    fn identity_and_attest() {
+        let ps = parse_one(
+            "policy:\n  name: r\n  identity: agent/reader/prod\n  attest:\n    uid: 1000\n    gid: [10, 20]\n    exe: /usr/bin/python3\n    sha256: ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789\n    cgroup: /agentwall/*\n    systemd_unit: reader.service\n",
+        )
+        .unwrap();
+        let p = &ps[0];
+        assert_eq!(p.identity.as_deref(), Some("agent/reader/prod"));
+        assert_eq!(p.attest.uid, vec![1000]);
+        assert_eq!(p.attest.gid, vec![10, 20]);
+        assert_eq!(
+            p.attest.sha256.as_deref(),
+            Some("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789")
+        );
+        let got = problems(
+            "policy:\n  name: r\n  identity: agent/Reader/../x\n  attest:\n    exe: python3\n    sha256: xyz\n    cgroup: agentwall\n    systemd_unit: a/b\n",
+        );
+        for f in [
+            "p.yaml:3: policy.identity:",
+            "p.yaml:5: policy.attest.exe:",
+            "p.yaml:6: policy.attest.sha256:",
+            "p.yaml:7: policy.attest.cgroup:",
+            "p.yaml:8: policy.attest.systemd_unit:",
+        ] {
+            assert!(
+                got.iter().any(|g| g.starts_with(f)),
+                "missing {f} in {got:#?}"
+            );
+        }
+        let got = problems("policy:\n  name: r\n  attest:\n    uid: 0\n");
+        assert!(got[0].contains("selectors need an identity"), "{got:?}");
+        let files = vec![
+            (
+                PathBuf::from("a.yaml"),
+                "policy:\n  name: x\n  identity: agent/a/b\n".to_string(),
+            ),
+            (
+                PathBuf::from("b.yaml"),
+                "policy:\n  name: y\n  identity: agent/a/b\n".to_string(),
+            ),
+        ];
+        let e = parse_texts(&files).unwrap_err();
+        assert!(
+            e.problems[0]
+                .to_string()
+                .contains("one identity, one policy"),
+            "{e}"
         );
     }
 

@@ -1,0 +1,335 @@
+//! Who is on the other end of an enrollment socket, by the kernel's account, and whether that
+//! matches the selectors a policy declares for the identity it claims.
+//!
+//! The peer is taken from SO_PEERPIDFD (Linux 6.5), a handle on the very process that called
+//! connect(2) which cannot be confused with a later process of the same pid, or from
+//! SO_PEERCRED where the kernel has no pidfd. Uid and gid are those the kernel recorded at
+//! connect time. What is read from /proc (executable, cgroup) is read while the pidfd proves the
+//! process is alive, so a pid reused after the peer exited is detected.
+
+use std::{
+    fs,
+    io::Read as _,
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+};
+
+use crate::policy::Attest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    #[error("cannot read the peer's credentials: {0}")]
+    Cred(#[source] std::io::Error),
+    #[error("the enrolling process (pid {0}) exited before it could be attested")]
+    Gone(i32),
+    #[error("reading {path} of the enrolling process: {source}")]
+    Proc {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the enrolling process has no cgroup v2 membership in {0}")]
+    NoCgroup(PathBuf),
+}
+
+/// How the peer was identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Pidfd,
+    Peercred,
+}
+
+/// The enrolling process.
+#[derive(Debug)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Executable, as /proc/PID/exe links it.
+    pub exe: PathBuf,
+    /// Cgroup path from the cgroup v2 root, starting with `/`.
+    pub cgroup: String,
+    pub source: Source,
+    /// Kept open while attestation runs: the executable is hashed through it.
+    pidfd: Option<OwnedFd>,
+}
+
+/// SO_PEERPIDFD of a connected Unix socket, or `None` on a kernel without it.
+fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `fd` and its size into `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 || fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The pid a pidfd refers to, from /proc/self/fdinfo; `None` once the process is gone.
+fn pidfd_pid(fd: &OwnedFd) -> Option<i32> {
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    let pid: i32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid > 0).then_some(pid)
+}
+
+/// Whether the process of a pidfd is still alive (signal 0 through the pidfd).
+fn pidfd_alive(fd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0 only checks that the target exists.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    r == 0
+}
+
+fn proc_err(path: PathBuf) -> impl FnOnce(std::io::Error) -> AttestError {
+    move |source| AttestError::Proc { path, source }
+}
+
+/// The cgroup v2 path of `pid` (the `0::` line).
+fn cgroup_of(pid: i32) -> Result<String, AttestError> {
+    let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = fs::read_to_string(&path).map_err(proc_err(path.clone()))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_end().to_string())
+        .ok_or(AttestError::NoCgroup(path))
+}
+
+impl Peer {
+    /// Identifies the peer of a connected Unix stream socket.
+    pub fn of_socket(
+        sock: RawFd,
+        cred_pid: Option<i32>,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Self, AttestError> {
+        let pidfd = peer_pidfd(sock);
+        let (pid, source) = match (&pidfd, cred_pid) {
+            (Some(fd), _) => (
+                pidfd_pid(fd).ok_or(AttestError::Gone(cred_pid.unwrap_or(0)))?,
+                Source::Pidfd,
+            ),
+            (None, Some(pid)) => (pid, Source::Peercred),
+            (None, None) => {
+                return Err(AttestError::Cred(std::io::Error::other(
+                    "the kernel reported no peer process",
+                )));
+            }
+        };
+        let exe_link = PathBuf::from(format!("/proc/{pid}/exe"));
+        let exe = fs::read_link(&exe_link).map_err(proc_err(exe_link))?;
+        let cgroup = cgroup_of(pid)?;
+        let peer = Self {
+            pid,
+            uid,
+            gid,
+            exe,
+            cgroup,
+            source,
+            pidfd,
+        };
+        peer.still_there()?;
+        Ok(peer)
+    }
+
+    /// Fails if the process exited since it was read (its pid could now be another's).
+    pub fn still_there(&self) -> Result<(), AttestError> {
+        let alive = match &self.pidfd {
+            Some(fd) => pidfd_alive(fd) && pidfd_pid(fd) == Some(self.pid),
+            None => Path::new(&format!("/proc/{}", self.pid)).exists(),
+        };
+        if alive {
+            Ok(())
+        } else {
+            Err(AttestError::Gone(self.pid))
+        }
+    }
+
+    /// SHA-256 of the running executable, lower-case hex. Read through /proc/PID/exe, which
+    /// opens the file the process runs even if its path was replaced since.
+    pub fn exe_sha256(&self) -> Result<String, AttestError> {
+        let path = PathBuf::from(format!("/proc/{}/exe", self.pid));
+        let mut f = fs::File::open(&path).map_err(proc_err(path.clone()))?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = f.read(&mut buf).map_err(proc_err(path.clone()))?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+        }
+        self.still_there()?;
+        Ok(ctx
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// The systemd unit whose cgroup holds the process: the deepest `*.service` or `*.scope`
+    /// segment of its cgroup path.
+    pub fn systemd_unit(&self) -> Option<&str> {
+        self.cgroup
+            .split('/')
+            .rev()
+            .find(|s| s.ends_with(".service") || s.ends_with(".scope"))
+    }
+}
+
+/// Checks every selector of `want` against the peer. The error names each mismatch.
+pub fn check(want: &Attest, peer: &Peer) -> Result<(), Mismatch> {
+    let mut wrong = Vec::new();
+    if !want.uid.is_empty() && !want.uid.contains(&peer.uid) {
+        wrong.push(format!("uid {} is not one of {:?}", peer.uid, want.uid));
+    }
+    if !want.gid.is_empty() && !want.gid.contains(&peer.gid) {
+        wrong.push(format!("gid {} is not one of {:?}", peer.gid, want.gid));
+    }
+    if let Some(exe) = &want.exe
+        && *exe != peer.exe
+    {
+        wrong.push(format!(
+            "executable {} is not {}",
+            peer.exe.display(),
+            exe.display()
+        ));
+    }
+    if let Some(p) = &want.cgroup {
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        let ok = glob::Pattern::new(p).is_ok_and(|pat| pat.matches_with(&peer.cgroup, opts));
+        if !ok {
+            wrong.push(format!("cgroup {} does not match {p}", peer.cgroup));
+        }
+    }
+    if let Some(u) = &want.systemd_unit
+        && peer.systemd_unit() != Some(u.as_str())
+    {
+        wrong.push(format!(
+            "systemd unit {} is not {u}",
+            peer.systemd_unit().unwrap_or("(none)")
+        ));
+    }
+    // Hashing reads the whole executable: only when everything cheaper matched.
+    if wrong.is_empty()
+        && let Some(h) = &want.sha256
+    {
+        match peer.exe_sha256() {
+            Ok(got) if got == *h => {}
+            Ok(got) => wrong.push(format!(
+                "executable {} has SHA-256 {got}, not {h}",
+                peer.exe.display()
+            )),
+            Err(e) => wrong.push(e.to_string()),
+        }
+    }
+    if wrong.is_empty() {
+        peer.still_there()
+            .map_err(|e| Mismatch(vec![e.to_string()]))
+    } else {
+        Err(Mismatch(wrong))
+    }
+}
+
+/// Selectors that did not match.
+#[derive(Debug, thiserror::Error)]
+#[error("attestation failed: {}", .0.join("; "))]
+pub struct Mismatch(pub Vec<String>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Peer {
+        Peer {
+            pid: std::process::id() as i32,
+            uid: 1000,
+            gid: 100,
+            exe: PathBuf::from("/usr/bin/agent"),
+            cgroup: "/system.slice/reader.service".into(),
+            source: Source::Peercred,
+            pidfd: None,
+        }
+    }
+
+    #[test]
+    fn selectors_match_and_name_mismatches() {
+        let p = me();
+        assert!(check(&Attest::default(), &p).is_ok());
+        let ok = Attest {
+            uid: vec![0, 1000],
+            gid: vec![100],
+            exe: Some("/usr/bin/agent".into()),
+            cgroup: Some("/system.slice/*.service".into()),
+            systemd_unit: Some("reader.service".into()),
+            sha256: None,
+        };
+        assert!(check(&ok, &p).is_ok());
+        let bad = Attest {
+            uid: vec![0],
+            exe: Some("/usr/bin/other".into()),
+            cgroup: Some("/agentwall/*".into()),
+            systemd_unit: Some("writer.service".into()),
+            ..Attest::default()
+        };
+        let e = check(&bad, &p).unwrap_err().to_string();
+        for w in [
+            "uid 1000 is not one of [0]",
+            "executable /usr/bin/agent is not /usr/bin/other",
+            "cgroup /system.slice/reader.service does not match /agentwall/*",
+            "systemd unit reader.service is not writer.service",
+        ] {
+            assert!(e.contains(w), "{w} missing in {e}");
+        }
+        // `*` stays within one segment, `**` crosses them.
+        let deep = Attest {
+            cgroup: Some("/*".into()),
+            ..Attest::default()
+        };
+        assert!(check(&deep, &p).is_err());
+        let deeper = Attest {
+            cgroup: Some("/**".into()),
+            ..Attest::default()
+        };
+        assert!(check(&deeper, &p).is_ok());
+    }
+
+    #[test]
+    fn this_process_can_be_read() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cred =
+            nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerCredentials).unwrap();
+        let p = Peer::of_socket(a.as_raw_fd(), Some(cred.pid()), cred.uid(), cred.gid()).unwrap();
+        assert_eq!(p.pid, std::process::id() as i32);
+        assert_eq!(p.exe, std::env::current_exe().unwrap());
+        assert!(p.cgroup.starts_with('/'));
+        assert_eq!(p.exe_sha256().unwrap().len(), 64);
+    }
+}

@@ -1,0 +1,243 @@
+//! The enrollment protocol: TLS with a client certificate over a Unix stream socket, then one
+//! JSON request line and one JSON reply line. Documented for other languages in
+//! docs/enrollment.md.
+//!
+//! TLS proves that the client holds the private key of the certificate it presents (the
+//! handshake signature is checked against that certificate). Whether the certificate itself is
+//! trusted is decided after the handshake by [`super::verify::Verifier`], so that a refused
+//! agent receives the reason in plain words instead of a bare TLS alert. Nothing is granted
+//! before that verification passed.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
+    server::danger::{ClientCertVerified, ClientCertVerifier},
+};
+use serde::{Deserialize, Serialize};
+
+/// The host name the daemon's enrollment certificate carries (besides its SPIFFE ID), for TLS
+/// clients that check servers by name.
+pub const SERVER_NAME: &str = "agentwall";
+/// Longest request or reply line.
+pub const MAX_LINE: usize = 16 * 1024;
+/// Time a client has for the handshake and its request.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EnrollRequest {
+    /// Bind the caller's cgroup to the identity of its certificate.
+    Enroll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EnrollReply {
+    Enrolled(Enrolled),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub policy: String,
+    /// Cgroup path from the cgroup v2 root.
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    /// RFC 3339: the binding ends with the certificate.
+    pub expires_at: String,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Requires a client certificate and checks the handshake signature made with its key; the
+/// certificate's trust is judged after the handshake (see the module documentation).
+#[derive(Debug)]
+struct ProofOfPossession {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for ProofOfPossession {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Deferred: every enrollment runs `Verifier::verify_client` on the chain before it
+        // does anything else.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{what}: {message}")]
+    Pem { what: String, message: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+fn certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let v: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsSetupError::Pem {
+            what: what.into(),
+            message: e.to_string(),
+        })?;
+    if v.is_empty() {
+        return Err(TlsSetupError::Pem {
+            what: what.into(),
+            message: "holds no PEM certificate".into(),
+        });
+    }
+    Ok(v)
+}
+
+fn key(what: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsSetupError::Pem {
+        what: what.into(),
+        message: format!("no PEM private key: {e}"),
+    })
+}
+
+/// The daemon's TLS configuration: its own certificate, client certificates required.
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let provider = provider();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(ProofOfPossession { provider }))
+        .with_single_cert(
+            certs("server certificate", cert_pem.as_bytes())?,
+            key("server key", key_pem.as_bytes())?,
+        )?;
+    Ok(Arc::new(cfg))
+}
+
+/// An agent's TLS configuration: its SVID and key, the daemon checked against `bundle_pem`.
+pub fn client_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    bundle_pem: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs("trust bundle", bundle_pem)? {
+        roots.add(c)?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs("certificate", cert_pem)?, key("key", key_pem)?)?;
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("connecting to the enrollment socket {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Setup(#[from] TlsSetupError),
+    #[error("TLS with the daemon: {0}")]
+    Tls(#[source] std::io::Error),
+    #[error("the daemon sent no valid reply: {0}")]
+    Reply(String),
+    #[error("enrollment refused: {0}")]
+    Refused(String),
+}
+
+/// Enrolls the calling process (its cgroup) with the certificate and key given (blocking).
+pub fn enroll(
+    socket: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    bundle_pem: &[u8],
+) -> Result<Enrolled, EnrollError> {
+    let cfg = client_config(cert_pem, key_pem, bundle_pem)?;
+    let sock =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|source| EnrollError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    sock.set_read_timeout(Some(CLIENT_TIMEOUT * 2))
+        .map_err(EnrollError::Tls)?;
+    let name = ServerName::try_from(SERVER_NAME)
+        .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
+    let conn = rustls::ClientConnection::new(cfg, name)
+        .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut line = serde_json::to_vec(&EnrollRequest::Enroll)
+        .map_err(|e| EnrollError::Reply(e.to_string()))?;
+    line.push(b'\n');
+    tls.write_all(&line).map_err(EnrollError::Tls)?;
+    tls.flush().map_err(EnrollError::Tls)?;
+    let mut reply = String::new();
+    BufReader::new(std::io::Read::take(&mut tls, MAX_LINE as u64))
+        .read_line(&mut reply)
+        .map_err(EnrollError::Tls)?;
+    match serde_json::from_str::<EnrollReply>(reply.trim_end()) {
+        Ok(EnrollReply::Enrolled(e)) => Ok(e),
+        Ok(EnrollReply::Error { message }) => Err(EnrollError::Refused(message)),
+        Err(e) => Err(EnrollError::Reply(format!("{e} in {reply:?}"))),
+    }
+}
