@@ -34,7 +34,9 @@ struct SocketArg {
 enum Command {
     /// Run the daemon: load the kernel programs, enforce the policies, serve the admin socket.
     Run(RunArgs),
-    /// Run a command under a policy, in a new enforced cgroup; exits with the command's code.
+    /// Run a command in a new enforced cgroup, under a named policy or under the identity of a
+    /// certificate (it enrolls from inside the cgroup before the command starts); exits with
+    /// the command's code.
     Exec {
         #[command(flatten)]
         socket: SocketArg,
@@ -42,8 +44,21 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
         /// Policy the command runs under.
-        #[arg(long)]
-        policy: String,
+        #[arg(long, conflicts_with_all = ["cert", "key", "bundle", "self_enroll"], required_unless_present_any = ["cert", "self_enroll"])]
+        policy: Option<String>,
+        /// The command enrolls itself (AGENTWALL_ENROLL_SOCKET, AGENTWALL_BUNDLE); everything
+        /// is denied until it has.
+        #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
+        self_enroll: bool,
+        /// X509-SVID (PEM) the command enrolls with; its identity's policy applies.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Private key of --cert (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Further CA certificates the command should trust (PEM), added to the local CA's.
+        #[arg(long, requires = "cert")]
+        bundle: Option<PathBuf>,
         /// The command and its arguments (after `--`).
         #[arg(
             trailing_var_arg = true,
@@ -103,8 +118,34 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Revoke a SPIFFE ID or certificate serial: its cgroups are denied everything at once,
+    /// their open sockets destroyed, and enrolling with it refused; the list survives restarts.
+    Revoke {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// spiffe://... or a certificate serial (hex).
+        #[arg(required_unless_present = "list")]
+        target: Option<String>,
+        /// Why (recorded with the revocation).
+        #[arg(long, required_unless_present = "list")]
+        reason: Option<String>,
+        /// Show the revocation list instead.
+        #[arg(long, conflicts_with_all = ["target", "reason"])]
+        list: bool,
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = probe::PROBE_COMMAND, hide = true)]
     ProbeConnect { addr: String },
+    #[command(name = exec::ENROLL_EXEC, hide = true)]
+    EnrollExec {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,15 +272,89 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             socket,
             user,
             policy,
+            self_enroll,
+            cert,
+            key,
+            bundle,
             command,
         } => {
             logging::init(LogFormat::Text, "warn");
+            let under = match (policy, cert, key) {
+                (Some(p), _, _) => exec::Under::Policy(p),
+                _ if self_enroll => exec::Under::SelfEnroll,
+                (None, Some(cert), Some(key)) => exec::Under::Identity { cert, key, bundle },
+                _ => bail!("give --policy NAME, or --cert FILE and --key FILE"),
+            };
             Ok(code(exec::run(
                 &socket.socket,
                 user.as_deref(),
-                &policy,
+                &under,
                 &command,
             )?))
+        }
+        Command::EnrollExec {
+            socket,
+            dir,
+            command,
+        } => {
+            logging::init(LogFormat::Text, "warn");
+            Ok(code(exec::enroll_exec(&socket, &dir, &command)))
+        }
+        Command::Revoke {
+            socket,
+            target,
+            reason,
+            list,
+            json,
+        } => {
+            if list {
+                let Reply::Revocations { entries } =
+                    Client::call(&socket.socket, &Request::Revocations)?
+                else {
+                    bail!("unexpected answer from the daemon");
+                };
+                for e in entries {
+                    if json {
+                        println!("{}", serde_json::to_string(&e)?);
+                    } else {
+                        println!("{} {} by {}: {}", e.at, e.target, e.by, e.reason);
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let (Some(target), Some(reason)) = (target, reason) else {
+                bail!("give what to revoke (a SPIFFE ID or a serial) and --reason TEXT, or --list");
+            };
+            match Client::call(&socket.socket, &Request::Revoke { target, reason })? {
+                Reply::Revoked {
+                    target,
+                    new,
+                    cgroups,
+                    sockets_destroyed,
+                    not_persisted,
+                } => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"target": target, "new": new, "cgroups": cgroups,
+                                "sockets_destroyed": sockets_destroyed, "not_persisted": not_persisted})
+                        );
+                    } else {
+                        println!(
+                            "revoked {target}{}: {} cgroups denied everything, {sockets_destroyed} sockets destroyed",
+                            if new { "" } else { " (already revoked)" },
+                            cgroups.len()
+                        );
+                    }
+                    if let Some(e) = not_persisted {
+                        bail!(
+                            "the revocation holds now but was NOT saved and ends with a restart: {e}"
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
         }
         Command::Status { socket, json } => {
             let Reply::Status(s) = Client::call(&socket.socket, &Request::Status)? else {
@@ -495,14 +610,22 @@ fn print_status(s: &Status) {
     println!("cgroups under {}:", s.cgroup_root);
     for c in &s.cgroups {
         println!(
-            "  {} id {} policy {} ({}{}{})",
+            "  {} id {} policy {} ({}{}{}{})",
             c.path,
             c.id,
             c.policy.as_deref().unwrap_or("-"),
             c.kind,
             if c.leased { ", running" } else { "" },
-            if c.quarantined { ", QUARANTINED" } else { "" }
+            if c.quarantined { ", QUARANTINED" } else { "" },
+            if c.revoked { ", REVOKED" } else { "" }
         );
+        if let Some(id) = &c.spiffe_id {
+            println!(
+                "      identity {id} serial {} until {}",
+                c.serial.as_deref().unwrap_or("-"),
+                c.expires_at.as_deref().unwrap_or("-")
+            );
+        }
     }
     let counters: Vec<String> = s
         .kernel_counters

@@ -122,6 +122,9 @@ pub struct IdentityConfig {
     /// Further trusted trust domains, each with its CA bundle (PEM), such as one exported by a
     /// SPIRE server (`spire-server bundle show -format pem`).
     pub bundles: Vec<BundleEntry>,
+    /// Where the files of agents launched by `agentwall exec --cert` live, one directory per
+    /// cgroup; renewals replace them there.
+    pub agent_dir: PathBuf,
 }
 
 impl Default for IdentityConfig {
@@ -134,6 +137,7 @@ impl Default for IdentityConfig {
             token_lifetime: Duration::from_secs(300),
             clock_skew: Duration::from_secs(30),
             bundles: Vec::new(),
+            agent_dir: PathBuf::from(defaults::AGENT_DIR),
         }
     }
 }

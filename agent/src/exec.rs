@@ -8,6 +8,7 @@ use std::{
 };
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use rustls_pki_types::pem::PemObject as _;
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
@@ -24,6 +25,23 @@ pub mod env {
     pub const POLICY: &str = "AGENTWALL_POLICY";
     /// Absolute path of the command's cgroup directory.
     pub const CGROUP: &str = "AGENTWALL_CGROUP";
+    /// The agent's X509-SVID (PEM), replaced in place when renewed.
+    pub const SVID: &str = "AGENTWALL_SVID";
+    /// Its private key (PEM, 0600).
+    pub const SVID_KEY: &str = "AGENTWALL_SVID_KEY";
+    /// CA certificates to verify peers (and the daemon) with (PEM).
+    pub const BUNDLE: &str = "AGENTWALL_BUNDLE";
+    /// The agent's SPIFFE ID.
+    pub const SPIFFE_ID: &str = "AGENTWALL_SPIFFE_ID";
+    /// The enrollment socket.
+    pub const ENROLL_SOCKET: &str = "AGENTWALL_ENROLL_SOCKET";
+}
+
+/// Names of the files in an agent's directory.
+pub mod files {
+    pub const CERT: &str = "svid.pem";
+    pub const KEY: &str = "svid.key";
+    pub const BUNDLE: &str = "bundle.pem";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +58,148 @@ pub enum ExecError {
     Wait(nix::errno::Errno),
     #[error("no command given: use `agentwall exec --policy NAME -- CMD [ARGS...]`")]
     NoCommand,
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("preparing the agent directory {path}: {source}")]
+    AgentDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not a PEM certificate and {1} not a PEM private key")]
+    Pem(PathBuf, PathBuf),
+}
+
+/// How the command gets its policy.
+#[derive(Debug, Clone)]
+pub enum Under {
+    /// A named policy, bound before the command starts.
+    Policy(String),
+    /// An identity: the command enrolls with this certificate from inside its cgroup first.
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        bundle: Option<PathBuf>,
+    },
+    /// The command enrolls itself with a certificate of its own; until it does, everything is
+    /// denied.
+    SelfEnroll,
+}
+
+/// Replaces an agent's key and certificate (each atomically, key first), owned like the
+/// directory, so that an agent running as another user can read them.
+pub fn write_agent_files(dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let md = std::fs::metadata(dir)?;
+    let (uid, gid) = (md.uid(), md.gid());
+    for (name, bytes, mode) in [(files::KEY, key_pem, 0o600), (files::CERT, cert_pem, 0o644)] {
+        let path = dir.join(name);
+        crate::state::write_atomic(&path, bytes, mode)?;
+        nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))?;
+    }
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ExecError> {
+    std::fs::read(path).map_err(|source| ExecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Fills an agent's directory: its certificate and key, and the bundle (the daemon's CA, then
+/// the caller's own bundle if given), all owned by the user the command runs as.
+fn prepare_agent_dir(
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    bundle: Option<&Path>,
+    daemon_bundle: &str,
+    run_as: Option<&RunAs>,
+) -> Result<(), ExecError> {
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    write_bundle(dir, daemon_bundle, bundle, run_as)?;
+    let has_cert = rustls_pki_types::CertificateDer::pem_slice_iter(&cert_pem)
+        .next()
+        .is_some_and(|c| c.is_ok());
+    let has_key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).is_ok();
+    if !has_cert || !has_key {
+        return Err(ExecError::Pem(cert.to_path_buf(), key.to_path_buf()));
+    }
+    write_agent_files(dir, &cert_pem, &key_pem).map_err(|source| ExecError::AgentDir {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Gives the agent directory to the user the command runs as and writes its bundle there.
+fn write_bundle(
+    dir: &Path,
+    daemon_bundle: &str,
+    bundle: Option<&Path>,
+    run_as: Option<&RunAs>,
+) -> Result<(), ExecError> {
+    let mut bundle_pem = daemon_bundle.as_bytes().to_vec();
+    if let Some(b) = bundle {
+        bundle_pem.push(b'\n');
+        bundle_pem.extend(read(b)?);
+    }
+    let err = |source| ExecError::AgentDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let bundle_path = dir.join(files::BUNDLE);
+    crate::state::write_atomic(&bundle_path, &bundle_pem, 0o644).map_err(err)?;
+    if let Some(u) = run_as {
+        for p in [dir, bundle_path.as_path()] {
+            nix::unistd::chown(p, Some(u.uid.into()), Some(u.gid.into()))
+                .map_err(|e| err(e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Hidden subcommand of the launcher that enrolls and then executes the command.
+pub const ENROLL_EXEC: &str = "__enroll-exec";
+
+/// Runs inside the new cgroup: enrolls with the agent directory's files, then replaces itself
+/// with the command. Returns only on failure (exit code 126, like a command that cannot run).
+pub fn enroll_exec(socket: &Path, dir: &Path, cmd: &[OsString]) -> i32 {
+    use std::os::unix::process::CommandExt as _;
+    let files = (
+        std::fs::read(dir.join(files::CERT)),
+        std::fs::read(dir.join(files::KEY)),
+        std::fs::read(dir.join(files::BUNDLE)),
+    );
+    let (Ok(cert), Ok(key), Ok(bundle)) = files else {
+        tracing::error!(dir = %dir.display(), "cannot read the agent's certificate, key or bundle");
+        return 126;
+    };
+    match crate::identity::enroll::enroll(socket, &cert, &key, &bundle) {
+        Ok(e) => {
+            // SAFETY: single-threaded at this point (no runtime was started); setting the
+            // variable before exec only affects this process.
+            unsafe { std::env::set_var(env::SPIFFE_ID, &e.spiffe_id) };
+            let Some((program, args)) = cmd.split_first() else {
+                return 126;
+            };
+            let err = std::process::Command::new(program).args(args).exec();
+            tracing::error!(program = %program.to_string_lossy(), error = %err, "cannot execute the command");
+            if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            }
+        }
+        Err(e) => {
+            tracing::error!("{}", crate::error_chain(&e));
+            126
+        }
+    }
 }
 
 /// The child the launcher forwards termination signals to.
@@ -71,28 +231,77 @@ fn install_forwarding() {
     }
 }
 
-/// Runs `cmd` under `policy`; returns its exit code (128 + signal if a signal ended it).
+/// Runs `cmd` under a policy or an identity; returns its exit code (128 + signal if a signal
+/// ended it).
 pub fn run(
     socket: &Path,
     user: Option<&str>,
-    policy: &str,
+    under: &Under,
     cmd: &[OsString],
 ) -> Result<i32, ExecError> {
     let (program, args) = cmd.split_first().ok_or(ExecError::NoCommand)?;
     let run_as = user.map(RunAs::lookup).transpose()?;
     let mut client = Client::connect(socket)?;
     client.send(&Request::ExecBegin {
-        policy: policy.to_string(),
+        policy: match under {
+            Under::Policy(p) => Some(p.clone()),
+            Under::Identity { .. } | Under::SelfEnroll => None,
+        },
     })?;
-    let cgroup = match client.recv()? {
-        Reply::ExecReady { cgroup, .. } => PathBuf::from(cgroup),
+    let (cgroup, enroll) = match client.recv()? {
+        Reply::ExecReady { cgroup, enroll, .. } => (PathBuf::from(cgroup), enroll),
         other => return Err(ExecError::Unexpected(Box::new(other))),
     };
     let cg = Cgroup::at(cgroup.clone());
     let fd = cg.open()?;
-    let mut command = spawn::Command::new(program.clone(), args.iter().cloned());
+    let mut command = match (under, enroll) {
+        (Under::Policy(policy), _) => {
+            let mut c = spawn::Command::new(program.clone(), args.iter().cloned());
+            c.set_env(env::POLICY, policy.as_str());
+            c
+        }
+        (Under::Identity { cert, key, bundle }, Some(e)) => {
+            let dir = PathBuf::from(&e.agent_dir);
+            prepare_agent_dir(
+                &dir,
+                cert,
+                key,
+                bundle.as_deref(),
+                &e.bundle_pem,
+                run_as.as_ref(),
+            )?;
+            // The launcher itself enrolls from inside the cgroup, then becomes the command.
+            let mut helper: Vec<OsString> = vec![
+                ENROLL_EXEC.into(),
+                "--socket".into(),
+                e.socket.clone().into(),
+                "--dir".into(),
+                dir.clone().into_os_string(),
+                "--".into(),
+            ];
+            helper.extend(cmd.iter().cloned());
+            let mut c = spawn::Command::new(OsString::from("/proc/self/exe"), helper);
+            c.set_env(env::SVID, dir.join(files::CERT).into_os_string());
+            c.set_env(env::SVID_KEY, dir.join(files::KEY).into_os_string());
+            c.set_env(env::BUNDLE, dir.join(files::BUNDLE).into_os_string());
+            c.set_env(env::ENROLL_SOCKET, e.socket.as_str());
+            c
+        }
+        (Under::SelfEnroll, Some(e)) => {
+            let dir = PathBuf::from(&e.agent_dir);
+            write_bundle(&dir, &e.bundle_pem, None, run_as.as_ref())?;
+            let mut c = spawn::Command::new(program.clone(), args.iter().cloned());
+            c.set_env(env::BUNDLE, dir.join(files::BUNDLE).into_os_string());
+            c.set_env(env::ENROLL_SOCKET, e.socket.as_str());
+            c
+        }
+        (Under::Identity { .. } | Under::SelfEnroll, None) => {
+            return Err(ExecError::Unexpected(Box::new(Reply::Error {
+                message: "the daemon prepared no enrollment for this cgroup".into(),
+            })));
+        }
+    };
     command.user = run_as;
-    command.set_env(env::POLICY, policy);
     command.set_env(env::CGROUP, cgroup.into_os_string());
     install_forwarding();
     let pid = spawn::spawn_in_cgroup(&command, fd.as_fd())?;

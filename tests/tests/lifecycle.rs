@@ -318,7 +318,7 @@ fn the_admin_socket_answers_bad_requests_and_refuses_other_users() {
             "{\"op\":\"format_disk\"}\n",
             "unknown variant `format_disk`",
         ),
-        ("{\"op\":\"exec_begin\"}\n", "missing field `policy`"),
+        ("{\"op\":\"exec_begin\",\"policy\":7}\n", "invalid type"),
         (
             "{\"op\":\"quarantine\",\"cgroup\":\"../../etc\",\"lift\":false}\n",
             "must be relative to the cgroup v2 mount",

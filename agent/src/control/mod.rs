@@ -19,10 +19,11 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub enum Request {
     /// Health, policies, cgroups and counters.
     Status,
-    /// Create an enforced cgroup bound to `policy` for a command about to start. The
-    /// connection is the cgroup's lease: the cgroup is removed once the lease ends and no
-    /// process is left in it.
-    ExecBegin { policy: String },
+    /// Create an enforced cgroup for a command about to start, bound to `policy`, or (with
+    /// `policy: null`) left unbound, so that everything is denied until a process in it
+    /// enrolls with a certificate. The connection is the cgroup's lease: the cgroup is removed
+    /// once the lease ends and no process is left in it.
+    ExecBegin { policy: Option<String> },
     /// Reload the policy directory.
     Reload,
     /// Deny every flow of a bound cgroup (or lift that), open flows included.
@@ -30,6 +31,15 @@ pub enum Request {
     /// Stream verdicts until the client goes away. The first reply, `done`, confirms the
     /// subscription.
     Events,
+    /// Revoke a SPIFFE ID or a certificate serial: its cgroups are denied everything and their
+    /// open sockets destroyed; enrolling with it is refused from now on.
+    Revoke { target: String, reason: String },
+    /// The revocation list.
+    Revocations,
+    /// Whether a certificate (PEM chain, leaf first) is valid here now.
+    Check { pem: String },
+    /// Renew the certificates of every agent launched with `agentwall exec --cert` now.
+    Rotate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +49,30 @@ pub enum Reply {
     ExecReady {
         cgroup: String,
         cgroup_id: u64,
+        /// For a cgroup that waits for enrollment: where its agent's files go (renewals
+        /// replace them there), the CA bundle to check the daemon with, the enrollment socket.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        enroll: Option<ExecEnroll>,
+    },
+    Revoked {
+        target: String,
+        /// False when the target was already revoked.
+        new: bool,
+        cgroups: Vec<u64>,
+        sockets_destroyed: u32,
+        /// Why the revocation list could not be saved (the revocation holds until restart).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_persisted: Option<String>,
+    },
+    Revocations {
+        entries: Vec<crate::identity::revoke::Revocation>,
+    },
+    Checked {
+        valid: bool,
+        spiffe_id: Option<String>,
+        serial: Option<String>,
+        not_after: Option<String>,
+        message: String,
     },
     Reloaded {
         generation: u32,
@@ -56,6 +90,13 @@ pub enum Reply {
     Error {
         message: String,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEnroll {
+    pub agent_dir: String,
+    pub bundle_pem: String,
+    pub socket: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +143,15 @@ pub struct CgroupStatus {
     pub kind: String,
     pub quarantined: bool,
     pub leased: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// RFC 3339: when the binding dies with its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 // `Counters` holds `&'static str` keys for the kernel counter names; owned deserialization is
@@ -137,7 +187,7 @@ mod tests {
         assert_eq!(
             r,
             Request::ExecBegin {
-                policy: "web".into()
+                policy: Some("web".into())
             }
         );
         assert_eq!(

@@ -25,8 +25,10 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
-    #[error("unknown admin group {0:?} (config socket_group)")]
+    #[error("unknown group {0:?} (config socket_group or enrollment.group)")]
     UnknownGroup(String),
+    #[error("unknown user {0:?} (config enrollment.owner)")]
+    UnknownUser(String),
 }
 
 /// Who may use the socket besides root.
@@ -35,24 +37,43 @@ pub struct Access {
     pub gid: Option<u32>,
 }
 
-/// Binds the admin socket with restrictive permissions. A stale socket file of a dead daemon
-/// is replaced; a live daemon is not.
-pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), ServerError> {
+fn group_id(group: Option<&str>) -> Result<Option<u32>, ServerError> {
+    group
+        .map(|g| {
+            nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .map(|gr| gr.gid.as_raw())
+                .ok_or_else(|| ServerError::UnknownGroup(g.into()))
+        })
+        .transpose()
+}
+
+fn user_id(user: Option<&str>) -> Result<Option<u32>, ServerError> {
+    user.map(|u| {
+        nix::unistd::User::from_name(u)
+            .ok()
+            .flatten()
+            .map(|us| us.uid.as_raw())
+            .ok_or_else(|| ServerError::UnknownUser(u.into()))
+    })
+    .transpose()
+}
+
+/// Binds a Unix stream socket created with no access for anyone but its owner, then given
+/// `owner`, `group` and `mode`. A stale socket file of a dead daemon is replaced; a live one
+/// is not.
+pub fn bind_unix(
+    path: &Path,
+    mode: u32,
+    owner: Option<&str>,
+    group: Option<&str>,
+) -> Result<UnixListener, ServerError> {
     let err = |source| ServerError::Io {
         path: path.display().to_string(),
         source,
     };
-    let gid = match group {
-        None => None,
-        Some(g) => Some(
-            nix::unistd::Group::from_name(g)
-                .ok()
-                .flatten()
-                .ok_or_else(|| ServerError::UnknownGroup(g.into()))?
-                .gid
-                .as_raw(),
-        ),
-    };
+    let (uid, gid) = (user_id(owner)?, group_id(group)?);
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
     }
@@ -62,15 +83,23 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), 
         }
         fs::remove_file(path).map_err(err)?;
     }
-    // Created with no access for others, then opened up to the group if one is configured.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = listener.map_err(err)?;
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(gid.into())).map_err(|e| err(e.into()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if uid.is_some() || gid.is_some() {
+        nix::unistd::chown(path, uid.map(Into::into), gid.map(Into::into))
+            .map_err(|e| err(e.into()))?;
     }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Binds the admin socket: 0600, or 0660 for a configured group.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), ServerError> {
+    let gid = group_id(group)?;
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    let listener = bind_unix(path, mode, None, group)?;
     Ok((listener, Access { gid }))
 }
 
@@ -182,7 +211,7 @@ async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> 
             write(&mut w, &daemon.quarantine(&cgroup, lift).await).await
         }
         Request::ExecBegin { policy } => {
-            let (reply, lease) = daemon.exec_begin(&policy).await;
+            let (reply, lease) = daemon.exec_begin(policy.as_deref()).await;
             write(&mut w, &reply).await?;
             if let Some(lease) = lease {
                 // The lease lasts until the client closes the connection (or sends anything).
@@ -193,6 +222,12 @@ async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> 
             }
             Ok(())
         }
+        Request::Revoke { target, reason } => {
+            write(&mut w, &daemon.revoke(&target, &reason, uid).await).await
+        }
+        Request::Revocations => write(&mut w, &daemon.revocations()).await,
+        Request::Check { pem } => write(&mut w, &daemon.check(&pem)).await,
+        Request::Rotate => write(&mut w, &daemon.rotate().await).await,
         Request::Events => {
             let mut rx = daemon.subscribe();
             // Acknowledged once subscribed, so a client can act knowing it will see the verdicts.

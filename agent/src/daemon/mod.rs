@@ -15,6 +15,7 @@ use std::{
 use agentwall_common::binding::{Binding, flags};
 use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 
+mod identity;
 mod run;
 
 pub use self::run::run;
@@ -60,12 +61,19 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("the event reader stopped: {0}")]
     Events(#[source] std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::service::ServiceError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Kind {
+    /// Created by `agentwall exec` below the managed root.
     Exec,
+    /// Named in the config's `enforce:` list.
     Configured,
+    /// A cgroup elsewhere whose process enrolled.
+    Enrolled,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +83,24 @@ struct Managed {
     kind: Kind,
     leased: bool,
     quarantined: bool,
+    /// The identity bound by enrollment.
+    bound: Option<identity::Bound>,
+    /// Files of an agent launched with `agentwall exec --cert` (renewed there).
+    agent_dir: Option<PathBuf>,
+}
+
+impl Managed {
+    fn new(cgroup: Cgroup, policy: Option<String>, kind: Kind) -> Self {
+        Self {
+            cgroup,
+            policy,
+            kind,
+            leased: false,
+            quarantined: false,
+            bound: None,
+            agent_dir: None,
+        }
+    }
 }
 
 /// The compiled policy in force and the one before it (events may still name its rules).
@@ -124,6 +150,7 @@ pub struct Daemon {
     errors: Mutex<BTreeMap<String, u64>>,
     reload_lock: AsyncMutex<()>,
     gc: Notify,
+    identity: Arc<crate::identity::service::IdentityService>,
 }
 
 impl std::fmt::Debug for Names {
@@ -281,15 +308,23 @@ impl Daemon {
 
     /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
     /// cgroup id whose lease the caller holds.
-    pub async fn exec_begin(&self, policy: &str) -> (Reply, Option<u64>) {
-        let Some(binding) = self.binding_for(policy) else {
-            let known = self.policy_names().join(", ");
-            return (
-                Reply::Error {
-                    message: format!("no policy named {policy:?} is loaded (loaded: {known})"),
-                },
-                None,
-            );
+    pub async fn exec_begin(&self, policy: Option<&str>) -> (Reply, Option<u64>) {
+        let binding = match policy {
+            None => None,
+            Some(policy) => match self.binding_for(policy) {
+                Some(b) => Some(b),
+                None => {
+                    let known = self.policy_names().join(", ");
+                    return (
+                        Reply::Error {
+                            message: format!(
+                                "no policy named {policy:?} is loaded (loaded: {known})"
+                            ),
+                        },
+                        None,
+                    );
+                }
+            },
         };
         let seq = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
             .map(|t| {
@@ -303,30 +338,44 @@ impl Daemon {
             cg.create()?;
             let id = cg.id()?;
             // Bound before the reply: the command's first instruction runs under its policy.
-            if let Err(e) = self.enforcer.bind(id, binding).await {
+            // Without a policy the cgroup stays unbound, which denies everything, until a
+            // process in it enrolls.
+            if let Some(binding) = binding
+                && let Err(e) = self.enforcer.bind(id, binding).await
+            {
                 let _ = cg.remove_tree();
                 return Err(DaemonError::from(e));
             }
-            Ok(id)
+            let agent_dir = match binding {
+                Some(_) => None,
+                None => match self.identity_agent_dir(id) {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        let _ = cg.remove_tree();
+                        return Err(e);
+                    }
+                },
+            };
+            Ok((id, agent_dir))
         }
         .await;
         match result {
-            Ok(id) => {
-                self.cgroups.lock().await.insert(
-                    id,
-                    Managed {
-                        cgroup: cg.clone(),
-                        policy: Some(policy.into()),
-                        kind: Kind::Exec,
-                        leased: true,
-                        quarantined: false,
-                    },
-                );
+            Ok((id, agent_dir)) => {
+                let mut m = Managed::new(cg.clone(), policy.map(str::to_string), Kind::Exec);
+                m.leased = true;
+                m.agent_dir.clone_from(&agent_dir);
+                self.cgroups.lock().await.insert(id, m);
                 tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
+                let enroll = agent_dir.map(|d| control::ExecEnroll {
+                    agent_dir: d.display().to_string(),
+                    bundle_pem: self.identity.bundle_pem().to_string(),
+                    socket: self.cfg.enrollment.socket.display().to_string(),
+                });
                 (
                     Reply::ExecReady {
                         cgroup: cg.path().display().to_string(),
                         cgroup_id: id,
+                        enroll,
                     },
                     Some(id),
                 )
@@ -335,7 +384,10 @@ impl Daemon {
                 self.count_error("exec_begin");
                 (
                     Reply::Error {
-                        message: format!("cannot prepare a cgroup for policy {policy:?}: {e}"),
+                        message: format!(
+                            "cannot prepare a cgroup for {}: {e}",
+                            policy.map_or("enrollment".to_string(), |p| format!("policy {p:?}"))
+                        ),
                     },
                     None,
                 )
@@ -373,7 +425,11 @@ impl Daemon {
                 self.count_error("unbind");
                 continue;
             }
-            self.cgroups.lock().await.remove(&id);
+            let gone = self.cgroups.lock().await.remove(&id);
+            if let Some(dir) = gone.and_then(|m| m.agent_dir) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            self.save_enrollments().await;
             tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "exec cgroup removed");
         }
     }
@@ -439,7 +495,12 @@ impl Daemon {
         if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
             m.quarantined = !lift;
         }
-        tracing::info!(cgroup_id = id, lift, "quarantine changed");
+        let destroyed = if lift {
+            None
+        } else {
+            Some(self.destroy_sockets([id].into()).await)
+        };
+        tracing::info!(cgroup_id = id, lift, ?destroyed, "quarantine changed");
         Reply::Done {
             message: format!(
                 "cgroup {id} {}",
@@ -488,9 +549,14 @@ impl Daemon {
                 kind: match m.kind {
                     Kind::Exec => "exec".into(),
                     Kind::Configured => "configured".into(),
+                    Kind::Enrolled => "enrolled".into(),
                 },
                 quarantined: m.quarantined,
                 leased: m.leased,
+                spiffe_id: m.bound.as_ref().map(|b| b.spiffe_id.clone()),
+                serial: m.bound.as_ref().map(|b| b.serial.clone()),
+                expires_at: m.bound.as_ref().map(|b| b.expires_at()),
+                revoked: m.bound.as_ref().is_some_and(|b| b.revoked),
             })
             .collect();
         Reply::Status(Box::new(Status {
@@ -516,6 +582,7 @@ impl Daemon {
     /// restart: adopts exec cgroups of the previous daemon, drops bindings and link pins of
     /// cgroups that are gone.
     async fn reconcile(&self) -> Result<(), DaemonError> {
+        let records = self.load_enrollments();
         let mut by_id: HashMap<u64, Cgroup> = HashMap::new();
         for child in self.root.children()? {
             let name = child
@@ -547,19 +614,22 @@ impl Daemon {
             if configured.contains(id) {
                 continue;
             }
-            match by_id.remove(id) {
+            let record = records.iter().find(|r| r.cgroup_id == *id);
+            let enrolled = record
+                .filter(|r| r.kind == Kind::Enrolled)
+                .map(|r| Cgroup::at(PathBuf::from(&r.cgroup)))
+                .filter(|cg| cg.id().ok() == Some(*id));
+            match by_id.remove(id).or(enrolled) {
                 Some(cg) => {
-                    tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "adopted an exec cgroup of the previous daemon");
-                    registry.insert(
-                        *id,
-                        Managed {
-                            cgroup: cg,
-                            policy: slots.name_of(b.slot).map(str::to_string),
-                            kind: Kind::Exec,
-                            leased: false,
-                            quarantined: b.flags & flags::DENY_ALL != 0,
-                        },
-                    );
+                    tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "adopted a cgroup of the previous daemon");
+                    let kind = record.map_or(Kind::Exec, |r| r.kind);
+                    let mut m = Managed::new(cg, slots.name_of(b.slot).map(str::to_string), kind);
+                    m.quarantined = b.flags & flags::DENY_ALL != 0;
+                    if let Some(r) = record {
+                        m.bound.clone_from(&r.bound);
+                        m.agent_dir.clone_from(&r.agent_dir);
+                    }
+                    registry.insert(*id, m);
                 }
                 None => {
                     tracing::info!(
@@ -573,19 +643,17 @@ impl Daemon {
         // Exec cgroups without a binding: nothing may run there (no binding means deny);
         // collect them once empty.
         for (id, cg) in by_id {
-            registry.insert(
-                id,
-                Managed {
-                    cgroup: cg,
-                    policy: None,
-                    kind: Kind::Exec,
-                    leased: false,
-                    quarantined: false,
-                },
-            );
+            let mut m = Managed::new(cg, None, Kind::Exec);
+            m.agent_dir = records
+                .iter()
+                .find(|r| r.cgroup_id == id)
+                .and_then(|r| r.agent_dir.clone());
+            registry.insert(id, m);
         }
         let live: Vec<u64> = registry.keys().copied().chain([root_id]).collect();
         drop(registry);
+        self.save_enrollments().await;
+        self.enforce_revocations().await;
         for id in self
             .enforcer
             .linked_cgroups()

@@ -16,6 +16,7 @@ use crate::{
     control::{self, Health},
     enforce::{Enforcer, actor::EnforcerHandle},
     events::{self, Resolve},
+    identity::service::IdentityService,
     policy, probe,
     state::SlotTable,
 };
@@ -36,6 +37,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut slots = SlotTable::load(&slots_path)?;
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
     let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
+    let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
 
     let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
     let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
@@ -53,6 +55,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         errors: Mutex::new(BTreeMap::new()),
         reload_lock: AsyncMutex::new(()),
         gc: Notify::new(),
+        identity,
         cfg,
     });
 
@@ -82,13 +85,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         handle.bind(id, b).await?;
         daemon.cgroups.lock().await.insert(
             id,
-            Managed {
-                cgroup: cg,
-                policy: Some(e.policy.clone()),
-                kind: Kind::Configured,
-                leased: false,
-                quarantined: false,
-            },
+            Managed::new(cg, Some(e.policy.clone()), Kind::Configured),
         );
     }
     daemon.reconcile().await?;
@@ -114,6 +111,21 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         access,
         Arc::clone(&daemon),
     ));
+    let e = &daemon.cfg.enrollment;
+    let enroll_listener =
+        control::server::bind_unix(&e.socket, e.mode, e.owner.as_deref(), e.group.as_deref())?;
+    tokio::spawn(super::identity::serve_enroll(
+        enroll_listener,
+        Arc::clone(&daemon),
+    ));
+    let renew_daemon = Arc::clone(&daemon);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let before = renew_daemon.identity.config().renew_before;
+            renew_daemon.renew_due(before).await;
+        }
+    });
     let gc_daemon = Arc::clone(&daemon);
     tokio::spawn(async move {
         loop {
@@ -154,6 +166,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = sd_notify("STOPPING=1");
     // The socket goes; pins stay, so the kernel keeps enforcing until a daemon returns.
     let _ = std::fs::remove_file(&daemon.cfg.socket);
+    let _ = std::fs::remove_file(&daemon.cfg.enrollment.socket);
     tracing::info!(
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );

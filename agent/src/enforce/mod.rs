@@ -469,6 +469,9 @@ impl Enforcer {
     pub fn unbind(&mut self, cgroup_id: u64) -> Result<(), EnforceError> {
         match self.bindings.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => self.bump_epoch(),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                self.bump_epoch()
+            }
             Err(e) => Err(map_err(maps::BINDINGS, "unbinding")(e)),
         }
     }

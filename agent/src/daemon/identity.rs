@@ -1,0 +1,623 @@
+//! Identity in the daemon: enrollment (verify, attest, bind), revocation, renewal of the
+//! certificates of launched agents, and the enrollment socket.
+
+use std::{
+    collections::HashSet,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use agentwall_common::binding::{Binding, flags};
+use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::{Daemon, DaemonError, Kind, Managed};
+use crate::{
+    cgroup::Cgroup,
+    control::Reply,
+    identity::{
+        attest::{self, Peer},
+        enroll::{self, EnrollReply, EnrollRequest, Enrolled},
+        revoke::Target,
+        service::grant_for,
+        spiffe::SpiffeId,
+        svid::LeafRequest,
+    },
+    policy::Mode,
+    sockdiag::{self, Destroyed},
+};
+
+/// The identity a cgroup is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Bound {
+    pub(super) spiffe_id: String,
+    pub(super) serial: String,
+    /// Seconds since the Unix epoch.
+    pub(super) not_after: u64,
+    #[serde(default)]
+    pub(super) capabilities: Vec<String>,
+    #[serde(default)]
+    pub(super) revoked: bool,
+}
+
+impl Bound {
+    pub(super) fn expires_at(&self) -> String {
+        humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(self.not_after),
+        )
+        .to_string()
+    }
+
+    fn matches(&self, target: &Target) -> bool {
+        target.matches(&self.spiffe_id, &self.serial)
+    }
+}
+
+/// What survives a restart about a cgroup: `<state dir>/enrollments.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct Record {
+    pub(super) cgroup_id: u64,
+    pub(super) cgroup: String,
+    pub(super) kind: Kind,
+    pub(super) bound: Option<Bound>,
+    pub(super) agent_dir: Option<PathBuf>,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// `CLOCK_BOOTTIME` nanoseconds at wall-clock instant `at` (what the kernel compares expiry
+/// with: it keeps counting across suspend and does not jump with the wall clock).
+fn boot_ns_at(at: SystemTime) -> u64 {
+    let now_wall = SystemTime::now();
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| (t.tv_sec() as u64) * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or_default();
+    match at.duration_since(now_wall) {
+        Ok(ahead) => boot.saturating_add(ahead.as_nanos() as u64),
+        // Already past: one nanosecond of boot time, which every later reading exceeds.
+        Err(_) => 1,
+    }
+}
+
+fn refuse(message: impl Into<String>) -> EnrollReply {
+    EnrollReply::Error {
+        message: message.into(),
+    }
+}
+
+impl Daemon {
+    fn enrollments_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("enrollments.json")
+    }
+
+    /// Creates the directory of an agent launched with `agentwall exec --cert`.
+    pub(super) fn identity_agent_dir(&self, cgroup_id: u64) -> Result<PathBuf, DaemonError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let dir = self.cfg.identity.agent_dir.join(cgroup_id.to_string());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| DaemonError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        Ok(dir)
+    }
+
+    pub(super) fn load_enrollments(&self) -> Vec<Record> {
+        let path = self.enrollments_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                // Bindings stay in the kernel and keep denying or allowing as they did; what
+                // is lost is the link from a cgroup to its identity (revocation by ID then
+                // misses it, so the daemon says so loudly).
+                tracing::error!(path = %path.display(), error = %e, "the enrollment records are corrupt; identities of bound cgroups are unknown until they enroll again");
+                self.count_error("enrollments_corrupt");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    pub(super) async fn save_enrollments(&self) {
+        let records: Vec<Record> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.bound.is_some() || m.agent_dir.is_some())
+            .map(|(id, m)| Record {
+                cgroup_id: *id,
+                cgroup: m.cgroup.path().display().to_string(),
+                kind: m.kind,
+                bound: m.bound.clone(),
+                agent_dir: m.agent_dir.clone(),
+            })
+            .collect();
+        let result = serde_json::to_vec_pretty(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::state::write_atomic(&self.enrollments_path(), &b, 0o600));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot save the enrollment records");
+            self.count_error("enrollments_save");
+        }
+    }
+
+    /// Destroys the open TCP and UDP sockets of `cgroups`.
+    pub(super) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
+        match tokio::task::spawn_blocking(move || sockdiag::destroy_sockets(&cgroups)).await {
+            Ok(Ok(d)) => {
+                if d.failed > 0 {
+                    self.count_error("socket_destroy");
+                }
+                d
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot destroy sockets (sock_diag); open flows are cut by the packet backstop instead");
+                self.count_error("socket_destroy");
+                Destroyed::default()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "socket destruction task failed");
+                self.count_error("socket_destroy");
+                Destroyed::default()
+            }
+        }
+    }
+
+    /// Sets the revoked flag on every binding whose identity is revoked (after a restart, or
+    /// a revocation list edited while the daemon was down). Returns the cgroups changed.
+    pub(super) async fn enforce_revocations(&self) -> Vec<u64> {
+        let revocations = self.identity.revocations();
+        let mut hit = Vec::new();
+        let mut registry = self.cgroups.lock().await;
+        for (id, m) in registry.iter_mut() {
+            let Some(b) = m.bound.as_mut() else {
+                continue;
+            };
+            if !revocations.iter().any(|r| b.matches(&r.target)) {
+                continue;
+            }
+            match self.enforcer.binding(*id).await {
+                Ok(Some(k)) if k.flags & flags::REVOKED == 0 => {
+                    let revoked = Binding {
+                        flags: k.flags | flags::REVOKED,
+                        ..k
+                    };
+                    if let Err(e) = self.enforcer.bind(*id, revoked).await {
+                        tracing::error!(cgroup_id = id, error = %e, "cannot mark a binding revoked");
+                        self.count_error("revoke_bind");
+                        continue;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(cgroup_id = id, error = %e, "cannot read a binding");
+                    self.count_error("revoke_bind");
+                    continue;
+                }
+            }
+            b.revoked = true;
+            hit.push(*id);
+        }
+        hit
+    }
+
+    pub async fn revoke(&self, target: &str, reason: &str, uid: u32) -> Reply {
+        let target = match Target::parse(target) {
+            Ok(t) => t,
+            Err(e) => {
+                return Reply::Error {
+                    message: e.to_string(),
+                };
+            }
+        };
+        if reason.trim().is_empty() {
+            return Reply::Error {
+                message: "give a reason (--reason TEXT); it is recorded with the revocation".into(),
+            };
+        }
+        let (new, not_persisted) = match self.identity.revoke(
+            target.clone(),
+            reason,
+            &format!("uid {uid}"),
+        ) {
+            Ok(new) => (new, None),
+            Err(e) => {
+                tracing::error!(error = %e, "revocation not persisted; it holds until the daemon restarts");
+                self.count_error("revocation_save");
+                (true, Some(e.to_string()))
+            }
+        };
+        // The kernel first: new connects are denied when this returns.
+        let cgroups = self.enforce_revocations().await;
+        let destroyed = self
+            .destroy_sockets(cgroups.iter().copied().collect())
+            .await;
+        self.save_enrollments().await;
+        tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, "identity revoked");
+        Reply::Revoked {
+            target: target.to_string(),
+            new,
+            cgroups,
+            sockets_destroyed: destroyed.sockets,
+            not_persisted,
+        }
+    }
+
+    pub fn revocations(&self) -> Reply {
+        Reply::Revocations {
+            entries: self.identity.revocations(),
+        }
+    }
+
+    /// Whether a certificate chain is valid here now (trust bundle, SPIFFE rules, revocation).
+    pub fn check(&self, pem: &str) -> Reply {
+        let chain: Result<Vec<CertificateDer<'static>>, _> =
+            CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+        let chain = match chain {
+            Ok(c) if !c.is_empty() => c,
+            _ => {
+                return Reply::Error {
+                    message: "no PEM certificate given".into(),
+                };
+            }
+        };
+        match self.identity.verify(&chain, SystemTime::now()) {
+            Ok(s) => Reply::Checked {
+                valid: true,
+                spiffe_id: Some(s.id.to_string()),
+                serial: Some(s.serial),
+                not_after: Some(humantime::format_rfc3339_seconds(s.not_after).to_string()),
+                message: "valid".into(),
+            },
+            Err(e) => Reply::Checked {
+                valid: false,
+                spiffe_id: None,
+                serial: None,
+                not_after: None,
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// Verifies, attests and binds one enrolling process.
+    pub(super) async fn enroll(&self, peer: &Peer, chain: &[CertificateDer<'_>]) -> EnrollReply {
+        let svid = match self.identity.verify(chain, SystemTime::now()) {
+            Ok(s) => s,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let id_text = svid.id.to_string();
+        let grant = {
+            let book = self
+                .book
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            grant_for(
+                &book.current.identities,
+                &svid.id,
+                self.identity.trust_domain(),
+            )
+            .cloned()
+        };
+        let Some(grant) = grant else {
+            return refuse(format!(
+                "no policy governs {id_text}; name it in a policy's `identity:` field"
+            ));
+        };
+        if let Err(e) = attest::check(&grant.attest, peer) {
+            return refuse(format!(
+                "{e} (selectors of policy {} at {})",
+                grant.policy, grant.source
+            ));
+        }
+        let rel = peer.cgroup.trim_start_matches('/');
+        if rel.is_empty() {
+            return refuse(
+                "the process is in the root cgroup, which agentwall never enforces; start it in \
+                 a cgroup of its own (agentwall exec --cert, or systemd-run --scope)",
+            );
+        }
+        let cg = match Cgroup::under(&self.mount, rel) {
+            Ok(cg) => cg,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let cgroup_id = match cg.id() {
+            Ok(id) => id,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let inside = cg.path().starts_with(self.root.path()) && cg.path() != self.root.path();
+        if !inside && grant.attest.cgroup.is_none() {
+            return refuse(format!(
+                "cgroup {} is outside agentwall's subtree {}; policy {} must name the cgroups \
+                 its agents may enroll from with attest.cgroup before agentwall enforces there",
+                peer.cgroup,
+                self.root.path().display(),
+                grant.policy
+            ));
+        }
+        let (slot, mode) = {
+            let book = self
+                .book
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match book.current.policies.get(&grant.policy) {
+                Some(p) => *p,
+                None => return refuse(format!("policy {} is not loaded", grant.policy)),
+            }
+        };
+        let mut registry = self.cgroups.lock().await;
+        if let Some(other) = registry
+            .get(&cgroup_id)
+            .and_then(|m| m.bound.as_ref())
+            .filter(|b| b.spiffe_id != id_text)
+        {
+            return refuse(format!(
+                "cgroup {} is already bound to {}; one identity per cgroup",
+                peer.cgroup, other.spiffe_id
+            ));
+        }
+        if let Some(m) = registry.get(&cgroup_id)
+            && m.bound.is_none()
+            && m.policy.is_some()
+        {
+            return refuse(format!(
+                "cgroup {} runs under policy {} by `agentwall exec --policy`; it cannot take an identity",
+                peer.cgroup,
+                m.policy.as_deref().unwrap_or_default()
+            ));
+        }
+        if !inside
+            && !registry.contains_key(&cgroup_id)
+            && let Err(e) = self.enforcer.attach(cg.clone()).await
+        {
+            self.count_error("enroll_attach");
+            return refuse(format!("cannot enforce cgroup {}: {e}", peer.cgroup));
+        }
+        let old = self.enforcer.binding(cgroup_id).await.ok().flatten();
+        let keep = old.map_or(0, |b| b.flags & flags::DENY_ALL);
+        let mode_flag = if mode == Mode::Audit { flags::AUDIT } else { 0 };
+        let binding = Binding {
+            slot,
+            flags: keep | mode_flag,
+            expires_boot_ns: boot_ns_at(svid.not_after),
+        };
+        if let Err(e) = self.enforcer.bind(cgroup_id, binding).await {
+            self.count_error("enroll_bind");
+            return refuse(format!("cannot bind cgroup {}: {e}", peer.cgroup));
+        }
+        // The process must still be the one attested when the binding lands.
+        if let Err(e) = peer.still_there() {
+            let _ = self
+                .enforcer
+                .bind(
+                    cgroup_id,
+                    old.unwrap_or(Binding {
+                        flags: flags::DENY_ALL,
+                        ..binding
+                    }),
+                )
+                .await;
+            return refuse(e.to_string());
+        }
+        let bound = Bound {
+            spiffe_id: id_text.clone(),
+            serial: svid.serial.clone(),
+            not_after: unix_secs(svid.not_after),
+            capabilities: svid.capabilities.clone(),
+            revoked: false,
+        };
+        let entry = registry.entry(cgroup_id).or_insert_with(|| {
+            Managed::new(
+                cg.clone(),
+                None,
+                if inside { Kind::Exec } else { Kind::Enrolled },
+            )
+        });
+        entry.policy = Some(grant.policy.clone());
+        entry.bound = Some(bound.clone());
+        drop(registry);
+        self.save_enrollments().await;
+        tracing::info!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
+        EnrollReply::Enrolled(Enrolled {
+            spiffe_id: id_text,
+            serial: svid.serial,
+            policy: grant.policy,
+            cgroup: peer.cgroup.clone(),
+            cgroup_id,
+            expires_at: bound.expires_at(),
+        })
+    }
+
+    /// Renews the certificate of one launched agent into its directory and extends its
+    /// binding. Returns the new serial.
+    async fn renew(&self, cgroup_id: u64) -> Result<String, String> {
+        let (bound, dir) = {
+            let registry = self.cgroups.lock().await;
+            let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
+            match (&m.bound, &m.agent_dir) {
+                (Some(b), Some(d)) => (b.clone(), d.clone()),
+                _ => return Err("not an agent launched with --cert".into()),
+            }
+        };
+        if bound.revoked {
+            return Err("revoked".into());
+        }
+        let id = SpiffeId::workload(&bound.spiffe_id).map_err(|e| e.to_string())?;
+        if id.trust_domain() != self.identity.trust_domain() {
+            return Err(format!(
+                "{} belongs to trust domain {}, whose CA is not this daemon's; renew it there",
+                bound.spiffe_id,
+                id.trust_domain()
+            ));
+        }
+        let req = LeafRequest {
+            id,
+            lifetime: self.identity.config().svid_lifetime,
+            capabilities: bound.capabilities.clone(),
+        };
+        let issued = self
+            .identity
+            .issue(&req, &format!("agentwall renewal for cgroup {cgroup_id}"))
+            .map_err(|e| e.to_string())?;
+        crate::exec::write_agent_files(&dir, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let k = self
+            .enforcer
+            .binding(cgroup_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the cgroup has no binding")?;
+        if k.flags & flags::REVOKED == 0 {
+            self.enforcer
+                .bind(
+                    cgroup_id,
+                    Binding {
+                        expires_boot_ns: boot_ns_at(issued.not_after),
+                        ..k
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id)
+            && let Some(b) = m.bound.as_mut()
+        {
+            b.serial.clone_from(&issued.serial);
+            b.not_after = unix_secs(issued.not_after);
+        }
+        self.save_enrollments().await;
+        tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
+        Ok(issued.serial)
+    }
+
+    /// Renews every launched agent whose certificate expires within `within`.
+    pub(super) async fn renew_due(&self, within: Duration) -> (usize, Vec<String>) {
+        let limit = unix_secs(SystemTime::now() + within);
+        let due: Vec<u64> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            // Only agents whose certificate lives in their directory (`exec --cert`).
+            .filter(|(_, m)| {
+                m.agent_dir
+                    .as_ref()
+                    .is_some_and(|d| d.join(crate::exec::files::CERT).exists())
+            })
+            .filter(|(_, m)| {
+                m.bound
+                    .as_ref()
+                    .is_some_and(|b| !b.revoked && b.not_after <= limit)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let (mut ok, mut failed) = (0, Vec::new());
+        for id in due {
+            match self.renew(id).await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    tracing::warn!(cgroup_id = id, error = %e, "cannot renew an agent's certificate");
+                    self.count_error("renew");
+                    failed.push(format!("cgroup {id}: {e}"));
+                }
+            }
+        }
+        (ok, failed)
+    }
+
+    pub async fn rotate(&self) -> Reply {
+        let (ok, failed) = self
+            .renew_due(Duration::from_secs(u64::from(u32::MAX)))
+            .await;
+        if failed.is_empty() {
+            Reply::Done {
+                message: format!("renewed {ok} agent certificates"),
+            }
+        } else {
+            Reply::Error {
+                message: format!("renewed {ok}; failed: {}", failed.join("; ")),
+            }
+        }
+    }
+}
+
+/// Serves the enrollment socket.
+pub(super) async fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "enrollment socket accept failed");
+                daemon.count_error("enroll_accept");
+                continue;
+            }
+        };
+        let daemon = Arc::clone(&daemon);
+        tokio::spawn(async move {
+            let result =
+                tokio::time::timeout(enroll::CLIENT_TIMEOUT, enroll_connection(stream, &daemon))
+                    .await;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "enrollment connection failed"),
+                Err(_) => tracing::debug!("enrollment connection timed out"),
+            }
+        });
+    }
+}
+
+async fn enroll_connection(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+    // The peer is identified from the socket before any byte is read.
+    let peer = stream.peer_cred().and_then(|cred| {
+        Peer::of_socket(stream.as_raw_fd(), cred.pid(), cred.uid(), cred.gid())
+            .map_err(std::io::Error::other)
+    });
+    let tls_config = daemon
+        .identity
+        .server_tls()
+        .map_err(std::io::Error::other)?;
+    let mut tls = tokio_rustls::TlsAcceptor::from(tls_config)
+        .accept(stream)
+        .await?;
+    let mut line = String::new();
+    BufReader::new((&mut tls).take(enroll::MAX_LINE as u64))
+        .read_line(&mut line)
+        .await?;
+    let reply = match serde_json::from_str::<EnrollRequest>(line.trim_end()) {
+        Err(e) => refuse(format!(
+            "bad request: {e}; send one JSON line such as {{\"op\":\"enroll\"}}"
+        )),
+        Ok(EnrollRequest::Enroll) => match &peer {
+            Err(e) => refuse(format!("cannot identify the enrolling process: {e}")),
+            Ok(peer) => {
+                let chain: Vec<CertificateDer<'static>> = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                    .unwrap_or_default();
+                daemon.enroll(peer, &chain).await
+            }
+        },
+    };
+    if let EnrollReply::Error { message } = &reply {
+        tracing::warn!(%message, pid = peer.as_ref().map(|p| p.pid).unwrap_or(0), "enrollment refused");
+        daemon.count_error("enroll_refused");
+    }
+    let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    tls.write_all(&out).await?;
+    tls.shutdown().await
+}
