@@ -193,6 +193,19 @@ enum IdentityCommand {
         /// PEM file.
         file: PathBuf,
     },
+    /// Renew now the certificates of every agent launched with `agentwall exec --cert`.
+    Rotate {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Ask the daemon whether a certificate is valid here now (trust bundles, SPIFFE rules,
+    /// revocation list); exits non-zero if not.
+    Check {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// PEM file (leaf first).
+        file: PathBuf,
+    },
     /// List every certificate ever issued.
     Log {
         #[command(flatten)]
@@ -224,6 +237,9 @@ struct RunArgs {
     /// Enrollment socket (agents prove their identity here).
     #[arg(long)]
     enroll_socket: Option<PathBuf>,
+    /// Directory of the files of agents launched with `exec --cert`.
+    #[arg(long)]
+    agent_dir: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
@@ -257,6 +273,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cgroup_root: a.cgroup_root,
                 log_format: a.log_format,
                 enroll_socket: a.enroll_socket,
+                agent_dir: a.agent_dir,
             };
             let cfg = Config::load(&overrides)?;
             logging::init(cfg.log_format, "info");
@@ -572,6 +589,33 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                     );
                 }
                 Err(e) => bail!("{} is not a valid X509-SVID here: {e}", file.display()),
+            }
+        }
+        IdentityCommand::Rotate { socket } => {
+            match Client::call(&socket.socket, &Request::Rotate)? {
+                Reply::Done { message } => println!("{message}"),
+                Reply::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
+        IdentityCommand::Check { socket, file } => {
+            let pem = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            match Client::call(&socket.socket, &Request::Check { pem })? {
+                Reply::Checked {
+                    valid: true,
+                    spiffe_id,
+                    serial,
+                    not_after,
+                    ..
+                } => println!(
+                    "valid: {} serial {} until {}",
+                    spiffe_id.unwrap_or_default(),
+                    serial.unwrap_or_default(),
+                    not_after.unwrap_or_default()
+                ),
+                Reply::Checked { message, .. } => bail!("not valid: {message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
             }
         }
         IdentityCommand::Log { ca, json } => {

@@ -247,6 +247,7 @@ pub struct Overrides {
     pub cgroup_root: Option<String>,
     pub log_format: Option<LogFormat>,
     pub enroll_socket: Option<PathBuf>,
+    pub agent_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -274,7 +275,10 @@ impl Config {
             enforce: file.enforce,
             limits: file.limits,
             log_format: o.log_format.or(file.log_format).unwrap_or_default(),
-            identity: file.identity,
+            identity: IdentityConfig {
+                agent_dir: o.agent_dir.clone().unwrap_or(file.identity.agent_dir),
+                ..file.identity
+            },
             enrollment: crate::config::EnrollmentConfig {
                 socket: o.enroll_socket.clone().unwrap_or(file.enrollment.socket),
                 ..file.enrollment

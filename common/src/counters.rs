@@ -21,8 +21,11 @@ pub const SKB_PASSED: u32 = 7;
 pub const SKB_UNPARSED: u32 = 8;
 /// Raw sockets refused at creation.
 pub const RAW_SOCKET_DENIED: u32 = 9;
+/// Bare TCP resets (no payload) the backstop let out of a denied flow, so that the peer of a
+/// destroyed socket learns the connection ended.
+pub const RST_PASSED: u32 = 10;
 /// Number of counters; the size of the array.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 11;
 
 /// Names in index order, as exported in status and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -36,4 +39,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "skb_passed",
     "skb_unparsed",
     "raw_socket_denied",
+    "rst_passed",
 ];

@@ -119,7 +119,14 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     // says which cgroup sent it.
     // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some((orig, port, proto, family)) = parse_packet(&ctx) else {
+    let Some(Packet {
+        orig,
+        port,
+        proto,
+        family,
+        bare_rst,
+    }) = parse_packet(&ctx)
+    else {
         emit::count(agentwall_common::counters::SKB_UNPARSED);
         let flow = Flow {
             cgroup_id,
@@ -154,6 +161,11 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         }
         emit::count(agentwall_common::counters::SKB_PASSED);
         ALLOW
+    } else if bare_rst {
+        // A reset without payload carries nothing out; it tells the peer of a socket that
+        // revocation or quarantine destroyed that the connection is gone.
+        emit::count(agentwall_common::counters::RST_PASSED);
+        ALLOW
     } else {
         // Only drops are reported per packet: a report per passed packet would flood the ring.
         emit::event(&flow, &d, false);
@@ -162,9 +174,34 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     }
 }
 
+/// What the backstop judges of an outgoing packet.
+struct Packet {
+    orig: Addr16,
+    port: u16,
+    proto: u8,
+    family: u8,
+    /// A TCP segment with RST set and no payload.
+    bare_rst: bool,
+}
+
+/// TCP header bytes up to the flags: ports, sequence, acknowledgment, data offset, flags.
+const TCP_FLAGS_LEN: usize = 14;
+const TCP_RST: u8 = 0x04;
+
+/// Whether the TCP header at `at` is a reset with exactly `payload_len` bytes after the IP
+/// header, that is, no data.
+#[inline(always)]
+fn bare_rst(ctx: &SkBuffContext, at: usize, payload_len: usize) -> bool {
+    let Ok(t) = ctx.load::<[u8; TCP_FLAGS_LEN]>(at) else {
+        return false;
+    };
+    let doff = usize::from(t[12] >> 4) * 4;
+    t[13] & TCP_RST != 0 && doff >= 20 && payload_len == doff
+}
+
 /// Destination address, destination port, protocol and family of an outgoing packet.
 #[inline(always)]
-fn parse_packet(ctx: &SkBuffContext) -> Option<(Addr16, u16, u8, u8)> {
+fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
     // cgroup_skb programs see the packet from its network header on.
     // Fixed-size loads: the verifier must see a constant, non-zero length.
     let first: [u8; 1] = ctx.load(0).ok()?;
@@ -189,7 +226,15 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<(Addr16, u16, u8, u8)> {
             } else {
                 0
             };
-            Some((dst, port, proto, AF_INET))
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let rst = proto == proto::TCP && bare_rst(ctx, ihl, total.saturating_sub(ihl));
+            Some(Packet {
+                orig: dst,
+                port,
+                proto,
+                family: AF_INET,
+                bare_rst: rst,
+            })
         }
         6 => {
             let h: [u8; 40] = ctx.load(0).ok()?;
@@ -202,9 +247,17 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<(Addr16, u16, u8, u8)> {
             } else {
                 0
             };
+            let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let rst = next == proto::TCP && bare_rst(ctx, 40, payload);
             // Extension headers are judged as their own protocol number: only a rule for any
             // protocol and every port lets them through.
-            Some((dst, port, next, AF_INET6))
+            Some(Packet {
+                orig: dst,
+                port,
+                proto: next,
+                family: AF_INET6,
+                bare_rst: rst,
+            })
         }
         _ => None,
     }

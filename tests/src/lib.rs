@@ -103,6 +103,8 @@ pub struct TcpSink {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     bytes: Arc<AtomicUsize>,
+    /// Connections whose peer ended them (EOF or reset).
+    ended: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -112,35 +114,47 @@ impl TcpSink {
         let l = TcpListener::bind(bind).expect("bind tcp sink");
         l.set_nonblocking(true).expect("nonblocking");
         let addr = l.local_addr().expect("local addr");
-        let (accepted, bytes, stop) = (
+        let (accepted, bytes, ended, stop) = (
+            Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
-        let (a, b, s) = (Arc::clone(&accepted), Arc::clone(&bytes), Arc::clone(&stop));
+        let (a, b, e, s) = (
+            Arc::clone(&accepted),
+            Arc::clone(&bytes),
+            Arc::clone(&ended),
+            Arc::clone(&stop),
+        );
         thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((mut conn, _)) => {
                         a.fetch_add(1, Ordering::SeqCst);
-                        let (b, s) = (Arc::clone(&b), Arc::clone(&s));
+                        let (b, e, s) = (Arc::clone(&b), Arc::clone(&e), Arc::clone(&s));
                         thread::spawn(move || {
                             let _ = conn.set_nonblocking(false);
                             let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
                             let mut buf = [0u8; 4096];
                             while !s.load(Ordering::Relaxed) {
                                 match conn.read(&mut buf) {
-                                    Ok(0) => break,
+                                    Ok(0) => {
+                                        e.fetch_add(1, Ordering::SeqCst);
+                                        break;
+                                    }
                                     Ok(n) => {
                                         b.fetch_add(n, Ordering::SeqCst);
                                     }
-                                    Err(e)
+                                    Err(err)
                                         if matches!(
-                                            e.kind(),
+                                            err.kind(),
                                             std::io::ErrorKind::WouldBlock
                                                 | std::io::ErrorKind::TimedOut
                                         ) => {}
-                                    Err(_) => break,
+                                    Err(_) => {
+                                        e.fetch_add(1, Ordering::SeqCst);
+                                        break;
+                                    }
                                 }
                             }
                         });
@@ -153,6 +167,7 @@ impl TcpSink {
             addr,
             accepted,
             bytes,
+            ended,
             stop,
         }
     }
@@ -163,6 +178,11 @@ impl TcpSink {
 
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections the peer ended (EOF or reset), as the listener saw them.
+    pub fn ended(&self) -> usize {
+        self.ended.load(Ordering::SeqCst)
     }
 
     pub fn bytes(&self) -> usize {
@@ -324,6 +344,7 @@ pub struct TestDaemon {
     pub dir: PathBuf,
     pub policies: PathBuf,
     pub socket: PathBuf,
+    pub enroll_socket: PathBuf,
     pub pin_dir: PathBuf,
     pub cgroup_root: String,
     pub config: Option<PathBuf>,
@@ -361,6 +382,7 @@ impl TestDaemon {
         let d = Self {
             policies: dir.join("policies"),
             socket: dir.join("admin.sock"),
+            enroll_socket: dir.join("enroll.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             cgroup_root: name.clone(),
             config: config_path,
@@ -397,6 +419,10 @@ impl TestDaemon {
             .arg(&self.pin_dir)
             .arg("--socket")
             .arg(&self.socket)
+            .arg("--enroll-socket")
+            .arg(&self.enroll_socket)
+            .arg("--agent-dir")
+            .arg(self.dir.join("agents"))
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
             .arg("--log-format")
@@ -496,12 +522,14 @@ impl TestDaemon {
     }
 
     fn exec_command(&self, policy: &str, user: Option<&str>, cmds: &[&str]) -> Command {
+        self.exec_under(&["--policy", policy], user, cmds)
+    }
+
+    /// `agentwall exec UNDER... [--user U] -- aw-netprobe CMDS...`, where UNDER is `--policy P`,
+    /// `--cert C --key K` or `--self-enroll`.
+    pub fn exec_under(&self, under: &[&str], user: Option<&str>, cmds: &[&str]) -> Command {
         let mut c = Command::new(agentwall_bin());
-        c.arg("exec")
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--policy")
-            .arg(policy);
+        c.arg("exec").arg("--socket").arg(&self.socket).args(under);
         let probe = match user {
             Some(u) => {
                 c.arg("--user").arg(u);
@@ -531,8 +559,13 @@ impl TestDaemon {
 
     /// A long-running netprobe REPL under `policy`.
     pub fn repl(&self, policy: &str) -> Repl {
+        self.repl_under(&["--policy", policy])
+    }
+
+    /// A long-running netprobe REPL under `agentwall exec UNDER...`.
+    pub fn repl_under(&self, under: &[&str]) -> Repl {
         let mut child = self
-            .exec_command(policy, None, &["repl"])
+            .exec_under(under, None, &["repl"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -566,6 +599,30 @@ impl TestDaemon {
             }
         });
         Events { rx }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Issues an SVID for `id` (a path in the local trust domain) from the daemon's CA with
+    /// the CLI; returns the certificate and key paths.
+    pub fn issue(&self, id: &str, lifetime: &str) -> (String, String) {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let out = self.dir.join(format!("svid-{n}"));
+        let o = Command::new(agentwall_bin())
+            .args(["identity", "issue", "--state-dir"])
+            .arg(self.state_dir())
+            .args(["--id", id, "--lifetime", lifetime, "--out"])
+            .arg(&out)
+            .output()
+            .expect("agentwall identity issue");
+        assert!(o.status.success(), "identity issue: {o:?}");
+        fs::set_permissions(&out, fs::Permissions::from_mode(0o755)).expect("chmod");
+        (
+            out.join("svid.pem").display().to_string(),
+            out.join("svid.key").display().to_string(),
+        )
     }
 
     /// The cgroup directory of the managed root.
@@ -672,6 +729,41 @@ impl Events {
         }
         out
     }
+}
+
+/// Signs an X509-SVID for `spiffe_id` with the CA of a daemon's state directory, valid from
+/// now for `lifetime` (shorter than `agentwall identity issue` allows: for expiry tests).
+/// Returns (certificate path, key path), written into `out`.
+pub fn sign_svid(
+    state_dir: &Path,
+    spiffe_id: &str,
+    lifetime: Duration,
+    out: &Path,
+) -> (PathBuf, PathBuf) {
+    use rcgen::{
+        CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key =
+        KeyPair::from_pem(&fs::read_to_string(state_dir.join("ca/ca.key")).unwrap()).unwrap();
+    let ca_pem = fs::read_to_string(state_dir.join("ca/ca.crt")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::seconds(5);
+    p.not_after = now + time::Duration::try_from(lifetime).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    fs::create_dir_all(out).unwrap();
+    fs::set_permissions(out, fs::Permissions::from_mode(0o755)).unwrap();
+    let (c, k) = (out.join("svid.pem"), out.join("svid.key"));
+    fs::write(&c, cert.pem()).unwrap();
+    fs::write(&k, key.serialize_pem()).unwrap();
+    fs::set_permissions(&k, fs::Permissions::from_mode(0o644)).unwrap();
+    (c, k)
 }
 
 /// Lines of a command's stdout.

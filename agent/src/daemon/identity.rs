@@ -103,15 +103,21 @@ impl Daemon {
     /// Creates the directory of an agent launched with `agentwall exec --cert`.
     pub(super) fn identity_agent_dir(&self, cgroup_id: u64) -> Result<PathBuf, DaemonError> {
         use std::os::unix::fs::DirBuilderExt as _;
-        let dir = self.cfg.identity.agent_dir.join(cgroup_id.to_string());
+        use std::os::unix::fs::PermissionsExt as _;
+        let base = &self.cfg.identity.agent_dir;
+        let dir = base.join(cgroup_id.to_string());
+        let err = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| DaemonError::StateDir { path, source }
+        };
+        std::fs::create_dir_all(base).map_err(err(base))?;
+        // Agents of other users pass through (but cannot list) the base to reach their own.
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711))
+            .map_err(err(base))?;
         std::fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|source| DaemonError::StateDir {
-                path: dir.clone(),
-                source,
-            })?;
+            .map_err(err(&dir))?;
         Ok(dir)
     }
 
@@ -298,6 +304,13 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => return refuse(e.to_string()),
         };
+        if svid.not_after <= SystemTime::now() {
+            // Within the clock tolerance of the verifier, but a binding would be dead on arrival.
+            return refuse(format!(
+                "certificate rejected: it expired at {}; renew it",
+                humantime::format_rfc3339_seconds(svid.not_after)
+            ));
+        }
         let id_text = svid.id.to_string();
         let grant = {
             let book = self

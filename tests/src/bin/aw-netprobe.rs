@@ -5,13 +5,17 @@
 //!
 //! Commands: `pid`, `cgroup`, `tcp ADDR [PAYLOAD]`, `udp-sendto ADDR PAYLOAD`,
 //! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
-//! `watch ADDR MILLIS`, `exit CODE`, `repl`.
+//! `stream-end MILLIS` (how the stream ended, waiting up to MILLIS), `watch ADDR MILLIS`,
+//! `env NAME`, `exit CODE`, `repl`.
 
 use std::{
     io::{self, BufRead as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
+
+/// How the last `stream` ended (its write error), once it has.
+static STREAM_END: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 fn errno(e: &io::Error) -> String {
     match e.raw_os_error() {
@@ -88,11 +92,30 @@ fn run(line: &str) -> String {
                 .map_err(|e| errno(&e))?;
             std::thread::spawn(move || {
                 let chunk = [b'x'; 64];
-                while s.write_all(&chunk).is_ok() {
+                let end = loop {
+                    if let Err(e) = s.write_all(&chunk) {
+                        break errno(&e);
+                    }
                     std::thread::sleep(Duration::from_millis(10));
+                };
+                if let Ok(mut g) = STREAM_END.lock() {
+                    *g = Some(end);
                 }
             });
             Ok("ok".into())
+        }
+        ("stream-end", [ms]) => {
+            let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
+            let end = Instant::now() + Duration::from_millis(ms);
+            loop {
+                if let Some(e) = STREAM_END.lock().ok().and_then(|g| g.clone()) {
+                    return Ok(e);
+                }
+                if Instant::now() > end {
+                    return Ok("running".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         ("watch", [a, ms]) => {
             let a = addr(a)?;
@@ -109,6 +132,7 @@ fn run(line: &str) -> String {
             }
             Ok(format!("ok={ok} eperm={eperm} other={other}"))
         }
+        ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
     })();

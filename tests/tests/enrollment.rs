@@ -1,0 +1,461 @@
+//! Identity in the kernel: agents enroll over the mTLS socket, the daemon attests the process
+//! and binds its cgroup, and the identity's policy is enforced; revocation, expiry and renewal.
+//! Real daemon, real kernel programs, real cgroups, loopback listeners. Root, one at a time.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failed step fails the test with its message"
+)]
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use agentwall_tests::{TcpSink, TestDaemon, lines, serial, sign_svid, wait_for};
+
+/// A policy for identity `agent/<name>/prod` allowing TCP to one loopback port.
+fn identity_policy(name: &str, port: u16, attest: &str) -> String {
+    format!(
+        "policy:\n  name: {name}\n  identity: agent/{name}/prod\n{attest}  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{port}]\n"
+    )
+}
+
+fn python() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/python3");
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// The Python example agent, copied where any user can read it.
+fn python_agent(d: &TestDaemon) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/enroll.py");
+    let dst = d.dir.join("enroll.py");
+    fs::copy(&src, &dst).unwrap();
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).unwrap();
+    dst
+}
+
+/// `agentwall exec --self-enroll [--user U] -- python3 enroll.py --cert C --key K --connect..`
+fn run_python(
+    d: &TestDaemon,
+    user: Option<&str>,
+    cert: &str,
+    key: &str,
+    connect: &[String],
+) -> Output {
+    let mut c = Command::new(agentwall_tests::agentwall_bin());
+    c.arg("exec")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--self-enroll");
+    if let Some(u) = user {
+        c.arg("--user").arg(u);
+    }
+    c.arg("--").arg(python()).arg(python_agent(d));
+    c.args(["--cert", cert, "--key", key]);
+    for a in connect {
+        c.arg("--connect").arg(a);
+    }
+    c.output().unwrap()
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    lines(o)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?} in {o:?}")))
+        .collect()
+}
+
+#[test]
+fn two_agents_with_different_identities_get_exactly_their_own_policies() {
+    let _s = serial();
+    let (a, b) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let d = TestDaemon::start(&[
+        ("reader.yaml", &identity_policy("reader", a.port(), "")),
+        ("writer.yaml", &identity_policy("writer", b.port(), "")),
+    ]);
+    let (rc, rk) = d.issue("agent/reader/prod", "10m");
+    let (wc, wk) = d.issue("agent/writer/prod", "10m");
+    let to = |p: u16| format!("tcp 127.0.0.1:{p}");
+    let reader = d
+        .exec_under(
+            &["--cert", &rc, "--key", &rk],
+            None,
+            &[&to(a.port()), &to(b.port())],
+        )
+        .output()
+        .unwrap();
+    assert!(reader.status.success(), "{reader:?}");
+    assert_eq!(lines(&reader), ["ok", "err EPERM"], "reader");
+    let writer = d
+        .exec_under(
+            &["--cert", &wc, "--key", &wk],
+            None,
+            &[&to(a.port()), &to(b.port())],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(lines(&writer), ["err EPERM", "ok"], "writer");
+    wait_for(
+        Duration::from_secs(5),
+        "one greeting on each allowed listener",
+        || (a.accepted() == 1 && b.accepted() == 1).then_some(()),
+    );
+    // The launched agent saw its identity's files and ID.
+    let env = d
+        .exec_under(
+            &["--cert", &rc, "--key", &rk],
+            None,
+            &["env AGENTWALL_SPIFFE_ID"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(lines(&env), ["spiffe://agentwall.local/agent/reader/prod"]);
+}
+
+#[test]
+fn valid_certificate_with_wrong_selectors_is_refused_and_stays_denied() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[(
+        "reader.yaml",
+        &identity_policy(
+            "reader",
+            sink.port(),
+            "  attest:\n    uid: 0\n    exe: /usr/bin/true\n",
+        ),
+    )]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    // Launched as root by `exec --cert`: the executable enrolling is not /usr/bin/true.
+    let o = d
+        .exec_under(
+            &["--cert", &cert, "--key", &key],
+            None,
+            &["tcp 127.0.0.1:1"],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(126), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("attestation failed") && err.contains("is not /usr/bin/true"),
+        "{err}"
+    );
+    assert!(lines(&o).is_empty(), "the command must not run: {o:?}");
+
+    // A self-enrolling agent as uid 65534: the uid selector refuses it, and its cgroup, never
+    // bound, keeps denying everything.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let addr = format!("127.0.0.1:{}", sink.port());
+    let o = run_python(&d, Some("nobody"), &cert, &key, &[addr.clone(), addr]);
+    let got = json_lines(&o);
+    assert_eq!(got[0]["type"], "error", "{got:?}");
+    let msg = got[0]["message"].as_str().unwrap();
+    assert!(msg.contains("uid 65534 is not one of [0]"), "{msg}");
+    for attempt in &got[1..] {
+        assert_eq!(attempt["ok"], false, "{got:?}");
+        assert_eq!(attempt["errno"], libc::EPERM, "{got:?}");
+    }
+    assert_eq!(sink.accepted(), 0, "the listener must receive nothing");
+    assert!(
+        d.status()
+            .daemon_errors
+            .get("enroll_refused")
+            .copied()
+            .unwrap_or(0)
+            >= 2
+    );
+}
+
+#[test]
+fn a_python_agent_enrolls_itself_and_is_enforced() {
+    let _s = serial();
+    let (allowed, denied) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let exe = fs::canonicalize(python()).unwrap_or_else(|_| python());
+    let attest = format!("  attest:\n    uid: 65534\n    exe: {}\n", exe.display());
+    let d = TestDaemon::start(&[("py.yaml", &identity_policy("py", allowed.port(), &attest))]);
+    let (cert, key) = d.issue("agent/py/prod", "10m");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run_python(
+        &d,
+        Some("nobody"),
+        &cert,
+        &key,
+        &[
+            format!("127.0.0.1:{}", allowed.port()),
+            format!("127.0.0.1:{}", denied.port()),
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let got = json_lines(&o);
+    assert_eq!(got[0]["type"], "enrolled", "{got:?}");
+    assert_eq!(
+        got[0]["spiffe_id"],
+        "spiffe://agentwall.local/agent/py/prod"
+    );
+    assert_eq!(got[0]["policy"], "py");
+    assert_eq!(got[1]["ok"], true, "{got:?}");
+    assert_eq!(got[2]["errno"], libc::EPERM, "{got:?}");
+    wait_for(
+        Duration::from_secs(5),
+        "the allowed listener's greeting",
+        || (allowed.bytes() > 0).then_some(()),
+    );
+    assert_eq!(denied.accepted(), 0);
+}
+
+#[test]
+fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let mut d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    let to = format!("127.0.0.1:{}", sink.port());
+    assert_eq!(agent.cmd(&format!("stream {to}")), "ok");
+    sink.wait_flowing();
+
+    let o = d.cli(&[
+        "revoke",
+        "spiffe://agentwall.local/agent/reader/prod",
+        "--reason",
+        "key leaked",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("1 cgroups denied everything") && out.contains("1 sockets destroyed"),
+        "{out}"
+    );
+    // The next connect, right after the command returned, is refused.
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    // The open stream was destroyed: the agent's write fails, the listener sees the end.
+    assert_eq!(agent.cmd("stream-end 3000"), "err ECONNABORTED");
+    wait_for(
+        Duration::from_secs(5),
+        "the listener to see the stream end",
+        || (sink.ended() >= 1).then_some(()),
+    );
+    sink.assert_stopped("after revocation");
+    let st = d.status();
+    let cg = st
+        .cgroups
+        .iter()
+        .find(|c| c.spiffe_id.is_some())
+        .expect("bound cgroup");
+    assert!(cg.revoked, "{cg:?}");
+
+    // Restart: the revocation holds for the running agent and for new enrollments.
+    d.stop();
+    d.launch();
+    d.wait_healthy();
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    let again = d
+        .exec_under(
+            &["--cert", &cert, "--key", &key],
+            None,
+            &[&format!("tcp {to}")],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(126), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
+        "{again:?}"
+    );
+    let list = d.cli(&["revoke", "--list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("key leaked"),
+        "{list:?}"
+    );
+    let st = d.status();
+    assert!(st.cgroups.iter().any(|c| c.revoked), "{:?}", st.cgroups);
+    drop(agent);
+}
+
+/// A CA of another trust domain, as a SPIRE server would export its bundle; removed on drop.
+struct PartnerCa(PathBuf);
+
+impl PartnerCa {
+    fn new(trust_domain: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("awt-partner-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let o = Command::new(agentwall_tests::agentwall_bin())
+            .args(["identity", "issue", "--state-dir"])
+            .arg(dir.join("state"))
+            .args([
+                "--trust-domain",
+                trust_domain,
+                "--id",
+                "agent/setup/prod",
+                "--out",
+            ])
+            .arg(dir.join("setup"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        Self(dir)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.0.join("state")
+    }
+
+    fn bundle(&self) -> PathBuf {
+        self.0.join("state/ca/ca.crt")
+    }
+}
+
+impl Drop for PartnerCa {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn an_external_trust_domain_is_trusted_and_its_binding_expires_with_the_certificate() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let partner = PartnerCa::new("partner.org");
+    let config = format!(
+        "identity:\n  bundles:\n    - trust_domain: partner.org\n      file: {}\n",
+        partner.bundle().display()
+    );
+    let policy = format!(
+        "policy:\n  name: partner-reader\n  identity: spiffe://partner.org/agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+        sink.port()
+    );
+    let d = TestDaemon::start_with_config(&[("p.yaml", &policy)], Some(&config));
+    // Issued by the partner's CA, not this daemon's; it expires in a few seconds and this
+    // daemon cannot renew it.
+    let (cert, key) = sign_svid(
+        &partner.state(),
+        "spiffe://partner.org/agent/reader/prod",
+        Duration::from_secs(4),
+        &d.dir.join("short"),
+    );
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    let to = format!("tcp 127.0.0.1:{}", sink.port());
+    assert_eq!(agent.cmd(&to), "ok");
+    // The kernel compares the binding's expiry with the boot clock on every connect.
+    wait_for(Duration::from_secs(15), "the binding to expire", || {
+        (agent.cmd(&to) == "err EPERM").then_some(())
+    });
+    let accepted = sink.accepted();
+    assert_eq!(agent.cmd(&to), "err EPERM");
+    assert_eq!(sink.accepted(), accepted);
+    // An expired certificate is refused at enrollment with the reason.
+    let o = d
+        .exec_under(&["--cert", &cert, "--key", &key], None, &[&to])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(126));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("expired"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn rotate_renews_launched_agents_and_extends_their_binding() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
+    let (cert, key) = sign_svid(
+        &d.state_dir(),
+        "spiffe://agentwall.local/agent/reader/prod",
+        Duration::from_secs(4),
+        &d.dir.join("short"),
+    );
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    let svid_path = agent.cmd("env AGENTWALL_SVID");
+    let before = fs::read_to_string(&svid_path).unwrap();
+    let o = d.cli(&["identity", "rotate"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("renewed 1"),
+        "{o:?}"
+    );
+    let after = fs::read_to_string(&svid_path).unwrap();
+    assert_ne!(before, after, "the certificate file was replaced");
+    // Past the old certificate's expiry the binding holds: it follows the renewed one.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(agent.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
+    let st = d.status();
+    let cg = st.cgroups.iter().find(|c| c.spiffe_id.is_some()).unwrap();
+    let log = d.cli(&[
+        "identity",
+        "log",
+        "--state-dir",
+        d.state_dir().to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&log.stdout).contains(cg.serial.as_deref().unwrap()),
+        "the renewed certificate is in the issuance log"
+    );
+}
+
+#[test]
+fn enrollment_refusals_name_their_reason() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);
+    // An identity no policy governs.
+    let (cert, key) = d.issue("agent/stranger/prod", "10m");
+    let o = d
+        .exec_under(&["--cert", &cert, "--key", &key], None, &["pid"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(126));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no policy governs"),
+        "{o:?}"
+    );
+    // A certificate of another CA for the same trust domain.
+    let other = d.dir.join("other-state");
+    let o = Command::new(agentwall_tests::agentwall_bin())
+        .args(["identity", "issue", "--state-dir"])
+        .arg(&other)
+        .args(["--id", "agent/reader/prod", "--out"])
+        .arg(d.dir.join("other"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let (oc, ok) = (
+        d.dir.join("other/svid.pem").display().to_string(),
+        d.dir.join("other/svid.key").display().to_string(),
+    );
+    let o = d
+        .exec_under(&["--cert", &oc, "--key", &ok], None, &["pid"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(126));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("does not chain"),
+        "{o:?}"
+    );
+    // Garbage instead of TLS: the daemon drops the connection and keeps serving.
+    {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&d.enroll_socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(b"{\"op\":\"enroll\"}\n");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    let (rc, rk) = d.issue("agent/reader/prod", "10m");
+    let o = d
+        .exec_under(&["--cert", &rc, "--key", &rk], None, &["pid"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+}
