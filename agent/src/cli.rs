@@ -59,6 +59,9 @@ enum Command {
         /// Further CA certificates the command should trust (PEM), added to the local CA's.
         #[arg(long, requires = "cert")]
         bundle: Option<PathBuf>,
+        /// Keep a JWT-SVID for this audience (repeatable) fresh in the file AGENTWALL_TOKEN names.
+        #[arg(long, requires = "cert")]
+        audience: Vec<String>,
         /// The command and its arguments (after `--`).
         #[arg(
             trailing_var_arg = true,
@@ -206,6 +209,52 @@ enum IdentityCommand {
         /// PEM file (leaf first).
         file: PathBuf,
     },
+    /// Get a JWT-SVID (short-lived bearer token) for the identity of a certificate, from the
+    /// enrollment socket; prints the token.
+    Token {
+        /// Enrollment socket of the daemon.
+        #[arg(long, env = "AGENTWALL_ENROLL_SOCKET", default_value = config::defaults::ENROLL_SOCKET)]
+        enroll_socket: PathBuf,
+        #[arg(long, env = "AGENTWALL_SVID")]
+        cert: PathBuf,
+        #[arg(long, env = "AGENTWALL_SVID_KEY")]
+        key: PathBuf,
+        /// CA bundle to check the daemon with (the local CA's certificate).
+        #[arg(long, env = "AGENTWALL_BUNDLE")]
+        bundle: PathBuf,
+        /// Who the token is for (repeatable).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+    },
+    /// Ask the daemon whether a JWT-SVID is valid for an audience (signature, expiry,
+    /// revocation); exits non-zero if not.
+    CheckToken {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[arg(long)]
+        audience: String,
+        /// The token, or `-` to read it from stdin.
+        token: String,
+    },
+    /// Print the JWKS that verifies this node's JWT-SVIDs.
+    Jwks {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Issue a new certificate for the identity (and capabilities) of an existing one, from the
+    /// local CA, into a directory.
+    Renew {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// The certificate to renew (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long, default_value = "1h")]
+        lifetime: String,
+        /// Output directory (svid.pem, svid.key, bundle.pem).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List every certificate ever issued.
     Log {
         #[command(flatten)]
@@ -293,13 +342,19 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             cert,
             key,
             bundle,
+            audience,
             command,
         } => {
             logging::init(LogFormat::Text, "warn");
             let under = match (policy, cert, key) {
                 (Some(p), _, _) => exec::Under::Policy(p),
                 _ if self_enroll => exec::Under::SelfEnroll,
-                (None, Some(cert), Some(key)) => exec::Under::Identity { cert, key, bundle },
+                (None, Some(cert), Some(key)) => exec::Under::Identity {
+                    cert,
+                    key,
+                    bundle,
+                    audience,
+                },
                 _ => bail!("give --policy NAME, or --cert FILE and --key FILE"),
             };
             Ok(code(exec::run(
@@ -617,6 +672,107 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 Reply::Checked { message, .. } => bail!("not valid: {message}"),
                 other => bail!("unexpected answer from the daemon: {other:?}"),
             }
+        }
+        IdentityCommand::Token {
+            enroll_socket,
+            cert,
+            key,
+            bundle,
+            audience,
+        } => {
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let (token, expires_at) = identity::enroll::token(
+                &enroll_socket,
+                &read(&cert)?,
+                &read(&key)?,
+                &read(&bundle)?,
+                &audience,
+            )?;
+            tracing::info!(%expires_at, "token issued");
+            println!("{token}");
+        }
+        IdentityCommand::CheckToken {
+            socket,
+            audience,
+            token,
+        } => {
+            let token = if token == "-" {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+                t
+            } else {
+                token
+            };
+            match Client::call(&socket.socket, &Request::CheckToken { token, audience })? {
+                Reply::Checked {
+                    valid: true,
+                    spiffe_id,
+                    not_after,
+                    ..
+                } => println!(
+                    "valid: {} until {}",
+                    spiffe_id.unwrap_or_default(),
+                    not_after.unwrap_or_default()
+                ),
+                Reply::Checked { message, .. } => bail!("not valid: {message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
+        IdentityCommand::Jwks { socket } => match Client::call(&socket.socket, &Request::Jwks)? {
+            Reply::Jwks { jwks } => println!("{}", serde_json::to_string_pretty(&jwks)?),
+            other => bail!("unexpected answer from the daemon: {other:?}"),
+        },
+        IdentityCommand::Renew {
+            ca,
+            cert,
+            lifetime,
+            out,
+        } => {
+            let pem =
+                std::fs::read(&cert).with_context(|| format!("reading {}", cert.display()))?;
+            let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+                rustls_pki_types::pem::PemObject::pem_slice_iter(&pem)
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("{} is not a PEM certificate file", cert.display()))?;
+            let mut bundles = verify::TrustBundles::default();
+            let ca_cert = identity::ca_dir(&ca.state_dir).join("ca.crt");
+            let ca_pem = std::fs::read(&ca_cert)
+                .with_context(|| format!("reading the local CA {}", ca_cert.display()))?;
+            for der in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca_pem) {
+                bundles.add(&ca.trust_domain, der?)?;
+            }
+            // Only a certificate this CA issued, still within its life, is renewed: renewal
+            // must not revive what expired or create identities.
+            let old = verify::Verifier::new(bundles, std::time::Duration::ZERO)
+                .verify_client(&chain, std::time::SystemTime::now())
+                .with_context(|| format!("{} cannot be renewed here", cert.display()))?;
+            let revoked = identity::revoke::RevocationList::load(
+                &identity::revoke::RevocationList::path(&ca.state_dir),
+            )?;
+            if let Some(r) = revoked.find(&old.id.to_string(), &old.serial) {
+                bail!("{} was revoked at {}: {}", r.target, r.at, r.reason);
+            }
+            let req = LeafRequest {
+                id: old.id,
+                lifetime: identity::parse_lifetime(&lifetime).map_err(anyhow::Error::msg)?,
+                capabilities: old.capabilities,
+            };
+            let requester = format!(
+                "uid {} (agentwall identity renew of serial {})",
+                nix::unistd::getuid(),
+                old.serial
+            );
+            let issued =
+                identity::issue_into(&ca.state_dir, &ca.trust_domain, &req, &requester, &out)?;
+            println!(
+                "renewed {} serial {} -> {} valid until {} into {}",
+                issued.id,
+                old.serial,
+                issued.serial,
+                humantime::format_rfc3339_seconds(issued.not_after),
+                out.display()
+            );
         }
         IdentityCommand::Log { ca, json } => {
             let (entries, torn) = identity::log::read(&identity::log_path(&ca.state_dir))?;

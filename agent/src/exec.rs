@@ -35,6 +35,8 @@ pub mod env {
     pub const SPIFFE_ID: &str = "AGENTWALL_SPIFFE_ID";
     /// The enrollment socket.
     pub const ENROLL_SOCKET: &str = "AGENTWALL_ENROLL_SOCKET";
+    /// A JWT-SVID for the audiences given with `--audience`, refreshed in place.
+    pub const TOKEN: &str = "AGENTWALL_TOKEN";
 }
 
 /// Names of the files in an agent's directory.
@@ -42,6 +44,7 @@ pub mod files {
     pub const CERT: &str = "svid.pem";
     pub const KEY: &str = "svid.key";
     pub const BUNDLE: &str = "bundle.pem";
+    pub const TOKEN: &str = "token.jwt";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,8 @@ pub enum Under {
         cert: PathBuf,
         key: PathBuf,
         bundle: Option<PathBuf>,
+        /// Audiences of a JWT-SVID the daemon keeps fresh in `AGENTWALL_TOKEN`.
+        audience: Vec<String>,
     },
     /// The command enrolls itself with a certificate of its own; until it does, everything is
     /// denied.
@@ -93,14 +98,22 @@ pub enum Under {
 /// Replaces an agent's key and certificate (each atomically, key first), owned like the
 /// directory, so that an agent running as another user can read them.
 pub fn write_agent_files(dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<()> {
+    write_owned_like_dir(dir, files::KEY, key_pem, 0o600)?;
+    write_owned_like_dir(dir, files::CERT, cert_pem, 0o644)
+}
+
+/// Replaces `dir/name` atomically with a file owned by the directory's owner.
+pub fn write_owned_like_dir(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let md = std::fs::metadata(dir)?;
-    let (uid, gid) = (md.uid(), md.gid());
-    for (name, bytes, mode) in [(files::KEY, key_pem, 0o600), (files::CERT, cert_pem, 0o644)] {
-        let path = dir.join(name);
-        crate::state::write_atomic(&path, bytes, mode)?;
-        nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))?;
-    }
+    let path = dir.join(name);
+    crate::state::write_atomic(&path, bytes, mode)?;
+    nix::unistd::chown(&path, Some(md.uid().into()), Some(md.gid().into()))?;
     Ok(())
 }
 
@@ -247,6 +260,10 @@ pub fn run(
             Under::Policy(p) => Some(p.clone()),
             Under::Identity { .. } | Under::SelfEnroll => None,
         },
+        audience: match under {
+            Under::Identity { audience, .. } => audience.clone(),
+            _ => Vec::new(),
+        },
     })?;
     let (cgroup, enroll) = match client.recv()? {
         Reply::ExecReady { cgroup, enroll, .. } => (PathBuf::from(cgroup), enroll),
@@ -260,7 +277,15 @@ pub fn run(
             c.set_env(env::POLICY, policy.as_str());
             c
         }
-        (Under::Identity { cert, key, bundle }, Some(e)) => {
+        (
+            Under::Identity {
+                cert,
+                key,
+                bundle,
+                audience,
+            },
+            Some(e),
+        ) => {
             let dir = PathBuf::from(&e.agent_dir);
             prepare_agent_dir(
                 &dir,
@@ -285,6 +310,9 @@ pub fn run(
             c.set_env(env::SVID_KEY, dir.join(files::KEY).into_os_string());
             c.set_env(env::BUNDLE, dir.join(files::BUNDLE).into_os_string());
             c.set_env(env::ENROLL_SOCKET, e.socket.as_str());
+            if !audience.is_empty() {
+                c.set_env(env::TOKEN, dir.join(files::TOKEN).into_os_string());
+            }
             c
         }
         (Under::SelfEnroll, Some(e)) => {

@@ -459,3 +459,82 @@ fn enrollment_refusals_name_their_reason() {
         .unwrap();
     assert!(o.status.success(), "{o:?}");
 }
+
+#[test]
+fn tokens_are_issued_to_attested_holders_verified_and_rejected_after_revocation() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let bundle = d.state_dir().join("ca/ca.crt").display().to_string();
+    let enroll = d.enroll_socket.display().to_string();
+    let token_of = |aud: &str| {
+        d.cli(&[
+            "identity",
+            "token",
+            "--enroll-socket",
+            &enroll,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--bundle",
+            &bundle,
+            "--audience",
+            aud,
+        ])
+    };
+    let o = token_of("billing-api");
+    assert!(o.status.success(), "{o:?}");
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let check = |aud: &str, t: &str| d.cli(&["identity", "check-token", "--audience", aud, t]);
+    let ok = check("billing-api", &token);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("spiffe://agentwall.local/agent/reader/prod")
+    );
+    let wrong = check("other-api", &token);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("not valid"),
+        "{wrong:?}"
+    );
+    // The JWKS verifies it too, for callers that check tokens themselves.
+    let jwks = d.cli(&["identity", "jwks"]);
+    assert!(
+        String::from_utf8_lossy(&jwks.stdout).contains("\"ES256\""),
+        "{jwks:?}"
+    );
+
+    // A launched agent gets a token file for its audience.
+    let out = d
+        .exec_under(
+            &["--cert", &cert, "--key", &key, "--audience", "billing-api"],
+            None,
+            &["env AGENTWALL_TOKEN"],
+        )
+        .output()
+        .unwrap();
+    let path = lines(&out)[0].clone();
+    assert!(path.ends_with("token.jwt"), "{out:?}");
+
+    let r = d.cli(&[
+        "revoke",
+        "spiffe://agentwall.local/agent/reader/prod",
+        "--reason",
+        "gone",
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    let after = check("billing-api", &token);
+    assert!(!after.status.success());
+    assert!(
+        String::from_utf8_lossy(&after.stderr).contains("revoked"),
+        "{after:?}"
+    );
+    let refused = token_of("billing-api");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("revoked"),
+        "{refused:?}"
+    );
+}

@@ -23,7 +23,12 @@ pub enum Request {
     /// `policy: null`) left unbound, so that everything is denied until a process in it
     /// enrolls with a certificate. The connection is the cgroup's lease: the cgroup is removed
     /// once the lease ends and no process is left in it.
-    ExecBegin { policy: Option<String> },
+    ExecBegin {
+        policy: Option<String>,
+        /// Audiences of a JWT-SVID kept fresh in the agent's directory (identity launches).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        audience: Vec<String>,
+    },
     /// Reload the policy directory.
     Reload,
     /// Deny every flow of a bound cgroup (or lift that), open flows included.
@@ -40,6 +45,10 @@ pub enum Request {
     Check { pem: String },
     /// Renew the certificates of every agent launched with `agentwall exec --cert` now.
     Rotate,
+    /// The public keys that verify JWT-SVIDs (a JWKS).
+    Jwks,
+    /// Whether a JWT-SVID is valid for `audience` here now (signature, expiry, revocation).
+    CheckToken { token: String, audience: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +75,9 @@ pub enum Reply {
     },
     Revocations {
         entries: Vec<crate::identity::revoke::Revocation>,
+    },
+    Jwks {
+        jwks: serde_json::Value,
     },
     Checked {
         valid: bool,
@@ -187,7 +199,8 @@ mod tests {
         assert_eq!(
             r,
             Request::ExecBegin {
-                policy: Some("web".into())
+                policy: Some("web".into()),
+                audience: vec![],
             }
         );
         assert_eq!(

@@ -210,8 +210,8 @@ async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> 
         Request::Quarantine { cgroup, lift } => {
             write(&mut w, &daemon.quarantine(&cgroup, lift).await).await
         }
-        Request::ExecBegin { policy } => {
-            let (reply, lease) = daemon.exec_begin(policy.as_deref()).await;
+        Request::ExecBegin { policy, audience } => {
+            let (reply, lease) = daemon.exec_begin(policy.as_deref(), audience).await;
             write(&mut w, &reply).await?;
             if let Some(lease) = lease {
                 // The lease lasts until the client closes the connection (or sends anything).
@@ -228,6 +228,10 @@ async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> 
         Request::Revocations => write(&mut w, &daemon.revocations()).await,
         Request::Check { pem } => write(&mut w, &daemon.check(&pem)).await,
         Request::Rotate => write(&mut w, &daemon.rotate().await).await,
+        Request::Jwks => write(&mut w, &daemon.jwks()).await,
+        Request::CheckToken { token, audience } => {
+            write(&mut w, &daemon.check_token(&token, &audience)).await
+        }
         Request::Events => {
             let mut rx = daemon.subscribe();
             // Acknowledged once subscribed, so a client can act knowing it will see the verdicts.

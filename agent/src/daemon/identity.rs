@@ -28,8 +28,9 @@ use crate::{
         service::grant_for,
         spiffe::SpiffeId,
         svid::LeafRequest,
+        verify::VerifiedSvid,
     },
-    policy::Mode,
+    policy::{Grant, Mode},
     sockdiag::{self, Destroyed},
 };
 
@@ -67,6 +68,8 @@ pub(super) struct Record {
     pub(super) kind: Kind,
     pub(super) bound: Option<Bound>,
     pub(super) agent_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) audience: Vec<String>,
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -149,6 +152,7 @@ impl Daemon {
                 kind: m.kind,
                 bound: m.bound.clone(),
                 agent_dir: m.agent_dir.clone(),
+                audience: m.audience.clone(),
             })
             .collect();
         let result = serde_json::to_vec_pretty(&records)
@@ -262,6 +266,36 @@ impl Daemon {
         }
     }
 
+    pub fn jwks(&self) -> Reply {
+        Reply::Jwks {
+            jwks: self.identity.jwks(),
+        }
+    }
+
+    pub fn check_token(&self, token: &str, audience: &str) -> Reply {
+        match self.identity.verify_token(token.trim(), audience) {
+            Ok(c) => Reply::Checked {
+                valid: true,
+                spiffe_id: Some(c.sub),
+                serial: None,
+                not_after: Some(
+                    humantime::format_rfc3339_seconds(
+                        SystemTime::UNIX_EPOCH + Duration::from_secs(c.exp),
+                    )
+                    .to_string(),
+                ),
+                message: "valid".into(),
+            },
+            Err(e) => Reply::Checked {
+                valid: false,
+                spiffe_id: None,
+                serial: None,
+                not_after: None,
+                message: e.to_string(),
+            },
+        }
+    }
+
     pub fn revocations(&self) -> Reply {
         Reply::Revocations {
             entries: self.identity.revocations(),
@@ -298,20 +332,24 @@ impl Daemon {
         }
     }
 
-    /// Verifies, attests and binds one enrolling process.
-    pub(super) async fn enroll(&self, peer: &Peer, chain: &[CertificateDer<'_>]) -> EnrollReply {
-        let svid = match self.identity.verify(chain, SystemTime::now()) {
-            Ok(s) => s,
-            Err(e) => return refuse(e.to_string()),
-        };
+    /// Verifies the presented chain (trust, SPIFFE rules, revocation, expiry), finds the policy
+    /// governing its identity and checks that policy's selectors against the peer.
+    fn admit(
+        &self,
+        peer: &Peer,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<(VerifiedSvid, Grant), EnrollReply> {
+        let svid = self
+            .identity
+            .verify(chain, SystemTime::now())
+            .map_err(|e| refuse(e.to_string()))?;
         if svid.not_after <= SystemTime::now() {
             // Within the clock tolerance of the verifier, but a binding would be dead on arrival.
-            return refuse(format!(
+            return Err(refuse(format!(
                 "certificate rejected: it expired at {}; renew it",
                 humantime::format_rfc3339_seconds(svid.not_after)
-            ));
+            )));
         }
-        let id_text = svid.id.to_string();
         let grant = {
             let book = self
                 .book
@@ -325,16 +363,51 @@ impl Daemon {
             .cloned()
         };
         let Some(grant) = grant else {
-            return refuse(format!(
-                "no policy governs {id_text}; name it in a policy's `identity:` field"
-            ));
+            return Err(refuse(format!(
+                "no policy governs {}; name it in a policy's `identity:` field",
+                svid.id
+            )));
         };
-        if let Err(e) = attest::check(&grant.attest, peer) {
-            return refuse(format!(
+        attest::check(&grant.attest, peer).map_err(|e| {
+            refuse(format!(
                 "{e} (selectors of policy {} at {})",
                 grant.policy, grant.source
-            ));
+            ))
+        })?;
+        Ok((svid, grant))
+    }
+
+    /// A JWT-SVID for an attested holder of a certificate.
+    pub(super) fn token(
+        &self,
+        peer: &Peer,
+        chain: &[CertificateDer<'_>],
+        audience: &[String],
+    ) -> EnrollReply {
+        let (svid, _) = match self.admit(peer, chain) {
+            Ok(a) => a,
+            Err(r) => return r,
+        };
+        match self.identity.issue_token(&svid.id, audience) {
+            Ok((token, claims)) => EnrollReply::Token {
+                token,
+                spiffe_id: claims.sub,
+                expires_at: humantime::format_rfc3339_seconds(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp),
+                )
+                .to_string(),
+            },
+            Err(e) => refuse(e.to_string()),
         }
+    }
+
+    /// Verifies, attests and binds one enrolling process.
+    pub(super) async fn enroll(&self, peer: &Peer, chain: &[CertificateDer<'_>]) -> EnrollReply {
+        let (svid, grant) = match self.admit(peer, chain) {
+            Ok(a) => a,
+            Err(r) => return r,
+        };
+        let id_text = svid.id.to_string();
         let rel = peer.cgroup.trim_start_matches('/');
         if rel.is_empty() {
             return refuse(
@@ -440,7 +513,12 @@ impl Daemon {
         });
         entry.policy = Some(grant.policy.clone());
         entry.bound = Some(bound.clone());
+        let wants_token = entry.agent_dir.is_some() && !entry.audience.is_empty();
         drop(registry);
+        if wants_token && let Err(e) = self.refresh_token(cgroup_id).await {
+            tracing::warn!(cgroup_id, error = %e, "cannot write the agent's token");
+            self.count_error("token");
+        }
         self.save_enrollments().await;
         tracing::info!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
         EnrollReply::Enrolled(Enrolled {
@@ -515,9 +593,35 @@ impl Daemon {
         Ok(issued.serial)
     }
 
+    /// Writes a fresh JWT-SVID into a launched agent's directory.
+    async fn refresh_token(&self, cgroup_id: u64) -> Result<(), String> {
+        let (id, audience, dir) = {
+            let registry = self.cgroups.lock().await;
+            let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
+            match (&m.bound, &m.agent_dir) {
+                (Some(b), Some(d)) if !b.revoked => {
+                    (b.spiffe_id.clone(), m.audience.clone(), d.clone())
+                }
+                _ => return Err("no live identity".into()),
+            }
+        };
+        let id = SpiffeId::workload(&id).map_err(|e| e.to_string())?;
+        let (token, claims) = self
+            .identity
+            .issue_token(&id, &audience)
+            .map_err(|e| e.to_string())?;
+        crate::exec::write_owned_like_dir(&dir, crate::exec::files::TOKEN, token.as_bytes(), 0o600)
+            .map_err(|e| e.to_string())?;
+        if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id) {
+            m.token_exp = claims.exp;
+        }
+        Ok(())
+    }
+
     /// Renews every launched agent whose certificate expires within `within`.
     pub(super) async fn renew_due(&self, within: Duration) -> (usize, Vec<String>) {
         let limit = unix_secs(SystemTime::now() + within);
+        let local = format!("spiffe://{}/", self.identity.trust_domain());
         let due: Vec<u64> = self
             .cgroups
             .lock()
@@ -529,13 +633,33 @@ impl Daemon {
                     .as_ref()
                     .is_some_and(|d| d.join(crate::exec::files::CERT).exists())
             })
+            // Only this daemon's CA can renew: certificates of other trust domains run out.
             .filter(|(_, m)| {
-                m.bound
-                    .as_ref()
-                    .is_some_and(|b| !b.revoked && b.not_after <= limit)
+                m.bound.as_ref().is_some_and(|b| {
+                    !b.revoked && b.not_after <= limit && b.spiffe_id.starts_with(&local)
+                })
             })
             .map(|(id, _)| *id)
             .collect();
+        // Tokens are refreshed at half their lifetime.
+        let half = self.identity.config().token_lifetime / 2;
+        let token_limit = unix_secs(SystemTime::now() + half);
+        let tokens: Vec<u64> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.agent_dir.is_some() && !m.audience.is_empty())
+            .filter(|(_, m)| m.bound.as_ref().is_some_and(|b| !b.revoked))
+            .filter(|(_, m)| m.token_exp <= token_limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in tokens {
+            if let Err(e) = self.refresh_token(id).await {
+                tracing::warn!(cgroup_id = id, error = %e, "cannot refresh an agent's token");
+                self.count_error("token");
+            }
+        }
         let (mut ok, mut failed) = (0, Vec::new());
         for id in due {
             match self.renew(id).await {
@@ -612,7 +736,7 @@ async fn enroll_connection(stream: UnixStream, daemon: &Daemon) -> std::io::Resu
         Err(e) => refuse(format!(
             "bad request: {e}; send one JSON line such as {{\"op\":\"enroll\"}}"
         )),
-        Ok(EnrollRequest::Enroll) => match &peer {
+        Ok(req) => match &peer {
             Err(e) => refuse(format!("cannot identify the enrolling process: {e}")),
             Ok(peer) => {
                 let chain: Vec<CertificateDer<'static>> = tls
@@ -621,7 +745,10 @@ async fn enroll_connection(stream: UnixStream, daemon: &Daemon) -> std::io::Resu
                     .peer_certificates()
                     .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
                     .unwrap_or_default();
-                daemon.enroll(peer, &chain).await
+                match req {
+                    EnrollRequest::Enroll => daemon.enroll(peer, &chain).await,
+                    EnrollRequest::Token { audience } => daemon.token(peer, &chain, &audience),
+                }
             }
         },
     };

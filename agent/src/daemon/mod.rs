@@ -87,6 +87,9 @@ struct Managed {
     bound: Option<identity::Bound>,
     /// Files of an agent launched with `agentwall exec --cert` (renewed there).
     agent_dir: Option<PathBuf>,
+    /// Audiences of the JWT-SVID kept in the agent's directory, and its expiry (Unix seconds).
+    audience: Vec<String>,
+    token_exp: u64,
 }
 
 impl Managed {
@@ -99,6 +102,8 @@ impl Managed {
             quarantined: false,
             bound: None,
             agent_dir: None,
+            audience: Vec::new(),
+            token_exp: 0,
         }
     }
 }
@@ -308,7 +313,11 @@ impl Daemon {
 
     /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
     /// cgroup id whose lease the caller holds.
-    pub async fn exec_begin(&self, policy: Option<&str>) -> (Reply, Option<u64>) {
+    pub async fn exec_begin(
+        &self,
+        policy: Option<&str>,
+        audience: Vec<String>,
+    ) -> (Reply, Option<u64>) {
         let binding = match policy {
             None => None,
             Some(policy) => match self.binding_for(policy) {
@@ -364,6 +373,7 @@ impl Daemon {
                 let mut m = Managed::new(cg.clone(), policy.map(str::to_string), Kind::Exec);
                 m.leased = true;
                 m.agent_dir.clone_from(&agent_dir);
+                m.audience = audience;
                 self.cgroups.lock().await.insert(id, m);
                 tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
                 let enroll = agent_dir.map(|d| control::ExecEnroll {
@@ -628,6 +638,7 @@ impl Daemon {
                     if let Some(r) = record {
                         m.bound.clone_from(&r.bound);
                         m.agent_dir.clone_from(&r.agent_dir);
+                        m.audience.clone_from(&r.audience);
                     }
                     registry.insert(*id, m);
                 }

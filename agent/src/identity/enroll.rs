@@ -37,13 +37,23 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum EnrollRequest {
     /// Bind the caller's cgroup to the identity of its certificate.
     Enroll,
+    /// A JWT-SVID for the identity of the certificate, for these audiences.
+    Token { audience: Vec<String> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EnrollReply {
     Enrolled(Enrolled),
-    Error { message: String },
+    Token {
+        token: String,
+        spiffe_id: String,
+        /// RFC 3339.
+        expires_at: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +223,46 @@ pub fn enroll(
     key_pem: &[u8],
     bundle_pem: &[u8],
 ) -> Result<Enrolled, EnrollError> {
+    match request(
+        socket,
+        cert_pem,
+        key_pem,
+        bundle_pem,
+        &EnrollRequest::Enroll,
+    )? {
+        EnrollReply::Enrolled(e) => Ok(e),
+        other => Err(EnrollError::Reply(format!("{other:?}"))),
+    }
+}
+
+/// Asks for a JWT-SVID of the certificate's identity (blocking). Returns the token and its
+/// expiry (RFC 3339).
+pub fn token(
+    socket: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    bundle_pem: &[u8],
+    audience: &[String],
+) -> Result<(String, String), EnrollError> {
+    let req = EnrollRequest::Token {
+        audience: audience.to_vec(),
+    };
+    match request(socket, cert_pem, key_pem, bundle_pem, &req)? {
+        EnrollReply::Token {
+            token, expires_at, ..
+        } => Ok((token, expires_at)),
+        other => Err(EnrollError::Reply(format!("{other:?}"))),
+    }
+}
+
+/// One request over a fresh TLS connection; a refusal becomes [`EnrollError::Refused`].
+pub fn request(
+    socket: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    bundle_pem: &[u8],
+    req: &EnrollRequest,
+) -> Result<EnrollReply, EnrollError> {
     let cfg = client_config(cert_pem, key_pem, bundle_pem)?;
     let sock =
         std::os::unix::net::UnixStream::connect(socket).map_err(|source| EnrollError::Connect {
@@ -226,8 +276,7 @@ pub fn enroll(
     let conn = rustls::ClientConnection::new(cfg, name)
         .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
     let mut tls = rustls::StreamOwned::new(conn, sock);
-    let mut line = serde_json::to_vec(&EnrollRequest::Enroll)
-        .map_err(|e| EnrollError::Reply(e.to_string()))?;
+    let mut line = serde_json::to_vec(req).map_err(|e| EnrollError::Reply(e.to_string()))?;
     line.push(b'\n');
     tls.write_all(&line).map_err(EnrollError::Tls)?;
     tls.flush().map_err(EnrollError::Tls)?;
@@ -236,8 +285,8 @@ pub fn enroll(
         .read_line(&mut reply)
         .map_err(EnrollError::Tls)?;
     match serde_json::from_str::<EnrollReply>(reply.trim_end()) {
-        Ok(EnrollReply::Enrolled(e)) => Ok(e),
         Ok(EnrollReply::Error { message }) => Err(EnrollError::Refused(message)),
+        Ok(r) => Ok(r),
         Err(e) => Err(EnrollError::Reply(format!("{e} in {reply:?}"))),
     }
 }

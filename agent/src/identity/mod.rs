@@ -8,6 +8,7 @@ pub mod revoke;
 pub mod service;
 pub mod spiffe;
 pub mod svid;
+pub mod token;
 pub mod verify;
 
 use std::{

@@ -15,6 +15,7 @@ use super::{
     revoke::{Revocation, RevocationList, RevokeError, Target},
     spiffe::SpiffeId,
     svid::{Issued, LeafRequest, LocalCa},
+    token::TokenSigner,
     verify::{SvidError, TrustBundles, VerifiedSvid, Verifier},
 };
 use crate::{config::IdentityConfig, policy::Grant};
@@ -37,6 +38,8 @@ pub enum ServiceError {
     },
     #[error("enrollment TLS: {0}")]
     Tls(#[from] enroll::TlsSetupError),
+    #[error(transparent)]
+    Token(#[from] super::token::TokenError),
 }
 
 /// Why a presented certificate is refused.
@@ -44,6 +47,8 @@ pub enum ServiceError {
 pub enum Refusal {
     #[error("certificate rejected: {0}")]
     Svid(#[from] SvidError),
+    #[error(transparent)]
+    Token(#[from] super::token::TokenError),
     #[error("{target} was revoked at {at}: {reason}")]
     Revoked {
         target: String,
@@ -64,6 +69,8 @@ pub struct IdentityService {
     verifier: Verifier,
     revocations: RwLock<RevocationList>,
     server: RwLock<ServerTls>,
+    tokens: TokenSigner,
+    jwks: jsonwebtoken::jwk::JwkSet,
 }
 
 impl std::fmt::Debug for IdentityService {
@@ -149,7 +156,17 @@ impl IdentityService {
         }
         let revocations = RevocationList::load(&RevocationList::path(state_dir))?;
         let server = issue_server(&ca, state_dir, now)?;
+        let tokens = TokenSigner::load_or_create(&ca_dir(state_dir))?;
+        tokens.write_jwks(&Self::jwks_path(state_dir))?;
+        let jwks = serde_json::from_value(tokens.jwks()).map_err(|e| {
+            super::token::TokenError::BadKey {
+                path: Self::jwks_path(state_dir),
+                message: e.to_string(),
+            }
+        })?;
         Ok(Self {
+            tokens,
+            jwks,
             cfg: cfg.clone(),
             state_dir: state_dir.to_path_buf(),
             verifier: Verifier::new(bundles, cfg.clock_skew),
@@ -157,6 +174,38 @@ impl IdentityService {
             server: RwLock::new(server),
             ca,
         })
+    }
+
+    /// Where the JWKS of the token key is published.
+    pub fn jwks_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("jwks.json")
+    }
+
+    pub fn jwks(&self) -> serde_json::Value {
+        self.tokens.jwks()
+    }
+
+    /// A JWT-SVID for `id` (already verified and attested by the caller).
+    pub fn issue_token(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+    ) -> Result<(String, super::token::Claims), Refusal> {
+        self.check_revoked(&id.to_string(), "")?;
+        Ok(self
+            .tokens
+            .issue(id, audience, self.cfg.token_lifetime, SystemTime::now())?)
+    }
+
+    /// Verifies a token for `audience`, and that its subject is not revoked.
+    pub fn verify_token(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<super::token::Claims, Refusal> {
+        let claims = super::token::verify(&self.jwks, token, audience, self.cfg.clock_skew)?;
+        self.check_revoked(&claims.sub, "")?;
+        Ok(claims)
     }
 
     pub fn trust_domain(&self) -> &str {
