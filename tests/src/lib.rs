@@ -679,6 +679,22 @@ fn wait_removed(root: &cgroup::Cgroup) -> bool {
     false
 }
 
+/// A cgroup of the test's own outside the managed subtree, killed and removed on drop.
+#[derive(Debug)]
+pub struct CgroupGuard(pub cgroup::Cgroup);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill_all();
+        for _ in 0..250 {
+            if self.0.remove_tree().is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A netprobe REPL running under `agentwall exec`.
 #[derive(Debug)]
 pub struct Repl {

@@ -538,3 +538,82 @@ fn tokens_are_issued_to_attested_holders_verified_and_rejected_after_revocation(
         "{refused:?}"
     );
 }
+
+#[test]
+fn an_agent_in_a_cgroup_of_its_own_enrolls_when_policy_names_that_cgroup() {
+    let _s = serial();
+    let (allowed, denied) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let name = format!("awt-{}-svc", std::process::id());
+    let parent = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+        agentwall_tests::cgroup_mount().join(&name),
+    ));
+    parent.0.create().unwrap();
+    let guard = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+        agentwall_tests::cgroup_mount().join(&name).join("agent"),
+    ));
+    guard.0.create().unwrap();
+    // Without attest.cgroup, a cgroup outside agentwall's subtree is not taken.
+    let mut d = TestDaemon::start(&[("py.yaml", &identity_policy("py", allowed.port(), ""))]);
+    let (cert, key) = d.issue("agent/py/prod", "10m");
+    let bundle = d.state_dir().join("ca/ca.crt");
+    let run = |d: &TestDaemon| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {} {} --socket {} --bundle {} --cert {cert} --key {key} --connect 127.0.0.1:{} --connect 127.0.0.1:{}",
+            guard.0.path().display(),
+            python().display(),
+            python_agent(d).display(),
+            d.enroll_socket.display(),
+            bundle.display(),
+            allowed.port(),
+            denied.port(),
+        );
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap()
+    };
+    let o = run(&d);
+    let got = json_lines(&o);
+    assert_eq!(got[0]["type"], "error", "{got:?}");
+    assert!(
+        got[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outside agentwall's subtree"),
+        "{got:?}"
+    );
+    // Not enforced at all before enrolling: agentwall does not touch cgroups it was not given.
+    assert_eq!(got[2]["ok"], true, "{got:?}");
+
+    let attest = format!("  attest:\n    cgroup: /{name}/*\n");
+    d.write_policy("py.yaml", &identity_policy("py", allowed.port(), &attest));
+    let r = d.cli(&["reload"]);
+    assert!(r.status.success(), "{r:?}");
+    let o = run(&d);
+    let got = json_lines(&o);
+    assert_eq!(got[0]["type"], "enrolled", "{got:?}");
+    assert_eq!(got[0]["cgroup"], format!("/{name}/agent"));
+    assert_eq!(got[1]["ok"], true, "{got:?}");
+    assert_eq!(got[2]["errno"], libc::EPERM, "{got:?}");
+    let bound = |d: &TestDaemon| {
+        d.status()
+            .cgroups
+            .iter()
+            .any(|c| c.kind == "enrolled" && c.path.ends_with(&format!("{name}/agent")))
+    };
+    assert!(bound(&d));
+    // The binding and the programs outlive a daemon restart ...
+    d.stop();
+    d.launch();
+    d.wait_healthy();
+    assert!(bound(&d), "{:?}", d.status().cgroups);
+    // ... and end when the cgroup goes away.
+    drop(guard);
+    wait_for(
+        Duration::from_secs(5),
+        "the enrolled cgroup to be released",
+        || (!bound(&d)).then_some(()),
+    );
+    drop(parent);
+}

@@ -360,20 +360,9 @@ fn a_cgroup_named_in_the_config_is_attached_and_bound() {
     let allowed = TcpSink::new("127.0.0.1:0");
     let denied = TcpSink::new("127.0.0.1:0");
     // A cgroup of the test's own, outside the managed subtree, as a systemd unit's would be.
-    struct Removed(Cgroup);
-    impl Drop for Removed {
-        fn drop(&mut self) {
-            let _ = self.0.kill_all();
-            for _ in 0..250 {
-                if self.0.remove_tree().is_ok() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
     let name = format!("awt-{}-unit", std::process::id());
-    let extra = Removed(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
+    let extra =
+        agentwall_tests::CgroupGuard(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
     extra.0.create().unwrap();
     let config = format!("enforce:\n  - cgroup: {name}\n    policy: web\n");
     let d = TestDaemon::start_with_config(

@@ -338,17 +338,17 @@ impl Daemon {
         &self,
         peer: &Peer,
         chain: &[CertificateDer<'_>],
-    ) -> Result<(VerifiedSvid, Grant), EnrollReply> {
+    ) -> Result<(VerifiedSvid, Grant), String> {
         let svid = self
             .identity
             .verify(chain, SystemTime::now())
-            .map_err(|e| refuse(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         if svid.not_after <= SystemTime::now() {
             // Within the clock tolerance of the verifier, but a binding would be dead on arrival.
-            return Err(refuse(format!(
+            return Err(format!(
                 "certificate rejected: it expired at {}; renew it",
                 humantime::format_rfc3339_seconds(svid.not_after)
-            )));
+            ));
         }
         let grant = {
             let book = self
@@ -363,16 +363,16 @@ impl Daemon {
             .cloned()
         };
         let Some(grant) = grant else {
-            return Err(refuse(format!(
+            return Err(format!(
                 "no policy governs {}; name it in a policy's `identity:` field",
                 svid.id
-            )));
+            ));
         };
         attest::check(&grant.attest, peer).map_err(|e| {
-            refuse(format!(
+            format!(
                 "{e} (selectors of policy {} at {})",
                 grant.policy, grant.source
-            ))
+            )
         })?;
         Ok((svid, grant))
     }
@@ -386,7 +386,7 @@ impl Daemon {
     ) -> EnrollReply {
         let (svid, _) = match self.admit(peer, chain) {
             Ok(a) => a,
-            Err(r) => return r,
+            Err(m) => return refuse(m),
         };
         match self.identity.issue_token(&svid.id, audience) {
             Ok((token, claims)) => EnrollReply::Token {
@@ -405,7 +405,7 @@ impl Daemon {
     pub(super) async fn enroll(&self, peer: &Peer, chain: &[CertificateDer<'_>]) -> EnrollReply {
         let (svid, grant) = match self.admit(peer, chain) {
             Ok(a) => a,
-            Err(r) => return r,
+            Err(m) => return refuse(m),
         };
         let id_text = svid.id.to_string();
         let rel = peer.cgroup.trim_start_matches('/');

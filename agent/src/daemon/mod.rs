@@ -442,6 +442,32 @@ impl Daemon {
             self.save_enrollments().await;
             tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "exec cgroup removed");
         }
+        // Enrolled cgroups elsewhere are not ours to remove; once their owner removed them,
+        // their binding and links go (a new cgroup never reuses the id: it is the inode).
+        let gone: Vec<u64> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.kind == Kind::Enrolled && !m.cgroup.exists())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let result = async {
+                self.enforcer.unbind(id).await?;
+                self.enforcer.detach(id).await?;
+                Ok::<_, DaemonError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::error!(cgroup_id = id, error = %e, "cannot release a removed enrolled cgroup");
+                self.count_error("unbind");
+                continue;
+            }
+            self.cgroups.lock().await.remove(&id);
+            self.save_enrollments().await;
+            tracing::info!(cgroup_id = id, "enrolled cgroup removed; its binding ended");
+        }
     }
 
     fn resolve_cgroup(&self, spec: &str) -> Result<u64, String> {
