@@ -320,7 +320,7 @@ fn main() {
         .map(|n| n.get())
         .unwrap_or(0);
     let mut md = String::new();
-    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(md, "## Enforcement overhead\n");
     let _ = writeln!(
         md,
         "Produced by `cargo xtask bench` (tests/benches/enforcement.rs). Linux {}, {cpus} CPUs. \
@@ -376,7 +376,7 @@ fn main() {
     );
     print!("{md}");
     if let Some(path) = a.report {
-        fs::write(&path, md).unwrap();
+        agentwall_tests::write_report_section(&path, "enforcement", &md);
         eprintln!("wrote {}", path.display());
     }
     drop(enforcer);

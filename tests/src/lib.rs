@@ -488,6 +488,11 @@ impl TestDaemon {
         }
     }
 
+    /// Pid of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGTERM and wait for an orderly exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("daemon running");
@@ -797,4 +802,20 @@ pub fn tcp_policy(name: &str, ports: &[u16]) -> String {
         "policy:\n  name: {name}\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
         ports.join(", ")
     )
+}
+
+/// Replaces the section `name` of a benchmark report (between `<!-- begin NAME -->` and
+/// `<!-- end NAME -->`), or appends it, leaving the other benchmarks' sections as they were.
+pub fn write_report_section(path: &Path, name: &str, body: &str) {
+    let (begin, end) = (
+        format!("<!-- begin {name} -->"),
+        format!("<!-- end {name} -->"),
+    );
+    let old = fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let section = format!("{begin}\n{}\n{end}", body.trim_end());
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{section}{}", &old[..b], &old[e + end.len()..]),
+        _ => format!("{}\n\n{section}\n", old.trim_end()),
+    };
+    fs::write(path, new).expect("write the benchmark report");
 }

@@ -39,7 +39,7 @@ enum Task {
     Test,
     /// cargo fmt --check and clippy, the kernel crate on its own target.
     Lint,
-    /// Enforcement overhead benchmarks; writes docs/benchmarks.md.
+    /// Benchmarks (enforcement overhead, identity); writes docs/benchmarks.md.
     Bench {
         /// Interleaved rounds per configuration (at least 11).
         #[arg(long, default_value_t = 21)]
@@ -144,6 +144,7 @@ fn run(task: Task) -> anyhow::Result<()> {
                 bail!("--rounds must be at least 11");
             }
             step("benchmark: enforcement overhead (release build)");
+            let report = root().join("docs/benchmarks.md");
             let mut c = cargo();
             c.args([
                 "bench",
@@ -154,10 +155,21 @@ fn run(task: Task) -> anyhow::Result<()> {
                 "--",
             ]);
             c.arg(format!("--rounds={rounds}"));
-            c.arg(format!(
-                "--report={}",
-                root().join("docs/benchmarks.md").display()
-            ));
+            c.arg(format!("--report={}", report.display()));
+            status(c)?;
+            step("benchmark: identity (release daemon)");
+            build(true)?;
+            let mut c = cargo();
+            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
+            c.args([
+                "bench",
+                "-p",
+                "agentwall-tests",
+                "--bench",
+                "identity",
+                "--",
+            ]);
+            c.arg(format!("--report={}", report.display()));
             status(c)
         }
     }

@@ -139,7 +139,10 @@ impl Daemon {
         }
     }
 
+    /// Writes the enrollment records if they changed. Saves are serialized (snapshot and write
+    /// under one lock), so an older snapshot never overwrites a newer one.
     pub(super) async fn save_enrollments(&self) {
+        let mut last = self.persisted.lock().await;
         let records: Vec<Record> = self
             .cgroups
             .lock()
@@ -155,12 +158,32 @@ impl Daemon {
                 audience: m.audience.clone(),
             })
             .collect();
-        let result = serde_json::to_vec_pretty(&records)
-            .map_err(std::io::Error::other)
-            .and_then(|b| crate::state::write_atomic(&self.enrollments_path(), &b, 0o600));
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot save the enrollment records");
-            self.count_error("enrollments_save");
+        let bytes = match serde_json::to_vec_pretty(&records) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the enrollment records");
+                self.count_error("enrollments_save");
+                return;
+            }
+        };
+        if *last == bytes {
+            return;
+        }
+        let path = self.enrollments_path();
+        let write = {
+            let bytes = bytes.clone();
+            tokio::task::spawn_blocking(move || crate::state::write_atomic(&path, &bytes, 0o600))
+        };
+        match write.await {
+            Ok(Ok(())) => *last = bytes,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot save the enrollment records");
+                self.count_error("enrollments_save");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enrollment records writer failed");
+                self.count_error("enrollments_save");
+            }
         }
     }
 
@@ -199,24 +222,20 @@ impl Daemon {
             if !revocations.iter().any(|r| b.matches(&r.target)) {
                 continue;
             }
-            match self.enforcer.binding(*id).await {
-                Ok(Some(k)) if k.flags & flags::REVOKED == 0 => {
-                    let revoked = Binding {
+            let marked = self
+                .enforcer
+                .rebind(*id, |k| {
+                    let k = k.unwrap_or_default();
+                    Binding {
                         flags: k.flags | flags::REVOKED,
                         ..k
-                    };
-                    if let Err(e) = self.enforcer.bind(*id, revoked).await {
-                        tracing::error!(cgroup_id = id, error = %e, "cannot mark a binding revoked");
-                        self.count_error("revoke_bind");
-                        continue;
                     }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(cgroup_id = id, error = %e, "cannot read a binding");
-                    self.count_error("revoke_bind");
-                    continue;
-                }
+                })
+                .await;
+            if let Err(e) = marked {
+                tracing::error!(cgroup_id = id, error = %e, "cannot mark a binding revoked");
+                self.count_error("revoke_bind");
+                continue;
             }
             b.revoked = true;
             hit.push(*id);
@@ -225,6 +244,7 @@ impl Daemon {
     }
 
     pub async fn revoke(&self, target: &str, reason: &str, uid: u32) -> Reply {
+        let started = std::time::Instant::now();
         let target = match Target::parse(target) {
             Ok(t) => t,
             Err(e) => {
@@ -238,25 +258,35 @@ impl Daemon {
                 message: "give a reason (--reason TEXT); it is recorded with the revocation".into(),
             };
         }
-        let (new, not_persisted) = match self.identity.revoke(
-            target.clone(),
-            reason,
-            &format!("uid {uid}"),
-        ) {
-            Ok(new) => (new, None),
+        let new = self
+            .identity
+            .revoke(target.clone(), reason, &format!("uid {uid}"));
+        // The kernel first: new connects are denied from here on. Then the list is made
+        // durable; the command reports success only once it is.
+        let cgroups = self.enforce_revocations().await;
+        let in_kernel_us = started.elapsed().as_micros();
+        let identity = Arc::clone(&self.identity);
+        let saved = tokio::task::spawn_blocking(move || identity.save_revocations())
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::identity::revoke::RevokeError::Write {
+                    path: self.cfg.state_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        let not_persisted = match saved {
+            Ok(()) => None,
             Err(e) => {
                 tracing::error!(error = %e, "revocation not persisted; it holds until the daemon restarts");
                 self.count_error("revocation_save");
-                (true, Some(e.to_string()))
+                Some(e.to_string())
             }
         };
-        // The kernel first: new connects are denied when this returns.
-        let cgroups = self.enforce_revocations().await;
         let destroyed = self
             .destroy_sockets(cgroups.iter().copied().collect())
             .await;
         self.save_enrollments().await;
-        tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, "identity revoked");
+        tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, in_kernel_us, "identity revoked");
         Reply::Revoked {
             target: target.to_string(),
             new,
@@ -471,30 +501,35 @@ impl Daemon {
             self.count_error("enroll_attach");
             return refuse(format!("cannot enforce cgroup {}: {e}", peer.cgroup));
         }
-        let old = self.enforcer.binding(cgroup_id).await.ok().flatten();
-        let keep = old.map_or(0, |b| b.flags & flags::DENY_ALL);
         let mode_flag = if mode == Mode::Audit { flags::AUDIT } else { 0 };
-        let binding = Binding {
-            slot,
-            flags: keep | mode_flag,
-            expires_boot_ns: boot_ns_at(svid.not_after),
+        let expires_boot_ns = boot_ns_at(svid.not_after);
+        // A quarantine in force stays in force.
+        let rebound = self
+            .enforcer
+            .rebind(cgroup_id, move |old| Binding {
+                slot,
+                flags: old.map_or(0, |b| b.flags & flags::DENY_ALL) | mode_flag,
+                expires_boot_ns,
+            })
+            .await;
+        let old = match rebound {
+            Ok(old) => old,
+            Err(e) => {
+                self.count_error("enroll_bind");
+                return refuse(format!("cannot bind cgroup {}: {e}", peer.cgroup));
+            }
         };
-        if let Err(e) = self.enforcer.bind(cgroup_id, binding).await {
-            self.count_error("enroll_bind");
-            return refuse(format!("cannot bind cgroup {}: {e}", peer.cgroup));
-        }
         // The process must still be the one attested when the binding lands.
         if let Err(e) = peer.still_there() {
-            let _ = self
-                .enforcer
-                .bind(
-                    cgroup_id,
-                    old.unwrap_or(Binding {
-                        flags: flags::DENY_ALL,
-                        ..binding
-                    }),
-                )
-                .await;
+            // Back to what it was; a cgroup that had no binding is left denying everything.
+            let undo = old.unwrap_or(Binding {
+                slot,
+                flags: flags::DENY_ALL,
+                expires_boot_ns,
+            });
+            if self.enforcer.bind(cgroup_id, undo).await.is_err() {
+                self.count_error("enroll_bind");
+            }
             return refuse(e.to_string());
         }
         let bound = Bound {

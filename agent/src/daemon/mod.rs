@@ -156,6 +156,8 @@ pub struct Daemon {
     reload_lock: AsyncMutex<()>,
     gc: Notify,
     identity: Arc<crate::identity::service::IdentityService>,
+    /// The enrollment records as last written (see `save_enrollments`).
+    persisted: AsyncMutex<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Names {

@@ -56,12 +56,25 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         reload_lock: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,
+        persisted: AsyncMutex::new(Vec::new()),
         cfg,
     });
 
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(Arc::clone(&book)));
-    let mut reader = tokio::spawn(events::read_ring(ring, names, events_tx));
+    // On a thread of its own: a burst of verdicts must not hold up the admin and enrollment
+    // sockets, which the runtime's workers serve.
+    let (reader_done, mut reader) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("agentwall-events".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|rt| rt.block_on(events::read_ring(ring, names, events_tx)));
+            let _ = reader_done.send(result);
+        })
+        .map_err(DaemonError::Events)?;
 
     let generation = daemon.install(compiled).await?;
     tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");

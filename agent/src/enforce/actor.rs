@@ -87,6 +87,22 @@ impl EnforcerHandle {
         Ok(self.call(move |e| e.bind(cgroup_id, binding)).await??)
     }
 
+    /// Reads a cgroup's binding and writes the one `f` makes of it, in one call (no other
+    /// command runs in between). Returns the binding before.
+    pub async fn rebind(
+        &self,
+        cgroup_id: u64,
+        f: impl FnOnce(Option<Binding>) -> Binding + Send + 'static,
+    ) -> Result<Option<Binding>, CallError> {
+        Ok(self
+            .call(move |e| {
+                let old = e.binding(cgroup_id)?;
+                e.bind(cgroup_id, f(old))?;
+                Ok::<_, crate::enforce::EnforceError>(old)
+            })
+            .await??)
+    }
+
     pub async fn unbind(&self, cgroup_id: u64) -> Result<(), CallError> {
         Ok(self.call(move |e| e.unbind(cgroup_id)).await??)
     }

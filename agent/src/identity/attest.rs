@@ -156,8 +156,9 @@ impl Peer {
 
     /// Fails if the process exited since it was read (its pid could now be another's).
     pub fn still_there(&self) -> Result<(), AttestError> {
+        // A pidfd names one process for good: alive means the pid is still that process.
         let alive = match &self.pidfd {
-            Some(fd) => pidfd_alive(fd) && pidfd_pid(fd) == Some(self.pid),
+            Some(fd) => pidfd_alive(fd),
             None => Path::new(&format!("/proc/{}", self.pid)).exists(),
         };
         if alive {

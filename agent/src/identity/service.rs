@@ -269,23 +269,29 @@ impl IdentityService {
         }
     }
 
-    /// Adds a revocation and saves the list. The revocation holds in memory even if saving
-    /// fails (the error is returned so the caller can say so).
-    pub fn revoke(&self, target: Target, reason: &str, by: &str) -> Result<bool, RevokeError> {
+    /// Adds a revocation to the list in memory; returns whether it was new. The caller applies
+    /// it in the kernel, then saves the list with [`Self::save_revocations`].
+    pub fn revoke(&self, target: Target, reason: &str, by: &str) -> bool {
         let mut list = self
             .revocations
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let new = list.add(Revocation {
+        list.add(Revocation {
             target,
             reason: reason.to_string(),
             at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             by: by.to_string(),
-        });
-        if new {
-            list.save(&RevocationList::path(&self.state_dir))?;
-        }
-        Ok(new)
+        })
+    }
+
+    /// Writes the revocation list (synced) so that it holds after a restart.
+    pub fn save_revocations(&self) -> Result<(), RevokeError> {
+        let list = self
+            .revocations
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        list.save(&RevocationList::path(&self.state_dir))
     }
 
     pub fn revocations(&self) -> Vec<Revocation> {
