@@ -505,8 +505,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let compiled = policy::compile(&set, |n| slots.get(n).copied().unwrap_or(0))
                 .map_err(|problems| policy::PolicyError { problems })?;
             for p in &set.policies {
+                let identity = p.identity.as_deref().map_or(String::new(), |id| {
+                    format!(
+                        ", identity {id}{}",
+                        if p.attest.is_empty() {
+                            ""
+                        } else {
+                            " (with attestation selectors)"
+                        }
+                    )
+                });
                 println!(
-                    "policy {} ({:?}) at {}: {} egress rules",
+                    "policy {} ({:?}) at {}: {} egress rules{identity}",
                     p.name,
                     p.mode,
                     p.source,
