@@ -416,6 +416,59 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
+    fn load_text(name: &str, text: &str) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("aw-config-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.yaml");
+        fs::write(&p, text).unwrap();
+        let r = Config::load(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        });
+        fs::remove_dir_all(dir).unwrap();
+        r
+    }
+
+    #[test]
+    fn identity_and_enrollment_settings() {
+        let c = load_text(
+            "id",
+            "identity:\n  trust_domain: example.org\n  svid_lifetime: 30m\n  bundles:\n    - trust_domain: spire.example\n      file: /etc/b.pem\nenrollment:\n  mode: \"0660\"\n  group: agents\n",
+        )
+        .unwrap();
+        assert_eq!(c.identity.trust_domain, "example.org");
+        assert_eq!(
+            c.identity.svid_lifetime,
+            std::time::Duration::from_secs(1800)
+        );
+        assert_eq!(
+            c.identity.token_lifetime,
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(c.enrollment.mode, 0o660);
+        assert_eq!(c.identity.bundles[0].trust_domain, "spire.example");
+        for (text, want) in [
+            (
+                "identity:\n  trust_domain: Example.org\n",
+                "identity.trust_domain",
+            ),
+            (
+                "identity:\n  svid_lifetime: 10s\n",
+                "identity.svid_lifetime",
+            ),
+            ("identity:\n  svid_lifetime: soon\n", "not a duration"),
+            ("identity:\n  renew_before: 2h\n", "identity.renew_before"),
+            ("enrollment:\n  mode: \"0999\"\n", "octal file mode"),
+            (
+                "identity:\n  bundles:\n    - trust_domain: a/b\n      file: x\n",
+                "identity.bundles",
+            ),
+        ] {
+            let e = load_text("bad", text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+
     #[test]
     fn root_cgroup_is_refused() {
         let dir = std::env::temp_dir().join(format!("aw-config-root-{}", std::process::id()));

@@ -165,15 +165,13 @@ fn write_bundle(
         path: dir.to_path_buf(),
         source,
     };
-    let bundle_path = dir.join(files::BUNDLE);
-    crate::state::write_atomic(&bundle_path, &bundle_pem, 0o644).map_err(err)?;
+    // The directory's own entry lives in a root-owned parent, so its path is safe to chown;
+    // the files in it are given their owner through their descriptors.
     if let Some(u) = run_as {
-        for p in [dir, bundle_path.as_path()] {
-            nix::unistd::chown(p, Some(u.uid.into()), Some(u.gid.into()))
-                .map_err(|e| err(e.into()))?;
-        }
+        nix::unistd::chown(dir, Some(u.uid.into()), Some(u.gid.into()))
+            .map_err(|e| err(e.into()))?;
     }
-    Ok(())
+    write_owned_like_dir(dir, files::BUNDLE, &bundle_pem, 0o644).map_err(err)
 }
 
 /// Hidden subcommand of the launcher that enrolls and then executes the command.

@@ -95,13 +95,29 @@ impl SlotTable {
 /// mix: a temporary file created with `mode`, synced, renamed over `path`, and the directory
 /// synced.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_atomic_owned(path, bytes, mode, None)
+}
+
+/// [`write_atomic`], the new file owned by `owner` (uid, gid). Ownership is set through the
+/// open descriptor before the rename, never by path: in a directory its user controls, a path
+/// could be swapped for a symbolic link to another file between the rename and a chown.
+pub(crate) fn write_atomic_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(mode)
         .open(&tmp)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;

@@ -725,8 +725,13 @@ impl Daemon {
     }
 }
 
+/// Enrollments in progress at once; further connections are closed at once (and counted),
+/// so that a flood of idle connections cannot exhaust the daemon.
+const MAX_CONCURRENT_ENROLLMENTS: usize = 128;
+
 /// Serves the enrollment socket.
 pub(super) async fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ENROLLMENTS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -736,11 +741,19 @@ pub(super) async fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) {
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            daemon.count_error("enroll_busy");
+            tracing::warn!(
+                "enrollment refused: {MAX_CONCURRENT_ENROLLMENTS} enrollments already in progress"
+            );
+            continue;
+        };
         let daemon = Arc::clone(&daemon);
         tokio::spawn(async move {
             let result =
                 tokio::time::timeout(enroll::CLIENT_TIMEOUT, enroll_connection(stream, &daemon))
                     .await;
+            drop(permit);
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "enrollment connection failed"),
