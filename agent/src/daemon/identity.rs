@@ -12,10 +12,7 @@ use std::{
 use agentwall_common::binding::{Binding, flags};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
-};
+use tokio::net::UnixListener;
 
 use super::{Daemon, DaemonError, Kind, Managed};
 use crate::{
@@ -748,38 +745,98 @@ pub(super) async fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) {
             );
             continue;
         };
+        // A handshake is a short burst of computation with a few reads and writes: it runs
+        // on a blocking thread with plain I/O, which costs fewer wake-ups than the async path.
         let daemon = Arc::clone(&daemon);
-        tokio::spawn(async move {
-            let result =
-                tokio::time::timeout(enroll::CLIENT_TIMEOUT, enroll_connection(stream, &daemon))
-                    .await;
+        let rt = tokio::runtime::Handle::current();
+        let stream = match stream.into_std().and_then(|s| {
+            s.set_nonblocking(false)?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "enrollment socket: cannot take the connection");
+                daemon.count_error("enroll_accept");
+                continue;
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let result = enroll_connection(stream, &daemon, &rt);
             drop(permit);
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "enrollment connection failed"),
-                Err(_) => tracing::debug!("enrollment connection timed out"),
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "enrollment connection failed");
             }
         });
     }
 }
 
-async fn enroll_connection(stream: UnixStream, daemon: &Daemon) -> std::io::Result<()> {
+/// A stream whose reads and writes give up at a deadline: the whole exchange is bounded, not
+/// each operation (a client trickling bytes cannot hold a thread for long).
+struct Deadline {
+    sock: std::os::unix::net::UnixStream,
+    until: std::time::Instant,
+}
+
+impl Deadline {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the enrollment took too long",
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl std::io::Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.sock.set_read_timeout(Some(left))?;
+        self.sock.read(buf)
+    }
+}
+
+impl std::io::Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.sock.set_write_timeout(Some(left))?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+fn enroll_connection(
+    stream: std::os::unix::net::UnixStream,
+    daemon: &Daemon,
+    rt: &tokio::runtime::Handle,
+) -> std::io::Result<()> {
+    use std::io::{BufRead as _, Read as _, Write as _};
     // The peer is identified from the socket before any byte is read.
-    let peer = stream.peer_cred().and_then(|cred| {
-        Peer::of_socket(stream.as_raw_fd(), cred.pid(), cred.uid(), cred.gid())
-            .map_err(std::io::Error::other)
-    });
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(std::io::Error::from)
+        .and_then(|cred| {
+            Peer::of_socket(stream.as_raw_fd(), Some(cred.pid()), cred.uid(), cred.gid())
+                .map_err(std::io::Error::other)
+        });
     let tls_config = daemon
         .identity
         .server_tls()
         .map_err(std::io::Error::other)?;
-    let mut tls = tokio_rustls::TlsAcceptor::from(tls_config)
-        .accept(stream)
-        .await?;
+    let conn = rustls::ServerConnection::new(tls_config).map_err(std::io::Error::other)?;
+    let sock = Deadline {
+        sock: stream,
+        until: std::time::Instant::now() + enroll::CLIENT_TIMEOUT,
+    };
+    let mut tls = rustls::StreamOwned::new(conn, sock);
     let mut line = String::new();
-    BufReader::new((&mut tls).take(enroll::MAX_LINE as u64))
-        .read_line(&mut line)
-        .await?;
+    std::io::BufReader::new((&mut tls).take(enroll::MAX_LINE as u64)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<EnrollRequest>(line.trim_end()) {
         Err(e) => refuse(format!(
             "bad request: {e}; send one JSON line such as {{\"op\":\"enroll\"}}"
@@ -788,13 +845,12 @@ async fn enroll_connection(stream: UnixStream, daemon: &Daemon) -> std::io::Resu
             Err(e) => refuse(format!("cannot identify the enrolling process: {e}")),
             Ok(peer) => {
                 let chain: Vec<CertificateDer<'static>> = tls
-                    .get_ref()
-                    .1
+                    .conn
                     .peer_certificates()
                     .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
                     .unwrap_or_default();
                 match req {
-                    EnrollRequest::Enroll => daemon.enroll(peer, &chain).await,
+                    EnrollRequest::Enroll => rt.block_on(daemon.enroll(peer, &chain)),
                     EnrollRequest::Token { audience } => daemon.token(peer, &chain, &audience),
                 }
             }
@@ -806,6 +862,49 @@ async fn enroll_connection(stream: UnixStream, daemon: &Daemon) -> std::io::Resu
     }
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
     out.push(b'\n');
-    tls.write_all(&out).await?;
-    tls.shutdown().await
+    tls.write_all(&out)?;
+    tls.conn.send_close_notify();
+    tls.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    #[test]
+    fn a_silent_client_is_dropped_at_the_deadline() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut d = Deadline {
+            sock: a,
+            until: std::time::Instant::now() + Duration::from_millis(50),
+        };
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 8];
+        let e = d.read(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // Past the deadline nothing is even tried.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            d.read(&mut buf).unwrap_err().kind(),
+            std::io::ErrorKind::TimedOut
+        );
+    }
+
+    #[test]
+    fn boot_clock_expiry_is_in_the_future_or_already_past() {
+        let soon = boot_ns_at(SystemTime::now() + Duration::from_secs(60));
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        assert!(soon > now_ns + 59_000_000_000 && soon < now_ns + 61_000_000_000);
+        assert_eq!(boot_ns_at(SystemTime::now() - Duration::from_secs(1)), 1);
+    }
 }
