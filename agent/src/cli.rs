@@ -107,6 +107,9 @@ enum Command {
     /// Identities: issue, inspect, list what was issued.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// The audit log: verify it, read it, make a key.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Remove agentwall from the kernel: unpin links (detaching the programs) and maps, and
     /// remove the managed cgroup subtree. Enforcement ends.
     Teardown {
@@ -158,6 +161,84 @@ enum PolicyCommand {
         /// Policy directory.
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct AuditKeyArgs {
+    /// File holding the audit key (64 hex digits); default: AGENTWALL_AUDIT_KEY. Repeat it
+    /// for logs written under several keys (rotation).
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+}
+
+impl AuditKeyArgs {
+    fn keyring(&self) -> anyhow::Result<crate::audit::keys::Keyring> {
+        use crate::audit::keys::AuditKey;
+        let keys = if self.keys.is_empty() {
+            vec![AuditKey::from_file_or_env(None)?]
+        } else {
+            self.keys
+                .iter()
+                .map(|p| AuditKey::from_file(p))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(crate::audit::keys::Keyring::new(keys))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check a log: every record in its place, decrypting, chained; every checkpoint signed by
+    /// the node and matching; nothing truncated past an exported checkpoint. Names the first
+    /// bad record and exits non-zero.
+    Verify {
+        /// Audit directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        keys: AuditKeyArgs,
+        /// The node's public key: hex, or a file holding it.
+        #[arg(long)]
+        node_key: String,
+        /// Checkpoints exported off the host (checkpoints.jsonl copies); repeatable.
+        #[arg(long = "checkpoints")]
+        checkpoints: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the last records as JSON lines (decrypted); --follow waits for new ones.
+    Tail {
+        dir: PathBuf,
+        #[command(flatten)]
+        keys: AuditKeyArgs,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print the records that match every filter given, as JSON lines.
+    Query {
+        dir: PathBuf,
+        #[command(flatten)]
+        keys: AuditKeyArgs,
+        /// SPIFFE ID (or policy name) of the record.
+        #[arg(long)]
+        identity: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Rule (file:line) or rule id.
+        #[arg(long)]
+        rule: Option<String>,
+        /// From this time on (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Print a new random audit key (64 hex digits) to keep outside the log's directory.
+    Keygen,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +370,12 @@ struct RunArgs {
     /// Directory of the files of agents launched with `exec --cert`.
     #[arg(long)]
     agent_dir: Option<PathBuf>,
+    /// Audit log directory (default: <state dir>/audit).
+    #[arg(long)]
+    audit_dir: Option<PathBuf>,
+    /// Audit key file (64 hex digits; created if missing), outside the audit directory.
+    #[arg(long)]
+    audit_key: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
@@ -323,6 +410,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 log_format: a.log_format,
                 enroll_socket: a.enroll_socket,
                 agent_dir: a.agent_dir,
+                audit_dir: a.audit_dir,
+                audit_key: a.audit_key,
             };
             let cfg = Config::load(&overrides)?;
             logging::init(cfg.log_format, "info");
@@ -577,6 +666,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Identity(cmd) => identity_command(cmd),
+        Command::Audit(cmd) => audit_command(cmd),
         Command::ProbeConnect { addr } => Ok(code(probe::child_main(&addr))),
     }
 }
@@ -799,6 +889,166 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
             if let Some(t) = torn {
                 tracing::warn!("{t}");
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a decrypted record matches the query's filters.
+fn audit_matches(
+    rec: &serde_json::Value,
+    identity: Option<&str>,
+    verdict: Option<&str>,
+    rule: Option<&str>,
+    since: Option<std::time::SystemTime>,
+    until: Option<std::time::SystemTime>,
+) -> bool {
+    let field = |k: &str| rec.get(k).and_then(serde_json::Value::as_str);
+    let has = |keys: &[&str], want: &str| keys.iter().any(|k| field(k) == Some(want));
+    if identity.is_some_and(|i| !has(&["spiffe_id", "policy"], i)) {
+        return false;
+    }
+    if verdict.is_some_and(|v| !has(&["verdict"], v)) {
+        return false;
+    }
+    if let Some(r) = rule {
+        let id_matches = rec
+            .get("rule_id")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|id| id.to_string() == r);
+        if !id_matches && !has(&["rule"], r) {
+            return false;
+        }
+    }
+    let time = field("time").and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+    if since.is_some_and(|s| time.is_none_or(|t| t < s)) {
+        return false;
+    }
+    if until.is_some_and(|u| time.is_none_or(|t| t > u)) {
+        return false;
+    }
+    true
+}
+
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    use crate::audit::{keys::AuditKey, verify};
+    let print_record = |seq: u64, body: &[u8]| {
+        let rec = serde_json::from_slice::<serde_json::Value>(body)
+            .unwrap_or_else(|_| serde_json::json!({"undecodable": String::from_utf8_lossy(body)}));
+        println!("{}", serde_json::json!({"seq": seq, "record": rec}));
+    };
+    match cmd {
+        AuditCommand::Keygen => println!("{}", AuditKey::generate_hex()?),
+        AuditCommand::Verify {
+            dir,
+            keys,
+            node_key,
+            checkpoints,
+            json,
+        } => {
+            let public = if std::path::Path::new(&node_key).exists() {
+                std::fs::read_to_string(&node_key)
+                    .with_context(|| format!("reading {node_key}"))?
+                    .trim()
+                    .to_string()
+            } else {
+                node_key
+            };
+            let keyring = keys.keyring()?;
+            match verify::verify(&dir, &keyring, &public, &checkpoints) {
+                Ok(s) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&s)?);
+                    } else {
+                        println!(
+                            "OK: {} records ({} to {}) in {} segments, chain head {}, {} checkpoints (last at record {})",
+                            s.records,
+                            s.first_seq,
+                            s.last_seq,
+                            s.segments,
+                            s.chain_head,
+                            s.checkpoints,
+                            s.last_checkpoint_seq
+                        );
+                    }
+                }
+                Err(verify::VerifyError::Bad { seq, reason }) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": false, "first_bad_seq": seq, "reason": reason})
+                        );
+                    }
+                    bail!("verification FAILED at record {seq}: {reason}");
+                }
+                Err(e) => bail!("{e}"),
+            }
+        }
+        AuditCommand::Tail {
+            dir,
+            keys,
+            lines,
+            follow,
+        } => {
+            let keyring = keys.keyring()?;
+            let mut last: std::collections::VecDeque<(u64, Vec<u8>)> =
+                std::collections::VecDeque::new();
+            let (summary, _) = verify::walk(&dir, &keyring, &Default::default(), |seq, body| {
+                if last.len() == lines {
+                    last.pop_front();
+                }
+                last.push_back((seq, body.to_vec()));
+            })?;
+            for (seq, body) in &last {
+                print_record(*seq, body);
+            }
+            let mut seen = summary.last_seq;
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let (s, _) = verify::walk(&dir, &keyring, &Default::default(), |seq, body| {
+                    if seq > seen {
+                        print_record(seq, body);
+                    }
+                })?;
+                seen = s.last_seq;
+            }
+        }
+        AuditCommand::Query {
+            dir,
+            keys,
+            identity,
+            verdict,
+            rule,
+            since,
+            until,
+        } => {
+            let keyring = keys.keyring()?;
+            let time = |t: Option<String>| {
+                t.map(|t| {
+                    humantime::parse_rfc3339_weak(&t)
+                        .map_err(|e| anyhow::anyhow!("{t:?} is not an RFC 3339 time: {e}"))
+                })
+                .transpose()
+            };
+            let (since, until) = (time(since)?, time(until)?);
+            verify::walk(&dir, &keyring, &Default::default(), |seq, body| {
+                if let Ok(rec) = serde_json::from_slice::<serde_json::Value>(body)
+                    && audit_matches(
+                        &rec,
+                        identity.as_deref(),
+                        verdict.as_deref(),
+                        rule.as_deref(),
+                        since,
+                        until,
+                    )
+                {
+                    print_record(seq, body);
+                }
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

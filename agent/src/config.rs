@@ -20,6 +20,8 @@ pub mod defaults {
     pub const ENROLL_SOCKET_MODE: u32 = 0o666;
     /// Where `agentwall exec --cert` puts the files of the agents it launches.
     pub const AGENT_DIR: &str = "/run/agentwall/agents";
+    /// The audit key, away from the state directory that holds the log.
+    pub const AUDIT_KEY: &str = "/etc/agentwall/audit.key";
     pub const CGROUP_ROOT: &str = "agentwall";
     /// Trust domain of the embedded CA.
     pub const TRUST_DOMAIN: &str = "agentwall.local";
@@ -99,6 +101,38 @@ pub struct FileConfig {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Directory of the segments (default: `<state dir>/audit`).
+    pub dir: Option<PathBuf>,
+    /// File with the encryption key (64 hex digits), outside the log's directory; created on
+    /// first start if missing. AGENTWALL_AUDIT_KEY, if set, is used instead.
+    pub key_file: PathBuf,
+    /// A segment is closed at this size or age.
+    pub rotate_bytes: u64,
+    #[serde(with = "humantime_serde_lite")]
+    pub rotate_age: std::time::Duration,
+    /// How often the chain head is signed into a checkpoint.
+    #[serde(with = "humantime_serde_lite")]
+    pub checkpoint_every: std::time::Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            key_file: PathBuf::from(defaults::AUDIT_KEY),
+            rotate_bytes: 64 << 20,
+            rotate_age: std::time::Duration::from_secs(3600),
+            checkpoint_every: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// The identity service.
@@ -234,6 +268,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub identity: IdentityConfig,
     pub enrollment: EnrollmentConfig,
+    pub audit: AuditConfig,
 }
 
 /// Command-line overrides.
@@ -248,9 +283,19 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     pub enroll_socket: Option<PathBuf>,
     pub agent_dir: Option<PathBuf>,
+    pub audit_dir: Option<PathBuf>,
+    pub audit_key: Option<PathBuf>,
 }
 
 impl Config {
+    /// The audit log's directory.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit"))
+    }
+
     /// Reads the config file (the one given, or the default one if it exists) and applies the
     /// overrides.
     pub fn load(o: &Overrides) -> Result<Self, ConfigError> {
@@ -278,6 +323,11 @@ impl Config {
             identity: IdentityConfig {
                 agent_dir: o.agent_dir.clone().unwrap_or(file.identity.agent_dir),
                 ..file.identity
+            },
+            audit: AuditConfig {
+                dir: o.audit_dir.clone().or(file.audit.dir),
+                key_file: o.audit_key.clone().unwrap_or(file.audit.key_file),
+                ..file.audit
             },
             enrollment: crate::config::EnrollmentConfig {
                 socket: o.enroll_socket.clone().unwrap_or(file.enrollment.socket),
@@ -363,6 +413,24 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "identity.token_lifetime",
                 message: "must be between 1s and 1h".into(),
+            });
+        }
+        let audit_dir = self.audit_dir();
+        if self.audit.key_file.parent() == Some(audit_dir.as_path())
+            || self.audit.key_file.starts_with(&audit_dir)
+        {
+            return Err(ConfigError::Invalid {
+                field: "audit.key_file",
+                message: "the key must not be stored beside the log it protects; keep it \
+                          outside the audit directory"
+                    .into(),
+            });
+        }
+        if self.audit.rotate_bytes < 4096 || self.audit.checkpoint_every.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "audit",
+                message: "rotate_bytes must be at least 4096 and checkpoint_every above zero"
+                    .into(),
             });
         }
         for e in &self.enforce {

@@ -124,6 +124,7 @@ pub async fn read_ring(
     ring: RingBuf<MapData>,
     names: Arc<dyn Resolve + Send + Sync>,
     tx: broadcast::Sender<Arc<EventRecord>>,
+    audit: Option<crate::audit::sink::AuditHandle>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, open and unchanged until the AsyncFd drops it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -135,10 +136,10 @@ pub async fn read_ring(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), names.as_ref(), &tx);
+                drain(guard.get_inner_mut(), names.as_ref(), &tx, audit.as_ref());
                 guard.clear_ready();
             }
-            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx),
+            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref()),
         }
     }
 }
@@ -150,6 +151,7 @@ fn drain(
     ring: &mut RingBuf<MapData>,
     names: &dyn Resolve,
     tx: &broadcast::Sender<Arc<EventRecord>>,
+    audit: Option<&crate::audit::sink::AuditHandle>,
 ) {
     while let Some(item) = ring.next() {
         let Some(raw) = Event::from_bytes(&item) else {
@@ -158,6 +160,10 @@ fn drain(
         };
         let rec = Arc::new(EventRecord::decode(&raw, names));
         log(&rec, raw.verdict, raw.reason);
+        // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
+        if let Some(a) = audit {
+            a.record("verdict", &*rec);
+        }
         let _ = tx.send(rec);
     }
 }

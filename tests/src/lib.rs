@@ -423,6 +423,8 @@ impl TestDaemon {
             .arg(&self.enroll_socket)
             .arg("--agent-dir")
             .arg(self.dir.join("agents"))
+            .arg("--audit-key")
+            .arg(self.audit_key())
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
             .arg("--log-format")
@@ -608,6 +610,15 @@ impl TestDaemon {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
+    }
+
+    /// The audit log's directory and key file (kept apart, as the daemon requires).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.state_dir().join("audit")
+    }
+
+    pub fn audit_key(&self) -> PathBuf {
+        self.dir.join("keys").join("audit.key")
     }
 
     /// Issues an SVID for `id` (a path in the local trust domain) from the daemon's CA with

@@ -124,6 +124,22 @@ pub struct Status {
     pub cgroups: Vec<CgroupStatus>,
     pub kernel_counters: Counters,
     pub daemon_errors: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub audit: AuditStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditStatus {
+    pub dir: String,
+    /// Records made durable since the daemon started.
+    pub committed: u64,
+    pub last_seq: u64,
+    pub last_checkpoint_seq: u64,
+    pub write_errors: u64,
+    /// The log cannot be written right now (enforcement goes on; records wait).
+    pub failing: bool,
+    /// Hex public key that verifies the checkpoints.
+    pub node_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -284,6 +284,14 @@ impl Daemon {
             .await;
         self.save_enrollments().await;
         tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, in_kernel_us, "identity revoked");
+        self.audit.record(
+            "revoked",
+            &serde_json::json!({
+                "target": target.to_string(), "reason": reason, "by_uid": uid, "new": new,
+                "cgroups": cgroups, "sockets_destroyed": destroyed.sockets,
+                "persisted": not_persisted.is_none(),
+            }),
+        );
         Reply::Revoked {
             target: target.to_string(),
             new,
@@ -553,6 +561,14 @@ impl Daemon {
         }
         self.save_enrollments().await;
         tracing::info!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
+        self.audit.record(
+            "enrolled",
+            &serde_json::json!({
+                "spiffe_id": id_text, "serial": svid.serial, "policy": grant.policy,
+                "pid": peer.pid, "uid": peer.uid, "exe": peer.exe, "cgroup": peer.cgroup,
+                "cgroup_id": cgroup_id, "expires_at": bound.expires_at(), "peer_source": peer.source,
+            }),
+        );
         EnrollReply::Enrolled(Enrolled {
             spiffe_id: id_text,
             serial: svid.serial,
@@ -622,6 +638,14 @@ impl Daemon {
         }
         self.save_enrollments().await;
         tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
+        self.audit.record(
+            "certificate_renewed",
+            &serde_json::json!({
+                "spiffe_id": issued.id.to_string(), "serial": issued.serial, "previous_serial": bound.serial,
+                "not_after": humantime::format_rfc3339_seconds(issued.not_after).to_string(),
+                "sha256": issued.sha256, "cgroup_id": cgroup_id,
+            }),
+        );
         Ok(issued.serial)
     }
 
@@ -856,9 +880,30 @@ fn enroll_connection(
             }
         },
     };
-    if let EnrollReply::Error { message } = &reply {
-        tracing::warn!(%message, pid = peer.as_ref().map(|p| p.pid).unwrap_or(0), "enrollment refused");
-        daemon.count_error("enroll_refused");
+    match &reply {
+        EnrollReply::Error { message } => {
+            tracing::warn!(%message, pid = peer.as_ref().map(|p| p.pid).unwrap_or(0), "enrollment refused");
+            daemon.count_error("enroll_refused");
+            daemon.audit.record(
+                "enroll_refused",
+                &serde_json::json!({
+                    "reason": message,
+                    "pid": peer.as_ref().map(|p| p.pid).ok(),
+                    "uid": peer.as_ref().map(|p| p.uid).ok(),
+                    "exe": peer.as_ref().map(|p| p.exe.clone()).ok(),
+                    "cgroup": peer.as_ref().map(|p| p.cgroup.clone()).ok(),
+                }),
+            );
+        }
+        EnrollReply::Token {
+            spiffe_id,
+            expires_at,
+            ..
+        } => daemon.audit.record(
+            "token_issued",
+            &serde_json::json!({"spiffe_id": spiffe_id, "expires_at": expires_at}),
+        ),
+        EnrollReply::Enrolled(_) => {}
     }
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
     out.push(b'\n');

@@ -63,6 +63,8 @@ pub enum DaemonError {
     Events(#[source] std::io::Error),
     #[error(transparent)]
     Identity(#[from] crate::identity::service::ServiceError),
+    #[error("audit log: {0}")]
+    Audit(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -158,6 +160,9 @@ pub struct Daemon {
     identity: Arc<crate::identity::service::IdentityService>,
     /// The enrollment records as last written (see `save_enrollments`).
     persisted: AsyncMutex<Vec<u8>>,
+    audit: crate::audit::sink::AuditHandle,
+    /// Public key that verifies the audit checkpoints (hex).
+    audit_node_key: String,
 }
 
 impl std::fmt::Debug for Names {
@@ -275,6 +280,15 @@ impl Daemon {
         match result {
             Ok((generation, policies, rule_nodes)) => {
                 tracing::info!(generation, policies, rule_nodes, "policies reloaded");
+                self.audit.record(
+                    "policy_loaded",
+                    &serde_json::json!({
+                        "generation": generation,
+                        "policies": policies,
+                        "dir": self.cfg.policy_dir.display().to_string(),
+                        "dir_sha256": policy::dir_hash(&self.cfg.policy_dir),
+                    }),
+                );
                 Reply::Reloaded {
                     generation,
                     policies,
@@ -284,6 +298,14 @@ impl Daemon {
             Err(e) => {
                 self.count_error("reload_rejected");
                 tracing::error!(error = %e, "reload rejected; the policy in force is unchanged");
+                self.audit.record(
+                    "reload_rejected",
+                    &serde_json::json!({
+                        "error": e.to_string(),
+                        "dir": self.cfg.policy_dir.display().to_string(),
+                        "dir_sha256": policy::dir_hash(&self.cfg.policy_dir),
+                    }),
+                );
                 Reply::Error {
                     message: format!("reload rejected, the policy in force is unchanged: {e}"),
                 }
@@ -539,6 +561,10 @@ impl Daemon {
             Some(self.destroy_sockets([id].into()).await)
         };
         tracing::info!(cgroup_id = id, lift, ?destroyed, "quarantine changed");
+        self.audit.record(
+            "quarantine",
+            &serde_json::json!({"cgroup_id": id, "lift": lift, "sockets_destroyed": destroyed.map_or(0, |d| d.sockets)}),
+        );
         Reply::Done {
             message: format!(
                 "cgroup {id} {}",
@@ -613,6 +639,19 @@ impl Daemon {
             cgroups,
             kernel_counters,
             daemon_errors: self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+            audit: {
+                use std::sync::atomic::Ordering::Relaxed;
+                let a = &self.audit.state;
+                control::AuditStatus {
+                    dir: self.cfg.audit_dir().display().to_string(),
+                    committed: a.committed.load(Relaxed),
+                    last_seq: a.last_seq.load(Relaxed),
+                    last_checkpoint_seq: a.last_checkpoint_seq.load(Relaxed),
+                    write_errors: a.write_errors.load(Relaxed),
+                    failing: a.failing.load(Relaxed),
+                    node_key: self.audit_node_key.clone(),
+                }
+            },
         }))
     }
 

@@ -38,6 +38,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
     let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
+    let (audit, audit_node_key, _audit_thread) = start_audit(&cfg)?;
 
     let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
     let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
@@ -57,21 +58,41 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         gc: Notify::new(),
         identity,
         persisted: AsyncMutex::new(Vec::new()),
+        audit: audit.clone(),
+        audit_node_key,
         cfg,
     });
+    audit.record(
+        "daemon_start",
+        &serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "policy_dir": daemon.cfg.policy_dir.display().to_string(),
+            "policy_dir_sha256": policy::dir_hash(&daemon.cfg.policy_dir),
+            "pin_dir": daemon.cfg.pin_dir.display().to_string(),
+        }),
+    );
 
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(Arc::clone(&book)));
     // On a thread of its own: a burst of verdicts must not hold up the admin and enrollment
     // sockets, which the runtime's workers serve.
     let (reader_done, mut reader) = tokio::sync::oneshot::channel();
+    let reader_audit = audit.clone();
     std::thread::Builder::new()
         .name("agentwall-events".into())
         .spawn(move || {
             let result = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .and_then(|rt| rt.block_on(events::read_ring(ring, names, events_tx)));
+                .and_then(|rt| {
+                    rt.block_on(events::read_ring(
+                        ring,
+                        names,
+                        events_tx,
+                        Some(reader_audit),
+                    ))
+                });
             let _ = reader_done.send(result);
         })
         .map_err(DaemonError::Events)?;
@@ -116,6 +137,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             probe_at: now_rfc3339(),
         };
     }
+    audit.record(
+        "health",
+        &serde_json::json!({"state": "healthy", "probe": "a connect from the probe cgroup was denied"}),
+    );
 
     let (listener, access) =
         control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
@@ -149,7 +174,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             gc_daemon.collect().await;
         }
     });
-    tokio::spawn(watch_event_loss(handle.clone()));
+    tokio::spawn(watch_event_loss(handle.clone(), audit.clone()));
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
@@ -177,6 +202,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     let _ = sd_notify("STOPPING=1");
+    audit.record(
+        "daemon_stop",
+        &serde_json::json!({"reason": "signal", "note": "the kernel keeps enforcing through the pinned programs"}),
+    );
+    // Durable and sealed with a checkpoint before the daemon goes.
+    let flushing = audit.clone();
+    let last = tokio::task::spawn_blocking(move || flushing.flush())
+        .await
+        .ok()
+        .flatten();
+    tracing::info!(last_audit_seq = ?last, "audit log flushed and sealed");
     // The socket goes; pins stay, so the kernel keeps enforcing until a daemon returns.
     let _ = std::fs::remove_file(&daemon.cfg.socket);
     let _ = std::fs::remove_file(&daemon.cfg.enrollment.socket);
@@ -186,9 +222,47 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Opens the audit log: key (created on first start), the node's checkpoint key, the writer.
+fn start_audit(
+    cfg: &Config,
+) -> Result<
+    (
+        crate::audit::sink::AuditHandle,
+        String,
+        std::thread::JoinHandle<()>,
+    ),
+    DaemonError,
+> {
+    use crate::audit::{keys::NodeKey, sink, store::Rotation};
+    let err = |e: String| DaemonError::Audit(e);
+    let key = sink::load_or_create_key(&cfg.audit.key_file).map_err(|e| err(e.to_string()))?;
+    let node = NodeKey::load_or_create(&cfg.state_dir.join("audit-node.key"))
+        .map_err(|e| err(e.to_string()))?;
+    let public = node.public_hex();
+    crate::state::write_atomic(
+        &cfg.state_dir.join("audit-node.pub"),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let rotation = Rotation {
+        max_bytes: cfg.audit.rotate_bytes,
+        max_age: cfg.audit.rotate_age,
+    };
+    let (handle, join) = sink::AuditHandle::start(
+        &cfg.audit_dir(),
+        key,
+        node,
+        rotation,
+        cfg.audit.checkpoint_every,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    Ok((handle, public, join))
+}
+
 /// Reports events the kernel could not deliver because the ring buffer was full: loss is
-/// counted per CPU in the kernel and said out loud here.
-async fn watch_event_loss(enforcer: EnforcerHandle) {
+/// counted per CPU in the kernel, said out loud here, and written to the audit log as a gap.
+async fn watch_event_loss(enforcer: EnforcerHandle, audit: crate::audit::sink::AuditHandle) {
     let mut seen: Vec<u64> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -203,6 +277,18 @@ async fn watch_event_loss(enforcer: EnforcerHandle) {
                     lost = now - before,
                     total = now,
                     "events lost: the kernel event ring was full"
+                );
+                let after = audit
+                    .state
+                    .last_seq
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                audit.record(
+                    "events_lost",
+                    &serde_json::json!({
+                        "cpu": cpu, "lost": now - before, "total_lost_on_cpu": now,
+                        "after_seq": after,
+                        "note": format!("{} kernel events lost on CPU {cpu} between record {after} and this one", now - before),
+                    }),
                 );
             }
         }

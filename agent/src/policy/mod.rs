@@ -202,6 +202,37 @@ fn is_policy_file(path: &Path) -> bool {
     !hidden && matches!(ext, Some("yaml" | "yml")) && path.is_file()
 }
 
+/// SHA-256 over the policy files of `dir` (names and contents, in name order), hex; recorded
+/// with every load so that the audit log names the exact directory content in force.
+pub fn dir_hash(dir: &Path) -> String {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| is_policy_file(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        ctx.update(&(name.len() as u64).to_le_bytes());
+        ctx.update(name.as_bytes());
+        let body = fs::read(&f).unwrap_or_default();
+        ctx.update(&(body.len() as u64).to_le_bytes());
+        ctx.update(&body);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Loads and validates every policy file of `dir` (not recursive), in name order.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
     let entries = fs::read_dir(dir)

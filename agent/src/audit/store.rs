@@ -1,0 +1,521 @@
+//! Writing the audit log: segments, frames, group commit, rotation, torn-tail recovery and
+//! checkpoints.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use ring::rand::SecureRandom as _;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Chain, extend, genesis, hex,
+    keys::{AuditKey, KeyError, KeyId, NodeKey},
+};
+
+pub const MAGIC: &[u8; 8] = b"AWAUDIT1";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 64;
+/// Largest record body accepted (a frame longer than this is corrupt).
+pub const MAX_RECORD: usize = 1 << 20;
+/// seq + nonce before the ciphertext.
+pub const FRAME_PREFIX: usize = 8 + 12;
+pub const TAG_LEN: usize = 16;
+pub const CHECKPOINTS: &str = "checkpoints.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("audit log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("audit segment {path} is not an agentwall audit segment ({message})")]
+    Header { path: PathBuf, message: String },
+    #[error("a record of {0} bytes is larger than the largest allowed ({MAX_RECORD})")]
+    TooLarge(usize),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The fixed header of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub key_id: KeyId,
+    pub first_seq: u64,
+    /// Chain head before the segment's first record.
+    pub prev_chain: Chain,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        // 12..16: flags, zero.
+        h[16..24].copy_from_slice(&self.key_id);
+        h[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
+        h[32..64].copy_from_slice(&self.prev_chain);
+        h
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() < HEADER_LEN {
+            return Err(format!("{} bytes, shorter than a header", b.len()));
+        }
+        if &b[..8] != MAGIC {
+            return Err("wrong magic".into());
+        }
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if version != VERSION {
+            return Err(format!(
+                "format version {version}, this build reads {VERSION}"
+            ));
+        }
+        let mut key_id = [0u8; 8];
+        key_id.copy_from_slice(&b[16..24]);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&b[24..32]);
+        let mut prev_chain = [0u8; 32];
+        prev_chain.copy_from_slice(&b[32..64]);
+        Ok(Self {
+            key_id,
+            first_seq: u64::from_le_bytes(first),
+            prev_chain,
+        })
+    }
+}
+
+/// The associated data of a record: its place in the log.
+pub fn aad(seq: u64, key_id: &KeyId, prev: &Chain) -> [u8; 48] {
+    let mut a = [0u8; 48];
+    a[..8].copy_from_slice(&seq.to_le_bytes());
+    a[8..16].copy_from_slice(key_id);
+    a[16..48].copy_from_slice(prev);
+    a
+}
+
+/// Segment file name for a first sequence number.
+pub fn segment_name(first_seq: u64) -> String {
+    format!("seg-{first_seq:020}.aws")
+}
+
+/// Segment files of `dir`, in sequence order.
+pub fn segments(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".aws"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// One frame as read from a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub seq: u64,
+    pub nonce: [u8; 12],
+    pub ciphertext: Vec<u8>,
+    /// Offset of the frame in its segment file.
+    pub offset: u64,
+}
+
+/// Splits a segment's bytes after the header into frames. Stops at the first frame that is
+/// cut short or malformed and returns the offset where the valid frames end.
+pub fn frames(bytes: &[u8]) -> (Vec<Frame>, usize, Option<String>) {
+    let mut out = Vec::new();
+    let mut off = HEADER_LEN;
+    while off < bytes.len() {
+        let Some(len_bytes) = bytes.get(off..off + 4) else {
+            return (out, off, Some("a frame length cut short".into()));
+        };
+        let len =
+            u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+        if !(FRAME_PREFIX + TAG_LEN..=FRAME_PREFIX + MAX_RECORD + TAG_LEN).contains(&len) {
+            return (out, off, Some(format!("a frame length of {len} bytes")));
+        }
+        let Some(body) = bytes.get(off + 4..off + 4 + len) else {
+            return (out, off, Some("a frame cut short".into()));
+        };
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&body[..8]);
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&body[8..20]);
+        out.push(Frame {
+            seq: u64::from_le_bytes(seq),
+            nonce,
+            ciphertext: body[FRAME_PREFIX..].to_vec(),
+            offset: off as u64,
+        });
+        off += 4 + len;
+    }
+    (out, off, None)
+}
+
+/// Limits of one segment.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub max_age: Duration,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What opening the log found at its end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncation {
+    pub segment: String,
+    /// Length of the segment before and after the cut.
+    pub from_bytes: u64,
+    pub to_bytes: u64,
+    pub reason: String,
+    /// The first sequence number that will be written again.
+    pub next_seq: u64,
+}
+
+/// The writer of one audit directory.
+pub struct Writer {
+    dir: PathBuf,
+    key: AuditKey,
+    rotation: Rotation,
+    file: fs::File,
+    segment: PathBuf,
+    segment_bytes: u64,
+    segment_opened: Instant,
+    next_seq: u64,
+    chain: Chain,
+    rng: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("dir", &self.dir)
+            .field("next_seq", &self.next_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+impl Writer {
+    /// Opens (or creates) the log in `dir`. A torn tail (a frame cut short by a crash, or one
+    /// that does not decrypt in its place) is cut off and reported; everything before it was
+    /// acknowledged and stays.
+    pub fn open(
+        dir: &Path,
+        key: AuditKey,
+        rotation: Rotation,
+    ) -> Result<(Self, Option<Truncation>), StoreError> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let segs = segments(dir)?;
+        let Some(last) = segs.last() else {
+            let w = Self::create_segment(dir, key, rotation, 1, genesis())?;
+            return Ok((w, None));
+        };
+        let bytes = fs::read(last).map_err(io(last))?;
+        let header = Header::decode(&bytes).map_err(|message| StoreError::Header {
+            path: last.clone(),
+            message,
+        })?;
+        let (frames, mut end, mut problem) = frames(&bytes);
+        // Walk the chain; with the segment's key at hand, every record must also decrypt.
+        let mut chain = header.prev_chain;
+        let mut next = header.first_seq;
+        for f in &frames {
+            let ok_seq = f.seq == next;
+            let ok_aead = key.id() != header.key_id || {
+                let mut ct = f.ciphertext.clone();
+                key.open(f.nonce, &aad(f.seq, &header.key_id, &chain), &mut ct)
+                    .is_some()
+            };
+            if !ok_seq || !ok_aead {
+                end = f.offset as usize;
+                problem = Some(if ok_seq {
+                    format!("record {} does not decrypt in its place", f.seq)
+                } else {
+                    format!("record {} where {next} belongs", f.seq)
+                });
+                break;
+            }
+            chain = extend(&chain, f.seq, &f.nonce, &f.ciphertext);
+            next += 1;
+        }
+        let truncation = match problem {
+            Some(reason) if end < bytes.len() => {
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(last)
+                    .map_err(io(last))?;
+                file.set_len(end as u64).map_err(io(last))?;
+                file.sync_all().map_err(io(last))?;
+                Some(Truncation {
+                    segment: last
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    from_bytes: bytes.len() as u64,
+                    to_bytes: end as u64,
+                    reason,
+                    next_seq: next,
+                })
+            }
+            _ => None,
+        };
+        // A new key starts a new segment (each segment is under one key).
+        let w = if header.key_id == key.id() {
+            let file = fs::OpenOptions::new()
+                .append(true)
+                .open(last)
+                .map_err(io(last))?;
+            Self {
+                dir: dir.to_path_buf(),
+                key,
+                rotation,
+                file,
+                segment: last.clone(),
+                segment_bytes: end as u64,
+                segment_opened: Instant::now(),
+                next_seq: next,
+                chain,
+                rng: ring::rand::SystemRandom::new(),
+            }
+        } else {
+            Self::create_segment(dir, key, rotation, next, chain)?
+        };
+        Ok((w, truncation))
+    }
+
+    fn create_segment(
+        dir: &Path,
+        key: AuditKey,
+        rotation: Rotation,
+        first_seq: u64,
+        prev_chain: Chain,
+    ) -> Result<Self, StoreError> {
+        let path = dir.join(segment_name(first_seq));
+        let header = Header {
+            key_id: key.id(),
+            first_seq,
+            prev_chain,
+        };
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        file.write_all(&header.encode()).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))?;
+        sync_dir(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            key,
+            rotation,
+            file,
+            segment: path,
+            segment_bytes: HEADER_LEN as u64,
+            segment_opened: Instant::now(),
+            next_seq: first_seq,
+            chain: prev_chain,
+            rng: ring::rand::SystemRandom::new(),
+        })
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn chain(&self) -> Chain {
+        self.chain
+    }
+
+    pub fn segment_name(&self) -> String {
+        self.segment
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Appends records (JSON bodies) and makes them durable with one sync: group commit.
+    /// Returns the sequence number of the first; once this returns, they are acknowledged.
+    pub fn append(&mut self, bodies: &[Vec<u8>]) -> Result<u64, StoreError> {
+        if bodies.is_empty() {
+            return Ok(self.next_seq);
+        }
+        if let Some(b) = bodies.iter().find(|b| b.len() > MAX_RECORD) {
+            return Err(StoreError::TooLarge(b.len()));
+        }
+        // A segment holds at least one record.
+        let full = self.segment_bytes >= self.rotation.max_bytes
+            || self.segment_opened.elapsed() >= self.rotation.max_age;
+        if full && self.segment_bytes > HEADER_LEN as u64 {
+            self.rotate()?;
+        }
+        // Nonces: one random 96-bit base per batch, the record's index added to its low
+        // 32 bits; unique with overwhelming probability, and never repeated after a torn tail.
+        let mut base = [0u8; 12];
+        self.rng
+            .fill(&mut base)
+            .map_err(|_| StoreError::Key(KeyError::Sign("no randomness".into())))?;
+        let first = self.next_seq;
+        let mut buf = Vec::with_capacity(bodies.iter().map(|b| b.len() + 64).sum());
+        let (mut chain, mut seq) = (self.chain, self.next_seq);
+        for (i, body) in bodies.iter().enumerate() {
+            let mut nonce = base;
+            let low =
+                u32::from_le_bytes([base[8], base[9], base[10], base[11]]).wrapping_add(i as u32);
+            nonce[8..].copy_from_slice(&low.to_le_bytes());
+            let mut data = body.clone();
+            self.key
+                .seal(nonce, &aad(seq, &self.key.id(), &chain), &mut data)?;
+            let len = (FRAME_PREFIX + data.len()) as u32;
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(&nonce);
+            buf.extend_from_slice(&data);
+            chain = extend(&chain, seq, &nonce, &data);
+            seq += 1;
+        }
+        self.file.write_all(&buf).map_err(io(&self.segment))?;
+        self.file.sync_data().map_err(io(&self.segment))?;
+        self.segment_bytes += buf.len() as u64;
+        self.chain = chain;
+        self.next_seq = seq;
+        Ok(first)
+    }
+
+    fn rotate(&mut self) -> Result<(), StoreError> {
+        let path = self.dir.join(segment_name(self.next_seq));
+        let header = Header {
+            key_id: self.key.id(),
+            first_seq: self.next_seq,
+            prev_chain: self.chain,
+        };
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        file.write_all(&header.encode()).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))?;
+        sync_dir(&self.dir)?;
+        self.file = file;
+        self.segment = path;
+        self.segment_bytes = HEADER_LEN as u64;
+        self.segment_opened = Instant::now();
+        Ok(())
+    }
+
+    /// Signs the chain head and appends the checkpoint to `checkpoints.jsonl` (synced).
+    pub fn checkpoint(&self, node: &NodeKey) -> Result<Checkpoint, StoreError> {
+        let cp = Checkpoint::sign(
+            node,
+            self.next_seq.saturating_sub(1),
+            &self.segment_name(),
+            &self.chain,
+            SystemTime::now(),
+        );
+        let path = self.dir.join(CHECKPOINTS);
+        let mut line = serde_json::to_vec(&cp).map_err(|e| StoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        f.write_all(&line).map_err(io(&path))?;
+        f.sync_data().map_err(io(&path))?;
+        Ok(cp)
+    }
+}
+
+/// A signed statement of the chain head after record `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub segment: String,
+    /// Hex.
+    pub chain: String,
+    pub time: String,
+    /// Ed25519 signature, hex.
+    pub sig: String,
+}
+
+impl Checkpoint {
+    fn message(seq: u64, segment: &str, chain: &str, time: &str) -> Vec<u8> {
+        format!("agentwall audit checkpoint v1\n{seq}\n{segment}\n{chain}\n{time}\n").into_bytes()
+    }
+
+    pub fn sign(node: &NodeKey, seq: u64, segment: &str, chain: &Chain, at: SystemTime) -> Self {
+        let chain = hex(chain);
+        let time = humantime::format_rfc3339_seconds(at).to_string();
+        let sig = hex(&node.sign(&Self::message(seq, segment, &chain, &time)));
+        Self {
+            seq,
+            segment: segment.into(),
+            chain,
+            time,
+            sig,
+        }
+    }
+
+    /// Whether the signature is the node's.
+    pub fn signed_by(&self, public_hex: &str) -> bool {
+        let Some(sig) = super::unhex(&self.sig) else {
+            return false;
+        };
+        super::keys::verify_signature(
+            public_hex,
+            &Self::message(self.seq, &self.segment, &self.chain, &self.time),
+            &sig,
+        )
+    }
+}
+
+/// Reads a checkpoints file (one JSON object per line); a malformed line is an error with its
+/// line number.
+pub fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>, String> {
+    let mut text = String::new();
+    fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
