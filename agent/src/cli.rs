@@ -221,7 +221,7 @@ enum AuditCommand {
         dir: PathBuf,
         #[command(flatten)]
         keys: AuditKeyArgs,
-        /// SPIFFE ID (or policy name) of the record.
+        /// SPIFFE ID (of an enrollment, a revocation, a token) or policy name (of a verdict).
         #[arg(long)]
         identity: Option<String>,
         /// allow or deny.
@@ -905,7 +905,7 @@ fn audit_matches(
 ) -> bool {
     let field = |k: &str| rec.get(k).and_then(serde_json::Value::as_str);
     let has = |keys: &[&str], want: &str| keys.iter().any(|k| field(k) == Some(want));
-    if identity.is_some_and(|i| !has(&["spiffe_id", "policy"], i)) {
+    if identity.is_some_and(|i| !has(&["spiffe_id", "target", "policy"], i)) {
         return false;
     }
     if verdict.is_some_and(|v| !has(&["verdict"], v)) {
