@@ -121,6 +121,8 @@ pub struct AuditConfig {
     /// How often the chain head is signed into a checkpoint.
     #[serde(with = "humantime_serde_lite")]
     pub checkpoint_every: std::time::Duration,
+    /// Also write every durable record as a JSON line on stdout (for log shippers).
+    pub stdout: bool,
 }
 
 impl Default for AuditConfig {
@@ -131,6 +133,7 @@ impl Default for AuditConfig {
             rotate_bytes: 64 << 20,
             rotate_age: std::time::Duration::from_secs(3600),
             checkpoint_every: std::time::Duration::from_secs(10),
+            stdout: false,
         }
     }
 }

@@ -443,10 +443,15 @@ impl TestDaemon {
             .append(true)
             .open(&self.log)
             .expect("log");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stdout.jsonl"))
+            .expect("stdout file");
         let child = self
             .run_command()
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .expect("start agentwall run");

@@ -172,3 +172,95 @@ fn a_sigkill_loses_no_acknowledged_record_and_the_log_verifies_after_restart() {
     assert_eq!(starts, 2, "both starts are recorded");
     drop(repl);
 }
+
+#[test]
+fn a_hundred_sigkills_during_heavy_writes_lose_no_acknowledged_record() {
+    use agentwall::audit::{
+        keys::{AuditKey, Keyring, NodeKey},
+        verify,
+    };
+    use std::io::BufRead as _;
+    let _s = serial();
+    const KEY: &str = "5f4dcc3b5aa765d61d8327deb882cf995f4dcc3b5aa765d61d8327deb882cf99";
+    let dir = std::env::temp_dir().join(format!("awt-crash-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let bin = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("aw-auditload");
+    let mut acked = 0u64;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..100 {
+        let mut child = std::process::Command::new(&bin)
+            .arg(&dir)
+            .arg(KEY)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        // Kill after a pseudo-random number of acknowledged batches (1 to 8), mid-write.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let batches = 1 + seed % 8;
+        let mut line = String::new();
+        for _ in 0..batches {
+            line.clear();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "round {round}: writer died"
+            );
+            acked = acked.max(line.trim().parse().unwrap());
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // What was acknowledged is there, every round; the torn tail is cut at the next open.
+        let keys = Keyring::new(vec![AuditKey::from_hex(KEY, "test").unwrap()]);
+        let (mut w, _) = agentwall::audit::store::Writer::open(
+            &dir,
+            AuditKey::from_hex(KEY, "test").unwrap(),
+            Default::default(),
+        )
+        .unwrap();
+        assert!(
+            w.next_seq() > acked,
+            "round {round}: record {acked} was acknowledged, the log ends at {}",
+            w.next_seq() - 1
+        );
+        w.append(&[b"{\"kind\":\"restart\"}".to_vec()]).unwrap();
+        drop(w);
+        let node = NodeKey::load_or_create(&dir.with_extension("node")).unwrap();
+        let s = verify::verify(&dir, &keys, &node.public_hex(), &[])
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        acked = s.last_seq;
+    }
+    let _ = fs::remove_dir_all(&dir);
+    let _ = fs::remove_file(dir.with_extension("node"));
+}
+
+#[test]
+fn durable_records_are_shipped_as_json_lines_on_stdout() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some("audit:\n  stdout: true\n"),
+    );
+    let out = d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", denied.port())]);
+    assert_eq!(lines(&out), ["err EPERM"]);
+    let shipped = agentwall_tests::wait_for(
+        std::time::Duration::from_secs(5),
+        "the denial on the daemon's stdout",
+        || {
+            let text = fs::read_to_string(d.dir.join("stdout.jsonl")).ok()?;
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["record"]["kind"] == "verdict" && v["record"]["port"] == denied.port())
+        },
+    );
+    assert!(shipped["seq"].as_u64().unwrap() > 0, "{shipped}");
+    assert_eq!(shipped["record"]["verdict"], "deny");
+    assert_eq!(d.status().audit.stdout_dropped, 0);
+}

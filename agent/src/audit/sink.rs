@@ -47,6 +47,37 @@ pub struct AuditState {
     /// The store cannot write right now.
     pub failing: AtomicBool,
     pub last_checkpoint_seq: AtomicU64,
+    /// Records the JSON-lines sink dropped because its reader was too slow.
+    pub stdout_dropped: AtomicU64,
+}
+
+/// Records waiting for the stdout sink at most; beyond that they are dropped (and counted).
+pub const STDOUT_QUEUE: usize = 16_384;
+
+/// A bounded queue to a sink thread that must never hold up the store.
+struct Fanout {
+    tx: mpsc::SyncSender<String>,
+}
+
+impl Fanout {
+    /// JSON lines on stdout, for log shippers (Fluent Bit, Vector and the like).
+    fn stdout() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel::<String>(STDOUT_QUEUE);
+        thread::Builder::new()
+            .name("agentwall-audit-stdout".into())
+            .spawn(move || {
+                use std::io::Write as _;
+                let out = std::io::stdout();
+                for line in rx {
+                    let mut o = out.lock();
+                    if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
+                        // A closed stdout: nothing to ship to any more.
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +98,16 @@ impl AuditHandle {
         node: NodeKey,
         rotation: Rotation,
         checkpoint_every: Duration,
+        stdout: bool,
     ) -> Result<(Self, thread::JoinHandle<()>), StoreError> {
+        let fanout = if stdout {
+            Some(Fanout::stdout().map_err(|e| StoreError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?)
+        } else {
+            None
+        };
         let (mut writer, truncation) = Writer::open(dir, key, rotation)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let state = Arc::new(AuditState::default());
@@ -84,7 +124,16 @@ impl AuditHandle {
         }
         let join = thread::Builder::new()
             .name("agentwall-audit".into())
-            .spawn(move || run(&mut writer, &rx, &node, &state, checkpoint_every))
+            .spawn(move || {
+                run(
+                    &mut writer,
+                    &rx,
+                    &node,
+                    &state,
+                    checkpoint_every,
+                    fanout.as_ref(),
+                );
+            })
             .map_err(|e| StoreError::Io {
                 path: dir.to_path_buf(),
                 source: e,
@@ -147,6 +196,7 @@ fn run(
     node: &NodeKey,
     state: &AuditState,
     every: Duration,
+    fanout: Option<&Fanout>,
 ) {
     let mut last_cp = Instant::now();
     let mut dirty = false;
@@ -171,8 +221,21 @@ fn run(
                     None
                 };
             }
-            commit(writer, &records, state);
+            let first = commit(writer, &records, state);
             dirty |= !records.is_empty();
+            // Sinks see durable records only, with their sequence numbers.
+            if let Some(f) = fanout {
+                for (i, r) in records.iter().enumerate() {
+                    let line = format!(
+                        "{{\"seq\":{},\"record\":{}}}",
+                        first + i as u64,
+                        String::from_utf8_lossy(r)
+                    );
+                    if f.tx.try_send(line).is_err() {
+                        state.stdout_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             if !flushes.is_empty() && dirty {
                 checkpoint(writer, node, state);
                 last_cp = Instant::now();
@@ -196,11 +259,11 @@ fn run(
 
 /// Commits a batch, retrying until it is durable: a record that entered the queue is never
 /// given up. Meanwhile the queue fills and senders wait (the kernel side then counts drops).
-fn commit(writer: &mut Writer, records: &[Vec<u8>], state: &AuditState) {
+fn commit(writer: &mut Writer, records: &[Vec<u8>], state: &AuditState) -> u64 {
     let mut delay = Duration::from_millis(100);
     loop {
         match writer.append(records) {
-            Ok(_) => {
+            Ok(first) => {
                 if state.failing.swap(false, Ordering::Relaxed) {
                     tracing::warn!("audit log writable again");
                 }
@@ -210,7 +273,7 @@ fn commit(writer: &mut Writer, records: &[Vec<u8>], state: &AuditState) {
                 state
                     .last_seq
                     .store(writer.next_seq().saturating_sub(1), Ordering::Relaxed);
-                return;
+                return first;
             }
             Err(e) => {
                 state.write_errors.fetch_add(1, Ordering::Relaxed);

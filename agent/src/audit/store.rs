@@ -236,7 +236,22 @@ impl Writer {
         rotation: Rotation,
     ) -> Result<(Self, Option<Truncation>), StoreError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let segs = segments(dir)?;
+        let mut segs = segments(dir)?;
+        // A segment shorter than its header is a rotation a crash cut short: it never held a
+        // record (the header is synced before any record goes in), so it goes.
+        let mut unfinished = None;
+        while let Some(last) = segs.last() {
+            let len = fs::metadata(last).map_err(io(last))?.len();
+            if len >= HEADER_LEN as u64 {
+                break;
+            }
+            fs::remove_file(last).map_err(io(last))?;
+            sync_dir(dir)?;
+            unfinished = last
+                .file_name()
+                .map(|n| (n.to_string_lossy().into_owned(), len));
+            segs.pop();
+        }
         let Some(last) = segs.last() else {
             let w = Self::create_segment(dir, key, rotation, 1, genesis())?;
             return Ok((w, None));
@@ -288,7 +303,14 @@ impl Writer {
                     next_seq: next,
                 })
             }
-            _ => None,
+            _ => unfinished.map(|(segment, len)| Truncation {
+                segment,
+                from_bytes: len,
+                to_bytes: 0,
+                reason: "a segment whose header a crash cut short (removed; it held no record)"
+                    .into(),
+                next_seq: next,
+            }),
         };
         // A new key starts a new segment (each segment is under one key).
         let w = if header.key_id == key.id() {

@@ -437,4 +437,26 @@ mod tests {
         let s = verify(&d.0, &ring(), &node.public_hex(), &[]).unwrap();
         assert_eq!(s.last_seq, 30);
     }
+
+    #[test]
+    fn a_rotation_cut_short_by_a_crash_is_undone_on_open() {
+        let d = dir("rotation");
+        let node = node_key(&d.0);
+        build(&d.0, &node);
+        // The next segment's file exists, its header only partly written.
+        let half = d.0.join(store::segment_name(31));
+        fs::write(&half, &store::MAGIC[..5]).unwrap();
+        let (mut w, t) = Writer::open(&d.0, key(), Rotation::default()).unwrap();
+        let t = t.expect("the unfinished segment is reported");
+        assert!(t.reason.contains("header"), "{t:?}");
+        assert!(!half.exists());
+        assert_eq!(w.next_seq(), 31);
+        w.append(&[body(31)]).unwrap();
+        assert_eq!(
+            verify(&d.0, &ring(), &node.public_hex(), &[])
+                .unwrap()
+                .last_seq,
+            31
+        );
+    }
 }

@@ -649,6 +649,7 @@ impl Daemon {
                     last_checkpoint_seq: a.last_checkpoint_seq.load(Relaxed),
                     write_errors: a.write_errors.load(Relaxed),
                     failing: a.failing.load(Relaxed),
+                    stdout_dropped: a.stdout_dropped.load(Relaxed),
                     node_key: self.audit_node_key.clone(),
                 }
             },

@@ -255,6 +255,7 @@ fn start_audit(
         node,
         rotation,
         cfg.audit.checkpoint_every,
+        cfg.audit.stdout,
     )
     .map_err(|e| err(e.to_string()))?;
     Ok((handle, public, join))
