@@ -123,6 +123,17 @@ pub struct AuditConfig {
     pub checkpoint_every: std::time::Duration,
     /// Also write every durable record as a JSON line on stdout (for log shippers).
     pub stdout: bool,
+    /// What new flows meet while the log cannot be written: `enforce` (the policy, as
+    /// always) or `deny` (everything in enforced cgroups is denied until the log is back).
+    pub when_down: WhenDown,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenDown {
+    #[default]
+    Enforce,
+    Deny,
 }
 
 impl Default for AuditConfig {
@@ -134,6 +145,7 @@ impl Default for AuditConfig {
             rotate_age: std::time::Duration::from_secs(3600),
             checkpoint_every: std::time::Duration::from_secs(10),
             stdout: false,
+            when_down: WhenDown::Enforce,
         }
     }
 }

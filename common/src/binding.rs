@@ -24,8 +24,10 @@ pub mod flags {
     pub const AUDIT: u32 = 1 << 1;
     /// The identity was revoked: deny everything, even in audit mode.
     pub const REVOKED: u32 = 1 << 2;
+    /// The audit log is down and the configured rule is to deny everything meanwhile.
+    pub const AUDIT_HOLD: u32 = 1 << 3;
     /// All bits this version knows; the daemon refuses to write others.
-    pub const KNOWN: u32 = DENY_ALL | AUDIT | REVOKED;
+    pub const KNOWN: u32 = DENY_ALL | AUDIT | REVOKED | AUDIT_HOLD;
 }
 
 impl Binding {
@@ -37,6 +39,9 @@ impl Binding {
         }
         if self.flags & flags::DENY_ALL != 0 {
             return Err(Reason::DENY_ALL);
+        }
+        if self.flags & flags::AUDIT_HOLD != 0 {
+            return Err(Reason::AUDIT_DOWN);
         }
         // Unknown bits mean a newer writer; do not guess what they meant.
         if self.flags & !flags::KNOWN != 0 {
@@ -79,6 +84,11 @@ mod tests {
             Err(Reason::REVOKED)
         );
         assert_eq!(b(1 << 31, 0).admit(0), Err(Reason::BAD_BINDING));
+        assert_eq!(b(flags::AUDIT_HOLD, 0).admit(0), Err(Reason::AUDIT_DOWN));
+        assert_eq!(
+            b(flags::AUDIT_HOLD | flags::AUDIT, 0).admit(0),
+            Err(Reason::AUDIT_DOWN)
+        );
         assert_eq!(b(flags::AUDIT, 0).admit(0), Ok(7));
         assert!(b(flags::AUDIT, 0).audit_only());
     }

@@ -63,6 +63,8 @@ code!(
         AUDIT = 10, "audit";
         /// The egress backstop could not parse the packet.
         UNPARSED = 12, "unparsed";
+        /// The audit log cannot be written and the configured rule is to deny meanwhile.
+        AUDIT_DOWN = 13, "audit_down";
     }
 );
 

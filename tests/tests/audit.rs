@@ -264,3 +264,114 @@ fn durable_records_are_shipped_as_json_lines_on_stdout() {
     assert_eq!(shipped["record"]["verdict"], "deny");
     assert_eq!(d.status().audit.stdout_dropped, 0);
 }
+
+/// A size-limited tmpfs of the test's own, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn new(path: std::path::PathBuf, size: &str) -> Self {
+        fs::create_dir_all(&path).unwrap();
+        let o = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount tmpfs: {o:?}");
+        Self(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
+    use std::time::Duration;
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let d0 = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))], None);
+    let fs_dir = d0.dir.join("auditfs");
+    let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
+    let log_dir = fs_dir.join("log");
+    drop(d0);
+    let config = format!(
+        "audit:\n  dir: {}\n  when_down: deny\n  checkpoint_every: 1s\n",
+        log_dir.display()
+    );
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+    let mut repl = d.repl("web");
+    let to = format!("tcp 127.0.0.1:{}", allowed.port());
+    assert_eq!(repl.cmd(&to), "ok");
+    // Fill the file system.
+    let filler = fs_dir.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    }
+    // Verdicts keep coming; their commit fails; the alarm rises and the rule applies.
+    agentwall_tests::wait_for(
+        Duration::from_secs(10),
+        "the audit alarm and the hold",
+        || {
+            let r = repl.cmd(&to);
+            (d.status().audit.failing && r == "err EPERM").then_some(())
+        },
+    );
+    assert!(d.status().audit.write_errors > 0);
+    // Space again: the waiting records are written, the hold is lifted.
+    fs::remove_file(&filler).unwrap();
+    agentwall_tests::wait_for(Duration::from_secs(15), "the log to recover", || {
+        (!d.status().audit.failing && repl.cmd(&to) == "ok").then_some(())
+    });
+    drop(repl);
+    let mut d = d;
+    assert!(d.stop().success());
+    let key = d.audit_key().display().to_string();
+    let node = d.state_dir().join("audit-node.pub").display().to_string();
+    let v = d.cli(&[
+        "audit",
+        "verify",
+        log_dir.to_str().unwrap(),
+        "--key",
+        &key,
+        "--node-key",
+        &node,
+    ]);
+    assert!(v.status.success(), "{v:?}");
+    let t = d.cli(&[
+        "audit",
+        "query",
+        log_dir.to_str().unwrap(),
+        "--key",
+        &key,
+        "--verdict",
+        "deny",
+    ]);
+    let held: Vec<serde_json::Value> = records(&t)
+        .into_iter()
+        .filter(|r| r["reason"] == "audit_down")
+        .collect();
+    assert!(
+        !held.is_empty(),
+        "the denials of the hold are in the log once it is back"
+    );
+    drop(d);
+    drop(tmpfs);
+}

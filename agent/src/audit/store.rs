@@ -209,6 +209,8 @@ pub struct Writer {
     next_seq: u64,
     chain: Chain,
     rng: ring::rand::SystemRandom,
+    /// A failed append may have left part of its batch at the end of the segment.
+    torn: bool,
 }
 
 impl std::fmt::Debug for Writer {
@@ -329,6 +331,7 @@ impl Writer {
                 next_seq: next,
                 chain,
                 rng: ring::rand::SystemRandom::new(),
+                torn: false,
             }
         } else {
             Self::create_segment(dir, key, rotation, next, chain)?
@@ -368,6 +371,7 @@ impl Writer {
             next_seq: first_seq,
             chain: prev_chain,
             rng: ring::rand::SystemRandom::new(),
+            torn: false,
         })
     }
 
@@ -394,6 +398,13 @@ impl Writer {
         }
         if let Some(b) = bodies.iter().find(|b| b.len() > MAX_RECORD) {
             return Err(StoreError::TooLarge(b.len()));
+        }
+        if self.torn {
+            self.file
+                .set_len(self.segment_bytes)
+                .and_then(|()| self.file.sync_all())
+                .map_err(io(&self.segment))?;
+            self.torn = false;
         }
         // A segment holds at least one record.
         let full = self.segment_bytes >= self.rotation.max_bytes
@@ -426,8 +437,19 @@ impl Writer {
             chain = extend(&chain, seq, &nonce, &data);
             seq += 1;
         }
-        self.file.write_all(&buf).map_err(io(&self.segment))?;
-        self.file.sync_data().map_err(io(&self.segment))?;
+        let written = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Part of the batch may be in the file: cut it back to the last durable record,
+            // so that a retry continues a clean log (the next append cuts again if this fails).
+            self.torn = true;
+            if self.file.set_len(self.segment_bytes).is_ok() && self.file.sync_all().is_ok() {
+                self.torn = false;
+            }
+            return Err(io(&self.segment)(e));
+        }
         self.segment_bytes += buf.len() as u64;
         self.chain = chain;
         self.next_seq = seq;
@@ -436,6 +458,11 @@ impl Writer {
 
     fn rotate(&mut self) -> Result<(), StoreError> {
         let path = self.dir.join(segment_name(self.next_seq));
+        // An earlier rotation that failed half-way (disk full) left a file with at most a
+        // header and no record: start it again.
+        if fs::metadata(&path).is_ok_and(|m| m.len() <= HEADER_LEN as u64) {
+            fs::remove_file(&path).map_err(io(&path))?;
+        }
         let header = Header {
             key_id: self.key.id(),
             first_seq: self.next_seq,

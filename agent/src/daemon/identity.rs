@@ -508,12 +508,13 @@ impl Daemon {
         }
         let mode_flag = if mode == Mode::Audit { flags::AUDIT } else { 0 };
         let expires_boot_ns = boot_ns_at(svid.not_after);
-        // A quarantine in force stays in force.
+        // A quarantine, or a hold while the audit log is down, stays in force.
         let rebound = self
             .enforcer
             .rebind(cgroup_id, move |old| Binding {
                 slot,
-                flags: old.map_or(0, |b| b.flags & flags::DENY_ALL) | mode_flag,
+                flags: old.map_or(0, |b| b.flags & (flags::DENY_ALL | flags::AUDIT_HOLD))
+                    | mode_flag,
                 expires_boot_ns,
             })
             .await;

@@ -175,6 +175,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     });
     tokio::spawn(watch_event_loss(handle.clone(), audit.clone()));
+    tokio::spawn(watch_audit_health(
+        handle.clone(),
+        audit.clone(),
+        daemon.cfg.audit.when_down,
+    ));
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
@@ -294,6 +299,58 @@ async fn watch_event_loss(enforcer: EnforcerHandle, audit: crate::audit::sink::A
             }
         }
         seen = c.events_dropped_per_cpu;
+    }
+}
+
+/// Applies `audit.when_down`: while the audit log cannot be written and the rule is `deny`,
+/// every binding carries the hold flag (the kernel then denies everything in enforced
+/// cgroups, open flows' packets included); once the log is writable again the flag goes.
+async fn watch_audit_health(
+    enforcer: EnforcerHandle,
+    audit: crate::audit::sink::AuditHandle,
+    rule: crate::config::WhenDown,
+) {
+    use agentwall_common::binding::{Binding, flags};
+    let mut held = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let failing = audit
+            .state
+            .failing
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let hold = failing && rule == crate::config::WhenDown::Deny;
+        if !hold && !held {
+            continue;
+        }
+        let Ok(bindings) = enforcer.bindings().await else {
+            continue;
+        };
+        for (id, b) in bindings {
+            let want = if hold {
+                b.flags | flags::AUDIT_HOLD
+            } else {
+                b.flags & !flags::AUDIT_HOLD
+            };
+            if want != b.flags
+                && let Err(e) = enforcer.bind(id, Binding { flags: want, ..b }).await
+            {
+                tracing::error!(cgroup_id = id, error = %e, "cannot change the audit hold of a binding");
+            }
+        }
+        if hold != held {
+            if hold {
+                tracing::error!(
+                    "audit log down: every flow of enforced cgroups is denied until it is writable again (audit.when_down: deny)"
+                );
+            } else {
+                tracing::warn!("audit log writable again: the hold on enforced cgroups is lifted");
+                audit.record(
+                    "audit_hold_lifted",
+                    &serde_json::json!({"note": "flows were denied while the log could not be written"}),
+                );
+            }
+            held = hold;
+        }
     }
 }
 
