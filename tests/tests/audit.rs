@@ -375,3 +375,50 @@ fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
     drop(d);
     drop(tmpfs);
 }
+
+#[test]
+fn events_the_kernel_could_not_deliver_become_gap_records_that_add_up() {
+    use std::time::Duration;
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    // The smallest ring: a burst of allowed connects (whose events do not wake the reader,
+    // which polls every 50 ms) overflows it.
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[sink.port()]))],
+        Some("limits:\n  event_ring_bytes: 4096\n"),
+    );
+    let out = d.exec(
+        "web",
+        None,
+        &[&format!("watch 127.0.0.1:{} 1500", sink.port())],
+    );
+    let line = lines(&out).join(" ");
+    assert!(line.contains("eperm=0"), "{out:?}");
+    let dropped = || {
+        d.status()
+            .kernel_counters
+            .totals
+            .get("events_dropped")
+            .copied()
+            .unwrap_or(0)
+    };
+    agentwall_tests::wait_for(
+        Duration::from_secs(5),
+        "the kernel to count dropped events",
+        || (dropped() > 0).then_some(()),
+    );
+    // The watcher reports each second; give it time to see the final count.
+    std::thread::sleep(Duration::from_millis(2500));
+    let total = dropped();
+    assert!(d.stop().success());
+    let gaps = records(&audit(&d, &["tail", "-n", "1000000"]));
+    let lost: u64 = gaps
+        .iter()
+        .filter(|r| r["kind"] == "events_lost")
+        .map(|r| r["lost"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        lost, total,
+        "gap records account for every event the kernel dropped"
+    );
+}

@@ -62,9 +62,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         audit_node_key,
         cfg,
     });
+    // Drops counted before this daemon (pinned counters; a previous daemon may have reported
+    // some): the baseline for the gap records, and stated in the start record.
+    let dropped_at_start = handle
+        .counters()
+        .await
+        .map(|c| c.events_dropped_per_cpu)
+        .unwrap_or_default();
     audit.record(
         "daemon_start",
         &serde_json::json!({
+            "events_dropped_per_cpu_before_start": dropped_at_start,
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "policy_dir": daemon.cfg.policy_dir.display().to_string(),
@@ -174,7 +182,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             gc_daemon.collect().await;
         }
     });
-    tokio::spawn(watch_event_loss(handle.clone(), audit.clone()));
+    tokio::spawn(watch_event_loss(
+        handle.clone(),
+        audit.clone(),
+        dropped_at_start,
+    ));
     tokio::spawn(watch_audit_health(
         handle.clone(),
         audit.clone(),
@@ -268,8 +280,11 @@ fn start_audit(
 
 /// Reports events the kernel could not deliver because the ring buffer was full: loss is
 /// counted per CPU in the kernel, said out loud here, and written to the audit log as a gap.
-async fn watch_event_loss(enforcer: EnforcerHandle, audit: crate::audit::sink::AuditHandle) {
-    let mut seen: Vec<u64> = Vec::new();
+async fn watch_event_loss(
+    enforcer: EnforcerHandle,
+    audit: crate::audit::sink::AuditHandle,
+    mut seen: Vec<u64>,
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Ok(c) = enforcer.counters().await else {
