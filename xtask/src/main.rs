@@ -39,7 +39,7 @@ enum Task {
     Test,
     /// cargo fmt --check and clippy, the kernel crate on its own target.
     Lint,
-    /// Benchmarks (enforcement overhead, identity); writes docs/benchmarks.md.
+    /// Benchmarks (enforcement overhead, audit store, identity); writes docs/benchmarks.md.
     Bench {
         /// Interleaved rounds per configuration (at least 11).
         #[arg(long, default_value_t = 21)]
@@ -155,6 +155,11 @@ fn run(task: Task) -> anyhow::Result<()> {
                 "--",
             ]);
             c.arg(format!("--rounds={rounds}"));
+            c.arg(format!("--report={}", report.display()));
+            status(c)?;
+            step("benchmark: audit store");
+            let mut c = cargo();
+            c.args(["bench", "-p", "agentwall-tests", "--bench", "audit", "--"]);
             c.arg(format!("--report={}", report.display()));
             status(c)?;
             step("benchmark: identity (release daemon)");

@@ -132,7 +132,8 @@ pub fn segments(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
 pub struct Frame {
     pub seq: u64,
     pub nonce: [u8; 12],
-    pub ciphertext: Vec<u8>,
+    /// Where the ciphertext (with its tag) lies in the segment's bytes.
+    pub ct: std::ops::Range<usize>,
     /// Offset of the frame in its segment file.
     pub offset: u64,
 }
@@ -161,7 +162,7 @@ pub fn frames(bytes: &[u8]) -> (Vec<Frame>, usize, Option<String>) {
         out.push(Frame {
             seq: u64::from_le_bytes(seq),
             nonce,
-            ciphertext: body[FRAME_PREFIX..].to_vec(),
+            ct: off + 4 + FRAME_PREFIX..off + 4 + len,
             offset: off as u64,
         });
         off += 4 + len;
@@ -270,7 +271,7 @@ impl Writer {
         for f in &frames {
             let ok_seq = f.seq == next;
             let ok_aead = key.id() != header.key_id || {
-                let mut ct = f.ciphertext.clone();
+                let mut ct = bytes[f.ct.clone()].to_vec();
                 key.open(f.nonce, &aad(f.seq, &header.key_id, &chain), &mut ct)
                     .is_some()
             };
@@ -283,7 +284,7 @@ impl Writer {
                 });
                 break;
             }
-            chain = extend(&chain, f.seq, &f.nonce, &f.ciphertext);
+            chain = extend(&chain, f.seq, &f.nonce, &bytes[f.ct.clone()]);
             next += 1;
         }
         let truncation = match problem {

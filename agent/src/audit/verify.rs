@@ -71,7 +71,7 @@ pub fn walk(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let bytes = fs::read(path).map_err(|e| VerifyError::Setup(format!("{name}: {e}")))?;
+        let mut bytes = fs::read(path).map_err(|e| VerifyError::Setup(format!("{name}: {e}")))?;
         let header =
             Header::decode(&bytes).map_err(|m| bad(next, format!("segment {name}: {m}")))?;
         if header.first_seq != next {
@@ -122,9 +122,15 @@ pub fn walk(
                     ),
                 ));
             }
-            let mut ct = f.ciphertext.clone();
+            // The chain covers the ciphertext: hash it before it is decrypted in place.
+            let prev = chain;
+            chain = extend(&chain, f.seq, &f.nonce, &bytes[f.ct.clone()]);
             let plain = key
-                .open(f.nonce, &aad(f.seq, &header.key_id, &chain), &mut ct)
+                .open(
+                    f.nonce,
+                    &aad(f.seq, &header.key_id, &prev),
+                    &mut bytes[f.ct.clone()],
+                )
                 .ok_or_else(|| {
                     bad(
                         next,
@@ -132,7 +138,6 @@ pub fn walk(
                     )
                 })?;
             each(f.seq, plain);
-            chain = extend(&chain, f.seq, &f.nonce, &f.ciphertext);
             if want.contains(&f.seq) {
                 chains.insert(f.seq, chain);
             }
