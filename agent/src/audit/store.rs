@@ -238,7 +238,15 @@ impl Writer {
         key: AuditKey,
         rotation: Rotation,
     ) -> Result<(Self, Option<Truncation>), StoreError> {
-        fs::create_dir_all(dir).map_err(io(dir))?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // Records are encrypted; who acted when is nobody else's business either.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(dir))?;
+        }
         let mut segs = segments(dir)?;
         // A segment shorter than its header is a rotation a crash cut short: it never held a
         // record (the header is synced before any record goes in), so it goes.
