@@ -103,6 +103,8 @@ pub struct FileConfig {
     pub enrollment: EnrollmentConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub detect: crate::audit::detect::DetectConfig,
 }
 
 /// The audit log.
@@ -116,10 +118,10 @@ pub struct AuditConfig {
     pub key_file: PathBuf,
     /// A segment is closed at this size or age.
     pub rotate_bytes: u64,
-    #[serde(with = "humantime_serde_lite")]
+    #[serde(with = "duration_text")]
     pub rotate_age: std::time::Duration,
     /// How often the chain head is signed into a checkpoint.
-    #[serde(with = "humantime_serde_lite")]
+    #[serde(with = "duration_text")]
     pub checkpoint_every: std::time::Duration,
     /// Also write every durable record as a JSON line on stdout (for log shippers).
     pub stdout: bool,
@@ -157,16 +159,16 @@ pub struct IdentityConfig {
     /// Trust domain of the embedded CA, and of policy identities given as paths.
     pub trust_domain: String,
     /// Lifetime of certificates the daemon issues (`agentwall exec --cert`, renewals).
-    #[serde(with = "humantime_serde_lite")]
+    #[serde(with = "duration_text")]
     pub svid_lifetime: std::time::Duration,
     /// How long before expiry certificates of launched agents are renewed.
-    #[serde(with = "humantime_serde_lite")]
+    #[serde(with = "duration_text")]
     pub renew_before: std::time::Duration,
     /// Lifetime of JWT-SVID tokens.
-    #[serde(with = "humantime_serde_lite")]
+    #[serde(with = "duration_text")]
     pub token_lifetime: std::time::Duration,
     /// Tolerated clock difference when judging validity periods.
-    #[serde(with = "humantime_serde_lite")]
+    #[serde(with = "duration_text")]
     pub clock_skew: std::time::Duration,
     /// Further trusted trust domains, each with its CA bundle (PEM), such as one exported by a
     /// SPIRE server (`spire-server bundle show -format pem`).
@@ -249,10 +251,10 @@ fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 }
 
 /// Durations as humantime text (`1h`, `90s`) in the config file.
-mod humantime_serde_lite {
+pub(crate) mod duration_text {
     use serde::Deserialize as _;
 
-    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
         d: D,
     ) -> Result<std::time::Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -284,6 +286,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub enrollment: EnrollmentConfig,
     pub audit: AuditConfig,
+    pub detect: crate::audit::detect::DetectConfig,
 }
 
 /// Command-line overrides.
@@ -339,6 +342,7 @@ impl Config {
                 agent_dir: o.agent_dir.clone().unwrap_or(file.identity.agent_dir),
                 ..file.identity
             },
+            detect: file.detect,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),
                 key_file: o.audit_key.clone().unwrap_or(file.audit.key_file),
@@ -438,6 +442,19 @@ impl Config {
                 field: "audit.key_file",
                 message: "the key must not be stored beside the log it protects; keep it \
                           outside the audit directory"
+                    .into(),
+            });
+        }
+        let d = &self.detect;
+        if d.burst_factor.is_nan()
+            || d.burst_factor <= 1.0
+            || d.denials == 0
+            || d.denial_window.is_zero()
+        {
+            return Err(ConfigError::Invalid {
+                field: "detect",
+                message: "burst_factor must be above 1, denials at least 1 and denial_window \
+                          above zero"
                     .into(),
             });
         }

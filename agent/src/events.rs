@@ -125,6 +125,7 @@ pub async fn read_ring(
     names: Arc<dyn Resolve + Send + Sync>,
     tx: broadcast::Sender<Arc<EventRecord>>,
     audit: Option<crate::audit::sink::AuditHandle>,
+    mut detector: Option<crate::audit::detect::Detector>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, open and unchanged until the AsyncFd drops it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -136,10 +137,10 @@ pub async fn read_ring(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), names.as_ref(), &tx, audit.as_ref());
+                drain(guard.get_inner_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_mut());
                 guard.clear_ready();
             }
-            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref()),
+            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_mut()),
         }
     }
 }
@@ -152,6 +153,7 @@ fn drain(
     names: &dyn Resolve,
     tx: &broadcast::Sender<Arc<EventRecord>>,
     audit: Option<&crate::audit::sink::AuditHandle>,
+    mut detector: Option<&mut crate::audit::detect::Detector>,
 ) {
     while let Some(item) = ring.next() {
         let Some(raw) = Event::from_bytes(&item) else {
@@ -163,6 +165,25 @@ fn drain(
         // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
         if let Some(a) = audit {
             a.record("verdict", &*rec);
+            if let (Some(d), Some(identity)) = (detector.as_deref_mut(), rec.policy.clone()) {
+                let at = humantime::parse_rfc3339_weak(&rec.time)
+                    .unwrap_or_else(|_| std::time::SystemTime::now());
+                let obs = crate::audit::detect::Observation {
+                    identity,
+                    at,
+                    dst: rec.dst,
+                    port: rec.port,
+                    protocol: rec.protocol.clone(),
+                    allowed: rec.verdict == "allow",
+                };
+                for alert in d.observe(&obs) {
+                    tracing::warn!(?alert, "behavioral alert");
+                    a.state
+                        .alerts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    a.record("alert", &alert);
+                }
+            }
         }
         let _ = tx.send(rec);
     }

@@ -422,3 +422,27 @@ fn events_the_kernel_could_not_deliver_become_gap_records_that_add_up() {
         "gap records account for every event the kernel dropped"
     );
 }
+
+#[test]
+fn repeated_denials_raise_a_behavioral_alert_in_the_log() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some("detect:\n  denials: 5\n  denial_window: 1m\n"),
+    );
+    let to = format!("tcp 127.0.0.1:{}", denied.port());
+    let out = d.exec("web", None, &[&to, &to, &to, &to, &to, &to]);
+    assert_eq!(lines(&out), ["err EPERM"; 6]);
+    agentwall_tests::wait_for(std::time::Duration::from_secs(5), "the alert", || {
+        (d.status().audit.alerts >= 1).then_some(())
+    });
+    assert!(d.stop().success());
+    let alerts = records(&audit(&d, &["tail", "-n", "100000"]));
+    let alert = alerts
+        .iter()
+        .find(|r| r["kind"] == "alert")
+        .expect("an alert record");
+    assert_eq!(alert["alert"], "repeated_denials");
+    assert_eq!(alert["identity"], "web");
+}

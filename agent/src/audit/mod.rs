@@ -13,6 +13,7 @@
 //! signed with the node's Ed25519 key; copies exported off the host let `verify` detect a log
 //! truncated back past them.
 
+pub mod detect;
 pub mod keys;
 pub mod sink;
 pub mod store;

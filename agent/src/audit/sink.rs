@@ -49,6 +49,8 @@ pub struct AuditState {
     pub last_checkpoint_seq: AtomicU64,
     /// Records the JSON-lines sink dropped because its reader was too slow.
     pub stdout_dropped: AtomicU64,
+    /// Behavioral alerts raised.
+    pub alerts: AtomicU64,
 }
 
 /// Records waiting for the stdout sink at most; beyond that they are dropped (and counted).

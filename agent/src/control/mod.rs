@@ -141,6 +141,9 @@ pub struct AuditStatus {
     /// Records the stdout sink dropped (its reader too slow); the store has them all.
     #[serde(default)]
     pub stdout_dropped: u64,
+    /// Behavioral alerts raised (each is an `alert` record).
+    #[serde(default)]
+    pub alerts: u64,
     /// Hex public key that verifies the checkpoints.
     pub node_key: String,
 }

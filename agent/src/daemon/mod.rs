@@ -650,6 +650,7 @@ impl Daemon {
                     write_errors: a.write_errors.load(Relaxed),
                     failing: a.failing.load(Relaxed),
                     stdout_dropped: a.stdout_dropped.load(Relaxed),
+                    alerts: a.alerts.load(Relaxed),
                     node_key: self.audit_node_key.clone(),
                 }
             },

@@ -39,6 +39,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
     let (audit, audit_node_key, _audit_thread) = start_audit(&cfg)?;
+    let cfg_detect = cfg.detect.clone();
 
     let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
     let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
@@ -87,6 +88,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // sockets, which the runtime's workers serve.
     let (reader_done, mut reader) = tokio::sync::oneshot::channel();
     let reader_audit = audit.clone();
+    let detector = crate::audit::detect::Detector::new(cfg_detect);
     std::thread::Builder::new()
         .name("agentwall-events".into())
         .spawn(move || {
@@ -99,6 +101,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                         names,
                         events_tx,
                         Some(reader_audit),
+                        Some(detector),
                     ))
                 });
             let _ = reader_done.send(result);
