@@ -570,6 +570,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses_and_shows_the_defaults() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agentwall.example.yaml");
+        let from_example = Config::load(&Overrides {
+            config: Some(example),
+            ..Default::default()
+        })
+        .unwrap();
+        let defaults = Config::load(&Overrides {
+            config: Some(PathBuf::from("/dev/null")),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn root_cgroup_is_refused() {
         let dir = std::env::temp_dir().join(format!("aw-config-root-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
