@@ -221,7 +221,8 @@ enum AuditCommand {
         dir: PathBuf,
         #[command(flatten)]
         keys: AuditKeyArgs,
-        /// SPIFFE ID (of an enrollment, a revocation, a token) or policy name (of a verdict).
+        /// SPIFFE ID (of a verdict of an enrolled cgroup, an enrollment, a revocation, a token)
+        /// or policy name (of a verdict).
         #[arg(long)]
         identity: Option<String>,
         /// allow or deny.

@@ -39,6 +39,9 @@ pub struct EventRecord {
     /// `file:line` of the rule that allowed.
     pub rule: Option<String>,
     pub policy: Option<String>,
+    /// The SPIFFE ID the cgroup enrolled with, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
     pub slot: u32,
     pub generation: u32,
 }
@@ -47,6 +50,10 @@ pub struct EventRecord {
 pub trait Resolve {
     fn policy(&self, slot: u32) -> Option<String>;
     fn rule(&self, generation: u32, rule_id: u32) -> Option<String>;
+    /// The SPIFFE ID a cgroup is bound to by enrollment.
+    fn identity(&self, _cgroup_id: u64) -> Option<String> {
+        None
+    }
 }
 
 /// The address in the form a user would write: IPv4 for the mapped range.
@@ -111,6 +118,7 @@ impl EventRecord {
                 .then(|| names.rule(e.generation, e.rule_id))
                 .flatten(),
             policy: (e.slot != 0).then(|| names.policy(e.slot)).flatten(),
+            spiffe_id: names.identity(e.cgroup_id),
             slot: e.slot,
             generation: e.generation,
         }
@@ -165,7 +173,10 @@ fn drain(
         // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
         if let Some(a) = audit {
             a.record("verdict", &*rec);
-            if let (Some(d), Some(identity)) = (detector.as_deref_mut(), rec.policy.clone()) {
+            if let (Some(d), Some(identity)) = (
+                detector.as_deref_mut(),
+                rec.spiffe_id.clone().or_else(|| rec.policy.clone()),
+            ) {
                 let at = humantime::parse_rfc3339_weak(&rec.time)
                     .unwrap_or_else(|_| std::time::SystemTime::now());
                 let obs = crate::audit::detect::Observation {

@@ -76,7 +76,8 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
         deny.iter().any(|r| r["kind"] == "verdict"
             && r["port"] == denied.port()
             && r["reason"] == "no_rule"
-            && r["policy"] == "web"),
+            && r["policy"] == "web"
+            && r["spiffe_id"] == "spiffe://agentwall.local/agent/web/prod"),
         "{deny:#?}"
     );
     let all = records(&audit(&d, &["tail", "-n", "1000"]));
@@ -103,7 +104,12 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
             "spiffe://agentwall.local/agent/web/prod",
         ],
     ));
-    assert!(by_identity.len() >= 2, "{by_identity:#?}");
+    // The enrollment, the revocation and the agent's verdicts.
+    assert!(
+        by_identity.iter().any(|r| r["kind"] == "verdict"),
+        "{by_identity:#?}"
+    );
+    assert!(by_identity.len() >= 4, "{by_identity:#?}");
 
     // A wrong key is refused with a clear reason.
     let wrong = d.dir.join("wrong.key");

@@ -2,7 +2,7 @@
 //! certificates of launched agents, and the enrollment socket.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     os::fd::AsRawFd as _,
     path::PathBuf,
     sync::Arc,
@@ -140,10 +140,15 @@ impl Daemon {
     /// under one lock), so an older snapshot never overwrites a newer one.
     pub(super) async fn save_enrollments(&self) {
         let mut last = self.persisted.lock().await;
-        let records: Vec<Record> = self
-            .cgroups
-            .lock()
-            .await
+        let registry = self.cgroups.lock().await;
+        let named: HashMap<u64, String> = registry
+            .iter()
+            .filter_map(|(id, m)| Some((*id, m.bound.as_ref()?.spiffe_id.clone())))
+            .collect();
+        if let Ok(mut ids) = self.identities.write() {
+            *ids = named;
+        }
+        let records: Vec<Record> = registry
             .iter()
             .filter(|(_, m)| m.bound.is_some() || m.agent_dir.is_some())
             .map(|(id, m)| Record {
@@ -155,6 +160,7 @@ impl Daemon {
                 audience: m.audience.clone(),
             })
             .collect();
+        drop(registry);
         let bytes = match serde_json::to_vec_pretty(&records) {
             Ok(b) => b,
             Err(e) => {

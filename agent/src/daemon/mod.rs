@@ -118,10 +118,17 @@ struct RuleBook {
     previous: Option<(u32, Arc<Compiled>)>,
 }
 
-/// Resolves names for events from the shared rule book.
-struct Names(Arc<RwLock<RuleBook>>);
+/// Resolves names for events from the shared rule book and the enrolled identities.
+struct Names(Arc<RwLock<RuleBook>>, Identities);
+
+/// Cgroup id → SPIFFE ID of its enrollment, readable from the event reader's thread.
+type Identities = Arc<RwLock<HashMap<u64, String>>>;
 
 impl Resolve for Names {
+    fn identity(&self, cgroup_id: u64) -> Option<String> {
+        self.1.read().ok()?.get(&cgroup_id).cloned()
+    }
+
     fn policy(&self, slot: u32) -> Option<String> {
         let book = self.0.read().ok()?;
         book.current
@@ -160,6 +167,9 @@ pub struct Daemon {
     identity: Arc<crate::identity::service::IdentityService>,
     /// The enrollment records as last written (see `save_enrollments`).
     persisted: AsyncMutex<Vec<u8>>,
+    /// Enrolled identities by cgroup id, for naming verdicts (kept by `save_enrollments`,
+    /// which runs after every change of an enrollment).
+    identities: Identities,
     audit: crate::audit::sink::AuditHandle,
     /// Public key that verifies the audit checkpoints (hex).
     audit_node_key: String,

@@ -59,6 +59,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         gc: Notify::new(),
         identity,
         persisted: AsyncMutex::new(Vec::new()),
+        identities: Arc::default(),
         audit: audit.clone(),
         audit_node_key,
         cfg,
@@ -83,7 +84,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     );
 
     // Events first, so that nothing the start-up triggers goes unreported.
-    let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(Arc::clone(&book)));
+    let names: Arc<dyn Resolve + Send + Sync> =
+        Arc::new(Names(Arc::clone(&book), Arc::clone(&daemon.identities)));
     // On a thread of its own: a burst of verdicts must not hold up the admin and enrollment
     // sockets, which the runtime's workers serve.
     let (reader_done, mut reader) = tokio::sync::oneshot::channel();
