@@ -223,6 +223,33 @@ impl std::fmt::Debug for Writer {
     }
 }
 
+fn header_for(key: &AuditKey, first_seq: u64, prev_chain: Chain) -> Header {
+    Header {
+        key_id: key.id(),
+        first_seq,
+        prev_chain,
+    }
+}
+
+/// Creates a segment file with its header, synced with its directory. A file of that name
+/// holding at most a header (a rotation that failed half-way, e.g. on a full disk) held no
+/// record and is started again.
+fn new_segment(dir: &Path, header: &Header) -> Result<(fs::File, PathBuf), StoreError> {
+    let path = dir.join(segment_name(header.first_seq));
+    if fs::metadata(&path).is_ok_and(|m| m.len() <= HEADER_LEN as u64) {
+        fs::remove_file(&path).map_err(io(&path))?;
+    }
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    file.write_all(&header.encode()).map_err(io(&path))?;
+    file.sync_all().map_err(io(&path))?;
+    sync_dir(dir)?;
+    Ok((file, path))
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -355,20 +382,7 @@ impl Writer {
         first_seq: u64,
         prev_chain: Chain,
     ) -> Result<Self, StoreError> {
-        let path = dir.join(segment_name(first_seq));
-        let header = Header {
-            key_id: key.id(),
-            first_seq,
-            prev_chain,
-        };
-        let mut file = fs::OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        file.write_all(&header.encode()).map_err(io(&path))?;
-        file.sync_all().map_err(io(&path))?;
-        sync_dir(dir)?;
+        let (file, path) = new_segment(dir, &header_for(&key, first_seq, prev_chain))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             key,
@@ -466,25 +480,8 @@ impl Writer {
     }
 
     fn rotate(&mut self) -> Result<(), StoreError> {
-        let path = self.dir.join(segment_name(self.next_seq));
-        // An earlier rotation that failed half-way (disk full) left a file with at most a
-        // header and no record: start it again.
-        if fs::metadata(&path).is_ok_and(|m| m.len() <= HEADER_LEN as u64) {
-            fs::remove_file(&path).map_err(io(&path))?;
-        }
-        let header = Header {
-            key_id: self.key.id(),
-            first_seq: self.next_seq,
-            prev_chain: self.chain,
-        };
-        let mut file = fs::OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        file.write_all(&header.encode()).map_err(io(&path))?;
-        file.sync_all().map_err(io(&path))?;
-        sync_dir(&self.dir)?;
+        let header = header_for(&self.key, self.next_seq, self.chain);
+        let (file, path) = new_segment(&self.dir, &header)?;
         self.file = file;
         self.segment = path;
         self.segment_bytes = HEADER_LEN as u64;

@@ -89,6 +89,17 @@ fn boot_ns_at(at: SystemTime) -> u64 {
     }
 }
 
+/// The answer to a validity check that failed.
+fn invalid(message: String) -> Reply {
+    Reply::Checked {
+        valid: false,
+        spiffe_id: None,
+        serial: None,
+        not_after: None,
+        message,
+    }
+}
+
 fn refuse(message: impl Into<String>) -> EnrollReply {
     EnrollReply::Error {
         message: message.into(),
@@ -214,15 +225,19 @@ impl Daemon {
 
     /// Sets the revoked flag on every binding whose identity is revoked (after a restart, or
     /// a revocation list edited while the daemon was down). Returns the cgroups changed.
-    pub(super) async fn enforce_revocations(&self) -> Vec<u64> {
+    ///
+    /// Cgroups whose flag could not be written are returned as failures and tried again on
+    /// the next call (the collector calls this every half second), so a failed write never
+    /// leaves a revoked identity allowed for long.
+    pub(super) async fn enforce_revocations(&self) -> (Vec<u64>, Vec<(u64, String)>) {
         let revocations = self.identity.revocations();
-        let mut hit = Vec::new();
+        let (mut hit, mut failed) = (Vec::new(), Vec::new());
         let mut registry = self.cgroups.lock().await;
         for (id, m) in registry.iter_mut() {
             let Some(b) = m.bound.as_mut() else {
                 continue;
             };
-            if !revocations.iter().any(|r| b.matches(&r.target)) {
+            if b.revoked || !revocations.iter().any(|r| b.matches(&r.target)) {
                 continue;
             }
             let marked = self
@@ -236,14 +251,15 @@ impl Daemon {
                 })
                 .await;
             if let Err(e) = marked {
-                tracing::error!(cgroup_id = id, error = %e, "cannot mark a binding revoked");
+                tracing::error!(cgroup_id = id, error = %e, "cannot mark a binding revoked; trying again");
                 self.count_error("revoke_bind");
+                failed.push((*id, e.to_string()));
                 continue;
             }
             b.revoked = true;
             hit.push(*id);
         }
-        hit
+        (hit, failed)
     }
 
     pub async fn revoke(&self, target: &str, reason: &str, uid: u32) -> Reply {
@@ -266,7 +282,7 @@ impl Daemon {
             .revoke(target.clone(), reason, &format!("uid {uid}"));
         // The kernel first: new connects are denied from here on. Then the list is made
         // durable; the command reports success only once it is.
-        let cgroups = self.enforce_revocations().await;
+        let (cgroups, failed) = self.enforce_revocations().await;
         let in_kernel_us = started.elapsed().as_micros();
         let identity = Arc::clone(&self.identity);
         let saved = tokio::task::spawn_blocking(move || identity.save_revocations())
@@ -298,6 +314,20 @@ impl Daemon {
                 "persisted": not_persisted.is_none(),
             }),
         );
+        if !failed.is_empty() {
+            let which: Vec<String> = failed
+                .iter()
+                .map(|(id, e)| format!("cgroup {id}: {e}"))
+                .collect();
+            return Reply::Error {
+                message: format!(
+                    "{target} is on the revocation list, but the kernel could not be told for {} \
+                     cgroup(s) yet (the daemon keeps trying every half second): {}",
+                    failed.len(),
+                    which.join("; ")
+                ),
+            };
+        }
         Reply::Revoked {
             target: target.to_string(),
             new,
@@ -327,13 +357,7 @@ impl Daemon {
                 ),
                 message: "valid".into(),
             },
-            Err(e) => Reply::Checked {
-                valid: false,
-                spiffe_id: None,
-                serial: None,
-                not_after: None,
-                message: e.to_string(),
-            },
+            Err(e) => invalid(e.to_string()),
         }
     }
 
@@ -363,13 +387,7 @@ impl Daemon {
                 not_after: Some(humantime::format_rfc3339_seconds(s.not_after).to_string()),
                 message: "valid".into(),
             },
-            Err(e) => Reply::Checked {
-                valid: false,
-                spiffe_id: None,
-                serial: None,
-                not_after: None,
-                message: e.to_string(),
-            },
+            Err(e) => invalid(e.to_string()),
         }
     }
 

@@ -743,7 +743,7 @@ impl Daemon {
         let live: Vec<u64> = registry.keys().copied().chain([root_id]).collect();
         drop(registry);
         self.save_enrollments().await;
-        self.enforce_revocations().await;
+        let _ = self.enforce_revocations().await;
         for id in self
             .enforcer
             .linked_cgroups()

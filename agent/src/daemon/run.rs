@@ -185,6 +185,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             gc_daemon.collect().await;
+            // Revocations the kernel could not take yet (a failed map write) are retried.
+            let (retried, _) = gc_daemon.enforce_revocations().await;
+            if !retried.is_empty() {
+                let sockets = gc_daemon
+                    .destroy_sockets(retried.iter().copied().collect())
+                    .await;
+                gc_daemon.save_enrollments().await;
+                tracing::warn!(cgroups = ?retried, sockets = sockets.sockets, "revocation applied on retry");
+            }
         }
     });
     tokio::spawn(watch_event_loss(
