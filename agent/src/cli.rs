@@ -221,25 +221,35 @@ enum AuditCommand {
         dir: PathBuf,
         #[command(flatten)]
         keys: AuditKeyArgs,
-        /// SPIFFE ID (of a verdict of an enrolled cgroup, an enrollment, a revocation, a token)
-        /// or policy name (of a verdict).
-        #[arg(long)]
-        identity: Option<String>,
-        /// allow or deny.
-        #[arg(long)]
-        verdict: Option<String>,
-        /// Rule (file:line) or rule id.
-        #[arg(long)]
-        rule: Option<String>,
-        /// From this time on (RFC 3339).
-        #[arg(long)]
-        since: Option<String>,
-        /// Up to this time (RFC 3339).
-        #[arg(long)]
-        until: Option<String>,
+        #[command(flatten)]
+        filter: AuditFilter,
     },
     /// Print a new random audit key (64 hex digits) to keep outside the log's directory.
     Keygen,
+}
+
+/// Filters of `audit query`; a record is printed when it matches every one given.
+#[derive(Debug, Args)]
+struct AuditFilter {
+    /// SPIFFE ID (of a verdict of an enrolled cgroup, an enrollment, a revocation, a token)
+    /// or policy name (of a verdict).
+    #[arg(long)]
+    identity: Option<String>,
+    /// allow or deny.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Rule (file:line) or rule id.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Record kind: verdict, alert, enrolled, revoked, policy_loaded, events_lost, ...
+    #[arg(long)]
+    kind: Option<String>,
+    /// From this time on (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Up to this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -896,39 +906,63 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// Whether a decrypted record matches the query's filters.
-fn audit_matches(
-    rec: &serde_json::Value,
-    identity: Option<&str>,
-    verdict: Option<&str>,
-    rule: Option<&str>,
+/// `audit query`'s filters, times parsed.
+struct RecordFilter {
+    f: AuditFilter,
     since: Option<std::time::SystemTime>,
     until: Option<std::time::SystemTime>,
-) -> bool {
-    let field = |k: &str| rec.get(k).and_then(serde_json::Value::as_str);
-    let has = |keys: &[&str], want: &str| keys.iter().any(|k| field(k) == Some(want));
-    if identity.is_some_and(|i| !has(&["spiffe_id", "target", "policy"], i)) {
-        return false;
+}
+
+impl RecordFilter {
+    fn new(f: AuditFilter) -> anyhow::Result<Self> {
+        let time = |t: Option<&String>| {
+            t.map(|t| {
+                humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| anyhow::anyhow!("{t:?} is not an RFC 3339 time: {e}"))
+            })
+            .transpose()
+        };
+        Ok(Self {
+            since: time(f.since.as_ref())?,
+            until: time(f.until.as_ref())?,
+            f,
+        })
     }
-    if verdict.is_some_and(|v| !has(&["verdict"], v)) {
-        return false;
-    }
-    if let Some(r) = rule {
-        let id_matches = rec
-            .get("rule_id")
-            .and_then(serde_json::Value::as_u64)
-            .is_some_and(|id| id.to_string() == r);
-        if !id_matches && !has(&["rule"], r) {
+
+    fn matches(&self, rec: &serde_json::Value) -> bool {
+        let field = |k: &str| rec.get(k).and_then(serde_json::Value::as_str);
+        let has = |keys: &[&str], want: &str| keys.iter().any(|k| field(k) == Some(want));
+        let f = &self.f;
+        if f.identity
+            .as_deref()
+            .is_some_and(|i| !has(&["spiffe_id", "target", "policy"], i))
+        {
             return false;
         }
+        if f.verdict.as_deref().is_some_and(|v| !has(&["verdict"], v)) {
+            return false;
+        }
+        if f.kind.as_deref().is_some_and(|k| !has(&["kind"], k)) {
+            return false;
+        }
+        if let Some(r) = &f.rule {
+            let id_matches = rec
+                .get("rule_id")
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|id| id.to_string() == *r);
+            if !id_matches && !has(&["rule"], r) {
+                return false;
+            }
+        }
+        let time = field("time").and_then(|t| humantime::parse_rfc3339_weak(t).ok());
+        if self.since.is_some_and(|s| time.is_none_or(|t| t < s)) {
+            return false;
+        }
+        if self.until.is_some_and(|u| time.is_none_or(|t| t > u)) {
+            return false;
+        }
+        true
     }
-    let time = field("time").and_then(|t| humantime::parse_rfc3339_weak(t).ok());
-    if since.is_some_and(|s| time.is_none_or(|t| t < s)) {
-        return false;
-    }
-    if until.is_some_and(|u| time.is_none_or(|t| t > u)) {
-        return false;
-    }
-    true
 }
 
 #[expect(clippy::print_stdout, reason = "CLI output")]
@@ -1018,34 +1052,12 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 seen = s.last_seq;
             }
         }
-        AuditCommand::Query {
-            dir,
-            keys,
-            identity,
-            verdict,
-            rule,
-            since,
-            until,
-        } => {
+        AuditCommand::Query { dir, keys, filter } => {
             let keyring = keys.keyring()?;
-            let time = |t: Option<String>| {
-                t.map(|t| {
-                    humantime::parse_rfc3339_weak(&t)
-                        .map_err(|e| anyhow::anyhow!("{t:?} is not an RFC 3339 time: {e}"))
-                })
-                .transpose()
-            };
-            let (since, until) = (time(since)?, time(until)?);
+            let filter = RecordFilter::new(filter)?;
             verify::walk(&dir, &keyring, &Default::default(), |seq, body| {
                 if let Ok(rec) = serde_json::from_slice::<serde_json::Value>(body)
-                    && audit_matches(
-                        &rec,
-                        identity.as_deref(),
-                        verdict.as_deref(),
-                        rule.as_deref(),
-                        since,
-                        until,
-                    )
+                    && filter.matches(&rec)
                 {
                     print_record(seq, body);
                 }

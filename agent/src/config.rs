@@ -125,6 +125,8 @@ pub struct AuditConfig {
     pub checkpoint_every: std::time::Duration,
     /// Also write every durable record as a JSON line on stdout (for log shippers).
     pub stdout: bool,
+    /// Also forward every durable record to a syslog collector (RFC 5424 over TCP and TLS).
+    pub syslog: Option<crate::audit::forward::SyslogConfig>,
     /// What new flows meet while the log cannot be written: `enforce` (the policy, as
     /// always) or `deny` (everything in enforced cgroups is denied until the log is back).
     pub when_down: WhenDown,
@@ -147,6 +149,7 @@ impl Default for AuditConfig {
             rotate_age: std::time::Duration::from_secs(3600),
             checkpoint_every: std::time::Duration::from_secs(10),
             stdout: false,
+            syslog: None,
             when_down: WhenDown::Enforce,
         }
     }
@@ -444,6 +447,12 @@ impl Config {
                           outside the audit directory"
                     .into(),
             });
+        }
+        if let Some(s) = &self.audit.syslog {
+            s.check().map_err(|message| ConfigError::Invalid {
+                field: "audit.syslog",
+                message,
+            })?;
         }
         let d = &self.detect;
         if d.burst_factor.is_nan()

@@ -233,6 +233,48 @@ fn lint() -> anyhow::Result<()> {
     status(c)
 }
 
+/// Programs the integration tests drive, with the Debian package of each: curl through
+/// `agentwall exec`, the Python example agent (standard library only), and rsyslog with its
+/// OpenSSL driver as the real remote collector of the audit log.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("/usr/bin/curl", "curl"),
+    ("/usr/bin/python3", "python3"),
+    ("/usr/sbin/rsyslogd", "rsyslog"),
+    (
+        "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_ossl.so",
+        "rsyslog-openssl",
+    ),
+];
+
+/// Installs the test tools that are missing (Debian's packages; idempotent).
+fn test_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!(
+        "install the test tools: apt-get install {}",
+        missing.join(" ")
+    ));
+    let mut c = Command::new("apt-get");
+    c.args(["update", "-qq"]);
+    status(c).context("apt-get update (the tests need Debian's packages)")?;
+    let mut c = Command::new("apt-get");
+    c.args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    status(c).with_context(|| {
+        format!(
+            "installing {} (needed by the integration tests)",
+            missing.join(" ")
+        )
+    })
+}
+
 #[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
 fn test() -> anyhow::Result<()> {
     step("build binaries for the tests");
@@ -264,6 +306,7 @@ fn test() -> anyhow::Result<()> {
              (they are never skipped)"
         );
     }
+    test_tools()?;
     step("root integration tests (serial, real kernel)");
     let mut c = cargo();
     c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);

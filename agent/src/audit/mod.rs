@@ -14,6 +14,7 @@
 //! truncated back past them.
 
 pub mod detect;
+pub mod forward;
 pub mod keys;
 pub mod sink;
 pub mod store;

@@ -20,6 +20,7 @@ use std::{
 use serde::Serialize;
 
 use super::{
+    forward::{Durable, Sink, SinkStats},
     keys::{AuditKey, NodeKey},
     store::{Rotation, StoreError, Truncation, Writer},
 };
@@ -28,6 +29,8 @@ use super::{
 pub const QUEUE: usize = 65_536;
 /// Records committed with one sync at most.
 pub const BATCH: usize = 8_192;
+/// How long the sinks get at shutdown to deliver their backlog.
+const SINK_DRAIN: Duration = Duration::from_secs(2);
 
 enum Msg {
     Record(Vec<u8>),
@@ -47,39 +50,10 @@ pub struct AuditState {
     /// The store cannot write right now.
     pub failing: AtomicBool,
     pub last_checkpoint_seq: AtomicU64,
-    /// Records the JSON-lines sink dropped because its reader was too slow.
-    pub stdout_dropped: AtomicU64,
     /// Behavioral alerts raised.
     pub alerts: AtomicU64,
-}
-
-/// Records waiting for the stdout sink at most; beyond that they are dropped (and counted).
-pub const STDOUT_QUEUE: usize = 16_384;
-
-/// A bounded queue to a sink thread that must never hold up the store.
-struct Fanout {
-    tx: mpsc::SyncSender<String>,
-}
-
-impl Fanout {
-    /// JSON lines on stdout, for log shippers (Fluent Bit, Vector and the like).
-    fn stdout() -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<String>(STDOUT_QUEUE);
-        thread::Builder::new()
-            .name("agentwall-audit-stdout".into())
-            .spawn(move || {
-                use std::io::Write as _;
-                let out = std::io::stdout();
-                for line in rx {
-                    let mut o = out.lock();
-                    if writeln!(o, "{line}").and_then(|()| o.flush()).is_err() {
-                        // A closed stdout: nothing to ship to any more.
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self { tx })
-    }
+    /// The sinks beside the store, by name.
+    pub sinks: Vec<(&'static str, Arc<SinkStats>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,19 +74,17 @@ impl AuditHandle {
         node: NodeKey,
         rotation: Rotation,
         checkpoint_every: Duration,
-        stdout: bool,
+        sinks: Vec<Sink>,
     ) -> Result<(Self, thread::JoinHandle<()>), StoreError> {
-        let fanout = if stdout {
-            Some(Fanout::stdout().map_err(|e| StoreError::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })?)
-        } else {
-            None
-        };
         let (mut writer, truncation) = Writer::open(dir, key, rotation)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let state = Arc::new(AuditState::default());
+        let state = Arc::new(AuditState {
+            sinks: sinks
+                .iter()
+                .map(|s| (s.name, Arc::clone(&s.stats)))
+                .collect(),
+            ..AuditState::default()
+        });
         state
             .last_seq
             .store(writer.next_seq().saturating_sub(1), Ordering::Relaxed);
@@ -133,8 +105,11 @@ impl AuditHandle {
                     &node,
                     &state,
                     checkpoint_every,
-                    fanout.as_ref(),
+                    &sinks,
                 );
+                for s in sinks {
+                    s.finish(SINK_DRAIN);
+                }
             })
             .map_err(|e| StoreError::Io {
                 path: dir.to_path_buf(),
@@ -198,7 +173,7 @@ fn run(
     node: &NodeKey,
     state: &AuditState,
     every: Duration,
-    fanout: Option<&Fanout>,
+    sinks: &[Sink],
 ) {
     let mut last_cp = Instant::now();
     let mut dirty = false;
@@ -226,15 +201,11 @@ fn run(
             let first = commit(writer, &records, state);
             dirty |= !records.is_empty();
             // Sinks see durable records only, with their sequence numbers.
-            if let Some(f) = fanout {
-                for (i, r) in records.iter().enumerate() {
-                    let line = format!(
-                        "{{\"seq\":{},\"record\":{}}}",
-                        first + i as u64,
-                        String::from_utf8_lossy(r)
-                    );
-                    if f.tx.try_send(line).is_err() {
-                        state.stdout_dropped.fetch_add(1, Ordering::Relaxed);
+            if !sinks.is_empty() {
+                for (seq, record) in (first..).zip(records) {
+                    let d = Arc::new(Durable { seq, record });
+                    for s in sinks {
+                        s.offer(&d);
                     }
                 }
             }

@@ -144,8 +144,23 @@ pub struct AuditStatus {
     /// Behavioral alerts raised (each is an `alert` record).
     #[serde(default)]
     pub alerts: u64,
+    /// The sinks beside the store (stdout, syslog), by name.
+    #[serde(default)]
+    pub sinks: std::collections::BTreeMap<String, SinkStatus>,
     /// Hex public key that verifies the checkpoints.
     pub node_key: String,
+}
+
+/// What a sink did since the daemon started; the store holds every record regardless.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkStatus {
+    pub sent: u64,
+    /// Records its full queue turned away.
+    pub dropped: u64,
+    /// Failed connects and writes.
+    pub errors: u64,
+    pub connected: bool,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

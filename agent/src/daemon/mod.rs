@@ -659,8 +659,28 @@ impl Daemon {
                     last_checkpoint_seq: a.last_checkpoint_seq.load(Relaxed),
                     write_errors: a.write_errors.load(Relaxed),
                     failing: a.failing.load(Relaxed),
-                    stdout_dropped: a.stdout_dropped.load(Relaxed),
+                    stdout_dropped: a
+                        .sinks
+                        .iter()
+                        .find(|(n, _)| *n == "stdout")
+                        .map_or(0, |(_, s)| s.dropped.load(Relaxed)),
                     alerts: a.alerts.load(Relaxed),
+                    sinks: a
+                        .sinks
+                        .iter()
+                        .map(|(n, s)| {
+                            (
+                                (*n).to_owned(),
+                                control::SinkStatus {
+                                    sent: s.sent.load(Relaxed),
+                                    dropped: s.dropped.load(Relaxed),
+                                    errors: s.errors.load(Relaxed),
+                                    connected: s.connected.load(Relaxed),
+                                    last_error: s.last_error.lock().ok().and_then(|l| l.clone()),
+                                },
+                            )
+                        })
+                        .collect(),
                     node_key: self.audit_node_key.clone(),
                 }
             },

@@ -280,13 +280,26 @@ fn start_audit(
         max_bytes: cfg.audit.rotate_bytes,
         max_age: cfg.audit.rotate_age,
     };
+    let mut sinks = Vec::new();
+    if cfg.audit.stdout {
+        sinks.push(
+            crate::audit::forward::stdout()
+                .map_err(|e| err(format!("audit stdout sink: {e}")))?,
+        );
+    }
+    if let Some(s) = &cfg.audit.syslog {
+        sinks.push(
+            crate::audit::forward::syslog(s)
+                .map_err(|e| err(format!("audit.syslog: {e}")))?,
+        );
+    }
     let (handle, join) = sink::AuditHandle::start(
         &cfg.audit_dir(),
         key,
         node,
         rotation,
         cfg.audit.checkpoint_every,
-        cfg.audit.stdout,
+        sinks,
     )
     .map_err(|e| err(e.to_string()))?;
     Ok((handle, public, join))

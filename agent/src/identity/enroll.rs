@@ -198,6 +198,29 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// TLS to an audit collector: its certificate checked against `ca_pem`, with a client
+/// certificate when the collector asks for one.
+pub fn collector_client_config(
+    ca_pem: &[u8],
+    client: Option<(&[u8], &[u8])>,
+) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs("collector CA file", ca_pem)? {
+        roots.add(c)?;
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, k)) => b.with_client_auth_cert(
+            certs("collector client certificate", cert)?,
+            key("collector client key", k)?,
+        )?,
+        None => b.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error("connecting to the enrollment socket {path}: {source}")]
