@@ -454,6 +454,12 @@ impl Config {
                 message,
             })?;
         }
+        if let Some(w) = &self.detect.webhook {
+            w.check().map_err(|message| ConfigError::Invalid {
+                field: "detect.webhook",
+                message,
+            })?;
+        }
         let d = &self.detect;
         if d.burst_factor.is_nan()
             || d.burst_factor <= 1.0

@@ -297,3 +297,112 @@ fn an_absent_collector_costs_copies_never_enforcement_and_is_caught_up_with() {
     drop(collector);
     let _ = fs::remove_dir_all(&base);
 }
+
+/// Python's http.server on loopback (a web server that is not ours): each POST is written as a
+/// JSON line `{"path", "content_type", "body"}`; answers 204. Killed on drop.
+struct WebhookReceiver {
+    child: Child,
+    port: u16,
+    file: PathBuf,
+}
+
+impl WebhookReceiver {
+    const SCRIPT: &'static str = r#"
+import http.server, json, sys
+out = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open(out, "a") as f:
+            f.write(json.dumps({"path": self.path, "content_type": self.headers.get("Content-Type"),
+                                "body": json.loads(body)}) + "\n")
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(srv.server_port, flush=True)
+srv.serve_forever()
+"#;
+
+    fn start(dir: &Path) -> Self {
+        use std::io::BufRead as _;
+        fs::create_dir_all(dir).unwrap();
+        let file = dir.join("webhook.jsonl");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(Self::SCRIPT)
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start python3 http.server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().expect("the receiver's port");
+        Self { child, port, file }
+    }
+
+    fn posts(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(&self.file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let base = std::env::temp_dir().join(format!("awt-webhook-{}", std::process::id()));
+    let receiver = WebhookReceiver::start(&base);
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some(&format!(
+            "detect:\n  denials: 3\n  denial_window: 1m\n  webhook:\n    url: http://127.0.0.1:{}/agentwall/alerts\n    timeout: 2s\n",
+            receiver.port
+        )),
+    );
+    let to = format!("tcp 127.0.0.1:{}", denied.port());
+    let out = d.exec("web", None, &[&to, &to, &to]);
+    assert_eq!(lines(&out), ["err EPERM"; 3]);
+    let post = wait_for(Duration::from_secs(10), "the alert at the webhook", || {
+        receiver.posts().into_iter().next()
+    });
+    assert_eq!(post["path"], "/agentwall/alerts");
+    assert_eq!(post["content_type"], "application/json");
+    assert_eq!(post["body"]["record"]["kind"], "alert");
+    assert_eq!(post["body"]["record"]["alert"], "repeated_denials");
+    assert_eq!(post["body"]["record"]["identity"], "web");
+    // Only alerts go to the webhook, never verdicts.
+    assert!(
+        receiver
+            .posts()
+            .iter()
+            .all(|p| p["body"]["record"]["kind"] == "alert"),
+        "{:?}",
+        receiver.posts()
+    );
+    let sink = d.status().audit.sinks["webhook"].clone();
+    assert!(sink.sent >= 1 && sink.errors == 0 && sink.dropped == 0, "{sink:?}");
+    assert!(d.stop().success());
+    // The alert posted is the one in the local log, at the same sequence number.
+    let key = d.audit_key().display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let q = d.cli(&["audit", "query", &dir, "--key", &key, "--kind", "alert"]);
+    let local: serde_json::Value = serde_json::from_str(&lines(&q)[0]).unwrap();
+    assert_eq!(local, post["body"]);
+    drop(receiver);
+    let _ = fs::remove_dir_all(&base);
+}

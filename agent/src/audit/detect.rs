@@ -34,6 +34,8 @@ pub struct DetectConfig {
     /// Alert on activity in an hour of the day (UTC) in which the identity was not active
     /// while it was learned.
     pub off_hours: bool,
+    /// Also POST each alert to this endpoint once it is durable.
+    pub webhook: Option<super::forward::WebhookConfig>,
 }
 
 impl Default for DetectConfig {
@@ -46,6 +48,7 @@ impl Default for DetectConfig {
             denials: 20,
             denial_window: Duration::from_secs(60),
             off_hours: true,
+            webhook: None,
         }
     }
 }

@@ -32,6 +32,7 @@ use serde::Deserialize;
 #[derive(Debug)]
 pub struct Durable {
     pub seq: u64,
+    pub kind: &'static str,
     /// The record's JSON.
     pub record: Vec<u8>,
 }
@@ -63,6 +64,8 @@ impl SinkStats {
 #[derive(Debug)]
 pub struct Sink {
     pub name: &'static str,
+    /// The record kinds it takes (all when None).
+    kinds: Option<&'static [&'static str]>,
     tx: Option<mpsc::SyncSender<Arc<Durable>>>,
     pub stats: Arc<SinkStats>,
     done: mpsc::Receiver<()>,
@@ -86,6 +89,7 @@ impl Sink {
             })?;
         Ok(Self {
             name,
+            kinds: None,
             tx: Some(tx),
             stats,
             done,
@@ -94,6 +98,9 @@ impl Sink {
 
     /// Offers a record; a full queue drops it (counted).
     pub fn offer(&self, d: &Arc<Durable>) {
+        if self.kinds.is_some_and(|k| !k.contains(&d.kind)) {
+            return;
+        }
         if let Some(tx) = &self.tx
             && tx.try_send(Arc::clone(d)).is_err()
         {
@@ -479,6 +486,130 @@ pub fn syslog(cfg: &SyslogConfig) -> Result<Sink, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Config `detect.webhook`: alerts are also POSTed (JSON, `{"seq": N, "record": {...}}`) to a
+/// URL, once each is durable in the local log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `https://...` (or `http://...`).
+    pub url: String,
+    /// CA certificates (PEM) for the endpoint's certificate; default: the Mozilla roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Time one delivery may take.
+    #[serde(default = "default_webhook_timeout", with = "crate::config::duration_text")]
+    pub timeout: Duration,
+    /// Alerts waiting for delivery at most; beyond that they are dropped and counted.
+    #[serde(default = "default_webhook_queue")]
+    pub queue: usize,
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_webhook_queue() -> usize {
+    1024
+}
+
+/// Deliveries tried per alert before it is given up (counted as dropped).
+const WEBHOOK_ATTEMPTS: u32 = 3;
+
+impl WebhookConfig {
+    pub fn check(&self) -> Result<(), String> {
+        let rest = self
+            .url
+            .strip_prefix("https://")
+            .or_else(|| self.url.strip_prefix("http://"))
+            .ok_or("url must start with https:// or http://")?;
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err("url has no host".into());
+        }
+        if self.url.starts_with("http://") && self.ca_file.is_some() {
+            return Err("ca_file needs an https:// url".into());
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+            return Err("timeout must be between 1ms and 60s".into());
+        }
+        if self.queue == 0 || self.queue > 1 << 16 {
+            return Err("queue must be between 1 and 65536 alerts".into());
+        }
+        Ok(())
+    }
+
+    fn agent(&self) -> Result<ureq::Agent, String> {
+        use ureq::tls::{Certificate, RootCerts, TlsConfig};
+        let mut tls = TlsConfig::builder();
+        if let Some(p) = &self.ca_file {
+            let pem = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+            let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|i| match i {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            if certs.is_empty() {
+                return Err(format!("{} holds no PEM certificate", p.display()));
+            }
+            tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
+        }
+        Ok(ureq::Agent::config_builder()
+            .timeout_global(Some(self.timeout))
+            .http_status_as_error(true)
+            .max_redirects(0)
+            .user_agent(concat!("agentwall/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls.build())
+            .build()
+            .into())
+    }
+}
+
+/// Starts the alert webhook; a bad CA file is an error now.
+pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, String> {
+    cfg.check()?;
+    let agent = cfg.agent()?;
+    let url = cfg.url.clone();
+    let mut sink = Sink::spawn("webhook", cfg.queue, move |rx, stats| {
+        for d in rx {
+            let mut body = format!("{{\"seq\":{},\"record\":", d.seq).into_bytes();
+            body.extend_from_slice(&d.record);
+            body.push(b'}');
+            let mut delay = Duration::from_millis(200);
+            let mut delivered = false;
+            for attempt in 1..=WEBHOOK_ATTEMPTS {
+                match agent
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .send(&body[..])
+                {
+                    Ok(_) => {
+                        stats.connected.store(true, Ordering::Relaxed);
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                        delivered = true;
+                        break;
+                    }
+                    Err(e) => {
+                        stats.failed("POST", &e);
+                        if attempt < WEBHOOK_ATTEMPTS {
+                            thread::sleep(delay);
+                            delay *= 4;
+                        }
+                    }
+                }
+            }
+            if !delivered {
+                tracing::warn!(url = %url, seq = d.seq, "alert webhook: delivery given up (the alert is in the audit log)");
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    sink.kinds = Some(&["alert"]);
+    Ok(sink)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,6 +642,7 @@ mod tests {
         s.frame(
             &Durable {
                 seq: 7,
+                kind: "verdict",
                 record: record.to_vec(),
             },
             &mut out,
@@ -528,5 +660,17 @@ mod tests {
         assert!(msg.ends_with(std::str::from_utf8(record).unwrap()));
         assert_eq!(msgid("a b"), "ab");
         assert_eq!(msgid(&"k".repeat(40)).len(), 32);
+    }
+
+    #[test]
+    fn webhook_settings_are_checked() {
+        let w = |yaml: &str| serde_yaml::from_str::<WebhookConfig>(yaml).unwrap().check();
+        assert!(w("url: https://alerts.example/hook\n").is_ok());
+        assert!(w("url: http://127.0.0.1:9/x\ntimeout: 2s\n").is_ok());
+        assert!(w("url: ftp://x/\n").unwrap_err().contains("https://"));
+        assert!(w("url: https:///x\n").unwrap_err().contains("host"));
+        assert!(w("url: http://x/\nca_file: /ca.pem\n").unwrap_err().contains("https"));
+        assert!(w("url: https://x/\ntimeout: 5m\n").unwrap_err().contains("timeout"));
+        assert!(serde_yaml::from_str::<WebhookConfig>("url: https://x/\nheaders: {}\n").is_err());
     }
 }

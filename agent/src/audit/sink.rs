@@ -33,7 +33,7 @@ pub const BATCH: usize = 8_192;
 const SINK_DRAIN: Duration = Duration::from_secs(2);
 
 enum Msg {
-    Record(Vec<u8>),
+    Record(&'static str, Vec<u8>),
     /// Answered once everything sent before it is durable and sealed by a checkpoint.
     Flush(mpsc::Sender<u64>),
 }
@@ -119,7 +119,7 @@ impl AuditHandle {
     }
 
     /// Queues a record `{"time", "kind", ...fields}`; waits while the queue is full.
-    pub fn record<T: Serialize>(&self, kind: &str, fields: &T) {
+    pub fn record<T: Serialize>(&self, kind: &'static str, fields: &T) {
         let mut v = serde_json::to_value(fields)
             .unwrap_or_else(|e| serde_json::json!({"encode_error": e.to_string()}));
         if let Some(obj) = v.as_object_mut() {
@@ -131,7 +131,7 @@ impl AuditHandle {
         match serde_json::to_vec(&v) {
             Ok(b) => {
                 // The writer is gone only when the daemon stops.
-                let _ = self.tx.send(Msg::Record(b));
+                let _ = self.tx.send(Msg::Record(kind, b));
             }
             Err(e) => tracing::error!(error = %e, kind, "cannot encode an audit record"),
         }
@@ -185,11 +185,15 @@ fn run(
         };
         if let Some(first) = first {
             let mut records = Vec::new();
+            let mut kinds = Vec::new();
             let mut flushes = Vec::new();
             let mut next = Some(first);
             while let Some(m) = next {
                 match m {
-                    Msg::Record(b) => records.push(b),
+                    Msg::Record(k, b) => {
+                        kinds.push(k);
+                        records.push(b);
+                    }
                     Msg::Flush(t) => flushes.push(t),
                 }
                 next = if records.len() < BATCH {
@@ -202,8 +206,8 @@ fn run(
             dirty |= !records.is_empty();
             // Sinks see durable records only, with their sequence numbers.
             if !sinks.is_empty() {
-                for (seq, record) in (first..).zip(records) {
-                    let d = Arc::new(Durable { seq, record });
+                for (seq, (kind, record)) in (first..).zip(kinds.into_iter().zip(records)) {
+                    let d = Arc::new(Durable { seq, kind, record });
                     for s in sinks {
                         s.offer(&d);
                     }

@@ -293,6 +293,12 @@ fn start_audit(
                 .map_err(|e| err(format!("audit.syslog: {e}")))?,
         );
     }
+    if let Some(w) = cfg.detect.webhook.as_ref().filter(|_| cfg.detect.enabled) {
+        sinks.push(
+            crate::audit::forward::webhook(w)
+                .map_err(|e| err(format!("detect.webhook: {e}")))?,
+        );
+    }
     let (handle, join) = sink::AuditHandle::start(
         &cfg.audit_dir(),
         key,
