@@ -165,8 +165,8 @@ enum PolicyCommand {
 
 #[derive(Debug, Args)]
 struct AuditKeyArgs {
-    /// File holding the audit key (64 hex digits); default: AGENTWALL_AUDIT_KEY. Repeat it
-    /// for logs written under several keys (rotation).
+    /// Audit key file (64 hex digits per line: the current key, then retired ones); default:
+    /// AGENTWALL_AUDIT_KEY. Repeatable.
     #[arg(long = "key")]
     keys: Vec<PathBuf>,
 }
@@ -174,15 +174,12 @@ struct AuditKeyArgs {
 impl AuditKeyArgs {
     fn keyring(&self) -> anyhow::Result<crate::audit::keys::Keyring> {
         use crate::audit::keys::AuditKey;
-        let keys = if self.keys.is_empty() {
-            vec![AuditKey::from_file_or_env(None)?]
-        } else {
-            self.keys
-                .iter()
-                .map(|p| AuditKey::from_file(p))
-                .collect::<Result<_, _>>()?
-        };
-        Ok(crate::audit::keys::Keyring::new(keys))
+        if self.keys.is_empty() {
+            return Ok(crate::audit::keys::Keyring::new(vec![
+                AuditKey::from_file_or_env(None)?,
+            ]));
+        }
+        Ok(crate::audit::keys::Keyring::from_files(&self.keys)?)
     }
 }
 
@@ -226,6 +223,17 @@ enum AuditCommand {
     },
     /// Print a new random audit key (64 hex digits) to keep outside the log's directory.
     Keygen,
+    /// Rotate the audit key: the running daemon writes a fresh key first into its key file
+    /// (older keys stay below it, to read older segments) and uses it from the next record on,
+    /// in a new segment. With --key-file, only that file is rotated (for a stopped daemon: it
+    /// writes under the new key from its next start).
+    RotateKey {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Rotate this key file directly instead of asking the daemon.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 /// Filters of `audit query`; a record is printed when it matches every one given.
@@ -975,6 +983,23 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     };
     match cmd {
         AuditCommand::Keygen => println!("{}", AuditKey::generate_hex()?),
+        AuditCommand::RotateKey { socket, key_file } => {
+            if let Some(path) = key_file {
+                let key = crate::audit::keys::rotate_key_file(&path)?;
+                println!(
+                    "{}: new key {} first, older keys kept below it; a daemon using this file \
+                     writes under the new key from its next start",
+                    path.display(),
+                    crate::audit::hex(&key.id())
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            match Client::call(&socket.socket, &Request::RotateAuditKey)? {
+                Reply::Done { message } => println!("{message}"),
+                Reply::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
         AuditCommand::Verify {
             dir,
             keys,

@@ -452,3 +452,79 @@ fn repeated_denials_raise_a_behavioral_alert_in_the_log() {
     assert_eq!(alert["alert"], "repeated_denials");
     assert_eq!(alert["identity"], "web");
 }
+
+#[test]
+fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let mut d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
+    let to = format!("tcp 127.0.0.1:{}", denied.port());
+    assert_eq!(lines(&d.exec("web", None, &[&to])), ["err EPERM"]);
+    let old_key = fs::read_to_string(d.audit_key()).unwrap();
+    let segments = || {
+        fs::read_dir(d.audit_dir())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "aws")
+            })
+            .count()
+    };
+    let before = segments();
+    let r = d.cli(&["audit", "rotate-key"]);
+    assert!(r.status.success(), "{r:?}");
+    assert!(String::from_utf8_lossy(&r.stdout).contains("retired"), "{r:?}");
+    assert_eq!(segments(), before + 1, "the new key starts a segment");
+    // The key file: the new key first, the old one kept below it, still 0600.
+    let text = fs::read_to_string(d.audit_key()).unwrap();
+    let keys: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(keys.len(), 2, "{text}");
+    assert_ne!(keys[0], old_key.trim());
+    assert_eq!(keys[1], old_key.trim());
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(d.audit_key()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert_eq!(lines(&d.exec("web", None, &[&to])), ["err EPERM"]);
+    assert!(d.stop().success());
+
+    // The key file reads the whole log; it verifies across the key change.
+    let v = verify(&d);
+    assert!(v.status.success(), "{v:?}");
+    let denials = records(&audit(&d, &["query", "--verdict", "deny"]));
+    assert_eq!(
+        denials.iter().filter(|r| r["port"] == denied.port()).count(),
+        2,
+        "{denials:#?}"
+    );
+    let rotation = records(&audit(&d, &["query", "--kind", "audit_key_rotation"]));
+    assert_eq!(rotation.len(), 1, "{rotation:#?}");
+    assert_ne!(rotation[0]["from_key"], rotation[0]["to_key"]);
+    // With the new key alone, the older segment cannot be read: verify says which key it needs.
+    let only_new = d.dir.join("new-only.key");
+    fs::write(&only_new, format!("{}\n", keys[0])).unwrap();
+    let node = d.state_dir().join("audit-node.pub").display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let o = d.cli(&[
+        "audit",
+        "verify",
+        &dir,
+        "--key",
+        only_new.to_str().unwrap(),
+        "--node-key",
+        &node,
+    ]);
+    assert!(!o.status.success(), "{o:?}");
+    let from = rotation[0]["from_key"].as_str().unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(from),
+        "names the missing key {from}: {o:?}"
+    );
+}

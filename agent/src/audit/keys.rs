@@ -82,13 +82,10 @@ impl AuditKey {
         Self::from_bytes(&bytes, source_name)
     }
 
-    /// A key from a file holding 64 hex digits.
+    /// The current key of a key file: its first key (see [`parse_key_file`]).
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_hex(&text, &path.display().to_string())
+        let mut keys = read_key_file(path)?;
+        Ok(keys.remove(0))
     }
 
     /// The key of `--key FILE`, or else of the environment.
@@ -145,6 +142,67 @@ impl AuditKey {
     }
 }
 
+/// The keys of a key file: one key (64 hex digits) per line, the current one first, then the
+/// retired ones that older segments were written under. Empty lines and lines starting with
+/// `#` are ignored. At least one key.
+pub fn parse_key_file(text: &str, source_name: &str) -> Result<Vec<AuditKey>, KeyError> {
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        keys.push(AuditKey::from_hex(
+            line,
+            &format!("{source_name} line {}", n + 1),
+        )?);
+    }
+    if keys.is_empty() {
+        return Err(KeyError::Bad {
+            source_name: source_name.into(),
+            message: "holds no key (64 hex digits per line)".into(),
+        });
+    }
+    Ok(keys)
+}
+
+fn read_key_file(path: &Path) -> Result<Vec<AuditKey>, KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_key_file(&text, &path.display().to_string())
+}
+
+/// Rotates a key file: a fresh key goes first (current), the keys it held stay below it
+/// (retired, to read older segments). Written atomically, 0600. Returns the new key.
+pub fn rotate_key_file(path: &Path) -> Result<AuditKey, KeyError> {
+    crate::identity::svid::check_key_file(path).map_err(|e| KeyError::Bad {
+        source_name: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let old = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let current = parse_key_file(&old, &path.display().to_string())?;
+    let hex_key = AuditKey::generate_hex()?;
+    let new = AuditKey::from_hex(&hex_key, "the new key")?;
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let text = format!(
+        "{hex_key}\n# {at}: key {} retired; older keys below it read older segments\n{}",
+        hex(&current[0].id),
+        old.trim_start()
+    );
+    crate::state::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| {
+        KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(new)
+}
+
 /// Keys a reader may need: the current one and those of older segments (rotation).
 #[derive(Debug, Default)]
 pub struct Keyring {
@@ -158,6 +216,15 @@ impl Keyring {
 
     pub fn get(&self, id: &KeyId) -> Option<&AuditKey> {
         self.keys.iter().find(|k| k.id == *id)
+    }
+
+    /// Every key of the given key files.
+    pub fn from_files(paths: &[impl AsRef<Path>]) -> Result<Self, KeyError> {
+        let mut keys = Vec::new();
+        for p in paths {
+            keys.extend(read_key_file(p.as_ref())?);
+        }
+        Ok(Self { keys })
     }
 }
 
@@ -215,4 +282,49 @@ pub fn verify_signature(public_hex: &str, msg: &[u8], sig: &[u8]) -> bool {
     signature::UnparsedPublicKey::new(&signature::ED25519, pk)
         .verify(msg, sig)
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn key_files_hold_the_current_key_first_and_retired_keys_below() {
+        let (a, b) = (
+            AuditKey::generate_hex().unwrap(),
+            AuditKey::generate_hex().unwrap(),
+        );
+        let keys = parse_key_file(&format!("# current\n{a}\n\n# retired\n{b}\n"), "f").unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].id(), AuditKey::from_hex(&a, "a").unwrap().id());
+        let e = parse_key_file(&format!("{a}\nnot a key\n"), "f").unwrap_err();
+        assert!(e.to_string().contains("f line 2"), "{e}");
+        assert!(parse_key_file("# nothing\n", "f").is_err());
+        assert!(parse_key_file(&"00".repeat(32), "f").is_err());
+    }
+
+    #[test]
+    fn rotating_a_key_file_keeps_the_old_keys_and_the_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("aw-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.key");
+        let first = AuditKey::generate_hex().unwrap();
+        crate::state::write_atomic(&path, format!("{first}\n").as_bytes(), 0o600).unwrap();
+        let new = rotate_key_file(&path).unwrap();
+        let again = rotate_key_file(&path).unwrap();
+        let keys = read_key_file(&path).unwrap();
+        let ids: Vec<KeyId> = keys.iter().map(AuditKey::id).collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[0], again.id());
+        assert_eq!(ids[1], new.id());
+        assert_eq!(ids[2], AuditKey::from_hex(&first, "f").unwrap().id());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A key file others can read is not rotated (nor used).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(rotate_key_file(&path).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -36,6 +36,9 @@ enum Msg {
     Record(&'static str, Vec<u8>),
     /// Answered once everything sent before it is durable and sealed by a checkpoint.
     Flush(mpsc::Sender<u64>),
+    /// Write under this key from now on (in a new segment); answered with the old and new
+    /// key ids (hex).
+    SwitchKey(Box<AuditKey>, mpsc::Sender<Result<(String, String), String>>),
 }
 
 /// Health of the audit log, for status and metrics.
@@ -120,21 +123,22 @@ impl AuditHandle {
 
     /// Queues a record `{"time", "kind", ...fields}`; waits while the queue is full.
     pub fn record<T: Serialize>(&self, kind: &'static str, fields: &T) {
-        let mut v = serde_json::to_value(fields)
-            .unwrap_or_else(|e| serde_json::json!({"encode_error": e.to_string()}));
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("time".into(), now_rfc3339().into());
-            obj.insert("kind".into(), kind.into());
-        } else {
-            v = serde_json::json!({"time": now_rfc3339(), "kind": kind, "value": v});
+        if let Some(b) = encode(kind, fields) {
+            // The writer is gone only when the daemon stops.
+            let _ = self.tx.send(Msg::Record(kind, b));
         }
-        match serde_json::to_vec(&v) {
-            Ok(b) => {
-                // The writer is gone only when the daemon stops.
-                let _ = self.tx.send(Msg::Record(kind, b));
-            }
-            Err(e) => tracing::error!(error = %e, kind, "cannot encode an audit record"),
-        }
+    }
+
+    /// Makes `key` the key of every record from now on: the records queued before are
+    /// committed under the old key, a record of the rotation ends the old key's segment, and
+    /// a new segment starts under the new key. Returns the old and new key ids.
+    pub fn switch_key(&self, key: AuditKey) -> Result<(String, String), String> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Msg::SwitchKey(Box::new(key), tx))
+            .map_err(|_| "the audit writer has stopped".to_owned())?;
+        rx.recv()
+            .map_err(|_| "the audit writer has stopped".to_owned())?
     }
 
     /// Waits until every record queued before this call is durable and sealed by a
@@ -144,6 +148,21 @@ impl AuditHandle {
         self.tx.send(Msg::Flush(tx)).ok()?;
         rx.recv().ok()
     }
+}
+
+/// A record's JSON: `{"time", "kind", ...fields}`.
+fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
+    let mut v = serde_json::to_value(fields)
+        .unwrap_or_else(|e| serde_json::json!({"encode_error": e.to_string()}));
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("time".into(), now_rfc3339().into());
+        obj.insert("kind".into(), kind.into());
+    } else {
+        v = serde_json::json!({"time": now_rfc3339(), "kind": kind, "value": v});
+    }
+    serde_json::to_vec(&v)
+        .inspect_err(|e| tracing::error!(error = %e, kind, "cannot encode an audit record"))
+        .ok()
 }
 
 #[derive(Serialize)]
@@ -187,6 +206,7 @@ fn run(
             let mut records = Vec::new();
             let mut kinds = Vec::new();
             let mut flushes = Vec::new();
+            let mut switch = None;
             let mut next = Some(first);
             while let Some(m) = next {
                 match m {
@@ -195,23 +215,20 @@ fn run(
                         records.push(b);
                     }
                     Msg::Flush(t) => flushes.push(t),
+                    // Records after it belong under the new key: the batch ends here.
+                    Msg::SwitchKey(key, reply) => switch = Some((key, reply)),
                 }
-                next = if records.len() < BATCH {
+                next = if records.len() < BATCH && switch.is_none() {
                     rx.try_recv().ok()
                 } else {
                     None
                 };
             }
-            let first = commit(writer, &records, state);
             dirty |= !records.is_empty();
-            // Sinks see durable records only, with their sequence numbers.
-            if !sinks.is_empty() {
-                for (seq, (kind, record)) in (first..).zip(kinds.into_iter().zip(records)) {
-                    let d = Arc::new(Durable { seq, kind, record });
-                    for s in sinks {
-                        s.offer(&d);
-                    }
-                }
+            commit_and_offer(writer, state, sinks, kinds, records);
+            if let Some((key, reply)) = switch {
+                let _ = reply.send(switch_key(writer, state, sinks, *key));
+                dirty = true;
             }
             if !flushes.is_empty() && dirty {
                 checkpoint(writer, node, state);
@@ -231,6 +248,60 @@ fn run(
     }
     if dirty {
         checkpoint(writer, node, state);
+    }
+}
+
+/// Commits a batch, then hands it to the sinks (which see durable records only, with their
+/// sequence numbers).
+fn commit_and_offer(
+    writer: &mut Writer,
+    state: &AuditState,
+    sinks: &[Sink],
+    kinds: Vec<&'static str>,
+    records: Vec<Vec<u8>>,
+) {
+    if records.is_empty() {
+        return;
+    }
+    let first = commit(writer, &records, state);
+    if !sinks.is_empty() {
+        for (seq, (kind, record)) in (first..).zip(kinds.into_iter().zip(records)) {
+            let d = Arc::new(Durable { seq, kind, record });
+            for s in sinks {
+                s.offer(&d);
+            }
+        }
+    }
+}
+
+/// Ends the current key's segment with a record of the rotation (under the old key), then
+/// starts a new segment under `key`. A failure is recorded too; the old key stays.
+fn switch_key(
+    writer: &mut Writer,
+    state: &AuditState,
+    sinks: &[Sink],
+    key: AuditKey,
+) -> Result<(String, String), String> {
+    let ids = (super::hex(&writer.key_id()), super::hex(&key.id()));
+    if ids.0 == ids.1 {
+        return Err("the new key is the current key".into());
+    }
+    let fields = serde_json::json!({"from_key": ids.0, "to_key": ids.1});
+    let rec = encode("audit_key_rotation", &fields).ok_or("cannot encode the record")?;
+    commit_and_offer(writer, state, sinks, vec!["audit_key_rotation"], vec![rec]);
+    match writer.switch_key(key) {
+        Ok(()) => {
+            tracing::warn!(from = %ids.0, to = %ids.1, segment = %writer.segment_name(), "audit key rotated; keep the retired key to read older segments");
+            Ok(ids)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "audit key rotation failed; the old key stays");
+            let fields = serde_json::json!({"from_key": ids.0, "to_key": ids.1, "error": e.to_string()});
+            if let Some(rec) = encode("audit_key_rotation_failed", &fields) {
+                commit_and_offer(writer, state, sinks, vec!["audit_key_rotation_failed"], vec![rec]);
+            }
+            Err(e.to_string())
+        }
     }
 }
 

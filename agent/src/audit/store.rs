@@ -40,6 +40,8 @@ pub enum StoreError {
     Header { path: PathBuf, message: String },
     #[error("a record of {0} bytes is larger than the largest allowed ({MAX_RECORD})")]
     TooLarge(usize),
+    #[error("the key cannot change now: {0}")]
+    KeySwitch(&'static str),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -487,6 +489,32 @@ impl Writer {
         self.segment_bytes = HEADER_LEN as u64;
         self.segment_opened = Instant::now();
         Ok(())
+    }
+
+    /// Writes from now on under `key`, in a new segment (each segment is under one key). The
+    /// current segment must hold a record already, so that no segment is ever replaced; on
+    /// error nothing changed.
+    pub fn switch_key(&mut self, key: AuditKey) -> Result<(), StoreError> {
+        if key.id() == self.key.id() {
+            return Ok(());
+        }
+        if self.torn {
+            return Err(StoreError::KeySwitch("a failed append is not cut back yet"));
+        }
+        if self.segment_bytes <= HEADER_LEN as u64 {
+            return Err(StoreError::KeySwitch("the current segment holds no record yet"));
+        }
+        let (file, path) = new_segment(&self.dir, &header_for(&key, self.next_seq, self.chain))?;
+        self.key = key;
+        self.file = file;
+        self.segment = path;
+        self.segment_bytes = HEADER_LEN as u64;
+        self.segment_opened = Instant::now();
+        Ok(())
+    }
+
+    pub fn key_id(&self) -> KeyId {
+        self.key.id()
     }
 
     /// Signs the chain head and appends the checkpoint to `checkpoints.jsonl` (synced).

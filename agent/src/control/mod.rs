@@ -49,6 +49,8 @@ pub enum Request {
     Jwks,
     /// Whether a JWT-SVID is valid for `audience` here now (signature, expiry, revocation).
     CheckToken { token: String, audience: String },
+    /// Rotate the audit key: a fresh key in the key file, used from the next record on.
+    RotateAuditKey,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

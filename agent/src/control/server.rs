@@ -229,6 +229,7 @@ async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> 
         Request::Check { pem } => write(&mut w, &daemon.check(&pem)).await,
         Request::Rotate => write(&mut w, &daemon.rotate().await).await,
         Request::Jwks => write(&mut w, &daemon.jwks()).await,
+        Request::RotateAuditKey => write(&mut w, &daemon.rotate_audit_key().await).await,
         Request::CheckToken { token, audience } => {
             write(&mut w, &daemon.check_token(&token, &audience)).await
         }

@@ -278,6 +278,49 @@ impl Daemon {
         }
     }
 
+    /// A fresh audit key: written first into the key file (the old ones stay below it), then
+    /// used for every record from now on, in a new segment.
+    pub async fn rotate_audit_key(self: &Arc<Self>) -> Reply {
+        if std::env::var_os(crate::audit::keys::KEY_ENV).is_some() {
+            return Reply::Error {
+                message: format!(
+                    "the audit key comes from {}: rotate it by setting a new key there and \
+                     restarting the daemon (readers then need both keys)",
+                    crate::audit::keys::KEY_ENV
+                ),
+            };
+        }
+        let d = Arc::clone(self);
+        let r = tokio::task::spawn_blocking(move || {
+            let path = &d.cfg.audit.key_file;
+            let key = crate::audit::keys::rotate_key_file(path).map_err(|e| e.to_string())?;
+            d.audit.switch_key(key).map_err(|e| {
+                format!(
+                    "{e}; {} already holds the new key first: the daemon writes under it from \
+                     its next start",
+                    path.display()
+                )
+            })
+        })
+        .await;
+        match r {
+            Ok(Ok((from, to))) => Reply::Done {
+                message: format!(
+                    "audit key {from} retired, {to} in use from the next record on (a new \
+                     segment); {} holds both: keep it (or a copy off the host) to read the log",
+                    self.cfg.audit.key_file.display()
+                ),
+            },
+            Ok(Err(message)) => {
+                self.count_error("audit_key_rotation");
+                Reply::Error { message }
+            }
+            Err(e) => Reply::Error {
+                message: format!("audit key rotation: {e}"),
+            },
+        }
+    }
+
     pub async fn reload(&self) -> Reply {
         let _guard = self.reload_lock.lock().await;
         let result = async {
