@@ -46,6 +46,16 @@ pub fn extend(prev: &Chain, seq: u64, nonce: &[u8], ciphertext: &[u8]) -> Chain 
     c
 }
 
+/// [`extend`] over a frame body as stored: `seq: u64 LE || nonce || ciphertext`, contiguous.
+pub fn extend_frame(prev: &Chain, body: &[u8]) -> Chain {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(prev);
+    ctx.update(body);
+    let mut c = [0u8; CHAIN_LEN];
+    c.copy_from_slice(ctx.finish().as_ref());
+    c
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

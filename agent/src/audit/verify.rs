@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    Chain, extend, genesis, hex,
+    Chain, extend_frame, genesis, hex,
     keys::Keyring,
     store::{self, Checkpoint, Header, aad},
 };
@@ -66,12 +66,17 @@ pub fn walk(
         ..Summary::default()
     };
     let mut chains = BTreeMap::new();
+    // One buffer for every segment: its pages are mapped once, not once per segment.
+    let mut bytes = Vec::new();
     for path in &segs {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut bytes = fs::read(path).map_err(|e| VerifyError::Setup(format!("{name}: {e}")))?;
+        bytes.clear();
+        fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
+            .map_err(|e| VerifyError::Setup(format!("{name}: {e}")))?;
         let header =
             Header::decode(&bytes).map_err(|m| bad(next, format!("segment {name}: {m}")))?;
         if header.first_seq != next {
@@ -124,7 +129,8 @@ pub fn walk(
             }
             // The chain covers the ciphertext: hash it before it is decrypted in place.
             let prev = chain;
-            chain = extend(&chain, f.seq, &f.nonce, &bytes[f.ct.clone()]);
+            // seq, nonce and ciphertext lie one after the other in the frame.
+            chain = extend_frame(&chain, &bytes[f.ct.start - store::FRAME_PREFIX..f.ct.end]);
             let plain = key
                 .open(
                     f.nonce,
