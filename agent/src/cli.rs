@@ -1135,4 +1135,35 @@ fn print_status(s: &Status) {
     if !s.daemon_errors.is_empty() {
         println!("daemon errors: {:?}", s.daemon_errors);
     }
+    let a = &s.audit;
+    println!(
+        "audit {}: {} records durable (last {}, checkpoint {}){}; {} write errors; {} alerts",
+        a.dir,
+        a.committed,
+        a.last_seq,
+        a.last_checkpoint_seq,
+        if a.failing { ", FAILING" } else { "" },
+        a.write_errors,
+        a.alerts,
+    );
+    let l = &a.event_to_durable;
+    if l.count > 0 {
+        println!(
+            "  kernel event to durable record: p50 {} us, p99 {} us, max {} us over {} events",
+            l.p50_us, l.p99_us, l.max_us, l.count
+        );
+    }
+    for (name, k) in &a.sinks {
+        println!(
+            "  sink {name}: {} sent, {} dropped, {} errors{}{}",
+            k.sent,
+            k.dropped,
+            k.errors,
+            if k.connected { ", connected" } else { "" },
+            k.last_error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use agentwall_common::{
     addr::{self, Addr16},
-    event::{Event, Hook, Reason, Verdict},
+    event::{Event, Hook, Reason},
     rules::proto,
 };
 use aya::maps::{MapData, RingBuf};
@@ -79,23 +79,48 @@ fn proto_name(p: u8) -> String {
     }
 }
 
-/// Converts a `CLOCK_BOOTTIME` timestamp to wall-clock time.
-fn wall_time(ts_boot_ns: u64) -> SystemTime {
-    let now_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
-        .unwrap_or_default();
-    let age = now_boot.saturating_sub(Duration::from_nanos(ts_boot_ns));
-    SystemTime::now()
-        .checked_sub(age)
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+/// Converts `CLOCK_BOOTTIME` timestamps to wall-clock time, with the clocks read once (per
+/// batch of events, not per event).
+#[derive(Debug, Clone, Copy)]
+pub struct BootClock {
+    now_boot: Duration,
+    now_wall: SystemTime,
+}
+
+impl BootClock {
+    pub fn now() -> Self {
+        Self {
+            now_boot: nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+                .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+                .unwrap_or_default(),
+            now_wall: SystemTime::now(),
+        }
+    }
+
+    pub fn wall(&self, ts_boot_ns: u64) -> SystemTime {
+        let ts = Duration::from_nanos(ts_boot_ns);
+        if ts <= self.now_boot {
+            self.now_wall
+                .checked_sub(self.now_boot - ts)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        } else {
+            // An event stamped after the clocks were read (the batch goes on meanwhile).
+            self.now_wall + (ts - self.now_boot)
+        }
+    }
 }
 
 impl EventRecord {
     pub fn decode(e: &Event, names: &dyn Resolve) -> Self {
+        Self::decode_at(e, names, BootClock::now().wall(e.ts_boot_ns))
+    }
+
+    /// Decodes an event that happened at `at` (wall clock).
+    pub fn decode_at(e: &Event, names: &dyn Resolve, at: SystemTime) -> Self {
         let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
         let has_addr = e.hook != Hook::SOCK_CREATE && e.reason != Reason::UNPARSED;
         Self {
-            time: humantime::format_rfc3339_micros(wall_time(e.ts_boot_ns)).to_string(),
+            time: humantime::format_rfc3339_micros(at).to_string(),
             hook: code_name(e.hook.name(), e.hook.0),
             verdict: code_name(e.verdict.name(), e.verdict.0),
             reason: code_name(e.reason.name(), e.reason.0),
@@ -163,22 +188,22 @@ fn drain(
     audit: Option<&crate::audit::sink::AuditHandle>,
     mut detector: Option<&mut crate::audit::detect::Detector>,
 ) {
+    let clock = BootClock::now();
     while let Some(item) = ring.next() {
         let Some(raw) = Event::from_bytes(&item) else {
             tracing::warn!(len = item.len(), "short record in the event ring; skipped");
             continue;
         };
-        let rec = Arc::new(EventRecord::decode(&raw, names));
-        log(&rec, raw.verdict, raw.reason);
+        let at = clock.wall(raw.ts_boot_ns);
+        let rec = Arc::new(EventRecord::decode_at(&raw, names, at));
+        log(&rec);
         // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
         if let Some(a) = audit {
-            a.record("verdict", &*rec);
+            a.record_event("verdict", &*rec, raw.ts_boot_ns);
             if let (Some(d), Some(identity)) = (
                 detector.as_deref_mut(),
                 rec.spiffe_id.clone().or_else(|| rec.policy.clone()),
             ) {
-                let at = humantime::parse_rfc3339_weak(&rec.time)
-                    .unwrap_or_else(|_| std::time::SystemTime::now());
                 let obs = crate::audit::detect::Observation {
                     identity,
                     at,
@@ -200,24 +225,23 @@ fn drain(
     }
 }
 
-fn log(r: &EventRecord, verdict: Verdict, reason: Reason) {
-    let dst = r.dst.map(|a| a.to_string()).unwrap_or_default();
-    if verdict == Verdict::ALLOW && reason != Reason::AUDIT {
-        tracing::debug!(target: "agentwall::verdict", hook = %r.hook, verdict = %r.verdict, reason = %r.reason,
-            cgroup_id = r.cgroup_id, pid = r.tgid, comm = %r.comm, protocol = %r.protocol, dst = %dst,
-            port = r.port, rule_id = r.rule_id, rule = r.rule.as_deref().unwrap_or(""),
-            policy = r.policy.as_deref().unwrap_or(""), "verdict");
-    } else {
-        tracing::info!(target: "agentwall::verdict", hook = %r.hook, verdict = %r.verdict, reason = %r.reason,
-            cgroup_id = r.cgroup_id, pid = r.tgid, comm = %r.comm, protocol = %r.protocol, dst = %dst,
-            port = r.port, rule_id = r.rule_id, rule = r.rule.as_deref().unwrap_or(""),
-            policy = r.policy.as_deref().unwrap_or(""), "verdict");
+/// Every verdict goes to the audit log; the daemon's own log shows them at debug level
+/// (`RUST_LOG=agentwall::verdict=debug`), so that a flood of denials costs no log formatting.
+fn log(r: &EventRecord) {
+    if !tracing::enabled!(target: "agentwall::verdict", tracing::Level::DEBUG) {
+        return;
     }
+    let dst = r.dst.map(|a| a.to_string()).unwrap_or_default();
+    tracing::debug!(target: "agentwall::verdict", hook = %r.hook, verdict = %r.verdict, reason = %r.reason,
+        cgroup_id = r.cgroup_id, pid = r.tgid, comm = %r.comm, protocol = %r.protocol, dst = %dst,
+        port = r.port, rule_id = r.rule_id, rule = r.rule.as_deref().unwrap_or(""),
+        policy = r.policy.as_deref().unwrap_or(""), "verdict");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentwall_common::event::Verdict;
 
     struct Names;
     impl Resolve for Names {

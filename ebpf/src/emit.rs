@@ -16,6 +16,11 @@ use crate::decide::{Decision, Flow};
 /// Flags of `bpf_ringbuf_submit` (include/uapi/linux/bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `bpf_ringbuf_query`: bytes written and not yet consumed.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// With this much waiting, the reader is busy draining (it reads until the ring is empty) or
+/// its periodic poll is due: a denial does not wake it again.
+const WAKE_BELOW_BACKLOG: u64 = 64 << 10;
 
 #[map]
 static AW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
@@ -75,11 +80,15 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         _pad: [0; 4],
         comm,
     });
-    // Wake the reader for denials at once; allowed verdicts are picked up by its next wakeup
-    // or its periodic poll, which spares a wakeup (an irq_work) per allowed connect.
-    entry.submit(if d.verdict == Verdict::ALLOW {
-        BPF_RB_NO_WAKEUP
-    } else {
-        BPF_RB_FORCE_WAKEUP
-    });
+    // Denials wake the reader at once, unless it is far behind already (then it is draining,
+    // or its poll is due): a flood of denials costs no interrupt per event. Allowed verdicts
+    // are picked up by its next wakeup or its periodic poll, which spares a wakeup (an
+    // irq_work) per allowed connect.
+    entry.submit(
+        if d.verdict == Verdict::ALLOW || AW_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_BELOW_BACKLOG {
+            BPF_RB_NO_WAKEUP
+        } else {
+            BPF_RB_FORCE_WAKEUP
+        },
+    );
 }

@@ -476,7 +476,10 @@ fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
     let before = segments();
     let r = d.cli(&["audit", "rotate-key"]);
     assert!(r.status.success(), "{r:?}");
-    assert!(String::from_utf8_lossy(&r.stdout).contains("retired"), "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("retired"),
+        "{r:?}"
+    );
     assert_eq!(segments(), before + 1, "the new key starts a segment");
     // The key file: the new key first, the old one kept below it, still 0600.
     let text = fs::read_to_string(d.audit_key()).unwrap();
@@ -500,7 +503,10 @@ fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
     assert!(v.status.success(), "{v:?}");
     let denials = records(&audit(&d, &["query", "--verdict", "deny"]));
     assert_eq!(
-        denials.iter().filter(|r| r["port"] == denied.port()).count(),
+        denials
+            .iter()
+            .filter(|r| r["port"] == denied.port())
+            .count(),
         2,
         "{denials:#?}"
     );

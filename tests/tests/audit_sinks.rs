@@ -55,7 +55,11 @@ fn pki(dir: &Path) -> Pki {
         ExtendedKeyUsagePurpose::ServerAuth,
         vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
     );
-    let (client, client_key) = leaf("agentwall node", ExtendedKeyUsagePurpose::ClientAuth, vec![]);
+    let (client, client_key) = leaf(
+        "agentwall node",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        vec![],
+    );
     let write = |name: &str, text: String, mode: u32| {
         let p = dir.join(name);
         fs::write(&p, text).unwrap();
@@ -201,9 +205,11 @@ fn durable_records_reach_a_real_syslog_collector_over_mutual_tls() {
     let to = format!("tcp 127.0.0.1:{}", denied.port());
     let out = d.exec("web", None, &[&to]);
     assert_eq!(lines(&out), ["err EPERM"]);
-    let got = wait_for(Duration::from_secs(10), "the denial at the collector", || {
-        collector.verdicts_to(denied.port()).into_iter().next()
-    });
+    let got = wait_for(
+        Duration::from_secs(10),
+        "the denial at the collector",
+        || collector.verdicts_to(denied.port()).into_iter().next(),
+    );
     assert_eq!(got["verdict"], "deny");
     assert_eq!(got["policy"], "web");
     // rsyslog parsed our framing and header as RFC 5424: facility audit (13), severity notice.
@@ -226,7 +232,10 @@ fn durable_records_reach_a_real_syslog_collector_over_mutual_tls() {
     let dir = d.audit_dir().display().to_string();
     let status = d.status().audit;
     let sink = &status.sinks["syslog"];
-    assert!(sink.connected && sink.sent >= 1 && sink.dropped == 0, "{sink:?}");
+    assert!(
+        sink.connected && sink.sent >= 1 && sink.dropped == 0,
+        "{sink:?}"
+    );
     assert!(d.stop().success());
     let q = d.cli(&["audit", "query", &dir, "--key", &key, "--kind", "verdict"]);
     let local: Vec<serde_json::Value> = lines(&q)
@@ -395,7 +404,10 @@ fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
         receiver.posts()
     );
     let sink = d.status().audit.sinks["webhook"].clone();
-    assert!(sink.sent >= 1 && sink.errors == 0 && sink.dropped == 0, "{sink:?}");
+    assert!(
+        sink.sent >= 1 && sink.errors == 0 && sink.dropped == 0,
+        "{sink:?}"
+    );
     assert!(d.stop().success());
     // The alert posted is the one in the local log, at the same sequence number.
     let key = d.audit_key().display().to_string();

@@ -157,13 +157,14 @@ fn run(task: Task) -> anyhow::Result<()> {
             c.arg(format!("--rounds={rounds}"));
             c.arg(format!("--report={}", report.display()));
             status(c)?;
-            step("benchmark: audit store");
+            build(true)?;
+            step("benchmark: audit store and pipeline (release daemon)");
             let mut c = cargo();
+            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
             c.args(["bench", "-p", "agentwall-tests", "--bench", "audit", "--"]);
             c.arg(format!("--report={}", report.display()));
             status(c)?;
             step("benchmark: identity (release daemon)");
-            build(true)?;
             let mut c = cargo();
             c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
             c.args([

@@ -102,6 +102,8 @@ struct Profile {
     this_minute: u64,
     burst_alerted_minute: Option<u64>,
     denials: VecDeque<SystemTime>,
+    /// No new repeated-denials alert before this time (one per window, not one per N).
+    denials_quiet_until: Option<SystemTime>,
     hours_alerted: [bool; 24],
 }
 
@@ -147,13 +149,14 @@ impl Detector {
             {
                 p.denials.pop_front();
             }
-            if p.denials.len() >= cfg.denials {
+            if p.denials.len() >= cfg.denials && p.denials_quiet_until.is_none_or(|q| o.at >= q) {
                 alerts.push(Alert::RepeatedDenials {
                     identity: o.identity.clone(),
                     denials: p.denials.len(),
                     window_secs: cfg.denial_window.as_secs(),
                 });
-                // One alert per run of denials.
+                // At most one alert per window, however fast the denials come.
+                p.denials_quiet_until = Some(o.at + cfg.denial_window);
                 p.denials.clear();
             }
             return alerts;
@@ -329,6 +332,20 @@ mod tests {
             raised.extend(d.observe(&denied));
         }
         assert!(raised.is_empty(), "{raised:?}");
+        // A flood of denials raises one alert per window, not one per threshold reached.
+        let mut d = learned();
+        let mut raised = 0;
+        for i in 0..10_000u64 {
+            denied.at = at(2000) + Duration::from_millis(i);
+            raised += d.observe(&denied).len();
+        }
+        assert_eq!(raised, 1, "10000 denials in 10 s");
+        denied.at = at(2000 + 61);
+        let mut again = Vec::new();
+        for _ in 0..5 {
+            again.extend(d.observe(&denied));
+        }
+        assert_eq!(again.len(), 1, "the next window alerts again: {again:?}");
     }
 
     #[test]

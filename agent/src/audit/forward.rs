@@ -112,7 +112,10 @@ impl Sink {
     pub fn finish(mut self, wait: Duration) {
         self.tx = None;
         if self.done.recv_timeout(wait) == Err(mpsc::RecvTimeoutError::Timeout) {
-            tracing::warn!(sink = self.name, "audit sink still busy at shutdown; its backlog is left to the local log");
+            tracing::warn!(
+                sink = self.name,
+                "audit sink still busy at shutdown; its backlog is left to the local log"
+            );
         }
     }
 }
@@ -246,9 +249,11 @@ impl SyslogConfig {
     pub fn check(&self) -> Result<(), String> {
         self.host_port().map_err(|e| format!("address: {e}"))?;
         if self.tls && self.ca_file.is_none() {
-            return Err("tls needs ca_file: the CA certificates (PEM) of the collector, \
+            return Err(
+                "tls needs ca_file: the CA certificates (PEM) of the collector, \
                         or set tls: false for a collector on a trusted network"
-                .into());
+                    .into(),
+            );
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err("cert_file and key_file go together".into());
@@ -266,9 +271,8 @@ impl SyslogConfig {
         if !self.tls {
             return Ok(None);
         }
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))
-        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
         let ca = read(self.ca_file.as_ref().ok_or("tls needs ca_file")?)?;
         let client = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => {
@@ -469,7 +473,11 @@ fn hostname() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
-    let h: String = h.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
+    let h: String = h
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(255)
+        .collect();
     if h.is_empty() { "-".into() } else { h }
 }
 
@@ -482,8 +490,7 @@ pub fn syslog(cfg: &SyslogConfig) -> Result<Sink, String> {
         hostname: hostname(),
         pid: std::process::id(),
     };
-    Sink::spawn("syslog", cfg.queue, move |rx, stats| s.run(&rx, stats))
-        .map_err(|e| e.to_string())
+    Sink::spawn("syslog", cfg.queue, move |rx, stats| s.run(&rx, stats)).map_err(|e| e.to_string())
 }
 
 /// Config `detect.webhook`: alerts are also POSTed (JSON, `{"seq": N, "record": {...}}`) to a
@@ -497,7 +504,10 @@ pub struct WebhookConfig {
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Time one delivery may take.
-    #[serde(default = "default_webhook_timeout", with = "crate::config::duration_text")]
+    #[serde(
+        default = "default_webhook_timeout",
+        with = "crate::config::duration_text"
+    )]
     pub timeout: Duration,
     /// Alerts waiting for delivery at most; beyond that they are dropped and counted.
     #[serde(default = "default_webhook_queue")]
@@ -621,8 +631,17 @@ mod tests {
     #[test]
     fn addresses_are_checked() {
         assert_eq!(cfg("[::1]:6514").host_port().unwrap(), ("::1", 6514));
-        assert_eq!(cfg("logs.example:514").host_port().unwrap(), ("logs.example", 514));
-        for bad in ["logs.example", "logs.example:0", ":514", "x:99999", "[::1:5"] {
+        assert_eq!(
+            cfg("logs.example:514").host_port().unwrap(),
+            ("logs.example", 514)
+        );
+        for bad in [
+            "logs.example",
+            "logs.example:0",
+            ":514",
+            "x:99999",
+            "[::1:5",
+        ] {
             assert!(cfg(bad).check().is_err(), "{bad}");
         }
         let tls: SyslogConfig = serde_yaml::from_str("address: a:1\n").unwrap();
@@ -637,7 +656,8 @@ mod tests {
             hostname: "node1".into(),
             pid: 42,
         };
-        let record = br#"{"verdict":"deny","port":80,"time":"2026-11-25T21:00:00.000Z","kind":"verdict"}"#;
+        let record =
+            br#"{"verdict":"deny","port":80,"time":"2026-11-25T21:00:00.000Z","kind":"verdict"}"#;
         let mut out = Vec::new();
         s.frame(
             &Durable {
@@ -669,8 +689,16 @@ mod tests {
         assert!(w("url: http://127.0.0.1:9/x\ntimeout: 2s\n").is_ok());
         assert!(w("url: ftp://x/\n").unwrap_err().contains("https://"));
         assert!(w("url: https:///x\n").unwrap_err().contains("host"));
-        assert!(w("url: http://x/\nca_file: /ca.pem\n").unwrap_err().contains("https"));
-        assert!(w("url: https://x/\ntimeout: 5m\n").unwrap_err().contains("timeout"));
+        assert!(
+            w("url: http://x/\nca_file: /ca.pem\n")
+                .unwrap_err()
+                .contains("https")
+        );
+        assert!(
+            w("url: https://x/\ntimeout: 5m\n")
+                .unwrap_err()
+                .contains("timeout")
+        );
         assert!(serde_yaml::from_str::<WebhookConfig>("url: https://x/\nheaders: {}\n").is_err());
     }
 }

@@ -194,11 +194,9 @@ pub fn rotate_key_file(path: &Path) -> Result<AuditKey, KeyError> {
         hex(&current[0].id),
         old.trim_start()
     );
-    crate::state::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| {
-        KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        }
+    crate::state::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
     })?;
     Ok(new)
 }

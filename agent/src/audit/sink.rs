@@ -33,12 +33,16 @@ pub const BATCH: usize = 8_192;
 const SINK_DRAIN: Duration = Duration::from_secs(2);
 
 enum Msg {
-    Record(&'static str, Vec<u8>),
+    /// Kind, JSON, and for a kernel event its CLOCK_BOOTTIME nanoseconds (else 0).
+    Record(&'static str, Vec<u8>, u64),
     /// Answered once everything sent before it is durable and sealed by a checkpoint.
     Flush(mpsc::Sender<u64>),
     /// Write under this key from now on (in a new segment); answered with the old and new
     /// key ids (hex).
-    SwitchKey(Box<AuditKey>, mpsc::Sender<Result<(String, String), String>>),
+    SwitchKey(
+        Box<AuditKey>,
+        mpsc::Sender<Result<(String, String), String>>,
+    ),
 }
 
 /// Health of the audit log, for status and metrics.
@@ -57,6 +61,93 @@ pub struct AuditState {
     pub alerts: AtomicU64,
     /// The sinks beside the store, by name.
     pub sinks: Vec<(&'static str, Arc<SinkStats>)>,
+    /// From a kernel event to its record being durable, in microseconds.
+    pub event_to_durable: Histogram,
+}
+
+/// CLOCK_BOOTTIME in nanoseconds (the clock of kernel event timestamps).
+fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// Buckets of a [`Histogram`]: exact below 16, then 8 per power of two (within 12.5%).
+const HIST_BUCKETS: usize = 16 + 8 * 60;
+
+/// A histogram of non-negative values (log-linear buckets), written by one thread and read
+/// by any.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: Box<[AtomicU64]>,
+    max: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..HIST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    fn bucket(v: u64) -> usize {
+        if v < 16 {
+            return v as usize;
+        }
+        let e = 63 - u64::from(v.leading_zeros()); // >= 4
+        let sub = (v >> (e - 3)) & 7;
+        (16 + (e - 4) * 8 + sub) as usize
+    }
+
+    /// The largest value that falls into bucket `i`.
+    fn upper(i: usize) -> u64 {
+        if i < 16 {
+            return i as u64;
+        }
+        let e = (i - 16) / 8 + 4;
+        let sub = ((i - 16) % 8) as u64;
+        ((8 + sub + 1) << (e - 3)) - 1
+    }
+
+    pub fn add(&self, v: u64) {
+        let i = Self::bucket(v).min(HIST_BUCKETS - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.max.fetch_max(v, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The value at quantile `q` (0..=1), rounded up to its bucket's top; 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::upper(i).min(self.max());
+            }
+        }
+        self.max()
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -102,14 +193,7 @@ impl AuditHandle {
         let join = thread::Builder::new()
             .name("agentwall-audit".into())
             .spawn(move || {
-                run(
-                    &mut writer,
-                    &rx,
-                    &node,
-                    &state,
-                    checkpoint_every,
-                    &sinks,
-                );
+                run(&mut writer, &rx, &node, &state, checkpoint_every, &sinks);
                 for s in sinks {
                     s.finish(SINK_DRAIN);
                 }
@@ -125,7 +209,15 @@ impl AuditHandle {
     pub fn record<T: Serialize>(&self, kind: &'static str, fields: &T) {
         if let Some(b) = encode(kind, fields) {
             // The writer is gone only when the daemon stops.
-            let _ = self.tx.send(Msg::Record(kind, b));
+            let _ = self.tx.send(Msg::Record(kind, b, 0));
+        }
+    }
+
+    /// [`AuditHandle::record`] for a kernel event born at `born_boot_ns` (CLOCK_BOOTTIME):
+    /// the time from the event to its record being durable is measured.
+    pub fn record_event<T: Serialize>(&self, kind: &'static str, fields: &T, born_boot_ns: u64) {
+        if let Some(b) = encode(kind, fields) {
+            let _ = self.tx.send(Msg::Record(kind, b, born_boot_ns));
         }
     }
 
@@ -150,19 +242,38 @@ impl AuditHandle {
     }
 }
 
-/// A record's JSON: `{"time", "kind", ...fields}`.
+/// A record's JSON: `{"time", "kind", ...fields}`; `time` is now unless the fields carry their
+/// own (a kernel event's time).
 fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
-    let mut v = serde_json::to_value(fields)
-        .unwrap_or_else(|e| serde_json::json!({"encode_error": e.to_string()}));
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("time".into(), now_rfc3339().into());
-        obj.insert("kind".into(), kind.into());
-    } else {
-        v = serde_json::json!({"time": now_rfc3339(), "kind": kind, "value": v});
+    let mut body = Vec::with_capacity(512);
+    if let Err(e) = serde_json::to_writer(&mut body, fields) {
+        tracing::error!(error = %e, kind, "cannot encode an audit record");
+        return None;
     }
-    serde_json::to_vec(&v)
-        .inspect_err(|e| tracing::error!(error = %e, kind, "cannot encode an audit record"))
-        .ok()
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let has_time = body.starts_with(b"{\"time\":");
+    out.push(b'{');
+    if !has_time {
+        out.extend_from_slice(b"\"time\":\"");
+        out.extend_from_slice(now_rfc3339().as_bytes());
+        out.extend_from_slice(b"\",");
+    }
+    out.extend_from_slice(b"\"kind\":");
+    serde_json::to_writer(&mut out, kind).ok()?;
+    match body.as_slice() {
+        [b'{', b'}'] => out.push(b'}'),
+        [b'{', rest @ ..] => {
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+        // Not an object: kept whole under "value".
+        _ => {
+            out.extend_from_slice(b",\"value\":");
+            out.extend_from_slice(&body);
+            out.push(b'}');
+        }
+    }
+    Some(out)
 }
 
 #[derive(Serialize)]
@@ -205,14 +316,18 @@ fn run(
         if let Some(first) = first {
             let mut records = Vec::new();
             let mut kinds = Vec::new();
+            let mut borns = Vec::new();
             let mut flushes = Vec::new();
             let mut switch = None;
             let mut next = Some(first);
             while let Some(m) = next {
                 match m {
-                    Msg::Record(k, b) => {
+                    Msg::Record(k, b, born) => {
                         kinds.push(k);
                         records.push(b);
+                        if born != 0 {
+                            borns.push(born);
+                        }
                     }
                     Msg::Flush(t) => flushes.push(t),
                     // Records after it belong under the new key: the batch ends here.
@@ -226,6 +341,12 @@ fn run(
             }
             dirty |= !records.is_empty();
             commit_and_offer(writer, state, sinks, kinds, records);
+            if !borns.is_empty() {
+                let now = boot_ns();
+                for b in borns {
+                    state.event_to_durable.add(now.saturating_sub(b) / 1000);
+                }
+            }
             if let Some((key, reply)) = switch {
                 let _ = reply.send(switch_key(writer, state, sinks, *key));
                 dirty = true;
@@ -296,9 +417,16 @@ fn switch_key(
         }
         Err(e) => {
             tracing::error!(error = %e, "audit key rotation failed; the old key stays");
-            let fields = serde_json::json!({"from_key": ids.0, "to_key": ids.1, "error": e.to_string()});
+            let fields =
+                serde_json::json!({"from_key": ids.0, "to_key": ids.1, "error": e.to_string()});
             if let Some(rec) = encode("audit_key_rotation_failed", &fields) {
-                commit_and_offer(writer, state, sinks, vec!["audit_key_rotation_failed"], vec![rec]);
+                commit_and_offer(
+                    writer,
+                    state,
+                    sinks,
+                    vec!["audit_key_rotation_failed"],
+                    vec![rec],
+                );
             }
             Err(e.to_string())
         }
@@ -372,4 +500,46 @@ pub fn load_or_create_key(path: &Path) -> Result<AuditKey, super::keys::KeyError
         message: e.to_string(),
     })?;
     AuditKey::from_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::{Histogram, encode};
+
+    #[test]
+    fn records_get_their_kind_and_keep_an_event_time() {
+        let v = |b: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+        let event = v(encode("verdict", &serde_json::json!({"time": "T", "port": 1})).unwrap());
+        assert_eq!(
+            event,
+            serde_json::json!({"time": "T", "kind": "verdict", "port": 1})
+        );
+        let other = v(encode("health", &serde_json::json!({"state": "ok"})).unwrap());
+        assert_eq!(other["kind"], "health");
+        assert!(other["time"].as_str().unwrap().ends_with('Z'), "{other}");
+        let empty = v(encode("x", &serde_json::json!({})).unwrap());
+        assert_eq!(empty.as_object().unwrap().len(), 2, "{empty}");
+        let scalar = v(encode("x", &7).unwrap());
+        assert_eq!(scalar["value"], 7);
+    }
+
+    #[test]
+    fn histogram_buckets_cover_every_value_within_an_eighth() {
+        for v in (0..100_000u64).chain([1 << 40, u64::MAX / 4]) {
+            let i = Histogram::bucket(v);
+            assert!(Histogram::upper(i) >= v, "{v}");
+            assert!(i == 0 || Histogram::upper(i - 1) < v, "{v}");
+            assert!(Histogram::upper(i) - v <= v / 8 + 1, "{v}");
+        }
+        let h = Histogram::default();
+        for v in 1..=1000 {
+            h.add(v);
+        }
+        assert_eq!(h.count(), 1000);
+        let p50 = h.quantile(0.5);
+        assert!((500..=563).contains(&p50), "{p50}");
+        assert_eq!(h.quantile(1.0), 1000);
+        assert!(h.quantile(0.99) >= 990);
+    }
 }

@@ -502,7 +502,9 @@ impl Writer {
             return Err(StoreError::KeySwitch("a failed append is not cut back yet"));
         }
         if self.segment_bytes <= HEADER_LEN as u64 {
-            return Err(StoreError::KeySwitch("the current segment holds no record yet"));
+            return Err(StoreError::KeySwitch(
+                "the current segment holds no record yet",
+            ));
         }
         let (file, path) = new_segment(&self.dir, &header_for(&key, self.next_seq, self.chain))?;
         self.key = key;

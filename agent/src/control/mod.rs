@@ -149,8 +149,20 @@ pub struct AuditStatus {
     /// The sinks beside the store (stdout, syslog), by name.
     #[serde(default)]
     pub sinks: std::collections::BTreeMap<String, SinkStatus>,
+    /// From a kernel event to its record being durable, since the daemon started.
+    #[serde(default)]
+    pub event_to_durable: LatencyStatus,
     /// Hex public key that verifies the checkpoints.
     pub node_key: String,
+}
+
+/// A latency distribution, in microseconds (each value within 12.5% above).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyStatus {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
 }
 
 /// What a sink did since the daemon started; the store holds every record regardless.

@@ -157,7 +157,7 @@ impl Daemon {
             .filter_map(|(id, m)| Some((*id, m.bound.as_ref()?.spiffe_id.clone())))
             .collect();
         if let Ok(mut ids) = self.identities.write() {
-            *ids = named;
+            ids.replace(named);
         }
         let records: Vec<Record> = registry
             .iter()

@@ -122,11 +122,47 @@ struct RuleBook {
 struct Names(Arc<RwLock<RuleBook>>, Identities);
 
 /// Cgroup id → SPIFFE ID of its enrollment, readable from the event reader's thread.
-type Identities = Arc<RwLock<HashMap<u64, String>>>;
+type Identities = Arc<RwLock<IdentityNames>>;
+
+/// How long a cgroup that lost its binding (revoked, expired, gone) is still named by its
+/// last identity: its events may still wait in the ring buffer.
+const NAME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+pub(crate) struct IdentityNames {
+    current: HashMap<u64, String>,
+    departed: HashMap<u64, (String, std::time::Instant)>,
+}
+
+impl IdentityNames {
+    /// The bound cgroups now; those that were bound and are no longer stay named for
+    /// [`NAME_GRACE`].
+    pub(crate) fn replace(&mut self, now_bound: HashMap<u64, String>) {
+        let now = std::time::Instant::now();
+        self.departed.retain(|id, (_, at)| {
+            now.duration_since(*at) < NAME_GRACE && !now_bound.contains_key(id)
+        });
+        for (id, name) in self.current.drain() {
+            if !now_bound.contains_key(&id) {
+                self.departed.insert(id, (name, now));
+            }
+        }
+        self.current = now_bound;
+    }
+
+    fn get(&self, cgroup_id: u64) -> Option<&String> {
+        self.current.get(&cgroup_id).or_else(|| {
+            self.departed
+                .get(&cgroup_id)
+                .filter(|(_, at)| at.elapsed() < NAME_GRACE)
+                .map(|(n, _)| n)
+        })
+    }
+}
 
 impl Resolve for Names {
     fn identity(&self, cgroup_id: u64) -> Option<String> {
-        self.1.read().ok()?.get(&cgroup_id).cloned()
+        self.1.read().ok()?.get(cgroup_id).cloned()
     }
 
     fn policy(&self, slot: u32) -> Option<String> {
@@ -708,6 +744,12 @@ impl Daemon {
                         .find(|(n, _)| *n == "stdout")
                         .map_or(0, |(_, s)| s.dropped.load(Relaxed)),
                     alerts: a.alerts.load(Relaxed),
+                    event_to_durable: control::LatencyStatus {
+                        count: a.event_to_durable.count(),
+                        p50_us: a.event_to_durable.quantile(0.5),
+                        p99_us: a.event_to_durable.quantile(0.99),
+                        max_us: a.event_to_durable.max(),
+                    },
                     sinks: a
                         .sinks
                         .iter()
@@ -818,5 +860,31 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    use super::IdentityNames;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_cgroup_that_loses_its_binding_stays_named_for_its_pending_events() {
+        let mut n = IdentityNames::default();
+        n.replace(HashMap::from([(7, "spiffe://d/a".to_string())]));
+        assert_eq!(n.get(7).map(String::as_str), Some("spiffe://d/a"));
+        n.replace(HashMap::new());
+        assert_eq!(
+            n.get(7).map(String::as_str),
+            Some("spiffe://d/a"),
+            "in grace"
+        );
+        n.replace(HashMap::from([(7, "spiffe://d/b".to_string())]));
+        assert_eq!(
+            n.get(7).map(String::as_str),
+            Some("spiffe://d/b"),
+            "bound again"
+        );
+        assert_eq!(n.get(8), None);
     }
 }

@@ -196,11 +196,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         }
     });
-    tokio::spawn(watch_event_loss(
-        handle.clone(),
-        audit.clone(),
-        dropped_at_start,
-    ));
+    let losses = Arc::new(LossWatch {
+        enforcer: handle.clone(),
+        audit: audit.clone(),
+        seen: AsyncMutex::new(dropped_at_start.clone()),
+    });
+    tokio::spawn(Arc::clone(&losses).run());
     tokio::spawn(watch_audit_health(
         handle.clone(),
         audit.clone(),
@@ -233,6 +234,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     let _ = sd_notify("STOPPING=1");
+    // The reader takes what the ring holds (allowed verdicts wait for its poll), then the
+    // last losses are counted: the log ends with every event accounted for.
+    tokio::time::sleep(events::POLL_INTERVAL * 2).await;
+    losses.check().await;
     audit.record(
         "daemon_stop",
         &serde_json::json!({"reason": "signal", "note": "the kernel keeps enforcing through the pinned programs"}),
@@ -283,20 +288,16 @@ fn start_audit(
     let mut sinks = Vec::new();
     if cfg.audit.stdout {
         sinks.push(
-            crate::audit::forward::stdout()
-                .map_err(|e| err(format!("audit stdout sink: {e}")))?,
+            crate::audit::forward::stdout().map_err(|e| err(format!("audit stdout sink: {e}")))?,
         );
     }
     if let Some(s) = &cfg.audit.syslog {
-        sinks.push(
-            crate::audit::forward::syslog(s)
-                .map_err(|e| err(format!("audit.syslog: {e}")))?,
-        );
+        sinks
+            .push(crate::audit::forward::syslog(s).map_err(|e| err(format!("audit.syslog: {e}")))?);
     }
     if let Some(w) = cfg.detect.webhook.as_ref().filter(|_| cfg.detect.enabled) {
         sinks.push(
-            crate::audit::forward::webhook(w)
-                .map_err(|e| err(format!("detect.webhook: {e}")))?,
+            crate::audit::forward::webhook(w).map_err(|e| err(format!("detect.webhook: {e}")))?,
         );
     }
     let (handle, join) = sink::AuditHandle::start(
@@ -313,16 +314,20 @@ fn start_audit(
 
 /// Reports events the kernel could not deliver because the ring buffer was full: loss is
 /// counted per CPU in the kernel, said out loud here, and written to the audit log as a gap.
-async fn watch_event_loss(
+struct LossWatch {
     enforcer: EnforcerHandle,
     audit: crate::audit::sink::AuditHandle,
-    mut seen: Vec<u64>,
-) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let Ok(c) = enforcer.counters().await else {
-            continue;
+    /// Drops per CPU already reported.
+    seen: AsyncMutex<Vec<u64>>,
+}
+
+impl LossWatch {
+    /// Records a gap for every CPU whose drop counter moved since the last look.
+    async fn check(&self) {
+        let Ok(c) = self.enforcer.counters().await else {
+            return;
         };
+        let mut seen = self.seen.lock().await;
         for (cpu, now) in c.events_dropped_per_cpu.iter().enumerate() {
             let before = seen.get(cpu).copied().unwrap_or(*now);
             if *now > before {
@@ -332,11 +337,12 @@ async fn watch_event_loss(
                     total = now,
                     "events lost: the kernel event ring was full"
                 );
-                let after = audit
+                let after = self
+                    .audit
                     .state
                     .last_seq
                     .load(std::sync::atomic::Ordering::Relaxed);
-                audit.record(
+                self.audit.record(
                     "events_lost",
                     &serde_json::json!({
                         "cpu": cpu, "lost": now - before, "total_lost_on_cpu": now,
@@ -346,7 +352,14 @@ async fn watch_event_loss(
                 );
             }
         }
-        seen = c.events_dropped_per_cpu;
+        *seen = c.events_dropped_per_cpu;
+    }
+
+    async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.check().await;
+        }
     }
 }
 
