@@ -16,17 +16,41 @@ use crate::decide::{Decision, Flow};
 /// Flags of `bpf_ringbuf_submit` (include/uapi/linux/bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-/// `bpf_ringbuf_query`: bytes written and not yet consumed.
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// With this much waiting, the reader is busy draining (it reads until the ring is empty) or
-/// its periodic poll is due: a denial does not wake it again.
-const WAKE_BELOW_BACKLOG: u64 = 64 << 10;
+/// Neither flag: the kernel wakes the reader only if it consumed every earlier record.
+const BPF_RB_ADAPTIVE_WAKEUP: u64 = 0;
+/// A CPU forces a wakeup for a denial at most this often; between those, the kernel's
+/// adaptive rule decides.
+const FORCE_WAKEUP_EVERY_NS: u64 = 1_000_000;
 
 #[map]
 static AW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
 
 #[map]
 static AW_EVENTS: RingBuf = RingBuf::pinned(DEFAULT_EVENT_RING_BYTES, 0);
+
+/// Per CPU: when it last forced a wakeup of the reader (boot clock, ns).
+#[map]
+static AW_WAKE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The wakeup flag for a denial. A reader that consumed everything before it sleeps, so the
+/// adaptive rule wakes it; one that has allowed verdicts waiting (written without a wakeup)
+/// may sleep too, so a forced wakeup goes out, but at most once a millisecond per CPU: a
+/// flood of denials costs no interrupt per event while the reader works through it.
+#[inline(always)]
+fn denial_wakeup(now: u64) -> u64 {
+    let Some(last) = AW_WAKE.get_ptr_mut(0) else {
+        return BPF_RB_FORCE_WAKEUP;
+    };
+    // SAFETY: per-CPU slot of this CPU; programs do not migrate while running.
+    unsafe {
+        if now.wrapping_sub(*last) >= FORCE_WAKEUP_EVERY_NS {
+            *last = now;
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_ADAPTIVE_WAKEUP
+        }
+    }
+}
 
 #[inline(always)]
 pub(crate) fn count(index: u32) {
@@ -60,9 +84,10 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
     } else {
         (0, [0; 16])
     };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     entry.write(Event {
-        // SAFETY: helper without arguments.
-        ts_boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ts_boot_ns: now,
         cgroup_id: flow.cgroup_id,
         pid_tgid,
         addr: flow.dst,
@@ -80,15 +105,11 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         _pad: [0; 4],
         comm,
     });
-    // Denials wake the reader at once, unless it is far behind already (then it is draining,
-    // or its poll is due): a flood of denials costs no interrupt per event. Allowed verdicts
-    // are picked up by its next wakeup or its periodic poll, which spares a wakeup (an
-    // irq_work) per allowed connect.
-    entry.submit(
-        if d.verdict == Verdict::ALLOW || AW_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_BELOW_BACKLOG {
-            BPF_RB_NO_WAKEUP
-        } else {
-            BPF_RB_FORCE_WAKEUP
-        },
-    );
+    // Allowed verdicts are picked up by the reader's next wakeup or its periodic poll, which
+    // spares a wakeup (an irq_work) per allowed connect; denials wake it (see above).
+    entry.submit(if d.verdict == Verdict::ALLOW {
+        BPF_RB_NO_WAKEUP
+    } else {
+        denial_wakeup(now)
+    });
 }
