@@ -158,7 +158,7 @@ pub async fn read_ring(
     names: Arc<dyn Resolve + Send + Sync>,
     tx: broadcast::Sender<Arc<EventRecord>>,
     audit: Option<crate::audit::sink::AuditHandle>,
-    mut detector: Option<crate::audit::detect::Detector>,
+    detector: Option<Arc<std::sync::Mutex<crate::audit::detect::Detector>>>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, open and unchanged until the AsyncFd drops it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -170,10 +170,10 @@ pub async fn read_ring(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_mut());
+                drain(guard.get_inner_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_deref());
                 guard.clear_ready();
             }
-            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_mut()),
+            _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_deref()),
         }
     }
 }
@@ -186,9 +186,12 @@ fn drain(
     names: &dyn Resolve,
     tx: &broadcast::Sender<Arc<EventRecord>>,
     audit: Option<&crate::audit::sink::AuditHandle>,
-    mut detector: Option<&mut crate::audit::detect::Detector>,
+    detector: Option<&std::sync::Mutex<crate::audit::detect::Detector>>,
 ) {
     let clock = BootClock::now();
+    // Held for the batch; the baselines are saved between batches.
+    let mut detector =
+        detector.map(|d| d.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     while let Some(item) = ring.next() {
         let Some(raw) = Event::from_bytes(&item) else {
             tracing::warn!(len = item.len(), "short record in the event ring; skipped");

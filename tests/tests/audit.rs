@@ -534,3 +534,59 @@ fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
         "names the missing key {from}: {o:?}"
     );
 }
+
+#[test]
+fn behavioral_baselines_survive_a_restart() {
+    use std::time::Duration;
+    let _s = serial();
+    let (known, new) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[known.port(), new.port()]))],
+        Some("detect:\n  learn_for: 2s\n  off_hours: false\n"),
+    );
+    let to_known = format!("tcp 127.0.0.1:{}", known.port());
+    assert_eq!(lines(&d.exec("web", None, &[&to_known])), ["ok"]);
+    // Past the learning period, then a clean stop saves the baselines.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(d.stop().success());
+    let saved = d.state_dir().join("baselines.json");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(&saved).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    d.launch();
+    d.wait_healthy();
+    // Restored, not learning again: the known destination is quiet, a new one alerts at once.
+    let to_new = format!("tcp 127.0.0.1:{}", new.port());
+    assert_eq!(
+        lines(&d.exec("web", None, &[&to_known, &to_new])),
+        ["ok", "ok"]
+    );
+    agentwall_tests::wait_for(Duration::from_secs(5), "the alert", || {
+        (d.status().audit.alerts >= 1).then_some(())
+    });
+    assert!(d.stop().success());
+    let alerts = records(&audit(&d, &["query", "--kind", "alert"]));
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["alert"], "new_destination");
+    assert_eq!(alerts[0]["port"], new.port());
+
+    // An unreadable baselines file is set aside, not lost, and learning starts again.
+    fs::write(&saved, "not json").unwrap();
+    d.launch();
+    d.wait_healthy();
+    let status = d.status();
+    assert_eq!(status.daemon_errors.get("baselines_unreadable"), Some(&1));
+    assert!(d.stop().success());
+    let aside: Vec<_> = fs::read_dir(d.state_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("baselines.json.unreadable-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        fs::read_to_string(d.state_dir().join(&aside[0])).unwrap(),
+        "not json"
+    );
+}

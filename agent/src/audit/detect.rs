@@ -90,7 +90,7 @@ pub enum Alert {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Profile {
     since: Option<SystemTime>,
     destinations: HashSet<(Option<IpAddr>, u16, String)>,
@@ -103,6 +103,7 @@ struct Profile {
     burst_alerted_minute: Option<u64>,
     denials: VecDeque<SystemTime>,
     /// No new repeated-denials alert before this time (one per window, not one per N).
+    #[serde(default)]
     denials_quiet_until: Option<SystemTime>,
     hours_alerted: [bool; 24],
 }
@@ -119,12 +120,55 @@ fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or_default()
 }
 
+/// The file form of the baselines.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    profiles: BTreeMap<String, Profile>,
+}
+
+const SAVED_VERSION: u32 = 1;
+
 impl Detector {
     pub fn new(cfg: DetectConfig) -> Self {
         Self {
             cfg,
             profiles: BTreeMap::new(),
         }
+    }
+
+    /// The learned baselines, to be restored by [`Detector::restore`] after a restart.
+    pub fn save(&self) -> Result<Vec<u8>, String> {
+        #[derive(Serialize)]
+        struct SavedRef<'a> {
+            version: u32,
+            profiles: &'a BTreeMap<String, Profile>,
+        }
+        serde_json::to_vec(&SavedRef {
+            version: SAVED_VERSION,
+            profiles: &self.profiles,
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// A detector that goes on from saved baselines.
+    pub fn restore(cfg: DetectConfig, bytes: &[u8]) -> Result<Self, String> {
+        let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if saved.version != SAVED_VERSION {
+            return Err(format!(
+                "baselines of format version {} (this agentwall reads {SAVED_VERSION})",
+                saved.version
+            ));
+        }
+        Ok(Self {
+            cfg,
+            profiles: saved.profiles,
+        })
+    }
+
+    /// Identities with a baseline.
+    pub fn identities(&self) -> usize {
+        self.profiles.len()
     }
 
     /// Feeds one verdict; returns the alerts it raises.
@@ -346,6 +390,24 @@ mod tests {
             again.extend(d.observe(&denied));
         }
         assert_eq!(again.len(), 1, "the next window alerts again: {again:?}");
+    }
+
+    #[test]
+    fn baselines_survive_a_save_and_restore() {
+        let d = learned();
+        let mut back = Detector::restore(d.cfg.clone(), &d.save().unwrap()).unwrap();
+        assert_eq!(back.identities(), 1);
+        assert!(
+            back.observe(&flow(700, 1, 5432)).is_empty(),
+            "known destination"
+        );
+        let a = back.observe(&flow(701, 9, 443));
+        assert!(
+            a.iter().any(|x| matches!(x, Alert::NewDestination { .. })),
+            "still past learning, new destination: {a:?}"
+        );
+        assert!(Detector::restore(d.cfg.clone(), b"{}").is_err());
+        assert!(Detector::restore(d.cfg, br#"{"version":9,"profiles":{}}"#).is_err());
     }
 
     #[test]

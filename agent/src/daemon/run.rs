@@ -90,7 +90,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // sockets, which the runtime's workers serve.
     let (reader_done, mut reader) = tokio::sync::oneshot::channel();
     let reader_audit = audit.clone();
-    let detector = crate::audit::detect::Detector::new(cfg_detect);
+    let baselines = daemon.cfg.state_dir.join(BASELINES);
+    let detector = Arc::new(std::sync::Mutex::new(load_baselines(
+        &daemon, &baselines, cfg_detect,
+    )));
+    let reader_detector = Arc::clone(&detector);
     std::thread::Builder::new()
         .name("agentwall-events".into())
         .spawn(move || {
@@ -103,7 +107,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                         names,
                         events_tx,
                         Some(reader_audit),
-                        Some(detector),
+                        Some(reader_detector),
                     ))
                 });
             let _ = reader_done.send(result);
@@ -202,6 +206,21 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         seen: AsyncMutex::new(dropped_at_start.clone()),
     });
     tokio::spawn(Arc::clone(&losses).run());
+    {
+        let (detector, path, d) = (
+            Arc::clone(&detector),
+            baselines.clone(),
+            Arc::clone(&daemon),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(BASELINES_EVERY).await;
+                let (detector, path, d) = (Arc::clone(&detector), path.clone(), Arc::clone(&d));
+                let _ =
+                    tokio::task::spawn_blocking(move || save_baselines(&d, &detector, &path)).await;
+            }
+        });
+    }
     tokio::spawn(watch_audit_health(
         handle.clone(),
         audit.clone(),
@@ -238,6 +257,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // last losses are counted: the log ends with every event accounted for.
     tokio::time::sleep(events::POLL_INTERVAL * 2).await;
     losses.check().await;
+    {
+        let (detector, path, d) = (
+            Arc::clone(&detector),
+            baselines.clone(),
+            Arc::clone(&daemon),
+        );
+        let _ = tokio::task::spawn_blocking(move || save_baselines(&d, &detector, &path)).await;
+    }
     audit.record(
         "daemon_stop",
         &serde_json::json!({"reason": "signal", "note": "the kernel keeps enforcing through the pinned programs"}),
@@ -256,6 +283,63 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );
     Ok(())
+}
+
+/// The behavioral baselines, in the state directory.
+const BASELINES: &str = "baselines.json";
+/// How often the baselines are saved (and at a clean stop).
+const BASELINES_EVERY: Duration = Duration::from_secs(60);
+
+/// The detector, going on from the saved baselines. An unreadable file is set aside (never
+/// deleted) and learning starts again, loudly.
+fn load_baselines(
+    daemon: &Daemon,
+    path: &std::path::Path,
+    cfg: crate::audit::detect::DetectConfig,
+) -> crate::audit::detect::Detector {
+    use crate::audit::detect::Detector;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Detector::new(cfg),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the behavioral baselines; learning again");
+            daemon.count_error("baselines_read");
+            return Detector::new(cfg);
+        }
+    };
+    match Detector::restore(cfg.clone(), &bytes) {
+        Ok(d) => {
+            tracing::info!(path = %path.display(), identities = d.identities(), "behavioral baselines restored");
+            d
+        }
+        Err(e) => {
+            let aside = path.with_extension(format!(
+                "json.unreadable-{}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            ));
+            let _ = std::fs::rename(path, &aside);
+            tracing::error!(path = %path.display(), set_aside = %aside.display(), error = %e, "the behavioral baselines cannot be read; kept aside, learning again");
+            daemon.count_error("baselines_unreadable");
+            Detector::new(cfg)
+        }
+    }
+}
+
+fn save_baselines(
+    daemon: &Daemon,
+    detector: &std::sync::Mutex<crate::audit::detect::Detector>,
+    path: &std::path::Path,
+) {
+    let bytes = match detector.lock() {
+        Ok(d) => d.save(),
+        Err(p) => p.into_inner().save(),
+    };
+    let r =
+        bytes.and_then(|b| crate::state::write_atomic(path, &b, 0o600).map_err(|e| e.to_string()));
+    if let Err(e) = r {
+        tracing::error!(path = %path.display(), error = %e, "cannot save the behavioral baselines");
+        daemon.count_error("baselines_save");
+    }
 }
 
 /// Opens the audit log: key (created on first start), the node's checkpoint key, the writer.
