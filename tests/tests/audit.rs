@@ -70,6 +70,25 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
         String::from_utf8_lossy(&v.stdout).starts_with("OK:"),
         "{v:?}"
     );
+    // An auditor without the key checks the chain against the signed checkpoints.
+    let integrity = |d: &TestDaemon| {
+        let node = d.state_dir().join("audit-node.pub").display().to_string();
+        let dir = d.audit_dir().display().to_string();
+        d.cli(&[
+            "audit",
+            "verify",
+            &dir,
+            "--integrity-only",
+            "--node-key",
+            &node,
+        ])
+    };
+    let v = integrity(&d);
+    assert!(v.status.success(), "{v:?}");
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("integrity only: nothing decrypted"),
+        "{v:?}"
+    );
 
     let deny = records(&audit(&d, &["query", "--verdict", "deny"]));
     assert!(
@@ -145,6 +164,11 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("verification FAILED at record"), "{err}");
+    let o = integrity(&d);
+    assert!(
+        !o.status.success(),
+        "keyless verification sees the change too: {o:?}"
+    );
 }
 
 #[test]
@@ -238,7 +262,7 @@ fn a_hundred_sigkills_during_heavy_writes_lose_no_acknowledged_record() {
         w.append(&[b"{\"kind\":\"restart\"}".to_vec()]).unwrap();
         drop(w);
         let node = NodeKey::load_or_create(&dir.with_extension("node")).unwrap();
-        let s = verify::verify(&dir, &keys, &node.public_hex(), &[])
+        let s = verify::verify(&dir, Some(&keys), &node.public_hex(), &[])
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         acked = s.last_seq;
     }

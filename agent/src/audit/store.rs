@@ -144,18 +144,25 @@ pub struct Frame {
 /// cut short or malformed and returns the offset where the valid frames end.
 pub fn frames(bytes: &[u8]) -> (Vec<Frame>, usize, Option<String>) {
     let mut out = Vec::new();
+    let (end, problem) = frames_into(bytes, &mut out);
+    (out, end, problem)
+}
+
+/// [`frames`] into a vector the caller reuses (cleared first).
+pub fn frames_into(bytes: &[u8], out: &mut Vec<Frame>) -> (usize, Option<String>) {
+    out.clear();
     let mut off = HEADER_LEN;
     while off < bytes.len() {
         let Some(len_bytes) = bytes.get(off..off + 4) else {
-            return (out, off, Some("a frame length cut short".into()));
+            return (off, Some("a frame length cut short".into()));
         };
         let len =
             u32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
         if !(FRAME_PREFIX + TAG_LEN..=FRAME_PREFIX + MAX_RECORD + TAG_LEN).contains(&len) {
-            return (out, off, Some(format!("a frame length of {len} bytes")));
+            return (off, Some(format!("a frame length of {len} bytes")));
         }
         let Some(body) = bytes.get(off + 4..off + 4 + len) else {
-            return (out, off, Some("a frame cut short".into()));
+            return (off, Some("a frame cut short".into()));
         };
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&body[..8]);
@@ -169,7 +176,7 @@ pub fn frames(bytes: &[u8]) -> (Vec<Frame>, usize, Option<String>) {
         });
         off += 4 + len;
     }
-    (out, off, None)
+    (off, None)
 }
 
 /// Limits of one segment.

@@ -49,6 +49,17 @@ pub fn walk(
     dir: &Path,
     keys: &Keyring,
     want: &BTreeSet<u64>,
+    each: impl FnMut(u64, &[u8]),
+) -> Result<(Summary, BTreeMap<u64, Chain>), VerifyError> {
+    walk_with(dir, Some(keys), want, each)
+}
+
+/// [`walk`]; without keys, only the order and the chain are checked (nothing is decrypted and
+/// `each` is not called).
+pub fn walk_with(
+    dir: &Path,
+    keys: Option<&Keyring>,
+    want: &BTreeSet<u64>,
     mut each: impl FnMut(u64, &[u8]),
 ) -> Result<(Summary, BTreeMap<u64, Chain>), VerifyError> {
     let segs = store::segments(dir).map_err(|e| VerifyError::Setup(e.to_string()))?;
@@ -67,18 +78,36 @@ pub fn walk(
     };
     let mut chains = BTreeMap::new();
     // One buffer for every segment: its pages are mapped once, not once per segment.
-    let mut bytes = Vec::new();
-    for path in &segs {
+    let mut buffer = Vec::new();
+    let mut scratch = Vec::new();
+    let mut frames = Vec::new();
+    for (i, path) in segs.iter().enumerate() {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        bytes.clear();
-        fs::File::open(path)
-            .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut bytes))
-            .map_err(|e| VerifyError::Setup(format!("{name}: {e}")))?;
+        let setup = |e: std::io::Error| VerifyError::Setup(format!("{name}: {e}"));
+        // Without keys nothing is written into the bytes: a sealed segment (every one but the
+        // last; only the last is ever cut back, by a writer recovering from a crash or a failed
+        // write) is read through a read-only mapping instead of a copy.
+        let mapped = if keys.is_none() && i + 1 < segs.len() {
+            let f = fs::File::open(path).map_err(setup)?;
+            // SAFETY: a read-only mapping of a sealed segment, which nothing shrinks while it
+            // is mapped (see above).
+            Some(unsafe { memmap2::Mmap::map(&f) }.map_err(setup)?)
+        } else {
+            buffer.clear();
+            fs::File::open(path)
+                .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut buffer))
+                .map_err(setup)?;
+            None
+        };
+        let bytes: &[u8] = match &mapped {
+            Some(m) => m,
+            None => &buffer,
+        };
         let header =
-            Header::decode(&bytes).map_err(|m| bad(next, format!("segment {name}: {m}")))?;
+            Header::decode(bytes).map_err(|m| bad(next, format!("segment {name}: {m}")))?;
         if header.first_seq != next {
             return Err(if header.first_seq > next {
                 bad(
@@ -107,17 +136,21 @@ pub fn walk(
                 ),
             ));
         }
-        let key = keys.get(&header.key_id).ok_or_else(|| {
-            bad(
-                next,
-                format!(
-                    "segment {name} is encrypted under key {}, which was not given (wrong key?)",
-                    hex(&header.key_id)
-                ),
-            )
-        })?;
-        let (frames, _, problem) = store::frames(&bytes);
-        for f in frames {
+        let key = keys
+            .map(|k| {
+                k.get(&header.key_id).ok_or_else(|| {
+                    bad(
+                        next,
+                        format!(
+                            "segment {name} is encrypted under key {}, which was not given (wrong key?)",
+                            hex(&header.key_id)
+                        ),
+                    )
+                })
+            })
+            .transpose()?;
+        let (_, problem) = store::frames_into(bytes, &mut frames);
+        for f in frames.drain(..) {
             if f.seq != next {
                 return Err(bad(
                     next,
@@ -127,23 +160,23 @@ pub fn walk(
                     ),
                 ));
             }
-            // The chain covers the ciphertext: hash it before it is decrypted in place.
+            // The chain covers the ciphertext as stored.
             let prev = chain;
             // seq, nonce and ciphertext lie one after the other in the frame.
             chain = extend_frame(&chain, &bytes[f.ct.start - store::FRAME_PREFIX..f.ct.end]);
-            let plain = key
-                .open(
-                    f.nonce,
-                    &aad(f.seq, &header.key_id, &prev),
-                    &mut bytes[f.ct.clone()],
-                )
-                .ok_or_else(|| {
-                    bad(
-                        next,
-                        "does not decrypt in its place: modified, or moved here",
-                    )
-                })?;
-            each(f.seq, plain);
+            if let Some(key) = key {
+                scratch.clear();
+                scratch.extend_from_slice(&bytes[f.ct.clone()]);
+                let plain = key
+                    .open(f.nonce, &aad(f.seq, &header.key_id, &prev), &mut scratch)
+                    .ok_or_else(|| {
+                        bad(
+                            next,
+                            "does not decrypt in its place: modified, or moved here",
+                        )
+                    })?;
+                each(f.seq, plain);
+            }
             if want.contains(&f.seq) {
                 chains.insert(f.seq, chain);
             }
@@ -165,9 +198,14 @@ pub fn walk(
 /// Verifies the log in `dir` with `keys` and the node's public key (hex). Checkpoints are read
 /// from the directory and from `exported` files; each must carry the node's signature and
 /// match the chain, and none may lie beyond the log's end (truncation).
+///
+/// Without keys (an auditor who may not read the records) the same is checked but for
+/// decryption: order, segment links, the chain against every signed checkpoint, truncation.
+/// A modified record is then found at the first checkpoint after it, not at the record
+/// itself, and records after the last checkpoint are covered by no signature yet.
 pub fn verify(
     dir: &Path,
-    keys: &Keyring,
+    keys: Option<&Keyring>,
     node_public: &str,
     exported: &[PathBuf],
 ) -> Result<Summary, VerifyError> {
@@ -191,7 +229,7 @@ pub fn verify(
         }
     }
     let want: BTreeSet<u64> = cps.iter().map(|c| c.seq).collect();
-    let (mut summary, chains) = walk(dir, keys, &want, |_, _| {})?;
+    let (mut summary, chains) = walk_with(dir, keys, &want, |_, _| {})?;
     let mut sorted = cps.clone();
     sorted.sort_by_key(|c| c.seq);
     for cp in &sorted {
@@ -280,7 +318,7 @@ mod tests {
     }
 
     fn expect_bad(d: &Path, node: &NodeKey, exported: &[PathBuf], seq: u64, words: &str) {
-        match verify(d, &ring(), &node.public_hex(), exported) {
+        match verify(d, Some(&ring()), &node.public_hex(), exported) {
             Err(VerifyError::Bad { seq: s, reason }) => {
                 assert_eq!(s, seq, "{reason}");
                 assert!(reason.contains(words), "{reason}");
@@ -305,11 +343,13 @@ mod tests {
         let node = node_key(&d.0);
         let segs = build(&d.0, &node);
         assert_eq!(segs.len(), 3);
-        let s = verify(&d.0, &ring(), &node.public_hex(), &[]).unwrap();
+        let s = verify(&d.0, Some(&ring()), &node.public_hex(), &[]).unwrap();
         assert_eq!(
             (s.records, s.last_seq, s.checkpoints, s.last_checkpoint_seq),
             (30, 30, 1, 30)
         );
+        // Without the key: the same log, the same summary.
+        assert_eq!(verify(&d.0, None, &node.public_hex(), &[]).unwrap(), s);
         let mut seen = Vec::new();
         walk(&d.0, &ring(), &BTreeSet::new(), |seq, b| {
             seen.push((seq, b.to_vec()))
@@ -328,6 +368,15 @@ mod tests {
         bytes[off + len - 3] ^= 0x40;
         fs::write(&segs[1], bytes).unwrap();
         expect_bad(&d.0, &node, &[], 15, "does not decrypt");
+        // Without the key the change is found too, at the first segment link or checkpoint
+        // after it.
+        match verify(&d.0, None, &node.public_hex(), &[]) {
+            Err(VerifyError::Bad { seq, reason }) => {
+                assert!(seq > 15, "{seq}: {reason}");
+                assert!(reason.contains("chain"), "{reason}");
+            }
+            other => panic!("a modified record must fail keyless verification: {other:?}"),
+        }
     }
 
     #[test]
@@ -382,7 +431,7 @@ mod tests {
         f.set_len(off as u64).unwrap();
         fs::remove_file(d.0.join(store::CHECKPOINTS)).unwrap();
         assert!(
-            verify(&d.0, &ring(), &node.public_hex(), &[]).is_ok(),
+            verify(&d.0, Some(&ring()), &node.public_hex(), &[]).is_ok(),
             "undetectable without the export"
         );
         expect_bad(
@@ -410,7 +459,7 @@ mod tests {
         let node = node_key(&d.0);
         build(&d.0, &node);
         let wrong = Keyring::new(vec![AuditKey::from_hex(&"ab".repeat(32), "wrong").unwrap()]);
-        match verify(&d.0, &wrong, &node.public_hex(), &[]) {
+        match verify(&d.0, Some(&wrong), &node.public_hex(), &[]) {
             Err(VerifyError::Bad { seq: 1, reason }) => {
                 assert!(reason.contains("wrong key"), "{reason}")
             }
@@ -418,7 +467,7 @@ mod tests {
         }
         // A forged checkpoint (not the node's signature).
         let stranger = NodeKey::load_or_create(&d.0.with_extension("stranger.key")).unwrap();
-        match verify(&d.0, &ring(), &stranger.public_hex(), &[]) {
+        match verify(&d.0, Some(&ring()), &stranger.public_hex(), &[]) {
             Err(VerifyError::Bad { reason, .. }) => {
                 assert!(reason.contains("signature"), "{reason}")
             }
@@ -445,7 +494,7 @@ mod tests {
         // daemon records the truncation itself, so that this is explained.
         expect_bad(&d.0, &node, &[], 30, "chain differs");
         fs::remove_file(d.0.join(store::CHECKPOINTS)).unwrap();
-        let s = verify(&d.0, &ring(), &node.public_hex(), &[]).unwrap();
+        let s = verify(&d.0, Some(&ring()), &node.public_hex(), &[]).unwrap();
         assert_eq!(s.last_seq, 30);
     }
 
@@ -464,7 +513,7 @@ mod tests {
         assert_eq!(w.next_seq(), 31);
         w.append(&[body(31)]).unwrap();
         assert_eq!(
-            verify(&d.0, &ring(), &node.public_hex(), &[])
+            verify(&d.0, Some(&ring()), &node.public_hex(), &[])
                 .unwrap()
                 .last_seq,
             31
