@@ -87,10 +87,10 @@ pub fn walk_with(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let setup = |e: std::io::Error| VerifyError::Setup(format!("{name}: {e}"));
-        // Without keys nothing is written into the bytes: a sealed segment (every one but the
-        // last; only the last is ever cut back, by a writer recovering from a crash or a failed
-        // write) is read through a read-only mapping instead of a copy.
-        let mapped = if keys.is_none() && i + 1 < segs.len() {
+        // A sealed segment (every one but the last; only the last is ever cut back, by a writer
+        // recovering from a crash or a failed write) is read through a read-only mapping
+        // instead of a copy; records are decrypted in a scratch buffer.
+        let mapped = if i + 1 < segs.len() {
             let f = fs::File::open(path).map_err(setup)?;
             // SAFETY: a read-only mapping of a sealed segment, which nothing shrinks while it
             // is mapped (see above).
