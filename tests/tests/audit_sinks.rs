@@ -418,3 +418,60 @@ fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
     drop(receiver);
     let _ = fs::remove_dir_all(&base);
 }
+
+#[test]
+fn a_stalled_collector_costs_copies_never_the_store_or_enforcement() {
+    let _s = serial();
+    let base = std::env::temp_dir().join(format!("awt-syslog-stalled-{}", std::process::id()));
+    let pki = pki(&base.join("pki"));
+    let port = free_port();
+    let collector = Rsyslog::start(&base, &pki, port);
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some(&syslog_config(&pki, port, 16)),
+    );
+    wait_for(Duration::from_secs(10), "the sink connected", || {
+        d.status().audit.sinks["syslog"].connected.then_some(())
+    });
+    // The collector stops reading: its socket buffers fill, the sink's writes block.
+    let pid = nix::unistd::Pid::from_raw(collector.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = target.local_addr().unwrap().port();
+    let n = 60_000;
+    let out = d.exec(
+        "web",
+        None,
+        &[&format!("udp-flood 127.0.0.1:{udp_port} {n}")],
+    );
+    assert_eq!(
+        lines(&out),
+        [format!("eperm={n} other=0")],
+        "every send denied"
+    );
+    let status = wait_for(Duration::from_secs(20), "the sink dropping copies", || {
+        let s = d.status().audit;
+        (s.sinks["syslog"].dropped > 0).then_some(s)
+    });
+    assert!(!status.failing, "the store is not held up");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(d.stop().success());
+    // The local log accounts for every send: a verdict record, or a gap record when the
+    // kernel ring overflowed during the flood.
+    let key = d.audit_key().display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let q = d.cli(&["audit", "query", &dir, "--key", &key]);
+    let (mut verdicts, mut lost) = (0u64, 0u64);
+    for l in lines(&q) {
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        let r = &v["record"];
+        if r["kind"] == "verdict" && r["port"] == udp_port {
+            verdicts += 1;
+        } else if r["kind"] == "events_lost" {
+            lost += r["lost"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(verdicts + lost, n, "verdicts {verdicts} + lost {lost}");
+    drop(collector);
+    let _ = fs::remove_dir_all(&base);
+}

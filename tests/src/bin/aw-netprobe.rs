@@ -132,6 +132,20 @@ fn run(line: &str) -> String {
             }
             Ok(format!("ok={ok} eperm={eperm} other={other}"))
         }
+        ("udp-flood", [a, n]) => {
+            let a = addr(a)?;
+            let n: u64 = n.parse().map_err(|_| "err bad count".to_string())?;
+            let s = std::net::UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+                .map_err(|e| errno(&e))?;
+            let (mut eperm, mut other) = (0u64, 0u64);
+            for _ in 0..n {
+                match s.send_to(b"x", a) {
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    _ => other += 1,
+                }
+            }
+            Ok(format!("eperm={eperm} other={other}"))
+        }
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
