@@ -25,6 +25,14 @@ fn verify(d: &TestDaemon) -> Output {
     audit(d, &["verify", "--node-key", &node])
 }
 
+/// `audit verify` with another key file than the daemon's.
+fn verify_with_key(d: &TestDaemon, key: &std::path::Path) -> Output {
+    let node = d.state_dir().join("audit-node.pub").display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let key = key.display().to_string();
+    d.cli(&["audit", "verify", &dir, "--key", &key, "--node-key", &node])
+}
+
 fn records(o: &Output) -> Vec<serde_json::Value> {
     lines(o)
         .iter()
@@ -133,17 +141,7 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
     // A wrong key is refused with a clear reason.
     let wrong = d.dir.join("wrong.key");
     fs::write(&wrong, "ab".repeat(32)).unwrap();
-    let node = d.state_dir().join("audit-node.pub").display().to_string();
-    let dir = d.audit_dir().display().to_string();
-    let o = d.cli(&[
-        "audit",
-        "verify",
-        &dir,
-        "--key",
-        wrong.to_str().unwrap(),
-        "--node-key",
-        &node,
-    ]);
+    let o = verify_with_key(&d, &wrong);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("wrong key"),
@@ -540,17 +538,7 @@ fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
     // With the new key alone, the older segment cannot be read: verify says which key it needs.
     let only_new = d.dir.join("new-only.key");
     fs::write(&only_new, format!("{}\n", keys[0])).unwrap();
-    let node = d.state_dir().join("audit-node.pub").display().to_string();
-    let dir = d.audit_dir().display().to_string();
-    let o = d.cli(&[
-        "audit",
-        "verify",
-        &dir,
-        "--key",
-        only_new.to_str().unwrap(),
-        "--node-key",
-        &node,
-    ]);
+    let o = verify_with_key(&d, &only_new);
     assert!(!o.status.success(), "{o:?}");
     let from = rotation[0]["from_key"].as_str().unwrap();
     assert!(

@@ -173,6 +173,22 @@ impl Drop for Rsyslog {
     }
 }
 
+/// A scratch directory of the test, removed on drop (also when the test fails).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A scratch directory, the test PKI in it, and a free loopback port for the collector.
+fn collector_setup(name: &str) -> (Scratch, Pki, u16) {
+    let base = Scratch(std::env::temp_dir().join(format!("awt-{name}-{}", std::process::id())));
+    let pki = pki(&base.0.join("pki"));
+    (base, pki, free_port())
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -194,10 +210,8 @@ fn syslog_config(pki: &Pki, port: u16, queue: usize) -> String {
 fn durable_records_reach_a_real_syslog_collector_over_mutual_tls() {
     let _s = serial();
     let denied = TcpSink::new("127.0.0.1:0");
-    let base = std::env::temp_dir().join(format!("awt-syslog-{}", std::process::id()));
-    let pki = pki(&base.join("pki"));
-    let port = free_port();
-    let collector = Rsyslog::start(&base, &pki, port);
+    let (base, pki, port) = collector_setup("syslog");
+    let collector = Rsyslog::start(&base.0, &pki, port);
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some(&syslog_config(&pki, port, 1024)),
@@ -250,16 +264,13 @@ fn durable_records_reach_a_real_syslog_collector_over_mutual_tls() {
     let v = d.cli(&["audit", "verify", &dir, "--key", &key, "--node-key", &node]);
     assert!(v.status.success(), "{v:?}");
     drop(collector);
-    let _ = fs::remove_dir_all(&base);
 }
 
 #[test]
 fn an_absent_collector_costs_copies_never_enforcement_and_is_caught_up_with() {
     let _s = serial();
     let denied = TcpSink::new("127.0.0.1:0");
-    let base = std::env::temp_dir().join(format!("awt-syslog-absent-{}", std::process::id()));
-    let pki = pki(&base.join("pki"));
-    let port = free_port();
+    let (base, pki, port) = collector_setup("syslog-absent");
     // No collector yet, and room for 4 records in the sink's queue.
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
@@ -283,7 +294,7 @@ fn an_absent_collector_costs_copies_never_enforcement_and_is_caught_up_with() {
     );
     assert!(!status.failing, "the store is not affected");
     // The collector comes up: the sink reconnects and new records flow again.
-    let collector = Rsyslog::start(&base, &pki, port);
+    let collector = Rsyslog::start(&base.0, &pki, port);
     let later = TcpSink::new("127.0.0.1:0");
     let to_later = format!("tcp 127.0.0.1:{}", later.port());
     wait_for(Duration::from_secs(20), "the sink reconnected", || {
@@ -304,7 +315,6 @@ fn an_absent_collector_costs_copies_never_enforcement_and_is_caught_up_with() {
         .count();
     assert_eq!(local, 200);
     drop(collector);
-    let _ = fs::remove_dir_all(&base);
 }
 
 /// Python's http.server on loopback (a web server that is not ours): each POST is written as a
@@ -374,8 +384,8 @@ impl Drop for WebhookReceiver {
 fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
     let _s = serial();
     let denied = TcpSink::new("127.0.0.1:0");
-    let base = std::env::temp_dir().join(format!("awt-webhook-{}", std::process::id()));
-    let receiver = WebhookReceiver::start(&base);
+    let base = Scratch(std::env::temp_dir().join(format!("awt-webhook-{}", std::process::id())));
+    let receiver = WebhookReceiver::start(&base.0);
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some(&format!(
@@ -416,16 +426,13 @@ fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
     let local: serde_json::Value = serde_json::from_str(&lines(&q)[0]).unwrap();
     assert_eq!(local, post["body"]);
     drop(receiver);
-    let _ = fs::remove_dir_all(&base);
 }
 
 #[test]
 fn a_stalled_collector_costs_copies_never_the_store_or_enforcement() {
     let _s = serial();
-    let base = std::env::temp_dir().join(format!("awt-syslog-stalled-{}", std::process::id()));
-    let pki = pki(&base.join("pki"));
-    let port = free_port();
-    let collector = Rsyslog::start(&base, &pki, port);
+    let (base, pki, port) = collector_setup("syslog-stalled");
+    let collector = Rsyslog::start(&base.0, &pki, port);
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some(&syslog_config(&pki, port, 16)),
@@ -473,5 +480,4 @@ fn a_stalled_collector_costs_copies_never_the_store_or_enforcement() {
     }
     assert_eq!(verdicts + lost, n, "verdicts {verdicts} + lost {lost}");
     drop(collector);
-    let _ = fs::remove_dir_all(&base);
 }
