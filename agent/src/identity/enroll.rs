@@ -181,19 +181,30 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// A client configuration that checks the server against the CA certificates in `pem`.
+fn client_builder(
+    what: &str,
+    pem: &[u8],
+) -> Result<
+    rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    TlsSetupError,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(what, pem)? {
+        roots.add(c)?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots))
+}
+
 /// An agent's TLS configuration: its SVID and key, the daemon checked against `bundle_pem`.
 pub fn client_config(
     cert_pem: &[u8],
     key_pem: &[u8],
     bundle_pem: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs("trust bundle", bundle_pem)? {
-        roots.add(c)?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
+    let cfg = client_builder("trust bundle", bundle_pem)?
         .with_client_auth_cert(certs("certificate", cert_pem)?, key("key", key_pem)?)?;
     Ok(Arc::new(cfg))
 }
@@ -204,13 +215,7 @@ pub fn collector_client_config(
     ca_pem: &[u8],
     client: Option<(&[u8], &[u8])>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs("collector CA file", ca_pem)? {
-        roots.add(c)?;
-    }
-    let b = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+    let b = client_builder("collector CA file", ca_pem)?;
     let cfg = match client {
         Some((cert, k)) => b.with_client_auth_cert(
             certs("collector client certificate", cert)?,
