@@ -112,12 +112,26 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
     for k in [
         "daemon_start",
         "health",
+        "certificate_issued",
         "enrolled",
         "revoked",
         "daemon_stop",
     ] {
         assert!(kinds.contains(&k), "no {k} record in {kinds:?}");
     }
+    // The certificate `identity issue` made while the daemon ran, copied from the issuance log.
+    let issued = all
+        .iter()
+        .find(|r| {
+            r["kind"] == "certificate_issued"
+                && r["spiffe_id"] == "spiffe://agentwall.local/agent/web/prod"
+        })
+        .unwrap_or_else(|| panic!("the agent's certificate in {all:#?}"));
+    assert_eq!(
+        issued["sha256"].as_str().map(str::len),
+        Some(64),
+        "{issued}"
+    );
     let enrolled = all.iter().find(|r| r["kind"] == "enrolled").unwrap();
     assert_eq!(
         enrolled["spiffe_id"],
@@ -548,7 +562,7 @@ fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
 }
 
 #[test]
-fn behavioral_baselines_survive_a_restart() {
+fn baselines_and_copied_issuance_records_survive_restarts() {
     use std::time::Duration;
     let _s = serial();
     let (known, new) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
@@ -558,6 +572,8 @@ fn behavioral_baselines_survive_a_restart() {
     );
     let to_known = format!("tcp 127.0.0.1:{}", known.port());
     assert_eq!(lines(&d.exec("web", None, &[&to_known])), ["ok"]);
+    // A certificate issued now is copied into the audit log once, not again at each restart.
+    let _ = d.issue("agent/once/test", "10m");
     // Past the learning period, then a clean stop saves the baselines.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(d.stop().success());
@@ -591,6 +607,15 @@ fn behavioral_baselines_survive_a_restart() {
     let status = d.status();
     assert_eq!(status.daemon_errors.get("baselines_unreadable"), Some(&1));
     assert!(d.stop().success());
+    let issued = records(&audit(&d, &["query", "--kind", "certificate_issued"]));
+    assert_eq!(
+        issued
+            .iter()
+            .filter(|r| r["spiffe_id"] == "spiffe://agentwall.local/agent/once/test")
+            .count(),
+        1,
+        "{issued:#?}"
+    );
     let aside: Vec<_> = fs::read_dir(d.state_dir())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -258,6 +258,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tokio::time::sleep(events::POLL_INTERVAL * 2).await;
     losses.check().await;
     {
+        let d = Arc::clone(&daemon);
+        let _ = tokio::task::spawn_blocking(move || record_issuance(&d)).await;
+    }
+    {
         let (detector, path, d) = (
             Arc::clone(&detector),
             baselines.clone(),
@@ -283,6 +287,79 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );
     Ok(())
+}
+
+/// How far the issuance log has been copied into the audit log (a byte offset), in the state
+/// directory.
+const ISSUANCE_CURSOR: &str = "issuance.audited";
+
+/// Copies certificates issued since the last look (by this daemon or by `agentwall identity
+/// issue`, which may run while no daemon does) from the issuance log into the audit log as
+/// `certificate_issued` records. The cursor moves only once those records are durable.
+fn record_issuance(daemon: &Daemon) {
+    use std::io::{Read as _, Seek as _};
+    let state = &daemon.cfg.state_dir;
+    let log = crate::identity::log_path(state);
+    let cursor_path = state.join(ISSUANCE_CURSOR);
+    let Ok(len) = std::fs::metadata(&log).map(|m| m.len()) else {
+        return;
+    };
+    let mut offset: u64 = std::fs::read_to_string(&cursor_path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    if len < offset {
+        tracing::error!(log = %log.display(), was = offset, now = len, "the issuance log shrank; it is append-only");
+        daemon.count_error("issuance_log_shrunk");
+        daemon.audit.record(
+            "issuance_log_shrunk",
+            &serde_json::json!({"path": log.display().to_string(), "was_bytes": offset, "now_bytes": len}),
+        );
+        offset = 0;
+    }
+    if len == offset {
+        return;
+    }
+    let mut text = Vec::new();
+    let read = std::fs::File::open(&log).and_then(|mut f| {
+        f.seek(std::io::SeekFrom::Start(offset))?;
+        f.read_to_end(&mut text)
+    });
+    if let Err(e) = read {
+        tracing::error!(log = %log.display(), error = %e, "cannot read the issuance log");
+        daemon.count_error("issuance_log_read");
+        return;
+    }
+    // Complete lines only; a line being written is taken next time.
+    let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    for line in text[..complete]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+    {
+        match serde_json::from_slice::<crate::identity::log::Entry>(line) {
+            Ok(e) => daemon.audit.record("certificate_issued", &e),
+            Err(e) => {
+                daemon.count_error("issuance_log_corrupt");
+                daemon.audit.record(
+                    "issuance_log_unreadable",
+                    &serde_json::json!({"error": e.to_string(), "line": String::from_utf8_lossy(line)}),
+                );
+            }
+        }
+    }
+    if complete == 0 {
+        return;
+    }
+    // Durable first, then the cursor: a crash in between records them again, never loses them.
+    if daemon.audit.flush().is_none() {
+        return;
+    }
+    let next = offset + complete as u64;
+    if let Err(e) = crate::state::write_atomic(&cursor_path, format!("{next}\n").as_bytes(), 0o600)
+    {
+        tracing::error!(path = %cursor_path.display(), error = %e, "cannot save the issuance cursor");
+        daemon.count_error("issuance_cursor");
+    }
 }
 
 /// The behavioral baselines, in the state directory.
