@@ -439,7 +439,6 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let cfg = Config::load(&overrides)?;
             logging::init(cfg.log_format, "info");
-            raise_priority();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -1116,24 +1115,6 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The daemon's scheduling priority (nice): above the agents it enforces, so that a busy
-/// agent cannot delay a revocation, an enrollment or the audit log.
-const DAEMON_NICE: i32 = -10;
-
-/// Sets [`DAEMON_NICE`] on this thread before the daemon's threads are spawned (they inherit
-/// it). Without the privilege the daemon runs at its current priority and says so.
-fn raise_priority() {
-    // SAFETY: setpriority on the calling thread; no memory is passed.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, DAEMON_NICE) };
-    if r != 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            nice = DAEMON_NICE,
-            "cannot raise the daemon's scheduling priority; busy agents may delay it"
-        );
-    }
 }
 
 #[expect(clippy::print_stdout, reason = "CLI output")]

@@ -432,37 +432,3 @@ fn a_cgroup_named_in_the_config_is_attached_and_bound() {
     let _ = fs::remove_file(&out_file);
     assert_eq!(after.trim(), "ok");
 }
-
-/// The nice value of every thread of a process (field 19 of /proc/PID/task/TID/stat).
-#[allow(
-    clippy::unwrap_used,
-    reason = "a test helper: failing here fails the test"
-)]
-fn thread_nices(pid: u32) -> Vec<i64> {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| {
-            let stat = fs::read_to_string(t.ok()?.path().join("stat")).ok()?;
-            // Fields after the command name, which is in parentheses and may hold spaces.
-            let rest = stat.rsplit_once(')')?.1;
-            rest.split_whitespace().nth(16)?.parse().ok()
-        })
-        .collect()
-}
-
-#[test]
-fn the_daemon_runs_above_the_agents_it_enforces() {
-    let _s = serial();
-    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
-    let nices = thread_nices(d.pid().unwrap());
-    assert!(nices.len() > 2, "{nices:?}");
-    assert!(
-        nices.iter().all(|n| *n == -10),
-        "every daemon thread at nice -10: {nices:?}"
-    );
-    // An agent started through `agentwall exec` keeps the caller's priority.
-    let mut agent = d.repl("web");
-    let pid: u32 = agent.cmd("pid").parse().unwrap();
-    assert_eq!(thread_nices(pid), [0]);
-    let _ = agent.quit();
-}
