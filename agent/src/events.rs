@@ -246,6 +246,15 @@ mod tests {
     use super::*;
     use agentwall_common::event::Verdict;
 
+    #[test]
+    fn a_verdict_serializes_with_its_time_first() {
+        // The audit writer keeps a record's own time only when it leads the object
+        // (`audit::sink::encode`); otherwise it would stamp the queueing time.
+        let r = EventRecord::decode(&raw(), &Names);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.starts_with("{\"time\":"), "{json}");
+    }
+
     struct Names;
     impl Resolve for Names {
         fn policy(&self, slot: u32) -> Option<String> {

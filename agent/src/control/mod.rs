@@ -140,9 +140,6 @@ pub struct AuditStatus {
     pub write_errors: u64,
     /// The log cannot be written right now (enforcement goes on; records wait).
     pub failing: bool,
-    /// Records the stdout sink dropped (its reader too slow); the store has them all.
-    #[serde(default)]
-    pub stdout_dropped: u64,
     /// Behavioral alerts raised (each is an `alert` record).
     #[serde(default)]
     pub alerts: u64,

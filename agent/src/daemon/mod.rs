@@ -738,11 +738,6 @@ impl Daemon {
                     last_checkpoint_seq: a.last_checkpoint_seq.load(Relaxed),
                     write_errors: a.write_errors.load(Relaxed),
                     failing: a.failing.load(Relaxed),
-                    stdout_dropped: a
-                        .sinks
-                        .iter()
-                        .find(|(n, _)| *n == "stdout")
-                        .map_or(0, |(_, s)| s.dropped.load(Relaxed)),
                     alerts: a.alerts.load(Relaxed),
                     event_to_durable: control::LatencyStatus {
                         count: a.event_to_durable.count(),
