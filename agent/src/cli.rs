@@ -978,12 +978,21 @@ impl RecordFilter {
     }
 }
 
+/// A record body as JSON (compact verdicts decoded); one that cannot be read is shown as
+/// such, with its bytes, rather than skipped.
+fn record_value(body: &[u8]) -> serde_json::Value {
+    crate::audit::record::json(body)
+        .and_then(|j| serde_json::from_slice(&j).map_err(|e| e.to_string()))
+        .unwrap_or_else(
+            |e| serde_json::json!({"undecodable": String::from_utf8_lossy(body), "error": e}),
+        )
+}
+
 #[expect(clippy::print_stdout, reason = "CLI output")]
 fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     use crate::audit::{keys::AuditKey, verify};
     let print_record = |seq: u64, body: &[u8]| {
-        let rec = serde_json::from_slice::<serde_json::Value>(body)
-            .unwrap_or_else(|_| serde_json::json!({"undecodable": String::from_utf8_lossy(body)}));
+        let rec = record_value(body);
         println!("{}", serde_json::json!({"seq": seq, "record": rec}));
     };
     match cmd {
@@ -1106,10 +1115,9 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let keyring = keys.keyring()?;
             let filter = RecordFilter::new(filter)?;
             verify::walk(&dir, &keyring, &Default::default(), |seq, body| {
-                if let Ok(rec) = serde_json::from_slice::<serde_json::Value>(body)
-                    && filter.matches(&rec)
-                {
-                    print_record(seq, body);
+                let rec = record_value(body);
+                if filter.matches(&rec) {
+                    println!("{}", serde_json::json!({"seq": seq, "record": rec}));
                 }
             })?;
         }

@@ -64,17 +64,26 @@ pub fn display_addr(a: &Addr16) -> IpAddr {
     }
 }
 
-fn code_name(name: Option<&'static str>, raw: u8) -> String {
+pub(crate) fn code_name(name: Option<&'static str>, raw: u8) -> String {
     name.map_or_else(|| format!("unknown({raw})"), str::to_string)
 }
 
-fn proto_name(p: u8) -> String {
+pub(crate) fn proto_name(p: u8) -> String {
     match p {
         proto::TCP => "tcp".into(),
         proto::UDP => "udp".into(),
         proto::ICMP => "icmp".into(),
         proto::ICMPV6 => "icmpv6".into(),
         0 => "any".into(),
+        n => n.to_string(),
+    }
+}
+
+pub(crate) fn family_name(f: u8) -> String {
+    match f {
+        2 => "ipv4".into(),
+        10 => "ipv6".into(),
+        0 => String::new(),
         n => n.to_string(),
     }
 }
@@ -129,12 +138,7 @@ impl EventRecord {
             tgid: (e.pid_tgid >> 32) as u32,
             comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
             protocol: proto_name(e.proto),
-            family: match e.family {
-                2 => "ipv4".into(),
-                10 => "ipv6".into(),
-                0 => String::new(),
-                n => n.to_string(),
-            },
+            family: family_name(e.family),
             dst: has_addr.then(|| display_addr(&e.addr)),
             dst_given: has_addr.then(|| display_addr(&e.orig_addr)),
             port: e.port,
@@ -202,7 +206,11 @@ fn drain(
         log(&rec);
         // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
         if let Some(a) = audit {
-            a.record_event("verdict", &*rec, raw.ts_boot_ns);
+            a.record_compact(
+                "verdict",
+                crate::audit::record::verdict(&raw, &rec, at),
+                raw.ts_boot_ns,
+            );
             if let (Some(d), Some(identity)) = (
                 detector.as_deref_mut(),
                 rec.spiffe_id.clone().or_else(|| rec.policy.clone()),

@@ -27,10 +27,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwall::audit::{
-    keys::{AuditKey, Keyring},
-    store::{Rotation, Writer},
-    verify,
+use agentwall::{
+    audit::{
+        keys::{AuditKey, Keyring},
+        store::{Rotation, Writer},
+        verify,
+    },
+    events::{EventRecord, Resolve},
+};
+use agentwall_common::{
+    addr,
+    event::{Event, Hook, Reason, Verdict},
+    rules::proto,
 };
 
 const KEY: &str = "8f14e45fceea167a5a36dedd4bea2543c9f0f895fb98ab9159f51fd0297e236d";
@@ -48,16 +56,50 @@ fn arg(name: &str) -> Option<String> {
     })
 }
 
-/// A verdict record of the size the daemon writes.
-fn record(i: u64) -> Vec<u8> {
-    format!(
-        "{{\"time\":\"2026-11-25T12:00:00.{:03}Z\",\"kind\":\"verdict\",\"hook\":\"connect4\",\"verdict\":\"allow\",\"reason\":\"rule\",\"cgroup_id\":{},\"pid\":{},\"tgid\":{},\"comm\":\"python3\",\"protocol\":\"tcp\",\"family\":\"ipv4\",\"dst\":\"10.20.1.7\",\"dst_given\":\"10.20.1.7\",\"port\":5432,\"rule_id\":3,\"rule\":\"policies/analytics-reader.yaml:7\",\"policy\":\"analytics-reader\",\"slot\":2,\"generation\":1}}",
-        i % 1000,
-        4000 + i % 7,
-        1000 + i % 97,
-        1000 + i % 97
-    )
-    .into_bytes()
+/// Names a verdict as the daemon's resolver would: an enrolled agent's policy, rule and
+/// SPIFFE ID.
+struct Names;
+
+impl Resolve for Names {
+    fn policy(&self, _slot: u32) -> Option<String> {
+        Some("analytics-reader".into())
+    }
+    fn rule(&self, _generation: u32, rule_id: u32) -> Option<String> {
+        Some(format!("policies/analytics-reader.yaml:{rule_id}"))
+    }
+    fn identity(&self, _cgroup_id: u64) -> Option<String> {
+        Some("spiffe://example.org/agent/analytics-reader/prod".into())
+    }
+}
+
+/// A verdict record as the daemon writes it (compact form), and its JSON length.
+fn record(i: u64) -> (Vec<u8>, usize) {
+    let mut comm = [0u8; 16];
+    comm[..7].copy_from_slice(b"python3");
+    let e = Event {
+        ts_boot_ns: 0,
+        cgroup_id: 4000 + i % 7,
+        pid_tgid: ((1000 + i % 97) << 32) | (1000 + i % 97),
+        addr: addr::from_v4([10, 20, 1, 7]),
+        orig_addr: addr::from_v4([10, 20, 1, 7]),
+        rule_id: 7,
+        slot: 2,
+        generation: 1,
+        port: 5432,
+        hook: Hook::CONNECT4,
+        proto: proto::TCP,
+        verdict: Verdict::ALLOW,
+        reason: Reason::RULE,
+        sock_type: 1,
+        family: 2,
+        _pad: [0; 4],
+        comm,
+    };
+    let at = std::time::UNIX_EPOCH + Duration::from_micros(1_795_000_000_000_000 + i * 17);
+    let rec = EventRecord::decode_at(&e, &Names, at);
+    let body = agentwall::audit::record::verdict(&e, &rec, at);
+    let json = agentwall::audit::record::json(&body).unwrap().len();
+    (body, json)
 }
 
 fn main() {
@@ -167,7 +209,8 @@ fn pipeline_run(n: u64, rate: Option<u64>) -> Run {
     let needle = format!("\"port\":{port},");
     let (mut verdicts, mut lost) = (0u64, 0u64);
     verify::walk(&d.audit_dir(), &key, &BTreeSet::new(), |_, body| {
-        let text = std::str::from_utf8(body).unwrap_or("");
+        let json = agentwall::audit::record::json(body).unwrap();
+        let text = std::str::from_utf8(&json).unwrap_or("");
         if text.contains("\"kind\":\"verdict\"") && text.contains(&needle) {
             verdicts += 1;
         } else if text.contains("\"kind\":\"events_lost\"") {
@@ -277,8 +320,9 @@ fn store() {
     let base = std::env::temp_dir().join(format!("aw-bench-audit-{}", std::process::id()));
     let _ = fs::remove_dir_all(&base);
     let dir = base.join("log");
-    let records: Vec<Vec<u8>> = (0..batch as u64).map(record).collect();
+    let (records, json_lens): (Vec<Vec<u8>>, Vec<usize>) = (0..batch as u64).map(record).unzip();
     let bytes_per = records.iter().map(Vec::len).sum::<usize>() as f64 / batch as f64;
+    let json_per = json_lens.iter().sum::<usize>() as f64 / batch as f64;
     let batches = (n as usize).div_ceil(batch);
 
     // Durable, encrypted, chained records.
@@ -314,20 +358,32 @@ fn store() {
     }
     let raw_rate = written / t.elapsed().as_secs_f64();
 
-    // Verification, on one core.
+    // Verification, on one core; the median of three runs.
     let keys = Keyring::new(vec![AuditKey::from_hex(KEY, "bench").unwrap()]);
-    let t = Instant::now();
-    let (summary, _) = verify::walk(&dir, &keys, &BTreeSet::new(), |_, b| {
-        std::hint::black_box(b);
-    })
-    .unwrap();
-    let verify_rate = summary.records as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(summary.records as f64, written);
+    let median_rate = |run: &dyn Fn() -> u64| {
+        let mut rates: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                let n = run();
+                assert_eq!(n as f64, written);
+                n as f64 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        rates[1]
+    };
+    let verify_rate = median_rate(&|| {
+        let (summary, _) = verify::walk(&dir, &keys, &BTreeSet::new(), |_, b| {
+            std::hint::black_box(b);
+        })
+        .unwrap();
+        summary.records
+    });
     // Without the key: order, links and chain only.
-    let t = Instant::now();
-    let (summary, _) = verify::walk_with(&dir, None, &BTreeSet::new(), |_, _| {}).unwrap();
-    let integrity_rate = summary.records as f64 / t.elapsed().as_secs_f64();
-    assert_eq!(summary.records as f64, written);
+    let integrity_rate = median_rate(&|| {
+        let (summary, _) = verify::walk_with(&dir, None, &BTreeSet::new(), |_, _| {}).unwrap();
+        summary.records
+    });
     // Baseline: SHA-256 over the same record bytes.
     let t = Instant::now();
     for _ in 0..batches {
@@ -336,23 +392,48 @@ fn store() {
         }
     }
     let hash_rate = written / t.elapsed().as_secs_f64();
-    // The floor of verification: SHA-256 over exactly what the chain covers per record (the
-    // previous chain value, sequence number, nonce, ciphertext and tag).
-    let chain_inputs: Vec<Vec<u8>> = records
+    // The floor of verification: the cryptography it cannot skip. SHA-256 running over every
+    // frame as stored (length, sequence number, nonce, ciphertext and tag) and one AES-256-GCM
+    // open per record, nothing else.
+    let gcm = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[0x5a; 32]).unwrap(),
+    );
+    let sealed: Vec<(Vec<u8>, Vec<u8>)> = records
         .iter()
-        .map(|r| vec![0x5a; 32 + 8 + 12 + r.len() + 16])
+        .map(|r| {
+            let mut ct = r.clone();
+            gcm.seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key([1; 12]),
+                ring::aead::Aad::from([2u8; 32]),
+                &mut ct,
+            )
+            .unwrap();
+            (vec![0x5a; 4 + 8 + 12 + ct.len()], ct)
+        })
         .collect();
+    let frame_bytes = sealed.iter().map(|(f, _)| f.len()).sum::<usize>() as f64 / batch as f64;
+    let mut scratch = Vec::new();
     let t = Instant::now();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for _ in 0..batches {
-        for r in &chain_inputs {
-            std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, r));
+        for (frame, ct) in &sealed {
+            ctx.update(frame);
+            scratch.clear();
+            scratch.extend_from_slice(ct);
+            let plain = gcm.open_in_place(
+                ring::aead::Nonce::assume_unique_for_key([1; 12]),
+                ring::aead::Aad::from([2u8; 32]),
+                &mut scratch,
+            );
+            std::hint::black_box(plain.unwrap());
         }
     }
+    std::hint::black_box(ctx.finish());
     let chain_rate = written / t.elapsed().as_secs_f64();
     let _ = fs::remove_dir_all(&base);
 
     eprintln!(
-        "audit: write {write_rate:.0}/s (raw {raw_rate:.0}/s), verify {verify_rate:.0}/s, without the key {integrity_rate:.0}/s (sha256 {hash_rate:.0}/s, chain hash alone {chain_rate:.0}/s)"
+        "audit: write {write_rate:.0}/s (raw {raw_rate:.0}/s), verify {verify_rate:.0}/s, without the key {integrity_rate:.0}/s (sha256 {hash_rate:.0}/s, crypto floor {chain_rate:.0}/s)"
     );
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -361,8 +442,9 @@ fn store() {
     let _ = writeln!(
         md,
         "Produced by `cargo xtask bench` (tests/benches/audit.rs). Linux {}, the state directory's \
-         file system. {} verdict-sized records ({bytes_per:.0} bytes of JSON each) in batches of \
-         {batch}, one sync per batch.\n",
+         file system. {} kernel verdict records as the daemon writes them (an enrolled agent's \
+         allowed connect: compact form, {bytes_per:.0} bytes each; {json_per:.0} bytes as the JSON \
+         readers get) in batches of {batch}, one sync per batch.\n",
         kernel.trim(),
         written
     );
@@ -379,7 +461,7 @@ fn store() {
     );
     let _ = writeln!(
         md,
-        "| records verified per second, one core (decrypt, chain, order) | {verify_rate:.0}/s | SHA-256 of the same records: {hash_rate:.0}/s | {:.2}x | ≥ 3000000/s: {} |",
+        "| records verified per second, one core (`verify`: decrypt, chain, order) | {verify_rate:.0}/s | SHA-256 of the same records: {hash_rate:.0}/s | {:.2}x | ≥ 3000000/s: {} |",
         hash_rate / verify_rate,
         met(verify_rate >= 3_000_000.0)
     );
@@ -391,17 +473,17 @@ fn store() {
     );
     let _ = writeln!(
         md,
-        "| full verification against its floor | {verify_rate:.0}/s | SHA-256 of exactly the bytes the chain covers ({:.0} bytes a record): {chain_rate:.0}/s | {:.2}x | |",
-        bytes_per + 68.0,
+        "| full verification against its floor | {verify_rate:.0}/s | the cryptography alone: SHA-256 over every frame as stored ({frame_bytes:.0} bytes a record) and one AES-256-GCM open per record: {chain_rate:.0}/s | {:.2}x | |",
         chain_rate / verify_rate,
     );
     let _ = writeln!(
         md,
         "\nThis measures the store alone; the daemon's path from the kernel to the store is the \
-         next section. The chain hashes every ciphertext in full (a chain over tags alone would \
-         let a holder of the key swap a record for another with the same tag), so one core \
-         cannot verify faster than it can hash those bytes: the floor row shows how close \
-         verification comes to that."
+         next section. Verification rates are the median of three passes over the log. The \
+         chain hashes every frame in full (a chain over tags alone would let a holder of the key \
+         swap a record for another with the same tag), and every record is decrypted, so one \
+         core cannot verify faster than the floor row's cryptography; kernel verdicts are kept \
+         in a compact binary form (read back as JSON) so that there are fewer bytes to hash."
     );
     print!("{md}");
     if let Some(path) = arg("report") {

@@ -213,12 +213,11 @@ impl AuditHandle {
         }
     }
 
-    /// [`AuditHandle::record`] for a kernel event born at `born_boot_ns` (CLOCK_BOOTTIME):
-    /// the time from the event to its record being durable is measured.
-    pub fn record_event<T: Serialize>(&self, kind: &'static str, fields: &T, born_boot_ns: u64) {
-        if let Some(b) = encode(kind, fields) {
-            let _ = self.tx.send(Msg::Record(kind, b, born_boot_ns));
-        }
+    /// Queues a record already encoded (see [`super::record`]) for a kernel event born at
+    /// `born_boot_ns` (CLOCK_BOOTTIME): the time from the event to its record being durable is
+    /// measured.
+    pub fn record_compact(&self, kind: &'static str, body: Vec<u8>, born_boot_ns: u64) {
+        let _ = self.tx.send(Msg::Record(kind, body, born_boot_ns));
     }
 
     /// Makes `key` the key of every record from now on: the records queued before are
@@ -244,7 +243,7 @@ impl AuditHandle {
 
 /// A record's JSON: `{"time", "kind", ...fields}`; `time` is now unless the fields carry their
 /// own (a kernel event's time).
-fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
+pub(crate) fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
     let mut body = Vec::with_capacity(512);
     if let Err(e) = serde_json::to_writer(&mut body, fields) {
         tracing::error!(error = %e, kind, "cannot encode an audit record");
@@ -340,13 +339,7 @@ fn run(
                 };
             }
             dirty |= !records.is_empty();
-            commit_and_offer(writer, state, sinks, kinds, records);
-            if !borns.is_empty() {
-                let now = boot_ns();
-                for b in borns {
-                    state.event_to_durable.add(now.saturating_sub(b) / 1000);
-                }
-            }
+            commit_and_offer(writer, state, sinks, kinds, records, &borns);
             if let Some((key, reply)) = switch {
                 let _ = reply.send(switch_key(writer, state, sinks, *key));
                 dirty = true;
@@ -380,13 +373,30 @@ fn commit_and_offer(
     sinks: &[Sink],
     kinds: Vec<&'static str>,
     records: Vec<Vec<u8>>,
+    borns: &[u64],
 ) {
     if records.is_empty() {
         return;
     }
     let first = commit(writer, &records, state);
+    if !borns.is_empty() {
+        let now = boot_ns();
+        for b in borns {
+            state.event_to_durable.add(now.saturating_sub(*b) / 1000);
+        }
+    }
     if !sinks.is_empty() {
-        for (seq, (kind, record)) in (first..).zip(kinds.into_iter().zip(records)) {
+        for (seq, (kind, body)) in (first..).zip(kinds.into_iter().zip(records)) {
+            // Sinks get JSON; compact verdicts are turned back into it here, off the path
+            // that makes records durable.
+            let record = match super::record::json(&body) {
+                Ok(std::borrow::Cow::Owned(j)) => j,
+                Ok(std::borrow::Cow::Borrowed(_)) => body,
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "an audit record the sinks cannot read");
+                    continue;
+                }
+            };
             let d = Arc::new(Durable { seq, kind, record });
             for s in sinks {
                 s.offer(&d);
@@ -409,7 +419,14 @@ fn switch_key(
     }
     let fields = serde_json::json!({"from_key": ids.0, "to_key": ids.1});
     let rec = encode("audit_key_rotation", &fields).ok_or("cannot encode the record")?;
-    commit_and_offer(writer, state, sinks, vec!["audit_key_rotation"], vec![rec]);
+    commit_and_offer(
+        writer,
+        state,
+        sinks,
+        vec!["audit_key_rotation"],
+        vec![rec],
+        &[],
+    );
     match writer.switch_key(key) {
         Ok(()) => {
             tracing::warn!(from = %ids.0, to = %ids.1, segment = %writer.segment_name(), "audit key rotated; keep the retired key to read older segments");
@@ -426,6 +443,7 @@ fn switch_key(
                     sinks,
                     vec!["audit_key_rotation_failed"],
                     vec![rec],
+                    &[],
                 );
             }
             Err(e.to_string())

@@ -12,13 +12,22 @@ use ring::rand::SecureRandom as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Chain, extend, genesis, hex,
+    Chain, SegmentChain, genesis, hex,
     keys::{AuditKey, KeyError, KeyId, NodeKey},
 };
 
 pub const MAGIC: &[u8; 8] = b"AWAUDIT1";
-pub const VERSION: u32 = 1;
-pub const HEADER_LEN: usize = 64;
+/// Format version written. 2: a salt in the header, one running chain hash per segment, and
+/// bodies that may be compact verdicts ([`super::record`]). Version 1 segments (chain value
+/// per record, JSON bodies) are still read and verified.
+pub const VERSION: u32 = 2;
+/// Oldest format version read.
+pub const OLDEST_VERSION: u32 = 1;
+/// Header length of a version 2 segment (version 1: [`HEADER_LEN_V1`]).
+pub const HEADER_LEN: usize = 80;
+pub const HEADER_LEN_V1: usize = 64;
+/// Length of a segment's salt.
+pub const SALT_LEN: usize = 16;
 /// Largest record body accepted (a frame longer than this is corrupt).
 pub const MAX_RECORD: usize = 1 << 20;
 /// seq + nonce before the ciphertext.
@@ -54,36 +63,58 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 /// The fixed header of a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    pub version: u32,
     pub key_id: KeyId,
     pub first_seq: u64,
     /// Chain head before the segment's first record.
     pub prev_chain: Chain,
+    /// Random, different for every segment ever started (version 2; zero in version 1): part
+    /// of each record's associated data, so that a record decrypts only in its own segment.
+    pub salt: [u8; SALT_LEN],
 }
 
 impl Header {
+    /// Length of the header on disk.
+    pub fn encoded_len(&self) -> usize {
+        if self.version == 1 {
+            HEADER_LEN_V1
+        } else {
+            HEADER_LEN
+        }
+    }
+
+    /// The header as written (version 2 and later).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[8..12].copy_from_slice(&self.version.to_le_bytes());
         // 12..16: flags, zero.
         h[16..24].copy_from_slice(&self.key_id);
         h[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
         h[32..64].copy_from_slice(&self.prev_chain);
+        h[64..80].copy_from_slice(&self.salt);
         h
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, String> {
-        if b.len() < HEADER_LEN {
+        if b.len() < HEADER_LEN_V1 {
             return Err(format!("{} bytes, shorter than a header", b.len()));
         }
         if &b[..8] != MAGIC {
             return Err("wrong magic".into());
         }
         let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(format!(
-                "format version {version}, this build reads {VERSION}"
+                "format version {version}, this build reads versions {OLDEST_VERSION} to {VERSION} (written by a newer agentwall?)"
             ));
+        }
+        let mut salt = [0u8; SALT_LEN];
+        if version >= 2 {
+            let s = b
+                .get(64..HEADER_LEN)
+                .ok_or_else(|| format!("{} bytes, shorter than a header", b.len()))?;
+            salt.copy_from_slice(s);
         }
         let mut key_id = [0u8; 8];
         key_id.copy_from_slice(&b[16..24]);
@@ -92,19 +123,31 @@ impl Header {
         let mut prev_chain = [0u8; 32];
         prev_chain.copy_from_slice(&b[32..64]);
         Ok(Self {
+            version,
             key_id,
             first_seq: u64::from_le_bytes(first),
             prev_chain,
+            salt,
         })
     }
 }
 
-/// The associated data of a record: its place in the log.
-pub fn aad(seq: u64, key_id: &KeyId, prev: &Chain) -> [u8; 48] {
+/// The associated data of a version 1 record: its place in the log.
+pub fn aad_v1(seq: u64, key_id: &KeyId, prev: &Chain) -> [u8; 48] {
     let mut a = [0u8; 48];
     a[..8].copy_from_slice(&seq.to_le_bytes());
     a[8..16].copy_from_slice(key_id);
     a[16..48].copy_from_slice(prev);
+    a
+}
+
+/// The associated data of a version 2 record: its sequence number, its segment's salt and
+/// key id.
+pub fn aad_v2(seq: u64, salt: &[u8; SALT_LEN], key_id: &KeyId) -> [u8; 32] {
+    let mut a = [0u8; 32];
+    a[..8].copy_from_slice(&seq.to_le_bytes());
+    a[8..24].copy_from_slice(salt);
+    a[24..32].copy_from_slice(key_id);
     a
 }
 
@@ -151,7 +194,7 @@ pub fn frames(bytes: &[u8]) -> (Vec<Frame>, usize, Option<String>) {
 /// [`frames`] into a vector the caller reuses (cleared first).
 pub fn frames_into(bytes: &[u8], out: &mut Vec<Frame>) -> (usize, Option<String>) {
     out.clear();
-    let mut off = HEADER_LEN;
+    let mut off = Header::decode(bytes).map_or(HEADER_LEN, |h| h.encoded_len());
     while off < bytes.len() {
         let Some(len_bytes) = bytes.get(off..off + 4) else {
             return (off, Some("a frame length cut short".into()));
@@ -214,13 +257,20 @@ pub struct Writer {
     rotation: Rotation,
     file: fs::File,
     segment: PathBuf,
+    header: Header,
     segment_bytes: u64,
     segment_opened: Instant,
     next_seq: u64,
+    /// The chain value after the last durable record.
     chain: Chain,
+    /// The running chain of the current segment, up to its last durable record.
+    seg_chain: SegmentChain,
     rng: ring::rand::SystemRandom,
     /// A failed append may have left part of its batch at the end of the segment.
     torn: bool,
+    /// A failed append's sequence numbers are written again: in a new segment, under a new
+    /// salt, so that no (salt, sequence number) pair ever covers two different records.
+    fresh_segment: bool,
 }
 
 impl std::fmt::Debug for Writer {
@@ -232,19 +282,27 @@ impl std::fmt::Debug for Writer {
     }
 }
 
-fn header_for(key: &AuditKey, first_seq: u64, prev_chain: Chain) -> Header {
-    Header {
+/// Creates a segment file with a fresh header, synced with its directory. A file of that name
+/// holding at most a header (a rotation that failed half-way, e.g. on a full disk, or a
+/// segment whose every record was cut as a torn tail) held no record and is started again.
+fn new_segment(
+    dir: &Path,
+    rng: &ring::rand::SystemRandom,
+    key: &AuditKey,
+    first_seq: u64,
+    prev_chain: Chain,
+) -> Result<(fs::File, PathBuf, Header), StoreError> {
+    let mut salt = [0u8; SALT_LEN];
+    rng.fill(&mut salt)
+        .map_err(|_| StoreError::Key(KeyError::Sign("no randomness".into())))?;
+    let header = Header {
+        version: VERSION,
         key_id: key.id(),
         first_seq,
         prev_chain,
-    }
-}
-
-/// Creates a segment file with its header, synced with its directory. A file of that name
-/// holding at most a header (a rotation that failed half-way, e.g. on a full disk) held no
-/// record and is started again.
-fn new_segment(dir: &Path, header: &Header) -> Result<(fs::File, PathBuf), StoreError> {
-    let path = dir.join(segment_name(header.first_seq));
+        salt,
+    };
+    let path = dir.join(segment_name(first_seq));
     if fs::metadata(&path).is_ok_and(|m| m.len() <= HEADER_LEN as u64) {
         fs::remove_file(&path).map_err(io(&path))?;
     }
@@ -256,7 +314,7 @@ fn new_segment(dir: &Path, header: &Header) -> Result<(fs::File, PathBuf), Store
     file.write_all(&header.encode()).map_err(io(&path))?;
     file.sync_all().map_err(io(&path))?;
     sync_dir(dir)?;
-    Ok((file, path))
+    Ok((file, path, header))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -268,7 +326,9 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 impl Writer {
     /// Opens (or creates) the log in `dir`. A torn tail (a frame cut short by a crash, or one
     /// that does not decrypt in its place) is cut off and reported; everything before it was
-    /// acknowledged and stays.
+    /// acknowledged and stays. Writing continues in the last segment when it is of this
+    /// format, under this key and was not cut; otherwise in a new segment, so that no
+    /// sequence number is ever written twice under one segment's salt.
     pub fn open(
         dir: &Path,
         key: AuditKey,
@@ -289,7 +349,19 @@ impl Writer {
         let mut unfinished = None;
         while let Some(last) = segs.last() {
             let len = fs::metadata(last).map_err(io(last))?.len();
-            if len >= HEADER_LEN as u64 {
+            let short = if len < HEADER_LEN_V1 as u64 {
+                true
+            } else if len < HEADER_LEN as u64 {
+                // Long enough for a version 1 header only.
+                let mut head = [0u8; HEADER_LEN_V1];
+                fs::File::open(last)
+                    .and_then(|mut f| f.read_exact(&mut head))
+                    .map_err(io(last))?;
+                Header::decode(&head).is_ok_and(|h| h.version != 1)
+            } else {
+                false
+            };
+            if !short {
                 break;
             }
             fs::remove_file(last).map_err(io(last))?;
@@ -299,8 +371,9 @@ impl Writer {
                 .map(|n| (n.to_string_lossy().into_owned(), len));
             segs.pop();
         }
+        let rng = ring::rand::SystemRandom::new();
         let Some(last) = segs.last() else {
-            let w = Self::create_segment(dir, key, rotation, 1, genesis())?;
+            let w = Self::create_segment(dir, key, rotation, rng, 1, genesis())?;
             return Ok((w, None));
         };
         let bytes = fs::read(last).map_err(io(last))?;
@@ -310,13 +383,14 @@ impl Writer {
         })?;
         let (frames, mut end, mut problem) = frames(&bytes);
         // Walk the chain; with the segment's key at hand, every record must also decrypt.
+        let mut seg_chain = SegmentChain::start(&header, &bytes);
         let mut chain = header.prev_chain;
         let mut next = header.first_seq;
         for f in &frames {
             let ok_seq = f.seq == next;
             let ok_aead = key.id() != header.key_id || {
                 let mut ct = bytes[f.ct.clone()].to_vec();
-                key.open(f.nonce, &aad(f.seq, &header.key_id, &chain), &mut ct)
+                key.open(f.nonce, seg_chain.aad(&header, f.seq).as_ref(), &mut ct)
                     .is_some()
             };
             if !ok_seq || !ok_aead {
@@ -328,7 +402,8 @@ impl Writer {
                 });
                 break;
             }
-            chain = extend(&chain, f.seq, &f.nonce, &bytes[f.ct.clone()]);
+            seg_chain.push(&bytes[f.offset as usize..f.ct.end]);
+            chain = seg_chain.value();
             next += 1;
         }
         let truncation = match problem {
@@ -359,8 +434,8 @@ impl Writer {
                 next_seq: next,
             }),
         };
-        // A new key starts a new segment (each segment is under one key).
-        let w = if header.key_id == key.id() {
+        let cut_here = truncation.as_ref().is_some_and(|t| t.to_bytes != 0);
+        let w = if header.key_id == key.id() && header.version == VERSION && !cut_here {
             let file = fs::OpenOptions::new()
                 .append(true)
                 .open(last)
@@ -371,15 +446,18 @@ impl Writer {
                 rotation,
                 file,
                 segment: last.clone(),
+                header,
                 segment_bytes: end as u64,
                 segment_opened: Instant::now(),
                 next_seq: next,
                 chain,
-                rng: ring::rand::SystemRandom::new(),
+                seg_chain,
+                rng,
                 torn: false,
+                fresh_segment: false,
             }
         } else {
-            Self::create_segment(dir, key, rotation, next, chain)?
+            Self::create_segment(dir, key, rotation, rng, next, chain)?
         };
         Ok((w, truncation))
     }
@@ -388,22 +466,26 @@ impl Writer {
         dir: &Path,
         key: AuditKey,
         rotation: Rotation,
+        rng: ring::rand::SystemRandom,
         first_seq: u64,
         prev_chain: Chain,
     ) -> Result<Self, StoreError> {
-        let (file, path) = new_segment(dir, &header_for(&key, first_seq, prev_chain))?;
+        let (file, path, header) = new_segment(dir, &rng, &key, first_seq, prev_chain)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             key,
             rotation,
             file,
             segment: path,
+            seg_chain: SegmentChain::start(&header, &header.encode()),
+            header,
             segment_bytes: HEADER_LEN as u64,
             segment_opened: Instant::now(),
             next_seq: first_seq,
             chain: prev_chain,
-            rng: ring::rand::SystemRandom::new(),
+            rng,
             torn: false,
+            fresh_segment: false,
         })
     }
 
@@ -411,6 +493,7 @@ impl Writer {
         self.next_seq
     }
 
+    /// The chain value after the last durable record.
     pub fn chain(&self) -> Chain {
         self.chain
     }
@@ -422,8 +505,9 @@ impl Writer {
             .unwrap_or_default()
     }
 
-    /// Appends records (JSON bodies) and makes them durable with one sync: group commit.
-    /// Returns the sequence number of the first; once this returns, they are acknowledged.
+    /// Appends records (bodies, see [`super::record`]) and makes them durable with one sync:
+    /// group commit. Returns the sequence number of the first; once this returns, they are
+    /// acknowledged.
     pub fn append(&mut self, bodies: &[Vec<u8>]) -> Result<u64, StoreError> {
         if bodies.is_empty() {
             return Ok(self.next_seq);
@@ -438,6 +522,10 @@ impl Writer {
                 .map_err(io(&self.segment))?;
             self.torn = false;
         }
+        if self.fresh_segment {
+            self.rotate()?;
+            self.fresh_segment = false;
+        }
         // A segment holds at least one record.
         let full = self.segment_bytes >= self.rotation.max_bytes
             || self.segment_opened.elapsed() >= self.rotation.max_age;
@@ -445,28 +533,30 @@ impl Writer {
             self.rotate()?;
         }
         // Nonces: one random 96-bit base per batch, the record's index added to its low
-        // 32 bits; unique with overwhelming probability, and never repeated after a torn tail.
+        // 32 bits; unique with overwhelming probability.
         let mut base = [0u8; 12];
         self.rng
             .fill(&mut base)
             .map_err(|_| StoreError::Key(KeyError::Sign("no randomness".into())))?;
         let first = self.next_seq;
         let mut buf = Vec::with_capacity(bodies.iter().map(|b| b.len() + 64).sum());
-        let (mut chain, mut seq) = (self.chain, self.next_seq);
+        let mut seg_chain = self.seg_chain.clone();
+        let mut seq = self.next_seq;
         for (i, body) in bodies.iter().enumerate() {
             let mut nonce = base;
             let low =
                 u32::from_le_bytes([base[8], base[9], base[10], base[11]]).wrapping_add(i as u32);
             nonce[8..].copy_from_slice(&low.to_le_bytes());
-            let mut data = body.clone();
-            self.key
-                .seal(nonce, &aad(seq, &self.key.id(), &chain), &mut data)?;
-            let len = (FRAME_PREFIX + data.len()) as u32;
+            let at = buf.len();
+            let len = (FRAME_PREFIX + body.len() + TAG_LEN) as u32;
             buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(&seq.to_le_bytes());
             buf.extend_from_slice(&nonce);
+            let aad = seg_chain.aad(&self.header, seq);
+            let mut data = body.clone();
+            self.key.seal(nonce, aad.as_ref(), &mut data)?;
             buf.extend_from_slice(&data);
-            chain = extend(&chain, seq, &nonce, &data);
+            seg_chain.push(&buf[at..]);
             seq += 1;
         }
         let written = self
@@ -474,27 +564,43 @@ impl Writer {
             .write_all(&buf)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            // Part of the batch may be in the file: cut it back to the last durable record,
-            // so that a retry continues a clean log (the next append cuts again if this fails).
+            // Part of the batch may be in the file: cut it back to the last durable record
+            // (the next append cuts again if this fails), and continue in a new segment.
             self.torn = true;
             if self.file.set_len(self.segment_bytes).is_ok() && self.file.sync_all().is_ok() {
                 self.torn = false;
             }
+            self.fresh_segment = true;
             return Err(io(&self.segment)(e));
         }
         self.segment_bytes += buf.len() as u64;
-        self.chain = chain;
+        self.chain = seg_chain.value();
+        self.seg_chain = seg_chain;
         self.next_seq = seq;
         Ok(first)
     }
 
+    /// Starts a new segment after the last durable record.
     fn rotate(&mut self) -> Result<(), StoreError> {
-        let header = header_for(&self.key, self.next_seq, self.chain);
-        let (file, path) = new_segment(&self.dir, &header)?;
+        self.start_segment(None)
+    }
+
+    /// Starts a new segment, under `key` if given; on error nothing changed.
+    fn start_segment(&mut self, key: Option<&AuditKey>) -> Result<(), StoreError> {
+        let (file, path, header) = new_segment(
+            &self.dir,
+            &self.rng,
+            key.unwrap_or(&self.key),
+            self.next_seq,
+            self.chain,
+        )?;
         self.file = file;
         self.segment = path;
+        self.seg_chain = SegmentChain::start(&header, &header.encode());
+        self.header = header;
         self.segment_bytes = HEADER_LEN as u64;
         self.segment_opened = Instant::now();
+        self.fresh_segment = false;
         Ok(())
     }
 
@@ -513,12 +619,8 @@ impl Writer {
                 "the current segment holds no record yet",
             ));
         }
-        let (file, path) = new_segment(&self.dir, &header_for(&key, self.next_seq, self.chain))?;
+        self.start_segment(Some(&key))?;
         self.key = key;
-        self.file = file;
-        self.segment = path;
-        self.segment_bytes = HEADER_LEN as u64;
-        self.segment_opened = Instant::now();
         Ok(())
     }
 

@@ -9,9 +9,9 @@ use std::{
 };
 
 use super::{
-    Chain, extend_frame, genesis, hex,
+    Chain, SegmentChain, genesis, hex,
     keys::Keyring,
-    store::{self, Checkpoint, Header, aad},
+    store::{self, Checkpoint, Header},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +150,8 @@ pub fn walk_with(
             })
             .transpose()?;
         let (_, problem) = store::frames_into(bytes, &mut frames);
+        let mut seg_chain = SegmentChain::start(&header, bytes);
+        let holds_records = !frames.is_empty();
         for f in frames.drain(..) {
             if f.seq != next {
                 return Err(bad(
@@ -160,15 +162,14 @@ pub fn walk_with(
                     ),
                 ));
             }
-            // The chain covers the ciphertext as stored.
-            let prev = chain;
-            // seq, nonce and ciphertext lie one after the other in the frame.
-            chain = extend_frame(&chain, &bytes[f.ct.start - store::FRAME_PREFIX..f.ct.end]);
+            // The chain covers the frame as stored.
+            let aad = seg_chain.aad(&header, f.seq);
+            seg_chain.push(&bytes[f.offset as usize..f.ct.end]);
             if let Some(key) = key {
                 scratch.clear();
                 scratch.extend_from_slice(&bytes[f.ct.clone()]);
                 let plain = key
-                    .open(f.nonce, &aad(f.seq, &header.key_id, &prev), &mut scratch)
+                    .open(f.nonce, aad.as_ref(), &mut scratch)
                     .ok_or_else(|| {
                         bad(
                             next,
@@ -178,10 +179,13 @@ pub fn walk_with(
                 each(f.seq, plain);
             }
             if want.contains(&f.seq) {
-                chains.insert(f.seq, chain);
+                chains.insert(f.seq, seg_chain.value());
             }
             summary.records += 1;
             next += 1;
+        }
+        if holds_records {
+            chain = seg_chain.value();
         }
         if let Some(p) = problem {
             return Err(bad(
@@ -490,6 +494,11 @@ mod tests {
         assert_eq!(t.next_seq, 30, "{t:?}");
         assert_eq!(w.next_seq(), 30);
         w.append(&[body(99)]).unwrap();
+        // Record 30 is written again in a new segment (under a new salt), not where the cut
+        // one was.
+        let now = store::segments(&d.0).unwrap();
+        assert_eq!(now.len(), 4, "{now:?}");
+        assert!(now[3].ends_with(store::segment_name(30)), "{now:?}");
         // The checkpoint at 30 now disagrees: record 30 was rewritten after the crash. The
         // daemon records the truncation itself, so that this is explained.
         expect_bad(&d.0, &node, &[], 30, "chain differs");
@@ -518,5 +527,73 @@ mod tests {
                 .last_seq,
             31
         );
+    }
+
+    /// Two logs under one key: a record moved from one into the other at the same sequence
+    /// number does not decrypt there (each segment has its own salt).
+    #[test]
+    fn a_record_from_another_log_under_the_same_key_is_found() {
+        let (a, b) = (dir("splice-a"), dir("splice-b"));
+        let node = node_key(&a.0);
+        let segs_a = build(&a.0, &node);
+        let segs_b = build(&b.0, &node_key(&b.0));
+        let (off, len) = frame_at(&segs_a[1], 15);
+        let (off_b, len_b) = frame_at(&segs_b[1], 15);
+        assert_eq!(len, len_b);
+        let mut bytes = fs::read(&segs_a[1]).unwrap();
+        bytes[off..off + len].copy_from_slice(&fs::read(&segs_b[1]).unwrap()[off_b..off_b + len]);
+        fs::write(&segs_a[1], bytes).unwrap();
+        expect_bad(&a.0, &node, &[], 15, "does not decrypt");
+    }
+
+    /// A log of format version 1 (a chain value per record, the previous one in the
+    /// associated data) still verifies and reads back; a writer continues it in a version 2
+    /// segment, and the whole verifies.
+    #[test]
+    fn a_version_1_log_is_read_and_continued() {
+        let d = dir("v1");
+        fs::create_dir_all(&d.0).unwrap();
+        let node = node_key(&d.0);
+        let k = key();
+        let mut out = Vec::new();
+        out.extend_from_slice(store::MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&k.id());
+        out.extend_from_slice(&1u64.to_le_bytes());
+        out.extend_from_slice(&genesis());
+        let mut chain = genesis();
+        for seq in 1..=5u64 {
+            let nonce = [seq as u8; 12];
+            let mut data = body(seq);
+            k.seal(nonce, &store::aad_v1(seq, &k.id(), &chain), &mut data)
+                .unwrap();
+            out.extend_from_slice(&((store::FRAME_PREFIX + data.len()) as u32).to_le_bytes());
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(&chain);
+            for part in [&seq.to_le_bytes()[..], &nonce, &data] {
+                out.extend_from_slice(part);
+                ctx.update(part);
+            }
+            chain.copy_from_slice(ctx.finish().as_ref());
+        }
+        fs::write(d.0.join(store::segment_name(1)), out).unwrap();
+        let s = verify(&d.0, Some(&ring()), &node.public_hex(), &[]).unwrap();
+        assert_eq!((s.records, s.chain_head.clone()), (5, hex(&chain)));
+        let (mut w, t) = Writer::open(&d.0, key(), Rotation::default()).unwrap();
+        assert!(t.is_none());
+        assert_eq!((w.next_seq(), w.chain()), (6, chain));
+        w.append(&[body(6), body(7)]).unwrap();
+        w.checkpoint(&node).unwrap();
+        assert_eq!(store::segments(&d.0).unwrap().len(), 2);
+        let s = verify(&d.0, Some(&ring()), &node.public_hex(), &[]).unwrap();
+        assert_eq!((s.records, s.checkpoints), (7, 1));
+        let mut seen = Vec::new();
+        walk(&d.0, &ring(), &BTreeSet::new(), |seq, b| {
+            seen.push((seq, b.to_vec()))
+        })
+        .unwrap();
+        assert_eq!(seen[2], (3, body(3)));
+        assert_eq!(seen[6], (7, body(7)));
     }
 }
