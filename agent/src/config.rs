@@ -105,6 +105,16 @@ pub struct FileConfig {
     pub audit: AuditConfig,
     #[serde(default)]
     pub detect: crate::audit::detect::DetectConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of `GET /metrics` (for example `127.0.0.1:9469`); off when absent.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The audit log.
@@ -290,6 +300,7 @@ pub struct Config {
     pub enrollment: EnrollmentConfig,
     pub audit: AuditConfig,
     pub detect: crate::audit::detect::DetectConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Command-line overrides.
@@ -346,6 +357,7 @@ impl Config {
                 ..file.identity
             },
             detect: file.detect,
+            metrics: file.metrics,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),
                 key_file: o.audit_key.clone().unwrap_or(file.audit.key_file),

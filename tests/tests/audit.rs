@@ -349,10 +349,16 @@ fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
     let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
     let log_dir = fs_dir.join("log");
     drop(d0);
+    let metrics = format!("127.0.0.1:{}", agentwall_tests::free_port());
     let config = format!(
-        "audit:\n  dir: {}\n  when_down: deny\n  checkpoint_every: 1s\n",
+        "audit:\n  dir: {}\n  when_down: deny\n  checkpoint_every: 1s\nmetrics:\n  listen: {metrics}\n",
         log_dir.display()
     );
+    let scrape = || {
+        let (code, text) = agentwall_tests::http(&metrics, "GET", "/metrics");
+        assert_eq!(code, 200, "{text}");
+        text
+    };
     let d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
         Some(&config),
@@ -378,11 +384,23 @@ fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
         },
     );
     assert!(d.status().audit.write_errors > 0);
+    // The alarm is a metric too.
+    let m = scrape();
+    assert_eq!(
+        agentwall_tests::metric(&m, "agentwall_audit_failing"),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(agentwall_tests::metric(&m, "agentwall_audit_write_errors_total") > Some(0.0));
     // Space again: the waiting records are written, the hold is lifted.
     fs::remove_file(&filler).unwrap();
     agentwall_tests::wait_for(Duration::from_secs(15), "the log to recover", || {
         (!d.status().audit.failing && repl.cmd(&to) == "ok").then_some(())
     });
+    assert_eq!(
+        agentwall_tests::metric(&scrape(), "agentwall_audit_failing"),
+        Some(0.0)
+    );
     drop(repl);
     let mut d = d;
     assert!(d.stop().success());

@@ -432,3 +432,58 @@ fn a_cgroup_named_in_the_config_is_attached_and_bound() {
     let _ = fs::remove_file(&out_file);
     assert_eq!(after.trim(), "ok");
 }
+
+#[test]
+fn metrics_show_health_and_verdicts_and_refuse_other_requests() {
+    use agentwall_tests::{free_port, http, metric};
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let denied = TcpSink::new("127.0.0.1:0");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&format!("metrics:\n  listen: {addr}\n")),
+    );
+    let scrape = || {
+        let (code, text) = http(&addr, "GET", "/metrics");
+        assert_eq!(code, 200, "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        text
+    };
+    let m = scrape();
+    assert_eq!(metric(&m, "agentwall_healthy"), Some(1.0), "{m}");
+    assert!(m.contains("agentwall_build_info{version=\""), "{m}");
+    let series = "agentwall_kernel_total{counter=\"denied\"}";
+    let before = metric(&m, series).unwrap_or(0.0);
+    let mut repl = d.repl("web");
+    assert_eq!(
+        repl.cmd(&format!("tcp 127.0.0.1:{}", denied.port())),
+        "err EPERM"
+    );
+    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{}", allowed.port())), "ok");
+    // Kernel counters are per-CPU sums read at each scrape.
+    let after = metric(&scrape(), series).unwrap_or(0.0);
+    assert!(after > before, "denied {before} -> {after}");
+    assert!(
+        metric(&scrape(), "agentwall_cgroups{state=\"enforced\"}") >= Some(1.0),
+        "the repl's cgroup"
+    );
+    drop(repl);
+    assert_eq!(http(&addr, "GET", "/nope").0, 404);
+    assert_eq!(http(&addr, "POST", "/metrics").0, 405);
+    // A second daemon configured on the same address cannot start, and says why.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    drop(d);
+    let d2 = TestDaemon::prepare(
+        &[("p.yaml", &tcp_policy("web", &[80]))],
+        Some(&format!("metrics:\n  listen: 127.0.0.1:{port}\n")),
+    );
+    let out = d2.run_command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("metrics.listen 127.0.0.1:{port}: cannot listen")),
+        "{err}"
+    );
+}

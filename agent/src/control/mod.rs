@@ -5,6 +5,7 @@
 //! or a member of the configured group.
 
 pub mod client;
+pub mod metrics;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

@@ -65,6 +65,12 @@ pub enum DaemonError {
     Identity(#[from] crate::identity::service::ServiceError),
     #[error("audit log: {0}")]
     Audit(String),
+    #[error("metrics.listen {addr}: cannot listen: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -166,6 +166,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         access,
         Arc::clone(&daemon),
     ));
+    if let Some(addr) = daemon.cfg.metrics.listen {
+        let listener = control::metrics::bind(addr).await?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        tokio::spawn(control::metrics::serve(listener, Arc::clone(&daemon)));
+    }
     let e = &daemon.cfg.enrollment;
     let enroll_listener =
         control::server::bind_unix(&e.socket, e.mode, e.owner.as_deref(), e.group.as_deref())?;

@@ -1,0 +1,405 @@
+//! Prometheus metrics: `GET /metrics` on a TCP address (`metrics.listen`), in the OpenMetrics
+//! text format, rendered from the same snapshot as `agentwall status`.
+//!
+//! The endpoint is read-only and holds no secret (counts, health, sequence numbers, no
+//! identities): it may face a scraper on the node's network. Requests are read with a size
+//! and time limit; anything but `GET /metrics` (or `/`) gets a plain error status.
+
+use std::{fmt::Write as _, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{Health, Reply, Status};
+use crate::daemon::Daemon;
+
+/// Largest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Time a client gets to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(String, String)>;
+
+fn counter_family(reg: &mut Registry, name: &str, help: &str, values: &[(Labels, u64)]) {
+    let f = Family::<Labels, Counter>::default();
+    for (labels, v) in values {
+        f.get_or_create(labels).inc_by(*v);
+    }
+    reg.register(name, help, f);
+}
+
+fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(v);
+    reg.register(name, help, c);
+}
+
+fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(v);
+    reg.register(name, help, g);
+}
+
+fn label(k: &str, v: impl ToString) -> Labels {
+    vec![(k.to_owned(), v.to_string())]
+}
+
+/// The metrics of a status snapshot, in the OpenMetrics text format.
+pub fn render(s: &Status) -> String {
+    let mut reg = Registry::with_prefix("agentwall");
+    let healthy = matches!(s.health, Health::Healthy { .. });
+    gauge(
+        &mut reg,
+        "healthy",
+        "1 when the startup probe's connect was denied by the kernel and the daemon is serving",
+        i64::from(healthy),
+    );
+    let build = Family::<Labels, Gauge>::default();
+    build.get_or_create(&label("version", &s.version)).set(1);
+    reg.register("build_info", "The running agentwall version", build);
+    gauge(
+        &mut reg,
+        "policy_generation",
+        "Generation of the policy loaded into the kernel",
+        i64::from(s.generation),
+    );
+    gauge(
+        &mut reg,
+        "rule_nodes",
+        "Rule entries loaded into the kernel",
+        i64::try_from(s.rule_nodes).unwrap_or(i64::MAX),
+    );
+    gauge(
+        &mut reg,
+        "policies",
+        "Policies loaded",
+        i64::try_from(s.policies.len()).unwrap_or(i64::MAX),
+    );
+    let count = |f: &dyn Fn(&super::CgroupStatus) -> bool| {
+        i64::try_from(s.cgroups.iter().filter(|c| f(c)).count()).unwrap_or(i64::MAX)
+    };
+    let cgroups = Family::<Labels, Gauge>::default();
+    for (state, n) in [
+        ("enforced", count(&|_| true)),
+        ("enrolled", count(&|c| c.spiffe_id.is_some())),
+        ("revoked", count(&|c| c.revoked)),
+        ("quarantined", count(&|c| c.quarantined)),
+    ] {
+        cgroups.get_or_create(&label("state", state)).set(n);
+    }
+    reg.register(
+        "cgroups",
+        "Cgroups under enforcement, and of those the enrolled, revoked and quarantined ones",
+        cgroups,
+    );
+    let kernel: Vec<(Labels, u64)> = s
+        .kernel_counters
+        .totals
+        .iter()
+        .map(|(k, v)| (label("counter", k), *v))
+        .collect();
+    counter_family(
+        &mut reg,
+        "kernel",
+        "Counters of the kernel programs, summed over CPUs (allowed and denied verdicts, events dropped, failed lookups)",
+        &kernel,
+    );
+    let dropped: Vec<(Labels, u64)> = s
+        .kernel_counters
+        .events_dropped_per_cpu
+        .iter()
+        .enumerate()
+        .map(|(cpu, v)| (label("cpu", cpu), *v))
+        .collect();
+    counter_family(
+        &mut reg,
+        "kernel_events_dropped",
+        "Events the kernel could not put in the ring buffer, per CPU (each in an audit gap record)",
+        &dropped,
+    );
+    let errors: Vec<(Labels, u64)> = s
+        .daemon_errors
+        .iter()
+        .map(|(k, v)| (label("error", k), *v))
+        .collect();
+    counter_family(
+        &mut reg,
+        "daemon_errors",
+        "Errors of the daemon, by kind",
+        &errors,
+    );
+    let a = &s.audit;
+    counter(
+        &mut reg,
+        "audit_records",
+        "Audit records made durable since the daemon started",
+        a.committed,
+    );
+    gauge(
+        &mut reg,
+        "audit_last_seq",
+        "Sequence number of the last durable audit record",
+        i64::try_from(a.last_seq).unwrap_or(i64::MAX),
+    );
+    gauge(
+        &mut reg,
+        "audit_last_checkpoint_seq",
+        "Sequence number the last signed checkpoint covers",
+        i64::try_from(a.last_checkpoint_seq).unwrap_or(i64::MAX),
+    );
+    counter(
+        &mut reg,
+        "audit_write_errors",
+        "Failed audit commits (the batch is kept and retried)",
+        a.write_errors,
+    );
+    gauge(
+        &mut reg,
+        "audit_failing",
+        "1 while the audit log cannot be written (an alarm: enforcement goes on as audit.when_down says)",
+        i64::from(a.failing),
+    );
+    counter(
+        &mut reg,
+        "alerts",
+        "Behavioral alerts raised (each is an alert record in the audit log)",
+        a.alerts,
+    );
+    let mut sinks = [
+        (Vec::new(), "audit_sink_sent", "Records a sink delivered"),
+        (
+            Vec::new(),
+            "audit_sink_dropped",
+            "Records a sink's full queue turned away (the local log holds them)",
+        ),
+        (
+            Vec::new(),
+            "audit_sink_errors",
+            "Failed connects and writes of a sink",
+        ),
+    ];
+    let connected = Family::<Labels, Gauge>::default();
+    for (name, st) in &a.sinks {
+        let l = label("sink", name);
+        sinks[0].0.push((l.clone(), st.sent));
+        sinks[1].0.push((l.clone(), st.dropped));
+        sinks[2].0.push((l.clone(), st.errors));
+        connected.get_or_create(&l).set(i64::from(st.connected));
+    }
+    for (values, name, help) in &sinks {
+        counter_family(&mut reg, name, help, values);
+    }
+    reg.register(
+        "audit_sink_connected",
+        "1 while a sink is connected to its collector",
+        connected,
+    );
+    let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let l = &a.event_to_durable;
+    for (q, us) in [("0.5", l.p50_us), ("0.99", l.p99_us), ("1", l.max_us)] {
+        latency
+            .get_or_create(&label("quantile", q))
+            .set(us as f64 / 1e6);
+    }
+    reg.register_with_unit(
+        "audit_event_to_durable",
+        "Time from a kernel event to its audit record being durable, quantiles since the daemon started",
+        prometheus_client::registry::Unit::Seconds,
+        latency,
+    );
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &reg) {
+        tracing::error!(error = %e, "cannot encode the metrics");
+        out.clear();
+        let _ = writeln!(out, "# EOF");
+    }
+    out
+}
+
+/// Binds the metrics address; a failure names the address and the config key.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, crate::daemon::DaemonError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::daemon::DaemonError::Metrics { addr, source })
+}
+
+/// Serves scrapes until the process ends.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let d = Arc::clone(&daemon);
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &d).await {
+                        tracing::debug!(error = %e, "metrics request");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// What a request head asks for: `Ok(path)` for a GET, or the error status to answer.
+fn parse_request(head: &[u8]) -> Result<Option<String>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("400 Bad Request"),
+    }
+    if req.method != Some("GET") {
+        return Err("405 Method Not Allowed");
+    }
+    Ok(Some(req.path.unwrap_or("/").to_owned()))
+}
+
+async fn handle(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let asked = tokio::time::timeout(READ_TIMEOUT, async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(Err("400 Bad Request"));
+            }
+            head.extend_from_slice(&buf[..n]);
+            match parse_request(&head) {
+                Ok(Some(path)) => return Ok(Ok(path)),
+                Ok(None) if head.len() < MAX_REQUEST => {}
+                Ok(None) => return Ok(Err("431 Request Header Fields Too Large")),
+                Err(status) => return Ok(Err(status)),
+            }
+        }
+    })
+    .await
+    .unwrap_or(Ok(Err("408 Request Timeout")))?;
+    let (status, content_type, body) = match asked {
+        Ok(path) => match path.split('?').next().unwrap_or("") {
+            "/metrics" => match daemon.status().await {
+                Reply::Status(s) => ("200 OK", CONTENT_TYPE, render(&s)),
+                _ => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "no status\n".to_owned(),
+                ),
+            },
+            "/" => (
+                "200 OK",
+                "text/plain",
+                "agentwall: metrics at /metrics\n".to_owned(),
+            ),
+            _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        },
+        Err(status) => (status, "text/plain", format!("{status}\n")),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::control::{AuditStatus, CgroupStatus, SinkStatus};
+
+    #[test]
+    fn a_status_renders_as_openmetrics() {
+        let mut s = Status {
+            version: "0.1.0".into(),
+            health: Health::Healthy {
+                probe_at: "T".into(),
+            },
+            generation: 3,
+            rule_nodes: 12,
+            policy_dir: "/p".into(),
+            pin_dir: "/b".into(),
+            cgroup_root: "agentwall".into(),
+            policies: vec![],
+            cgroups: vec![CgroupStatus {
+                id: 7,
+                path: "/x".into(),
+                policy: Some("web".into()),
+                kind: "exec".into(),
+                quarantined: false,
+                leased: false,
+                spiffe_id: Some("spiffe://a/b".into()),
+                serial: None,
+                expires_at: None,
+                revoked: true,
+            }],
+            kernel_counters: crate::enforce::Counters::default(),
+            daemon_errors: [("map_update".to_owned(), 2)].into_iter().collect(),
+            audit: AuditStatus {
+                committed: 40,
+                failing: true,
+                ..AuditStatus::default()
+            },
+        };
+        s.kernel_counters.totals.insert("denied", 5);
+        s.kernel_counters.events_dropped_per_cpu = vec![0, 9];
+        s.audit.sinks.insert(
+            "syslog".into(),
+            SinkStatus {
+                sent: 4,
+                dropped: 1,
+                connected: true,
+                ..SinkStatus::default()
+            },
+        );
+        s.audit.event_to_durable.p99_us = 1500;
+        let text = render(&s);
+        for line in [
+            "agentwall_healthy 1",
+            "agentwall_policy_generation 3",
+            "agentwall_cgroups{state=\"revoked\"} 1",
+            "agentwall_cgroups{state=\"enrolled\"} 1",
+            "agentwall_kernel_total{counter=\"denied\"} 5",
+            "agentwall_kernel_events_dropped_total{cpu=\"1\"} 9",
+            "agentwall_daemon_errors_total{error=\"map_update\"} 2",
+            "agentwall_audit_records_total 40",
+            "agentwall_audit_failing 1",
+            "agentwall_audit_sink_dropped_total{sink=\"syslog\"} 1",
+            "agentwall_audit_sink_connected{sink=\"syslog\"} 1",
+            "agentwall_audit_event_to_durable_seconds{quantile=\"0.99\"} 0.0015",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        // No identity leaves through the endpoint.
+        assert!(!text.contains("spiffe"), "{text}");
+    }
+
+    #[test]
+    fn requests_are_parsed_with_limits() {
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(Some("/metrics".into()))
+        );
+        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\nHo"), Ok(None));
+        assert_eq!(
+            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Err("405 Method Not Allowed")
+        );
+        assert_eq!(
+            parse_request(b"\x00\x01garbage\r\n\r\n"),
+            Err("400 Bad Request")
+        );
+    }
+}
