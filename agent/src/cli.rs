@@ -441,6 +441,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             logging::init(cfg.log_format, "info");
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                // The workers answer the admin and enrollment sockets (revocations).
+                .on_thread_start(|| crate::sched::latency_critical("tokio"))
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod logging;
 pub mod policy;
 pub mod probe;
+pub mod sched;
 pub mod sockdiag;
 pub mod spawn;
 pub mod state;

@@ -38,6 +38,7 @@ impl EnforcerHandle {
         let join = thread::Builder::new()
             .name("agentwall-enforce".into())
             .spawn(move || {
+                crate::sched::latency_critical("agentwall-enforce");
                 while let Some(job) = rx.blocking_recv() {
                     job(&mut enforcer);
                 }
