@@ -1,8 +1,16 @@
-//! One thread owns the [`Enforcer`]; tasks reach it through [`EnforcerHandle`], whose typed
-//! methods send a job over a channel and await the reply. Map updates are blocking syscalls
-//! (a 100k-rule generation takes a while), so they stay off the async runtime.
+//! The [`Enforcer`] behind a lock, with one thread of its own; tasks reach it through
+//! [`EnforcerHandle`]. Long jobs (a 100k-rule generation, attaching programs) are sent to
+//! that thread over a channel and awaited, so they stay off the async runtime. Short ones (one
+//! binding read or written: an enrollment, a revocation) run on the caller's thread when the
+//! enforcer is free, which spares two thread wakeups on the path a revocation takes to the
+//! kernel; when a long job holds it, they queue behind it like the rest. Every job runs under
+//! the one lock, so jobs never interleave either way.
 
-use std::{path::PathBuf, sync::Arc, thread};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, TryLockError},
+    thread,
+};
 
 use agentwall_common::binding::Binding;
 use tokio::sync::{mpsc, oneshot};
@@ -29,18 +37,24 @@ pub enum CallError {
 pub struct EnforcerHandle {
     tx: mpsc::Sender<Job>,
     mount: Arc<PathBuf>,
+    enforcer: Arc<Mutex<Enforcer>>,
 }
 
 impl EnforcerHandle {
     /// Moves `enforcer` onto its own thread. `mount` is the cgroup v2 mount.
-    pub fn spawn(mut enforcer: Enforcer, mount: PathBuf) -> (Self, thread::JoinHandle<()>) {
+    pub fn spawn(enforcer: Enforcer, mount: PathBuf) -> (Self, thread::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Job>(64);
+        let enforcer = Arc::new(Mutex::new(enforcer));
+        let owned = Arc::clone(&enforcer);
         let join = thread::Builder::new()
             .name("agentwall-enforce".into())
             .spawn(move || {
                 crate::sched::latency_critical("agentwall-enforce");
                 while let Some(job) = rx.blocking_recv() {
-                    job(&mut enforcer);
+                    // A job that panicked left the enforcer in an unknown state: stop, and
+                    // every later call fails (the kernel keeps the last state it was given).
+                    let Ok(mut e) = owned.lock() else { break };
+                    job(&mut e);
                 }
             })
             .unwrap_or_else(|e| {
@@ -52,6 +66,7 @@ impl EnforcerHandle {
             Self {
                 tx,
                 mount: Arc::new(mount),
+                enforcer,
             },
             join,
         )
@@ -71,6 +86,20 @@ impl EnforcerHandle {
         rx.await.map_err(|_| Stopped)
     }
 
+    /// Runs a short job on this thread if the enforcer is free, else queues it (see the
+    /// module's documentation).
+    async fn quick<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Enforcer) -> T + Send + 'static,
+    ) -> Result<T, Stopped> {
+        let f = match self.enforcer.try_lock() {
+            Ok(mut e) => return Ok(f(&mut e)),
+            Err(TryLockError::Poisoned(_)) => return Err(Stopped),
+            Err(TryLockError::WouldBlock) => f,
+        };
+        self.call(f).await
+    }
+
     pub async fn attach(&self, cgroup: Cgroup) -> Result<u64, CallError> {
         let mount = Arc::clone(&self.mount);
         Ok(self.call(move |e| e.attach(&cgroup, &mount)).await??)
@@ -85,7 +114,7 @@ impl EnforcerHandle {
     }
 
     pub async fn bind(&self, cgroup_id: u64, binding: Binding) -> Result<(), CallError> {
-        Ok(self.call(move |e| e.bind(cgroup_id, binding)).await??)
+        Ok(self.quick(move |e| e.bind(cgroup_id, binding)).await??)
     }
 
     /// Reads a cgroup's binding and writes the one `f` makes of it, in one call (no other
@@ -96,7 +125,7 @@ impl EnforcerHandle {
         f: impl FnOnce(Option<Binding>) -> Binding + Send + 'static,
     ) -> Result<Option<Binding>, CallError> {
         Ok(self
-            .call(move |e| {
+            .quick(move |e| {
                 let old = e.binding(cgroup_id)?;
                 e.bind(cgroup_id, f(old))?;
                 Ok::<_, crate::enforce::EnforceError>(old)
@@ -105,11 +134,11 @@ impl EnforcerHandle {
     }
 
     pub async fn unbind(&self, cgroup_id: u64) -> Result<(), CallError> {
-        Ok(self.call(move |e| e.unbind(cgroup_id)).await??)
+        Ok(self.quick(move |e| e.unbind(cgroup_id)).await??)
     }
 
     pub async fn binding(&self, cgroup_id: u64) -> Result<Option<Binding>, CallError> {
-        Ok(self.call(move |e| e.binding(cgroup_id)).await??)
+        Ok(self.quick(move |e| e.binding(cgroup_id)).await??)
     }
 
     pub async fn bindings(&self) -> Result<Vec<(u64, Binding)>, Stopped> {
@@ -117,7 +146,7 @@ impl EnforcerHandle {
     }
 
     pub async fn counters(&self) -> Result<Counters, CallError> {
-        Ok(self.call(|e| e.counters()).await??)
+        Ok(self.quick(|e| e.counters()).await??)
     }
 
     /// (active generation, rule nodes in the trie)
