@@ -508,7 +508,15 @@ fn main() {
         };
         eprintln!(
             "revoke -> EPERM (pace {pace_us} µs): p50 {:.0} p99 {:.0} µs; denied connect issued p50 {:.0} p99 {:.0}; after the reply p99 {:.0}; round trip p50 {:.0} p99 {:.0}; in the daemon p50 {:.0} p99 {:.0}",
-            r.send.0, r.send.1, r.issued.0, r.issued.1, r.ret.1, r.rtt.0, r.rtt.1, r.inside.0, r.inside.1
+            r.send.0,
+            r.send.1,
+            r.issued.0,
+            r.issued.1,
+            r.ret.1,
+            r.rtt.0,
+            r.rtt.1,
+            r.inside.0,
+            r.inside.1
         );
         series.push(r);
     }

@@ -83,7 +83,7 @@ pub fn verdict(raw: &Event, rec: &EventRecord, at: SystemTime) -> Vec<u8> {
     b.extend_from_slice(&rec.slot.to_le_bytes());
     b.extend_from_slice(&rec.generation.to_le_bytes());
     // A command name is at most 16 bytes in the kernel; its lossy UTF-8 form at most 48.
-    let comm = &rec.comm.as_bytes()[..rec.comm.len().min(255)];
+    let comm = prefix(&rec.comm, 255);
     b.push(comm.len() as u8);
     b.extend_from_slice(comm);
     for a in rec.dst.iter().chain(given.iter()) {
@@ -96,11 +96,21 @@ pub fn verdict(raw: &Event, rec: &EventRecord, at: SystemTime) -> Vec<u8> {
         .into_iter()
         .flatten()
     {
-        let s = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
+        let s = prefix(s, usize::from(u16::MAX));
         b.extend_from_slice(&(s.len() as u16).to_le_bytes());
         b.extend_from_slice(s);
     }
     b
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary (names
+/// are far shorter; this only keeps an absurd one decodable).
+fn prefix(s: &str, max: usize) -> &[u8] {
+    let mut n = s.len().min(max);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s.as_bytes()[..n]
 }
 
 /// The JSON of a record body: JSON bodies as they are, compact ones decoded.
@@ -331,6 +341,18 @@ mod tests {
                 assert!(decode_verdict(&long).unwrap_err().contains("after the end"));
             }
         }
+    }
+
+    #[test]
+    fn an_absurdly_long_name_is_cut_on_a_character_boundary() {
+        let e = event(Hook::CONNECT4, Reason::RULE, addr::LOOPBACK, addr::LOOPBACK);
+        let at = UNIX_EPOCH + Duration::from_secs(1);
+        let mut rec = EventRecord::decode_at(&e, &Names(true), at);
+        rec.rule = Some("é".repeat(40_000));
+        rec.comm = "ü".repeat(200);
+        let back = decode_verdict(&verdict(&e, &rec, at)).unwrap();
+        assert_eq!(back.rule.unwrap().len(), 65_534);
+        assert_eq!(back.comm.len(), 254);
     }
 
     #[test]
