@@ -8,7 +8,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
 };
 
@@ -104,33 +104,171 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), 
 }
 
 /// Accepts connections until the listener fails.
-pub async fn serve(listener: UnixListener, access: Access, daemon: Arc<Daemon>) {
+/// Longest a client may take to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves the admin socket from a thread of its own, at real-time priority when the daemon
+/// may have it, so that a revocation is read and reaches the kernel at once even while agents
+/// keep every CPU busy (a normal thread can wait a scheduler tick, 4 ms, before it runs). The
+/// thread reads each request with blocking I/O and handles a revocation or a quarantine
+/// itself; every other request goes with its connection to the async runtime at normal
+/// priority. Only root (or the admin group) can connect at all (mode 0600 or 0660), so no
+/// agent can make this thread run; a client that connects and sends nothing holds it for at
+/// most [`REQUEST_TIMEOUT`].
+pub fn serve_on_thread(
+    listener: UnixListener,
+    access: Access,
+    daemon: Arc<Daemon>,
+) -> io::Result<()> {
+    let rt = tokio::runtime::Handle::current();
+    let listener = listener.into_std()?;
+    listener.set_nonblocking(false)?;
+    std::thread::Builder::new()
+        .name("agentwall-admin".into())
+        .spawn(move || {
+            if let Err(e) = crate::sched::set_realtime() {
+                tracing::info!(error = %e, "admin socket: no real-time scheduling (CAP_SYS_NICE?); under load a revocation may wait for a CPU");
+                crate::sched::latency_critical("agentwall-admin");
+            }
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = accept_one(s, access, &daemon, &rt) {
+                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin socket accept failed");
+                        daemon.count_error("admin_accept");
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn write_blocking(mut s: &std::os::unix::net::UnixStream, reply: &Reply) -> io::Result<()> {
+    use std::io::Write as _;
+    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)
+}
+
+/// Reads one request line and nothing after it (later bytes belong to the exchange that
+/// follows, such as the end of an exec lease): peeks until a newline is there, then reads up
+/// to it. `Ok(None)` at end of stream.
+fn read_request_line(s: &std::os::unix::net::UnixStream) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut buf = vec![0u8; MAX_LINE + 1];
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin socket accept failed");
-                daemon.count_error("admin_accept");
-                continue;
-            }
-        };
-        let daemon = Arc::clone(&daemon);
-        tokio::spawn(async move {
-            if let Err(e) = connection(stream, access, daemon).await {
-                tracing::debug!(error = %e, "admin connection ended with an error");
-            }
-        });
+        let n = nix::sys::socket::recv(
+            s.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_PEEK,
+        )
+        .map_err(io::Error::from)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(i) = buf[..n].iter().position(|b| *b == b'\n') {
+            let mut line = vec![0u8; i + 1];
+            let mut reader = s;
+            reader.read_exact(&mut line)?;
+            return Ok(Some(line));
+        }
+        if n > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("request longer than {MAX_LINE} bytes"),
+            ));
+        }
+        // Part of a line: wait for the rest.
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request line did not end in time",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
     }
 }
 
-/// Supplementary groups of the peer at connect time (SO_PEERGROUPS, Linux 4.13).
-fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+/// One connection, on the admin thread: who it is, its request, and either the handling of a
+/// revocation or quarantine here or a hand-over to the runtime.
+fn accept_one(
+    stream: std::os::unix::net::UnixStream,
+    access: Access,
+    daemon: &Arc<Daemon>,
+    rt: &tokio::runtime::Handle,
+) -> io::Result<()> {
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let uid = match allowed_fd(stream.as_raw_fd(), access) {
+        Ok(uid) => uid,
+        Err(message) => {
+            tracing::warn!(%message, "admin socket: peer refused");
+            daemon.count_error("admin_refused");
+            return write_blocking(&stream, &Reply::Error { message });
+        }
+    };
+    let line = match read_request_line(&stream) {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return write_blocking(
+                &stream,
+                &Reply::Error {
+                    message: e.to_string(),
+                },
+            );
+        }
+        Err(e) => return Err(e),
+    };
+    let req: Request = match serde_json::from_slice(line.trim_ascii_end()) {
+        Ok(r) => r,
+        Err(e) => {
+            let message = format!(
+                "bad request: {e}; send one JSON object per line, such as {{\"op\":\"status\"}}"
+            );
+            return write_blocking(&stream, &Reply::Error { message });
+        }
+    };
+    tracing::debug!(?req, uid, "admin request");
+    match req {
+        Request::Revoke { target, reason } => {
+            let reply = rt.block_on(daemon.revoke(&target, &reason, uid));
+            write_blocking(&stream, &reply)
+        }
+        Request::Quarantine { cgroup, lift } => {
+            let reply = rt.block_on(daemon.quarantine(&cgroup, lift));
+            write_blocking(&stream, &reply)
+        }
+        req => {
+            stream.set_read_timeout(None)?;
+            stream.set_write_timeout(None)?;
+            stream.set_nonblocking(true)?;
+            let _entered = rt.enter();
+            let stream = UnixStream::from_std(stream)?;
+            let daemon = Arc::clone(daemon);
+            rt.spawn(async move {
+                if let Err(e) = dispatch(stream, req, uid, daemon).await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            });
+            Ok(())
+        }
+    }
+}
+
+fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     let mut groups = vec![0u32; 256];
     let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `groups` and updates `len`.
     let r = unsafe {
         libc::getsockopt(
-            stream.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_PEERGROUPS,
             groups.as_mut_ptr().cast(),
@@ -144,15 +282,17 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
     groups
 }
 
-fn allowed(stream: &UnixStream, access: Access) -> Result<u32, String> {
-    let cred = stream
-        .peer_cred()
+/// The peer's uid if it may use the admin socket: root, or a member of the admin group.
+fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<u32, String> {
+    // SAFETY: `fd` is the accepted socket, open for the duration of this call.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| format!("cannot read peer credentials: {e}"))?;
     if cred.uid() == 0 {
         return Ok(0);
     }
     if let Some(gid) = access.gid
-        && (cred.gid() == gid || peer_groups(stream).contains(&gid))
+        && (cred.gid() == gid || peer_groups(fd).contains(&gid))
     {
         return Ok(cred.uid());
     }
@@ -168,42 +308,16 @@ async fn write(w: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
     w.write_all(&line).await
 }
 
-async fn connection(stream: UnixStream, access: Access, daemon: Arc<Daemon>) -> io::Result<()> {
-    let who = allowed(&stream, access);
+/// Answers a request whose line the admin thread read; the connection stays for requests
+/// that go on (an exec lease, the event stream).
+async fn dispatch(
+    stream: UnixStream,
+    req: Request,
+    uid: u32,
+    daemon: Arc<Daemon>,
+) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let uid = match who {
-        Ok(uid) => uid,
-        Err(message) => {
-            tracing::warn!(%message, "admin socket: peer refused");
-            daemon.count_error("admin_refused");
-            return write(&mut w, &Reply::Error { message }).await;
-        }
-    };
-    let mut reader = BufReader::new(r).take(MAX_LINE as u64 + 1);
-    let mut line = String::new();
-    if reader.read_line(&mut line).await? == 0 {
-        return Ok(());
-    }
-    if line.len() > MAX_LINE {
-        return write(
-            &mut w,
-            &Reply::Error {
-                message: format!("request longer than {MAX_LINE} bytes"),
-            },
-        )
-        .await;
-    }
-    let req: Request = match serde_json::from_str(line.trim_end()) {
-        Ok(r) => r,
-        Err(e) => {
-            let message = format!(
-                "bad request: {e}; send one JSON object per line, such as {{\"op\":\"status\"}}"
-            );
-            return write(&mut w, &Reply::Error { message }).await;
-        }
-    };
-    tracing::debug!(?req, uid, "admin request");
-    let reader = reader.into_inner();
+    let reader = BufReader::new(r);
     match req {
         Request::Status => write(&mut w, &daemon.status().await).await,
         Request::Reload => write(&mut w, &daemon.reload().await).await,

@@ -161,11 +161,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     let (listener, access) =
         control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
-    tokio::spawn(control::server::serve(
-        listener,
-        access,
-        Arc::clone(&daemon),
-    ));
+    control::server::serve_on_thread(listener, access, Arc::clone(&daemon)).map_err(|source| {
+        control::server::ServerError::Io {
+            path: daemon.cfg.socket.display().to_string(),
+            source,
+        }
+    })?;
     if let Some(addr) = daemon.cfg.metrics.listen {
         let listener = control::metrics::bind(addr).await?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
