@@ -133,8 +133,19 @@ pub fn serve_on_thread(
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
-                        if let Err(e) = accept_one(s, access, &daemon, &rt) {
-                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        // A request that panics must not take the admin socket with it.
+                        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            accept_one(s, access, &daemon, &rt)
+                        }));
+                        match handled {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "admin connection ended with an error");
+                            }
+                            Err(_) => {
+                                tracing::error!("admin request panicked; the admin socket goes on");
+                                daemon.count_error("admin_panic");
+                            }
                         }
                     }
                     Err(e) => {
