@@ -609,12 +609,11 @@ fn main() {
          from the write until the first EPERM. The EPERM always came before the reply (the \
          kernel is flagged first; the reply waits for the synced revocation list and the socket \
          destruction). A workload connecting as fast as it can keeps, with its listener, both \
-         CPUs of this machine busy: connects issued milliseconds after the request were still \
-         allowed, while the daemon needed well under 200 µs from reading the request to the \
-         kernel flag, so the time goes to a daemon thread getting a CPU to read the request \
-         (a scheduler trace showed a woken runtime worker waiting up to one 4 ms tick, its \
-         100 µs slice notwithstanding). The paced workload leaves the CPUs room, and there the \
-         whole path stays under a millisecond."
+         CPUs of this machine busy. The admin socket is read by a real-time thread, which \
+         handles the revocation itself: a normal thread had waited up to a 4 ms scheduler tick \
+         for a CPU there. What remains of the time is the daemon's own work, the locks it \
+         shares with other work in the daemon, and the workload's own scheduling (the row on \
+         when the denied connect was issued shows how much)."
     );
     print!("{md}");
     if let Some(path) = arg("report") {
