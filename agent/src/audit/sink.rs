@@ -393,7 +393,11 @@ fn commit_and_offer(
                 Ok(std::borrow::Cow::Owned(j)) => j,
                 Ok(std::borrow::Cow::Borrowed(_)) => body,
                 Err(e) => {
+                    // Durable in the log all the same; the sinks count it as dropped.
                     tracing::error!(seq, error = %e, "an audit record the sinks cannot read");
+                    for s in sinks {
+                        s.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                     continue;
                 }
             };
