@@ -246,7 +246,8 @@ fn issuance(n: usize, dir: &Path) -> (f64, f64, f64) {
 /// (client certificate verified against the same CA with webpki, nothing else).
 fn bare_handshake_cpu(f: &Files, server_cert: &str, server_key: &str, n: usize) -> f64 {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject as _};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The same provider and suite order as the daemon.
+    let provider = enroll::provider();
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&f.bundle) {
         roots.add(c.unwrap()).unwrap();

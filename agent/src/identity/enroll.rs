@@ -68,8 +68,19 @@ pub struct Enrolled {
     pub expires_at: String,
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The TLS provider of every agentwall connection: aws-lc-rs (its P-256 and X25519 are
+/// markedly faster than ring's on x86-64), its default key exchange groups (X25519 with
+/// ML-KEM first), and AES-128-GCM with SHA-256 ahead of AES-256-GCM with SHA-384: SHA-256
+/// runs on the CPU's SHA extensions where SHA-384 does not, which makes a full handshake
+/// ~10% cheaper. Both suites are TLS 1.3's mandatory, AEAD-only ones.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> = std::sync::LazyLock::new(|| {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        Arc::new(p)
+    });
+    Arc::clone(&PROVIDER)
 }
 
 /// Requires a client certificate and checks the handshake signature made with its key; the
@@ -171,13 +182,16 @@ pub fn server_config(
     key_pem: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let provider = provider();
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(ProofOfPossession { provider }))
         .with_single_cert(
             certs("server certificate", cert_pem.as_bytes())?,
             key("server key", key_pem.as_bytes())?,
         )?;
+    // Our suite order, not the client's (OpenSSL clients, Python's among them, list
+    // AES-256-GCM-SHA384 first).
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
 

@@ -251,7 +251,11 @@ impl Verifier {
                 .unwrap_or_default(),
         );
         ee.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
+            // The algorithms of the TLS provider (aws-lc-rs), the same that checked the
+            // handshake signature.
+            super::enroll::provider()
+                .signature_verification_algorithms
+                .all,
             &anchors,
             intermediates,
             at,
