@@ -29,6 +29,12 @@ use super::{
 pub const QUEUE: usize = 65_536;
 /// Records committed with one sync at most.
 pub const BATCH: usize = 8_192;
+/// Group commit: records that arrive within this long of the previous sync wait for each
+/// other and share one sync. A record that follows a quiet spell is synced at once; under a
+/// steady stream a record waits at most this long. A sync costs the daemon ~100 us of CPU
+/// on a virtual disk (data, inode, cache flush), so at 2,000 records/s from enrollments
+/// this halves the audit's CPU at the cost of under a millisecond of latency.
+const COMMIT_SPACING: Duration = Duration::from_micros(1_000);
 /// How long the sinks get at shutdown to deliver their backlog.
 const SINK_DRAIN: Duration = Duration::from_secs(2);
 
@@ -305,6 +311,7 @@ fn run(
     sinks: &[Sink],
 ) {
     let mut last_cp = Instant::now();
+    let mut last_sync: Option<Instant> = None;
     let mut dirty = false;
     loop {
         let first = match rx.recv_timeout(every.min(Duration::from_secs(1))) {
@@ -332,14 +339,27 @@ fn run(
                     // Records after it belong under the new key: the batch ends here.
                     Msg::SwitchKey(key, reply) => switch = Some((key, reply)),
                 }
-                next = if records.len() < BATCH && switch.is_none() {
-                    rx.try_recv().ok()
-                } else {
+                next = if records.len() >= BATCH || switch.is_some() {
                     None
+                } else if let Ok(m) = rx.try_recv() {
+                    Some(m)
+                } else {
+                    // Nothing more queued: wait for company until COMMIT_SPACING after the
+                    // previous sync, unless someone waits for this commit.
+                    let until = last_sync.map(|t| t + COMMIT_SPACING);
+                    match until.and_then(|u| u.checked_duration_since(Instant::now())) {
+                        Some(wait) if flushes.is_empty() && !wait.is_zero() => {
+                            rx.recv_timeout(wait).ok()
+                        }
+                        _ => None,
+                    }
                 };
             }
             dirty |= !records.is_empty();
-            commit_and_offer(writer, state, sinks, kinds, records, &borns);
+            if !records.is_empty() {
+                commit_and_offer(writer, state, sinks, kinds, records, &borns);
+                last_sync = Some(Instant::now());
+            }
             if let Some((key, reply)) = switch {
                 let _ = reply.send(switch_key(writer, state, sinks, *key));
                 dirty = true;

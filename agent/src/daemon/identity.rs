@@ -771,63 +771,143 @@ impl Daemon {
     }
 }
 
-/// Enrollments in progress at once; further connections are closed at once (and counted),
-/// so that a flood of idle connections cannot exhaust the daemon.
-const MAX_CONCURRENT_ENROLLMENTS: usize = 128;
+/// Enrollments in progress at once (threads of the enrollment pool). Beyond that, new
+/// connections wait in the socket's backlog; each enrollment is bounded by
+/// [`enroll::CLIENT_TIMEOUT`], so a flood of idle connections delays enrollments but cannot
+/// exhaust the daemon.
+const MAX_ENROLL_THREADS: usize = 128;
+/// Enrollment threads kept waiting in `accept` when there is nothing to do.
+const SPARE_ENROLL_THREADS: usize = 2;
+/// A thread beyond the spare ones that waited this long for a connection ends.
+const ENROLL_THREAD_IDLE: Duration = Duration::from_secs(10);
 
-/// Serves the enrollment socket.
-pub(super) async fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_ENROLLMENTS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "enrollment socket accept failed");
-                daemon.count_error("enroll_accept");
-                continue;
+/// The enrollment pool: threads that each accept a connection and handle it to the end
+/// (leader/followers). A handshake is a short burst of computation between a few blocking
+/// reads and writes; doing it on the thread that accepted it costs no hand-over.
+struct EnrollPool {
+    listener: std::os::unix::net::UnixListener,
+    daemon: Arc<Daemon>,
+    rt: tokio::runtime::Handle,
+    /// Threads in the pool, and those of them waiting in `accept`.
+    threads: std::sync::atomic::AtomicUsize,
+    idle: std::sync::atomic::AtomicUsize,
+}
+
+/// Serves the enrollment socket from a pool of blocking threads (see [`EnrollPool`]).
+pub(super) fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let listener = listener.into_std()?;
+    listener.set_nonblocking(false)?;
+    // `accept` gives up after this long (SO_RCVTIMEO), so that surplus threads can end.
+    nix::sys::socket::setsockopt(
+        &listener,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(ENROLL_THREAD_IDLE.as_secs() as _, 0),
+    )
+    .map_err(std::io::Error::from)?;
+    let pool = Arc::new(EnrollPool {
+        listener,
+        daemon,
+        rt: tokio::runtime::Handle::current(),
+        threads: std::sync::atomic::AtomicUsize::new(0),
+        idle: std::sync::atomic::AtomicUsize::new(0),
+    });
+    for _ in 0..SPARE_ENROLL_THREADS {
+        EnrollPool::spawn(&pool)?;
+    }
+    Ok(())
+}
+
+impl EnrollPool {
+    fn spawn(pool: &Arc<Self>) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        pool.threads.fetch_add(1, SeqCst);
+        let p = Arc::clone(pool);
+        std::thread::Builder::new()
+            .name("agentwall-enroll".into())
+            .spawn(move || p.run())
+            .map(drop)
+            .inspect_err(|_| {
+                pool.threads.fetch_sub(1, SeqCst);
+            })
+    }
+
+    fn run(self: Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            self.idle.fetch_add(1, SeqCst);
+            let accepted = self.listener.accept();
+            let idle_left = self.idle.fetch_sub(1, SeqCst) - 1;
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Idle for ENROLL_THREAD_IDLE: a surplus thread ends.
+                    let left = self.threads.fetch_sub(1, SeqCst) - 1;
+                    if left >= SPARE_ENROLL_THREADS {
+                        return;
+                    }
+                    self.threads.fetch_add(1, SeqCst);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "enrollment socket accept failed");
+                    self.daemon.count_error("enroll_accept");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            // The last idle thread took a connection: another one takes over the accepting.
+            if idle_left == 0 {
+                if self.threads.load(SeqCst) < MAX_ENROLL_THREADS {
+                    if let Err(e) = Self::spawn(&self) {
+                        tracing::warn!(error = %e, "cannot start an enrollment thread");
+                        self.daemon.count_error("enroll_thread");
+                    }
+                } else {
+                    tracing::warn!(
+                        "{MAX_ENROLL_THREADS} enrollments in progress; further ones wait their turn"
+                    );
+                    self.daemon.count_error("enroll_busy");
+                }
             }
-        };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            daemon.count_error("enroll_busy");
-            tracing::warn!(
-                "enrollment refused: {MAX_CONCURRENT_ENROLLMENTS} enrollments already in progress"
-            );
-            continue;
-        };
-        // A handshake is a short burst of computation with a few reads and writes: it runs
-        // on a blocking thread with plain I/O, which costs fewer wake-ups than the async path.
-        let daemon = Arc::clone(&daemon);
-        let rt = tokio::runtime::Handle::current();
-        let stream = match stream.into_std().and_then(|s| {
-            s.set_nonblocking(false)?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "enrollment socket: cannot take the connection");
-                daemon.count_error("enroll_accept");
-                continue;
+            // A connection that panics must not take the pool with it.
+            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                enroll_connection(stream, &self.daemon, &self.rt)
+            }));
+            match handled {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "enrollment connection failed"),
+                Err(_) => {
+                    tracing::error!("an enrollment panicked; the enrollment socket goes on");
+                    self.daemon.count_error("enroll_panic");
+                }
             }
-        };
-        tokio::task::spawn_blocking(move || {
-            let result = enroll_connection(stream, &daemon, &rt);
-            drop(permit);
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "enrollment connection failed");
-            }
-        });
+        }
     }
 }
 
 /// A stream whose reads and writes give up at a deadline: the whole exchange is bounded, not
-/// each operation (a client trickling bytes cannot hold a thread for long).
+/// each operation (a client trickling bytes cannot hold a thread for long). The socket's
+/// timeouts are set again only when the time left has shrunk by a quarter, which keeps the
+/// bound within 4/3 of the deadline at a fraction of the system calls.
 struct Deadline {
     sock: std::os::unix::net::UnixStream,
     until: std::time::Instant,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
 }
 
 impl Deadline {
-    fn left(&self) -> std::io::Result<Duration> {
+    fn new(sock: std::os::unix::net::UnixStream, within: Duration) -> Self {
+        Self {
+            sock,
+            until: std::time::Instant::now() + within,
+            read_timeout: None,
+            write_timeout: None,
+        }
+    }
+
+    /// The time left, and whether a timeout set earlier must shrink to it.
+    fn left(&self, set: Option<Duration>) -> std::io::Result<Option<Duration>> {
         let left = self
             .until
             .saturating_duration_since(std::time::Instant::now());
@@ -837,23 +917,39 @@ impl Deadline {
                 "the enrollment took too long",
             ));
         }
-        Ok(left)
+        Ok(match set {
+            Some(t) if left * 4 >= t * 3 => None,
+            _ => Some(left),
+        })
     }
 }
 
 impl std::io::Read for Deadline {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.left()?;
-        self.sock.set_read_timeout(Some(left))?;
+        if let Some(t) = self.left(self.read_timeout)? {
+            self.sock.set_read_timeout(Some(t))?;
+            self.read_timeout = Some(t);
+        }
         self.sock.read(buf)
     }
 }
 
 impl std::io::Write for Deadline {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let left = self.left()?;
-        self.sock.set_write_timeout(Some(left))?;
+        if let Some(t) = self.left(self.write_timeout)? {
+            self.sock.set_write_timeout(Some(t))?;
+            self.write_timeout = Some(t);
+        }
         self.sock.write(buf)
+    }
+
+    // rustls hands over a flight as several records: one writev, one wake-up of the client.
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        if let Some(t) = self.left(self.write_timeout)? {
+            self.sock.set_write_timeout(Some(t))?;
+            self.write_timeout = Some(t);
+        }
+        self.sock.write_vectored(bufs)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -879,10 +975,7 @@ fn enroll_connection(
         .server_tls()
         .map_err(std::io::Error::other)?;
     let conn = rustls::ServerConnection::new(tls_config).map_err(std::io::Error::other)?;
-    let sock = Deadline {
-        sock: stream,
-        until: std::time::Instant::now() + enroll::CLIENT_TIMEOUT,
-    };
+    let sock = Deadline::new(stream, enroll::CLIENT_TIMEOUT);
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let mut line = String::new();
     std::io::BufReader::new((&mut tls).take(enroll::MAX_LINE as u64)).read_line(&mut line)?;
@@ -932,7 +1025,8 @@ fn enroll_connection(
     }
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
     out.push(b'\n');
-    tls.write_all(&out)?;
+    // The reply and the close_notify leave in one write.
+    tls.conn.writer().write_all(&out)?;
     tls.conn.send_close_notify();
     tls.flush()
 }
@@ -946,10 +1040,7 @@ mod tests {
     #[test]
     fn a_silent_client_is_dropped_at_the_deadline() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut d = Deadline {
-            sock: a,
-            until: std::time::Instant::now() + Duration::from_millis(50),
-        };
+        let mut d = Deadline::new(a, Duration::from_millis(50));
         let t = std::time::Instant::now();
         let mut buf = [0u8; 8];
         let e = d.read(&mut buf).unwrap_err();

@@ -175,10 +175,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let e = &daemon.cfg.enrollment;
     let enroll_listener =
         control::server::bind_unix(&e.socket, e.mode, e.owner.as_deref(), e.group.as_deref())?;
-    tokio::spawn(super::identity::serve_enroll(
-        enroll_listener,
-        Arc::clone(&daemon),
-    ));
+    super::identity::serve_enroll(enroll_listener, Arc::clone(&daemon)).map_err(|source| {
+        control::server::ServerError::Io {
+            path: e.socket.display().to_string(),
+            source,
+        }
+    })?;
     let renew_daemon = Arc::clone(&daemon);
     tokio::spawn(async move {
         loop {

@@ -315,12 +315,14 @@ pub fn request(
         .map_err(EnrollError::Tls)?;
     let name = ServerName::try_from(SERVER_NAME)
         .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
-    let conn = rustls::ClientConnection::new(cfg, name)
+    let mut conn = rustls::ClientConnection::new(cfg, name)
         .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
     let mut line = serde_json::to_vec(req).map_err(|e| EnrollError::Reply(e.to_string()))?;
     line.push(b'\n');
-    tls.write_all(&line).map_err(EnrollError::Tls)?;
+    // Queued before the handshake: rustls sends it under the traffic keys in the same write
+    // as the client's last handshake flight (one round trip fewer for the daemon).
+    conn.writer().write_all(&line).map_err(EnrollError::Tls)?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
     tls.flush().map_err(EnrollError::Tls)?;
     let mut reply = String::new();
     BufReader::new(std::io::Read::take(&mut tls, MAX_LINE as u64))
