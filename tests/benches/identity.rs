@@ -101,23 +101,38 @@ fn files(cert: &str, key: &str, bundle: &str) -> Files {
 // ---------------------------------------------------------------------------------------
 // Worker side (inside the enforced cgroup).
 
-/// Enrolls `n` times in a row; prints the wall time.
-fn worker_enroll(f: &Files, socket: &Path, n: usize, clients: usize) {
+/// Enrolls `n` times in a row from `clients` threads; prints the wall time. With one pair
+/// in `pairs` every enrollment presents that certificate; with `n` pairs each presents its
+/// own (pair i for enrollment i).
+fn worker_enroll(
+    pairs: &[(Vec<u8>, Vec<u8>)],
+    bundle: &[u8],
+    socket: &Path,
+    n: usize,
+    clients: usize,
+) {
     // The first enrollment binds the cgroup; the timed ones are full enrollments of a bound
     // cgroup (handshake, verification, attestation, binding written to the kernel).
-    enroll::enroll(socket, &f.cert, &f.key, &f.bundle).unwrap();
+    enroll::enroll(socket, &pairs[0].0, &pairs[0].1, bundle).unwrap();
     let t = Instant::now();
     thread::scope(|s| {
         for c in 0..clients {
-            let share = n / clients + usize::from(c < n % clients);
             s.spawn(move || {
-                for _ in 0..share {
-                    enroll::enroll(socket, &f.cert, &f.key, &f.bundle).unwrap();
+                for i in (c..n).step_by(clients) {
+                    let (cert, key) = &pairs[i % pairs.len()];
+                    enroll::enroll(socket, cert, key, bundle).unwrap();
                 }
             });
         }
     });
     println!("enroll_wall={}", t.elapsed().as_secs_f64());
+}
+
+fn read_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        fs::read(dir.join("svid.pem")).unwrap(),
+        fs::read(dir.join("svid.key")).unwrap(),
+    )
 }
 
 /// Per round: enroll with a fresh certificate, connect in a loop, send `revoke` for that
@@ -322,15 +337,21 @@ fn main() {
         let socket = PathBuf::from(arg("socket").unwrap());
         match mode.as_str() {
             "enroll" => {
-                let f = files(
-                    &arg("cert").unwrap(),
-                    &arg("key").unwrap(),
-                    &arg("bundle").unwrap(),
-                );
+                let n: usize = arg("n").unwrap().parse().unwrap();
+                let pairs: Vec<_> = match arg("certs") {
+                    Some(dir) => (0..n)
+                        .map(|i| read_pair(&Path::new(&dir).join(format!("c{i}"))))
+                        .collect(),
+                    None => vec![(
+                        fs::read(arg("cert").unwrap()).unwrap(),
+                        fs::read(arg("key").unwrap()).unwrap(),
+                    )],
+                };
                 worker_enroll(
-                    &f,
+                    &pairs,
+                    &fs::read(arg("bundle").unwrap()).unwrap(),
                     &socket,
-                    arg("n").unwrap().parse().unwrap(),
+                    n,
                     arg("clients").unwrap().parse().unwrap(),
                 );
             }
@@ -393,15 +414,37 @@ fn main() {
     eprintln!("issuance: {issue:.0}/s, with durable log {logged:.0}/s, baseline {issue_base:.0}/s");
 
     // Enrollments: the daemon's CPU time over n full enrollments, from one client and from
-    // four at once.
+    // four at once; first presenting one certificate over and over (an agent that enrolls
+    // again or fetches tokens), then a certificate never seen before each time.
+    let fresh = d.dir.join("enroll-certs");
+    for i in 0..n_enroll {
+        let req = LeafRequest {
+            id: SpiffeId::workload(&format!("spiffe://agentwall.local/{ID}")).unwrap(),
+            lifetime: Duration::from_secs(3600),
+            capabilities: Vec::new(),
+        };
+        identity::issue_into(
+            &d.state_dir(),
+            "agentwall.local",
+            &req,
+            "bench",
+            &fresh.join(format!("c{i}")),
+        )
+        .unwrap();
+    }
     let pid = d.pid().unwrap();
     let mut enroll_runs = Vec::new();
-    for clients in [1usize, 4] {
+    for (distinct, clients) in [(false, 1usize), (false, 4), (true, 1), (true, 4)] {
         let cpu0 = cpu_seconds(pid);
+        let certs = if distinct {
+            format!("--certs={}", fresh.display())
+        } else {
+            format!("--cert={cert}")
+        };
         let out = exec(&[
             "--worker=enroll".into(),
             format!("--socket={}", d.enroll_socket.display()),
-            format!("--cert={cert}"),
+            certs,
             format!("--key={key}"),
             format!("--bundle={bundle}"),
             format!("--n={n_enroll}"),
@@ -415,6 +458,7 @@ fn main() {
             .parse()
             .unwrap();
         enroll_runs.push((
+            distinct,
             clients,
             n_enroll as f64 / daemon_cpu,
             n_enroll as f64 / wall,
@@ -430,9 +474,14 @@ fn main() {
         server.join("svid.key").to_str().unwrap(),
         n_enroll.min(1000),
     );
-    for (clients, per_core, wall_rate) in &enroll_runs {
+    for (distinct, clients, per_core, wall_rate) in &enroll_runs {
+        let certs = if *distinct {
+            "a new certificate each"
+        } else {
+            "one certificate"
+        };
         eprintln!(
-            "enrollment: {per_core:.0}/s per daemon core ({wall_rate:.0}/s wall, {clients} clients), bare handshake {:.0}/s per core",
+            "enrollment: {per_core:.0}/s per daemon core ({wall_rate:.0}/s wall, {clients} clients, {certs}), bare handshake {:.0}/s per core",
             1.0 / base_cpu
         );
     }
@@ -540,11 +589,12 @@ fn main() {
         "| measure | agentwall | baseline (same run) | ratio | target |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---|");
-    for (clients, per_core, wall_rate) in &enroll_runs {
-        let who = if *clients == 1 {
-            "one client".to_string()
-        } else {
-            format!("{clients} clients at once")
+    for (distinct, clients, per_core, wall_rate) in &enroll_runs {
+        let who = match (*clients, *distinct) {
+            (1, false) => "one client presenting one certificate".to_string(),
+            (c, false) => format!("{c} clients at once presenting one certificate"),
+            (1, true) => "one client, a certificate never seen before each time".to_string(),
+            (c, true) => format!("{c} clients at once, a certificate never seen before each time"),
         };
         let _ = writeln!(
             md,

@@ -31,7 +31,7 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime of the local CA certificate.
-const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+pub(crate) const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 /// Leaves are valid from slightly before issuance, for peers whose clocks run behind.
 const BACKDATE: Duration = Duration::from_secs(60);
 

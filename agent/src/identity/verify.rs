@@ -2,9 +2,16 @@
 //! x509-parser, the chain with rustls-webpki against the trust bundle of the ID's own trust
 //! domain. Each rejection has its own error. The clock is a parameter, so tests can stand at
 //! any instant.
+//!
+//! A chain that passed is remembered by the SHA-256 of its exact bytes until the first
+//! instant at which the leaf or one of the CAs it was judged against stops being valid: an
+//! agent that presents the same certificate again (re-enrolling, fetching tokens) costs no
+//! second signature check. Only the verdict is remembered; the caller still checks the
+//! revocation list every time, and the TLS handshake still proves possession of the key.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -116,6 +123,31 @@ impl TrustBundles {
 pub struct Verifier {
     bundles: TrustBundles,
     skew: Duration,
+    /// Chains that passed, by the SHA-256 of their bytes (see the module documentation).
+    passed: Arc<Mutex<HashMap<[u8; 32], Passed>>>,
+}
+
+/// A verdict that holds from `from` to `until` (both inclusive).
+#[derive(Debug, Clone)]
+struct Passed {
+    svid: VerifiedSvid,
+    from: SystemTime,
+    until: SystemTime,
+}
+
+/// Chains remembered at most; beyond, the stale ones go, and if none is stale, all.
+const PASSED_MAX: usize = 4096;
+
+/// SHA-256 over the chain, each certificate preceded by its length.
+fn chain_digest(chain: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in chain {
+        ctx.update(&(c.len() as u64).to_be_bytes());
+        ctx.update(c);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -165,7 +197,11 @@ fn capabilities(cert: &X509Certificate<'_>) -> Vec<String> {
 
 impl Verifier {
     pub fn new(bundles: TrustBundles, skew: Duration) -> Self {
-        Self { bundles, skew }
+        Self {
+            bundles,
+            skew,
+            passed: Arc::default(),
+        }
     }
 
     /// Verifies a client's certificate chain (leaf first) at `now`.
@@ -174,6 +210,49 @@ impl Verifier {
         chain: &[CertificateDer<'_>],
         now: SystemTime,
     ) -> Result<VerifiedSvid, SvidError> {
+        let key = chain_digest(chain);
+        {
+            let passed = self
+                .passed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(p) = passed.get(&key)
+                && p.from <= now
+                && now <= p.until
+            {
+                return Ok(p.svid.clone());
+            }
+        }
+        let (svid, until) = self.verify_fully(chain, now)?;
+        let mut passed = self
+            .passed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if passed.len() >= PASSED_MAX {
+            passed.retain(|_, p| p.from <= now && now <= p.until);
+            if passed.len() >= PASSED_MAX {
+                passed.clear();
+            }
+        }
+        passed.insert(
+            key,
+            Passed {
+                svid: svid.clone(),
+                from: now,
+                until,
+            },
+        );
+        Ok(svid)
+    }
+
+    /// The whole verification; returns the SVID and the last instant at which the verdict
+    /// holds (the earliest end of validity, tolerance included, of the leaf and the CAs it
+    /// was judged against).
+    fn verify_fully(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<(VerifiedSvid, SystemTime), SvidError> {
         let (leaf_der, intermediates) = chain.split_first().ok_or(SvidError::NoCertificate)?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf_der)
             .map_err(|e| SvidError::Malformed(e.to_string()))?;
@@ -229,9 +308,23 @@ impl Verifier {
             trust_domain: td.clone(),
             reason,
         };
-        let anchors = roots
+        let valid_roots: Vec<&Anchor> = roots
             .iter()
             .filter(|a| a.not_before <= now + self.skew && now <= a.not_after + self.skew)
+            .collect();
+        // Intermediates are judged by webpki at an instant no later than now.
+        let mut until = not_after + self.skew;
+        for der in intermediates {
+            let (_, c) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| SvidError::Malformed(format!("intermediate certificate: {e}")))?;
+            until = until.min(to_system(c.validity().not_after));
+        }
+        let until = valid_roots
+            .iter()
+            .map(|a| a.not_after + self.skew)
+            .fold(until, SystemTime::min);
+        let anchors = valid_roots
+            .iter()
             .map(|a| {
                 webpki::anchor_from_trusted_cert(&a.der)
                     .map_err(|e| chain_err(format!("bad CA in the bundle: {e}")))
@@ -264,7 +357,7 @@ impl Verifier {
             None,
         )
         .map_err(|e| chain_err(e.to_string()))?;
-        Ok(VerifiedSvid {
+        let svid = VerifiedSvid {
             serial: cert
                 .raw_serial()
                 .iter()
@@ -274,7 +367,8 @@ impl Verifier {
             not_before,
             not_after,
             capabilities: capabilities(&cert),
-        })
+        };
+        Ok((svid, until))
     }
 }
 
@@ -550,5 +644,54 @@ mod tests {
             v.verify_client(&[leaf2], t0()),
             Err(SvidError::Chain { .. })
         ));
+    }
+
+    #[test]
+    fn a_remembered_verdict_ends_with_the_first_certificate_to_expire() {
+        let w = world();
+        let leaf = signed(&w.ca, &good_params(&[ID]));
+        let at = |v: &Verifier, t: SystemTime| v.verify_client(std::slice::from_ref(&leaf), t);
+        let first = at(&w.verifier, t0()).unwrap();
+        assert_eq!(w.verifier.passed.lock().unwrap().len(), 1);
+        assert_eq!(at(&w.verifier, t0() + Duration::from_secs(1)), Ok(first));
+        assert_eq!(
+            w.verifier.passed.lock().unwrap().len(),
+            1,
+            "the same bytes, one entry"
+        );
+        // Past the leaf's end (and the tolerance) the remembered verdict does not hold.
+        assert!(matches!(
+            at(
+                &w.verifier,
+                t0() + DEFAULT_LIFETIME + DEFAULT_SKEW + Duration::from_secs(1)
+            ),
+            Err(SvidError::Expired { .. })
+        ));
+        // Other bytes, the same identity: verified on their own (a forgery would fail).
+        let other = signed(&w.other, &good_params(&[ID]));
+        assert!(matches!(
+            w.verifier.verify_client(&[other], t0()),
+            Err(SvidError::Chain { .. })
+        ));
+
+        // A CA that expires ten minutes after t0, before the leaf does.
+        let ca = LocalCa::create(
+            "example.org",
+            t0() + Duration::from_secs(600) - crate::identity::svid::CA_LIFETIME,
+        )
+        .unwrap();
+        let mut bundles = TrustBundles::default();
+        bundles.add("example.org", ca.cert_der().clone()).unwrap();
+        let v = Verifier::new(bundles, DEFAULT_SKEW);
+        let leaf = signed(&ca, &good_params(&[ID]));
+        let at = |t: SystemTime| v.verify_client(std::slice::from_ref(&leaf), t);
+        assert!(at(t0()).is_ok());
+        assert!(at(t0() + Duration::from_secs(600)).is_ok());
+        assert!(matches!(
+            at(t0() + Duration::from_secs(600) + DEFAULT_SKEW + Duration::from_secs(1)),
+            Err(SvidError::Chain { .. })
+        ));
+        // A clock that went back is not trusted with the remembered verdict either.
+        assert!(at(t0() - Duration::from_secs(30)).is_ok());
     }
 }
