@@ -13,6 +13,7 @@ pub mod enforce;
 pub mod events;
 pub mod exec;
 pub mod identity;
+pub mod journal;
 pub mod logging;
 pub mod policy;
 pub mod probe;

@@ -132,25 +132,34 @@ impl Daemon {
         Ok(dir)
     }
 
-    pub(super) fn load_enrollments(&self) -> Vec<Record> {
-        let path = self.enrollments_path();
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                // Bindings stay in the kernel and keep denying or allowing as they did; what
-                // is lost is the link from a cgroup to its identity (revocation by ID then
-                // misses it, so the daemon says so loudly).
-                tracing::error!(path = %path.display(), error = %e, "the enrollment records are corrupt; identities of bound cgroups are unknown until they enroll again");
+    /// The enrollment records of the previous daemon (snapshot and journal, see
+    /// [`crate::journal`]).
+    pub(super) async fn load_enrollments(&self) -> Vec<Record> {
+        let mut store = self.persisted.lock().await;
+        match store.load(|r: &Record| r.cgroup_id) {
+            Ok((records, loaded)) => {
+                if let Some(damage) = loaded.damage {
+                    // Bindings stay in the kernel and keep denying or allowing as they did;
+                    // what is lost is the link from a cgroup to its identity (revocation by
+                    // ID then misses it, so the daemon says so loudly).
+                    tracing::error!(%damage, "the enrollment records are damaged; identities of the cgroups recorded after the damage are unknown until they enroll again");
+                    self.count_error("enrollments_corrupt");
+                }
+                records
+            }
+            Err(e) => {
+                tracing::error!(path = %self.enrollments_path().display(), error = %e, "cannot read the enrollment records; identities of bound cgroups are unknown until they enroll again");
                 self.count_error("enrollments_corrupt");
                 Vec::new()
-            }),
-            Err(_) => Vec::new(),
+            }
         }
     }
 
-    /// Writes the enrollment records if they changed. Saves are serialized (snapshot and write
-    /// under one lock), so an older snapshot never overwrites a newer one.
+    /// Makes the enrollment records durable if they changed: one journal line per changed
+    /// cgroup, one sync. Saves are serialized (snapshot and write under one lock), so
+    /// concurrent callers share a save: the first one's snapshot holds the others' changes.
     pub(super) async fn save_enrollments(&self) {
-        let mut last = self.persisted.lock().await;
+        let mut store = self.persisted.lock().await;
         let registry = self.cgroups.lock().await;
         let named: HashMap<u64, String> = registry
             .iter()
@@ -172,32 +181,30 @@ impl Daemon {
             })
             .collect();
         drop(registry);
-        let bytes = match serde_json::to_vec_pretty(&records) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode the enrollment records");
-                self.count_error("enrollments_save");
-                return;
+        let key = |r: &Record| r.cgroup_id;
+        let saved = if MAY_BLOCK.get() {
+            // A thread of the enrollment pool: it may wait for the disk itself.
+            store.save(&records, key)
+        } else {
+            let path = self.enrollments_path();
+            let mut owned = std::mem::replace(&mut *store, crate::journal::Journaled::new(&path));
+            match tokio::task::spawn_blocking(move || {
+                let r = owned.save(&records, key);
+                (owned, r)
+            })
+            .await
+            {
+                Ok((owned, r)) => {
+                    *store = owned;
+                    r
+                }
+                // The fresh store writes every record again next time.
+                Err(e) => Err(std::io::Error::other(e)),
             }
         };
-        if *last == bytes {
-            return;
-        }
-        let path = self.enrollments_path();
-        let write = {
-            let bytes = bytes.clone();
-            tokio::task::spawn_blocking(move || crate::state::write_atomic(&path, &bytes, 0o600))
-        };
-        match write.await {
-            Ok(Ok(())) => *last = bytes,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot save the enrollment records");
-                self.count_error("enrollments_save");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "enrollment records writer failed");
-                self.count_error("enrollments_save");
-            }
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "cannot save the enrollment records");
+            self.count_error("enrollments_save");
         }
     }
 
@@ -771,6 +778,13 @@ impl Daemon {
     }
 }
 
+thread_local! {
+    /// Set on threads that may block on disk I/O inside async code they drive with
+    /// `Handle::block_on` (the enrollment pool), where a hand-over to the blocking pool
+    /// would only add a wake-up.
+    static MAY_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Enrollments in progress at once (threads of the enrollment pool). Beyond that, new
 /// connections wait in the socket's backlog; each enrollment is bounded by
 /// [`enroll::CLIENT_TIMEOUT`], so a flood of idle connections delays enrollments but cannot
@@ -833,6 +847,7 @@ impl EnrollPool {
 
     fn run(self: Arc<Self>) {
         use std::sync::atomic::Ordering::SeqCst;
+        MAY_BLOCK.set(true);
         loop {
             self.idle.fetch_add(1, SeqCst);
             let accepted = self.listener.accept();

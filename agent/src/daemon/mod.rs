@@ -208,7 +208,7 @@ pub struct Daemon {
     gc: Notify,
     identity: Arc<crate::identity::service::IdentityService>,
     /// The enrollment records as last written (see `save_enrollments`).
-    persisted: AsyncMutex<Vec<u8>>,
+    persisted: AsyncMutex<crate::journal::Journaled>,
     /// Enrolled identities by cgroup id, for naming verdicts (kept by `save_enrollments`,
     /// which runs after every change of an enrollment).
     identities: Identities,
@@ -777,7 +777,7 @@ impl Daemon {
     /// restart: adopts exec cgroups of the previous daemon, drops bindings and link pins of
     /// cgroups that are gone.
     async fn reconcile(&self) -> Result<(), DaemonError> {
-        let records = self.load_enrollments();
+        let records = self.load_enrollments().await;
         let mut by_id: HashMap<u64, Cgroup> = HashMap::new();
         for child in self.root.children()? {
             let name = child

@@ -58,7 +58,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         reload_lock: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,
-        persisted: AsyncMutex::new(Vec::new()),
+        persisted: AsyncMutex::new(crate::journal::Journaled::new(
+            &cfg.state_dir.join("enrollments.json"),
+        )),
         identities: Arc::default(),
         audit: audit.clone(),
         audit_node_key,

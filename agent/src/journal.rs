@@ -1,0 +1,345 @@
+//! A set of keyed records kept on disk as a snapshot plus an append-only journal of changes.
+//!
+//! `<name>.json` holds the records as a JSON array (written atomically: temporary file, sync,
+//! rename, directory sync). `<name>.journal` holds one JSON line per change since:
+//! `{"set":RECORD}` or `{"remove":KEY}`. A save appends the lines of what changed and syncs
+//! once, so making a change durable costs one small append, whatever the number of records;
+//! the journal is folded into a new snapshot when it grows past [`FOLD_AT`] and when the
+//! records are loaded.
+//!
+//! A crash can leave a torn last line: loading replays up to it and reports it. A failed
+//! append is cut off again before the next one; if even that fails, the next save writes a
+//! snapshot instead.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Journal size beyond which a save writes a new snapshot instead.
+pub const FOLD_AT: u64 = 1 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum Line<T> {
+    Set(T),
+    Remove(u64),
+}
+
+/// What loading found besides the records.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Lines of the journal replayed.
+    pub replayed: usize,
+    /// The snapshot or a journal line could not be read, with where and why; the records
+    /// are what came before it.
+    pub damage: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Journaled {
+    snapshot: PathBuf,
+    journal: PathBuf,
+    /// Key → the record's JSON as last made durable.
+    durable: BTreeMap<u64, Vec<u8>>,
+    /// The journal, open for appending, and its length when last durable.
+    out: Option<(fs::File, u64)>,
+    /// A failed append could not be cut off: the next save writes a snapshot.
+    must_fold: bool,
+}
+
+fn with_ext(path: &Path, ext: &str) -> PathBuf {
+    path.with_extension(ext)
+}
+
+impl Journaled {
+    /// The store of `snapshot` (`<name>.json`; its journal is `<name>.journal`), empty until
+    /// [`Self::load`].
+    pub fn new(snapshot: &Path) -> Self {
+        Self {
+            snapshot: snapshot.to_path_buf(),
+            journal: with_ext(snapshot, "journal"),
+            durable: BTreeMap::new(),
+            out: None,
+            must_fold: false,
+        }
+    }
+
+    /// Reads the snapshot and replays the journal, then folds them into a new snapshot.
+    /// Damage is reported, never fatal: the records read before it are returned.
+    pub fn load<T: Serialize + DeserializeOwned>(
+        &mut self,
+        key: impl Fn(&T) -> u64,
+    ) -> std::io::Result<(Vec<T>, Loaded)> {
+        let mut loaded = Loaded::default();
+        let mut records: BTreeMap<u64, T> = BTreeMap::new();
+        match fs::read(&self.snapshot) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<T>>(&bytes) {
+                Ok(v) => records.extend(v.into_iter().map(|r| (key(&r), r))),
+                Err(e) => {
+                    // Kept aside for whoever wants to look; the fold below replaces it.
+                    let aside = with_ext(&self.snapshot, "corrupt");
+                    loaded.damage = Some(format!(
+                        "{}: {e} (kept as {})",
+                        self.snapshot.display(),
+                        aside.display()
+                    ));
+                    let _ = fs::rename(&self.snapshot, &aside);
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let journal_len = match fs::File::open(&self.journal) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                for (n, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
+                    let line = line?;
+                    match serde_json::from_slice::<Line<T>>(&line) {
+                        Ok(Line::Set(r)) => {
+                            records.insert(key(&r), r);
+                        }
+                        Ok(Line::Remove(k)) => {
+                            records.remove(&k);
+                        }
+                        Err(e) => {
+                            loaded.damage.get_or_insert(format!(
+                                "{} line {}: {e}",
+                                self.journal.display(),
+                                n + 1
+                            ));
+                            break;
+                        }
+                    }
+                    loaded.replayed += 1;
+                }
+                len
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let records: Vec<T> = records.into_values().collect();
+        if journal_len > 0 || loaded.damage.is_some() {
+            self.fold(&records, &key)?;
+        } else {
+            self.durable = encode_all(&records, &key)?;
+        }
+        Ok((records, loaded))
+    }
+
+    /// Makes `records` (all of them) durable. Returns whether anything had changed.
+    pub fn save<T: Serialize>(
+        &mut self,
+        records: &[T],
+        key: impl Fn(&T) -> u64,
+    ) -> std::io::Result<bool> {
+        let now = encode_all(records, &key)?;
+        let mut lines = Vec::new();
+        for (k, bytes) in &now {
+            if self.durable.get(k) != Some(bytes) {
+                lines.extend_from_slice(b"{\"set\":");
+                lines.extend_from_slice(bytes);
+                lines.extend_from_slice(b"}\n");
+            }
+        }
+        for k in self.durable.keys().filter(|k| !now.contains_key(k)) {
+            lines.extend_from_slice(format!("{{\"remove\":{k}}}\n").as_bytes());
+        }
+        if lines.is_empty() {
+            return Ok(false);
+        }
+        let len = self.out.as_ref().map_or(0, |(_, l)| *l);
+        if self.must_fold || len + lines.len() as u64 > FOLD_AT {
+            self.fold(records, &key)?;
+            return Ok(true);
+        }
+        let (file, len) = match self.out.take() {
+            Some(o) => o,
+            None => {
+                let f = fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o600)
+                    .open(&self.journal)?;
+                let len = f.metadata()?.len();
+                (f, len)
+            }
+        };
+        let written = (&file).write_all(&lines).and_then(|()| file.sync_data());
+        match written {
+            Ok(()) => {
+                self.out = Some((file, len + lines.len() as u64));
+                self.durable = now;
+                Ok(true)
+            }
+            Err(e) => {
+                // Cut off whatever part of the lines got in, so that the next append starts
+                // on a line of its own.
+                if file.set_len(len).and_then(|()| file.sync_data()).is_ok() {
+                    self.out = Some((file, len));
+                } else {
+                    self.must_fold = true;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes all records as a new snapshot and empties the journal.
+    fn fold<T: Serialize>(
+        &mut self,
+        records: &[T],
+        key: &impl Fn(&T) -> u64,
+    ) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
+        crate::state::write_atomic(&self.snapshot, &bytes, 0o600)?;
+        // A crash here replays the old journal over the new snapshot: the same records.
+        self.out = None;
+        match fs::remove_file(&self.journal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.durable = encode_all(records, key)?;
+        self.must_fold = false;
+        Ok(())
+    }
+}
+
+fn encode_all<T: Serialize>(
+    records: &[T],
+    key: &impl Fn(&T) -> u64,
+) -> std::io::Result<BTreeMap<u64, Vec<u8>>> {
+    records
+        .iter()
+        .map(|r| {
+            Ok((
+                key(r),
+                serde_json::to_vec(r).map_err(std::io::Error::other)?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct R {
+        id: u64,
+        name: String,
+    }
+
+    fn r(id: u64, name: &str) -> R {
+        R {
+            id,
+            name: name.into(),
+        }
+    }
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("aw-journal-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn load(path: &Path) -> (Vec<R>, Loaded) {
+        Journaled::new(path).load(|r: &R| r.id).unwrap()
+    }
+
+    #[test]
+    fn changes_are_appended_and_replayed() {
+        let d = dir("replay");
+        let path = d.join("records.json");
+        let mut j = Journaled::new(&path);
+        assert_eq!(j.load(|r: &R| r.id).unwrap().0, Vec::<R>::new());
+        assert!(j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap());
+        assert!(
+            !j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap(),
+            "nothing changed"
+        );
+        assert!(j.save(&[r(2, "b2"), r(3, "c")], |r| r.id).unwrap());
+        let journal = fs::read_to_string(d.join("records.journal")).unwrap();
+        assert_eq!(journal.lines().count(), 5, "{journal}");
+        assert!(!path.exists(), "no snapshot written for small changes");
+        let (got, loaded) = load(&path);
+        assert_eq!(got, vec![r(2, "b2"), r(3, "c")]);
+        assert_eq!(
+            loaded,
+            Loaded {
+                replayed: 5,
+                damage: None
+            }
+        );
+        // Loading folded the journal into the snapshot.
+        assert!(!d.join("records.journal").exists());
+        assert_eq!(load(&path).0, vec![r(2, "b2"), r(3, "c")]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_torn_last_line_loses_only_itself() {
+        let d = dir("torn");
+        let path = d.join("records.json");
+        let mut j = Journaled::new(&path);
+        j.save(&[r(1, "a")], |r| r.id).unwrap();
+        j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(d.join("records.journal"))
+            .unwrap();
+        f.write_all(b"{\"set\":{\"id\":3,\"na").unwrap();
+        let (got, loaded) = load(&path);
+        assert_eq!(got, vec![r(1, "a"), r(2, "b")]);
+        assert_eq!(loaded.replayed, 2);
+        assert!(
+            loaded
+                .damage
+                .as_deref()
+                .is_some_and(|m| m.contains("line 3")),
+            "{loaded:?}"
+        );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_large_journal_is_folded_into_a_snapshot() {
+        let d = dir("fold");
+        let path = d.join("records.json");
+        let mut j = Journaled::new(&path);
+        let big = "x".repeat(64 * 1024);
+        let mut n = 0;
+        while !path.exists() {
+            n += 1;
+            j.save(&[r(1, &format!("{big}{n}"))], |r| r.id).unwrap();
+            assert!(n < 40, "never folded");
+        }
+        assert!(!d.join("records.journal").exists());
+        j.save(&[r(1, "small")], |r| r.id).unwrap();
+        assert_eq!(load(&path).0, vec![r(1, "small")]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_snapshot_of_the_old_format_is_read() {
+        let d = dir("old");
+        let path = d.join("records.json");
+        fs::write(&path, serde_json::to_vec_pretty(&[r(5, "e")]).unwrap()).unwrap();
+        let (got, loaded) = load(&path);
+        assert_eq!(got, vec![r(5, "e")]);
+        assert_eq!(loaded, Loaded::default());
+        fs::write(&path, b"[{\"id\":").unwrap();
+        let (got, loaded) = load(&path);
+        assert!(got.is_empty());
+        assert!(loaded.damage.is_some());
+        let _ = fs::remove_dir_all(&d);
+    }
+}
