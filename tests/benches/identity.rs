@@ -274,33 +274,25 @@ fn bare_handshake_cpu(f: &Files, server_cert: &str, server_key: &str, n: usize) 
     )
     .build()
     .unwrap();
-    let server = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                CertificateDer::pem_file_iter(server_cert)
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_file(server_key).unwrap(),
-            )
-            .unwrap(),
-    );
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(&f.cert)
-                    .map(Result::unwrap)
-                    .collect(),
-                PrivateKeyDer::from_pem_slice(&f.key).unwrap(),
-            )
-            .unwrap(),
-    );
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            CertificateDer::pem_file_iter(server_cert)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect(),
+            PrivateKeyDer::from_pem_file(server_key).unwrap(),
+        )
+        .unwrap();
+    // As the daemon: our suite order, no session storage, no tickets.
+    server.ignore_client_order = true;
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    server.send_tls13_tickets = 0;
+    let server = Arc::new(server);
+    // The agent's configuration, as `enroll::enroll` builds it.
+    let client = enroll::client_config(&f.cert, &f.key, &f.bundle).unwrap();
     let (tx, rx) = mpsc::channel::<UnixStream>();
     let srv = thread::spawn(move || {
         let start = thread_cpu();
@@ -376,7 +368,7 @@ fn main() {
         0,
         "run as root (cargo xtask bench)"
     );
-    let n_enroll: usize = arg("enrollments").map_or(2000, |v| v.parse().unwrap());
+    let n_enroll: usize = arg("enrollments").map_or(4000, |v| v.parse().unwrap());
     let rounds: usize = arg("revokes").map_or(200, |v| v.parse().unwrap());
     let n_issue: usize = arg("issues").map_or(2000, |v| v.parse().unwrap());
 

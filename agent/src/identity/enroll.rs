@@ -192,6 +192,10 @@ pub fn server_config(
     // Our suite order, not the client's (OpenSSL clients, Python's among them, list
     // AES-256-GCM-SHA384 first).
     cfg.ignore_client_order = true;
+    // No resumption: every enrollment proves possession of its key afresh, and the daemon
+    // neither stores sessions nor sends tickets nobody will use.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -218,8 +222,10 @@ pub fn client_config(
     key_pem: &[u8],
     bundle_pem: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
-    let cfg = client_builder("trust bundle", bundle_pem)?
+    let mut cfg = client_builder("trust bundle", bundle_pem)?
         .with_client_auth_cert(certs("certificate", cert_pem)?, key("key", key_pem)?)?;
+    // The daemon never resumes sessions (see `server_config`).
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 
@@ -332,5 +338,113 @@ pub fn request(
         Ok(EnrollReply::Error { message }) => Err(EnrollError::Refused(message)),
         Ok(r) => Ok(r),
         Err(e) => Err(EnrollError::Reply(format!("{e} in {reply:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        time::SystemTime,
+    };
+
+    use super::*;
+    use crate::identity::{
+        spiffe::SpiffeId,
+        svid::{DEFAULT_LIFETIME, LeafRequest, LocalCa},
+    };
+
+    /// One handshake over a socket pair; returns how the server saw it.
+    fn handshake(
+        server: &Arc<rustls::ServerConfig>,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> (
+        Option<rustls::HandshakeKind>,
+        Option<rustls::SupportedCipherSuite>,
+    ) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = Arc::clone(server);
+        let srv = std::thread::spawn(move || {
+            let conn = rustls::ServerConnection::new(server).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, b);
+            let mut buf = [0u8; 1];
+            tls.read_exact(&mut buf).unwrap();
+            tls.write_all(b"k").unwrap();
+            (
+                tls.conn.handshake_kind(),
+                tls.conn.negotiated_cipher_suite(),
+            )
+        });
+        let conn = rustls::ClientConnection::new(
+            Arc::clone(client),
+            ServerName::try_from(SERVER_NAME).unwrap(),
+        )
+        .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, a);
+        tls.write_all(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        tls.read_exact(&mut buf).unwrap();
+        srv.join().unwrap()
+    }
+
+    #[test]
+    fn every_enrollment_is_a_full_handshake_in_the_daemons_suite_order() {
+        let now = SystemTime::now();
+        let ca = LocalCa::create("example.org", now).unwrap();
+        let leaf = |id: &str| LeafRequest {
+            id: SpiffeId::workload(id).unwrap(),
+            lifetime: DEFAULT_LIFETIME,
+            capabilities: Vec::new(),
+        };
+        let server_id = ca
+            .issue_with_dns(
+                &leaf("spiffe://example.org/agentwall/d"),
+                &[SERVER_NAME],
+                now,
+            )
+            .unwrap();
+        let agent = ca
+            .issue(&leaf("spiffe://example.org/agent/a/p"), now)
+            .unwrap();
+        let server = server_config(&server_id.cert_pem, &server_id.key_pem).unwrap();
+        // A client that would resume if the server let it (rustls' default configuration),
+        // offering AES-256-GCM-SHA384 first as OpenSSL does.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(p))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    certs("c", agent.cert_pem.as_bytes()).unwrap(),
+                    key("k", agent.key_pem.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+        );
+        for _ in 0..3 {
+            let (kind, suite) = handshake(&server, &client);
+            assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
+        // The agent's own configuration asks for no resumption either.
+        let own = client_config(
+            agent.cert_pem.as_bytes(),
+            agent.key_pem.as_bytes(),
+            ca.cert_pem().as_bytes(),
+        )
+        .unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                handshake(&server, &own).0,
+                Some(rustls::HandshakeKind::Full)
+            );
+        }
     }
 }
