@@ -39,6 +39,9 @@ pub struct Loaded {
     /// The snapshot or a journal line could not be read, with where and why; the records
     /// are what came before it.
     pub damage: Option<String>,
+    /// The records were read but could not be folded into a new snapshot (why); the next
+    /// save tries again, and nothing is appended to the old journal meanwhile.
+    pub unfolded: Option<String>,
 }
 
 #[derive(Debug)]
@@ -124,9 +127,13 @@ impl Journaled {
             Err(e) => return Err(e),
         };
         let records: Vec<T> = records.into_values().collect();
-        if journal_len > 0 || loaded.damage.is_some() {
-            self.fold(&records, &key)?;
-        } else {
+        if (journal_len > 0 || loaded.damage.is_some())
+            && let Err(e) = self.fold(&records, &key)
+        {
+            loaded.unfolded = Some(e.to_string());
+            self.must_fold = true;
+            self.durable = encode_all(&records, &key)?;
+        } else if journal_len == 0 && loaded.damage.is_none() {
             self.durable = encode_all(&records, &key)?;
         }
         Ok((records, loaded))
@@ -276,7 +283,8 @@ mod tests {
             loaded,
             Loaded {
                 replayed: 5,
-                damage: None
+                damage: None,
+                unfolded: None,
             }
         );
         // Loading folded the journal into the snapshot.

@@ -145,6 +145,10 @@ impl Daemon {
                     tracing::error!(%damage, "the enrollment records are damaged; identities of the cgroups recorded after the damage are unknown until they enroll again");
                     self.count_error("enrollments_corrupt");
                 }
+                if let Some(e) = loaded.unfolded {
+                    tracing::error!(error = %e, "cannot write the enrollment records anew; the next change retries");
+                    self.count_error("enrollments_save");
+                }
                 records
             }
             Err(e) => {
