@@ -251,11 +251,25 @@ mod tests {
         }
     }
 
-    fn dir(tag: &str) -> PathBuf {
+    /// A test directory, removed when the test ends, passed or not.
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    impl std::ops::Deref for Dir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    fn dir(tag: &str) -> Dir {
         let d = std::env::temp_dir().join(format!("aw-journal-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        d
+        Dir(d)
     }
 
     fn load(path: &Path) -> (Vec<R>, Loaded) {
@@ -290,7 +304,6 @@ mod tests {
         // Loading folded the journal into the snapshot.
         assert!(!d.join("records.journal").exists());
         assert_eq!(load(&path).0, vec![r(2, "b2"), r(3, "c")]);
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -315,7 +328,6 @@ mod tests {
                 .is_some_and(|m| m.contains("line 3")),
             "{loaded:?}"
         );
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -333,7 +345,6 @@ mod tests {
         assert!(!d.join("records.journal").exists());
         j.save(&[r(1, "small")], |r| r.id).unwrap();
         assert_eq!(load(&path).0, vec![r(1, "small")]);
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -348,6 +359,5 @@ mod tests {
         let (got, loaded) = load(&path);
         assert!(got.is_empty());
         assert!(loaded.damage.is_some());
-        let _ = fs::remove_dir_all(&d);
     }
 }

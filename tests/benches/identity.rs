@@ -479,8 +479,11 @@ fn main() {
     }
 
     // Revocation latency.
+    // Three workloads connecting as fast as they can (it and the listener keep both CPUs
+    // busy), one at a time, then one pacing its connects 200 µs apart.
+    let plan = [(0, 0), (rounds, 0), (2 * rounds, 0), (3 * rounds, 200)];
     let certs = d.dir.join("revoke-certs");
-    for i in 0..2 * rounds {
+    for i in 0..plan.len() * rounds {
         let req = LeafRequest {
             id: SpiffeId::workload(&format!("spiffe://agentwall.local/{ID}")).unwrap(),
             lifetime: Duration::from_secs(3600),
@@ -495,10 +498,8 @@ fn main() {
         )
         .unwrap();
     }
-    // Two workloads: one connecting as fast as it can (it and the listener keep both CPUs
-    // busy), one pacing its connects 200 µs apart.
     let mut series = Vec::new();
-    for (first, pace_us) in [(0, 0), (rounds, 200)] {
+    for (first, pace_us) in plan {
         let log_before = d.log_text().lines().count();
         let out = exec(&[
             "--worker=revoke".into(),
@@ -600,7 +601,28 @@ fn main() {
             "| enrollments per second, wall clock, {who} | {wall_rate:.0}/s | - | - | - |"
         );
     }
-    for r in &series {
+    let flat_p99: Vec<f64> = series
+        .iter()
+        .filter(|r| r.pace_us == 0)
+        .map(|r| r.send.1)
+        .collect();
+    for (i, r) in series.iter().enumerate() {
+        if r.pace_us == 0 && i > 0 {
+            continue;
+        }
+        if r.pace_us != 0 {
+            let _ = writeln!(
+                md,
+                "| revoke → first EPERM p99, workload connecting as fast as it can, each of {} runs of {rounds} | {} | - | - | p99 ≤ 1 ms in every run: {} |",
+                flat_p99.len(),
+                flat_p99
+                    .iter()
+                    .map(|v| format!("{v:.0} µs"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                met(flat_p99.iter().all(|v| *v <= 1000.0))
+            );
+        }
         let workload = if r.pace_us == 0 {
             "connecting as fast as it can".to_string()
         } else {

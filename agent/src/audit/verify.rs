@@ -284,10 +284,13 @@ mod tests {
         Keyring::new(vec![key()])
     }
 
+    /// A test's log directory, and the node key kept beside it (see [`node_key`]); both go
+    /// when the test ends.
     struct Dir(PathBuf);
     impl Drop for Dir {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
+            let _ = fs::remove_file(self.0.with_extension("node.key"));
         }
     }
 
