@@ -439,10 +439,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             };
             let cfg = Config::load(&overrides)?;
             logging::init(cfg.log_format, "info");
+            // Revocations are handled by the admin thread and enrollments by their own pool:
+            // the runtime's threads do background work (the end of a revocation, renewals,
+            // the collector) and keep the default slice, so they do not cut into the agents'.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
-                // The workers answer the admin and enrollment sockets (revocations).
-                .on_thread_start(|| crate::sched::latency_critical("tokio"))
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

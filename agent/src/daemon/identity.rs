@@ -51,10 +51,6 @@ impl Bound {
         )
         .to_string()
     }
-
-    fn matches(&self, target: &Target) -> bool {
-        target.matches(&self.spiffe_id, &self.serial)
-    }
 }
 
 /// What survives a restart about a cgroup: `<state dir>/enrollments.json`.
@@ -241,14 +237,14 @@ impl Daemon {
     /// the next call (the collector calls this every half second), so a failed write never
     /// leaves a revoked identity allowed for long.
     pub(super) async fn enforce_revocations(&self) -> (Vec<u64>, Vec<(u64, String)>) {
-        let revocations = self.identity.revocations();
         let (mut hit, mut failed) = (Vec::new(), Vec::new());
         let mut registry = self.cgroups.lock().await;
         for (id, m) in registry.iter_mut() {
             let Some(b) = m.bound.as_mut() else {
                 continue;
             };
-            if b.revoked || !revocations.iter().any(|r| b.matches(&r.target)) {
+            // Looked up in place: a copy of the whole list per revocation grew with it.
+            if b.revoked || self.identity.check_revoked(&b.spiffe_id, &b.serial).is_ok() {
                 continue;
             }
             let marked = self
