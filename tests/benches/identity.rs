@@ -409,21 +409,7 @@ fn main() {
     // four at once; first presenting one certificate over and over (an agent that enrolls
     // again or fetches tokens), then a certificate never seen before each time.
     let fresh = d.dir.join("enroll-certs");
-    for i in 0..n_enroll {
-        let req = LeafRequest {
-            id: SpiffeId::workload(&format!("spiffe://agentwall.local/{ID}")).unwrap(),
-            lifetime: Duration::from_secs(3600),
-            capabilities: Vec::new(),
-        };
-        identity::issue_into(
-            &d.state_dir(),
-            "agentwall.local",
-            &req,
-            "bench",
-            &fresh.join(format!("c{i}")),
-        )
-        .unwrap();
-    }
+    issue_many(&d, &fresh, n_enroll);
     let pid = d.pid().unwrap();
     let mut enroll_runs = Vec::new();
     for (distinct, clients) in [(false, 1usize), (false, 4), (true, 1), (true, 4)] {
@@ -483,21 +469,7 @@ fn main() {
     // busy), one at a time, then one pacing its connects 200 µs apart.
     let plan = [(0, 0), (rounds, 0), (2 * rounds, 0), (3 * rounds, 200)];
     let certs = d.dir.join("revoke-certs");
-    for i in 0..plan.len() * rounds {
-        let req = LeafRequest {
-            id: SpiffeId::workload(&format!("spiffe://agentwall.local/{ID}")).unwrap(),
-            lifetime: Duration::from_secs(3600),
-            capabilities: Vec::new(),
-        };
-        identity::issue_into(
-            &d.state_dir(),
-            "agentwall.local",
-            &req,
-            "bench",
-            &certs.join(format!("c{i}")),
-        )
-        .unwrap();
-    }
+    issue_many(&d, &certs, plan.len() * rounds);
     let mut series = Vec::new();
     for (first, pace_us) in plan {
         let log_before = d.log_text().lines().count();
@@ -690,6 +662,25 @@ fn main() {
     if let Some(path) = arg("report") {
         agentwall_tests::write_report_section(Path::new(&path), "identity", &md);
         eprintln!("wrote {path}");
+    }
+}
+
+/// `n` certificates of the bench's identity from the daemon's CA, in `dir/c0` .. `dir/c{n-1}`.
+fn issue_many(d: &TestDaemon, dir: &Path, n: usize) {
+    let req = LeafRequest {
+        id: SpiffeId::workload(&format!("spiffe://agentwall.local/{ID}")).unwrap(),
+        lifetime: Duration::from_secs(3600),
+        capabilities: Vec::new(),
+    };
+    for i in 0..n {
+        identity::issue_into(
+            &d.state_dir(),
+            "agentwall.local",
+            &req,
+            "bench",
+            &dir.join(format!("c{i}")),
+        )
+        .unwrap();
     }
 }
 
