@@ -24,7 +24,7 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::net::UnixStream,
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
     path::{Path, PathBuf},
     process::Command,
     sync::{Arc, mpsc},
@@ -372,7 +372,12 @@ fn main() {
     let rounds: usize = arg("revokes").map_or(200, |v| v.parse().unwrap());
     let n_issue: usize = arg("issues").map_or(2000, |v| v.parse().unwrap());
 
+    // A workload connecting flat out outpaces an accept queue of 128 (std's backlog) while
+    // this thread waits for a CPU: connects then stall for a SYN retransmit (1 s). Listening
+    // again on a listening socket sets its backlog.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on a socket this function owns.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 4096) }, 0);
     let target = listener.local_addr().unwrap();
     thread::spawn(move || {
         for c in listener.incoming() {
