@@ -103,7 +103,6 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), 
     Ok((listener, Access { gid }))
 }
 
-/// Accepts connections until the listener fails.
 /// Longest a client may take to send its request line.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
