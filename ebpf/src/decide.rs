@@ -1,7 +1,7 @@
 //! The one decision function and the maps it reads.
 
 use agentwall_common::{
-    addr::Addr16,
+    addr::Quads,
     binding::Binding,
     counters,
     event::{Hook, Reason, Verdict},
@@ -30,14 +30,36 @@ static AW_RULES: LpmTrie<RuleKey, RuleSet> = LpmTrie::pinned(DEFAULT_MAX_RULE_NO
 #[map]
 static AW_STATE: Array<PolicyState> = Array::pinned(1, 0);
 
+/// A rules trie key laid out as `Key<RuleKey>` but aligned, so that it is built with word
+/// stores: aya's `Key` is packed, and a packed key is written byte by byte, which the trie's
+/// word-wise compare then reads back through stalled store forwarding.
+#[repr(C, align(4))]
+struct LookupKey {
+    prefix_len: u32,
+    slot: u32,
+    generation: u32,
+    addr: Quads,
+}
+const _: () = assert!(core::mem::size_of::<LookupKey>() == core::mem::size_of::<Key<RuleKey>>());
+
+impl LookupKey {
+    #[inline(always)]
+    fn as_key(&self) -> &Key<RuleKey> {
+        // SAFETY: same size and field order as `Key<RuleKey>` (prefix length, then `RuleKey`:
+        // slot, generation, the 16 address bytes, which `Quads` holds in memory order), and
+        // `Key` is packed, so any alignment suits it.
+        unsafe { &*(self as *const Self).cast::<Key<RuleKey>>() }
+    }
+}
+
 /// One flow (or packet, or socket) to judge.
 pub(crate) struct Flow {
     pub(crate) cgroup_id: u64,
-    /// Destination as given, canonical 16-byte form before classification.
-    pub(crate) orig: Addr16,
-    /// The destination it really reaches (`agentwall_common::addr::classify` of `orig`),
-    /// computed once.
-    pub(crate) dst: Addr16,
+    /// Destination as given, canonical form (word form) before classification.
+    pub(crate) orig: Quads,
+    /// The destination it really reaches (`agentwall_common::addr::classify_quads` of
+    /// `orig`), computed once.
+    pub(crate) dst: Quads,
     pub(crate) port: u16,
     pub(crate) proto: u8,
     pub(crate) hook: Hook,
@@ -121,16 +143,14 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         Ok(slot) => slot,
         Err(reason) => return Decision::deny(reason, binding.slot, generation),
     };
-    let key = Key::new(
-        RuleKey::prefix_len(128),
-        RuleKey {
-            slot,
-            generation,
-            addr: flow.dst,
-        },
-    );
+    let key = LookupKey {
+        prefix_len: RuleKey::prefix_len(128),
+        slot,
+        generation,
+        addr: flow.dst,
+    };
     let rule = AW_RULES
-        .get(&key)
+        .get(key.as_key())
         .and_then(|set| set.find(flow.proto, flow.port));
     let (verdict, reason, rule_id) = match rule {
         Some(rule_id) => (Verdict::ALLOW, Reason::RULE, rule_id),

@@ -1,12 +1,16 @@
 //! Events and counters.
 
 use agentwall_common::{
+    addr::Quads,
     counters,
     event::{Event, Reason, Verdict},
     maps::DEFAULT_EVENT_RING_BYTES,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_comm as bpf_get_current_comm_raw, bpf_ktime_get_boot_ns},
+    },
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -76,35 +80,37 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         count(counters::EVENTS_DROPPED);
         return;
     };
-    let (pid_tgid, comm) = if task {
-        (
-            bpf_get_current_pid_tgid(),
-            bpf_get_current_comm().unwrap_or([0; 16]),
-        )
-    } else {
-        (0, [0; 16])
-    };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    entry.write(Event {
-        ts_boot_ns: now,
-        cgroup_id: flow.cgroup_id,
-        pid_tgid,
-        addr: flow.dst,
-        orig_addr: flow.orig,
-        rule_id: d.rule_id,
-        slot: d.slot,
-        generation: d.generation,
-        port: flow.port,
-        hook: flow.hook,
-        proto: flow.proto,
-        verdict: d.verdict,
-        reason: d.reason,
-        sock_type: flow.sock_type,
-        family: flow.family,
-        _pad: [0; 4],
-        comm,
-    });
+    let e: *mut Event = entry.as_mut_ptr();
+    // The event is written field by field into the reserved record, the command name by the
+    // helper itself: no copy through the stack, and whole-word stores for the addresses. Every
+    // byte of the record is written (the reserved memory holds whatever was there before).
+    // SAFETY: `e` points to a reserved, exclusively owned, 8-aligned record of
+    // `size_of::<Event>()` bytes; each write stays inside its own field.
+    unsafe {
+        (&raw mut (*e).ts_boot_ns).write(now);
+        (&raw mut (*e).cgroup_id).write(flow.cgroup_id);
+        (&raw mut (*e).pid_tgid).write(if task { bpf_get_current_pid_tgid() } else { 0 });
+        (&raw mut (*e).addr).cast::<Quads>().write(flow.dst);
+        (&raw mut (*e).orig_addr).cast::<Quads>().write(flow.orig);
+        (&raw mut (*e).rule_id).write(d.rule_id);
+        (&raw mut (*e).slot).write(d.slot);
+        (&raw mut (*e).generation).write(d.generation);
+        (&raw mut (*e).port).write(flow.port);
+        (&raw mut (*e).hook).write(flow.hook);
+        (&raw mut (*e).proto).write(flow.proto);
+        (&raw mut (*e).verdict).write(d.verdict);
+        (&raw mut (*e).reason).write(d.reason);
+        (&raw mut (*e).sock_type).write(flow.sock_type);
+        (&raw mut (*e).family).write(flow.family);
+        (&raw mut (*e)._pad).cast::<u32>().write(0);
+        let comm = (&raw mut (*e).comm).cast::<[u64; 2]>();
+        // The helper fills all 16 bytes (NUL-padded, or zeros if it fails).
+        if !task || bpf_get_current_comm_raw(comm.cast(), 16) != 0 {
+            comm.write([0; 2]);
+        }
+    }
     // Allowed verdicts are picked up by the reader's next wakeup or its periodic poll, which
     // spares a wakeup (an irq_work) per allowed connect; denials wake it (see above).
     entry.submit(if d.verdict == Verdict::ALLOW {

@@ -12,7 +12,7 @@ mod emit;
 mod flowcache;
 
 use agentwall_common::{
-    addr::{self, Addr16},
+    addr::{self, Quads},
     event::{Hook, Reason, Verdict},
     rules::proto,
 };
@@ -58,19 +58,15 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`; each field is read with
     // its own 4-byte load, the access size the verifier accepts for these fields.
     let (orig, port, sock_type, protocol) = unsafe {
-        let orig: Addr16 = if v6 {
-            let mut a = [0u8; 16];
-            let w0 = core::ptr::read_volatile(&raw const (*sa).user_ip6[0]).to_ne_bytes();
-            let w1 = core::ptr::read_volatile(&raw const (*sa).user_ip6[1]).to_ne_bytes();
-            let w2 = core::ptr::read_volatile(&raw const (*sa).user_ip6[2]).to_ne_bytes();
-            let w3 = core::ptr::read_volatile(&raw const (*sa).user_ip6[3]).to_ne_bytes();
-            a[0..4].copy_from_slice(&w0);
-            a[4..8].copy_from_slice(&w1);
-            a[8..12].copy_from_slice(&w2);
-            a[12..16].copy_from_slice(&w3);
-            a
+        let orig: Quads = if v6 {
+            [
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+            ]
         } else {
-            addr::from_v4(core::ptr::read_volatile(&raw const (*sa).user_ip4).to_ne_bytes())
+            addr::quads_from_v4(core::ptr::read_volatile(&raw const (*sa).user_ip4))
         };
         // `user_port` holds the port in network order in its first two bytes.
         let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
@@ -81,7 +77,7 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let flow = Flow {
         cgroup_id: decide::current_cgroup_id(),
         orig,
-        dst: addr::classify(orig),
+        dst: addr::classify_quads(orig),
         port,
         proto: protocol as u8,
         hook,
@@ -130,8 +126,8 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         emit::count(agentwall_common::counters::SKB_UNPARSED);
         let flow = Flow {
             cgroup_id,
-            orig: [0; 16],
-            dst: [0; 16],
+            orig: [0; 4],
+            dst: [0; 4],
             port: 0,
             proto: 0,
             hook: Hook::EGRESS,
@@ -146,7 +142,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     let flow = Flow {
         cgroup_id,
         orig,
-        dst: addr::classify(orig),
+        dst: addr::classify_quads(orig),
         port,
         proto,
         hook: Hook::EGRESS,
@@ -176,7 +172,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
 
 /// What the backstop judges of an outgoing packet.
 struct Packet {
-    orig: Addr16,
+    orig: Quads,
     port: u16,
     proto: u8,
     family: u8,
@@ -214,7 +210,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
             }
             let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
             let proto = h[9];
-            let dst = addr::from_v4([h[16], h[17], h[18], h[19]]);
+            let dst = addr::quads_from_v4(u32::from_ne_bytes([h[16], h[17], h[18], h[19]]));
             // Egress runs before fragmentation (ip_finish_output), so a later fragment here
             // was crafted: without its transport header it cannot be judged.
             if frag_offset != 0 {
@@ -239,8 +235,8 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
         6 => {
             let h: [u8; 40] = ctx.load(0).ok()?;
             let next = h[6];
-            let mut dst = [0u8; 16];
-            dst.copy_from_slice(&h[24..40]);
+            let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+            let dst = [word(24), word(28), word(32), word(36)];
             let port = if next == proto::TCP || next == proto::UDP {
                 let p: [u8; 4] = ctx.load(40).ok()?;
                 u16::from_be_bytes([p[2], p[3]])
@@ -281,8 +277,8 @@ fn aw_sock_create(ctx: SockContext) -> i32 {
     }
     let flow = Flow {
         cgroup_id: decide::current_cgroup_id(),
-        orig: [0; 16],
-        dst: [0; 16],
+        orig: [0; 4],
+        dst: [0; 4],
         port: 0,
         proto: protocol as u8,
         hook: Hook::SOCK_CREATE,

@@ -142,11 +142,12 @@ fn every_verdict_is_one_event_with_its_fields() {
         &[
             "pid",
             &format!("tcp 127.0.0.1:{}", allowed.port()),
-            &format!("tcp 127.0.0.1:{}", denied.port()),
+            &format!("tcp 127.0.0.2:{}", denied.port()),
+            &format!("tcp [::ffff:127.0.0.3]:{}", denied.port()),
         ],
     );
     let got = lines(&out);
-    assert_eq!(got[1..], ["ok", "err EPERM"]);
+    assert_eq!(got[1..], ["ok", "err EPERM", "err EPERM"]);
     let pid: u32 = got[0].parse().unwrap();
     let evs: Vec<_> = events
         .drain(Duration::from_millis(500))
@@ -162,6 +163,7 @@ fn every_verdict_is_one_event_with_its_fields() {
     );
     assert_eq!(allow.port, allowed.port());
     assert_eq!(allow.dst, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(allow.dst_given, Some("127.0.0.1".parse().unwrap()));
     assert_eq!(allow.protocol, "tcp");
     assert_eq!(allow.policy.as_deref(), Some("web"));
     assert!(allow.rule_id > 0);
@@ -176,13 +178,26 @@ fn every_verdict_is_one_event_with_its_fields() {
     );
     assert_eq!(deny.port, denied.port());
     assert_eq!(deny.rule_id, 0);
+    // A loopback alias is judged as the loopback address it reaches, and reported as given.
+    assert_eq!(deny.dst, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(deny.dst_given, Some("127.0.0.2".parse().unwrap()));
     assert_eq!(deny.comm, "aw-netprobe");
     assert_eq!(deny.pid, pid, "single-threaded helper: pid == tgid");
     assert_eq!(allow.cgroup_id, deny.cgroup_id);
     assert_ne!(deny.cgroup_id, 0);
     assert_eq!(allow.generation, deny.generation);
+    // The same over IPv6, with an IPv4-mapped address: the four address words in order.
+    let six: Vec<_> = evs.iter().filter(|e| e.hook == "connect6").collect();
+    assert_eq!(six.len(), 1, "{evs:#?}");
+    assert_eq!(
+        (six[0].verdict.as_str(), six[0].reason.as_str(), six[0].port),
+        ("deny", "no_rule", denied.port())
+    );
+    assert_eq!(six[0].dst, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(six[0].dst_given, Some("127.0.0.3".parse().unwrap()));
+    assert_eq!(six[0].comm, "aw-netprobe");
     // Creating an ordinary socket is not a verdict (policy applies per flow); no other event.
-    assert_eq!(evs.len(), 2, "{evs:#?}");
+    assert_eq!(evs.len(), 3, "{evs:#?}");
 }
 
 #[test]
