@@ -77,6 +77,8 @@ pub(crate) struct Decision {
     pub(crate) epoch: u32,
     /// Expiry of the binding that allowed, 0 for none.
     pub(crate) expires_boot_ns: u64,
+    /// The boot clock as the decision read it, 0 if it did not (the event reuses it).
+    pub(crate) now_boot_ns: u64,
 }
 
 impl Decision {
@@ -90,6 +92,7 @@ impl Decision {
             generation,
             epoch: 0,
             expires_boot_ns: 0,
+            now_boot_ns: 0,
         }
     }
 }
@@ -141,7 +144,12 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
     };
     let slot = match binding.admit(now) {
         Ok(slot) => slot,
-        Err(reason) => return Decision::deny(reason, binding.slot, generation),
+        Err(reason) => {
+            return Decision {
+                now_boot_ns: now,
+                ..Decision::deny(reason, binding.slot, generation)
+            };
+        }
     };
     let key = LookupKey {
         prefix_len: RuleKey::prefix_len(128),
@@ -155,7 +163,12 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
     let (verdict, reason, rule_id) = match rule {
         Some(rule_id) => (Verdict::ALLOW, Reason::RULE, rule_id),
         None if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),
-        None => return Decision::deny(Reason::NO_RULE, slot, generation),
+        None => {
+            return Decision {
+                now_boot_ns: now,
+                ..Decision::deny(Reason::NO_RULE, slot, generation)
+            };
+        }
     };
     Decision {
         verdict,
@@ -165,5 +178,6 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         generation,
         epoch,
         expires_boot_ns: binding.expires_boot_ns,
+        now_boot_ns: now,
     }
 }

@@ -80,8 +80,13 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         count(counters::EVENTS_DROPPED);
         return;
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // One clock reading per verdict: the decision's, if it took one.
+    let now = if d.now_boot_ns != 0 {
+        d.now_boot_ns
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_boot_ns() }
+    };
     let e: *mut Event = entry.as_mut_ptr();
     // The event is written field by field into the reserved record, the command name by the
     // helper itself: no copy through the stack, and whole-word stores for the addresses. Every
