@@ -281,6 +281,44 @@ fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
     drop(agent);
 }
 
+#[test]
+fn a_binding_whose_enrollment_record_was_lost_is_removed_at_restart() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let mut d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    let to = format!("127.0.0.1:{}", sink.port());
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "ok");
+    // A daemon that died between binding the cgroup and writing its record: the binding is in
+    // the kernel, no record names its identity (so a revocation by ID could not find it).
+    d.kill9();
+    for f in ["enrollments.json", "enrollments.journal"] {
+        let _ = fs::remove_file(d.state_dir().join(f));
+    }
+    assert_eq!(
+        agent.cmd(&format!("tcp {to}")),
+        "ok",
+        "the binding outlives the daemon"
+    );
+    d.launch();
+    d.wait_healthy();
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    let st = d.status();
+    assert_eq!(
+        st.daemon_errors.get("enrollment_unknown"),
+        Some(&1),
+        "{:?}",
+        st.daemon_errors
+    );
+    assert!(
+        st.cgroups.iter().all(|c| c.spiffe_id.is_none()),
+        "{:?}",
+        st.cgroups
+    );
+    drop(agent);
+}
+
 /// A CA of another trust domain, as a SPIRE server would export its bundle; removed on drop.
 struct PartnerCa(PathBuf);
 

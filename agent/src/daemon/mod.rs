@@ -815,6 +815,25 @@ impl Daemon {
                 .map(|r| Cgroup::at(PathBuf::from(&r.cgroup)))
                 .filter(|cg| cg.id().ok() == Some(*id));
             match by_id.remove(id).or(enrolled) {
+                Some(cg)
+                    if b.expires_boot_ns != 0
+                        && record.and_then(|r| r.bound.as_ref()).is_none() =>
+                {
+                    // Only an identity's binding expires. The previous daemon died between
+                    // binding the cgroup and writing its record: an identity this daemon cannot
+                    // name it could not revoke, so the binding goes (the cgroup denies
+                    // everything) until the agent enrolls again.
+                    tracing::error!(cgroup = %cg.path().display(), cgroup_id = id, "a cgroup is bound to an identity that no enrollment record names; its binding is removed until its agent enrolls again");
+                    self.count_error("enrollment_unknown");
+                    self.enforcer.unbind(*id).await?;
+                    let kind = record.map_or(Kind::Exec, |r| r.kind);
+                    let mut m = Managed::new(cg, None, kind);
+                    if let Some(r) = record {
+                        m.agent_dir.clone_from(&r.agent_dir);
+                        m.audience.clone_from(&r.audience);
+                    }
+                    registry.insert(*id, m);
+                }
                 Some(cg) => {
                     tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "adopted a cgroup of the previous daemon");
                     let kind = record.map_or(Kind::Exec, |r| r.kind);
