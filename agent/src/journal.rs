@@ -10,6 +10,12 @@
 //! A crash can leave a torn last line: loading replays up to it and reports it. A failed
 //! append is cut off again before the next one; if even that fails, the next save writes a
 //! snapshot instead.
+//!
+//! Records that describe state which itself ends with the machine (kernel maps pinned in
+//! bpffs, cgroups) need to outlive the process, not a power cut: for them
+//! [`Journaled::until_reboot`] appends without the sync. A write that returned is in the page
+//! cache, which the kernel keeps when the process dies, even by SIGKILL; after a reboot such
+//! records describe nothing that still exists. Snapshots are always written and synced.
 
 use std::{
     collections::BTreeMap,
@@ -54,6 +60,8 @@ pub struct Journaled {
     out: Option<(fs::File, u64)>,
     /// A failed append could not be cut off: the next save writes a snapshot.
     must_fold: bool,
+    /// Appends are synced (see the module comment for when they need not be).
+    sync: bool,
 }
 
 fn with_ext(path: &Path, ext: &str) -> PathBuf {
@@ -70,7 +78,21 @@ impl Journaled {
             durable: BTreeMap::new(),
             out: None,
             must_fold: false,
+            sync: true,
         }
+    }
+
+    /// A store whose appends need to outlive the process but not the machine: they are not
+    /// synced (see the module comment).
+    pub fn until_reboot(snapshot: &Path) -> Self {
+        Self {
+            sync: false,
+            ..Self::new(snapshot)
+        }
+    }
+
+    fn sync(&self, file: &fs::File) -> std::io::Result<()> {
+        if self.sync { file.sync_data() } else { Ok(()) }
     }
 
     /// Reads the snapshot and replays the journal, then folds them into a new snapshot.
@@ -178,7 +200,7 @@ impl Journaled {
                 (f, len)
             }
         };
-        let written = (&file).write_all(&lines).and_then(|()| file.sync_data());
+        let written = (&file).write_all(&lines).and_then(|()| self.sync(&file));
         match written {
             Ok(()) => {
                 self.out = Some((file, len + lines.len() as u64));
@@ -188,7 +210,7 @@ impl Journaled {
             Err(e) => {
                 // Cut off whatever part of the lines got in, so that the next append starts
                 // on a line of its own.
-                if file.set_len(len).and_then(|()| file.sync_data()).is_ok() {
+                if file.set_len(len).and_then(|()| self.sync(&file)).is_ok() {
                     self.out = Some((file, len));
                 } else {
                     self.must_fold = true;
@@ -274,6 +296,23 @@ mod tests {
 
     fn load(path: &Path) -> (Vec<R>, Loaded) {
         Journaled::new(path).load(|r: &R| r.id).unwrap()
+    }
+
+    #[test]
+    fn appends_without_sync_are_read_by_the_next_process() {
+        // The store of records that end with the machine writes the same lines, unsynced; the
+        // next store (a restarted daemon) reads them from the page cache.
+        let d = dir("until-reboot");
+        let path = d.join("records.json");
+        let mut j = Journaled::until_reboot(&path);
+        j.load(|r: &R| r.id).unwrap();
+        assert!(j.save(&[r(1, "a")], |r| r.id).unwrap());
+        assert!(j.save(&[r(1, "a2"), r(2, "b")], |r| r.id).unwrap());
+        drop(j);
+        let (got, loaded) = load(&path);
+        assert_eq!(got, vec![r(1, "a2"), r(2, "b")]);
+        assert_eq!(loaded.replayed, 3);
+        assert_eq!(loaded.damage, None);
     }
 
     #[test]

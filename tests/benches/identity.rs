@@ -644,12 +644,14 @@ fn main() {
         "\nAn enrollment here is what an agent pays to prove itself: a TLS 1.3 handshake with its \
          client certificate (aws-lc-rs; the daemon prefers AES-128-GCM-SHA256), the SVID checks \
          (chain, SPIFFE ID, key usage, validity, revocation), attestation of the peer process \
-         through its pidfd, the binding written to the kernel map, the enrollment record made \
-         durable when it changed, and an audit record. An agent presenting the same certificate \
+         through its pidfd, the binding written to the kernel map, the enrollment record written \
+         when it changed, and an audit record. An agent presenting the same certificate \
          again (enrolling again, fetching tokens) has its chain's signature checked once: the \
          verdict is remembered until a certificate of the chain expires. A certificate never seen \
          before costs one more ECDSA verification and, since it changes the serial recorded for \
-         the cgroup, one synced line in the enrollment journal before the agent gets its answer. \
+         the cgroup, one line appended to the enrollment journal before the agent gets its \
+         answer (not synced: the records describe kernel state that ends with the machine, so \
+         they must outlive the daemon, which the page cache does). \
          \"Per daemon core\" is enrollments divided by the CPU time the daemon used meanwhile, \
          all its threads (the audit writer's too). The revocation is measured \
          inside the workload, which connects to an allowed listener in a loop: it writes `revoke` \

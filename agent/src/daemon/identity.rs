@@ -102,6 +102,15 @@ fn refuse(message: impl Into<String>) -> EnrollReply {
     }
 }
 
+/// The store of the enrollment records. They link kernel bindings (pinned in bpffs) and
+/// cgroups to identities; both end with the machine, so a record must outlive the daemon
+/// (a crash, SIGKILL, a restart), not a power cut: appends go to the page cache without a
+/// sync (see [`crate::journal`]). After a reboot the records name cgroups that are gone, and
+/// [`Daemon::reconcile`] drops them.
+pub(super) fn enrollment_store(state_dir: &std::path::Path) -> crate::journal::Journaled {
+    crate::journal::Journaled::until_reboot(&state_dir.join("enrollments.json"))
+}
+
 impl Daemon {
     fn enrollments_path(&self) -> PathBuf {
         self.cfg.state_dir.join("enrollments.json")
@@ -186,8 +195,7 @@ impl Daemon {
             // A thread of the enrollment pool: it may wait for the disk itself.
             store.save(&records, key)
         } else {
-            let path = self.enrollments_path();
-            let mut owned = std::mem::replace(&mut *store, crate::journal::Journaled::new(&path));
+            let mut owned = std::mem::replace(&mut *store, enrollment_store(&self.cfg.state_dir));
             match tokio::task::spawn_blocking(move || {
                 let r = owned.save(&records, key);
                 (owned, r)

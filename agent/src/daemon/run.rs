@@ -58,9 +58,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         reload_lock: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,
-        persisted: AsyncMutex::new(crate::journal::Journaled::new(
-            &cfg.state_dir.join("enrollments.json"),
-        )),
+        persisted: AsyncMutex::new(super::identity::enrollment_store(&cfg.state_dir)),
         identities: Arc::default(),
         audit: audit.clone(),
         audit_node_key,
