@@ -303,6 +303,54 @@ pub fn token(
     }
 }
 
+/// The client's end of the enrollment socket, read only once `poll` says it is readable.
+///
+/// A thread asleep in a blocking read of an AF_UNIX stream socket is woken by every
+/// write-space wakeup of that socket, and the daemon causes one each time it reads (and so
+/// frees) a message the client sent: a spurious wakeup, and a cross-CPU interrupt the daemon
+/// pays for. A `poll` for readability ignores write-space wakeups, as event loops (epoll) do.
+struct Readable {
+    sock: std::os::unix::net::UnixStream,
+    timeout: nix::poll::PollTimeout,
+}
+
+impl std::io::Read for Readable {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsFd as _;
+        let mut fds = [nix::poll::PollFd::new(
+            self.sock.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        loop {
+            match nix::poll::poll(&mut fds, self.timeout) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the daemon did not answer in time",
+                    ));
+                }
+                Ok(_) => return self.sock.read(buf),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl std::io::Write for Readable {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.sock.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One request over a fresh TLS connection; a refusal becomes [`EnrollError::Refused`].
 pub fn request(
     socket: &Path,
@@ -328,7 +376,9 @@ pub fn request(
     // Queued before the handshake: rustls sends it under the traffic keys in the same write
     // as the client's last handshake flight (one round trip fewer for the daemon).
     conn.writer().write_all(&line).map_err(EnrollError::Tls)?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let timeout = nix::poll::PollTimeout::try_from(CLIENT_TIMEOUT * 2)
+        .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
+    let mut tls = rustls::StreamOwned::new(conn, Readable { sock, timeout });
     tls.flush().map_err(EnrollError::Tls)?;
     let mut reply = String::new();
     BufReader::new(std::io::Read::take(&mut tls, MAX_LINE as u64))
