@@ -79,7 +79,13 @@ fn boot_ns_at(at: SystemTime) -> u64 {
         .map(|t| (t.tv_sec() as u64) * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or_default();
     match at.duration_since(now_wall) {
-        Ok(ahead) => boot.saturating_add(ahead.as_nanos() as u64),
+        // Down to a whole millisecond (earlier, never later): the two clock readings are a
+        // few hundred ns apart, so an agent enrolling again with the same certificate gets
+        // the same expiry, and its unchanged binding is not written again.
+        Ok(ahead) => {
+            let at = boot.saturating_add(ahead.as_nanos() as u64);
+            (at - at % 1_000_000).max(1)
+        }
         // Already past: one nanosecond of boot time, which every later reading exceeds.
         Err(_) => 1,
     }
@@ -591,6 +597,9 @@ impl Daemon {
                 if inside { Kind::Exec } else { Kind::Enrolled },
             )
         });
+        // An agent enrolling again with the same certificate changes nothing to record.
+        let changed = entry.policy.as_deref() != Some(grant.policy.as_str())
+            || entry.bound.as_ref() != Some(&bound);
         entry.policy = Some(grant.policy.clone());
         entry.bound = Some(bound.clone());
         let wants_token = entry.agent_dir.is_some() && !entry.audience.is_empty();
@@ -599,8 +608,11 @@ impl Daemon {
             tracing::warn!(cgroup_id, error = %e, "cannot write the agent's token");
             self.count_error("token");
         }
-        self.save_enrollments().await;
-        tracing::info!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
+        if changed {
+            self.save_enrollments().await;
+        }
+        // The audit log records every enrollment; the daemon's log only when asked for.
+        tracing::debug!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
         self.audit.record(
             "enrolled",
             &serde_json::json!({
@@ -1090,5 +1102,9 @@ mod tests {
         let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         assert!(soon > now_ns + 59_000_000_000 && soon < now_ns + 61_000_000_000);
         assert_eq!(boot_ns_at(SystemTime::now() - Duration::from_secs(1)), 1);
+        assert_eq!(soon % 1_000_000, 0, "whole milliseconds");
+        let at = SystemTime::now() + Duration::from_secs(3600);
+        let same = (0..20).filter(|_| boot_ns_at(at) == boot_ns_at(at)).count();
+        assert!(same >= 15, "the same expiry again and again: {same} of 20");
     }
 }

@@ -118,7 +118,8 @@ impl EnforcerHandle {
     }
 
     /// Reads a cgroup's binding and writes the one `f` makes of it, in one call (no other
-    /// command runs in between). Returns the binding before.
+    /// command runs in between); an unchanged binding is not written again (nor the policy
+    /// epoch bumped: no permission changed). Returns the binding before.
     pub async fn rebind(
         &self,
         cgroup_id: u64,
@@ -127,7 +128,10 @@ impl EnforcerHandle {
         Ok(self
             .quick(move |e| {
                 let old = e.binding(cgroup_id)?;
-                e.bind(cgroup_id, f(old))?;
+                let new = f(old);
+                if old != Some(new) {
+                    e.bind(cgroup_id, new)?;
+                }
                 Ok::<_, crate::enforce::EnforceError>(old)
             })
             .await??)
