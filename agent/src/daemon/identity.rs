@@ -117,6 +117,46 @@ pub(super) fn enrollment_store(state_dir: &std::path::Path) -> crate::journal::J
     crate::journal::Journaled::until_reboot(&state_dir.join("enrollments.json"))
 }
 
+/// Paths of cgroups that agents enrolled from, by cgroup id, so that an agent enrolling again
+/// is placed from the cgroup id the kernel reports with its pidfd instead of a read of
+/// /proc/PID/cgroup. A path is used only while it still has that id (a cgroup can be renamed
+/// or removed; ids are never reused while the machine runs).
+#[derive(Debug, Default)]
+pub(super) struct CgroupNames(std::sync::Mutex<HashMap<u64, String>>);
+
+impl CgroupNames {
+    const MAX: usize = 4096;
+
+    /// The path of cgroup `id`, checked against the cgroup tree under `mount`.
+    fn name(&self, mount: &std::path::Path, id: u64) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut names = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = names.get(&id)?.clone();
+        let still = std::fs::metadata(mount.join(path.trim_start_matches('/')))
+            .is_ok_and(|m| m.ino() == id);
+        if still {
+            Some(path)
+        } else {
+            names.remove(&id);
+            None
+        }
+    }
+
+    fn learn(&self, id: u64, path: &str) {
+        let mut names = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if names.len() >= Self::MAX && !names.contains_key(&id) {
+            names.clear();
+        }
+        names.insert(id, path.to_string());
+    }
+}
+
 impl Daemon {
     fn enrollments_path(&self) -> PathBuf {
         self.cfg.state_dir.join("enrollments.json")
@@ -499,10 +539,12 @@ impl Daemon {
             Ok(cg) => cg,
             Err(e) => return refuse(e.to_string()),
         };
-        let cgroup_id = match cg.id() {
+        // Placed by its cgroup id, the path was just checked to have it (see `CgroupNames`).
+        let cgroup_id = match peer.cgroup_id.map_or_else(|| cg.id(), Ok) {
             Ok(id) => id,
             Err(e) => return refuse(e.to_string()),
         };
+        self.cgroup_names.learn(cgroup_id, &peer.cgroup);
         let inside = cg.path().starts_with(self.root.path()) && cg.path() != self.root.path();
         if !inside && grant.attest.cgroup.is_none() {
             return refuse(format!(
@@ -1002,8 +1044,14 @@ fn enroll_connection(
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(std::io::Error::from)
         .and_then(|cred| {
-            Peer::of_socket(stream.as_raw_fd(), Some(cred.pid()), cred.uid(), cred.gid())
-                .map_err(std::io::Error::other)
+            Peer::of_socket(
+                stream.as_raw_fd(),
+                Some(cred.pid()),
+                cred.uid(),
+                cred.gid(),
+                &|id| daemon.cgroup_names.name(&daemon.mount, id),
+            )
+            .map_err(std::io::Error::other)
         });
     let tls_config = daemon
         .identity

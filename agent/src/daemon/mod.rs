@@ -212,6 +212,8 @@ pub struct Daemon {
     /// Enrolled identities by cgroup id, for naming verdicts (kept by `save_enrollments`,
     /// which runs after every change of an enrollment).
     identities: Identities,
+    /// Cgroups enrolling agents were found in, by id (see `identity::CgroupNames`).
+    cgroup_names: identity::CgroupNames,
     audit: crate::audit::sink::AuditHandle,
     /// Public key that verifies the audit checkpoints (hex).
     audit_node_key: String,

@@ -60,6 +60,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         identity,
         persisted: AsyncMutex::new(super::identity::enrollment_store(&cfg.state_dir)),
         identities: Arc::default(),
+        cgroup_names: super::identity::CgroupNames::default(),
         audit: audit.clone(),
         audit_node_key,
         cfg,

@@ -50,6 +50,9 @@ pub struct Peer {
     pub exe: PathBuf,
     /// Cgroup path from the cgroup v2 root, starting with `/`.
     pub cgroup: String,
+    /// The id of that cgroup, when the caller named the cgroup by the id the kernel gave for
+    /// the process (see [`Peer::of_socket`]); `None` when the path came from /proc.
+    pub cgroup_id: Option<u64>,
     pub source: Source,
     /// Kept open while attestation runs: the executable is hashed through it.
     pidfd: Option<OwnedFd>,
@@ -102,16 +105,26 @@ const PIDFD_GET_INFO: libc::c_ulong =
     (3 << 30) | ((size_of::<PidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
 /// `PIDFD_INFO_PID` of the returned mask.
 const PIDFD_INFO_PID: u64 = 1;
+/// `PIDFD_INFO_CGROUPID`: requested, and set in the returned mask when `cgroupid` holds the
+/// id of the process's cgroup v2.
+const PIDFD_INFO_CGROUPID: u64 = 1 << 2;
 
-/// The pid a pidfd refers to: one ioctl (Linux 6.13), else /proc/self/fdinfo; `None` once
-/// the process is gone.
-fn pidfd_pid(fd: &OwnedFd) -> Option<i32> {
-    let mut info = PidfdInfo::default();
+/// The pid a pidfd refers to (one ioctl, Linux 6.13, else /proc/self/fdinfo) and, from the
+/// ioctl, the id of its cgroup; `None` once the process is gone.
+fn pidfd_info(fd: &OwnedFd) -> Option<(i32, Option<u64>)> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_CGROUPID,
+        ..PidfdInfo::default()
+    };
     // SAFETY: PIDFD_GET_INFO writes at most size_of::<PidfdInfo>() bytes (encoded in the
     // request number) into `info`, which lives across the call.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), PIDFD_GET_INFO, &raw mut info) };
     if r == 0 && info.mask & PIDFD_INFO_PID != 0 {
-        return i32::try_from(info.pid).ok().filter(|p| *p > 0);
+        let cgroup_id = (info.mask & PIDFD_INFO_CGROUPID != 0).then_some(info.cgroupid);
+        return i32::try_from(info.pid)
+            .ok()
+            .filter(|p| *p > 0)
+            .map(|p| (p, cgroup_id));
     }
     // ESRCH: the process is gone. Anything else (ENOTTY before Linux 6.13): ask /proc.
     if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
@@ -124,7 +137,7 @@ fn pidfd_pid(fd: &OwnedFd) -> Option<i32> {
         .trim()
         .parse()
         .ok()?;
-    (pid > 0).then_some(pid)
+    (pid > 0).then_some((pid, None))
 }
 
 /// Whether the process of a pidfd is still alive (signal 0 through the pidfd).
@@ -177,19 +190,26 @@ fn cgroup_of(pid: i32) -> Result<String, AttestError> {
 
 impl Peer {
     /// Identifies the peer of a connected Unix stream socket.
+    ///
+    /// `known` may name the cgroup of an id (path from the cgroup v2 root): a caller that has
+    /// seen the cgroup before and checked that the path still has that id. With it, a peer
+    /// the kernel reports by cgroup id (pidfd, Linux 6.13) is placed without reading
+    /// /proc/PID/cgroup; anything else reads it.
     pub fn of_socket(
         sock: RawFd,
         cred_pid: Option<i32>,
         uid: u32,
         gid: u32,
+        known: &dyn Fn(u64) -> Option<String>,
     ) -> Result<Self, AttestError> {
         let pidfd = peer_pidfd(sock);
-        let (pid, source) = match (&pidfd, cred_pid) {
-            (Some(fd), _) => (
-                pidfd_pid(fd).ok_or(AttestError::Gone(cred_pid.unwrap_or(0)))?,
-                Source::Pidfd,
-            ),
-            (None, Some(pid)) => (pid, Source::Peercred),
+        let (pid, kernel_cgroup, source) = match (&pidfd, cred_pid) {
+            (Some(fd), _) => {
+                let (pid, cgroup_id) =
+                    pidfd_info(fd).ok_or(AttestError::Gone(cred_pid.unwrap_or(0)))?;
+                (pid, cgroup_id, Source::Pidfd)
+            }
+            (None, Some(pid)) => (pid, None, Source::Peercred),
             (None, None) => {
                 return Err(AttestError::Cred(std::io::Error::other(
                     "the kernel reported no peer process",
@@ -198,13 +218,18 @@ impl Peer {
         };
         let exe_link = PathBuf::from(format!("/proc/{pid}/exe"));
         let exe = fs::read_link(&exe_link).map_err(proc_err(exe_link))?;
-        let cgroup = cgroup_of(pid)?;
+        let named = kernel_cgroup.and_then(|id| Some((known(id)?, id)));
+        let (cgroup, cgroup_id) = match named {
+            Some((path, id)) => (path, Some(id)),
+            None => (cgroup_of(pid)?, None),
+        };
         let peer = Self {
             pid,
             uid,
             gid,
             exe,
             cgroup,
+            cgroup_id,
             source,
             pidfd,
         };
@@ -333,6 +358,7 @@ mod tests {
             gid: 100,
             exe: PathBuf::from("/usr/bin/agent"),
             cgroup: "/system.slice/reader.service".into(),
+            cgroup_id: None,
             source: Source::Peercred,
             pidfd: None,
         }
@@ -385,11 +411,41 @@ mod tests {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let cred =
             nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerCredentials).unwrap();
-        let p = Peer::of_socket(a.as_raw_fd(), Some(cred.pid()), cred.uid(), cred.gid()).unwrap();
+        let of = |known: &dyn Fn(u64) -> Option<String>| {
+            Peer::of_socket(
+                a.as_raw_fd(),
+                Some(cred.pid()),
+                cred.uid(),
+                cred.gid(),
+                known,
+            )
+            .unwrap()
+        };
+        let p = of(&|_| None);
         assert_eq!(p.pid, std::process::id() as i32);
         assert_eq!(p.exe, std::env::current_exe().unwrap());
         assert!(p.cgroup.starts_with('/'));
+        assert_eq!(p.cgroup_id, None, "read from /proc");
         assert_eq!(p.exe_sha256().unwrap().len(), 64);
+        // Where the kernel reports the cgroup id (Linux 6.13), a caller that can name it is
+        // asked, with the id of the process's own cgroup.
+        let asked = std::cell::Cell::new(None);
+        let named = of(&|id| {
+            asked.set(Some(id));
+            Some("/named/by/caller".into())
+        });
+        if p.source == Source::Pidfd && asked.get().is_some() {
+            let mount = crate::cgroup::cgroup2_mount().unwrap();
+            let own = crate::cgroup::Cgroup::under(&mount, p.cgroup.trim_start_matches('/'))
+                .unwrap()
+                .id()
+                .unwrap();
+            assert_eq!(asked.get(), Some(own));
+            assert_eq!(named.cgroup, "/named/by/caller");
+            assert_eq!(named.cgroup_id, Some(own));
+        } else {
+            assert_eq!(named.cgroup, p.cgroup);
+        }
     }
 
     #[test]
@@ -404,11 +460,11 @@ mod tests {
         assert!(fd >= 0, "{}", std::io::Error::last_os_error());
         // SAFETY: the descriptor was just created and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        assert_eq!(pidfd_pid(&fd), Some(pid));
+        assert_eq!(pidfd_info(&fd).map(|(p, _)| p), Some(pid));
         assert!(pidfd_alive(&fd));
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(pidfd_pid(&fd), None);
+        assert_eq!(pidfd_info(&fd), None);
         assert!(!pidfd_alive(&fd));
     }
 }
