@@ -342,7 +342,8 @@ fn main() {
         "Produced by `cargo xtask bench` (tests/benches/enforcement.rs). Linux {}, {cpus} CPUs. \
          {} interleaved rounds of {} operations per configuration: in every round the same process \
          runs the loop once inside an enforced cgroup (all six programs attached, the policy loaded, \
-         events drained by a reader thread) and once in a plain sibling cgroup, alternating the order. \
+         events drained by a reader thread) and once in a plain sibling cgroup, alternating the order; \
+         the measuring thread and the event reader are pinned to CPUs of their own. \
          The ratio is the median of the per-round ratios enforced/plain; the brackets give the \
          quartiles of those ratios. Times are medians per operation.\n",
         kernel.trim(),
