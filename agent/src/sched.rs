@@ -77,6 +77,44 @@ pub fn set_realtime() -> std::io::Result<()> {
     Ok(())
 }
 
+/// While alive, the calling thread runs as a normal thread (with the short slice) if it was
+/// real-time; dropping it makes the thread real-time again. For the admin thread once a
+/// revocation is in the kernel: the rest (the synced list, socket destruction, records) is
+/// ordinary work, which should share the CPU with the agents, not take it from them.
+#[derive(Debug)]
+#[must_use = "the thread is real-time again when this drops"]
+pub struct SteppedDown {
+    was_realtime: bool,
+}
+
+/// See [`SteppedDown`].
+pub fn step_down() -> SteppedDown {
+    // SAFETY: sched_getscheduler(2) on the calling thread.
+    let was_realtime = unsafe { libc::sched_getscheduler(0) } == libc::SCHED_FIFO;
+    if was_realtime {
+        let p = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler(2) on the calling thread with a valid parameter block.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &raw const p) } == 0 {
+            latency_critical("stepped down");
+        } else {
+            return SteppedDown {
+                was_realtime: false,
+            };
+        }
+    }
+    SteppedDown { was_realtime }
+}
+
+impl Drop for SteppedDown {
+    fn drop(&mut self) {
+        if self.was_realtime
+            && let Err(e) = set_realtime()
+        {
+            tracing::warn!(error = %e, "cannot make the thread real-time again");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +141,28 @@ mod tests {
             assert_eq!(r, 0);
             assert_eq!(attr.sched_nice, 5);
             assert_eq!(attr.sched_runtime, 300_000);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_real_time_thread_steps_down_and_back() {
+        std::thread::spawn(|| {
+            if set_realtime().is_err() {
+                // Not root: nothing to step down from; the guard changes nothing.
+                drop(step_down());
+                // SAFETY: sched_getscheduler(2) on the calling thread.
+                assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+                return;
+            }
+            {
+                let _down = step_down();
+                // SAFETY: as above.
+                assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_OTHER);
+            }
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_FIFO);
         })
         .join()
         .unwrap();

@@ -129,6 +129,7 @@ pub fn serve_on_thread(
                 tracing::info!(error = %e, "admin socket: no real-time scheduling (CAP_SYS_NICE?); under load a revocation may wait for a CPU");
                 crate::sched::latency_critical("agentwall-admin");
             }
+            crate::daemon::may_block_here();
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {

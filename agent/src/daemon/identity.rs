@@ -264,7 +264,7 @@ impl Daemon {
 
     /// Destroys the open TCP and UDP sockets of `cgroups`.
     pub(super) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
-        match tokio::task::spawn_blocking(move || sockdiag::destroy_sockets(&cgroups)).await {
+        match blocking(move || sockdiag::destroy_sockets(&cgroups)).await {
             Ok(Ok(d)) => {
                 if d.failed > 0 {
                     self.count_error("socket_destroy");
@@ -345,8 +345,11 @@ impl Daemon {
         // durable; the command reports success only once it is.
         let (cgroups, failed) = self.enforce_revocations().await;
         let in_kernel_us = started.elapsed().as_micros();
+        // In the kernel: the rest is ordinary work (on the admin thread, done here at normal
+        // priority, without waking another thread that could take an agent's CPU).
+        let _down = crate::sched::step_down();
         let identity = Arc::clone(&self.identity);
-        let saved = tokio::task::spawn_blocking(move || identity.save_revocations())
+        let saved = blocking(move || identity.save_revocations())
             .await
             .unwrap_or_else(|e| {
                 Err(crate::identity::revoke::RevokeError::Write {
@@ -842,9 +845,27 @@ impl Daemon {
 
 thread_local! {
     /// Set on threads that may block on disk I/O inside async code they drive with
-    /// `Handle::block_on` (the enrollment pool), where a hand-over to the blocking pool
-    /// would only add a wake-up.
+    /// `Handle::block_on` (the enrollment pool, the admin thread), where a hand-over to the
+    /// blocking pool would only add a wake-up, of a thread that may then take the CPU of an
+    /// agent.
     static MAY_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one that may block on disk and socket I/O itself (see
+/// `MAY_BLOCK`).
+pub(crate) fn may_block_here() {
+    MAY_BLOCK.set(true);
+}
+
+/// Runs `f` on this thread if it may block, else on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if MAY_BLOCK.get() {
+        Ok(f())
+    } else {
+        tokio::task::spawn_blocking(f).await
+    }
 }
 
 /// Enrollments in progress at once (threads of the enrollment pool). Beyond that, new

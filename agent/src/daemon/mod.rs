@@ -16,6 +16,7 @@ use agentwall_common::binding::{Binding, flags};
 use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 
 mod identity;
+pub(crate) use identity::may_block_here;
 mod run;
 
 pub use self::run::run;
@@ -649,6 +650,8 @@ impl Daemon {
                 message: e.to_string(),
             };
         }
+        // In the kernel: the rest runs at normal priority (see `sched::step_down`).
+        let _down = crate::sched::step_down();
         if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
             m.quarantined = !lift;
         }
