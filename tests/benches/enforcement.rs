@@ -255,6 +255,10 @@ fn main() {
         n
     });
     let enforced_id = enforcer.attach(&enforced, &mount).unwrap();
+    // Counted before pinning narrows what this thread may use.
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     pin(1);
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -332,9 +336,6 @@ fn main() {
     );
 
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
     let mut md = String::new();
     let _ = writeln!(md, "## Enforcement overhead\n");
     let _ = writeln!(
