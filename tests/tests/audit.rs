@@ -442,17 +442,29 @@ fn events_the_kernel_could_not_deliver_become_gap_records_that_add_up() {
     use std::time::Duration;
     let _s = serial();
     let sink = TcpSink::new("127.0.0.1:0");
-    // The smallest ring: a burst of allowed connects (whose events do not wake the reader,
-    // which polls every 50 ms) overflows it.
+    // The smallest ring (about 39 events), and a daemon that stalls for half a second while
+    // an agent keeps connecting (a connect a millisecond): its verdicts overflow the ring.
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[sink.port()]))],
         Some("limits:\n  event_ring_bytes: 4096\n"),
     );
-    let out = d.exec(
-        "web",
-        None,
-        &[&format!("watch 127.0.0.1:{} 1500", sink.port())],
-    );
+    let watcher = d
+        .exec_under(
+            &["--policy", "web"],
+            None,
+            &[&format!("watch 127.0.0.1:{} 1500", sink.port())],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    agentwall_tests::wait_for(Duration::from_secs(5), "the agent's first connects", || {
+        (sink.accepted() > 0).then_some(())
+    });
+    let daemon = nix::unistd::Pid::from_raw(d.pid().unwrap() as i32);
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let out = watcher.wait_with_output().unwrap();
     let line = lines(&out).join(" ");
     assert!(line.contains("eperm=0"), "{out:?}");
     let dropped = || {
