@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use agentwall_tests::{TcpSink, TestDaemon, lines, serial, sign_svid, wait_for};
+use agentwall_tests::{Repl, TcpSink, TestDaemon, lines, serial, sign_svid, wait_for};
 
 /// A policy for identity `agent/<name>/prod` allowing TCP to one loopback port.
 fn identity_policy(name: &str, port: u16, attest: &str) -> String {
@@ -212,14 +212,22 @@ fn a_python_agent_enrolls_itself_and_is_enforced() {
     assert_eq!(denied.accepted(), 0);
 }
 
+/// A daemon with policy `reader` (one allowed listener) and an agent launched with the
+/// certificate of `agent/reader/prod`; also returns the certificate, its key and the
+/// listener's address.
+fn reader_agent() -> (TcpSink, TestDaemon, Repl, (String, String), String) {
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    let to = format!("127.0.0.1:{}", sink.port());
+    (sink, d, agent, (cert, key), to)
+}
+
 #[test]
 fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
     let _s = serial();
-    let sink = TcpSink::new("127.0.0.1:0");
-    let mut d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
-    let (cert, key) = d.issue("agent/reader/prod", "10m");
-    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
-    let to = format!("127.0.0.1:{}", sink.port());
+    let (sink, mut d, mut agent, (cert, key), to) = reader_agent();
     assert_eq!(agent.cmd(&format!("stream {to}")), "ok");
     sink.wait_flowing();
 
@@ -284,11 +292,7 @@ fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
 #[test]
 fn a_binding_whose_enrollment_record_was_lost_is_removed_at_restart() {
     let _s = serial();
-    let sink = TcpSink::new("127.0.0.1:0");
-    let mut d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
-    let (cert, key) = d.issue("agent/reader/prod", "10m");
-    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
-    let to = format!("127.0.0.1:{}", sink.port());
+    let (_sink, mut d, mut agent, _, to) = reader_agent();
     assert_eq!(agent.cmd(&format!("tcp {to}")), "ok");
     // A daemon that died between binding the cgroup and writing its record: the binding is in
     // the kernel, no record names its identity (so a revocation by ID could not find it).
