@@ -272,31 +272,36 @@ fn a_cgroup_without_binding_is_denied_and_counted() {
 #[test]
 fn quarantine_blocks_the_next_connect_and_stops_an_open_stream() {
     let _s = serial();
-    let sink = TcpSink::new("127.0.0.1:0");
+    // Over IPv4, IPv6 and IPv4-mapped IPv6 (an AF_INET6 socket): the socket search covers
+    // both families.
+    let sink = TcpSink::new("[::]:0");
     let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[sink.port()]))]);
-    let mut repl = d.repl("web");
-    let cgroup = repl.cmd("cgroup");
-    assert_eq!(repl.cmd(&format!("stream 127.0.0.1:{}", sink.port())), "ok");
-    sink.wait_flowing();
-    let out = d.cli(&["quarantine", cgroup.trim_start_matches('/')]);
-    assert!(out.status.success(), "{out:?}");
-    sink.assert_stopped("once the cgroup is quarantined");
-    // The open socket was destroyed: the agent's write fails and the listener sees the end
-    // (the reset passes the backstop, which drops everything else of the cgroup).
-    assert_eq!(repl.cmd("stream-end 3000"), "err ECONNABORTED");
-    wait_for(
-        Duration::from_secs(5),
-        "the listener to see the stream end",
-        || (sink.ended() >= 1).then_some(()),
-    );
-    assert_eq!(
-        repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())),
-        "err EPERM"
-    );
-    let out = d.cli(&["quarantine", "--lift", cgroup.trim_start_matches('/')]);
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
-    assert_eq!(repl.quit(), Some(0));
+    for (n, host) in ["127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"]
+        .into_iter()
+        .enumerate()
+    {
+        let to = format!("{host}:{}", sink.port());
+        let mut repl = d.repl("web");
+        let cgroup = repl.cmd("cgroup");
+        assert_eq!(repl.cmd(&format!("stream {to}")), "ok", "{host}");
+        sink.wait_flowing();
+        let out = d.cli(&["quarantine", cgroup.trim_start_matches('/')]);
+        assert!(out.status.success(), "{out:?}");
+        sink.assert_stopped("once the cgroup is quarantined");
+        // The open socket was destroyed: the agent's write fails and the listener sees the
+        // end (the reset passes the backstop, which drops everything else of the cgroup).
+        assert_eq!(repl.cmd("stream-end 3000"), "err ECONNABORTED", "{host}");
+        wait_for(
+            Duration::from_secs(5),
+            "the listener to see the stream end",
+            || (sink.ended() > n).then_some(()),
+        );
+        assert_eq!(repl.cmd(&format!("tcp {to}")), "err EPERM", "{host}");
+        let out = d.cli(&["quarantine", "--lift", cgroup.trim_start_matches('/')]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(repl.cmd(&format!("tcp {to}")), "ok", "{host}");
+        assert_eq!(repl.quit(), Some(0));
+    }
 }
 
 #[test]
