@@ -308,7 +308,8 @@ fn durable_records_are_shipped_as_json_lines_on_stdout() {
     assert!(sink.sent >= 1 && sink.dropped == 0, "{sink:?}");
 }
 
-/// A size-limited tmpfs of the test's own, unmounted on drop.
+/// A size-limited tmpfs of the test's own, unmounted on drop; its mount point goes too, and
+/// the directory holding it if nothing else is left there.
 struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
@@ -336,6 +337,10 @@ impl Drop for Tmpfs {
             .arg("-l")
             .arg(&self.0)
             .status();
+        let _ = fs::remove_dir(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = fs::remove_dir(parent);
+        }
     }
 }
 
