@@ -661,7 +661,9 @@ fn main() {
          destruction). A workload connecting as fast as it can keeps, with its listener, both \
          CPUs of this machine busy. The admin socket is read by a real-time thread, which \
          handles the revocation itself: a normal thread had waited up to a 4 ms scheduler tick \
-         for a CPU there. What remains of the time is the daemon's own work, the locks it \
+         for a CPU there. Once the kernel has the revocation, that thread steps down to normal \
+         priority and does the rest (the synced list, socket destruction) itself, waking no \
+         other thread that could take the revoked agent's CPU. What remains of the time is the daemon's own work, the locks it \
          shares with other work in the daemon, and the workload's own scheduling (the row on \
          when the denied connect was issued shows how much)."
     );
