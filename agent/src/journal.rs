@@ -62,6 +62,9 @@ pub struct Journaled {
     must_fold: bool,
     /// Appends are synced (see the module comment for when they need not be).
     sync: bool,
+    /// `durable` holds every record the files hold (after a load, a full save or a fold):
+    /// only then can a save name just the keys that changed.
+    whole: bool,
 }
 
 fn with_ext(path: &Path, ext: &str) -> PathBuf {
@@ -79,6 +82,7 @@ impl Journaled {
             out: None,
             must_fold: false,
             sync: true,
+            whole: false,
         }
     }
 
@@ -149,15 +153,17 @@ impl Journaled {
             Err(e) => return Err(e),
         };
         let records: Vec<T> = records.into_values().collect();
+        let encoded = encode_all(&records, &key)?;
         if (journal_len > 0 || loaded.damage.is_some())
-            && let Err(e) = self.fold(&records, &key)
+            && let Err(e) = self.fold(encoded.clone())
         {
             loaded.unfolded = Some(e.to_string());
             self.must_fold = true;
-            self.durable = encode_all(&records, &key)?;
+            self.durable = encoded;
         } else if journal_len == 0 && loaded.damage.is_none() {
-            self.durable = encode_all(&records, &key)?;
+            self.durable = encoded;
         }
+        self.whole = true;
         Ok((records, loaded))
     }
 
@@ -168,23 +174,79 @@ impl Journaled {
         key: impl Fn(&T) -> u64,
     ) -> std::io::Result<bool> {
         let now = encode_all(records, &key)?;
-        let mut lines = Vec::new();
-        for (k, bytes) in &now {
-            if self.durable.get(k) != Some(bytes) {
-                lines.extend_from_slice(b"{\"set\":");
-                lines.extend_from_slice(bytes);
-                lines.extend_from_slice(b"}\n");
+        let mut changes: Vec<(u64, Option<Vec<u8>>)> = now
+            .into_iter()
+            .filter(|(k, bytes)| self.durable.get(k) != Some(bytes))
+            .map(|(k, bytes)| (k, Some(bytes)))
+            .collect();
+        let present: std::collections::BTreeSet<u64> = records.iter().map(&key).collect();
+        changes.extend(
+            self.durable
+                .keys()
+                .filter(|k| !present.contains(k))
+                .map(|k| (*k, None)),
+        );
+        if !self.whole {
+            // The files may hold records this store never saw: a snapshot of these replaces
+            // them all.
+            self.must_fold = true;
+        }
+        self.apply(changes)
+    }
+
+    /// Whether [`Self::save_some`] can be used (the store was loaded or fully saved).
+    pub fn is_whole(&self) -> bool {
+        self.whole
+    }
+
+    /// Makes the records of some keys durable, the others as they were: `Some` sets a
+    /// record, `None` removes its key. The cost follows the keys given, not the size of the
+    /// set. Returns whether anything had changed.
+    pub fn save_some<T: Serialize>(
+        &mut self,
+        changes: &[(u64, Option<&T>)],
+    ) -> std::io::Result<bool> {
+        if !self.whole {
+            return Err(std::io::Error::other(
+                "the records were not loaded: save them all",
+            ));
+        }
+        let mut encoded = Vec::with_capacity(changes.len());
+        for (k, r) in changes {
+            let bytes = match r {
+                Some(r) => Some(serde_json::to_vec(r).map_err(std::io::Error::other)?),
+                None => None,
+            };
+            if self.durable.get(k) != bytes.as_ref() {
+                encoded.push((*k, bytes));
             }
         }
-        for k in self.durable.keys().filter(|k| !now.contains_key(k)) {
-            lines.extend_from_slice(format!("{{\"remove\":{k}}}\n").as_bytes());
-        }
-        if lines.is_empty() {
+        self.apply(encoded)
+    }
+
+    /// Appends the lines of `changes` (already filtered against what is durable) and syncs,
+    /// or writes a new snapshot when the journal has grown too long.
+    fn apply(&mut self, changes: Vec<(u64, Option<Vec<u8>>)>) -> std::io::Result<bool> {
+        if changes.is_empty() && !self.must_fold {
             return Ok(false);
+        }
+        let mut lines = Vec::new();
+        for (k, bytes) in &changes {
+            match bytes {
+                Some(b) => {
+                    lines.extend_from_slice(b"{\"set\":");
+                    lines.extend_from_slice(b);
+                    lines.extend_from_slice(b"}\n");
+                }
+                None => lines.extend_from_slice(format!("{{\"remove\":{k}}}\n").as_bytes()),
+            }
         }
         let len = self.out.as_ref().map_or(0, |(_, l)| *l);
         if self.must_fold || len + lines.len() as u64 > FOLD_AT {
-            self.fold(records, &key)?;
+            // Rare (the journal holds up to FOLD_AT): the whole set is written anew.
+            let mut next = self.durable.clone();
+            apply_to(&mut next, changes);
+            self.fold(next)?;
             return Ok(true);
         }
         let (file, len) = match self.out.take() {
@@ -204,7 +266,7 @@ impl Journaled {
         match written {
             Ok(()) => {
                 self.out = Some((file, len + lines.len() as u64));
-                self.durable = now;
+                apply_to(&mut self.durable, changes);
                 Ok(true)
             }
             Err(e) => {
@@ -220,13 +282,16 @@ impl Journaled {
         }
     }
 
-    /// Writes all records as a new snapshot and empties the journal.
-    fn fold<T: Serialize>(
-        &mut self,
-        records: &[T],
-        key: &impl Fn(&T) -> u64,
-    ) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(records).map_err(std::io::Error::other)?;
+    /// Writes `records` (key → the record's JSON) as a new snapshot and empties the journal.
+    fn fold(&mut self, records: BTreeMap<u64, Vec<u8>>) -> std::io::Result<()> {
+        let mut bytes = b"[\n".to_vec();
+        for (i, r) in records.values().enumerate() {
+            if i > 0 {
+                bytes.extend_from_slice(b",\n");
+            }
+            bytes.extend_from_slice(r);
+        }
+        bytes.extend_from_slice(b"\n]\n");
         crate::state::write_atomic(&self.snapshot, &bytes, 0o600)?;
         // A crash here replays the old journal over the new snapshot: the same records.
         self.out = None;
@@ -235,9 +300,19 @@ impl Journaled {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        self.durable = encode_all(records, key)?;
+        self.durable = records;
         self.must_fold = false;
+        self.whole = true;
         Ok(())
+    }
+}
+
+fn apply_to(map: &mut BTreeMap<u64, Vec<u8>>, changes: Vec<(u64, Option<Vec<u8>>)>) {
+    for (k, bytes) in changes {
+        match bytes {
+            Some(b) => map.insert(k, b),
+            None => map.remove(&k),
+        };
     }
 }
 
@@ -316,6 +391,58 @@ mod tests {
     }
 
     #[test]
+    fn a_store_that_was_not_loaded_replaces_the_files_on_its_first_save() {
+        let d = dir("unloaded");
+        let path = d.join("records.json");
+        let mut j = Journaled::new(&path);
+        j.load(|r: &R| r.id).unwrap();
+        j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap();
+        // A store that never read the files (a fresh one after a failed save) cannot name
+        // just the changed keys, and its first full save writes a snapshot of exactly its
+        // records: a record it never saw does not survive.
+        let mut fresh = Journaled::new(&path);
+        assert!(fresh.save_some(&[(3, Some(&r(3, "c")))]).is_err());
+        assert!(fresh.save(&[r(2, "b")], |r| r.id).unwrap());
+        assert!(fresh.is_whole());
+        assert_eq!(load(&path).0, vec![r(2, "b")]);
+    }
+
+    #[test]
+    fn some_keys_are_saved_and_the_others_kept_through_a_fold() {
+        let d = dir("some");
+        let path = d.join("records.json");
+        let mut j = Journaled::new(&path);
+        j.load(|r: &R| r.id).unwrap();
+        assert!(
+            j.save(&[r(1, "a"), r(2, "b"), r(3, "c")], |r| r.id)
+                .unwrap()
+        );
+        // One key changes, one goes, the third is not mentioned and stays.
+        let b2 = r(2, "b2");
+        assert!(j.save_some(&[(2, Some(&b2)), (1, None)]).unwrap());
+        assert!(
+            !j.save_some(&[(2, Some(&b2)), (9, None::<&R>)]).unwrap(),
+            "no change"
+        );
+        assert_eq!(load(&path).0, vec![r(2, "b2"), r(3, "c")]);
+        // Past FOLD_AT the whole set is written as a snapshot, unmentioned records included.
+        let mut j = Journaled::new(&path);
+        j.load(|r: &R| r.id).unwrap();
+        let big = "x".repeat(4096);
+        let mut n = 0;
+        while path.with_extension("journal").exists() || n == 0 {
+            n += 1;
+            let rec = r(100 + n, &big);
+            j.save_some(&[(100 + n, Some(&rec))]).unwrap();
+            assert!(n < 1000, "never folded");
+        }
+        let (got, loaded) = load(&path);
+        assert_eq!(loaded.damage, None);
+        assert_eq!(got.len(), 2 + n as usize);
+        assert_eq!(got[..2], [r(2, "b2"), r(3, "c")]);
+    }
+
+    #[test]
     fn changes_are_appended_and_replayed() {
         let d = dir("replay");
         let path = d.join("records.json");
@@ -350,6 +477,7 @@ mod tests {
         let d = dir("torn");
         let path = d.join("records.json");
         let mut j = Journaled::new(&path);
+        j.load(|r: &R| r.id).unwrap();
         j.save(&[r(1, "a")], |r| r.id).unwrap();
         j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap();
         let mut f = fs::OpenOptions::new()

@@ -108,6 +108,18 @@ fn refuse(message: impl Into<String>) -> EnrollReply {
     }
 }
 
+/// The record of a managed cgroup, if it has anything to record.
+fn record_of(cgroup_id: u64, m: &Managed) -> Option<Record> {
+    (m.bound.is_some() || m.agent_dir.is_some()).then(|| Record {
+        cgroup_id,
+        cgroup: m.cgroup.path().display().to_string(),
+        kind: m.kind,
+        bound: m.bound.clone(),
+        agent_dir: m.agent_dir.clone(),
+        audience: m.audience.clone(),
+    })
+}
+
 /// The store of the enrollment records. They link kernel bindings (pinned in bpffs) and
 /// cgroups to identities; both end with the machine, so a record must outlive the daemon
 /// (a crash, SIGKILL, a restart), not a power cut: appends go to the page cache without a
@@ -211,7 +223,7 @@ impl Daemon {
     }
 
     /// Makes the enrollment records durable if they changed: one journal line per changed
-    /// cgroup, one sync. Saves are serialized (snapshot and write under one lock), so
+    /// cgroup, one write. Saves are serialized (snapshot and write under one lock), so
     /// concurrent callers share a save: the first one's snapshot holds the others' changes.
     pub(super) async fn save_enrollments(&self) {
         let mut store = self.persisted.lock().await;
@@ -225,25 +237,64 @@ impl Daemon {
         }
         let records: Vec<Record> = registry
             .iter()
-            .filter(|(_, m)| m.bound.is_some() || m.agent_dir.is_some())
-            .map(|(id, m)| Record {
-                cgroup_id: *id,
-                cgroup: m.cgroup.path().display().to_string(),
-                kind: m.kind,
-                bound: m.bound.clone(),
-                agent_dir: m.agent_dir.clone(),
-                audience: m.audience.clone(),
+            .filter_map(|(id, m)| record_of(*id, m))
+            .collect();
+        drop(registry);
+        self.persist(&mut store, move |s| {
+            s.save(&records, |r: &Record| r.cgroup_id)
+        })
+        .await;
+    }
+
+    /// [`Self::save_enrollments`] after a change to `ids` only: the cost follows the cgroups
+    /// changed, not the number of cgroups bound.
+    pub(super) async fn save_enrollments_of(&self, ids: &[u64]) {
+        let mut store = self.persisted.lock().await;
+        if !store.is_whole() {
+            drop(store);
+            return self.save_enrollments().await;
+        }
+        let registry = self.cgroups.lock().await;
+        let records: Vec<(u64, Option<Record>)> = ids
+            .iter()
+            .map(|id| (*id, registry.get(id).and_then(|m| record_of(*id, m))))
+            .collect();
+        let names: Vec<(u64, Option<String>)> = ids
+            .iter()
+            .map(|id| {
+                let name = registry
+                    .get(id)
+                    .and_then(|m| Some(m.bound.as_ref()?.spiffe_id.clone()));
+                (*id, name)
             })
             .collect();
         drop(registry);
-        let key = |r: &Record| r.cgroup_id;
+        if let Ok(mut n) = self.identities.write() {
+            for (id, name) in names {
+                n.set(id, name);
+            }
+        }
+        self.persist(&mut store, move |s| {
+            let changes: Vec<(u64, Option<&Record>)> =
+                records.iter().map(|(id, r)| (*id, r.as_ref())).collect();
+            s.save_some(&changes)
+        })
+        .await;
+    }
+
+    /// Runs a save on the store: on this thread if it may block, else on the blocking pool.
+    async fn persist(
+        &self,
+        store: &mut crate::journal::Journaled,
+        save: impl FnOnce(&mut crate::journal::Journaled) -> std::io::Result<bool> + Send + 'static,
+    ) {
         let saved = if MAY_BLOCK.get() {
-            // A thread of the enrollment pool: it may wait for the disk itself.
-            store.save(&records, key)
+            // A thread of the enrollment pool or the admin thread: it may wait for the disk.
+            save(store)
         } else {
-            let mut owned = std::mem::replace(&mut *store, enrollment_store(&self.cfg.state_dir));
+            let mut owned = std::mem::replace(store, enrollment_store(&self.cfg.state_dir));
             match tokio::task::spawn_blocking(move || {
-                let r = owned.save(&records, key);
+                let r = save(&mut owned);
                 (owned, r)
             })
             .await
@@ -252,7 +303,7 @@ impl Daemon {
                     *store = owned;
                     r
                 }
-                // The fresh store writes every record again next time.
+                // The fresh store has not read the files: its next save writes them anew.
                 Err(e) => Err(std::io::Error::other(e)),
             }
         };
@@ -368,7 +419,7 @@ impl Daemon {
         let destroyed = self
             .destroy_sockets(cgroups.iter().copied().collect())
             .await;
-        self.save_enrollments().await;
+        self.save_enrollments_of(&cgroups).await;
         tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, in_kernel_us, "identity revoked");
         self.audit.record(
             "revoked",
@@ -654,7 +705,7 @@ impl Daemon {
             self.count_error("token");
         }
         if changed {
-            self.save_enrollments().await;
+            self.save_enrollments_of(&[cgroup_id]).await;
         }
         // The audit log records every enrollment; the daemon's log only when asked for.
         tracing::debug!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
@@ -733,7 +784,7 @@ impl Daemon {
             b.serial.clone_from(&issued.serial);
             b.not_after = unix_secs(issued.not_after);
         }
-        self.save_enrollments().await;
+        self.save_enrollments_of(&[cgroup_id]).await;
         tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
         self.audit.record(
             "certificate_renewed",

@@ -157,6 +157,24 @@ impl IdentityNames {
         self.current = now_bound;
     }
 
+    /// One cgroup's name now (`None`: no longer bound, named for [`NAME_GRACE`]).
+    pub(crate) fn set(&mut self, cgroup_id: u64, name: Option<String>) {
+        let now = std::time::Instant::now();
+        self.departed
+            .retain(|_, (_, at)| now.duration_since(*at) < NAME_GRACE);
+        match name {
+            Some(n) => {
+                self.departed.remove(&cgroup_id);
+                self.current.insert(cgroup_id, n);
+            }
+            None => {
+                if let Some(old) = self.current.remove(&cgroup_id) {
+                    self.departed.insert(cgroup_id, (old, now));
+                }
+            }
+        }
+    }
+
     fn get(&self, cgroup_id: u64) -> Option<&String> {
         self.current.get(&cgroup_id).or_else(|| {
             self.departed
@@ -911,5 +929,16 @@ mod names_tests {
             "bound again"
         );
         assert_eq!(n.get(8), None);
+        // One cgroup at a time, as a save of one enrollment does.
+        n.set(8, Some("spiffe://d/c".into()));
+        n.set(7, None);
+        assert_eq!(n.get(8).map(String::as_str), Some("spiffe://d/c"));
+        assert_eq!(
+            n.get(7).map(String::as_str),
+            Some("spiffe://d/b"),
+            "in grace after set(None)"
+        );
+        n.set(7, Some("spiffe://d/a".into()));
+        assert_eq!(n.get(7).map(String::as_str), Some("spiffe://d/a"));
     }
 }
