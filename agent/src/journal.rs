@@ -369,6 +369,15 @@ mod tests {
         Dir(d)
     }
 
+    /// A test directory with an empty store, loaded (as the daemon loads it at start).
+    fn loaded_store(tag: &str) -> (Dir, PathBuf, Journaled) {
+        let d = dir(tag);
+        let path = d.join("records.json");
+        let mut j = Journaled::new(&path);
+        assert_eq!(j.load(|r: &R| r.id).unwrap().0, Vec::<R>::new());
+        (d, path, j)
+    }
+
     fn load(path: &Path) -> (Vec<R>, Loaded) {
         Journaled::new(path).load(|r: &R| r.id).unwrap()
     }
@@ -392,10 +401,7 @@ mod tests {
 
     #[test]
     fn a_store_that_was_not_loaded_replaces_the_files_on_its_first_save() {
-        let d = dir("unloaded");
-        let path = d.join("records.json");
-        let mut j = Journaled::new(&path);
-        j.load(|r: &R| r.id).unwrap();
+        let (_d, path, mut j) = loaded_store("unloaded");
         j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap();
         // A store that never read the files (a fresh one after a failed save) cannot name
         // just the changed keys, and its first full save writes a snapshot of exactly its
@@ -409,10 +415,7 @@ mod tests {
 
     #[test]
     fn some_keys_are_saved_and_the_others_kept_through_a_fold() {
-        let d = dir("some");
-        let path = d.join("records.json");
-        let mut j = Journaled::new(&path);
-        j.load(|r: &R| r.id).unwrap();
+        let (_d, path, mut j) = loaded_store("some");
         assert!(
             j.save(&[r(1, "a"), r(2, "b"), r(3, "c")], |r| r.id)
                 .unwrap()
@@ -444,10 +447,7 @@ mod tests {
 
     #[test]
     fn changes_are_appended_and_replayed() {
-        let d = dir("replay");
-        let path = d.join("records.json");
-        let mut j = Journaled::new(&path);
-        assert_eq!(j.load(|r: &R| r.id).unwrap().0, Vec::<R>::new());
+        let (d, path, mut j) = loaded_store("replay");
         assert!(j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap());
         assert!(
             !j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap(),
@@ -474,10 +474,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_loses_only_itself() {
-        let d = dir("torn");
-        let path = d.join("records.json");
-        let mut j = Journaled::new(&path);
-        j.load(|r: &R| r.id).unwrap();
+        let (d, path, mut j) = loaded_store("torn");
         j.save(&[r(1, "a")], |r| r.id).unwrap();
         j.save(&[r(1, "a"), r(2, "b")], |r| r.id).unwrap();
         let mut f = fs::OpenOptions::new()
