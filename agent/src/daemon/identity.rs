@@ -288,24 +288,20 @@ impl Daemon {
         store: &mut crate::journal::Journaled,
         save: impl FnOnce(&mut crate::journal::Journaled) -> std::io::Result<bool> + Send + 'static,
     ) {
-        let saved = if MAY_BLOCK.get() {
-            // A thread of the enrollment pool or the admin thread: it may wait for the disk.
-            save(store)
-        } else {
-            let mut owned = std::mem::replace(store, enrollment_store(&self.cfg.state_dir));
-            match tokio::task::spawn_blocking(move || {
-                let r = save(&mut owned);
-                (owned, r)
-            })
-            .await
-            {
-                Ok((owned, r)) => {
-                    *store = owned;
-                    r
-                }
-                // The fresh store has not read the files: its next save writes them anew.
-                Err(e) => Err(std::io::Error::other(e)),
+        // The store is lent to the save, which may run on another thread; should that panic,
+        // a fresh store (which has not read the files, so its next save rewrites them) stays.
+        let mut lent = std::mem::replace(store, enrollment_store(&self.cfg.state_dir));
+        let saved = match blocking(move || {
+            let r = save(&mut lent);
+            (lent, r)
+        })
+        .await
+        {
+            Ok((back, r)) => {
+                *store = back;
+                r
             }
+            Err(e) => Err(std::io::Error::other(e)),
         };
         if let Err(e) = saved {
             tracing::error!(error = %e, "cannot save the enrollment records");
@@ -1184,6 +1180,34 @@ fn enroll_connection(
     tls.conn.writer().write_all(&out)?;
     tls.conn.send_close_notify();
     tls.flush()
+}
+
+#[cfg(test)]
+mod names_by_id_tests {
+    use super::CgroupNames;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn a_path_names_its_id_only_while_it_still_has_it() {
+        // Any directory tree stands for the cgroup tree: the check is the inode number.
+        let root = std::env::temp_dir().join(format!("aw-cgnames-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        let id = std::fs::metadata(root.join("a")).unwrap().ino();
+        let names = CgroupNames::default();
+        assert_eq!(names.name(&root, id), None, "never learned");
+        names.learn(id, "/a");
+        assert_eq!(names.name(&root, id).as_deref(), Some("/a"));
+        // Renamed: the old path no longer has the id, and is forgotten.
+        std::fs::rename(root.join("a"), root.join("b")).unwrap();
+        assert_eq!(names.name(&root, id), None);
+        std::fs::rename(root.join("b"), root.join("a")).unwrap();
+        assert_eq!(names.name(&root, id), None, "forgotten until learned again");
+        // A path learned for another id (another directory there now) is not used.
+        names.learn(id + 1, "/a");
+        assert_eq!(names.name(&root, id + 1), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
 
 #[cfg(test)]

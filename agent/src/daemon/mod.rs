@@ -228,8 +228,8 @@ pub struct Daemon {
     identity: Arc<crate::identity::service::IdentityService>,
     /// The enrollment records as last written (see `save_enrollments`).
     persisted: AsyncMutex<crate::journal::Journaled>,
-    /// Enrolled identities by cgroup id, for naming verdicts (kept by `save_enrollments`,
-    /// which runs after every change of an enrollment).
+    /// Enrolled identities by cgroup id, for naming verdicts (kept by `save_enrollments` and
+    /// `save_enrollments_of`, one of which runs after every change of an enrollment).
     identities: Identities,
     /// Cgroups enrolling agents were found in, by id (see `identity::CgroupNames`).
     cgroup_names: identity::CgroupNames,
