@@ -1031,13 +1031,13 @@ impl EnrollPool {
 }
 
 /// A stream whose reads and writes give up at a deadline: the whole exchange is bounded, not
-/// each operation (a client trickling bytes cannot hold a thread for long). The socket's
-/// timeouts are set again only when the time left has shrunk by a quarter, which keeps the
-/// bound within 4/3 of the deadline at a fraction of the system calls.
+/// each operation (a client trickling bytes cannot hold a thread for long). Reads wait in
+/// `poll` until the deadline (see [`enroll::read_when_readable`]); the socket's send timeout
+/// is set again only when the time left has shrunk by a quarter, which keeps the bound
+/// within 4/3 of the deadline at a fraction of the system calls.
 struct Deadline {
     sock: std::os::unix::net::UnixStream,
     until: std::time::Instant,
-    read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
 }
 
@@ -1046,7 +1046,6 @@ impl Deadline {
         Self {
             sock,
             until: std::time::Instant::now() + within,
-            read_timeout: None,
             write_timeout: None,
         }
     }
@@ -1071,11 +1070,7 @@ impl Deadline {
 
 impl std::io::Read for Deadline {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if let Some(t) = self.left(self.read_timeout)? {
-            self.sock.set_read_timeout(Some(t))?;
-            self.read_timeout = Some(t);
-        }
-        self.sock.read(buf)
+        enroll::read_when_readable(&self.sock, buf, self.until, "the enrollment took too long")
     }
 }
 

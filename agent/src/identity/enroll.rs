@@ -303,37 +303,56 @@ pub fn token(
     }
 }
 
-/// The client's end of the enrollment socket, read only once `poll` says it is readable.
+/// Reads from a Unix stream socket, waiting (at most `timeout`) with `poll` for something to
+/// read rather than in a blocking read.
 ///
 /// A thread asleep in a blocking read of an AF_UNIX stream socket is woken by every
-/// write-space wakeup of that socket, and the daemon causes one each time it reads (and so
-/// frees) a message the client sent: a spurious wakeup, and a cross-CPU interrupt the daemon
-/// pays for. A `poll` for readability ignores write-space wakeups, as event loops (epoll) do.
+/// write-space wakeup of that socket, and its peer causes one each time it reads (and so
+/// frees) a message this side sent: a spurious wakeup, paid for by both sides (a cross-CPU
+/// interrupt, two context switches). `poll` for readability ignores write-space wakeups, as
+/// event loops (epoll) do. Data already waiting is read at once, in one system call.
+pub(crate) fn read_when_readable(
+    sock: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+    until: std::time::Instant,
+    late: &'static str,
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    loop {
+        match recv(sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, late));
+        }
+        // Whole milliseconds, rounded up: less than one must still wait.
+        let wait = nix::poll::PollTimeout::try_from(left.as_micros().div_ceil(1000))
+            .unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            sock.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, wait) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The client's end of the enrollment socket (see [`read_when_readable`]).
 struct Readable {
     sock: std::os::unix::net::UnixStream,
-    timeout: nix::poll::PollTimeout,
+    timeout: Duration,
 }
 
 impl std::io::Read for Readable {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::fd::AsFd as _;
-        let mut fds = [nix::poll::PollFd::new(
-            self.sock.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        loop {
-            match nix::poll::poll(&mut fds, self.timeout) {
-                Ok(0) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the daemon did not answer in time",
-                    ));
-                }
-                Ok(_) => return self.sock.read(buf),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let until = std::time::Instant::now() + self.timeout;
+        read_when_readable(&self.sock, buf, until, "the daemon did not answer in time")
     }
 }
 
@@ -360,15 +379,11 @@ pub fn request(
     req: &EnrollRequest,
 ) -> Result<EnrollReply, EnrollError> {
     let cfg = client_config(cert_pem, key_pem, bundle_pem)?;
-    let sock =
-        std::os::unix::net::UnixStream::connect(socket).map_err(|source| EnrollError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
-    sock.set_read_timeout(Some(CLIENT_TIMEOUT * 2))
-        .map_err(EnrollError::Tls)?;
     let name = ServerName::try_from(SERVER_NAME)
         .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
+    // The ClientHello (key share included) is made before connecting, so that it is in the
+    // socket by the time the daemon has accepted and identified the peer: its thread reads
+    // it without going to sleep and being woken again.
     let mut conn = rustls::ClientConnection::new(cfg, name)
         .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
     let mut line = serde_json::to_vec(req).map_err(|e| EnrollError::Reply(e.to_string()))?;
@@ -376,9 +391,18 @@ pub fn request(
     // Queued before the handshake: rustls sends it under the traffic keys in the same write
     // as the client's last handshake flight (one round trip fewer for the daemon).
     conn.writer().write_all(&line).map_err(EnrollError::Tls)?;
-    let timeout = nix::poll::PollTimeout::try_from(CLIENT_TIMEOUT * 2)
-        .map_err(|e| EnrollError::Tls(std::io::Error::other(e)))?;
-    let mut tls = rustls::StreamOwned::new(conn, Readable { sock, timeout });
+    let sock =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|source| EnrollError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let mut tls = rustls::StreamOwned::new(
+        conn,
+        Readable {
+            sock,
+            timeout: CLIENT_TIMEOUT * 2,
+        },
+    );
     tls.flush().map_err(EnrollError::Tls)?;
     let mut reply = String::new();
     BufReader::new(std::io::Read::take(&mut tls, MAX_LINE as u64))
@@ -496,5 +520,42 @@ mod tests {
                 Some(rustls::HandshakeKind::Full)
             );
         }
+    }
+
+    #[test]
+    fn a_read_waits_for_data_through_the_peers_reads_and_gives_up_at_the_deadline() {
+        use std::io::Write as _;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut buf = [0u8; 8];
+        // Nothing comes: the read ends at the deadline with the caller's words.
+        let t = std::time::Instant::now();
+        let e = read_when_readable(&a, &mut buf, t + Duration::from_millis(30), "too late")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(e.to_string(), "too late");
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        // The peer reads what this side sent (a write-space wakeup here), then answers later:
+        // the read returns the answer, not early with nothing.
+        (&a).write_all(b"hello").unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut got = [0u8; 5];
+            std::io::Read::read_exact(&mut b, &mut got).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            b.write_all(b"ok").unwrap();
+            b
+        });
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let n = read_when_readable(&a, &mut buf, until, "too late").unwrap();
+        assert_eq!(&buf[..n], b"ok");
+        // Data already waiting is read at once; a closed peer reads as the end.
+        let mut b = peer.join().unwrap();
+        b.write_all(b"more").unwrap();
+        drop(b);
+        let n = read_when_readable(&a, &mut buf, until, "too late").unwrap();
+        assert_eq!(&buf[..n], b"more");
+        assert_eq!(
+            read_when_readable(&a, &mut buf, until, "too late").unwrap(),
+            0
+        );
     }
 }
