@@ -417,7 +417,13 @@ fn main() {
     issue_many(&d, &fresh, n_enroll);
     let pid = d.pid().unwrap();
     let mut enroll_runs = Vec::new();
+    // `--cases=known1,new1` runs some of them only (for profiling one).
+    let cases = arg("cases").unwrap_or_else(|| "known1,known4,new1,new4".into());
     for (distinct, clients) in [(false, 1usize), (false, 4), (true, 1), (true, 4)] {
+        let case = format!("{}{clients}", if distinct { "new" } else { "known" });
+        if !cases.split(',').any(|c| c == case) {
+            continue;
+        }
         let cpu0 = cpu_seconds(pid);
         let certs = if distinct {
             format!("--certs={}", fresh.display())
