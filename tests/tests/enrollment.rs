@@ -503,6 +503,32 @@ fn enrollment_refusals_name_their_reason() {
 }
 
 #[test]
+fn enrollments_go_on_while_silent_clients_hold_connections() {
+    use std::io::{ErrorKind, Read as _};
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);
+    // More silent connections than the pool keeps threads waiting: each holds a thread until
+    // its deadline.
+    let silent: Vec<_> = (0..6)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.enroll_socket).unwrap())
+        .collect();
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let o = d
+        .exec_under(&["--cert", &cert, "--key", &key], None, &["pid"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    // Served while every silent connection was still held open by its thread (nothing to
+    // read yet, no end of stream).
+    for mut s in silent {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let e = s.read(&mut b).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WouldBlock, "{e}");
+    }
+}
+
+#[test]
 fn tokens_are_issued_to_attested_holders_verified_and_rejected_after_revocation() {
     let _s = serial();
     let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);

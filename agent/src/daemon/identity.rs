@@ -925,14 +925,22 @@ const SPARE_ENROLL_THREADS: usize = 2;
 /// A thread beyond the spare ones that waited this long for a connection ends.
 const ENROLL_THREAD_IDLE: Duration = Duration::from_secs(10);
 
-/// The enrollment pool: threads that each accept a connection and handle it to the end
-/// (leader/followers). A handshake is a short burst of computation between a few blocking
-/// reads and writes; doing it on the thread that accepted it costs no hand-over.
+/// The enrollment pool: threads that each accept a connection and handle it to the end. A
+/// handshake is a short burst of computation between a few blocking reads and writes; doing
+/// it on the thread that accepted it costs no hand-over.
+///
+/// Idle threads wait in epoll, each with its own instance, on the listener registered with
+/// `EPOLLEXCLUSIVE`: the kernel wakes one thread per connection, the first in registration
+/// order that is waiting at that moment. Agents enrolling one after another are so served by
+/// the same thread, whose memory is still in the caches; threads waiting in `accept` itself
+/// would take turns (the kernel queues them in the order they began waiting), and each
+/// enrollment would start on the thread that had been idle longest.
 struct EnrollPool {
+    /// Non-blocking: a woken thread whose connection another thread took sees `WouldBlock`.
     listener: std::os::unix::net::UnixListener,
     daemon: Arc<Daemon>,
     rt: tokio::runtime::Handle,
-    /// Threads in the pool, and those of them waiting in `accept`.
+    /// Threads in the pool, and those of them waiting for a connection.
     threads: std::sync::atomic::AtomicUsize,
     idle: std::sync::atomic::AtomicUsize,
 }
@@ -940,14 +948,7 @@ struct EnrollPool {
 /// Serves the enrollment socket from a pool of blocking threads (see [`EnrollPool`]).
 pub(super) fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) -> std::io::Result<()> {
     let listener = listener.into_std()?;
-    listener.set_nonblocking(false)?;
-    // `accept` gives up after this long (SO_RCVTIMEO), so that surplus threads can end.
-    nix::sys::socket::setsockopt(
-        &listener,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(ENROLL_THREAD_IDLE.as_secs() as _, 0),
-    )
-    .map_err(std::io::Error::from)?;
+    listener.set_nonblocking(true)?;
     let pool = Arc::new(EnrollPool {
         listener,
         daemon,
@@ -975,22 +976,56 @@ impl EnrollPool {
             })
     }
 
+    /// This thread's wait for connections (see [`EnrollPool`]).
+    fn waiter(&self) -> nix::Result<nix::sys::epoll::Epoll> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            &self.listener,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, 0),
+        )?;
+        Ok(epoll)
+    }
+
     fn run(self: Arc<Self>) {
         use std::sync::atomic::Ordering::SeqCst;
         MAY_BLOCK.set(true);
+        let waiter = match self.waiter() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start an enrollment thread");
+                self.daemon.count_error("enroll_thread");
+                self.threads.fetch_sub(1, SeqCst);
+                return;
+            }
+        };
+        let idle_wait = nix::sys::epoll::EpollTimeout::try_from(ENROLL_THREAD_IDLE)
+            .unwrap_or(nix::sys::epoll::EpollTimeout::MAX);
         loop {
-            self.idle.fetch_add(1, SeqCst);
-            let accepted = self.listener.accept();
-            let idle_left = self.idle.fetch_sub(1, SeqCst) - 1;
-            let stream = match accepted {
+            // A connection that came while every thread was busy is taken before waiting.
+            let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Idle for ENROLL_THREAD_IDLE: a surplus thread ends.
-                    let left = self.threads.fetch_sub(1, SeqCst) - 1;
-                    if left >= SPARE_ENROLL_THREADS {
-                        return;
+                    self.idle.fetch_add(1, SeqCst);
+                    let mut events = [nix::sys::epoll::EpollEvent::empty()];
+                    let woken = waiter.wait(&mut events, idle_wait);
+                    self.idle.fetch_sub(1, SeqCst);
+                    match woken {
+                        Ok(0) => {
+                            // Idle for ENROLL_THREAD_IDLE: a surplus thread ends.
+                            let left = self.threads.fetch_sub(1, SeqCst) - 1;
+                            if left >= SPARE_ENROLL_THREADS {
+                                return;
+                            }
+                            self.threads.fetch_add(1, SeqCst);
+                        }
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "waiting for enrollments failed");
+                            self.daemon.count_error("enroll_accept");
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
-                    self.threads.fetch_add(1, SeqCst);
                     continue;
                 }
                 Err(e) => {
@@ -1000,8 +1035,8 @@ impl EnrollPool {
                     continue;
                 }
             };
-            // The last idle thread took a connection: another one takes over the accepting.
-            if idle_left == 0 {
+            // No thread is left waiting: another one takes over the waiting.
+            if self.idle.load(SeqCst) == 0 {
                 if self.threads.load(SeqCst) < MAX_ENROLL_THREADS {
                     if let Err(e) = Self::spawn(&self) {
                         tracing::warn!(error = %e, "cannot start an enrollment thread");
