@@ -713,7 +713,7 @@ fn server_with_dns(d: &TestDaemon, dir: &Path) -> String {
         capabilities: Vec::new(),
     };
     let issued = ca
-        .issue_with_dns(&req, &["agentwall"], SystemTime::now())
+        .issue_server(&req, &["agentwall"], SystemTime::now())
         .unwrap();
     let (c, k) = (dir.join("server.pem"), dir.join("svid.key"));
     fs::write(&c, issued.cert_pem).unwrap();

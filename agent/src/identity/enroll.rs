@@ -471,7 +471,7 @@ mod tests {
             capabilities: Vec::new(),
         };
         let server_id = ca
-            .issue_with_dns(
+            .issue_server(
                 &leaf("spiffe://example.org/agentwall/d"),
                 &[SERVER_NAME],
                 now,

@@ -114,7 +114,7 @@ fn issue_server(
         capabilities: Vec::new(),
     };
     let issued = ca
-        .issue_with_dns(&req, &[enroll::SERVER_NAME], now)
+        .issue_server(&req, &[enroll::SERVER_NAME], now)
         .map_err(IdentityError::from)?;
     log::append(
         &log_path(state_dir),
