@@ -34,8 +34,8 @@ pub const BATCH: usize = 8_192;
 /// steady stream a record waits at most this long. A sync costs the daemon ~100 us of CPU
 /// on a virtual disk (data, inode, cache flush) and every wake-up of this thread some more,
 /// so at thousands of enrollments a second this cuts the audit's share of the CPU several
-/// times, for at most 5 ms more before a record is durable.
-const COMMIT_SPACING: Duration = Duration::from_millis(5);
+/// times, for at most 2 ms more before a record is durable.
+const COMMIT_SPACING: Duration = Duration::from_millis(2);
 /// How long the sinks get at shutdown to deliver their backlog.
 const SINK_DRAIN: Duration = Duration::from_secs(2);
 
