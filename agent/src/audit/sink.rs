@@ -358,8 +358,10 @@ fn run(
             }
             dirty |= !records.is_empty();
             if !records.is_empty() {
+                // A full batch means more are queued: the next one does not wait for company.
+                let full = records.len() >= BATCH;
                 commit_and_offer(writer, state, sinks, kinds, records, &borns);
-                last_sync = Some(Instant::now());
+                last_sync = (!full).then(Instant::now);
             }
             if let Some((key, reply)) = switch {
                 let _ = reply.send(switch_key(writer, state, sinks, *key));
