@@ -990,13 +990,16 @@ impl EnrollPool {
     fn run(self: Arc<Self>) {
         use std::sync::atomic::Ordering::SeqCst;
         MAY_BLOCK.set(true);
-        let waiter = match self.waiter() {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot start an enrollment thread");
-                self.daemon.count_error("enroll_thread");
-                self.threads.fetch_sub(1, SeqCst);
-                return;
+        // Without its epoll instance (out of file descriptors) the thread cannot wait: it
+        // tries again rather than end, so that the pool never runs out of threads.
+        let waiter = loop {
+            match self.waiter() {
+                Ok(w) => break w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an enrollment thread cannot wait for connections");
+                    self.daemon.count_error("enroll_thread");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         };
         let idle_wait = nix::sys::epoll::EpollTimeout::try_from(ENROLL_THREAD_IDLE)
