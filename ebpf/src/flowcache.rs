@@ -6,8 +6,9 @@
 //! the epoch after any change that can take a permission away, so a quarantine, a revocation,
 //! an unbinding or a new policy generation sends the next packet of every flow through the
 //! full decision again. Per-CPU slots need no allocation and no lock: only programs on the
-//! same CPU touch a slot, and a slot is emptied before it is rewritten, so a program that
-//! interrupts the writer sees the old entry, an empty one, or the new one, never a mix.
+//! same CPU touch a slot, and the slot's write sequence makes a program that interrupts
+//! another on that CPU (a softirq's egress inside a connect) miss rather than see a mix or
+//! make one (`FlowCacheEntry`).
 
 use agentwall_common::state::{FLOW_CACHE_SLOTS, FlowCacheEntry};
 use aya_ebpf::{helpers::generated::bpf_get_socket_cookie, macros::map, maps::PerCpuArray};
@@ -29,20 +30,16 @@ fn slot(cookie: u64) -> Option<*mut FlowCacheEntry> {
     AW_FLOWS.get_ptr_mut((cookie as u32) & (FLOW_CACHE_SLOTS - 1))
 }
 
-/// Remembers that the flow of socket `cookie` was allowed by `d`.
+/// Remembers that the flow of socket `cookie` was allowed by `d` (unless this program
+/// interrupted a write of the same slot: then nothing is cached).
 #[inline(always)]
 pub(crate) fn remember(cookie: u64, d: &Decision) {
     if cookie == 0 {
         return;
     }
     if let Some(e) = slot(cookie) {
-        // SAFETY: this CPU's slot; volatile writes keep the order: empty, fill, publish.
-        unsafe {
-            core::ptr::write_volatile(&raw mut (*e).cookie, 0);
-            core::ptr::write_volatile(&raw mut (*e).epoch, d.epoch);
-            core::ptr::write_volatile(&raw mut (*e).expires_boot_ns, d.expires_boot_ns);
-            core::ptr::write_volatile(&raw mut (*e).cookie, cookie);
-        }
+        // SAFETY: this CPU's slot (see `FlowCacheEntry` for the nesting protocol).
+        unsafe { FlowCacheEntry::store_with(e, cookie, d.epoch, d.expires_boot_ns, || {}) };
     }
 }
 
@@ -54,11 +51,7 @@ pub(crate) fn forget(cookie: u64) {
     }
     if let Some(e) = slot(cookie) {
         // SAFETY: this CPU's slot.
-        unsafe {
-            if core::ptr::read_volatile(&raw const (*e).cookie) == cookie {
-                core::ptr::write_volatile(&raw mut (*e).cookie, 0);
-            }
-        }
+        unsafe { FlowCacheEntry::clear(e, cookie) };
     }
 }
 
@@ -71,8 +64,10 @@ pub(crate) fn vouches(cookie: u64) -> bool {
     let (Some(e), Some(state)) = (slot(cookie), decide::state()) else {
         return false;
     };
-    // SAFETY: this CPU's slot, read whole; see the module comment for why it is consistent.
-    let entry = unsafe { core::ptr::read_volatile(e) };
+    // SAFETY: this CPU's slot; a read that a write interrupted is a miss.
+    let Some(entry) = (unsafe { FlowCacheEntry::load_with(e, || {}) }) else {
+        return false;
+    };
     // The clock is read only for a binding that can expire.
     let now = if entry.expires_boot_ns == 0 {
         0
