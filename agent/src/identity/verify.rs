@@ -15,7 +15,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::{CertificateDer, Der, TrustAnchor, UnixTime};
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
 use super::{
@@ -78,11 +78,11 @@ pub struct VerifiedSvid {
     pub capabilities: Vec<String>,
 }
 
-/// A trusted CA certificate and its validity window (webpki does not judge the validity of
-/// trust anchors; we do).
+/// A trusted CA certificate, parsed once into the form webpki verifies against, and its
+/// validity window (webpki does not judge the validity of trust anchors; we do).
 #[derive(Debug, Clone)]
 struct Anchor {
-    der: CertificateDer<'static>,
+    anchor: TrustAnchor<'static>,
     not_before: SystemTime,
     not_after: SystemTime,
 }
@@ -105,7 +105,13 @@ impl TrustBundles {
         let anchor = Anchor {
             not_before: to_system(cert.validity().not_before),
             not_after: to_system(cert.validity().not_after),
-            der: ca.clone(),
+            anchor: webpki::anchor_from_trusted_cert(&ca)
+                .map_err(|e| {
+                    SvidError::Malformed(format!(
+                        "the CA certificate cannot serve as a trust anchor: {e}"
+                    ))
+                })?
+                .to_owned(),
         };
         self.domains
             .entry(trust_domain.to_string())
@@ -323,13 +329,19 @@ impl Verifier {
             .iter()
             .map(|a| a.not_after + self.skew)
             .fold(until, SystemTime::min);
-        let anchors = valid_roots
+        // Borrowed views of the parsed anchors: nothing parsed or copied per verification.
+        let anchors: Vec<TrustAnchor<'_>> = valid_roots
             .iter()
-            .map(|a| {
-                webpki::anchor_from_trusted_cert(&a.der)
-                    .map_err(|e| chain_err(format!("bad CA in the bundle: {e}")))
+            .map(|a| TrustAnchor {
+                subject: Der::from(a.anchor.subject.as_ref()),
+                subject_public_key_info: Der::from(a.anchor.subject_public_key_info.as_ref()),
+                name_constraints: a
+                    .anchor
+                    .name_constraints
+                    .as_ref()
+                    .map(|n| Der::from(n.as_ref())),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         if anchors.is_empty() {
             return Err(chain_err(
                 "no CA certificate of the bundle is valid now".into(),
