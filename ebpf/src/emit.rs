@@ -56,8 +56,32 @@ fn denial_wakeup(now: u64) -> u64 {
     }
 }
 
+/// Adds one to a counter of something denied, dropped or lost, atomically: a program can be
+/// interrupted on its CPU by another (a softirq's egress inside a connect) that counts the
+/// same thing, and a plain increment would then lose one of the two. The loss of an event
+/// must be counted exactly: the audit log accounts for every one.
 #[inline(always)]
 pub(crate) fn count(index: u32) {
+    if let Some(p) = AW_COUNTERS.get_ptr_mut(index) {
+        // The BPF target has no compare-and-swap, so core offers no `fetch_add` there: the
+        // atomic add instruction itself.
+        // SAFETY: `p` is this CPU's 8-aligned counter slot, valid for the program's run; the
+        // instruction reads and writes those 8 bytes only.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({p} + 0) += {one}",
+                p = in(reg) p,
+                one = in(reg) 1u64,
+                options(nostack),
+            );
+        }
+    }
+}
+
+/// Adds one to a statistical counter on the hot path (every allowed verdict, every packet
+/// passed): a plain increment, of which one in a nested pair may be lost.
+#[inline(always)]
+pub(crate) fn tally(index: u32) {
     if let Some(p) = AW_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot of this CPU; programs do not migrate while running.
         unsafe { *p += 1 };
@@ -68,11 +92,11 @@ pub(crate) fn count(index: u32) {
 /// that acted (not so on the egress hook).
 #[inline(always)]
 pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
-    count(if d.verdict == Verdict::ALLOW {
-        counters::ALLOWED
+    if d.verdict == Verdict::ALLOW {
+        tally(counters::ALLOWED);
     } else {
-        counters::DENIED
-    });
+        count(counters::DENIED);
+    }
     if d.reason == Reason::AUDIT {
         count(counters::AUDIT_PASSED);
     }

@@ -6,6 +6,7 @@
 //! a denied packet is dropped.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod decide;
 mod emit;
@@ -108,7 +109,7 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
 fn aw_egress(ctx: SkBuffContext) -> i32 {
     let cookie = flowcache::cookie(ctx.skb.skb.cast());
     if flowcache::vouches(cookie) {
-        emit::count(agentwall_common::counters::SKB_PASSED);
+        emit::tally(agentwall_common::counters::SKB_PASSED);
         return ALLOW;
     }
     // In cgroup_skb the current task may be anyone (softirq, timers); the packet's own socket
@@ -155,7 +156,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
             // A TCP socket's destination is fixed: its next packets may use the cache.
             flowcache::remember(cookie, &d);
         }
-        emit::count(agentwall_common::counters::SKB_PASSED);
+        emit::tally(agentwall_common::counters::SKB_PASSED);
         ALLOW
     } else if bare_rst {
         // A reset without payload carries nothing out; it tells the peer of a socket that
