@@ -45,7 +45,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        rounds: 21,
+        rounds: 61,
         ops: 2000,
         report: None,
     };

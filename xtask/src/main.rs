@@ -42,7 +42,7 @@ enum Task {
     /// Benchmarks (enforcement overhead, audit store, identity); writes docs/benchmarks.md.
     Bench {
         /// Interleaved rounds per configuration (at least 11).
-        #[arg(long, default_value_t = 21)]
+        #[arg(long, default_value_t = 61)]
         rounds: u32,
     },
 }
