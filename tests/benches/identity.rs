@@ -60,9 +60,10 @@ struct Revokes {
     inside: (f64, f64),
     /// Of `send`, the time the workload was runnable but waiting for a CPU.
     waited: (f64, f64),
-    /// The slowest revocation: its `send`, its `waited`, and how often the workload slept
-    /// meanwhile (voluntary context switches).
-    slowest: (f64, f64, f64),
+    /// The slowest revocation: its `send`, its `waited`, how often the workload slept
+    /// meanwhile (voluntary context switches), its longest single connect, and how many of
+    /// its connects the socket destruction aborted.
+    slowest: (f64, f64, f64, f64, f64),
 }
 
 /// Times the calling thread has gone to sleep (voluntary context switches).
@@ -224,13 +225,18 @@ fn worker_revoke(
                 reason: "benchmark".into(),
             })
             .unwrap();
+        // The longest single connect of the loop, allowed ones included.
+        let mut longest = Duration::ZERO;
+        let mut aborted = 0u32;
         let (t_issued, t_eperm) = loop {
             let t_try = Instant::now();
-            match connect() {
+            let result = connect();
+            longest = longest.max(t_try.elapsed());
+            match result {
                 Ok(()) => ok += 1,
                 Err(Some(libc::EPERM)) => break (t_try, Instant::now()),
                 // A connect in flight when the sockets were destroyed.
-                Err(Some(libc::ECONNABORTED)) => {}
+                Err(Some(libc::ECONNABORTED)) => aborted += 1,
                 Err(other) => panic!("unexpected connect error {other:?}"),
             }
             assert!(
@@ -247,11 +253,12 @@ fn worker_revoke(
         assert!(ok > 0, "the loop connected before the revocation");
         let us = |a: Instant, b: Instant| a.saturating_duration_since(b).as_secs_f64() * 1e6;
         println!(
-            "revoke from_send_us={} issued_us={} from_return_us={} rtt_us={} waited_us={waited} slept={slept}",
+            "revoke from_send_us={} issued_us={} from_return_us={} rtt_us={} waited_us={waited} slept={slept} longest_connect_us={} aborted={aborted}",
             us(t_eperm, t0),
             us(t_issued, t0),
             us(t_eperm, t1),
-            us(t1, t0)
+            us(t1, t0),
+            longest.as_secs_f64() * 1e6
         );
     }
 }
@@ -596,7 +603,9 @@ fn main() {
             format!("--end={}", first + rounds),
             format!("--pace-us={pace_us}"),
         ]);
-        let (mut send, mut issued, mut ret, mut rtt, mut waited, mut slept) = (
+        let mut aborted = Vec::new();
+        let (mut send, mut issued, mut ret, mut rtt, mut waited, mut slept, mut longest) = (
+            Vec::new(),
             Vec::new(),
             Vec::new(),
             Vec::new(),
@@ -615,6 +624,8 @@ fn main() {
                     "rtt_us" => rtt.push(v),
                     "waited_us" => waited.push(v),
                     "slept" => slept.push(v),
+                    "longest_connect_us" => longest.push(v),
+                    "aborted" => aborted.push(v),
                     _ => {}
                 }
             }
@@ -622,11 +633,13 @@ fn main() {
         assert_eq!(send.len(), rounds, "{out}");
         assert_eq!(waited.len(), rounds, "{out}");
         assert_eq!(slept.len(), rounds, "{out}");
-        let slowest = send
-            .iter()
-            .zip(waited.iter().zip(&slept))
-            .max_by(|a, b| a.0.total_cmp(b.0))
-            .map_or((0.0, 0.0, 0.0), |(s, (w, z))| (*s, *w, *z));
+        assert_eq!(longest.len(), rounds, "{out}");
+        assert_eq!(aborted.len(), rounds, "{out}");
+        let slowest = (0..rounds)
+            .max_by(|a, b| send[*a].total_cmp(&send[*b]))
+            .map_or((0.0, 0.0, 0.0, 0.0, 0.0), |i| {
+                (send[i], waited[i], slept[i], longest[i], aborted[i])
+            });
         // The daemon logs how long each revocation took from its request to the kernel flag.
         let mut inside: Vec<f64> = d
             .log_text()
@@ -651,7 +664,7 @@ fn main() {
             slowest,
         };
         eprintln!(
-            "revoke -> EPERM (pace {pace_us} µs): p50 {:.0} p99 {:.0} µs; denied connect issued p50 {:.0} p99 {:.0}; after the reply p99 {:.0}; round trip p50 {:.0} p99 {:.0}; in the daemon p50 {:.0} p99 {:.0}; workload waiting for a CPU p50 {:.0} p99 {:.0}; slowest {:.0} µs, of which waiting for a CPU {:.0}, the workload asleep {} times",
+            "revoke -> EPERM (pace {pace_us} µs): p50 {:.0} p99 {:.0} µs; denied connect issued p50 {:.0} p99 {:.0}; after the reply p99 {:.0}; round trip p50 {:.0} p99 {:.0}; in the daemon p50 {:.0} p99 {:.0}; workload waiting for a CPU p50 {:.0} p99 {:.0}; slowest {:.0} µs, of which waiting for a CPU {:.0}, the workload asleep {} times, its longest connect {:.0} µs, connects aborted {}",
             r.send.0,
             r.send.1,
             r.issued.0,
@@ -665,7 +678,9 @@ fn main() {
             r.waited.1,
             r.slowest.0,
             r.slowest.1,
-            r.slowest.2
+            r.slowest.2,
+            r.slowest.3,
+            r.slowest.4
         );
         series.push(r);
     }
@@ -802,20 +817,22 @@ fn main() {
          inside the workload, which connects to an allowed listener in a loop: it writes `revoke` \
          for its own certificate's serial to the admin socket and keeps connecting; the time runs \
          from the write until the first EPERM. The EPERM always came before the reply (the \
-         kernel is flagged first; the reply waits for the synced revocation list and the socket \
-         destruction). A workload connecting as fast as it can keeps, with its listener, both \
+         kernel is flagged first; the reply waits for the socket destruction and the synced \
+         revocation list). A workload connecting as fast as it can keeps, with its listener, both \
          CPUs of this machine busy. The admin socket is read by a real-time thread, which \
          handles the revocation itself: a normal thread had waited up to a 4 ms scheduler tick \
          for a CPU there. Once the kernel has the revocation, that thread steps down to normal \
-         priority and does the rest (the synced list, socket destruction) itself, waking no \
+         priority and does the rest (socket destruction, then the synced list) itself, waking no \
          other thread that could take the revoked agent's CPU. What remains of the time is the daemon's own work, the locks it \
          shares with other work in the daemon, and the workload's own scheduling (the row on \
          when the denied connect was issued shows how much). The workload reads its own \
-         schedstat and rusage around each revocation and reports the time it was runnable but \
-         waiting for a CPU. In the slowest revocations seen on this machine (1-2 ms) it had not \
-         waited for a CPU at all but slept once, blocked in a system call of its own, most \
-         likely one of its allowed connects waiting for its loopback handshake (under this load \
-         the kernel hands softirq work to ksoftirqd), while the daemon's part stayed under 0.1 ms."
+         schedstat and rusage around each revocation and times each of its connects: the time \
+         it was runnable but waiting for a CPU is reported, and for the slowest revocation of \
+         each run, how often it slept and its longest connect. The slowest ones had not waited \
+         for a CPU but slept in one connect: a connect allowed just before the revocation, \
+         whose SYN the egress program then dropped, waits until the daemon destroys the socket \
+         (ECONNABORTED). The daemon therefore cuts the sockets before it syncs the revocation \
+         list (that wait was ~1.2 ms when the sync came first, ~0.4 ms now)."
     );
     print!("{md}");
     if let Some(path) = arg("report") {

@@ -388,13 +388,18 @@ impl Daemon {
         let new = self
             .identity
             .revoke(target.clone(), reason, &format!("uid {uid}"));
-        // The kernel first: new connects are denied from here on. Then the list is made
-        // durable; the command reports success only once it is.
+        // The kernel first: new connects are denied from here on. Then the open sockets are
+        // cut, and only then is the list made durable (a sync, about a millisecond here): a
+        // connect already in flight is ended at once rather than after the sync. The command
+        // reports success only once the list is durable.
         let (cgroups, failed) = self.enforce_revocations().await;
         let in_kernel_us = started.elapsed().as_micros();
         // In the kernel: the rest is ordinary work (on the admin thread, done here at normal
         // priority, without waking another thread that could take an agent's CPU).
         let _down = crate::sched::step_down();
+        let destroyed = self
+            .destroy_sockets(cgroups.iter().copied().collect())
+            .await;
         let identity = Arc::clone(&self.identity);
         let saved = blocking(move || identity.save_revocations())
             .await
@@ -412,9 +417,6 @@ impl Daemon {
                 Some(e.to_string())
             }
         };
-        let destroyed = self
-            .destroy_sockets(cgroups.iter().copied().collect())
-            .await;
         self.save_enrollments_of(&cgroups).await;
         tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, in_kernel_us, "identity revoked");
         self.audit.record(
