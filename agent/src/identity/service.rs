@@ -12,7 +12,7 @@ use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 
 use super::{
     IdentityError, ca_dir, enroll, log, log_path,
-    revoke::{Revocation, RevocationList, RevokeError, Target},
+    revoke::{Revocation, RevocationList, RevocationStore, RevokeError, Target},
     spiffe::SpiffeId,
     svid::{Issued, LeafRequest, LocalCa},
     token::TokenSigner,
@@ -68,6 +68,8 @@ pub struct IdentityService {
     ca: LocalCa,
     verifier: Verifier,
     revocations: RwLock<RevocationList>,
+    /// Saves are serialized here, apart from the list, which enrollments read meanwhile.
+    revocation_store: std::sync::Mutex<RevocationStore>,
     server: RwLock<ServerTls>,
     tokens: TokenSigner,
     jwks: jsonwebtoken::jwk::JwkSet,
@@ -154,7 +156,8 @@ impl IdentityService {
             }
             tracing::info!(trust_domain = %b.trust_domain, file = %b.file.display(), "trusting an external bundle");
         }
-        let revocations = RevocationList::load(&RevocationList::path(state_dir))?;
+        let (revocations, revocation_store) =
+            RevocationList::open(&RevocationList::path(state_dir))?;
         let server = issue_server(&ca, state_dir, now)?;
         let tokens = TokenSigner::load_or_create(&ca_dir(state_dir))?;
         tokens.write_jwks(&Self::jwks_path(state_dir))?;
@@ -171,6 +174,7 @@ impl IdentityService {
             state_dir: state_dir.to_path_buf(),
             verifier: Verifier::new(bundles, cfg.clock_skew),
             revocations: RwLock::new(revocations),
+            revocation_store: std::sync::Mutex::new(revocation_store),
             server: RwLock::new(server),
             ca,
         })
@@ -284,20 +288,25 @@ impl IdentityService {
         })
     }
 
-    /// Writes the revocation list (synced) so that it holds after a restart.
+    /// Makes the revocations added since the last save durable (one synced append), so that
+    /// they hold after a restart.
     pub fn save_revocations(&self) -> Result<(), RevokeError> {
+        let mut store = self
+            .revocation_store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Read-locked meanwhile: enrollments go on checking; a new revocation waits.
         let list = self
             .revocations
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        list.save(&RevocationList::path(&self.state_dir))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        store.save(&list)
     }
 
     pub fn revocations(&self) -> Vec<Revocation> {
         self.revocations
             .read()
-            .map(|l| l.entries.clone())
+            .map(|l| l.entries().to_vec())
             .unwrap_or_default()
     }
 
