@@ -209,7 +209,13 @@ impl RevocationList {
     }
 
     /// Adds a revocation unless the same target is already revoked; returns whether it was new.
-    pub fn add(&mut self, r: Revocation) -> bool {
+    /// A serial is kept in upper case without colons, the form certificates are checked in (a
+    /// list edited by hand may hold another).
+    pub fn add(&mut self, mut r: Revocation) -> bool {
+        if let Target::Serial(s) = &mut r.target {
+            s.retain(|c| c != ':');
+            s.make_ascii_uppercase();
+        }
         if self.index.contains_key(&r.target) {
             return false;
         }
@@ -414,6 +420,20 @@ mod tests {
         let l = RevocationList::load(&p).unwrap();
         let serials: Vec<String> = l.entries().iter().map(|r| r.target.to_string()).collect();
         assert_eq!(serials, ["serial 01", "serial 03"]);
+    }
+
+    #[test]
+    fn a_serial_written_by_hand_in_another_form_still_matches() {
+        let dir = Dir::new("case");
+        let p = RevocationList::path(&dir.0);
+        std::fs::write(
+            &p,
+            br#"{"entries": [{"target": {"serial": "0a:1b"}, "reason": "r", "at": "t", "by": "b"}]}"#,
+        )
+        .unwrap();
+        let l = RevocationList::load(&p).unwrap();
+        assert!(l.find("spiffe://example.org/a", "0A1B").is_some());
+        assert!(l.find("spiffe://example.org/a", "0a1b").is_some());
     }
 
     #[test]
