@@ -290,6 +290,60 @@ fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
 }
 
 #[test]
+fn a_revocation_lost_with_the_daemon_is_recovered_from_the_kernel_at_restart() {
+    let _s = serial();
+    let (_sink, mut d, mut agent, (cert, key), to) = reader_agent();
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "ok");
+    let o = d.cli(&[
+        "revoke",
+        "spiffe://agentwall.local/agent/reader/prod",
+        "--reason",
+        "key leaked",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    // A daemon that died after flagging the kernel, before its revocation list was durable.
+    d.kill9();
+    for f in ["revocations.json", "revocations.journal"] {
+        let _ = fs::remove_file(d.state_dir().join(f));
+    }
+    assert_eq!(
+        agent.cmd(&format!("tcp {to}")),
+        "err EPERM",
+        "the kernel holds the revocation while the daemon is down"
+    );
+    d.launch();
+    d.wait_healthy();
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    // Enrolling again with the certificate would rebind a cgroup without the flag: refused.
+    let again = d
+        .exec_under(
+            &["--cert", &cert, "--key", &key],
+            None,
+            &[&format!("tcp {to}")],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(126), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
+        "{again:?}"
+    );
+    let list = d.cli(&["revoke", "--list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("recovered at restart"),
+        "{list:?}"
+    );
+    let st = d.status();
+    assert_eq!(
+        st.daemon_errors.get("revocation_recovered"),
+        Some(&1),
+        "{:?}",
+        st.daemon_errors
+    );
+    drop(agent);
+}
+
+#[test]
 fn a_binding_whose_enrollment_record_was_lost_is_removed_at_restart() {
     let _s = serial();
     let (_sink, mut d, mut agent, _, to) = reader_agent();

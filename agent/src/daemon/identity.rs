@@ -309,6 +309,60 @@ impl Daemon {
         }
     }
 
+    /// At start: bindings that the kernel or their record show revoked, but that the
+    /// revocation list does not cover. The previous daemon died between flagging the kernel
+    /// and making the revocation durable (or could not write it): the flag is the evidence,
+    /// and the certificate's serial is revoked again, durably, so that enrolling once more
+    /// with it is refused (enrolling would rebind the cgroup without the flag). The original
+    /// command had not succeeded; if it named the whole SPIFFE ID, it must be given again.
+    pub(super) async fn recover_revocations(&self, revoked: Vec<(String, String, u64)>) {
+        let mut recovered = Vec::new();
+        for (spiffe_id, serial, cgroup_id) in revoked {
+            if self.identity.check_revoked(&spiffe_id, &serial).is_err() {
+                continue;
+            }
+            let Ok(target) = Target::parse(&serial) else {
+                tracing::error!(cgroup_id, %spiffe_id, %serial, "a revoked binding's record holds no valid serial; its cgroup stays flagged in the kernel");
+                self.count_error("revocation_recovery");
+                continue;
+            };
+            self.identity.revoke(
+                target,
+                "recovered at restart: the kernel had this certificate's binding revoked, the \
+                 revocation list did not",
+                "agentwall",
+            );
+            tracing::error!(cgroup_id, %spiffe_id, %serial, "a revocation the previous daemon did not make durable was recovered from the kernel; its serial is revoked again (revoke the SPIFFE ID again if that was the target)");
+            self.count_error("revocation_recovered");
+            recovered.push((spiffe_id, serial, cgroup_id));
+        }
+        if recovered.is_empty() {
+            return;
+        }
+        let identity = Arc::clone(&self.identity);
+        match blocking(move || identity.save_revocations()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the recovered revocations are not persisted; they hold until the daemon restarts");
+                self.count_error("revocation_save");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the recovered revocations are not persisted");
+                self.count_error("revocation_save");
+            }
+        }
+        for (spiffe_id, serial, cgroup_id) in recovered {
+            self.audit.record(
+                "revoked",
+                &serde_json::json!({
+                    "target": format!("serial {serial}"), "spiffe_id": spiffe_id,
+                    "cgroup_id": cgroup_id, "by": "agentwall at restart",
+                    "reason": "recovered from the kernel's flag",
+                }),
+            );
+        }
+    }
+
     /// Destroys the open TCP and UDP sockets of `cgroups`.
     pub(super) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
         match blocking(move || sockdiag::destroy_sockets(&cgroups)).await {

@@ -828,6 +828,8 @@ impl Daemon {
             .map_err(crate::enforce::actor::CallError::from)?;
         let mut registry = self.cgroups.lock().await;
         let configured: Vec<u64> = registry.keys().copied().collect();
+        // Identities revoked in the kernel or in their record: (SPIFFE ID, serial, cgroup).
+        let mut revoked = Vec::new();
         for (id, b) in &bindings {
             if configured.contains(id) {
                 continue;
@@ -867,6 +869,12 @@ impl Daemon {
                         m.agent_dir.clone_from(&r.agent_dir);
                         m.audience.clone_from(&r.audience);
                     }
+                    if let Some(bound) = m.bound.as_mut()
+                        && (bound.revoked || b.flags & flags::REVOKED != 0)
+                    {
+                        bound.revoked = true;
+                        revoked.push((bound.spiffe_id.clone(), bound.serial.clone(), *id));
+                    }
                     registry.insert(*id, m);
                 }
                 None => {
@@ -890,6 +898,7 @@ impl Daemon {
         }
         let live: Vec<u64> = registry.keys().copied().chain([root_id]).collect();
         drop(registry);
+        self.recover_revocations(revoked).await;
         self.save_enrollments().await;
         let _ = self.enforce_revocations().await;
         for id in self
