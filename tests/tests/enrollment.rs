@@ -224,13 +224,31 @@ fn reader_agent() -> (TcpSink, TestDaemon, Repl, (String, String), String) {
     (sink, d, agent, (cert, key), to)
 }
 
-#[test]
-fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
-    let _s = serial();
-    let (sink, mut d, mut agent, (cert, key), to) = reader_agent();
-    assert_eq!(agent.cmd(&format!("stream {to}")), "ok");
-    sink.wait_flowing();
+/// After a restart: enrolling again with the revoked certificate is refused, and the
+/// revocation list holds an entry whose text has `listed`.
+fn assert_revoked_after_restart(d: &TestDaemon, (cert, key): (&str, &str), to: &str, listed: &str) {
+    let again = d
+        .exec_under(
+            &["--cert", cert, "--key", key],
+            None,
+            &[&format!("tcp {to}")],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(126), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
+        "{again:?}"
+    );
+    let list = d.cli(&["revoke", "--list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains(listed),
+        "{list:?}"
+    );
+}
 
+/// `agentwall revoke` of the reader agent's SPIFFE ID ("key leaked"), which must succeed.
+fn revoke_reader(d: &TestDaemon) -> std::process::Output {
     let o = d.cli(&[
         "revoke",
         "spiffe://agentwall.local/agent/reader/prod",
@@ -238,6 +256,17 @@ fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
         "key leaked",
     ]);
     assert!(o.status.success(), "{o:?}");
+    o
+}
+
+#[test]
+fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
+    let _s = serial();
+    let (sink, mut d, mut agent, (cert, key), to) = reader_agent();
+    assert_eq!(agent.cmd(&format!("stream {to}")), "ok");
+    sink.wait_flowing();
+
+    let o = revoke_reader(&d);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("1 cgroups denied everything") && out.contains("1 sockets destroyed"),
@@ -266,27 +295,41 @@ fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
     d.launch();
     d.wait_healthy();
     assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
-    let again = d
-        .exec_under(
-            &["--cert", &cert, "--key", &key],
-            None,
-            &[&format!("tcp {to}")],
-        )
-        .output()
-        .unwrap();
-    assert_eq!(again.status.code(), Some(126), "{again:?}");
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
-        "{again:?}"
-    );
-    let list = d.cli(&["revoke", "--list"]);
-    assert!(
-        String::from_utf8_lossy(&list.stdout).contains("key leaked"),
-        "{list:?}"
-    );
+    assert_revoked_after_restart(&d, (&cert, &key), &to, "key leaked");
     let st = d.status();
     assert!(st.cgroups.iter().any(|c| c.revoked), "{:?}", st.cgroups);
     drop(agent);
+}
+
+/// Kills the daemon (SIGKILL) and deletes the snapshot and journal named `store` from its state
+/// directory; the agent's connect to `to` meanwhile gets `while_down`. Then starts the daemon
+/// again, after which the agent's connect is refused.
+fn restart_having_lost(
+    d: &mut TestDaemon,
+    agent: &mut Repl,
+    to: &str,
+    store: &str,
+    while_down: &str,
+) {
+    d.kill9();
+    for ext in ["json", "journal"] {
+        let _ = fs::remove_file(d.state_dir().join(format!("{store}.{ext}")));
+    }
+    assert_eq!(agent.cmd(&format!("tcp {to}")), while_down, "daemon down");
+    d.launch();
+    d.wait_healthy();
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+}
+
+/// The daemon counted one error named `what`.
+fn assert_counted_once(d: &TestDaemon, what: &str) {
+    let st = d.status();
+    assert_eq!(
+        st.daemon_errors.get(what),
+        Some(&1),
+        "{what}: {:?}",
+        st.daemon_errors
+    );
 }
 
 #[test]
@@ -294,52 +337,13 @@ fn a_revocation_lost_with_the_daemon_is_recovered_from_the_kernel_at_restart() {
     let _s = serial();
     let (_sink, mut d, mut agent, (cert, key), to) = reader_agent();
     assert_eq!(agent.cmd(&format!("tcp {to}")), "ok");
-    let o = d.cli(&[
-        "revoke",
-        "spiffe://agentwall.local/agent/reader/prod",
-        "--reason",
-        "key leaked",
-    ]);
-    assert!(o.status.success(), "{o:?}");
+    revoke_reader(&d);
     // A daemon that died after flagging the kernel, before its revocation list was durable.
-    d.kill9();
-    for f in ["revocations.json", "revocations.journal"] {
-        let _ = fs::remove_file(d.state_dir().join(f));
-    }
-    assert_eq!(
-        agent.cmd(&format!("tcp {to}")),
-        "err EPERM",
-        "the kernel holds the revocation while the daemon is down"
-    );
-    d.launch();
-    d.wait_healthy();
-    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    // The kernel holds the revocation while the daemon is down.
+    restart_having_lost(&mut d, &mut agent, &to, "revocations", "err EPERM");
     // Enrolling again with the certificate would rebind a cgroup without the flag: refused.
-    let again = d
-        .exec_under(
-            &["--cert", &cert, "--key", &key],
-            None,
-            &[&format!("tcp {to}")],
-        )
-        .output()
-        .unwrap();
-    assert_eq!(again.status.code(), Some(126), "{again:?}");
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
-        "{again:?}"
-    );
-    let list = d.cli(&["revoke", "--list"]);
-    assert!(
-        String::from_utf8_lossy(&list.stdout).contains("recovered at restart"),
-        "{list:?}"
-    );
-    let st = d.status();
-    assert_eq!(
-        st.daemon_errors.get("revocation_recovered"),
-        Some(&1),
-        "{:?}",
-        st.daemon_errors
-    );
+    assert_revoked_after_restart(&d, (&cert, &key), &to, "recovered at restart");
+    assert_counted_once(&d, "revocation_recovered");
     drop(agent);
 }
 
@@ -349,26 +353,11 @@ fn a_binding_whose_enrollment_record_was_lost_is_removed_at_restart() {
     let (_sink, mut d, mut agent, _, to) = reader_agent();
     assert_eq!(agent.cmd(&format!("tcp {to}")), "ok");
     // A daemon that died between binding the cgroup and writing its record: the binding is in
-    // the kernel, no record names its identity (so a revocation by ID could not find it).
-    d.kill9();
-    for f in ["enrollments.json", "enrollments.journal"] {
-        let _ = fs::remove_file(d.state_dir().join(f));
-    }
-    assert_eq!(
-        agent.cmd(&format!("tcp {to}")),
-        "ok",
-        "the binding outlives the daemon"
-    );
-    d.launch();
-    d.wait_healthy();
-    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    // the kernel, no record names its identity (so a revocation by ID could not find it). The
+    // binding outlives the daemon.
+    restart_having_lost(&mut d, &mut agent, &to, "enrollments", "ok");
+    assert_counted_once(&d, "enrollment_unknown");
     let st = d.status();
-    assert_eq!(
-        st.daemon_errors.get("enrollment_unknown"),
-        Some(&1),
-        "{:?}",
-        st.daemon_errors
-    );
     assert!(
         st.cgroups.iter().all(|c| c.spiffe_id.is_none()),
         "{:?}",
