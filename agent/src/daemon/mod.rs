@@ -869,11 +869,14 @@ impl Daemon {
                         m.agent_dir.clone_from(&r.agent_dir);
                         m.audience.clone_from(&r.audience);
                     }
-                    if let Some(bound) = m.bound.as_mut()
-                        && (bound.revoked || b.flags & flags::REVOKED != 0)
-                    {
-                        bound.revoked = true;
-                        revoked.push((bound.spiffe_id.clone(), bound.serial.clone(), *id));
+                    if let Some(bound) = m.bound.as_mut() {
+                        let flagged = b.flags & flags::REVOKED != 0;
+                        if bound.revoked || flagged {
+                            revoked.push((bound.spiffe_id.clone(), bound.serial.clone(), *id));
+                        }
+                        // What the kernel holds, not what the record says: a binding the list
+                        // covers but the kernel does not flag is flagged again below.
+                        bound.revoked = flagged;
                     }
                     registry.insert(*id, m);
                 }

@@ -71,13 +71,6 @@ impl Target {
         }
         Err(RevokeError::BadTarget(s.into()))
     }
-
-    pub fn matches(&self, spiffe_id: &str, serial: &str) -> bool {
-        match self {
-            Self::SpiffeId(id) => id == spiffe_id,
-            Self::Serial(s) => s.eq_ignore_ascii_case(serial),
-        }
-    }
 }
 
 impl std::fmt::Display for Target {
@@ -319,11 +312,14 @@ mod tests {
     #[test]
     fn targets_parse_and_match() {
         let id = Target::parse("spiffe://example.org/agent/a/prod").unwrap();
-        assert!(id.matches("spiffe://example.org/agent/a/prod", "01"));
-        assert!(!id.matches("spiffe://example.org/agent/a/dev", "01"));
         let serial = Target::parse("7f:0a:bc").unwrap();
         assert_eq!(serial, Target::Serial("7F0ABC".into()));
-        assert!(serial.matches("spiffe://x/y", "7f0abc"));
+        let mut l = RevocationList::default();
+        l.add(revocation(id));
+        l.add(revocation(serial));
+        assert!(l.find("spiffe://example.org/agent/a/prod", "01").is_some());
+        assert!(l.find("spiffe://example.org/agent/a/dev", "01").is_none());
+        assert!(l.find("spiffe://x/y", "7f0abc").is_some());
         for bad in ["", "spiffe://Example.org/a", "xyz", "agent/a/prod"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
