@@ -273,6 +273,10 @@ struct CaArgs {
     /// Trust domain of the local CA.
     #[arg(long, default_value = config::defaults::TRUST_DOMAIN)]
     trust_domain: String,
+    /// Key type of the certificate issued (and of the CA, if this creates it); as the
+    /// daemon's `identity.key_algorithm`.
+    #[arg(long, value_enum, default_value = "ed25519")]
+    key_algorithm: crate::identity::svid::KeyAlgorithm,
 }
 
 #[derive(Debug, Subcommand)]
@@ -717,8 +721,13 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 lifetime,
                 capabilities: caps,
             };
-            let issued =
-                identity::issue_into(&ca.state_dir, &ca.trust_domain, &req, &requester, &out)?;
+            let issued = identity::issue_into(
+                &ca.state_dir,
+                (&ca.trust_domain, ca.key_algorithm),
+                &req,
+                &requester,
+                &out,
+            )?;
             println!(
                 "issued {} serial {} valid until {} into {}",
                 issued.id,
@@ -890,8 +899,13 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 nix::unistd::getuid(),
                 old.serial
             );
-            let issued =
-                identity::issue_into(&ca.state_dir, &ca.trust_domain, &req, &requester, &out)?;
+            let issued = identity::issue_into(
+                &ca.state_dir,
+                (&ca.trust_domain, ca.key_algorithm),
+                &req,
+                &requester,
+                &out,
+            )?;
             println!(
                 "renewed {} serial {} -> {} valid until {} into {}",
                 issued.id,

@@ -189,6 +189,9 @@ pub struct IdentityConfig {
     /// Where the files of agents launched by `agentwall exec --cert` live, one directory per
     /// cgroup; renewals replace them there.
     pub agent_dir: PathBuf,
+    /// Key type of the certificates the local CA issues, and of the CA itself when it is
+    /// created: `ed25519` (default) or `ecdsa-p256`.
+    pub key_algorithm: crate::identity::svid::KeyAlgorithm,
 }
 
 impl Default for IdentityConfig {
@@ -202,6 +205,7 @@ impl Default for IdentityConfig {
             clock_skew: Duration::from_secs(30),
             bundles: Vec::new(),
             agent_dir: PathBuf::from(defaults::AGENT_DIR),
+            key_algorithm: crate::identity::svid::KeyAlgorithm::default(),
         }
     }
 }
@@ -515,6 +519,7 @@ fn pick(flag: &Option<PathBuf>, file: Option<PathBuf>, default: &str) -> PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::svid::KeyAlgorithm;
 
     #[test]
     fn defaults_apply_without_file() {
@@ -574,6 +579,9 @@ mod tests {
         );
         assert_eq!(c.enrollment.mode, 0o660);
         assert_eq!(c.identity.bundles[0].trust_domain, "spire.example");
+        assert_eq!(c.identity.key_algorithm, KeyAlgorithm::Ed25519);
+        let p256 = load_text("p256", "identity:\n  key_algorithm: ecdsa-p256\n").unwrap();
+        assert_eq!(p256.identity.key_algorithm, KeyAlgorithm::EcdsaP256);
         for (text, want) in [
             (
                 "identity:\n  trust_domain: Example.org\n",
@@ -585,6 +593,10 @@ mod tests {
             ),
             ("identity:\n  svid_lifetime: soon\n", "not a duration"),
             ("identity:\n  renew_before: 2h\n", "identity.renew_before"),
+            (
+                "identity:\n  key_algorithm: rsa\n",
+                "expected `ed25519` or `ecdsa-p256`",
+            ),
             ("enrollment:\n  mode: \"0999\"\n", "octal file mode"),
             (
                 "identity:\n  bundles:\n    - trust_domain: a/b\n      file: x\n",

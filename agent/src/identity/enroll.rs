@@ -425,7 +425,7 @@ mod tests {
     use super::*;
     use crate::identity::{
         spiffe::SpiffeId,
-        svid::{DEFAULT_LIFETIME, LeafRequest, LocalCa},
+        svid::{DEFAULT_LIFETIME, KeyAlgorithm, LeafRequest, LocalCa},
     };
 
     /// One handshake over a socket pair; returns how the server saw it.
@@ -463,8 +463,15 @@ mod tests {
 
     #[test]
     fn every_enrollment_is_a_full_handshake_in_the_daemons_suite_order() {
+        for keys in [KeyAlgorithm::Ed25519, KeyAlgorithm::EcdsaP256] {
+            full_handshakes_with(keys);
+        }
+    }
+
+    /// Agents' keys and the CA's of type `keys` (the server's is always Ed25519).
+    fn full_handshakes_with(keys: KeyAlgorithm) {
         let now = SystemTime::now();
-        let ca = LocalCa::create("example.org", now).unwrap();
+        let ca = LocalCa::create_with("example.org", keys, now).unwrap();
         let leaf = |id: &str| LeafRequest {
             id: SpiffeId::workload(id).unwrap(),
             lifetime: DEFAULT_LIFETIME,

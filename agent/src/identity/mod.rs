@@ -57,13 +57,13 @@ pub fn parse_id(s: &str, trust_domain: &str) -> Result<SpiffeId, IdError> {
 /// writes `svid.pem`, `svid.key` (0600) and `bundle.pem` into `out`.
 pub fn issue_into(
     state_dir: &Path,
-    trust_domain: &str,
+    (trust_domain, keys): (&str, svid::KeyAlgorithm),
     req: &LeafRequest,
     requester: &str,
     out: &Path,
 ) -> Result<Issued, IdentityError> {
     let now = SystemTime::now();
-    let ca = LocalCa::load_or_create(&ca_dir(state_dir), trust_domain, now)?;
+    let ca = LocalCa::load_or_create(&ca_dir(state_dir), trust_domain, keys, now)?;
     let issued = ca.issue(req, now)?;
     // Recorded before it is handed out: no identity exists that the log does not know.
     log::append(

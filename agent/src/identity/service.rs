@@ -134,8 +134,13 @@ impl IdentityService {
     /// issues the enrollment server's certificate.
     pub fn start(state_dir: &Path, cfg: &IdentityConfig) -> Result<Self, ServiceError> {
         let now = SystemTime::now();
-        let ca = LocalCa::load_or_create(&ca_dir(state_dir), &cfg.trust_domain, now)
-            .map_err(IdentityError::from)?;
+        let ca = LocalCa::load_or_create(
+            &ca_dir(state_dir),
+            &cfg.trust_domain,
+            cfg.key_algorithm,
+            now,
+        )
+        .map_err(IdentityError::from)?;
         let mut bundles = TrustBundles::default();
         bundles
             .add(&cfg.trust_domain, ca.cert_der().clone())

@@ -392,7 +392,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::identity::svid::{DEFAULT_LIFETIME, LeafRequest, LocalCa};
+    use crate::identity::svid::{DEFAULT_LIFETIME, KeyAlgorithm, LeafRequest, LocalCa};
 
     fn t0() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -705,5 +705,45 @@ mod tests {
         ));
         // A clock that went back is not trusted with the remembered verdict either.
         assert!(at(t0() - Duration::from_secs(30)).is_ok());
+    }
+    #[test]
+    fn svids_of_either_key_type_under_a_ca_of_either_type_verify() {
+        let req = LeafRequest {
+            id: SpiffeId::workload(ID).unwrap(),
+            lifetime: DEFAULT_LIFETIME,
+            capabilities: vec![],
+        };
+        let dir = std::env::temp_dir().join(format!("aw-verify-keys-{}", std::process::id()));
+        let all = [KeyAlgorithm::Ed25519, KeyAlgorithm::EcdsaP256];
+        for ca_keys in all {
+            for leaf_keys in all {
+                let _ = std::fs::remove_dir_all(&dir);
+                // The CA is created with one type, then issues leaves of the other.
+                LocalCa::load_or_create(&dir, "example.org", ca_keys, t0()).unwrap();
+                let ca = LocalCa::load_or_create(&dir, "example.org", leaf_keys, t0()).unwrap();
+                let mut bundles = TrustBundles::default();
+                bundles.add("example.org", ca.cert_der().clone()).unwrap();
+                let v = Verifier::new(bundles, DEFAULT_SKEW);
+                let leaf = ca.issue(&req, t0()).unwrap();
+                let got = v.verify_client(std::slice::from_ref(&leaf.cert_der), t0());
+                assert_eq!(
+                    got.unwrap().serial,
+                    leaf.serial,
+                    "{ca_keys:?} CA, {leaf_keys:?} leaf"
+                );
+                // Under another CA of the same types it fails.
+                let other = LocalCa::create_with("example.org", ca_keys, t0()).unwrap();
+                let mut bundles = TrustBundles::default();
+                bundles
+                    .add("example.org", other.cert_der().clone())
+                    .unwrap();
+                let v = Verifier::new(bundles, DEFAULT_SKEW);
+                assert!(matches!(
+                    v.verify_client(std::slice::from_ref(&leaf.cert_der), t0()),
+                    Err(SvidError::Chain { .. })
+                ));
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
