@@ -71,6 +71,8 @@ pub enum CaError {
     Sign(#[from] rcgen::Error),
     #[error("no randomness for a serial number")]
     Random,
+    #[error("generating a new {0} key failed (the system's random source?)")]
+    KeyGen(&'static str),
 }
 
 /// What to issue.
@@ -123,7 +125,7 @@ impl KeyAlgorithm {
             Self::Ed25519 => {
                 let doc = aws_lc_rs::signature::Ed25519KeyPair::generate()
                     .and_then(|k| k.to_pkcs8v1())
-                    .map_err(|_| CaError::Random)?;
+                    .map_err(|_| CaError::KeyGen(self.name()))?;
                 Ok(KeyPair::from_pkcs8_der_and_sign_algo(
                     &rustls_pki_types::PrivatePkcs8KeyDer::from(doc.as_ref()),
                     &rcgen::PKCS_ED25519,
