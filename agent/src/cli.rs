@@ -279,6 +279,24 @@ struct CaArgs {
     key_algorithm: crate::identity::svid::KeyAlgorithm,
 }
 
+impl CaArgs {
+    /// Issues from this CA into `out` (see `identity::issue_into`).
+    fn issue_into(
+        &self,
+        req: &crate::identity::svid::LeafRequest,
+        requester: &str,
+        out: &std::path::Path,
+    ) -> Result<crate::identity::svid::Issued, crate::identity::IdentityError> {
+        crate::identity::issue_into(
+            &self.state_dir,
+            (&self.trust_domain, self.key_algorithm),
+            req,
+            requester,
+            out,
+        )
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum IdentityCommand {
     /// Issue an X509-SVID from the local CA into a directory (svid.pem, svid.key, bundle.pem).
@@ -721,13 +739,7 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 lifetime,
                 capabilities: caps,
             };
-            let issued = identity::issue_into(
-                &ca.state_dir,
-                (&ca.trust_domain, ca.key_algorithm),
-                &req,
-                &requester,
-                &out,
-            )?;
+            let issued = ca.issue_into(&req, &requester, &out)?;
             println!(
                 "issued {} serial {} valid until {} into {}",
                 issued.id,
@@ -899,13 +911,7 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 nix::unistd::getuid(),
                 old.serial
             );
-            let issued = identity::issue_into(
-                &ca.state_dir,
-                (&ca.trust_domain, ca.key_algorithm),
-                &req,
-                &requester,
-                &out,
-            )?;
+            let issued = ca.issue_into(&req, &requester, &out)?;
             println!(
                 "renewed {} serial {} -> {} valid until {} into {}",
                 issued.id,
