@@ -444,6 +444,18 @@ impl TestDaemon {
     /// execute: see [`TestDaemon::world_copy`]).
     pub fn run_command_of(&self, bin: &Path) -> Command {
         let mut c = Command::new(bin);
+        // A test daemon dies with the test that started it, even when the test run itself is
+        // killed (what it leaves is swept by the next `cargo xtask test`).
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         c.arg("run")
             .arg("--policies")
             .arg(&self.policies)

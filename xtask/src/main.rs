@@ -3,6 +3,7 @@
 //! `setup` installs what building the kernel programs needs and is idempotent; every other
 //! task runs it first, so a fresh machine needs no other step.
 
+mod leftovers;
 mod setup;
 
 use std::{
@@ -143,6 +144,8 @@ fn run(task: Task) -> anyhow::Result<()> {
             if rounds < 11 {
                 bail!("--rounds must be at least 11");
             }
+            build(true)?;
+            leftovers::sweep(&root().join("target/release/agentwall"));
             step("benchmark: enforcement overhead (release build)");
             let report = root().join("docs/benchmarks.md");
             let mut c = cargo();
@@ -157,7 +160,6 @@ fn run(task: Task) -> anyhow::Result<()> {
             c.arg(format!("--rounds={rounds}"));
             c.arg(format!("--report={}", report.display()));
             status(c)?;
-            build(true)?;
             step("benchmark: audit store and pipeline (release daemon)");
             let mut c = cargo();
             c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
@@ -308,6 +310,7 @@ fn test() -> anyhow::Result<()> {
         );
     }
     test_tools()?;
+    leftovers::sweep(&root().join("target/debug/agentwall"));
     step("root integration tests (serial, real kernel)");
     let mut c = cargo();
     c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
