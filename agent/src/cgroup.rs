@@ -1,8 +1,7 @@
 //! cgroup v2 file system access: finding the mount, creating and removing cgroups, ids.
 
 use std::{
-    fs,
-    io::{self, BufRead as _},
+    fs, io,
     os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     path::{Component, Path, PathBuf},
 };
@@ -28,6 +27,13 @@ pub enum CgroupError {
     },
     #[error("refusing to use the root cgroup {0}: every process of the host lives there")]
     RootCgroup(PathBuf),
+    #[error(
+        "this process is in a cgroup namespace of its own: the cgroup v2 mount {at} shows {root:?} \
+         of it, not the whole hierarchy, and other processes' cgroups would be misnamed; run \
+         agentwall in the host's cgroup namespace (in a container: `nsenter --target 1 --cgroup \
+         -- agentwall run ...` with the host's process namespace, as deploy/kubernetes does)"
+    )]
+    PrivateNamespace { at: PathBuf, root: String },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
@@ -38,23 +44,69 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
     }
 }
 
+/// A cgroup v2 mount: where it is, and which cgroup of the hierarchy it shows at its root,
+/// as this process's cgroup namespace sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub at: PathBuf,
+    pub root: String,
+}
+
+/// The cgroup v2 mounts listed in a mountinfo text, in its order.
+fn cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // Fields: id parent major:minor root mount-point options... - fstype source ...
+            let (pre, post) = line.split_once(" - ")?;
+            if post.split_whitespace().next() != Some("cgroup2") {
+                return None;
+            }
+            let mut f = pre.split_whitespace().skip(3);
+            let root = unescape_mountinfo(f.next()?);
+            let at = PathBuf::from(unescape_mountinfo(f.next()?));
+            Some(Cgroup2Mount { at, root })
+        })
+        .collect()
+}
+
+/// The mount to use: the first that shows the whole hierarchy (root `/`), else the first.
+fn pick(mounts: &[Cgroup2Mount]) -> Result<&Cgroup2Mount, CgroupError> {
+    mounts
+        .iter()
+        .find(|m| m.root == "/")
+        .or_else(|| mounts.first())
+        .ok_or(CgroupError::NoCgroup2)
+}
+
+fn read_mountinfo() -> Result<String, CgroupError> {
+    fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::MountInfo)
+}
+
 /// The cgroup v2 mount point, read from /proc/self/mountinfo (never assumed: it is
-/// /sys/fs/cgroup on unified hosts and /sys/fs/cgroup/unified on hybrid ones).
+/// /sys/fs/cgroup on unified hosts and /sys/fs/cgroup/unified on hybrid ones). A mount of the
+/// whole hierarchy is preferred over one of a subtree (a container's own).
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let f = fs::File::open("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
-    for line in io::BufReader::new(f).lines() {
-        let line = line.map_err(CgroupError::MountInfo)?;
-        // Fields: id parent major:minor root mount-point options... - fstype source super-options
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        if post.split_whitespace().next() == Some("cgroup2")
-            && let Some(mount) = pre.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(unescape_mountinfo(mount)));
-        }
+    Ok(pick(&cgroup2_mounts(&read_mountinfo()?))?.at.clone())
+}
+
+/// Refuses a cgroup namespace of its own (a container's): there, /proc/PID/cgroup of other
+/// processes reads relative to it (`/..`), and no mount shows the whole hierarchy, so the
+/// cgroups of agents would be misnamed. The daemon runs in the host's cgroup namespace.
+pub fn ensure_host_cgroup_namespace() -> Result<PathBuf, CgroupError> {
+    host_mount(&cgroup2_mounts(&read_mountinfo()?))
+}
+
+fn host_mount(mounts: &[Cgroup2Mount]) -> Result<PathBuf, CgroupError> {
+    let m = pick(mounts)?;
+    if m.root == "/" {
+        Ok(m.at.clone())
+    } else {
+        Err(CgroupError::PrivateNamespace {
+            at: m.at.clone(),
+            root: m.root.clone(),
+        })
     }
-    Err(CgroupError::NoCgroup2)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
@@ -223,6 +275,41 @@ mod tests {
             Cgroup::under(m, "./a"),
             Err(CgroupError::BadPath(_))
         ));
+    }
+
+    #[test]
+    fn the_mount_of_the_whole_hierarchy_is_chosen_and_a_private_namespace_refused() {
+        let host = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                    30 1 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        let mounts = cgroup2_mounts(host);
+        assert_eq!(
+            mounts,
+            [Cgroup2Mount {
+                at: "/sys/fs/cgroup/unified".into(),
+                root: "/".into()
+            }]
+        );
+        assert_eq!(
+            host_mount(&mounts).unwrap(),
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        // A container: the runtime's mount shows its own cgroup; the host's, bound in, the
+        // whole hierarchy (seen from the host's cgroup namespace).
+        let container = "700 600 0:30 /kubepods/pod1/c1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                         701 700 0:30 / /host/cgroup\\040v2 rw - cgroup2 cgroup2 rw\n";
+        let mounts = cgroup2_mounts(container);
+        assert_eq!(pick(&mounts).unwrap().at, Path::new("/host/cgroup v2"));
+        assert_eq!(host_mount(&mounts).unwrap(), Path::new("/host/cgroup v2"));
+        // In a cgroup namespace of its own, the same mounts read relative to it.
+        let private = "700 600 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                       701 700 0:30 /.. /host/cgroup rw - cgroup2 cgroup2 rw\n";
+        let mounts = cgroup2_mounts(private);
+        assert_eq!(pick(&mounts).unwrap().at, Path::new("/sys/fs/cgroup"));
+        let private = "701 700 0:30 /.. /host/cgroup rw - cgroup2 cgroup2 rw\n";
+        let e = host_mount(&cgroup2_mounts(private)).unwrap_err();
+        assert!(matches!(e, CgroupError::PrivateNamespace { .. }), "{e}");
+        assert!(e.to_string().contains("nsenter --target 1 --cgroup"), "{e}");
+        assert!(matches!(host_mount(&[]), Err(CgroupError::NoCgroup2)));
     }
 
     #[test]

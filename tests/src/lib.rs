@@ -444,18 +444,7 @@ impl TestDaemon {
     /// execute: see [`TestDaemon::world_copy`]).
     pub fn run_command_of(&self, bin: &Path) -> Command {
         let mut c = Command::new(bin);
-        // A test daemon dies with the test that started it, even when the test run itself is
-        // killed (what it leaves is swept by the next `cargo xtask test`).
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        die_with_parent(&mut c);
         c.arg("run")
             .arg("--policies")
             .arg(&self.policies)
@@ -484,6 +473,12 @@ impl TestDaemon {
     }
 
     pub fn launch(&mut self) {
+        let c = self.run_command();
+        self.launch_command(c);
+    }
+
+    /// Starts `c`, a command that ends in this daemon's `agentwall run` (a wrapper's, say).
+    pub fn launch_command(&mut self, mut c: Command) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -494,8 +489,8 @@ impl TestDaemon {
             .append(true)
             .open(self.dir.join("stdout.jsonl"))
             .expect("stdout file");
-        let child = self
-            .run_command()
+        die_with_parent(&mut c);
+        let child = c
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log)
@@ -732,6 +727,21 @@ impl Drop for TestDaemon {
             let _ = fs::remove_dir_all(&self.pin_dir);
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A test daemon dies with the test that started it, even when the test run itself is killed
+/// (what it leaves is swept by the next `cargo xtask test`).
+fn die_with_parent(c: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(c, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }
 

@@ -487,3 +487,68 @@ fn metrics_show_health_and_verdicts_and_refuse_other_requests() {
         "{err}"
     );
 }
+
+/// The daemon in a container: a cgroup namespace of its own (rooted at its cgroup) sees other
+/// processes' cgroups relative to it, so the daemon refuses to start there; joined to the
+/// host's cgroup namespace first, as deploy/kubernetes runs it, it enforces.
+#[test]
+fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_the_hosts() {
+    let _s = serial();
+    let (allowed, denied) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let name = format!("awt-{}-ns", std::process::id());
+    let cg = agentwall_tests::CgroupGuard(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
+    cg.0.create().unwrap();
+    let mut d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))], None);
+    // sh moves itself into the cgroup, then `unshare --cgroup` roots a new namespace there.
+    let enter = format!(
+        "echo $$ > {}/cgroup.procs && exec \"$@\"",
+        cg.0.path().display()
+    );
+    let contained = |prefix: &[&str]| {
+        let run = d.run_command();
+        let mut c = std::process::Command::new("/bin/sh");
+        c.args(["-c", &enter, "sh", "unshare", "--cgroup", "--"])
+            .args(prefix)
+            .arg(run.get_program())
+            .args(run.get_args());
+        for (k, v) in run.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c
+    };
+    let out = contained(&[]).output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let err_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
+        .collect();
+    assert_eq!(err_lines.len(), 1, "exactly one line: {err}");
+    assert!(
+        err_lines[0].contains("cgroup namespace of its own")
+            && err_lines[0].contains("nsenter --target 1 --cgroup"),
+        "{err}"
+    );
+    assert!(
+        !d.pin_dir.exists(),
+        "nothing loaded: {}",
+        d.pin_dir.display()
+    );
+
+    // deploy/kubernetes joins the namespace of PID 1 (the host's init, with hostPID); here,
+    // where PID 1's namespaces may not be opened, that of this test, also the host's.
+    let me = std::process::id().to_string();
+    d.launch_command(contained(&["nsenter", "--target", &me, "--cgroup", "--"]));
+    d.wait_healthy();
+    let o = d.exec(
+        "web",
+        None,
+        &[
+            &format!("tcp 127.0.0.1:{}", allowed.port()),
+            &format!("tcp 127.0.0.1:{}", denied.port()),
+        ],
+    );
+    assert_eq!(lines(&o), ["ok", "err EPERM"], "{o:?}");
+}

@@ -30,7 +30,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     })?;
     // Two daemons on one state directory would fight over the same kernel objects.
     let _lock = lock_state_dir(&cfg.state_dir)?;
-    let mount = cgroup::cgroup2_mount()?;
+    let mount = cgroup::ensure_host_cgroup_namespace()?;
     let root = Cgroup::under(&mount, &cfg.cgroup_root)?;
     root.ensure_not_root(&mount)?;
     let slots_path = cfg.state_dir.join("slots.json");
