@@ -10,11 +10,19 @@
 //! ~0.2 ms), whatever the number of sockets, and a dump per family walks it twice; the older
 //! TCPDIAG_GETSOCK request dumps both families in one walk, so it is asked first (the
 //! per-family dumps remain the fallback). UDP tables are small: one dump per family.
+//!
+//! A dump lists the sockets of one network namespace, the caller's. Agents in containers have
+//! namespaces of their own: the namespaces the processes of the cgroups are in are found
+//! through /proc/PID/ns/net and each is searched from a short-lived thread that joins it.
 
 use std::{
     collections::HashSet,
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    fs, io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::PathBuf,
 };
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
@@ -293,6 +301,84 @@ pub fn destroy_sockets(cgroups: &HashSet<u64>) -> io::Result<Destroyed> {
         }
     }
     Ok(out)
+}
+
+/// At most this many cgroup directories are read when looking for network namespaces (an
+/// agent's cgroup and its descendants).
+const MAX_CGROUP_DIRS: usize = 4096;
+
+/// The network namespaces, other than this thread's, that processes of the cgroups at `dirs`
+/// or of their descendants are in: one handle each.
+pub fn foreign_namespaces(dirs: &[PathBuf]) -> Vec<OwnedFd> {
+    let Ok(own) = fs::metadata("/proc/thread-self/ns/net") else {
+        return Vec::new();
+    };
+    let mut seen = HashSet::from([(own.dev(), own.ino())]);
+    let mut out = Vec::new();
+    let mut stack = dirs.to_vec();
+    let mut read = 0;
+    while let Some(dir) = stack.pop() {
+        read += 1;
+        if read > MAX_CGROUP_DIRS {
+            tracing::warn!(
+                max = MAX_CGROUP_DIRS,
+                "too many cgroups to search for network namespaces; the rest are left to the packet backstop"
+            );
+            break;
+        }
+        // A cgroup or process gone meanwhile has no socket left to cut.
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let Ok(f) = fs::File::open(format!("/proc/{pid}/ns/net")) else {
+                    continue;
+                };
+                if let Ok(m) = f.metadata()
+                    && seen.insert((m.dev(), m.ino()))
+                {
+                    out.push(OwnedFd::from(f));
+                }
+            }
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
+}
+
+/// `destroy_sockets` in this thread's network namespace, then in each of `namespaces` from a
+/// thread that joins it (the daemon's own threads stay where they are). A namespace that
+/// cannot be searched counts as one failure; an error in this thread's own is returned after
+/// the others were searched.
+pub fn destroy_sockets_in(cgroups: &HashSet<u64>, namespaces: &[OwnedFd]) -> io::Result<Destroyed> {
+    let own = destroy_sockets(cgroups);
+    let mut total = own.as_ref().map_or_else(|_| Destroyed::default(), |d| *d);
+    for ns in namespaces {
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                destroy_sockets(cgroups)
+            })
+            .join()
+        });
+        match got {
+            Ok(Ok(d)) => {
+                total.sockets += d.sockets;
+                total.failed += d.failed;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot destroy sockets in an agent's network namespace");
+                total.failed += 1;
+            }
+            Err(_) => total.failed += 1,
+        }
+    }
+    own.map(|_| total)
 }
 
 #[cfg(test)]

@@ -617,22 +617,7 @@ impl TestDaemon {
 
     /// A long-running netprobe REPL under `agentwall exec UNDER...`.
     pub fn repl_under(&self, under: &[&str]) -> Repl {
-        let mut child = self
-            .exec_under(under, None, &["repl"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("agentwall exec repl");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut r = Repl {
-            child,
-            stdin,
-            stdout,
-        };
-        // The first answer proves the command runs (its cgroup is ready).
-        assert!(r.cmd("pid").parse::<u32>().is_ok());
-        r
+        Repl::spawn(self.exec_under(under, None, &["repl"]))
     }
 
     /// Subscribes to the daemon's verdict stream.
@@ -781,6 +766,25 @@ pub struct Repl {
 }
 
 impl Repl {
+    /// Starts `c`, a command that ends in `aw-netprobe repl`.
+    pub fn spawn(mut c: Command) -> Self {
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a netprobe repl");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut r = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        // The first answer proves the command runs (its cgroup is ready).
+        assert!(r.cmd("pid").parse::<u32>().is_ok());
+        r
+    }
+
     pub fn cmd(&mut self, line: &str) -> String {
         writeln!(self.stdin, "{line}").expect("write to repl");
         self.stdin.flush().expect("flush repl");

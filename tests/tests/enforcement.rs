@@ -408,3 +408,35 @@ fn a_reload_that_takes_a_permission_away_stops_an_open_stream() {
     assert!(d.cli(&["reload"]).status.success());
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
 }
+
+/// An agent in a network namespace other than the daemon's (a container's): the daemon's
+/// socket search in its own namespace does not list the agent's sockets, so it searches the
+/// namespaces the cgroup's processes are in. The listener, outside the enforced cgroup, makes
+/// the namespace (its loopback only); the agent joins it and streams to it.
+#[test]
+fn quarantine_cuts_an_open_stream_in_the_agents_own_network_namespace() {
+    let _s = serial();
+    // Any port: the namespace is new. The same one in the daemon's namespace stays closed, so
+    // a connect that went there would fail, not reach the listener.
+    let port = 47_613;
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[port]))]);
+    let mut host = agentwall_tests::Repl::spawn({
+        let mut c = std::process::Command::new(agentwall_tests::netprobe_bin());
+        c.arg("repl");
+        c
+    });
+    assert_eq!(host.cmd("unshare-net"), "ok");
+    let to = format!("127.0.0.1:{port}");
+    assert_eq!(host.cmd(&format!("listen {to}")), "ok");
+    let netns = format!("/proc/{}/ns/net", host.cmd("pid"));
+
+    let mut agent = d.repl("web");
+    let cgroup = agent.cmd("cgroup");
+    assert_eq!(agent.cmd(&format!("join-net {netns}")), "ok");
+    assert_eq!(agent.cmd(&format!("stream {to}")), "ok");
+    assert_eq!(agent.cmd("stream-end 300"), "running", "the stream flows");
+    let out = d.cli(&["quarantine", cgroup.trim_start_matches('/')]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(agent.cmd("stream-end 3000"), "err ECONNABORTED");
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+}

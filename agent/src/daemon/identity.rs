@@ -363,9 +363,22 @@ impl Daemon {
         }
     }
 
-    /// Destroys the open TCP and UDP sockets of `cgroups`.
+    /// Destroys the open TCP and UDP sockets of `cgroups`, in the daemon's network namespace
+    /// and in those their processes are in.
     pub(super) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
-        match blocking(move || sockdiag::destroy_sockets(&cgroups)).await {
+        let dirs: Vec<PathBuf> = {
+            let registry = self.cgroups.lock().await;
+            cgroups
+                .iter()
+                .filter_map(|id| registry.get(id))
+                .map(|m| m.cgroup.path().to_path_buf())
+                .collect()
+        };
+        let work = move || {
+            let namespaces = sockdiag::foreign_namespaces(&dirs);
+            sockdiag::destroy_sockets_in(&cgroups, &namespaces)
+        };
+        match blocking(work).await {
             Ok(Ok(d)) => {
                 if d.failed > 0 {
                     self.count_error("socket_destroy");

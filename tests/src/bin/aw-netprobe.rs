@@ -6,7 +6,10 @@
 //! Commands: `pid`, `cgroup`, `tcp ADDR [PAYLOAD]`, `udp-sendto ADDR PAYLOAD`,
 //! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
 //! `stream-end MILLIS` (how the stream ended, waiting up to MILLIS), `watch ADDR MILLIS`,
-//! `env NAME`, `exit CODE`, `repl`.
+//! `env NAME`, `exit CODE`, `repl`; `unshare-net` (this thread, and threads it starts from
+//! then on, move to a new network namespace with its loopback up), `join-net PATH` (the same,
+//! into the namespace PATH names, such as /proc/PID/ns/net), `listen ADDR` (accepts and
+//! drains connections in the background).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -50,6 +53,53 @@ fn raw(domain: libc::c_int, proto: libc::c_int) -> String {
     }
     // SAFETY: closing the fd just opened.
     unsafe { libc::close(fd) };
+    "ok".into()
+}
+
+/// A new network namespace for this thread (and threads it starts later), loopback up.
+fn unshare_net() -> String {
+    // SAFETY: unshare(2) with a flag; affects only the calling thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return errno(&io::Error::last_os_error());
+    }
+    // SAFETY: a datagram socket for the interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return errno(&io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain data; the name fits with its NUL; the ioctls read and write only
+    // the ifreq passed; the fd is closed once.
+    let r = unsafe {
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, c) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *c as libc::c_char;
+        }
+        let mut r = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr);
+        if r == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            r = libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let e = io::Error::last_os_error();
+        libc::close(fd);
+        if r == 0 { Ok(()) } else { Err(e) }
+    };
+    r.map_or_else(|e| errno(&e), |()| "ok".into())
+}
+
+/// Accepts connections on `a` and reads each until it ends, in the background.
+fn listen(a: SocketAddr) -> String {
+    let l = match std::net::TcpListener::bind(a) {
+        Ok(l) => l,
+        Err(e) => return errno(&e),
+    };
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(io::Read::read(&mut c, &mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
     "ok".into()
 }
 
@@ -146,6 +196,13 @@ fn run(line: &str) -> String {
             }
             Ok(format!("eperm={eperm} other={other}"))
         }
+        ("unshare-net", []) => Ok(unshare_net()),
+        ("join-net", [path]) => {
+            let f = std::fs::File::open(path).map_err(|e| errno(&e))?;
+            Ok(nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
+        }
+        ("listen", [a]) => Ok(listen(addr(a)?)),
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
