@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     cgroup::{self, Cgroup},
     config::{self, Config, LogFormat, Overrides},
-    control::{Reply, Request, Status, client::Client},
+    control::{Health, Reply, Request, Status, client::Client},
     daemon, enforce, exec, logging, policy, probe,
 };
 
@@ -78,6 +78,10 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Print only the health, and exit 1 unless the daemon is healthy (enforcing, its
+        /// probe denied): for readiness and liveness probes.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
     },
     /// Reload the policy directory; on any error the policy in force stays.
     Reload {
@@ -566,10 +570,30 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 other => bail!("unexpected answer from the daemon: {other:?}"),
             }
         }
-        Command::Status { socket, json } => {
+        Command::Status {
+            socket,
+            json,
+            check,
+        } => {
             let Reply::Status(s) = Client::call(&socket.socket, &Request::Status)? else {
                 bail!("unexpected answer from the daemon");
             };
+            if check {
+                return Ok(match &s.health {
+                    Health::Healthy { probe_at } => {
+                        println!("healthy: enforcing (probe denied at {probe_at})");
+                        ExitCode::SUCCESS
+                    }
+                    Health::Starting => {
+                        println!("starting: not enforcing yet");
+                        ExitCode::FAILURE
+                    }
+                    Health::Failed { reason } => {
+                        println!("failed: {reason}");
+                        ExitCode::FAILURE
+                    }
+                });
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

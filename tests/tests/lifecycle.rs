@@ -551,4 +551,14 @@ fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_th
         ],
     );
     assert_eq!(lines(&o), ["ok", "err EPERM"], "{o:?}");
+    // The probe command of deploy/kubernetes: success while healthy, failure once the daemon
+    // is gone.
+    let o = d.cli(&["status", "--check"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("healthy: enforcing"),
+        "{o:?}"
+    );
+    d.kill9();
+    assert!(!d.cli(&["status", "--check"]).status.success());
 }
