@@ -163,6 +163,13 @@ fn without_ebpf_the_daemon_exits_with_one_line() {
         .gid(65534)
         .output()
         .unwrap();
+    let line = refusal(&out);
+    assert!(line.starts_with("agentwall: cannot enforce: "), "{line}");
+}
+
+/// The one line a daemon that refused to start printed (JSON log lines aside); it must have
+/// exited non-zero.
+fn refusal(out: &std::process::Output) -> String {
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     let err_lines: Vec<&str> = err
@@ -170,10 +177,7 @@ fn without_ebpf_the_daemon_exits_with_one_line() {
         .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
         .collect();
     assert_eq!(err_lines.len(), 1, "exactly one line: {err}");
-    assert!(
-        err_lines[0].starts_with("agentwall: cannot enforce: "),
-        "{err}"
-    );
+    err_lines[0].to_string()
 }
 
 #[test]
@@ -518,18 +522,11 @@ fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_th
         }
         c
     };
-    let out = contained(&[]).output().unwrap();
-    assert!(!out.status.success(), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let err_lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
-        .collect();
-    assert_eq!(err_lines.len(), 1, "exactly one line: {err}");
+    let line = refusal(&contained(&[]).output().unwrap());
     assert!(
-        err_lines[0].contains("cgroup namespace of its own")
-            && err_lines[0].contains("nsenter --target 1 --cgroup"),
-        "{err}"
+        line.contains("cgroup namespace of its own")
+            && line.contains("nsenter --target 1 --cgroup"),
+        "{line}"
     );
     assert!(
         !d.pin_dir.exists(),
