@@ -306,6 +306,10 @@ pub fn destroy_sockets(cgroups: &HashSet<u64>) -> io::Result<Destroyed> {
 /// At most this many cgroup directories are read when looking for network namespaces (an
 /// agent's cgroup and its descendants).
 const MAX_CGROUP_DIRS: usize = 4096;
+/// At most this many namespaces are searched (each search walks the whole TCP hash table): an
+/// agent that makes thousands (user namespaces let it) cannot stall a revocation for long.
+/// Sockets beyond them stay open, their packets dropped by the backstop.
+const MAX_NAMESPACES: usize = 256;
 
 /// The network namespaces, other than this thread's, that processes of the cgroups at `dirs`
 /// or of their descendants are in: one handle each.
@@ -335,6 +339,13 @@ pub fn foreign_namespaces(dirs: &[PathBuf]) -> Vec<OwnedFd> {
                 if let Ok(m) = f.metadata()
                     && seen.insert((m.dev(), m.ino()))
                 {
+                    if out.len() == MAX_NAMESPACES {
+                        tracing::warn!(
+                            max = MAX_NAMESPACES,
+                            "too many network namespaces to search; their other sockets are left to the packet backstop"
+                        );
+                        return out;
+                    }
                     out.push(OwnedFd::from(f));
                 }
             }
