@@ -816,7 +816,7 @@ fn main() {
          certificates have Ed25519 keys, the default `identity.key_algorithm`: each of the two \
          verifications of a new certificate's enrollment (the CA's signature over it, the agent's \
          over the handshake) costs ~25 µs here against ~36 µs with `ecdsa-p256`, whose last \
-         report (2026-11-25, same code otherwise) measured 3412/s and 3708/s per core for a new \
+         report (bb05232, before Ed25519 became the default) measured 3412/s and 3708/s per core for a new \
          certificate from one and four clients, 4733/s and 5138/s for a known one. The revocation is measured \
          inside the workload, which connects to an allowed listener in a loop: it writes `revoke` \
          for its own certificate's serial to the admin socket and keeps connecting; the time runs \
