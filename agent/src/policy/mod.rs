@@ -295,3 +295,35 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
         Err(PolicyError { problems })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout kubelet gives a mounted ConfigMap: each file a symlink into `..data`, itself a
+    /// symlink to a hidden, timestamped directory. Every policy loads once, from its top name.
+    #[test]
+    fn a_config_map_directory_loads_each_policy_once() {
+        let dir = std::env::temp_dir().join(format!("aw-configmap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let stamp = dir.join("..2026_11_26_12_00_00.1");
+        fs::create_dir_all(&stamp).unwrap();
+        fs::write(stamp.join("sealed.yaml"), "policy:\n  name: sealed\n").unwrap();
+        fs::write(stamp.join("notes.txt"), "not a policy").unwrap();
+        std::os::unix::fs::symlink("..2026_11_26_12_00_00.1", dir.join("..data")).unwrap();
+        for f in ["sealed.yaml", "notes.txt"] {
+            std::os::unix::fs::symlink(format!("..data/{f}"), dir.join(f)).unwrap();
+        }
+        let set = load_dir(&dir);
+        let hash = dir_hash(&dir);
+        fs::remove_dir_all(&dir).unwrap();
+        let names: Vec<String> = set
+            .unwrap()
+            .policies
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        assert_eq!(names, ["sealed"]);
+        assert_eq!(hash.len(), 64);
+    }
+}
