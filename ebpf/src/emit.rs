@@ -12,7 +12,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_comm as bpf_get_current_comm_raw, bpf_ktime_get_boot_ns},
     },
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf, ring_buf::RingBufEntry},
 };
 
 use crate::decide::{Decision, Flow};
@@ -88,10 +88,49 @@ pub(crate) fn tally(index: u32) {
     }
 }
 
-/// Counts the verdict and writes its event. `task` says whether the current task is the one
-/// that acted (not so on the egress hook).
+/// An event record reserved in the ring and holding the flow's fields, waiting for the
+/// verdict ([`finish`]).
+pub(crate) struct Record(RingBufEntry<Event>);
+
+/// Reserves the event record of `flow` and writes what is known before the decision: the flow
+/// and, when `task` says the current task is the one that acted (not so on the egress hook),
+/// its pid and command name. Done before the decision, this overlaps the misses of a ring
+/// record's fresh cache lines with the lookups instead of waiting for them at the submit.
+/// `None` if the ring is full (counted by [`finish`]).
 #[inline(always)]
-pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
+pub(crate) fn begin(flow: &Flow, task: bool) -> Option<Record> {
+    let mut entry = AW_EVENTS.reserve::<Event>(0)?;
+    let e: *mut Event = entry.as_mut_ptr();
+    // The record is written field by field in place, the command name by the helper itself:
+    // no copy through the stack, and whole-word stores for the addresses. Between `begin` and
+    // `finish` every byte of the record is written (the reserved memory holds whatever was
+    // there before).
+    // SAFETY: `e` points to a reserved, exclusively owned, 8-aligned record of
+    // `size_of::<Event>()` bytes; each write stays inside its own field.
+    unsafe {
+        (&raw mut (*e).cgroup_id).write(flow.cgroup_id);
+        (&raw mut (*e).pid_tgid).write(if task { bpf_get_current_pid_tgid() } else { 0 });
+        (&raw mut (*e).addr).cast::<Quads>().write(flow.dst);
+        (&raw mut (*e).orig_addr).cast::<Quads>().write(flow.orig);
+        (&raw mut (*e).port).write(flow.port);
+        (&raw mut (*e).hook).write(flow.hook);
+        (&raw mut (*e).proto).write(flow.proto);
+        (&raw mut (*e).sock_type).write(flow.sock_type);
+        (&raw mut (*e).family).write(flow.family);
+        (&raw mut (*e)._pad).cast::<u32>().write(0);
+        let comm = (&raw mut (*e).comm).cast::<[u64; 2]>();
+        // The helper fills all 16 bytes (NUL-padded, or zeros if it fails).
+        if !task || bpf_get_current_comm_raw(comm.cast(), 16) != 0 {
+            comm.write([0; 2]);
+        }
+    }
+    Some(Record(entry))
+}
+
+/// Counts the verdict `d` and submits its event record (begun by [`begin`]), or counts the
+/// event as lost if the ring had no room for it.
+#[inline(always)]
+pub(crate) fn finish(record: Option<Record>, d: &Decision) {
     if d.verdict == Verdict::ALLOW {
         tally(counters::ALLOWED);
     } else {
@@ -100,7 +139,7 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
     if d.reason == Reason::AUDIT {
         count(counters::AUDIT_PASSED);
     }
-    let Some(mut entry) = AW_EVENTS.reserve::<Event>(0) else {
+    let Some(Record(mut entry)) = record else {
         count(counters::EVENTS_DROPPED);
         return;
     };
@@ -112,33 +151,14 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
         unsafe { bpf_ktime_get_boot_ns() }
     };
     let e: *mut Event = entry.as_mut_ptr();
-    // The event is written field by field into the reserved record, the command name by the
-    // helper itself: no copy through the stack, and whole-word stores for the addresses. Every
-    // byte of the record is written (the reserved memory holds whatever was there before).
-    // SAFETY: `e` points to a reserved, exclusively owned, 8-aligned record of
-    // `size_of::<Event>()` bytes; each write stays inside its own field.
+    // SAFETY: as in `begin`; these are the fields `begin` left.
     unsafe {
         (&raw mut (*e).ts_boot_ns).write(now);
-        (&raw mut (*e).cgroup_id).write(flow.cgroup_id);
-        (&raw mut (*e).pid_tgid).write(if task { bpf_get_current_pid_tgid() } else { 0 });
-        (&raw mut (*e).addr).cast::<Quads>().write(flow.dst);
-        (&raw mut (*e).orig_addr).cast::<Quads>().write(flow.orig);
         (&raw mut (*e).rule_id).write(d.rule_id);
         (&raw mut (*e).slot).write(d.slot);
         (&raw mut (*e).generation).write(d.generation);
-        (&raw mut (*e).port).write(flow.port);
-        (&raw mut (*e).hook).write(flow.hook);
-        (&raw mut (*e).proto).write(flow.proto);
         (&raw mut (*e).verdict).write(d.verdict);
         (&raw mut (*e).reason).write(d.reason);
-        (&raw mut (*e).sock_type).write(flow.sock_type);
-        (&raw mut (*e).family).write(flow.family);
-        (&raw mut (*e)._pad).cast::<u32>().write(0);
-        let comm = (&raw mut (*e).comm).cast::<[u64; 2]>();
-        // The helper fills all 16 bytes (NUL-padded, or zeros if it fails).
-        if !task || bpf_get_current_comm_raw(comm.cast(), 16) != 0 {
-            comm.write([0; 2]);
-        }
     }
     // Allowed verdicts are picked up by the reader's next wakeup or its periodic poll, which
     // spares a wakeup (an irq_work) per allowed connect; denials wake it (see above).
@@ -147,4 +167,11 @@ pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
     } else {
         denial_wakeup(now)
     });
+}
+
+/// Counts the verdict and writes its event in one step, for hooks whose decision is already
+/// made. `task` as in [`begin`].
+#[inline(always)]
+pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
+    finish(begin(flow, task), d);
 }

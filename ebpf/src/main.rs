@@ -85,9 +85,13 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
         sock_type: sock_type as u8,
         family: if v6 { AF_INET6 } else { AF_INET },
     };
+    let connect = hook == Hook::CONNECT4 || hook == Hook::CONNECT6;
+    // The event record is reserved and filled before the decision, so that the misses of its
+    // fresh cache lines overlap with the lookups.
+    let record = emit::begin(&flow, true);
     let d = decide(&flow);
-    emit::event(&flow, &d, true);
-    if hook == Hook::CONNECT4 || hook == Hook::CONNECT6 {
+    emit::finish(record, &d);
+    if connect {
         // A connected socket has one destination for all its packets: cache its verdict.
         let cookie = flowcache::cookie(ctx.sock_addr.cast());
         if d.verdict == Verdict::ALLOW {
