@@ -10,13 +10,19 @@ pub struct PolicyState {
     pub generation: u32,
     /// Bumped by the daemon after every change that can take a permission away (a new
     /// generation, a binding changed or removed). A cached flow verdict ([`FlowCacheEntry`])
-    /// is trusted only while its epoch is the current one.
+    /// or decision ([`DecisionCacheEntry`]) is trusted only while its epoch is the current one.
     pub epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyState>() == 8);
 
-/// Slots of the per-CPU flow verdict cache (a power of two).
-pub const FLOW_CACHE_SLOTS: u32 = 1024;
+use crate::addr::Quads;
+
+/// Slots of the per-CPU flow verdict cache (a power of two). Socket cookies come one after
+/// another, so successive connects write successive slots: the table is kept small enough to
+/// stay in the CPU's cache between two visits of a slot (1024 slots had gone cold, a miss on
+/// every connect). A socket whose slot another took is judged in full, which the decision
+/// cache ([`DecisionCacheEntry`]) makes cheap.
+pub const FLOW_CACHE_SLOTS: u32 = 128;
 
 /// One slot of the per-CPU flow verdict cache, indexed by socket cookie. A connected socket
 /// allowed by the connect hook (or a TCP socket allowed by the egress hook) is remembered
@@ -74,19 +80,14 @@ impl FlowCacheEntry {
         // SAFETY: the caller's contract; volatile accesses keep the program order, which is
         // all that a program interrupting this one on the same CPU can observe.
         unsafe {
-            let seq = core::ptr::read_volatile(&raw const (*e).seq);
-            if seq & 1 != 0 {
-                return false;
-            }
-            core::ptr::write_volatile(&raw mut (*e).seq, seq.wrapping_add(1));
-            core::ptr::write_volatile(&raw mut (*e).cookie, 0);
-            core::ptr::write_volatile(&raw mut (*e).epoch, epoch);
-            between();
-            core::ptr::write_volatile(&raw mut (*e).expires_boot_ns, expires_boot_ns);
-            core::ptr::write_volatile(&raw mut (*e).cookie, cookie);
-            core::ptr::write_volatile(&raw mut (*e).seq, seq.wrapping_add(2));
+            seq_write(&raw mut (*e).seq, || {
+                core::ptr::write_volatile(&raw mut (*e).cookie, 0);
+                core::ptr::write_volatile(&raw mut (*e).epoch, epoch);
+                between();
+                core::ptr::write_volatile(&raw mut (*e).expires_boot_ns, expires_boot_ns);
+                core::ptr::write_volatile(&raw mut (*e).cookie, cookie);
+            })
         }
-        true
     }
 
     /// Empties the slot at `e` if it holds socket `cookie`.
@@ -115,20 +116,189 @@ impl FlowCacheEntry {
     pub unsafe fn load_with(e: *const Self, between: impl FnOnce()) -> Option<Self> {
         // SAFETY: the caller's contract.
         unsafe {
-            let before = core::ptr::read_volatile(&raw const (*e).seq);
-            if before & 1 != 0 {
-                return None;
-            }
-            let cookie = core::ptr::read_volatile(&raw const (*e).cookie);
-            between();
-            let epoch = core::ptr::read_volatile(&raw const (*e).epoch);
-            let expires_boot_ns = core::ptr::read_volatile(&raw const (*e).expires_boot_ns);
-            let after = core::ptr::read_volatile(&raw const (*e).seq);
-            (after == before).then_some(Self {
-                cookie,
-                epoch,
-                seq: before,
-                expires_boot_ns,
+            seq_read(&raw const (*e).seq, |seq| {
+                let cookie = core::ptr::read_volatile(&raw const (*e).cookie);
+                between();
+                Self {
+                    cookie,
+                    epoch: core::ptr::read_volatile(&raw const (*e).epoch),
+                    seq,
+                    expires_boot_ns: core::ptr::read_volatile(&raw const (*e).expires_boot_ns),
+                }
+            })
+        }
+    }
+}
+
+/// Runs `write` as one write of a sequence-guarded per-CPU slot whose sequence is at `seq`:
+/// odd while the write is in progress. A write that finds the sequence odd interrupted
+/// another on the same CPU and writes nothing (returns false): not caching is always safe.
+///
+/// # Safety
+/// `seq` points to the sequence of a valid slot that only programs of the calling CPU use.
+#[inline(always)]
+unsafe fn seq_write(seq: *mut u32, write: impl FnOnce()) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let s = core::ptr::read_volatile(seq);
+        if s & 1 != 0 {
+            return false;
+        }
+        core::ptr::write_volatile(seq, s.wrapping_add(1));
+        write();
+        core::ptr::write_volatile(seq, s.wrapping_add(2));
+    }
+    true
+}
+
+/// Runs `read` (given the sequence it reads under) as one read of a sequence-guarded slot
+/// (see [`seq_write`]); `None` if a write was in progress when the read began or happened
+/// while it read.
+///
+/// # Safety
+/// As for [`seq_write`].
+#[inline(always)]
+unsafe fn seq_read<T>(seq: *const u32, read: impl FnOnce(u32) -> T) -> Option<T> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let before = core::ptr::read_volatile(seq);
+        if before & 1 != 0 {
+            return None;
+        }
+        let value = read(before);
+        let after = core::ptr::read_volatile(seq);
+        (after == before).then_some(value)
+    }
+}
+
+/// Slots of the per-CPU decision cache (a power of two): as few as keep the table in the CPU's
+/// cache between two visits of a slot when flows to many destinations take turns (256 slots
+/// had gone cold there: a miss on every decision), as many as the destinations an agent
+/// calls. A flow whose slot another took is judged in full and takes the slot back.
+pub const DECISION_CACHE_SLOTS: u32 = 128;
+
+/// One slot of the per-CPU decision cache: a flow that the rules allowed, by who made it and
+/// where it went (cgroup, destination as classified, port, protocol), with what the decision
+/// found (slot, generation, rule) and the policy epoch it was made under. The decision function
+/// asks it before the binding and rule lookups, so an agent that connects or sends to the same
+/// destination again is judged from one per-CPU read while nothing has changed: the verdict is
+/// a function of exactly these inputs and the maps, and every change to the maps that can take
+/// a permission away bumps the epoch ([`PolicyState::epoch`]; the daemon bumps it after every
+/// binding change and policy swap). Only verdicts of a rule are cached; a denial, or a flow let
+/// through by audit mode, is judged in full every time. Kernel-only, sequence-guarded like
+/// [`FlowCacheEntry`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionCacheEntry {
+    pub cgroup_id: u64,
+    /// Destination as classified ([`crate::addr::classify_quads`]); the rules see this one.
+    pub dst: Quads,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    /// Write sequence: odd while a write is in progress.
+    pub seq: u32,
+    /// [`PolicyState::epoch`] of the decision.
+    pub epoch: u32,
+    /// Rule generation of the decision.
+    pub generation: u32,
+    /// Identity slot the cgroup was bound to.
+    pub slot: u32,
+    /// Rule that allowed.
+    pub rule_id: u32,
+    /// Expiry of the binding that allowed (`CLOCK_BOOTTIME` ns), 0 for none.
+    pub expires_boot_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<DecisionCacheEntry>() == 56);
+
+impl DecisionCacheEntry {
+    /// The slot index of a flow: a multiplicative hash of its key.
+    #[inline(always)]
+    pub fn index(cgroup_id: u64, dst: &Quads, port: u16, proto: u8) -> u32 {
+        let h = (cgroup_id as u32)
+            ^ ((cgroup_id >> 32) as u32)
+            ^ dst[0]
+            ^ dst[1].rotate_left(8)
+            ^ dst[2].rotate_left(16)
+            ^ dst[3].rotate_left(24)
+            ^ (u32::from(port) << 8 | u32::from(proto));
+        h.wrapping_mul(0x9e37_79b1) >> (32 - DECISION_CACHE_SLOTS.trailing_zeros())
+    }
+
+    /// Whether this slot holds the decision for this flow, valid under `state` at `now`.
+    #[inline(always)]
+    pub fn answers(
+        &self,
+        cgroup_id: u64,
+        dst: &Quads,
+        port: u16,
+        proto: u8,
+        state: &PolicyState,
+        now_boot_ns: u64,
+    ) -> bool {
+        self.cgroup_id == cgroup_id
+            && cgroup_id != 0
+            && self.dst == *dst
+            && self.port == port
+            && self.proto == proto
+            && self.seq & 1 == 0
+            && state.generation != 0
+            && self.generation == state.generation
+            && self.epoch == state.epoch
+            && (self.expires_boot_ns == 0 || now_boot_ns < self.expires_boot_ns)
+    }
+
+    /// Writes `value` into the slot at `e` (its `seq` is ignored), unless a write of that slot
+    /// is in progress below this program (it then writes nothing). Returns whether it wrote.
+    /// `between` as in [`FlowCacheEntry::store_with`].
+    ///
+    /// # Safety
+    /// `e` points to a valid slot that only programs of the calling CPU use.
+    #[inline(always)]
+    pub unsafe fn store_with(e: *mut Self, value: &Self, between: impl FnOnce()) -> bool {
+        // SAFETY: the caller's contract; volatile accesses keep the program order.
+        unsafe {
+            seq_write(&raw mut (*e).seq, || {
+                core::ptr::write_volatile(&raw mut (*e).cgroup_id, value.cgroup_id);
+                core::ptr::write_volatile(&raw mut (*e).dst, value.dst);
+                core::ptr::write_volatile(&raw mut (*e).port, value.port);
+                core::ptr::write_volatile(&raw mut (*e).proto, value.proto);
+                between();
+                core::ptr::write_volatile(&raw mut (*e).epoch, value.epoch);
+                core::ptr::write_volatile(&raw mut (*e).generation, value.generation);
+                core::ptr::write_volatile(&raw mut (*e).slot, value.slot);
+                core::ptr::write_volatile(&raw mut (*e).rule_id, value.rule_id);
+                core::ptr::write_volatile(&raw mut (*e).expires_boot_ns, value.expires_boot_ns);
+            })
+        }
+    }
+
+    /// Reads the slot at `e` whole; `None` if a write was in progress when the read began or
+    /// happened while it read. `between` as in [`Self::store_with`].
+    ///
+    /// # Safety
+    /// As for [`Self::store_with`].
+    #[inline(always)]
+    pub unsafe fn load_with(e: *const Self, between: impl FnOnce()) -> Option<Self> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            seq_read(&raw const (*e).seq, |seq| {
+                let cgroup_id = core::ptr::read_volatile(&raw const (*e).cgroup_id);
+                let dst = core::ptr::read_volatile(&raw const (*e).dst);
+                between();
+                Self {
+                    cgroup_id,
+                    dst,
+                    port: core::ptr::read_volatile(&raw const (*e).port),
+                    proto: core::ptr::read_volatile(&raw const (*e).proto),
+                    _pad: 0,
+                    seq,
+                    epoch: core::ptr::read_volatile(&raw const (*e).epoch),
+                    generation: core::ptr::read_volatile(&raw const (*e).generation),
+                    slot: core::ptr::read_volatile(&raw const (*e).slot),
+                    rule_id: core::ptr::read_volatile(&raw const (*e).rule_id),
+                    expires_boot_ns: core::ptr::read_volatile(&raw const (*e).expires_boot_ns),
+                }
             })
         }
     }
@@ -248,5 +418,137 @@ mod tests {
                     .vouches(11, &STATE, 0)
             );
         }
+    }
+
+    fn decision() -> DecisionCacheEntry {
+        DecisionCacheEntry {
+            cgroup_id: 77,
+            dst: crate::addr::quads_from_v4(u32::from_ne_bytes([10, 1, 2, 3])),
+            port: 443,
+            proto: crate::rules::proto::TCP,
+            _pad: 0,
+            seq: 0,
+            epoch: STATE.epoch,
+            generation: STATE.generation,
+            slot: 4,
+            rule_id: 12,
+            expires_boot_ns: 0,
+        }
+    }
+
+    fn answers(e: &DecisionCacheEntry, state: &PolicyState, now: u64) -> bool {
+        let d = decision();
+        e.answers(d.cgroup_id, &d.dst, d.port, d.proto, state, now)
+    }
+
+    #[test]
+    fn a_cached_decision_answers_only_its_own_flow_under_the_state_it_was_made_in() {
+        let e = decision();
+        assert!(answers(&e, &STATE, 0));
+        let other_flows = [
+            DecisionCacheEntry { cgroup_id: 78, ..e },
+            DecisionCacheEntry {
+                dst: crate::addr::quads_from_v4(u32::from_ne_bytes([10, 1, 2, 4])),
+                ..e
+            },
+            DecisionCacheEntry { port: 444, ..e },
+            DecisionCacheEntry {
+                proto: crate::rules::proto::UDP,
+                ..e
+            },
+        ];
+        for o in other_flows {
+            assert!(!answers(&o, &STATE, 0), "{o:?}");
+        }
+        assert!(
+            !e.answers(0, &e.dst, e.port, e.proto, &STATE, 0),
+            "no cgroup, no answer"
+        );
+        let bumped = PolicyState {
+            epoch: STATE.epoch + 1,
+            ..STATE
+        };
+        assert!(!answers(&e, &bumped, 0), "a binding changed since");
+        let swapped = PolicyState {
+            generation: STATE.generation + 1,
+            ..STATE
+        };
+        assert!(!answers(&e, &swapped, 0), "another policy generation");
+        let none = PolicyState {
+            generation: 0,
+            ..STATE
+        };
+        assert!(
+            !answers(&DecisionCacheEntry { generation: 0, ..e }, &none, 0),
+            "no policy"
+        );
+        assert!(
+            !answers(&DecisionCacheEntry { seq: 1, ..e }, &STATE, 0),
+            "half written"
+        );
+        let expiring = DecisionCacheEntry {
+            expires_boot_ns: 100,
+            ..e
+        };
+        assert!(answers(&expiring, &STATE, 99));
+        assert!(!answers(&expiring, &STATE, 100), "the binding expired");
+    }
+
+    #[test]
+    fn decision_slots_are_written_and_read_whole_or_not_at_all() {
+        let mut slot = DecisionCacheEntry::default();
+        let e: *mut DecisionCacheEntry = &raw mut slot;
+        let first = decision();
+        let second = DecisionCacheEntry {
+            port: 8443,
+            rule_id: 13,
+            ..first
+        };
+        // SAFETY: `e` points to `slot`, used by nothing else meanwhile.
+        unsafe {
+            let mut inner = None;
+            let outer = DecisionCacheEntry::store_with(e, &first, || {
+                inner = Some(DecisionCacheEntry::store_with(e, &second, || {}));
+            });
+            assert!(outer);
+            assert_eq!(inner, Some(false), "the nested write is refused");
+            let got = DecisionCacheEntry::load_with(e, || {}).expect("a quiet slot reads");
+            assert_eq!(
+                got,
+                DecisionCacheEntry {
+                    seq: got.seq,
+                    ..first
+                },
+                "no mix"
+            );
+            assert!(answers(&got, &STATE, 0));
+            let torn = DecisionCacheEntry::load_with(e, || {
+                assert!(DecisionCacheEntry::store_with(e, &second, || {}));
+            });
+            assert_eq!(torn, None, "a read across a write is a miss");
+            let mut nested = Some(DecisionCacheEntry::default());
+            assert!(DecisionCacheEntry::store_with(e, &first, || {
+                nested = DecisionCacheEntry::load_with(e, || {});
+            }));
+            assert_eq!(nested, None, "a read inside a write is a miss");
+        }
+    }
+
+    #[test]
+    fn decision_slots_spread_flows_over_the_whole_cache() {
+        let d = decision();
+        let mut seen = [false; DECISION_CACHE_SLOTS as usize];
+        for cgroup in 1..64u64 {
+            for port in [53, 80, 443, 8443] {
+                let i = DecisionCacheEntry::index(cgroup << 12, &d.dst, port, d.proto);
+                assert!(i < DECISION_CACHE_SLOTS);
+                seen[i as usize] = true;
+            }
+        }
+        let used = seen.iter().filter(|s| **s).count();
+        assert!(
+            used > DECISION_CACHE_SLOTS as usize / 2,
+            "{used} slots for 252 flows"
+        );
     }
 }

@@ -7,12 +7,12 @@ use agentwall_common::{
     event::{Hook, Reason, Verdict},
     maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_RULE_NODES},
     rules::{RuleKey, RuleSet},
-    state::PolicyState,
+    state::{DECISION_CACHE_SLOTS, DecisionCacheEntry, PolicyState},
 };
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 
 use crate::emit;
@@ -29,6 +29,11 @@ static AW_RULES: LpmTrie<RuleKey, RuleSet> = LpmTrie::pinned(DEFAULT_MAX_RULE_NO
 
 #[map]
 static AW_STATE: Array<PolicyState> = Array::pinned(1, 0);
+
+/// Recent decisions of rules, per CPU (`agentwall_common::state::DecisionCacheEntry`).
+#[map]
+static AW_DECISIONS: PerCpuArray<DecisionCacheEntry> =
+    PerCpuArray::with_max_entries(DECISION_CACHE_SLOTS, 0);
 
 /// A rules trie key laid out as `Key<RuleKey>` but aligned, so that it is built with word
 /// stores: aya's `Key` is packed, and a packed key is written byte by byte, which the trie's
@@ -116,7 +121,8 @@ pub(crate) fn state() -> Option<&'static PolicyState> {
 }
 
 /// Judges a flow. Every path that is not an explicit rule match denies: a missing state entry,
-/// a missing binding, a failed lookup.
+/// a missing binding, a failed lookup. A rule's verdict is remembered in the per-CPU decision
+/// cache and answered from there while the policy state it was made under holds.
 #[inline(always)]
 pub(crate) fn decide(flow: &Flow) -> Decision {
     let Some(state) = state() else {
@@ -129,6 +135,17 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
     if generation == 0 {
         emit::count(counters::NO_POLICY);
         return Decision::deny(Reason::NO_POLICY, 0, 0);
+    }
+    let cached = AW_DECISIONS.get_ptr_mut(DecisionCacheEntry::index(
+        flow.cgroup_id,
+        &flow.dst,
+        flow.port,
+        flow.proto,
+    ));
+    // Judged against the state as read above, as the full decision below is.
+    let seen = PolicyState { generation, epoch };
+    if let Some(d) = cached.and_then(|e| recall(e, flow, &seen)) {
+        return d;
     }
     // SAFETY: the bindings map is allocated without preallocation, so the entry a reader holds
     // is not reused while the program runs (freed after an RCU grace period).
@@ -161,7 +178,26 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         .get(key.as_key())
         .and_then(|set| set.find(flow.proto, flow.port));
     let (verdict, reason, rule_id) = match rule {
-        Some(rule_id) => (Verdict::ALLOW, Reason::RULE, rule_id),
+        Some(rule_id) => {
+            if let Some(e) = cached {
+                let value = DecisionCacheEntry {
+                    cgroup_id: flow.cgroup_id,
+                    dst: flow.dst,
+                    port: flow.port,
+                    proto: flow.proto,
+                    _pad: 0,
+                    seq: 0,
+                    epoch,
+                    generation,
+                    slot,
+                    rule_id,
+                    expires_boot_ns: binding.expires_boot_ns,
+                };
+                // SAFETY: this CPU's slot (see `DecisionCacheEntry` for the nesting protocol).
+                unsafe { DecisionCacheEntry::store_with(e, &value, || {}) };
+            }
+            (Verdict::ALLOW, Reason::RULE, rule_id)
+        }
         None if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),
         None => {
             return Decision {
@@ -180,4 +216,29 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         expires_boot_ns: binding.expires_boot_ns,
         now_boot_ns: now,
     }
+}
+
+/// The cached decision for `flow`, if its slot `e` holds one made under the current state.
+#[inline(always)]
+fn recall(e: *mut DecisionCacheEntry, flow: &Flow, state: &PolicyState) -> Option<Decision> {
+    // SAFETY: this CPU's slot; a read that a write interrupted is a miss.
+    let entry = unsafe { DecisionCacheEntry::load_with(e, || {}) }?;
+    // The clock is read only for a binding that can expire.
+    let now = if entry.expires_boot_ns == 0 {
+        0
+    } else {
+        now_boot_ns()
+    };
+    entry
+        .answers(flow.cgroup_id, &flow.dst, flow.port, flow.proto, state, now)
+        .then_some(Decision {
+            verdict: Verdict::ALLOW,
+            reason: Reason::RULE,
+            rule_id: entry.rule_id,
+            slot: entry.slot,
+            generation: entry.generation,
+            epoch: entry.epoch,
+            expires_boot_ns: entry.expires_boot_ns,
+            now_boot_ns: now,
+        })
 }
