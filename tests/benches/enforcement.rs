@@ -19,7 +19,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -35,12 +35,16 @@ use agentwall::{
     enforce::Enforcer,
     policy,
 };
-use agentwall_common::binding::Binding;
+use agentwall_common::{binding::Binding, state::DECISION_CACHE_SLOTS};
 
 struct Args {
     rounds: usize,
     ops: usize,
     report: Option<PathBuf>,
+    /// `--only=plain|enforced`: for profiling, run the TCP loop at 10k rules in that cgroup
+    /// alone, `rounds` times, and report nothing; with `--spread`, the new-destination loop.
+    only: Option<String>,
+    spread: bool,
 }
 
 fn args() -> Args {
@@ -48,6 +52,8 @@ fn args() -> Args {
         rounds: 61,
         ops: 2000,
         report: None,
+        only: None,
+        spread: false,
     };
     for arg in std::env::args().skip(1) {
         if let Some(v) = arg.strip_prefix("--rounds=") {
@@ -56,6 +62,11 @@ fn args() -> Args {
             a.ops = v.parse().expect("--ops=N");
         } else if let Some(v) = arg.strip_prefix("--report=") {
             a.report = Some(PathBuf::from(v));
+        } else if let Some(v) = arg.strip_prefix("--only=") {
+            assert!(v == "plain" || v == "enforced", "--only=plain|enforced");
+            a.only = Some(v.to_owned());
+        } else if arg == "--spread" {
+            a.spread = true;
         }
     }
     assert!(a.rounds >= 11, "at least 11 rounds");
@@ -84,10 +95,12 @@ fn join(cg: &Cgroup) -> std::io::Result<()> {
     )
 }
 
-/// A policy with the benchmark's own loopback port and `n` further prefixes.
-fn policy_text(n: usize, port: u16, udp_port: u16) -> String {
+/// A policy with the benchmark's own loopback ports (one TCP port, a range of them, one UDP
+/// port) and `n` further prefixes.
+fn policy_text(n: usize, port: u16, spread: (u16, u16), udp_port: u16) -> String {
     let mut t = format!(
-        "policy:\n  name: bench\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{port}]\n    - to: 127.0.0.1\n      protocol: udp\n      ports: [{udp_port}]\n"
+        "policy:\n  name: bench\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{port}, \"{}-{}\"]\n    - to: 127.0.0.1\n      protocol: udp\n      ports: [{udp_port}]\n",
+        spread.0, spread.1
     );
     for i in 0..n {
         let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
@@ -106,10 +119,12 @@ fn policy_text(n: usize, port: u16, udp_port: u16) -> String {
     t
 }
 
-fn tcp_round(listener: &TcpListener, ops: usize) -> f64 {
-    let addr = listener.local_addr().unwrap();
+/// Connects to the listeners in turn, `ops` times: one listener is one destination every
+/// time; many are a new destination (port) for each connect.
+fn tcp_round(listeners: &[(TcpListener, SocketAddr)], ops: usize) -> f64 {
     let t = Instant::now();
-    for _ in 0..ops {
+    for i in 0..ops {
+        let (listener, addr) = &listeners[i % listeners.len()];
         let c = TcpStream::connect(addr).expect("allowed connect");
         let (s, _) = listener.accept().expect("accept");
         // Close with a reset: thousands of TIME_WAIT sockets per round would slow every later
@@ -127,6 +142,17 @@ fn tcp_round(listener: &TcpListener, ops: usize) -> f64 {
         drop(s);
     }
     t.elapsed().as_nanos() as f64 / ops as f64
+}
+
+/// Loopback listeners on `n` ports, each with its address.
+fn listeners(n: usize) -> Vec<(TcpListener, SocketAddr)> {
+    (0..n)
+        .map(|_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = l.local_addr().unwrap();
+            (l, a)
+        })
+        .collect()
 }
 
 fn udp_round(port: u16, ops: usize) -> f64 {
@@ -158,6 +184,11 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     let i = ((v.len() - 1) as f64 * q).round() as usize;
     v[i]
 }
+
+/// Listening ports the spread TCP case takes in turn (8 times the decision cache's slots).
+const SPREAD_PORTS: usize = 2048;
+const _: () = assert!(SPREAD_PORTS >= 8 * DECISION_CACHE_SLOTS as usize);
+const SPREAD_OP: &str = "TCP connect+accept+close, a new destination port each time";
 
 struct Row {
     rules: usize,
@@ -261,16 +292,19 @@ fn main() {
         .unwrap_or(0);
     pin(1);
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let one = listeners(1);
+    // More destinations than the decision cache has slots, taken in turn: each connect finds
+    // its slot taken by others since, and is judged in full.
+    let many = listeners(SPREAD_PORTS);
     let udp_target = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (port, udp_port) = (
-        listener.local_addr().unwrap().port(),
-        udp_target.local_addr().unwrap().port(),
-    );
+    let (port, udp_port) = (one[0].1.port(), udp_target.local_addr().unwrap().port());
+    let spread = many.iter().fold((u16::MAX, 0), |(lo, hi), (_, a)| {
+        (lo.min(a.port()), hi.max(a.port()))
+    });
 
     let mut rows = Vec::new();
     for (rules, tcp_target) in [(10_000usize, 1.03), (100_000, 1.05)] {
-        let text = policy_text(rules, port, udp_port);
+        let text = policy_text(rules, port, spread, udp_port);
         let set = policy::parse_texts(&[(Path::new("bench.yaml").to_path_buf(), text)]).unwrap();
         let compiled = policy::compile(&set, |_| 1).unwrap();
         let t = Instant::now();
@@ -291,21 +325,35 @@ fn main() {
             )
             .unwrap();
 
-        let (p, e, r, q1, q3) =
-            measure(a.rounds, || tcp_round(&listener, a.ops), &plain, &enforced);
-        eprintln!(
-            "  tcp connect+accept+close: plain {p:.0} ns, enforced {e:.0} ns, ratio {r:.3} [{q1:.3}, {q3:.3}]"
-        );
-        rows.push(Row {
-            rules,
-            op: "TCP connect+accept+close",
-            plain: p,
-            enforced: e,
-            ratio: r,
-            q1,
-            q3,
-            target: tcp_target,
-        });
+        if let Some(only) = &a.only {
+            join(if only == "plain" { &plain } else { &enforced }).unwrap();
+            let set = if a.spread { &many } else { &one };
+            let mut t: Vec<f64> = (0..a.rounds).map(|_| tcp_round(set, a.ops)).collect();
+            eprintln!(
+                "  tcp connect+accept+close, {only} only: {:.0} ns",
+                quantile(&mut t, 0.5)
+            );
+            break;
+        }
+        for (op, set) in [
+            ("TCP connect+accept+close, one destination", &one),
+            (SPREAD_OP, &many),
+        ] {
+            let (p, e, r, q1, q3) = measure(a.rounds, || tcp_round(set, a.ops), &plain, &enforced);
+            eprintln!(
+                "  {op}: plain {p:.0} ns, enforced {e:.0} ns, ratio {r:.3} [{q1:.3}, {q3:.3}]"
+            );
+            rows.push(Row {
+                rules,
+                op,
+                plain: p,
+                enforced: e,
+                ratio: r,
+                q1,
+                q3,
+                target: tcp_target,
+            });
+        }
         let (p, e, r, q1, q3) = measure(a.rounds, || udp_round(udp_port, a.ops), &plain, &enforced);
         eprintln!(
             "  udp socket+connect+close: plain {p:.0} ns, enforced {e:.0} ns, ratio {r:.3} [{q1:.3}, {q3:.3}]"
@@ -385,12 +433,20 @@ fn main() {
     let _ = writeln!(
         md,
         "\nWhat the enforced path adds per TCP connect: the sock_create program (a socket type check), \
-         the connect4 program (binding lookup, one longest-prefix lookup in the rules trie, one ring \
-         buffer event, a per-CPU flow cache entry for the socket) and the egress program on each \
-         outgoing packet (a flow cache hit for the packets of a socket judged under the current \
-         policy epoch, the full decision otherwise). The client closes with SO_LINGER 0 (a reset) \
-         so that TIME_WAIT sockets do not pile up across rounds; the UDP loop sends no datagram, it \
-         measures socket, connect (one connect4 verdict) and close."
+         the connect4 program (the decision, one ring buffer event, a per-CPU flow cache entry for \
+         the socket) and the egress program on each outgoing packet (a flow cache hit for the \
+         packets of a socket judged under the current policy epoch, the full decision otherwise). \
+         A decision that a rule allowed is remembered in a per-CPU decision cache (by cgroup, \
+         destination, port and protocol, valid while the policy epoch holds), so the decision is \
+         one cache read for a destination judged before and the binding lookup plus one \
+         longest-prefix lookup in the rules trie otherwise. The one-destination rows connect to \
+         the same listener every time, as an agent calling the same service does: after the first \
+         connect every decision comes from the cache. The new-destination rows take {SPREAD_PORTS} \
+         listening ports in turn, {}x the cache's {DECISION_CACHE_SLOTS} slots per CPU, so \
+         that nearly every connect is judged in full. The client closes with SO_LINGER 0 (a \
+         reset) so that TIME_WAIT sockets do not pile up across rounds; the UDP loop sends no \
+         datagram, it measures socket, connect (one connect4 verdict, from the cache) and close.",
+        SPREAD_PORTS / DECISION_CACHE_SLOTS as usize
     );
     print!("{md}");
     if let Some(path) = a.report {
