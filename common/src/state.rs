@@ -15,7 +15,7 @@ pub struct PolicyState {
 }
 const _: () = assert!(core::mem::size_of::<PolicyState>() == 8);
 
-use crate::addr::Quads;
+use crate::{addr::Quads, binding::Binding};
 
 /// Slots of the per-CPU flow verdict cache (a power of two). Socket cookies come one after
 /// another, so successive connects write successive slots: the table is kept small enough to
@@ -304,6 +304,85 @@ impl DecisionCacheEntry {
     }
 }
 
+/// Slots of the per-CPU binding cache (a power of two).
+pub const BINDING_CACHE_SLOTS: u32 = 16;
+
+/// One slot of the per-CPU binding cache: a copy of a cgroup's binding, with the policy epoch
+/// it was read under. A decision that the decision cache cannot answer (a destination not
+/// judged lately) reads the binding from here instead of the bindings hash map while the epoch
+/// holds: the daemon bumps the epoch after every binding change, so a copy never outlives one
+/// by more than a cached decision does. A cgroup without a binding is not cached (it is
+/// looked up, and denied, every time). Kernel-only, sequence-guarded like
+/// [`FlowCacheEntry`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindingCacheEntry {
+    pub cgroup_id: u64,
+    /// [`PolicyState::epoch`] read before the binding was.
+    pub epoch: u32,
+    /// Write sequence: odd while a write is in progress.
+    pub seq: u32,
+    pub binding: Binding,
+}
+const _: () = assert!(core::mem::size_of::<BindingCacheEntry>() == 32);
+
+impl BindingCacheEntry {
+    /// The slot index of a cgroup.
+    #[inline(always)]
+    pub fn index(cgroup_id: u64) -> u32 {
+        let h = (cgroup_id as u32) ^ ((cgroup_id >> 32) as u32);
+        h.wrapping_mul(0x9e37_79b1) >> (32 - BINDING_CACHE_SLOTS.trailing_zeros())
+    }
+
+    /// The binding of `cgroup_id` this slot holds, if it was read under `epoch`.
+    #[inline(always)]
+    pub fn binding_of(&self, cgroup_id: u64, epoch: u32) -> Option<Binding> {
+        (cgroup_id != 0 && self.cgroup_id == cgroup_id && self.epoch == epoch && self.seq & 1 == 0)
+            .then_some(self.binding)
+    }
+
+    /// Writes `value` into the slot at `e` (its `seq` is ignored), unless a write of that slot
+    /// is in progress below this program. Returns whether it wrote. `between` as in
+    /// [`FlowCacheEntry::store_with`].
+    ///
+    /// # Safety
+    /// `e` points to a valid slot that only programs of the calling CPU use.
+    #[inline(always)]
+    pub unsafe fn store_with(e: *mut Self, value: &Self, between: impl FnOnce()) -> bool {
+        // SAFETY: the caller's contract; volatile accesses keep the program order.
+        unsafe {
+            seq_write(&raw mut (*e).seq, || {
+                core::ptr::write_volatile(&raw mut (*e).cgroup_id, value.cgroup_id);
+                between();
+                core::ptr::write_volatile(&raw mut (*e).epoch, value.epoch);
+                core::ptr::write_volatile(&raw mut (*e).binding, value.binding);
+            })
+        }
+    }
+
+    /// Reads the slot at `e` whole; `None` if a write was in progress when the read began or
+    /// happened while it read. `between` as in [`Self::store_with`].
+    ///
+    /// # Safety
+    /// As for [`Self::store_with`].
+    #[inline(always)]
+    pub unsafe fn load_with(e: *const Self, between: impl FnOnce()) -> Option<Self> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            seq_read(&raw const (*e).seq, |seq| {
+                let cgroup_id = core::ptr::read_volatile(&raw const (*e).cgroup_id);
+                between();
+                Self {
+                    cgroup_id,
+                    epoch: core::ptr::read_volatile(&raw const (*e).epoch),
+                    seq,
+                    binding: core::ptr::read_volatile(&raw const (*e).binding),
+                }
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,5 +629,52 @@ mod tests {
             used > DECISION_CACHE_SLOTS as usize / 2,
             "{used} slots for 252 flows"
         );
+    }
+
+    #[test]
+    fn a_cached_binding_serves_its_cgroup_under_its_epoch_and_is_written_whole() {
+        let b = Binding {
+            slot: 3,
+            flags: crate::binding::flags::AUDIT,
+            expires_boot_ns: 500,
+        };
+        let first = BindingCacheEntry {
+            cgroup_id: 91,
+            epoch: 6,
+            seq: 0,
+            binding: b,
+        };
+        assert_eq!(first.binding_of(91, 6), Some(b));
+        assert_eq!(first.binding_of(92, 6), None, "another cgroup");
+        assert_eq!(first.binding_of(91, 7), None, "a binding changed since");
+        assert_eq!(
+            BindingCacheEntry {
+                cgroup_id: 0,
+                ..first
+            }
+            .binding_of(0, 6),
+            None
+        );
+        assert!(BindingCacheEntry::index(u64::MAX) < BINDING_CACHE_SLOTS);
+        let mut slot = BindingCacheEntry::default();
+        let e: *mut BindingCacheEntry = &raw mut slot;
+        let second = BindingCacheEntry {
+            cgroup_id: 92,
+            ..first
+        };
+        // SAFETY: `e` points to `slot`, used by nothing else meanwhile.
+        unsafe {
+            let mut inner = None;
+            assert!(BindingCacheEntry::store_with(e, &first, || {
+                inner = Some(BindingCacheEntry::store_with(e, &second, || {}));
+            }));
+            assert_eq!(inner, Some(false), "the nested write is refused");
+            let got = BindingCacheEntry::load_with(e, || {}).expect("a quiet slot reads");
+            assert_eq!(got.binding_of(91, 6), Some(b), "no mix");
+            let torn = BindingCacheEntry::load_with(e, || {
+                assert!(BindingCacheEntry::store_with(e, &second, || {}));
+            });
+            assert_eq!(torn, None, "a read across a write is a miss");
+        }
     }
 }

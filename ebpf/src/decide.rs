@@ -7,7 +7,10 @@ use agentwall_common::{
     event::{Hook, Reason, Verdict},
     maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_RULE_NODES},
     rules::{RuleKey, RuleSet},
-    state::{DECISION_CACHE_SLOTS, DecisionCacheEntry, PolicyState},
+    state::{
+        BINDING_CACHE_SLOTS, BindingCacheEntry, DECISION_CACHE_SLOTS, DecisionCacheEntry,
+        PolicyState,
+    },
 };
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
@@ -29,6 +32,11 @@ static AW_RULES: LpmTrie<RuleKey, RuleSet> = LpmTrie::pinned(DEFAULT_MAX_RULE_NO
 
 #[map]
 static AW_STATE: Array<PolicyState> = Array::pinned(1, 0);
+
+/// Copies of recently read bindings, per CPU (`agentwall_common::state::BindingCacheEntry`).
+#[map]
+static AW_BINDING_COPIES: PerCpuArray<BindingCacheEntry> =
+    PerCpuArray::with_max_entries(BINDING_CACHE_SLOTS, 0);
 
 /// Recent decisions of rules, per CPU (`agentwall_common::state::DecisionCacheEntry`).
 #[map]
@@ -147,9 +155,7 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
     if let Some(d) = cached.and_then(|e| recall(e, flow, &seen)) {
         return d;
     }
-    // SAFETY: the bindings map is allocated without preallocation, so the entry a reader holds
-    // is not reused while the program runs (freed after an RCU grace period).
-    let Some(binding) = (unsafe { AW_BINDINGS.get(flow.cgroup_id) }) else {
+    let Some(binding) = binding_of(flow.cgroup_id, epoch) else {
         emit::count(counters::NO_BINDING);
         return Decision::deny(Reason::NO_BINDING, 0, generation);
     };
@@ -241,4 +247,32 @@ fn recall(e: *mut DecisionCacheEntry, flow: &Flow, state: &PolicyState) -> Optio
             expires_boot_ns: entry.expires_boot_ns,
             now_boot_ns: now,
         })
+}
+
+/// The binding of `cgroup_id`: this CPU's copy if it was read under `epoch` (the current one),
+/// else the bindings map's entry, which is then copied. `None` for a cgroup without one.
+#[inline(always)]
+fn binding_of(cgroup_id: u64, epoch: u32) -> Option<Binding> {
+    let slot = AW_BINDING_COPIES.get_ptr_mut(BindingCacheEntry::index(cgroup_id));
+    if let Some(e) = slot {
+        // SAFETY: this CPU's slot; a read that a write interrupted is a miss.
+        let copy = unsafe { BindingCacheEntry::load_with(e, || {}) };
+        if let Some(binding) = copy.and_then(|c| c.binding_of(cgroup_id, epoch)) {
+            return Some(binding);
+        }
+    }
+    // SAFETY: the bindings map is allocated without preallocation, so the entry a reader holds
+    // is not reused while the program runs (freed after an RCU grace period).
+    let binding = *unsafe { AW_BINDINGS.get(cgroup_id) }?;
+    if let Some(e) = slot {
+        let value = BindingCacheEntry {
+            cgroup_id,
+            epoch,
+            seq: 0,
+            binding,
+        };
+        // SAFETY: this CPU's slot (see `BindingCacheEntry` for the nesting protocol).
+        unsafe { BindingCacheEntry::store_with(e, &value, || {}) };
+    }
+    Some(binding)
 }
