@@ -144,11 +144,24 @@ fn tcp_round(listeners: &[(TcpListener, SocketAddr)], ops: usize) -> f64 {
     t.elapsed().as_nanos() as f64 / ops as f64
 }
 
-/// Loopback listeners on `n` ports, each with its address.
+/// Loopback listeners on `n` ports, each with its address. The soft limit on open files is
+/// raised to the hard one first: the default of 1024 is too few.
 fn listeners(n: usize) -> Vec<(TcpListener, SocketAddr)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for the calls to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+        }
+    }
     (0..n)
         .map(|_| {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let l = TcpListener::bind("127.0.0.1:0")
+                .expect("a listener (the benchmark needs 2100 open files: raise `ulimit -n`)");
             let a = l.local_addr().unwrap();
             (l, a)
         })
