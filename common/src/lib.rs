@@ -5,6 +5,9 @@
 //! Codes read back from the kernel (hooks, verdicts, reasons) are `u8` newtypes with named
 //! constants rather than enums: an unknown value from a map must not be undefined behaviour.
 #![no_std]
+// The kernel build (nightly, bpfel-unknown-none) writes one atomic instruction in assembly
+// (`state::begin_write`): the BPF target offers no compare-and-swap in `core`.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod addr;
 pub mod binding;

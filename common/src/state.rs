@@ -49,6 +49,9 @@ pub struct FlowCacheEntry {
     pub expires_boot_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<FlowCacheEntry>() == 24);
+// `seq` is the upper half of the 8-byte word at `epoch` (see `seq_write`).
+const _: () = assert!(core::mem::offset_of!(FlowCacheEntry, epoch) == 8);
+const _: () = assert!(core::mem::offset_of!(FlowCacheEntry, seq) == 12);
 
 impl FlowCacheEntry {
     /// Whether this slot vouches for socket `cookie` now.
@@ -80,7 +83,7 @@ impl FlowCacheEntry {
         // SAFETY: the caller's contract; volatile accesses keep the program order, which is
         // all that a program interrupting this one on the same CPU can observe.
         unsafe {
-            seq_write(&raw mut (*e).seq, || {
+            seq_write((&raw mut (*e).epoch).cast::<u64>(), || {
                 core::ptr::write_volatile(&raw mut (*e).cookie, 0);
                 core::ptr::write_volatile(&raw mut (*e).epoch, epoch);
                 between();
@@ -90,20 +93,23 @@ impl FlowCacheEntry {
         }
     }
 
-    /// Empties the slot at `e` if it holds socket `cookie`.
+    /// Empties the slot at `e` if it holds socket `cookie`, as one guarded write; returns
+    /// whether the slot no longer holds it. A clear that finds another write in progress does
+    /// nothing: the kernel programs clear a socket's slot when its connect to a new destination
+    /// was refused, which leaves the socket as it was, so its cached verdict still holds.
     ///
     /// # Safety
     /// As for [`Self::store_with`].
     #[inline(always)]
-    pub unsafe fn clear(e: *mut Self, cookie: u64) {
-        // SAFETY: the caller's contract. One store empties the slot; the sequence moves on
-        // (parity kept) so that a read this interrupted sees a change.
+    pub unsafe fn clear(e: *mut Self, cookie: u64) -> bool {
+        // SAFETY: the caller's contract.
         unsafe {
-            if core::ptr::read_volatile(&raw const (*e).cookie) == cookie {
-                core::ptr::write_volatile(&raw mut (*e).cookie, 0);
-                let seq = core::ptr::read_volatile(&raw const (*e).seq);
-                core::ptr::write_volatile(&raw mut (*e).seq, seq.wrapping_add(2));
-            }
+            core::ptr::read_volatile(&raw const (*e).cookie) != cookie
+                || seq_write((&raw mut (*e).epoch).cast::<u64>(), || {
+                    if core::ptr::read_volatile(&raw const (*e).cookie) == cookie {
+                        core::ptr::write_volatile(&raw mut (*e).cookie, 0);
+                    }
+                })
         }
     }
 
@@ -130,25 +136,85 @@ impl FlowCacheEntry {
     }
 }
 
-/// Runs `write` as one write of a sequence-guarded per-CPU slot whose sequence is at `seq`:
-/// odd while the write is in progress. A write that finds the sequence odd interrupted
-/// another on the same CPU and writes nothing (returns false): not caching is always safe.
+/// Runs `write` as one write of a sequence-guarded per-CPU slot. `word` is the slot's aligned
+/// 8-byte word whose upper half (bytes 4..8, little-endian) is the sequence: odd while a write
+/// is in progress. A write that finds the sequence odd interrupted another on the same CPU and
+/// writes nothing (returns false): not caching is always safe. The sequence is made odd by a
+/// compare-and-swap of the whole word, so that a program preempted between reading it and
+/// making it odd (sock_addr programs run with migration, not preemption, disabled) cannot
+/// claim a slot that another program wrote meanwhile, and so hand a reader that read across
+/// both writes an unchanged sequence over a mix of the two.
 ///
 /// # Safety
-/// `seq` points to the sequence of a valid slot that only programs of the calling CPU use.
+/// `word` points to that word of a valid slot that only programs of the calling CPU use.
 #[inline(always)]
-unsafe fn seq_write(seq: *mut u32, write: impl FnOnce()) -> bool {
+unsafe fn seq_write(word: *mut u64, write: impl FnOnce()) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { seq_write_claiming(word, || {}, write) }
+}
+
+/// [`seq_write`], with `claiming` run between the read of the sequence and the step that makes
+/// it odd (the tests put another write there, as a preemption would).
+///
+/// # Safety
+/// As for [`seq_write`].
+#[inline(always)]
+unsafe fn seq_write_claiming(
+    word: *mut u64,
+    claiming: impl FnOnce(),
+    write: impl FnOnce(),
+) -> bool {
     // SAFETY: the caller's contract.
     unsafe {
-        let s = core::ptr::read_volatile(seq);
-        if s & 1 != 0 {
+        let w = core::ptr::read_volatile(word);
+        claiming();
+        if (w >> 32) & 1 != 0 || !compare_and_swap(word, w, w + (1 << 32)) {
             return false;
         }
-        core::ptr::write_volatile(seq, s.wrapping_add(1));
         write();
-        core::ptr::write_volatile(seq, s.wrapping_add(2));
+        core::ptr::write_volatile(
+            word.cast::<u32>().add(1),
+            ((w >> 32) as u32).wrapping_add(2),
+        );
     }
     true
+}
+
+/// Writes `new` to `*word` if it holds `old`, in one atomic step; whether it did.
+///
+/// # Safety
+/// `word` is valid and 8-aligned.
+#[inline(always)]
+unsafe fn compare_and_swap(word: *mut u64, old: u64, new: u64) -> bool {
+    #[cfg(target_arch = "bpf")]
+    {
+        let found: u64;
+        // SAFETY: the caller's contract; the instruction reads and writes those 8 bytes only
+        // (BPF_ATOMIC | BPF_CMPXCHG: r0 is the expected value in and the found value out).
+        unsafe {
+            core::arch::asm!(
+                "r0 = cmpxchg_64({p} + 0, r0, {new})",
+                p = in(reg) word,
+                new = in(reg) new,
+                inout("r0") old => found,
+                options(nostack),
+            );
+        }
+        found == old
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        // SAFETY: the caller's contract.
+        let atomic = unsafe { core::sync::atomic::AtomicU64::from_ptr(word) };
+        atomic
+            .compare_exchange(
+                old,
+                new,
+                core::sync::atomic::Ordering::SeqCst,
+                core::sync::atomic::Ordering::SeqCst,
+            )
+            .is_ok()
+    }
 }
 
 /// Runs `read` (given the sequence it reads under) as one read of a sequence-guarded slot
@@ -210,6 +276,9 @@ pub struct DecisionCacheEntry {
     pub expires_boot_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<DecisionCacheEntry>() == 56);
+// `seq` is the upper half of the 8-byte word at `port` (see `seq_write`).
+const _: () = assert!(core::mem::offset_of!(DecisionCacheEntry, port) == 24);
+const _: () = assert!(core::mem::offset_of!(DecisionCacheEntry, seq) == 28);
 
 impl DecisionCacheEntry {
     /// The slot index of a flow: a multiplicative hash of its key.
@@ -258,7 +327,7 @@ impl DecisionCacheEntry {
     pub unsafe fn store_with(e: *mut Self, value: &Self, between: impl FnOnce()) -> bool {
         // SAFETY: the caller's contract; volatile accesses keep the program order.
         unsafe {
-            seq_write(&raw mut (*e).seq, || {
+            seq_write((&raw mut (*e).port).cast::<u64>(), || {
                 core::ptr::write_volatile(&raw mut (*e).cgroup_id, value.cgroup_id);
                 core::ptr::write_volatile(&raw mut (*e).dst, value.dst);
                 core::ptr::write_volatile(&raw mut (*e).port, value.port);
@@ -325,6 +394,9 @@ pub struct BindingCacheEntry {
     pub binding: Binding,
 }
 const _: () = assert!(core::mem::size_of::<BindingCacheEntry>() == 32);
+// `seq` is the upper half of the 8-byte word at `epoch` (see `seq_write`).
+const _: () = assert!(core::mem::offset_of!(BindingCacheEntry, epoch) == 8);
+const _: () = assert!(core::mem::offset_of!(BindingCacheEntry, seq) == 12);
 
 impl BindingCacheEntry {
     /// The slot index of a cgroup.
@@ -351,7 +423,7 @@ impl BindingCacheEntry {
     pub unsafe fn store_with(e: *mut Self, value: &Self, between: impl FnOnce()) -> bool {
         // SAFETY: the caller's contract; volatile accesses keep the program order.
         unsafe {
-            seq_write(&raw mut (*e).seq, || {
+            seq_write((&raw mut (*e).epoch).cast::<u64>(), || {
                 core::ptr::write_volatile(&raw mut (*e).cgroup_id, value.cgroup_id);
                 between();
                 core::ptr::write_volatile(&raw mut (*e).epoch, value.epoch);
@@ -483,13 +555,18 @@ mod tests {
             let got = FlowCacheEntry::load_with(e, || {}).expect("quiet again");
             assert!(got.vouches(11, &STATE, 0));
             // Emptied for its socket only, and a read across the emptying misses.
-            FlowCacheEntry::clear(e, 12);
+            assert!(
+                FlowCacheEntry::clear(e, 12),
+                "not its socket: nothing to do"
+            );
             assert!(
                 FlowCacheEntry::load_with(e, || {})
                     .unwrap()
                     .vouches(11, &STATE, 0)
             );
-            let across = FlowCacheEntry::load_with(e, || FlowCacheEntry::clear(e, 11));
+            let across = FlowCacheEntry::load_with(e, || {
+                assert!(FlowCacheEntry::clear(e, 11));
+            });
             assert_eq!(across, None);
             assert!(
                 !FlowCacheEntry::load_with(e, || {})
@@ -675,6 +752,31 @@ mod tests {
                 assert!(BindingCacheEntry::store_with(e, &second, || {}));
             });
             assert_eq!(torn, None, "a read across a write is a miss");
+        }
+    }
+
+    #[test]
+    fn a_write_that_lost_its_slot_before_claiming_it_writes_nothing() {
+        // A program read the sequence, was preempted, and another program wrote the slot
+        // whole meanwhile: the first must not write over it, or a reader that read across
+        // both writes would find the sequence where it left it over a mix of the two.
+        let mut slot = FlowCacheEntry::default();
+        let e: *mut FlowCacheEntry = &raw mut slot;
+        // SAFETY: `e` points to `slot`, used by nothing else meanwhile.
+        unsafe {
+            let word = (&raw mut (*e).epoch).cast::<u64>();
+            let lost = seq_write_claiming(
+                word,
+                || assert!(FlowCacheEntry::store_with(e, 9, 6, 0, || {})),
+                || panic!("the write that lost the slot must not run"),
+            );
+            assert!(!lost);
+            let got = FlowCacheEntry::load_with(e, || {}).expect("the slot is quiet");
+            assert_eq!((got.cookie, got.epoch, got.seq), (9, 6, 2));
+            // A clear that meets a write in progress (odd sequence) leaves the slot to it.
+            (*e).seq = 3;
+            assert!(!FlowCacheEntry::clear(e, 9));
+            assert_eq!((*e).cookie, 9);
         }
     }
 }

@@ -51,7 +51,7 @@ pub(crate) fn forget(cookie: u64) {
     }
     if let Some(e) = slot(cookie) {
         // SAFETY: this CPU's slot.
-        unsafe { FlowCacheEntry::clear(e, cookie) };
+        let _ = unsafe { FlowCacheEntry::clear(e, cookie) };
     }
 }
 
