@@ -3,7 +3,7 @@
 
 use std::{fs, os::fd::AsFd as _, time::Duration};
 
-use agentwall::{cgroup::Cgroup, spawn};
+use agentwall::{cgroup::Cgroup, events::EventRecord, spawn};
 use agentwall_tests::{
     HttpSink, TcpSink, TestDaemon, UdpSink, lines, netprobe_bin, serial, tcp_policy, wait_for,
 };
@@ -136,18 +136,24 @@ fn every_verdict_is_one_event_with_its_fields() {
     let denied = TcpSink::new("127.0.0.1:0");
     let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))]);
     let events = d.events();
+    // The allowed destination four times: after the first, the connects of a CPU that judged
+    // it are answered from the decision cache, and must be reported the same.
+    let to_allowed = format!("tcp 127.0.0.1:{}", allowed.port());
     let out = d.exec(
         "web",
         None,
         &[
             "pid",
-            &format!("tcp 127.0.0.1:{}", allowed.port()),
+            &to_allowed,
+            &to_allowed,
+            &to_allowed,
+            &to_allowed,
             &format!("tcp 127.0.0.2:{}", denied.port()),
             &format!("tcp [::ffff:127.0.0.3]:{}", denied.port()),
         ],
     );
     let got = lines(&out);
-    assert_eq!(got[1..], ["ok", "err EPERM", "err EPERM"]);
+    assert_eq!(got[1..], ["ok", "ok", "ok", "ok", "err EPERM", "err EPERM"]);
     let pid: u32 = got[0].parse().unwrap();
     let evs: Vec<_> = events
         .drain(Duration::from_millis(500))
@@ -155,8 +161,19 @@ fn every_verdict_is_one_event_with_its_fields() {
         .filter(|e| e.tgid == pid)
         .collect();
     let connects: Vec<_> = evs.iter().filter(|e| e.hook == "connect4").collect();
-    assert_eq!(connects.len(), 2, "one event per connect verdict: {evs:#?}");
-    let (allow, deny) = (connects[0], connects[1]);
+    assert_eq!(connects.len(), 5, "one event per connect verdict: {evs:#?}");
+    let (allow, deny) = (connects[0], connects[4]);
+    for again in &connects[1..4] {
+        let untimed = |e: &EventRecord| EventRecord {
+            time: String::new(),
+            ..e.clone()
+        };
+        assert_eq!(
+            untimed(again),
+            untimed(allow),
+            "a repeated verdict reads the same"
+        );
+    }
     assert_eq!(
         (allow.verdict.as_str(), allow.reason.as_str()),
         ("allow", "rule")
@@ -197,7 +214,7 @@ fn every_verdict_is_one_event_with_its_fields() {
     assert_eq!(six[0].dst_given, Some("127.0.0.3".parse().unwrap()));
     assert_eq!(six[0].comm, "aw-netprobe");
     // Creating an ordinary socket is not a verdict (policy applies per flow); no other event.
-    assert_eq!(evs.len(), 3, "{evs:#?}");
+    assert_eq!(evs.len(), 6, "{evs:#?}");
 }
 
 #[test]
