@@ -278,22 +278,25 @@ struct CaArgs {
     #[arg(long, default_value = config::defaults::TRUST_DOMAIN)]
     trust_domain: String,
     /// Key type of the certificate issued (and of the CA, if this creates it); as the
-    /// daemon's `identity.key_algorithm`.
-    #[arg(long, value_enum, default_value = "ed25519")]
-    key_algorithm: crate::identity::svid::KeyAlgorithm,
+    /// daemon's `identity.key_algorithm`. Default: ed25519; `identity renew` keeps the key
+    /// type of the certificate it renews.
+    #[arg(long, value_enum)]
+    key_algorithm: Option<crate::identity::svid::KeyAlgorithm>,
 }
 
 impl CaArgs {
     /// Issues from this CA into `out` (see `identity::issue_into`).
+    /// Issues with the key type asked for, else `default`.
     fn issue_into(
         &self,
         req: &crate::identity::svid::LeafRequest,
+        default: crate::identity::svid::KeyAlgorithm,
         requester: &str,
         out: &std::path::Path,
     ) -> Result<crate::identity::svid::Issued, crate::identity::IdentityError> {
         crate::identity::issue_into(
             &self.state_dir,
-            (&self.trust_domain, self.key_algorithm),
+            (&self.trust_domain, self.key_algorithm.unwrap_or(default)),
             req,
             requester,
             out,
@@ -746,7 +749,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 #[expect(clippy::print_stdout, reason = "CLI output")]
 fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
-    use crate::identity::{self, svid::LeafRequest, verify};
+    use crate::identity::{
+        self,
+        svid::{KeyAlgorithm, LeafRequest},
+        verify,
+    };
     match cmd {
         IdentityCommand::Issue {
             ca,
@@ -763,7 +770,7 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 lifetime,
                 capabilities: caps,
             };
-            let issued = ca.issue_into(&req, &requester, &out)?;
+            let issued = ca.issue_into(&req, KeyAlgorithm::default(), &requester, &out)?;
             println!(
                 "issued {} serial {} valid until {} into {}",
                 issued.id,
@@ -797,6 +804,10 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 Ok(s) => {
                     println!("SPIFFE ID:    {}", s.id);
                     println!("serial:       {}", s.serial);
+                    println!(
+                        "key:          {}",
+                        KeyAlgorithm::of_certificate(&chain[0]).map_or("other", KeyAlgorithm::name)
+                    );
                     println!(
                         "valid:        {} .. {}",
                         humantime::format_rfc3339_seconds(s.not_before),
@@ -935,7 +946,9 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 nix::unistd::getuid(),
                 old.serial
             );
-            let issued = ca.issue_into(&req, &requester, &out)?;
+            // The renewed certificate keeps its key type unless told otherwise.
+            let keys = KeyAlgorithm::of_certificate(&chain[0]).unwrap_or_default();
+            let issued = ca.issue_into(&req, keys, &requester, &out)?;
             println!(
                 "renewed {} serial {} -> {} valid until {} into {}",
                 issued.id,

@@ -137,3 +137,75 @@ fn issue_inspect_and_log() {
     );
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn renew_keeps_the_key_type_of_the_certificate_unless_told() {
+    let _s = serial();
+    let dir = std::env::temp_dir().join(format!("awt-identity-renew-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let state = dir.join("state");
+    let state_s = state.to_str().unwrap();
+    let ca = ["--state-dir", state_s, "--trust-domain", "example.org"];
+    let key_of = |svid: &std::path::Path| {
+        let o = run(&[&["identity", "inspect"][..], &ca, &[svid.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{o:?}");
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("key:"))
+            .unwrap_or_default();
+        line.trim_start_matches("key:").trim().to_string()
+    };
+    let out = |n: &str| dir.join(n);
+    let p256 = out("p256");
+    let o = run(&[
+        &["identity", "issue"][..],
+        &ca,
+        &["--id", "agent/reader/prod", "--key-algorithm", "ecdsa-p256"],
+        &["--out", p256.to_str().unwrap()],
+    ]
+    .concat());
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(key_of(&p256.join("svid.pem")), "ecdsa-p256");
+    let cert = p256.join("svid.pem");
+    let renew = |extra: &[&str], to: &std::path::Path| {
+        let o = run(&[
+            &["identity", "renew"][..],
+            &ca,
+            &[
+                "--cert",
+                cert.to_str().unwrap(),
+                "--out",
+                to.to_str().unwrap(),
+            ],
+            extra,
+        ]
+        .concat());
+        assert!(o.status.success(), "{o:?}");
+        key_of(&to.join("svid.pem"))
+    };
+    assert_eq!(
+        renew(&[], &out("kept")),
+        "ecdsa-p256",
+        "renewal keeps the key type"
+    );
+    assert_eq!(
+        renew(&["--key-algorithm", "ed25519"], &out("changed")),
+        "ed25519",
+        "unless told otherwise"
+    );
+    let o = run(&[
+        &["identity", "issue"][..],
+        &ca,
+        &["--id", "agent/reader/prod"],
+        &["--out", out("default").to_str().unwrap()],
+    ]
+    .concat());
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        key_of(&out("default").join("svid.pem")),
+        "ed25519",
+        "the default"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}

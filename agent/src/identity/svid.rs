@@ -142,6 +142,19 @@ impl KeyAlgorithm {
         }
     }
 
+    /// The key type of a certificate's public key (DER), if it is one of these.
+    pub fn of_certificate(der: &[u8]) -> Option<Self> {
+        use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let key = &cert.tbs_certificate.subject_pki.algorithm;
+        if key.algorithm == OID_SIG_ED25519 {
+            return Some(Self::Ed25519);
+        }
+        let curve = key.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        (key.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256))
+            .then_some(Self::EcdsaP256)
+    }
+
     /// The name configuration uses.
     pub fn name(self) -> &'static str {
         match self {
@@ -571,8 +584,13 @@ mod tests {
         for keys in [KeyAlgorithm::Ed25519, KeyAlgorithm::EcdsaP256] {
             let ca = LocalCa::create_with("example.org", keys, t0()).unwrap();
             assert_eq!(ca.key.algorithm(), keys.rcgen());
-            assert_eq!(alg_of(&ca.issue(&req, t0()).unwrap().key_pem), keys.rcgen());
+            let leaf = ca.issue(&req, t0()).unwrap();
+            assert_eq!(alg_of(&leaf.key_pem), keys.rcgen());
+            // Read back from the certificates, as `identity renew` and `inspect` do.
+            assert_eq!(KeyAlgorithm::of_certificate(&leaf.cert_der), Some(keys));
+            assert_eq!(KeyAlgorithm::of_certificate(ca.cert_der()), Some(keys));
         }
+        assert_eq!(KeyAlgorithm::of_certificate(b"not a certificate"), None);
         assert_eq!(KeyAlgorithm::default(), KeyAlgorithm::Ed25519);
         // Ed25519 keys are PKCS#8 v1 (version 0, no public key), which OpenSSL 3.0 reads.
         let ca = LocalCa::create_with("example.org", KeyAlgorithm::Ed25519, t0()).unwrap();
