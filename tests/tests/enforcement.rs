@@ -457,3 +457,39 @@ fn quarantine_cuts_an_open_stream_in_the_agents_own_network_namespace() {
     assert_eq!(agent.cmd("stream-end 3000"), "err ECONNABORTED");
     assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
 }
+
+/// ICMP is judged by the egress backstop: an echo request sent on a ping socket passes no
+/// address hook, so the egress program drops it unless a rule allows icmp to the destination
+/// (over IPv4 the send fails with EPERM; over IPv6 the kernel does not report the drop to the
+/// sender, and the reply never comes). The probe runs in a network namespace of its own, where it
+/// may open ping sockets without touching the host's settings.
+#[test]
+fn icmp_echo_is_dropped_by_the_backstop_unless_a_rule_allows_it() {
+    let _s = serial();
+    let pinger = "policy:\n  name: pinger\n  egress:\n    - to: [127.0.0.1, \"::1\"]\n      protocol: icmp\n";
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1])), ("q.yaml", pinger)]);
+    let events = d.events();
+    let pings = ["unshare-net", "ping-allow", "ping 127.0.0.1", "ping ::1"];
+    let out = d.exec("web", None, &pings);
+    // The ICMPv6 send path does not hand the drop back to the sender: no reply comes.
+    assert_eq!(
+        lines(&out),
+        ["ok", "ok", "err EPERM", "err timeout"],
+        "{out:?}"
+    );
+    let drops: Vec<_> = events
+        .drain(Duration::from_millis(500))
+        .into_iter()
+        .filter(|e| e.hook == "egress" && e.verdict == "deny")
+        .map(|e| (e.protocol, e.dst_given.map(|a| a.to_string()), e.reason))
+        .collect();
+    // Reported as sent (the judged destination is loopback's canonical 127.0.0.1 for both).
+    for (proto, dst) in [("icmp", "127.0.0.1"), ("icmpv6", "::1")] {
+        assert!(
+            drops.contains(&(proto.into(), Some(dst.into()), "no_rule".into())),
+            "a {proto} drop to {dst} reported: {drops:?}"
+        );
+    }
+    let out = d.exec("pinger", None, &pings);
+    assert_eq!(lines(&out), ["ok", "ok", "ok", "ok"], "{out:?}");
+}

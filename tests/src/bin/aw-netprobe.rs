@@ -9,11 +9,13 @@
 //! `env NAME`, `exit CODE`, `repl`; `unshare-net` (this thread, and threads it starts from
 //! then on, move to a new network namespace with its loopback up), `join-net PATH` (the same,
 //! into the namespace PATH names, such as /proc/PID/ns/net), `listen ADDR` (accepts and
-//! drains connections in the background).
+//! drains connections in the background), `ping-allow` (lets every group open ping sockets in
+//! the current network namespace: use it in one of its own), `ping IP` (one ICMP echo request
+//! from a ping socket, `ok` once the reply came, `err timeout` after a second without).
 
 use std::{
     io::{self, BufRead as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -54,6 +56,36 @@ fn raw(domain: libc::c_int, proto: libc::c_int) -> String {
     // SAFETY: closing the fd just opened.
     unsafe { libc::close(fd) };
     "ok".into()
+}
+
+/// One ICMP echo request to `ip` from a ping socket (`SOCK_DGRAM`, the kernel fills in the
+/// identifier and checksum), then up to a second for the reply.
+fn ping(ip: IpAddr) -> String {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockProtocol, SockType};
+    let (family, proto, request, reply) = match ip {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8, 0),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128, 129),
+    };
+    let fd = match socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, proto) {
+        Ok(fd) => fd,
+        Err(e) => return format!("err {e:?}"),
+    };
+    // A datagram socket as far as sending and receiving go.
+    let s = UdpSocket::from(fd);
+    if let Err(e) = s.set_read_timeout(Some(Duration::from_secs(1))) {
+        return errno(&e);
+    }
+    // Type, code, checksum, identifier, sequence number 1.
+    if let Err(e) = s.send_to(&[request, 0, 0, 0, 0, 0, 0, 1], SocketAddr::new(ip, 0)) {
+        return errno(&e);
+    }
+    let mut buf = [0u8; 64];
+    match s.recv(&mut buf) {
+        Ok(n) if n >= 8 && buf[0] == reply => "ok".into(),
+        Ok(_) => "err not an echo reply".into(),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => "err timeout".into(),
+        Err(e) => errno(&e),
+    }
 }
 
 /// A new network namespace for this thread (and threads it starts later), loopback up.
@@ -203,6 +235,14 @@ fn run(line: &str) -> String {
                 .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
         }
         ("listen", [a]) => Ok(listen(addr(a)?)),
+        ("ping-allow", []) => Ok(std::fs::write(
+            "/proc/sys/net/ipv4/ping_group_range",
+            "0 2147483647",
+        )
+        .map_or_else(|e| errno(&e), |()| "ok".into())),
+        ("ping", [ip]) => Ok(ping(
+            ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
+        )),
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
