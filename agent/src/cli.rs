@@ -285,8 +285,8 @@ struct CaArgs {
 }
 
 impl CaArgs {
-    /// Issues from this CA into `out` (see `identity::issue_into`).
-    /// Issues with the key type asked for, else `default`.
+    /// Issues from this CA into `out` (see `identity::issue_into`), with keys of the type
+    /// asked for, else of type `default`.
     fn issue_into(
         &self,
         req: &crate::identity::svid::LeafRequest,

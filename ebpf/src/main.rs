@@ -86,8 +86,7 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
         family: if v6 { AF_INET6 } else { AF_INET },
     };
     let connect = hook == Hook::CONNECT4 || hook == Hook::CONNECT6;
-    // The event record is reserved and filled before the decision, so that the misses of its
-    // fresh cache lines overlap with the lookups.
+    // The event record is reserved and filled before the decision (see `emit::begin`).
     let record = emit::begin(&flow, true);
     let d = decide(&flow);
     emit::finish(record, &d);
