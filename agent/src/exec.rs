@@ -11,6 +11,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use rustls_pki_types::pem::PemObject as _;
 
 use crate::{
+    agentdir::{AgentDir, AgentDirError},
     cgroup::{Cgroup, CgroupError},
     control::{
         Reply, Request,
@@ -39,13 +40,7 @@ pub mod env {
     pub const TOKEN: &str = "AGENTWALL_TOKEN";
 }
 
-/// Names of the files in an agent's directory.
-pub mod files {
-    pub const CERT: &str = "svid.pem";
-    pub const KEY: &str = "svid.key";
-    pub const BUNDLE: &str = "bundle.pem";
-    pub const TOKEN: &str = "token.jwt";
-}
+pub use crate::agentdir::files;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -67,12 +62,8 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
-    #[error("preparing the agent directory {path}: {source}")]
-    AgentDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("preparing the agent directory: {0}")]
+    AgentDir(#[from] AgentDirError),
     #[error("{0} is not a PEM certificate and {1} not a PEM private key")]
     Pem(PathBuf, PathBuf),
 }
@@ -95,28 +86,6 @@ pub enum Under {
     SelfEnroll,
 }
 
-/// Replaces an agent's key and certificate (each atomically, key first), owned like the
-/// directory, so that an agent running as another user can read them.
-pub fn write_agent_files(dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> std::io::Result<()> {
-    write_owned_like_dir(dir, files::KEY, key_pem, 0o600)?;
-    write_owned_like_dir(dir, files::CERT, cert_pem, 0o644)
-}
-
-/// Replaces `dir/name` atomically with a file owned by the directory's owner.
-pub fn write_owned_like_dir(
-    dir: &Path,
-    name: &str,
-    bytes: &[u8],
-    mode: u32,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let md = std::fs::metadata(dir)?;
-    let path = dir.join(name);
-    crate::state::write_atomic(&path, bytes, mode)?;
-    nix::unistd::chown(&path, Some(md.uid().into()), Some(md.gid().into()))?;
-    Ok(())
-}
-
 fn read(path: &Path) -> Result<Vec<u8>, ExecError> {
     std::fs::read(path).map_err(|source| ExecError::Read {
         path: path.to_path_buf(),
@@ -125,7 +94,8 @@ fn read(path: &Path) -> Result<Vec<u8>, ExecError> {
 }
 
 /// Fills an agent's directory: its certificate and key, and the bundle (the daemon's CA, then
-/// the caller's own bundle if given), all owned by the user the command runs as.
+/// the caller's own bundle if given), all owned by the user the command runs as. The directory
+/// stays the daemon's: the agent reads its files, it cannot replace them.
 fn prepare_agent_dir(
     dir: &Path,
     cert: &Path,
@@ -135,7 +105,6 @@ fn prepare_agent_dir(
     run_as: Option<&RunAs>,
 ) -> Result<(), ExecError> {
     let (cert_pem, key_pem) = (read(cert)?, read(key)?);
-    write_bundle(dir, daemon_bundle, bundle, run_as)?;
     let has_cert = rustls_pki_types::CertificateDer::pem_slice_iter(&cert_pem)
         .next()
         .is_some_and(|c| c.is_ok());
@@ -143,35 +112,39 @@ fn prepare_agent_dir(
     if !has_cert || !has_key {
         return Err(ExecError::Pem(cert.to_path_buf(), key.to_path_buf()));
     }
-    write_agent_files(dir, &cert_pem, &key_pem).map_err(|source| ExecError::AgentDir {
-        path: dir.to_path_buf(),
-        source,
-    })
+    let agent_dir = write_bundle(dir, daemon_bundle, bundle, run_as)?;
+    agent_dir.write_svid(&cert_pem, &key_pem, owner(run_as))?;
+    Ok(())
 }
 
-/// Gives the agent directory to the user the command runs as and writes its bundle there.
+/// Who the agent's files belong to: the user the command runs as, or the launcher's.
+fn owner(run_as: Option<&RunAs>) -> (u32, u32) {
+    run_as.map_or_else(
+        || {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        },
+        |u| (u.uid, u.gid),
+    )
+}
+
+/// Writes the bundle into the agent's directory; returns the directory, held open.
 fn write_bundle(
     dir: &Path,
     daemon_bundle: &str,
     bundle: Option<&Path>,
     run_as: Option<&RunAs>,
-) -> Result<(), ExecError> {
+) -> Result<AgentDir, ExecError> {
     let mut bundle_pem = daemon_bundle.as_bytes().to_vec();
     if let Some(b) = bundle {
         bundle_pem.push(b'\n');
         bundle_pem.extend(read(b)?);
     }
-    let err = |source| ExecError::AgentDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    // The directory's own entry lives in a root-owned parent, so its path is safe to chown;
-    // the files in it are given their owner through their descriptors.
-    if let Some(u) = run_as {
-        nix::unistd::chown(dir, Some(u.uid.into()), Some(u.gid.into()))
-            .map_err(|e| err(e.into()))?;
-    }
-    write_owned_like_dir(dir, files::BUNDLE, &bundle_pem, 0o644).map_err(err)
+    let agent_dir = AgentDir::open(dir)?;
+    agent_dir.write(files::BUNDLE, &bundle_pem, 0o644, owner(run_as))?;
+    Ok(agent_dir)
 }
 
 /// Hidden subcommand of the launcher that enrolls and then executes the command.

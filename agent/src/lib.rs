@@ -3,6 +3,7 @@
 //! The daemon loads kernel programs (`ebpf/`) that allow only the egress a cgroup's policy
 //! grants; this crate is the daemon and its CLI, one module per concern.
 
+pub mod agentdir;
 pub mod audit;
 pub mod cgroup;
 pub mod cli;

@@ -16,6 +16,7 @@ use tokio::net::UnixListener;
 
 use super::{Daemon, DaemonError, Kind, Managed};
 use crate::{
+    agentdir::{AgentDir, files},
     cgroup::Cgroup,
     control::Reply,
     identity::{
@@ -174,25 +175,11 @@ impl Daemon {
         self.cfg.state_dir.join("enrollments.json")
     }
 
-    /// Creates the directory of an agent launched with `agentwall exec --cert`.
+    /// Creates the directory of an agent launched with `agentwall exec --cert` (the
+    /// daemon's, not writable by the agent: see [`crate::agentdir`]).
     pub(super) fn identity_agent_dir(&self, cgroup_id: u64) -> Result<PathBuf, DaemonError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        use std::os::unix::fs::PermissionsExt as _;
-        let base = &self.cfg.identity.agent_dir;
-        let dir = base.join(cgroup_id.to_string());
-        let err = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| DaemonError::StateDir { path, source }
-        };
-        std::fs::create_dir_all(base).map_err(err(base))?;
-        // Agents of other users pass through (but cannot list) the base to reach their own.
-        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o711))
-            .map_err(err(base))?;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(err(&dir))?;
-        Ok(dir)
+        let dir = AgentDir::create(&self.cfg.identity.agent_dir, &cgroup_id.to_string())?;
+        Ok(dir.path().to_path_buf())
     }
 
     /// The enrollment records of the previous daemon (snapshot and journal, see
@@ -823,7 +810,10 @@ impl Daemon {
             .identity
             .issue(&req, &format!("agentwall renewal for cgroup {cgroup_id}"))
             .map_err(|e| e.to_string())?;
-        crate::exec::write_agent_files(&dir, issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())
+        // The files keep the owner the launcher gave the key (the user the agent runs as).
+        let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
+        let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
+        dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)
             .map_err(|e| e.to_string())?;
         let k = self
             .enforcer
@@ -879,7 +869,9 @@ impl Daemon {
             .identity
             .issue_token(&id, &audience)
             .map_err(|e| e.to_string())?;
-        crate::exec::write_owned_like_dir(&dir, crate::exec::files::TOKEN, token.as_bytes(), 0o600)
+        let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
+        let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
+        dir.write(files::TOKEN, token.as_bytes(), 0o600, owner)
             .map_err(|e| e.to_string())?;
         if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id) {
             m.token_exp = claims.exp;
@@ -900,7 +892,7 @@ impl Daemon {
             .filter(|(_, m)| {
                 m.agent_dir
                     .as_ref()
-                    .is_some_and(|d| d.join(crate::exec::files::CERT).exists())
+                    .is_some_and(|d| d.join(files::CERT).exists())
             })
             // Only this daemon's CA can renew: certificates of other trust domains run out.
             .filter(|(_, m)| {

@@ -56,6 +56,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    AgentDir(#[from] crate::agentdir::AgentDirError),
     #[error("another agentwall daemon is using the state directory {0} (lock held); stop it first")]
     Locked(PathBuf),
     #[error("installing signal handlers: {0}")]

@@ -11,7 +11,9 @@
 //! into the namespace PATH names, such as /proc/PID/ns/net), `listen ADDR` (accepts and
 //! drains connections in the background), `ping-allow` (lets every group open ping sockets in
 //! the current network namespace: use it in one of its own), `ping IP` (one ICMP echo request
-//! from a ping socket, `ok` once the reply came, `err timeout` after a second without).
+//! from a ping socket, `ok` once the reply came, `err timeout` after a second without),
+//! `swap-links DIR TARGET NAME...` (swaps links to TARGET over DIR/NAME in a loop, in the
+//! background), `swap-stop` (ends it; prints how many swaps were made), `read PATH`.
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -117,6 +119,42 @@ fn unshare_net() -> String {
     };
     r.map_or_else(|e| errno(&e), |()| "ok".into())
 }
+
+/// Swaps a symbolic link to `target` over each of `names` in `dir`, in a loop in the
+/// background for at most 60 seconds or until `swap-stop`: an agent racing the daemon's
+/// writes into its directory. `ok` once the first swap worked, else its error.
+fn swap_links(dir: &str, target: &str, names: &[&str]) -> String {
+    let dir = std::path::PathBuf::from(dir);
+    let names: Vec<String> = names.iter().map(|n| (*n).to_string()).collect();
+    let swap = {
+        let (dir, target) = (dir.clone(), target.to_string());
+        move |name: &str| -> io::Result<()> {
+            let link = dir.join(format!(".swap-{name}"));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link)?;
+            std::fs::rename(&link, dir.join(name))
+        }
+    };
+    if let Err(e) = names.iter().try_for_each(|n| swap(n)) {
+        return errno(&e);
+    }
+    SWAPS.store(0, std::sync::atomic::Ordering::SeqCst);
+    SWAPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(60);
+        while SWAPPING.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < end {
+            for n in &names {
+                if swap(n).is_ok() {
+                    SWAPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+    });
+    "ok".into()
+}
+
+static SWAPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SWAPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Accepts connections on `a` and reads each until it ends, in the background.
 fn listen(a: SocketAddr) -> String {
@@ -243,6 +281,15 @@ fn run(line: &str) -> String {
         ("ping", [ip]) => Ok(ping(
             ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
         )),
+        ("swap-links", [dir, target, names @ ..]) if !names.is_empty() => {
+            Ok(swap_links(dir, target, names))
+        }
+        ("read", [path]) => Ok(std::fs::read(path).map_or_else(|e| errno(&e), |_| "ok".into())),
+        ("swap-stop", []) => {
+            SWAPPING.store(false, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(SWAPS.load(std::sync::atomic::Ordering::SeqCst).to_string())
+        }
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),

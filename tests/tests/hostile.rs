@@ -1,0 +1,121 @@
+//! A confined agent attacks agentwall itself: each test reproduces an attack from inside an
+//! enforced cgroup, unprivileged and, where it applies, as root, and asserts that it gains
+//! nothing. Real daemon, real kernel programs, real cgroups. Root, one at a time.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failed step fails the test with its message"
+)]
+
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+};
+
+use agentwall_tests::{Repl, TestDaemon, serial};
+
+/// A policy for identity `agent/<name>/prod` allowing TCP to one loopback port.
+fn identity_policy(name: &str, port: u16) -> String {
+    format!(
+        "policy:\n  name: {name}\n  identity: agent/{name}/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{port}]\n"
+    )
+}
+
+/// A file the agent must never gain: owned by `uid`, mode 0600, in the test's directory.
+fn victim(d: &TestDaemon, uid: u32) -> std::path::PathBuf {
+    let p = d.dir.join("victim");
+    fs::write(&p, b"not yours\n").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+    p
+}
+
+fn assert_untouched(victim: &Path, uid: u32) {
+    let md = fs::symlink_metadata(victim).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (uid, uid, 0o600),
+        "the daemon changed the owner or mode of a file the agent linked to"
+    );
+    assert_eq!(fs::read(victim).unwrap(), b"not yours\n");
+}
+
+/// Renews the agent's certificate `n` times (`identity rotate`); returns how many worked.
+fn rotate(d: &TestDaemon, n: usize) -> usize {
+    (0..n)
+        .filter(|_| {
+            let o = d.cli(&["identity", "rotate"]);
+            String::from_utf8_lossy(&o.stdout).contains("renewed 1")
+        })
+        .count()
+}
+
+/// An agent launched with `exec --cert [--user U]`, its directory and the SVID's path.
+fn launched(d: &TestDaemon, user: Option<&str>) -> (Repl, String, String) {
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let agent = Repl::spawn(d.exec_under(
+        &["--cert", &cert, "--key", &key, "--audience", "api"],
+        user,
+        &["repl"],
+    ));
+    let mut agent = agent;
+    let svid = agent.cmd("env AGENTWALL_SVID");
+    let dir = Path::new(&svid).parent().unwrap().display().to_string();
+    (agent, dir, svid)
+}
+
+#[test]
+fn an_unprivileged_agent_cannot_swap_links_into_its_directory_while_it_is_renewed() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
+    let victim = victim(&d, 0);
+    let (mut agent, dir, svid) = launched(&d, Some("nobody"));
+    let key_owner = fs::metadata(Path::new(&dir).join("svid.key")).unwrap().uid();
+    let swap = format!(
+        "swap-links {dir} {} svid.key svid.pem token.jwt bundle.pem",
+        victim.display()
+    );
+    let raced = agent.cmd(&swap);
+    let renewed = rotate(&d, 200);
+    if raced == "ok" {
+        agent.cmd("swap-stop");
+    }
+    assert_untouched(&victim, 0);
+    // The directory is the daemon's: the agent reads its files but cannot add or replace one.
+    assert_eq!(raced, "err EACCES");
+    assert_eq!(renewed, 200);
+    let md = fs::metadata(&dir).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o777), (0, 0o755), "{dir}");
+    // The renewed key is still the agent's own, and only its own.
+    let key = fs::metadata(Path::new(&dir).join("svid.key")).unwrap();
+    assert_eq!((key.uid(), key.mode() & 0o777), (key_owner, 0o600));
+    assert_ne!(key_owner, 0, "the key belongs to the user the agent runs as");
+    assert_eq!(agent.cmd(&format!("read {svid}")), "ok");
+    assert_eq!(agent.cmd(&format!("read {dir}/svid.key")), "ok");
+}
+
+#[test]
+fn an_agent_that_can_write_its_directory_never_makes_the_daemon_follow_a_link() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
+    // Root inside the agent can write the daemon's directory (until the kernel stops it): the
+    // daemon's writes themselves must not follow what it puts there. The victim belongs to
+    // someone else, so that a chown through a link to root would show.
+    let victim = victim(&d, 65534);
+    let (mut agent, dir, _svid) = launched(&d, None);
+    // The key stays a file (renewal reads its owner); the rest is raced.
+    let swap = format!(
+        "swap-links {dir} {} svid.pem token.jwt bundle.pem",
+        victim.display()
+    );
+    assert_eq!(agent.cmd(&swap), "ok");
+    let renewed = rotate(&d, 200);
+    let swaps: u64 = agent.cmd("swap-stop").parse().unwrap();
+    assert!(swaps > 0, "the agent raced no swap");
+    assert_eq!(renewed, 200, "every renewal replaced the links with files");
+    assert_untouched(&victim, 65534);
+    let cert = fs::symlink_metadata(Path::new(&dir).join("svid.key")).unwrap();
+    assert!(cert.is_file());
+}
