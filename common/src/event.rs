@@ -27,6 +27,11 @@ code!(
         SENDMSG6 = 4, "sendmsg6";
         EGRESS = 5, "egress";
         SOCK_CREATE = 6, "sock_create";
+        /// The task-scoped connect hook (BPF LSM `socket_connect`), which judges sockets
+        /// the cgroup hooks do not see: those created outside the task's cgroup.
+        LSM_CONNECT = 7, "lsm_connect";
+        /// The task-scoped send hook (BPF LSM `socket_sendmsg`), likewise.
+        LSM_SENDMSG = 8, "lsm_sendmsg";
     }
 );
 
@@ -65,6 +70,10 @@ code!(
         UNPARSED = 12, "unparsed";
         /// The audit log cannot be written and the configured rule is to deny meanwhile.
         AUDIT_DOWN = 13, "audit_down";
+        /// An address family enforced tasks may not use (not IP, Unix or netlink).
+        FAMILY = 14, "family";
+        /// The LSM hooks could not read the socket (kernel layout unknown or a read failed).
+        UNREADABLE = 15, "unreadable";
     }
 );
 

@@ -13,6 +13,7 @@ pub mod addr;
 pub mod binding;
 pub mod counters;
 pub mod event;
+pub mod lsm;
 pub mod maps;
 pub mod rules;
 pub mod state;
@@ -29,4 +30,6 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::RuleSet {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::state::PolicyState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::lsm::KernelLayout {}
 }

@@ -13,6 +13,10 @@ pub const COUNTERS: &str = "AW_COUNTERS";
 /// `RingBuf` of [`crate::event::Event`].
 pub const EVENTS: &str = "AW_EVENTS";
 
+/// `HashMap<u64 cgroup id, u32>`: the cgroups whose tasks the LSM hooks judge (with their
+/// descendants). The daemon adds a cgroup before it attaches the cgroup programs to it.
+pub const ENFORCED: &str = "AW_ENFORCED";
+
 /// Default capacity of the bindings map.
 pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
 /// Default capacity of the rules trie: room for two generations of 131,072 prefix nodes.
@@ -29,4 +33,12 @@ pub mod programs {
     pub const EGRESS: &str = "aw_egress";
     pub const SOCK_CREATE: &str = "aw_sock_create";
     pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, EGRESS, SOCK_CREATE];
+    /// Task-scoped programs (BPF LSM), attached once for the whole host; each judges only
+    /// tasks of enforced cgroups. Program name and the LSM hook it attaches to.
+    pub const LSM_CONNECT: &str = "aw_lsm_connect";
+    pub const LSM_SENDMSG: &str = "aw_lsm_sendmsg";
+    pub const LSM: [(&str, &str); 2] = [
+        (LSM_CONNECT, "socket_connect"),
+        (LSM_SENDMSG, "socket_sendmsg"),
+    ];
 }

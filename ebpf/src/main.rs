@@ -11,6 +11,7 @@
 mod decide;
 mod emit;
 mod flowcache;
+mod lsm;
 
 use agentwall_common::{
     addr::{self, Quads},

@@ -895,3 +895,54 @@ pub fn write_report_section(path: &Path, name: &str, body: &str) {
     };
     fs::write(path, new).expect("write the benchmark report");
 }
+
+/// Hands a descriptor made outside every enforced cgroup to whoever connects to a Unix socket
+/// at `path` (`SCM_RIGHTS`), once, in the background: a socket an agent did not create.
+#[derive(Debug)]
+pub struct FdPasser {
+    path: PathBuf,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl FdPasser {
+    pub fn new(path: &Path, fd: std::os::fd::OwnedFd) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let _ = fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path).expect("bind the passing socket");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let thread = thread::spawn(move || {
+            if let Ok((c, _)) = l.accept() {
+                let fds = [fd.as_raw_fd()];
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                let _ = nix::sys::socket::sendmsg::<()>(
+                    c.as_raw_fd(),
+                    &[std::io::IoSlice::new(b"x")],
+                    &cmsg,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                );
+            }
+        });
+        Self {
+            path: path.to_path_buf(),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("utf-8 path")
+    }
+
+    /// Waits until the descriptor was handed over.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FdPasser {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}

@@ -14,7 +14,7 @@ use std::{
     path::Path,
 };
 
-use agentwall_tests::{Repl, TestDaemon, serial};
+use agentwall_tests::{FdPasser, Repl, TcpSink, TestDaemon, UdpSink, serial, tcp_policy};
 
 /// A policy for identity `agent/<name>/prod` allowing TCP to one loopback port.
 fn identity_policy(name: &str, port: u16) -> String {
@@ -118,4 +118,83 @@ fn an_agent_that_can_write_its_directory_never_makes_the_daemon_follow_a_link() 
     assert_untouched(&victim, 65534);
     let cert = fs::symlink_metadata(Path::new(&dir).join("svid.key")).unwrap();
     assert!(cert.is_file());
+}
+
+/// A socket of the test (outside every enforced cgroup), handed to `agent` over a Unix socket.
+fn hand_over(d: &TestDaemon, agent: &mut Repl, fd: std::os::fd::OwnedFd, tag: &str) {
+    let passer = FdPasser::new(&d.dir.join(format!("pass-{tag}.sock")), fd);
+    assert_eq!(agent.cmd(&format!("take-fd {}", passer.path())), "ok");
+    passer.join();
+}
+
+fn tcp_socket() -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()
+}
+
+fn udp_socket() -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).unwrap()
+}
+
+#[test]
+fn a_socket_made_outside_is_judged_by_the_task_that_uses_it() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let denied = TcpSink::new("127.0.0.1:0");
+    let udp = UdpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("p", &[allowed.port()]))]);
+    let protections = d.status().protections;
+    if !protections.task_hooks {
+        // Kernels that refuse BPF LSM programs (the machines this project is tested on load
+        // cgroup programs but refuse every trampoline-based type with EPERM): the daemon
+        // runs, and says what is missing and why, in status and in metrics.
+        assert_eq!(protections.missing.len(), 1, "{protections:?}");
+        assert!(
+            protections.missing[0].starts_with(
+                "task-scoped hooks: sockets made outside an enforced cgroup and used inside it are not judged: "
+            ),
+            "{protections:?}"
+        );
+        assert!(d.log_text().contains("task-scoped enforcement (BPF LSM) is MISSING"));
+        return;
+    }
+    let events = d.events();
+    for user in [Some("nobody"), None] {
+        let mut agent = Repl::spawn(d.exec_under(&["--policy", "p"], user, &["repl"]));
+        // An unconnected TCP socket, connected inside: judged by the agent's policy.
+        hand_over(&d, &mut agent, tcp_socket(), "deny");
+        let to_denied = format!("127.0.0.1:{}", denied.port());
+        assert_eq!(agent.cmd(&format!("fd-connect {to_denied}")), "err EPERM");
+        hand_over(&d, &mut agent, tcp_socket(), "allow");
+        let to_allowed = format!("127.0.0.1:{}", allowed.port());
+        assert_eq!(agent.cmd(&format!("fd-connect {to_allowed}")), "ok");
+        // A TCP socket connected outside to a destination the policy denies: nothing it
+        // writes leaves.
+        let outside = std::net::TcpStream::connect(&to_denied).unwrap();
+        hand_over(&d, &mut agent, outside.into(), "connected");
+        assert_eq!(agent.cmd("fd-write secret"), "err EPERM");
+        assert_eq!(agent.cmd("fd-send secret"), "err EPERM");
+        // A UDP socket: its datagrams are judged by where they go.
+        hand_over(&d, &mut agent, udp_socket(), "udp");
+        let to_udp = format!("127.0.0.1:{}", udp.port());
+        assert_eq!(agent.cmd(&format!("fd-sendto {to_udp} secret")), "err EPERM");
+        agent.quit();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(denied.bytes(), 0, "the denied listener received nothing");
+    assert_eq!(udp.datagrams(), 0);
+    assert_eq!(allowed.accepted(), 2);
+    let seen = events.drain(std::time::Duration::from_millis(500));
+    for (hook, verdict) in [
+        ("lsm_connect", "deny"),
+        ("lsm_connect", "allow"),
+        ("lsm_sendmsg", "deny"),
+    ] {
+        assert!(
+            seen.iter()
+                .any(|e| e.hook == hook && e.verdict == verdict && e.comm == "aw-netprobe"),
+            "no {hook} {verdict} event: {seen:?}"
+        );
+    }
 }

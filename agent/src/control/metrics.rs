@@ -62,6 +62,15 @@ pub fn render(s: &Status) -> String {
         "1 when the startup probe's connect was denied by the kernel and the daemon is serving",
         i64::from(healthy),
     );
+    let protections = Family::<Labels, Gauge>::default();
+    protections
+        .get_or_create(&label("protection", "task_hooks"))
+        .set(i64::from(s.protections.task_hooks));
+    reg.register(
+        "protection_active",
+        "1 when a kernel protection is in force, 0 when it is missing (status says why)",
+        protections,
+    );
     let build = Family::<Labels, Gauge>::default();
     build.get_or_create(&label("version", &s.version)).set(1);
     reg.register("build_info", "The running agentwall version", build);
@@ -351,6 +360,10 @@ mod tests {
                 failing: true,
                 ..AuditStatus::default()
             },
+            protections: crate::control::Protections {
+                task_hooks: false,
+                missing: vec!["task-scoped hooks: ...".into()],
+            },
         };
         s.kernel_counters.totals.insert("denied", 5);
         s.kernel_counters.events_dropped_per_cpu = vec![0, 9];
@@ -367,6 +380,7 @@ mod tests {
         let text = render(&s);
         for line in [
             "agentwall_healthy 1",
+            "agentwall_protection_active{protection=\"task_hooks\"} 0",
             "agentwall_policy_generation 3",
             "agentwall_cgroups{state=\"revoked\"} 1",
             "agentwall_cgroups{state=\"enrolled\"} 1",

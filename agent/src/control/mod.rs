@@ -129,6 +129,18 @@ pub struct Status {
     pub daemon_errors: std::collections::BTreeMap<String, u64>,
     #[serde(default)]
     pub audit: AuditStatus,
+    #[serde(default)]
+    pub protections: Protections,
+}
+
+/// Kernel protections beyond the cgroup hooks, and for each one missing, why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protections {
+    /// The task-scoped hooks (BPF LSM) are in force: a socket made outside an enforced cgroup
+    /// and used inside is judged by the task that uses it.
+    pub task_hooks: bool,
+    /// One line per missing protection: what is not judged, and what to do.
+    pub missing: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

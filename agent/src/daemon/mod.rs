@@ -700,6 +700,22 @@ impl Daemon {
     pub async fn status(&self) -> Reply {
         let (generation, rule_nodes) = self.enforcer.rule_state().await.unwrap_or_default();
         let kernel_counters = self.enforcer.counters().await.unwrap_or_default();
+        let protections = match self.enforcer.task_hooks().await {
+            Ok(crate::enforce::TaskHooks::Active) => control::Protections {
+                task_hooks: true,
+                missing: Vec::new(),
+            },
+            Ok(crate::enforce::TaskHooks::Missing(why)) => control::Protections {
+                task_hooks: false,
+                missing: vec![format!(
+                    "task-scoped hooks: sockets made outside an enforced cgroup and used inside it are not judged: {why}"
+                )],
+            },
+            Err(e) => control::Protections {
+                task_hooks: false,
+                missing: vec![e.to_string()],
+            },
+        };
         let policies = {
             let book = self
                 .book
@@ -795,6 +811,7 @@ impl Daemon {
                     node_key: self.audit_node_key.clone(),
                 }
             },
+            protections,
         }))
     }
 

@@ -153,6 +153,10 @@ impl EnforcerHandle {
         Ok(self.quick(|e| e.counters()).await??)
     }
 
+    pub async fn task_hooks(&self) -> Result<super::TaskHooks, Stopped> {
+        self.quick(|e| e.task_hooks().clone()).await
+    }
+
     /// (active generation, rule nodes in the trie)
     pub async fn rule_state(&self) -> Result<(u32, usize), Stopped> {
         self.call(|e| (e.generation(), e.rule_nodes())).await

@@ -10,8 +10,11 @@
 //! - `AW_STATE` [0] → [`PolicyState`]: the active generation.
 //! - `AW_COUNTERS` per-CPU counters (`agentwall_common::counters`).
 //! - `AW_EVENTS` ring buffer of `agentwall_common::event::Event`.
+//! - `AW_ENFORCED` cgroup id → 0: the cgroups whose tasks the task-scoped (BPF LSM) programs
+//!   judge, with their descendants. A cgroup enters it before the cgroup programs attach.
 
 pub mod actor;
+pub mod layout;
 mod pins;
 
 use std::{
@@ -37,8 +40,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError,
-        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
+        ProgramError, links::FdLink,
     },
 };
 use serde::Serialize;
@@ -112,6 +115,43 @@ pub enum EnforceError {
     Cgroup(#[from] CgroupError),
 }
 
+/// Whether the task-scoped programs (BPF LSM) are in force, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskHooks {
+    Active,
+    /// Sockets created outside an enforced cgroup and used inside are not judged.
+    Missing(String),
+}
+
+/// Why the task-scoped programs cannot run here, if they cannot. The kernel lists its active
+/// LSMs in securityfs, which is mounted first if it is not (as systemd does at boot).
+fn task_hooks_unsupported() -> Option<String> {
+    const SECURITYFS: &str = "/sys/kernel/security";
+    const LSM_LIST: &str = "/sys/kernel/security/lsm";
+    if !std::path::Path::new(LSM_LIST).exists() {
+        if let Err(e) = nix::mount::mount(
+            Some("securityfs"),
+            SECURITYFS,
+            Some("securityfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ) {
+            return Some(format!(
+                "securityfs is not mounted and mounting it at {SECURITYFS} failed ({e}): mount it to let agentwall find the BPF LSM"
+            ));
+        }
+        tracing::info!(path = SECURITYFS, "mounted securityfs");
+    }
+    match fs::read_to_string(LSM_LIST) {
+        Ok(list) if list.trim().split(',').any(|l| l == "bpf") => None,
+        Ok(list) => Some(format!(
+            "the BPF LSM is not active (active: {}); boot with `bpf` in lsm= (CONFIG_BPF_LSM=y)",
+            list.trim()
+        )),
+        Err(e) => Some(format!("cannot read {LSM_LIST}: {e}")),
+    }
+}
+
 fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> EnforceError {
     move |source| EnforceError::Map { map, op, source }
 }
@@ -131,10 +171,12 @@ pub struct Enforcer {
     rules: LpmTrie<MapData, RuleKey, RuleSet>,
     state: Array<MapData, PolicyState>,
     counters: PerCpuArray<MapData, u64>,
+    enforced: HashMap<MapData, u64, u32>,
     generation: u32,
     max_rule_nodes: u32,
     /// Cgroups this instance attached to.
     attached: HashSet<u64>,
+    task_hooks: TaskHooks,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -157,13 +199,23 @@ impl Enforcer {
         let layout = PinLayout::new(pin_dir);
         layout.prepare()?;
         pins::check_pinned_maps(&layout)?;
-        let mut ebpf = EbpfLoader::new()
+        // The task-scoped programs need the kernel's structure layout; without it (or without
+        // the BPF LSM) they are not loaded, and status says so.
+        let kernel_layout = match task_hooks_unsupported() {
+            Some(why) => Err(why),
+            None => self::layout::from_kernel().map_err(|e| e.to_string()),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(layout.maps())
             .map_max_entries(maps::BINDINGS, limits.max_bindings)
+            .map_max_entries(maps::ENFORCED, limits.max_bindings)
             .map_max_entries(maps::RULES, limits.max_rule_nodes)
-            .map_max_entries(maps::EVENTS, limits.event_ring_bytes)
-            .load(OBJECT)
-            .map_err(EnforceError::Load)?;
+            .map_max_entries(maps::EVENTS, limits.event_ring_bytes);
+        if let Ok(l) = &kernel_layout {
+            loader.override_global(agentwall_common::lsm::LAYOUT_GLOBAL, l, true);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(EnforceError::Load)?;
         for name in programs::ALL {
             let prog = ebpf.program_mut(name).ok_or(EnforceError::Missing {
                 kind: "program",
@@ -192,6 +244,8 @@ impl Enforcer {
             .map_err(map_err(maps::RULES, "opening"))?;
         let state: Array<MapData, PolicyState> = Array::try_from(take(&mut ebpf, maps::STATE)?)
             .map_err(map_err(maps::STATE, "opening"))?;
+        let enforced = HashMap::try_from(take(&mut ebpf, maps::ENFORCED)?)
+            .map_err(map_err(maps::ENFORCED, "opening"))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
             .map_err(map_err(maps::COUNTERS, "opening"))?;
         let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
@@ -208,9 +262,28 @@ impl Enforcer {
             rules,
             state,
             counters,
+            enforced,
             generation,
             max_rule_nodes,
             attached: HashSet::new(),
+            task_hooks: TaskHooks::Missing(String::new()),
+        };
+        enforcer.task_hooks = match kernel_layout.and_then(|_| {
+            enforcer.attach_task_hooks().map_err(|e| {
+                format!(
+                    "the kernel refused the BPF LSM programs ({})",
+                    crate::error_chain(&e)
+                )
+            })
+        }) {
+            Ok(()) => TaskHooks::Active,
+            Err(why) => {
+                tracing::warn!(
+                    reason = %why,
+                    "task-scoped enforcement (BPF LSM) is MISSING: sockets created outside an enforced cgroup and used inside it are not judged"
+                );
+                TaskHooks::Missing(why)
+            }
         };
         // A daemon that died while writing a generation leaves its partial nodes behind.
         enforcer.purge_inactive()?;
@@ -219,6 +292,56 @@ impl Enforcer {
 
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+
+    pub fn task_hooks(&self) -> &TaskHooks {
+        &self.task_hooks
+    }
+
+    /// Loads and attaches the task-scoped programs for the whole host and pins their links;
+    /// then unpins those of an earlier daemon, so that no moment is without them. They judge
+    /// only tasks of the cgroups in `AW_ENFORCED`.
+    fn attach_task_hooks(&mut self) -> Result<(), EnforceError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| EnforceError::Attach {
+            name: "task-scoped programs",
+            cgroup: PathBuf::from("/"),
+            message: format!("reading the kernel's BTF: {e}"),
+        })?;
+        let dir = self.layout.task_links();
+        fs::create_dir_all(&dir).map_err(|source| EnforceError::Io {
+            op: "creating",
+            path: dir.clone(),
+            source,
+        })?;
+        let old = pins::list(&dir);
+        let seq = link_seq();
+        for (name, hook) in programs::LSM {
+            let prog: &mut Lsm = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(EnforceError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| EnforceError::Program { name, source })?;
+            prog.load(hook, &btf)
+                .map_err(|source| EnforceError::Program { name, source })?;
+            let attach_err = |e: &(dyn std::error::Error + 'static)| EnforceError::Attach {
+                name,
+                cgroup: PathBuf::from("/"),
+                message: crate::error_chain(e),
+            };
+            let id = prog.attach().map_err(|e| attach_err(&e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| attach_err(&e))?
+                .into();
+            let path = dir.join(format!("{name}-{seq}"));
+            link.pin(&path).map_err(|e| attach_err(&e))?;
+        }
+        pins::release(old);
+        Ok(())
     }
 
     /// The active rule generation (0: none yet).
@@ -253,9 +376,12 @@ impl Enforcer {
             })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
-        let seq = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-            .map(|t| t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128)
-            .unwrap_or_default();
+        let seq = link_seq();
+        // The task-scoped programs judge the cgroup's tasks from before its first socket
+        // program is attached: a failure here attaches nothing.
+        self.enforced
+            .insert(id, 0, 0)
+            .map_err(map_err(maps::ENFORCED, "adding the cgroup"))?;
         for name in programs::ALL {
             let link = self.attach_one(name, fd.as_fd(), cgroup)?;
             // bpffs refuses names with dots.
@@ -270,16 +396,7 @@ impl Enforcer {
                 ),
             })?;
         }
-        for path in old {
-            match PinnedLink::from_pin(&path) {
-                // Dropping the unpinned link releases it, which detaches the old program.
-                Ok(link) => drop(link.unpin()),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot open an old link pin; removing it")
-                }
-            }
-            let _ = pins::unpin(&path);
-        }
+        pins::release(old);
         self.attached.insert(id);
         tracing::debug!(cgroup = %cgroup.path().display(), id, "programs attached");
         Ok(id)
@@ -353,6 +470,11 @@ impl Enforcer {
             }
         }
         let _ = fs::remove_dir(&dir);
+        match self.enforced.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(map_err(maps::ENFORCED, "removing the cgroup")(e)),
+        }
         self.attached.remove(&cgroup_id);
         Ok(())
     }
@@ -507,6 +629,13 @@ impl Enforcer {
     pub fn rule_nodes(&self) -> usize {
         self.rules.keys().count()
     }
+}
+
+/// A suffix that orders link pins: a new daemon's sort after an old one's.
+fn link_seq() -> u128 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128)
+        .unwrap_or_default()
 }
 
 /// The capacity of an already pinned rules map, which may differ from the configured one.

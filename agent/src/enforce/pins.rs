@@ -5,6 +5,8 @@
 //! - `links/<cgroup id>/<program>.<seq>`: one link per program per enforced cgroup. A new
 //!   daemon attaches its programs (new `seq`) before it unpins the old links, so the cgroup is
 //!   never without a program.
+//! - `links/tasks/<program>.<seq>`: the task-scoped (BPF LSM) programs' links, attached once
+//!   for the host, replaced the same way.
 
 use std::{
     fs, io,
@@ -48,6 +50,10 @@ impl PinLayout {
 
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
+    }
+
+    pub fn task_links(&self) -> PathBuf {
+        self.links().join("tasks")
     }
 
     pub fn cgroup_links(&self, cgroup_id: u64) -> PathBuf {
@@ -121,8 +127,9 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// What each pinned map must look like for this build's programs to share it.
-fn expected_shapes() -> [(&'static str, u32, u32); 4] {
+fn expected_shapes() -> [(&'static str, u32, u32); 5] {
     [
+        (maps::ENFORCED, 8, 4),
         (maps::BINDINGS, 8, size_of::<Binding>() as u32),
         (
             maps::RULES,
@@ -160,6 +167,27 @@ pub(super) fn check_pinned_maps(layout: &PinLayout) -> Result<(), EnforceError> 
         }
     }
     Ok(())
+}
+
+/// The pins in `dir`.
+pub(super) fn list(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
+/// Releases links pinned by an earlier daemon (once this one's are in place): dropping an
+/// unpinned link detaches its program.
+pub(super) fn release(old: Vec<PathBuf>) {
+    for path in old {
+        match aya::programs::links::PinnedLink::from_pin(&path) {
+            Ok(link) => drop(link.unpin()),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open an old link pin; removing it")
+            }
+        }
+        let _ = unpin(&path);
+    }
 }
 
 /// Removes a file on bpffs, ignoring one that is already gone.

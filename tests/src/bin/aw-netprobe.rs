@@ -13,7 +13,9 @@
 //! the current network namespace: use it in one of its own), `ping IP` (one ICMP echo request
 //! from a ping socket, `ok` once the reply came, `err timeout` after a second without),
 //! `swap-links DIR TARGET NAME...` (swaps links to TARGET over DIR/NAME in a loop, in the
-//! background), `swap-stop` (ends it; prints how many swaps were made), `read PATH`.
+//! background), `swap-stop` (ends it; prints how many swaps were made), `read PATH`,
+//! `take-fd PATH` (receives a socket over the Unix socket PATH and keeps it), then on that
+//! socket `fd-connect ADDR`, `fd-send PAYLOAD`, `fd-write PAYLOAD`, `fd-sendto ADDR PAYLOAD`.
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -153,6 +155,59 @@ fn swap_links(dir: &str, target: &str, names: &[&str]) -> String {
     "ok".into()
 }
 
+/// A socket received from outside (`take-fd`).
+static TAKEN: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Connects to the Unix socket `path` and keeps the descriptor sent over it (`SCM_RIGHTS`).
+fn take_fd(path: &str) -> String {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let s = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => return errno(&e),
+    };
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = match recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()) {
+        Ok(m) => m,
+        Err(e) => return format!("err {e:?}"),
+    };
+    let Ok(mut cmsgs) = msg.cmsgs() else {
+        return "err no control message".into();
+    };
+    match cmsgs.next() {
+        Some(ControlMessageOwned::ScmRights(fds)) if !fds.is_empty() => {
+            // SAFETY: the kernel installed this descriptor for this process just now.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+            if let Ok(mut g) = TAKEN.lock() {
+                *g = Some(fd);
+            }
+            "ok".into()
+        }
+        _ => "err no descriptor".into(),
+    }
+}
+
+/// Runs `f` on the socket taken with `take-fd`.
+fn with_taken(f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> nix::Result<()>) -> String {
+    use std::os::fd::AsFd as _;
+    let Ok(g) = TAKEN.lock() else {
+        return "err lock".into();
+    };
+    match g.as_ref() {
+        None => "err no descriptor taken".into(),
+        Some(fd) => f(fd.as_fd()).map_or_else(|e| format!("err {e:?}"), |()| "ok".into()),
+    }
+}
+
+fn sockaddr(a: SocketAddr) -> nix::sys::socket::SockaddrStorage {
+    match a {
+        SocketAddr::V4(v4) => v4.into(),
+        SocketAddr::V6(v6) => v6.into(),
+    }
+}
+
 static SWAPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static SWAPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -283,6 +338,33 @@ fn run(line: &str) -> String {
         )),
         ("swap-links", [dir, target, names @ ..]) if !names.is_empty() => {
             Ok(swap_links(dir, target, names))
+        }
+        ("take-fd", [path]) => Ok(take_fd(path)),
+        ("fd-connect", [a]) => {
+            let a = sockaddr(addr(a)?);
+            Ok(with_taken(|fd| {
+                use std::os::fd::AsRawFd as _;
+                nix::sys::socket::connect(fd.as_raw_fd(), &a)
+            }))
+        }
+        ("fd-send", [p]) => Ok(with_taken(|fd| {
+            use std::os::fd::AsRawFd as _;
+            nix::sys::socket::send(fd.as_raw_fd(), p.as_bytes(), nix::sys::socket::MsgFlags::empty())
+                .map(drop)
+        })),
+        ("fd-write", [p]) => Ok(with_taken(|fd| nix::unistd::write(fd, p.as_bytes()).map(drop))),
+        ("fd-sendto", [a, p]) => {
+            let a = sockaddr(addr(a)?);
+            Ok(with_taken(|fd| {
+                use std::os::fd::AsRawFd as _;
+                nix::sys::socket::sendto(
+                    fd.as_raw_fd(),
+                    p.as_bytes(),
+                    &a,
+                    nix::sys::socket::MsgFlags::empty(),
+                )
+                .map(drop)
+            }))
         }
         ("read", [path]) => Ok(std::fs::read(path).map_or_else(|e| errno(&e), |_| "ok".into())),
         ("swap-stop", []) => {
