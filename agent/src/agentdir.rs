@@ -162,13 +162,14 @@ impl AgentDir {
     /// Owner (uid, gid) of the regular file `name`, without following a link.
     pub fn owner_of(&self, name: &str) -> Result<(u32, u32), AgentDirError> {
         let path = self.path.join(name);
-        let st = fstatat(&self.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(
-            |errno| AgentDirError::Sys {
-                op: "inspecting",
-                path: path.clone(),
-                errno,
-            },
-        )?;
+        let st =
+            fstatat(&self.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|errno| {
+                AgentDirError::Sys {
+                    op: "inspecting",
+                    path: path.clone(),
+                    errno,
+                }
+            })?;
         if !is(&st, SFlag::S_IFREG) {
             return Err(AgentDirError::NotAFile { path });
         }
@@ -199,11 +200,7 @@ impl AgentDir {
         let fd = openat(
             &self.fd,
             tmp.as_str(),
-            OFlag::O_WRONLY
-                | OFlag::O_CREAT
-                | OFlag::O_EXCL
-                | OFlag::O_NOFOLLOW
-                | OFlag::O_CLOEXEC,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )
         .map_err(|e| sys("creating a temporary file for", e))?;
@@ -269,7 +266,10 @@ mod tests {
         // Links where the key, its temporary name and the certificate go.
         std::os::unix::fs::symlink(&victim, dir.path().join(files::KEY)).unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join(files::CERT)).unwrap();
-        let me = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
         dir.write_svid(b"cert", b"key", me).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let key = dir.path().join(files::KEY);

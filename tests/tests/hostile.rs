@@ -72,7 +72,9 @@ fn an_unprivileged_agent_cannot_swap_links_into_its_directory_while_it_is_renewe
     let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
     let victim = victim(&d, 0);
     let (mut agent, dir, svid) = launched(&d, Some("nobody"));
-    let key_owner = fs::metadata(Path::new(&dir).join("svid.key")).unwrap().uid();
+    let key_owner = fs::metadata(Path::new(&dir).join("svid.key"))
+        .unwrap()
+        .uid();
     let swap = format!(
         "swap-links {dir} {} svid.key svid.pem token.jwt bundle.pem",
         victim.display()
@@ -91,7 +93,10 @@ fn an_unprivileged_agent_cannot_swap_links_into_its_directory_while_it_is_renewe
     // The renewed key is still the agent's own, and only its own.
     let key = fs::metadata(Path::new(&dir).join("svid.key")).unwrap();
     assert_eq!((key.uid(), key.mode() & 0o777), (key_owner, 0o600));
-    assert_ne!(key_owner, 0, "the key belongs to the user the agent runs as");
+    assert_ne!(
+        key_owner, 0,
+        "the key belongs to the user the agent runs as"
+    );
     assert_eq!(agent.cmd(&format!("read {svid}")), "ok");
     assert_eq!(agent.cmd(&format!("read {dir}/svid.key")), "ok");
 }
@@ -129,12 +134,24 @@ fn hand_over(d: &TestDaemon, agent: &mut Repl, fd: std::os::fd::OwnedFd, tag: &s
 
 fn tcp_socket() -> std::os::fd::OwnedFd {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()
+    socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap()
 }
 
 fn udp_socket() -> std::os::fd::OwnedFd {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).unwrap()
+    socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -156,7 +173,10 @@ fn a_socket_made_outside_is_judged_by_the_task_that_uses_it() {
             ),
             "{protections:?}"
         );
-        assert!(d.log_text().contains("task-scoped enforcement (BPF LSM) is MISSING"));
+        assert!(
+            d.log_text()
+                .contains("task-scoped enforcement (BPF LSM) is MISSING")
+        );
         return;
     }
     let events = d.events();
@@ -178,7 +198,10 @@ fn a_socket_made_outside_is_judged_by_the_task_that_uses_it() {
         // A UDP socket: its datagrams are judged by where they go.
         hand_over(&d, &mut agent, udp_socket(), "udp");
         let to_udp = format!("127.0.0.1:{}", udp.port());
-        assert_eq!(agent.cmd(&format!("fd-sendto {to_udp} secret")), "err EPERM");
+        assert_eq!(
+            agent.cmd(&format!("fd-sendto {to_udp} secret")),
+            "err EPERM"
+        );
         agent.quit();
     }
     std::thread::sleep(std::time::Duration::from_millis(200));

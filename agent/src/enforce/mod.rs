@@ -133,7 +133,9 @@ fn task_hooks_unsupported() -> Option<String> {
             Some("securityfs"),
             SECURITYFS,
             Some("securityfs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
             None::<&str>,
         ) {
             return Some(format!(
@@ -333,10 +335,7 @@ impl Enforcer {
                 message: crate::error_chain(e),
             };
             let id = prog.attach().map_err(|e| attach_err(&e))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| attach_err(&e))?
-                .into();
+            let link: FdLink = prog.take_link(id).map_err(|e| attach_err(&e))?.into();
             let path = dir.join(format!("{name}-{seq}"));
             link.pin(&path).map_err(|e| attach_err(&e))?;
         }

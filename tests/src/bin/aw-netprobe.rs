@@ -349,10 +349,16 @@ fn run(line: &str) -> String {
         }
         ("fd-send", [p]) => Ok(with_taken(|fd| {
             use std::os::fd::AsRawFd as _;
-            nix::sys::socket::send(fd.as_raw_fd(), p.as_bytes(), nix::sys::socket::MsgFlags::empty())
-                .map(drop)
+            nix::sys::socket::send(
+                fd.as_raw_fd(),
+                p.as_bytes(),
+                nix::sys::socket::MsgFlags::empty(),
+            )
+            .map(drop)
         })),
-        ("fd-write", [p]) => Ok(with_taken(|fd| nix::unistd::write(fd, p.as_bytes()).map(drop))),
+        ("fd-write", [p]) => Ok(with_taken(|fd| {
+            nix::unistd::write(fd, p.as_bytes()).map(drop)
+        })),
         ("fd-sendto", [a, p]) => {
             let a = sockaddr(addr(a)?);
             Ok(with_taken(|fd| {
