@@ -62,6 +62,10 @@ enum Command {
         /// Keep a JWT-SVID for this audience (repeatable) fresh in the file AGENTWALL_TOKEN names.
         #[arg(long, requires = "cert")]
         audience: Vec<String>,
+        /// Pass descriptors 3 .. 3+N to the command (systemd's convention); every other
+        /// inherited descriptor is closed, so that no socket made outside the cgroup reaches it.
+        #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
+        preserve_fds: u32,
         /// The command and its arguments (after `--`).
         #[arg(
             trailing_var_arg = true,
@@ -488,6 +492,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             key,
             bundle,
             audience,
+            preserve_fds,
             command,
         } => {
             logging::init(LogFormat::Text, "warn");
@@ -507,6 +512,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 user.as_deref(),
                 &under,
                 &command,
+                preserve_fds,
             )?))
         }
         Command::EnrollExec {

@@ -66,6 +66,8 @@ pub enum ExecError {
     AgentDir(#[from] AgentDirError),
     #[error("{0} is not a PEM certificate and {1} not a PEM private key")]
     Pem(PathBuf, PathBuf),
+    #[error("--preserve-fds {count} passes descriptors 3 to {last}, but {fd} is not open here")]
+    PreservedNotOpen { count: u32, last: u32, fd: u32 },
 }
 
 /// How the command gets its policy.
@@ -222,8 +224,21 @@ pub fn run(
     user: Option<&str>,
     under: &Under,
     cmd: &[OsString],
+    preserve_fds: u32,
 ) -> Result<i32, ExecError> {
     let (program, args) = cmd.split_first().ok_or(ExecError::NoCommand)?;
+    // Checked before this process opens anything that could take a number in the range.
+    let last = 2 + preserve_fds;
+    if let Some(fd) = (3..=last).find(|fd| {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        (unsafe { libc::fcntl(*fd as i32, libc::F_GETFD) }) < 0
+    }) {
+        return Err(ExecError::PreservedNotOpen {
+            count: preserve_fds,
+            last,
+            fd,
+        });
+    }
     let run_as = user.map(RunAs::lookup).transpose()?;
     let mut client = Client::connect(socket)?;
     client.send(&Request::ExecBegin {
@@ -301,6 +316,7 @@ pub fn run(
         }
     };
     command.user = run_as;
+    command.preserve_fds = preserve_fds;
     command.set_env(env::CGROUP, cgroup.into_os_string());
     install_forwarding();
     let pid = spawn::spawn_in_cgroup(&command, fd.as_fd())?;

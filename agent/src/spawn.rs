@@ -90,6 +90,10 @@ pub struct Command {
     pub args: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
     pub user: Option<RunAs>,
+    /// Descriptors 3 .. 3 + N pass to the program (systemd's `--preserve-fds`); every other
+    /// descriptor above 2 is closed at exec, so that nothing the launcher inherited (a socket
+    /// made outside the cgroup, above all) reaches the program.
+    pub preserve_fds: u32,
 }
 
 impl Command {
@@ -103,6 +107,7 @@ impl Command {
             args: args.into_iter().map(Into::into).collect(),
             env: std::env::vars_os().collect(),
             user: None,
+            preserve_fds: 0,
         }
     }
 
@@ -160,7 +165,17 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Stages reported from the child through the pipe.
-const STAGES: [&str; 4] = ["setgroups", "setresgid", "setresuid", "execve"];
+const STAGES: [&str; 6] = [
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "execve",
+    "close_range (marking inherited descriptors close-on-exec; needs Linux 5.11)",
+    "clearing close-on-exec on a preserved descriptor",
+];
+
+/// `close_range` flag (include/uapi/linux/close_range.h): mark close-on-exec, do not close.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 /// Starts `cmd` inside the cgroup open at `cgroup`; returns the child's pid once it has
 /// executed the program.
@@ -216,6 +231,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         unsafe {
             child(
                 wr_fd,
+                cmd.preserve_fds,
                 &groups,
                 ids,
                 path.as_ptr(),
@@ -256,6 +272,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
 /// NULL-terminated arrays.
 unsafe fn child(
     wr: i32,
+    preserve_fds: u32,
     groups: &[libc::gid_t],
     ids: Option<(u32, u32)>,
     path: *const libc::c_char,
@@ -303,6 +320,17 @@ unsafe fn child(
             }
             if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
                 fail(2);
+            }
+        }
+        // Everything above 2 and the preserved range closes at exec (marked rather than closed
+        // now: the pipe that reports a failure must stay open until then).
+        let first = 3u32.saturating_add(preserve_fds);
+        if libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+            fail(4);
+        }
+        for fd in 3..first {
+            if libc::fcntl(fd as i32, libc::F_SETFD, 0) != 0 {
+                fail(5);
             }
         }
         libc::execve(path, argv, envp);

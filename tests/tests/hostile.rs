@@ -14,7 +14,7 @@ use std::{
     path::Path,
 };
 
-use agentwall_tests::{FdPasser, Repl, TcpSink, TestDaemon, UdpSink, serial, tcp_policy};
+use agentwall_tests::{FdPasser, Repl, TcpSink, TestDaemon, UdpSink, lines, serial, tcp_policy};
 
 /// A policy for identity `agent/<name>/prod` allowing TCP to one loopback port.
 fn identity_policy(name: &str, port: u16) -> String {
@@ -220,4 +220,53 @@ fn a_socket_made_outside_is_judged_by_the_task_that_uses_it() {
             "no {hook} {verdict} event: {seen:?}"
         );
     }
+}
+
+/// `agentwall exec` run with a TCP socket of the test's at descriptor 3 (made outside every
+/// enforced cgroup, not close-on-exec), as a launcher started by a careless parent would be.
+fn exec_with_socket_at_3(d: &TestDaemon, extra: &[&str], cmds: &[&str]) -> std::process::Output {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let sock = tcp_socket();
+    let raw = sock.as_raw_fd();
+    let mut c = d.exec_under(&[&["--policy", "p"][..], extra].concat(), None, cmds);
+    // SAFETY: dup2 and fcntl are async-signal-safe; `raw` stays open in the parent until
+    // the child has executed.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = c.output().unwrap();
+    drop(sock);
+    out
+}
+
+#[test]
+fn exec_closes_inherited_descriptors_unless_told_to_pass_them() {
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("p", &[9]))]);
+    let to = format!("127.0.0.1:{}", denied.port());
+    // Without the close, the inherited socket was born outside the cgroup and its connect
+    // went unjudged (checked: `ok` and one connection accepted).
+    let o = exec_with_socket_at_3(&d, &[], &["fds", &format!("fd-connect-raw 3 {to}")]);
+    assert_eq!(lines(&o), ["[]", "err EBADF"], "{o:?}");
+    assert_eq!(denied.accepted(), 0);
+    // Passed on purpose, it is there (and judged only where the task-scoped hooks run).
+    let o = exec_with_socket_at_3(&d, &["--preserve-fds", "1"], &["fds"]);
+    assert_eq!(lines(&o), ["[3]"], "{o:?}");
+    // Asked to pass a descriptor that is not open, exec says which and runs nothing.
+    let o = d
+        .exec_under(&["--policy", "p", "--preserve-fds", "2"], None, &["pid"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("--preserve-fds 2 passes descriptors 3 to 4, but 3 is not open here"),
+        "{o:?}"
+    );
 }

@@ -15,7 +15,8 @@
 //! `swap-links DIR TARGET NAME...` (swaps links to TARGET over DIR/NAME in a loop, in the
 //! background), `swap-stop` (ends it; prints how many swaps were made), `read PATH`,
 //! `take-fd PATH` (receives a socket over the Unix socket PATH and keeps it), then on that
-//! socket `fd-connect ADDR`, `fd-send PAYLOAD`, `fd-write PAYLOAD`, `fd-sendto ADDR PAYLOAD`.
+//! socket `fd-connect ADDR`, `fd-send PAYLOAD`, `fd-write PAYLOAD`, `fd-sendto ADDR PAYLOAD`;
+//! `fds` (the open descriptors above 2), `fd-connect-raw FD ADDR` (connects descriptor FD).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -340,6 +341,26 @@ fn run(line: &str) -> String {
             Ok(swap_links(dir, target, names))
         }
         ("take-fd", [path]) => Ok(take_fd(path)),
+        ("fds", []) => {
+            // Listing /proc/self/fd opens one descriptor itself; it is gone once listed.
+            let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+                .map_err(|e| errno(&e))?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect();
+            fds.retain(|fd| {
+                // SAFETY: F_GETFD only reads the flags of a descriptor number.
+                (unsafe { libc::fcntl(*fd, libc::F_GETFD) }) >= 0
+            });
+            fds.sort_unstable();
+            Ok(format!("{fds:?}"))
+        }
+        ("fd-connect-raw", [fd, a]) => {
+            let fd: i32 = fd.parse().map_err(|_| "err bad descriptor".to_string())?;
+            let a = sockaddr(addr(a)?);
+            Ok(nix::sys::socket::connect(fd, &a)
+                .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
+        }
         ("fd-connect", [a]) => {
             let a = sockaddr(addr(a)?);
             Ok(with_taken(|fd| {
