@@ -83,7 +83,7 @@ fn enforced_task() -> bool {
             return false;
         }
         // SAFETY: the value is not read, only its presence.
-        if unsafe { AW_ENFORCED.get(&id) }.is_some() {
+        if unsafe { AW_ENFORCED.get(id) }.is_some() {
             return true;
         }
         level += 1;

@@ -93,7 +93,7 @@ impl Resolver<'_> {
             current = next;
         }
         let member = path.last().copied().unwrap_or_default();
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(LayoutError::Unaligned { ty, member });
         }
         u32::try_from(bits / 8).map_err(|_| LayoutError::TooFar {
