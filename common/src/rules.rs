@@ -56,17 +56,24 @@ pub struct PortRule {
 const _: () = assert!(core::mem::size_of::<PortRule>() == 12);
 
 impl PortRule {
+    /// Whether this entry allows `proto` to `port`. Ports mean TCP and UDP: an entry for any
+    /// protocol that names ports admits only those two within its range (a ping socket's
+    /// connect carries a "port" of the caller's choosing), and one without ports (the whole
+    /// range) admits every protocol. An ICMP entry admits ICMP and ICMPv6, whatever the port.
     #[inline(always)]
     pub fn matches(&self, proto: u8, port: u16) -> bool {
-        let icmp = proto == proto::ICMP || proto == proto::ICMPV6;
-        let proto_ok = self.proto == proto::ANY
-            || self.proto == proto
-            || (icmp && (self.proto == proto::ICMP || self.proto == proto::ICMPV6));
-        if !proto_ok {
-            return false;
+        let in_range = self.port_lo <= port && port <= self.port_hi;
+        if self.proto == proto::ANY {
+            return if proto == proto::TCP || proto == proto::UDP {
+                in_range
+            } else {
+                self.port_lo == 0 && self.port_hi == u16::MAX
+            };
         }
-        // ICMP has no ports; a rule that names ICMP allows it whatever the range says.
-        (icmp && self.proto != proto::ANY) || (self.port_lo <= port && port <= self.port_hi)
+        if proto == proto::ICMP || proto == proto::ICMPV6 {
+            return self.proto == proto::ICMP || self.proto == proto::ICMPV6;
+        }
+        self.proto == proto && in_range
     }
 }
 
@@ -140,6 +147,13 @@ mod tests {
         // ICMP carries no port; an any-protocol rule with a port range does not cover it.
         assert!(!any_range.matches(proto::ICMP, 0));
         assert!(entry(3, proto::ANY, 0, u16::MAX).matches(proto::ICMP, 0));
+        // A ping socket's connect names a port of its own choosing: ports mean TCP and UDP.
+        let any_53 = entry(4, proto::ANY, 53, 53);
+        assert!(!any_53.matches(proto::ICMP, 53));
+        assert!(!any_53.matches(proto::ICMPV6, 53));
+        assert!(!any_53.matches(47, 53), "GRE has no ports either");
+        assert!(any_53.matches(proto::UDP, 53));
+        assert!(entry(5, proto::ANY, 0, u16::MAX).matches(47, 0));
 
         let icmp = entry(4, proto::ICMP, 0, 0);
         assert!(icmp.matches(proto::ICMP, 0));

@@ -92,9 +92,12 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let d = decide(&flow);
     emit::finish(record, &d);
     if connect {
-        // A connected socket has one destination for all its packets: cache its verdict.
+        // A connected TCP or UDP socket sends to one destination (an explicit address on a
+        // UDP send passes sendmsg4/6): cache its verdict. A ping socket's sendto reaches no
+        // address hook, so its packets are always judged by the backstop.
         let cookie = flowcache::cookie(ctx.sock_addr.cast());
-        if d.verdict == Verdict::ALLOW {
+        let one_destination = flow.proto == proto::TCP || flow.proto == proto::UDP;
+        if d.verdict == Verdict::ALLOW && one_destination {
             flowcache::remember(cookie, &d);
         } else {
             flowcache::forget(cookie);
@@ -112,7 +115,9 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
 #[cgroup_skb(egress)]
 fn aw_egress(ctx: SkBuffContext) -> i32 {
     let cookie = flowcache::cookie(ctx.skb.skb.cast());
-    if flowcache::vouches(cookie) {
+    // The cache vouches for a socket's destination, which its packets go to unless they carry
+    // a source route (IPv4 options, an IPv6 routing header): those are judged in full.
+    if plain_header(&ctx) && flowcache::vouches(cookie) {
         emit::tally(agentwall_common::counters::SKB_PASSED);
         return ALLOW;
     }
@@ -126,6 +131,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         proto,
         family,
         bare_rst,
+        routed,
     }) = parse_packet(&ctx)
     else {
         emit::count(agentwall_common::counters::SKB_UNPARSED);
@@ -154,7 +160,10 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         sock_type: 0,
         family,
     };
-    let d = decide(&flow);
+    let d = match routed {
+        Some(reason) => decide::Decision::deny(reason, 0, 0),
+        None => decide(&flow),
+    };
     if d.verdict == Verdict::ALLOW {
         if proto == agentwall_common::rules::proto::TCP {
             // A TCP socket's destination is fixed: its next packets may use the cache.
@@ -183,6 +192,26 @@ struct Packet {
     family: u8,
     /// A TCP segment with RST set and no payload.
     bare_rst: bool,
+    /// Why the packet may go past its header's destination (IPv4 options, which can hold a
+    /// source route; an IPv6 routing header), if it may: such packets are denied.
+    routed: Option<Reason>,
+}
+
+/// IPv6 next-header value of a routing header.
+const IPV6_ROUTING: u8 = 43;
+
+/// Whether the packet's header names its final destination: IPv4 without options, IPv6 whose
+/// first next header is TCP or UDP.
+#[inline(always)]
+fn plain_header(ctx: &SkBuffContext) -> bool {
+    let Ok(h) = ctx.load::<[u8; 8]>(0) else {
+        return false;
+    };
+    match h[0] >> 4 {
+        4 => h[0] & 0x0f == 5,
+        6 => h[6] == proto::TCP || h[6] == proto::UDP,
+        _ => false,
+    }
 }
 
 /// TCP header bytes up to the flags: ports, sequence, acknowledgment, data offset, flags.
@@ -235,6 +264,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 proto,
                 family: AF_INET,
                 bare_rst: rst,
+                routed: (ihl > 20).then_some(Reason::IP_OPTIONS),
             })
         }
         6 => {
@@ -258,6 +288,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 proto: next,
                 family: AF_INET6,
                 bare_rst: rst,
+                routed: (next == IPV6_ROUTING).then_some(Reason::ROUTING_HEADER),
             })
         }
         _ => None,

@@ -493,3 +493,88 @@ fn icmp_echo_is_dropped_by_the_backstop_unless_a_rule_allows_it() {
     let out = d.exec("pinger", None, &pings);
     assert_eq!(lines(&out), ["ok", "ok", "ok", "ok"], "{out:?}");
 }
+
+/// Ports mean TCP and UDP: a rule for any protocol that names ports does not admit a ping
+/// socket's connect, whose "port" is a number of the caller's choosing.
+#[test]
+fn an_any_protocol_rule_with_ports_admits_no_ping_connect() {
+    let _s = serial();
+    let dns = "policy:\n  name: dns\n  egress:\n    - to: 127.0.0.1\n      protocol: any\n      ports: [53]\n";
+    let d = TestDaemon::start(&[("p.yaml", dns)]);
+    let out = d.exec(
+        "dns",
+        None,
+        &[
+            "unshare-net",
+            "ping-allow",
+            "ping-connect 127.0.0.1:53",
+            "ping-connect 127.0.0.1:54",
+            "udp-connect 127.0.0.1:53 x",
+        ],
+    );
+    assert_eq!(
+        lines(&out),
+        ["ok", "ok", "err EPERM", "err EPERM", "ok"],
+        "{out:?}"
+    );
+}
+
+/// The flow cache vouches for a socket's destination, not for the socket: a ping socket
+/// connected to an allowed address that sends elsewhere (its sendto passes no address hook)
+/// is judged by the backstop. The other address is on loopback of a network namespace of the
+/// probe's own, so nothing leaves the machine either way.
+#[test]
+fn a_connected_ping_socket_cannot_send_past_its_destination() {
+    let _s = serial();
+    let pinger = "policy:\n  name: pinger\n  egress:\n    - to: 127.0.0.1\n      protocol: icmp\n";
+    let d = TestDaemon::start(&[("p.yaml", pinger)]);
+    let out = d.exec(
+        "pinger",
+        None,
+        &[
+            "unshare-net",
+            "ping-allow",
+            "lo-alias 192.0.2.1",
+            "ping-via 127.0.0.1:0 127.0.0.1",
+            "ping-via 127.0.0.1:0 192.0.2.1",
+            "ping 192.0.2.1",
+        ],
+    );
+    assert_eq!(
+        lines(&out),
+        ["ok", "ok", "ok", "ok", "err EPERM", "err EPERM"],
+        "{out:?}"
+    );
+}
+
+/// A packet whose header may not name its final destination (IPv4 options can hold a source
+/// route) is judged in full, even on a socket whose flow is cached, and denied.
+#[test]
+fn packets_with_ip_options_are_denied_even_on_an_allowed_flow() {
+    let _s = serial();
+    let sink = UdpSink::new("127.0.0.1:0");
+    let policy = format!(
+        "policy:\n  name: u\n  egress:\n    - to: 127.0.0.1\n      protocol: udp\n      ports: [{}]\n",
+        sink.port()
+    );
+    let d = TestDaemon::start(&[("p.yaml", &policy)]);
+    let events = d.events();
+    let to = format!("127.0.0.1:{}", sink.port());
+    let out = d.exec(
+        "u",
+        None,
+        &[
+            &format!("udp-connect {to} plain"),
+            &format!("udp-options {to} optioned"),
+        ],
+    );
+    assert_eq!(lines(&out), ["ok", "err EPERM"], "{out:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(sink.datagrams(), 1, "only the plain datagram arrived");
+    let seen = events.drain(Duration::from_millis(500));
+    assert!(
+        seen.iter()
+            .any(|e| e.hook == "egress" && e.verdict == "deny" && e.reason == "ip_options"),
+        "{seen:?}"
+    );
+}

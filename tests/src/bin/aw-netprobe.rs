@@ -16,7 +16,11 @@
 //! background), `swap-stop` (ends it; prints how many swaps were made), `read PATH`,
 //! `take-fd PATH` (receives a socket over the Unix socket PATH and keeps it), then on that
 //! socket `fd-connect ADDR`, `fd-send PAYLOAD`, `fd-write PAYLOAD`, `fd-sendto ADDR PAYLOAD`;
-//! `fds` (the open descriptors above 2), `fd-connect-raw FD ADDR` (connects descriptor FD).
+//! `fds` (the open descriptors above 2), `fd-connect-raw FD ADDR` (connects descriptor FD),
+//! `ping-connect ADDR` (connects a ping socket, the port standing for the identifier),
+//! `ping-via ADDR IP` (a ping socket connected to ADDR sends an echo request to IP),
+//! `lo-alias IP` (adds an IPv4 address to loopback, in a namespace of the probe's own),
+//! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -63,23 +67,26 @@ fn raw(domain: libc::c_int, proto: libc::c_int) -> String {
     "ok".into()
 }
 
-/// One ICMP echo request to `ip` from a ping socket (`SOCK_DGRAM`, the kernel fills in the
-/// identifier and checksum), then up to a second for the reply.
-fn ping(ip: IpAddr) -> String {
+/// A ping socket (`SOCK_DGRAM`, the kernel fills in the identifier and checksum) for `ip`'s
+/// family, with a one-second read timeout.
+fn ping_socket(ip: IpAddr) -> Result<UdpSocket, String> {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockProtocol, SockType};
-    let (family, proto, request, reply) = match ip {
-        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 8, 0),
-        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 128, 129),
+    let (family, proto) = match ip {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6),
     };
-    let fd = match socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, proto) {
-        Ok(fd) => fd,
-        Err(e) => return format!("err {e:?}"),
-    };
+    let fd = socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, proto)
+        .map_err(|e| format!("err {e:?}"))?;
     // A datagram socket as far as sending and receiving go.
     let s = UdpSocket::from(fd);
-    if let Err(e) = s.set_read_timeout(Some(Duration::from_secs(1))) {
-        return errno(&e);
-    }
+    s.set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| errno(&e))?;
+    Ok(s)
+}
+
+/// One ICMP echo request to `ip` on `s`, then up to a second for the reply.
+fn echo(s: &UdpSocket, ip: IpAddr) -> String {
+    let (request, reply) = if ip.is_ipv4() { (8, 0) } else { (128, 129) };
     // Type, code, checksum, identifier, sequence number 1.
     if let Err(e) = s.send_to(&[request, 0, 0, 0, 0, 0, 0, 1], SocketAddr::new(ip, 0)) {
         return errno(&e);
@@ -91,6 +98,89 @@ fn ping(ip: IpAddr) -> String {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => "err timeout".into(),
         Err(e) => errno(&e),
     }
+}
+
+/// One ICMP echo request to `ip` from a new ping socket.
+fn ping(ip: IpAddr) -> String {
+    ping_socket(ip).map_or_else(|e| e, |s| echo(&s, ip))
+}
+
+/// A ping socket connected to `to`, then an echo request sent to `ip` on it.
+fn ping_via(to: SocketAddr, ip: IpAddr) -> String {
+    let s = match ping_socket(ip) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    if let Err(e) = s.connect(to) {
+        return errno(&e);
+    }
+    echo(&s, ip)
+}
+
+/// Adds the IPv4 address `ip` to loopback as an alias (`lo:1`): an address of the current
+/// network namespace that is not loopback's own.
+fn lo_alias(ip: std::net::Ipv4Addr) -> String {
+    // SAFETY: a socket only to carry the ioctl; closed when `s` drops.
+    let s = match UdpSocket::bind("127.0.0.1:0") {
+        Ok(s) => s,
+        Err(e) => return errno(&e),
+    };
+    // SAFETY: `ifreq` is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo:1\0") {
+        *dst = *src as libc::c_char;
+    }
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sockaddr_in` fits in the `sockaddr` of the union (both 16 bytes).
+    unsafe {
+        std::ptr::write(
+            (&raw mut req.ifr_ifru.ifru_addr).cast::<libc::sockaddr_in>(),
+            sin,
+        );
+    }
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: SIOCSIFADDR with a valid, initialised `ifreq`.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFADDR, &raw mut req) } != 0 {
+        return errno(&io::Error::last_os_error());
+    }
+    "ok".into()
+}
+
+/// A UDP datagram to `a` from a socket connected there that carries IPv4 options (no-ops:
+/// harmless in themselves, but the header may then hold a source route).
+fn udp_options(a: SocketAddr, payload: &str) -> String {
+    let s = match UdpSocket::bind("127.0.0.1:0") {
+        Ok(s) => s,
+        Err(e) => return errno(&e),
+    };
+    if let Err(e) = s.connect(a) {
+        return errno(&e);
+    }
+    use std::os::fd::AsRawFd as _;
+    // NOP, NOP, NOP, end of options: one 4-byte word of options.
+    let opts = [1u8, 1, 1, 0];
+    // SAFETY: setsockopt with a buffer of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            opts.as_ptr().cast(),
+            opts.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return errno(&io::Error::last_os_error());
+    }
+    s.send(payload.as_bytes())
+        .map_or_else(|e| errno(&e), |_| "ok".into())
 }
 
 /// A new network namespace for this thread (and threads it starts later), loopback up.
@@ -399,6 +489,19 @@ fn run(line: &str) -> String {
             std::thread::sleep(Duration::from_millis(50));
             Ok(SWAPS.load(std::sync::atomic::Ordering::SeqCst).to_string())
         }
+        ("ping-connect", [a]) => {
+            let a = addr(a)?;
+            let s = ping_socket(a.ip())?;
+            Ok(s.connect(a).map_or_else(|e| errno(&e), |()| "ok".into()))
+        }
+        ("ping-via", [to, ip]) => Ok(ping_via(
+            addr(to)?,
+            ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
+        )),
+        ("lo-alias", [ip]) => Ok(lo_alias(
+            ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
+        )),
+        ("udp-options", [a, p]) => Ok(udp_options(addr(a)?, p)),
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
