@@ -31,6 +31,55 @@ pub enum StateError {
     },
     #[error("no identity slot is left (u32 exhausted)")]
     Exhausted,
+    #[error("{what} {path}: {why}")]
+    NotPrivate {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+}
+
+/// Refuses a directory the daemon keeps its things in (state, pins) unless it is a real
+/// directory of the daemon's own user that no one else can write: another user who owns it,
+/// or may write it, could put files, links or pinned objects there for the daemon to trust.
+/// (A world-writable parent such as a 1777 bpffs is fine once this directory is the daemon's:
+/// the sticky bit keeps others from renaming or removing it.)
+pub fn check_private_dir(path: &Path, what: &'static str) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let refuse = |why: String| StateError::NotPrivate {
+        what,
+        path: path.to_path_buf(),
+        why,
+    };
+    let md = fs::symlink_metadata(path).map_err(|source| StateError::Io {
+        op: "inspecting",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if md.file_type().is_symlink() {
+        return Err(refuse(
+            "is a symbolic link; point the configuration at the real directory".into(),
+        ));
+    }
+    if !md.is_dir() {
+        return Err(refuse("is not a directory".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(refuse(format!(
+            "is owned by uid {}, not by the daemon's user (uid {me}): another user could plant what the daemon reads there; remove it (or `chown {me} {}` if it is yours) and start again",
+            md.uid(),
+            path.display()
+        )));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "is writable by its group or by others (mode {:04o}): run `chmod go-w {}`",
+            md.mode() & 0o7777,
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Policy name → slot. Slot 0 is never handed out: it has no rules (the probe uses it).
@@ -132,6 +181,39 @@ pub(crate) fn write_atomic_owned(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_others_own_or_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("aw-private-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        check_private_dir(&dir, "state directory").unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = check_private_dir(&dir, "state directory")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("writable by its group or by others (mode 1777)"),
+            "{e}"
+        );
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let e = check_private_dir(&dir, "state directory")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is owned by uid 65534"), "{e}");
+        let link = dir.with_extension("link");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let e = check_private_dir(&link, "pin directory")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        fs::remove_file(link).unwrap();
+        fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn slots_are_stable_and_never_zero() {

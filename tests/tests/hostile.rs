@@ -270,3 +270,65 @@ fn exec_closes_inherited_descriptors_unless_told_to_pass_them() {
         "{o:?}"
     );
 }
+
+/// Runs the daemon, which must refuse to start: one that does not exit within 10 s is killed
+/// (and the test fails on its success).
+fn run_refused(d: &TestDaemon) -> std::process::Output {
+    let mut child = d
+        .run_command()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+/// The stderr lines of a daemon that refused to start (JSON log lines aside).
+fn refusal_lines(out: &std::process::Output) -> Vec<String> {
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_pin_or_state_directory_another_user_controls_is_refused() {
+    let _s = serial();
+    // bpffs is often mode 1777: another user could make agentwall's pin directory first and
+    // plant maps there for the daemon to adopt.
+    let d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[80]))], None);
+    fs::create_dir_all(&d.pin_dir).unwrap();
+    std::os::unix::fs::chown(&d.pin_dir, Some(65534), Some(65534)).unwrap();
+    let out = run_refused(&d);
+    let want = format!(
+        "agentwall: cannot enforce: pin directory {}: is owned by uid 65534, not by the daemon's user (uid 0)",
+        d.pin_dir.display()
+    );
+    let lines = refusal_lines(&out);
+    assert!(lines.len() == 1 && lines[0].starts_with(&want), "{lines:?}");
+    assert!(!d.root_cgroup().exists(), "nothing was attached");
+    assert!(
+        fs::read_dir(&d.pin_dir).unwrap().next().is_none(),
+        "nothing pinned"
+    );
+    fs::remove_dir(&d.pin_dir).unwrap();
+    // A state directory others may write: its CA key, slots and records could be replaced.
+    let state = d.state_dir();
+    fs::create_dir_all(&state).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run_refused(&d);
+    let want = format!(
+        "agentwall: cannot enforce: state directory {}: is writable by its group or by others (mode 0777): run `chmod go-w {}`",
+        state.display(),
+        state.display()
+    );
+    assert_eq!(refusal_lines(&out), [want]);
+    assert!(!d.pin_dir.exists(), "nothing was loaded");
+}

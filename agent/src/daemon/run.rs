@@ -28,6 +28,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         path: cfg.state_dir.clone(),
         source,
     })?;
+    crate::state::check_private_dir(&cfg.state_dir, "state directory")?;
     // Two daemons on one state directory would fight over the same kernel objects.
     let _lock = lock_state_dir(&cfg.state_dir)?;
     let mount = cgroup::ensure_host_cgroup_namespace()?;

@@ -113,6 +113,8 @@ pub enum EnforceError {
     BadFlags(u32),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    NotPrivate(crate::state::StateError),
 }
 
 /// Whether the task-scoped programs (BPF LSM) are in force, and if not, why.

@@ -101,6 +101,8 @@ impl PinLayout {
                 path: dir.clone(),
                 source,
             })?;
+            crate::state::check_private_dir(&dir, "pin directory")
+                .map_err(EnforceError::NotPrivate)?;
         }
         Ok(())
     }
