@@ -728,3 +728,62 @@ fn an_agent_in_a_cgroup_of_its_own_enrolls_when_policy_names_that_cgroup() {
     );
     drop(parent);
 }
+
+/// The serial the status shows for the one bound cgroup.
+fn bound_serial(d: &TestDaemon) -> String {
+    let st = d.status();
+    let cg = st.cgroups.iter().find(|c| c.spiffe_id.is_some()).unwrap();
+    cg.serial.clone().unwrap()
+}
+
+#[test]
+fn a_revoked_cgroup_stays_cut_and_renewals_go_with_their_origin() {
+    let _s = serial();
+    let (_sink, d, mut agent, _, to) = reader_agent();
+    let tcp = format!("tcp {to}");
+    assert_eq!(agent.cmd(&tcp), "ok");
+    let first = bound_serial(&d);
+    let o = d.cli(&["identity", "rotate"]);
+    assert!(o.status.success(), "{o:?}");
+    let renewed = bound_serial(&d);
+    assert_ne!(first, renewed);
+    // The serial that leaked is the first one; the agent holds the renewed certificate.
+    let o = d.cli(&["revoke", &first, "--reason", "key leaked"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        agent.cmd(&tcp),
+        "err EPERM",
+        "the renewed certificate went with it"
+    );
+    let list = String::from_utf8_lossy(&d.cli(&["revoke", "--list"]).stdout).into_owned();
+    assert!(
+        list.contains(&renewed) && list.contains(&format!("renewed from revoked serial {first}")),
+        "{list}"
+    );
+    // Another certificate of the same identity, enrolled from inside the cut cgroup (a process
+    // joined to it), does not lift the cut.
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let rel = agent.cmd("cgroup");
+    let procs = agentwall_tests::cgroup_mount()
+        .join(rel.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let mut c = Command::new(python());
+    c.arg(python_agent(&d))
+        .arg("--socket")
+        .arg(&d.enroll_socket)
+        .arg("--bundle")
+        .arg(d.state_dir().join("ca/ca.crt"))
+        .args(["--cert", &cert, "--key", &key]);
+    // SAFETY: the closure only writes a file (a system call) before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        c.pre_exec(move || fs::write(&procs, "0"));
+    }
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("was cut by the revocation"),
+        "{o:?}"
+    );
+    assert_eq!(agent.cmd(&tcp), "err EPERM");
+}

@@ -43,9 +43,23 @@ pub(super) struct Bound {
     pub(super) capabilities: Vec<String>,
     #[serde(default)]
     pub(super) revoked: bool,
+    /// Serials this certificate was renewed from, oldest first (at most
+    /// [`MAX_RENEWAL_CHAIN`]): revoking one of them revokes this one too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) renewed_from: Vec<String>,
 }
 
+/// Serials of earlier certificates a binding remembers.
+const MAX_RENEWAL_CHAIN: usize = 64;
+
 impl Bound {
+    /// Whether this binding's certificate, or one it was renewed from, is revoked.
+    fn cut_by(&self, identity: &crate::identity::service::IdentityService) -> bool {
+        std::iter::once(&self.serial)
+            .chain(&self.renewed_from)
+            .any(|serial| identity.check_revoked(&self.spiffe_id, serial).is_err())
+    }
+
     pub(super) fn expires_at(&self) -> String {
         humantime::format_rfc3339_seconds(
             SystemTime::UNIX_EPOCH + Duration::from_secs(self.not_after),
@@ -399,7 +413,7 @@ impl Daemon {
                 continue;
             };
             // Looked up in place: a copy of the whole list per revocation grew with it.
-            if b.revoked || self.identity.check_revoked(&b.spiffe_id, &b.serial).is_ok() {
+            if b.revoked || !b.cut_by(&self.identity) {
                 continue;
             }
             let marked = self
@@ -439,9 +453,37 @@ impl Daemon {
                 message: "give a reason (--reason TEXT); it is recorded with the revocation".into(),
             };
         }
-        let new = self
-            .identity
-            .revoke(target.clone(), reason, &format!("uid {uid}"));
+        let by = format!("uid {uid}");
+        let new = self.identity.revoke(target.clone(), reason, &by);
+        // Certificates the daemon renewed from a revoked one are revoked with it, so that the
+        // newest of the chain cannot enroll anywhere either.
+        if let Target::Serial(serial) = &target {
+            let renewed: Vec<String> = self
+                .cgroups
+                .lock()
+                .await
+                .values()
+                .filter_map(|m| m.bound.as_ref())
+                .filter_map(|b| {
+                    let at = b.renewed_from.iter().position(|s| s == serial)?;
+                    Some(
+                        b.renewed_from[at + 1..]
+                            .iter()
+                            .chain(std::iter::once(&b.serial))
+                            .cloned()
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .flatten()
+                .collect();
+            for later in renewed {
+                self.identity.revoke(
+                    Target::Serial(later),
+                    &format!("renewed from revoked serial {serial}: {reason}"),
+                    &by,
+                );
+            }
+        }
         // The kernel first: new connects are denied from here on. Then the open sockets are
         // cut, and only then is the list made durable (a sync, about a millisecond here): a
         // connect already in flight is ended at once rather than after the sync. The command
@@ -682,6 +724,18 @@ impl Daemon {
                 peer.cgroup, other.spiffe_id
             ));
         }
+        if let Some(cut) = registry
+            .get(&cgroup_id)
+            .and_then(|m| m.bound.as_ref())
+            .filter(|b| b.revoked)
+        {
+            return refuse(format!(
+                "cgroup {} was cut by the revocation of certificate {} ({}); it stays denied \
+                 whatever certificate enrolls: start the agent in a new cgroup (a new \
+                 `agentwall exec`, or a restart of its unit)",
+                peer.cgroup, cut.serial, cut.spiffe_id
+            ));
+        }
         if let Some(m) = registry.get(&cgroup_id)
             && m.bound.is_none()
             && m.policy.is_some()
@@ -701,13 +755,15 @@ impl Daemon {
         }
         let mode_flag = if mode == Mode::Audit { flags::AUDIT } else { 0 };
         let expires_boot_ns = boot_ns_at(svid.not_after);
-        // A quarantine, or a hold while the audit log is down, stays in force.
+        // A quarantine, a hold while the audit log is down, or a revocation the registry does
+        // not know of (its record was lost) stays in force.
         let rebound = self
             .enforcer
             .rebind(cgroup_id, move |old| Binding {
                 slot,
-                flags: old.map_or(0, |b| b.flags & (flags::DENY_ALL | flags::AUDIT_HOLD))
-                    | mode_flag,
+                flags: old.map_or(0, |b| {
+                    b.flags & (flags::DENY_ALL | flags::AUDIT_HOLD | flags::REVOKED)
+                }) | mode_flag,
                 expires_boot_ns,
             })
             .await;
@@ -718,6 +774,14 @@ impl Daemon {
                 return refuse(format!("cannot bind cgroup {}: {e}", peer.cgroup));
             }
         };
+        if old.is_some_and(|b| b.flags & flags::REVOKED != 0) {
+            // The kernel kept the flag (see above): the cgroup stays cut.
+            return refuse(format!(
+                "cgroup {} was cut by a revocation; it stays denied whatever certificate \
+                 enrolls: start the agent in a new cgroup",
+                peer.cgroup
+            ));
+        }
         // The process must still be the one attested when the binding lands.
         if let Err(e) = peer.still_there() {
             // Back to what it was; a cgroup that had no binding is left denying everything.
@@ -731,12 +795,20 @@ impl Daemon {
             }
             return refuse(e.to_string());
         }
+        // The same certificate enrolling again keeps the chain it was renewed along.
+        let renewed_from = registry
+            .get(&cgroup_id)
+            .and_then(|m| m.bound.as_ref())
+            .filter(|b| b.spiffe_id == id_text && b.serial == svid.serial)
+            .map(|b| b.renewed_from.clone())
+            .unwrap_or_default();
         let bound = Bound {
             spiffe_id: id_text.clone(),
             serial: svid.serial.clone(),
             not_after: unix_secs(svid.not_after),
             capabilities: svid.capabilities.clone(),
             revoked: false,
+            renewed_from,
         };
         let entry = registry.entry(cgroup_id).or_insert_with(|| {
             Managed::new(
@@ -836,7 +908,10 @@ impl Daemon {
         if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id)
             && let Some(b) = m.bound.as_mut()
         {
-            b.serial.clone_from(&issued.serial);
+            let previous = std::mem::replace(&mut b.serial, issued.serial.clone());
+            b.renewed_from.push(previous);
+            let excess = b.renewed_from.len().saturating_sub(MAX_RENEWAL_CHAIN);
+            b.renewed_from.drain(..excess);
             b.not_after = unix_secs(issued.not_after);
         }
         self.save_enrollments_of(&[cgroup_id]).await;
