@@ -787,3 +787,54 @@ fn a_revoked_cgroup_stays_cut_and_renewals_go_with_their_origin() {
     );
     assert_eq!(agent.cmd(&tcp), "err EPERM");
 }
+
+/// A unit of a user's own systemd manager (`systemd-run --user --unit=reader`) is not the
+/// system unit of the same name. Both cgroups are laid out as systemd lays them out, in a
+/// subtree of the test's own.
+#[test]
+fn systemd_unit_attestation_takes_system_units_only() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let name = format!("awt-{}-units", std::process::id());
+    let at = |rel: &str| {
+        let g = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+            agentwall_tests::cgroup_mount().join(&name).join(rel),
+        ));
+        g.0.create().unwrap();
+        g
+    };
+    let _parent = at("");
+    let _user = at("user@1000.service");
+    let user_unit = at("user@1000.service/reader.service");
+    let system_unit = at("reader.service");
+    let attest = format!("  attest:\n    cgroup: /{name}/**\n    systemd_unit: reader.service\n");
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), &attest))]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let enroll_in = |cg: &agentwall_tests::CgroupGuard| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {} {} --socket {} --bundle {} --cert {cert} --key {key}",
+            cg.0.path().display(),
+            python().display(),
+            python_agent(&d).display(),
+            d.enroll_socket.display(),
+            d.state_dir().join("ca/ca.crt").display(),
+        );
+        let o = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        json_lines(&o).remove(0)
+    };
+    let got = enroll_in(&user_unit);
+    assert_eq!(got["type"], "error", "{got:?}");
+    assert!(
+        got["message"]
+            .as_str()
+            .unwrap()
+            .contains("systemd unit user@1000.service/reader.service is not reader.service"),
+        "{got:?}"
+    );
+    let got = enroll_in(&system_unit);
+    assert_eq!(got["type"], "enrolled", "{got:?}");
+}

@@ -274,13 +274,22 @@ impl Peer {
             .collect())
     }
 
-    /// The systemd unit whose cgroup holds the process: the deepest `*.service` or `*.scope`
-    /// segment of its cgroup path.
-    pub fn systemd_unit(&self) -> Option<&str> {
-        self.cgroup
+    /// The systemd unit whose cgroup holds the process, as a policy names it: the deepest
+    /// `*.service` or `*.scope` segment of its cgroup path; for a unit of a user's own
+    /// manager (below `user@UID.service`), that manager's unit and the unit, joined by `/`
+    /// (`user@1000.service/reader.service`), so that a user cannot pass for a system unit by
+    /// giving a unit of their own its name (`systemd-run --user --unit=reader`).
+    pub fn systemd_unit(&self) -> Option<String> {
+        let is_unit = |s: &&str| s.ends_with(".service") || s.ends_with(".scope");
+        let unit = self.cgroup.split('/').rev().find(is_unit)?;
+        let manager = self
+            .cgroup
             .split('/')
-            .rev()
-            .find(|s| s.ends_with(".service") || s.ends_with(".scope"))
+            .find(|s| s.starts_with("user@") && s.ends_with(".service"));
+        Some(match manager {
+            Some(m) if m != unit => format!("{m}/{unit}"),
+            _ => unit.to_string(),
+        })
     }
 }
 
@@ -313,13 +322,14 @@ pub fn check(want: &Attest, peer: &Peer) -> Result<(), Mismatch> {
             wrong.push(format!("cgroup {} does not match {p}", peer.cgroup));
         }
     }
-    if let Some(u) = &want.systemd_unit
-        && peer.systemd_unit() != Some(u.as_str())
-    {
-        wrong.push(format!(
-            "systemd unit {} is not {u}",
-            peer.systemd_unit().unwrap_or("(none)")
-        ));
+    if let Some(u) = &want.systemd_unit {
+        let got = peer.systemd_unit();
+        if got.as_deref() != Some(u.as_str()) {
+            wrong.push(format!(
+                "systemd unit {} is not {u}",
+                got.as_deref().unwrap_or("(none)")
+            ));
+        }
     }
     // Hashing reads the whole executable: only when everything cheaper matched.
     if wrong.is_empty()
@@ -364,6 +374,13 @@ mod tests {
         }
     }
 
+    fn ok_unit(u: &str) -> Attest {
+        Attest {
+            systemd_unit: Some(u.into()),
+            ..Attest::default()
+        }
+    }
+
     #[test]
     fn selectors_match_and_name_mismatches() {
         let p = me();
@@ -393,6 +410,23 @@ mod tests {
         ] {
             assert!(e.contains(w), "{w} missing in {e}");
         }
+        // A user's own manager's unit of the same name is not the system unit.
+        let mut user = me();
+        user.cgroup =
+            "/user.slice/user-1000.slice/user@1000.service/app.slice/reader.service".into();
+        let e = check(&ok_unit("reader.service"), &user)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("systemd unit user@1000.service/reader.service is not reader.service"),
+            "{e}"
+        );
+        assert!(check(&ok_unit("user@1000.service/reader.service"), &user).is_ok());
+        // The user manager itself is a system unit.
+        user.cgroup = "/user.slice/user-1000.slice/user@1000.service/init.scope".into();
+        assert!(check(&ok_unit("user@1000.service/init.scope"), &user).is_ok());
+        user.cgroup = "/user.slice/user-1000.slice/user@1000.service".into();
+        assert!(check(&ok_unit("user@1000.service"), &user).is_ok());
         // `*` stays within one segment, `**` crosses them.
         let deep = Attest {
             cgroup: Some("/*".into()),

@@ -119,7 +119,8 @@ pub struct Attest {
     /// Pattern over the cgroup path (from the cgroup v2 root, starting with `/`); `*` matches
     /// within one path segment, `**` across segments.
     pub cgroup: Option<String>,
-    /// The systemd unit whose cgroup the process runs in, such as `reader.service`.
+    /// The systemd unit whose cgroup the process runs in: a system unit such as
+    /// `reader.service`, or a unit of one user's manager, `user@1000.service/reader.service`.
     pub systemd_unit: Option<String>,
 }
 

@@ -292,15 +292,29 @@ fn check_attest(c: &mut Checker<'_>, raw: RawAttest) -> Attest {
         }
     });
     let systemd_unit = raw.systemd_unit.and_then(|u| {
-        let ok = !u.is_empty()
-            && !u.contains('/')
-            && [".service", ".scope"].iter().any(|s| u.ends_with(s));
+        let unit = |s: &str| {
+            !s.is_empty()
+                && !s.contains('/')
+                && [".service", ".scope"].iter().any(|x| s.ends_with(x))
+        };
+        // A system unit, or a unit of one user's manager: `user@UID.service/NAME`.
+        let ok = match u.split_once('/') {
+            None => unit(&u),
+            Some((m, name)) => {
+                m.strip_prefix("user@")
+                    .and_then(|r| r.strip_suffix(".service"))
+                    .is_some_and(|uid| uid.parse::<u32>().is_ok())
+                    && unit(name)
+            }
+        };
         if ok {
             Some(u)
         } else {
             c.problem(
                 "policy.attest.systemd_unit".into(),
-                format!("{u:?} is not a unit name such as reader.service or run-1.scope"),
+                format!(
+                    "{u:?} is not a unit name such as reader.service or run-1.scope (a system unit), or user@1000.service/reader.service (a unit of user 1000's own manager)"
+                ),
             );
             None
         }
