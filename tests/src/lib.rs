@@ -472,6 +472,23 @@ impl TestDaemon {
         c
     }
 
+    /// Runs the daemon when it must refuse to start: one that does not exit within 10 s is
+    /// killed (and the caller sees a failure, not a hang).
+    pub fn run_refused(&self) -> Output {
+        let mut child = self
+            .run_command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let end = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait_with_output().expect("daemon output")
+    }
+
     pub fn launch(&mut self) {
         let c = self.run_command();
         self.launch_command(c);

@@ -271,23 +271,6 @@ fn exec_closes_inherited_descriptors_unless_told_to_pass_them() {
     );
 }
 
-/// Runs the daemon, which must refuse to start: one that does not exit within 10 s is killed
-/// (and the test fails on its success).
-fn run_refused(d: &TestDaemon) -> std::process::Output {
-    let mut child = d
-        .run_command()
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < end {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
-}
-
 /// The stderr lines of a daemon that refused to start (JSON log lines aside).
 fn refusal_lines(out: &std::process::Output) -> Vec<String> {
     assert!(!out.status.success(), "{out:?}");
@@ -306,7 +289,7 @@ fn a_pin_or_state_directory_another_user_controls_is_refused() {
     let d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[80]))], None);
     fs::create_dir_all(&d.pin_dir).unwrap();
     std::os::unix::fs::chown(&d.pin_dir, Some(65534), Some(65534)).unwrap();
-    let out = run_refused(&d);
+    let out = d.run_refused();
     let want = format!(
         "agentwall: cannot enforce: pin directory {}: is owned by uid 65534, not by the daemon's user (uid 0)",
         d.pin_dir.display()
@@ -323,7 +306,7 @@ fn a_pin_or_state_directory_another_user_controls_is_refused() {
     let state = d.state_dir();
     fs::create_dir_all(&state).unwrap();
     fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
-    let out = run_refused(&d);
+    let out = d.run_refused();
     let want = format!(
         "agentwall: cannot enforce: state directory {}: is writable by its group or by others (mode 0777): run `chmod go-w {}`",
         state.display(),

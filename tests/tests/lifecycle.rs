@@ -559,3 +559,35 @@ fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_th
     d.kill9();
     assert!(!d.cli(&["status", "--check"]).status.success());
 }
+
+/// Bindings outlive the daemon in the kernel and name identity slots; the slot table says
+/// which policy each slot is. Without it (lost, or an older copy) a restarted daemon would
+/// hand the slots out anew and point live bindings at other policies: it refuses instead, and
+/// the pins go on enforcing as they were.
+#[test]
+fn a_lost_slot_table_fails_closed_and_says_how_to_recover() {
+    let _s = serial();
+    let (a, b) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let mut d = TestDaemon::start(&[("b.yaml", &tcp_policy("b", &[b.port()]))]);
+    // Policy a arrives later and takes the next slot; b's agent runs on.
+    d.write_policy("a.yaml", &tcp_policy("a", &[a.port()]));
+    assert!(d.cli(&["reload"]).status.success());
+    let mut agent = d.repl("b");
+    let to_b = format!("tcp 127.0.0.1:{}", b.port());
+    let to_a = format!("tcp 127.0.0.1:{}", a.port());
+    assert_eq!(agent.cmd(&to_b), "ok");
+    d.kill9();
+    fs::remove_file(d.state_dir().join("slots.json")).unwrap();
+    let out = d.run_refused();
+    let line = refusal(&out);
+    assert!(
+        line.contains("the kernel holds bindings to identity slots [")
+            && line
+                .contains("slots.json does not name (it is missing, or older than the bindings)")
+            && line.contains("agentwall teardown --pin-dir"),
+        "{line}"
+    );
+    // Nothing changed in the kernel: the agent keeps exactly its policy.
+    assert_eq!(agent.cmd(&to_b), "ok");
+    assert_eq!(agent.cmd(&to_a), "err EPERM");
+}

@@ -58,6 +58,14 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     AgentDir(#[from] crate::agentdir::AgentDirError),
+    #[error(
+        "the kernel holds bindings to identity slots {slots:?} that {path} does not name (it is missing, or older than the bindings): their cgroups would be given other policies. Enforcement by the pins goes on. Restore {path} from a copy, or run `agentwall teardown --pin-dir {pin_dir}` (their cgroups are then no longer enforced: restart those agents) and start again", path = path.display(), pin_dir = pin_dir.display()
+    )]
+    SlotsBehindKernel {
+        path: PathBuf,
+        slots: Vec<u32>,
+        pin_dir: PathBuf,
+    },
     #[error("another agentwall daemon is using the state directory {0} (lock held); stop it first")]
     Locked(PathBuf),
     #[error("installing signal handlers: {0}")]

@@ -36,6 +36,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     root.ensure_not_root(&mount)?;
     let slots_path = cfg.state_dir.join("slots.json");
     let mut slots = SlotTable::load(&slots_path)?;
+    check_slots_cover_bindings(&cfg.pin_dir, &slots, &slots_path)?;
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
     let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
@@ -584,6 +585,32 @@ async fn watch_audit_health(
             held = hold;
         }
     }
+}
+
+/// Refuses to start when bindings a previous daemon left in the kernel name identity slots
+/// that the slot table does not (it was lost, or restored from an older copy): a policy given
+/// a new slot would take the place of another's in those bindings. The table only grows, so
+/// every slot it names is the one the bindings meant.
+fn check_slots_cover_bindings(
+    pin_dir: &std::path::Path,
+    slots: &SlotTable,
+    slots_path: &std::path::Path,
+) -> Result<(), DaemonError> {
+    let mut unknown: Vec<u32> = crate::enforce::pinned_bindings(pin_dir)?
+        .into_iter()
+        .map(|(_, b)| b.slot)
+        .filter(|s| *s != 0 && slots.name_of(*s).is_none())
+        .collect();
+    unknown.sort_unstable();
+    unknown.dedup();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(DaemonError::SlotsBehindKernel {
+        path: slots_path.to_path_buf(),
+        slots: unknown,
+        pin_dir: pin_dir.to_path_buf(),
+    })
 }
 
 /// Holds an exclusive lock on `<state dir>/agentwall.lock` for the daemon's lifetime.

@@ -632,6 +632,21 @@ impl Enforcer {
     }
 }
 
+/// The bindings a previous daemon left pinned under `pin_dir` (cgroup id, binding), read
+/// without loading anything; none if there is no pinned bindings map.
+pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>, EnforceError> {
+    let layout = PinLayout::new(pin_dir);
+    let path = layout.maps().join(maps::BINDINGS);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    pins::check_pinned_maps(&layout)?;
+    let data = MapData::from_pin(&path).map_err(map_err(maps::BINDINGS, "opening the pin"))?;
+    let map: HashMap<MapData, u64, Binding> = HashMap::try_from(aya::maps::Map::HashMap(data))
+        .map_err(map_err(maps::BINDINGS, "opening the pin"))?;
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
 /// A suffix that orders link pins: a new daemon's sort after an old one's.
 fn link_seq() -> u128 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
