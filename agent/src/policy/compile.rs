@@ -197,14 +197,26 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     all.push(*e);
                 }
             };
+            // Past the limit the node is refused; collecting stops there, so that a prefix
+            // many rules cover costs no more than the limit (compilation stays linear).
+            let full = |all: &Vec<PortRule>| all.len() > MAX_ENTRIES_PER_PREFIX;
             for e in entries {
                 push(e, &mut all);
+                if full(&all) {
+                    break;
+                }
             }
             // Covering prefixes, most specific first, so the nearest rule id is reported.
             for l in lengths.iter().rev().filter(|l| **l < *bits) {
+                if full(&all) {
+                    break;
+                }
                 if let Some((inherited, _)) = nodes.get(&(mask(a, *l), *l)) {
                     for e in inherited {
                         push(e, &mut all);
+                        if full(&all) {
+                            break;
+                        }
                     }
                 }
             }
@@ -220,8 +232,8 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     line: Some(source.line),
                     field: "policy.egress".into(),
                     message: format!(
-                        "policy {policy:?}: destination {} is covered by {} (protocol, port range) \
-                         entries, counting those of wider destinations; at most \
+                        "policy {policy:?}: destination {} is covered by at least {} (protocol, \
+                         port range) entries, counting those of wider destinations; at most \
                          {MAX_ENTRIES_PER_PREFIX} fit. Merge port ranges or split the policy.",
                         display_prefix(a, *bits),
                         all.len()

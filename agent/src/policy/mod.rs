@@ -26,6 +26,23 @@ use serde::{Deserialize, Serialize};
 
 pub use self::compile::{Compiled, Grant, RuleInfo, compile};
 
+/// What a policy directory may hold. A directory is reviewed like code; these bound what a
+/// mistake, or a file written to hurt, costs the daemon (memory, and time at every reload)
+/// before anything is compiled. Beyond each, loading stops with an error naming the limit.
+pub mod limits {
+    /// Policy files in the directory.
+    pub const MAX_FILES: usize = 4096;
+    /// Bytes of one policy file.
+    pub const MAX_FILE_BYTES: u64 = 1 << 20;
+    /// Bytes of all policy files together.
+    pub const MAX_DIR_BYTES: u64 = 64 << 20;
+    /// YAML nodes of one file once its aliases are expanded: a few aliases that each repeat
+    /// the one before can otherwise stand for billions of nodes.
+    pub const MAX_YAML_NODES: u64 = 200_000;
+    /// (destination, port range) pairs of all egress rules together.
+    pub const MAX_RULE_ENTRIES: usize = 200_000;
+}
+
 /// Whether denials are enforced or only reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -243,16 +260,56 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
         let entry = entry.map_err(|e| PolicyError::one(dir, format!("listing: {e}")))?;
         if is_policy_file(&entry.path()) {
             files.push(entry.path());
+            if files.len() > limits::MAX_FILES {
+                return Err(PolicyError::one(
+                    dir,
+                    format!(
+                        "holds more than {} policy files; merge policies into fewer files",
+                        limits::MAX_FILES
+                    ),
+                ));
+            }
         }
     }
     files.sort();
     let mut texts = Vec::with_capacity(files.len());
+    let mut total: u64 = 0;
     for f in files {
-        let text = fs::read_to_string(&f)
-            .map_err(|e| PolicyError::one(&f, format!("cannot read: {e}")))?;
+        let text = read_bounded(&f)?;
+        total += text.len() as u64;
+        if total > limits::MAX_DIR_BYTES {
+            return Err(PolicyError::one(
+                dir,
+                format!(
+                    "its policy files hold more than {} MiB together; split the policies over several nodes' directories or shorten them",
+                    limits::MAX_DIR_BYTES >> 20
+                ),
+            ));
+        }
         texts.push((f, text));
     }
     parse_texts(&texts)
+}
+
+/// Reads a policy file of at most [`limits::MAX_FILE_BYTES`] (a larger one is refused without
+/// being read whole).
+fn read_bounded(f: &Path) -> Result<String, PolicyError> {
+    use std::io::Read as _;
+    let file = fs::File::open(f).map_err(|e| PolicyError::one(f, format!("cannot read: {e}")))?;
+    let mut text = String::new();
+    file.take(limits::MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| PolicyError::one(f, format!("cannot read: {e}")))?;
+    if text.len() as u64 > limits::MAX_FILE_BYTES {
+        return Err(PolicyError::one(
+            f,
+            format!(
+                "is larger than {} KiB; split it into several files",
+                limits::MAX_FILE_BYTES >> 10
+            ),
+        ));
+    }
+    Ok(text)
 }
 
 /// Parses and validates policy file contents (path, text) as one set.
@@ -265,8 +322,41 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
             Err(mut p) => problems.append(&mut p),
         }
     }
+    let entries: usize = policies
+        .iter()
+        .flat_map(|p| &p.egress)
+        .map(|r| r.to.len() * r.ports.len().max(1))
+        .sum();
+    if entries > limits::MAX_RULE_ENTRIES {
+        problems.push(Problem {
+            file: policies
+                .first()
+                .map(|p| p.source.file.clone())
+                .unwrap_or_default(),
+            line: None,
+            field: "policy.egress".into(),
+            message: format!(
+                "the directory's egress rules name {entries} (destination, port range) pairs; at most {} are compiled: use wider prefixes and port ranges",
+                limits::MAX_RULE_ENTRIES
+            ),
+        });
+    }
+    // First definitions by name and by identity, for the duplicate checks (linear in the
+    // number of policies).
+    let mut by_name: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut by_identity: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, p) in policies.iter().enumerate() {
-        if let Some(first) = policies[..i].iter().find(|q| q.name == p.name) {
+        by_name.entry(p.name.as_str()).or_insert(i);
+        if let Some(id) = &p.identity {
+            by_identity.entry(id.as_str()).or_insert(i);
+        }
+    }
+    for (i, p) in policies.iter().enumerate() {
+        if let Some(first) = by_name
+            .get(p.name.as_str())
+            .filter(|f| **f < i)
+            .map(|f| &policies[*f])
+        {
             problems.push(Problem {
                 file: p.source.file.clone(),
                 line: Some(p.source.line),
@@ -275,9 +365,10 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
             });
         }
         if let Some(id) = &p.identity
-            && let Some(first) = policies[..i]
-                .iter()
-                .find(|q| q.identity.as_deref() == Some(id))
+            && let Some(first) = by_identity
+                .get(id.as_str())
+                .filter(|f| **f < i)
+                .map(|f| &policies[*f])
         {
             problems.push(Problem {
                 file: p.source.file.clone(),
@@ -326,5 +417,53 @@ mod tests {
             .collect();
         assert_eq!(names, ["sealed"]);
         assert_eq!(hash.len(), 64);
+    }
+
+    #[test]
+    fn a_directory_beyond_its_limits_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("aw-policy-limits-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        // A file too large is refused before it is read whole.
+        let big = dir.join("big.yaml");
+        fs::write(&big, vec![b'#'; (limits::MAX_FILE_BYTES + 1) as usize]).unwrap();
+        let e = load_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("big.yaml") && e.contains("is larger than 1024 KiB"),
+            "{e}"
+        );
+        fs::remove_file(&big).unwrap();
+        // An alias bomb is refused before serde expands it.
+        let mut laughs = String::from("x0: &x0 [a, a]\n");
+        for i in 1..=40 {
+            laughs.push_str(&format!("x{i}: &x{i} [*x{}, *x{}]\n", i - 1, i - 1));
+        }
+        laughs.push_str("policy:\n  name: p\n");
+        fs::write(dir.join("laughs.yaml"), laughs).unwrap();
+        // (Expanded, it would be 2^41 nodes: the test would not end.)
+        let e = load_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("aliases expand to more than 200000 nodes"),
+            "{e}"
+        );
+        fs::remove_file(dir.join("laughs.yaml")).unwrap();
+        // Too many (destination, port) pairs.
+        let to: Vec<String> = (0..250).map(|i| format!("10.0.{i}.0/24")).collect();
+        let ports: Vec<String> = (1..=1000).map(|p| p.to_string()).collect();
+        fs::write(
+            dir.join("wide.yaml"),
+            format!(
+                "policy:\n  name: w\n  egress:\n    - to: [{}]\n      protocol: tcp\n      ports: [{}]\n",
+                to.join(", "),
+                ports.join(", ")
+            ),
+        )
+        .unwrap();
+        let e = load_dir(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("name 250000 (destination, port range) pairs; at most 200000"),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

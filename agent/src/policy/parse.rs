@@ -134,6 +134,17 @@ pub(super) fn file(path: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>>
         }]);
     }
     let spans = Spans::index(text);
+    if spans.expanded_nodes() > super::limits::MAX_YAML_NODES {
+        return Err(vec![Problem {
+            file: path.to_path_buf(),
+            line: None,
+            field: String::new(),
+            message: format!(
+                "its YAML aliases expand to more than {} nodes; write the repeated values out, or alias less",
+                super::limits::MAX_YAML_NODES
+            ),
+        }]);
+    }
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for (doc_index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {

@@ -13,6 +13,8 @@ use yaml_rust2::{
 #[derive(Debug, Default)]
 pub(crate) struct Spans {
     docs: Vec<HashMap<String, usize>>,
+    /// Nodes of the file once every alias is replaced by what it names.
+    expanded: u64,
 }
 
 impl Spans {
@@ -20,7 +22,15 @@ impl Spans {
     pub(crate) fn index(text: &str) -> Self {
         let mut r = Recorder::default();
         let _ = Parser::new_from_str(text).load(&mut r, true);
-        Spans { docs: r.docs }
+        Spans {
+            docs: r.docs,
+            expanded: r.expanded,
+        }
+    }
+
+    /// Nodes of the file with its aliases expanded, counted without expanding them.
+    pub(crate) fn expanded_nodes(&self) -> u64 {
+        self.expanded
     }
 
     /// The line where the node at `path` starts in document `doc`, or the nearest enclosing
@@ -52,6 +62,12 @@ enum Frame {
 struct Recorder {
     docs: Vec<HashMap<String, usize>>,
     stack: Vec<(Frame, String)>,
+    /// Nodes so far, each alias counted as the nodes of what it names.
+    expanded: u64,
+    /// Per anchor id, the nodes of the node it names (expanded).
+    anchors: HashMap<usize, u64>,
+    /// Per open collection: its anchor id (0 for none) and `expanded` at its start.
+    open: Vec<(usize, u64)>,
 }
 
 impl Recorder {
@@ -108,43 +124,74 @@ impl MarkedEventReceiver for Recorder {
                 self.docs.push(HashMap::new());
                 self.stack.clear();
             }
-            Event::Scalar(text, ..) => {
+            Event::Scalar(text, _, anchor, _) => {
+                self.expanded = self.expanded.saturating_add(1);
+                if anchor != 0 {
+                    self.anchors.insert(anchor, 1);
+                }
                 if let Some(path) = self.node_start(Some(&text), line) {
                     self.record(&path, line);
                 }
             }
-            Event::Alias(_) => {
+            Event::Alias(anchor) => {
+                let n = self.anchors.get(&anchor).copied().unwrap_or(1);
+                self.expanded = self.expanded.saturating_add(n);
                 if let Some(path) = self.node_start(None, line) {
                     self.record(&path, line);
                 }
             }
-            Event::MappingStart(..) => {
-                let path = self.node_start(None, line).unwrap_or_default();
-                self.record(&path, line);
-                self.stack.push((
-                    Frame::Map {
-                        key: None,
-                        expecting_key: true,
-                    },
-                    path,
-                ));
-            }
-            Event::SequenceStart(..) => {
-                let path = self.node_start(None, line).unwrap_or_default();
-                self.record(&path, line);
-                self.stack.push((Frame::Seq { next: 0 }, path));
+            Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {
+                self.open.push((anchor, self.expanded));
+                self.expanded = self.expanded.saturating_add(1);
+                self.collection_start(matches!(ev, Event::MappingStart(..)), line);
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
+                if let Some((anchor, start)) = self.open.pop()
+                    && anchor != 0
+                {
+                    self.anchors.insert(anchor, self.expanded - start);
+                }
             }
             _ => {}
         }
     }
 }
 
+impl Recorder {
+    fn collection_start(&mut self, map: bool, line: usize) {
+        let path = self.node_start(None, line).unwrap_or_default();
+        self.record(&path, line);
+        let frame = if map {
+            Frame::Map {
+                key: None,
+                expecting_key: true,
+            }
+        } else {
+            Frame::Seq { next: 0 }
+        };
+        self.stack.push((frame, path));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aliases_are_counted_as_what_they_expand_to() {
+        let flat = Spans::index("a: [1, 2, 3]\nb: 4\n");
+        // The mapping, its two keys, the sequence and its three items, the value 4.
+        assert_eq!(flat.expanded_nodes(), 8);
+        let aliased = Spans::index("a: &x [1, 2, 3]\nb: *x\nc: *x\n");
+        assert_eq!(aliased.expanded_nodes(), 1 + 3 + 4 * 3);
+        // Each level repeats the one before twice: 2^40 nodes from a few lines.
+        let mut laughs = String::from("l0: &l0 [x, x]\n");
+        for i in 1..=40 {
+            laughs.push_str(&format!("l{i}: &l{i} [*l{}, *l{}]\n", i - 1, i - 1));
+        }
+        assert!(Spans::index(&laughs).expanded_nodes() > 1 << 40);
+    }
 
     #[test]
     fn paths_map_to_lines() {
