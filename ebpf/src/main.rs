@@ -57,10 +57,28 @@ fn aw_sendmsg6(ctx: SockAddrContext) -> i32 {
 fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     let v6 = hook == Hook::CONNECT6 || hook == Hook::SENDMSG6;
+    let connect = hook == Hook::CONNECT4 || hook == Hook::CONNECT6;
     // SAFETY: the kernel hands the program a valid `bpf_sock_addr`; each field is read with
     // its own 4-byte load, the access size the verifier accepts for these fields.
     let (orig, port, sock_type, protocol) = unsafe {
-        let orig: Quads = if v6 {
+        // A connected UDP send with a control message (IP_PKTINFO, IPV6_PKTINFO) comes to
+        // sendmsg4/6 without an address (`__cgroup_bpf_run_filter_sock_addr` passes an empty
+        // one, family AF_UNSPEC): its destination is the socket's peer.
+        let connected_send =
+            !connect && core::ptr::read_volatile(&raw const (*sa).user_family) == 0;
+        let orig: Quads = if connected_send {
+            let sk = core::ptr::read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
+            if v6 {
+                [
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                    core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+                ]
+            } else {
+                addr::quads_from_v4(core::ptr::read_volatile(&raw const (*sk).dst_ip4))
+            }
+        } else if v6 {
             [
                 core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
                 core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
@@ -70,8 +88,13 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
         } else {
             addr::quads_from_v4(core::ptr::read_volatile(&raw const (*sa).user_ip4))
         };
-        // `user_port` holds the port in network order in its first two bytes.
-        let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
+        let port = if connected_send {
+            let sk = core::ptr::read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
+            u16::from_be(core::ptr::read_volatile(&raw const (*sk).dst_port))
+        } else {
+            // `user_port` holds the port in network order in its first two bytes.
+            u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16)
+        };
         let sock_type = core::ptr::read_volatile(&raw const (*sa).type_);
         let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
         (orig, port, sock_type, protocol)
@@ -86,7 +109,6 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
         sock_type: sock_type as u8,
         family: if v6 { AF_INET6 } else { AF_INET },
     };
-    let connect = hook == Hook::CONNECT4 || hook == Hook::CONNECT6;
     // The event record is reserved and filled before the decision (see `emit::begin`).
     let record = emit::begin(&flow, true);
     let d = decide(&flow);

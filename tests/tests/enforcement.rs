@@ -578,3 +578,42 @@ fn packets_with_ip_options_are_denied_even_on_an_allowed_flow() {
         "{seen:?}"
     );
 }
+
+/// A connected UDP send with a packet-info control message reaches sendmsg4/6 without an
+/// address; it is judged by the socket's real destination (it was judged as loopback port 0,
+/// and denied).
+#[test]
+fn a_connected_udp_send_with_pktinfo_is_judged_by_its_destination() {
+    let _s = serial();
+    let (v4, v6) = (UdpSink::new("127.0.0.1:0"), UdpSink::new("[::1]:0"));
+    let policy = format!(
+        "policy:\n  name: u\n  egress:\n    - to: [127.0.0.1, \"::1\"]\n      protocol: udp\n      ports: [{}, {}]\n",
+        v4.port(),
+        v6.port()
+    );
+    let d = TestDaemon::start(&[("p.yaml", &policy)]);
+    let events = d.events();
+    let out = d.exec(
+        "u",
+        None,
+        &[
+            &format!("udp-pktinfo 127.0.0.1:{} four", v4.port()),
+            &format!("udp-pktinfo [::1]:{} six", v6.port()),
+        ],
+    );
+    assert_eq!(lines(&out), ["ok", "ok"], "{out:?}");
+    wait_for(Duration::from_secs(2), "both datagrams", || {
+        (v4.datagrams() == 1 && v6.datagrams() == 1).then_some(())
+    });
+    let judged: Vec<_> = events
+        .drain(Duration::from_millis(500))
+        .into_iter()
+        .filter(|e| e.hook.starts_with("sendmsg"))
+        .map(|e| (e.hook, e.verdict, e.port))
+        .collect();
+    assert!(
+        judged.contains(&("sendmsg4".into(), "allow".into(), v4.port()))
+            && judged.contains(&("sendmsg6".into(), "allow".into(), v6.port())),
+        "{judged:?}"
+    );
+}

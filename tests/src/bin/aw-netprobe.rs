@@ -20,7 +20,8 @@
 //! `ping-connect ADDR` (connects a ping socket, the port standing for the identifier),
 //! `ping-via ADDR IP` (a ping socket connected to ADDR sends an echo request to IP),
 //! `lo-alias IP` (adds an IPv4 address to loopback, in a namespace of the probe's own),
-//! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options).
+//! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
+//! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -115,6 +116,30 @@ fn ping_via(to: SocketAddr, ip: IpAddr) -> String {
         return errno(&e);
     }
     echo(&s, ip)
+}
+
+/// A datagram to `a` on a UDP socket connected there, sent with a packet-info control message
+/// (`IP_PKTINFO`, `IPV6_PKTINFO`: no interface, no source chosen) and no address.
+fn udp_pktinfo(a: SocketAddr, payload: &str) -> String {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd as _;
+    let s = match UdpSocket::bind(unspecified_for(&a)) {
+        Ok(s) => s,
+        Err(e) => return errno(&e),
+    };
+    if let Err(e) = s.connect(a) {
+        return errno(&e);
+    }
+    let iov = [io::IoSlice::new(payload.as_bytes())];
+    // SAFETY: plain C structs; all zeros means "no interface, no source address chosen".
+    let (v4, v6): (libc::in_pktinfo, libc::in6_pktinfo) = unsafe { std::mem::zeroed() };
+    let cmsg = if a.is_ipv4() {
+        [ControlMessage::Ipv4PacketInfo(&v4)]
+    } else {
+        [ControlMessage::Ipv6PacketInfo(&v6)]
+    };
+    sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+        .map_or_else(|e| format!("err {e:?}"), |_| "ok".into())
 }
 
 /// Adds the IPv4 address `ip` to loopback as an alias (`lo:1`): an address of the current
@@ -502,6 +527,7 @@ fn run(line: &str) -> String {
             ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
         )),
         ("udp-options", [a, p]) => Ok(udp_options(addr(a)?, p)),
+        ("udp-pktinfo", [a, p]) => Ok(udp_pktinfo(addr(a)?, p)),
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
