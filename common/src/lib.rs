@@ -32,4 +32,10 @@ mod pod {
     unsafe impl aya::Pod for crate::state::PolicyState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::lsm::KernelLayout {}
+    // SAFETY: as above (the daemon only writes zeroed ones, to empty the caches).
+    unsafe impl aya::Pod for crate::state::FlowCacheEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::state::DecisionCacheEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::state::BindingCacheEntry {}
 }

@@ -17,6 +17,12 @@ pub const EVENTS: &str = "AW_EVENTS";
 /// descendants). The daemon adds a cgroup before it attaches the cgroup programs to it.
 pub const ENFORCED: &str = "AW_ENFORCED";
 
+/// Per-CPU caches of the programs, not pinned (each loaded object has its own): flow
+/// verdicts, decisions and binding copies (`crate::state`). The daemon only empties them.
+pub const FLOW_CACHE: &str = "AW_FLOWS";
+pub const DECISION_CACHE: &str = "AW_DECISIONS";
+pub const BINDING_CACHE: &str = "AW_BINDING_COPIES";
+
 /// Default capacity of the bindings map.
 pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
 /// Default capacity of the rules trie: room for two generations of 131,072 prefix nodes.

@@ -15,6 +15,28 @@ pub struct PolicyState {
 }
 const _: () = assert!(core::mem::size_of::<PolicyState>() == 8);
 
+impl PolicyState {
+    /// The state from its 8 bytes read as one little-endian word (generation in the low half:
+    /// it comes first), so that both fields come from one read.
+    #[inline(always)]
+    pub const fn from_word(word: u64) -> Self {
+        Self {
+            generation: word as u32,
+            epoch: (word >> 32) as u32,
+        }
+    }
+
+    /// The epoch that follows `epoch`: never 0, which a slot emptied from userspace holds and
+    /// must never match (see `Enforcer::bump_epoch` in the daemon).
+    #[inline(always)]
+    pub const fn next_epoch(epoch: u32) -> u32 {
+        match epoch.wrapping_add(1) {
+            0 => 1,
+            e => e,
+        }
+    }
+}
+
 use crate::{addr::Quads, binding::Binding};
 
 /// Slots of the per-CPU flow verdict cache (a power of two). Socket cookies come one after
@@ -458,6 +480,19 @@ impl BindingCacheEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_reads_from_one_word_and_the_epoch_skips_zero() {
+        let s = PolicyState {
+            generation: 7,
+            epoch: 0xdead_beef,
+        };
+        // SAFETY: `PolicyState` is 8 plain bytes.
+        let word: u64 = unsafe { core::mem::transmute(s) };
+        assert_eq!(PolicyState::from_word(word), s);
+        assert_eq!(PolicyState::next_epoch(5), 6);
+        assert_eq!(PolicyState::next_epoch(u32::MAX), 1);
+    }
 
     #[test]
     fn cached_verdicts_die_with_the_epoch_the_binding_and_the_socket() {

@@ -123,9 +123,16 @@ pub(crate) fn now_boot_ns() -> u64 {
 }
 
 /// The policy state, if readable.
+/// The policy state, if readable, read in one step: generation and epoch come from the same
+/// update (the daemon writes the 8-byte entry whole; two 4-byte loads could see one field of
+/// one update beside the other field of the next).
 #[inline(always)]
-pub(crate) fn state() -> Option<&'static PolicyState> {
-    AW_STATE.get(0)
+pub(crate) fn state() -> Option<PolicyState> {
+    let p = AW_STATE.get_ptr(0)?;
+    // SAFETY: the array's entry is an 8-byte `PolicyState`, 8-aligned (array map values are);
+    // one volatile 8-byte load.
+    let word = unsafe { core::ptr::read_volatile(p.cast::<u64>()) };
+    Some(PolicyState::from_word(word))
 }
 
 /// Judges a flow. Every path that is not an explicit rule match denies: a missing state entry,

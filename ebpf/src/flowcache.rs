@@ -74,5 +74,5 @@ pub(crate) fn vouches(cookie: u64) -> bool {
     } else {
         decide::now_boot_ns()
     };
-    entry.vouches(cookie, state, now)
+    entry.vouches(cookie, &state, now)
 }

@@ -617,3 +617,58 @@ fn a_connected_udp_send_with_pktinfo_is_judged_by_its_destination() {
         "{judged:?}"
     );
 }
+
+/// Removes the pins of an enforcer a test loaded itself, even when the test fails.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = agentwall::enforce::teardown(&self.0);
+    }
+}
+
+/// Cache entries hold the epoch they were made under, and a u32 epoch comes back to every
+/// value: an entry that lived through a whole round would allow again for a binding long
+/// gone. The round is jumped over here (`set_epoch`); the probe runs on one CPU, whose
+/// per-CPU cache the first connect filled.
+#[test]
+fn a_cached_verdict_does_not_outlive_a_round_of_the_epoch() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let mount = agentwall::cgroup::cgroup2_mount().unwrap();
+    let name = format!("awt-{}-epoch", std::process::id());
+    let cg = agentwall_tests::CgroupGuard(Cgroup::under(&mount, &name).unwrap());
+    cg.0.create().unwrap();
+    let pins = Pins(std::path::PathBuf::from("/sys/fs/bpf").join(&name));
+    let (mut e, _ring) =
+        agentwall::enforce::Enforcer::load(&pins.0, &agentwall::config::Limits::default()).unwrap();
+    let text = tcp_policy("p", &[sink.port()]);
+    let set = agentwall::policy::parse_texts(&[("p.yaml".into(), text)]).unwrap();
+    e.apply(&agentwall::policy::compile(&set, |_| 1).unwrap())
+        .unwrap();
+    let id = e.attach(&cg.0, &mount).unwrap();
+    let connect = || {
+        let script = format!(
+            "taskset -c 0 {} 'tcp 127.0.0.1:{}' | grep -qx ok",
+            netprobe_bin().display(),
+            sink.port()
+        );
+        let cmd = spawn::Command::new("/bin/sh", ["-c".to_string(), script]);
+        let fd = cg.0.open().unwrap();
+        let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap();
+        spawn::exit_code(spawn::wait(pid).unwrap()) == 0
+    };
+    e.set_epoch(u32::MAX - 2).unwrap();
+    let binding = agentwall_common::binding::Binding {
+        slot: 1,
+        flags: 0,
+        expires_boot_ns: 0,
+    };
+    e.bind(id, binding).unwrap();
+    assert!(connect(), "allowed, and cached under epoch MAX - 1");
+    e.unbind(id).unwrap();
+    assert!(!connect(), "no binding, no connect");
+    // 2^32 - 1 bumps later the epoch is MAX - 1 again.
+    e.set_epoch(u32::MAX - 1).unwrap();
+    assert!(!connect(), "the verdict cached a round ago answered again");
+}

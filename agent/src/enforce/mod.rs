@@ -31,7 +31,7 @@ use agentwall_common::{
     counters,
     maps::{self, programs},
     rules::{RuleKey, RuleSet},
-    state::PolicyState,
+    state::{BindingCacheEntry, DecisionCacheEntry, FlowCacheEntry, PolicyState},
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -510,20 +510,14 @@ impl Enforcer {
                 return Err(map_err(maps::RULES, "inserting")(e));
             }
         }
-        let epoch = self.epoch().wrapping_add(1);
-        self.state
-            .set(
-                0,
-                PolicyState {
-                    generation: next,
-                    epoch,
-                },
-                0,
-            )
-            .map_err(|e| {
-                self.purge_generation(next);
-                map_err(maps::STATE, "flipping the generation")(e)
-            })?;
+        let epoch = PolicyState::next_epoch(self.epoch());
+        if let Err(e) = self.write_state(PolicyState {
+            generation: next,
+            epoch,
+        }) {
+            self.purge_generation(next);
+            return Err(e);
+        }
         self.generation = next;
         thread::sleep(GENERATION_GRACE);
         self.purge_inactive()?;
@@ -538,13 +532,72 @@ impl Enforcer {
     /// Called after a binding change is in place, so that a packet that sees the new epoch
     /// also sees the new binding.
     fn bump_epoch(&mut self) -> Result<(), EnforceError> {
-        let state = PolicyState {
+        self.set_epoch(PolicyState::next_epoch(self.epoch()))
+    }
+
+    /// Sets the policy epoch, as a bump to it does (see [`Self::write_state`]): for the bumps
+    /// themselves, and for tests of the epoch's wrap.
+    pub fn set_epoch(&mut self, epoch: u32) -> Result<(), EnforceError> {
+        self.write_state(PolicyState {
             generation: self.generation,
-            epoch: self.epoch().wrapping_add(1),
-        };
+            epoch,
+        })
+    }
+
+    /// Writes the policy state. Cache entries are trusted while their epoch is the current
+    /// one, and the u32 epoch comes back to every value after 2^32 - 1 bumps: an entry that
+    /// lived through a whole round would answer again for a state long gone. So the last epoch
+    /// of a round is written between two emptyings of every cache, the second one after a
+    /// program that read the old state has finished: every entry made before the last epoch
+    /// is gone then, and those made under it are gone before it comes back (the epoch skips 0,
+    /// which an entry emptied under a program's write may keep).
+    fn write_state(&mut self, state: PolicyState) -> Result<(), EnforceError> {
+        let last = state.epoch == u32::MAX;
+        if last {
+            self.empty_caches()?;
+        }
         self.state
             .set(0, state, 0)
-            .map_err(map_err(maps::STATE, "bumping the epoch"))
+            .map_err(map_err(maps::STATE, "writing the policy state"))?;
+        if last {
+            thread::sleep(GENERATION_GRACE);
+            self.empty_caches()?;
+        }
+        Ok(())
+    }
+
+    /// Empties every slot of the programs' per-CPU caches, on every CPU.
+    fn empty_caches(&mut self) -> Result<(), EnforceError> {
+        fn empty<T: aya::Pod + Default>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<(), EnforceError> {
+            let map = ebpf
+                .map_mut(name)
+                .ok_or(EnforceError::Missing { kind: "map", name })?;
+            let mut cache: PerCpuArray<&mut MapData, T> =
+                PerCpuArray::try_from(map).map_err(map_err(name, "opening"))?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, source)| EnforceError::Io {
+                op: "counting CPUs",
+                path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                source,
+            })?;
+            for i in 0..cache.len() {
+                let zeros = aya::maps::PerCpuValues::try_from(vec![T::default(); cpus]).map_err(
+                    |source| EnforceError::Io {
+                        op: "preparing",
+                        path: PathBuf::from(name),
+                        source,
+                    },
+                )?;
+                cache.set(i, zeros, 0).map_err(map_err(name, "emptying"))?;
+            }
+            Ok(())
+        }
+        empty::<FlowCacheEntry>(&mut self.ebpf, maps::FLOW_CACHE)?;
+        empty::<DecisionCacheEntry>(&mut self.ebpf, maps::DECISION_CACHE)?;
+        empty::<BindingCacheEntry>(&mut self.ebpf, maps::BINDING_CACHE)?;
+        Ok(())
     }
 
     /// Removes every rule node whose generation is not the active one.
