@@ -315,3 +315,46 @@ fn a_pin_or_state_directory_another_user_controls_is_refused() {
     assert_eq!(refusal_lines(&out), [want]);
     assert!(!d.pin_dir.exists(), "nothing was loaded");
 }
+
+/// The enrollment socket is open to every user: one user holding thousands of connections
+/// idle (three bytes of a TLS record, then nothing) must not keep another's agent from
+/// enrolling. It keeps a few threads; the rest of its connections are refused at once, with a
+/// line that says why, and counted.
+#[test]
+fn an_enrollment_goes_through_while_another_user_floods_the_socket() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
+    let probe = d.world_copy(&agentwall_tests::netprobe_bin());
+    let mut flood = std::process::Command::new(probe);
+    std::os::unix::process::CommandExt::uid(&mut flood, 65534);
+    std::os::unix::process::CommandExt::gid(&mut flood, 65534);
+    let mut flooder = Repl::spawn({
+        flood.arg("repl");
+        flood
+    });
+    let held = flooder.cmd(&format!("hold-unix {} 4000", d.enroll_socket.display()));
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let o = d
+        .exec_under(&["--cert", &cert, "--key", &key], None, &["pid"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "enrolled during the flood ({held}): {o:?}"
+    );
+    // The flooder was told, and it was counted.
+    let refused: usize = held
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("refused="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    assert!(refused > 3000, "{held}");
+    let busy = d
+        .status()
+        .daemon_errors
+        .get("enroll_busy_refused")
+        .copied()
+        .unwrap_or_default();
+    assert!(busy >= refused as u64, "{busy} counted, {held}");
+    flooder.quit();
+}

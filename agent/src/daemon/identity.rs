@@ -1056,6 +1056,10 @@ async fn blocking<T: Send + 'static>(
 /// [`enroll::CLIENT_TIMEOUT`], so a flood of idle connections delays enrollments but cannot
 /// exhaust the daemon.
 const MAX_ENROLL_THREADS: usize = 128;
+/// Enrollments of one user (peer uid) in progress at once. The socket is open to every user:
+/// one holding many connections idle or slow keeps at most this many threads, and the rest of
+/// its connections are refused at once, so that others' enrollments go on.
+pub(super) const MAX_ENROLLMENTS_PER_UID: usize = 8;
 /// Enrollment threads kept waiting in `accept` when there is nothing to do.
 const SPARE_ENROLL_THREADS: usize = 2;
 /// A thread beyond the spare ones that waited this long for a connection ends.
@@ -1079,6 +1083,30 @@ struct EnrollPool {
     /// Threads in the pool, and those of them waiting for a connection.
     threads: std::sync::atomic::AtomicUsize,
     idle: std::sync::atomic::AtomicUsize,
+    /// Enrollments in progress per peer uid.
+    per_uid: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+/// A peer's place among the enrollments in progress; given back when dropped.
+struct PeerTurn<'a> {
+    pool: &'a EnrollPool,
+    uid: u32,
+}
+
+impl Drop for PeerTurn<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .pool
+            .per_uid
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// Serves the enrollment socket from a pool of blocking threads (see [`EnrollPool`]).
@@ -1091,6 +1119,7 @@ pub(super) fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) -> std::
         rt: tokio::runtime::Handle::current(),
         threads: std::sync::atomic::AtomicUsize::new(0),
         idle: std::sync::atomic::AtomicUsize::new(0),
+        per_uid: std::sync::Mutex::default(),
     });
     for _ in 0..SPARE_ENROLL_THREADS {
         EnrollPool::spawn(&pool)?;
@@ -1110,6 +1139,42 @@ impl EnrollPool {
             .inspect_err(|_| {
                 pool.threads.fetch_sub(1, SeqCst);
             })
+    }
+
+    /// A turn for the peer of `stream`, unless its user has [`MAX_ENROLLMENTS_PER_UID`]
+    /// enrollments in progress: that peer is told so in one plain line (before any TLS:
+    /// `agentwall`'s client shows it as it is) and the connection is closed.
+    fn turn_for(&self, stream: &std::os::unix::net::UnixStream) -> Option<PeerTurn<'_>> {
+        use std::io::Write as _;
+        // A peer whose credentials cannot be read counts as one user of its own kind.
+        let uid = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.uid())
+            .unwrap_or(u32::MAX);
+        {
+            let mut counts = self
+                .per_uid
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = counts.entry(uid).or_default();
+            if *n < MAX_ENROLLMENTS_PER_UID {
+                *n += 1;
+                return Some(PeerTurn { pool: self, uid });
+            }
+        }
+        self.daemon.count_error("enroll_busy_refused");
+        tracing::debug!(
+            uid,
+            "enrollment refused: too many in progress for this user"
+        );
+        let _ = stream.set_nonblocking(true);
+        let _ = (&*stream).write_all(
+            format!(
+                "{}{MAX_ENROLLMENTS_PER_UID} enrollments of uid {uid} are in progress, the most one user may have: try again once they are done\n",
+                enroll::BUSY_PREFIX
+            )
+            .as_bytes(),
+        );
+        None
     }
 
     /// This thread's wait for connections (see [`EnrollPool`]).
@@ -1173,6 +1238,9 @@ impl EnrollPool {
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
+            };
+            let Some(_turn) = self.turn_for(&stream) else {
+                continue;
             };
             // No thread is left waiting: another one takes over the waiting.
             if self.idle.load(SeqCst) == 0 {

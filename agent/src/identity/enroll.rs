@@ -32,6 +32,10 @@ pub const MAX_LINE: usize = 16 * 1024;
 /// Time a client has for the handshake and its request.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How a refusal the daemon sends before any TLS begins (too many enrollments of the user in
+/// progress) starts: one plain line, which no TLS record can start with.
+pub const BUSY_PREFIX: &str = "agentwall: ";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum EnrollRequest {
@@ -347,12 +351,26 @@ pub(crate) fn read_when_readable(
 struct Readable {
     sock: std::os::unix::net::UnixStream,
     timeout: Duration,
+    /// Whether a byte came yet: the first ones may be the daemon's plain refusal.
+    started: bool,
 }
 
 impl std::io::Read for Readable {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let until = std::time::Instant::now() + self.timeout;
-        read_when_readable(&self.sock, buf, until, "the daemon did not answer in time")
+        let n = read_when_readable(&self.sock, buf, until, "the daemon did not answer in time")?;
+        if !self.started && n > 0 {
+            self.started = true;
+            let got = &buf[..n];
+            if got.starts_with(BUSY_PREFIX.as_bytes()) {
+                let line = String::from_utf8_lossy(got);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!("the daemon refused: {}", line.trim_end()),
+                ));
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -401,6 +419,7 @@ pub fn request(
         Readable {
             sock,
             timeout: CLIENT_TIMEOUT * 2,
+            started: false,
         },
     );
     tls.flush().map_err(EnrollError::Tls)?;

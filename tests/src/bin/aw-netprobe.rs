@@ -21,7 +21,8 @@
 //! `ping-via ADDR IP` (a ping socket connected to ADDR sends an echo request to IP),
 //! `lo-alias IP` (adds an IPv4 address to loopback, in a namespace of the probe's own),
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
-//! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message).
+//! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
+//! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -140,6 +141,65 @@ fn udp_pktinfo(a: SocketAddr, payload: &str) -> String {
     };
     sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
         .map_or_else(|e| format!("err {e:?}"), |_| "ok".into())
+}
+
+/// Connections held open by `hold-unix`, until the probe ends.
+static HELD: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Opens `n` connections to the Unix socket `path` (non-blocking: a full backlog counts as
+/// `waiting`), sends each the first three bytes of a TLS record and nothing more, then, after
+/// a moment, counts those the server answered with a plain refusal (`agentwall: ...`). The
+/// connections stay open.
+fn hold_unix(path: &str, n: usize) -> String {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, connect, recv, send, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    // Raised to the hard limit: thousands of descriptors.
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let Ok(addr) = UnixAddr::new(path) else {
+        return "err bad path".into();
+    };
+    let (mut open, mut waiting) = (Vec::new(), 0usize);
+    for _ in 0..n {
+        let fd = match socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        ) {
+            Ok(fd) => fd,
+            Err(e) => return format!("err {e:?}"),
+        };
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let _ = send(fd.as_raw_fd(), &[0x16, 0x03, 0x01], MsgFlags::empty());
+                open.push(fd);
+            }
+            Err(nix::errno::Errno::EAGAIN) => waiting += 1,
+            Err(e) => return format!("err {e:?}"),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut refused = 0usize;
+    for fd in &open {
+        let mut buf = [0u8; 64];
+        if let Ok(k) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
+            && buf[..k].starts_with(b"agentwall: ")
+        {
+            refused += 1;
+        }
+    }
+    let held = open.len();
+    if let Ok(mut g) = HELD.lock() {
+        g.extend(open);
+    }
+    format!("held={held} refused={refused} waiting={waiting}")
 }
 
 /// Adds the IPv4 address `ip` to loopback as an alias (`lo:1`): an address of the current
@@ -528,6 +588,10 @@ fn run(line: &str) -> String {
         )),
         ("udp-options", [a, p]) => Ok(udp_options(addr(a)?, p)),
         ("udp-pktinfo", [a, p]) => Ok(udp_pktinfo(addr(a)?, p)),
+        ("hold-unix", [path, n]) => Ok(hold_unix(
+            path,
+            n.parse().map_err(|_| "err bad count".to_string())?,
+        )),
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),
