@@ -32,13 +32,13 @@ pub use self::compile::{Compiled, Grant, RuleInfo, compile};
 pub mod limits {
     /// Policy files in the directory.
     pub const MAX_FILES: usize = 4096;
-    /// Bytes of one policy file.
-    pub const MAX_FILE_BYTES: u64 = 1 << 20;
+    /// Bytes of one policy file (a policy of 100,000 rules takes about 6 MiB).
+    pub const MAX_FILE_BYTES: u64 = 16 << 20;
     /// Bytes of all policy files together.
     pub const MAX_DIR_BYTES: u64 = 64 << 20;
-    /// YAML nodes of one file once its aliases are expanded: a few aliases that each repeat
-    /// the one before can otherwise stand for billions of nodes.
-    pub const MAX_YAML_NODES: u64 = 200_000;
+    /// YAML nodes the aliases of one file stand for: a few aliases that each repeat the one
+    /// before can otherwise stand for billions of nodes.
+    pub const MAX_ALIASED_NODES: u64 = 100_000;
     /// (destination, port range) pairs of all egress rules together.
     pub const MAX_RULE_ENTRIES: usize = 200_000;
 }
@@ -304,8 +304,8 @@ fn read_bounded(f: &Path) -> Result<String, PolicyError> {
         return Err(PolicyError::one(
             f,
             format!(
-                "is larger than {} KiB; split it into several files",
-                limits::MAX_FILE_BYTES >> 10
+                "is larger than {} MiB; split it into several files",
+                limits::MAX_FILE_BYTES >> 20
             ),
         ));
     }
@@ -429,7 +429,7 @@ mod tests {
         fs::write(&big, vec![b'#'; (limits::MAX_FILE_BYTES + 1) as usize]).unwrap();
         let e = load_dir(&dir).unwrap_err().to_string();
         assert!(
-            e.contains("big.yaml") && e.contains("is larger than 1024 KiB"),
+            e.contains("big.yaml") && e.contains("is larger than 16 MiB"),
             "{e}"
         );
         fs::remove_file(&big).unwrap();
@@ -443,7 +443,7 @@ mod tests {
         // (Expanded, it would be 2^41 nodes: the test would not end.)
         let e = load_dir(&dir).unwrap_err().to_string();
         assert!(
-            e.contains("aliases expand to more than 200000 nodes"),
+            e.contains("aliases expand to more than 100000 nodes"),
             "{e}"
         );
         fs::remove_file(dir.join("laughs.yaml")).unwrap();

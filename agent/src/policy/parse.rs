@@ -134,14 +134,14 @@ pub(super) fn file(path: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>>
         }]);
     }
     let spans = Spans::index(text);
-    if spans.expanded_nodes() > super::limits::MAX_YAML_NODES {
+    if spans.aliased_nodes() > super::limits::MAX_ALIASED_NODES {
         return Err(vec![Problem {
             file: path.to_path_buf(),
             line: None,
             field: String::new(),
             message: format!(
                 "its YAML aliases expand to more than {} nodes; write the repeated values out, or alias less",
-                super::limits::MAX_YAML_NODES
+                super::limits::MAX_ALIASED_NODES
             ),
         }]);
     }
