@@ -663,3 +663,83 @@ fn baselines_and_copied_issuance_records_survive_restarts() {
         "not json"
     );
 }
+
+/// SIGTERM while the audit file system is full: the daemon is gone within seconds rather than
+/// waiting for space, notes what it could not write, and the next start records that as a
+/// gap; the log verifies.
+#[test]
+fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
+    use std::time::Duration;
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let d0 = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))], None);
+    let fs_dir = d0.dir.join("auditfs");
+    let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
+    let log_dir = fs_dir.join("log");
+    drop(d0);
+    let config = format!(
+        "audit:\n  dir: {}\n  checkpoint_every: 1s\n",
+        log_dir.display()
+    );
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+    let mut repl = d.repl("web");
+    let to = format!("tcp 127.0.0.1:{}", allowed.port());
+    let filler = fs_dir.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    }
+    agentwall_tests::wait_for(Duration::from_secs(10), "the audit alarm", || {
+        repl.cmd(&to);
+        d.status().audit.failing.then_some(())
+    });
+    drop(repl);
+    let pid = d.pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Gone (a zombie waiting for this test to reap it) well before a service manager's
+    // stop timeout.
+    agentwall_tests::wait_for(Duration::from_secs(15), "the daemon to stop", || {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+        matches!(state, None | Some('Z')).then_some(())
+    });
+    assert!(d.stop().success(), "a stop, not a crash");
+    assert!(
+        d.log_text()
+            .contains("the audit log could not be made durable"),
+        "the stop says why it did not wait"
+    );
+    // Space again: the next start records what the stop could not write.
+    fs::remove_file(&filler).unwrap();
+    d.launch();
+    d.wait_healthy();
+    assert!(d.stop().success());
+    let key = d.audit_key().display().to_string();
+    let node = d.state_dir().join("audit-node.pub").display().to_string();
+    let log = log_dir.to_str().unwrap();
+    let v = d.cli(&["audit", "verify", log, "--key", &key, "--node-key", &node]);
+    assert!(v.status.success(), "{v:?}");
+    let q = d.cli(&[
+        "audit",
+        "query",
+        log,
+        "--key",
+        &key,
+        "--kind",
+        "audit_unwritten",
+    ]);
+    let gap = records(&q);
+    assert_eq!(gap.len(), 1, "{q:?}");
+    assert!(gap[0]["records"].as_u64().unwrap() > 0, "{gap:?}");
+    drop(d);
+    drop(tmpfs);
+}

@@ -55,6 +55,8 @@ enum Msg {
 /// Health of the audit log, for status and metrics.
 #[derive(Debug, Default)]
 pub struct AuditState {
+    /// Records handed to the writer (queued or durable).
+    pub submitted: AtomicU64,
     /// Records acknowledged (durable).
     pub committed: AtomicU64,
     /// Sequence number of the last durable record.
@@ -215,15 +217,25 @@ impl AuditHandle {
     /// Queues a record `{"time", "kind", ...fields}`; waits while the queue is full.
     pub fn record<T: Serialize>(&self, kind: &'static str, fields: &T) {
         if let Some(b) = encode(kind, fields) {
+            self.state.submitted.fetch_add(1, Ordering::Relaxed);
             // The writer is gone only when the daemon stops.
             let _ = self.tx.send(Msg::Record(kind, b, 0));
         }
+    }
+
+    /// Records handed to the writer that are not durable yet.
+    pub fn unwritten(&self) -> u64 {
+        self.state
+            .submitted
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.state.committed.load(Ordering::Relaxed))
     }
 
     /// Queues a record already encoded (see [`super::record`]) for a kernel event born at
     /// `born_boot_ns` (CLOCK_BOOTTIME): the time from the event to its record being durable is
     /// measured.
     pub fn record_compact(&self, kind: &'static str, body: Vec<u8>, born_boot_ns: u64) {
+        self.state.submitted.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(Msg::Record(kind, body, born_boot_ns));
     }
 

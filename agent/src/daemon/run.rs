@@ -41,6 +41,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
     let (audit, audit_node_key, _audit_thread) = start_audit(&cfg)?;
+    record_unwritten(&cfg, &audit);
     let cfg_detect = cfg.detect.clone();
 
     let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
@@ -264,6 +265,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     let _ = sd_notify("STOPPING=1");
+    // Whatever the audit log is doing (a full file system keeps its writer retrying, and a
+    // full queue blocks whoever records), the daemon is gone within SHUTDOWN_LIMIT; what could
+    // not be written is noted for the next start. The kernel keeps enforcing either way.
+    arm_shutdown_limit(audit.clone(), unwritten_note(&daemon.cfg));
     // The reader takes what the ring holds (allowed verdicts wait for its poll), then the
     // last losses are counted: the log ends with every event accounted for.
     tokio::time::sleep(events::POLL_INTERVAL * 2).await;
@@ -298,6 +303,88 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );
     Ok(())
+}
+
+/// Longest an orderly stop may take once signalled.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Where a stop that could not make every audit record durable says so for the next start: in
+/// the runtime directory (the admin socket's), not beside the log, whose file system may be
+/// the full one.
+fn unwritten_note(cfg: &Config) -> PathBuf {
+    cfg.socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/run"))
+        .join("audit-unwritten.json")
+}
+
+/// What a stop could not write, for the next start's `audit_unwritten` record.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Unwritten {
+    /// Records handed to the audit writer that were not durable when the daemon stopped.
+    records: u64,
+    /// The last durable record then.
+    last_durable_seq: u64,
+    stopped_at: String,
+}
+
+/// Ends the process `SHUTDOWN_LIMIT` after now unless it ended by itself, noting first how
+/// many audit records were not durable.
+fn arm_shutdown_limit(audit: crate::audit::sink::AuditHandle, note: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("agentwall-stop".into())
+        .spawn(move || {
+            std::thread::sleep(SHUTDOWN_LIMIT);
+            let u = Unwritten {
+                records: audit.unwritten(),
+                last_durable_seq: audit
+                    .state
+                    .last_seq
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                stopped_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string(),
+            };
+            let written = serde_json::to_vec(&u)
+                .map_err(std::io::Error::other)
+                .and_then(|b| crate::state::write_atomic(&note, &b, 0o600));
+            tracing::error!(
+                unwritten = u.records,
+                last_durable_seq = u.last_durable_seq,
+                note = %note.display(),
+                noted = written.is_ok(),
+                "the audit log could not be made durable within {SHUTDOWN_LIMIT:?} of the stop signal (a full file system?); stopping anyway: the next start records what was lost. The kernel keeps enforcing"
+            );
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot bound the stop: it waits for the audit log");
+    }
+}
+
+/// Records what the previous daemon's stop could not write, if it noted anything.
+fn record_unwritten(cfg: &Config, audit: &crate::audit::sink::AuditHandle) {
+    let note = unwritten_note(cfg);
+    let Ok(bytes) = std::fs::read(&note) else {
+        return;
+    };
+    match serde_json::from_slice::<Unwritten>(&bytes) {
+        Ok(u) => {
+            tracing::warn!(
+                records = u.records,
+                last_durable_seq = u.last_durable_seq,
+                "the previous daemon stopped with audit records it could not write; recorded as a gap"
+            );
+            audit.record("audit_unwritten", &u);
+        }
+        Err(e) => {
+            tracing::error!(note = %note.display(), error = %e, "an unreadable note of unwritten audit records; recorded as a gap of unknown size");
+            audit.record(
+                "audit_unwritten",
+                &serde_json::json!({"records": null, "note_error": e.to_string()}),
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&note);
 }
 
 /// How far the issuance log has been copied into the audit log (a byte offset), in the state
