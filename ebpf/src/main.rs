@@ -63,9 +63,20 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let (orig, port, sock_type, protocol) = unsafe {
         // A connected UDP send with a control message (IP_PKTINFO, IPV6_PKTINFO) comes to
         // sendmsg4/6 without an address (`__cgroup_bpf_run_filter_sock_addr` passes an empty
-        // one, family AF_UNSPEC): its destination is the socket's peer.
-        let connected_send =
-            !connect && core::ptr::read_volatile(&raw const (*sa).user_family) == 0;
+        // one: all zeros): its destination is the socket's peer. Only an address that is zero
+        // throughout is that: IPv4's udp_sendmsg also sends to an address of family AF_UNSPEC
+        // that names a host and port, which is judged as given.
+        let connected_send = !connect
+            && core::ptr::read_volatile(&raw const (*sa).user_family) == 0
+            && core::ptr::read_volatile(&raw const (*sa).user_port) == 0
+            && if v6 {
+                core::ptr::read_volatile(&raw const (*sa).user_ip6[0]) == 0
+                    && core::ptr::read_volatile(&raw const (*sa).user_ip6[1]) == 0
+                    && core::ptr::read_volatile(&raw const (*sa).user_ip6[2]) == 0
+                    && core::ptr::read_volatile(&raw const (*sa).user_ip6[3]) == 0
+            } else {
+                core::ptr::read_volatile(&raw const (*sa).user_ip4) == 0
+            };
         let orig: Quads = if connected_send {
             let sk = core::ptr::read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
             if v6 {

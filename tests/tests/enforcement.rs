@@ -616,6 +616,21 @@ fn a_connected_udp_send_with_pktinfo_is_judged_by_its_destination() {
             && judged.contains(&("sendmsg6".into(), "allow".into(), v6.port())),
         "{judged:?}"
     );
+    // Only an address that is zero throughout stands for the peer: IPv4's udp_sendmsg sends
+    // to an AF_UNSPEC address that names a host and port, judged as given (a denied port).
+    let denied = UdpSink::new("127.0.0.1:0");
+    let out = d.exec(
+        "u",
+        None,
+        &[&format!(
+            "udp-unspec 127.0.0.1:{} 127.0.0.1:{} leak",
+            v4.port(),
+            denied.port()
+        )],
+    );
+    assert_eq!(lines(&out), ["err EPERM"], "{out:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(denied.datagrams(), 0);
 }
 
 /// Removes the pins of an enforcer a test loaded itself, even when the test fails.

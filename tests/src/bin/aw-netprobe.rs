@@ -22,7 +22,8 @@
 //! `lo-alias IP` (adds an IPv4 address to loopback, in a namespace of the probe's own),
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
-//! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held).
+//! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
+//! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -200,6 +201,43 @@ fn hold_unix(path: &str, n: usize) -> String {
         g.extend(open);
     }
     format!("held={held} refused={refused} waiting={waiting}")
+}
+
+/// A UDP socket connected to `to` sends `payload` to `a` given with family AF_UNSPEC (IPv4's
+/// udp_sendmsg sends to such an address as if it were AF_INET).
+fn udp_unspec(to: SocketAddr, a: std::net::SocketAddrV4, payload: &str) -> String {
+    use std::os::fd::AsRawFd as _;
+    let s = match UdpSocket::bind("127.0.0.1:0") {
+        Ok(s) => s,
+        Err(e) => return errno(&e),
+    };
+    if let Err(e) = s.connect(to) {
+        return errno(&e);
+    }
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sendto with a buffer and a `sockaddr_in` of the lengths given.
+    let r = unsafe {
+        libc::sendto(
+            s.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        errno(&io::Error::last_os_error())
+    } else {
+        "ok".into()
+    }
 }
 
 /// Adds the IPv4 address `ip` to loopback as an alias (`lo:1`): an address of the current
@@ -588,6 +626,12 @@ fn run(line: &str) -> String {
         )),
         ("udp-options", [a, p]) => Ok(udp_options(addr(a)?, p)),
         ("udp-pktinfo", [a, p]) => Ok(udp_pktinfo(addr(a)?, p)),
+        ("udp-unspec", [to, a, p]) => Ok(udp_unspec(
+            addr(to)?,
+            a.parse()
+                .map_err(|_| format!("err bad IPv4 address {a:?}"))?,
+            p,
+        )),
         ("hold-unix", [path, n]) => Ok(hold_unix(
             path,
             n.parse().map_err(|_| "err bad count".to_string())?,
