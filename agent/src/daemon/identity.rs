@@ -887,23 +887,30 @@ impl Daemon {
         let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
         dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)
             .map_err(|e| e.to_string())?;
-        let k = self
+        // Read and written in one enforcer job: a revocation that lands meanwhile keeps its
+        // flag (a read, then a separate write, would put the flagless binding back).
+        let expires_boot_ns = boot_ns_at(issued.not_after);
+        let before = self
             .enforcer
-            .binding(cgroup_id)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the cgroup has no binding")?;
-        if k.flags & flags::REVOKED == 0 {
-            self.enforcer
-                .bind(
-                    cgroup_id,
+            .rebind(cgroup_id, move |old| {
+                let k = old.unwrap_or(Binding {
+                    slot: 0,
+                    flags: flags::DENY_ALL,
+                    expires_boot_ns: 0,
+                });
+                if old.is_none() || k.flags & flags::REVOKED != 0 {
+                    k
+                } else {
                     Binding {
-                        expires_boot_ns: boot_ns_at(issued.not_after),
+                        expires_boot_ns,
                         ..k
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if before.is_none() {
+            return Err("the cgroup has no binding".into());
         }
         if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id)
             && let Some(b) = m.bound.as_mut()
@@ -913,6 +920,33 @@ impl Daemon {
             let excess = b.renewed_from.len().saturating_sub(MAX_RENEWAL_CHAIN);
             b.renewed_from.drain(..excess);
             b.not_after = unix_secs(issued.not_after);
+        }
+        // A revocation of an earlier serial that came while this certificate was being made
+        // found no chain to follow yet: it follows it now.
+        let cut = self
+            .cgroups
+            .lock()
+            .await
+            .get(&cgroup_id)
+            .and_then(|m| m.bound.as_ref())
+            .is_some_and(|b| {
+                b.renewed_from
+                    .iter()
+                    .any(|s| self.identity.check_revoked(&b.spiffe_id, s).is_err())
+            });
+        if cut {
+            self.identity.revoke(
+                Target::Serial(issued.serial.clone()),
+                "renewed from a serial revoked during the renewal",
+                "agentwall",
+            );
+            let _ = self.enforce_revocations().await;
+            let identity = Arc::clone(&self.identity);
+            if let Ok(Err(e)) = blocking(move || identity.save_revocations()).await {
+                tracing::error!(error = %e, "revocation not persisted; it holds until the daemon restarts");
+                self.count_error("revocation_save");
+            }
+            return Err("an earlier certificate of this agent was revoked".into());
         }
         self.save_enrollments_of(&[cgroup_id]).await;
         tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
