@@ -75,7 +75,8 @@ code!(
         /// The LSM hooks could not read the socket (kernel layout unknown or a read failed).
         UNREADABLE = 15, "unreadable";
         /// An IPv4 packet with options (they can hold a source route past the destination the
-        /// header names), from an enforced cgroup.
+        /// header names), or an IPv6 packet with hop-by-hop or destination options or a
+        /// fragment header (which a routing header can follow), from an enforced cgroup.
         IP_OPTIONS = 16, "ip_options";
         /// An IPv6 packet with a routing header (its final destination is not the header's).
         ROUTING_HEADER = 17, "routing_header";

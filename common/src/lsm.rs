@@ -14,8 +14,10 @@ pub const MAX_CGROUP_DEPTH: u32 = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    /// `struct socket`: `sk` (pointer), `type` (short).
+    /// `struct socket`: `sk` (pointer), `file` (pointer; none for the kernel's own sockets),
+    /// `type` (short).
     pub socket_sk: u32,
+    pub socket_file: u32,
     pub socket_type: u32,
     /// `struct sock`: `sk_protocol` (u16).
     pub sock_protocol: u32,
@@ -34,8 +36,9 @@ pub struct KernelLayout {
     pub msghdr_name: u32,
     /// 1 once filled.
     pub valid: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 48);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 56);
 
 /// Name of the read-only global that holds the [`KernelLayout`].
 pub const LAYOUT_GLOBAL: &str = "AW_LAYOUT";

@@ -35,6 +35,7 @@ const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const AF_NETLINK: u16 = 16;
+const AF_PACKET: u16 = 17;
 const SOCK_STREAM: u16 = 1;
 const SOCK_DGRAM: u16 = 2;
 /// `IPPROTO_MPTCP`: a multipath TCP socket, judged as TCP.
@@ -46,6 +47,7 @@ const IPPROTO_MPTCP: u16 = 262;
 #[unsafe(no_mangle)]
 static AW_LAYOUT: KernelLayout = KernelLayout {
     socket_sk: u32::MAX,
+    socket_file: u32::MAX,
     socket_type: u32::MAX,
     sock_protocol: u32::MAX,
     sock_family: u32::MAX,
@@ -57,6 +59,7 @@ static AW_LAYOUT: KernelLayout = KernelLayout {
     kernfs_id: u32::MAX,
     msghdr_name: u32::MAX,
     valid: 0,
+    _pad: 0,
 };
 
 /// Cgroups whose tasks (with those of their descendants) these hooks judge.
@@ -104,14 +107,21 @@ fn read<T>(base: u64, offset: u32) -> Option<T> {
 /// What the hooks read of a socket.
 struct Sock {
     sk: u64,
+    /// The socket's own family (not the address a caller passes).
+    family: u16,
     sock_type: u16,
     protocol: u8,
+    /// Whether user space holds it through a file: sockets the kernel made for itself
+    /// (NFS, NBD, ...) have none, and may send in an agent's context on others' behalf.
+    user: bool,
 }
 
 #[inline(always)]
 fn sock_of(l: &KernelLayout, sock: u64) -> Option<Sock> {
     let sk: u64 = read(sock, l.socket_sk)?;
+    let file: u64 = read(sock, l.socket_file)?;
     let sock_type: u16 = read(sock, l.socket_type)?;
+    let family: u16 = read(sk, l.sock_family)?;
     let protocol: u16 = read(sk, l.sock_protocol)?;
     let protocol = match protocol {
         IPPROTO_MPTCP => proto::TCP,
@@ -119,8 +129,10 @@ fn sock_of(l: &KernelLayout, sock: u64) -> Option<Sock> {
     };
     Some(Sock {
         sk,
+        family,
         sock_type,
         protocol,
+        user: file != 0,
     })
 }
 
@@ -132,49 +144,82 @@ fn sock_cgroup_id(l: &KernelLayout, sk: u64) -> Option<u64> {
     read(kn, l.kernfs_id)
 }
 
-/// Whether the cgroup programs judge this socket's connects and packets: it was created in
-/// the current task's own cgroup, which is enforced.
+/// Whether the cgroup programs judge this socket's connects and packets: an IP stream or
+/// datagram socket (the only kind they see) created in the current task's own cgroup, which
+/// is enforced.
 #[inline(always)]
-fn judged_by_cgroup_hooks(l: &KernelLayout, sk: u64) -> bool {
-    sock_cgroup_id(l, sk) == Some(decide::current_cgroup_id())
+fn judged_by_cgroup_hooks(l: &KernelLayout, s: &Sock) -> bool {
+    (s.family == AF_INET || s.family == AF_INET6)
+        && (s.sock_type == SOCK_STREAM || s.sock_type == SOCK_DGRAM)
+        && sock_cgroup_id(l, s.sk) == Some(decide::current_cgroup_id())
 }
 
-/// A destination read from a `struct sockaddr` in kernel memory.
+/// A destination read from a `struct sockaddr` in kernel memory, read as family `family`.
 #[inline(always)]
-fn sockaddr(addr: u64, len: i32) -> Option<(u16, Quads, u16)> {
-    let family: u16 = read(addr, 0)?;
+fn sockaddr_as(addr: u64, family: u16) -> Option<(u16, Quads, u16)> {
     match family {
-        AF_INET if len >= 8 => {
+        AF_INET => {
             let port: u16 = read(addr, 2)?;
             let ip: u32 = read(addr, 4)?;
             Some((family, addr::quads_from_v4(ip), u16::from_be(port)))
         }
-        AF_INET6 if len >= 24 => {
+        AF_INET6 => {
             let port: u16 = read(addr, 2)?;
             let ip: Quads = read(addr, 8)?;
             Some((family, ip, u16::from_be(port)))
         }
-        AF_INET | AF_INET6 => None,
         other => Some((other, [0; 4], 0)),
+    }
+}
+
+/// A destination read from a `struct sockaddr` in kernel memory of `len` bytes.
+#[inline(always)]
+fn sockaddr(addr: u64, len: i32) -> Option<(u16, Quads, u16)> {
+    let family: u16 = read(addr, 0)?;
+    match family {
+        AF_INET if len < 8 => None,
+        AF_INET6 if len < 24 => None,
+        f => sockaddr_as(addr, f),
     }
 }
 
 /// The peer of a connected socket: family, address, port.
 #[inline(always)]
-fn peer(l: &KernelLayout, sk: u64) -> Option<(u16, Quads, u16)> {
-    let family: u16 = read(sk, l.sock_family)?;
-    let port: u16 = read(sk, l.sock_dport)?;
-    let ip = match family {
-        AF_INET => addr::quads_from_v4(read(sk, l.sock_daddr)?),
-        AF_INET6 => read(sk, l.sock_v6_daddr)?,
+fn peer(l: &KernelLayout, s: &Sock) -> Option<(u16, Quads, u16)> {
+    let port: u16 = read(s.sk, l.sock_dport)?;
+    let ip = match s.family {
+        AF_INET => addr::quads_from_v4(read(s.sk, l.sock_daddr)?),
+        AF_INET6 => read(s.sk, l.sock_v6_daddr)?,
         _ => [0; 4],
     };
-    Some((family, ip, u16::from_be(port)))
+    Some((s.family, ip, u16::from_be(port)))
+}
+
+/// Where a send on `s` with the kernel copy of the caller's address `name` (0 for none) goes:
+/// a stream socket sends to its peer whatever address comes with the data; an IPv4 datagram
+/// socket sends to an AF_UNSPEC address as to an AF_INET one; an IPv6 one takes AF_UNSPEC for
+/// "the peer" (udp_sendmsg, udpv6_sendmsg).
+#[inline(always)]
+fn send_destination(l: &KernelLayout, s: &Sock, name: u64) -> Option<(u16, Quads, u16)> {
+    if name == 0 || s.sock_type == SOCK_STREAM {
+        return peer(l, s);
+    }
+    let family: u16 = read(name, 0)?;
+    match family {
+        AF_UNSPEC if s.family == AF_INET => sockaddr_as(name, AF_INET),
+        AF_UNSPEC if s.family == AF_INET6 => peer(l, s),
+        // The kernel copied the address in (`move_addr_to_kernel`) and the protocol checks
+        // its length; the family's full size is read.
+        f => sockaddr_as(name, f),
+    }
 }
 
 /// Judges the current task sending to or connecting to (family, address, port) over `s`.
-/// Families that carry no egress of their own pass: AF_UNSPEC (a UDP socket dissolving its
-/// association), AF_UNIX (judged by the Unix socket hooks), AF_NETLINK (the kernel itself).
+/// The socket's own kind decides first: IP and packet sockets other than stream and datagram
+/// ones carry headers of the caller's making, and packet sockets bypass the IP hooks, so
+/// neither passes. Then the destination's family: AF_UNSPEC (a datagram socket dissolving its
+/// association), AF_UNIX (left to the Unix socket hooks) and AF_NETLINK (the kernel itself)
+/// pass; IP destinations are decided by policy; every other family is denied.
 #[inline(always)]
 fn judge(s: &Sock, dst: Option<(u16, Quads, u16)>, hook: Hook, report_allowed: bool) -> i32 {
     let cgroup_id = decide::current_cgroup_id();
@@ -189,20 +234,20 @@ fn judge(s: &Sock, dst: Option<(u16, Quads, u16)>, hook: Hook, report_allowed: b
         sock_type: s.sock_type as u8,
         family: family as u8,
     };
-    let d = match dst {
-        None => Decision::deny(Reason::UNREADABLE, 0, 0),
-        Some((AF_UNSPEC | AF_UNIX | AF_NETLINK, _, _)) => return 0,
-        Some((AF_INET | AF_INET6, _, _)) => {
-            if s.sock_type != SOCK_STREAM && s.sock_type != SOCK_DGRAM {
-                // Raw and packet sockets carry their own headers: never from outside.
-                Decision::deny(Reason::RAW_SOCKET, 0, 0)
-            } else {
-                decide(&flow)
+    let ip_socket = s.family == AF_INET || s.family == AF_INET6;
+    let d = if s.family == AF_PACKET
+        || (ip_socket && s.sock_type != SOCK_STREAM && s.sock_type != SOCK_DGRAM)
+    {
+        Decision::deny(Reason::RAW_SOCKET, 0, 0)
+    } else {
+        match dst {
+            None => Decision::deny(Reason::UNREADABLE, 0, 0),
+            Some((AF_UNSPEC | AF_UNIX | AF_NETLINK, _, _)) => return 0,
+            Some((AF_INET | AF_INET6, _, _)) if ip_socket => decide(&flow),
+            Some(_) => {
+                flow.dst = [0; 4];
+                Decision::deny(Reason::FAMILY, 0, 0)
             }
-        }
-        Some(_) => {
-            flow.dst = [0; 4];
-            Decision::deny(Reason::FAMILY, 0, 0)
         }
     };
     if d.verdict == Verdict::ALLOW {
@@ -233,7 +278,7 @@ fn aw_lsm_connect(ctx: LsmContext) -> i32 {
     let Some(s) = sock_of(&l, sock).filter(|_| l.valid != 0) else {
         return judge(&unknown(), None, Hook::LSM_CONNECT, true);
     };
-    if judged_by_cgroup_hooks(&l, s.sk) {
+    if !s.user || judged_by_cgroup_hooks(&l, &s) {
         return 0;
     }
     let (address, len): (u64, i32) = (ctx.arg(1), ctx.arg(2));
@@ -241,7 +286,7 @@ fn aw_lsm_connect(ctx: LsmContext) -> i32 {
 }
 
 /// `socket_sendmsg(struct socket *sock, struct msghdr *msg, int size)`: every send, write
-/// included. A send with an address is judged by it; one without, by the socket's peer.
+/// included.
 #[lsm(hook = "socket_sendmsg")]
 fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
     let earlier: i32 = ctx.arg(3);
@@ -256,17 +301,11 @@ fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
     let Some(s) = sock_of(&l, sock).filter(|_| l.valid != 0) else {
         return judge(&unknown(), None, Hook::LSM_SENDMSG, false);
     };
-    if judged_by_cgroup_hooks(&l, s.sk) {
+    if !s.user || judged_by_cgroup_hooks(&l, &s) {
         return 0;
     }
     let msg: u64 = ctx.arg(1);
-    let dst = match read::<u64>(msg, l.msghdr_name) {
-        Some(0) => peer(&l, s.sk),
-        // The kernel copied the address in (`move_addr_to_kernel`); its length is checked
-        // by the protocol, so the family's full size is read.
-        Some(name) => sockaddr(name, 28),
-        None => None,
-    };
+    let dst = read::<u64>(msg, l.msghdr_name).and_then(|name| send_destination(&l, &s, name));
     judge(&s, dst, Hook::LSM_SENDMSG, false)
 }
 
@@ -274,7 +313,9 @@ fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
 fn unknown() -> Sock {
     Sock {
         sk: 0,
+        family: 0,
         sock_type: 0,
         protocol: 0,
+        user: true,
     }
 }

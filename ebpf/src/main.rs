@@ -230,8 +230,11 @@ struct Packet {
     routed: Option<Reason>,
 }
 
-/// IPv6 next-header value of a routing header.
+/// IPv6 next-header values of extension headers.
+const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
 
 /// Whether the packet's header names its final destination: IPv4 without options, IPv6 whose
 /// first next header is TCP or UDP.
@@ -321,7 +324,13 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 proto: next,
                 family: AF_INET6,
                 bare_rst: rst,
-                routed: (next == IPV6_ROUTING).then_some(Reason::ROUTING_HEADER),
+                routed: match next {
+                    IPV6_ROUTING => Some(Reason::ROUTING_HEADER),
+                    // Hop-by-hop and destination options and a fragment header can stand
+                    // before a routing header; only the first next header is read here.
+                    IPV6_HOP_BY_HOP | IPV6_DEST_OPTS | IPV6_FRAGMENT => Some(Reason::IP_OPTIONS),
+                    _ => None,
+                },
             })
         }
         _ => None,

@@ -51,6 +51,7 @@ pub fn from_file(path: &Path) -> Result<KernelLayout, LayoutError> {
     };
     Ok(KernelLayout {
         socket_sk: r.offset("socket", &["sk"])?,
+        socket_file: r.offset("socket", &["file"])?,
         socket_type: r.offset("socket", &["type"])?,
         sock_protocol: r.offset("sock", &["sk_protocol"])?,
         sock_family: common("skc_family")?,
@@ -62,6 +63,7 @@ pub fn from_file(path: &Path) -> Result<KernelLayout, LayoutError> {
         kernfs_id: r.offset("kernfs_node", &["id"])?,
         msghdr_name: r.offset("msghdr", &["msg_name"])?,
         valid: 1,
+        _pad: 0,
     })
 }
 
@@ -170,6 +172,7 @@ mod tests {
         assert_eq!(l.valid, 1);
         assert_eq!(l.socket_type, 4, "socket.type follows the 4-byte state");
         assert_eq!(l.socket_sk, 24);
+        assert_eq!(l.socket_file, 16);
         assert_eq!(l.sock_daddr, 0, "skc_daddr opens sock_common");
         assert_eq!(l.sock_dport, 12);
         assert_eq!(l.sock_family, 16);

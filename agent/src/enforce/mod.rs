@@ -553,17 +553,19 @@ impl Enforcer {
     /// which an entry emptied under a program's write may keep).
     fn write_state(&mut self, state: PolicyState) -> Result<(), EnforceError> {
         let last = state.epoch == u32::MAX;
-        if last {
-            self.empty_caches()?;
-        }
+        // The state is written even when emptying fails: the change that bumps the epoch is
+        // in place, and cached verdicts must stop answering for it now (an entry living
+        // through a round is the smaller risk). The failure is reported.
+        let before = if last { self.empty_caches() } else { Ok(()) };
         self.state
             .set(0, state, 0)
             .map_err(map_err(maps::STATE, "writing the policy state"))?;
         if last {
             thread::sleep(GENERATION_GRACE);
-            self.empty_caches()?;
+            before.and(self.empty_caches())
+        } else {
+            Ok(())
         }
-        Ok(())
     }
 
     /// Empties every slot of the programs' per-CPU caches, on every CPU.
@@ -692,6 +694,10 @@ pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>,
     let path = layout.maps().join(maps::BINDINGS);
     if !path.exists() {
         return Ok(Vec::new());
+    }
+    // Nothing is read from pins another user could have planted.
+    for dir in [layout.root().to_path_buf(), layout.maps()] {
+        crate::state::check_private_dir(&dir, "pin directory").map_err(EnforceError::NotPrivate)?;
     }
     pins::check_pinned_maps(&layout)?;
     let data = MapData::from_pin(&path).map_err(map_err(maps::BINDINGS, "opening the pin"))?;
