@@ -263,50 +263,59 @@ fn judge(s: &Sock, dst: Option<(u16, Quads, u16)>, hook: Hook, report_allowed: b
     }
 }
 
-/// `socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)`.
-#[lsm(hook = "socket_connect")]
-fn aw_lsm_connect(ctx: LsmContext) -> i32 {
+/// What both hooks do first: defer to an earlier LSM's denial, let every task outside the
+/// enforced cgroups be, read the socket (`struct socket *` in argument 0), and leave the
+/// kernel's own sockets and those the cgroup hooks judge. `Err` is the hook's answer;
+/// `Ok` the socket to judge, with the layout.
+#[inline(always)]
+fn subject(
+    ctx: &LsmContext,
+    hook: Hook,
+    report_allowed: bool,
+) -> Result<(KernelLayout, Sock), i32> {
     let earlier: i32 = ctx.arg(3);
     if earlier != 0 {
-        return earlier;
+        return Err(earlier);
     }
     if !enforced_task() {
-        return 0;
+        return Err(0);
     }
     let l = layout();
     let sock: u64 = ctx.arg(0);
     let Some(s) = sock_of(&l, sock).filter(|_| l.valid != 0) else {
-        return judge(&unknown(), None, Hook::LSM_CONNECT, true);
+        return Err(judge(&unknown(), None, hook, report_allowed));
     };
     if !s.user || judged_by_cgroup_hooks(&l, &s) {
-        return 0;
+        return Err(0);
     }
-    let (address, len): (u64, i32) = (ctx.arg(1), ctx.arg(2));
-    judge(&s, sockaddr(address, len), Hook::LSM_CONNECT, true)
+    Ok((l, s))
+}
+
+/// `socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)`.
+#[lsm(hook = "socket_connect")]
+fn aw_lsm_connect(ctx: LsmContext) -> i32 {
+    match subject(&ctx, Hook::LSM_CONNECT, true) {
+        Err(answer) => answer,
+        Ok((_, s)) => {
+            let (address, len): (u64, i32) = (ctx.arg(1), ctx.arg(2));
+            judge(&s, sockaddr(address, len), Hook::LSM_CONNECT, true)
+        }
+    }
 }
 
 /// `socket_sendmsg(struct socket *sock, struct msghdr *msg, int size)`: every send, write
 /// included.
 #[lsm(hook = "socket_sendmsg")]
 fn aw_lsm_sendmsg(ctx: LsmContext) -> i32 {
-    let earlier: i32 = ctx.arg(3);
-    if earlier != 0 {
-        return earlier;
+    match subject(&ctx, Hook::LSM_SENDMSG, false) {
+        Err(answer) => answer,
+        Ok((l, s)) => {
+            let msg: u64 = ctx.arg(1);
+            let dst =
+                read::<u64>(msg, l.msghdr_name).and_then(|name| send_destination(&l, &s, name));
+            judge(&s, dst, Hook::LSM_SENDMSG, false)
+        }
     }
-    if !enforced_task() {
-        return 0;
-    }
-    let l = layout();
-    let sock: u64 = ctx.arg(0);
-    let Some(s) = sock_of(&l, sock).filter(|_| l.valid != 0) else {
-        return judge(&unknown(), None, Hook::LSM_SENDMSG, false);
-    };
-    if !s.user || judged_by_cgroup_hooks(&l, &s) {
-        return 0;
-    }
-    let msg: u64 = ctx.arg(1);
-    let dst = read::<u64>(msg, l.msghdr_name).and_then(|name| send_destination(&l, &s, name));
-    judge(&s, dst, Hook::LSM_SENDMSG, false)
 }
 
 #[inline(always)]

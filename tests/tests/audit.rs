@@ -344,16 +344,33 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A 512 KiB file system for an audit log, in a test directory of its own: the file system, its
+/// directory, and the log directory on it.
+fn small_audit_fs() -> (Tmpfs, std::path::PathBuf, std::path::PathBuf) {
+    let d0 = TestDaemon::prepare(&[], None);
+    let fs_dir = d0.dir.join("auditfs");
+    let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
+    let log_dir = fs_dir.join("log");
+    drop(d0);
+    (tmpfs, fs_dir, log_dir)
+}
+
+/// Fills the file system of `dir` with one file, which it returns.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let filler = dir.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    filler
+}
+
 #[test]
 fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
     use std::time::Duration;
     let _s = serial();
     let allowed = TcpSink::new("127.0.0.1:0");
-    let d0 = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))], None);
-    let fs_dir = d0.dir.join("auditfs");
-    let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
-    let log_dir = fs_dir.join("log");
-    drop(d0);
+    let (tmpfs, fs_dir, log_dir) = small_audit_fs();
     let metrics = format!("127.0.0.1:{}", agentwall_tests::free_port());
     let config = format!(
         "audit:\n  dir: {}\n  when_down: deny\n  checkpoint_every: 1s\nmetrics:\n  listen: {metrics}\n",
@@ -372,13 +389,7 @@ fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
     let to = format!("tcp 127.0.0.1:{}", allowed.port());
     assert_eq!(repl.cmd(&to), "ok");
     // Fill the file system.
-    let filler = fs_dir.join("filler");
-    {
-        use std::io::Write as _;
-        let mut f = fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
-    }
+    let filler = fill(&fs_dir);
     // Verdicts keep coming; their commit fails; the alarm rises and the rule applies.
     agentwall_tests::wait_for(
         Duration::from_secs(10),
@@ -672,11 +683,7 @@ fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
     use std::time::Duration;
     let _s = serial();
     let allowed = TcpSink::new("127.0.0.1:0");
-    let d0 = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[allowed.port()]))], None);
-    let fs_dir = d0.dir.join("auditfs");
-    let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
-    let log_dir = fs_dir.join("log");
-    drop(d0);
+    let (tmpfs, fs_dir, log_dir) = small_audit_fs();
     let config = format!(
         "audit:\n  dir: {}\n  checkpoint_every: 1s\n",
         log_dir.display()
@@ -687,13 +694,7 @@ fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
     );
     let mut repl = d.repl("web");
     let to = format!("tcp 127.0.0.1:{}", allowed.port());
-    let filler = fs_dir.join("filler");
-    {
-        use std::io::Write as _;
-        let mut f = fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
-    }
+    let filler = fill(&fs_dir);
     agentwall_tests::wait_for(Duration::from_secs(10), "the audit alarm", || {
         repl.cmd(&to);
         d.status().audit.failing.then_some(())
