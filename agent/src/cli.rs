@@ -101,6 +101,14 @@ enum Command {
         #[arg(long)]
         lift: bool,
     },
+    /// Enforce this command's own cgroup, listed under `enforce:` in the daemon's
+    /// configuration, before anything else runs in it: `ExecStartPre=+agentwall enforce-self`
+    /// in a systemd unit, so that every run of the unit (a new cgroup each) is enforced from
+    /// its first connect. Fails (and so fails the unit) when the daemon cannot enforce it.
+    EnforceSelf {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Stream verdicts as they happen.
     Events {
         #[command(flatten)]
@@ -630,6 +638,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             match Client::call(&socket.socket, &Request::Quarantine { cgroup, lift })? {
                 Reply::Done { message } => println!("{message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnforceSelf { socket } => {
+            match Client::call(&socket.socket, &Request::EnforceSelf)? {
+                Reply::Done { message } => println!("{message}"),
+                Reply::Error { message } => bail!("{message}"),
                 other => bail!("unexpected answer from the daemon: {other:?}"),
             }
             Ok(ExitCode::SUCCESS)

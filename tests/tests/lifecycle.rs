@@ -591,3 +591,88 @@ fn a_lost_slot_table_fails_closed_and_says_how_to_recover() {
     assert_eq!(agent.cmd(&to_b), "ok");
     assert_eq!(agent.cmd(&to_a), "err EPERM");
 }
+
+/// A unit listed under `enforce:` gets a new cgroup each time it (re)starts. Its first step,
+/// `agentwall enforce-self` (a unit's `ExecStartPre=+`), has the daemon enforce that new
+/// cgroup before anything else runs there: the first connect after a restart is judged. A
+/// cgroup not listed is refused, and so is the command (the unit would not start).
+#[test]
+fn a_restarted_unit_is_enforced_from_its_first_connect() {
+    use std::os::fd::AsFd as _;
+    let _s = serial();
+    let (allowed, denied) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let name = format!("awt-{}-units", std::process::id());
+    let unit_path = format!("{name}/app.service");
+    let parent = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+        agentwall_tests::cgroup_mount().join(&name),
+    ));
+    parent.0.create().unwrap();
+    let unit = || agentwall::cgroup::Cgroup::at(agentwall_tests::cgroup_mount().join(&unit_path));
+    unit().create().unwrap();
+    let config = format!("enforce:\n  - cgroup: {unit_path}\n    policy: web\n");
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+    // One run of the unit: `enforce-self`, then connects, in the unit's cgroup.
+    let run = |cg: &agentwall::cgroup::Cgroup| {
+        let script = format!(
+            "{} enforce-self --socket {} >/dev/null && {} 'tcp 127.0.0.1:{}' 'tcp 127.0.0.1:{}'",
+            agentwall_tests::agentwall_bin().display(),
+            d.socket.display(),
+            agentwall_tests::netprobe_bin().display(),
+            denied.port(),
+            allowed.port(),
+        );
+        let out = d.dir.join("unit.out");
+        let cmd = agentwall::spawn::Command::new(
+            "/bin/sh",
+            [
+                "-c".to_string(),
+                format!("{{ {script}; }} > {} 2>&1", out.display()),
+            ],
+        );
+        let fd = cg.open().unwrap();
+        let pid = agentwall::spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap();
+        let code = agentwall::spawn::exit_code(agentwall::spawn::wait(pid).unwrap());
+        (code, fs::read_to_string(&out).unwrap_or_default())
+    };
+    assert_eq!(run(&unit()), (0, "err EPERM\nok\n".into()));
+    // The unit restarts: systemd removes its cgroup and makes a new one (a new id).
+    unit().remove_tree().unwrap();
+    unit().create().unwrap();
+    assert_eq!(
+        run(&unit()),
+        (0, "err EPERM\nok\n".into()),
+        "the first connect of the new run"
+    );
+    assert_eq!(denied.accepted(), 0);
+    let st = d.status();
+    let configured: Vec<_> = st
+        .cgroups
+        .iter()
+        .filter(|c| c.kind == "configured")
+        .collect();
+    assert_eq!(
+        configured.len(),
+        1,
+        "the previous run's cgroup was let go: {configured:?}"
+    );
+    // A cgroup the configuration does not list is refused, and the command fails.
+    let other = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+        agentwall_tests::cgroup_mount()
+            .join(&name)
+            .join("other.service"),
+    ));
+    other.0.create().unwrap();
+    let (code, text) = run(&other.0);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "cgroup /{name}/other.service is not listed under `enforce:`"
+        )),
+        "{text}"
+    );
+    drop(other);
+    let _ = unit().remove_tree();
+}

@@ -34,6 +34,10 @@ pub enum Request {
     Reload,
     /// Deny every flow of a bound cgroup (or lift that), open flows included.
     Quarantine { cgroup: String, lift: bool },
+    /// Enforce the caller's own cgroup, which the configuration lists under `enforce:`: a
+    /// systemd unit's `ExecStartPre=+agentwall enforce-self` runs in the unit's new cgroup
+    /// before its main process, so that a restarted unit's first connect is enforced.
+    EnforceSelf,
     /// Stream verdicts until the client goes away. The first reply, `done`, confirms the
     /// subscription.
     Events,

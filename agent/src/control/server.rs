@@ -216,8 +216,8 @@ fn accept_one(
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let uid = match allowed_fd(stream.as_raw_fd(), access) {
-        Ok(uid) => uid,
+    let (uid, pid) = match allowed_fd(stream.as_raw_fd(), access) {
+        Ok(peer) => peer,
         Err(message) => {
             tracing::warn!(%message, "admin socket: peer refused");
             daemon.count_error("admin_refused");
@@ -254,6 +254,11 @@ fn accept_one(
         }
         Request::Quarantine { cgroup, lift } => {
             let reply = rt.block_on(daemon.quarantine(&cgroup, lift));
+            write_blocking(&stream, &reply)
+        }
+        // The peer's own cgroup, read while it waits for the answer.
+        Request::EnforceSelf => {
+            let reply = rt.block_on(daemon.enforce_self(pid));
             write_blocking(&stream, &reply)
         }
         req => {
@@ -293,19 +298,20 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     groups
 }
 
-/// The peer's uid if it may use the admin socket: root, or a member of the admin group.
-fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<u32, String> {
+/// The peer's uid and pid if it may use the admin socket: root, or a member of the admin
+/// group.
+fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<(u32, i32), String> {
     // SAFETY: `fd` is the accepted socket, open for the duration of this call.
     let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| format!("cannot read peer credentials: {e}"))?;
     if cred.uid() == 0 {
-        return Ok(0);
+        return Ok((0, cred.pid()));
     }
     if let Some(gid) = access.gid
         && (cred.gid() == gid || peer_groups(fd).contains(&gid))
     {
-        return Ok(cred.uid());
+        return Ok((cred.uid(), cred.pid()));
     }
     Err(format!(
         "uid {} may not use the admin socket (root or the configured admin group only)",
@@ -331,6 +337,15 @@ async fn dispatch(
     let reader = BufReader::new(r);
     match req {
         Request::Status => write(&mut w, &daemon.status().await).await,
+        Request::EnforceSelf => {
+            write(
+                &mut w,
+                &Reply::Error {
+                    message: "enforce_self is answered where the peer is known".into(),
+                },
+            )
+            .await
+        }
         Request::Reload => write(&mut w, &daemon.reload().await).await,
         Request::Quarantine { cgroup, lift } => {
             write(&mut w, &daemon.quarantine(&cgroup, lift).await).await

@@ -439,6 +439,101 @@ impl Daemon {
         }
     }
 
+    /// Attaches the programs to a cgroup the configuration lists under `enforce:` and binds it
+    /// to its policy; a cgroup that held that path before (the unit's previous run) is let go.
+    pub(super) async fn enforce_configured(
+        &self,
+        e: &crate::config::EnforceEntry,
+    ) -> Result<u64, DaemonError> {
+        let cg = Cgroup::under(&self.mount, &e.cgroup)?;
+        let Some(b) = self.binding_for(&e.policy) else {
+            return Err(policy::PolicyError {
+                problems: vec![policy::Problem {
+                    file: PathBuf::from("config"),
+                    line: None,
+                    field: "enforce.policy".into(),
+                    message: format!("no policy named {:?} for cgroup {}", e.policy, e.cgroup),
+                }],
+            }
+            .into());
+        };
+        let id = self.enforcer.attach(cg.clone()).await?;
+        self.enforcer.bind(id, b).await?;
+        let earlier: Vec<u64> = {
+            let mut registry = self.cgroups.lock().await;
+            let earlier = registry
+                .iter()
+                .filter(|(old, m)| {
+                    **old != id && m.kind == Kind::Configured && m.cgroup.path() == cg.path()
+                })
+                .map(|(old, _)| *old)
+                .collect();
+            registry.insert(
+                id,
+                Managed::new(cg, Some(e.policy.clone()), Kind::Configured),
+            );
+            for old in &earlier {
+                registry.remove(old);
+            }
+            earlier
+        };
+        for old in earlier {
+            // The old cgroup is gone with the unit's previous run; its programs and binding go.
+            if self.enforcer.unbind(old).await.is_err() || self.enforcer.detach(old).await.is_err()
+            {
+                self.count_error("unbind");
+            }
+        }
+        Ok(id)
+    }
+
+    /// `enforce_self`: enforces the cgroup of process `pid` (the caller) if the configuration
+    /// lists it under `enforce:`.
+    pub async fn enforce_self(&self, pid: i32) -> Reply {
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            });
+        let Some(path) = own else {
+            return Reply::Error {
+                message: format!("cannot read the cgroup of process {pid}"),
+            };
+        };
+        let rel = path.trim_start_matches('/');
+        let Some(e) = self
+            .cfg
+            .enforce
+            .iter()
+            .find(|e| e.cgroup.trim_start_matches('/') == rel)
+            .cloned()
+        else {
+            return Reply::Error {
+                message: format!(
+                    "cgroup /{rel} is not listed under `enforce:` in the configuration; list it there (cgroup: {rel}, policy: NAME) and restart or reload the daemon"
+                ),
+            };
+        };
+        match self.enforce_configured(&e).await {
+            Ok(id) => {
+                tracing::info!(cgroup = rel, cgroup_id = id, policy = %e.policy, "a configured cgroup enforced at its caller's request");
+                Reply::Done {
+                    message: format!(
+                        "cgroup /{rel} (id {id}) is enforced under policy {}",
+                        e.policy
+                    ),
+                }
+            }
+            Err(err) => {
+                self.count_error("enforce_self");
+                Reply::Error {
+                    message: format!("cannot enforce cgroup /{rel}: {err}"),
+                }
+            }
+        }
+    }
+
     fn binding_for(&self, policy: &str) -> Option<Binding> {
         let book = self
             .book

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 
-use super::{Daemon, DaemonError, Kind, Managed, Names, RuleBook, compile_policies, now_rfc3339};
+use super::{Daemon, DaemonError, Names, RuleBook, compile_policies, now_rfc3339};
 use crate::{
     cgroup::{self, Cgroup},
     config::Config,
@@ -124,24 +124,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     root.create()?;
     handle.attach(root.clone()).await?;
     for e in daemon.cfg.enforce.clone() {
-        let cg = Cgroup::under(&mount, &e.cgroup)?;
-        let id = handle.attach(cg.clone()).await?;
-        let Some(b) = daemon.binding_for(&e.policy) else {
-            return Err(policy::PolicyError {
-                problems: vec![policy::Problem {
-                    file: PathBuf::from("config"),
-                    line: None,
-                    field: "enforce.policy".into(),
-                    message: format!("no policy named {:?} for cgroup {}", e.policy, e.cgroup),
-                }],
-            }
-            .into());
-        };
-        handle.bind(id, b).await?;
-        daemon.cgroups.lock().await.insert(
-            id,
-            Managed::new(cg, Some(e.policy.clone()), Kind::Configured),
-        );
+        daemon.enforce_configured(&e).await?;
     }
     daemon.reconcile().await?;
 
