@@ -864,7 +864,11 @@ pub fn sign_svid(
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    // Both purposes, as the X509-SVID standard asks of a leaf that has the extension.
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
     p.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::seconds(5);

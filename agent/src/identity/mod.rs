@@ -4,6 +4,7 @@
 pub mod attest;
 pub mod enroll;
 pub mod log;
+pub mod profile;
 pub mod revoke;
 pub mod service;
 pub mod spiffe;

@@ -16,9 +16,10 @@ use std::{
 };
 
 use rustls_pki_types::{CertificateDer, Der, TrustAnchor, UnixTime};
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
+use x509_parser::certificate::X509Certificate;
 
 use super::{
+    profile::{self, SigningFault},
     spiffe::{IdError, SpiffeId},
     svid::CAPS_PREFIX,
 };
@@ -44,8 +45,22 @@ pub enum SvidError {
     NoKeyUsage,
     #[error("the certificate's key usage lacks digitalSignature")]
     NoDigitalSignature,
-    #[error("the certificate's extended key usage does not allow client authentication")]
-    NoClientAuth,
+    #[error(
+        "the certificate's subject is empty, so its URI SAN must be marked critical (RFC 5280 4.1.2.6)"
+    )]
+    SanNotCritical,
+    #[error("the certificate's key usage extension is not marked critical; an X509-SVID's must be")]
+    KeyUsageNotCritical,
+    #[error(
+        "the certificate's key usage sets {0}; a leaf X509-SVID must not, only signing certificates may"
+    )]
+    LeafCanSign(&'static str),
+    #[error(
+        "the certificate's extended key usage lacks {0}; a leaf X509-SVID that has the extension allows both id-kp-clientAuth and id-kp-serverAuth"
+    )]
+    EkuLacks(&'static str),
+    #[error("{which} cannot sign X509-SVIDs: {fault}")]
+    Signing { which: String, fault: SigningFault },
     #[error("the certificate expired at {not_after} (now {now}, tolerance {skew_secs} s)")]
     Expired {
         not_after: String,
@@ -85,6 +100,8 @@ struct Anchor {
     anchor: TrustAnchor<'static>,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// Its `pathLenConstraint`: webpki applies those of intermediates, not of anchors.
+    path_len: Option<u32>,
 }
 
 /// The trusted CA certificates of each trust domain.
@@ -102,7 +119,17 @@ impl TrustBundles {
     ) -> Result<(), SvidError> {
         let (_, cert) = x509_parser::parse_x509_certificate(&ca)
             .map_err(|e| SvidError::Malformed(e.to_string()))?;
+        profile::signing(&cert, true).map_err(|fault| SvidError::Signing {
+            which: format!("a CA certificate of trust domain {trust_domain:?}"),
+            fault,
+        })?;
+        let path_len = cert
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .and_then(|b| b.value.path_len_constraint);
         let anchor = Anchor {
+            path_len,
             not_before: to_system(cert.validity().not_before),
             not_after: to_system(cert.validity().not_after),
             anchor: webpki::anchor_from_trusted_cert(&ca)
@@ -166,29 +193,6 @@ fn to_system(t: x509_parser::time::ASN1Time) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
     } else {
         SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-/// The SPIFFE ID of a leaf: its only URI SAN.
-fn spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| SvidError::Malformed(e.to_string()))?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|n| {
-            if let GeneralName::URI(u) = n {
-                Some(*u)
-            } else {
-                None
-            }
-        })
-        .collect();
-    match uris.as_slice() {
-        [] => Err(SvidError::NoUriSan),
-        [one] => SpiffeId::workload(one).map_err(SvidError::BadId),
-        many => Err(SvidError::MultipleUriSans(many.len())),
     }
 }
 
@@ -262,29 +266,7 @@ impl Verifier {
         let (leaf_der, intermediates) = chain.split_first().ok_or(SvidError::NoCertificate)?;
         let (_, cert) = x509_parser::parse_x509_certificate(leaf_der)
             .map_err(|e| SvidError::Malformed(e.to_string()))?;
-        let id = spiffe_id(&cert)?;
-        let bc = cert
-            .basic_constraints()
-            .map_err(|e| SvidError::Malformed(e.to_string()))?;
-        if bc.is_some_and(|b| b.value.ca) {
-            return Err(SvidError::LeafIsCa);
-        }
-        match cert
-            .key_usage()
-            .map_err(|e| SvidError::Malformed(e.to_string()))?
-        {
-            None => return Err(SvidError::NoKeyUsage),
-            Some(ku) if !ku.value.digital_signature() => return Err(SvidError::NoDigitalSignature),
-            Some(_) => {}
-        }
-        if let Some(eku) = cert
-            .extended_key_usage()
-            .map_err(|e| SvidError::Malformed(e.to_string()))?
-            && !eku.value.client_auth
-            && !eku.value.any
-        {
-            return Err(SvidError::NoClientAuth);
-        }
+        let id = profile::leaf(&cert)?;
         let (not_before, not_after) = (
             to_system(cert.validity().not_before),
             to_system(cert.validity().not_after),
@@ -347,7 +329,8 @@ impl Verifier {
                 "no CA certificate of the bundle is valid now".into(),
             ));
         }
-        let ee = webpki::EndEntityCert::try_from(leaf_der).map_err(|e| chain_err(e.to_string()))?;
+        let ee = webpki::EndEntityCert::try_from(leaf_der)
+            .map_err(|e| chain_err(profile::explain_chain_error(&e)))?;
         // The leaf's own validity was judged above with the tolerance; the chain is judged
         // at an instant inside the leaf's validity, so that only the CAs' validity counts.
         let at = now.clamp(not_before, not_after);
@@ -355,20 +338,47 @@ impl Verifier {
             at.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
         );
-        ee.verify_for_usage(
-            // The algorithms of the TLS provider (aws-lc-rs), the same that checked the
-            // handshake signature.
-            super::enroll::provider()
-                .signature_verification_algorithms
-                .all,
-            &anchors,
-            intermediates,
-            at,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| chain_err(e.to_string()))?;
+        let path = ee
+            .verify_for_usage(
+                // The algorithms of the TLS provider (aws-lc-rs), the same that checked the
+                // handshake signature.
+                super::enroll::provider()
+                    .signature_verification_algorithms
+                    .all,
+                &anchors,
+                intermediates,
+                at,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(|e| chain_err(profile::explain_chain_error(&e)))?;
+        let depth = path.intermediate_certificates().count();
+        let used = valid_roots.iter().find(|a| {
+            a.anchor.subject_public_key_info.as_ref()
+                == path.anchor().subject_public_key_info.as_ref()
+        });
+        if let Some(max) = used.and_then(|a| a.path_len)
+            && depth > max as usize
+        {
+            return Err(chain_err(format!(
+                "the chain has {depth} intermediate certificate(s), more than the \
+                 pathLenConstraint {max} of the trust bundle's CA allows"
+            )));
+        }
+        // webpki does not read key usage: the signing profile of the path it accepted.
+        for (n, c) in path.intermediate_certificates().enumerate() {
+            let fault = match x509_parser::parse_x509_certificate(c.der().as_ref()) {
+                Ok((_, parsed)) => profile::signing(&parsed, false).err(),
+                Err(e) => Some(SigningFault::Malformed(e.to_string())),
+            };
+            if let Some(fault) = fault {
+                return Err(SvidError::Signing {
+                    which: format!("intermediate certificate {} of the chain", n + 1),
+                    fault,
+                });
+            }
+        }
         let svid = VerifiedSvid {
             serial: cert
                 .raw_serial()
@@ -385,7 +395,7 @@ impl Verifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
         KeyUsagePurpose, SanType,
@@ -394,11 +404,11 @@ mod tests {
     use super::*;
     use crate::identity::svid::{DEFAULT_LIFETIME, KeyAlgorithm, LeafRequest, LocalCa};
 
-    fn t0() -> SystemTime {
+    pub(in crate::identity) fn t0() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
     }
 
-    const ID: &str = "spiffe://example.org/agent/reader/prod";
+    pub(in crate::identity) const ID: &str = "spiffe://example.org/agent/reader/prod";
 
     struct World {
         ca: LocalCa,
@@ -420,7 +430,7 @@ mod tests {
     }
 
     /// Leaf parameters as `LocalCa::issue` sets them, for tests to spoil one at a time.
-    fn good_params(uris: &[&str]) -> CertificateParams {
+    pub(in crate::identity) fn good_params(uris: &[&str]) -> CertificateParams {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.is_ca = IsCa::ExplicitNoCa;
@@ -523,7 +533,7 @@ mod tests {
             (
                 "EKU without clientAuth",
                 signed(&w.ca, &server_only),
-                Err(SvidError::NoClientAuth),
+                Err(SvidError::EkuLacks("id-kp-clientAuth")),
             ),
             (
                 "unknown trust domain",
