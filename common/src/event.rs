@@ -32,6 +32,11 @@ code!(
         LSM_CONNECT = 7, "lsm_connect";
         /// The task-scoped send hook (BPF LSM `socket_sendmsg`), likewise.
         LSM_SENDMSG = 8, "lsm_sendmsg";
+        /// A Unix socket connect (`cgroup/connect_unix`); the record is a
+        /// [`crate::unix::UnixEvent`] that names the socket.
+        CONNECT_UNIX = 9, "connect_unix";
+        /// A Unix datagram sent to a named socket (`cgroup/sendmsg_unix`); likewise.
+        SENDMSG_UNIX = 10, "sendmsg_unix";
     }
 );
 
@@ -109,7 +114,7 @@ pub struct Event {
     pub reason: Reason,
     /// Socket type (`SOCK_STREAM` = 1, `SOCK_DGRAM` = 2, `SOCK_RAW` = 3), 0 if unknown.
     pub sock_type: u8,
-    /// Address family the caller used (`AF_INET` = 2, `AF_INET6` = 10).
+    /// Address family the caller used (`AF_UNIX` = 1, `AF_INET` = 2, `AF_INET6` = 10).
     pub family: u8,
     pub _pad: [u8; 4],
     /// Command name of the calling task, NUL-padded; empty on the egress hook.

@@ -17,6 +17,7 @@ pub mod lsm;
 pub mod maps;
 pub mod rules;
 pub mod state;
+pub mod unix;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -38,4 +39,6 @@ mod pod {
     unsafe impl aya::Pod for crate::state::DecisionCacheEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::state::BindingCacheEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::unix::UnixKey {}
 }

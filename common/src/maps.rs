@@ -6,6 +6,8 @@
 pub const BINDINGS: &str = "AW_BINDINGS";
 /// `LpmTrie<RuleKey, RuleSet>`.
 pub const RULES: &str = "AW_RULES";
+/// `HashMap<UnixKey, u32 rule id>`: the Unix socket names each slot may reach.
+pub const UNIX_RULES: &str = "AW_UNIX";
 /// `Array<PolicyState>` of one entry.
 pub const STATE: &str = "AW_STATE";
 /// `PerCpuArray<u64>` indexed by [`crate::counters`].
@@ -27,6 +29,8 @@ pub const BINDING_CACHE: &str = "AW_BINDING_COPIES";
 pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
 /// Default capacity of the rules trie: room for two generations of 131,072 prefix nodes.
 pub const DEFAULT_MAX_RULE_NODES: u32 = 262_144;
+/// Default capacity of the Unix rules map: room for two generations of 8,192 names.
+pub const DEFAULT_MAX_UNIX_RULES: u32 = 16_384;
 /// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 22;
 
@@ -39,6 +43,13 @@ pub mod programs {
     pub const EGRESS: &str = "aw_egress";
     pub const SOCK_CREATE: &str = "aw_sock_create";
     pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, EGRESS, SOCK_CREATE];
+    /// The Unix socket programs (kernel >= 6.7). aya 0.14 knows neither attach type, so the
+    /// daemon loads and attaches these itself; their ELF sections name an attach type aya
+    /// knows only so that aya parses the object (it never loads them). Program name and
+    /// `bpf_attach_type` (`BPF_CGROUP_UNIX_CONNECT`, `BPF_CGROUP_UNIX_SENDMSG`).
+    pub const CONNECT_UNIX: &str = "aw_connect_unix";
+    pub const SENDMSG_UNIX: &str = "aw_sendmsg_unix";
+    pub const UNIX: [(&str, u32); 2] = [(CONNECT_UNIX, 49), (SENDMSG_UNIX, 50)];
     /// Task-scoped programs (BPF LSM), attached once for the whole host; each judges only
     /// tasks of enforced cgroups. Program name and the LSM hook it attaches to.
     pub const LSM_CONNECT: &str = "aw_lsm_connect";

@@ -162,24 +162,9 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
     if let Some(d) = cached.and_then(|e| recall(e, flow, &seen)) {
         return d;
     }
-    let Some(binding) = binding_of(flow.cgroup_id, epoch) else {
-        emit::count(counters::NO_BINDING);
-        return Decision::deny(Reason::NO_BINDING, 0, generation);
-    };
-    // The clock is read only for a binding that can expire.
-    let now = if binding.expires_boot_ns == 0 {
-        0
-    } else {
-        now_boot_ns()
-    };
-    let slot = match binding.admit(now) {
-        Ok(slot) => slot,
-        Err(reason) => {
-            return Decision {
-                now_boot_ns: now,
-                ..Decision::deny(reason, binding.slot, generation)
-            };
-        }
+    let (binding, slot, now) = match admitted(flow.cgroup_id, generation, epoch) {
+        Ok(a) => a,
+        Err(d) => return d,
     };
     let key = LookupKey {
         prefix_len: RuleKey::prefix_len(128),
@@ -228,6 +213,33 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         epoch,
         expires_boot_ns: binding.expires_boot_ns,
         now_boot_ns: now,
+    }
+}
+
+/// The binding of `cgroup_id` if it admits flows to be judged by rules: with its slot and
+/// the boot clock as read (0 if the binding cannot expire). Otherwise the denial.
+#[inline(always)]
+pub(crate) fn admitted(
+    cgroup_id: u64,
+    generation: u32,
+    epoch: u32,
+) -> Result<(Binding, u32, u64), Decision> {
+    let Some(binding) = binding_of(cgroup_id, epoch) else {
+        emit::count(counters::NO_BINDING);
+        return Err(Decision::deny(Reason::NO_BINDING, 0, generation));
+    };
+    // The clock is read only for a binding that can expire.
+    let now = if binding.expires_boot_ns == 0 {
+        0
+    } else {
+        now_boot_ns()
+    };
+    match binding.admit(now) {
+        Ok(slot) => Ok((binding, slot, now)),
+        Err(reason) => Err(Decision {
+            now_boot_ns: now,
+            ..Decision::deny(reason, binding.slot, generation)
+        }),
     }
 }
 

@@ -5,6 +5,7 @@ use agentwall_common::{
     counters,
     event::{Event, Reason, Verdict},
     maps::DEFAULT_EVENT_RING_BYTES,
+    unix::UnixEvent,
 };
 use aya_ebpf::{
     helpers::{
@@ -90,7 +91,16 @@ pub(crate) fn tally(index: u32) {
 
 /// An event record reserved in the ring and holding the flow's fields, waiting for the
 /// verdict ([`finish`]).
-pub(crate) struct Record(RingBufEntry<Event>);
+/// `T` is [`Event`] or a record that starts with one (`agentwall_common::unix::UnixEvent`).
+pub(crate) struct Record<T: 'static = Event>(RingBufEntry<T>);
+
+impl<T> Record<T> {
+    /// The whole record, for the fields after the common [`Event`].
+    #[inline(always)]
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut T {
+        self.0.as_mut_ptr()
+    }
+}
 
 /// Reserves the event record of `flow` and writes what is known before the decision: the flow
 /// and, when `task` says the current task is the one that acted (not so on the egress hook),
@@ -100,13 +110,29 @@ pub(crate) struct Record(RingBufEntry<Event>);
 #[inline(always)]
 pub(crate) fn begin(flow: &Flow, task: bool) -> Option<Record> {
     let mut entry = AW_EVENTS.reserve::<Event>(0)?;
-    let e: *mut Event = entry.as_mut_ptr();
+    write_head(entry.as_mut_ptr(), flow, task);
+    Some(Record(entry))
+}
+
+/// [`begin`] for a Unix-socket verdict, whose record names the socket after the common
+/// part; the caller writes the name.
+#[inline(always)]
+pub(crate) fn begin_unix(flow: &Flow) -> Option<Record<UnixEvent>> {
+    let mut entry = AW_EVENTS.reserve::<UnixEvent>(0)?;
+    write_head(entry.as_mut_ptr().cast(), flow, true);
+    Some(Record(entry))
+}
+
+/// Writes what [`begin`] knows into the reserved record `e`.
+#[inline(always)]
+fn write_head(e: *mut Event, flow: &Flow, task: bool) {
     // The record is written field by field in place, the command name by the helper itself:
     // no copy through the stack, and whole-word stores for the addresses. Between `begin` and
     // `finish` every byte of the record is written (the reserved memory holds whatever was
     // there before).
-    // SAFETY: `e` points to a reserved, exclusively owned, 8-aligned record of
-    // `size_of::<Event>()` bytes; each write stays inside its own field.
+    // SAFETY: `e` points to a reserved, exclusively owned, 8-aligned record of at least
+    // `size_of::<Event>()` bytes that starts with an `Event`; each write stays inside its
+    // own field.
     unsafe {
         (&raw mut (*e).cgroup_id).write(flow.cgroup_id);
         (&raw mut (*e).pid_tgid).write(if task { bpf_get_current_pid_tgid() } else { 0 });
@@ -124,13 +150,12 @@ pub(crate) fn begin(flow: &Flow, task: bool) -> Option<Record> {
             comm.write([0; 2]);
         }
     }
-    Some(Record(entry))
 }
 
 /// Counts the verdict `d` and submits its event record (begun by [`begin`]), or counts the
 /// event as lost if the ring had no room for it.
 #[inline(always)]
-pub(crate) fn finish(record: Option<Record>, d: &Decision) {
+pub(crate) fn finish<T: 'static>(record: Option<Record<T>>, d: &Decision) {
     if d.verdict == Verdict::ALLOW {
         tally(counters::ALLOWED);
     } else {
@@ -150,7 +175,7 @@ pub(crate) fn finish(record: Option<Record>, d: &Decision) {
         // SAFETY: helper without arguments.
         unsafe { bpf_ktime_get_boot_ns() }
     };
-    let e: *mut Event = entry.as_mut_ptr();
+    let e: *mut Event = entry.as_mut_ptr().cast();
     // SAFETY: as in `begin`; these are the fields `begin` left.
     unsafe {
         (&raw mut (*e).ts_boot_ns).write(now);

@@ -12,6 +12,7 @@ mod decide;
 mod emit;
 mod flowcache;
 mod lsm;
+mod unix;
 
 use agentwall_common::{
     addr::{self, Quads},
@@ -25,8 +26,8 @@ use aya_ebpf::{
 
 use crate::decide::{Flow, decide};
 
-const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const DENY: i32 = 0;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
