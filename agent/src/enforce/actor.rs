@@ -157,6 +157,12 @@ impl EnforcerHandle {
         self.quick(|e| e.task_hooks().clone()).await
     }
 
+    /// Why the Unix socket programs are missing, if they are.
+    pub async fn unix_hooks_missing(&self) -> Result<Option<String>, Stopped> {
+        self.quick(|e| e.unix_hooks_missing().map(str::to_string))
+            .await
+    }
+
     /// (active generation, rule nodes in the trie)
     pub async fn rule_state(&self) -> Result<(u32, usize), Stopped> {
         self.call(|e| (e.generation(), e.rule_nodes())).await

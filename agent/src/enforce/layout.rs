@@ -67,6 +67,27 @@ pub fn from_file(path: &Path) -> Result<KernelLayout, LayoutError> {
     })
 }
 
+/// Checks that the kernel's `struct bpf_sock_addr_kern` has `uaddr` and `uaddrlen` where the
+/// Unix programs read them (`agentwall_common::unix::kern`).
+pub fn check_unix_context(path: &Path) -> Result<(), String> {
+    use agentwall_common::unix::kern;
+    let btf = Btf::from_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let r = Resolver { btf: &btf };
+    let ty = "bpf_sock_addr_kern";
+    for (member, want) in [
+        ("uaddr", kern::UADDR_OFFSET),
+        ("uaddrlen", kern::UADDRLEN_OFFSET),
+    ] {
+        let got = r.offset(ty, &[member]).map_err(|e| e.to_string())?;
+        if got as usize != want {
+            return Err(format!(
+                "struct {ty} has {member} at offset {got}, not {want} as this build reads it"
+            ));
+        }
+    }
+    Ok(())
+}
+
 struct Resolver<'a> {
     btf: &'a Btf,
 }

@@ -16,6 +16,7 @@
 pub mod actor;
 pub mod layout;
 mod pins;
+mod unix;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -32,6 +33,7 @@ use agentwall_common::{
     maps::{self, programs},
     rules::{RuleKey, RuleSet},
     state::{BindingCacheEntry, DecisionCacheEntry, FlowCacheEntry, PolicyState},
+    unix::UnixKey,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -181,6 +183,9 @@ pub struct Enforcer {
     /// Cgroups this instance attached to.
     attached: HashSet<u64>,
     task_hooks: TaskHooks,
+    /// The Unix socket programs, or why they are missing.
+    unix: Result<unix::UnixPrograms, String>,
+    unix_rules: HashMap<MapData, UnixKey, u32>,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -238,6 +243,15 @@ impl Enforcer {
             };
             r.map_err(|source| EnforceError::Program { name, source })?;
         }
+        // Before any map is taken out of `ebpf`: the Unix programs use its maps.
+        let unix = self::layout::check_unix_context(std::path::Path::new(layout::VMLINUX_BTF))
+            .and_then(|()| unix::UnixPrograms::load(&ebpf, OBJECT));
+        if let Err(why) = &unix {
+            tracing::warn!(
+                reason = %why,
+                "Unix socket enforcement is MISSING: connects and sends to Unix sockets from enforced cgroups are not judged"
+            );
+        }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(EnforceError::Missing { kind: "map", name })
@@ -252,6 +266,8 @@ impl Enforcer {
             .map_err(map_err(maps::ENFORCED, "opening"))?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
             .map_err(map_err(maps::COUNTERS, "opening"))?;
+        let unix_rules = HashMap::try_from(take(&mut ebpf, maps::UNIX_RULES)?)
+            .map_err(map_err(maps::UNIX_RULES, "opening"))?;
         let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
             .map_err(map_err(maps::EVENTS, "opening"))?;
         let generation = state
@@ -271,6 +287,8 @@ impl Enforcer {
             max_rule_nodes,
             attached: HashSet::new(),
             task_hooks: TaskHooks::Missing(String::new()),
+            unix,
+            unix_rules,
         };
         enforcer.task_hooks = match kernel_layout.and_then(|_| {
             enforcer.attach_task_hooks().map_err(|e| {
@@ -296,6 +314,11 @@ impl Enforcer {
 
     pub fn layout(&self) -> &PinLayout {
         &self.layout
+    }
+
+    /// Why the Unix socket programs are missing, if they are.
+    pub fn unix_hooks_missing(&self) -> Option<&str> {
+        self.unix.as_ref().err().map(String::as_str)
     }
 
     pub fn task_hooks(&self) -> &TaskHooks {
@@ -396,6 +419,23 @@ impl Enforcer {
                     crate::error_chain(&e)
                 ),
             })?;
+        }
+        if let Ok(u) = &self.unix {
+            let links = u
+                .attach(fd.as_fd())
+                .map_err(|(name, e)| EnforceError::Attach {
+                    name,
+                    cgroup: cgroup.path().to_path_buf(),
+                    message: e.to_string(),
+                })?;
+            for (name, link) in links {
+                let path = dir.join(format!("{name}-{seq}"));
+                unix::pin(&link, &path).map_err(|e| EnforceError::Attach {
+                    name,
+                    cgroup: cgroup.path().to_path_buf(),
+                    message: format!("pinning the link at {}: {e}", path.display()),
+                })?;
+            }
         }
         pins::release(old);
         self.attached.insert(id);
@@ -510,6 +550,15 @@ impl Enforcer {
                 return Err(map_err(maps::RULES, "inserting")(e));
             }
         }
+        for entry in &compiled.unix {
+            let Some(key) = UnixKey::from_policy_name(entry.slot, next, &entry.name) else {
+                continue;
+            };
+            if let Err(e) = self.unix_rules.insert(key, entry.rule_id, 0) {
+                self.purge_generation(next);
+                return Err(map_err(maps::UNIX_RULES, "inserting")(e));
+            }
+        }
         let epoch = PolicyState::next_epoch(self.epoch());
         if let Err(e) = self.write_state(PolicyState {
             generation: next,
@@ -617,6 +666,18 @@ impl Enforcer {
                 Err(e) => return Err(map_err(maps::RULES, "removing a stale node")(e)),
             }
         }
+        let stale: Vec<UnixKey> = self
+            .unix_rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.generation != active)
+            .collect();
+        for k in stale {
+            match self.unix_rules.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::UNIX_RULES, "removing a stale name")(e)),
+            }
+        }
         Ok(())
     }
 
@@ -629,6 +690,15 @@ impl Enforcer {
             .collect();
         for k in keys {
             let _ = self.rules.remove(&k);
+        }
+        let keys: Vec<UnixKey> = self
+            .unix_rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.generation == generation)
+            .collect();
+        for k in keys {
+            let _ = self.unix_rules.remove(&k);
         }
     }
 
