@@ -158,7 +158,7 @@ enum Command {
         json: bool,
     },
     #[command(name = probe::PROBE_COMMAND, hide = true)]
-    ProbeConnect { addr: String },
+    ProbeConnect { addr: String, unix: Option<String> },
     #[command(name = exec::ENROLL_EXEC, hide = true)]
     EnrollExec {
         #[arg(long)]
@@ -765,7 +765,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Identity(cmd) => identity_command(cmd),
         Command::Audit(cmd) => audit_command(cmd),
-        Command::ProbeConnect { addr } => Ok(code(probe::child_main(&addr))),
+        Command::ProbeConnect { addr, unix } => Ok(code(probe::child_main(&addr, unix.as_deref()))),
     }
 }
 

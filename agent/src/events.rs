@@ -34,6 +34,9 @@ pub struct EventRecord {
     pub dst: Option<IpAddr>,
     /// Destination as the caller gave it.
     pub dst_given: Option<IpAddr>,
+    /// The Unix socket named, on the Unix hooks: a path, or `@name` for an abstract one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix: Option<String>,
     pub port: u16,
     pub rule_id: u32,
     /// `file:line` of the rule that allowed.
@@ -44,6 +47,11 @@ pub struct EventRecord {
     pub spiffe_id: Option<String>,
     pub slot: u32,
     pub generation: u32,
+}
+
+/// Whether the hook's record names a Unix socket (`agentwall_common::unix::UnixEvent`).
+pub(crate) fn is_unix(hook: Hook) -> bool {
+    hook == Hook::CONNECT_UNIX || hook == Hook::SENDMSG_UNIX
 }
 
 /// Resolves slots and rule ids to names; the daemon supplies its current rule book.
@@ -81,6 +89,7 @@ pub(crate) fn proto_name(p: u8) -> String {
 
 pub(crate) fn family_name(f: u8) -> String {
     match f {
+        1 => "unix".into(),
         2 => "ipv4".into(),
         10 => "ipv6".into(),
         0 => String::new(),
@@ -127,7 +136,8 @@ impl EventRecord {
     /// Decodes an event that happened at `at` (wall clock).
     pub fn decode_at(e: &Event, names: &dyn Resolve, at: SystemTime) -> Self {
         let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
-        let has_addr = e.hook != Hook::SOCK_CREATE && e.reason != Reason::UNPARSED;
+        let has_addr =
+            e.hook != Hook::SOCK_CREATE && e.reason != Reason::UNPARSED && !is_unix(e.hook);
         Self {
             time: humantime::format_rfc3339_micros(at).to_string(),
             hook: code_name(e.hook.name(), e.hook.0),
@@ -141,6 +151,7 @@ impl EventRecord {
             family: family_name(e.family),
             dst: has_addr.then(|| display_addr(&e.addr)),
             dst_given: has_addr.then(|| display_addr(&e.orig_addr)),
+            unix: None,
             port: e.port,
             rule_id: e.rule_id,
             rule: (e.rule_id != 0)
@@ -206,7 +217,16 @@ fn drain(
             continue;
         };
         let at = clock.wall(raw.ts_boot_ns);
-        let rec = Arc::new(EventRecord::decode_at(&raw, names, at));
+        let mut rec = EventRecord::decode_at(&raw, names, at);
+        if is_unix(raw.hook) {
+            rec.unix = Some(
+                agentwall_common::unix::UnixEvent::name_from_bytes(&item).map_or_else(
+                    || "(name missing from a short record)".into(),
+                    |n| n.to_string(),
+                ),
+            );
+        }
+        let rec = Arc::new(rec);
         log(&rec);
         // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
         if let Some(a) = audit {
@@ -246,7 +266,11 @@ fn log(r: &EventRecord) {
     if !tracing::enabled!(target: "agentwall::verdict", tracing::Level::DEBUG) {
         return;
     }
-    let dst = r.dst.map(|a| a.to_string()).unwrap_or_default();
+    let dst = r
+        .dst
+        .map(|a| a.to_string())
+        .or_else(|| r.unix.clone())
+        .unwrap_or_default();
     tracing::debug!(target: "agentwall::verdict", hook = %r.hook, verdict = %r.verdict, reason = %r.reason,
         cgroup_id = r.cgroup_id, pid = r.tgid, comm = %r.comm, protocol = %r.protocol, dst = %dst,
         port = r.port, rule_id = r.rule_id, rule = r.rule.as_deref().unwrap_or(""),

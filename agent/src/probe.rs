@@ -1,12 +1,17 @@
 //! The health probe: before the daemon reports healthy it proves that the kernel denies.
 //! A child process started inside a probe cgroup (bound to nothing it may reach) connects to
-//! a listener of the daemon's on loopback; the connect must fail with EPERM and the listener
-//! must receive nothing.
+//! a listener of the daemon's on loopback, and where the Unix socket hooks run, to an abstract
+//! Unix socket of the daemon's too; each connect must fail with EPERM and neither listener
+//! may receive anything.
 
 use std::{
     io,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsFd as _,
+    os::{
+        fd::AsFd as _,
+        linux::net::SocketAddrExt as _,
+        unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,6 +43,7 @@ pub mod exit {
     pub const DENIED: i32 = 0;
     pub const CONNECTED: i32 = 1;
     pub const OTHER_ERROR: i32 = 2;
+    pub const UNIX_CONNECTED: i32 = 3;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +52,10 @@ pub enum ProbeError {
     Allowed,
     #[error("the probe's listener received a connection: the kernel is not enforcing")]
     Received,
+    #[error(
+        "the probe's Unix socket connect from an enforced cgroup was allowed: the Unix socket hooks are not enforcing"
+    )]
+    UnixAllowed,
     #[error(
         "the probe child failed in an unexpected way (exit status {0:?}); see its message above"
     )]
@@ -108,10 +118,26 @@ async fn probe_in(cg: &Cgroup, id: u64, enforcer: &EnforcerHandle) -> Result<(),
         .set_nonblocking(true)
         .map_err(ProbeError::Listener)?;
     let addr = listener.local_addr().map_err(ProbeError::Listener)?;
-    let cmd = spawn::Command::new(
-        "/proc/self/exe",
-        [PROBE_COMMAND.to_string(), addr.to_string()],
-    );
+    let mut args = vec![PROBE_COMMAND.to_string(), addr.to_string()];
+    // An abstract name: nothing to remove afterwards, and the cgroup's own name keeps two
+    // daemons (tests) apart.
+    let unix = if enforcer
+        .unix_hooks_missing()
+        .await
+        .map_err(CallError::from)?
+        .is_none()
+    {
+        let name = format!("agentwall-probe-{}-{id}", std::process::id());
+        let l = UnixAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| UnixListener::bind_addr(&a))
+            .map_err(ProbeError::Listener)?;
+        l.set_nonblocking(true).map_err(ProbeError::Listener)?;
+        args.push(name);
+        Some(l)
+    } else {
+        None
+    };
+    let cmd = spawn::Command::new("/proc/self/exe", args);
     let fd = cg.open()?;
     let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd())?;
     let status = tokio::task::spawn_blocking(move || wait_bounded(pid, PROBE_TIMEOUT))
@@ -122,9 +148,16 @@ async fn probe_in(cg: &Cgroup, id: u64, enforcer: &EnforcerHandle) -> Result<(),
         Ok(_) => return Err(ProbeError::Received),
         Err(e) => return Err(ProbeError::Listener(e)),
     }
+    match unix.as_ref().map(UnixListener::accept) {
+        None => {}
+        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Some(Ok(_)) => return Err(ProbeError::Received),
+        Some(Err(e)) => return Err(ProbeError::Listener(e)),
+    }
     match status {
         WaitStatus::Exited(_, exit::DENIED) => Ok(()),
         WaitStatus::Exited(_, exit::CONNECTED) => Err(ProbeError::Allowed),
+        WaitStatus::Exited(_, exit::UNIX_CONNECTED) => Err(ProbeError::UnixAllowed),
         s => Err(ProbeError::Child(s)),
     }
 }
@@ -152,16 +185,31 @@ fn wait_bounded(pid: Pid, timeout: Duration) -> Result<WaitStatus, ProbeError> {
     clippy::print_stderr,
     reason = "the probe child reports to the daemon's stderr"
 )]
-pub fn child_main(addr: &str) -> i32 {
+pub fn child_main(addr: &str, unix: Option<&str>) -> i32 {
     let Ok(addr) = addr.parse::<SocketAddr>() else {
         eprintln!("agentwall probe: bad address {addr:?}");
         return exit::OTHER_ERROR;
     };
     match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-        Ok(_) => exit::CONNECTED,
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => exit::DENIED,
+        Ok(_) => return exit::CONNECTED,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
         Err(e) => {
             eprintln!("agentwall probe: connect to {addr} failed with {e}, expected EPERM");
+            return exit::OTHER_ERROR;
+        }
+    }
+    let Some(name) = unix else {
+        return exit::DENIED;
+    };
+    let r =
+        UnixAddr::from_abstract_name(name.as_bytes()).and_then(|a| UnixStream::connect_addr(&a));
+    match r {
+        Ok(_) => exit::UNIX_CONNECTED,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => exit::DENIED,
+        Err(e) => {
+            eprintln!(
+                "agentwall probe: connect to Unix socket @{name} failed with {e}, expected EPERM"
+            );
             exit::OTHER_ERROR
         }
     }

@@ -11,7 +11,7 @@
 use std::{
     fs,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use agentwall_tests::{FdPasser, Repl, TcpSink, TestDaemon, UdpSink, lines, serial, tcp_policy};
@@ -125,9 +125,14 @@ fn an_agent_that_can_write_its_directory_never_makes_the_daemon_follow_a_link() 
     assert!(cert.is_file());
 }
 
+/// Where the test offers sockets to agents (Unix sockets their policy names).
+fn pass_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("awt-pass-{}", std::process::id()))
+}
+
 /// A socket of the test (outside every enforced cgroup), handed to `agent` over a Unix socket.
-fn hand_over(d: &TestDaemon, agent: &mut Repl, fd: std::os::fd::OwnedFd, tag: &str) {
-    let passer = FdPasser::new(&d.dir.join(format!("pass-{tag}.sock")), fd);
+fn hand_over(agent: &mut Repl, fd: std::os::fd::OwnedFd, tag: &str) {
+    let passer = FdPasser::new(&pass_dir().join(format!("{tag}.sock")), fd);
     assert_eq!(agent.cmd(&format!("take-fd {}", passer.path())), "ok");
     passer.join();
 }
@@ -160,7 +165,19 @@ fn a_socket_made_outside_is_judged_by_the_task_that_uses_it() {
     let allowed = TcpSink::new("127.0.0.1:0");
     let denied = TcpSink::new("127.0.0.1:0");
     let udp = UdpSink::new("127.0.0.1:0");
-    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("p", &[allowed.port()]))]);
+    let _ = std::fs::remove_dir_all(pass_dir());
+    std::fs::create_dir_all(pass_dir()).unwrap();
+    // The agent may reach the Unix sockets the test hands sockets over.
+    let names: Vec<String> = ["deny", "allow", "connected", "udp"]
+        .iter()
+        .map(|t| pass_dir().join(format!("{t}.sock")).display().to_string())
+        .collect();
+    let policy = format!(
+        "{}    - unix: [{}]\n",
+        tcp_policy("p", &[allowed.port()]),
+        names.join(", ")
+    );
+    let d = TestDaemon::start(&[("p.yaml", &policy)]);
     let protections = d.status().protections;
     if !protections.task_hooks {
         // Kernels that refuse BPF LSM programs (the machines this project is tested on load
@@ -177,26 +194,27 @@ fn a_socket_made_outside_is_judged_by_the_task_that_uses_it() {
             d.log_text()
                 .contains("task-scoped enforcement (BPF LSM) is MISSING")
         );
+        let _ = fs::remove_dir_all(pass_dir());
         return;
     }
     let events = d.events();
     for user in [Some("nobody"), None] {
         let mut agent = Repl::spawn(d.exec_under(&["--policy", "p"], user, &["repl"]));
         // An unconnected TCP socket, connected inside: judged by the agent's policy.
-        hand_over(&d, &mut agent, tcp_socket(), "deny");
+        hand_over(&mut agent, tcp_socket(), "deny");
         let to_denied = format!("127.0.0.1:{}", denied.port());
         assert_eq!(agent.cmd(&format!("fd-connect {to_denied}")), "err EPERM");
-        hand_over(&d, &mut agent, tcp_socket(), "allow");
+        hand_over(&mut agent, tcp_socket(), "allow");
         let to_allowed = format!("127.0.0.1:{}", allowed.port());
         assert_eq!(agent.cmd(&format!("fd-connect {to_allowed}")), "ok");
         // A TCP socket connected outside to a destination the policy denies: nothing it
         // writes leaves.
         let outside = std::net::TcpStream::connect(&to_denied).unwrap();
-        hand_over(&d, &mut agent, outside.into(), "connected");
+        hand_over(&mut agent, outside.into(), "connected");
         assert_eq!(agent.cmd("fd-write secret"), "err EPERM");
         assert_eq!(agent.cmd("fd-send secret"), "err EPERM");
         // A UDP socket: its datagrams are judged by where they go.
-        hand_over(&d, &mut agent, udp_socket(), "udp");
+        hand_over(&mut agent, udp_socket(), "udp");
         let to_udp = format!("127.0.0.1:{}", udp.port());
         assert_eq!(
             agent.cmd(&format!("fd-sendto {to_udp} secret")),

@@ -11,13 +11,13 @@
 //! | 1 | `0x01` (a JSON body starts with `{`) |
 //! | 8 | time, microseconds since the Unix epoch |
 //! | 5 | hook, verdict, reason, IP protocol, address family (kernel codes) |
-//! | 1 | flags: 1 destination present, 2 it is IPv6, 4 the given destination differs, 8 it is IPv6, 16 rule, 32 policy, 64 SPIFFE ID |
+//! | 1 | flags: 1 destination present, 2 it is IPv6, 4 the given destination differs, 8 it is IPv6, 16 rule, 32 policy, 64 SPIFFE ID, 128 Unix socket name |
 //! | 8, 4, 4 | cgroup id, pid, tgid |
 //! | 2, 4, 4, 4 | port, rule id, slot, policy generation |
 //! | 1 + n | command name |
 //! | 4 or 16 | destination as judged, if present |
 //! | 4 or 16 | destination as given, if it differs |
-//! | 2 + n each | rule (`file:line`), policy name, SPIFFE ID, those the flags name |
+//! | 2 + n each | rule (`file:line`), policy name, SPIFFE ID, Unix socket name, those the flags name |
 
 use std::{
     borrow::Cow,
@@ -39,6 +39,7 @@ const F_GIVEN6: u8 = 8;
 const F_RULE: u8 = 16;
 const F_POLICY: u8 = 32;
 const F_SPIFFE: u8 = 64;
+const F_UNIX: u8 = 128;
 
 /// The compact body of the verdict `rec`, decoded from the kernel event `raw` at `at` (the
 /// same instant `rec.time` names).
@@ -69,6 +70,7 @@ pub fn verdict(raw: &Event, rec: &EventRecord, at: SystemTime) -> Vec<u8> {
         (F_RULE, &rec.rule),
         (F_POLICY, &rec.policy),
         (F_SPIFFE, &rec.spiffe_id),
+        (F_UNIX, &rec.unix),
     ] {
         if s.is_some() {
             flags |= f;
@@ -92,7 +94,7 @@ pub fn verdict(raw: &Event, rec: &EventRecord, at: SystemTime) -> Vec<u8> {
             IpAddr::V6(v6) => b.extend_from_slice(&v6.octets()),
         }
     }
-    for s in [&rec.rule, &rec.policy, &rec.spiffe_id]
+    for s in [&rec.rule, &rec.policy, &rec.spiffe_id, &rec.unix]
         .into_iter()
         .flatten()
     {
@@ -169,6 +171,7 @@ pub fn decode_verdict(body: &[u8]) -> Result<EventRecord, String> {
     let rule = text(F_RULE)?;
     let policy = text(F_POLICY)?;
     let spiffe_id = text(F_SPIFFE)?;
+    let unix = text(F_UNIX)?;
     if r.at != body.len() {
         return Err(format!(
             "{} bytes after the end of a compact verdict",
@@ -189,6 +192,7 @@ pub fn decode_verdict(body: &[u8]) -> Result<EventRecord, String> {
         family: events::family_name(family),
         dst,
         dst_given,
+        unix,
         port,
         rule_id,
         rule,

@@ -66,6 +66,9 @@ pub fn render(s: &Status) -> String {
     protections
         .get_or_create(&label("protection", "task_hooks"))
         .set(i64::from(s.protections.task_hooks));
+    protections
+        .get_or_create(&label("protection", "unix_sockets"))
+        .set(i64::from(s.protections.unix_sockets));
     reg.register(
         "protection_active",
         "1 when a kernel protection is in force, 0 when it is missing (status says why)",
@@ -362,6 +365,7 @@ mod tests {
             },
             protections: crate::control::Protections {
                 task_hooks: false,
+                unix_sockets: true,
                 missing: vec!["task-scoped hooks: ...".into()],
             },
         };
@@ -381,6 +385,7 @@ mod tests {
         for line in [
             "agentwall_healthy 1",
             "agentwall_protection_active{protection=\"task_hooks\"} 0",
+            "agentwall_protection_active{protection=\"unix_sockets\"} 1",
             "agentwall_policy_generation 3",
             "agentwall_cgroups{state=\"revoked\"} 1",
             "agentwall_cgroups{state=\"enrolled\"} 1",

@@ -143,6 +143,10 @@ pub struct Protections {
     /// The task-scoped hooks (BPF LSM) are in force: a socket made outside an enforced cgroup
     /// and used inside is judged by the task that uses it.
     pub task_hooks: bool,
+    /// The Unix socket hooks are in force: connects and sends to Unix sockets from enforced
+    /// cgroups are judged against `unix:` rules.
+    #[serde(default)]
+    pub unix_sockets: bool,
     /// One line per missing protection: what is not judged, and what to do.
     pub missing: Vec<String>,
 }

@@ -256,10 +256,11 @@ impl std::fmt::Debug for Names {
 
 /// Parses and compiles a policy directory, giving new policy names a slot (saved to
 /// `slots_path` before anything refers to it).
-fn compile_policies(
+pub(crate) fn compile_policies(
     dir: &std::path::Path,
     slots: &mut SlotTable,
     slots_path: &std::path::Path,
+    (enroll_socket, admin_socket): (&std::path::Path, &std::path::Path),
 ) -> Result<Compiled, DaemonError> {
     let set = policy::load_dir(dir)?;
     let before = slots.clone();
@@ -269,8 +270,13 @@ fn compile_policies(
     if *slots != before {
         slots.save(slots_path)?;
     }
-    let compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
+    let mut compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
         .map_err(|problems| policy::PolicyError { problems })?;
+    // Agents renew their certificates and fetch tokens over the enrollment socket.
+    compiled.allow_unix_everywhere(&enroll_socket.to_string_lossy(), "the enrollment socket");
+    // A unit's `ExecStartPre=+agentwall enforce-self` asks from inside the unit's cgroup; the
+    // admin socket answers only root and its admin group (peer credentials), as before.
+    compiled.allow_unix_everywhere(&admin_socket.to_string_lossy(), "the admin socket");
     Ok(compiled)
 }
 
@@ -299,7 +305,12 @@ impl Daemon {
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        compile_policies(&self.cfg.policy_dir, &mut slots, &self.slots_path())
+        compile_policies(
+            &self.cfg.policy_dir,
+            &mut slots,
+            &self.slots_path(),
+            (&self.cfg.enrollment.socket, &self.cfg.socket),
+        )
     }
 
     /// Writes a compiled policy into the kernel and makes it the one in force.
@@ -803,22 +814,29 @@ impl Daemon {
     pub async fn status(&self) -> Reply {
         let (generation, rule_nodes) = self.enforcer.rule_state().await.unwrap_or_default();
         let kernel_counters = self.enforcer.counters().await.unwrap_or_default();
-        let protections = match self.enforcer.task_hooks().await {
+        let mut protections = match self.enforcer.task_hooks().await {
             Ok(crate::enforce::TaskHooks::Active) => control::Protections {
                 task_hooks: true,
-                missing: Vec::new(),
+                ..Default::default()
             },
             Ok(crate::enforce::TaskHooks::Missing(why)) => control::Protections {
-                task_hooks: false,
                 missing: vec![format!(
                     "task-scoped hooks: sockets made outside an enforced cgroup and used inside it are not judged: {why}"
                 )],
+                ..Default::default()
             },
             Err(e) => control::Protections {
-                task_hooks: false,
                 missing: vec![e.to_string()],
+                ..Default::default()
             },
         };
+        match self.enforcer.unix_hooks_missing().await {
+            Ok(None) => protections.unix_sockets = true,
+            Ok(Some(why)) => protections.missing.push(format!(
+                "Unix socket hooks: connects and sends to Unix sockets from enforced cgroups are not judged (Linux 6.7 or later is needed): {why}"
+            )),
+            Err(e) => protections.missing.push(e.to_string()),
+        }
         let policies = {
             let book = self
                 .book

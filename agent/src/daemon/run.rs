@@ -38,7 +38,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut slots = SlotTable::load(&slots_path)?;
     check_slots_cover_bindings(&cfg.pin_dir, &slots, &slots_path)?;
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
-    let compiled = compile_policies(&cfg.policy_dir, &mut slots, &slots_path)?;
+    let compiled = compile_policies(
+        &cfg.policy_dir,
+        &mut slots,
+        &slots_path,
+        (&cfg.enrollment.socket, &cfg.socket),
+    )?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
     let (audit, audit_node_key, _audit_thread) = start_audit(&cfg)?;
     record_unwritten(&cfg, &audit);

@@ -7,7 +7,10 @@
 //! Then every prefix node receives the entries of the shorter prefixes of its slot that cover
 //! it, because a longest-prefix match returns only the most specific node.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
+};
 
 use agentwall_common::{
     addr::{self, Addr16, LOOPBACK, MAPPED_PREFIX_BITS},
@@ -27,6 +30,17 @@ pub struct RuleInfo {
     pub to: Vec<IpNet>,
     pub protocol: Protocol,
     pub ports: Vec<PortRange>,
+    /// For a Unix socket rule: the socket name as the policy writes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix: Option<String>,
+}
+
+/// One allowed Unix socket name of a slot (generation is set when it is written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixEntry {
+    pub slot: u32,
+    pub name: String,
+    pub rule_id: u32,
 }
 
 /// One node of the rules trie (generation is set when it is written).
@@ -43,6 +57,8 @@ pub struct Node {
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
     pub nodes: Vec<Node>,
+    /// Unix socket names, one entry per (slot, name): the first rule that names it.
+    pub unix: Vec<UnixEntry>,
     /// Indexed by rule id - 1.
     pub rules: Vec<RuleInfo>,
     /// Policy name → (slot, mode).
@@ -62,6 +78,47 @@ pub struct Grant {
 impl Compiled {
     pub fn rule(&self, id: u32) -> Option<&RuleInfo> {
         id.checked_sub(1).and_then(|i| self.rules.get(i as usize))
+    }
+
+    fn next_rule_id(&self) -> u32 {
+        u32::try_from(self.rules.len() + 1).unwrap_or(u32::MAX)
+    }
+
+    fn add_unix(&mut self, slot: u32, name: &str, rule_id: u32) {
+        if !self.unix.iter().any(|e| e.slot == slot && e.name == name) {
+            self.unix.push(UnixEntry {
+                slot,
+                name: name.to_string(),
+                rule_id,
+            });
+        }
+    }
+
+    /// Lets every process of an enforced cgroup, bound or not, revoked or not, reach the Unix
+    /// socket `name`, as a rule of agentwall's own (`what` says which socket, for
+    /// audit records): the enrollment socket, through which agents enroll, renew their
+    /// certificates and fetch tokens.
+    pub fn allow_unix_everywhere(&mut self, name: &str, what: &str) {
+        let id = self.next_rule_id();
+        self.rules.push(RuleInfo {
+            id,
+            policy: "(agentwall)".into(),
+            source: Source {
+                file: PathBuf::from(format!("<built in: {what}>")),
+                line: 0,
+            },
+            to: Vec::new(),
+            protocol: Protocol::Any,
+            ports: Vec::new(),
+            unix: Some(name.to_string()),
+        });
+        // Slot 0's names are open to every enforced cgroup, bound or not (ebpf/src/unix.rs).
+        let slots: Vec<u32> = std::iter::once(0)
+            .chain(self.policies.values().map(|(slot, _)| *slot))
+            .collect();
+        for slot in slots {
+            self.add_unix(slot, name, id);
+        }
     }
 }
 
@@ -132,6 +189,19 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 },
             );
         }
+        for rule in &policy.unix {
+            let id = out.next_rule_id();
+            out.rules.push(RuleInfo {
+                id,
+                policy: policy.name.clone(),
+                source: rule.source.clone(),
+                to: Vec::new(),
+                protocol: Protocol::Any,
+                ports: Vec::new(),
+                unix: Some(rule.name.clone()),
+            });
+            out.add_unix(slot, &rule.name, id);
+        }
         let nodes = own.entry(slot).or_default();
         for rule in &policy.egress {
             let id = u32::try_from(out.rules.len() + 1).unwrap_or(u32::MAX);
@@ -142,6 +212,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 to: rule.to.clone(),
                 protocol: rule.protocol,
                 ports: rule.ports.clone(),
+                unix: None,
             });
             let ranges = if rule.ports.is_empty() || rule.protocol == Protocol::Icmp {
                 vec![PortRange::ALL]
@@ -413,6 +484,40 @@ mod tests {
         let n = c.nodes.iter().find(|n| n.bits == 96 + 24).unwrap();
         assert_eq!(n.set.len, 1);
         assert_eq!(n.set.entries[0].rule_id, 2);
+    }
+
+    #[test]
+    fn unix_names_are_entries_per_slot_with_their_rule() {
+        let mut c = compile(
+            &set("policy:\n  name: a\n  egress:\n    - unix: [/run/x.sock, \"@y\"]\n    - unix: /run/x.sock\n---\npolicy:\n  name: b\n  egress:\n    - unix: /run/x.sock\n"),
+            slots,
+        )
+        .unwrap();
+        let got: Vec<(u32, &str, u32)> = c
+            .unix
+            .iter()
+            .map(|e| (e.slot, e.name.as_str(), e.rule_id))
+            .collect();
+        // One entry per (slot, name): the first rule that names it.
+        assert_eq!(
+            got,
+            [(1, "/run/x.sock", 1), (1, "@y", 2), (2, "/run/x.sock", 4)]
+        );
+        assert_eq!(c.rule(2).unwrap().unix.as_deref(), Some("@y"));
+        assert!(c.nodes.is_empty(), "no network rule");
+        c.allow_unix_everywhere("/run/agentwall/enroll.sock", "the enrollment socket");
+        let id = c.rules.len() as u32;
+        let everywhere: Vec<u32> = c
+            .unix
+            .iter()
+            .filter(|e| e.name == "/run/agentwall/enroll.sock" && e.rule_id == id)
+            .map(|e| e.slot)
+            .collect();
+        assert_eq!(everywhere, [0, 1, 2], "slot 0 and every policy's slot");
+        assert_eq!(
+            c.rule(id).unwrap().source.to_string(),
+            "<built in: the enrollment socket>:0"
+        );
     }
 
     #[test]

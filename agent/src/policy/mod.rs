@@ -10,6 +10,7 @@
 //!     - to: 10.0.0.0/8         # an address or CIDR, or a list of them
 //!       protocol: tcp          # tcp | udp | icmp | any (default any)
 //!       ports: [443, 8000-8099] # ports and ranges; default all ports; not with icmp
+//!     - unix: /run/app/api.sock  # a Unix socket path, or @name for an abstract one, or a list
 //! ```
 
 pub mod compile;
@@ -109,6 +110,14 @@ pub struct EgressRule {
     pub source: Source,
 }
 
+/// One allowed Unix socket: a filesystem path, or `@name` for an abstract one, matched
+/// exactly as the caller passes it (see `agentwall_common::unix`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixRule {
+    pub name: String,
+    pub source: Source,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
@@ -120,6 +129,8 @@ pub struct Policy {
     /// What the enrolling process must be, besides holding the certificate.
     pub attest: Attest,
     pub egress: Vec<EgressRule>,
+    /// The Unix sockets the identity may connect or send to; none by default.
+    pub unix: Vec<UnixRule>,
     pub source: Source,
 }
 

@@ -10,7 +10,9 @@ use serde::Deserialize;
 
 use crate::identity::spiffe::SpiffeId;
 
-use super::{Attest, EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, spans::Spans};
+use super::{
+    Attest, EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, UnixRule, spans::Spans,
+};
 
 const MAX_NAME_LEN: usize = 63;
 
@@ -72,9 +74,12 @@ impl Ids {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEgress {
-    to: OneOrMany,
     #[serde(default)]
-    protocol: Protocol,
+    to: Option<OneOrMany>,
+    #[serde(default)]
+    unix: Option<OneOrMany>,
+    #[serde(default)]
+    protocol: Option<Protocol>,
     #[serde(default)]
     ports: Vec<RawPort>,
     #[serde(default)]
@@ -222,10 +227,25 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         }
     };
     let mut egress = Vec::with_capacity(raw.egress.len());
+    let mut unix = Vec::new();
     for (i, e) in raw.egress.into_iter().enumerate() {
         let field = format!("policy.egress[{i}]");
-        if let Some(rule) = check_egress(c, &field, e) {
-            egress.push(rule);
+        match (e.to.is_some(), e.unix.is_some()) {
+            (true, false) => {
+                if let Some(rule) = check_egress(c, &field, e) {
+                    egress.push(rule);
+                }
+            }
+            (false, true) => unix.extend(check_unix(c, &field, e)),
+            (true, true) => c.problem(
+                field,
+                "has both `to` and `unix`; write a network rule and a Unix socket rule apart"
+                    .into(),
+            ),
+            (false, false) => c.problem(
+                field,
+                "names nothing; give `to:` (addresses) or `unix:` (Unix socket paths)".into(),
+            ),
         }
     }
     Policy {
@@ -234,6 +254,7 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         identity,
         attest,
         egress,
+        unix,
         source: Source {
             file: PathBuf::from(c.file),
             line: c.line("policy"),
@@ -357,17 +378,75 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The entries of a string-or-list field, each with its own field path.
+fn listed(field: &str, key: &str, v: Option<OneOrMany>) -> Vec<(String, String)> {
+    match v {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![(format!("{field}.{key}"), s)],
+        Some(OneOrMany::Many(v)) => v
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{field}.{key}[{i}]"), s))
+            .collect(),
+    }
+}
+
+/// A `unix:` rule: each name an absolute path or `@` and an abstract name, fitting in
+/// `sun_path`; ports and protocols do not apply.
+fn check_unix(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Vec<UnixRule> {
+    let _ = raw.description;
+    if raw.protocol.is_some() || !raw.ports.is_empty() {
+        c.problem(
+            field.to_string(),
+            "a `unix:` rule has no protocol or ports; remove them".into(),
+        );
+    }
+    let names = listed(field, "unix", raw.unix);
+    if names.is_empty() {
+        c.problem(
+            format!("{field}.unix"),
+            "names no socket; give a path such as /run/app.sock or @abstract-name".into(),
+        );
+    }
+    let mut out = Vec::new();
+    for (f, name) in names {
+        let shape_ok = name.starts_with('/') || (name.starts_with('@') && name.len() > 1);
+        if !shape_ok {
+            c.problem(
+                f,
+                format!(
+                    "{name:?} is not a Unix socket name: give an absolute path (/run/app.sock) \
+                     or @ and an abstract name (@app)"
+                ),
+            );
+            continue;
+        }
+        if agentwall_common::unix::UnixKey::from_policy_name(0, 0, &name).is_none() {
+            c.problem(
+                f,
+                format!(
+                    "{name:?} does not fit in a Unix socket address (at most {} bytes, no NUL)",
+                    agentwall_common::unix::SUN_PATH_MAX
+                ),
+            );
+            continue;
+        }
+        out.push(UnixRule {
+            name,
+            source: Source {
+                file: PathBuf::from(c.file),
+                line: c.line(&f),
+            },
+        });
+    }
+    out
+}
+
 fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<EgressRule> {
     let before = c.problems.len();
     let _ = raw.description;
-    let to_raw = match raw.to {
-        OneOrMany::One(s) => vec![(format!("{field}.to"), s)],
-        OneOrMany::Many(v) => v
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| (format!("{field}.to[{i}]"), s))
-            .collect(),
-    };
+    let protocol = raw.protocol.unwrap_or_default();
+    let to_raw = listed(field, "to", raw.to);
     if to_raw.is_empty() {
         c.problem(
             format!("{field}.to"),
@@ -382,7 +461,7 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
         }
     }
     let mut ports = Vec::with_capacity(raw.ports.len());
-    if raw.protocol == Protocol::Icmp && !raw.ports.is_empty() {
+    if protocol == Protocol::Icmp && !raw.ports.is_empty() {
         c.problem(
             format!("{field}.ports"),
             "ICMP has no ports; remove `ports` or change `protocol`".into(),
@@ -399,7 +478,7 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
     }
     Some(EgressRule {
         to,
-        protocol: raw.protocol,
+        protocol,
         ports,
         source: Source {
             file: PathBuf::from(c.file),
@@ -548,6 +627,42 @@ mod tests {
 
         let got = problems("");
         assert!(got[0].contains("holds no policy"), "{got:?}");
+    }
+
+    #[test]
+    fn unix_rules_name_paths_and_abstract_sockets() {
+        let p = parse_one(
+            "policy:\n  name: u\n  egress:\n    - unix: /run/app.sock\n    - unix: [\"@bus\", /run/b.sock]\n",
+        )
+        .unwrap();
+        let names: Vec<(&str, usize)> = p[0]
+            .unix
+            .iter()
+            .map(|u| (u.name.as_str(), u.source.line))
+            .collect();
+        assert_eq!(
+            names,
+            [("/run/app.sock", 4), ("@bus", 5), ("/run/b.sock", 5)]
+        );
+        assert!(p[0].egress.is_empty());
+        let long = format!("/{}", "a".repeat(108));
+        let got = problems(&format!(
+            "policy:\n  name: u\n  egress:\n    - unix: app.sock\n    - unix: \"@\"\n    - unix: {long}\n    - unix: /a\n      protocol: tcp\n    - to: 10.0.0.1\n      unix: /a\n    - protocol: tcp\n    - unix: []\n"
+        ));
+        assert_eq!(
+            got,
+            [
+                "p.yaml:4: policy.egress[0].unix: \"app.sock\" is not a Unix socket name: give an absolute path (/run/app.sock) or @ and an abstract name (@app)",
+                "p.yaml:5: policy.egress[1].unix: \"@\" is not a Unix socket name: give an absolute path (/run/app.sock) or @ and an abstract name (@app)",
+                &format!(
+                    "p.yaml:6: policy.egress[2].unix: \"{long}\" does not fit in a Unix socket address (at most 108 bytes, no NUL)"
+                ),
+                "p.yaml:7: policy.egress[3]: a `unix:` rule has no protocol or ports; remove them",
+                "p.yaml:9: policy.egress[4]: has both `to` and `unix`; write a network rule and a Unix socket rule apart",
+                "p.yaml:11: policy.egress[5]: names nothing; give `to:` (addresses) or `unix:` (Unix socket paths)",
+                "p.yaml:12: policy.egress[6].unix: names no socket; give a path such as /run/app.sock or @abstract-name",
+            ]
+        );
     }
 
     #[test]

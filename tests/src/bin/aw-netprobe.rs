@@ -23,7 +23,10 @@
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
-//! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC).
+//! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC),
+//! `unix-connect NAME PAYLOAD` (a Unix stream connect, then the payload), `unix-sendto NAME
+//! PAYLOAD` (a Unix datagram sent to NAME), `unix-dgram-connect NAME PAYLOAD` (a Unix datagram
+//! socket connected to NAME sends); NAME is a path, or @ and an abstract name.
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -151,6 +154,42 @@ static HELD: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new
 /// `waiting`), sends each the first three bytes of a TLS record and nothing more, then, after
 /// a moment, counts those the server answered with a plain refusal (`agentwall: ...`). The
 /// connections stay open.
+enum UnixHow {
+    Stream,
+    SendTo,
+    DgramConnect,
+}
+
+/// Reaches the Unix socket `name` (a path, or `@name` for an abstract one) and sends
+/// `payload`; `ok` or the errno of the step that failed.
+fn unix_send(name: &str, payload: &str, how: UnixHow) -> String {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, connect, send, sendto, socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    let addr = match name.strip_prefix('@') {
+        Some(abs) => UnixAddr::new_abstract(abs.as_bytes()),
+        None => UnixAddr::new(name),
+    };
+    let Ok(addr) = addr else {
+        return "err bad name".into();
+    };
+    let ty = match how {
+        UnixHow::Stream => SockType::Stream,
+        UnixHow::SendTo | UnixHow::DgramConnect => SockType::Datagram,
+    };
+    let fd = match socket(AddressFamily::Unix, ty, SockFlag::SOCK_CLOEXEC, None) {
+        Ok(fd) => fd,
+        Err(e) => return format!("err {e:?}"),
+    };
+    let r = match how {
+        UnixHow::SendTo => sendto(fd.as_raw_fd(), payload.as_bytes(), &addr, MsgFlags::empty()),
+        UnixHow::Stream | UnixHow::DgramConnect => connect(fd.as_raw_fd(), &addr)
+            .and_then(|()| send(fd.as_raw_fd(), payload.as_bytes(), MsgFlags::empty())),
+    };
+    r.map_or_else(|e| format!("err {e:?}"), |_| "ok".into())
+}
+
 fn hold_unix(path: &str, n: usize) -> String {
     use nix::sys::socket::{
         AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, connect, recv, send, socket,
@@ -636,6 +675,11 @@ fn run(line: &str) -> String {
             path,
             n.parse().map_err(|_| "err bad count".to_string())?,
         )),
+        ("unix-connect", [name, payload]) => Ok(unix_send(name, payload, UnixHow::Stream)),
+        ("unix-sendto", [name, payload]) => Ok(unix_send(name, payload, UnixHow::SendTo)),
+        ("unix-dgram-connect", [name, payload]) => {
+            Ok(unix_send(name, payload, UnixHow::DgramConnect))
+        }
         ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
         ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
         _ => Err(format!("err unknown command {line:?}")),

@@ -1,0 +1,214 @@
+//! Unix sockets are egress too: a confined agent reaches only the Unix sockets its policy
+//! names (`unix:` rules), by path or abstract name, over stream connects, datagram sends and
+//! datagram connects; every other one is refused with EPERM before the listener sees a byte,
+//! and the audit log names the socket.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failed step fails the test with its message"
+)]
+
+use std::{
+    io::Read as _,
+    os::unix::net::{UnixDatagram, UnixListener},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use agentwall_tests::{TestDaemon, lines, serial, wait_for};
+
+/// A listening Unix socket (stream or datagram, by path or abstract name) that counts the
+/// bytes it receives.
+struct Sink {
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Sink {
+    fn stream(listener: UnixListener) -> Self {
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let b = Arc::clone(&bytes);
+        thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(mut c) = c else { break };
+                let b = Arc::clone(&b);
+                thread::spawn(move || {
+                    let mut buf = [0u8; 256];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        b.fetch_add(n, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        Self { bytes }
+    }
+
+    fn at(path: &Path) -> Self {
+        Self::stream(UnixListener::bind(path).unwrap())
+    }
+
+    fn abstract_name(name: &str) -> Self {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        Self::stream(UnixListener::bind_addr(&addr).unwrap())
+    }
+
+    fn datagrams(path: &Path) -> Self {
+        let s = UnixDatagram::bind(path).unwrap();
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let b = Arc::clone(&bytes);
+        thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = s.recv(&mut buf) {
+                b.fetch_add(n, Ordering::SeqCst);
+            }
+        });
+        Self { bytes }
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+}
+
+fn audit(d: &TestDaemon, args: &[&str]) -> Vec<serde_json::Value> {
+    let key = d.audit_key().display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let mut all = vec!["audit", args[0], &dir, "--key", &key];
+    all.extend_from_slice(&args[1..]);
+    let o = d.cli(&all);
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn unix_sockets_are_reached_only_by_the_names_policy_gives() {
+    let _s = serial();
+    // The sockets live where the agent cannot write (the test's root-owned directory), so
+    // that a name in the policy stands for the socket the test bound there.
+    let dir = std::env::temp_dir().join(format!("awt-unix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |n: &str| -> PathBuf { dir.join(n) };
+    let tag = std::process::id();
+    let (ok_abs, no_abs) = (format!("awt-ok-{tag}"), format!("awt-no-{tag}"));
+    let allowed = Sink::at(&p("allowed.sock"));
+    let denied = Sink::at(&p("denied.sock"));
+    let allowed_abs = Sink::abstract_name(&ok_abs);
+    let denied_abs = Sink::abstract_name(&no_abs);
+    let allowed_dg = Sink::datagrams(&p("allowed-dg.sock"));
+    let denied_dg = Sink::datagrams(&p("denied-dg.sock"));
+    // Another name for the allowed socket: names are matched as given, so it is refused.
+    std::os::unix::fs::symlink(p("allowed.sock"), p("alias.sock")).unwrap();
+    let policy = format!(
+        "policy:\n  name: agent\n  egress:\n    - unix: [{}, \"@{ok_abs}\", {}]\n",
+        p("allowed.sock").display(),
+        p("allowed-dg.sock").display(),
+    );
+    let d = TestDaemon::start(&[("p.yaml", &policy)]);
+    let events = d.events();
+    let s = |n: &str| p(n).display().to_string();
+    let out = d.exec(
+        "agent",
+        None,
+        &[
+            &format!("unix-connect {} hello", s("allowed.sock")),
+            &format!("unix-connect @{ok_abs} hello"),
+            &format!("unix-sendto {} hello", s("allowed-dg.sock")),
+            &format!("unix-dgram-connect {} hello", s("allowed-dg.sock")),
+            &format!("unix-connect {} hello", s("denied.sock")),
+            &format!("unix-connect @{no_abs} hello"),
+            &format!("unix-sendto {} hello", s("denied-dg.sock")),
+            &format!("unix-dgram-connect {} hello", s("denied-dg.sock")),
+            &format!("unix-connect {} hello", s("alias.sock")),
+            // agentwall's own sockets are reachable whatever the policy: agents renew through
+            // the enrollment socket, units ask `enforce-self` over the admin socket (which
+            // answers only root and its group).
+            &format!("unix-connect {} x", d.enroll_socket.display()),
+            &format!("unix-connect {} x", d.socket.display()),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        lines(&out),
+        [
+            "ok",
+            "ok",
+            "ok",
+            "ok",
+            "err EPERM",
+            "err EPERM",
+            "err EPERM",
+            "err EPERM",
+            "err EPERM",
+            "ok",
+            "ok",
+        ]
+    );
+    wait_for(Duration::from_secs(5), "the allowed sockets' bytes", || {
+        (allowed.bytes() == 5 && allowed_abs.bytes() == 5 && allowed_dg.bytes() == 10).then_some(())
+    });
+    assert_eq!(denied.bytes(), 0, "the denied stream socket read nothing");
+    assert_eq!(
+        denied_abs.bytes(),
+        0,
+        "the denied abstract socket read nothing"
+    );
+    assert_eq!(
+        denied_dg.bytes(),
+        0,
+        "the denied datagram socket read nothing"
+    );
+
+    // The verdicts name the socket, as the live stream and the audit log carry them.
+    let seen = events.drain(Duration::from_millis(500));
+    let denial = |hook: &str, name: &str| {
+        seen.iter().any(|e| {
+            e.hook == hook
+                && e.verdict == "deny"
+                && e.reason == "no_rule"
+                && e.unix.as_deref() == Some(name)
+                && e.policy.as_deref() == Some("agent")
+        })
+    };
+    assert!(denial("connect_unix", &s("denied.sock")), "{seen:#?}");
+    assert!(denial("connect_unix", &format!("@{no_abs}")), "{seen:#?}");
+    assert!(denial("sendmsg_unix", &s("denied-dg.sock")), "{seen:#?}");
+    assert!(denial("connect_unix", &s("alias.sock")), "{seen:#?}");
+    let allowed_rule = seen
+        .iter()
+        .find(|e| e.hook == "connect_unix" && e.verdict == "allow")
+        .unwrap_or_else(|| panic!("an allowed connect in {seen:#?}"));
+    assert!(
+        allowed_rule
+            .rule
+            .as_deref()
+            .is_some_and(|r| r.ends_with("p.yaml:4")),
+        "{allowed_rule:?}"
+    );
+    let logged = audit(&d, &["query", "--verdict", "deny"]);
+    assert!(
+        logged
+            .iter()
+            .any(|r| r["record"]["hook"] == "connect_unix"
+                && r["record"]["unix"] == s("denied.sock")),
+        "{logged:#?}"
+    );
+    assert!(
+        d.status().protections.unix_sockets,
+        "status reports the Unix hooks"
+    );
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
