@@ -37,6 +37,12 @@ static AW_UNIX: HashMap<UnixKey, u32> = HashMap::pinned(DEFAULT_MAX_UNIX_RULES, 
 #[map]
 static AW_UNIX_KEY: PerCpuArray<UnixKey> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per CPU: how many times a Unix hook took the key above. These programs run with migration
+/// disabled, not preemption: another task's hook may take the same CPU's key between this
+/// one's build and lookup. A program whose count moved meanwhile denies.
+#[map]
+static AW_UNIX_USES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/connect4/aw_connect_unix")]
 fn aw_connect_unix(ctx: *mut bpf_sock_addr) -> i32 {
@@ -69,8 +75,19 @@ fn judge(ctx: *mut bpf_sock_addr, hook: Hook) -> i32 {
         emit::finish(emit::begin_unix(&flow), &d);
         return DENY;
     };
-    // SAFETY: this CPU's scratch key, exclusively the program's while it runs (a nested
-    // program on this CPU would be a Unix hook inside a Unix hook, which cannot happen).
+    let Some(uses) = AW_UNIX_USES.get_ptr_mut(0) else {
+        let d = Decision::deny(Reason::UNREADABLE, 0, 0);
+        emit::finish(emit::begin_unix(&flow), &d);
+        return DENY;
+    };
+    // SAFETY: this CPU's counter; volatile, so that the check below reads it again.
+    let mine = unsafe {
+        let n = core::ptr::read_volatile(uses).wrapping_add(1);
+        core::ptr::write_volatile(uses, n);
+        n
+    };
+    // SAFETY: this CPU's scratch key; another task's hook may write it meanwhile (see
+    // `AW_UNIX_USES`), which the check after the last read of it catches.
     let key = unsafe { &mut *key };
     let d = if read_name(ctx, key) {
         decide_name(flow.cgroup_id, key)
@@ -89,6 +106,13 @@ fn judge(ctx: *mut bpf_sock_addr, hook: Hook) -> i32 {
             (&raw mut (*e)._pad2).write([0; 4]);
         }
     }
+    // SAFETY: this CPU's counter.
+    let undisturbed = unsafe { core::ptr::read_volatile(uses) } == mine;
+    let d = if undisturbed {
+        d
+    } else {
+        Decision::deny(Reason::UNREADABLE, d.slot, d.generation)
+    };
     emit::finish(record, &d);
     if d.verdict == Verdict::ALLOW {
         ALLOW
