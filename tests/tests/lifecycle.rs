@@ -623,12 +623,13 @@ fn a_restarted_unit_is_enforced_from_its_first_connect() {
     // One run of the unit: `enforce-self`, then connects, in the unit's cgroup.
     let run = |cg: &agentwall::cgroup::Cgroup| {
         let script = format!(
-            "{} enforce-self --socket {} >/dev/null && {} 'tcp 127.0.0.1:{}' 'tcp 127.0.0.1:{}'",
-            agentwall_tests::agentwall_bin().display(),
-            d.socket.display(),
+            "{bin} enforce-self --socket {sock} >/dev/null && {} 'tcp 127.0.0.1:{}' 'tcp 127.0.0.1:{}' \
+             && {{ {bin} status --socket {sock} 2>&1 | grep -o 'may only ask enforce_self'; }}",
             agentwall_tests::netprobe_bin().display(),
             denied.port(),
             allowed.port(),
+            bin = agentwall_tests::agentwall_bin().display(),
+            sock = d.socket.display(),
         );
         let out = d.dir.join("unit.out");
         let cmd = agentwall::spawn::Command::new(
@@ -643,13 +644,16 @@ fn a_restarted_unit_is_enforced_from_its_first_connect() {
         let code = agentwall::spawn::exit_code(agentwall::spawn::wait(pid).unwrap());
         (code, fs::read_to_string(&out).unwrap_or_default())
     };
-    assert_eq!(run(&unit()), (0, "err EPERM\nok\n".into()));
+    assert_eq!(
+        run(&unit()),
+        (0, "err EPERM\nok\nmay only ask enforce_self\n".into())
+    );
     // The unit restarts: systemd removes its cgroup and makes a new one (a new id).
     unit().remove_tree().unwrap();
     unit().create().unwrap();
     assert_eq!(
         run(&unit()),
-        (0, "err EPERM\nok\n".into()),
+        (0, "err EPERM\nok\nmay only ask enforce_self\n".into()),
         "the first connect of the new run"
     );
     assert_eq!(denied.accepted(), 0);

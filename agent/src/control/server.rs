@@ -247,6 +247,14 @@ fn accept_one(
         }
     };
     tracing::debug!(?req, uid, "admin request");
+    if !matches!(req, Request::EnforceSelf) && daemon.peer_confined(pid) {
+        daemon.count_error("admin_refused");
+        let message = "a process of a cgroup agentwall confines may only ask enforce_self here; \
+                       run admin commands from outside the agents' cgroups"
+            .to_string();
+        tracing::warn!(pid, %message, "admin socket: peer refused");
+        return write_blocking(&stream, &Reply::Error { message });
+    }
     match req {
         Request::Revoke { target, reason } => {
             let reply = rt.block_on(daemon.revoke(&target, &reason, uid));

@@ -500,6 +500,29 @@ impl Daemon {
 
     /// `enforce_self`: enforces the cgroup of process `pid` (the caller) if the configuration
     /// lists it under `enforce:`.
+    /// Whether process `pid` runs in a cgroup agentwall confines (the managed subtree, or a
+    /// configured `enforce:` cgroup or below): such a peer reaches the admin socket only for
+    /// `enforce-self` (the Unix hooks let every enforced cgroup reach it, for units'
+    /// `ExecStartPre=+`). Unreadable counts as confined.
+    pub fn peer_confined(&self, pid: i32) -> bool {
+        let Some(rel) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            })
+        else {
+            return true;
+        };
+        let own = self.mount.join(rel.trim_start_matches('/'));
+        own.starts_with(self.root.path())
+            || self
+                .cfg
+                .enforce
+                .iter()
+                .any(|e| own.starts_with(self.mount.join(e.cgroup.trim_start_matches('/'))))
+    }
+
     pub async fn enforce_self(&self, pid: i32) -> Reply {
         let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
