@@ -845,22 +845,10 @@ impl Events {
     }
 }
 
-/// Signs an X509-SVID for `spiffe_id` with the CA of a daemon's state directory, valid from
-/// now for `lifetime` (shorter than `agentwall identity issue` allows: for expiry tests).
-/// Returns (certificate path, key path), written into `out`.
-pub fn sign_svid(
-    state_dir: &Path,
-    spiffe_id: &str,
-    lifetime: Duration,
-    out: &Path,
-) -> (PathBuf, PathBuf) {
-    use rcgen::{
-        CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    };
-    let ca_key =
-        KeyPair::from_pem(&fs::read_to_string(state_dir.join("ca/ca.key")).unwrap()).unwrap();
-    let ca_pem = fs::read_to_string(state_dir.join("ca/ca.crt")).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+/// The parameters of a proper X509-SVID leaf for `spiffe_id`, valid from a few seconds ago
+/// for `lifetime`, for tests to sign (and to spoil).
+pub fn svid_params(spiffe_id: &str, lifetime: Duration) -> rcgen::CertificateParams {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -873,6 +861,24 @@ pub fn sign_svid(
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::seconds(5);
     p.not_after = now + time::Duration::try_from(lifetime).unwrap();
+    p
+}
+
+/// Signs an X509-SVID for `spiffe_id` with the CA of a daemon's state directory, valid from
+/// now for `lifetime` (shorter than `agentwall identity issue` allows: for expiry tests).
+/// Returns (certificate path, key path), written into `out`.
+pub fn sign_svid(
+    state_dir: &Path,
+    spiffe_id: &str,
+    lifetime: Duration,
+    out: &Path,
+) -> (PathBuf, PathBuf) {
+    use rcgen::{Issuer, KeyPair};
+    let ca_key =
+        KeyPair::from_pem(&fs::read_to_string(state_dir.join("ca/ca.key")).unwrap()).unwrap();
+    let ca_pem = fs::read_to_string(state_dir.join("ca/ca.crt")).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let p = svid_params(spiffe_id, lifetime);
     let key = KeyPair::generate().unwrap();
     let cert = p.signed_by(&key, &issuer).unwrap();
     fs::create_dir_all(out).unwrap();

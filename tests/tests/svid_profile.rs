@@ -11,27 +11,16 @@
 
 use std::{fs, os::unix::fs::PermissionsExt as _, path::Path};
 
-use agentwall_tests::{TcpSink, TestDaemon, serial, sign_svid};
+use agentwall_tests::{TcpSink, TestDaemon, serial, sign_svid, svid_params};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 const ID: &str = "spiffe://agentwall.local/agent/reader/prod";
 
 fn leaf_params() -> CertificateParams {
-    let mut p = CertificateParams::default();
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ClientAuth,
-        ExtendedKeyUsagePurpose::ServerAuth,
-    ];
-    p.subject_alt_names = vec![SanType::URI(ID.try_into().unwrap())];
-    let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::seconds(5);
-    p.not_after = now + time::Duration::minutes(10);
-    p
+    svid_params(ID, std::time::Duration::from_secs(600))
 }
 
 /// Signs `leaf` with the daemon's CA key, through an intermediate CA of that key when
@@ -136,6 +125,12 @@ fn certificates_that_break_the_x509_svid_profile_are_refused_at_enrollment() {
             "the certificate's extended key usage lacks id-kp-serverAuth",
         ),
     ];
+    // The control's connection is counted by the listener's thread: wait for it.
+    agentwall_tests::wait_for(
+        std::time::Duration::from_secs(5),
+        "the control's connection",
+        || (sink.accepted() == 1).then_some(()),
+    );
     let accepted = sink.accepted();
     for (n, (what, params, via, reason)) in cases.into_iter().enumerate() {
         let (c, k) = sign(&state, &params, via, &d.dir.join(format!("bad-{n}")));
