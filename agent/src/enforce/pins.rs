@@ -18,6 +18,7 @@ use agentwall_common::{
     maps,
     rules::{RuleKey, RuleSet},
     state::PolicyState,
+    unix::UnixKey,
 };
 use aya::maps::MapInfo;
 use nix::{
@@ -129,7 +130,7 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// What each pinned map must look like for this build's programs to share it.
-fn expected_shapes() -> [(&'static str, u32, u32); 5] {
+fn expected_shapes() -> [(&'static str, u32, u32); 6] {
     [
         (maps::ENFORCED, 8, 4),
         (maps::BINDINGS, 8, size_of::<Binding>() as u32),
@@ -140,6 +141,7 @@ fn expected_shapes() -> [(&'static str, u32, u32); 5] {
         ),
         (maps::STATE, 4, size_of::<PolicyState>() as u32),
         (maps::COUNTERS, 4, 8),
+        (maps::UNIX_RULES, size_of::<UnixKey>() as u32, 4),
     ]
 }
 
