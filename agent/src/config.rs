@@ -79,6 +79,81 @@ impl Default for Limits {
     }
 }
 
+/// Event budgets: how many verdict records each agent may write (see
+/// `agentwall_common::budget`). Past its budget an agent's verdicts are still enforced and
+/// counted, into one summary record per interval instead of one record each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Verdict records a second each cgroup may write, in bursts of up to `cgroup_burst`;
+    /// 0 turns the budgets off (every verdict is recorded, as a flood may then overflow
+    /// the kernel's ring for everyone).
+    pub cgroup_rate: u32,
+    pub cgroup_burst: u32,
+    /// The same for all cgroups of one identity (policy) together; 0 for no such budget.
+    pub identity_rate: u32,
+    pub identity_burst: u32,
+    /// How often the verdicts held back are written as summary records.
+    #[serde(with = "duration_text")]
+    pub summary_every: std::time::Duration,
+    /// An agent past its budget raises an `event_flood` alert at most this often.
+    #[serde(with = "duration_text")]
+    pub flood_alert_every: std::time::Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_rate: 200,
+            cgroup_burst: 2000,
+            identity_rate: 1000,
+            identity_burst: 10_000,
+            summary_every: std::time::Duration::from_secs(10),
+            flood_alert_every: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+impl EventsConfig {
+    /// The budgets as the kernel programs read them.
+    pub fn kernel(&self) -> agentwall_common::budget::BudgetConfig {
+        use agentwall_common::budget::{BudgetConfig, Rate};
+        BudgetConfig {
+            cgroup: Rate::new(self.cgroup_rate, self.cgroup_burst),
+            // An identity budget without a cgroup budget is never consulted.
+            identity: Rate::new(self.identity_rate, self.identity_burst),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        const MAX_RATE: u32 = 1_000_000;
+        for (name, rate, burst) in [
+            ("cgroup", self.cgroup_rate, self.cgroup_burst),
+            ("identity", self.identity_rate, self.identity_burst),
+        ] {
+            if rate > MAX_RATE {
+                return Err(format!(
+                    "{name}_rate {rate} is above {MAX_RATE} records a second; use 0 to turn the budget off"
+                ));
+            }
+            if rate > 0 && burst == 0 {
+                return Err(format!(
+                    "{name}_burst must be at least 1 when {name}_rate is set"
+                ));
+            }
+        }
+        if self.summary_every < std::time::Duration::from_secs(1)
+            || self.summary_every > std::time::Duration::from_secs(3600)
+        {
+            return Err("summary_every must be between 1s and 1h".into());
+        }
+        if self.flood_alert_every.is_zero() {
+            return Err("flood_alert_every must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
 /// The daemon's configuration, as a file may give it; every field is optional.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +182,8 @@ pub struct FileConfig {
     pub detect: crate::audit::detect::DetectConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
 }
 
 /// The Prometheus endpoint.
@@ -305,6 +382,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub detect: crate::audit::detect::DetectConfig,
     pub metrics: MetricsConfig,
+    pub events: EventsConfig,
 }
 
 /// Command-line overrides.
@@ -362,6 +440,7 @@ impl Config {
             },
             detect: file.detect,
             metrics: file.metrics,
+            events: file.events,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),
                 key_file: o.audit_key.clone().unwrap_or(file.audit.key_file),
@@ -476,6 +555,12 @@ impl Config {
                 message,
             })?;
         }
+        self.events
+            .check()
+            .map_err(|message| ConfigError::Invalid {
+                field: "events",
+                message,
+            })?;
         let d = &self.detect;
         if d.burst_factor.is_nan()
             || d.burst_factor <= 1.0
@@ -623,6 +708,27 @@ mod tests {
         })
         .unwrap();
         assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn event_budgets_are_checked() {
+        let off = load_text("events-off", "events:\n  cgroup_rate: 0\n").unwrap();
+        assert_eq!(off.events.kernel().cgroup.interval_ns, 0);
+        let on = load_text("events-on", "").unwrap();
+        assert_eq!(on.events.kernel().cgroup.interval_ns, 5_000_000);
+        for (text, want) in [
+            ("events:\n  cgroup_rate: 2000000\n", "above 1000000"),
+            (
+                "events:\n  identity_burst: 0\n",
+                "identity_burst must be at least 1",
+            ),
+            ("events:\n  summary_every: 100ms\n", "between 1s and 1h"),
+            ("events:\n  flood_alert_every: 0s\n", "flood_alert_every"),
+            ("events:\n  rate: 5\n", "unknown field `rate`"),
+        ] {
+            let e = load_text("events-bad", text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 
     #[test]

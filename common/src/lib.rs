@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod binding;
+pub mod budget;
 pub mod counters;
 pub mod event;
 pub mod lsm;
@@ -41,4 +42,12 @@ mod pod {
     unsafe impl aya::Pod for crate::state::BindingCacheEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::unix::UnixKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::budget::BudgetConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::budget::Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::budget::SummaryKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::budget::Summary {}
 }

@@ -19,6 +19,14 @@ pub const EVENTS: &str = "AW_EVENTS";
 /// descendants). The daemon adds a cgroup before it attaches the cgroup programs to it.
 pub const ENFORCED: &str = "AW_ENFORCED";
 
+/// Event budgets (`crate::budget`), per loaded object (not pinned): the configuration
+/// (`Array<BudgetConfig>` of one entry), the buckets (`LruHashMap<u64, Bucket>`, keyed by
+/// cgroup id, `budget::identity_key(slot)` or `budget::UNBOUND_KEY`) and the summaries of
+/// the verdicts held back (`LruHashMap<SummaryKey, Summary>`), which the daemon takes.
+pub const BUDGET_CONFIG: &str = "AW_BUDGET_CFG";
+pub const BUDGETS: &str = "AW_BUDGETS";
+pub const SUMMARIES: &str = "AW_SUMMARIES";
+
 /// Per-CPU caches of the programs, not pinned (each loaded object has its own): flow
 /// verdicts, decisions and binding copies (`crate::state`). The daemon only empties them.
 pub const FLOW_CACHE: &str = "AW_FLOWS";
@@ -31,6 +39,10 @@ pub const DEFAULT_MAX_BINDINGS: u32 = 65_536;
 pub const DEFAULT_MAX_RULE_NODES: u32 = 262_144;
 /// Default capacity of the Unix rules map: room for two generations of 8,192 names.
 pub const DEFAULT_MAX_UNIX_RULES: u32 = 16_384;
+/// Default capacity of the summaries map: distinct (cgroup, destination, verdict) held back
+/// between two reads by the daemon. Beyond it the oldest go (their counts stay in the
+/// cgroup's bucket, so the totals still add up).
+pub const DEFAULT_MAX_SUMMARIES: u32 = 16_384;
 /// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 22;
 

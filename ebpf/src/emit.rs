@@ -155,7 +155,7 @@ fn write_head(e: *mut Event, flow: &Flow, task: bool) {
 /// Counts the verdict `d` and submits its event record (begun by [`begin`]), or counts the
 /// event as lost if the ring had no room for it.
 #[inline(always)]
-pub(crate) fn finish<T: 'static>(record: Option<Record<T>>, d: &Decision) {
+pub(crate) fn finish<T: 'static>(record: Option<Record<T>>, flow: &Flow, d: &Decision) {
     if d.verdict == Verdict::ALLOW {
         tally(counters::ALLOWED);
     } else {
@@ -164,16 +164,23 @@ pub(crate) fn finish<T: 'static>(record: Option<Record<T>>, d: &Decision) {
     if d.reason == Reason::AUDIT {
         count(counters::AUDIT_PASSED);
     }
-    let Some(Record(mut entry)) = record else {
-        count(counters::EVENTS_DROPPED);
-        return;
-    };
     // One clock reading per verdict: the decision's, if it took one.
     let now = if d.now_boot_ns != 0 {
         d.now_boot_ns
     } else {
         // SAFETY: helper without arguments.
         unsafe { bpf_ktime_get_boot_ns() }
+    };
+    // Past the cgroup's budget the verdict is summarized, not recorded (nor lost).
+    if !crate::budget::admit(flow, d, now) {
+        if let Some(Record(entry)) = record {
+            entry.discard(BPF_RB_NO_WAKEUP);
+        }
+        return;
+    }
+    let Some(Record(mut entry)) = record else {
+        count(counters::EVENTS_DROPPED);
+        return;
     };
     let e: *mut Event = entry.as_mut_ptr().cast();
     // SAFETY: as in `begin`; these are the fields `begin` left.
@@ -198,5 +205,5 @@ pub(crate) fn finish<T: 'static>(record: Option<Record<T>>, d: &Decision) {
 /// made. `task` as in [`begin`].
 #[inline(always)]
 pub(crate) fn event(flow: &Flow, d: &Decision, task: bool) {
-    finish(begin(flow, task), d);
+    finish(begin(flow, task), flow, d);
 }

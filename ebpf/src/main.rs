@@ -8,6 +8,7 @@
 #![no_main]
 #![feature(asm_experimental_arch)]
 
+mod budget;
 mod decide;
 mod emit;
 mod flowcache;
@@ -124,7 +125,7 @@ fn sock_addr(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // The event record is reserved and filled before the decision (see `emit::begin`).
     let record = emit::begin(&flow, true);
     let d = decide(&flow);
-    emit::finish(record, &d);
+    emit::finish(record, &flow, &d);
     if connect {
         // A connected TCP or UDP socket sends to one destination (an explicit address on a
         // UDP send passes sendmsg4/6): cache its verdict. A ping socket's sendto reaches no

@@ -72,12 +72,12 @@ fn judge(ctx: *mut bpf_sock_addr, hook: Hook) -> i32 {
     };
     let Some(key) = AW_UNIX_KEY.get_ptr_mut(0) else {
         let d = Decision::deny(Reason::UNREADABLE, 0, 0);
-        emit::finish(emit::begin_unix(&flow), &d);
+        emit::finish(emit::begin_unix(&flow), &flow, &d);
         return DENY;
     };
     let Some(uses) = AW_UNIX_USES.get_ptr_mut(0) else {
         let d = Decision::deny(Reason::UNREADABLE, 0, 0);
-        emit::finish(emit::begin_unix(&flow), &d);
+        emit::finish(emit::begin_unix(&flow), &flow, &d);
         return DENY;
     };
     // SAFETY: this CPU's counter; volatile, so that the check below reads it again.
@@ -113,7 +113,7 @@ fn judge(ctx: *mut bpf_sock_addr, hook: Hook) -> i32 {
     } else {
         Decision::deny(Reason::UNREADABLE, d.slot, d.generation)
     };
-    emit::finish(record, &d);
+    emit::finish(record, &flow, &d);
     if d.verdict == Verdict::ALLOW {
         ALLOW
     } else {

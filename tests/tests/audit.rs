@@ -744,3 +744,105 @@ fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
     drop(d);
     drop(tmpfs);
 }
+
+/// Issue 22: one agent floods denied sends while another, of the same identity, makes a few
+/// denied connects. Every verdict of the quiet one is recorded; the flood is recorded up to
+/// its budget and summarized past it, every send accounted for, with an `event_flood` alert;
+/// the log verifies.
+#[test]
+fn a_flooding_agent_is_summarized_and_a_quiet_one_loses_no_record() {
+    use std::time::Duration;
+    let _s = serial();
+    let quiet_target = TcpSink::new("127.0.0.1:0");
+    let flood_target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = flood_target.local_addr().unwrap().port();
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some("events:\n  summary_every: 1s\n"),
+    );
+    let mut flooder = d
+        .exec_under(
+            &["--policy", "web"],
+            None,
+            &[&format!("udp-flood-for 127.0.0.1:{udp_port} 4000")],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let denied = || d.counter("denied");
+    agentwall_tests::wait_for(Duration::from_secs(20), "the flood past its burst", || {
+        (denied() > 5_000).then_some(())
+    });
+    let to = format!("tcp 127.0.0.1:{}", quiet_target.port());
+    let quiet = d.exec("web", None, &[to.as_str(); 50]);
+    assert_eq!(lines(&quiet), ["err EPERM"; 50]);
+    assert!(
+        flooder.try_wait().unwrap().is_none(),
+        "the flood went on while the quiet agent ran"
+    );
+    let out = flooder.wait_with_output().unwrap();
+    let report = lines(&out).join(" ");
+    let n: u64 = report
+        .strip_prefix("eperm=")
+        .and_then(|r| r.strip_suffix(" other=0"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("every send denied: {report}"));
+    agentwall_tests::wait_for(Duration::from_secs(10), "the flood alert", || {
+        (d.status().audit.event_floods >= 1).then_some(())
+    });
+    let status = d.status();
+    assert!(status.audit.events_suppressed > 0, "{:?}", status.audit);
+    assert!(d.stop().success());
+
+    let v = verify(&d);
+    assert!(v.status.success(), "the log with summaries verifies: {v:?}");
+    let all = records(&audit(&d, &["tail", "-n", "10000000"]));
+    let quiet_recorded = all
+        .iter()
+        .filter(|r| r["kind"] == "verdict" && r["port"] == quiet_target.port())
+        .count();
+    assert_eq!(quiet_recorded, 50, "every verdict of the quiet agent");
+    let flood_recorded = all
+        .iter()
+        .filter(|r| r["kind"] == "verdict" && r["port"] == udp_port)
+        .count() as u64;
+    let (mut suppressed, mut summarized, mut lost) = (0, 0, 0);
+    for r in &all {
+        if r["kind"] == "verdict_summary" {
+            suppressed += r["suppressed"].as_u64().unwrap();
+            summarized += r["flows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f["port"] == udp_port)
+                .map(|f| f["count"].as_u64().unwrap())
+                .sum::<u64>();
+            assert_eq!(r["policy"], "web", "{r}");
+        } else if r["kind"] == "events_lost" {
+            lost += r["lost"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(lost, 0, "no verdict lost");
+    assert_eq!(
+        flood_recorded + suppressed,
+        n,
+        "recorded {flood_recorded} + summarized {suppressed}"
+    );
+    // The flows break the totals down; a verdict counted as its flow was read is in the
+    // totals only (one at a time per CPU, at most a handful per window).
+    assert!(
+        summarized <= suppressed && summarized + 1000 >= suppressed,
+        "flows {summarized} of {suppressed}"
+    );
+    // The default budget: a burst of 2000, then 200 a second.
+    assert!(
+        (2_000..=2_000 + 200 * 60).contains(&flood_recorded),
+        "the flood was recorded within its budget: {flood_recorded}"
+    );
+    let alert = all
+        .iter()
+        .find(|r| r["kind"] == "alert" && r["alert"] == "event_flood")
+        .unwrap_or_else(|| panic!("an event_flood alert"));
+    assert_eq!(alert["identity"], "web");
+    assert!(alert["suppressed"].as_u64().unwrap() > 0, "{alert}");
+}

@@ -433,9 +433,14 @@ fn a_stalled_collector_costs_copies_never_the_store_or_enforcement() {
     let _s = serial();
     let (base, pki, port) = collector_setup("syslog-stalled");
     let collector = Rsyslog::start(&base.0, &pki, port);
+    // Without event budgets: every one of the flood's verdicts is a record to ship, so that
+    // the sink's queue surely fills.
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
-        Some(&syslog_config(&pki, port, 16)),
+        Some(&format!(
+            "{}events:\n  cgroup_rate: 0\n",
+            syslog_config(&pki, port, 16)
+        )),
     );
     wait_for(Duration::from_secs(10), "the sink connected", || {
         d.status().audit.sinks["syslog"].connected.then_some(())

@@ -88,6 +88,19 @@ pub enum Alert {
         denials: usize,
         window_secs: u64,
     },
+    /// An agent wrote verdicts faster than its event budget: the excess was summarized. A
+    /// flood of denials is how an agent would hide what another one does in its noise.
+    EventFlood {
+        identity: String,
+        /// The cgroup, or none for the verdicts of cgroups without a binding (which share
+        /// one budget).
+        cgroup_id: Option<u64>,
+        /// Verdicts summarized rather than recorded in `window_secs`.
+        suppressed: u64,
+        window_secs: u64,
+        /// The budget, records a second.
+        budget_per_second: u32,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -68,6 +68,12 @@ pub struct AuditState {
     pub last_checkpoint_seq: AtomicU64,
     /// Behavioral alerts raised.
     pub alerts: AtomicU64,
+    /// Kernel verdicts held back by the event budgets and counted in summary records.
+    pub events_suppressed: AtomicU64,
+    /// Summary records written.
+    pub event_summaries: AtomicU64,
+    /// `event_flood` alerts raised (also counted in `alerts`).
+    pub event_floods: AtomicU64,
     /// The sinks beside the store, by name.
     pub sinks: Vec<(&'static str, Arc<SinkStats>)>,
     /// From a kernel event to its record being durable, in microseconds.

@@ -185,6 +185,24 @@ pub fn render(s: &Status) -> String {
         "Behavioral alerts raised (each is an alert record in the audit log)",
         a.alerts,
     );
+    counter(
+        &mut reg,
+        "events_suppressed",
+        "Kernel verdicts over their agent's event budget, counted in verdict_summary records instead of recorded one by one",
+        a.events_suppressed,
+    );
+    counter(
+        &mut reg,
+        "event_summaries",
+        "verdict_summary records written",
+        a.event_summaries,
+    );
+    counter(
+        &mut reg,
+        "event_floods",
+        "Agents found writing verdicts past their event budget (event_flood alerts)",
+        a.event_floods,
+    );
     let mut sinks = [
         (Vec::new(), "audit_sink_sent", "Records a sink delivered"),
         (

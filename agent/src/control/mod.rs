@@ -164,6 +164,15 @@ pub struct AuditStatus {
     /// Behavioral alerts raised (each is an `alert` record).
     #[serde(default)]
     pub alerts: u64,
+    /// Kernel verdicts over their agent's event budget, counted in `verdict_summary`
+    /// records rather than recorded one by one.
+    #[serde(default)]
+    pub events_suppressed: u64,
+    #[serde(default)]
+    pub event_summaries: u64,
+    /// `event_flood` alerts raised (each also counted in `alerts`).
+    #[serde(default)]
+    pub event_floods: u64,
     /// The sinks beside the store (stdout, syslog), by name.
     #[serde(default)]
     pub sinks: std::collections::BTreeMap<String, SinkStatus>,

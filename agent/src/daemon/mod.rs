@@ -930,6 +930,9 @@ impl Daemon {
                     write_errors: a.write_errors.load(Relaxed),
                     failing: a.failing.load(Relaxed),
                     alerts: a.alerts.load(Relaxed),
+                    events_suppressed: a.events_suppressed.load(Relaxed),
+                    event_summaries: a.event_summaries.load(Relaxed),
+                    event_floods: a.event_floods.load(Relaxed),
                     event_to_durable: control::LatencyStatus {
                         count: a.event_to_durable.count(),
                         p50_us: a.event_to_durable.quantile(0.5),

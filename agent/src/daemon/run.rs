@@ -49,7 +49,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     record_unwritten(&cfg, &audit);
     let cfg_detect = cfg.detect.clone();
 
-    let (enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
+    let (mut enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
+    // The budgets are in place before any program is attached.
+    let summarizer = match enforcer.take_budgets() {
+        Some(b) => Some(Arc::new(std::sync::Mutex::new(
+            events::summary::Summarizer::start(b, cfg.events)?,
+        ))),
+        None => None,
+    };
     let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
     let book = Arc::new(RwLock::new(RuleBook::default()));
     let (events_tx, _) = broadcast::channel(4096);
@@ -95,6 +102,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> =
         Arc::new(Names(Arc::clone(&book), Arc::clone(&daemon.identities)));
+    let names_for_close = Arc::clone(&names);
     // On a thread of its own: a burst of verdicts must not hold up the admin and enrollment
     // sockets, which the runtime's workers serve.
     let (reader_done, mut reader) = tokio::sync::oneshot::channel();
@@ -104,6 +112,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         &daemon, &baselines, cfg_detect,
     )));
     let reader_detector = Arc::clone(&detector);
+    let reader_summarizer = summarizer.clone();
     std::thread::Builder::new()
         .name("agentwall-events".into())
         .spawn(move || {
@@ -117,6 +126,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                         events_tx,
                         Some(reader_audit),
                         Some(reader_detector),
+                        reader_summarizer,
                     ))
                 });
             let _ = reader_done.send(result);
@@ -257,8 +267,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // full queue blocks whoever records), the daemon is gone within SHUTDOWN_LIMIT; what could
     // not be written is noted for the next start. The kernel keeps enforcing either way.
     arm_shutdown_limit(audit.clone(), unwritten_note(&daemon.cfg));
-    // The reader takes what the ring holds (allowed verdicts wait for its poll), then the
-    // last losses are counted: the log ends with every event accounted for.
+    // The last summaries, with the budgets off from here to the next daemon: what the
+    // programs judge meanwhile goes to the ring. The reader takes what the ring holds
+    // (allowed verdicts wait for its poll), then the last losses are counted: the log ends
+    // with every event accounted for.
+    if let Some(s) = &summarizer {
+        let (s, names, audit) = (Arc::clone(s), Arc::clone(&names_for_close), audit.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            s.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .close(names.as_ref(), &audit);
+        })
+        .await;
+    }
     tokio::time::sleep(events::POLL_INTERVAL * 2).await;
     losses.check().await;
     {

@@ -14,6 +14,7 @@
 //!   judge, with their descendants. A cgroup enters it before the cgroup programs attach.
 
 pub mod actor;
+pub mod budgets;
 pub mod layout;
 mod pins;
 mod unix;
@@ -186,6 +187,8 @@ pub struct Enforcer {
     /// The Unix socket programs, or why they are missing.
     unix: Result<unix::UnixPrograms, String>,
     unix_rules: HashMap<MapData, UnixKey, u32>,
+    /// Until the daemon takes them ([`Self::take_budgets`]).
+    budgets: Option<budgets::EventBudgets>,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -220,7 +223,11 @@ impl Enforcer {
             .map_max_entries(maps::BINDINGS, limits.max_bindings)
             .map_max_entries(maps::ENFORCED, limits.max_bindings)
             .map_max_entries(maps::RULES, limits.max_rule_nodes)
-            .map_max_entries(maps::EVENTS, limits.event_ring_bytes);
+            .map_max_entries(maps::EVENTS, limits.event_ring_bytes)
+            .map_max_entries(
+                maps::BUDGETS,
+                limits.max_bindings.saturating_mul(2).saturating_add(1),
+            );
         if let Ok(l) = &kernel_layout {
             loader.override_global(agentwall_common::lsm::LAYOUT_GLOBAL, l, true);
         }
@@ -270,6 +277,7 @@ impl Enforcer {
             .map_err(map_err(maps::UNIX_RULES, "opening"))?;
         let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
             .map_err(map_err(maps::EVENTS, "opening"))?;
+        let budgets = budgets::EventBudgets::take(&mut ebpf)?;
         let generation = state
             .get(&0, 0)
             .map_err(map_err(maps::STATE, "reading"))?
@@ -289,6 +297,7 @@ impl Enforcer {
             task_hooks: TaskHooks::Missing(String::new()),
             unix,
             unix_rules,
+            budgets: Some(budgets),
         };
         enforcer.task_hooks = match kernel_layout.and_then(|_| {
             enforcer.attach_task_hooks().map_err(|e| {
@@ -310,6 +319,12 @@ impl Enforcer {
         // A daemon that died while writing a generation leaves its partial nodes behind.
         enforcer.purge_inactive()?;
         Ok((enforcer, events))
+    }
+
+    /// The event budget maps, once: the daemon sets the budgets before it attaches anything
+    /// and reads the summaries on the event reader's thread. Left here, no budget applies.
+    pub fn take_budgets(&mut self) -> Option<budgets::EventBudgets> {
+        self.budgets.take()
     }
 
     pub fn layout(&self) -> &PinLayout {

@@ -34,6 +34,7 @@ fn map_fd(map: &Map) -> Option<RawFd> {
         Map::Array(d)
         | Map::HashMap(d)
         | Map::LpmTrie(d)
+        | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
         | Map::PerCpuHashMap(d)
         | Map::RingBuf(d) => d,

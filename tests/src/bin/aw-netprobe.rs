@@ -574,6 +574,24 @@ fn run(line: &str) -> String {
             }
             Ok(format!("eperm={eperm} other={other}"))
         }
+        ("udp-flood-for", [a, ms]) => {
+            // As `udp-flood`, for a time rather than a count (bounded: at most a minute).
+            let a = addr(a)?;
+            let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
+            let end = Instant::now() + Duration::from_millis(ms.min(60_000));
+            let s = std::net::UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+                .map_err(|e| errno(&e))?;
+            let (mut eperm, mut other) = (0u64, 0u64);
+            while Instant::now() < end {
+                for _ in 0..1000 {
+                    match s.send_to(b"x", a) {
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                        _ => other += 1,
+                    }
+                }
+            }
+            Ok(format!("eperm={eperm} other={other}"))
+        }
         ("unshare-net", []) => Ok(unshare_net()),
         ("join-net", [path]) => {
             let f = std::fs::File::open(path).map_err(|e| errno(&e))?;

@@ -1,0 +1,390 @@
+//! Summaries of the verdicts the event budgets held back (`agentwall_common::budget`): once
+//! per interval, one `verdict_summary` record per agent over its budget, with its busiest
+//! flows and an exact total, and an `event_flood` alert for each such agent.
+//!
+//! The total comes from the agent's bucket, a counter the kernel only adds to, so it is exact
+//! even when the per-flow breakdown is not complete (the kernel's table of flows full, or a
+//! verdict counted while its flow was being read): the difference is stated, never lost.
+//! The totals are read before the flows, and the kernel counts a verdict in its flow before
+//! its total, so a window's flows hold every verdict of its total that was kept.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::atomic::Ordering,
+    time::{Duration, SystemTime},
+};
+
+use agentwall_common::budget::{self, Summary, SummaryKey};
+use serde::Serialize;
+
+use super::{BootClock, Resolve, code_name, display_addr, family_name, is_unix, proto_name};
+use crate::{
+    audit::{detect::Alert, sink::AuditHandle},
+    config::EventsConfig,
+    enforce::budgets::EventBudgets,
+};
+
+/// Flows listed in one summary record, the busiest first; the rest are counted together.
+pub const MAX_FLOWS: usize = 16;
+
+/// One agent's verdicts held back in a window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerdictSummary {
+    /// The end of the window, RFC 3339.
+    pub time: String,
+    pub window_start: String,
+    /// The cgroup; none for the cgroups without a binding, which share one budget (each
+    /// flow names its cgroup).
+    pub cgroup_id: Option<u64>,
+    pub policy: Option<String>,
+    pub spiffe_id: Option<String>,
+    /// Every verdict held back in the window, exactly. The flows' counts add up to it but
+    /// for `unattributed`, and for verdicts at the window's edges, which one window may
+    /// count in its total and the next in its flows: over consecutive windows the totals
+    /// are exact.
+    pub suppressed: u64,
+    pub flows: Vec<SummaryFlow>,
+    /// Flows past the [`MAX_FLOWS`] listed, and their verdicts.
+    pub other_flows: u64,
+    pub other_count: u64,
+    /// Verdicts in `suppressed` whose flow was not kept (the kernel's table of flows was
+    /// full, or the verdict was counted while its flow was being read).
+    pub unattributed: u64,
+}
+
+/// One flow of a summary: what a verdict record would have said, but for the task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SummaryFlow {
+    pub cgroup_id: u64,
+    pub hook: String,
+    pub verdict: String,
+    pub reason: String,
+    pub protocol: String,
+    pub family: String,
+    /// The destination as judged; none on the Unix hooks (their names are not kept in
+    /// summaries) and for socket creations.
+    pub dst: Option<IpAddr>,
+    pub port: u16,
+    pub count: u64,
+    pub first: String,
+    pub last: String,
+}
+
+/// Reads the budget maps and writes the summaries; owned by the event reader.
+pub struct Summarizer {
+    budgets: EventBudgets,
+    cfg: EventsConfig,
+    /// Each bucket's count of held-back verdicts as last read.
+    seen: HashMap<u64, u64>,
+    /// When each bucket last raised a flood alert.
+    alerted: HashMap<u64, SystemTime>,
+    window_start: SystemTime,
+}
+
+impl std::fmt::Debug for Summarizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Summarizer")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+impl Summarizer {
+    /// Applies the budgets of `cfg` to the programs (before any is attached).
+    pub fn start(
+        mut budgets: EventBudgets,
+        cfg: EventsConfig,
+    ) -> Result<Self, crate::enforce::EnforceError> {
+        budgets.set(cfg.kernel())?;
+        Ok(Self {
+            budgets,
+            cfg,
+            seen: HashMap::new(),
+            alerted: HashMap::new(),
+            window_start: SystemTime::now(),
+        })
+    }
+
+    pub fn every(&self) -> Duration {
+        self.cfg.summary_every
+    }
+
+    /// Writes the summaries of the window that ends now, and the flood alerts.
+    pub fn run(&mut self, names: &dyn Resolve, audit: &AuditHandle) {
+        // Totals first: see the module's documentation.
+        let totals = self.budgets.suppressed();
+        let entries = self.budgets.take_summaries();
+        let now = SystemTime::now();
+        let summaries = build(
+            entries,
+            &totals,
+            &mut self.seen,
+            names,
+            BootClock::now(),
+            (self.window_start, now),
+        );
+        let window_secs = now
+            .duration_since(self.window_start)
+            .map_or(0, |d| d.as_secs().max(1));
+        self.window_start = now;
+        let quiet = self.cfg.flood_alert_every;
+        self.alerted
+            .retain(|_, at| now.duration_since(*at).is_ok_and(|d| d < quiet));
+        for s in summaries {
+            audit.state.event_summaries.fetch_add(1, Ordering::Relaxed);
+            audit
+                .state
+                .events_suppressed
+                .fetch_add(s.suppressed, Ordering::Relaxed);
+            let key = s.cgroup_id.unwrap_or(budget::UNBOUND_KEY);
+            let alert =
+                (s.suppressed > 0 && !self.alerted.contains_key(&key)).then(|| Alert::EventFlood {
+                    identity: s
+                        .spiffe_id
+                        .clone()
+                        .or_else(|| s.policy.clone())
+                        .unwrap_or_else(|| "cgroups without a binding".into()),
+                    cgroup_id: s.cgroup_id,
+                    suppressed: s.suppressed,
+                    window_secs,
+                    budget_per_second: self.cfg.cgroup_rate,
+                });
+            audit.record("verdict_summary", &s);
+            if let Some(alert) = alert {
+                tracing::warn!(?alert, "behavioral alert");
+                self.alerted.insert(key, now);
+                audit.state.alerts.fetch_add(1, Ordering::Relaxed);
+                audit.state.event_floods.fetch_add(1, Ordering::Relaxed);
+                audit.record("alert", &alert);
+            }
+        }
+    }
+
+    /// At shutdown: turns the budgets off, so that what the programs judge until the next
+    /// daemon takes over goes to the ring (read by that daemon, or counted as lost there),
+    /// then writes the last summaries.
+    pub fn close(&mut self, names: &dyn Resolve, audit: &AuditHandle) {
+        if let Err(e) = self.budgets.set(Default::default()) {
+            tracing::warn!(error = %e, "cannot turn the event budgets off for the handover");
+        }
+        self.run(names, audit);
+    }
+}
+
+/// The summaries of one window: `entries` as taken from the kernel, `totals` each bucket's
+/// running count of verdicts held back, `seen` those counts as of the last window (updated).
+fn build(
+    entries: Vec<(SummaryKey, Summary)>,
+    totals: &[(u64, u64)],
+    seen: &mut HashMap<u64, u64>,
+    names: &dyn Resolve,
+    clock: BootClock,
+    (start, end): (SystemTime, SystemTime),
+) -> Vec<VerdictSummary> {
+    // Held back in this window, by bucket. A bucket the kernel evicted and made again counts
+    // from zero: its count is then all new.
+    let mut delta: HashMap<u64, u64> = HashMap::new();
+    let mut live = HashMap::with_capacity(totals.len());
+    for &(key, n) in totals {
+        let before = seen.get(&key).copied().unwrap_or(0);
+        let d = if n >= before { n - before } else { n };
+        if d > 0 {
+            delta.insert(key, d);
+        }
+        live.insert(key, n);
+    }
+    *seen = live;
+    let mut flows: HashMap<u64, Vec<(SummaryKey, Summary)>> = HashMap::new();
+    for (k, v) in entries {
+        let key = if k.slot == 0 {
+            budget::UNBOUND_KEY
+        } else {
+            k.cgroup_id
+        };
+        flows.entry(key).or_default().push((k, v));
+    }
+    let mut keys: Vec<u64> = delta.keys().chain(flows.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.into_iter()
+        .map(|key| {
+            let mut list = flows.remove(&key).unwrap_or_default();
+            list.sort_by_key(|e| std::cmp::Reverse(e.1.count));
+            let counted: u64 = list.iter().map(|(_, v)| v.count).sum();
+            // The bucket's count is exact; the flows' may be off at the window's edges (a
+            // verdict's two counts are not taken in one step), so it is not the total.
+            let suppressed = delta.get(&key).copied().unwrap_or(0);
+            let slot = list.iter().map(|(k, _)| k.slot).find(|s| *s != 0);
+            let bound = key != budget::UNBOUND_KEY;
+            let listed: Vec<SummaryFlow> = list
+                .iter()
+                .take(MAX_FLOWS)
+                .map(|(k, v)| flow(k, v, clock))
+                .collect();
+            let rest = &list[listed.len()..];
+            VerdictSummary {
+                time: rfc3339(end),
+                window_start: rfc3339(start),
+                cgroup_id: bound.then_some(key),
+                policy: slot.and_then(|s| names.policy(s)),
+                spiffe_id: bound.then(|| names.identity(key)).flatten(),
+                suppressed,
+                other_flows: rest.len() as u64,
+                other_count: rest.iter().map(|(_, v)| v.count).sum(),
+                unattributed: suppressed.saturating_sub(counted),
+                flows: listed,
+            }
+        })
+        .collect()
+}
+
+fn flow(k: &SummaryKey, v: &Summary, clock: BootClock) -> SummaryFlow {
+    let has_addr = !is_unix(k.hook)
+        && k.hook != agentwall_common::event::Hook::SOCK_CREATE
+        && k.reason != agentwall_common::event::Reason::UNPARSED;
+    SummaryFlow {
+        cgroup_id: k.cgroup_id,
+        hook: code_name(k.hook.name(), k.hook.0),
+        verdict: code_name(k.verdict.name(), k.verdict.0),
+        reason: code_name(k.reason.name(), k.reason.0),
+        protocol: proto_name(k.proto),
+        family: family_name(k.family),
+        dst: has_addr.then(|| display_addr(&k.addr)),
+        port: k.port,
+        count: v.count,
+        first: rfc3339(clock.wall(v.first_ns)),
+        last: rfc3339(clock.wall(v.last_ns)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentwall_common::event::{Hook, Reason, Verdict};
+
+    struct Names;
+    impl Resolve for Names {
+        fn policy(&self, slot: u32) -> Option<String> {
+            (slot == 3).then(|| "web".into())
+        }
+        fn rule(&self, _: u32, _: u32) -> Option<String> {
+            None
+        }
+        fn identity(&self, cgroup_id: u64) -> Option<String> {
+            (cgroup_id == 42).then(|| "spiffe://example.org/web".into())
+        }
+    }
+
+    fn key(cgroup_id: u64, slot: u32, port: u16) -> SummaryKey {
+        SummaryKey {
+            cgroup_id,
+            addr: agentwall_common::addr::from_v4([127, 0, 0, 1]),
+            port,
+            hook: Hook::CONNECT4,
+            proto: 6,
+            verdict: Verdict::DENY,
+            reason: Reason::NO_RULE,
+            family: 2,
+            slot,
+            ..Default::default()
+        }
+    }
+
+    fn count(n: u64) -> Summary {
+        Summary {
+            count: n,
+            first_ns: 1,
+            last_ns: 2,
+        }
+    }
+
+    fn window() -> (SystemTime, SystemTime) {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        (t, t + Duration::from_secs(10))
+    }
+
+    #[test]
+    fn totals_come_from_the_buckets_and_the_gap_is_stated() {
+        let mut seen = HashMap::from([(42, 100)]);
+        let out = build(
+            vec![(key(42, 3, 80), count(30)), (key(42, 3, 81), count(50))],
+            &[(42, 200)],
+            &mut seen,
+            &Names,
+            BootClock::now(),
+            window(),
+        );
+        assert_eq!(out.len(), 1);
+        let s = &out[0];
+        assert_eq!(s.cgroup_id, Some(42));
+        assert_eq!(s.policy.as_deref(), Some("web"));
+        assert_eq!(s.spiffe_id.as_deref(), Some("spiffe://example.org/web"));
+        assert_eq!(
+            s.suppressed, 100,
+            "the bucket's count since the last window"
+        );
+        assert_eq!(s.unattributed, 20);
+        assert_eq!(s.flows[0].port, 81, "the busiest flow first");
+        assert_eq!(s.flows[0].dst, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(seen[&42], 200);
+    }
+
+    #[test]
+    fn flows_past_the_limit_are_counted_together() {
+        let entries: Vec<_> = (0..(MAX_FLOWS as u16 + 4))
+            .map(|p| (key(7, 3, 1000 + p), count(u64::from(p) + 1)))
+            .collect();
+        let total: u64 = entries.iter().map(|(_, v)| v.count).sum();
+        let out = build(
+            entries,
+            &[(7, total)],
+            &mut HashMap::new(),
+            &Names,
+            BootClock::now(),
+            window(),
+        );
+        let s = &out[0];
+        assert_eq!(s.flows.len(), MAX_FLOWS);
+        assert_eq!(s.other_flows, 4);
+        assert_eq!(s.other_count, 1 + 2 + 3 + 4);
+        assert_eq!(s.suppressed, total);
+        assert_eq!(s.unattributed, 0);
+    }
+
+    #[test]
+    fn unbound_cgroups_share_one_summary_and_a_remade_bucket_counts_from_zero() {
+        let mut seen = HashMap::from([(budget::UNBOUND_KEY, 500), (9, 4)]);
+        let out = build(
+            vec![(key(5, 0, 80), count(2)), (key(6, 0, 80), count(3))],
+            &[(budget::UNBOUND_KEY, 5)],
+            &mut seen,
+            &Names,
+            BootClock::now(),
+            window(),
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].cgroup_id, None);
+        assert_eq!(out[0].suppressed, 5);
+        assert_eq!(out[0].flows.len(), 2);
+        assert!(!seen.contains_key(&9), "gone buckets are forgotten");
+    }
+
+    #[test]
+    fn a_quiet_window_writes_nothing() {
+        let mut seen = HashMap::from([(42, 10)]);
+        let out = build(
+            vec![],
+            &[(42, 10)],
+            &mut seen,
+            &Names,
+            BootClock::now(),
+            window(),
+        );
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,150 @@
+//! Event budgets (`agentwall_common::budget`): whether a verdict's record is written, or
+//! counted into a summary.
+
+use agentwall_common::{
+    budget::{self, Bucket, BudgetConfig, Rate, Summary, SummaryKey},
+    maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_SUMMARIES},
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LruHashMap},
+};
+
+use crate::decide::{Decision, Flow};
+
+/// `bpf_map_update_elem` flag: only create.
+const BPF_NOEXIST: u64 = 1;
+
+#[map]
+static AW_BUDGET_CFG: Array<BudgetConfig> = Array::with_max_entries(1, 0);
+
+/// Cgroup and identity buckets: at most one per binding and one per policy slot, and the
+/// unbound one; the daemon sizes it to twice the bindings.
+#[map]
+static AW_BUDGETS: LruHashMap<u64, Bucket> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_BINDINGS * 2, 0);
+
+#[map]
+static AW_SUMMARIES: LruHashMap<SummaryKey, Summary> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SUMMARIES, 0);
+
+/// Adds `n` to the u64 at `p` with the BPF atomic add (see `emit::count`).
+#[inline(always)]
+fn atomic_add(p: *mut u64, n: u64) {
+    // SAFETY: `p` points to an 8-aligned u64 in a map value, valid for the program's run;
+    // the instruction reads and writes those 8 bytes only.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {n}",
+            p = in(reg) p,
+            n = in(reg) n,
+            options(nostack),
+        );
+    }
+}
+
+/// Takes one record from the bucket `key` at `now`: `Some(bucket)` if it conforms (or the
+/// bucket could not be kept, which lets the record through), `None` if it is over budget.
+/// The pointer returned is the bucket's, if it exists.
+#[inline(always)]
+fn take(key: u64, rate: &Rate, now: u64) -> Result<Option<*mut Bucket>, *mut Bucket> {
+    let Some(b) = AW_BUDGETS.get_ptr_mut(key) else {
+        let fresh = Bucket {
+            tat_ns: now + rate.interval_ns,
+            suppressed: 0,
+        };
+        // A full LRU map makes room; a failure leaves the bucket for the next record.
+        let _ = AW_BUDGETS.insert(key, fresh, BPF_NOEXIST);
+        return Ok(None);
+    };
+    // SAFETY: a value of the map, valid for the program's run; another CPU may write the
+    // same word meanwhile (see `agentwall_common::budget`), so it is read and written whole.
+    unsafe {
+        let tat = core::ptr::read_volatile(&raw const (*b).tat_ns);
+        match rate.take(tat, now) {
+            Some(next) => {
+                core::ptr::write_volatile(&raw mut (*b).tat_ns, next);
+                Ok(Some(b))
+            }
+            None => Err(b),
+        }
+    }
+}
+
+/// Whether the record of verdict `d` on `flow` at `now` is written. If not, the verdict is
+/// counted in its cgroup's bucket and in the summaries, and `false` is returned.
+#[inline(always)]
+pub(crate) fn admit(flow: &Flow, d: &Decision, now: u64) -> bool {
+    let Some(cfg) = AW_BUDGET_CFG.get_ptr(0) else {
+        return true;
+    };
+    // SAFETY: the array's only entry, written whole by the daemon before any program is
+    // attached and not changed afterwards.
+    let cfg = unsafe { *cfg };
+    if cfg.cgroup.interval_ns == 0 {
+        return true;
+    }
+    let key = if d.slot == 0 {
+        budget::UNBOUND_KEY
+    } else {
+        flow.cgroup_id
+    };
+    let bucket = match take(key, &cfg.cgroup, now) {
+        Ok(None) => return true,
+        Ok(Some(bucket)) => {
+            if d.slot == 0 || cfg.identity.interval_ns == 0 {
+                return true;
+            }
+            match take(budget::identity_key(d.slot), &cfg.identity, now) {
+                Ok(_) => return true,
+                Err(_) => bucket,
+            }
+        }
+        Err(bucket) => bucket,
+    };
+    // The flow first, then the total, which the daemon reads before the flows: a window's
+    // flows then hold every verdict its total counts (but those a full table evicted).
+    summarize(flow, d, now);
+    // SAFETY: as in `take`.
+    atomic_add(unsafe { &raw mut (*bucket).suppressed }, 1);
+    false
+}
+
+/// Counts a verdict held back into its summary.
+#[inline(always)]
+fn summarize(flow: &Flow, d: &Decision, now: u64) {
+    let key = SummaryKey {
+        cgroup_id: flow.cgroup_id,
+        // Constant on the Unix hooks, whose names are not kept here.
+        addr: agentwall_common::addr::from_quads(flow.dst),
+        port: flow.port,
+        hook: flow.hook,
+        proto: flow.proto,
+        verdict: d.verdict,
+        reason: d.reason,
+        family: flow.family,
+        _pad: 0,
+        slot: d.slot,
+        _pad2: 0,
+    };
+    if let Some(s) = AW_SUMMARIES.get_ptr_mut(key) {
+        // SAFETY: a value of the map, valid for the program's run.
+        unsafe {
+            atomic_add(&raw mut (*s).count, 1);
+            core::ptr::write_volatile(&raw mut (*s).last_ns, now);
+        }
+        return;
+    }
+    let fresh = Summary {
+        count: 1,
+        first_ns: now,
+        last_ns: now,
+    };
+    // Another CPU may have made it meanwhile: then add to its count.
+    if AW_SUMMARIES.insert(key, fresh, BPF_NOEXIST).is_err()
+        && let Some(s) = AW_SUMMARIES.get_ptr_mut(key)
+    {
+        // SAFETY: as above.
+        atomic_add(unsafe { &raw mut (*s).count }, 1);
+    }
+}
