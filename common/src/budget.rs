@@ -21,11 +21,33 @@ use crate::{
 pub const UNBOUND_KEY: u64 = u64::MAX;
 /// Set in the key of an identity's bucket, whose low bits are the policy slot.
 pub const IDENTITY_KEY: u64 = 1 << 63;
+/// Set in the key of a bucket of allowed verdicts. Allowed and denied verdicts have buckets
+/// of their own, so that an agent cannot flood denials to have what it did reach summarized.
+pub const ALLOWED_KEY: u64 = 1 << 62;
 
-/// The key of the identity (policy slot) bucket.
+/// The key of a cgroup's bucket for verdicts that `allowed` or not.
 #[inline(always)]
-pub const fn identity_key(slot: u32) -> u64 {
-    IDENTITY_KEY | slot as u64
+pub const fn cgroup_key(cgroup_id: u64, allowed: bool) -> u64 {
+    if allowed {
+        cgroup_id | ALLOWED_KEY
+    } else {
+        cgroup_id
+    }
+}
+
+/// The key of the identity (policy slot) bucket for verdicts that `allowed` or not.
+#[inline(always)]
+pub const fn identity_key(slot: u32, allowed: bool) -> u64 {
+    cgroup_key(IDENTITY_KEY | slot as u64, allowed)
+}
+
+/// The cgroup a cgroup bucket's key names, `None` for identity buckets and the unbound one.
+pub const fn cgroup_of_key(key: u64) -> Option<u64> {
+    if key & IDENTITY_KEY != 0 {
+        None
+    } else {
+        Some(key & !ALLOWED_KEY)
+    }
 }
 
 /// One rate: a record costs `interval_ns`; a burst of `tolerance_ns / interval_ns + 1`
@@ -161,6 +183,16 @@ mod tests {
         let r = Rate::new(0, 100);
         assert_eq!(r.take(7, 1), Some(7));
         assert_eq!(BudgetConfig::default().cgroup.take(0, 0), Some(0));
+    }
+
+    #[test]
+    fn bucket_keys_keep_cgroups_identities_and_verdicts_apart() {
+        assert_eq!(cgroup_of_key(cgroup_key(42, true)), Some(42));
+        assert_eq!(cgroup_of_key(cgroup_key(42, false)), Some(42));
+        assert_ne!(cgroup_key(42, true), cgroup_key(42, false));
+        assert_eq!(cgroup_of_key(identity_key(3, true)), None);
+        assert_eq!(cgroup_of_key(UNBOUND_KEY), None);
+        assert_ne!(identity_key(3, true), identity_key(3, false));
     }
 
     #[test]

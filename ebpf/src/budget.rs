@@ -3,6 +3,7 @@
 
 use agentwall_common::{
     budget::{self, Bucket, BudgetConfig, Rate, Summary, SummaryKey},
+    event::Verdict,
     maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_SUMMARIES},
 };
 use aya_ebpf::{
@@ -18,11 +19,12 @@ const BPF_NOEXIST: u64 = 1;
 #[map]
 static AW_BUDGET_CFG: Array<BudgetConfig> = Array::with_max_entries(1, 0);
 
-/// Cgroup and identity buckets: at most one per binding and one per policy slot, and the
-/// unbound one; the daemon sizes it to twice the bindings.
+/// Cgroup and identity buckets, for allowed and denied verdicts apart: at most two per
+/// binding and two per policy slot, and the unbound one; the daemon sizes it to four times
+/// the bindings.
 #[map]
 static AW_BUDGETS: LruHashMap<u64, Bucket> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_BINDINGS * 2, 0);
+    LruHashMap::with_max_entries(DEFAULT_MAX_BINDINGS * 4, 0);
 
 #[map]
 static AW_SUMMARIES: LruHashMap<SummaryKey, Summary> =
@@ -84,10 +86,11 @@ pub(crate) fn admit(flow: &Flow, d: &Decision, now: u64) -> bool {
     if cfg.cgroup.interval_ns == 0 {
         return true;
     }
+    let allowed = d.verdict == Verdict::ALLOW;
     let key = if d.slot == 0 {
         budget::UNBOUND_KEY
     } else {
-        flow.cgroup_id
+        budget::cgroup_key(flow.cgroup_id, allowed)
     };
     let bucket = match take(key, &cfg.cgroup, now) {
         Ok(None) => return true,
@@ -95,7 +98,7 @@ pub(crate) fn admit(flow: &Flow, d: &Decision, now: u64) -> bool {
             if d.slot == 0 || cfg.identity.interval_ns == 0 {
                 return true;
             }
-            match take(budget::identity_key(d.slot), &cfg.identity, now) {
+            match take(budget::identity_key(d.slot, allowed), &cfg.identity, now) {
                 Ok(_) => return true,
                 Err(_) => bucket,
             }

@@ -846,3 +846,43 @@ fn a_flooding_agent_is_summarized_and_a_quiet_one_loses_no_record() {
     assert_eq!(alert["identity"], "web");
     assert!(alert["suppressed"].as_u64().unwrap() > 0, "{alert}");
 }
+
+/// Issue 22, the attacker's use of budgets: flood denials to have what it reached meanwhile
+/// summarized (a count among thousands) rather than recorded. Allowed verdicts have budgets
+/// of their own, so the connect it made in the middle of its flood is a record of its own,
+/// with its process.
+#[test]
+fn a_denial_flood_cannot_hide_what_the_agent_reached() {
+    let _s = serial();
+    let reached = TcpSink::new("127.0.0.1:0");
+    let flood_target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = flood_target.local_addr().unwrap().port();
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[reached.port()]))],
+        Some("events:\n  summary_every: 1s\n"),
+    );
+    let out = d.exec(
+        "web",
+        None,
+        &[&format!(
+            "udp-flood-around 127.0.0.1:{udp_port} 2000 127.0.0.1:{}",
+            reached.port()
+        )],
+    );
+    let report = lines(&out).join(" ");
+    assert!(report.starts_with("tcp=ok eperm="), "{report}");
+    assert!(report.ends_with(" other=0"), "{report}");
+    assert!(d.stop().success());
+    let all = records(&audit(&d, &["tail", "-n", "10000000"]));
+    let recorded: Vec<_> = all
+        .iter()
+        .filter(|r| r["kind"] == "verdict" && r["port"] == reached.port())
+        .collect();
+    assert_eq!(recorded.len(), 1, "the connect has a record of its own");
+    assert_eq!(recorded[0]["verdict"], "allow");
+    assert_eq!(recorded[0]["comm"], "aw-netprobe");
+    assert!(
+        all.iter().any(|r| r["kind"] == "verdict_summary"),
+        "the flood itself was summarized"
+    );
+}

@@ -62,13 +62,13 @@ impl EventBudgets {
         out
     }
 
-    /// The verdicts each bucket held back since it was made (cgroup buckets and the unbound
-    /// one; identity buckets count in their cgroups').
+    /// The verdicts each bucket held back since it was made, by bucket key: the cgroup
+    /// buckets and the unbound one (identity buckets count in their cgroups').
     pub fn suppressed(&self) -> Vec<(u64, u64)> {
         self.buckets
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| *k == budget::UNBOUND_KEY || k & budget::IDENTITY_KEY == 0)
+            .filter(|(k, _)| *k == budget::UNBOUND_KEY || budget::cgroup_of_key(*k).is_some())
             .map(|(k, b)| (k, b.suppressed))
             .collect()
     }

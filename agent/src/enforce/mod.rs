@@ -226,7 +226,7 @@ impl Enforcer {
             .map_max_entries(maps::EVENTS, limits.event_ring_bytes)
             .map_max_entries(
                 maps::BUDGETS,
-                limits.max_bindings.saturating_mul(2).saturating_add(1),
+                limits.max_bindings.saturating_mul(4).saturating_add(1),
             );
         if let Ok(l) = &kernel_layout {
             loader.override_global(agentwall_common::lsm::LAYOUT_GLOBAL, l, true);

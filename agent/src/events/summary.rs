@@ -15,7 +15,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use agentwall_common::budget::{self, Summary, SummaryKey};
+use agentwall_common::{
+    budget::{self, Summary, SummaryKey},
+    event::Verdict,
+};
 use serde::Serialize;
 
 use super::{BootClock, Resolve, code_name, display_addr, family_name, is_unix, proto_name};
@@ -25,8 +28,13 @@ use crate::{
     enforce::budgets::EventBudgets,
 };
 
-/// Flows listed in one summary record, the busiest first; the rest are counted together.
-pub const MAX_FLOWS: usize = 16;
+/// Denied flows listed in one summary record, the busiest first; the rest are counted
+/// together.
+pub const MAX_DENIED_FLOWS: usize = 16;
+/// Allowed flows listed in one summary record, in the order they began. Each is a
+/// destination the agent reached, so all are listed up to this bound (a policy that lets an
+/// agent reach more in one window is broad enough that the rest are counted together).
+pub const MAX_ALLOWED_FLOWS: usize = 256;
 
 /// One agent's verdicts held back in a window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,7 +53,8 @@ pub struct VerdictSummary {
     /// are exact.
     pub suppressed: u64,
     pub flows: Vec<SummaryFlow>,
-    /// Flows past the [`MAX_FLOWS`] listed, and their verdicts.
+    /// Flows past those listed ([`MAX_ALLOWED_FLOWS`], [`MAX_DENIED_FLOWS`]), and their
+    /// verdicts.
     pub other_flows: u64,
     pub other_count: u64,
     /// Verdicts in `suppressed` whose flow was not kept (the kernel's table of flows was
@@ -186,15 +195,21 @@ fn build(
     clock: BootClock,
     (start, end): (SystemTime, SystemTime),
 ) -> Vec<VerdictSummary> {
-    // Held back in this window, by bucket. A bucket the kernel evicted and made again counts
-    // from zero: its count is then all new.
+    // Held back in this window, by bucket, then by cgroup (its allowed and denied buckets
+    // together). A bucket the kernel evicted and made again counts from zero: its count is
+    // then all new.
     let mut delta: HashMap<u64, u64> = HashMap::new();
     let mut live = HashMap::with_capacity(totals.len());
     for &(key, n) in totals {
         let before = seen.get(&key).copied().unwrap_or(0);
         let d = if n >= before { n - before } else { n };
-        if d > 0 {
-            delta.insert(key, d);
+        let group = if key == budget::UNBOUND_KEY {
+            Some(key)
+        } else {
+            budget::cgroup_of_key(key)
+        };
+        if let (true, Some(group)) = (d > 0, group) {
+            *delta.entry(group).or_default() += d;
         }
         live.insert(key, n);
     }
@@ -213,20 +228,33 @@ fn build(
     keys.dedup();
     keys.into_iter()
         .map(|key| {
-            let mut list = flows.remove(&key).unwrap_or_default();
-            list.sort_by_key(|e| std::cmp::Reverse(e.1.count));
-            let counted: u64 = list.iter().map(|(_, v)| v.count).sum();
+            let (mut allowed, mut denied): (Vec<_>, Vec<_>) = flows
+                .remove(&key)
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|(k, _)| k.verdict == Verdict::ALLOW);
+            allowed.sort_by_key(|(_, v)| v.first_ns);
+            denied.sort_by_key(|(_, v)| std::cmp::Reverse(v.count));
+            let counted: u64 = allowed.iter().chain(&denied).map(|(_, v)| v.count).sum();
             // The bucket's count is exact; the flows' may be off at the window's edges (a
             // verdict's two counts are not taken in one step), so it is not the total.
             let suppressed = delta.get(&key).copied().unwrap_or(0);
-            let slot = list.iter().map(|(k, _)| k.slot).find(|s| *s != 0);
-            let bound = key != budget::UNBOUND_KEY;
-            let listed: Vec<SummaryFlow> = list
+            let slot = allowed
                 .iter()
-                .take(MAX_FLOWS)
+                .chain(&denied)
+                .map(|(k, _)| k.slot)
+                .find(|s| *s != 0);
+            let bound = key != budget::UNBOUND_KEY;
+            let (a, d) = (
+                allowed.len().min(MAX_ALLOWED_FLOWS),
+                denied.len().min(MAX_DENIED_FLOWS),
+            );
+            let listed: Vec<SummaryFlow> = allowed[..a]
+                .iter()
+                .chain(&denied[..d])
                 .map(|(k, v)| flow(k, v, clock))
                 .collect();
-            let rest = &list[listed.len()..];
+            let rest: Vec<_> = allowed[a..].iter().chain(&denied[d..]).collect();
             VerdictSummary {
                 time: rfc3339(end),
                 window_start: rfc3339(start),
@@ -336,7 +364,7 @@ mod tests {
 
     #[test]
     fn flows_past_the_limit_are_counted_together() {
-        let entries: Vec<_> = (0..(MAX_FLOWS as u16 + 4))
+        let entries: Vec<_> = (0..(MAX_DENIED_FLOWS as u16 + 4))
             .map(|p| (key(7, 3, 1000 + p), count(u64::from(p) + 1)))
             .collect();
         let total: u64 = entries.iter().map(|(_, v)| v.count).sum();
@@ -349,7 +377,7 @@ mod tests {
             window(),
         );
         let s = &out[0];
-        assert_eq!(s.flows.len(), MAX_FLOWS);
+        assert_eq!(s.flows.len(), MAX_DENIED_FLOWS);
         assert_eq!(s.other_flows, 4);
         assert_eq!(s.other_count, 1 + 2 + 3 + 4);
         assert_eq!(s.suppressed, total);
@@ -372,6 +400,39 @@ mod tests {
         assert_eq!(out[0].suppressed, 5);
         assert_eq!(out[0].flows.len(), 2);
         assert!(!seen.contains_key(&9), "gone buckets are forgotten");
+    }
+
+    #[test]
+    fn every_allowed_flow_is_listed_however_busy_the_denied_ones() {
+        // An agent floods many denied destinations to bury the one it reached.
+        let mut entries: Vec<_> = (0..200u16)
+            .map(|p| (key(7, 3, 2000 + p), count(1000)))
+            .collect();
+        let mut reached = key(7, 3, 443);
+        reached.verdict = Verdict::ALLOW;
+        reached.reason = Reason::RULE;
+        entries.push((reached, count(1)));
+        let out = build(
+            entries,
+            &[
+                (budget::cgroup_key(7, false), 200_000),
+                (budget::cgroup_key(7, true), 1),
+            ],
+            &mut HashMap::new(),
+            &Names,
+            BootClock::now(),
+            window(),
+        );
+        assert_eq!(out.len(), 1, "one record per cgroup, both buckets together");
+        let s = &out[0];
+        assert_eq!(s.suppressed, 200_001);
+        assert!(
+            s.flows
+                .iter()
+                .any(|f| f.port == 443 && f.verdict == "allow" && f.count == 1),
+            "{s:?}"
+        );
+        assert_eq!(s.other_flows, 200 - MAX_DENIED_FLOWS as u64);
     }
 
     #[test]

@@ -575,22 +575,19 @@ fn run(line: &str) -> String {
             Ok(format!("eperm={eperm} other={other}"))
         }
         ("udp-flood-for", [a, ms]) => {
-            // As `udp-flood`, for a time rather than a count (bounded: at most a minute).
-            let a = addr(a)?;
-            let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
-            let end = Instant::now() + Duration::from_millis(ms.min(60_000));
-            let s = std::net::UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-                .map_err(|e| errno(&e))?;
-            let (mut eperm, mut other) = (0u64, 0u64);
-            while Instant::now() < end {
-                for _ in 0..1000 {
-                    match s.send_to(b"x", a) {
-                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                        _ => other += 1,
-                    }
-                }
-            }
+            let (eperm, other) = udp_flood_for(addr(a)?, millis(ms)?)?;
             Ok(format!("eperm={eperm} other={other}"))
+        }
+        ("udp-flood-around", [a, ms, tcp_to]) => {
+            // A flood for MS, with a TCP connect to TCP_TO from the same process halfway.
+            let (a, ms, to) = (addr(a)?, millis(ms)?, addr(tcp_to)?);
+            let flood = std::thread::spawn(move || udp_flood_for(a, ms));
+            std::thread::sleep(ms / 2);
+            let connected = tcp(to, "hello\n");
+            let (eperm, other) = flood
+                .join()
+                .map_err(|_| "err flood thread panicked".to_string())??;
+            Ok(format!("tcp={connected} eperm={eperm} other={other}"))
         }
         ("unshare-net", []) => Ok(unshare_net()),
         ("join-net", [path]) => {
@@ -722,4 +719,27 @@ fn main() {
     for a in args {
         let _ = writeln!(out, "{}", run(&a));
     }
+}
+
+fn millis(ms: &str) -> Result<Duration, String> {
+    ms.parse()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("err bad millis {ms:?}"))
+}
+
+/// Sends datagrams to `a` for `d` (at most a minute): how many were refused with EPERM, and
+/// how many were not.
+fn udp_flood_for(a: SocketAddr, d: Duration) -> Result<(u64, u64), String> {
+    let end = Instant::now() + d.min(Duration::from_secs(60));
+    let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
+    let (mut eperm, mut other) = (0u64, 0u64);
+    while Instant::now() < end {
+        for _ in 0..1000 {
+            match s.send_to(b"x", a) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                _ => other += 1,
+            }
+        }
+    }
+    Ok((eperm, other))
 }
