@@ -1132,6 +1132,13 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                             s.checkpoints,
                             s.last_checkpoint_seq
                         );
+                        if let Some(at) = &s.history_anchor {
+                            println!(
+                                "the kept history starts at record {}: records 1 to {} were removed by retention (signed anchor of {at}; archived segments put back beside these verify the whole)",
+                                s.first_seq,
+                                s.first_seq - 1
+                            );
+                        }
                         if integrity_only {
                             println!(
                                 "integrity only: nothing decrypted; records up to {} are sealed by a signed checkpoint{}",

@@ -217,6 +217,29 @@ pub struct AuditConfig {
     /// What new flows meet while the log cannot be written: `enforce` (the policy, as
     /// always) or `deny` (everything in enforced cgroups is denied until the log is back).
     pub when_down: WhenDown,
+    /// Retention: the segments together stay under `retain_bytes` and under
+    /// `retain_percent` of the audit file system; the oldest sealed ones go first (copied to
+    /// `archive_dir` first, if set). `retain_age` (0: none) also removes older ones.
+    pub retain_bytes: u64,
+    pub retain_percent: u8,
+    #[serde(with = "duration_text")]
+    pub retain_age: std::time::Duration,
+    pub archive_dir: Option<PathBuf>,
+    /// An `audit_space_low` alert when the audit file system has less than this share free.
+    pub space_warn_percent: u8,
+}
+
+impl AuditConfig {
+    /// Retention as the writer applies it.
+    pub fn retention(&self) -> crate::audit::retention::Retention {
+        crate::audit::retention::Retention {
+            max_bytes: self.retain_bytes,
+            max_percent: self.retain_percent,
+            max_age: self.retain_age,
+            archive: self.archive_dir.clone(),
+            warn_free_percent: self.space_warn_percent,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -238,6 +261,11 @@ impl Default for AuditConfig {
             stdout: false,
             syslog: None,
             when_down: WhenDown::Enforce,
+            retain_bytes: 1 << 30,
+            retain_percent: 50,
+            retain_age: std::time::Duration::ZERO,
+            archive_dir: None,
+            space_warn_percent: 20,
         }
     }
 }
@@ -579,6 +607,31 @@ impl Config {
                 field: "audit",
                 message: "rotate_bytes must be at least 4096 and checkpoint_every above zero"
                     .into(),
+            });
+        }
+        let a = &self.audit;
+        if a.retain_bytes < a.rotate_bytes.saturating_mul(2)
+            || !(1..=100).contains(&a.retain_percent)
+            || a.space_warn_percent > 90
+        {
+            return Err(ConfigError::Invalid {
+                field: "audit",
+                message: format!(
+                    "retain_bytes ({}) must be at least twice rotate_bytes ({}), retain_percent \
+                     between 1 and 100, space_warn_percent at most 90",
+                    a.retain_bytes, a.rotate_bytes
+                ),
+            });
+        }
+        if let Some(archive) = &a.archive_dir
+            && (!archive.is_absolute() || archive.starts_with(&audit_dir))
+        {
+            return Err(ConfigError::Invalid {
+                field: "audit.archive_dir",
+                message: format!(
+                    "{} must be an absolute path outside the audit directory",
+                    archive.display()
+                ),
             });
         }
         for e in &self.enforce {

@@ -347,9 +347,14 @@ impl Drop for Tmpfs {
 /// A 512 KiB file system for an audit log, in a test directory of its own: the file system, its
 /// directory, and the log directory on it.
 fn small_audit_fs() -> (Tmpfs, std::path::PathBuf, std::path::PathBuf) {
+    audit_fs_of("512k")
+}
+
+/// [`small_audit_fs`] of another size.
+fn audit_fs_of(size: &str) -> (Tmpfs, std::path::PathBuf, std::path::PathBuf) {
     let d0 = TestDaemon::prepare(&[], None);
     let fs_dir = d0.dir.join("auditfs");
-    let tmpfs = Tmpfs::new(fs_dir.clone(), "512k");
+    let tmpfs = Tmpfs::new(fs_dir.clone(), size);
     let log_dir = fs_dir.join("log");
     drop(d0);
     (tmpfs, fs_dir, log_dir)
@@ -885,4 +890,110 @@ fn a_denial_flood_cannot_hide_what_the_agent_reached() {
         all.iter().any(|r| r["kind"] == "verdict_summary"),
         "the flood itself was summarized"
     );
+}
+
+/// Issue 22, audit space: on a 1 MiB file system, retention keeps the log under half of it,
+/// removing the oldest segments under a signed anchor once their removal is recorded; a
+/// filler past the free-space watermark raises an alert; the log verifies and says where
+/// the kept history starts, and the archive put back makes it whole again.
+#[test]
+fn retention_keeps_a_small_audit_file_system_alive_and_the_log_verifiable() {
+    use std::time::Duration;
+    let _s = serial();
+    let (tmpfs, fs_dir, log_dir) = audit_fs_of("1m");
+    let archive = fs_dir.with_extension("archive");
+    let config = format!(
+        "audit:\n  dir: {}\n  rotate_bytes: 32768\n  archive_dir: {}\n  space_warn_percent: 20\n",
+        log_dir.display(),
+        archive.display()
+    );
+    let flood_target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = flood_target.local_addr().unwrap().port();
+    let mut d =
+        TestDaemon::start_with_config(&[("p.yaml", &tcp_policy("web", &[1]))], Some(&config));
+    // Denials at the default budget (a burst of 2000 records, then 200 a second): the log
+    // passes half of the file system within seconds.
+    let mut flooder = d
+        .exec_under(
+            &["--policy", "web"],
+            None,
+            &[&format!("udp-flood-for 127.0.0.1:{udp_port} 30000")],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = agentwall_tests::wait_for(Duration::from_secs(40), "retention", || {
+        let s = d.status().audit;
+        (s.segments_removed > 0).then_some(s)
+    });
+    assert!(!status.failing, "{status:?}");
+    assert_eq!(status.retention_errors, 0);
+    let used: u64 = fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        used < 700 << 10,
+        "the log stays near half of the file system: {used}"
+    );
+    // Space taken by something else: below the watermark, an alert well before it is full.
+    let free = status.free_bytes;
+    let filler = fs_dir.join("filler");
+    fs::write(
+        &filler,
+        vec![0u8; (free - status.total_bytes / 10) as usize],
+    )
+    .unwrap();
+    let status = agentwall_tests::wait_for(Duration::from_secs(10), "the space alert", || {
+        let s = d.status().audit;
+        s.space_low.then_some(s)
+    });
+    assert!(
+        !status.failing,
+        "the alert comes before the log fails: {status:?}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(flooder.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = flooder.wait();
+    fs::remove_file(&filler).unwrap();
+    assert!(d.stop().success());
+
+    let key = d.audit_key().display().to_string();
+    let node = d.state_dir().join("audit-node.pub").display().to_string();
+    let log = log_dir.to_str().unwrap();
+    let v = d.cli(&["audit", "verify", log, "--key", &key, "--node-key", &node]);
+    assert!(v.status.success(), "{v:?}");
+    let said = String::from_utf8_lossy(&v.stdout).into_owned();
+    assert!(said.contains("the kept history starts at record"), "{said}");
+    let q = d.cli(&[
+        "audit",
+        "query",
+        log,
+        "--key",
+        &key,
+        "--kind",
+        "audit_retention",
+    ]);
+    let removals = records(&q);
+    assert!(!removals.is_empty(), "each removal is recorded: {q:?}");
+    let q = d.cli(&["audit", "query", log, "--key", &key, "--kind", "alert"]);
+    assert!(
+        records(&q).iter().any(|r| r["alert"] == "audit_space_low"),
+        "{q:?}"
+    );
+    // The archive and the kept segments together: the whole history from record 1.
+    for e in fs::read_dir(&log_dir).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), archive.join(e.file_name())).unwrap();
+    }
+    let whole = archive.to_str().unwrap();
+    let v = d.cli(&["audit", "verify", whole, "--key", &key, "--node-key", &node]);
+    assert!(v.status.success(), "{v:?}");
+    let said = String::from_utf8_lossy(&v.stdout).into_owned();
+    assert!(said.contains("(1 to "), "{said}");
+    fs::remove_dir_all(&archive).unwrap();
+    drop(d);
+    drop(tmpfs);
 }

@@ -101,6 +101,13 @@ pub enum Alert {
         /// The budget, records a second.
         budget_per_second: u32,
     },
+    /// The audit log's file system has less free space than the watermark: act before it is
+    /// full (records then wait, and with `when_down: deny` every flow is denied).
+    AuditSpaceLow {
+        free_bytes: u64,
+        total_bytes: u64,
+        warn_free_percent: u8,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -23,6 +23,7 @@ pub mod detect;
 pub mod forward;
 pub mod keys;
 pub mod record;
+pub mod retention;
 pub mod sink;
 pub mod store;
 pub mod verify;

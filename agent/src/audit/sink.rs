@@ -38,6 +38,8 @@ pub const BATCH: usize = 8_192;
 const COMMIT_SPACING: Duration = Duration::from_millis(2);
 /// How long the sinks get at shutdown to deliver their backlog.
 const SINK_DRAIN: Duration = Duration::from_secs(2);
+/// How often the writer looks at the audit space (retention, free-space watermark).
+const SPACE_EVERY: Duration = Duration::from_secs(2);
 
 enum Msg {
     /// Kind, JSON, and for a kernel event its CLOCK_BOOTTIME nanoseconds (else 0).
@@ -74,6 +76,14 @@ pub struct AuditState {
     pub event_summaries: AtomicU64,
     /// `event_flood` alerts raised (also counted in `alerts`).
     pub event_floods: AtomicU64,
+    /// Free and total bytes of the audit file system, as last looked at.
+    pub free_bytes: AtomicU64,
+    pub total_bytes: AtomicU64,
+    /// Below the free-space watermark (an `audit_space_low` alert was raised).
+    pub space_low: AtomicBool,
+    /// Segments removed by retention, and failed attempts.
+    pub segments_removed: AtomicU64,
+    pub retention_errors: AtomicU64,
     /// The sinks beside the store, by name.
     pub sinks: Vec<(&'static str, Arc<SinkStats>)>,
     /// From a kernel event to its record being durable, in microseconds.
@@ -183,6 +193,7 @@ impl AuditHandle {
         node: NodeKey,
         rotation: Rotation,
         checkpoint_every: Duration,
+        retention: super::retention::Retention,
         sinks: Vec<Sink>,
     ) -> Result<(Self, thread::JoinHandle<()>), StoreError> {
         let (mut writer, truncation) = Writer::open(dir, key, rotation)?;
@@ -208,7 +219,19 @@ impl AuditHandle {
         let join = thread::Builder::new()
             .name("agentwall-audit".into())
             .spawn(move || {
-                run(&mut writer, &rx, &node, &state, checkpoint_every, &sinks);
+                let mut space = Space {
+                    retention,
+                    last: None,
+                };
+                run(
+                    &mut writer,
+                    &rx,
+                    &node,
+                    &state,
+                    checkpoint_every,
+                    &sinks,
+                    &mut space,
+                );
                 for s in sinks {
                     s.finish(SINK_DRAIN);
                 }
@@ -321,6 +344,99 @@ impl From<&Truncation> for TruncatedRecord {
     }
 }
 
+/// The writer's watch over its file system.
+struct Space {
+    retention: super::retention::Retention,
+    last: Option<Instant>,
+}
+
+impl Space {
+    /// Applies retention and checks the free-space watermark, at most every [`SPACE_EVERY`].
+    fn check(&mut self, writer: &mut Writer, node: &NodeKey, state: &AuditState, sinks: &[Sink]) {
+        use super::retention;
+        if self.last.is_some_and(|t| t.elapsed() < SPACE_EVERY) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        match retention::plan_for(writer, &self.retention) {
+            Ok(None) => {}
+            Ok(Some(p)) => {
+                // The removal is in the chain, durable and sealed, before anything goes.
+                if let Some(rec) = encode("audit_retention", &p) {
+                    commit_and_offer(
+                        writer,
+                        state,
+                        sinks,
+                        vec!["audit_retention"],
+                        vec![rec],
+                        &[],
+                    );
+                }
+                checkpoint(writer, node, state);
+                match retention::execute(&p, writer.dir(), node) {
+                    Ok(()) => {
+                        tracing::info!(
+                            segments = p.segments.len(),
+                            first_seq = p.first_seq,
+                            last_seq = p.last_seq,
+                            reason = p.reason,
+                            "audit retention removed old segments"
+                        );
+                        state
+                            .segments_removed
+                            .fetch_add(p.segments.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        state.retention_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "audit retention could not remove old segments");
+                        let fields =
+                            serde_json::json!({"segments": p.segments, "error": e.to_string()});
+                        if let Some(rec) = encode("audit_retention_failed", &fields) {
+                            commit_and_offer(
+                                writer,
+                                state,
+                                sinks,
+                                vec!["audit_retention_failed"],
+                                vec![rec],
+                                &[],
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                state.retention_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "audit retention cannot read the log's segments");
+            }
+        }
+        let Some((free, total)) = retention::space(writer.dir()) else {
+            return;
+        };
+        state.free_bytes.store(free, Ordering::Relaxed);
+        state.total_bytes.store(total, Ordering::Relaxed);
+        let warn = u128::from(self.retention.warn_free_percent);
+        let (free, total128) = (u128::from(free), u128::from(total));
+        let was_low = state.space_low.load(Ordering::Relaxed);
+        if !was_low && free * 100 < total128 * warn {
+            state.space_low.store(true, Ordering::Relaxed);
+            state.alerts.fetch_add(1, Ordering::Relaxed);
+            let alert = super::detect::Alert::AuditSpaceLow {
+                free_bytes: free as u64,
+                total_bytes: total,
+                warn_free_percent: self.retention.warn_free_percent,
+            };
+            tracing::warn!(?alert, "behavioral alert");
+            if let Some(rec) = encode("alert", &alert) {
+                commit_and_offer(writer, state, sinks, vec!["alert"], vec![rec], &[]);
+            }
+        } else if was_low && free * 100 >= total128 * (warn + 5) {
+            // Five points above the mark: a log hovering at it raises one alert, not many.
+            state.space_low.store(false, Ordering::Relaxed);
+            tracing::info!(free_bytes = free as u64, "audit file system has room again");
+        }
+    }
+}
+
 fn run(
     writer: &mut Writer,
     rx: &mpsc::Receiver<Msg>,
@@ -328,6 +444,7 @@ fn run(
     state: &AuditState,
     every: Duration,
     sinks: &[Sink],
+    space: &mut Space,
 ) {
     let mut last_cp = Instant::now();
     let mut last_sync: Option<Instant> = None;
@@ -400,6 +517,7 @@ fn run(
             last_cp = Instant::now();
             dirty = false;
         }
+        space.check(writer, node, state, sinks);
     }
     if dirty {
         checkpoint(writer, node, state);

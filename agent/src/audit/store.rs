@@ -34,6 +34,9 @@ pub const MAX_RECORD: usize = 1 << 20;
 pub const FRAME_PREFIX: usize = 8 + 12;
 pub const TAG_LEN: usize = 16;
 pub const CHECKPOINTS: &str = "checkpoints.jsonl";
+/// Signed retention anchors: "the history kept starts after record N, whose chain value is
+/// H" (see `super::retention`), one per line.
+pub const ANCHORS: &str = "retention.jsonl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -628,6 +631,16 @@ impl Writer {
         self.key.id()
     }
 
+    /// The audit directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The segment being written (never removed by retention).
+    pub fn current_segment(&self) -> &Path {
+        &self.segment
+    }
+
     /// Signs the chain head and appends the checkpoint to `checkpoints.jsonl` (synced).
     pub fn checkpoint(&self, node: &NodeKey) -> Result<Checkpoint, StoreError> {
         let cp = Checkpoint::sign(
@@ -637,19 +650,7 @@ impl Writer {
             &self.chain,
             SystemTime::now(),
         );
-        let path = self.dir.join(CHECKPOINTS);
-        let mut line = serde_json::to_vec(&cp).map_err(|e| StoreError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        line.push(b'\n');
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        f.write_all(&line).map_err(io(&path))?;
-        f.sync_data().map_err(io(&path))?;
+        cp.append_to(&self.dir.join(CHECKPOINTS))?;
         Ok(cp)
     }
 }
@@ -667,15 +668,44 @@ pub struct Checkpoint {
     pub sig: String,
 }
 
+/// What a signed statement says: a checkpoint of the chain head, or a retention anchor (the
+/// start of the history kept after older segments were removed). The two are signed under
+/// different texts, so that neither can pass for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statement {
+    Checkpoint,
+    Anchor,
+}
+
+impl Statement {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Checkpoint => "agentwall audit checkpoint v1",
+            Self::Anchor => "agentwall audit retention anchor v1",
+        }
+    }
+}
+
 impl Checkpoint {
-    fn message(seq: u64, segment: &str, chain: &str, time: &str) -> Vec<u8> {
-        format!("agentwall audit checkpoint v1\n{seq}\n{segment}\n{chain}\n{time}\n").into_bytes()
+    fn message(what: Statement, seq: u64, segment: &str, chain: &str, time: &str) -> Vec<u8> {
+        format!("{}\n{seq}\n{segment}\n{chain}\n{time}\n", what.prefix()).into_bytes()
     }
 
     pub fn sign(node: &NodeKey, seq: u64, segment: &str, chain: &Chain, at: SystemTime) -> Self {
+        Self::sign_as(Statement::Checkpoint, node, seq, segment, chain, at)
+    }
+
+    pub fn sign_as(
+        what: Statement,
+        node: &NodeKey,
+        seq: u64,
+        segment: &str,
+        chain: &Chain,
+        at: SystemTime,
+    ) -> Self {
         let chain = hex(chain);
         let time = humantime::format_rfc3339_seconds(at).to_string();
-        let sig = hex(&node.sign(&Self::message(seq, segment, &chain, &time)));
+        let sig = hex(&node.sign(&Self::message(what, seq, segment, &chain, &time)));
         Self {
             seq,
             segment: segment.into(),
@@ -685,16 +715,37 @@ impl Checkpoint {
         }
     }
 
-    /// Whether the signature is the node's.
+    /// Whether the signature is the node's, on a checkpoint.
     pub fn signed_by(&self, public_hex: &str) -> bool {
+        self.signed_as(Statement::Checkpoint, public_hex)
+    }
+
+    /// Whether the signature is the node's, on a statement of kind `what`.
+    pub fn signed_as(&self, what: Statement, public_hex: &str) -> bool {
         let Some(sig) = super::unhex(&self.sig) else {
             return false;
         };
         super::keys::verify_signature(
             public_hex,
-            &Self::message(self.seq, &self.segment, &self.chain, &self.time),
+            &Self::message(what, self.seq, &self.segment, &self.chain, &self.time),
             &sig,
         )
+    }
+
+    /// Appends `self` as a line of `path`, synced.
+    pub fn append_to(&self, path: &Path) -> Result<(), StoreError> {
+        let mut line = serde_json::to_vec(self).map_err(|e| StoreError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        f.write_all(&line).map_err(io(path))?;
+        f.sync_data().map_err(io(path))
     }
 }
 

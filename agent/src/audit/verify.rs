@@ -34,6 +34,13 @@ pub struct Summary {
     pub chain_head: String,
     pub checkpoints: usize,
     pub last_checkpoint_seq: u64,
+    /// Hex chain value before the first record kept: the genesis value, or where retention
+    /// removed older segments.
+    pub start_chain: String,
+    /// When older segments were removed by retention: the time of the signed anchor that
+    /// vouches for where the kept history starts (`first_seq`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_anchor: Option<String>,
 }
 
 fn bad(seq: u64, reason: impl Into<String>) -> VerifyError {
@@ -69,11 +76,20 @@ pub fn walk_with(
             dir.display()
         )));
     }
-    let mut chain = genesis();
-    let mut next = 1u64;
+    // The log starts at record 1 from the genesis value, or, once retention removed older
+    // segments, where its first segment says; `verify` then asks a signed anchor to vouch
+    // for that start.
+    let (mut chain, mut next) = match fs::read(&segs[0])
+        .ok()
+        .and_then(|b| Header::decode(&b).ok())
+    {
+        Some(h) if h.first_seq > 1 => (h.prev_chain, h.first_seq),
+        _ => (genesis(), 1u64),
+    };
     let mut summary = Summary {
         segments: segs.len(),
-        first_seq: 1,
+        first_seq: next,
+        start_chain: hex(&chain),
         ..Summary::default()
     };
     let mut chains = BTreeMap::new();
@@ -234,10 +250,15 @@ pub fn verify(
     }
     let want: BTreeSet<u64> = cps.iter().map(|c| c.seq).collect();
     let (mut summary, chains) = walk_with(dir, keys, &want, |_, _| {})?;
+    if summary.first_seq > 1 {
+        summary.history_anchor = Some(anchor(dir, node_public, &summary)?);
+    }
     let mut sorted = cps.clone();
     sorted.sort_by_key(|c| c.seq);
     for cp in &sorted {
-        if cp.seq == 0 {
+        // Checkpoints of records retention removed cannot be checked any more; the anchor
+        // vouches for the chain where the kept history starts.
+        if cp.seq == 0 || cp.seq < summary.first_seq {
             continue;
         }
         if cp.seq > summary.last_seq {
@@ -262,6 +283,38 @@ pub fn verify(
     summary.checkpoints = sorted.len();
     summary.last_checkpoint_seq = sorted.last().map_or(0, |c| c.seq);
     Ok(summary)
+}
+
+/// The time of the signed retention anchor that vouches for the start of a log whose older
+/// segments were removed: its record number is the one before the first kept, its chain
+/// value the one the first kept segment continues. Without one, the missing records are
+/// missing.
+fn anchor(dir: &Path, node_public: &str, summary: &Summary) -> Result<String, VerifyError> {
+    let before = summary.first_seq - 1;
+    let path = dir.join(store::ANCHORS);
+    let anchors = if path.exists() {
+        store::read_checkpoints(&path).map_err(VerifyError::Setup)?
+    } else {
+        Vec::new()
+    };
+    anchors
+        .iter()
+        .find(|a| {
+            a.seq == before
+                && a.chain == summary.start_chain
+                && a.signed_as(store::Statement::Anchor, node_public)
+        })
+        .map(|a| a.time.clone())
+        .ok_or_else(|| {
+            bad(
+                1,
+                format!(
+                    "missing: the log starts at record {}, and no retention anchor signed by the node vouches for that start (records 1 to {before} were removed by someone other than agentwall's retention, or {} is gone)",
+                    summary.first_seq,
+                    store::ANCHORS
+                ),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -384,6 +437,80 @@ mod tests {
             }
             other => panic!("a modified record must fail keyless verification: {other:?}"),
         }
+    }
+
+    #[test]
+    fn retention_removes_old_segments_under_a_signed_anchor() {
+        use crate::audit::retention::{self, Retention};
+        let d = dir("retention");
+        let node = node_key(&d.0);
+        let rot = Rotation {
+            max_bytes: 1,
+            max_age: Duration::from_secs(3600),
+        };
+        let (mut w, _) = Writer::open(&d.0, key(), rot).unwrap();
+        for batch in 0..4u64 {
+            let bodies: Vec<Vec<u8>> = (0..10).map(|i| body(batch * 10 + i)).collect();
+            w.append(&bodies).unwrap();
+        }
+        w.checkpoint(&node).unwrap();
+        let segs = store::segments(&d.0).unwrap();
+        // Room for the last two (records 1 to 9 have shorter bodies than the rest).
+        let seg_bytes = fs::metadata(&segs[3]).unwrap().len();
+        let archive = d.0.with_extension("archive");
+        let _ = fs::remove_dir_all(&archive);
+        let r = Retention {
+            max_bytes: seg_bytes * 2,
+            archive: Some(archive.clone()),
+            ..Retention::default()
+        };
+        let p = retention::plan_for(&w, &r)
+            .unwrap()
+            .expect("over the limit");
+        assert_eq!((p.first_seq, p.last_seq, p.reason), (1, 20, "size"));
+        retention::execute(&p, &d.0, &node).unwrap();
+        assert!(
+            retention::plan_for(&w, &r).unwrap().is_none(),
+            "under it now"
+        );
+
+        let s = verify(&d.0, Some(&ring()), &node.public_hex(), &[]).unwrap();
+        assert_eq!((s.first_seq, s.last_seq), (21, 40));
+        assert!(s.history_anchor.is_some());
+        // Without the key too.
+        verify(&d.0, None, &node.public_hex(), &[]).unwrap();
+
+        // The archive put back beside the kept segments is the whole history again.
+        let whole = dir("retention-whole");
+        fs::create_dir_all(&whole.0).unwrap();
+        for dir in [&archive, &d.0] {
+            for e in fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                fs::copy(e.path(), whole.0.join(e.file_name())).unwrap();
+            }
+        }
+        let s = verify(&whole.0, Some(&ring()), &node.public_hex(), &[]).unwrap();
+        assert_eq!((s.first_seq, s.last_seq, s.history_anchor), (1, 40, None));
+        fs::remove_dir_all(&archive).unwrap();
+
+        // Without the anchor, the start is not vouched for.
+        fs::remove_file(d.0.join(store::ANCHORS)).unwrap();
+        expect_bad(&d.0, &node, &[], 1, "no retention anchor");
+    }
+
+    #[test]
+    fn segments_removed_by_hand_or_a_checkpoint_posing_as_an_anchor_are_missing_records() {
+        let d = dir("hand");
+        let node = node_key(&d.0);
+        let segs = build(&d.0, &node);
+        fs::remove_file(&segs[0]).unwrap();
+        expect_bad(&d.0, &node, &[], 1, "the log starts at record 11");
+        // A checkpoint signed over the right chain value, but as a checkpoint: no anchor.
+        let h = store::Header::decode(&fs::read(&segs[1]).unwrap()).unwrap();
+        let cp =
+            store::Checkpoint::sign(&node, 10, "x", &h.prev_chain, std::time::SystemTime::now());
+        cp.append_to(&d.0.join(store::ANCHORS)).unwrap();
+        expect_bad(&d.0, &node, &[], 1, "no retention anchor");
     }
 
     #[test]

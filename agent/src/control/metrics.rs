@@ -203,6 +203,30 @@ pub fn render(s: &Status) -> String {
         "Agents found writing verdicts past their event budget (event_flood alerts)",
         a.event_floods,
     );
+    gauge(
+        &mut reg,
+        "audit_free_bytes",
+        "Free bytes of the audit log's file system (an alert below audit.space_warn_percent)",
+        i64::try_from(a.free_bytes).unwrap_or(i64::MAX),
+    );
+    gauge(
+        &mut reg,
+        "audit_space_low",
+        "1 while the audit file system is below its free-space watermark",
+        i64::from(a.space_low),
+    );
+    counter(
+        &mut reg,
+        "audit_segments_removed",
+        "Old audit segments removed by retention (after their removal was recorded and anchored)",
+        a.segments_removed,
+    );
+    counter(
+        &mut reg,
+        "audit_retention_errors",
+        "Retention runs that could not read or remove old segments",
+        a.retention_errors,
+    );
     let mut sinks = [
         (Vec::new(), "audit_sink_sent", "Records a sink delivered"),
         (

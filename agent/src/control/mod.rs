@@ -173,6 +173,19 @@ pub struct AuditStatus {
     /// `event_flood` alerts raised (each also counted in `alerts`).
     #[serde(default)]
     pub event_floods: u64,
+    /// Free and total bytes of the audit file system, as last looked at (every 2 s).
+    #[serde(default)]
+    pub free_bytes: u64,
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Below the free-space watermark (`audit.space_warn_percent`).
+    #[serde(default)]
+    pub space_low: bool,
+    /// Old segments removed by retention, and failed attempts.
+    #[serde(default)]
+    pub segments_removed: u64,
+    #[serde(default)]
+    pub retention_errors: u64,
     /// The sinks beside the store (stdout, syslog), by name.
     #[serde(default)]
     pub sinks: std::collections::BTreeMap<String, SinkStatus>,

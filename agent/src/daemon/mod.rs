@@ -933,6 +933,11 @@ impl Daemon {
                     events_suppressed: a.events_suppressed.load(Relaxed),
                     event_summaries: a.event_summaries.load(Relaxed),
                     event_floods: a.event_floods.load(Relaxed),
+                    free_bytes: a.free_bytes.load(Relaxed),
+                    total_bytes: a.total_bytes.load(Relaxed),
+                    space_low: a.space_low.load(Relaxed),
+                    segments_removed: a.segments_removed.load(Relaxed),
+                    retention_errors: a.retention_errors.load(Relaxed),
                     event_to_durable: control::LatencyStatus {
                         count: a.event_to_durable.count(),
                         p50_us: a.event_to_durable.quantile(0.5),

@@ -574,6 +574,7 @@ fn start_audit(
         node,
         rotation,
         cfg.audit.checkpoint_every,
+        cfg.audit.retention(),
         sinks,
     )
     .map_err(|e| err(e.to_string()))?;
