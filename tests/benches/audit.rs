@@ -165,7 +165,12 @@ fn pipeline_run(n: u64, rate: Option<u64>) -> Run {
     let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let policy = "policy:\n  name: bench\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [1]\n";
-    let mut d = TestDaemon::start(&[("bench.yaml", policy)]);
+    // Event budgets off: this measures what the pipeline can take, every verdict a record
+    // (tests/benches/load.rs measures a flood under the default budgets).
+    let mut d = TestDaemon::start_with_config(
+        &[("bench.yaml", policy)],
+        Some("events:\n  cgroup_rate: 0\n"),
+    );
     let me = d.world_copy(&std::env::current_exe().unwrap());
     let run = |count: u64, rate: Option<u64>| -> (u64, f64) {
         let spec = match rate {
@@ -257,8 +262,8 @@ fn pipeline() {
     let _ = writeln!(
         md,
         "Produced by `cargo xtask bench` (tests/benches/audit.rs), a release daemon with its \
-         default configuration (event ring {} KiB, behavioral detection on), fresh for each \
-         run. A workload in an enforced cgroup makes denied UDP sends; each is a kernel event \
+         default configuration but for the event budgets, which are off so that every verdict \
+         is a record (event ring {} KiB, behavioral detection on), fresh for each run. A workload in an enforced cgroup makes denied UDP sends; each is a kernel event \
          the daemon reads from the ring buffer, names, encodes as JSON, encrypts, chains and \
          syncs in groups. First flat out (the workload takes one of the 2 CPUs, the daemon \
          the other), then paced. Durable rate: records made durable from the workload's start \

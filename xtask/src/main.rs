@@ -40,7 +40,8 @@ enum Task {
     Test,
     /// cargo fmt --check and clippy, the kernel crate on its own target.
     Lint,
-    /// Benchmarks (enforcement overhead, audit store, identity); writes docs/benchmarks.md.
+    /// Benchmarks (enforcement overhead, audit store, hostile load, identity); writes
+    /// docs/benchmarks.md.
     Bench {
         /// Interleaved rounds per configuration (at least 11).
         #[arg(long, default_value_t = 61)]
@@ -164,6 +165,12 @@ fn run(task: Task) -> anyhow::Result<()> {
             let mut c = cargo();
             c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
             c.args(["bench", "-p", "agentwall-tests", "--bench", "audit", "--"]);
+            c.arg(format!("--report={}", report.display()));
+            status(c)?;
+            step("benchmark: hostile load (release daemon)");
+            let mut c = cargo();
+            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
+            c.args(["bench", "-p", "agentwall-tests", "--bench", "load", "--"]);
             c.arg(format!("--report={}", report.display()));
             status(c)?;
             step("benchmark: identity (release daemon)");

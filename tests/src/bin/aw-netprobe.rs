@@ -6,7 +6,9 @@
 //! Commands: `pid`, `cgroup`, `tcp ADDR [PAYLOAD]`, `udp-sendto ADDR PAYLOAD`,
 //! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
 //! `stream-end MILLIS` (how the stream ended, waiting up to MILLIS), `watch ADDR MILLIS`,
-//! `env NAME`, `exit CODE`, `repl`; `unshare-net` (this thread, and threads it starts from
+//! `env NAME`, `exit CODE`, `sleep MILLIS`, `udp-flood ADDR N`, `udp-flood-for ADDR MILLIS`
+//! (denied-send floods: a count, or a time), `udp-flood-around ADDR MILLIS TCP_ADDR` (a flood
+//! with a TCP connect from the same process halfway), `repl`; `unshare-net` (this thread, and threads it starts from
 //! then on, move to a new network namespace with its loopback up), `join-net PATH` (the same,
 //! into the namespace PATH names, such as /proc/PID/ns/net), `listen ADDR` (accepts and
 //! drains connections in the background), `ping-allow` (lets every group open ping sockets in
@@ -487,6 +489,10 @@ fn run(line: &str) -> String {
     let args: Vec<&str> = parts.collect();
     let r: Result<String, String> = (|| match (cmd, args.as_slice()) {
         ("pid", []) => Ok(std::process::id().to_string()),
+        ("sleep", [ms]) => {
+            std::thread::sleep(millis(ms)?.min(Duration::from_secs(60)));
+            Ok("ok".into())
+        }
         ("cgroup", []) => Ok(std::fs::read_to_string("/proc/self/cgroup")
             .unwrap_or_default()
             .lines()
