@@ -19,6 +19,15 @@ use crate::{
 /// cgroups, so that cgroups nobody bound (a subtree an agent made for itself) cannot each
 /// bring a budget of their own.
 pub const UNBOUND_KEY: u64 = u64::MAX;
+
+/// Whether a verdict for `reason` goes to the [`UNBOUND_KEY`] bucket: only when the cgroup
+/// has no binding to answer for it. Every other verdict, also those judged without a policy
+/// slot (a raw socket, IP options, an address family, agentwall's own Unix sockets), is its
+/// cgroup's: a bound agent cannot spend the budget that the unbound share.
+#[inline(always)]
+pub fn unbound(reason: Reason) -> bool {
+    reason == Reason::NO_BINDING || reason == Reason::NO_POLICY
+}
 /// Set in the key of an identity's bucket, whose low bits are the policy slot.
 pub const IDENTITY_KEY: u64 = 1 << 63;
 /// Set in the key of a bucket of allowed verdicts. Allowed and denied verdicts have buckets

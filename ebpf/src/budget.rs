@@ -87,7 +87,7 @@ pub(crate) fn admit(flow: &Flow, d: &Decision, now: u64) -> bool {
         return true;
     }
     let allowed = d.verdict == Verdict::ALLOW;
-    let key = if d.slot == 0 {
+    let key = if budget::unbound(d.reason) {
         budget::UNBOUND_KEY
     } else {
         budget::cgroup_key(flow.cgroup_id, allowed)

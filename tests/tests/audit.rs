@@ -997,3 +997,56 @@ fn retention_keeps_a_small_audit_file_system_alive_and_the_log_verifiable() {
     drop(d);
     drop(tmpfs);
 }
+
+/// The attacker's use of the shared budget of unbound cgroups: verdicts judged without a
+/// policy slot (here raw socket creations) once went to that one bucket, so a bound agent
+/// flooding them had every other agent's raw-socket denials summarized. They are its own
+/// cgroup's now: the victim's are recorded one by one.
+#[test]
+fn a_flood_of_slotless_denials_is_charged_to_its_own_cgroup() {
+    use std::time::Duration;
+    let _s = serial();
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some("events:\n  summary_every: 1s\n"),
+    );
+    let mut flooder = d
+        .exec_under(&["--policy", "web"], None, &["raw-flood-for 4000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    agentwall_tests::wait_for(Duration::from_secs(20), "the flood past its burst", || {
+        (d.counter("raw_socket_denied") > 5_000).then_some(())
+    });
+    let victim = d.exec(
+        "web",
+        None,
+        &["pid", "raw4", "raw4", "raw4", "raw4", "raw4"],
+    );
+    let out = lines(&victim);
+    assert_eq!(out[1..], ["err EPERM"; 5]);
+    let victim_pid: u64 = out[0].parse().unwrap();
+    assert!(
+        flooder.try_wait().unwrap().is_none(),
+        "the flood went on while the victim ran"
+    );
+    let flood = flooder.wait_with_output().unwrap();
+    assert!(lines(&flood).join(" ").ends_with(" other=0"), "{flood:?}");
+    assert!(d.stop().success());
+    let all = records(&audit(&d, &["tail", "-n", "10000000"]));
+    let recorded = all
+        .iter()
+        .filter(|r| {
+            r["kind"] == "verdict" && r["reason"] == "raw_socket" && r["tgid"] == victim_pid
+        })
+        .count();
+    assert_eq!(recorded, 5, "each of the victim's denials is a record");
+    let summary = all
+        .iter()
+        .find(|r| r["kind"] == "verdict_summary")
+        .expect("the flood was summarized");
+    assert!(
+        summary["cgroup_id"].is_u64(),
+        "charged to a cgroup: {summary}"
+    );
+}

@@ -216,7 +216,7 @@ fn build(
     *seen = live;
     let mut flows: HashMap<u64, Vec<(SummaryKey, Summary)>> = HashMap::new();
     for (k, v) in entries {
-        let key = if k.slot == 0 {
+        let key = if budget::unbound(k.reason) {
             budget::UNBOUND_KEY
         } else {
             k.cgroup_id
@@ -316,7 +316,11 @@ mod tests {
             hook: Hook::CONNECT4,
             proto: 6,
             verdict: Verdict::DENY,
-            reason: Reason::NO_RULE,
+            reason: if slot == 0 {
+                Reason::NO_BINDING
+            } else {
+                Reason::NO_RULE
+            },
             family: 2,
             slot,
             ..Default::default()

@@ -7,7 +7,7 @@
 //! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
 //! `stream-end MILLIS` (how the stream ended, waiting up to MILLIS), `watch ADDR MILLIS`,
 //! `env NAME`, `exit CODE`, `sleep MILLIS`, `udp-flood ADDR N`, `udp-flood-for ADDR MILLIS`
-//! (denied-send floods: a count, or a time), `udp-flood-around ADDR MILLIS TCP_ADDR` (a flood
+//! (denied-send floods: a count, or a time), `raw-flood-for MILLIS` (raw socket creations), `udp-flood-around ADDR MILLIS TCP_ADDR` (a flood
 //! with a TCP connect from the same process halfway), `repl`; `unshare-net` (this thread, and threads it starts from
 //! then on, move to a new network namespace with its loopback up), `join-net PATH` (the same,
 //! into the namespace PATH names, such as /proc/PID/ns/net), `listen ADDR` (accepts and
@@ -516,6 +516,20 @@ fn run(line: &str) -> String {
         }
         ("raw4", []) => Ok(raw(libc::AF_INET, libc::IPPROTO_ICMP)),
         ("raw6", []) => Ok(raw(libc::AF_INET6, libc::IPPROTO_ICMPV6)),
+        ("raw-flood-for", [ms]) => {
+            // Raw socket creations for MS (at most a minute): how many were refused.
+            let end = Instant::now() + millis(ms)?.min(Duration::from_secs(60));
+            let (mut eperm, mut other) = (0u64, 0u64);
+            while Instant::now() < end {
+                for _ in 0..100 {
+                    match raw(libc::AF_INET, libc::IPPROTO_ICMP).as_str() {
+                        "err EPERM" => eperm += 1,
+                        _ => other += 1,
+                    }
+                }
+            }
+            Ok(format!("eperm={eperm} other={other}"))
+        }
         ("join-cgroup", [dir]) => {
             let path = std::path::Path::new(dir).join("cgroup.procs");
             Ok(std::fs::write(path, std::process::id().to_string())
