@@ -26,6 +26,9 @@ pub const ENFORCED: &str = "AW_ENFORCED";
 pub const BUDGET_CONFIG: &str = "AW_BUDGET_CFG";
 pub const BUDGETS: &str = "AW_BUDGETS";
 pub const SUMMARIES: &str = "AW_SUMMARIES";
+/// `HashMap<SummaryKey, Summary>`, not preallocated: the allowed flows held back, never
+/// evicted (when full, a verdict is recorded instead).
+pub const ALLOWED_SUMMARIES: &str = "AW_ALLOWED_SUMMARIES";
 
 /// Per-CPU caches of the programs, not pinned (each loaded object has its own): flow
 /// verdicts, decisions and binding copies (`crate::state`). The daemon only empties them.
@@ -43,6 +46,8 @@ pub const DEFAULT_MAX_UNIX_RULES: u32 = 16_384;
 /// between two reads by the daemon. Beyond it the oldest go (their counts stay in the
 /// cgroup's bucket, so the totals still add up).
 pub const DEFAULT_MAX_SUMMARIES: u32 = 16_384;
+/// Default capacity of the allowed flows held back between two reads by the daemon.
+pub const DEFAULT_MAX_ALLOWED_SUMMARIES: u32 = 4_096;
 /// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_EVENT_RING_BYTES: u32 = 1 << 22;
 

@@ -4,17 +4,19 @@
 use agentwall_common::{
     budget::{self, Bucket, BudgetConfig, Rate, Summary, SummaryKey},
     event::Verdict,
-    maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_SUMMARIES},
+    maps::{DEFAULT_MAX_ALLOWED_SUMMARIES, DEFAULT_MAX_BINDINGS, DEFAULT_MAX_SUMMARIES},
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 
 use crate::decide::{Decision, Flow};
 
 /// `bpf_map_update_elem` flag: only create.
 const BPF_NOEXIST: u64 = 1;
+/// Map flag: entries allocated on insert and freed under RCU.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map]
 static AW_BUDGET_CFG: Array<BudgetConfig> = Array::with_max_entries(1, 0);
@@ -26,9 +28,19 @@ static AW_BUDGET_CFG: Array<BudgetConfig> = Array::with_max_entries(1, 0);
 static AW_BUDGETS: LruHashMap<u64, Bucket> =
     LruHashMap::with_max_entries(DEFAULT_MAX_BINDINGS * 4, 0);
 
+/// Denied flows held back: the oldest make room for new ones (their counts stay in the
+/// buckets' totals).
 #[map]
 static AW_SUMMARIES: LruHashMap<SummaryKey, Summary> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SUMMARIES, 0);
+
+/// Allowed flows held back: each is a destination an agent reached, so none is evicted (a
+/// flood of denials cannot push one out); when full, a verdict is recorded instead. Freed
+/// under RCU, so that a program still adding to an entry the daemon just took never writes
+/// into another flow's.
+#[map]
+static AW_ALLOWED_SUMMARIES: HashMap<SummaryKey, Summary> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOWED_SUMMARIES, BPF_F_NO_PREALLOC);
 
 /// Adds `n` to the u64 at `p` with the BPF atomic add (see `emit::count`).
 #[inline(always)]
@@ -106,16 +118,54 @@ pub(crate) fn admit(flow: &Flow, d: &Decision, now: u64) -> bool {
         Err(bucket) => bucket,
     };
     // The flow first, then the total, which the daemon reads before the flows: a window's
-    // flows then hold every verdict its total counts (but those a full table evicted).
-    summarize(flow, d, now);
+    // flows then hold every verdict its total counts (but those a full table evicted). An
+    // allowed flow the table cannot keep is recorded after all.
+    if !summarize(flow, d, now) {
+        return true;
+    }
     // SAFETY: as in `take`.
     atomic_add(unsafe { &raw mut (*bucket).suppressed }, 1);
     false
 }
 
-/// Counts a verdict held back into its summary.
+/// Counts a verdict held back into its entry of `$map` at `$now`; whether it was kept (an
+/// LRU map always makes room; a hash map that is full does not).
+macro_rules! count_into {
+    ($map:expr, $key:expr, $now:expr) => {{
+        if let Some(s) = $map.get_ptr_mut($key) {
+            // SAFETY: a value of the map, valid for the program's run.
+            unsafe {
+                atomic_add(&raw mut (*s).count, 1);
+                core::ptr::write_volatile(&raw mut (*s).last_ns, $now);
+            }
+            true
+        } else {
+            let fresh = Summary {
+                count: 1,
+                first_ns: $now,
+                last_ns: $now,
+            };
+            if $map.insert($key, fresh, BPF_NOEXIST).is_ok() {
+                true
+            } else if let Some(s) = $map.get_ptr_mut($key) {
+                // Another CPU made it meanwhile: add to its count.
+                // SAFETY: as above.
+                unsafe {
+                    atomic_add(&raw mut (*s).count, 1);
+                    core::ptr::write_volatile(&raw mut (*s).last_ns, $now);
+                }
+                true
+            } else {
+                false
+            }
+        }
+    }};
+}
+
+/// Counts a verdict held back into its summary; `false` if it could not be kept (the table
+/// of allowed flows is full), and its record is then written after all.
 #[inline(always)]
-fn summarize(flow: &Flow, d: &Decision, now: u64) {
+fn summarize(flow: &Flow, d: &Decision, now: u64) -> bool {
     let key = SummaryKey {
         cgroup_id: flow.cgroup_id,
         // Constant on the Unix hooks, whose names are not kept here.
@@ -130,24 +180,9 @@ fn summarize(flow: &Flow, d: &Decision, now: u64) {
         slot: d.slot,
         _pad2: 0,
     };
-    if let Some(s) = AW_SUMMARIES.get_ptr_mut(key) {
-        // SAFETY: a value of the map, valid for the program's run.
-        unsafe {
-            atomic_add(&raw mut (*s).count, 1);
-            core::ptr::write_volatile(&raw mut (*s).last_ns, now);
-        }
-        return;
-    }
-    let fresh = Summary {
-        count: 1,
-        first_ns: now,
-        last_ns: now,
-    };
-    // Another CPU may have made it meanwhile: then add to its count.
-    if AW_SUMMARIES.insert(key, fresh, BPF_NOEXIST).is_err()
-        && let Some(s) = AW_SUMMARIES.get_ptr_mut(key)
-    {
-        // SAFETY: as above.
-        atomic_add(unsafe { &raw mut (*s).count }, 1);
+    if d.verdict == Verdict::ALLOW {
+        count_into!(AW_ALLOWED_SUMMARIES, key, now)
+    } else {
+        count_into!(AW_SUMMARIES, key, now)
     }
 }

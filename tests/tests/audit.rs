@@ -1050,3 +1050,56 @@ fn a_flood_of_slotless_denials_is_charged_to_its_own_cgroup() {
         "charged to a cgroup: {summary}"
     );
 }
+
+/// The attacker's use of summaries: spend its budget of allowed records, make the connect it
+/// wants hidden, then spray more distinct denied destinations than the kernel's table of
+/// summaries holds, so that the connect's entry is evicted and left as a bare count. Allowed
+/// flows have a table of their own that nothing evicts: the connect is in a summary, with
+/// its destination.
+#[test]
+fn a_spray_of_denials_cannot_evict_an_allowed_flow_from_its_summary() {
+    let _s = serial();
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let hidden = TcpSink::new("127.0.0.1:0");
+    let policy = format!(
+        "{}    - to: 127.0.0.1\n      protocol: udp\n      ports: [{busy_port}]\n",
+        tcp_policy("web", &[hidden.port()])
+    );
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &policy)],
+        Some("events:\n  summary_every: 30s\n"),
+    );
+    let out = d.exec(
+        "web",
+        None,
+        &[
+            &format!("udp-flood-for 127.0.0.1:{busy_port} 500"),
+            &format!("tcp 127.0.0.1:{}", hidden.port()),
+            "udp-spray 127.0.0.2 60000",
+        ],
+    );
+    let said = lines(&out);
+    // Allowed sends: none refused.
+    assert!(said[0].starts_with("eperm=0 other="), "{said:?}");
+    assert_eq!(said[1], "ok");
+    // 127.0.0.2 is loopback, as 127.0.0.1: the one port the policy allows goes through.
+    assert!(
+        ["eperm=60000 other=0", "eperm=59999 other=1"].contains(&said[2].as_str()),
+        "{said:?}"
+    );
+    assert!(d.stop().success());
+    let all = records(&audit(&d, &["tail", "-n", "10000000"]));
+    let recorded = all
+        .iter()
+        .any(|r| r["kind"] == "verdict" && r["port"] == hidden.port());
+    let summarized = all
+        .iter()
+        .filter(|r| r["kind"] == "verdict_summary")
+        .flat_map(|r| r["flows"].as_array().unwrap().iter())
+        .any(|f| f["port"] == hidden.port() && f["verdict"] == "allow" && f["count"] == 1);
+    assert!(
+        recorded || summarized,
+        "the hidden connect is in the log with its destination"
+    );
+}

@@ -16,6 +16,7 @@ pub struct EventBudgets {
     config: Array<MapData, BudgetConfig>,
     buckets: HashMap<MapData, u64, Bucket>,
     summaries: HashMap<MapData, SummaryKey, Summary>,
+    allowed: HashMap<MapData, SummaryKey, Summary>,
 }
 
 impl std::fmt::Debug for EventBudgets {
@@ -37,6 +38,8 @@ impl EventBudgets {
                 .map_err(map_err(maps::BUDGETS, "opening"))?,
             summaries: HashMap::try_from(take(maps::SUMMARIES)?)
                 .map_err(map_err(maps::SUMMARIES, "opening"))?,
+            allowed: HashMap::try_from(take(maps::ALLOWED_SUMMARIES)?)
+                .map_err(map_err(maps::ALLOWED_SUMMARIES, "opening"))?,
         })
     }
 
@@ -51,13 +54,17 @@ impl EventBudgets {
     /// was counted after it. A verdict counted between the read and the removal of its entry
     /// is missing from the breakdown, not from the totals ([`Self::suppressed`]).
     pub fn take_summaries(&mut self) -> Vec<(SummaryKey, Summary)> {
-        let keys: Vec<SummaryKey> = self.summaries.keys().filter_map(Result::ok).collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            if let Ok(v) = self.summaries.get(&k, 0) {
-                out.push((k, v));
+        let mut out = Vec::new();
+        for map in [&mut self.allowed, &mut self.summaries] {
+            // The keys first, once each: a walk of a map that changes under it may restart.
+            let keys: std::collections::HashSet<SummaryKey> =
+                map.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                if let Ok(v) = map.get(&k, 0) {
+                    out.push((k, v));
+                }
+                let _ = map.remove(&k);
             }
-            let _ = self.summaries.remove(&k);
         }
         out
     }
@@ -65,11 +72,15 @@ impl EventBudgets {
     /// The verdicts each bucket held back since it was made, by bucket key: the cgroup
     /// buckets and the unbound one (identity buckets count in their cgroups').
     pub fn suppressed(&self) -> Vec<(u64, u64)> {
-        self.buckets
+        // By key: a walk of a map that changes under it (an eviction) restarts, and a key
+        // seen twice must not count twice.
+        let by_key: std::collections::HashMap<u64, u64> = self
+            .buckets
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, _)| *k == budget::UNBOUND_KEY || budget::cgroup_of_key(*k).is_some())
             .map(|(k, b)| (k, b.suppressed))
-            .collect()
+            .collect();
+        by_key.into_iter().collect()
     }
 }

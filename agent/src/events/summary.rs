@@ -32,9 +32,12 @@ use crate::{
 /// together.
 pub const MAX_DENIED_FLOWS: usize = 16;
 /// Allowed flows listed in one summary record, in the order they began. Each is a
-/// destination the agent reached, so all are listed up to this bound (a policy that lets an
-/// agent reach more in one window is broad enough that the rest are counted together).
+/// destination the agent reached, so all are listed: past this many, in further records.
 pub const MAX_ALLOWED_FLOWS: usize = 256;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 /// One agent's verdicts held back in a window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -47,14 +50,17 @@ pub struct VerdictSummary {
     pub cgroup_id: Option<u64>,
     pub policy: Option<String>,
     pub spiffe_id: Option<String>,
+    /// 0, or the number of a further record of the same window and cgroup that lists more
+    /// allowed flows (its totals are 0: they are the first record's).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub part: u32,
     /// Every verdict held back in the window, exactly. The flows' counts add up to it but
     /// for `unattributed`, and for verdicts at the window's edges, which one window may
     /// count in its total and the next in its flows: over consecutive windows the totals
     /// are exact.
     pub suppressed: u64,
     pub flows: Vec<SummaryFlow>,
-    /// Flows past those listed ([`MAX_ALLOWED_FLOWS`], [`MAX_DENIED_FLOWS`]), and their
-    /// verdicts.
+    /// Denied flows past the [`MAX_DENIED_FLOWS`] listed, and their verdicts.
     pub other_flows: u64,
     pub other_count: u64,
     /// Verdicts in `suppressed` whose flow was not kept (the kernel's table of flows was
@@ -226,49 +232,63 @@ fn build(
     let mut keys: Vec<u64> = delta.keys().chain(flows.keys()).copied().collect();
     keys.sort_unstable();
     keys.dedup();
-    keys.into_iter()
-        .map(|key| {
-            let (mut allowed, mut denied): (Vec<_>, Vec<_>) = flows
-                .remove(&key)
-                .unwrap_or_default()
-                .into_iter()
-                .partition(|(k, _)| k.verdict == Verdict::ALLOW);
-            allowed.sort_by_key(|(_, v)| v.first_ns);
-            denied.sort_by_key(|(_, v)| std::cmp::Reverse(v.count));
-            let counted: u64 = allowed.iter().chain(&denied).map(|(_, v)| v.count).sum();
-            // The bucket's count is exact; the flows' may be off at the window's edges (a
-            // verdict's two counts are not taken in one step), so it is not the total.
-            let suppressed = delta.get(&key).copied().unwrap_or(0);
-            let slot = allowed
-                .iter()
-                .chain(&denied)
-                .map(|(k, _)| k.slot)
-                .find(|s| *s != 0);
-            let bound = key != budget::UNBOUND_KEY;
-            let (a, d) = (
-                allowed.len().min(MAX_ALLOWED_FLOWS),
-                denied.len().min(MAX_DENIED_FLOWS),
-            );
-            let listed: Vec<SummaryFlow> = allowed[..a]
-                .iter()
-                .chain(&denied[..d])
-                .map(|(k, v)| flow(k, v, clock))
-                .collect();
-            let rest: Vec<_> = allowed[a..].iter().chain(&denied[d..]).collect();
-            VerdictSummary {
-                time: rfc3339(end),
-                window_start: rfc3339(start),
-                cgroup_id: bound.then_some(key),
-                policy: slot.and_then(|s| names.policy(s)),
-                spiffe_id: bound.then(|| names.identity(key)).flatten(),
-                suppressed,
-                other_flows: rest.len() as u64,
-                other_count: rest.iter().map(|(_, v)| v.count).sum(),
-                unattributed: suppressed.saturating_sub(counted),
-                flows: listed,
-            }
-        })
-        .collect()
+    let mut out = Vec::new();
+    for key in keys {
+        let (mut allowed, mut denied): (Vec<_>, Vec<_>) = flows
+            .remove(&key)
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|(k, _)| k.verdict == Verdict::ALLOW);
+        allowed.sort_by_key(|(_, v)| v.first_ns);
+        denied.sort_by_key(|(_, v)| std::cmp::Reverse(v.count));
+        let counted: u64 = allowed.iter().chain(&denied).map(|(_, v)| v.count).sum();
+        // The bucket's count is exact; the flows' may be off at the window's edges (a
+        // verdict's two counts are not taken in one step), so it is not the total.
+        let suppressed = delta.get(&key).copied().unwrap_or(0);
+        let slot = allowed
+            .iter()
+            .chain(&denied)
+            .map(|(k, _)| k.slot)
+            .find(|s| *s != 0);
+        let bound = key != budget::UNBOUND_KEY;
+        let d = denied.len().min(MAX_DENIED_FLOWS);
+        let rest = &denied[d..];
+        // Every allowed flow is listed: past MAX_ALLOWED_FLOWS in further records of the
+        // same window, which carry flows only (the totals are the first record's).
+        let mut chunks = allowed.chunks(MAX_ALLOWED_FLOWS);
+        let first: Vec<SummaryFlow> = chunks
+            .next()
+            .unwrap_or_default()
+            .iter()
+            .chain(&denied[..d])
+            .map(|(k, v)| flow(k, v, clock))
+            .collect();
+        let record = |part: u32, flows: Vec<SummaryFlow>| VerdictSummary {
+            time: rfc3339(end),
+            window_start: rfc3339(start),
+            cgroup_id: bound.then_some(key),
+            policy: slot.and_then(|s| names.policy(s)),
+            spiffe_id: bound.then(|| names.identity(key)).flatten(),
+            part,
+            suppressed: 0,
+            other_flows: 0,
+            other_count: 0,
+            unattributed: 0,
+            flows,
+        };
+        out.push(VerdictSummary {
+            suppressed,
+            other_flows: rest.len() as u64,
+            other_count: rest.iter().map(|(_, v)| v.count).sum(),
+            unattributed: suppressed.saturating_sub(counted),
+            ..record(0, first)
+        });
+        for (i, chunk) in chunks.enumerate() {
+            let flows = chunk.iter().map(|(k, v)| flow(k, v, clock)).collect();
+            out.push(record(u32::try_from(i + 1).unwrap_or(u32::MAX), flows));
+        }
+    }
+    out
 }
 
 fn flow(k: &SummaryKey, v: &Summary, clock: BootClock) -> SummaryFlow {
@@ -437,6 +457,36 @@ mod tests {
             "{s:?}"
         );
         assert_eq!(s.other_flows, 200 - MAX_DENIED_FLOWS as u64);
+    }
+
+    #[test]
+    fn allowed_flows_past_one_record_go_on_in_further_records() {
+        let n = MAX_ALLOWED_FLOWS as u16 * 2 + 3;
+        let entries: Vec<_> = (0..n)
+            .map(|p| {
+                let mut k = key(7, 3, 3000 + p);
+                k.verdict = Verdict::ALLOW;
+                k.reason = Reason::RULE;
+                (k, count(1))
+            })
+            .collect();
+        let out = build(
+            entries,
+            &[(budget::cgroup_key(7, true), u64::from(n))],
+            &mut HashMap::new(),
+            &Names,
+            BootClock::now(),
+            window(),
+        );
+        assert_eq!(out.len(), 3);
+        assert_eq!(
+            out.iter().map(|s| s.flows.len()).sum::<usize>(),
+            usize::from(n),
+            "every allowed flow listed"
+        );
+        assert_eq!((out[0].part, out[2].part), (0, 2));
+        assert_eq!(out.iter().map(|s| s.suppressed).sum::<u64>(), u64::from(n));
+        assert_eq!(out[0].unattributed, 0);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! `udp-connect ADDR PAYLOAD`, `raw4`, `raw6`, `join-cgroup DIR`, `stream ADDR`,
 //! `stream-end MILLIS` (how the stream ended, waiting up to MILLIS), `watch ADDR MILLIS`,
 //! `env NAME`, `exit CODE`, `sleep MILLIS`, `udp-flood ADDR N`, `udp-flood-for ADDR MILLIS`
-//! (denied-send floods: a count, or a time), `raw-flood-for MILLIS` (raw socket creations), `udp-flood-around ADDR MILLIS TCP_ADDR` (a flood
+//! (denied-send floods: a count, or a time), `raw-flood-for MILLIS` (raw socket creations), `udp-spray IP N` (a datagram to each of N
+//! ports from 1024), `udp-flood-around ADDR MILLIS TCP_ADDR` (a flood
 //! with a TCP connect from the same process halfway), `repl`; `unshare-net` (this thread, and threads it starts from
 //! then on, move to a new network namespace with its loopback up), `join-net PATH` (the same,
 //! into the namespace PATH names, such as /proc/PID/ns/net), `listen ADDR` (accepts and
@@ -516,6 +517,21 @@ fn run(line: &str) -> String {
         }
         ("raw4", []) => Ok(raw(libc::AF_INET, libc::IPPROTO_ICMP)),
         ("raw6", []) => Ok(raw(libc::AF_INET6, libc::IPPROTO_ICMPV6)),
+        ("udp-spray", [ip, n]) => {
+            // One datagram to each of N ports from 1024 up (N distinct destinations).
+            let ip: IpAddr = ip.parse().map_err(|_| format!("err bad address {ip:?}"))?;
+            let n: u16 = n.parse().map_err(|_| "err bad count".to_string())?;
+            let s =
+                UdpSocket::bind(unspecified_for(&SocketAddr::new(ip, 0))).map_err(|e| errno(&e))?;
+            let (mut eperm, mut other) = (0u64, 0u64);
+            for port in 1024..1024u16.saturating_add(n) {
+                match s.send_to(b"x", SocketAddr::new(ip, port)) {
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    _ => other += 1,
+                }
+            }
+            Ok(format!("eperm={eperm} other={other}"))
+        }
         ("raw-flood-for", [ms]) => {
             // Raw socket creations for MS (at most a minute): how many were refused.
             let end = Instant::now() + millis(ms)?.min(Duration::from_secs(60));
