@@ -19,10 +19,11 @@ pub const EVENTS: &str = "AW_EVENTS";
 /// descendants). The daemon adds a cgroup before it attaches the cgroup programs to it.
 pub const ENFORCED: &str = "AW_ENFORCED";
 
-/// Event budgets (`crate::budget`), per loaded object (not pinned): the configuration
+/// Event budgets (`crate::budget`), pinned, so that the programs a stopped or crashed daemon
+/// left attached keep to them and the next daemon reads what they counted: the configuration
 /// (`Array<BudgetConfig>` of one entry), the buckets (`LruHashMap<u64, Bucket>`, keyed by
-/// cgroup id, `budget::identity_key(slot)` or `budget::UNBOUND_KEY`) and the summaries of
-/// the verdicts held back (`LruHashMap<SummaryKey, Summary>`), which the daemon takes.
+/// `budget::cgroup_key`, `budget::identity_key` or `budget::UNBOUND_KEY`) and the summaries
+/// of the verdicts held back (`LruHashMap<SummaryKey, Summary>`), which the daemon takes.
 pub const BUDGET_CONFIG: &str = "AW_BUDGET_CFG";
 pub const BUDGETS: &str = "AW_BUDGETS";
 pub const SUMMARIES: &str = "AW_SUMMARIES";

@@ -19,20 +19,18 @@ const BPF_NOEXIST: u64 = 1;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map]
-static AW_BUDGET_CFG: Array<BudgetConfig> = Array::with_max_entries(1, 0);
+static AW_BUDGET_CFG: Array<BudgetConfig> = Array::pinned(1, 0);
 
 /// Cgroup and identity buckets, for allowed and denied verdicts apart: at most two per
 /// binding and two per policy slot, and the unbound one; the daemon sizes it to four times
 /// the bindings.
 #[map]
-static AW_BUDGETS: LruHashMap<u64, Bucket> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_BINDINGS * 4, 0);
+static AW_BUDGETS: LruHashMap<u64, Bucket> = LruHashMap::pinned(DEFAULT_MAX_BINDINGS * 4, 0);
 
 /// Denied flows held back: the oldest make room for new ones (their counts stay in the
 /// buckets' totals).
 #[map]
-static AW_SUMMARIES: LruHashMap<SummaryKey, Summary> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_SUMMARIES, 0);
+static AW_SUMMARIES: LruHashMap<SummaryKey, Summary> = LruHashMap::pinned(DEFAULT_MAX_SUMMARIES, 0);
 
 /// Allowed flows held back: each is a destination an agent reached, so none is evicted (a
 /// flood of denials cannot push one out); when full, a verdict is recorded instead. Freed
@@ -40,7 +38,7 @@ static AW_SUMMARIES: LruHashMap<SummaryKey, Summary> =
 /// into another flow's.
 #[map]
 static AW_ALLOWED_SUMMARIES: HashMap<SummaryKey, Summary> =
-    HashMap::with_max_entries(DEFAULT_MAX_ALLOWED_SUMMARIES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(DEFAULT_MAX_ALLOWED_SUMMARIES, BPF_F_NO_PREALLOC);
 
 /// Adds `n` to the u64 at `p` with the BPF atomic add (see `emit::count`).
 #[inline(always)]

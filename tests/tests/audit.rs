@@ -1103,3 +1103,53 @@ fn a_spray_of_denials_cannot_evict_an_allowed_flow_from_its_summary() {
         "the hidden connect is in the log with its destination"
     );
 }
+
+/// A daemon killed in the middle of a window has not reported the verdicts its budgets held
+/// back; the budget maps are pinned, and the next daemon reports them: every verdict of a
+/// flood is accounted for across the crash.
+#[test]
+fn verdicts_held_back_when_the_daemon_is_killed_are_reported_by_the_next() {
+    use std::time::Duration;
+    let _s = serial();
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = target.local_addr().unwrap().port();
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some("events:\n  summary_every: 20s\n"),
+    );
+    let n: u64 = 200_000;
+    let out = d.exec(
+        "web",
+        None,
+        &[&format!("udp-flood 127.0.0.1:{udp_port} {n}")],
+    );
+    assert_eq!(lines(&out), [format!("eperm={n} other=0")]);
+    // The records of the burst are durable; the rest is only counted in the kernel.
+    agentwall_tests::wait_for(Duration::from_secs(10), "the burst's records", || {
+        (d.status().audit.committed >= 2_000).then_some(())
+    });
+    assert_eq!(d.status().audit.event_summaries, 0, "no window ended yet");
+    d.kill9();
+    d.launch();
+    d.wait_healthy();
+    assert!(d.stop().success(), "a clean stop reports the last window");
+
+    let v = verify(&d);
+    assert!(v.status.success(), "{v:?}");
+    let all = records(&audit(&d, &["tail", "-n", "10000000"]));
+    let (mut recorded, mut suppressed, mut lost) = (0, 0, 0);
+    for r in &all {
+        if r["kind"] == "verdict" && r["port"] == udp_port {
+            recorded += 1;
+        } else if r["kind"] == "verdict_summary" {
+            suppressed += r["suppressed"].as_u64().unwrap();
+        } else if r["kind"] == "events_lost" {
+            lost += r["lost"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(
+        recorded + suppressed + lost,
+        n,
+        "recorded {recorded} + summarized {suppressed} + lost {lost}"
+    );
+}

@@ -50,10 +50,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cfg_detect = cfg.detect.clone();
 
     let (mut enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
-    // The budgets are in place before any program is attached.
+    // The budgets are set before any cgroup program is attached (the task-scoped LSM ones,
+    // attached at load, may record a few verdicts without a budget until then).
     let summarizer = match enforcer.take_budgets() {
         Some(b) => Some(Arc::new(std::sync::Mutex::new(
-            events::summary::Summarizer::start(b, cfg.events)?,
+            events::summary::Summarizer::start(b, cfg.events, cfg.state_dir.join(BUDGET_COUNTS))?,
         ))),
         None => None,
     };
@@ -267,8 +268,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // full queue blocks whoever records), the daemon is gone within SHUTDOWN_LIMIT; what could
     // not be written is noted for the next start. The kernel keeps enforcing either way.
     arm_shutdown_limit(audit.clone(), unwritten_note(&daemon.cfg));
-    // The last summaries, with the budgets off from here to the next daemon: what the
-    // programs judge meanwhile goes to the ring. The reader takes what the ring holds
+    // The last summaries (the budgets stay in force in the pinned maps; the next daemon
+    // reports what they count meanwhile). The reader takes what the ring holds
     // (allowed verdicts wait for its poll), then the last losses are counted: the log ends
     // with every event accounted for.
     if let Some(s) = &summarizer {
@@ -313,6 +314,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     );
     Ok(())
 }
+
+/// The event budgets' counts as last reported (`events::summary`), in the state directory.
+const BUDGET_COUNTS: &str = "event-budgets.json";
 
 /// Longest an orderly stop may take once signalled.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);

@@ -15,6 +15,7 @@ use std::{
 
 use agentwall_common::{
     binding::Binding,
+    budget::{Bucket, BudgetConfig, Summary, SummaryKey},
     maps,
     rules::{RuleKey, RuleSet},
     state::PolicyState,
@@ -130,7 +131,7 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// What each pinned map must look like for this build's programs to share it.
-fn expected_shapes() -> [(&'static str, u32, u32); 6] {
+fn expected_shapes() -> [(&'static str, u32, u32); 10] {
     [
         (maps::ENFORCED, 8, 4),
         (maps::BINDINGS, 8, size_of::<Binding>() as u32),
@@ -142,6 +143,18 @@ fn expected_shapes() -> [(&'static str, u32, u32); 6] {
         (maps::STATE, 4, size_of::<PolicyState>() as u32),
         (maps::COUNTERS, 4, 8),
         (maps::UNIX_RULES, size_of::<UnixKey>() as u32, 4),
+        (maps::BUDGET_CONFIG, 4, size_of::<BudgetConfig>() as u32),
+        (maps::BUDGETS, 8, size_of::<Bucket>() as u32),
+        (
+            maps::SUMMARIES,
+            size_of::<SummaryKey>() as u32,
+            size_of::<Summary>() as u32,
+        ),
+        (
+            maps::ALLOWED_SUMMARIES,
+            size_of::<SummaryKey>() as u32,
+            size_of::<Summary>() as u32,
+        ),
     ]
 }
 

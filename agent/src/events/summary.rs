@@ -90,8 +90,10 @@ pub struct SummaryFlow {
 pub struct Summarizer {
     budgets: EventBudgets,
     cfg: EventsConfig,
-    /// Each bucket's count of held-back verdicts as last read.
+    /// Each bucket's count of held-back verdicts as last reported, kept in `seen_file` after
+    /// every window: the buckets are pinned, and the next daemon reports from there.
     seen: HashMap<u64, u64>,
+    seen_file: std::path::PathBuf,
     /// When each bucket last raised a flood alert.
     alerted: HashMap<u64, SystemTime>,
     window_start: SystemTime,
@@ -111,18 +113,49 @@ fn rfc3339(t: SystemTime) -> String {
 
 impl Summarizer {
     /// Applies the budgets of `cfg` to the programs (before any is attached).
+    ///
+    /// `seen_file` holds what an earlier daemon reported of the pinned buckets' counts; what
+    /// they counted since (while no daemon ran, or after a crash) is reported in the first
+    /// window. Without the file (a first start, or a lost file) every count is reported: a
+    /// window may then repeat counts an earlier daemon reported, never miss any.
     pub fn start(
         mut budgets: EventBudgets,
         cfg: EventsConfig,
+        seen_file: std::path::PathBuf,
     ) -> Result<Self, crate::enforce::EnforceError> {
         budgets.set(cfg.kernel())?;
+        let seen = match std::fs::read(&seen_file) {
+            Ok(bytes) => serde_json::from_slice::<HashMap<String, u64>>(&bytes)
+                .map(|m| {
+                    m.into_iter()
+                        .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+                        .collect()
+                })
+                .unwrap_or_else(|e| {
+                    tracing::warn!(path = %seen_file.display(), error = %e, "unreadable record of the event budgets' counts; every count left by the last daemon is reported again");
+                    HashMap::new()
+                }),
+            Err(_) => HashMap::new(),
+        };
         Ok(Self {
             budgets,
             cfg,
-            seen: HashMap::new(),
+            seen,
+            seen_file,
             alerted: HashMap::new(),
             window_start: SystemTime::now(),
         })
+    }
+
+    /// Keeps what was reported, for the next daemon.
+    fn save_seen(&self) {
+        let m: HashMap<String, u64> = self.seen.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let r = serde_json::to_vec(&m)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::state::write_atomic(&self.seen_file, &b, 0o600));
+        if let Err(e) = r {
+            tracing::warn!(path = %self.seen_file.display(), error = %e, "cannot keep the event budgets' reported counts");
+        }
     }
 
     pub fn every(&self) -> Duration {
@@ -147,6 +180,7 @@ impl Summarizer {
             .duration_since(self.window_start)
             .map_or(0, |d| d.as_secs().max(1));
         self.window_start = now;
+        self.save_seen();
         let quiet = self.cfg.flood_alert_every;
         self.alerted
             .retain(|_, at| now.duration_since(*at).is_ok_and(|d| d < quiet));
@@ -180,13 +214,10 @@ impl Summarizer {
         }
     }
 
-    /// At shutdown: turns the budgets off, so that what the programs judge until the next
-    /// daemon takes over goes to the ring (read by that daemon, or counted as lost there),
-    /// then writes the last summaries.
+    /// At shutdown: the last summaries. The budgets stay in force in the pinned maps; what
+    /// the programs hold back until the next daemon takes over is counted there, and that
+    /// daemon reports it.
     pub fn close(&mut self, names: &dyn Resolve, audit: &AuditHandle) {
-        if let Err(e) = self.budgets.set(Default::default()) {
-            tracing::warn!(error = %e, "cannot turn the event budgets off for the handover");
-        }
         self.run(names, audit);
     }
 }
