@@ -100,6 +100,16 @@ impl Rate {
     }
 }
 
+impl Rate {
+    /// Whether a bucket whose arrival time is `tat` after a record at `now` has used at most
+    /// half of its burst: such a cgroup is quiet, and its records are not charged to its
+    /// identity's budget, so that busy cgroups of the same policy cannot spend it for it.
+    #[inline(always)]
+    pub fn quiet(&self, tat: u64, now: u64) -> bool {
+        tat.saturating_sub(now) <= self.tolerance_ns / 2 + self.interval_ns
+    }
+}
+
 /// The budgets, as the daemon writes them (one entry of `AW_BUDGET_CFG`). All zero (the
 /// state before the daemon writes it) means no budget: every record is written.
 #[repr(C)]
@@ -202,6 +212,21 @@ mod tests {
         assert_eq!(cgroup_of_key(identity_key(3, true)), None);
         assert_eq!(cgroup_of_key(UNBOUND_KEY), None);
         assert_ne!(identity_key(3, true), identity_key(3, false));
+    }
+
+    #[test]
+    fn a_cgroup_is_quiet_until_it_used_half_its_burst() {
+        let r = Rate::new(10, 11); // 100 ms a record, a tolerance of one second
+        let now = 1_000_000_000;
+        let mut tat = 0;
+        let mut quiet = 0;
+        while let Some(t) = r.take(tat, now) {
+            tat = t;
+            if r.quiet(tat, now) {
+                quiet += 1;
+            }
+        }
+        assert_eq!(quiet, 6, "half the burst, and the record that reaches it");
     }
 
     #[test]

@@ -55,11 +55,11 @@ fn atomic_add(p: *mut u64, n: u64) {
     }
 }
 
-/// Takes one record from the bucket `key` at `now`: `Some(bucket)` if it conforms (or the
-/// bucket could not be kept, which lets the record through), `None` if it is over budget.
-/// The pointer returned is the bucket's, if it exists.
+/// Takes one record from the bucket `key` at `now`: `Ok` if it conforms, with the bucket and
+/// its new arrival time if the bucket existed (a new one is made, and the record let
+/// through); `Err` with the bucket if it is over budget.
 #[inline(always)]
-fn take(key: u64, rate: &Rate, now: u64) -> Result<Option<*mut Bucket>, *mut Bucket> {
+fn take(key: u64, rate: &Rate, now: u64) -> Result<Option<(*mut Bucket, u64)>, *mut Bucket> {
     let Some(b) = AW_BUDGETS.get_ptr_mut(key) else {
         let fresh = Bucket {
             tat_ns: now + rate.interval_ns,
@@ -76,7 +76,7 @@ fn take(key: u64, rate: &Rate, now: u64) -> Result<Option<*mut Bucket>, *mut Buc
         match rate.take(tat, now) {
             Some(next) => {
                 core::ptr::write_volatile(&raw mut (*b).tat_ns, next);
-                Ok(Some(b))
+                Ok(Some((b, next)))
             }
             None => Err(b),
         }
@@ -104,8 +104,9 @@ pub(crate) fn admit(flow: &Flow, d: &Decision, now: u64) -> bool {
     };
     let bucket = match take(key, &cfg.cgroup, now) {
         Ok(None) => return true,
-        Ok(Some(bucket)) => {
-            if d.slot == 0 || cfg.identity.interval_ns == 0 {
+        Ok(Some((bucket, tat))) => {
+            // A quiet cgroup is not charged to its identity (see `Rate::quiet`).
+            if d.slot == 0 || cfg.identity.interval_ns == 0 || cfg.cgroup.quiet(tat, now) {
                 return true;
             }
             match take(budget::identity_key(d.slot, allowed), &cfg.identity, now) {

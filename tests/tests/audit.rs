@@ -1153,3 +1153,54 @@ fn verdicts_held_back_when_the_daemon_is_killed_are_reported_by_the_next() {
         "recorded {recorded} + summarized {suppressed} + lost {lost}"
     );
 }
+
+/// The identity budget is shared by the cgroups of one policy: a busy one that spent it had
+/// a quiet sibling's verdicts summarized, and the flood alert blamed the sibling. A cgroup
+/// that used at most half its own burst is not charged to the identity: the sibling's
+/// verdicts are recorded one by one.
+#[test]
+fn a_busy_agent_cannot_spend_a_quiet_siblings_share_of_their_identity() {
+    use std::time::Duration;
+    let _s = serial();
+    let quiet_target = TcpSink::new("127.0.0.1:0");
+    let flood_target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = flood_target.local_addr().unwrap().port();
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[1]))],
+        Some("events:\n  identity_rate: 100\n  identity_burst: 100\n  summary_every: 1s\n"),
+    );
+    let mut flooder = d
+        .exec_under(
+            &["--policy", "web"],
+            None,
+            &[&format!("udp-flood-for 127.0.0.1:{udp_port} 4000")],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    agentwall_tests::wait_for(Duration::from_secs(20), "the flood past its burst", || {
+        (d.counter("denied") > 5_000).then_some(())
+    });
+    let to = format!("tcp 127.0.0.1:{}", quiet_target.port());
+    let quiet = d.exec("web", None, &[to.as_str(); 5]);
+    assert_eq!(lines(&quiet), ["err EPERM"; 5]);
+    assert!(
+        flooder.try_wait().unwrap().is_none(),
+        "the flood went on while the sibling ran"
+    );
+    let _ = flooder.wait_with_output().unwrap();
+    assert!(d.stop().success());
+    let all = records(&audit(&d, &["tail", "-n", "10000000"]));
+    let recorded = all
+        .iter()
+        .filter(|r| r["kind"] == "verdict" && r["port"] == quiet_target.port())
+        .count();
+    assert_eq!(recorded, 5, "every verdict of the quiet sibling");
+    let blamed: Vec<_> = all
+        .iter()
+        .filter(|r| r["kind"] == "verdict_summary")
+        .flat_map(|r| r["flows"].as_array().unwrap().iter())
+        .filter(|f| f["port"] == quiet_target.port())
+        .collect();
+    assert!(blamed.is_empty(), "{blamed:?}");
+}
