@@ -103,7 +103,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> =
         Arc::new(Names(Arc::clone(&book), Arc::clone(&daemon.identities)));
-    let names_for_close = Arc::clone(&names);
+    let summary_names = Arc::clone(&names);
     // On a thread of its own: a burst of verdicts must not hold up the admin and enrollment
     // sockets, which the runtime's workers serve.
     let (reader_done, mut reader) = tokio::sync::oneshot::channel();
@@ -113,7 +113,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         &daemon, &baselines, cfg_detect,
     )));
     let reader_detector = Arc::clone(&detector);
-    let reader_summarizer = summarizer.clone();
     std::thread::Builder::new()
         .name("agentwall-events".into())
         .spawn(move || {
@@ -127,12 +126,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                         events_tx,
                         Some(reader_audit),
                         Some(reader_detector),
-                        reader_summarizer,
                     ))
                 });
             let _ = reader_done.send(result);
         })
         .map_err(DaemonError::Events)?;
+    if let Some(s) = &summarizer {
+        events::summary::Summarizer::spawn(
+            Arc::clone(s),
+            Arc::clone(&summary_names),
+            audit.clone(),
+        )
+        .map_err(DaemonError::Events)?;
+    }
 
     let generation = daemon.install(compiled).await?;
     tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");
@@ -273,7 +279,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // (allowed verdicts wait for its poll), then the last losses are counted: the log ends
     // with every event accounted for.
     if let Some(s) = &summarizer {
-        let (s, names, audit) = (Arc::clone(s), Arc::clone(&names_for_close), audit.clone());
+        let (s, names, audit) = (Arc::clone(s), Arc::clone(&summary_names), audit.clone());
         let _ = tokio::task::spawn_blocking(move || {
             s.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

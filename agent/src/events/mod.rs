@@ -176,7 +176,6 @@ pub async fn read_ring(
     tx: broadcast::Sender<Arc<EventRecord>>,
     audit: Option<crate::audit::sink::AuditHandle>,
     detector: Option<Arc<std::sync::Mutex<crate::audit::detect::Detector>>>,
-    summarizer: Option<Arc<std::sync::Mutex<summary::Summarizer>>>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, open and unchanged until the AsyncFd drops it.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -184,12 +183,6 @@ pub async fn read_ring(
     // Allowed verdicts are written without waking the reader (see ebpf/src/emit.rs): poll.
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let every = summarizer
-        .as_ref()
-        .and_then(|s| s.lock().ok().map(|s| s.every()))
-        .unwrap_or(Duration::from_secs(3600));
-    let mut summary_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
@@ -198,13 +191,6 @@ pub async fn read_ring(
                 guard.clear_ready();
             }
             _ = tick.tick() => drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_deref()),
-            _ = summary_tick.tick() => {
-                // The records written before the window ends go first.
-                drain(fd.get_mut(), names.as_ref(), &tx, audit.as_ref(), detector.as_deref());
-                if let (Some(s), Some(a)) = (&summarizer, &audit) {
-                    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).run(names.as_ref(), a);
-                }
-            }
         }
     }
 }

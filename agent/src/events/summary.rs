@@ -11,7 +11,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::atomic::Ordering,
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -107,6 +107,10 @@ impl std::fmt::Debug for Summarizer {
     }
 }
 
+fn lock(s: &Mutex<Summarizer>) -> std::sync::MutexGuard<'_, Summarizer> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
@@ -160,6 +164,25 @@ impl Summarizer {
 
     pub fn every(&self) -> Duration {
         self.cfg.summary_every
+    }
+
+    /// Writes a window's summaries every [`Self::every`], on a thread of its own: reading
+    /// and emptying the tables takes a syscall per entry, which must not hold up the reader
+    /// of the event ring. The daemon's last window is its [`Self::close`].
+    pub fn spawn(
+        this: Arc<Mutex<Self>>,
+        names: Arc<dyn Resolve + Send + Sync>,
+        audit: AuditHandle,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let every = lock(&this).every();
+        std::thread::Builder::new()
+            .name("agentwall-summary".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(every);
+                    lock(&this).run(names.as_ref(), &audit);
+                }
+            })
     }
 
     /// Writes the summaries of the window that ends now, and the flood alerts.
