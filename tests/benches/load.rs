@@ -319,7 +319,7 @@ fn main() {
     let _ = writeln!(
         md,
         "\nTarget: enrollment p99 under the flood within 2x of the baseline's: {} ({ratio:.2}x). \
-         The flooder's connections past its 8 in progress are refused at once ({}).",
+         The flooder's connections past the few in progress its cgroup and user may have are refused at once ({}).",
         met(ratio <= 2.0),
         flooded_enroll.held.trim()
     );

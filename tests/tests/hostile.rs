@@ -334,6 +334,35 @@ fn a_pin_or_state_directory_another_user_controls_is_refused() {
     assert!(!d.pin_dir.exists(), "nothing was loaded");
 }
 
+/// Agents often run as one user: an agent of that user holding thousands of connections to
+/// the enrollment socket must not keep another agent of the same user from enrolling. The
+/// limit is per cgroup as well as per user: the flooder keeps a few turns of its own cgroup,
+/// the agent gets one of its own.
+#[test]
+fn an_agent_enrolls_while_another_of_its_own_user_floods_the_socket() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
+    let probe = d.world_copy(&agentwall_tests::netprobe_bin());
+    let mut flood = std::process::Command::new(probe);
+    std::os::unix::process::CommandExt::uid(&mut flood, 65534);
+    std::os::unix::process::CommandExt::gid(&mut flood, 65534);
+    let mut flooder = Repl::spawn({
+        flood.arg("repl");
+        flood
+    });
+    let held = flooder.cmd(&format!("hold-unix {} 4000", d.enroll_socket.display()));
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let o = d
+        .exec_under(&["--cert", &cert, "--key", &key], Some("nobody"), &["pid"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the agent of the same user enrolled during the flood ({held}): {o:?}"
+    );
+    flooder.quit();
+}
+
 /// The enrollment socket is open to every user: one user holding thousands of connections
 /// idle (three bytes of a TLS record, then nothing) must not keep another's agent from
 /// enrolling. It keeps a few threads; the rest of its connections are refused at once, with a

@@ -1093,7 +1093,11 @@ const MAX_ENROLL_THREADS: usize = 128;
 /// Enrollments of one user (peer uid) in progress at once. The socket is open to every user:
 /// one holding many connections idle or slow keeps at most this many threads, and the rest of
 /// its connections are refused at once, so that others' enrollments go on.
-pub(super) const MAX_ENROLLMENTS_PER_UID: usize = 8;
+pub(super) const MAX_ENROLLMENTS_PER_UID: usize = 16;
+/// Enrollments from one cgroup in progress at once: agents often share a user, and one of
+/// them holding connections must not keep the others of that user from enrolling. (A user
+/// that can make cgroups of its own is still bounded by [`MAX_ENROLLMENTS_PER_UID`].)
+pub(super) const MAX_ENROLLMENTS_PER_CGROUP: usize = 4;
 /// Enrollment threads kept waiting in `accept` when there is nothing to do.
 const SPARE_ENROLL_THREADS: usize = 2;
 /// A thread beyond the spare ones that waited this long for a connection ends.
@@ -1117,29 +1121,41 @@ struct EnrollPool {
     /// Threads in the pool, and those of them waiting for a connection.
     threads: std::sync::atomic::AtomicUsize,
     idle: std::sync::atomic::AtomicUsize,
-    /// Enrollments in progress per peer uid.
-    per_uid: std::sync::Mutex<HashMap<u32, usize>>,
+    /// Enrollments in progress per peer uid and per peer cgroup.
+    in_progress: std::sync::Mutex<InProgress>,
+}
+
+#[derive(Default)]
+struct InProgress {
+    per_uid: HashMap<u32, usize>,
+    per_cgroup: HashMap<String, usize>,
+}
+
+fn give_back<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
 }
 
 /// A peer's place among the enrollments in progress; given back when dropped.
 struct PeerTurn<'a> {
     pool: &'a EnrollPool,
     uid: u32,
+    cgroup: String,
 }
 
 impl Drop for PeerTurn<'_> {
     fn drop(&mut self) {
-        let mut counts = self
+        let mut p = self
             .pool
-            .per_uid
+            .in_progress
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = counts.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.uid);
-            }
-        }
+        give_back(&mut p.per_uid, &self.uid);
+        give_back(&mut p.per_cgroup, &self.cgroup);
     }
 }
 
@@ -1153,7 +1169,7 @@ pub(super) fn serve_enroll(listener: UnixListener, daemon: Arc<Daemon>) -> std::
         rt: tokio::runtime::Handle::current(),
         threads: std::sync::atomic::AtomicUsize::new(0),
         idle: std::sync::atomic::AtomicUsize::new(0),
-        per_uid: std::sync::Mutex::default(),
+        in_progress: std::sync::Mutex::default(),
     });
     for _ in 0..SPARE_ENROLL_THREADS {
         EnrollPool::spawn(&pool)?;
@@ -1175,35 +1191,50 @@ impl EnrollPool {
             })
     }
 
-    /// A turn for the peer of `stream`, unless its user has [`MAX_ENROLLMENTS_PER_UID`]
-    /// enrollments in progress: that peer is told so in one plain line (before any TLS:
-    /// `agentwall`'s client shows it as it is) and the connection is closed.
+    /// A turn for the peer of `stream`, unless its cgroup has [`MAX_ENROLLMENTS_PER_CGROUP`]
+    /// or its user [`MAX_ENROLLMENTS_PER_UID`] enrollments in progress: that peer is told so
+    /// in one plain line (before any TLS: `agentwall`'s client shows it as it is) and the
+    /// connection is closed.
     fn turn_for(&self, stream: &std::os::unix::net::UnixStream) -> Option<PeerTurn<'_>> {
         use std::io::Write as _;
-        // A peer whose credentials cannot be read counts as one user of its own kind.
-        let uid = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-            .map(|c| c.uid())
-            .unwrap_or(u32::MAX);
-        {
-            let mut counts = self
-                .per_uid
+        // A peer whose credentials or cgroup cannot be read counts as one of its own kind.
+        let cred =
+            nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials).ok();
+        let uid = cred.map_or(u32::MAX, |c| c.uid());
+        let cgroup = cred
+            .and_then(|c| crate::identity::attest::cgroup_of(c.pid()).ok())
+            .unwrap_or_else(|| "(unknown)".into());
+        let refused = {
+            let mut p = self
+                .in_progress
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let n = counts.entry(uid).or_default();
-            if *n < MAX_ENROLLMENTS_PER_UID {
-                *n += 1;
-                return Some(PeerTurn { pool: self, uid });
+            let by_uid = p.per_uid.get(&uid).copied().unwrap_or(0);
+            let by_cgroup = p.per_cgroup.get(&cgroup).copied().unwrap_or(0);
+            if by_cgroup >= MAX_ENROLLMENTS_PER_CGROUP {
+                format!(
+                    "{MAX_ENROLLMENTS_PER_CGROUP} enrollments from cgroup {cgroup} are in progress, the most one cgroup may have"
+                )
+            } else if by_uid >= MAX_ENROLLMENTS_PER_UID {
+                format!(
+                    "{MAX_ENROLLMENTS_PER_UID} enrollments of uid {uid} are in progress, the most one user may have"
+                )
+            } else {
+                *p.per_uid.entry(uid).or_default() += 1;
+                *p.per_cgroup.entry(cgroup.clone()).or_default() += 1;
+                return Some(PeerTurn {
+                    pool: self,
+                    uid,
+                    cgroup,
+                });
             }
-        }
+        };
         self.daemon.count_error("enroll_busy_refused");
-        tracing::debug!(
-            uid,
-            "enrollment refused: too many in progress for this user"
-        );
+        tracing::debug!(uid, %cgroup, "enrollment refused: too many in progress for this peer");
         let _ = stream.set_nonblocking(true);
         let _ = (&*stream).write_all(
             format!(
-                "{}{MAX_ENROLLMENTS_PER_UID} enrollments of uid {uid} are in progress, the most one user may have: try again once they are done\n",
+                "{}{refused}: try again once they are done\n",
                 enroll::BUSY_PREFIX
             )
             .as_bytes(),

@@ -179,7 +179,7 @@ fn read_small(path: &Path) -> std::io::Result<String> {
 }
 
 /// The cgroup v2 path of `pid` (the `0::` line).
-fn cgroup_of(pid: i32) -> Result<String, AttestError> {
+pub(crate) fn cgroup_of(pid: i32) -> Result<String, AttestError> {
     let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
     let text = read_small(&path).map_err(proc_err(path.clone()))?;
     text.lines()
