@@ -283,6 +283,17 @@ fn main() {
         ..Limits::default()
     };
     let (mut enforcer, mut ring) = Enforcer::load(&guard.pin_dir, &limits).unwrap();
+    // Event budgets on, as the daemon has them, at a rate no loop here reaches: every verdict
+    // pays for the budget check and is still written to the ring (the costlier path).
+    let budgets = if std::env::var_os("AW_BENCH_NO_BUDGETS").is_some() {
+        agentwall_common::budget::BudgetConfig::default()
+    } else {
+        agentwall_common::budget::BudgetConfig {
+            cgroup: agentwall_common::budget::Rate::new(1_000_000, u32::MAX),
+            identity: agentwall_common::budget::Rate::new(1_000_000, u32::MAX),
+        }
+    };
+    enforcer.take_budgets().unwrap().set(budgets).unwrap();
     // Drain the events as the daemon's reader does (allowed verdicts do not wake it; it polls
     // at the same interval); the cost of delivering them is part of the cost.
     let stop = Arc::new(AtomicBool::new(false));
@@ -449,8 +460,9 @@ fn main() {
     let _ = writeln!(
         md,
         "\nWhat the enforced path adds per TCP connect: the sock_create program (a socket type check), \
-         the connect4 program (the decision, one ring buffer event, a per-CPU flow cache entry for \
-         the socket) and the egress program on each outgoing packet (a flow cache hit for the \
+         the connect4 program (the decision, the event budget check, one ring buffer event, a \
+         per-CPU flow cache entry for the socket; the budgets are set at a rate no loop reaches, \
+         so every verdict is recorded) and the egress program on each outgoing packet (a flow cache hit for the \
          packets of a socket judged under the current policy epoch, the full decision otherwise). \
          A decision that a rule allowed is remembered in a per-CPU decision cache (by cgroup, \
          destination, port and protocol, valid while the policy epoch holds), so the decision is \
