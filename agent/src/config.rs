@@ -502,6 +502,19 @@ impl Config {
                 message: "must name a cgroup below the cgroup v2 mount, not the root cgroup".into(),
             });
         }
+        // Agents reach these sockets by the names the kernel's Unix rules hold: a relative
+        // name would be resolved against each caller's directory, not the daemon's.
+        for (field, path) in [
+            ("socket", &self.socket),
+            ("enrollment.socket", &self.enrollment.socket),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{} must be an absolute path", path.display()),
+                });
+            }
+        }
         let l = &self.limits;
         if !l.event_ring_bytes.is_power_of_two() || l.event_ring_bytes < 4096 {
             return Err(ConfigError::Invalid {
@@ -778,6 +791,14 @@ mod tests {
             ("events:\n  summary_every: 100ms\n", "between 1s and 1h"),
             ("events:\n  flood_alert_every: 0s\n", "flood_alert_every"),
             ("events:\n  rate: 5\n", "unknown field `rate`"),
+            (
+                "socket: run/agentwall.sock\n",
+                "socket: run/agentwall.sock must be an absolute path",
+            ),
+            (
+                "enrollment:\n  socket: enroll.sock\n",
+                "enrollment.socket: enroll.sock must be an absolute path",
+            ),
         ] {
             let e = load_text("events-bad", text).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");
