@@ -838,3 +838,66 @@ fn systemd_unit_attestation_takes_system_units_only() {
     let got = enroll_in(&system_unit);
     assert_eq!(got["type"], "enrolled", "{got:?}");
 }
+
+/// A reload that switches a policy's mode visits every binding of it; it wrote each back as
+/// it had listed it, so a quarantine (or a revocation) that landed on a binding between the
+/// listing and the write was undone. Each binding is now changed as it is when the change
+/// lands. Many bindings make the pass long; quarantines land at spread moments of it.
+#[test]
+fn a_reload_racing_a_quarantine_never_undoes_it() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let name = format!("awt-{}-many", std::process::id());
+    let guard = |rel: &str| {
+        let g = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+            agentwall_tests::cgroup_mount().join(&name).join(rel),
+        ));
+        g.0.create().unwrap();
+        g
+    };
+    let _parent = guard("");
+    let many: Vec<_> = (0..300).map(|i| guard(&format!("c{i}"))).collect();
+    let mut config = String::from("enforce:\n");
+    for i in 0..300 {
+        config.push_str(&format!("  - cgroup: {name}/c{i}\n    policy: reader\n"));
+    }
+    let policy = |mode: &str| {
+        format!(
+            "policy:\n  name: reader\n  mode: {mode}\n  identity: agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+            sink.port()
+        )
+    };
+    let d = TestDaemon::start_with_config(&[("r.yaml", &policy("enforce"))], Some(&config));
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    let to = format!("tcp 127.0.0.1:{}", sink.port());
+    assert_eq!(agent.cmd(&to), "ok");
+    let cgroup = agent.cmd("cgroup");
+    let cgroup = cgroup.trim_start_matches('/');
+    for round in 0..30u64 {
+        let mode = if round % 2 == 0 { "audit" } else { "enforce" };
+        d.write_policy("r.yaml", &policy(mode));
+        let reload = {
+            let mut c = std::process::Command::new(agentwall_tests::agentwall_bin());
+            c.args(["reload"])
+                .env("AGENTWALL_SOCKET", &d.socket)
+                .stdout(std::process::Stdio::null());
+            c.spawn().unwrap()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(round % 15));
+        let q = d.cli(&["quarantine", cgroup]);
+        assert!(q.status.success(), "{q:?}");
+        let r = reload.wait_with_output().unwrap();
+        assert!(r.status.success(), "{r:?}");
+        assert_eq!(
+            agent.cmd(&to),
+            "err EPERM",
+            "round {round} ({mode}): the quarantine stands after the reload"
+        );
+        let q = d.cli(&["quarantine", "--lift", cgroup]);
+        assert!(q.status.success(), "{q:?}");
+    }
+    agent.quit();
+    drop(d);
+    drop(many);
+}

@@ -753,8 +753,24 @@ impl Daemon {
             self.count_error("enroll_attach");
             return refuse(format!("cannot enforce cgroup {}: {e}", peer.cgroup));
         }
-        let mode_flag = if mode == Mode::Audit { flags::AUDIT } else { 0 };
         let expires_boot_ns = boot_ns_at(svid.not_after);
+        // The mode is read again as the binding is written, in the same step: a reload that
+        // switched it after `mode` was read has either not swapped its rule book yet (its
+        // pass over the bindings then comes after and finds this one), or has, and this
+        // reads the new mode. Either way no stale audit flag stays.
+        let book = Arc::clone(&self.book);
+        let mode_flag = move || {
+            let book = book
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = book
+                .current
+                .policies
+                .values()
+                .find(|(s, _)| *s == slot)
+                .map_or(mode, |(_, m)| *m);
+            if now == Mode::Audit { flags::AUDIT } else { 0 }
+        };
         // A quarantine, a hold while the audit log is down, or a revocation the registry does
         // not know of (its record was lost) stays in force.
         let rebound = self
@@ -763,7 +779,7 @@ impl Daemon {
                 slot,
                 flags: old.map_or(0, |b| {
                     b.flags & (flags::DENY_ALL | flags::AUDIT_HOLD | flags::REVOKED)
-                }) | mode_flag,
+                }) | mode_flag(),
                 expires_boot_ns,
             })
             .await;

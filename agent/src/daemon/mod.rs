@@ -338,17 +338,27 @@ impl Daemon {
         let Ok(bindings) = self.enforcer.bindings().await else {
             return;
         };
-        let modes: HashMap<u32, Mode> = compiled.policies.values().copied().collect();
+        let modes: Arc<HashMap<u32, Mode>> =
+            Arc::new(compiled.policies.values().copied().collect());
         for (id, b) in bindings {
-            let audit = modes.get(&b.slot) == Some(&Mode::Audit);
-            let want = if audit {
-                b.flags | flags::AUDIT
-            } else {
-                b.flags & !flags::AUDIT
-            };
-            if want != b.flags
-                && let Err(e) = self.enforcer.bind(id, Binding { flags: want, ..b }).await
-            {
+            // Each binding is changed as it is when the change lands, not as listed: a
+            // revocation or an enrollment meanwhile stays (the listing is only which to visit).
+            let m = Arc::clone(&modes);
+            let r = self
+                .enforcer
+                .update(id, move |now| {
+                    let audit = m.get(&now.slot) == Some(&Mode::Audit);
+                    Binding {
+                        flags: if audit {
+                            now.flags | flags::AUDIT
+                        } else {
+                            now.flags & !flags::AUDIT
+                        },
+                        ..now
+                    }
+                })
+                .await;
+            if let Err(e) = r {
                 tracing::error!(cgroup_id = id, error = %e, "cannot update a binding's mode");
                 self.count_error("binding_update");
             }
@@ -773,39 +783,32 @@ impl Daemon {
             Ok(id) => id,
             Err(message) => return Reply::Error { message },
         };
-        let binding = match self.enforcer.binding(id).await {
-            Ok(Some(b)) => b,
+        // The flag is set on the binding as it is when the change lands: a revocation or an
+        // enrollment meanwhile stays.
+        let changed = self
+            .enforcer
+            .update(id, move |now| Binding {
+                flags: if lift {
+                    now.flags & !flags::DENY_ALL
+                } else {
+                    now.flags | flags::DENY_ALL
+                },
+                ..now
+            })
+            .await;
+        match changed {
+            Ok(Some(_)) => {}
             Ok(None) => {
                 return Reply::Error {
                     message: format!("cgroup {spec} (id {id}) is not bound by agentwall"),
                 };
             }
             Err(e) => {
+                self.count_error("quarantine");
                 return Reply::Error {
                     message: e.to_string(),
                 };
             }
-        };
-        let f = if lift {
-            binding.flags & !flags::DENY_ALL
-        } else {
-            binding.flags | flags::DENY_ALL
-        };
-        if let Err(e) = self
-            .enforcer
-            .bind(
-                id,
-                Binding {
-                    flags: f,
-                    ..binding
-                },
-            )
-            .await
-        {
-            self.count_error("quarantine");
-            return Reply::Error {
-                message: e.to_string(),
-            };
         }
         // In the kernel: the rest runs at normal priority (see `sched::step_down`).
         let _down = crate::sched::step_down();

@@ -666,14 +666,21 @@ async fn watch_audit_health(
             continue;
         };
         for (id, b) in bindings {
-            let want = if hold {
-                b.flags | flags::AUDIT_HOLD
-            } else {
-                b.flags & !flags::AUDIT_HOLD
-            };
-            if want != b.flags
-                && let Err(e) = enforcer.bind(id, Binding { flags: want, ..b }).await
-            {
+            if (b.flags & flags::AUDIT_HOLD != 0) == hold {
+                continue;
+            }
+            // Changed as it is when the change lands (see `Daemon::sync_modes`).
+            let r = enforcer
+                .update(id, move |now| Binding {
+                    flags: if hold {
+                        now.flags | flags::AUDIT_HOLD
+                    } else {
+                        now.flags & !flags::AUDIT_HOLD
+                    },
+                    ..now
+                })
+                .await;
+            if let Err(e) = r {
                 tracing::error!(cgroup_id = id, error = %e, "cannot change the audit hold of a binding");
             }
         }

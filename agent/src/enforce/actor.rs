@@ -137,6 +137,28 @@ impl EnforcerHandle {
             .await??)
     }
 
+    /// Changes the binding of `cgroup_id`, if it has one, in one step with reading it: a
+    /// change made meanwhile by another caller (a revocation, a quarantine, an enrollment)
+    /// is what `f` sees, never overwritten with an older copy. Returns the binding as it was.
+    pub async fn update(
+        &self,
+        cgroup_id: u64,
+        f: impl FnOnce(Binding) -> Binding + Send + 'static,
+    ) -> Result<Option<Binding>, CallError> {
+        Ok(self
+            .quick(move |e| {
+                let old = e.binding(cgroup_id)?;
+                if let Some(old) = old {
+                    let new = f(old);
+                    if new != old {
+                        e.bind(cgroup_id, new)?;
+                    }
+                }
+                Ok::<_, crate::enforce::EnforceError>(old)
+            })
+            .await??)
+    }
+
     pub async fn unbind(&self, cgroup_id: u64) -> Result<(), CallError> {
         Ok(self.quick(move |e| e.unbind(cgroup_id)).await??)
     }
