@@ -171,6 +171,69 @@ fn flood_run(budgets: bool, millis: u64) -> Flood {
     f
 }
 
+/// A size-limited tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// The flood with budgets off while the audit file system is full: the log cannot take a
+/// record, its queue fills, the kernel ring fills. Returns the daemon's peak memory, whether
+/// the sends were all still denied, and how long a SIGTERM took to end the daemon.
+fn full_disk_run(millis: u64) -> (u64, bool, f64) {
+    use std::io::Write as _;
+    let base = std::env::temp_dir().join(format!("aw-bench-fullfs-{}", std::process::id()));
+    fs::create_dir_all(&base).unwrap();
+    let o = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "mount tmpfs: {o:?}");
+    let fs_guard = Tmpfs(base.clone());
+    let log = base.join("log");
+    let config = format!(
+        "audit:\n  dir: {}\n  checkpoint_every: 1s\nevents:\n  cgroup_rate: 0\n",
+        log.display()
+    );
+    let target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let mut d =
+        TestDaemon::start_with_config(&[("p.yaml", &tcp_policy("web", &[1]))], Some(&config));
+    let pid = d.pid().unwrap();
+    {
+        let mut f = fs::File::create(base.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    }
+    let out = d.exec(
+        "web",
+        None,
+        &[&format!("udp-flood-for 127.0.0.1:{port} {millis}")],
+    );
+    let all_denied = lines(&out)
+        .first()
+        .is_some_and(|l| l.starts_with("eperm=") && l.ends_with(" other=0"));
+    let failing = d.status().audit.failing;
+    let peak = peak_rss_kib(pid);
+    let t = Instant::now();
+    let _ = d.stop();
+    let stop_secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "flood on a full audit file system: denied {all_denied}, audit failing {failing}, peak RSS {peak} KiB, stopped in {stop_secs:.1} s"
+    );
+    drop(d);
+    drop(fs_guard);
+    (peak, all_denied && failing, stop_secs)
+}
+
 struct Enroll {
     p50_ms: f64,
     p99_ms: f64,
@@ -244,6 +307,7 @@ fn main() {
     let n: usize = arg("enrollments").map_or(100, |v| v.parse().unwrap());
     let on = flood_run(true, millis);
     let off = flood_run(false, millis);
+    let (full_rss, full_ok, full_stop) = full_disk_run(millis);
     let quiet_enroll = enroll_run(false, n);
     let flooded_enroll = enroll_run(true, n);
 
@@ -281,19 +345,33 @@ fn main() {
             f.peak_rss_kib / 1024
         );
     }
+    let _ = writeln!(
+        md,
+        "| budgets off, audit file system full | - | 0 | - | - | {} MiB |",
+        full_rss / 1024
+    );
     let accounted = on.recorded + on.summarized + on.lost == on.offered;
     let _ = writeln!(
         md,
         "\nTargets: audit bytes under the flood ≤ 100 KB/s with the default budgets: {} \
-         ({:.1} KB/s, {:.3}x the baseline's {:.1} KB/s); the quiet agent loses no record: {} \
-         ({} of {QUIET}); every verdict of the flood accounted for: {}.\n",
+         ({:.1} KB/s; the baseline writes {:.0}x as much, {:.1} KB/s); the quiet agent loses \
+         no record: {} ({} of {QUIET}); every verdict of the flood accounted for: {}.\n",
         met(on.audit_bytes_per_sec <= 100_000.0),
         on.audit_bytes_per_sec / 1000.0,
-        on.audit_bytes_per_sec / off.audit_bytes_per_sec.max(1.0),
+        off.audit_bytes_per_sec / on.audit_bytes_per_sec.max(1.0),
         off.audit_bytes_per_sec / 1000.0,
         met(on.quiet_recorded == QUIET),
         on.quiet_recorded,
         met(accounted),
+    );
+    let _ = writeln!(
+        md,
+        "With the audit file system full (a 1 MiB tmpfs, filled before the flood) the log \
+         cannot take a record: the alarm is up ({}), every send is still denied, the writer's \
+         queue and the kernel ring fill and the rest is counted as lost; the daemon's memory \
+         stays bounded ({} MiB at its peak) and a SIGTERM ends it in {full_stop:.1} s.\n",
+        if full_ok { "yes" } else { "NO" },
+        full_rss / 1024
     );
     let _ = writeln!(
         md,
