@@ -31,7 +31,7 @@ use std::{
 };
 
 use agentwall::audit::{keys::Keyring, verify};
-use agentwall_tests::{Repl, TcpSink, TestDaemon, lines, tcp_policy};
+use agentwall_tests::{TcpSink, TestDaemon, lines, tcp_policy};
 
 /// `--name=VALUE`, or `--name` alone (an empty value).
 fn arg(name: &str) -> Option<String> {
@@ -119,10 +119,7 @@ fn flood_run(budgets: bool, millis: u64) -> Flood {
     let out = flooder.wait_with_output().unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let report = lines(&out).join(" ");
-    let offered: u64 = report
-        .strip_prefix("eperm=")
-        .and_then(|r| r.strip_suffix(" other=0"))
-        .and_then(|n| n.parse().ok())
+    let offered = agentwall_tests::all_denied(&report)
         .unwrap_or_else(|| panic!("every send denied: {report}"));
     // The log as the flood left it: its records drained and summarized.
     std::thread::sleep(Duration::from_millis(1500));
@@ -249,18 +246,12 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 fn enroll_run(flood: bool, n: usize) -> Enroll {
     let policy = "policy:\n  name: reader\n  identity: agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [9]\n";
     let d = TestDaemon::start(&[("r.yaml", policy)]);
-    let mut flooder = flood.then(|| {
-        let probe = d.world_copy(&agentwall_tests::netprobe_bin());
-        let mut c = std::process::Command::new(probe);
-        std::os::unix::process::CommandExt::uid(&mut c, 65534);
-        std::os::unix::process::CommandExt::gid(&mut c, 65534);
-        c.arg("repl");
-        Repl::spawn(c)
-    });
-    let held = flooder
-        .as_mut()
-        .map(|f| f.cmd(&format!("hold-unix {} 4000", d.enroll_socket.display())))
-        .unwrap_or_default();
+    let (flooder, held) = if flood {
+        let (f, held) = d.hold_enroll_connections(65534, 4000);
+        (Some(f), held)
+    } else {
+        (None, String::new())
+    };
     let (cert, key) = d.issue("agent/reader/prod", "1h");
     let mut ms = Vec::with_capacity(n);
     for _ in 0..n {

@@ -611,6 +611,19 @@ impl TestDaemon {
         c
     }
 
+    /// A netprobe running as `uid` (outside any enforced cgroup) that holds `n` idle
+    /// connections to the enrollment socket, and its report (`held=… refused=… waiting=…`).
+    pub fn hold_enroll_connections(&self, uid: u32, n: usize) -> (Repl, String) {
+        let probe = self.world_copy(&netprobe_bin());
+        let mut c = Command::new(probe);
+        std::os::unix::process::CommandExt::uid(&mut c, uid);
+        std::os::unix::process::CommandExt::gid(&mut c, uid);
+        c.arg("repl");
+        let mut holder = Repl::spawn(c);
+        let held = holder.cmd(&format!("hold-unix {} {n}", self.enroll_socket.display()));
+        (holder, held)
+    }
+
     /// A copy of the netprobe an unprivileged user can execute.
     fn world_netprobe(&self) -> PathBuf {
         self.world_copy(&netprobe_bin())
@@ -899,6 +912,16 @@ pub fn lines(out: &Output) -> Vec<String> {
 }
 
 /// A policy file allowing TCP to the given loopback ports (and nothing else).
+/// The count of a netprobe flood's report (`eperm=N other=0`) when every attempt was refused
+/// with EPERM; `None` otherwise.
+pub fn all_denied(report: &str) -> Option<u64> {
+    report
+        .trim()
+        .strip_prefix("eperm=")
+        .and_then(|r| r.strip_suffix(" other=0"))
+        .and_then(|n| n.parse().ok())
+}
+
 pub fn tcp_policy(name: &str, ports: &[u16]) -> String {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     format!(

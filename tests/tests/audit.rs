@@ -750,6 +750,39 @@ fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
     drop(tmpfs);
 }
 
+/// A flood (a netprobe command) by an agent of policy `web`, in the background.
+struct Flood(std::process::Child);
+
+impl Flood {
+    /// Starts `cmd` and waits until the kernel counter `counter` is past the flood's burst.
+    fn start(d: &TestDaemon, cmd: &str, counter: &str) -> Self {
+        let child = d
+            .exec_under(&["--policy", "web"], None, &[cmd])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        agentwall_tests::wait_for(
+            std::time::Duration::from_secs(20),
+            "the flood past its burst",
+            || (d.counter(counter) > 5_000).then_some(()),
+        );
+        Self(child)
+    }
+
+    /// Waits for its end, having checked it still ran after `what`; the number of its
+    /// attempts, every one refused.
+    fn denied_after(mut self, what: &str) -> u64 {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "the flood went on while {what} ran"
+        );
+        let out = self.0.wait_with_output().unwrap();
+        let report = lines(&out).join(" ");
+        agentwall_tests::all_denied(&report)
+            .unwrap_or_else(|| panic!("every attempt denied: {report}"))
+    }
+}
+
 /// Issue 22: one agent floods denied sends while another, of the same identity, makes a few
 /// denied connects. Every verdict of the quiet one is recorded; the flood is recorded up to
 /// its budget and summarized past it, every send accounted for, with an `event_flood` alert;
@@ -765,33 +798,15 @@ fn a_flooding_agent_is_summarized_and_a_quiet_one_loses_no_record() {
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some("events:\n  summary_every: 1s\n"),
     );
-    let mut flooder = d
-        .exec_under(
-            &["--policy", "web"],
-            None,
-            &[&format!("udp-flood-for 127.0.0.1:{udp_port} 4000")],
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let denied = || d.counter("denied");
-    agentwall_tests::wait_for(Duration::from_secs(20), "the flood past its burst", || {
-        (denied() > 5_000).then_some(())
-    });
+    let flood = Flood::start(
+        &d,
+        &format!("udp-flood-for 127.0.0.1:{udp_port} 4000"),
+        "denied",
+    );
     let to = format!("tcp 127.0.0.1:{}", quiet_target.port());
     let quiet = d.exec("web", None, &[to.as_str(); 50]);
     assert_eq!(lines(&quiet), ["err EPERM"; 50]);
-    assert!(
-        flooder.try_wait().unwrap().is_none(),
-        "the flood went on while the quiet agent ran"
-    );
-    let out = flooder.wait_with_output().unwrap();
-    let report = lines(&out).join(" ");
-    let n: u64 = report
-        .strip_prefix("eperm=")
-        .and_then(|r| r.strip_suffix(" other=0"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("every send denied: {report}"));
+    let n = flood.denied_after("the quiet agent");
     agentwall_tests::wait_for(Duration::from_secs(10), "the flood alert", || {
         (d.status().audit.event_floods >= 1).then_some(())
     });
@@ -1004,20 +1019,12 @@ fn retention_keeps_a_small_audit_file_system_alive_and_the_log_verifiable() {
 /// cgroup's now: the victim's are recorded one by one.
 #[test]
 fn a_flood_of_slotless_denials_is_charged_to_its_own_cgroup() {
-    use std::time::Duration;
     let _s = serial();
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some("events:\n  summary_every: 1s\n"),
     );
-    let mut flooder = d
-        .exec_under(&["--policy", "web"], None, &["raw-flood-for 4000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    agentwall_tests::wait_for(Duration::from_secs(20), "the flood past its burst", || {
-        (d.counter("raw_socket_denied") > 5_000).then_some(())
-    });
+    let flood = Flood::start(&d, "raw-flood-for 4000", "raw_socket_denied");
     let victim = d.exec(
         "web",
         None,
@@ -1026,12 +1033,7 @@ fn a_flood_of_slotless_denials_is_charged_to_its_own_cgroup() {
     let out = lines(&victim);
     assert_eq!(out[1..], ["err EPERM"; 5]);
     let victim_pid: u64 = out[0].parse().unwrap();
-    assert!(
-        flooder.try_wait().unwrap().is_none(),
-        "the flood went on while the victim ran"
-    );
-    let flood = flooder.wait_with_output().unwrap();
-    assert!(lines(&flood).join(" ").ends_with(" other=0"), "{flood:?}");
+    flood.denied_after("the victim");
     assert!(d.stop().success());
     let all = records(&audit(&d, &["tail", "-n", "10000000"]));
     let recorded = all
@@ -1160,7 +1162,6 @@ fn verdicts_held_back_when_the_daemon_is_killed_are_reported_by_the_next() {
 /// verdicts are recorded one by one.
 #[test]
 fn a_busy_agent_cannot_spend_a_quiet_siblings_share_of_their_identity() {
-    use std::time::Duration;
     let _s = serial();
     let quiet_target = TcpSink::new("127.0.0.1:0");
     let flood_target = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1169,26 +1170,15 @@ fn a_busy_agent_cannot_spend_a_quiet_siblings_share_of_their_identity() {
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some("events:\n  identity_rate: 100\n  identity_burst: 100\n  summary_every: 1s\n"),
     );
-    let mut flooder = d
-        .exec_under(
-            &["--policy", "web"],
-            None,
-            &[&format!("udp-flood-for 127.0.0.1:{udp_port} 4000")],
-        )
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    agentwall_tests::wait_for(Duration::from_secs(20), "the flood past its burst", || {
-        (d.counter("denied") > 5_000).then_some(())
-    });
+    let flood = Flood::start(
+        &d,
+        &format!("udp-flood-for 127.0.0.1:{udp_port} 4000"),
+        "denied",
+    );
     let to = format!("tcp 127.0.0.1:{}", quiet_target.port());
     let quiet = d.exec("web", None, &[to.as_str(); 5]);
     assert_eq!(lines(&quiet), ["err EPERM"; 5]);
-    assert!(
-        flooder.try_wait().unwrap().is_none(),
-        "the flood went on while the sibling ran"
-    );
-    let _ = flooder.wait_with_output().unwrap();
+    flood.denied_after("the sibling");
     assert!(d.stop().success());
     let all = records(&audit(&d, &["tail", "-n", "10000000"]));
     let recorded = all

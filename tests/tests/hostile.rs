@@ -342,15 +342,7 @@ fn a_pin_or_state_directory_another_user_controls_is_refused() {
 fn an_agent_enrolls_while_another_of_its_own_user_floods_the_socket() {
     let _s = serial();
     let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
-    let probe = d.world_copy(&agentwall_tests::netprobe_bin());
-    let mut flood = std::process::Command::new(probe);
-    std::os::unix::process::CommandExt::uid(&mut flood, 65534);
-    std::os::unix::process::CommandExt::gid(&mut flood, 65534);
-    let mut flooder = Repl::spawn({
-        flood.arg("repl");
-        flood
-    });
-    let held = flooder.cmd(&format!("hold-unix {} 4000", d.enroll_socket.display()));
+    let (flooder, held) = d.hold_enroll_connections(65534, 4000);
     let (cert, key) = d.issue("agent/reader/prod", "10m");
     let o = d
         .exec_under(&["--cert", &cert, "--key", &key], Some("nobody"), &["pid"])
@@ -371,15 +363,7 @@ fn an_agent_enrolls_while_another_of_its_own_user_floods_the_socket() {
 fn an_enrollment_goes_through_while_another_user_floods_the_socket() {
     let _s = serial();
     let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9))]);
-    let probe = d.world_copy(&agentwall_tests::netprobe_bin());
-    let mut flood = std::process::Command::new(probe);
-    std::os::unix::process::CommandExt::uid(&mut flood, 65534);
-    std::os::unix::process::CommandExt::gid(&mut flood, 65534);
-    let mut flooder = Repl::spawn({
-        flood.arg("repl");
-        flood
-    });
-    let held = flooder.cmd(&format!("hold-unix {} 4000", d.enroll_socket.display()));
+    let (flooder, held) = d.hold_enroll_connections(65534, 4000);
     let (cert, key) = d.issue("agent/reader/prod", "10m");
     let o = d
         .exec_under(&["--cert", &cert, "--key", &key], None, &["pid"])
