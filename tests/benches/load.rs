@@ -168,33 +168,16 @@ fn flood_run(budgets: bool, millis: u64) -> Flood {
     f
 }
 
-/// A size-limited tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-        let _ = fs::remove_dir(&self.0);
-    }
-}
-
 /// The flood with budgets off while the audit file system is full: the log cannot take a
 /// record, its queue fills, the kernel ring fills. Returns the daemon's peak memory, whether
 /// the sends were all still denied, and how long a SIGTERM took to end the daemon.
 fn full_disk_run(millis: u64) -> (u64, bool, f64) {
     use std::io::Write as _;
-    let base = std::env::temp_dir().join(format!("aw-bench-fullfs-{}", std::process::id()));
-    fs::create_dir_all(&base).unwrap();
-    let o = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
-        .arg(&base)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "mount tmpfs: {o:?}");
-    let fs_guard = Tmpfs(base.clone());
+    // In a directory of its own, which the guard removes with the mount point.
+    let base = std::env::temp_dir()
+        .join(format!("aw-bench-fullfs-{}", std::process::id()))
+        .join("fs");
+    let fs_guard = agentwall_tests::Tmpfs::new(base.clone(), "1m");
     let log = base.join("log");
     let config = format!(
         "audit:\n  dir: {}\n  checkpoint_every: 1s\nevents:\n  cgroup_rate: 0\n",

@@ -996,3 +996,40 @@ impl Drop for FdPasser {
         let _ = fs::remove_file(&self.path);
     }
 }
+
+/// A size-limited tmpfs of the test's own, unmounted on drop; its mount point goes too, and
+/// the directory holding it if nothing else is left there.
+#[derive(Debug)]
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn new(path: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let o = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "mount tmpfs: {o:?}");
+        Self(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}

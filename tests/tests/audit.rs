@@ -10,7 +10,7 @@
 
 use std::{fs, process::Output};
 
-use agentwall_tests::{TcpSink, TestDaemon, lines, serial, tcp_policy};
+use agentwall_tests::{TcpSink, TestDaemon, Tmpfs, lines, serial, tcp_policy};
 
 fn audit(d: &TestDaemon, args: &[&str]) -> Output {
     let key = d.audit_key().display().to_string();
@@ -306,42 +306,6 @@ fn durable_records_are_shipped_as_json_lines_on_stdout() {
     assert_eq!(shipped["record"]["verdict"], "deny");
     let sink = d.status().audit.sinks["stdout"].clone();
     assert!(sink.sent >= 1 && sink.dropped == 0, "{sink:?}");
-}
-
-/// A size-limited tmpfs of the test's own, unmounted on drop; its mount point goes too, and
-/// the directory holding it if nothing else is left there.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn new(path: std::path::PathBuf, size: &str) -> Self {
-        fs::create_dir_all(&path).unwrap();
-        let o = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "mount tmpfs: {o:?}");
-        Self(path)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-        let _ = fs::remove_dir(&self.0);
-        if let Some(parent) = self.0.parent() {
-            let _ = fs::remove_dir(parent);
-        }
-    }
 }
 
 /// A 512 KiB file system for an audit log, in a test directory of its own: the file system, its
