@@ -1090,9 +1090,17 @@ fn verdicts_held_back_when_the_daemon_is_killed_are_reported_by_the_next() {
         &[&format!("udp-flood 127.0.0.1:{udp_port} {n}")],
     );
     assert_eq!(lines(&out), [format!("eperm={n} other=0")]);
-    // The records of the burst are durable; the rest is only counted in the kernel.
-    agentwall_tests::wait_for(Duration::from_secs(10), "the burst's records", || {
-        (d.status().audit.committed >= 2_000).then_some(())
+    // The records of the burst are durable; the rest is only counted in the kernel. A record
+    // the daemon has read but not yet made durable dies with it (only acknowledged records
+    // survive a SIGKILL), so wait until the count has stopped moving.
+    let mut last = 0;
+    let mut still = 0;
+    agentwall_tests::wait_for(Duration::from_secs(20), "the burst's records", || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = d.status().audit.committed;
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        (now >= 2_000 && still >= 3).then_some(())
     });
     assert_eq!(d.status().audit.event_summaries, 0, "no window ended yet");
     d.kill9();
