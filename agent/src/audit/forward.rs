@@ -258,8 +258,14 @@ impl SyslogConfig {
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err("cert_file and key_file go together".into());
         }
-        if !self.tls && self.cert_file.is_some() {
-            return Err("cert_file and key_file need tls: true".into());
+        if !self.tls && (self.cert_file.is_some() || self.ca_file.is_some()) {
+            // A CA file says the collector is to be verified: sending in plain text instead
+            // would be a silent downgrade of what the operator wrote.
+            return Err(
+                "ca_file, cert_file and key_file need tls: true (records would go in plain \
+                 text); remove them, or remove tls: false"
+                    .into(),
+            );
         }
         if self.queue == 0 || self.queue > 1 << 20 {
             return Err("queue must be between 1 and 1048576 records".into());
@@ -526,6 +532,16 @@ fn default_webhook_queue() -> usize {
 const WEBHOOK_ATTEMPTS: u32 = 3;
 
 impl WebhookConfig {
+    /// The URL as logs show it: scheme and host only, because paths and queries of webhooks
+    /// often carry the secret that authorizes the caller.
+    pub fn shown_url(&self) -> String {
+        let (scheme, rest) = self.url.split_once("://").unwrap_or(("", &self.url));
+        let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        // Credentials before the host are secret too.
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        format!("{scheme}://{host}/…")
+    }
+
     pub fn check(&self) -> Result<(), String> {
         let rest = self
             .url
@@ -581,6 +597,7 @@ pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, String> {
     cfg.check()?;
     let agent = cfg.agent()?;
     let url = cfg.url.clone();
+    let shown = cfg.shown_url();
     let mut sink = Sink::spawn("webhook", cfg.queue, move |rx, stats| {
         for d in rx {
             let mut body = format!("{{\"seq\":{},\"record\":", d.seq).into_bytes();
@@ -601,7 +618,8 @@ pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, String> {
                         break;
                     }
                     Err(e) => {
-                        stats.failed("POST", &e);
+                        // An error may quote the URL (a bad URI does): never the whole of it.
+                        stats.failed("POST", &e.to_string().replace(&url, &shown));
                         if attempt < WEBHOOK_ATTEMPTS {
                             thread::sleep(delay);
                             delay *= 4;
@@ -610,7 +628,7 @@ pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, String> {
                 }
             }
             if !delivered {
-                tracing::warn!(url = %url, seq = d.seq, "alert webhook: delivery given up (the alert is in the audit log)");
+                tracing::warn!(url = %shown, seq = d.seq, "alert webhook: delivery given up (the alert is in the audit log)");
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -646,6 +664,11 @@ mod tests {
         }
         let tls: SyslogConfig = serde_yaml::from_str("address: a:1\n").unwrap();
         assert!(tls.check().unwrap_err().contains("ca_file"));
+        // A CA file with TLS off would send in plain text what the operator meant to verify.
+        let plain: SyslogConfig =
+            serde_yaml::from_str("address: a:1\ntls: false\nca_file: /ca.pem\n").unwrap();
+        let e = plain.check().unwrap_err();
+        assert!(e.contains("tls: true") && e.contains("plain"), "{e}");
     }
 
     #[test]
@@ -700,5 +723,23 @@ mod tests {
                 .contains("timeout")
         );
         assert!(serde_yaml::from_str::<WebhookConfig>("url: https://x/\nheaders: {}\n").is_err());
+    }
+
+    #[test]
+    fn webhook_urls_are_logged_without_path_query_or_credentials() {
+        let shown = |url: &str| {
+            serde_yaml::from_str::<WebhookConfig>(&format!("url: \"{url}\"\n"))
+                .unwrap()
+                .shown_url()
+        };
+        assert_eq!(
+            shown("https://hooks.example/services/T0/B0/s3cret?token=x"),
+            "https://hooks.example/…"
+        );
+        assert_eq!(
+            shown("https://user:pw@h.example:8443/x"),
+            "https://h.example:8443/…"
+        );
+        assert_eq!(shown("http://10.0.0.1?k=v"), "http://10.0.0.1/…");
     }
 }
