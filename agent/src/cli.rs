@@ -546,9 +546,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 };
                 for e in entries {
                     if json {
-                        println!("{}", serde_json::to_string(&e)?);
+                        let mut v = serde_json::to_value(&e)?;
+                        v["covers"] = e.target.covers().into();
+                        println!("{v}");
                     } else {
-                        println!("{} {} by {}: {}", e.at, e.target, e.by, e.reason);
+                        println!(
+                            "{} {} by {}: {} (covers {})",
+                            e.at,
+                            e.target,
+                            e.by,
+                            e.reason,
+                            e.target.covers()
+                        );
                     }
                 }
                 return Ok(ExitCode::SUCCESS);
@@ -913,11 +922,13 @@ fn identity_command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
                 Reply::Checked {
                     valid: true,
                     spiffe_id,
+                    serial,
                     not_after,
                     ..
                 } => println!(
-                    "valid: {} until {}",
+                    "valid: {} serial {} until {}",
                     spiffe_id.unwrap_or_default(),
+                    serial.unwrap_or_default(),
                     not_after.unwrap_or_default()
                 ),
                 Reply::Checked { message, .. } => bail!("not valid: {message}"),

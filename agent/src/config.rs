@@ -573,6 +573,16 @@ impl Config {
                 message: "must be between 1s and 1h".into(),
             });
         }
+        if id.clock_skew > crate::identity::token::MAX_LEEWAY {
+            return Err(ConfigError::Invalid {
+                field: "identity.clock_skew",
+                message: format!(
+                    "must be at most {}: a larger one keeps expired certificates and tokens \
+                     valid that long; fix the clocks (NTP) instead",
+                    humantime::format_duration(crate::identity::token::MAX_LEEWAY)
+                ),
+            });
+        }
         let audit_dir = self.audit_dir();
         if self.audit.key_file.parent() == Some(audit_dir.as_path())
             || self.audit.key_file.starts_with(&audit_dir)

@@ -301,6 +301,58 @@ fn revocation_cuts_open_streams_denies_new_connects_and_survives_a_restart() {
     drop(agent);
 }
 
+/// The policy of `agent/reader/prod` governs its versions (`…/prod/v2`), but revoking it
+/// matched the SPIFFE ID exactly: a running version kept its connections and new ones
+/// enrolled. A revocation covers every identity that gets the revoked one's grants.
+#[test]
+fn revoking_an_identity_revokes_its_versions() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", sink.port(), ""))]);
+    let to = format!("127.0.0.1:{}", sink.port());
+    let (cert, key) = d.issue("agent/reader/prod/v2", "10m");
+    let mut agent = d.repl_under(&["--cert", &cert, "--key", &key]);
+    assert_eq!(
+        agent.cmd(&format!("tcp {to}")),
+        "ok",
+        "the version is granted"
+    );
+    let o = revoke_reader(&d);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("1 cgroups denied everything"), "{out}");
+    assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");
+    let again = d
+        .exec_under(
+            &["--cert", &cert, "--key", &key],
+            None,
+            &[&format!("tcp {to}")],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(126), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("was revoked"),
+        "{again:?}"
+    );
+    let list = d.cli(&["revoke", "--list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout)
+            .contains("covers spiffe://agentwall.local/agent/reader/prod and its versions"),
+        "{list:?}"
+    );
+    // A sibling identity is not covered.
+    let (other, other_key) = d.issue("agent/reader/prodx", "10m");
+    let refused = d
+        .exec_under(&["--cert", &other, "--key", &other_key], None, &["pid"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&refused.stderr).contains("was revoked"),
+        "{refused:?}"
+    );
+    drop(agent);
+}
+
 /// Kills the daemon (SIGKILL) and deletes the snapshot and journal named `store` from its state
 /// directory; the agent's connect to `to` meanwhile gets `while_down`. Then starts the daemon
 /// again, after which the agent's connect is refused.
@@ -649,6 +701,98 @@ fn tokens_are_issued_to_attested_holders_verified_and_rejected_after_revocation(
         String::from_utf8_lossy(&refused.stderr).contains("revoked"),
         "{refused:?}"
     );
+}
+
+/// A token was tied to its subject only: revoking the certificate it was issued for (by
+/// serial) left it valid, and its expiry came from the token lifetime alone, minutes past the
+/// certificate's end.
+#[test]
+fn a_token_ends_with_its_certificate_and_with_the_certificates_revocation() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);
+    let (cert, key) = d.issue("agent/reader/prod", "1m");
+    let bundle = d.state_dir().join("ca/ca.crt").display().to_string();
+    let enroll = d.enroll_socket.display().to_string();
+    let o = d.cli(&[
+        "identity",
+        "token",
+        "--enroll-socket",
+        &enroll,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--bundle",
+        &bundle,
+        "--audience",
+        "billing-api",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // `valid: ID serial S until T`, for the certificate and for the token.
+    let fields = |o: &std::process::Output| {
+        assert!(o.status.success(), "{o:?}");
+        let text = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let w: Vec<String> = text.split_whitespace().map(String::from).collect();
+        assert_eq!(
+            (w.len(), w[2].as_str(), w[4].as_str()),
+            (6, "serial", "until"),
+            "{text}"
+        );
+        (w[3].clone(), w[5].clone())
+    };
+    let (cert_serial, cert_end) = fields(&d.cli(&["identity", "check", &cert]));
+    let check = || {
+        d.cli(&[
+            "identity",
+            "check-token",
+            "--audience",
+            "billing-api",
+            &token,
+        ])
+    };
+    let (token_serial, token_end) = fields(&check());
+    assert_eq!(token_serial, cert_serial, "the token names its certificate");
+    // RFC 3339 in UTC, seconds: ordered as text.
+    assert!(
+        token_end <= cert_end,
+        "the token (until {token_end}) outlives its certificate (until {cert_end})"
+    );
+    let r = d.cli(&["revoke", &cert_serial, "--reason", "key leaked"]);
+    assert!(r.status.success(), "{r:?}");
+    let after = check();
+    assert!(!after.status.success(), "{after:?}");
+    let err = String::from_utf8_lossy(&after.stderr);
+    assert!(
+        err.contains("revoked") && err.contains(&cert_serial),
+        "{after:?}"
+    );
+    // Another certificate of the same identity still gets tokens that check.
+    let (cert2, key2) = d.issue("agent/reader/prod", "10m");
+    let o = d.cli(&[
+        "identity",
+        "token",
+        "--enroll-socket",
+        &enroll,
+        "--cert",
+        &cert2,
+        "--key",
+        &key2,
+        "--bundle",
+        &bundle,
+        "--audience",
+        "billing-api",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let token2 = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let ok = d.cli(&[
+        "identity",
+        "check-token",
+        "--audience",
+        "billing-api",
+        &token2,
+    ]);
+    assert!(ok.status.success(), "{ok:?}");
 }
 
 #[test]

@@ -557,7 +557,7 @@ impl Daemon {
             Ok(c) => Reply::Checked {
                 valid: true,
                 spiffe_id: Some(c.sub),
-                serial: None,
+                serial: Some(c.svid_serial),
                 not_after: Some(
                     humantime::format_rfc3339_seconds(
                         SystemTime::UNIX_EPOCH + Duration::from_secs(c.exp),
@@ -656,7 +656,12 @@ impl Daemon {
             Ok(a) => a,
             Err(m) => return refuse(m),
         };
-        match self.identity.issue_token(&svid.id, audience) {
+        let holder = crate::identity::token::Holder {
+            id: &svid.id,
+            serial: &svid.serial,
+            not_after: svid.not_after,
+        };
+        match self.identity.issue_token(holder, audience) {
             Ok((token, claims)) => EnrollReply::Token {
                 token,
                 spiffe_id: claims.sub,
@@ -979,20 +984,23 @@ impl Daemon {
 
     /// Writes a fresh JWT-SVID into a launched agent's directory.
     async fn refresh_token(&self, cgroup_id: u64) -> Result<(), String> {
-        let (id, audience, dir) = {
+        let (bound, audience, dir) = {
             let registry = self.cgroups.lock().await;
             let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
             match (&m.bound, &m.agent_dir) {
-                (Some(b), Some(d)) if !b.revoked => {
-                    (b.spiffe_id.clone(), m.audience.clone(), d.clone())
-                }
+                (Some(b), Some(d)) if !b.revoked => (b.clone(), m.audience.clone(), d.clone()),
                 _ => return Err("no live identity".into()),
             }
         };
-        let id = SpiffeId::workload(&id).map_err(|e| e.to_string())?;
+        let id = SpiffeId::workload(&bound.spiffe_id).map_err(|e| e.to_string())?;
+        let holder = crate::identity::token::Holder {
+            id: &id,
+            serial: &bound.serial,
+            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(bound.not_after),
+        };
         let (token, claims) = self
             .identity
-            .issue_token(&id, &audience)
+            .issue_token(holder, &audience)
             .map_err(|e| e.to_string())?;
         let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
         let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;

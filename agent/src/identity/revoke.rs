@@ -73,6 +73,19 @@ impl Target {
     }
 }
 
+impl Target {
+    /// What the revocation covers, in words: a SPIFFE ID's versions get its grants (see
+    /// `identity::service::grant_for`), so they are revoked with it.
+    pub fn covers(&self) -> String {
+        match self {
+            Self::SpiffeId(id) => format!("{id} and its versions {id}/*"),
+            Self::Serial(s) => {
+                format!("the certificate with serial {s} and the certificates renewed from it")
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -194,10 +207,19 @@ impl RevocationList {
         })
     }
 
-    /// The revocation that covers a certificate, if any.
+    /// The revocation that covers a certificate, if any: of its serial, of its SPIFFE ID, or
+    /// of the SPIFFE ID one segment up, whose grants a version of it gets (`agent/x/prod`
+    /// covers `agent/x/prod/v2`).
     pub fn find(&self, spiffe_id: &str, serial: &str) -> Option<&Revocation> {
-        let by_id = self.index.get(&Target::SpiffeId(spiffe_id.to_string()));
-        let at = by_id.or_else(|| self.index.get(&Target::Serial(serial.to_ascii_uppercase())))?;
+        let by_id = |id: &str| self.index.get(&Target::SpiffeId(id.to_string()));
+        let parent = spiffe_id
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.rsplit_once('/'))
+            .filter(|(up, _)| up.contains('/'))
+            .map(|(up, _)| format!("spiffe://{up}"));
+        let at = by_id(spiffe_id)
+            .or_else(|| parent.as_deref().and_then(by_id))
+            .or_else(|| self.index.get(&Target::Serial(serial.to_ascii_uppercase())))?;
         self.entries.get(*at)
     }
 
@@ -320,6 +342,17 @@ mod tests {
         assert!(l.find("spiffe://example.org/agent/a/prod", "01").is_some());
         assert!(l.find("spiffe://example.org/agent/a/dev", "01").is_none());
         assert!(l.find("spiffe://x/y", "7f0abc").is_some());
+        // A version gets the grants of the identity one segment up, and so its revocation.
+        assert!(
+            l.find("spiffe://example.org/agent/a/prod/v2", "01")
+                .is_some()
+        );
+        assert!(
+            l.find("spiffe://example.org/agent/a/prod/v2/x", "01")
+                .is_none()
+        );
+        assert!(l.find("spiffe://example.org/agent/a", "01").is_none());
+        assert!(l.find("spiffe://example.org/agent/a/prodx", "01").is_none());
         for bad in ["", "spiffe://Example.org/a", "xyz", "agent/a/prod"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }

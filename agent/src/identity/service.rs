@@ -164,7 +164,7 @@ impl IdentityService {
         let (revocations, revocation_store) =
             RevocationList::open(&RevocationList::path(state_dir))?;
         let server = issue_server(&ca, state_dir, now)?;
-        let tokens = TokenSigner::load_or_create(&ca_dir(state_dir))?;
+        let tokens = TokenSigner::load_or_create(&ca_dir(state_dir), &cfg.trust_domain)?;
         tokens.write_jwks(&Self::jwks_path(state_dir))?;
         let jwks = serde_json::from_value(tokens.jwks()).map_err(|e| {
             super::token::TokenError::BadKey {
@@ -194,26 +194,35 @@ impl IdentityService {
         self.tokens.jwks()
     }
 
-    /// A JWT-SVID for `id` (already verified and attested by the caller).
+    /// A JWT-SVID for the holder of a certificate (already verified and attested by the
+    /// caller), unless that certificate or its identity is revoked.
     pub fn issue_token(
         &self,
-        id: &SpiffeId,
+        holder: super::token::Holder<'_>,
         audience: &[String],
     ) -> Result<(String, super::token::Claims), Refusal> {
-        self.check_revoked(&id.to_string(), "")?;
+        self.check_revoked(&holder.id.to_string(), holder.serial)?;
         Ok(self
             .tokens
-            .issue(id, audience, self.cfg.token_lifetime, SystemTime::now())?)
+            .issue(holder, audience, self.cfg.token_lifetime, SystemTime::now())?)
     }
 
-    /// Verifies a token for `audience`, and that its subject is not revoked.
+    /// Verifies a token for `audience`, and that neither the certificate it was issued for
+    /// nor its subject is revoked.
     pub fn verify_token(
         &self,
         token: &str,
         audience: &str,
     ) -> Result<super::token::Claims, Refusal> {
-        let claims = super::token::verify(&self.jwks, token, audience, self.cfg.clock_skew)?;
-        self.check_revoked(&claims.sub, "")?;
+        let claims = super::token::verify(
+            &self.jwks,
+            &self.cfg.trust_domain,
+            token,
+            audience,
+            self.cfg.clock_skew,
+            SystemTime::now(),
+        )?;
+        self.check_revoked(&claims.sub, &claims.svid_serial)?;
         Ok(claims)
     }
 

@@ -2,8 +2,13 @@
 //!
 //! A token is a JWT signed with ES256 by the node's token key (`<state dir>/ca/jwt.key`, 0600);
 //! its `sub` is the holder's SPIFFE ID, `aud` the audience it was asked for, `exp` a few minutes
-//! ahead (default 5). The public key is published as a JWKS (`<state dir>/jwks.json`) under a
-//! key id that the token's header names. Signing and checking are jsonwebtoken's.
+//! ahead (default 5) and never past the holder's certificate. The public key is published as a
+//! JWKS (`<state dir>/jwks.json`) under a key id that the token's header names. Signing and
+//! checking are jsonwebtoken's.
+//!
+//! A token is tied to the certificate it was issued for: its `svid_serial` claim names that
+//! certificate, so that revoking the certificate (or its SPIFFE ID) ends the token too. The key
+//! speaks for the node's trust domain only: no token is issued or accepted for another.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,6 +24,12 @@ use super::{
     svid::{check_key_file, write_private},
 };
 
+/// The longest token lifetime (config `identity.token_lifetime` is at most this).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(3600);
+/// The most clock difference tolerated when judging a token's times (config
+/// `identity.clock_skew` is at most this).
+pub const MAX_LEEWAY: Duration = Duration::from_secs(300);
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error(transparent)]
@@ -33,6 +44,16 @@ pub enum TokenError {
     BadAudience(String),
     #[error("token lifetime {0:?} is outside 1 s to 1 h")]
     Lifetime(Duration),
+    #[error(
+        "the certificate expires within a second; renew it before asking for a token, which \
+         never outlives its certificate"
+    )]
+    CertificateExpiring,
+    #[error(
+        "{0} is not in this node's trust domain {1}; tokens of this node speak for its own \
+         trust domain only"
+    )]
+    ForeignTrustDomain(String, String),
     #[error("the token is not valid: {0}")]
     Invalid(String),
     #[error("the token names key {0:?}, which is not in the key set")]
@@ -49,11 +70,22 @@ pub struct Claims {
     /// Seconds since the Unix epoch.
     pub exp: u64,
     pub iat: u64,
+    /// Serial (upper-case hex) of the X509-SVID the token was issued for.
+    pub svid_serial: String,
+}
+
+/// The certificate a token is issued for: its holder, serial and end.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    pub id: &'a SpiffeId,
+    pub serial: &'a str,
+    pub not_after: SystemTime,
 }
 
 /// The node's token signing key.
 pub struct TokenSigner {
     key: EncodingKey,
+    trust_domain: String,
     kid: String,
     x: String,
     y: String,
@@ -74,8 +106,8 @@ fn secs(t: SystemTime) -> u64 {
 }
 
 impl TokenSigner {
-    /// Loads `<dir>/jwt.key`, creating it on first use.
-    pub fn load_or_create(dir: &Path) -> Result<Self, TokenError> {
+    /// Loads `<dir>/jwt.key`, creating it on first use; it signs for `trust_domain`.
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, TokenError> {
         let path = dir.join("jwt.key");
         let bad = |message: String| TokenError::BadKey {
             path: path.clone(),
@@ -103,6 +135,7 @@ impl TokenSigner {
         let digest = ring::digest::digest(&ring::digest::SHA256, raw);
         Ok(Self {
             key: EncodingKey::from_ec_der(&pair.serialize_der()),
+            trust_domain: trust_domain.to_string(),
             kid: b64.encode(&digest.as_ref()[..16]),
             x: b64.encode(&raw[1..33]),
             y: b64.encode(&raw[33..65]),
@@ -138,10 +171,11 @@ impl TokenSigner {
         Ok(())
     }
 
-    /// Signs a token for `sub`, valid from `now` for `lifetime`.
+    /// Signs a token for the holder of a certificate, valid from `now` for `lifetime` or
+    /// until the certificate ends, whichever comes first.
     pub fn issue(
         &self,
-        sub: &SpiffeId,
+        holder: Holder<'_>,
         audience: &[String],
         lifetime: Duration,
         now: SystemTime,
@@ -155,14 +189,25 @@ impl TokenSigner {
         {
             return Err(TokenError::BadAudience(a.clone()));
         }
-        if lifetime < Duration::from_secs(1) || lifetime > Duration::from_secs(3600) {
+        if lifetime < Duration::from_secs(1) || lifetime > MAX_LIFETIME {
             return Err(TokenError::Lifetime(lifetime));
         }
+        if holder.id.trust_domain() != self.trust_domain {
+            return Err(TokenError::ForeignTrustDomain(
+                holder.id.to_string(),
+                self.trust_domain.clone(),
+            ));
+        }
+        let exp = secs(now + lifetime).min(secs(holder.not_after));
+        if exp <= secs(now) {
+            return Err(TokenError::CertificateExpiring);
+        }
         let claims = Claims {
-            sub: sub.to_string(),
+            sub: holder.id.to_string(),
             aud: audience.to_vec(),
-            exp: secs(now + lifetime),
+            exp,
             iat: secs(now),
+            svid_serial: holder.serial.to_ascii_uppercase(),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
@@ -172,14 +217,18 @@ impl TokenSigner {
     }
 }
 
-/// Verifies a JWT-SVID against a key set for `audience`: ES256 signature by the key the header
-/// names, audience, expiry (with `leeway`), and a SPIFFE ID as subject. Revocation is the
-/// caller's to check on the returned subject.
+/// Verifies a JWT-SVID against a key set for `audience` at `now`: ES256 signature by the key
+/// the header names, no critical header parameters, audience, not before and expiry (with
+/// `leeway`, at most [`MAX_LEEWAY`]), an issue time that is not in the future and a lifetime no
+/// token of this node has, a SPIFFE ID of `trust_domain` as subject, and the certificate it was
+/// issued for. Revocation is the caller's to check on the returned subject and serial.
 pub fn verify(
     jwks: &JwkSet,
+    trust_domain: &str,
     token: &str,
     audience: &str,
     leeway: Duration,
+    now: SystemTime,
 ) -> Result<Claims, TokenError> {
     let invalid = |e: jsonwebtoken::errors::Error| TokenError::Invalid(e.to_string());
     let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
@@ -189,18 +238,57 @@ pub fn verify(
             header.alg
         )));
     }
+    if let Some(crit) = &header.crit {
+        // RFC 7515 §4.1.11: a critical extension this verifier does not know makes the token
+        // invalid, and this one knows none.
+        return Err(TokenError::Invalid(format!(
+            "critical header parameters {crit:?} are not understood here"
+        )));
+    }
     let kid = header
         .kid
         .ok_or_else(|| TokenError::Invalid("no key id (kid) in the header".into()))?;
     let jwk = jwks.find(&kid).ok_or(TokenError::UnknownKey(kid))?;
     let key = DecodingKey::from_jwk(jwk).map_err(invalid)?;
+    let leeway = leeway.min(MAX_LEEWAY).as_secs();
     let mut v = Validation::new(Algorithm::ES256);
     v.set_audience(&[audience]);
     v.set_required_spec_claims(&["exp", "sub", "aud"]);
-    v.leeway = leeway.as_secs();
-    let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(invalid)?;
-    SpiffeId::workload(&data.claims.sub).map_err(|e| TokenError::Subject(e.to_string()))?;
-    Ok(data.claims)
+    v.validate_nbf = true;
+    v.leeway = leeway;
+    let claims = jsonwebtoken::decode::<Claims>(token, &key, &v)
+        .map_err(invalid)?
+        .claims;
+    // jsonwebtoken judges exp against its own clock; these against the caller's.
+    let now = secs(now);
+    if claims.exp.saturating_add(leeway) < now {
+        return Err(TokenError::Invalid("ExpiredSignature".into()));
+    }
+    if claims.iat > now.saturating_add(leeway) {
+        return Err(TokenError::Invalid(
+            "it was issued in the future (iat); check the clocks".into(),
+        ));
+    }
+    if claims.exp.saturating_sub(claims.iat) > MAX_LIFETIME.as_secs() {
+        return Err(TokenError::Invalid(format!(
+            "it is valid for longer than {} (exp - iat); no token of this node is",
+            humantime::format_duration(MAX_LIFETIME)
+        )));
+    }
+    let sub = SpiffeId::workload(&claims.sub).map_err(|e| TokenError::Subject(e.to_string()))?;
+    if sub.trust_domain() != trust_domain {
+        return Err(TokenError::ForeignTrustDomain(
+            claims.sub,
+            trust_domain.to_string(),
+        ));
+    }
+    let serial = &claims.svid_serial;
+    if serial.is_empty() || serial.len() > 40 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TokenError::Invalid(
+            "svid_serial is not a certificate serial".into(),
+        ));
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]
@@ -213,40 +301,80 @@ mod tests {
         d
     }
 
+    const TD: &str = "example.org";
+
+    fn holder(id: &SpiffeId, not_after: SystemTime) -> Holder<'_> {
+        Holder {
+            id,
+            serial: "0a1b",
+            not_after,
+        }
+    }
+
+    /// Signs `claims` with `signer`'s key as they are, with `header` changes.
+    fn forge(
+        signer: &TokenSigner,
+        claims: &serde_json::Value,
+        edit: impl Fn(&mut Header),
+    ) -> String {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(signer.kid.clone());
+        edit(&mut header);
+        jsonwebtoken::encode(&header, claims, &signer.key).unwrap()
+    }
+
     #[test]
     fn tokens_verify_only_for_their_audience_key_and_time() {
         let d = dir("verify");
-        let signer = TokenSigner::load_or_create(&d).unwrap();
+        let signer = TokenSigner::load_or_create(&d, TD).unwrap();
         // Loading again gives the same key.
-        assert_eq!(TokenSigner::load_or_create(&d).unwrap().kid(), signer.kid());
+        assert_eq!(
+            TokenSigner::load_or_create(&d, TD).unwrap().kid(),
+            signer.kid()
+        );
         let jwks: JwkSet = serde_json::from_value(signer.jwks()).unwrap();
         let id = SpiffeId::workload("spiffe://example.org/agent/a/prod").unwrap();
         let now = SystemTime::now();
+        let day = now + Duration::from_secs(86_400);
+        let check = |t: &str, aud: &str, leeway: u64| {
+            verify(&jwks, TD, t, aud, Duration::from_secs(leeway), now)
+        };
         let (t, c) = signer
-            .issue(&id, &["billing-api".into()], Duration::from_secs(300), now)
+            .issue(
+                holder(&id, day),
+                &["billing-api".into()],
+                Duration::from_secs(300),
+                now,
+            )
             .unwrap();
         assert_eq!(c.sub, id.to_string());
-        let got = verify(&jwks, &t, "billing-api", Duration::ZERO).unwrap();
+        assert_eq!(c.svid_serial, "0A1B");
+        let got = check(&t, "billing-api", 0).unwrap();
         assert_eq!(got, c);
-        assert!(verify(&jwks, &t, "other-api", Duration::ZERO).is_err());
+        assert!(check(&t, "other-api", 0).is_err());
         // Expired (issued in the past).
         let (old, _) = signer
             .issue(
-                &id,
+                holder(&id, day),
                 &["billing-api".into()],
                 Duration::from_secs(60),
                 now - Duration::from_secs(3600),
             )
             .unwrap();
-        let e = verify(&jwks, &old, "billing-api", Duration::from_secs(30)).unwrap_err();
+        let e = check(&old, "billing-api", 30).unwrap_err();
         assert!(e.to_string().contains("Expired"), "{e}");
         // Signed by another key.
-        let other = TokenSigner::load_or_create(&dir("other")).unwrap();
+        let other = TokenSigner::load_or_create(&dir("other"), TD).unwrap();
         let (foreign, _) = other
-            .issue(&id, &["billing-api".into()], Duration::from_secs(60), now)
+            .issue(
+                holder(&id, day),
+                &["billing-api".into()],
+                Duration::from_secs(60),
+                now,
+            )
             .unwrap();
         assert!(matches!(
-            verify(&jwks, &foreign, "billing-api", Duration::ZERO),
+            check(&foreign, "billing-api", 0),
             Err(TokenError::UnknownKey(_))
         ));
         // A tampered payload.
@@ -260,12 +388,111 @@ mod tests {
             .unwrap(),
         );
         parts[1] = &forged;
-        assert!(verify(&jwks, &parts.join("."), "billing-api", Duration::ZERO).is_err());
+        assert!(check(&parts.join("."), "billing-api", 0).is_err());
         assert!(matches!(
-            signer.issue(&id, &[], Duration::from_secs(60), now),
+            signer.issue(holder(&id, day), &[], Duration::from_secs(60), now),
             Err(TokenError::NoAudience)
         ));
         let _ = std::fs::remove_dir_all(&d);
         let _ = std::fs::remove_dir_all(dir("other"));
+    }
+
+    /// A 1-minute certificate got a token valid 4 minutes past its end.
+    #[test]
+    fn a_token_never_outlives_its_certificate() {
+        let d = dir("outlive");
+        let signer = TokenSigner::load_or_create(&d, TD).unwrap();
+        let id = SpiffeId::workload("spiffe://example.org/agent/a/prod").unwrap();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let end = now + Duration::from_secs(60);
+        let (_, c) = signer
+            .issue(
+                holder(&id, end),
+                &["api".into()],
+                Duration::from_secs(300),
+                now,
+            )
+            .unwrap();
+        assert_eq!(c.exp, secs(end));
+        // Nothing is left of the certificate: no token.
+        assert!(matches!(
+            signer.issue(
+                holder(&id, now + Duration::from_millis(500)),
+                &["api".into()],
+                Duration::from_secs(300),
+                now
+            ),
+            Err(TokenError::CertificateExpiring)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The node signed tokens for SVIDs of federated trust domains, and accepted a subject of
+    /// any trust domain.
+    #[test]
+    fn tokens_are_issued_and_accepted_for_the_nodes_trust_domain_only() {
+        let d = dir("domain");
+        let signer = TokenSigner::load_or_create(&d, TD).unwrap();
+        let jwks: JwkSet = serde_json::from_value(signer.jwks()).unwrap();
+        let now = SystemTime::now();
+        let day = now + Duration::from_secs(86_400);
+        let evil = SpiffeId::workload("spiffe://evil.example/agent/a/prod").unwrap();
+        assert!(matches!(
+            signer.issue(
+                holder(&evil, day),
+                &["api".into()],
+                Duration::from_secs(60),
+                now
+            ),
+            Err(TokenError::ForeignTrustDomain(..))
+        ));
+        let claims = serde_json::json!({
+            "sub": "spiffe://evil.example/agent/a/prod", "aud": ["api"],
+            "exp": secs(now) + 60, "iat": secs(now), "svid_serial": "01",
+        });
+        let t = forge(&signer, &claims, |_| {});
+        let e = verify(&jwks, TD, &t, "api", Duration::ZERO, now).unwrap_err();
+        assert!(matches!(e, TokenError::ForeignTrustDomain(..)), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Tokens signed by the node's key but shaped as it never shapes them are refused.
+    #[test]
+    fn crit_future_iat_long_lifetime_nbf_and_missing_serial_are_refused() {
+        let d = dir("shape");
+        let signer = TokenSigner::load_or_create(&d, TD).unwrap();
+        let jwks: JwkSet = serde_json::from_value(signer.jwks()).unwrap();
+        let now = SystemTime::now();
+        let n = secs(now);
+        let check = |t: &str| verify(&jwks, TD, t, "api", Duration::from_secs(30), now);
+        let good = serde_json::json!({
+            "sub": "spiffe://example.org/agent/a/prod", "aud": ["api"],
+            "exp": n + 60, "iat": n, "svid_serial": "01",
+        });
+        assert!(check(&forge(&signer, &good, |_| {})).is_ok());
+        let with = |k: &str, v: serde_json::Value| {
+            let mut c = good.clone();
+            c[k] = v;
+            forge(&signer, &c, |_| {})
+        };
+        let refused = |t: String, what: &str| {
+            let e = check(&t).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        };
+        refused(
+            forge(&signer, &good, |h| h.crit = Some(vec!["exp".into()])),
+            "critical",
+        );
+        refused(with("iat", (n + 3600).into()), "future");
+        refused(with("exp", (n + 86_400).into()), "longer than");
+        refused(with("nbf", (n + 600).into()), "ImmatureSignature");
+        refused(with("svid_serial", "not hex".into()), "svid_serial");
+        let mut no_serial = good.clone();
+        no_serial.as_object_mut().unwrap().remove("svid_serial");
+        refused(forge(&signer, &no_serial, |_| {}), "svid_serial");
+        // The leeway is bounded, whatever the caller asks.
+        let stale = with("exp", (n - 600).into());
+        assert!(verify(&jwks, TD, &stale, "api", Duration::from_secs(86_400), now).is_err());
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
