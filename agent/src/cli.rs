@@ -588,7 +588,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     }
                     if let Some(e) = not_persisted {
                         bail!(
-                            "the revocation holds now but was NOT saved and ends with a restart: {e}"
+                            "the revocation holds now but is NOT saved yet: {e}; the daemon tries \
+                             again every half second (its log says when it is durable); a \
+                             restart before then would lose it"
                         );
                     }
                     Ok(ExitCode::SUCCESS)

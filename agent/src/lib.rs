@@ -15,6 +15,7 @@ pub mod events;
 pub mod exec;
 pub mod identity;
 pub mod journal;
+pub mod limits;
 pub mod logging;
 pub mod policy;
 pub mod probe;

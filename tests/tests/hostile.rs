@@ -389,3 +389,150 @@ fn an_enrollment_goes_through_while_another_user_floods_the_socket() {
     assert!(busy >= refused as u64, "{busy} counted, {held}");
     flooder.quit();
 }
+
+/// Starts `d` with the systemd default of 1024 open files, soft and hard (the daemon cannot
+/// raise it), and waits until it is healthy.
+fn launch_with_1024_files(d: &mut TestDaemon) {
+    let mut c = d.run_command();
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, 1024)
+                .map_err(std::io::Error::from)
+        });
+    }
+    d.launch_command(c);
+    d.wait_healthy();
+}
+
+/// Any local user holding ~1500 idle half-requests to the metrics endpoint drove a daemon
+/// with the systemd default of 1024 open files to its limit: a revocation was not saved,
+/// enrollments failed reading /proc. The metrics endpoint now holds a fixed number of
+/// connections and refuses the rest at once, and the daemon keeps descriptors for its own
+/// work: under the same flood, a revocation is durable and an agent enrolls.
+#[test]
+fn idle_metrics_connections_cannot_take_the_descriptors_of_revocation_or_enrollment() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let metrics = format!("127.0.0.1:{}", agentwall_tests::free_port());
+    let mut d = TestDaemon::prepare(
+        &[("r.yaml", &identity_policy("reader", sink.port()))],
+        Some(&format!("metrics:\n  listen: {metrics}\n")),
+    );
+    launch_with_1024_files(&mut d);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let (doomed, _) = d.issue("agent/reader/prod", "10m");
+    let listed = d.cli(&["identity", "check", &doomed]);
+    assert!(listed.status.success(), "{listed:?}");
+    let serial = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+
+    let probe = d.world_copy(&agentwall_tests::netprobe_bin());
+    let mut c = std::process::Command::new(probe);
+    std::os::unix::process::CommandExt::uid(&mut c, 65534);
+    std::os::unix::process::CommandExt::gid(&mut c, 65534);
+    c.arg("repl");
+    let mut flooder = Repl::spawn(c);
+    let held = flooder.cmd(&format!("hold-tcp {metrics} 1500 60"));
+    assert_eq!(held, "held=1500");
+    let pid = d.pid().unwrap();
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let busiest = (0..10)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            fds()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest < 1024 - 256,
+        "the daemon holds {busiest} descriptors of 1024 under the flood"
+    );
+
+    let r = d.cli(&["revoke", &serial, "--reason", "during the flood"]);
+    assert!(
+        r.status.success(),
+        "revoked and durable during the flood: {r:?}"
+    );
+    let o = d
+        .exec_under(
+            &["--cert", &cert, "--key", &key],
+            None,
+            &[&format!("tcp 127.0.0.1:{}", sink.port())],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(lines(&o), ["ok"], "enrolled during the flood: {o:?}");
+    let refused = d
+        .status()
+        .daemon_errors
+        .get("metrics_busy_refused")
+        .copied()
+        .unwrap_or_default();
+    assert!(refused > 0, "the refused scrapes are counted");
+    assert_eq!(d.status().daemon_errors.get("revocation_save"), None);
+    drop(flooder);
+
+    // The flood over, scrapes are served again, and the revocation outlives a restart.
+    agentwall_tests::wait_for(std::time::Duration::from_secs(10), "a scrape", || {
+        (agentwall_tests::http(&metrics, "GET", "/metrics").0 == 200).then_some(())
+    });
+    d.stop();
+    d.launch();
+    d.wait_healthy();
+    let list = d.cli(&["revoke", "--list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("during the flood"),
+        "{list:?}"
+    );
+}
+
+/// The admin socket holds a fixed number of long-lived connections (exec leases, event
+/// streams) too: with 1024 open files, the one past its share is refused with a message that
+/// says why, rather than taking the descriptors the daemon keeps for its own work; once one
+/// ends, requests are served again.
+#[test]
+fn admin_connections_past_their_share_are_refused_with_a_reason() {
+    use agentwall::control::{Reply, Request, client::Client};
+    let _s = serial();
+    let mut d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[9]))], None);
+    launch_with_1024_files(&mut d);
+    let share = agentwall::limits::Limits::of(1024).admin;
+    let subscribe = || {
+        let mut c = Client::connect(&d.socket).unwrap();
+        c.send(&Request::Events).unwrap();
+        c.recv().map(|reply| (reply, c))
+    };
+    let mut held = Vec::new();
+    for _ in 0..share {
+        let (reply, c) = subscribe().unwrap();
+        assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+        held.push(c);
+    }
+    let Err(e) = subscribe() else {
+        panic!("subscription {} past the share was served", share + 1);
+    };
+    assert!(
+        e.to_string()
+            .contains(&format!("{share} connections to the admin socket")),
+        "{e}"
+    );
+    held.pop();
+    agentwall_tests::wait_for(std::time::Duration::from_secs(5), "a place", || {
+        subscribe().ok().map(|(r, c)| {
+            assert!(matches!(r, Reply::Done { .. }), "{r:?}");
+            held.push(c);
+        })
+    });
+    held.pop();
+    let st = agentwall_tests::wait_for(std::time::Duration::from_secs(5), "a status", || {
+        match Client::call(&d.socket, &Request::Status) {
+            Ok(Reply::Status(st)) => Some(st),
+            _ => None,
+        }
+    });
+    assert!(st.daemon_errors["admin_busy_refused"] >= 1, "counted");
+}

@@ -23,7 +23,9 @@ use crate::daemon::Daemon;
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 /// Time a client gets to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a connection is held at most, request and answer.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 type Labels = Vec<(String, String)>;
@@ -285,16 +287,31 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, crate::daem
         .map_err(|source| crate::daemon::DaemonError::Metrics { addr, source })
 }
 
-/// Serves scrapes until the process ends.
+/// Serves scrapes until the process ends, at most [`crate::limits::METRICS_CONNECTIONS`] at
+/// once: a connection beyond that is answered 503 and closed at once, so that clients holding
+/// connections open cannot take the daemon's descriptors (see [`crate::limits`]).
 pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    let slots = crate::limits::Slots::new("metrics endpoint", crate::limits::METRICS_CONNECTIONS);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Some(slot) = slots.take() else {
+                    daemon.count_error("metrics_busy_refused");
+                    // Without waiting: a client that does not read loses the answer.
+                    let _ = stream.try_write(
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    continue;
+                };
                 let d = Arc::clone(&daemon);
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, &d).await {
-                        tracing::debug!(error = %e, "metrics request");
+                    // The answer too is bounded: a client that does not read it lets go.
+                    match tokio::time::timeout(SERVE_TIMEOUT, handle(stream, &d)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "metrics request"),
+                        Err(_) => tracing::debug!("metrics request: timed out"),
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {

@@ -114,10 +114,14 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// priority. Only root (or the admin group) can connect at all (mode 0600 or 0660), so no
 /// agent can make this thread run; a client that connects and sends nothing holds it for at
 /// most [`REQUEST_TIMEOUT`].
+///
+/// Connections handed to the runtime hold a place in `slots` until they end (see
+/// [`crate::limits`]); beyond its cap a request is refused with a message.
 pub fn serve_on_thread(
     listener: UnixListener,
     access: Access,
     daemon: Arc<Daemon>,
+    slots: Arc<crate::limits::Slots>,
 ) -> io::Result<()> {
     let rt = tokio::runtime::Handle::current();
     let listener = listener.into_std()?;
@@ -135,7 +139,7 @@ pub fn serve_on_thread(
                     Ok(s) => {
                         // A request that panics must not take the admin socket with it.
                         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            accept_one(s, access, &daemon, &rt)
+                            accept_one(s, access, &daemon, &rt, &slots)
                         }));
                         match handled {
                             Ok(Ok(())) => {}
@@ -213,6 +217,7 @@ fn accept_one(
     access: Access,
     daemon: &Arc<Daemon>,
     rt: &tokio::runtime::Handle,
+    slots: &Arc<crate::limits::Slots>,
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -270,6 +275,15 @@ fn accept_one(
             write_blocking(&stream, &reply)
         }
         req => {
+            let Some(slot) = slots.take() else {
+                daemon.count_error("admin_busy_refused");
+                tracing::warn!(
+                    max = slots.max(),
+                    "admin socket: a request refused, every connection place is taken"
+                );
+                let message = slots.refusal();
+                return write_blocking(&stream, &Reply::Error { message });
+            };
             stream.set_read_timeout(None)?;
             stream.set_write_timeout(None)?;
             stream.set_nonblocking(true)?;
@@ -280,6 +294,7 @@ fn accept_one(
                 if let Err(e) = dispatch(stream, req, uid, daemon).await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 }
+                drop(slot);
             });
             Ok(())
         }
@@ -391,8 +406,17 @@ async fn dispatch(
                 },
             )
             .await?;
+            // A subscriber that went away ends its stream at once, not at the next event: its
+            // connection holds one of the admin socket's places (see `crate::limits`).
+            let mut reader = reader;
+            let mut rest = String::new();
             loop {
-                let reply = match rx.recv().await {
+                let got = tokio::select! {
+                    got = rx.recv() => got,
+                    // End of stream, or anything sent: the subscriber is done.
+                    _ = reader.read_line(&mut rest) => return Ok(()),
+                };
+                let reply = match got {
                     Ok(e) => Reply::Event(Box::new((*e).clone())),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         Reply::Lagged { missed }

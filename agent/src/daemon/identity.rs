@@ -1113,7 +1113,7 @@ async fn blocking<T: Send + 'static>(
 /// connections wait in the socket's backlog; each enrollment is bounded by
 /// [`enroll::CLIENT_TIMEOUT`], so a flood of idle connections delays enrollments but cannot
 /// exhaust the daemon.
-const MAX_ENROLL_THREADS: usize = 128;
+const MAX_ENROLL_THREADS: usize = crate::limits::ENROLL_THREADS;
 /// Enrollments of one user (peer uid) in progress at once. The socket is open to every user:
 /// one holding many connections idle or slow keeps at most this many threads, and the rest of
 /// its connections are refused at once, so that others' enrollments go on.

@@ -24,6 +24,13 @@ use crate::{
 /// Runs the daemon until SIGTERM or SIGINT. Returns an error (and the process exits non-zero)
 /// whenever enforcement cannot be established.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    // Before any descriptor is opened for a client (see `crate::limits`).
+    let limits = crate::limits::Limits::raise();
+    tracing::info!(
+        open_files = limits.nofile,
+        admin_connections = limits.admin,
+        "descriptor limits"
+    );
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
         path: cfg.state_dir.clone(),
         source,
@@ -170,12 +177,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
 
     let (listener, access) =
         control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
-    control::server::serve_on_thread(listener, access, Arc::clone(&daemon)).map_err(|source| {
-        control::server::ServerError::Io {
+    let admin_slots = crate::limits::Slots::new("admin socket", limits.admin);
+    control::server::serve_on_thread(listener, access, Arc::clone(&daemon), admin_slots).map_err(
+        |source| control::server::ServerError::Io {
             path: daemon.cfg.socket.display().to_string(),
             source,
-        }
-    })?;
+        },
+    )?;
     if let Some(addr) = daemon.cfg.metrics.listen {
         let listener = control::metrics::bind(addr).await?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
@@ -206,6 +214,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             gc_daemon.collect().await;
+            // Revocations that could not be made durable (out of descriptors or space) are
+            // saved again until they are: none is lost with the next restart.
+            let unsaved = gc_daemon.identity.unsaved_revocations();
+            if unsaved > 0 {
+                let identity = Arc::clone(&gc_daemon.identity);
+                match tokio::task::spawn_blocking(move || identity.save_revocations()).await {
+                    Ok(Ok(())) => {
+                        tracing::warn!(unsaved, "revocations made durable on retry");
+                        gc_daemon.count_error("revocation_saved_on_retry");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, unsaved, "revocations still not durable")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "revocation save task"),
+                }
+            }
             // Revocations the kernel could not take yet (a failed map write) are retried.
             let (retried, _) = gc_daemon.enforce_revocations().await;
             if !retried.is_empty() {
@@ -270,6 +294,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     let _ = sd_notify("STOPPING=1");
+    // A revocation still not durable gets a last try; if that fails too, it is said loudly.
+    // (The kernel keeps the revoked bindings flagged: the next start recovers their serials.)
+    if daemon.identity.unsaved_revocations() > 0
+        && let Err(e) = daemon.identity.save_revocations()
+    {
+        tracing::error!(error = %e, unsaved = daemon.identity.unsaved_revocations(), "stopping with revocations that are not durable; give them again after the restart");
+    }
     // Whatever the audit log is doing (a full file system keeps its writer retrying, and a
     // full queue blocks whoever records), the daemon is gone within SHUTDOWN_LIMIT; what could
     // not be written is noted for the next start. The kernel keeps enforcing either way.

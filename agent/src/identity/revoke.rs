@@ -255,6 +255,11 @@ pub struct RevocationStore {
 }
 
 impl RevocationStore {
+    /// Entries of `list` not yet durable.
+    pub fn pending(&self, list: &RevocationList) -> usize {
+        list.entries.len().saturating_sub(self.persisted)
+    }
+
     /// Makes the entries of `list` added since the last save durable: appended to the journal
     /// and synced, or written with all others as a new snapshot when the journal is long. On
     /// failure nothing counts as saved; the next save tries again.

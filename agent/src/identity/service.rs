@@ -317,6 +317,19 @@ impl IdentityService {
         store.save(&list)
     }
 
+    /// Revocations that hold in memory but are not durable yet (a save failed).
+    pub fn unsaved_revocations(&self) -> usize {
+        let store = self
+            .revocation_store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = self
+            .revocations
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        store.pending(&list)
+    }
+
     pub fn revocations(&self) -> Vec<Revocation> {
         self.revocations
             .read()

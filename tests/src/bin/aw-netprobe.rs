@@ -26,6 +26,8 @@
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
+//! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
+//! SECS by a thread that replaces those the server ended; answers once the first N are open),
 //! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC),
 //! `unix-connect NAME PAYLOAD` (a Unix stream connect, then the payload), `unix-sendto NAME
 //! PAYLOAD` (a Unix datagram sent to NAME), `unix-dgram-connect NAME PAYLOAD` (a Unix datagram
@@ -191,6 +193,48 @@ fn unix_send(name: &str, payload: &str, how: UnixHow) -> String {
             .and_then(|()| send(fd.as_raw_fd(), payload.as_bytes(), MsgFlags::empty())),
     };
     r.map_or_else(|e| format!("err {e:?}"), |_| "ok".into())
+}
+
+/// Opens one connection to `a` that sends the first line of an HTTP request and no more.
+fn half_request(a: SocketAddr) -> Option<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&a, Duration::from_millis(200)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").ok()?;
+    s.set_nonblocking(true).ok()?;
+    Some(s)
+}
+
+/// See `hold-tcp` in the module documentation: `held=N` once N are open (or as many as could
+/// be within ten seconds).
+fn hold_tcp(a: SocketAddr, n: usize, secs: u64) -> String {
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let fill = move |held: &mut Vec<TcpStream>, until: Instant| {
+        while held.len() < n && Instant::now() < until {
+            if let Some(s) = half_request(a) {
+                held.push(s);
+            }
+        }
+    };
+    let mut held = Vec::with_capacity(n);
+    fill(&mut held, Instant::now() + Duration::from_secs(10));
+    let opened = held.len();
+    let end = Instant::now() + Duration::from_secs(secs.min(120));
+    std::thread::spawn(move || {
+        while Instant::now() < end {
+            // Those the server answered or closed are replaced.
+            held.retain(|s| {
+                let mut b = [0u8; 64];
+                matches!(s.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            });
+            fill(&mut held, end);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    format!("held={opened}")
 }
 
 fn hold_unix(path: &str, n: usize) -> String {
@@ -721,6 +765,11 @@ fn run(line: &str) -> String {
             a.parse()
                 .map_err(|_| format!("err bad IPv4 address {a:?}"))?,
             p,
+        )),
+        ("hold-tcp", [a, n, secs]) => Ok(hold_tcp(
+            addr(a)?,
+            n.parse().map_err(|_| "err bad count".to_string())?,
+            secs.parse().map_err(|_| "err bad seconds".to_string())?,
         )),
         ("hold-unix", [path, n]) => Ok(hold_unix(
             path,
