@@ -138,7 +138,9 @@ const _: () = assert!(core::mem::size_of::<Bucket>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SummaryKey {
     pub cgroup_id: u64,
+    /// The destination; on the Unix hooks the first 16 bytes of the socket name.
     pub addr: Addr16,
+    /// The destination port; on the Unix hooks the length of the socket name.
     pub port: u16,
     pub hook: Hook,
     pub proto: u8,

@@ -167,7 +167,7 @@ macro_rules! count_into {
 fn summarize(flow: &Flow, d: &Decision, now: u64) -> bool {
     let key = SummaryKey {
         cgroup_id: flow.cgroup_id,
-        // Constant on the Unix hooks, whose names are not kept here.
+        // On the Unix hooks, the first bytes of the name (see `unix::judge`).
         addr: agentwall_common::addr::from_quads(flow.dst),
         port: flow.port,
         hook: flow.hook,

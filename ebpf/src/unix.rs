@@ -113,6 +113,16 @@ fn judge(ctx: *mut bpf_sock_addr, hook: Hook) -> i32 {
     } else {
         Decision::deny(Reason::UNREADABLE, d.slot, d.generation)
     };
+    // A verdict past its budget is counted under its name's first 16 bytes and its length
+    // (`agentwall_common::budget::SummaryKey`): fixed-size, no loop over the name, and the
+    // daemon gives the whole name from the records it read before.
+    // SAFETY: the first 16 of the key's 108 name bytes; any alignment.
+    let prefix = unsafe { core::ptr::read_unaligned(key.path.as_ptr().cast::<addr::Quads>()) };
+    let flow = Flow {
+        dst: prefix,
+        port: key.len as u16,
+        ..flow
+    };
     emit::finish(record, &flow, &d);
     if d.verdict == Verdict::ALLOW {
         ALLOW

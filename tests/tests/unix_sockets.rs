@@ -212,3 +212,65 @@ fn unix_sockets_are_reached_only_by_the_names_policy_gives() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Past its event budget, a flood of denied Unix connects was summarized without the socket
+/// name (every Unix flow of a cgroup was one flow). The summary's flow now names the socket:
+/// whole when the records before the budget ran out named it, else its start and length.
+#[test]
+fn a_flood_of_unix_connects_is_summarized_by_socket_name() {
+    let _s = serial();
+    let dir = std::env::temp_dir().join(format!("awt-unixsum-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Two names longer than 16 bytes, alike in their first 16.
+    let flooded = dir.join("flooded-socket.sock");
+    let other = dir.join("other-socket-name.sock");
+    let _a = Sink::at(&flooded);
+    let _b = Sink::at(&other);
+    let policy = "policy:\n  name: agent\n  egress:\n    - unix: [/run/nothing.sock]\n";
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", policy)],
+        Some("events:\n  cgroup_rate: 10\n  cgroup_burst: 20\n  summary_every: 30s\n"),
+    );
+    let n = 3000;
+    let out = d.exec(
+        "agent",
+        None,
+        &[
+            &format!("unix-flood {} {n}", flooded.display()),
+            &format!("unix-flood {} 5", other.display()),
+        ],
+    );
+    assert_eq!(
+        lines(&out),
+        [format!("eperm={n} other=0"), "eperm=5 other=0".to_string()],
+        "{out:?}"
+    );
+    assert!(d.stop().success(), "a clean stop reports the window");
+    let all = audit(&d, &["tail", "-n", "100000"]);
+    let flows: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|r| r["record"]["kind"] == "verdict_summary")
+        .flat_map(|r| r["record"]["flows"].as_array().unwrap())
+        .collect();
+    let named = |name: &Path| {
+        flows
+            .iter()
+            .filter(|f| f["socket"] == name.display().to_string())
+            .map(|f| f["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let recorded = all
+        .iter()
+        .filter(|r| {
+            r["record"]["kind"] == "verdict" && r["record"]["unix"] == flooded.display().to_string()
+        })
+        .count() as u64;
+    assert!(recorded >= 1, "the first verdicts were recorded one by one");
+    assert_eq!(
+        named(&flooded) + recorded,
+        n,
+        "every verdict is recorded or summarized under the socket's name: {flows:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

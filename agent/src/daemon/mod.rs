@@ -136,7 +136,11 @@ struct RuleBook {
 }
 
 /// Resolves names for events from the shared rule book and the enrolled identities.
-struct Names(Arc<RwLock<RuleBook>>, Identities);
+struct Names(
+    Arc<RwLock<RuleBook>>,
+    Identities,
+    crate::events::unix_names::UnixNames,
+);
 
 /// Cgroup id → SPIFFE ID of its enrollment, readable from the event reader's thread.
 type Identities = Arc<RwLock<IdentityNames>>;
@@ -198,6 +202,14 @@ impl IdentityNames {
 impl Resolve for Names {
     fn identity(&self, cgroup_id: u64) -> Option<String> {
         self.1.read().ok()?.get(cgroup_id).cloned()
+    }
+
+    fn learn_unix_name(&self, cgroup_id: u64, name: &[u8]) {
+        self.2.learn(cgroup_id, name);
+    }
+
+    fn unix_name(&self, cgroup_id: u64, prefix: &[u8; 16], len: u16) -> String {
+        self.2.name(cgroup_id, prefix, len)
     }
 
     fn policy(&self, slot: u32) -> Option<String> {

@@ -108,8 +108,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     );
 
     // Events first, so that nothing the start-up triggers goes unreported.
-    let names: Arc<dyn Resolve + Send + Sync> =
-        Arc::new(Names(Arc::clone(&book), Arc::clone(&daemon.identities)));
+    let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(
+        Arc::clone(&book),
+        Arc::clone(&daemon.identities),
+        Default::default(),
+    ));
     let summary_names = Arc::clone(&names);
     // On a thread of its own: a burst of verdicts must not hold up the admin and enrollment
     // sockets, which the runtime's workers serve.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 pub mod summary;
+pub mod unix_names;
 
 /// A decoded verdict, as logged and streamed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +64,13 @@ pub trait Resolve {
     /// The SPIFFE ID a cgroup is bound to by enrollment.
     fn identity(&self, _cgroup_id: u64) -> Option<String> {
         None
+    }
+    /// Remembers a Unix socket name a verdict record of the cgroup carried (see
+    /// [`unix_names`]).
+    fn learn_unix_name(&self, _cgroup_id: u64, _name: &[u8]) {}
+    /// The name of a Unix socket summarized by its first bytes and its length.
+    fn unix_name(&self, _cgroup_id: u64, prefix: &[u8; 16], len: u16) -> String {
+        unix_names::UnixNames::default().name(0, prefix, len)
     }
 }
 
@@ -221,12 +229,14 @@ fn drain(
         let at = clock.wall(raw.ts_boot_ns);
         let mut rec = EventRecord::decode_at(&raw, names, at);
         if is_unix(raw.hook) {
-            rec.unix = Some(
-                agentwall_common::unix::UnixEvent::name_from_bytes(&item).map_or_else(
-                    || "(name missing from a short record)".into(),
-                    |n| n.to_string(),
-                ),
-            );
+            let name = agentwall_common::unix::UnixEvent::name_from_bytes(&item);
+            if let Some(n) = &name {
+                names.learn_unix_name(raw.cgroup_id, n.0);
+            }
+            rec.unix = Some(name.map_or_else(
+                || "(name missing from a short record)".into(),
+                |n| n.to_string(),
+            ));
         }
         let rec = Arc::new(rec);
         log(&rec);

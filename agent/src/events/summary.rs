@@ -77,10 +77,12 @@ pub struct SummaryFlow {
     pub reason: String,
     pub protocol: String,
     pub family: String,
-    /// The destination as judged; none on the Unix hooks (their names are not kept in
-    /// summaries) and for socket creations.
+    /// The destination as judged; none on the Unix hooks and for socket creations.
     pub dst: Option<IpAddr>,
     pub port: u16,
+    /// On the Unix hooks, the socket name (see `events::unix_names`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
     pub count: u64,
     pub first: String,
     pub last: String,
@@ -315,7 +317,7 @@ fn build(
             .unwrap_or_default()
             .iter()
             .chain(&denied[..d])
-            .map(|(k, v)| flow(k, v, clock))
+            .map(|(k, v)| flow(k, v, clock, names))
             .collect();
         let record = |part: u32, flows: Vec<SummaryFlow>| VerdictSummary {
             time: rfc3339(end),
@@ -338,15 +340,19 @@ fn build(
             ..record(0, first)
         });
         for (i, chunk) in chunks.enumerate() {
-            let flows = chunk.iter().map(|(k, v)| flow(k, v, clock)).collect();
+            let flows = chunk
+                .iter()
+                .map(|(k, v)| flow(k, v, clock, names))
+                .collect();
             out.push(record(u32::try_from(i + 1).unwrap_or(u32::MAX), flows));
         }
     }
     out
 }
 
-fn flow(k: &SummaryKey, v: &Summary, clock: BootClock) -> SummaryFlow {
-    let has_addr = !is_unix(k.hook)
+fn flow(k: &SummaryKey, v: &Summary, clock: BootClock, names: &dyn Resolve) -> SummaryFlow {
+    let unix = is_unix(k.hook);
+    let has_addr = !unix
         && k.hook != agentwall_common::event::Hook::SOCK_CREATE
         && k.reason != agentwall_common::event::Reason::UNPARSED;
     SummaryFlow {
@@ -357,7 +363,8 @@ fn flow(k: &SummaryKey, v: &Summary, clock: BootClock) -> SummaryFlow {
         protocol: proto_name(k.proto),
         family: family_name(k.family),
         dst: has_addr.then(|| display_addr(&k.addr)),
-        port: k.port,
+        port: if unix { 0 } else { k.port },
+        socket: unix.then(|| names.unix_name(k.cgroup_id, &k.addr, k.port)),
         count: v.count,
         first: rfc3339(clock.wall(v.first_ns)),
         last: rfc3339(clock.wall(v.last_ns)),

@@ -26,6 +26,7 @@
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
+//! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
 //! SECS by a thread that replaces those the server ended; answers once the first N are open),
 //! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC),
@@ -193,6 +194,37 @@ fn unix_send(name: &str, payload: &str, how: UnixHow) -> String {
             .and_then(|()| send(fd.as_raw_fd(), payload.as_bytes(), MsgFlags::empty())),
     };
     r.map_or_else(|e| format!("err {e:?}"), |_| "ok".into())
+}
+
+/// `n` stream connects to the Unix socket `name` (a path, or `@name`): how many were refused
+/// with EPERM, and how many were not.
+fn unix_flood(name: &str, n: u64) -> String {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd as _;
+    let addr = match name.strip_prefix('@') {
+        Some(abs) => UnixAddr::new_abstract(abs.as_bytes()),
+        None => UnixAddr::new(name),
+    };
+    let Ok(addr) = addr else {
+        return "err bad name".into();
+    };
+    let (mut eperm, mut other) = (0u64, 0u64);
+    for _ in 0..n.min(1_000_000) {
+        let Ok(fd) = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        ) else {
+            other += 1;
+            continue;
+        };
+        match connect(fd.as_raw_fd(), &addr) {
+            Err(nix::errno::Errno::EPERM) => eperm += 1,
+            _ => other += 1,
+        }
+    }
+    format!("eperm={eperm} other={other}")
 }
 
 /// Opens one connection to `a` that sends the first line of an HTTP request and no more.
@@ -773,6 +805,10 @@ fn run(line: &str) -> String {
         )),
         ("hold-unix", [path, n]) => Ok(hold_unix(
             path,
+            n.parse().map_err(|_| "err bad count".to_string())?,
+        )),
+        ("unix-flood", [name, n]) => Ok(unix_flood(
+            name,
             n.parse().map_err(|_| "err bad count".to_string())?,
         )),
         ("unix-connect", [name, payload]) => Ok(unix_send(name, payload, UnixHow::Stream)),
