@@ -353,6 +353,51 @@ fn revoking_an_identity_revokes_its_versions() {
     drop(agent);
 }
 
+/// A revocation the daemon could not make durable (out of descriptors or space) held until the
+/// next restart and was then gone, unless a bound cgroup's kernel flag brought its serial
+/// back. It is now saved again every half second until it is durable.
+#[test]
+fn a_revocation_that_could_not_be_saved_is_retried_until_durable() {
+    let _s = serial();
+    let mut d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);
+    let (cert, _) = d.issue("agent/reader/prod", "10m");
+    let checked = d.cli(&["identity", "check", &cert]);
+    assert!(checked.status.success(), "{checked:?}");
+    let serial = String::from_utf8_lossy(&checked.stdout)
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    // A directory where the journal goes: the append fails.
+    let journal = d.state_dir().join("revocations.journal");
+    let _ = fs::remove_file(&journal);
+    fs::create_dir(&journal).unwrap();
+    let r = d.cli(&["revoke", &serial, "--reason", "saved later"]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("NOT saved yet"),
+        "{r:?}"
+    );
+    // It holds meanwhile.
+    let c = d.cli(&["identity", "check", &cert]);
+    assert!(!c.status.success(), "{c:?}");
+    fs::remove_dir(&journal).unwrap();
+    wait_for(Duration::from_secs(5), "the retried save", || {
+        d.status()
+            .daemon_errors
+            .contains_key("revocation_saved_on_retry")
+            .then_some(())
+    });
+    d.kill9();
+    d.launch();
+    d.wait_healthy();
+    let list = d.cli(&["revoke", "--list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("saved later"),
+        "{list:?}"
+    );
+}
+
 /// Kills the daemon (SIGKILL) and deletes the snapshot and journal named `store` from its state
 /// directory; the agent's connect to `to` meanwhile gets `while_down`. Then starts the daemon
 /// again, after which the agent's connect is refused.
