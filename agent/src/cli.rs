@@ -66,6 +66,12 @@ enum Command {
         /// inherited descriptor is closed, so that no socket made outside the cgroup reaches it.
         #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
         preserve_fds: u32,
+        /// A command that runs as root keeps root's capabilities and the host's cgroup and
+        /// mount namespaces. Without it, it is confined: it cannot leave its cgroup, see
+        /// agentwall's state, pins and audit log, write the cgroup file system, mount, load
+        /// BPF, open packet or raw sockets or ptrace (docs/threat-model.md).
+        #[arg(long)]
+        keep_privileges: bool,
         /// The command and its arguments (after `--`).
         #[arg(
             trailing_var_arg = true,
@@ -501,6 +507,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             bundle,
             audience,
             preserve_fds,
+            keep_privileges,
             command,
         } => {
             logging::init(LogFormat::Text, "warn");
@@ -520,7 +527,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 user.as_deref(),
                 &under,
                 &command,
-                preserve_fds,
+                exec::Options {
+                    preserve_fds,
+                    keep_privileges,
+                },
             )?))
         }
         Command::EnrollExec {

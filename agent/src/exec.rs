@@ -217,6 +217,15 @@ fn install_forwarding() {
     }
 }
 
+/// How the command is started, beside what it runs under.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Descriptors 3 .. 3+N pass to the command.
+    pub preserve_fds: u32,
+    /// A command that runs as root is not confined ([`spawn::Confinement`]).
+    pub keep_privileges: bool,
+}
+
 /// Runs `cmd` under a policy or an identity; returns its exit code (128 + signal if a signal
 /// ended it).
 pub fn run(
@@ -224,8 +233,12 @@ pub fn run(
     user: Option<&str>,
     under: &Under,
     cmd: &[OsString],
-    preserve_fds: u32,
+    options: Options,
 ) -> Result<i32, ExecError> {
+    let Options {
+        preserve_fds,
+        keep_privileges,
+    } = options;
     let (program, args) = cmd.split_first().ok_or(ExecError::NoCommand)?;
     // Checked before this process opens anything that could take a number in the range.
     let last = 2 + preserve_fds;
@@ -251,8 +264,13 @@ pub fn run(
             _ => Vec::new(),
         },
     })?;
-    let (cgroup, enroll) = match client.recv()? {
-        Reply::ExecReady { cgroup, enroll, .. } => (PathBuf::from(cgroup), enroll),
+    let (cgroup, enroll, protect) = match client.recv()? {
+        Reply::ExecReady {
+            cgroup,
+            enroll,
+            protect,
+            ..
+        } => (PathBuf::from(cgroup), enroll, protect),
         other => return Err(ExecError::Unexpected(Box::new(other))),
     };
     let cg = Cgroup::at(cgroup.clone());
@@ -315,6 +333,18 @@ pub fn run(
             })));
         }
     };
+    // Root inside the cgroup stays inside it (see `spawn::Confinement`).
+    let as_root = run_as
+        .as_ref()
+        .map_or_else(|| nix::unistd::geteuid().is_root(), |u| u.uid == 0);
+    if as_root && !keep_privileges {
+        let paths = |v: Vec<String>| v.into_iter().map(PathBuf::from).collect();
+        command.confine = Some(spawn::Confinement {
+            hide_dirs: paths(protect.hide_dirs),
+            hide_files: paths(protect.hide_files),
+            read_only: paths(protect.read_only),
+        });
+    }
     command.user = run_as;
     command.preserve_fds = preserve_fds;
     command.set_env(env::CGROUP, cgroup.into_os_string());

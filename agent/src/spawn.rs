@@ -94,7 +94,50 @@ pub struct Command {
     /// descriptor above 2 is closed at exec, so that nothing the launcher inherited (a socket
     /// made outside the cgroup, above all) reaches the program.
     pub preserve_fds: u32,
+    /// Confines a program that runs as root (see [`Confinement`]).
+    pub confine: Option<Confinement>,
 }
+
+/// What keeps a program that runs as root inside the wall, without kernel hooks of its own:
+/// a cgroup namespace rooted at its cgroup (a move to any cgroup outside it is refused, even
+/// to root), a mount namespace in which the daemon's directories and key are covered by
+/// empty read-only file systems and the cgroup file system is read-only, and no capability
+/// that reaches past that ([`DROPPED_CAPS`]: no mounts or namespaces, no BPF, no packet or
+/// raw sockets, no network administration, no ptrace, no modules or raw devices), with
+/// `no_new_privs` so that no set-user-ID program gives them back.
+#[derive(Debug, Clone, Default)]
+pub struct Confinement {
+    pub hide_dirs: Vec<PathBuf>,
+    pub hide_files: Vec<PathBuf>,
+    pub read_only: Vec<PathBuf>,
+}
+
+/// Capabilities a confined root program loses (numbers of linux/capability.h): the rest
+/// (file ownership and permissions, setuid, kill, binding low ports...) are a root program's
+/// ordinary business and do not reach past its namespaces.
+pub const DROPPED_CAPS: [(u32, &str); 21] = [
+    (2, "CAP_DAC_READ_SEARCH"),
+    (8, "CAP_SETPCAP"),
+    (9, "CAP_LINUX_IMMUTABLE"),
+    (12, "CAP_NET_ADMIN"),
+    (13, "CAP_NET_RAW"),
+    (16, "CAP_SYS_MODULE"),
+    (17, "CAP_SYS_RAWIO"),
+    (19, "CAP_SYS_PTRACE"),
+    (20, "CAP_SYS_PACCT"),
+    (21, "CAP_SYS_ADMIN"),
+    (22, "CAP_SYS_BOOT"),
+    (25, "CAP_SYS_TIME"),
+    (27, "CAP_MKNOD"),
+    (30, "CAP_AUDIT_CONTROL"),
+    (31, "CAP_SETFCAP"),
+    (32, "CAP_MAC_OVERRIDE"),
+    (33, "CAP_MAC_ADMIN"),
+    (34, "CAP_SYSLOG"),
+    (38, "CAP_PERFMON"),
+    (39, "CAP_BPF"),
+    (40, "CAP_CHECKPOINT_RESTORE"),
+];
 
 impl Command {
     /// `program` with `args`, in the current environment.
@@ -108,6 +151,7 @@ impl Command {
             env: std::env::vars_os().collect(),
             user: None,
             preserve_fds: 0,
+            confine: None,
         }
     }
 
@@ -165,14 +209,40 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Stages reported from the child through the pipe.
-const STAGES: [&str; 6] = [
+const STAGES: [&str; 12] = [
     "setgroups",
     "setresgid",
     "setresuid",
     "execve",
     "close_range (marking inherited descriptors close-on-exec; needs Linux 5.11)",
     "clearing close-on-exec on a preserved descriptor",
+    "unshare of the mount and cgroup namespaces (root's confinement)",
+    "making the mounts private (root's confinement)",
+    "covering a daemon directory or file (root's confinement)",
+    "making the cgroup file system read-only (root's confinement)",
+    "dropping capabilities (root's confinement)",
+    "setting no_new_privs (root's confinement)",
 ];
+
+/// The confinement in the form the child uses: C strings made before the clone.
+struct ChildConfinement {
+    hide_dirs: Vec<CString>,
+    hide_files: Vec<CString>,
+    read_only: Vec<CString>,
+}
+
+impl ChildConfinement {
+    fn of(c: &Confinement) -> Result<Self, SpawnError> {
+        let all = |v: &[PathBuf]| -> Result<Vec<CString>, SpawnError> {
+            v.iter().map(|p| cstring(p.as_os_str())).collect()
+        };
+        Ok(Self {
+            hide_dirs: all(&c.hide_dirs)?,
+            hide_files: all(&c.hide_files)?,
+            read_only: all(&c.read_only)?,
+        })
+    }
+}
 
 /// `close_range` flag (include/uapi/linux/close_range.h): mark close-on-exec, do not close.
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
@@ -213,6 +283,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         .map(|u| u.groups.clone())
         .unwrap_or_default();
     let ids = cmd.user.as_ref().map(|u| (u.uid, u.gid));
+    let confine = cmd.confine.as_ref().map(ChildConfinement::of).transpose()?;
 
     let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
     let args = CloneArgs {
@@ -234,9 +305,8 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
                 cmd.preserve_fds,
                 &groups,
                 ids,
-                path.as_ptr(),
-                argv_ptrs.as_ptr(),
-                envp_ptrs.as_ptr(),
+                confine.as_ref(),
+                (path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()),
             )
         }
     }
@@ -275,20 +345,14 @@ unsafe fn child(
     preserve_fds: u32,
     groups: &[libc::gid_t],
     ids: Option<(u32, u32)>,
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
+    confine: Option<&ChildConfinement>,
+    (path, argv, envp): (
+        *const libc::c_char,
+        *const *const libc::c_char,
+        *const *const libc::c_char,
+    ),
 ) -> ! {
-    let fail = |stage: u8| -> ! {
-        let e = Errno::last_raw().to_ne_bytes();
-        let msg = [stage, e[0], e[1], e[2], e[3]];
-        // SAFETY: writing a stack buffer to our pipe, then leaving without running atexit
-        // handlers or destructors of the parent's copied state.
-        unsafe {
-            libc::write(wr, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
-        }
-    };
+    let fail = |stage: u8| die(wr, stage);
     // SAFETY: raw system calls with valid arguments; see the module comment for why not the
     // libc wrappers for the credential changes.
     unsafe {
@@ -311,6 +375,9 @@ unsafe fn child(
             std::ptr::null_mut::<libc::sigset_t>(),
             8,
         );
+        if let Some(c) = confine {
+            confine_mounts(c, wr);
+        }
         if let Some((uid, gid)) = ids {
             if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
                 fail(0);
@@ -321,6 +388,9 @@ unsafe fn child(
             if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
                 fail(2);
             }
+        }
+        if confine.is_some() {
+            drop_privileges(wr);
         }
         // Everything above 2 and the preserved range closes at exec (marked rather than closed
         // now: the pipe that reports a failure must stay open until then).
@@ -336,6 +406,163 @@ unsafe fn child(
         libc::execve(path, argv, envp);
         fail(3)
     }
+}
+
+/// Reports the failed `stage` and the last errno on the pipe `wr`, and ends the child.
+fn die(wr: i32, stage: u8) -> ! {
+    let e = Errno::last_raw().to_ne_bytes();
+    let msg = [stage, e[0], e[1], e[2], e[3]];
+    // SAFETY: writing a stack buffer to our pipe, then leaving without running atexit
+    // handlers or destructors of the parent's copied state.
+    unsafe {
+        libc::write(wr, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// The namespaces and mounts of [`Confinement`], in the child before it changes user.
+///
+/// # Safety
+/// Only in the cloned child: raw system calls on memory prepared before the clone.
+unsafe fn confine_mounts(c: &ChildConfinement, wr: i32) {
+    let fail = |stage: u8| die(wr, stage);
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: raw system calls with NUL-terminated strings made before the clone.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) != 0 {
+            fail(6);
+        }
+        // Nothing mounted here reaches the host's namespace.
+        if libc::mount(
+            none,
+            c"/".as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            none.cast(),
+        ) != 0
+        {
+            fail(7);
+        }
+        let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        // A path that is not there (inside a directory covered before it, say) needs nothing.
+        let missing = || Errno::last() == Errno::ENOENT;
+        for d in &c.hide_dirs {
+            let r = libc::mount(
+                c"agentwall-hidden".as_ptr(),
+                d.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                c"size=4k,nr_inodes=1,mode=0555".as_ptr().cast(),
+            );
+            if r != 0 && !missing() {
+                fail(8);
+            }
+        }
+        for f in &c.hide_files {
+            let r = libc::mount(
+                c"/dev/null".as_ptr(),
+                f.as_ptr(),
+                none,
+                libc::MS_BIND,
+                none.cast(),
+            );
+            if r != 0 && !missing() {
+                fail(8);
+            }
+        }
+        for m in &c.read_only {
+            if libc::mount(
+                m.as_ptr(),
+                m.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REC,
+                none.cast(),
+            ) != 0
+                && !missing()
+            {
+                fail(9);
+            }
+            let r = libc::mount(
+                none,
+                m.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REMOUNT | flags,
+                none.cast(),
+            );
+            if r != 0 && !missing() {
+                fail(9);
+            }
+        }
+    }
+}
+
+/// The capabilities and `no_new_privs` of [`Confinement`], after the user change.
+///
+/// # Safety
+/// Only in the cloned child.
+unsafe fn drop_privileges(wr: i32) {
+    let fail = |stage: u8| die(wr, stage);
+    // SAFETY: prctl and capget/capset with valid arguments and buffers of the kernel's size.
+    unsafe {
+        for (cap, _) in DROPPED_CAPS {
+            // EINVAL: a capability this kernel does not know, so nobody holds it.
+            if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0
+                && Errno::last() != Errno::EINVAL
+            {
+                fail(10);
+            }
+        }
+        if libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            fail(10);
+        }
+        // The sets held now lose them too, and nothing is inheritable.
+        let mut head = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [CapData::default(); 2];
+        if libc::syscall(libc::SYS_capget, &raw mut head, data.as_mut_ptr()) != 0 {
+            fail(10);
+        }
+        for (cap, _) in DROPPED_CAPS {
+            let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
+            data[word].effective &= !bit;
+            data[word].permitted &= !bit;
+        }
+        for d in &mut data {
+            d.inheritable = 0;
+        }
+        if libc::syscall(libc::SYS_capset, &raw mut head, data.as_ptr()) != 0 {
+            fail(10);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(11);
+        }
+    }
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
 }
 
 /// The exit code a shell would report for a wait status.

@@ -591,6 +591,15 @@ impl TestDaemon {
             .expect("agentwall exec")
     }
 
+    /// [`TestDaemon::exec`] as root with `--keep-privileges`: for commands that need root's
+    /// capabilities (a network namespace of their own, raw sockets), which a confined root
+    /// agent has not.
+    pub fn exec_privileged(&self, policy: &str, cmds: &[&str]) -> Output {
+        self.exec_under(&["--policy", policy, "--keep-privileges"], None, cmds)
+            .output()
+            .expect("agentwall exec")
+    }
+
     fn exec_command(&self, policy: &str, user: Option<&str>, cmds: &[&str]) -> Command {
         self.exec_under(&["--policy", policy], user, cmds)
     }

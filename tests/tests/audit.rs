@@ -720,8 +720,13 @@ struct Flood(std::process::Child);
 impl Flood {
     /// Starts `cmd` and waits until the kernel counter `counter` is past the flood's burst.
     fn start(d: &TestDaemon, cmd: &str, counter: &str) -> Self {
+        Self::start_under(d, &["--policy", "web"], cmd, counter)
+    }
+
+    /// [`Flood::start`] under `agentwall exec UNDER...`.
+    fn start_under(d: &TestDaemon, under: &[&str], cmd: &str, counter: &str) -> Self {
         let child = d
-            .exec_under(&["--policy", "web"], None, &[cmd])
+            .exec_under(under, None, &[cmd])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -988,12 +993,14 @@ fn a_flood_of_slotless_denials_is_charged_to_its_own_cgroup() {
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some("events:\n  summary_every: 1s\n"),
     );
-    let flood = Flood::start(&d, "raw-flood-for 4000", "raw_socket_denied");
-    let victim = d.exec(
-        "web",
-        None,
-        &["pid", "raw4", "raw4", "raw4", "raw4", "raw4"],
+    // Root's capabilities kept: the raw sockets reach the kernel program's refusal.
+    let flood = Flood::start_under(
+        &d,
+        &["--policy", "web", "--keep-privileges"],
+        "raw-flood-for 4000",
+        "raw_socket_denied",
     );
+    let victim = d.exec_privileged("web", &["pid", "raw4", "raw4", "raw4", "raw4", "raw4"]);
     let out = lines(&victim);
     assert_eq!(out[1..], ["err EPERM"; 5]);
     let victim_pid: u64 = out[0].parse().unwrap();

@@ -117,7 +117,9 @@ fn raw_sockets_are_refused_in_enforced_cgroups_only() {
         "control run outside enforcement"
     );
     let events = d.events();
-    let out = d.exec("open", None, &["raw4", "raw6"]);
+    // Root's capabilities kept, so that the kernel's own check passes and the program's
+    // refusal is what is seen (a confined root agent has no CAP_NET_RAW at all).
+    let out = d.exec_privileged("open", &["raw4", "raw6"]);
     assert_eq!(lines(&out), ["err EPERM", "err EPERM"], "{out:?}");
     let evs = events.drain(Duration::from_millis(300));
     let raw: Vec<_> = evs.iter().filter(|e| e.hook == "sock_create").collect();
@@ -447,7 +449,8 @@ fn quarantine_cuts_an_open_stream_in_the_agents_own_network_namespace() {
     assert_eq!(host.cmd(&format!("listen {to}")), "ok");
     let netns = format!("/proc/{}/ns/net", host.cmd("pid"));
 
-    let mut agent = d.repl("web");
+    // Joining another network namespace takes root's capabilities.
+    let mut agent = d.repl_under(&["--policy", "web", "--keep-privileges"]);
     let cgroup = agent.cmd("cgroup");
     assert_eq!(agent.cmd(&format!("join-net {netns}")), "ok");
     assert_eq!(agent.cmd(&format!("stream {to}")), "ok");
@@ -470,7 +473,7 @@ fn icmp_echo_is_dropped_by_the_backstop_unless_a_rule_allows_it() {
     let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1])), ("q.yaml", pinger)]);
     let events = d.events();
     let pings = ["unshare-net", "ping-allow", "ping 127.0.0.1", "ping ::1"];
-    let out = d.exec("web", None, &pings);
+    let out = d.exec_privileged("web", &pings);
     // The ICMPv6 send path does not hand the drop back to the sender: no reply comes.
     assert_eq!(
         lines(&out),
@@ -490,7 +493,7 @@ fn icmp_echo_is_dropped_by_the_backstop_unless_a_rule_allows_it() {
             "a {proto} drop to {dst} reported: {drops:?}"
         );
     }
-    let out = d.exec("pinger", None, &pings);
+    let out = d.exec_privileged("pinger", &pings);
     assert_eq!(lines(&out), ["ok", "ok", "ok", "ok"], "{out:?}");
 }
 
@@ -501,9 +504,8 @@ fn an_any_protocol_rule_with_ports_admits_no_ping_connect() {
     let _s = serial();
     let dns = "policy:\n  name: dns\n  egress:\n    - to: 127.0.0.1\n      protocol: any\n      ports: [53]\n";
     let d = TestDaemon::start(&[("p.yaml", dns)]);
-    let out = d.exec(
+    let out = d.exec_privileged(
         "dns",
-        None,
         &[
             "unshare-net",
             "ping-allow",
@@ -528,9 +530,8 @@ fn a_connected_ping_socket_cannot_send_past_its_destination() {
     let _s = serial();
     let pinger = "policy:\n  name: pinger\n  egress:\n    - to: 127.0.0.1\n      protocol: icmp\n";
     let d = TestDaemon::start(&[("p.yaml", pinger)]);
-    let out = d.exec(
+    let out = d.exec_privileged(
         "pinger",
-        None,
         &[
             "unshare-net",
             "ping-allow",

@@ -536,3 +536,82 @@ fn admin_connections_past_their_share_are_refused_with_a_reason() {
     });
     assert!(st.daemon_errors["admin_busy_refused"] >= 1, "counted");
 }
+
+/// Root inside an agent stays inside, without kernel hooks of its own (BPF LSM is not there on
+/// every kernel): a command `agentwall exec` runs as root gets a cgroup namespace rooted at its
+/// cgroup, a mount namespace in which agentwall's state, pins, audit log and key are covered
+/// and the cgroup file system is read-only, no capability that reaches past that, and
+/// `no_new_privs`. The same commands with `--keep-privileges` (root as it was) show what each
+/// step takes away.
+#[test]
+fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[sink.port()]))]);
+    let denied = TcpSink::new("127.0.0.1:0");
+    let mount = agentwall_tests::cgroup_mount();
+    let sibling = d.root_cgroup().join("elsewhere");
+    fs::create_dir(&sibling).unwrap();
+    let daemon = d.pid().unwrap();
+    let (state, pins, key) = (
+        d.state_dir().display().to_string(),
+        d.pin_dir.display().to_string(),
+        d.audit_key().display().to_string(),
+    );
+    let probes = [
+        "packet".to_string(),
+        "unshare-net".to_string(),
+        format!("ls {state}"),
+        format!("ls {pins}"),
+        format!("size {key}"),
+        format!("size /proc/{daemon}/environ"),
+    ];
+    let probes: Vec<&str> = probes.iter().map(String::as_str).collect();
+    let mut cmds = vec![
+        "cgroup".to_string(),
+        format!("join-cgroup {}", mount.display()),
+        format!("join-cgroup {}", sibling.display()),
+        format!("join-cgroup {}", d.root_cgroup().display()),
+        "cgroup".to_string(),
+        format!("tcp 127.0.0.1:{}", denied.port()),
+        format!("tcp 127.0.0.1:{}", sink.port()),
+    ];
+    cmds.extend(probes.iter().map(|p| (*p).to_string()));
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let out = d.exec("web", None, &cmds);
+    let got = lines(&out);
+    assert!(
+        got[0].starts_with(&format!("/{}/exec-", d.cgroup_root)),
+        "{got:?}"
+    );
+    for (i, moved) in got[1..4].iter().enumerate() {
+        assert!(moved.starts_with("err "), "join {i}: {got:?}");
+    }
+    assert_eq!(got[4], got[0], "still in its own cgroup: {got:?}");
+    assert_eq!(got[5], "err EPERM", "and still enforced: {got:?}");
+    assert_eq!(got[6], "ok", "what the policy allows still works: {got:?}");
+    assert_eq!(
+        got[7..],
+        [
+            "err EPERM",
+            "err EPERM",
+            "entries=0",
+            "entries=0",
+            "bytes=0",
+            "err EACCES",
+        ],
+        "{got:?}"
+    );
+    // Root as it was reaches each of them: the steps above are what confinement took away.
+    let open = d.exec_privileged("web", &probes);
+    let got = lines(&open);
+    assert_eq!(got[..2], ["ok", "ok"], "{open:?}");
+    for (i, g) in got[2..].iter().enumerate() {
+        assert!(
+            !g.starts_with("err") && g != "entries=0" && g != "bytes=0",
+            "probe {}: {got:?}",
+            i + 2
+        );
+    }
+    fs::remove_dir(&sibling).unwrap();
+}

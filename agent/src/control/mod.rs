@@ -69,6 +69,9 @@ pub enum Reply {
         /// replace them there), the CA bundle to check the daemon with, the enrollment socket.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         enroll: Option<ExecEnroll>,
+        /// What a command that runs as root must not reach (see `exec::Confinement`).
+        #[serde(default)]
+        protect: Protect,
     },
     Revoked {
         target: String,
@@ -109,6 +112,18 @@ pub enum Reply {
     Error {
         message: String,
     },
+}
+
+/// The daemon's files a root agent's mount namespace hides or makes read-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protect {
+    /// Directories covered by an empty read-only file system: the state directory, the pin
+    /// directory, the audit log.
+    pub hide_dirs: Vec<String>,
+    /// Files covered by an empty one: the audit key.
+    pub hide_files: Vec<String>,
+    /// Mounts made read-only: the cgroup file system.
+    pub read_only: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

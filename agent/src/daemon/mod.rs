@@ -614,6 +614,31 @@ impl Daemon {
 
     /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
     /// cgroup id whose lease the caller holds.
+    /// The daemon's files a root agent must not reach (see `exec::Confinement`).
+    fn protect(&self) -> control::Protect {
+        let show = |p: &std::path::Path| p.display().to_string();
+        // What the agent needs stays visible: its own directory and the enrollment socket
+        // (a configuration may put them under the state directory).
+        let needed = [
+            self.cfg.identity.agent_dir.as_path(),
+            self.cfg.enrollment.socket.as_path(),
+        ];
+        let hide = [
+            self.cfg.state_dir.clone(),
+            self.cfg.pin_dir.clone(),
+            self.cfg.audit_dir(),
+        ];
+        control::Protect {
+            hide_dirs: hide
+                .iter()
+                .filter(|d| !needed.iter().any(|n| n.starts_with(d)))
+                .map(|d| show(d))
+                .collect(),
+            hide_files: vec![show(&self.cfg.audit.key_file)],
+            read_only: vec![show(&self.mount)],
+        }
+    }
+
     pub async fn exec_begin(
         &self,
         policy: Option<&str>,
@@ -687,6 +712,7 @@ impl Daemon {
                         cgroup: cg.path().display().to_string(),
                         cgroup_id: id,
                         enroll,
+                        protect: self.protect(),
                     },
                     Some(id),
                 )

@@ -24,6 +24,12 @@ use crate::{
 /// Runs the daemon until SIGTERM or SIGINT. Returns an error (and the process exits non-zero)
 /// whenever enforcement cannot be established.
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    // Not dumpable: no process of the same user without CAP_SYS_PTRACE (a root agent,
+    // confined by `agentwall exec`) may ptrace it, read its memory or reach its descriptors.
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot make the daemon non-dumpable");
+    }
     // Before any descriptor is opened for a client (see `crate::limits`).
     let limits = crate::limits::Limits::raise();
     tracing::info!(

@@ -26,6 +26,7 @@
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
+//! `packet` (a cooked AF_PACKET socket), `ls DIR` (`entries=N`), `size FILE` (`bytes=N`),
 //! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
 //! SECS by a thread that replaces those the server ended; answers once the first N are open),
@@ -68,15 +69,20 @@ fn unspecified_for(a: &SocketAddr) -> &'static str {
     if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
 }
 
-fn raw(domain: libc::c_int, proto: libc::c_int) -> String {
-    // SAFETY: plain socket(2); the fd is closed right away.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, proto) };
+/// A socket of `domain`, `ty` and `proto`: `ok` (closed again) or the errno.
+fn raw_of(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> String {
+    // SAFETY: socket(2) with plain arguments; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         return errno(&io::Error::last_os_error());
     }
-    // SAFETY: closing the fd just opened.
+    // SAFETY: closing the descriptor just made.
     unsafe { libc::close(fd) };
     "ok".into()
+}
+
+fn raw(domain: libc::c_int, proto: libc::c_int) -> String {
+    raw_of(domain, libc::SOCK_RAW, proto)
 }
 
 /// A ping socket (`SOCK_DGRAM`, the kernel fills in the identifier and checksum) for `ip`'s
@@ -564,262 +570,265 @@ fn run(line: &str) -> String {
     let mut parts = line.split_whitespace();
     let cmd = parts.next().unwrap_or_default();
     let args: Vec<&str> = parts.collect();
-    let r: Result<String, String> = (|| match (cmd, args.as_slice()) {
-        ("pid", []) => Ok(std::process::id().to_string()),
-        ("sleep", [ms]) => {
-            std::thread::sleep(millis(ms)?.min(Duration::from_secs(60)));
-            Ok("ok".into())
-        }
-        ("cgroup", []) => Ok(std::fs::read_to_string("/proc/self/cgroup")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap_or_default()
-            .to_string()),
-        ("tcp", [a]) => Ok(tcp(addr(a)?, "hello\n")),
-        ("tcp", [a, p]) => Ok(tcp(addr(a)?, p)),
-        ("udp-sendto", [a, p]) => {
-            let a = addr(a)?;
-            let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
-            Ok(s.send_to(p.as_bytes(), a)
-                .map_or_else(|e| errno(&e), |_| "ok".into()))
-        }
-        ("udp-connect", [a, p]) => {
-            let a = addr(a)?;
-            let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
-            s.connect(a).map_err(|e| errno(&e))?;
-            Ok(s.send(p.as_bytes())
-                .map_or_else(|e| errno(&e), |_| "ok".into()))
-        }
-        ("raw4", []) => Ok(raw(libc::AF_INET, libc::IPPROTO_ICMP)),
-        ("raw6", []) => Ok(raw(libc::AF_INET6, libc::IPPROTO_ICMPV6)),
-        ("udp-spray", [ip, n]) => {
-            // One datagram to each of N ports from 1024 up (N distinct destinations).
-            let ip: IpAddr = ip.parse().map_err(|_| format!("err bad address {ip:?}"))?;
-            let n: u16 = n.parse().map_err(|_| "err bad count".to_string())?;
-            let s =
-                UdpSocket::bind(unspecified_for(&SocketAddr::new(ip, 0))).map_err(|e| errno(&e))?;
-            let (mut eperm, mut other) = (0u64, 0u64);
-            for port in 1024..1024u16.saturating_add(n) {
-                match s.send_to(b"x", SocketAddr::new(ip, port)) {
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    _ => other += 1,
-                }
+    let r: Result<String, String> =
+        (|| match (cmd, args.as_slice()) {
+            ("pid", []) => Ok(std::process::id().to_string()),
+            ("sleep", [ms]) => {
+                std::thread::sleep(millis(ms)?.min(Duration::from_secs(60)));
+                Ok("ok".into())
             }
-            Ok(format!("eperm={eperm} other={other}"))
-        }
-        ("raw-flood-for", [ms]) => {
-            // Raw socket creations for MS (at most a minute): how many were refused.
-            let end = Instant::now() + millis(ms)?.min(Duration::from_secs(60));
-            let (mut eperm, mut other) = (0u64, 0u64);
-            while Instant::now() < end {
-                for _ in 0..100 {
-                    match raw(libc::AF_INET, libc::IPPROTO_ICMP).as_str() {
-                        "err EPERM" => eperm += 1,
+            ("cgroup", []) => Ok(own_cgroup()),
+            ("tcp", [a]) => Ok(tcp(addr(a)?, "hello\n")),
+            ("tcp", [a, p]) => Ok(tcp(addr(a)?, p)),
+            ("udp-sendto", [a, p]) => {
+                let a = addr(a)?;
+                let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
+                Ok(s.send_to(p.as_bytes(), a)
+                    .map_or_else(|e| errno(&e), |_| "ok".into()))
+            }
+            ("udp-connect", [a, p]) => {
+                let a = addr(a)?;
+                let s = UdpSocket::bind(unspecified_for(&a)).map_err(|e| errno(&e))?;
+                s.connect(a).map_err(|e| errno(&e))?;
+                Ok(s.send(p.as_bytes())
+                    .map_or_else(|e| errno(&e), |_| "ok".into()))
+            }
+            ("raw4", []) => Ok(raw(libc::AF_INET, libc::IPPROTO_ICMP)),
+            // A packet socket (cooked): it bypasses the IP layer, so only capabilities stop it.
+            ("packet", []) => Ok(raw_of(libc::AF_PACKET, libc::SOCK_DGRAM, 0)),
+            ("ls", [dir]) => Ok(std::fs::read_dir(dir)
+                .map_or_else(|e| errno(&e), |d| format!("entries={}", d.count()))),
+            ("size", [path]) => Ok(
+                std::fs::read(path).map_or_else(|e| errno(&e), |b| format!("bytes={}", b.len()))
+            ),
+            ("raw6", []) => Ok(raw(libc::AF_INET6, libc::IPPROTO_ICMPV6)),
+            ("udp-spray", [ip, n]) => {
+                // One datagram to each of N ports from 1024 up (N distinct destinations).
+                let ip: IpAddr = ip.parse().map_err(|_| format!("err bad address {ip:?}"))?;
+                let n: u16 = n.parse().map_err(|_| "err bad count".to_string())?;
+                let s = UdpSocket::bind(unspecified_for(&SocketAddr::new(ip, 0)))
+                    .map_err(|e| errno(&e))?;
+                let (mut eperm, mut other) = (0u64, 0u64);
+                for port in 1024..1024u16.saturating_add(n) {
+                    match s.send_to(b"x", SocketAddr::new(ip, port)) {
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
                         _ => other += 1,
                     }
                 }
+                Ok(format!("eperm={eperm} other={other}"))
             }
-            Ok(format!("eperm={eperm} other={other}"))
-        }
-        ("join-cgroup", [dir]) => {
-            let path = std::path::Path::new(dir).join("cgroup.procs");
-            Ok(std::fs::write(path, std::process::id().to_string())
-                .map_or_else(|e| errno(&e), |()| "ok".into()))
-        }
-        ("stream", [a]) => {
-            let mut s = TcpStream::connect_timeout(&addr(a)?, Duration::from_secs(2))
-                .map_err(|e| errno(&e))?;
-            std::thread::spawn(move || {
-                let chunk = [b'x'; 64];
-                let end = loop {
-                    if let Err(e) = s.write_all(&chunk) {
-                        break errno(&e);
+            ("raw-flood-for", [ms]) => {
+                // Raw socket creations for MS (at most a minute): how many were refused.
+                let end = Instant::now() + millis(ms)?.min(Duration::from_secs(60));
+                let (mut eperm, mut other) = (0u64, 0u64);
+                while Instant::now() < end {
+                    for _ in 0..100 {
+                        match raw(libc::AF_INET, libc::IPPROTO_ICMP).as_str() {
+                            "err EPERM" => eperm += 1,
+                            _ => other += 1,
+                        }
                     }
-                    std::thread::sleep(Duration::from_millis(10));
-                };
-                if let Ok(mut g) = STREAM_END.lock() {
-                    *g = Some(end);
                 }
-            });
-            Ok("ok".into())
-        }
-        ("stream-end", [ms]) => {
-            let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
-            let end = Instant::now() + Duration::from_millis(ms);
-            loop {
-                if let Some(e) = STREAM_END.lock().ok().and_then(|g| g.clone()) {
-                    return Ok(e);
-                }
-                if Instant::now() > end {
-                    return Ok("running".into());
-                }
-                std::thread::sleep(Duration::from_millis(5));
+                Ok(format!("eperm={eperm} other={other}"))
             }
-        }
-        ("watch", [a, ms]) => {
-            let a = addr(a)?;
-            let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
-            let end = Instant::now() + Duration::from_millis(ms);
-            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
-            while Instant::now() < end {
-                match TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
-                    Ok(_) => ok += 1,
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    Err(_) => other += 1,
-                }
-                std::thread::sleep(Duration::from_millis(1));
+            ("join-cgroup", [dir]) => {
+                let path = std::path::Path::new(dir).join("cgroup.procs");
+                Ok(std::fs::write(path, std::process::id().to_string())
+                    .map_or_else(|e| errno(&e), |()| "ok".into()))
             }
-            Ok(format!("ok={ok} eperm={eperm} other={other}"))
-        }
-        ("udp-flood", [a, n]) => {
-            let a = addr(a)?;
-            let n: u64 = n.parse().map_err(|_| "err bad count".to_string())?;
-            let s = std::net::UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-                .map_err(|e| errno(&e))?;
-            let (mut eperm, mut other) = (0u64, 0u64);
-            for _ in 0..n {
-                match s.send_to(b"x", a) {
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    _ => other += 1,
+            ("stream", [a]) => {
+                let mut s = TcpStream::connect_timeout(&addr(a)?, Duration::from_secs(2))
+                    .map_err(|e| errno(&e))?;
+                std::thread::spawn(move || {
+                    let chunk = [b'x'; 64];
+                    let end = loop {
+                        if let Err(e) = s.write_all(&chunk) {
+                            break errno(&e);
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    };
+                    if let Ok(mut g) = STREAM_END.lock() {
+                        *g = Some(end);
+                    }
+                });
+                Ok("ok".into())
+            }
+            ("stream-end", [ms]) => {
+                let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
+                let end = Instant::now() + Duration::from_millis(ms);
+                loop {
+                    if let Some(e) = STREAM_END.lock().ok().and_then(|g| g.clone()) {
+                        return Ok(e);
+                    }
+                    if Instant::now() > end {
+                        return Ok("running".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
-            Ok(format!("eperm={eperm} other={other}"))
-        }
-        ("udp-flood-for", [a, ms]) => {
-            let (eperm, other) = udp_flood_for(addr(a)?, millis(ms)?)?;
-            Ok(format!("eperm={eperm} other={other}"))
-        }
-        ("udp-flood-around", [a, ms, tcp_to]) => {
-            // A flood for MS, with a TCP connect to TCP_TO from the same process halfway.
-            let (a, ms, to) = (addr(a)?, millis(ms)?, addr(tcp_to)?);
-            let flood = std::thread::spawn(move || udp_flood_for(a, ms));
-            std::thread::sleep(ms / 2);
-            let connected = tcp(to, "hello\n");
-            let (eperm, other) = flood
-                .join()
-                .map_err(|_| "err flood thread panicked".to_string())??;
-            Ok(format!("tcp={connected} eperm={eperm} other={other}"))
-        }
-        ("unshare-net", []) => Ok(unshare_net()),
-        ("join-net", [path]) => {
-            let f = std::fs::File::open(path).map_err(|e| errno(&e))?;
-            Ok(nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
-        }
-        ("listen", [a]) => Ok(listen(addr(a)?)),
-        ("ping-allow", []) => Ok(std::fs::write(
-            "/proc/sys/net/ipv4/ping_group_range",
-            "0 2147483647",
-        )
-        .map_or_else(|e| errno(&e), |()| "ok".into())),
-        ("ping", [ip]) => Ok(ping(
-            ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
-        )),
-        ("swap-links", [dir, target, names @ ..]) if !names.is_empty() => {
-            Ok(swap_links(dir, target, names))
-        }
-        ("take-fd", [path]) => Ok(take_fd(path)),
-        ("fds", []) => {
-            // Listing /proc/self/fd opens one descriptor itself; it is gone once listed.
-            let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-                .map_err(|e| errno(&e))?
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .filter(|fd| *fd > 2)
-                .collect();
-            fds.retain(|fd| {
-                // SAFETY: F_GETFD only reads the flags of a descriptor number.
-                (unsafe { libc::fcntl(*fd, libc::F_GETFD) }) >= 0
-            });
-            fds.sort_unstable();
-            Ok(format!("{fds:?}"))
-        }
-        ("fd-connect-raw", [fd, a]) => {
-            let fd: i32 = fd.parse().map_err(|_| "err bad descriptor".to_string())?;
-            let a = sockaddr(addr(a)?);
-            Ok(nix::sys::socket::connect(fd, &a)
-                .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
-        }
-        ("fd-connect", [a]) => {
-            let a = sockaddr(addr(a)?);
-            Ok(with_taken(|fd| {
-                use std::os::fd::AsRawFd as _;
-                nix::sys::socket::connect(fd.as_raw_fd(), &a)
-            }))
-        }
-        ("fd-send", [p]) => Ok(with_taken(|fd| {
-            use std::os::fd::AsRawFd as _;
-            nix::sys::socket::send(
-                fd.as_raw_fd(),
-                p.as_bytes(),
-                nix::sys::socket::MsgFlags::empty(),
+            ("watch", [a, ms]) => {
+                let a = addr(a)?;
+                let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
+                let end = Instant::now() + Duration::from_millis(ms);
+                let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+                while Instant::now() < end {
+                    match TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
+                        Ok(_) => ok += 1,
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                        Err(_) => other += 1,
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(format!("ok={ok} eperm={eperm} other={other}"))
+            }
+            ("udp-flood", [a, n]) => {
+                let a = addr(a)?;
+                let n: u64 = n.parse().map_err(|_| "err bad count".to_string())?;
+                let s = std::net::UdpSocket::bind(if a.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+                    .map_err(|e| errno(&e))?;
+                let (mut eperm, mut other) = (0u64, 0u64);
+                for _ in 0..n {
+                    match s.send_to(b"x", a) {
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                        _ => other += 1,
+                    }
+                }
+                Ok(format!("eperm={eperm} other={other}"))
+            }
+            ("udp-flood-for", [a, ms]) => {
+                let (eperm, other) = udp_flood_for(addr(a)?, millis(ms)?)?;
+                Ok(format!("eperm={eperm} other={other}"))
+            }
+            ("udp-flood-around", [a, ms, tcp_to]) => {
+                // A flood for MS, with a TCP connect to TCP_TO from the same process halfway.
+                let (a, ms, to) = (addr(a)?, millis(ms)?, addr(tcp_to)?);
+                let flood = std::thread::spawn(move || udp_flood_for(a, ms));
+                std::thread::sleep(ms / 2);
+                let connected = tcp(to, "hello\n");
+                let (eperm, other) = flood
+                    .join()
+                    .map_err(|_| "err flood thread panicked".to_string())??;
+                Ok(format!("tcp={connected} eperm={eperm} other={other}"))
+            }
+            ("unshare-net", []) => Ok(unshare_net()),
+            ("join-net", [path]) => {
+                let f = std::fs::File::open(path).map_err(|e| errno(&e))?;
+                Ok(nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
+            }
+            ("listen", [a]) => Ok(listen(addr(a)?)),
+            ("ping-allow", []) => Ok(std::fs::write(
+                "/proc/sys/net/ipv4/ping_group_range",
+                "0 2147483647",
             )
-            .map(drop)
-        })),
-        ("fd-write", [p]) => Ok(with_taken(|fd| {
-            nix::unistd::write(fd, p.as_bytes()).map(drop)
-        })),
-        ("fd-sendto", [a, p]) => {
-            let a = sockaddr(addr(a)?);
-            Ok(with_taken(|fd| {
+            .map_or_else(|e| errno(&e), |()| "ok".into())),
+            ("ping", [ip]) => Ok(ping(
+                ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
+            )),
+            ("swap-links", [dir, target, names @ ..]) if !names.is_empty() => {
+                Ok(swap_links(dir, target, names))
+            }
+            ("take-fd", [path]) => Ok(take_fd(path)),
+            ("fds", []) => {
+                // Listing /proc/self/fd opens one descriptor itself; it is gone once listed.
+                let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+                    .map_err(|e| errno(&e))?
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .filter(|fd| *fd > 2)
+                    .collect();
+                fds.retain(|fd| {
+                    // SAFETY: F_GETFD only reads the flags of a descriptor number.
+                    (unsafe { libc::fcntl(*fd, libc::F_GETFD) }) >= 0
+                });
+                fds.sort_unstable();
+                Ok(format!("{fds:?}"))
+            }
+            ("fd-connect-raw", [fd, a]) => {
+                let fd: i32 = fd.parse().map_err(|_| "err bad descriptor".to_string())?;
+                let a = sockaddr(addr(a)?);
+                Ok(nix::sys::socket::connect(fd, &a)
+                    .map_or_else(|e| format!("err {e:?}"), |()| "ok".into()))
+            }
+            ("fd-connect", [a]) => {
+                let a = sockaddr(addr(a)?);
+                Ok(with_taken(|fd| {
+                    use std::os::fd::AsRawFd as _;
+                    nix::sys::socket::connect(fd.as_raw_fd(), &a)
+                }))
+            }
+            ("fd-send", [p]) => Ok(with_taken(|fd| {
                 use std::os::fd::AsRawFd as _;
-                nix::sys::socket::sendto(
+                nix::sys::socket::send(
                     fd.as_raw_fd(),
                     p.as_bytes(),
-                    &a,
                     nix::sys::socket::MsgFlags::empty(),
                 )
                 .map(drop)
-            }))
-        }
-        ("read", [path]) => Ok(std::fs::read(path).map_or_else(|e| errno(&e), |_| "ok".into())),
-        ("swap-stop", []) => {
-            SWAPPING.store(false, std::sync::atomic::Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(50));
-            Ok(SWAPS.load(std::sync::atomic::Ordering::SeqCst).to_string())
-        }
-        ("ping-connect", [a]) => {
-            let a = addr(a)?;
-            let s = ping_socket(a.ip())?;
-            Ok(s.connect(a).map_or_else(|e| errno(&e), |()| "ok".into()))
-        }
-        ("ping-via", [to, ip]) => Ok(ping_via(
-            addr(to)?,
-            ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
-        )),
-        ("lo-alias", [ip]) => Ok(lo_alias(
-            ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
-        )),
-        ("udp-options", [a, p]) => Ok(udp_options(addr(a)?, p)),
-        ("udp-pktinfo", [a, p]) => Ok(udp_pktinfo(addr(a)?, p)),
-        ("udp-unspec", [to, a, p]) => Ok(udp_unspec(
-            addr(to)?,
-            a.parse()
-                .map_err(|_| format!("err bad IPv4 address {a:?}"))?,
-            p,
-        )),
-        ("hold-tcp", [a, n, secs]) => Ok(hold_tcp(
-            addr(a)?,
-            n.parse().map_err(|_| "err bad count".to_string())?,
-            secs.parse().map_err(|_| "err bad seconds".to_string())?,
-        )),
-        ("hold-unix", [path, n]) => Ok(hold_unix(
-            path,
-            n.parse().map_err(|_| "err bad count".to_string())?,
-        )),
-        ("unix-flood", [name, n]) => Ok(unix_flood(
-            name,
-            n.parse().map_err(|_| "err bad count".to_string())?,
-        )),
-        ("unix-connect", [name, payload]) => Ok(unix_send(name, payload, UnixHow::Stream)),
-        ("unix-sendto", [name, payload]) => Ok(unix_send(name, payload, UnixHow::SendTo)),
-        ("unix-dgram-connect", [name, payload]) => {
-            Ok(unix_send(name, payload, UnixHow::DgramConnect))
-        }
-        ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
-        ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
-        _ => Err(format!("err unknown command {line:?}")),
-    })();
+            })),
+            ("fd-write", [p]) => Ok(with_taken(|fd| {
+                nix::unistd::write(fd, p.as_bytes()).map(drop)
+            })),
+            ("fd-sendto", [a, p]) => {
+                let a = sockaddr(addr(a)?);
+                Ok(with_taken(|fd| {
+                    use std::os::fd::AsRawFd as _;
+                    nix::sys::socket::sendto(
+                        fd.as_raw_fd(),
+                        p.as_bytes(),
+                        &a,
+                        nix::sys::socket::MsgFlags::empty(),
+                    )
+                    .map(drop)
+                }))
+            }
+            ("read", [path]) => Ok(std::fs::read(path).map_or_else(|e| errno(&e), |_| "ok".into())),
+            ("swap-stop", []) => {
+                SWAPPING.store(false, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+                Ok(SWAPS.load(std::sync::atomic::Ordering::SeqCst).to_string())
+            }
+            ("ping-connect", [a]) => {
+                let a = addr(a)?;
+                let s = ping_socket(a.ip())?;
+                Ok(s.connect(a).map_or_else(|e| errno(&e), |()| "ok".into()))
+            }
+            ("ping-via", [to, ip]) => Ok(ping_via(
+                addr(to)?,
+                ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
+            )),
+            ("lo-alias", [ip]) => Ok(lo_alias(
+                ip.parse().map_err(|_| format!("err bad address {ip:?}"))?,
+            )),
+            ("udp-options", [a, p]) => Ok(udp_options(addr(a)?, p)),
+            ("udp-pktinfo", [a, p]) => Ok(udp_pktinfo(addr(a)?, p)),
+            ("udp-unspec", [to, a, p]) => Ok(udp_unspec(
+                addr(to)?,
+                a.parse()
+                    .map_err(|_| format!("err bad IPv4 address {a:?}"))?,
+                p,
+            )),
+            ("hold-tcp", [a, n, secs]) => Ok(hold_tcp(
+                addr(a)?,
+                n.parse().map_err(|_| "err bad count".to_string())?,
+                secs.parse().map_err(|_| "err bad seconds".to_string())?,
+            )),
+            ("hold-unix", [path, n]) => Ok(hold_unix(
+                path,
+                n.parse().map_err(|_| "err bad count".to_string())?,
+            )),
+            ("unix-flood", [name, n]) => Ok(unix_flood(
+                name,
+                n.parse().map_err(|_| "err bad count".to_string())?,
+            )),
+            ("unix-connect", [name, payload]) => Ok(unix_send(name, payload, UnixHow::Stream)),
+            ("unix-sendto", [name, payload]) => Ok(unix_send(name, payload, UnixHow::SendTo)),
+            ("unix-dgram-connect", [name, payload]) => {
+                Ok(unix_send(name, payload, UnixHow::DgramConnect))
+            }
+            ("env", [name]) => Ok(std::env::var(name).unwrap_or_default()),
+            ("exit", [code]) => std::process::exit(code.parse().unwrap_or(1)),
+            _ => Err(format!("err unknown command {line:?}")),
+        })();
     r.unwrap_or_else(|e| e)
 }
 
@@ -840,6 +849,36 @@ fn main() {
     for a in args {
         let _ = writeln!(out, "{}", run(&a));
     }
+}
+
+/// The process's cgroup as the host names it (relative to the cgroup mount). A process in a
+/// cgroup namespace (a confined root agent) sees its own cgroup as `/`: then the cgroup
+/// `agentwall exec` started it in (AGENTWALL_CGROUP, an absolute path) is given, relative to
+/// the cgroup2 mount point.
+fn own_cgroup() -> String {
+    let seen = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_string();
+    let Some(launched) = std::env::var_os("AGENTWALL_CGROUP") else {
+        return seen;
+    };
+    if seen != "/" {
+        return seen;
+    }
+    let launched = std::path::PathBuf::from(launched);
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (point, fs) = (f.nth(1)?, f.next()?);
+            (fs == "cgroup2").then(|| launched.strip_prefix(point).ok())?
+        })
+        .next()
+        .map_or(seen, |rel| format!("/{}", rel.display()))
 }
 
 fn millis(ms: &str) -> Result<Duration, String> {
