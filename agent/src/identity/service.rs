@@ -305,21 +305,21 @@ impl IdentityService {
     /// Makes the revocations added since the last save durable (one synced append), so that
     /// they hold after a restart.
     pub fn save_revocations(&self) -> Result<(), RevokeError> {
-        let mut store = self
-            .revocation_store
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Read-locked meanwhile: enrollments go on checking; a new revocation waits.
-        let list = self
-            .revocations
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        store.save(&list)
+        self.with_revocation_store(|store, list| store.save(list))
     }
 
     /// Revocations that hold in memory but are not durable yet (a save failed).
     pub fn unsaved_revocations(&self) -> usize {
-        let store = self
+        self.with_revocation_store(|store, list| store.pending(list))
+    }
+
+    /// `f` with the store locked and the list read-locked: enrollments go on checking
+    /// meanwhile; a new revocation waits.
+    fn with_revocation_store<T>(
+        &self,
+        f: impl FnOnce(&mut RevocationStore, &RevocationList) -> T,
+    ) -> T {
+        let mut store = self
             .revocation_store
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -327,7 +327,7 @@ impl IdentityService {
             .revocations
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        store.pending(&list)
+        f(&mut store, &list)
     }
 
     pub fn revocations(&self) -> Vec<Revocation> {
