@@ -184,6 +184,16 @@ pub struct FileConfig {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub exec: ExecConfig,
+}
+
+/// `agentwall exec`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecConfig {
+    /// The host uids a command that runs as root is mapped to (see `rootuid`).
+    pub root_uids: crate::rootuid::RootUids,
 }
 
 /// The Prometheus endpoint.
@@ -411,6 +421,7 @@ pub struct Config {
     pub detect: crate::audit::detect::DetectConfig,
     pub metrics: MetricsConfig,
     pub events: EventsConfig,
+    pub exec: ExecConfig,
 }
 
 /// Command-line overrides.
@@ -469,6 +480,7 @@ impl Config {
             detect: file.detect,
             metrics: file.metrics,
             events: file.events,
+            exec: file.exec,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),
                 key_file: o.audit_key.clone().unwrap_or(file.audit.key_file),
@@ -514,6 +526,12 @@ impl Config {
                     message: format!("{} must be an absolute path", path.display()),
                 });
             }
+        }
+        if let Err(message) = self.exec.root_uids.check() {
+            return Err(ConfigError::Invalid {
+                field: "exec.root_uids",
+                message,
+            });
         }
         let l = &self.limits;
         if !l.event_ring_bytes.is_power_of_two() || l.event_ring_bytes < 4096 {
@@ -808,6 +826,10 @@ mod tests {
             (
                 "enrollment:\n  socket: enroll.sock\n",
                 "enrollment.socket: enroll.sock must be an absolute path",
+            ),
+            (
+                "exec:\n  root_uids: { first: 1000, count: 10 }\n",
+                "exec.root_uids: first 1000 is below 65536",
             ),
         ] {
             let e = load_text("events-bad", text).unwrap_err().to_string();

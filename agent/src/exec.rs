@@ -68,6 +68,10 @@ pub enum ExecError {
     Pem(PathBuf, PathBuf),
     #[error("--preserve-fds {count} passes descriptors 3 to {last}, but {fd} is not open here")]
     PreservedNotOpen { count: u32, last: u32, fd: u32 },
+    #[error(
+        "the daemon gave no uid to map root to (exec.root_uids all in use, or an older daemon); run the command as another user, or as root with --keep-privileges"
+    )]
+    NoRootUid,
 }
 
 /// How the command gets its policy.
@@ -96,15 +100,16 @@ fn read(path: &Path) -> Result<Vec<u8>, ExecError> {
 }
 
 /// Fills an agent's directory: its certificate and key, and the bundle (the daemon's CA, then
-/// the caller's own bundle if given), all owned by the user the command runs as. The directory
-/// stays the daemon's: the agent reads its files, it cannot replace them.
+/// the caller's own bundle if given), all owned by `owner`, the host uid and gid the command
+/// runs as. The directory stays the daemon's: the agent reads its files, it cannot replace
+/// them.
 fn prepare_agent_dir(
     dir: &Path,
     cert: &Path,
     key: &Path,
     bundle: Option<&Path>,
     daemon_bundle: &str,
-    run_as: Option<&RunAs>,
+    owner: (u32, u32),
 ) -> Result<(), ExecError> {
     let (cert_pem, key_pem) = (read(cert)?, read(key)?);
     let has_cert = rustls_pki_types::CertificateDer::pem_slice_iter(&cert_pem)
@@ -114,13 +119,13 @@ fn prepare_agent_dir(
     if !has_cert || !has_key {
         return Err(ExecError::Pem(cert.to_path_buf(), key.to_path_buf()));
     }
-    let agent_dir = write_bundle(dir, daemon_bundle, bundle, run_as)?;
-    agent_dir.write_svid(&cert_pem, &key_pem, owner(run_as))?;
+    let agent_dir = write_bundle(dir, daemon_bundle, bundle, owner)?;
+    agent_dir.write_svid(&cert_pem, &key_pem, owner)?;
     Ok(())
 }
 
-/// Who the agent's files belong to: the user the command runs as, or the launcher's.
-fn owner(run_as: Option<&RunAs>) -> (u32, u32) {
+/// The user the command runs as, or the launcher's.
+fn ids_of(run_as: Option<&RunAs>) -> (u32, u32) {
     run_as.map_or_else(
         || {
             (
@@ -137,7 +142,7 @@ fn write_bundle(
     dir: &Path,
     daemon_bundle: &str,
     bundle: Option<&Path>,
-    run_as: Option<&RunAs>,
+    owner: (u32, u32),
 ) -> Result<AgentDir, ExecError> {
     let mut bundle_pem = daemon_bundle.as_bytes().to_vec();
     if let Some(b) = bundle {
@@ -145,7 +150,7 @@ fn write_bundle(
         bundle_pem.extend(read(b)?);
     }
     let agent_dir = AgentDir::open(dir)?;
-    agent_dir.write(files::BUNDLE, &bundle_pem, 0o644, owner(run_as))?;
+    agent_dir.write(files::BUNDLE, &bundle_pem, 0o644, owner)?;
     Ok(agent_dir)
 }
 
@@ -273,6 +278,16 @@ pub fn run(
         } => (PathBuf::from(cgroup), enroll, protect),
         other => return Err(ExecError::Unexpected(Box::new(other))),
     };
+    // Root inside the cgroup stays inside it (see `spawn::Confinement`): it is root of a user
+    // namespace whose uid 0 is a host uid of its own, and its files belong to that uid.
+    let (uid, gid) = ids_of(run_as.as_ref());
+    let confine_root = uid == 0 && !keep_privileges;
+    let owner = if confine_root {
+        let u = protect.root_uid.ok_or(ExecError::NoRootUid)?;
+        (u, u)
+    } else {
+        (uid, gid)
+    };
     let cg = Cgroup::at(cgroup.clone());
     let fd = cg.open()?;
     let mut command = match (under, enroll) {
@@ -291,14 +306,7 @@ pub fn run(
             Some(e),
         ) => {
             let dir = PathBuf::from(&e.agent_dir);
-            prepare_agent_dir(
-                &dir,
-                cert,
-                key,
-                bundle.as_deref(),
-                &e.bundle_pem,
-                run_as.as_ref(),
-            )?;
+            prepare_agent_dir(&dir, cert, key, bundle.as_deref(), &e.bundle_pem, owner)?;
             // The launcher itself enrolls from inside the cgroup, then becomes the command.
             let mut helper: Vec<OsString> = vec![
                 ENROLL_EXEC.into(),
@@ -321,7 +329,7 @@ pub fn run(
         }
         (Under::SelfEnroll, Some(e)) => {
             let dir = PathBuf::from(&e.agent_dir);
-            write_bundle(&dir, &e.bundle_pem, None, run_as.as_ref())?;
+            write_bundle(&dir, &e.bundle_pem, None, owner)?;
             let mut c = spawn::Command::new(program.clone(), args.iter().cloned());
             c.set_env(env::BUNDLE, dir.join(files::BUNDLE).into_os_string());
             c.set_env(env::ENROLL_SOCKET, e.socket.as_str());
@@ -333,16 +341,13 @@ pub fn run(
             })));
         }
     };
-    // Root inside the cgroup stays inside it (see `spawn::Confinement`).
-    let as_root = run_as
-        .as_ref()
-        .map_or_else(|| nix::unistd::geteuid().is_root(), |u| u.uid == 0);
-    if as_root && !keep_privileges {
+    if confine_root {
         let paths = |v: Vec<String>| v.into_iter().map(PathBuf::from).collect();
         command.confine = Some(spawn::Confinement {
             hide_dirs: paths(protect.hide_dirs),
             hide_files: paths(protect.hide_files),
             read_only: paths(protect.read_only),
+            root_maps_to: owner.0,
         });
     }
     command.user = run_as;

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod logging;
 pub mod policy;
 pub mod probe;
+pub mod rootuid;
 pub mod sched;
 pub mod sockdiag;
 pub mod spawn;

@@ -36,10 +36,22 @@ pub enum SpawnError {
         "clone3 into the cgroup failed: {0} (needs Linux 5.7 or later and write access to the cgroup)"
     )]
     Clone(Errno),
+    #[error(
+        "clone3 into the cgroup with a user namespace of its own (root's confinement) failed: {0} (user namespaces may be turned off: see sysctl user.max_user_namespaces; or run the command as another user)"
+    )]
+    CloneUserNamespace(Errno),
     #[error("creating a pipe: {0}")]
     Pipe(Errno),
     #[error("in the child, {stage} failed: {errno}")]
     Child { stage: &'static str, errno: Errno },
+    #[error("a confined root command cannot be mapped to host uid 0")]
+    RootMappedToRoot,
+    #[error("writing the user namespace's {map}: {source}")]
+    UserMap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The user to run as.
@@ -99,17 +111,23 @@ pub struct Command {
 }
 
 /// What keeps a program that runs as root inside the wall, without kernel hooks of its own:
-/// a cgroup namespace rooted at its cgroup (a move to any cgroup outside it is refused, even
-/// to root), a mount namespace in which the daemon's directories and key are covered by
-/// empty read-only file systems and the cgroup file system is read-only, and no capability
-/// that reaches past that ([`DROPPED_CAPS`]: no mounts or namespaces, no BPF, no packet or
-/// raw sockets, no network administration, no ptrace, no modules or raw devices), with
-/// `no_new_privs` so that no set-user-ID program gives them back.
-#[derive(Debug, Clone, Default)]
+///
+/// - a user namespace in which it is root, mapped to a host uid and gid of its own
+///   (`root_maps_to`): on the host it owns nothing and holds no capability, so it cannot
+///   signal or trace the daemon or anyone else, nor open or change a file that needs root;
+/// - a cgroup namespace rooted at its cgroup (a move to any cgroup outside it is refused);
+/// - a mount namespace in which the daemon's directories and key are covered by empty
+///   read-only file systems and the cgroup file system is read-only;
+/// - none of the capabilities of [`DROPPED_CAPS`] even inside its namespaces (no mounts or
+///   namespaces, no BPF, no packet or raw sockets, no ptrace...), with `no_new_privs` so that
+///   no set-user-ID program gives them back.
+#[derive(Debug, Clone)]
 pub struct Confinement {
     pub hide_dirs: Vec<PathBuf>,
     pub hide_files: Vec<PathBuf>,
     pub read_only: Vec<PathBuf>,
+    /// The host uid (and gid of the same number) root inside is; never 0.
+    pub root_maps_to: u32,
 }
 
 /// Capabilities a confined root program loses (numbers of linux/capability.h): the rest
@@ -209,7 +227,7 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Stages reported from the child through the pipe.
-const STAGES: [&str; 12] = [
+const STAGES: [&str; 14] = [
     "setgroups",
     "setresgid",
     "setresuid",
@@ -222,6 +240,8 @@ const STAGES: [&str; 12] = [
     "making the cgroup file system read-only (root's confinement)",
     "dropping capabilities (root's confinement)",
     "setting no_new_privs (root's confinement)",
+    "waiting for the user namespace's uid map (root's confinement)",
+    "limiting the user namespaces below its own to none (root's confinement)",
 ];
 
 /// The confinement in the form the child uses: C strings made before the clone.
@@ -236,6 +256,9 @@ impl ChildConfinement {
         let all = |v: &[PathBuf]| -> Result<Vec<CString>, SpawnError> {
             v.iter().map(|p| cstring(p.as_os_str())).collect()
         };
+        if c.root_maps_to == 0 {
+            return Err(SpawnError::RootMappedToRoot);
+        }
         Ok(Self {
             hide_dirs: all(&c.hide_dirs)?,
             hide_files: all(&c.hide_files)?,
@@ -277,22 +300,38 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
     envp_ptrs.push(std::ptr::null());
-    let groups: Vec<libc::gid_t> = cmd
-        .user
-        .as_ref()
-        .map(|u| u.groups.clone())
-        .unwrap_or_default();
-    let ids = cmd.user.as_ref().map(|u| (u.uid, u.gid));
     let confine = cmd.confine.as_ref().map(ChildConfinement::of).transpose()?;
+    // A confined command becomes root of its user namespace, whatever user was asked for
+    // (only root is confined), with no group but its own: the launcher's supplementary
+    // groups (root's among them) would otherwise stay with it.
+    let (groups, ids): (Vec<libc::gid_t>, _) = if confine.is_some() {
+        (vec![0], Some((0, 0)))
+    } else {
+        (
+            cmd.user
+                .as_ref()
+                .map(|u| u.groups.clone())
+                .unwrap_or_default(),
+            cmd.user.as_ref().map(|u| (u.uid, u.gid)),
+        )
+    };
 
     let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
+    // The child of a user namespace waits on this until its uid and gid maps are written.
+    let (go_rd, go_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
     let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
+        flags: CLONE_INTO_CGROUP
+            | if confine.is_some() {
+                libc::CLONE_NEWUSER as u64
+            } else {
+                0
+            },
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
     let wr_fd = wr.as_raw_fd();
+    let go = (go_rd.as_raw_fd(), go_wr.as_raw_fd());
     // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed; without
     // CLONE_VM the child gets a copy of this address space, like fork.
     let ret = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
@@ -302,6 +341,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         unsafe {
             child(
                 wr_fd,
+                go,
                 cmd.preserve_fds,
                 &groups,
                 ids,
@@ -311,10 +351,27 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         }
     }
     if ret < 0 {
-        return Err(SpawnError::Clone(Errno::last()));
+        let e = Errno::last();
+        return Err(if confine.is_some() {
+            SpawnError::CloneUserNamespace(e)
+        } else {
+            SpawnError::Clone(e)
+        });
     }
     let pid = Pid::from_raw(ret as i32);
     drop(wr);
+    drop(go_rd);
+    if let Some(c) = &cmd.confine {
+        if let Err(e) = write_maps(pid, c.root_maps_to) {
+            // Without the go-ahead the child ends before it runs anything.
+            drop(go_wr);
+            let _ = waitpid(pid, None);
+            return Err(e);
+        }
+        // Ignored: a child that is gone already reports its failure on the other pipe.
+        let _ = nix::unistd::write(&go_wr, &[1]);
+    }
+    drop(go_wr);
     let mut buf = [0u8; 5];
     let mut got = 0;
     while got < buf.len() {
@@ -335,6 +392,16 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
     Err(SpawnError::Child { stage, errno })
 }
 
+/// Maps root of the child's user namespace to `host` (uid and gid).
+fn write_maps(pid: Pid, host: u32) -> Result<(), SpawnError> {
+    let line = format!("0 {host} 1\n");
+    for map in ["uid_map", "gid_map"] {
+        std::fs::write(format!("/proc/{pid}/{map}"), &line)
+            .map_err(|source| SpawnError::UserMap { map, source })?;
+    }
+    Ok(())
+}
+
 /// The child side: drop privileges if asked, reset signal handling, exec.
 ///
 /// # Safety
@@ -342,6 +409,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
 /// NULL-terminated arrays.
 unsafe fn child(
     wr: i32,
+    (go_rd, go_wr): (i32, i32),
     preserve_fds: u32,
     groups: &[libc::gid_t],
     ids: Option<(u32, u32)>,
@@ -375,9 +443,34 @@ unsafe fn child(
             std::ptr::null_mut::<libc::sigset_t>(),
             8,
         );
+        libc::close(go_wr);
         if let Some(c) = confine {
+            // The launcher writes the maps of this user namespace, then says so.
+            let mut b = 0u8;
+            loop {
+                let n = libc::read(go_rd, (&raw mut b).cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n < 0 && Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                fail(12);
+            }
+            // No user namespace below this one: with one, a process without capabilities gets
+            // them all again over namespaces of its own (and could bind a file system over a
+            // socket name its policy allows).
+            let fd = libc::open(
+                c"/proc/sys/user/max_user_namespaces".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                fail(13);
+            }
+            libc::close(fd);
             confine_mounts(c, wr);
         }
+        libc::close(go_rd);
         if let Some((uid, gid)) = ids {
             if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
                 fail(0);

@@ -54,12 +54,15 @@ fn rotate(d: &TestDaemon, n: usize) -> usize {
 
 /// An agent launched with `exec --cert [--user U]`, its directory and the SVID's path.
 fn launched(d: &TestDaemon, user: Option<&str>) -> (Repl, String, String) {
+    launched_with(d, user, &[])
+}
+
+/// The same with more options of `exec`.
+fn launched_with(d: &TestDaemon, user: Option<&str>, more: &[&str]) -> (Repl, String, String) {
     let (cert, key) = d.issue("agent/reader/prod", "10m");
-    let agent = Repl::spawn(d.exec_under(
-        &["--cert", &cert, "--key", &key, "--audience", "api"],
-        user,
-        &["repl"],
-    ));
+    let mut under = vec!["--cert", &cert, "--key", &key, "--audience", "api"];
+    under.extend_from_slice(more);
+    let agent = Repl::spawn(d.exec_under(&under, user, &["repl"]));
     let mut agent = agent;
     let svid = agent.cmd("env AGENTWALL_SVID");
     let dir = Path::new(&svid).parent().unwrap().display().to_string();
@@ -109,12 +112,33 @@ fn an_agent_that_can_write_its_directory_never_makes_the_daemon_follow_a_link() 
     // daemon's writes themselves must not follow what it puts there. The victim belongs to
     // someone else, so that a chown through a link to root would show.
     let victim = victim(&d, 65534);
-    let (mut agent, dir, _svid) = launched(&d, None);
-    // The key stays a file (renewal reads its owner); the rest is raced.
-    let swap = format!(
-        "swap-links {dir} {} svid.pem token.jwt bundle.pem",
-        victim.display()
+    // A confined root agent (`exec` as root) is root of a user namespace of its own, which
+    // owns nothing on the host: it cannot write the directory.
+    let (mut confined, cdir, _) = launched(&d, None);
+    let swap = |dir: &str| {
+        format!(
+            "swap-links {dir} {} svid.pem token.jwt bundle.pem",
+            victim.display()
+        )
+    };
+    assert_eq!(confined.cmd(&swap(&cdir)), "err EACCES");
+    drop(confined);
+    let exec_cgroups = || {
+        d.status()
+            .cgroups
+            .iter()
+            .filter(|c| c.kind == "exec")
+            .count()
+    };
+    agentwall_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "its cgroup to go",
+        || (exec_cgroups() == 0).then_some(()),
     );
+    // Root as it was (`--keep-privileges`, or a root process that enrolls by itself) can.
+    let (mut agent, dir, _svid) = launched_with(&d, None, &["--keep-privileges"]);
+    // The key stays a file (renewal reads its owner); the rest is raced.
+    let swap = swap(&dir);
     assert_eq!(agent.cmd(&swap), "ok");
     let renewed = rotate(&d, 200);
     let swaps: u64 = agent.cmd("swap-stop").parse().unwrap();
@@ -537,12 +561,22 @@ fn admin_connections_past_their_share_are_refused_with_a_reason() {
     assert!(st.daemon_errors["admin_busy_refused"] >= 1, "counted");
 }
 
+/// A process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Root inside an agent stays inside, without kernel hooks of its own (BPF LSM is not there on
-/// every kernel): a command `agentwall exec` runs as root gets a cgroup namespace rooted at its
-/// cgroup, a mount namespace in which agentwall's state, pins, audit log and key are covered
-/// and the cgroup file system is read-only, no capability that reaches past that, and
-/// `no_new_privs`. The same commands with `--keep-privileges` (root as it was) show what each
-/// step takes away.
+/// every kernel): a command `agentwall exec` runs as root of a user namespace whose root is a
+/// host uid of its own, in a cgroup namespace rooted at its cgroup, a mount namespace in which
+/// agentwall's state, pins, audit log and key are covered and the cgroup file system is
+/// read-only, with no capability that reaches past that, and `no_new_privs`. The same
+/// commands with `--keep-privileges` (root as it was) show what each step takes away.
 #[test]
 fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
     let _s = serial();
@@ -553,11 +587,20 @@ fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
     let sibling = d.root_cgroup().join("elsewhere");
     fs::create_dir(&sibling).unwrap();
     let daemon = d.pid().unwrap();
+    // A root process of the host's mount namespace without a capability: a root agent with
+    // fewer capabilities than root, but all of this one's, could enter its `/proc/PID/root`.
+    let capless = Killed(
+        std::process::Command::new("setpriv")
+            .args(["--bounding-set=-all", "--inh-caps=-all", "sleep", "120"])
+            .spawn()
+            .expect("setpriv"),
+    );
     let (state, pins, key) = (
         d.state_dir().display().to_string(),
         d.pin_dir.display().to_string(),
         d.audit_key().display().to_string(),
     );
+    let made = d.dir.join("made-by-root-agent");
     let probes = [
         "packet".to_string(),
         "unshare-net".to_string(),
@@ -565,6 +608,11 @@ fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
         format!("ls {pins}"),
         format!("size {key}"),
         format!("size /proc/{daemon}/environ"),
+        format!("signal {daemon}"),
+        format!("create {}", made.display()),
+        format!("ls /proc/{}/root/", capless.0.id()),
+        "unshare-user".to_string(),
+        format!("remove {}", d.enroll_socket.display()),
     ];
     let probes: Vec<&str> = probes.iter().map(String::as_str).collect();
     let mut cmds = vec![
@@ -599,9 +647,15 @@ fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
             "entries=0",
             "bytes=0",
             "err EACCES",
+            "err EPERM",
+            "err EACCES",
+            "err EACCES",
+            "err ENOSPC",
+            "err EACCES",
         ],
         "{got:?}"
     );
+    assert!(!made.exists());
     // Root as it was reaches each of them: the steps above are what confinement took away.
     let open = d.exec_privileged("web", &probes);
     let got = lines(&open);
@@ -614,4 +668,29 @@ fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
         );
     }
     fs::remove_dir(&sibling).unwrap();
+}
+
+/// Two root agents are two users on the host: each is mapped to a uid of its own, so neither
+/// can signal the other (or read what the other owns), and an identity's key belongs to the
+/// agent's mapped uid, which it reads as root of its namespace.
+#[test]
+fn two_root_agents_are_different_users() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[sink.port()]))]);
+    let mut a = d.repl("web");
+    let mut b = d.repl("web");
+    let (pa, pb) = (a.cmd("pid"), b.cmd("pid"));
+    let uid_of = |pid: &str| -> u32 {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (ua, ub) = (uid_of(&pa), uid_of(&pb));
+    assert!(ua != 0 && ub != 0 && ua != ub, "host uids {ua} and {ub}");
+    assert_eq!(a.cmd(&format!("signal {pb}")), "err EPERM");
+    assert_eq!(b.cmd(&format!("signal {pa}")), "err EPERM");
+    // Each still signals itself (root of its own namespace).
+    assert_eq!(a.cmd(&format!("signal {pa}")), "ok");
+    assert_eq!(a.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
 }

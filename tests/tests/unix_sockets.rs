@@ -119,9 +119,10 @@ fn unix_sockets_are_reached_only_by_the_names_policy_gives() {
     let d = TestDaemon::start(&[("p.yaml", &policy)]);
     let events = d.events();
     let s = |n: &str| p(n).display().to_string();
-    let out = d.exec(
+    // Root as it was (`--keep-privileges`): the sockets and the admin socket are root's, and
+    // this is about what the kernel hooks let through, not about file permissions.
+    let out = d.exec_privileged(
         "agent",
-        None,
         &[
             &format!("unix-connect {} hello", s("allowed.sock")),
             &format!("unix-connect @{ok_abs} hello"),

@@ -124,6 +124,11 @@ pub struct Protect {
     pub hide_files: Vec<String>,
     /// Mounts made read-only: the cgroup file system.
     pub read_only: Vec<String>,
+    /// The host uid (and gid) root of the command's user namespace is mapped to; none from
+    /// a daemon that hands out none (the launcher then refuses to run a command as root
+    /// without `--keep-privileges`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_uid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

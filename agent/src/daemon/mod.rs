@@ -109,6 +109,8 @@ struct Managed {
     /// Audiences of the JWT-SVID kept in the agent's directory, and its expiry (Unix seconds).
     audience: Vec<String>,
     token_exp: u64,
+    /// The host uid root of an exec cgroup's command is mapped to (see `rootuid`).
+    root_uid: Option<u32>,
 }
 
 impl Managed {
@@ -123,6 +125,7 @@ impl Managed {
             agent_dir: None,
             audience: Vec::new(),
             token_exp: 0,
+            root_uid: None,
         }
     }
 }
@@ -615,7 +618,7 @@ impl Daemon {
     /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
     /// cgroup id whose lease the caller holds.
     /// The daemon's files a root agent must not reach (see `exec::Confinement`).
-    fn protect(&self) -> control::Protect {
+    fn protect(&self, root_uid: Option<u32>) -> control::Protect {
         let show = |p: &std::path::Path| p.display().to_string();
         // What the agent needs stays visible: its own directory and the enrollment socket
         // (a configuration may put them under the state directory).
@@ -636,6 +639,7 @@ impl Daemon {
                 .collect(),
             hide_files: vec![show(&self.cfg.audit.key_file)],
             read_only: vec![show(&self.mount)],
+            root_uid,
         }
     }
 
@@ -700,7 +704,21 @@ impl Daemon {
                 m.leased = true;
                 m.agent_dir.clone_from(&agent_dir);
                 m.audience = audience;
-                self.cgroups.lock().await.insert(id, m);
+                let mut registry = self.cgroups.lock().await;
+                let used = registry.values().filter_map(|m| m.root_uid).collect();
+                m.root_uid = self.cfg.exec.root_uids.pick(&used, seq);
+                if m.root_uid.is_none() {
+                    // The command can still run, unless it runs as root: the launcher then
+                    // refuses it (or runs it with `--keep-privileges`, if asked).
+                    tracing::warn!(
+                        count = self.cfg.exec.root_uids.count,
+                        "every uid of exec.root_uids is in use; a command of this cgroup cannot run as root"
+                    );
+                    self.count_error("root_uids_exhausted");
+                }
+                let root_uid = m.root_uid;
+                registry.insert(id, m);
+                drop(registry);
                 tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
                 let enroll = agent_dir.map(|d| control::ExecEnroll {
                     agent_dir: d.display().to_string(),
@@ -712,7 +730,7 @@ impl Daemon {
                         cgroup: cg.path().display().to_string(),
                         cgroup_id: id,
                         enroll,
-                        protect: self.protect(),
+                        protect: self.protect(root_uid),
                     },
                     Some(id),
                 )
@@ -1110,6 +1128,16 @@ impl Daemon {
                 .find(|r| r.cgroup_id == id)
                 .and_then(|r| r.agent_dir.clone());
             registry.insert(id, m);
+        }
+        // The uids the previous daemon gave root commands are taken until their cgroups go.
+        for m in registry.values_mut().filter(|m| m.kind == Kind::Exec) {
+            m.root_uid = self
+                .cfg
+                .exec
+                .root_uids
+                .in_use_below(m.cgroup.path())
+                .into_iter()
+                .next();
         }
         let live: Vec<u64> = registry.keys().copied().chain([root_id]).collect();
         drop(registry);

@@ -27,6 +27,8 @@
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
 //! `packet` (a cooked AF_PACKET socket), `ls DIR` (`entries=N`), `size FILE` (`bytes=N`),
+//! `signal PID` (signal 0: may this process signal PID), `create PATH` (a new file),
+//! `remove PATH`, `unshare-user` (a user namespace, from a child process),
 //! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
 //! SECS by a thread that replaces those the server ended; answers once the first N are open),
@@ -431,6 +433,30 @@ fn udp_options(a: SocketAddr, payload: &str) -> String {
 }
 
 /// A new network namespace for this thread (and threads it starts later), loopback up.
+/// A new user namespace, made in a child process (unshare refuses it to a process with
+/// threads): `ok` or the child's errno.
+fn unshare_user() -> String {
+    // SAFETY: the child only calls unshare and _exit, both async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return errno(&io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let r = libc::unshare(libc::CLONE_NEWUSER);
+            libc::_exit(if r == 0 { 0 } else { *libc::__errno_location() });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child with a valid status pointer.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 => "ok".into(),
+        e => format!("err {:?}", nix::errno::Errno::from_raw(e)),
+    }
+}
+
 fn unshare_net() -> String {
     // SAFETY: unshare(2) with a flag; affects only the calling thread.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -598,6 +624,20 @@ fn run(line: &str) -> String {
             ("packet", []) => Ok(raw_of(libc::AF_PACKET, libc::SOCK_DGRAM, 0)),
             ("ls", [dir]) => Ok(std::fs::read_dir(dir)
                 .map_or_else(|e| errno(&e), |d| format!("entries={}", d.count()))),
+            // Signal 0: whether this process may signal PID at all.
+            ("signal", [pid]) => Ok(nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.parse().map_err(|_| "err bad pid".to_string())?),
+                None,
+            )
+            .map_or_else(|e| format!("err {e:?}"), |()| "ok".into())),
+            ("remove", [path]) => {
+                Ok(std::fs::remove_file(path).map_or_else(|e| errno(&e), |()| "ok".into()))
+            }
+            ("create", [path]) => Ok(std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_or_else(|e| errno(&e), |_| "ok".into())),
             ("size", [path]) => Ok(
                 std::fs::read(path).map_or_else(|e| errno(&e), |b| format!("bytes={}", b.len()))
             ),
@@ -711,6 +751,7 @@ fn run(line: &str) -> String {
                 Ok(format!("tcp={connected} eperm={eperm} other={other}"))
             }
             ("unshare-net", []) => Ok(unshare_net()),
+            ("unshare-user", []) => Ok(unshare_user()),
             ("join-net", [path]) => {
                 let f = std::fs::File::open(path).map_err(|e| errno(&e))?;
                 Ok(nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)

@@ -1,0 +1,163 @@
+//! Host uids for commands that run as root under `agentwall exec`.
+//!
+//! A confined root command runs as root of a user namespace of its own, in which uid 0 (and
+//! gid 0) is one host uid from this range, a different one for each live exec cgroup. On the
+//! host it is then nobody in particular: it cannot signal or trace the daemon or any other
+//! process, it cannot open or change a file it would need root's ownership or capabilities
+//! for, and two root agents cannot reach each other as the same user.
+//!
+//! The daemon hands the uids out (it knows which exec cgroups live). The range must belong to
+//! no user of the host: the default is high in the space that login and system users never
+//! take, and a configuration can move it.
+
+use std::{collections::HashSet, fs, path::Path};
+
+use serde::Deserialize;
+
+/// The host uids root agents are mapped to: `first` .. `first + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RootUids {
+    pub first: u32,
+    pub count: u32,
+}
+
+/// The lowest first uid a configuration may give: below it live system and login users and
+/// `nobody` (65534).
+const MIN_FIRST: u32 = 65_536;
+
+impl Default for RootUids {
+    fn default() -> Self {
+        Self {
+            first: 0x7A77_0000,
+            count: 65_536,
+        }
+    }
+}
+
+impl RootUids {
+    pub fn check(&self) -> Result<(), String> {
+        if self.first < MIN_FIRST {
+            return Err(format!(
+                "first {} is below {MIN_FIRST}: system users, login users and nobody live there",
+                self.first
+            ));
+        }
+        if self.count == 0 {
+            return Err("count must be at least 1".into());
+        }
+        // u32::MAX is (uid_t)-1, which no process can hold.
+        if self
+            .first
+            .checked_add(self.count - 1)
+            .is_none_or(|last| last == u32::MAX)
+        {
+            return Err(format!(
+                "first {} and count {} go past the last uid, {}",
+                self.first,
+                self.count,
+                u32::MAX - 1
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        uid >= self.first && uid - self.first < self.count
+    }
+
+    /// A uid of the range not in `used`, looking from `hint` on (so that a uid just freed is
+    /// not the next one handed out); `None` when all are taken.
+    pub fn pick(&self, used: &HashSet<u32>, hint: u64) -> Option<u32> {
+        let count = u64::from(self.count);
+        (0..count)
+            .map(|i| self.first + ((hint.wrapping_add(i)) % count) as u32)
+            .find(|uid| !used.contains(uid))
+    }
+
+    /// The uids of this range that processes of the cgroup at `dir` (and below) run as: how a
+    /// daemon that restarted learns what its predecessor handed out.
+    pub fn in_use_below(&self, dir: &Path) -> HashSet<u32> {
+        let mut out = HashSet::new();
+        let mut stack = vec![dir.to_path_buf()];
+        // Bounded: an agent may make many cgroups below its own.
+        let mut budget = 1024;
+        while let Some(d) = stack.pop() {
+            budget -= 1;
+            if budget == 0 {
+                break;
+            }
+            if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.split_whitespace() {
+                    if let Some(uid) = real_uid(pid)
+                        && self.contains(uid)
+                    {
+                        out.insert(uid);
+                    }
+                }
+            }
+            if let Ok(rd) = fs::read_dir(&d) {
+                stack.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// The real uid of a process, from `/proc/PID/status`.
+fn real_uid(pid: &str) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_that_reach_users_or_past_the_last_uid_are_refused() {
+        assert!(RootUids::default().check().is_ok());
+        let low = RootUids {
+            first: 1000,
+            count: 10,
+        };
+        assert!(low.check().unwrap_err().contains("below 65536"));
+        let empty = RootUids {
+            first: 100_000,
+            count: 0,
+        };
+        assert!(empty.check().unwrap_err().contains("at least 1"));
+        let past = RootUids {
+            first: u32::MAX - 5,
+            count: 6,
+        };
+        assert!(past.check().unwrap_err().contains("past the last uid"));
+        let last = RootUids {
+            first: u32::MAX - 5,
+            count: 5,
+        };
+        assert!(last.check().is_ok());
+    }
+
+    #[test]
+    fn a_free_uid_is_picked_from_the_hint_on_and_none_when_all_are_taken() {
+        let r = RootUids {
+            first: 100_000,
+            count: 3,
+        };
+        let mut used = HashSet::new();
+        assert_eq!(r.pick(&used, 1), Some(100_001));
+        used.insert(100_001);
+        assert_eq!(r.pick(&used, 1), Some(100_002));
+        used.insert(100_002);
+        assert_eq!(r.pick(&used, 1), Some(100_000));
+        used.insert(100_000);
+        assert_eq!(r.pick(&used, 1), None);
+        assert!(r.contains(100_002) && !r.contains(100_003) && !r.contains(99_999));
+    }
+}
