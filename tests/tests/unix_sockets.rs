@@ -275,3 +275,82 @@ fn a_flood_of_unix_connects_is_summarized_by_socket_name() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A cgroup adopted from an earlier daemon runs that daemon's programs until this one attaches
+/// its own: one whose links lack the Unix hooks (pinned by a daemon from before them) had its
+/// Unix connects unjudged after the upgrade. At start the daemon now attaches its programs to
+/// every adopted cgroup that has links of its own.
+#[test]
+fn an_adopted_cgroup_gets_the_unix_hooks_its_links_lacked() {
+    let _s = serial();
+    let tag = std::process::id();
+    let dir = std::env::temp_dir().join(format!("awt-unixadopt-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let denied_path = dir.join("denied.sock");
+    let denied = Sink::at(&denied_path);
+    let name = format!("awt-{tag}-adopt");
+    let mount = agentwall_tests::cgroup_mount();
+    let parent = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(mount.join(&name)));
+    parent.0.create().unwrap();
+    let guard = agentwall_tests::CgroupGuard(agentwall::cgroup::Cgroup::at(
+        mount.join(&name).join("agent"),
+    ));
+    guard.0.create().unwrap();
+    let policy = format!(
+        "policy:\n  name: adopt\n  identity: agent/adopt/prod\n  attest:\n    cgroup: /{name}/*\n  egress:\n    - unix: [/run/nothing.sock]\n"
+    );
+    let mut d = TestDaemon::start(&[("p.yaml", &policy)]);
+    let (cert, _key) = d.issue("agent/adopt/prod", "10m");
+    let svid_dir = Path::new(&cert).parent().unwrap().to_path_buf();
+    std::fs::copy(d.state_dir().join("ca/ca.crt"), svid_dir.join("bundle.pem")).unwrap();
+    // A shell that moves into the cgroup, then runs `then` there.
+    let in_cgroup = |then: String| -> String {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec {then}",
+            guard.0.path().display()
+        );
+        let o = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let probe = agentwall_tests::netprobe_bin();
+    let connect = format!(
+        "{} 'unix-connect {} x'",
+        probe.display(),
+        denied_path.display()
+    );
+    let enrolled = in_cgroup(format!(
+        "{} __enroll-exec --socket {} --dir {} -- {connect}",
+        agentwall_tests::agentwall_bin().display(),
+        d.enroll_socket.display(),
+        svid_dir.display(),
+    ));
+    assert_eq!(enrolled, "err EPERM", "enrolled and judged");
+    // What a daemon from before the Unix hooks left: links without them.
+    d.stop();
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(guard.0.path()).unwrap());
+    let links = d.pin_dir.join("links").join(id.to_string());
+    let mut removed = 0;
+    for e in std::fs::read_dir(&links).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("aw_connect_unix") || n.starts_with("aw_sendmsg_unix") {
+            std::fs::remove_file(e.path()).unwrap();
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 2, "{links:?}");
+    assert_eq!(in_cgroup(connect.clone()), "ok", "unjudged without them");
+    wait_for(Duration::from_secs(5), "the unjudged byte", || {
+        (denied.bytes() == 1).then_some(())
+    });
+    d.launch();
+    d.wait_healthy();
+    assert_eq!(in_cgroup(connect.clone()), "err EPERM", "judged again");
+    assert_eq!(denied.bytes(), 1, "only the unjudged connect was heard");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}

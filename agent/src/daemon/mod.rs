@@ -1139,7 +1139,10 @@ impl Daemon {
                 .into_iter()
                 .next();
         }
-        let live: Vec<u64> = registry.keys().copied().chain([root_id]).collect();
+        let live: HashMap<u64, Cgroup> = registry
+            .iter()
+            .map(|(id, m)| (*id, m.cgroup.clone()))
+            .collect();
         drop(registry);
         self.recover_revocations(revoked).await;
         self.save_enrollments().await;
@@ -1150,8 +1153,19 @@ impl Daemon {
             .await
             .map_err(crate::enforce::actor::CallError::from)?
         {
-            if !live.contains(&id) {
-                self.enforcer.detach(id).await?;
+            match live.get(&id) {
+                None if id != root_id => self.enforcer.detach(id).await?,
+                None => {}
+                // An adopted cgroup with links of its own runs the programs of the daemon that
+                // attached them, which may lack some (the Unix hooks, say): this daemon's
+                // replace them, pinned before the old ones go. Attached already: a no-op.
+                // On failure the old links stay, and enforce what they did.
+                Some(cg) => {
+                    if let Err(e) = self.enforcer.attach(cg.clone()).await {
+                        tracing::error!(cgroup = %cg.path().display(), error = %e, "cannot attach this daemon's programs to an adopted cgroup; the previous daemon's stay");
+                        self.count_error("reattach");
+                    }
+                }
             }
         }
         Ok(())
