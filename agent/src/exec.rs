@@ -204,21 +204,24 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-fn install_forwarding() {
+/// `own_session`: the command runs in a session of its own (a confined root command), so the
+/// terminal's interrupts reach only the launcher, which passes them on.
+fn install_forwarding(own_session: bool) {
     let fwd = SigAction::new(
         SigHandler::Handler(forward),
         SaFlags::SA_RESTART,
         SigSet::empty(),
     );
     let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // Otherwise the terminal sends these to the whole process group, the command included;
+    // the launcher waits for the command's own answer to them.
+    let interrupt = if own_session { &fwd } else { &ign };
     // SAFETY: the handler only reads an atomic and calls kill(2).
     unsafe {
         let _ = sigaction(Signal::SIGTERM, &fwd);
         let _ = sigaction(Signal::SIGHUP, &fwd);
-        // The terminal sends these to the whole process group, the command included; the
-        // launcher waits for the command's own answer to them.
-        let _ = sigaction(Signal::SIGINT, &ign);
-        let _ = sigaction(Signal::SIGQUIT, &ign);
+        let _ = sigaction(Signal::SIGINT, interrupt);
+        let _ = sigaction(Signal::SIGQUIT, interrupt);
     }
 }
 
@@ -353,7 +356,7 @@ pub fn run(
     command.user = run_as;
     command.preserve_fds = preserve_fds;
     command.set_env(env::CGROUP, cgroup.into_os_string());
-    install_forwarding();
+    install_forwarding(confine_root);
     let pid = spawn::spawn_in_cgroup(&command, fd.as_fd())?;
     CHILD.store(pid.as_raw(), Ordering::Relaxed);
     let status = spawn::wait(pid).map_err(ExecError::Wait)?;

@@ -131,9 +131,10 @@ pub struct Confinement {
 }
 
 /// Capabilities a confined root program loses (numbers of linux/capability.h): the rest
-/// (file ownership and permissions, setuid, kill, binding low ports...) are a root program's
-/// ordinary business and do not reach past its namespaces.
-pub const DROPPED_CAPS: [(u32, &str); 21] = [
+/// (file ownership and permissions, setuid, kill...) are a root program's ordinary business
+/// inside its namespaces and reach nothing outside them. CAP_SYS_RESOURCE goes because it
+/// would let the program raise its namespace's user-namespace limit again.
+pub const DROPPED_CAPS: [(u32, &str); 22] = [
     (2, "CAP_DAC_READ_SEARCH"),
     (8, "CAP_SETPCAP"),
     (9, "CAP_LINUX_IMMUTABLE"),
@@ -145,6 +146,7 @@ pub const DROPPED_CAPS: [(u32, &str); 21] = [
     (20, "CAP_SYS_PACCT"),
     (21, "CAP_SYS_ADMIN"),
     (22, "CAP_SYS_BOOT"),
+    (24, "CAP_SYS_RESOURCE"),
     (25, "CAP_SYS_TIME"),
     (27, "CAP_MKNOD"),
     (30, "CAP_AUDIT_CONTROL"),
@@ -227,7 +229,7 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Stages reported from the child through the pipe.
-const STAGES: [&str; 14] = [
+const STAGES: [&str; 15] = [
     "setgroups",
     "setresgid",
     "setresuid",
@@ -242,6 +244,7 @@ const STAGES: [&str; 14] = [
     "setting no_new_privs (root's confinement)",
     "waiting for the user namespace's uid map (root's confinement)",
     "limiting the user namespaces below its own to none (root's confinement)",
+    "setsid (root's confinement)",
 ];
 
 /// The confinement in the form the child uses: C strings made before the clone.
@@ -445,6 +448,12 @@ unsafe fn child(
         );
         libc::close(go_wr);
         if let Some(c) = confine {
+            // A session of its own, without the launcher's controlling terminal: on it the
+            // command could push input into the operator's shell (TIOCSTI) or take the
+            // foreground and read what is typed next.
+            if libc::setsid() < 0 {
+                fail(14);
+            }
             // The launcher writes the maps of this user namespace, then says so.
             let mut b = 0u8;
             loop {

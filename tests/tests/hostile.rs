@@ -625,6 +625,16 @@ fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
         format!("tcp 127.0.0.1:{}", sink.port()),
     ];
     cmds.extend(probes.iter().map(|p| (*p).to_string()));
+    // Only where confined (as root of the host these would change the host): a session of
+    // its own, away from the launcher's terminal; and its user-namespace limit stays 0.
+    cmds.extend(
+        [
+            "session",
+            "write-file /proc/sys/user/max_user_namespaces 9",
+            "unshare-user",
+        ]
+        .map(String::from),
+    );
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     let out = d.exec("web", None, &cmds);
     let got = lines(&out);
@@ -652,6 +662,9 @@ fn root_inside_an_agent_cannot_leave_its_cgroup_or_reach_agentwall() {
             "err EACCES",
             "err ENOSPC",
             "err EACCES",
+            "own",
+            "err EACCES",
+            "err ENOSPC",
         ],
         "{got:?}"
     );

@@ -28,7 +28,8 @@
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
 //! `packet` (a cooked AF_PACKET socket), `ls DIR` (`entries=N`), `size FILE` (`bytes=N`),
 //! `signal PID` (signal 0: may this process signal PID), `create PATH` (a new file),
-//! `remove PATH`, `unshare-user` (a user namespace, from a child process),
+//! `remove PATH`, `unshare-user` (a user namespace, from a child process), `session`
+//! (`own` for a session leader, else `shared`), `write-file PATH TEXT`,
 //! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
 //! SECS by a thread that replaces those the server ended; answers once the first N are open),
@@ -630,6 +631,18 @@ fn run(line: &str) -> String {
                 None,
             )
             .map_or_else(|e| format!("err {e:?}"), |()| "ok".into())),
+            // `own` when this process leads a session of its own (no controlling terminal
+            // it shares with whoever started it), else `shared`.
+            ("session", []) => Ok(
+                if nix::unistd::getsid(None).ok() == Some(nix::unistd::getpid()) {
+                    "own".into()
+                } else {
+                    "shared".into()
+                },
+            ),
+            ("write-file", [path, text]) => {
+                Ok(std::fs::write(path, text).map_or_else(|e| errno(&e), |()| "ok".into()))
+            }
             ("remove", [path]) => {
                 Ok(std::fs::remove_file(path).map_or_else(|e| errno(&e), |()| "ok".into()))
             }
