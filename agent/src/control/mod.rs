@@ -69,7 +69,7 @@ pub enum Reply {
         /// replace them there), the CA bundle to check the daemon with, the enrollment socket.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         enroll: Option<ExecEnroll>,
-        /// What a command that runs as root must not reach (see `exec::Confinement`).
+        /// What a command that runs as root must not reach (see `spawn::Confinement`).
         #[serde(default)]
         protect: Protect,
     },

@@ -615,9 +615,8 @@ impl Daemon {
         book.current.policies.keys().cloned().collect()
     }
 
-    /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
-    /// cgroup id whose lease the caller holds.
-    /// The daemon's files a root agent must not reach (see `exec::Confinement`).
+    /// The daemon's files a root agent must not reach, and the host uid its root is mapped to
+    /// (see `spawn::Confinement`).
     fn protect(&self, root_uid: Option<u32>) -> control::Protect {
         let show = |p: &std::path::Path| p.display().to_string();
         // What the agent needs stays visible: its own directory and the enrollment socket
@@ -643,6 +642,8 @@ impl Daemon {
         }
     }
 
+    /// Creates and binds a cgroup for `agentwall exec`. Returns the reply and, on success, the
+    /// cgroup id whose lease the caller holds.
     pub async fn exec_begin(
         &self,
         policy: Option<&str>,
