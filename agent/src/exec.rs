@@ -2,7 +2,7 @@
 
 use std::{
     ffi::OsString,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicI32, Ordering},
 };
@@ -193,14 +193,24 @@ pub fn enroll_exec(socket: &Path, dir: &Path, cmd: &[OsString]) -> i32 {
     }
 }
 
-/// The child the launcher forwards termination signals to.
-static CHILD: AtomicI32 = AtomicI32::new(0);
+/// A pidfd of the child the launcher forwards termination signals to (-1 before there is
+/// one). Not a pid: a signal that arrives after the child was reaped must not reach whatever
+/// process got its pid next.
+static CHILD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::Relaxed);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
+    let pidfd = CHILD.load(Ordering::Relaxed);
+    if pidfd >= 0 {
+        // SAFETY: a raw system call, async-signal-safe; a reaped child gives ESRCH.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd,
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
     }
 }
 
@@ -216,7 +226,7 @@ fn install_forwarding(own_session: bool) {
     // Otherwise the terminal sends these to the whole process group, the command included;
     // the launcher waits for the command's own answer to them.
     let interrupt = if own_session { &fwd } else { &ign };
-    // SAFETY: the handler only reads an atomic and calls kill(2).
+    // SAFETY: the handler only reads an atomic and calls pidfd_send_signal(2).
     unsafe {
         let _ = sigaction(Signal::SIGTERM, &fwd);
         let _ = sigaction(Signal::SIGHUP, &fwd);
@@ -357,9 +367,12 @@ pub fn run(
     command.preserve_fds = preserve_fds;
     command.set_env(env::CGROUP, cgroup.into_os_string());
     install_forwarding(confine_root);
-    let pid = spawn::spawn_in_cgroup(&command, fd.as_fd())?;
-    CHILD.store(pid.as_raw(), Ordering::Relaxed);
-    let status = spawn::wait(pid).map_err(ExecError::Wait)?;
+    let child = spawn::spawn_in_cgroup(&command, fd.as_fd())?;
+    CHILD.store(child.pidfd.as_raw_fd(), Ordering::Relaxed);
+    let status = spawn::wait(child.pid).map_err(ExecError::Wait);
+    // Forget the number before the pidfd is closed with `child`.
+    CHILD.store(-1, Ordering::Relaxed);
+    let status = status?;
     // Closing the connection ends the lease; the daemon removes the cgroup once it is empty.
     drop(client);
     Ok(spawn::exit_code(status))

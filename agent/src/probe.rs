@@ -139,7 +139,7 @@ async fn probe_in(cg: &Cgroup, id: u64, enforcer: &EnforcerHandle) -> Result<(),
     };
     let cmd = spawn::Command::new("/proc/self/exe", args);
     let fd = cg.open()?;
-    let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd())?;
+    let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd())?.pid;
     let status = tokio::task::spawn_blocking(move || wait_bounded(pid, PROBE_TIMEOUT))
         .await
         .map_err(|e| ProbeError::Listener(io::Error::other(e)))??;

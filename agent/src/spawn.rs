@@ -10,7 +10,7 @@
 use std::{
     ffi::{CString, OsStr, OsString},
     os::{
-        fd::{AsRawFd as _, BorrowedFd},
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::{OsStrExt as _, OsStringExt as _},
     },
     path::PathBuf,
@@ -36,10 +36,6 @@ pub enum SpawnError {
         "clone3 into the cgroup failed: {0} (needs Linux 5.7 or later and write access to the cgroup)"
     )]
     Clone(Errno),
-    #[error(
-        "clone3 into the cgroup with a user namespace of its own (root's confinement) failed: {0} (user namespaces may be turned off: see sysctl user.max_user_namespaces; or run the command as another user)"
-    )]
-    CloneUserNamespace(Errno),
     #[error("creating a pipe: {0}")]
     Pipe(Errno),
     #[error("in the child, {stage} failed: {errno}")]
@@ -114,7 +110,10 @@ pub struct Command {
 ///
 /// - a user namespace in which it is root, mapped to a host uid and gid of its own
 ///   (`root_maps_to`): on the host it owns nothing and holds no capability, so it cannot
-///   signal or trace the daemon or anyone else, nor open or change a file that needs root;
+///   signal or trace the daemon or anyone else, nor open or change a file that needs root.
+///   That uid creates the namespace, so the namespace's owner is that uid too: what the kernel
+///   counts per user of a namespace and its owners (inotify instances and watches, message
+///   queue bytes, user namespaces) is charged to it, not to root;
 /// - a cgroup namespace rooted at its cgroup (a move to any cgroup outside it is refused);
 /// - a mount namespace in which the daemon's directories and key are covered by empty
 ///   read-only file systems and the cgroup file system is read-only;
@@ -229,7 +228,7 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Stages reported from the child through the pipe.
-const STAGES: [&str; 15] = [
+const STAGES: [&str; 18] = [
     "setgroups",
     "setresgid",
     "setresuid",
@@ -245,6 +244,9 @@ const STAGES: [&str; 15] = [
     "waiting for the user namespace's uid map (root's confinement)",
     "limiting the user namespaces below its own to none (root's confinement)",
     "setsid (root's confinement)",
+    "unshare of a user namespace as the mapped uid (root's confinement; user namespaces may be turned off: see sysctl user.max_user_namespaces, or run the command as another user)",
+    "telling the launcher the user namespace is there (root's confinement)",
+    "keeping capabilities across the change to the mapped uid (root's confinement)",
 ];
 
 /// The confinement in the form the child uses: C strings made before the clone.
@@ -273,9 +275,24 @@ impl ChildConfinement {
 /// `close_range` flag (include/uapi/linux/close_range.h): mark close-on-exec, do not close.
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
-/// Starts `cmd` inside the cgroup open at `cgroup`; returns the child's pid once it has
-/// executed the program.
-pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, SpawnError> {
+/// A started program: its pid, to wait for it, and a pidfd, to signal it (a pidfd never
+/// reaches another process, even once this one is reaped and its pid reused).
+#[derive(Debug)]
+pub struct Child {
+    pub pid: Pid,
+    pub pidfd: OwnedFd,
+}
+
+/// The confined child's two pipes with the launcher (read and write ends).
+#[derive(Clone, Copy)]
+struct Handshake {
+    ready: (i32, i32),
+    go: (i32, i32),
+}
+
+/// Starts `cmd` inside the cgroup open at `cgroup`; returns the child once it has executed
+/// the program.
+pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Child, SpawnError> {
     let mut env = cmd.env.clone();
     if let Some(u) = &cmd.user {
         for (k, v) in [("USER", u.name.as_str()), ("LOGNAME", u.name.as_str())] {
@@ -304,11 +321,11 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
     envp_ptrs.push(std::ptr::null());
     let confine = cmd.confine.as_ref().map(ChildConfinement::of).transpose()?;
-    // A confined command becomes root of its user namespace, whatever user was asked for
-    // (only root is confined), with no group but its own: the launcher's supplementary
-    // groups (root's among them) would otherwise stay with it.
-    let (groups, ids): (Vec<libc::gid_t>, _) = if confine.is_some() {
-        (vec![0], Some((0, 0)))
+    // A confined command first becomes its mapped uid and gid on the host, with no group but
+    // its own (the launcher's supplementary groups, root's among them, would otherwise stay
+    // with it), then root of the user namespace it creates as that uid.
+    let (groups, ids): (Vec<libc::gid_t>, _) = if let Some(c) = &cmd.confine {
+        (vec![c.root_maps_to], Some((c.root_maps_to, c.root_maps_to)))
     } else {
         (
             cmd.user
@@ -320,21 +337,23 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
     };
 
     let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
-    // The child of a user namespace waits on this until its uid and gid maps are written.
+    // A confined child says on `ready` that its user namespace is there, then waits on `go`
+    // until the launcher has written the namespace's uid and gid maps.
+    let (ready_rd, ready_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
     let (go_rd, go_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SpawnError::Pipe)?;
+    let mut pidfd: libc::c_int = -1;
     let args = CloneArgs {
-        flags: CLONE_INTO_CGROUP
-            | if confine.is_some() {
-                libc::CLONE_NEWUSER as u64
-            } else {
-                0
-            },
+        flags: CLONE_INTO_CGROUP | libc::CLONE_PIDFD as u64,
+        pidfd: (&raw mut pidfd) as u64,
         exit_signal: libc::SIGCHLD as u64,
         cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
     let wr_fd = wr.as_raw_fd();
-    let go = (go_rd.as_raw_fd(), go_wr.as_raw_fd());
+    let handshake = Handshake {
+        ready: (ready_rd.as_raw_fd(), ready_wr.as_raw_fd()),
+        go: (go_rd.as_raw_fd(), go_wr.as_raw_fd()),
+    };
     // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed; without
     // CLONE_VM the child gets a copy of this address space, like fork.
     let ret = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
@@ -344,7 +363,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         unsafe {
             child(
                 wr_fd,
-                go,
+                handshake,
                 cmd.preserve_fds,
                 &groups,
                 ids,
@@ -354,18 +373,25 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         }
     }
     if ret < 0 {
-        let e = Errno::last();
-        return Err(if confine.is_some() {
-            SpawnError::CloneUserNamespace(e)
-        } else {
-            SpawnError::Clone(e)
-        });
+        return Err(SpawnError::Clone(Errno::last()));
     }
     let pid = Pid::from_raw(ret as i32);
+    // SAFETY: clone3 succeeded, so the kernel wrote a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(wr);
+    drop(ready_wr);
     drop(go_rd);
     if let Some(c) = &cmd.confine {
-        if let Err(e) = write_maps(pid, c.root_maps_to) {
+        // Nothing on `ready` (end of file): the child failed before its user namespace was
+        // there, and says why on the other pipe.
+        let mut b = [0u8; 1];
+        let ready = loop {
+            match nix::unistd::read(&ready_rd, &mut b) {
+                Err(Errno::EINTR) => {}
+                r => break r == Ok(1),
+            }
+        };
+        if ready && let Err(e) = write_maps(pid, c.root_maps_to) {
             // Without the go-ahead the child ends before it runs anything.
             drop(go_wr);
             let _ = waitpid(pid, None);
@@ -386,7 +412,7 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Pid, Spa
         }
     }
     if got == 0 {
-        return Ok(pid);
+        return Ok(Child { pid, pidfd });
     }
     // The child reported a failure and exits; reap it.
     let _ = waitpid(pid, None);
@@ -405,14 +431,17 @@ fn write_maps(pid: Pid, host: u32) -> Result<(), SpawnError> {
     Ok(())
 }
 
-/// The child side: drop privileges if asked, reset signal handling, exec.
+/// The child side: confine and drop privileges if asked, reset signal handling, exec.
+///
+/// A confined child makes its mount and cgroup namespaces as host root, becomes its mapped
+/// uid on the host, and only then creates its user namespace: that uid owns the namespace.
 ///
 /// # Safety
 /// Must run in a freshly cloned child; all pointers must be valid NUL-terminated strings and
 /// NULL-terminated arrays.
 unsafe fn child(
     wr: i32,
-    (go_rd, go_wr): (i32, i32),
+    hs: Handshake,
     preserve_fds: u32,
     groups: &[libc::gid_t],
     ids: Option<(u32, u32)>,
@@ -446,7 +475,8 @@ unsafe fn child(
             std::ptr::null_mut::<libc::sigset_t>(),
             8,
         );
-        libc::close(go_wr);
+        libc::close(hs.ready.0);
+        libc::close(hs.go.1);
         if let Some(c) = confine {
             // A session of its own, without the launcher's controlling terminal: on it the
             // command could push input into the operator's shell (TIOCSTI) or take the
@@ -454,32 +484,17 @@ unsafe fn child(
             if libc::setsid() < 0 {
                 fail(14);
             }
-            // The launcher writes the maps of this user namespace, then says so.
-            let mut b = 0u8;
-            loop {
-                let n = libc::read(go_rd, (&raw mut b).cast(), 1);
-                if n == 1 {
-                    break;
-                }
-                if n < 0 && Errno::last() == Errno::EINTR {
-                    continue;
-                }
-                fail(12);
-            }
-            // No user namespace below this one: with one, a process without capabilities gets
-            // them all again over namespaces of its own (and could bind a file system over a
-            // socket name its policy allows).
-            let fd = libc::open(
-                c"/proc/sys/user/max_user_namespaces".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
-                fail(13);
-            }
-            libc::close(fd);
+            // Made as host root: the mount namespace belongs to the host's user namespace,
+            // so nothing inside can unmount or change what covers the daemon's files.
             confine_mounts(c, wr);
         }
-        libc::close(go_rd);
+        // Root's capabilities stay permitted across the uid change, so that the namespace
+        // below is made with CAP_SYS_ADMIN: hosts that forbid unprivileged users to make user
+        // namespaces (Debian's kernel.unprivileged_userns_clone=0, Ubuntu's AppArmor
+        // restriction) still let it be made, by the mapped uid.
+        if confine.is_some() && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            fail(17);
+        }
         if let Some((uid, gid)) = ids {
             if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
                 fail(0);
@@ -492,8 +507,43 @@ unsafe fn child(
             }
         }
         if confine.is_some() {
+            // Created by the mapped uid, which owns it: the kernel charges what it counts per
+            // user of a namespace to its owner in the namespace above, here that uid (made
+            // by root, the namespace would spend root's inotify instances and the like).
+            set_effective(&[CAP_SYS_ADMIN], wr);
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                fail(15);
+            }
+            // The launcher writes this namespace's maps, then says so.
+            let one = 1u8;
+            if libc::write(hs.ready.1, (&raw const one).cast(), 1) != 1 {
+                fail(16);
+            }
+            let mut b = 0u8;
+            loop {
+                let n = libc::read(hs.go.0, (&raw mut b).cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n < 0 && Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                fail(12);
+            }
+            // No user namespace below this one: with one, a process without capabilities gets
+            // them all again over namespaces of its own.
+            let fd = libc::open(
+                c"/proc/sys/user/max_user_namespaces".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                fail(13);
+            }
+            libc::close(fd);
             drop_privileges(wr);
         }
+        libc::close(hs.ready.1);
+        libc::close(hs.go.0);
         // Everything above 2 and the preserved range closes at exec (marked rather than closed
         // now: the pipe that reports a failure must stay open until then).
         let first = 3u32.saturating_add(preserve_fds);
@@ -522,7 +572,7 @@ fn die(wr: i32, stage: u8) -> ! {
     }
 }
 
-/// The namespaces and mounts of [`Confinement`], in the child before it changes user.
+/// The namespaces and mounts of [`Confinement`], in the child as host root.
 ///
 /// # Safety
 /// Only in the cloned child: raw system calls on memory prepared before the clone.
@@ -646,6 +696,36 @@ unsafe fn drop_privileges(wr: i32) {
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail(11);
+        }
+    }
+}
+
+/// CAP_SYS_ADMIN of linux/capability.h.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Makes `caps` (held in the permitted set) the only effective capabilities.
+///
+/// # Safety
+/// Only in the cloned child.
+unsafe fn set_effective(caps: &[u32], wr: i32) {
+    let mut head = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget and capset with buffers of the kernel's size for version 3.
+    unsafe {
+        if libc::syscall(libc::SYS_capget, &raw mut head, data.as_mut_ptr()) != 0 {
+            die(wr, 17);
+        }
+        for d in &mut data {
+            d.effective = 0;
+        }
+        for cap in caps {
+            data[(cap / 32) as usize].effective |= 1 << (cap % 32);
+        }
+        if libc::syscall(libc::SYS_capset, &raw mut head, data.as_ptr()) != 0 {
+            die(wr, 17);
         }
     }
 }

@@ -272,7 +272,7 @@ fn a_cgroup_without_binding_is_denied_and_counted() {
     );
     let cmd = spawn::Command::new("/bin/sh", ["-c".to_string(), script]);
     let fd = cg.open().unwrap();
-    let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap();
+    let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap().pid;
     assert_eq!(spawn::exit_code(spawn::wait(pid).unwrap()), 0);
     assert_eq!(fs::read_to_string(&out_file).unwrap().trim(), "err EPERM");
     wait_for(
@@ -671,7 +671,7 @@ fn a_cached_verdict_does_not_outlive_a_round_of_the_epoch() {
         );
         let cmd = spawn::Command::new("/bin/sh", ["-c".to_string(), script]);
         let fd = cg.0.open().unwrap();
-        let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap();
+        let pid = spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap().pid;
         spawn::exit_code(spawn::wait(pid).unwrap()) == 0
     };
     e.set_epoch(u32::MAX - 2).unwrap();

@@ -694,16 +694,66 @@ fn two_root_agents_are_different_users() {
     let mut a = d.repl("web");
     let mut b = d.repl("web");
     let (pa, pb) = (a.cmd("pid"), b.cmd("pid"));
-    let uid_of = |pid: &str| -> u32 {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-    let (ua, ub) = (uid_of(&pa), uid_of(&pb));
+    let (ua, ub) = (host_uid(&pa), host_uid(&pb));
     assert!(ua != 0 && ub != 0 && ua != ub, "host uids {ua} and {ub}");
     assert_eq!(a.cmd(&format!("signal {pb}")), "err EPERM");
     assert_eq!(b.cmd(&format!("signal {pa}")), "err EPERM");
     // Each still signals itself (root of its own namespace).
     assert_eq!(a.cmd(&format!("signal {pa}")), "ok");
     assert_eq!(a.cmd(&format!("tcp 127.0.0.1:{}", sink.port())), "ok");
+}
+
+/// The real uid of process `pid` on the host.
+fn host_uid(pid: &str) -> u32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A root agent's user namespace belongs to its mapped uid, not to root. The kernel charges
+/// what it counts per user of a namespace (inotify instances and watches, message queue
+/// bytes, user namespaces) to the namespace's owner in the namespace above: a root agent that
+/// spends all it may must leave root's share, and with it every root service's, untouched.
+#[test]
+fn a_root_agent_spends_its_own_users_kernel_quotas_not_roots() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[9]))]);
+    let mut a = d.repl("web");
+    let pid = a.cmd("pid");
+    let uid = host_uid(&pid);
+    assert_ne!(uid, 0);
+    let ns = fs::File::open(format!("/proc/{pid}/ns/user")).unwrap();
+    let mut owner: libc::uid_t = u32::MAX;
+    /// NS_GET_OWNER_UID, `_IO(0xb7, 0x4)` of linux/nsfs.h.
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+    // SAFETY: the ioctl writes one uid_t into `owner`.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&ns),
+            NS_GET_OWNER_UID,
+            &raw mut owner,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(owner, uid, "the agent's namespace belongs to its host uid");
+    let limit: usize = fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // All the agent may have: its own uid's share, whole.
+    let got = a.cmd(&format!("inotify-fill {}", limit + 1));
+    // SAFETY: inotify_init1 takes only flags; the descriptor is closed right after.
+    let mine = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    let mine_err = std::io::Error::last_os_error();
+    if mine >= 0 {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(mine) };
+    }
+    drop(a);
+    assert!(
+        mine >= 0,
+        "root can no longer make an inotify instance: {mine_err} (agent: {got})"
+    );
+    assert_eq!(got, format!("n={limit} err EMFILE"));
 }

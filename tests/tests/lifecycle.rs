@@ -56,7 +56,8 @@ fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
         &spawn::Command::new("/bin/sh", ["-c".to_string(), script]),
         cg.open().unwrap().as_fd(),
     )
-    .unwrap();
+    .unwrap()
+    .pid;
     spawn::wait(pid).unwrap();
     assert_eq!(fs::read_to_string(&out_file).unwrap().trim(), "err EPERM");
     cg.remove_tree().unwrap();
@@ -391,7 +392,8 @@ fn a_cgroup_named_in_the_config_is_attached_and_bound() {
         &spawn::Command::new("/bin/sh", ["-c".to_string(), script]),
         extra.0.open().unwrap().as_fd(),
     )
-    .unwrap();
+    .unwrap()
+    .pid;
     spawn::wait(pid).unwrap();
     assert_eq!(
         fs::read_to_string(&out_file)
@@ -436,7 +438,8 @@ fn a_cgroup_named_in_the_config_is_attached_and_bound() {
         ),
         extra.0.open().unwrap().as_fd(),
     )
-    .unwrap();
+    .unwrap()
+    .pid;
     spawn::wait(pid).unwrap();
     let after = fs::read_to_string(&out_file).unwrap();
     let _ = fs::remove_file(&out_file);
@@ -640,7 +643,9 @@ fn a_restarted_unit_is_enforced_from_its_first_connect() {
             ],
         );
         let fd = cg.open().unwrap();
-        let pid = agentwall::spawn::spawn_in_cgroup(&cmd, fd.as_fd()).unwrap();
+        let pid = agentwall::spawn::spawn_in_cgroup(&cmd, fd.as_fd())
+            .unwrap()
+            .pid;
         let code = agentwall::spawn::exit_code(agentwall::spawn::wait(pid).unwrap());
         (code, fs::read_to_string(&out).unwrap_or_default())
     };

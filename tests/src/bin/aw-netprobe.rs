@@ -28,7 +28,8 @@
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
 //! `packet` (a cooked AF_PACKET socket), `ls DIR` (`entries=N`), `size FILE` (`bytes=N`),
 //! `signal PID` (signal 0: may this process signal PID), `create PATH` (a new file),
-//! `remove PATH`, `unshare-user` (a user namespace, from a child process), `session`
+//! `remove PATH`, `unshare-user` (a user namespace, from a child process), `inotify-fill N`
+//! (inotify instances until one is refused or N are open, kept: `n=K ERR`), `session`
 //! (`own` for a session leader, else `shared`), `write-file PATH TEXT`,
 //! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
@@ -458,6 +459,28 @@ fn unshare_user() -> String {
     }
 }
 
+/// Inotify instances made by `inotify-fill`, kept open until the probe ends.
+static INOTIFY: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes inotify instances until one is refused or `n` are open: `n=K ERR`.
+fn inotify_fill(n: usize) -> String {
+    let mut kept = INOTIFY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut last = "ok".to_string();
+    for _ in 0..n {
+        // SAFETY: inotify_init1 takes only flags; a new descriptor is ours alone.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if fd < 0 {
+            last = errno(&io::Error::last_os_error());
+            break;
+        }
+        // SAFETY: just created, owned by nothing else.
+        kept.push(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) });
+    }
+    format!("n={} {last}", kept.len())
+}
+
 fn unshare_net() -> String {
     // SAFETY: unshare(2) with a flag; affects only the calling thread.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -640,6 +663,9 @@ fn run(line: &str) -> String {
                     "shared".into()
                 },
             ),
+            ("inotify-fill", [n]) => Ok(inotify_fill(
+                n.parse().map_err(|_| "err bad count".to_string())?,
+            )),
             ("write-file", [path, text]) => {
                 Ok(std::fs::write(path, text).map_or_else(|e| errno(&e), |()| "ok".into()))
             }
