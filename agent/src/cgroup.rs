@@ -1,8 +1,12 @@
 //! cgroup v2 file system access: finding the mount, creating and removing cgroups, ids.
 
 use std::{
+    ffi::CString,
     fs, io,
-    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
+    os::{
+        fd::OwnedFd,
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
     path::{Component, Path, PathBuf},
 };
 
@@ -237,6 +241,52 @@ impl Cgroup {
         }
     }
 
+    /// Sets a `trusted.` extended attribute on the cgroup's directory: a note the daemon
+    /// leaves for its successor. Only a holder of CAP_SYS_ADMIN on the host can write one,
+    /// so no agent can forge or change it.
+    pub fn set_note(&self, name: &str, value: &[u8]) -> Result<(), CgroupError> {
+        let (path, key) = xattr_names(&self.path, name)?;
+        // SAFETY: both strings are NUL-terminated and live across the call; value is a slice.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                key.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io_err("writing a note on cgroup", &self.path)(
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A note [`Cgroup::set_note`] left, or `None` if there is none.
+    pub fn note(&self, name: &str) -> Result<Option<Vec<u8>>, CgroupError> {
+        let (path, key) = xattr_names(&self.path, name)?;
+        let mut buf = [0u8; 64];
+        // SAFETY: both strings are NUL-terminated; buf is writable for its length.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                key.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENODATA) {
+                return Ok(None);
+            }
+            return Err(io_err("reading a note on cgroup", &self.path)(e));
+        }
+        Ok(Some(buf[..n as usize].to_vec()))
+    }
+
     /// Refuses the mount's root: attaching a deny program there would cut off the host.
     pub fn ensure_not_root(&self, mount: &Path) -> Result<(), CgroupError> {
         let canon = fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
@@ -246,6 +296,14 @@ impl Cgroup {
         }
         Ok(())
     }
+}
+
+/// The directory and the attribute name of a note, as C strings.
+fn xattr_names(dir: &Path, name: &str) -> Result<(CString, CString), CgroupError> {
+    let bad = |_| io_err("naming a note on cgroup", dir)(io::ErrorKind::InvalidInput.into());
+    let path = CString::new(dir.as_os_str().as_bytes()).map_err(bad)?;
+    let key = CString::new(format!("trusted.agentwall.{name}")).map_err(bad)?;
+    Ok((path, key))
 }
 
 #[cfg(test)]

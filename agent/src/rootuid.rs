@@ -14,6 +14,11 @@ use std::{collections::HashSet, fs, path::Path};
 
 use serde::Deserialize;
 
+use crate::cgroup::{Cgroup, CgroupError};
+
+/// The name of the note on an exec cgroup that says which uid it was handed.
+const NOTE: &str = "root_uid";
+
 /// The host uids root agents are mapped to: `first` .. `first + count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,9 +80,27 @@ impl RootUids {
             .find(|uid| !used.contains(uid))
     }
 
+    /// Leaves on the exec cgroup the uid it was handed, so that a daemon that restarts before
+    /// the command runs as it does not hand the same uid to another cgroup.
+    pub fn record(cg: &Cgroup, uid: u32) -> Result<(), CgroupError> {
+        cg.set_note(NOTE, uid.to_string().as_bytes())
+    }
+
+    /// The uid of this range a previous daemon handed the exec cgroup: the note it left, else
+    /// (a cgroup of a daemon that left none) one its processes run as.
+    pub fn handed_to(&self, cg: &Cgroup) -> Option<u32> {
+        let noted = cg
+            .note(NOTE)
+            .ok()
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .filter(|uid| self.contains(*uid));
+        noted.or_else(|| self.in_use_below(cg.path()).into_iter().next())
+    }
+
     /// The uids of this range that processes of the cgroup at `dir` (and below) run as: how a
     /// daemon that restarted learns what its predecessor handed out.
-    pub fn in_use_below(&self, dir: &Path) -> HashSet<u32> {
+    fn in_use_below(&self, dir: &Path) -> HashSet<u32> {
         let mut out = HashSet::new();
         let mut stack = vec![dir.to_path_buf()];
         // Bounded: an agent may make many cgroups below its own.

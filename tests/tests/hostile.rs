@@ -757,3 +757,67 @@ fn a_root_agent_spends_its_own_users_kernel_quotas_not_roots() {
     );
     assert_eq!(got, format!("n={limit} err EMFILE"));
 }
+
+/// A daemon that restarts while an exec cgroup waits for its command (its launcher has the
+/// uid, its command does not run as it yet) learns the uid from a note on the cgroup, not only
+/// from the processes that run as it: otherwise it hands the same uid to a second root agent,
+/// and the two are one user on the host.
+#[test]
+fn a_restarted_daemon_does_not_hand_a_root_uid_out_twice() {
+    use agentwall::control::{Reply, Request, client::Client};
+    /// Kills the process on drop, so that a failed assertion leaves no cgroup populated.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _s = serial();
+    let first = 0x7A78_0000_u32;
+    let mut d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[9]))],
+        Some(&format!(
+            "exec:\n  root_uids: {{ first: {first}, count: 1 }}\n"
+        )),
+    );
+    let mut lease = Client::connect(&d.socket).unwrap();
+    lease
+        .send(&Request::ExecBegin {
+            policy: Some("web".into()),
+            audience: vec![],
+        })
+        .unwrap();
+    let Reply::ExecReady {
+        cgroup, protect, ..
+    } = lease.recv().unwrap()
+    else {
+        panic!("no exec cgroup");
+    };
+    assert_eq!(protect.root_uid, Some(first));
+    // Something other than the command (here a process of the test's) keeps the cgroup.
+    let holder = Holder(
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap(),
+    );
+    fs::write(
+        Path::new(&cgroup).join("cgroup.procs"),
+        holder.0.id().to_string(),
+    )
+    .unwrap();
+    d.kill9();
+    drop(lease);
+    d.launch();
+    d.wait_healthy();
+    let out = d.exec("web", None, &["pid"]);
+    drop(holder);
+    assert!(
+        !out.status.success(),
+        "a second root agent got uid {first} too: {:?}",
+        lines(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no uid to map root to"), "{err}");
+}

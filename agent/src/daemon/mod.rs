@@ -28,6 +28,7 @@ use crate::{
     events::{EventRecord, Resolve},
     policy::{self, Compiled, Mode},
     probe,
+    rootuid::RootUids,
     state::SlotTable,
 };
 
@@ -708,7 +709,14 @@ impl Daemon {
                 let mut registry = self.cgroups.lock().await;
                 let used = registry.values().filter_map(|m| m.root_uid).collect();
                 m.root_uid = self.cfg.exec.root_uids.pick(&used, seq);
-                if m.root_uid.is_none() {
+                if let Some(uid) = m.root_uid
+                    && let Err(e) = RootUids::record(&cg, uid)
+                {
+                    // Unrecorded, a restarted daemon could hand the uid out twice: no root.
+                    tracing::error!(cgroup = %cg.path().display(), error = %e, "cannot note the root uid on the exec cgroup; a command of this cgroup cannot run as root");
+                    self.count_error("root_uid_note");
+                    m.root_uid = None;
+                } else if m.root_uid.is_none() {
                     // The command can still run, unless it runs as root: the launcher then
                     // refuses it (or runs it with `--keep-privileges`, if asked).
                     tracing::warn!(
@@ -1132,13 +1140,7 @@ impl Daemon {
         }
         // The uids the previous daemon gave root commands are taken until their cgroups go.
         for m in registry.values_mut().filter(|m| m.kind == Kind::Exec) {
-            m.root_uid = self
-                .cfg
-                .exec
-                .root_uids
-                .in_use_below(m.cgroup.path())
-                .into_iter()
-                .next();
+            m.root_uid = self.cfg.exec.root_uids.handed_to(&m.cgroup);
         }
         let live: HashMap<u64, Cgroup> = registry
             .iter()
