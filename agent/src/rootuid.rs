@@ -10,7 +10,11 @@
 //! no user of the host: the default is high in the space that login and system users never
 //! take, and a configuration can move it.
 
-use std::{collections::HashSet, fs, path::Path};
+use std::{
+    collections::HashSet,
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 
@@ -131,6 +135,96 @@ impl RootUids {
     }
 }
 
+/// Why the range cannot be used on this host: a user, group or subordinate range of the host
+/// has an id in it, and a root agent mapped there would be that user (or be reachable by it).
+#[derive(Debug, thiserror::Error)]
+pub enum HostOverlap {
+    #[error(
+        "exec.root_uids ({first}..={last}) overlaps {what} in {file}: a root agent mapped there \
+         would act as that user or group; choose exec.root_uids.first and count so that the \
+         range holds no user, group or subordinate id range of the host"
+    )]
+    Overlap {
+        first: u32,
+        last: u32,
+        file: PathBuf,
+        what: String,
+    },
+    #[error("exec.root_uids: reading {file} to check the range against it: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The files of the host's user database the range is checked against, and which fields of
+/// their lines hold ids: a single id, or a subordinate range (start and count).
+const DATABASE: [(&str, Ids); 4] = [
+    ("passwd", Ids::Single(&[2, 3])),
+    ("group", Ids::Single(&[2])),
+    ("subuid", Ids::Range),
+    ("subgid", Ids::Range),
+];
+
+#[derive(Clone, Copy)]
+enum Ids {
+    /// These fields (by index, `:`-separated) are ids.
+    Single(&'static [usize]),
+    /// Fields 1 and 2 are the start and the length of a range of ids.
+    Range,
+}
+
+impl RootUids {
+    /// Checks the range against the host's user database in `etc` (`/etc`): passwd and group
+    /// (uids and gids, the range maps both) and subuid and subgid (ranges that users may map
+    /// into their own user namespaces). Users of a network directory (LDAP, sssd) are not
+    /// listed there and not checked; a missing file has nothing to overlap.
+    pub fn check_host(&self, etc: &Path) -> Result<(), HostOverlap> {
+        let last = self.first + (self.count - 1);
+        for (name, ids) in DATABASE {
+            let file = etc.join(name);
+            let text = match fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(HostOverlap::Read { file, source }),
+            };
+            if let Some(what) = overlapping_line(&text, ids, self.first, last) {
+                return Err(HostOverlap::Overlap {
+                    first: self.first,
+                    last,
+                    file,
+                    what,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first line of a user database file with an id in `first..=last`, described.
+fn overlapping_line(text: &str, ids: Ids, first: u32, last: u32) -> Option<String> {
+    let inside = |a: u64, b: u64| a <= u64::from(last) && b >= u64::from(first);
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let num = |i: usize| fields.get(i)?.trim().parse::<u64>().ok();
+            let owner = fields.first().copied().unwrap_or("");
+            match ids {
+                Ids::Single(at) => at.iter().find_map(|&i| {
+                    let id = num(i)?;
+                    inside(id, id).then(|| format!("{owner:?} (id {id})"))
+                }),
+                Ids::Range => {
+                    let (start, len) = (num(1)?, num(2)?);
+                    (len > 0 && inside(start, start + len - 1))
+                        .then(|| format!("the range of {owner:?} ({start}..={})", start + len - 1))
+                }
+            }
+        })
+}
+
 /// The real uid of a process, from `/proc/PID/status`.
 fn real_uid(pid: &str) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -182,5 +276,40 @@ mod tests {
         used.insert(100_000);
         assert_eq!(r.pick(&used, 1), None);
         assert!(r.contains(100_002) && !r.contains(100_003) && !r.contains(99_999));
+    }
+
+    #[test]
+    fn users_groups_and_subordinate_ranges_inside_the_range_are_found() {
+        let r = RootUids {
+            first: 200_000,
+            count: 10,
+        };
+        let etc = std::env::temp_dir().join(format!("aw-rootuid-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&etc);
+        fs::create_dir(&etc).unwrap();
+        let write = |name: &str, text: &str| fs::write(etc.join(name), text).unwrap();
+        // No files: nothing to overlap. Lines around the range, comments and junk: fine.
+        assert!(r.check_host(&etc).is_ok());
+        write(
+            "passwd",
+            "root:x:0:0::/root:/bin/sh\n# x:x:200000:0\nbad line\nhi:x:200010:199999::/:/bin/sh\n",
+        );
+        write("group", "g:x:199999:\n");
+        write("subuid", "alice:100000:100000\n");
+        write("subgid", "alice:200010:65536\n");
+        assert!(r.check_host(&etc).is_ok());
+        let found = |name: &str, text: &str, expect: &str| {
+            let keep = fs::read_to_string(etc.join(name)).unwrap();
+            write(name, text);
+            let e = r.check_host(&etc).unwrap_err().to_string();
+            write(name, &keep);
+            assert!(e.contains(expect) && e.contains(name), "{e}");
+        };
+        found("passwd", "u:x:200009:1::/:/bin/sh\n", "\"u\" (id 200009)");
+        found("passwd", "u:x:1000:200000::/:/bin/sh\n", "(id 200000)");
+        found("group", "g:x:200005:a,b\n", "\"g\" (id 200005)");
+        found("subuid", "bob:199990:11\n", "\"bob\" (199990..=200000)");
+        found("subgid", "1000:200009:1\n", "\"1000\" (200009..=200009)");
+        fs::remove_dir_all(&etc).unwrap();
     }
 }

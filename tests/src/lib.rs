@@ -475,8 +475,13 @@ impl TestDaemon {
     /// Runs the daemon when it must refuse to start: one that does not exit within 10 s is
     /// killed (and the caller sees a failure, not a hang).
     pub fn run_refused(&self) -> Output {
-        let mut child = self
-            .run_command()
+        self.run_refused_command(self.run_command())
+    }
+
+    /// [`TestDaemon::run_refused`] for `c`, a command that ends in this daemon's `agentwall
+    /// run` (a wrapper's, say).
+    pub fn run_refused_command(&self, mut c: Command) -> Output {
+        let mut child = c
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

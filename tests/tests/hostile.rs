@@ -821,3 +821,41 @@ fn a_restarted_daemon_does_not_hand_a_root_uid_out_twice() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no uid to map root to"), "{err}");
 }
+
+/// The uids root agents are mapped to must belong to nobody on the host: a user (or group, or
+/// subordinate range a user may map into namespaces of its own) inside `exec.root_uids` would
+/// be, or could become, the same user as a root agent. The daemon refuses to start, naming the
+/// file and the entry; here in a mount namespace of the test's own whose /etc/subuid gives a
+/// user a range that reaches into the default one.
+#[test]
+fn a_root_uid_range_a_host_user_has_is_refused_at_start() {
+    let _s = serial();
+    let d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[9]))], None);
+    let fake = d.state_dir().with_file_name("subuid");
+    fs::write(&fake, "mallory:2054680000:10000\n").unwrap();
+    let run = d.run_command();
+    let mut c = std::process::Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/subuid && exec "$@""#)
+        .arg(&fake)
+        .arg(run.get_program())
+        .args(run.get_args());
+    for (k, v) in run.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    let out = d.run_refused_command(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("exec.root_uids") && err.contains("/etc/subuid") && err.contains("mallory"),
+        "{err}"
+    );
+    // The host's own file is untouched.
+    assert!(
+        !fs::read_to_string("/etc/subuid")
+            .unwrap()
+            .contains("mallory")
+    );
+}

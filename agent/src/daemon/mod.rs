@@ -67,6 +67,8 @@ pub enum DaemonError {
         slots: Vec<u32>,
         pin_dir: PathBuf,
     },
+    #[error(transparent)]
+    RootUids(#[from] crate::rootuid::HostOverlap),
     #[error("another agentwall daemon is using the state directory {0} (lock held); stop it first")]
     Locked(PathBuf),
     #[error("installing signal handlers: {0}")]

@@ -42,6 +42,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         source,
     })?;
     crate::state::check_private_dir(&cfg.state_dir, "state directory")?;
+    // A root agent mapped to a host user's id would be that user.
+    cfg.exec
+        .root_uids
+        .check_host(std::path::Path::new("/etc"))?;
     // Two daemons on one state directory would fight over the same kernel objects.
     let _lock = lock_state_dir(&cfg.state_dir)?;
     let mount = cgroup::ensure_host_cgroup_namespace()?;
