@@ -298,6 +298,50 @@ impl Cgroup {
     }
 }
 
+/// How a walk of the processes below some cgroups ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walk {
+    /// Every process was seen.
+    Done,
+    /// The caller stopped it.
+    Stopped,
+    /// More cgroup directories than the walk may read: the rest were not seen.
+    TooManyCgroups,
+}
+
+/// Calls `f` with the pid of each process of the cgroups at `dirs` and of their descendants,
+/// reading at most `max_dirs` cgroup directories (an agent may make many below its own). A
+/// cgroup or process gone meanwhile is skipped: it has nothing left to find.
+pub fn for_each_process_below(
+    dirs: &[PathBuf],
+    max_dirs: usize,
+    mut f: impl FnMut(&str) -> std::ops::ControlFlow<()>,
+) -> Walk {
+    let mut stack = dirs.to_vec();
+    let mut read = 0;
+    while let Some(dir) = stack.pop() {
+        read += 1;
+        if read > max_dirs {
+            return Walk::TooManyCgroups;
+        }
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                if f(pid).is_break() {
+                    return Walk::Stopped;
+                }
+            }
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Walk::Done
+}
+
 /// The directory and the attribute name of a note, as C strings.
 fn xattr_names(dir: &Path, name: &str) -> Result<(CString, CString), CgroupError> {
     let bad = |_| io_err("naming a note on cgroup", dir)(io::ErrorKind::InvalidInput.into());

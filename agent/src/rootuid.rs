@@ -13,6 +13,7 @@
 use std::{
     collections::HashSet,
     fs, io,
+    ops::ControlFlow,
     path::{Path, PathBuf},
 };
 
@@ -106,31 +107,15 @@ impl RootUids {
     /// daemon that restarted learns what its predecessor handed out.
     fn in_use_below(&self, dir: &Path) -> HashSet<u32> {
         let mut out = HashSet::new();
-        let mut stack = vec![dir.to_path_buf()];
         // Bounded: an agent may make many cgroups below its own.
-        let mut budget = 1024;
-        while let Some(d) = stack.pop() {
-            budget -= 1;
-            if budget == 0 {
-                break;
+        crate::cgroup::for_each_process_below(&[dir.to_path_buf()], 1024, |pid| {
+            if let Some(uid) = real_uid(pid)
+                && self.contains(uid)
+            {
+                out.insert(uid);
             }
-            if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
-                for pid in procs.split_whitespace() {
-                    if let Some(uid) = real_uid(pid)
-                        && self.contains(uid)
-                    {
-                        out.insert(uid);
-                    }
-                }
-            }
-            if let Ok(rd) = fs::read_dir(&d) {
-                stack.extend(
-                    rd.flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-        }
+            ControlFlow::Continue(())
+        });
         out
     }
 }

@@ -18,12 +18,15 @@
 use std::{
     collections::HashSet,
     fs, io,
+    ops::ControlFlow,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::PathBuf,
 };
+
+use crate::cgroup::Walk;
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -319,44 +322,31 @@ pub fn foreign_namespaces(dirs: &[PathBuf]) -> Vec<OwnedFd> {
     };
     let mut seen = HashSet::from([(own.dev(), own.ino())]);
     let mut out = Vec::new();
-    let mut stack = dirs.to_vec();
-    let mut read = 0;
-    while let Some(dir) = stack.pop() {
-        read += 1;
-        if read > MAX_CGROUP_DIRS {
-            tracing::warn!(
-                max = MAX_CGROUP_DIRS,
-                "too many cgroups to search for network namespaces; the rest are left to the packet backstop"
-            );
-            break;
-        }
-        // A cgroup or process gone meanwhile has no socket left to cut.
-        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-            for pid in procs.split_whitespace() {
-                let Ok(f) = fs::File::open(format!("/proc/{pid}/ns/net")) else {
-                    continue;
-                };
-                if let Ok(m) = f.metadata()
-                    && seen.insert((m.dev(), m.ino()))
-                {
-                    if out.len() == MAX_NAMESPACES {
-                        tracing::warn!(
-                            max = MAX_NAMESPACES,
-                            "too many network namespaces to search; their other sockets are left to the packet backstop"
-                        );
-                        return out;
-                    }
-                    out.push(OwnedFd::from(f));
-                }
+    let walk = crate::cgroup::for_each_process_below(dirs, MAX_CGROUP_DIRS, |pid| {
+        // A process gone meanwhile has no socket left to cut.
+        let Ok(f) = fs::File::open(format!("/proc/{pid}/ns/net")) else {
+            return ControlFlow::Continue(());
+        };
+        if let Ok(m) = f.metadata()
+            && seen.insert((m.dev(), m.ino()))
+        {
+            if out.len() == MAX_NAMESPACES {
+                return ControlFlow::Break(());
             }
+            out.push(OwnedFd::from(f));
         }
-        if let Ok(rd) = fs::read_dir(&dir) {
-            stack.extend(
-                rd.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
+        ControlFlow::Continue(())
+    });
+    match walk {
+        Walk::Done => {}
+        Walk::Stopped => tracing::warn!(
+            max = MAX_NAMESPACES,
+            "too many network namespaces to search; their other sockets are left to the packet backstop"
+        ),
+        Walk::TooManyCgroups => tracing::warn!(
+            max = MAX_CGROUP_DIRS,
+            "too many cgroups to search for network namespaces; the rest are left to the packet backstop"
+        ),
     }
     out
 }
