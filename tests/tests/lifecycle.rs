@@ -691,3 +691,106 @@ fn a_restarted_unit_is_enforced_from_its_first_connect() {
     drop(other);
     let _ = unit().remove_tree();
 }
+
+/// A unit listed under `enforce:` whose unit file lacks `ExecStartPre=+agentwall enforce-self`
+/// still gets a new cgroup at every start. The daemon starts while the unit is stopped (its
+/// cgroup missing), learns of each new cgroup at the configured path and enforces it; the
+/// sockets its processes opened before (here while no policy of that name was in force, so
+/// nothing could enforce it) are destroyed once it is.
+#[test]
+fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut() {
+    let _s = serial();
+    let (allowed, denied) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let name = format!("awt-{}-late", std::process::id());
+    let parent =
+        agentwall_tests::CgroupGuard(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
+    parent.0.create().unwrap();
+    let unit = |u: &str| Cgroup::at(parent.0.path().join(u));
+    let config = format!(
+        "enforce:\n  - cgroup: {name}/a.service\n    policy: web\n  - cgroup: {name}/b.service\n    policy: late\n"
+    );
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+
+    // The unit starts, and restarts (a new cgroup at the same path), with no enforce-self:
+    // its first steps race the watcher, so the test gives it a moment before it connects.
+    let out = d.dir.join("a.out");
+    let script = format!(
+        "exec {} 'sleep 1500' 'tcp 127.0.0.1:{}' 'tcp 127.0.0.1:{}' > {}",
+        netprobe_bin().display(),
+        denied.port(),
+        allowed.port(),
+        out.display()
+    );
+    for start in 1..=2 {
+        unit("a.service").create().unwrap();
+        let pid = spawn::spawn_in_cgroup(
+            &spawn::Command::new("/bin/sh", ["-c".to_string(), script.clone()]),
+            unit("a.service").open().unwrap().as_fd(),
+        )
+        .unwrap()
+        .pid;
+        spawn::wait(pid).unwrap();
+        assert_eq!(
+            fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .collect::<Vec<_>>(),
+            ["ok", "err EPERM", "ok"],
+            "start {start}"
+        );
+        assert_eq!(denied.accepted(), 0);
+        let a_id = unit("a.service").id().unwrap();
+        let st = d.status();
+        let configured: Vec<_> = st
+            .cgroups
+            .iter()
+            .filter(|c| c.path.ends_with("a.service"))
+            .collect();
+        assert!(
+            configured.len() == 1
+                && configured[0].id == a_id
+                && configured[0].kind == "configured"
+                && configured[0].policy.as_deref() == Some("web"),
+            "start {start}: {configured:#?}"
+        );
+        unit("a.service").remove_tree().unwrap();
+    }
+
+    // b.service starts while its policy is not in force: nothing can enforce it, and it
+    // opens a stream to a destination its policy will not allow.
+    let late = |d: &TestDaemon| {
+        d.status()
+            .daemon_errors
+            .get("configured_enforced_late")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = late(&d);
+    unit("b.service").create().unwrap();
+    let procs = unit("b.service").path().join("cgroup.procs");
+    let mut c = std::process::Command::new("/bin/sh");
+    c.arg("-c").arg(format!(
+        "echo $$ > {} && exec {} repl",
+        procs.display(),
+        netprobe_bin().display()
+    ));
+    let mut b = agentwall_tests::Repl::spawn(c);
+    assert_eq!(b.cmd(&format!("stream 127.0.0.1:{}", denied.port())), "ok");
+    denied.wait_flowing();
+    d.write_policy("late.yaml", &tcp_policy("late", &[allowed.port()]));
+    let reload = d.cli(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    assert_eq!(b.cmd("stream-end 5000"), "err ECONNABORTED");
+    denied.assert_stopped("once the cgroup that appeared is enforced");
+    assert_eq!(
+        b.cmd(&format!("tcp 127.0.0.1:{}", denied.port())),
+        "err EPERM"
+    );
+    assert_eq!(b.cmd(&format!("tcp 127.0.0.1:{}", allowed.port())), "ok");
+    drop(b);
+    // Enforced late, with processes in it: counted for status and metrics.
+    assert_eq!(late(&d), before + 1);
+}

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 mod identity;
 pub(crate) use identity::may_block_here;
 mod run;
+mod units;
 
 pub use self::run::run;
 use crate::{
@@ -71,6 +72,8 @@ pub enum DaemonError {
     RootUids(#[from] crate::rootuid::HostOverlap),
     #[error("another agentwall daemon is using the state directory {0} (lock held); stop it first")]
     Locked(PathBuf),
+    #[error("watching for the cgroups listed under `enforce:`: {0}")]
+    Watcher(#[source] std::io::Error),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("the event reader stopped: {0}")]
@@ -252,6 +255,9 @@ pub struct Daemon {
     health: RwLock<Health>,
     errors: Mutex<BTreeMap<String, u64>>,
     reload_lock: AsyncMutex<()>,
+    /// Taken by whoever enforces a cgroup listed under `enforce:` (the unit's `enforce-self`,
+    /// the watcher of new cgroups, the start), so that one sees what the other did.
+    configured_turn: AsyncMutex<()>,
     gc: Notify,
     identity: Arc<crate::identity::service::IdentityService>,
     /// The enrollment records as last written (see `save_enrollments`).
@@ -480,11 +486,22 @@ impl Daemon {
 
     /// Attaches the programs to a cgroup the configuration lists under `enforce:` and binds it
     /// to its policy; a cgroup that held that path before (the unit's previous run) is let go.
+    /// Returns its id, and whether it was not enforced before this call.
     pub(super) async fn enforce_configured(
         &self,
         e: &crate::config::EnforceEntry,
-    ) -> Result<u64, DaemonError> {
+    ) -> Result<(u64, bool), DaemonError> {
+        let _turn = self.configured_turn.lock().await;
         let cg = Cgroup::under(&self.mount, &e.cgroup)?;
+        let known = match cg.id() {
+            Ok(id) => self
+                .cgroups
+                .lock()
+                .await
+                .get(&id)
+                .is_some_and(|m| m.kind == Kind::Configured),
+            Err(_) => false,
+        };
         let Some(b) = self.binding_for(&e.policy) else {
             return Err(policy::PolicyError {
                 problems: vec![policy::Problem {
@@ -523,11 +540,9 @@ impl Daemon {
                 self.count_error("unbind");
             }
         }
-        Ok(id)
+        Ok((id, !known))
     }
 
-    /// `enforce_self`: enforces the cgroup of process `pid` (the caller) if the configuration
-    /// lists it under `enforce:`.
     /// Whether process `pid` runs in a cgroup agentwall confines (the managed subtree, or a
     /// configured `enforce:` cgroup or below): such a peer reaches the admin socket only for
     /// `enforce-self` (the Unix hooks let every enforced cgroup reach it, for units'
@@ -551,6 +566,8 @@ impl Daemon {
                 .any(|e| own.starts_with(self.mount.join(e.cgroup.trim_start_matches('/'))))
     }
 
+    /// `enforce_self`: enforces the cgroup of process `pid` (the caller) if the configuration
+    /// lists it under `enforce:`.
     pub async fn enforce_self(&self, pid: i32) -> Reply {
         let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
@@ -578,7 +595,7 @@ impl Daemon {
             };
         };
         match self.enforce_configured(&e).await {
-            Ok(id) => {
+            Ok((id, _)) => {
                 tracing::info!(cgroup = rel, cgroup_id = id, policy = %e.policy, "a configured cgroup enforced at its caller's request");
                 Reply::Done {
                     message: format!(

@@ -89,6 +89,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         health: RwLock::new(Health::Starting),
         errors: Mutex::new(BTreeMap::new()),
         reload_lock: AsyncMutex::new(()),
+        configured_turn: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,
         persisted: AsyncMutex::new(super::identity::enrollment_store(&cfg.state_dir)),
@@ -166,6 +167,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     root.create()?;
     handle.attach(root.clone()).await?;
     for e in daemon.cfg.enforce.clone() {
+        if !Cgroup::under(&mount, &e.cgroup)?.exists() {
+            // A stopped unit: enforced by the watcher (or its `enforce-self`) when it starts.
+            tracing::info!(cgroup = %e.cgroup, policy = %e.policy, "a configured cgroup is not there yet; it is enforced when it appears");
+            continue;
+        }
         daemon.enforce_configured(&e).await?;
     }
     daemon.reconcile().await?;
@@ -280,6 +286,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         audit.clone(),
         daemon.cfg.audit.when_down,
     ));
+    super::units::spawn(Arc::clone(&daemon), tokio::runtime::Handle::current())
+        .map_err(DaemonError::Watcher)?;
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 

@@ -1,0 +1,123 @@
+//! Cgroups listed under `enforce:` that appear while the daemon runs.
+//!
+//! A systemd unit gets a new cgroup at each start. `ExecStartPre=+agentwall enforce-self`
+//! has it enforced before the main process runs; a unit without that line would run
+//! unenforced until the daemon restarted. The watcher closes that: it learns of each new
+//! cgroup at a configured path from inotify on the parent directory (and, as a fallback for
+//! a parent that did not exist yet or an overflowed queue, looks every second), enforces it,
+//! and destroys the sockets its processes opened before, which no hook judged. What they
+//! sent in those milliseconds is not undone; the log says so, and `enforce-self` is the way
+//! to have the first connect judged.
+
+use std::{
+    os::fd::AsFd as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::inotify::{AddWatchFlags, InitFlags, Inotify},
+};
+
+use super::Daemon;
+use crate::cgroup::Cgroup;
+
+/// How often the configured paths are looked at without an inotify event.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the watcher thread, if the configuration lists any cgroup under `enforce:`.
+pub(super) fn spawn(daemon: Arc<Daemon>, rt: tokio::runtime::Handle) -> std::io::Result<()> {
+    if daemon.cfg.enforce.is_empty() {
+        return Ok(());
+    }
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    std::thread::Builder::new()
+        .name("aw-units".into())
+        .spawn(move || {
+            loop {
+                watch_parents(&daemon, &inotify);
+                let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+                let ms = u16::try_from(LOOK_EVERY.as_millis()).unwrap_or(u16::MAX);
+                let _ = poll(&mut fds, PollTimeout::from(ms));
+                // Only the wakeup matters: every configured path is looked at anyway.
+                while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
+                rt.block_on(daemon.enforce_appeared());
+            }
+        })?;
+    Ok(())
+}
+
+/// Watches the directory each configured cgroup is made in (again: the same watch if it is
+/// in place, a new one if the directory was made anew).
+fn watch_parents(daemon: &Daemon, inotify: &Inotify) {
+    for e in &daemon.cfg.enforce {
+        if let Ok(cg) = Cgroup::under(&daemon.mount, &e.cgroup)
+            && let Some(parent) = cg.path().parent()
+        {
+            let _ = inotify.add_watch(parent, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ONLYDIR);
+        }
+    }
+}
+
+impl Daemon {
+    /// Enforces each configured cgroup that exists and is not enforced yet, and destroys the
+    /// sockets its processes opened before.
+    pub(super) async fn enforce_appeared(&self) {
+        for e in &self.cfg.enforce {
+            let Ok(cg) = Cgroup::under(&self.mount, &e.cgroup) else {
+                continue;
+            };
+            let Ok(id) = cg.id() else {
+                // Not there (yet): the unit is stopped.
+                continue;
+            };
+            let known = self
+                .cgroups
+                .lock()
+                .await
+                .get(&id)
+                .is_some_and(|m| m.kind == super::Kind::Configured);
+            if known {
+                continue;
+            }
+            let started = Instant::now();
+            // Empty as it is enforced: nothing ran unjudged (systemd makes the cgroup before
+            // it starts the unit's first process in it).
+            let empty = cg.populated().is_ok_and(|p| !p);
+            match self.enforce_configured(e).await {
+                Ok((id, true)) if empty => {
+                    tracing::info!(cgroup = %e.cgroup, cgroup_id = id, policy = %e.policy, "a configured cgroup appeared and was enforced before a process ran in it");
+                }
+                Ok((id, true)) => {
+                    let cut = self.destroy_sockets([id].into()).await;
+                    tracing::warn!(
+                        cgroup = %e.cgroup,
+                        cgroup_id = id,
+                        policy = %e.policy,
+                        sockets_destroyed = cut.sockets,
+                        "a configured cgroup appeared and is enforced now; what its processes sent before was not judged (give its unit ExecStartPre=+agentwall enforce-self)"
+                    );
+                    self.audit.record(
+                        "configured_cgroup_enforced",
+                        &serde_json::json!({
+                            "cgroup": e.cgroup,
+                            "cgroup_id": id,
+                            "policy": e.policy,
+                            "by": "watcher",
+                            "sockets_destroyed": cut.sockets,
+                            "took_us": started.elapsed().as_micros() as u64,
+                        }),
+                    );
+                    self.count_error("configured_enforced_late");
+                }
+                // Its `enforce-self` came first.
+                Ok((_, false)) => {}
+                Err(err) => {
+                    tracing::error!(cgroup = %e.cgroup, error = %err, "a configured cgroup appeared and cannot be enforced; retrying");
+                    self.count_error("configured_enforce");
+                }
+            }
+        }
+    }
+}
