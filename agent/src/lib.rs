@@ -24,6 +24,7 @@ pub mod sched;
 pub mod sockdiag;
 pub mod spawn;
 pub mod state;
+pub mod supervise;
 
 /// An error and its causes on one line, each text once (messages often repeat their cause).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -794,3 +794,59 @@ fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut(
     // Enforced late, with processes in it: counted for status and metrics.
     assert_eq!(late(&d), before + 1);
 }
+
+/// Every long-lived task and thread of the daemon is watched: one that panics stops the
+/// daemon with exit code 1 and a line naming it (for the service manager to start a whole
+/// daemon), and the pinned programs keep enforcing meanwhile. A fault is injected into one
+/// task at a time (debug builds only: `AGENTWALL_TEST_FAULT`).
+#[test]
+fn a_task_that_dies_stops_the_daemon_and_the_kernel_keeps_enforcing() {
+    let _s = serial();
+    let (allowed, denied) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let name = format!("awt-{}-sup", std::process::id());
+    let unit =
+        agentwall_tests::CgroupGuard(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
+    unit.0.create().unwrap();
+    let config = format!("enforce:\n  - cgroup: {name}\n    policy: web\n");
+    let d = TestDaemon::prepare(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+    let out_file = d.dir.join("unit.out");
+    let script = format!(
+        "exec {} 'tcp 127.0.0.1:{}' 'tcp 127.0.0.1:{}' > {}",
+        netprobe_bin().display(),
+        allowed.port(),
+        denied.port(),
+        out_file.display()
+    );
+    for task in ["gc", "admin", "units", "renew"] {
+        let mut c = d.run_command();
+        c.env("AGENTWALL_TEST_FAULT", task);
+        let out = d.run_refused_command(c);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{task}: {err}");
+        assert!(
+            err.contains(&format!(
+                "the daemon's {task} task panicked; stopping the daemon"
+            )),
+            "{task}: {err}"
+        );
+        let pid = spawn::spawn_in_cgroup(
+            &spawn::Command::new("/bin/sh", ["-c".to_string(), script.clone()]),
+            unit.0.open().unwrap().as_fd(),
+        )
+        .unwrap()
+        .pid;
+        spawn::wait(pid).unwrap();
+        assert_eq!(
+            fs::read_to_string(&out_file)
+                .unwrap()
+                .lines()
+                .collect::<Vec<_>>(),
+            ["ok", "err EPERM"],
+            "after the {task} task died"
+        );
+    }
+    assert_eq!(denied.accepted(), 0);
+}

@@ -122,6 +122,7 @@ pub fn serve_on_thread(
     access: Access,
     daemon: Arc<Daemon>,
     slots: Arc<crate::limits::Slots>,
+    watch: crate::supervise::Watch,
 ) -> io::Result<()> {
     let rt = tokio::runtime::Handle::current();
     let listener = listener.into_std()?;
@@ -129,6 +130,8 @@ pub fn serve_on_thread(
     std::thread::Builder::new()
         .name("agentwall-admin".into())
         .spawn(move || {
+            let _watch = watch;
+            crate::supervise::fault_point("admin");
             if let Err(e) = crate::sched::set_realtime() {
                 tracing::info!(error = %e, "admin socket: no real-time scheduling (CAP_SYS_NICE?); under load a revocation may wait for a CPU");
                 crate::sched::latency_critical("agentwall-admin");

@@ -72,6 +72,8 @@ pub enum DaemonError {
     RootUids(#[from] crate::rootuid::HostOverlap),
     #[error("another agentwall daemon is using the state directory {0} (lock held); stop it first")]
     Locked(PathBuf),
+    #[error("{0}; the daemon stopped so that it can be started whole (the kernel keeps enforcing)")]
+    TaskEnded(crate::supervise::Ended),
     #[error("watching for the cgroups listed under `enforce:`: {0}")]
     Watcher(#[source] std::io::Error),
     #[error("installing signal handlers: {0}")]

@@ -62,7 +62,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         (&cfg.enrollment.socket, &cfg.socket),
     )?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
-    let (audit, audit_node_key, _audit_thread) = start_audit(&cfg)?;
+    // Every long-lived task and thread from here on is watched: one that ends stops the
+    // daemon (see `crate::supervise`).
+    let (supervisor, mut ended) = crate::supervise::Supervisor::new();
+    let (audit, audit_node_key, audit_thread) = start_audit(&cfg)?;
+    supervisor
+        .adopt("audit", audit_thread)
+        .map_err(|e| DaemonError::Audit(format!("watching the audit writer: {e}")))?;
     record_unwritten(&cfg, &audit);
     let cfg_detect = cfg.detect.clone();
 
@@ -75,7 +81,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         ))),
         None => None,
     };
-    let (handle, _thread) = EnforcerHandle::spawn(enforcer, mount.clone());
+    let (handle, _thread) =
+        EnforcerHandle::spawn(enforcer, mount.clone(), supervisor.watch("enforce"));
     let book = Arc::new(RwLock::new(RuleBook::default()));
     let (events_tx, _) = broadcast::channel(4096);
     let daemon = Arc::new(Daemon {
@@ -153,12 +160,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         })
         .map_err(DaemonError::Events)?;
     if let Some(s) = &summarizer {
-        events::summary::Summarizer::spawn(
+        let thread = events::summary::Summarizer::spawn(
             Arc::clone(s),
             Arc::clone(&summary_names),
             audit.clone(),
         )
         .map_err(DaemonError::Events)?;
+        supervisor
+            .adopt("summary", thread)
+            .map_err(DaemonError::Events)?;
     }
 
     let generation = daemon.install(compiled).await?;
@@ -197,16 +207,24 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let (listener, access) =
         control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
     let admin_slots = crate::limits::Slots::new("admin socket", limits.admin);
-    control::server::serve_on_thread(listener, access, Arc::clone(&daemon), admin_slots).map_err(
-        |source| control::server::ServerError::Io {
-            path: daemon.cfg.socket.display().to_string(),
-            source,
-        },
-    )?;
+    control::server::serve_on_thread(
+        listener,
+        access,
+        Arc::clone(&daemon),
+        admin_slots,
+        supervisor.watch("admin"),
+    )
+    .map_err(|source| control::server::ServerError::Io {
+        path: daemon.cfg.socket.display().to_string(),
+        source,
+    })?;
     if let Some(addr) = daemon.cfg.metrics.listen {
         let listener = control::metrics::bind(addr).await?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        tokio::spawn(control::metrics::serve(listener, Arc::clone(&daemon)));
+        supervisor.spawn(
+            "metrics",
+            control::metrics::serve(listener, Arc::clone(&daemon)),
+        );
     }
     let e = &daemon.cfg.enrollment;
     let enroll_listener =
@@ -218,7 +236,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     })?;
     let renew_daemon = Arc::clone(&daemon);
-    tokio::spawn(async move {
+    supervisor.spawn("renew", async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let before = renew_daemon.identity.config().renew_before;
@@ -226,7 +244,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     });
     let gc_daemon = Arc::clone(&daemon);
-    tokio::spawn(async move {
+    supervisor.spawn("gc", async move {
         loop {
             tokio::select! {
                 () = gc_daemon.gc.notified() => {}
@@ -265,14 +283,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         audit: audit.clone(),
         seen: AsyncMutex::new(dropped_at_start.clone()),
     });
-    tokio::spawn(Arc::clone(&losses).run());
+    supervisor.spawn("losses", Arc::clone(&losses).run());
     {
         let (detector, path, d) = (
             Arc::clone(&detector),
             baselines.clone(),
             Arc::clone(&daemon),
         );
-        tokio::spawn(async move {
+        supervisor.spawn("baselines", async move {
             loop {
                 tokio::time::sleep(BASELINES_EVERY).await;
                 let (detector, path, d) = (Arc::clone(&detector), path.clone(), Arc::clone(&d));
@@ -281,13 +299,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    tokio::spawn(watch_audit_health(
-        handle.clone(),
-        audit.clone(),
-        daemon.cfg.audit.when_down,
-    ));
-    super::units::spawn(Arc::clone(&daemon), tokio::runtime::Handle::current())
-        .map_err(DaemonError::Watcher)?;
+    supervisor.spawn(
+        "audit-health",
+        watch_audit_health(handle.clone(), audit.clone(), daemon.cfg.audit.when_down),
+    );
+    super::units::spawn(
+        Arc::clone(&daemon),
+        tokio::runtime::Handle::current(),
+        &supervisor,
+    )
+    .map_err(DaemonError::Watcher)?;
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
@@ -295,11 +316,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    loop {
+    let failed = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
             _ = hup.recv() => { daemon.reload().await; }
+            Some(e) = ended.recv() => {
+                // A part of the daemon is gone: stop, with an error, for the service manager
+                // to start a whole one. The kernel keeps enforcing meanwhile.
+                tracing::error!(task = e.name, panicked = e.panicked, "{e}; stopping the daemon (the kernel keeps enforcing through the pinned programs)");
+                daemon.count_error("task_ended");
+                break Some(e);
+            }
             r = &mut reader => {
                 // Without the reader verdicts would go unreported: stop, so that the service
                 // manager restarts the daemon. The kernel keeps enforcing meanwhile.
@@ -313,7 +341,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 return Err(DaemonError::Events(std::io::Error::other(message)));
             }
         }
-    }
+    };
     let _ = sd_notify("STOPPING=1");
     // A revocation still not durable gets a last try; if that fails too, it is said loudly.
     // (The kernel keeps the revoked bindings flagged: the next start recovers their serials.)
@@ -325,7 +353,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // Whatever the audit log is doing (a full file system keeps its writer retrying, and a
     // full queue blocks whoever records), the daemon is gone within SHUTDOWN_LIMIT; what could
     // not be written is noted for the next start. The kernel keeps enforcing either way.
-    arm_shutdown_limit(audit.clone(), unwritten_note(&daemon.cfg));
+    arm_shutdown_limit(
+        audit.clone(),
+        unwritten_note(&daemon.cfg),
+        if failed.is_some() { 1 } else { 0 },
+    );
     // The last summaries (the budgets stay in force in the pinned maps; the next daemon
     // reports what they count meanwhile). The reader takes what the ring holds
     // (allowed verdicts wait for its poll), then the last losses are counted: the log ends
@@ -353,9 +385,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         );
         let _ = tokio::task::spawn_blocking(move || save_baselines(&d, &detector, &path)).await;
     }
+    let reason = failed
+        .as_ref()
+        .map_or_else(|| "signal".to_string(), ToString::to_string);
     audit.record(
         "daemon_stop",
-        &serde_json::json!({"reason": "signal", "note": "the kernel keeps enforcing through the pinned programs"}),
+        &serde_json::json!({"reason": reason, "note": "the kernel keeps enforcing through the pinned programs"}),
     );
     // Durable and sealed with a checkpoint before the daemon goes.
     let flushing = audit.clone();
@@ -370,7 +405,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tracing::info!(
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );
-    Ok(())
+    match failed {
+        Some(e) => Err(DaemonError::TaskEnded(e)),
+        None => Ok(()),
+    }
 }
 
 /// The event budgets' counts as last reported (`events::summary`), in the state directory.
@@ -401,7 +439,7 @@ struct Unwritten {
 
 /// Ends the process `SHUTDOWN_LIMIT` after now unless it ended by itself, noting first how
 /// many audit records were not durable.
-fn arm_shutdown_limit(audit: crate::audit::sink::AuditHandle, note: PathBuf) {
+fn arm_shutdown_limit(audit: crate::audit::sink::AuditHandle, note: PathBuf, code: i32) {
     let spawned = std::thread::Builder::new()
         .name("agentwall-stop".into())
         .spawn(move || {
@@ -425,7 +463,7 @@ fn arm_shutdown_limit(audit: crate::audit::sink::AuditHandle, note: PathBuf) {
                 noted = written.is_ok(),
                 "the audit log could not be made durable within {SHUTDOWN_LIMIT:?} of the stop signal (a full file system?); stopping anyway: the next start records what was lost. The kernel keeps enforcing"
             );
-            std::process::exit(0);
+            std::process::exit(code);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot bound the stop: it waits for the audit log");

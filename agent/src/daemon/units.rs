@@ -27,25 +27,26 @@ use crate::cgroup::Cgroup;
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the watcher thread, if the configuration lists any cgroup under `enforce:`.
-pub(super) fn spawn(daemon: Arc<Daemon>, rt: tokio::runtime::Handle) -> std::io::Result<()> {
+pub(super) fn spawn(
+    daemon: Arc<Daemon>,
+    rt: tokio::runtime::Handle,
+    supervisor: &crate::supervise::Supervisor,
+) -> std::io::Result<()> {
     if daemon.cfg.enforce.is_empty() {
         return Ok(());
     }
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-    std::thread::Builder::new()
-        .name("aw-units".into())
-        .spawn(move || {
-            loop {
-                watch_parents(&daemon, &inotify);
-                let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
-                let ms = u16::try_from(LOOK_EVERY.as_millis()).unwrap_or(u16::MAX);
-                let _ = poll(&mut fds, PollTimeout::from(ms));
-                // Only the wakeup matters: every configured path is looked at anyway.
-                while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
-                rt.block_on(daemon.enforce_appeared());
-            }
-        })?;
-    Ok(())
+    supervisor.thread("units", move || {
+        loop {
+            watch_parents(&daemon, &inotify);
+            let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+            let ms = u16::try_from(LOOK_EVERY.as_millis()).unwrap_or(u16::MAX);
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+            // Only the wakeup matters: every configured path is looked at anyway.
+            while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
+            rt.block_on(daemon.enforce_appeared());
+        }
+    })
 }
 
 /// Watches the directory each configured cgroup is made in (again: the same watch if it is

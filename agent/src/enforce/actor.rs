@@ -42,13 +42,19 @@ pub struct EnforcerHandle {
 
 impl EnforcerHandle {
     /// Moves `enforcer` onto its own thread. `mount` is the cgroup v2 mount.
-    pub fn spawn(enforcer: Enforcer, mount: PathBuf) -> (Self, thread::JoinHandle<()>) {
+    pub fn spawn(
+        enforcer: Enforcer,
+        mount: PathBuf,
+        watch: crate::supervise::Watch,
+    ) -> (Self, thread::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Job>(64);
         let enforcer = Arc::new(Mutex::new(enforcer));
         let owned = Arc::clone(&enforcer);
         let join = thread::Builder::new()
             .name("agentwall-enforce".into())
             .spawn(move || {
+                // Reports the thread's end, a job's panic included, to the daemon.
+                let _watch = watch;
                 crate::sched::latency_critical("agentwall-enforce");
                 while let Some(job) = rx.blocking_recv() {
                     // A job that panicked left the enforcer in an unknown state: stop, and
