@@ -172,13 +172,13 @@ pub fn enroll_exec(socket: &Path, dir: &Path, cmd: &[OsString]) -> i32 {
     };
     match crate::identity::enroll::enroll(socket, &cert, &key, &bundle) {
         Ok(e) => {
-            // SAFETY: single-threaded at this point (no runtime was started); setting the
-            // variable before exec only affects this process.
-            unsafe { std::env::set_var(env::SPIFFE_ID, &e.spiffe_id) };
             let Some((program, args)) = cmd.split_first() else {
                 return 126;
             };
-            let err = std::process::Command::new(program).args(args).exec();
+            let err = std::process::Command::new(program)
+                .args(args)
+                .env(env::SPIFFE_ID, &e.spiffe_id)
+                .exec();
             tracing::error!(program = %program.to_string_lossy(), error = %err, "cannot execute the command");
             if err.kind() == std::io::ErrorKind::NotFound {
                 127

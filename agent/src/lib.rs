@@ -7,6 +7,7 @@ pub mod agentdir;
 pub mod audit;
 pub mod cgroup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -90,13 +90,7 @@ pub struct AuditState {
     pub event_to_durable: Histogram,
 }
 
-/// CLOCK_BOOTTIME in nanoseconds (the clock of kernel event timestamps).
-fn boot_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(t.tv_nsec()).unwrap_or(0)
-    })
-}
+use crate::clock::boot_ns;
 
 /// Buckets of a [`Histogram`]: exact below 16, then 8 per power of two (within 12.5%).
 const HIST_BUCKETS: usize = 16 + 8 * 60;

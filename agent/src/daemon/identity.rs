@@ -90,9 +90,7 @@ fn unix_secs(t: SystemTime) -> u64 {
 /// with: it keeps counting across suspend and does not jump with the wall clock).
 fn boot_ns_at(at: SystemTime) -> u64 {
     let now_wall = SystemTime::now();
-    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| (t.tv_sec() as u64) * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or_default();
+    let boot = crate::clock::boot_ns();
     match at.duration_since(now_wall) {
         // Down to a whole millisecond (earlier, never later): the two clock readings are a
         // few hundred ns apart, so an agent enrolling again with the same certificate gets
@@ -1568,8 +1566,7 @@ mod tests {
     #[test]
     fn boot_clock_expiry_is_in_the_future_or_already_past() {
         let soon = boot_ns_at(SystemTime::now() + Duration::from_secs(60));
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).unwrap();
-        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let now_ns = crate::clock::boot_ns();
         assert!(soon > now_ns + 59_000_000_000 && soon < now_ns + 61_000_000_000);
         assert_eq!(boot_ns_at(SystemTime::now() - Duration::from_secs(1)), 1);
         assert_eq!(soon % 1_000_000, 0, "whole milliseconds");

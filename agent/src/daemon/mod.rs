@@ -688,13 +688,7 @@ impl Daemon {
                 }
             },
         };
-        let seq = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-            .map(|t| {
-                (t.tv_sec() as u64)
-                    .wrapping_mul(1_000_000_000)
-                    .wrapping_add(t.tv_nsec() as u64)
-            })
-            .unwrap_or_default();
+        let seq = crate::clock::boot_ns();
         let cg = self.root.child(&format!("{EXEC_PREFIX}{seq:x}"));
         let result = async {
             cg.create()?;

@@ -793,9 +793,7 @@ pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>,
 
 /// A suffix that orders link pins: a new daemon's sort after an old one's.
 fn link_seq() -> u128 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128)
-        .unwrap_or_default()
+    u128::from(crate::clock::boot_ns())
 }
 
 /// The capacity of an already pinned rules map, which may differ from the configured one.

@@ -118,9 +118,7 @@ pub struct BootClock {
 impl BootClock {
     pub fn now() -> Self {
         Self {
-            now_boot: nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-                .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
-                .unwrap_or_default(),
+            now_boot: Duration::from_nanos(crate::clock::boot_ns()),
             now_wall: SystemTime::now(),
         }
     }
