@@ -724,18 +724,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     )
                 });
                 println!(
-                    "policy {} ({:?}) at {}: {} egress rules{identity}",
+                    "policy {} ({}) at {}: {}{identity}",
                     p.name,
                     p.mode,
                     p.source,
-                    p.egress.len()
+                    count(p.egress.len(), "egress rule")
                 );
             }
             println!(
-                "{} policies, {} rules, {} kernel rule nodes: OK",
-                set.policies.len(),
-                compiled.rules.len(),
-                compiled.nodes.len()
+                "{}, {}, {}: OK",
+                count_plural(set.policies.len(), "policy", "policies"),
+                count(compiled.rules.len(), "rule"),
+                count(compiled.nodes.len(), "kernel rule node")
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -1237,17 +1237,35 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `1 rule`, `2 rules`.
+fn count(n: impl TryInto<u64>, one: &str) -> String {
+    count_plural(n, one, &format!("{one}s"))
+}
+
+fn count_plural(n: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let n: u64 = n.try_into().unwrap_or(u64::MAX);
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[expect(clippy::print_stdout, reason = "CLI output")]
 fn print_status(s: &Status) {
-    println!("agentwall {}: {:?}", s.version, s.health);
+    println!("agentwall {}: {}", s.version, s.health);
+    for m in &s.protections.missing {
+        println!("  MISSING: {m}");
+    }
     println!(
-        "policy generation {} ({} rule nodes) from {}",
-        s.generation, s.rule_nodes, s.policy_dir
+        "policy generation {} ({}) from {}",
+        s.generation,
+        count(s.rule_nodes, "rule node"),
+        s.policy_dir
     );
     for p in &s.policies {
         println!(
-            "  policy {:<24} slot {:<4} {:?}, {} rules",
-            p.name, p.slot, p.mode, p.rules
+            "  policy {:<24} slot {:<4} {}, {}",
+            p.name,
+            p.slot,
+            p.mode,
+            count(p.rules, "rule")
         );
     }
     println!("cgroups under {}:", s.cgroup_root);
@@ -1278,32 +1296,40 @@ fn print_status(s: &Status) {
         .collect();
     println!("kernel counters: {}", counters.join(" "));
     if !s.daemon_errors.is_empty() {
-        println!("daemon errors: {:?}", s.daemon_errors);
+        let errors: Vec<String> = s
+            .daemon_errors
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("daemon errors: {}", errors.join(" "));
     }
     let a = &s.audit;
     println!(
-        "audit {}: {} records durable (last {}, checkpoint {}){}; {} write errors; {} alerts",
+        "audit {}: {} durable (last {}, checkpoint {}){}; {}; {}",
         a.dir,
-        a.committed,
+        count(a.committed, "record"),
         a.last_seq,
         a.last_checkpoint_seq,
         if a.failing { ", FAILING" } else { "" },
-        a.write_errors,
-        a.alerts,
+        count(a.write_errors, "write error"),
+        count(a.alerts, "alert"),
     );
     let l = &a.event_to_durable;
     if l.count > 0 {
         println!(
-            "  kernel event to durable record: p50 {} us, p99 {} us, max {} us over {} events",
-            l.p50_us, l.p99_us, l.max_us, l.count
+            "  kernel event to durable record: p50 {} us, p99 {} us, max {} us over {}",
+            l.p50_us,
+            l.p99_us,
+            l.max_us,
+            count(l.count, "event")
         );
     }
     for (name, k) in &a.sinks {
         println!(
-            "  sink {name}: {} sent, {} dropped, {} errors{}{}",
+            "  sink {name}: {} sent, {} dropped, {}{}{}",
             k.sent,
             k.dropped,
-            k.errors,
+            count(k.errors, "error"),
             if k.connected { ", connected" } else { "" },
             k.last_error
                 .as_deref()
@@ -1315,6 +1341,16 @@ fn print_status(s: &Status) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(super::count(1u64, "rule"), "1 rule");
+        assert_eq!(super::count(0u64, "rule"), "0 rules");
+        assert_eq!(
+            super::count_plural(2u64, "policy", "policies"),
+            "2 policies"
+        );
+    }
+
     #[test]
     fn the_command_line_is_consistent() {
         use clap::CommandFactory as _;

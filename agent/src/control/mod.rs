@@ -250,6 +250,16 @@ pub enum Health {
     },
 }
 
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Starting => f.write_str("starting"),
+            Self::Healthy { probe_at } => write!(f, "healthy (probe denied at {probe_at})"),
+            Self::Failed { reason } => write!(f, "FAILED: {reason}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyStatus {
     pub name: String,
