@@ -1173,3 +1173,45 @@ fn a_busy_agent_cannot_spend_a_quiet_siblings_share_of_their_identity() {
         .collect();
     assert!(blamed.is_empty(), "{blamed:?}");
 }
+
+/// A log written by the daemon before its records were one typed enum (commit 1ca4580, by a
+/// run of its own: start, the probe, an exec under a policy and one under a certificate, a
+/// reload and a rejected one, a revocation, a stop) still verifies, and reads record for
+/// record as it did then.
+#[test]
+fn a_log_written_by_an_earlier_daemon_verifies_and_reads_the_same() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/audit-log-v1");
+    // A copy: git keeps no file modes, and the key must be private.
+    let dir = std::env::temp_dir().join(format!("aw-audit-v1-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("audit")).unwrap();
+    fs::set_permissions(dir.join("audit"), fs::Permissions::from_mode(0o700)).unwrap();
+    for e in fs::read_dir(fixture.join("audit")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dir.join("audit").join(e.file_name())).unwrap();
+    }
+    let key = dir.join("audit.key");
+    fs::copy(fixture.join("audit.key"), &key).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(agentwall_tests::agentwall_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (log, key) = (dir.join("audit"), key.display().to_string());
+    let log = log.display().to_string();
+    let node = fixture.join("node.pub").display().to_string();
+    let out = run(&["audit", "verify", &log, "--key", &key, "--node-key", &node]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("OK: 15 records"),
+        "{out:?}"
+    );
+    let out = run(&["audit", "query", &log, "--key", &key]);
+    assert!(out.status.success(), "{out:?}");
+    let expected = fs::read_to_string(fixture.join("records.jsonl")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -24,6 +24,7 @@ pub mod forward;
 pub mod keys;
 pub mod record;
 pub mod retention;
+pub mod schema;
 pub mod sink;
 pub mod store;
 pub mod verify;

@@ -120,7 +120,7 @@ pub fn json(body: &[u8]) -> Result<Cow<'_, [u8]>, String> {
     match body.first() {
         Some(&VERDICT_V1) => {
             let rec = decode_verdict(body)?;
-            super::sink::encode("verdict", &rec)
+            super::sink::encode_record(&super::schema::AuditRecord::Verdict(Box::new(rec)))
                 .map(Cow::Owned)
                 .ok_or_else(|| "cannot encode a verdict as JSON".to_owned())
         }
@@ -328,7 +328,10 @@ mod tests {
                 let rec = EventRecord::decode_at(&e, &names, at);
                 let body = verdict(&e, &rec, at);
                 assert_eq!(decode_verdict(&body).unwrap(), rec, "event {i}");
-                let want = super::super::sink::encode("verdict", &rec).unwrap();
+                let want = super::super::sink::encode_record(
+                    &super::super::schema::AuditRecord::Verdict(Box::new(rec.clone())),
+                )
+                .unwrap();
                 assert_eq!(json(&body).unwrap().as_ref(), want.as_slice(), "event {i}");
                 assert!(
                     body.len() * 2 < want.len(),

@@ -22,7 +22,8 @@ use serde::Serialize;
 use super::{
     forward::{Durable, Sink, SinkStats},
     keys::{AuditKey, NodeKey},
-    store::{Rotation, StoreError, Truncation, Writer},
+    schema::AuditRecord,
+    store::{Rotation, StoreError, Writer},
 };
 
 /// Records waiting for the writer at most.
@@ -208,7 +209,13 @@ impl AuditHandle {
         };
         if let Some(t) = &truncation {
             tracing::warn!(segment = %t.segment, from = t.from_bytes, to = t.to_bytes, reason = %t.reason, "audit log: cut a torn tail left by a crash");
-            handle.record("audit_truncated", &TruncatedRecord::from(t));
+            handle.record(&AuditRecord::AuditTruncated {
+                segment: t.segment.clone(),
+                from_bytes: t.from_bytes,
+                to_bytes: t.to_bytes,
+                reason: t.reason.clone(),
+                next_seq: t.next_seq,
+            });
         }
         let join = thread::Builder::new()
             .name("agentwall-audit".into())
@@ -238,11 +245,11 @@ impl AuditHandle {
     }
 
     /// Queues a record `{"time", "kind", ...fields}`; waits while the queue is full.
-    pub fn record<T: Serialize>(&self, kind: &'static str, fields: &T) {
-        if let Some(b) = encode(kind, fields) {
+    pub fn record(&self, r: &AuditRecord) {
+        if let Some(b) = encode_record(r) {
             self.state.submitted.fetch_add(1, Ordering::Relaxed);
             // The writer is gone only when the daemon stops.
-            let _ = self.tx.send(Msg::Record(kind, b, 0));
+            let _ = self.tx.send(Msg::Record(r.kind(), b, 0));
         }
     }
 
@@ -257,9 +264,9 @@ impl AuditHandle {
     /// Queues a record already encoded (see [`super::record`]) for a kernel event born at
     /// `born_boot_ns` (CLOCK_BOOTTIME): the time from the event to its record being durable is
     /// measured.
-    pub fn record_compact(&self, kind: &'static str, body: Vec<u8>, born_boot_ns: u64) {
+    pub fn record_verdict(&self, body: Vec<u8>, born_boot_ns: u64) {
         self.state.submitted.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.send(Msg::Record(kind, body, born_boot_ns));
+        let _ = self.tx.send(Msg::Record("verdict", body, born_boot_ns));
     }
 
     /// Makes `key` the key of every record from now on: the records queued before are
@@ -285,7 +292,11 @@ impl AuditHandle {
 
 /// A record's JSON: `{"time", "kind", ...fields}`; `time` is now unless the fields carry their
 /// own (a kernel event's time).
-pub(crate) fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
+pub(crate) fn encode_record(r: &AuditRecord) -> Option<Vec<u8>> {
+    encode(r.kind(), r)
+}
+
+fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
     let mut body = Vec::with_capacity(512);
     if let Err(e) = serde_json::to_writer(&mut body, fields) {
         tracing::error!(error = %e, kind, "cannot encode an audit record");
@@ -317,27 +328,6 @@ pub(crate) fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
     Some(out)
 }
 
-#[derive(Serialize)]
-struct TruncatedRecord {
-    segment: String,
-    from_bytes: u64,
-    to_bytes: u64,
-    reason: String,
-    next_seq: u64,
-}
-
-impl From<&Truncation> for TruncatedRecord {
-    fn from(t: &Truncation) -> Self {
-        Self {
-            segment: t.segment.clone(),
-            from_bytes: t.from_bytes,
-            to_bytes: t.to_bytes,
-            reason: t.reason.clone(),
-            next_seq: t.next_seq,
-        }
-    }
-}
-
 /// The writer's watch over its file system.
 struct Space {
     retention: super::retention::Retention,
@@ -356,7 +346,7 @@ impl Space {
             Ok(None) => {}
             Ok(Some(p)) => {
                 // The removal is in the chain, durable and sealed, before anything goes.
-                if let Some(rec) = encode("audit_retention", &p) {
+                if let Some(rec) = encode_record(&AuditRecord::from(&p)) {
                     commit_and_offer(
                         writer,
                         state,
@@ -383,9 +373,11 @@ impl Space {
                     Err(e) => {
                         state.retention_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %e, "audit retention could not remove old segments");
-                        let fields =
-                            serde_json::json!({"segments": p.segments, "error": e.to_string()});
-                        if let Some(rec) = encode("audit_retention_failed", &fields) {
+                        let fields = AuditRecord::AuditRetentionFailed {
+                            segments: p.segments.clone(),
+                            error: e.to_string(),
+                        };
+                        if let Some(rec) = encode_record(&fields) {
                             commit_and_offer(
                                 writer,
                                 state,
@@ -420,7 +412,7 @@ impl Space {
                 warn_free_percent: self.retention.warn_free_percent,
             };
             tracing::warn!(?alert, "behavioral alert");
-            if let Some(rec) = encode("alert", &alert) {
+            if let Some(rec) = encode_record(&AuditRecord::Alert(alert)) {
                 commit_and_offer(writer, state, sinks, vec!["alert"], vec![rec], &[]);
             }
         } else if was_low && free * 100 >= total128 * (warn + 5) {
@@ -574,8 +566,11 @@ fn switch_key(
     if ids.0 == ids.1 {
         return Err("the new key is the current key".into());
     }
-    let fields = serde_json::json!({"from_key": ids.0, "to_key": ids.1});
-    let rec = encode("audit_key_rotation", &fields).ok_or("cannot encode the record")?;
+    let fields = AuditRecord::AuditKeyRotation {
+        from_key: ids.0.clone(),
+        to_key: ids.1.clone(),
+    };
+    let rec = encode_record(&fields).ok_or("cannot encode the record")?;
     commit_and_offer(
         writer,
         state,
@@ -591,9 +586,12 @@ fn switch_key(
         }
         Err(e) => {
             tracing::error!(error = %e, "audit key rotation failed; the old key stays");
-            let fields =
-                serde_json::json!({"from_key": ids.0, "to_key": ids.1, "error": e.to_string()});
-            if let Some(rec) = encode("audit_key_rotation_failed", &fields) {
+            let fields = AuditRecord::AuditKeyRotationFailed {
+                from_key: ids.0.clone(),
+                to_key: ids.1.clone(),
+                error: e.to_string(),
+            };
+            if let Some(rec) = encode_record(&fields) {
                 commit_and_offer(
                     writer,
                     state,

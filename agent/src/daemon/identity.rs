@@ -351,14 +351,18 @@ impl Daemon {
             }
         }
         for (spiffe_id, serial, cgroup_id) in recovered {
-            self.audit.record(
-                "revoked",
-                &serde_json::json!({
-                    "target": format!("serial {serial}"), "spiffe_id": spiffe_id,
-                    "cgroup_id": cgroup_id, "by": "agentwall at restart",
-                    "reason": "recovered from the kernel's flag",
-                }),
-            );
+            self.audit
+                .record(&crate::audit::schema::AuditRecord::Revoked {
+                    target: format!("serial {serial}"),
+                    spiffe_id: Some(spiffe_id),
+                    reason: "recovered from the kernel's flag".into(),
+                    by: "agentwall at restart".into(),
+                    by_uid: None,
+                    new: false,
+                    cgroups: vec![cgroup_id],
+                    sockets_destroyed: 0,
+                    persisted: true,
+                });
         }
     }
 
@@ -513,14 +517,18 @@ impl Daemon {
         };
         self.save_enrollments_of(&cgroups).await;
         tracing::warn!(%target, reason, ?cgroups, sockets = destroyed.sockets, in_kernel_us, "identity revoked");
-        self.audit.record(
-            "revoked",
-            &serde_json::json!({
-                "target": target.to_string(), "reason": reason, "by_uid": uid, "new": new,
-                "cgroups": cgroups, "sockets_destroyed": destroyed.sockets,
-                "persisted": not_persisted.is_none(),
-            }),
-        );
+        self.audit
+            .record(&crate::audit::schema::AuditRecord::Revoked {
+                target: target.to_string(),
+                spiffe_id: None,
+                reason: reason.to_string(),
+                by: format!("uid {uid}"),
+                by_uid: Some(uid),
+                new,
+                cgroups: cgroups.clone(),
+                sockets_destroyed: destroyed.sockets,
+                persisted: not_persisted.is_none(),
+            });
         if !failed.is_empty() {
             let which: Vec<String> = failed
                 .iter()
@@ -852,14 +860,19 @@ impl Daemon {
         }
         // The audit log records every enrollment; the daemon's log only when asked for.
         tracing::debug!(spiffe_id = %id_text, serial = %svid.serial, pid = peer.pid, cgroup = %peer.cgroup, policy = %grant.policy, source = ?peer.source, "enrolled");
-        self.audit.record(
-            "enrolled",
-            &serde_json::json!({
-                "spiffe_id": id_text, "serial": svid.serial, "policy": grant.policy,
-                "pid": peer.pid, "uid": peer.uid, "exe": peer.exe, "cgroup": peer.cgroup,
-                "cgroup_id": cgroup_id, "expires_at": bound.expires_at(), "peer_source": peer.source,
-            }),
-        );
+        self.audit
+            .record(&crate::audit::schema::AuditRecord::Enrolled {
+                spiffe_id: id_text.clone(),
+                serial: svid.serial.clone(),
+                policy: grant.policy.clone(),
+                pid: peer.pid,
+                uid: peer.uid,
+                exe: peer.exe.display().to_string(),
+                cgroup: peer.cgroup.clone(),
+                cgroup_id,
+                expires_at: bound.expires_at(),
+                peer_source: peer.source,
+            });
         EnrollReply::Enrolled(Enrolled {
             spiffe_id: id_text,
             serial: svid.serial,
@@ -969,14 +982,15 @@ impl Daemon {
         }
         self.save_enrollments_of(&[cgroup_id]).await;
         tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
-        self.audit.record(
-            "certificate_renewed",
-            &serde_json::json!({
-                "spiffe_id": issued.id.to_string(), "serial": issued.serial, "previous_serial": bound.serial,
-                "not_after": humantime::format_rfc3339_seconds(issued.not_after).to_string(),
-                "sha256": issued.sha256, "cgroup_id": cgroup_id,
-            }),
-        );
+        self.audit
+            .record(&crate::audit::schema::AuditRecord::CertificateRenewed {
+                spiffe_id: issued.id.to_string(),
+                serial: issued.serial.clone(),
+                previous_serial: bound.serial.clone(),
+                not_after: humantime::format_rfc3339_seconds(issued.not_after).to_string(),
+                sha256: issued.sha256.clone(),
+                cgroup_id,
+            });
         Ok(issued.serial)
     }
 
@@ -1477,25 +1491,26 @@ fn enroll_connection(
         EnrollReply::Error { message } => {
             tracing::warn!(%message, pid = peer.as_ref().map(|p| p.pid).unwrap_or(0), "enrollment refused");
             daemon.count_error("enroll_refused");
-            daemon.audit.record(
-                "enroll_refused",
-                &serde_json::json!({
-                    "reason": message,
-                    "pid": peer.as_ref().map(|p| p.pid).ok(),
-                    "uid": peer.as_ref().map(|p| p.uid).ok(),
-                    "exe": peer.as_ref().map(|p| p.exe.clone()).ok(),
-                    "cgroup": peer.as_ref().map(|p| p.cgroup.clone()).ok(),
-                }),
-            );
+            daemon
+                .audit
+                .record(&crate::audit::schema::AuditRecord::EnrollRefused {
+                    reason: message.clone(),
+                    pid: peer.as_ref().map(|p| p.pid).ok(),
+                    uid: peer.as_ref().map(|p| p.uid).ok(),
+                    exe: peer.as_ref().map(|p| p.exe.display().to_string()).ok(),
+                    cgroup: peer.as_ref().map(|p| p.cgroup.clone()).ok(),
+                });
         }
         EnrollReply::Token {
             spiffe_id,
             expires_at,
             ..
-        } => daemon.audit.record(
-            "token_issued",
-            &serde_json::json!({"spiffe_id": spiffe_id, "expires_at": expires_at}),
-        ),
+        } => daemon
+            .audit
+            .record(&crate::audit::schema::AuditRecord::TokenIssued {
+                spiffe_id: spiffe_id.clone(),
+                expires_at: expires_at.clone(),
+            }),
         EnrollReply::Enrolled(_) => {}
     }
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;

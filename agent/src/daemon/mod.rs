@@ -453,15 +453,13 @@ impl Daemon {
         match result {
             Ok((generation, policies, rule_nodes)) => {
                 tracing::info!(generation, policies, rule_nodes, "policies reloaded");
-                self.audit.record(
-                    "policy_loaded",
-                    &serde_json::json!({
-                        "generation": generation,
-                        "policies": policies,
-                        "dir": self.cfg.policy_dir.display().to_string(),
-                        "dir_sha256": policy::dir_hash(&self.cfg.policy_dir),
-                    }),
-                );
+                self.audit
+                    .record(&crate::audit::schema::AuditRecord::PolicyLoaded {
+                        generation,
+                        policies,
+                        dir: self.cfg.policy_dir.display().to_string(),
+                        dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
+                    });
                 Reply::Reloaded {
                     generation,
                     policies,
@@ -471,14 +469,12 @@ impl Daemon {
             Err(e) => {
                 self.count_error("reload_rejected");
                 tracing::error!(error = %e, "reload rejected; the policy in force is unchanged");
-                self.audit.record(
-                    "reload_rejected",
-                    &serde_json::json!({
-                        "error": e.to_string(),
-                        "dir": self.cfg.policy_dir.display().to_string(),
-                        "dir_sha256": policy::dir_hash(&self.cfg.policy_dir),
-                    }),
-                );
+                self.audit
+                    .record(&crate::audit::schema::AuditRecord::ReloadRejected {
+                        error: e.to_string(),
+                        dir: self.cfg.policy_dir.display().to_string(),
+                        dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
+                    });
                 Reply::Error {
                     message: format!("reload rejected, the policy in force is unchanged: {e}"),
                 }
@@ -901,10 +897,12 @@ impl Daemon {
             Some(self.destroy_sockets([id].into()).await)
         };
         tracing::info!(cgroup_id = id, lift, ?destroyed, "quarantine changed");
-        self.audit.record(
-            "quarantine",
-            &serde_json::json!({"cgroup_id": id, "lift": lift, "sockets_destroyed": destroyed.map_or(0, |d| d.sockets)}),
-        );
+        self.audit
+            .record(&crate::audit::schema::AuditRecord::Quarantine {
+                cgroup_id: id,
+                lift,
+                sockets_destroyed: destroyed.map_or(0, |d| d.sockets),
+            });
         Reply::Done {
             message: format!(
                 "cgroup {id} {}",

@@ -113,17 +113,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .await
         .map(|c| c.events_dropped_per_cpu)
         .unwrap_or_default();
-    audit.record(
-        "daemon_start",
-        &serde_json::json!({
-            "events_dropped_per_cpu_before_start": dropped_at_start,
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "policy_dir": daemon.cfg.policy_dir.display().to_string(),
-            "policy_dir_sha256": policy::dir_hash(&daemon.cfg.policy_dir),
-            "pin_dir": daemon.cfg.pin_dir.display().to_string(),
-        }),
-    );
+    audit.record(&crate::audit::schema::AuditRecord::DaemonStart {
+        events_dropped_per_cpu_before_start: dropped_at_start.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        policy_dir: daemon.cfg.policy_dir.display().to_string(),
+        policy_dir_sha256: policy::dir_hash(&daemon.cfg.policy_dir),
+        pin_dir: daemon.cfg.pin_dir.display().to_string(),
+    });
 
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(
@@ -199,10 +196,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             probe_at: now_rfc3339(),
         };
     }
-    audit.record(
-        "health",
-        &serde_json::json!({"state": "healthy", "probe": "a connect from the probe cgroup was denied"}),
-    );
+    audit.record(&crate::audit::schema::AuditRecord::Health {
+        state: "healthy".into(),
+        probe: "a connect from the probe cgroup was denied".into(),
+    });
 
     let (listener, access) =
         control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
@@ -388,10 +385,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let reason = failed
         .as_ref()
         .map_or_else(|| "signal".to_string(), ToString::to_string);
-    audit.record(
-        "daemon_stop",
-        &serde_json::json!({"reason": reason, "note": "the kernel keeps enforcing through the pinned programs"}),
-    );
+    audit.record(&crate::audit::schema::AuditRecord::DaemonStop {
+        reason,
+        note: "the kernel keeps enforcing through the pinned programs".into(),
+    });
     // Durable and sealed with a checkpoint before the daemon goes.
     let flushing = audit.clone();
     let last = tokio::task::spawn_blocking(move || flushing.flush())
@@ -483,14 +480,21 @@ fn record_unwritten(cfg: &Config, audit: &crate::audit::sink::AuditHandle) {
                 last_durable_seq = u.last_durable_seq,
                 "the previous daemon stopped with audit records it could not write; recorded as a gap"
             );
-            audit.record("audit_unwritten", &u);
+            audit.record(&crate::audit::schema::AuditRecord::AuditUnwritten {
+                records: Some(u.records),
+                last_durable_seq: Some(u.last_durable_seq),
+                stopped_at: Some(u.stopped_at),
+                note_error: None,
+            });
         }
         Err(e) => {
             tracing::error!(note = %note.display(), error = %e, "an unreadable note of unwritten audit records; recorded as a gap of unknown size");
-            audit.record(
-                "audit_unwritten",
-                &serde_json::json!({"records": null, "note_error": e.to_string()}),
-            );
+            audit.record(&crate::audit::schema::AuditRecord::AuditUnwritten {
+                records: None,
+                last_durable_seq: None,
+                stopped_at: None,
+                note_error: Some(e.to_string()),
+            });
         }
     }
     let _ = std::fs::remove_file(&note);
@@ -518,10 +522,13 @@ fn record_issuance(daemon: &Daemon) {
     if len < offset {
         tracing::error!(log = %log.display(), was = offset, now = len, "the issuance log shrank; it is append-only");
         daemon.count_error("issuance_log_shrunk");
-        daemon.audit.record(
-            "issuance_log_shrunk",
-            &serde_json::json!({"path": log.display().to_string(), "was_bytes": offset, "now_bytes": len}),
-        );
+        daemon
+            .audit
+            .record(&crate::audit::schema::AuditRecord::IssuanceLogShrunk {
+                path: log.display().to_string(),
+                was_bytes: offset,
+                now_bytes: len,
+            });
         offset = 0;
     }
     if len == offset {
@@ -544,13 +551,17 @@ fn record_issuance(daemon: &Daemon) {
         .filter(|l| !l.is_empty())
     {
         match serde_json::from_slice::<crate::identity::log::Entry>(line) {
-            Ok(e) => daemon.audit.record("certificate_issued", &e),
+            Ok(e) => daemon
+                .audit
+                .record(&crate::audit::schema::AuditRecord::CertificateIssued(e)),
             Err(e) => {
                 daemon.count_error("issuance_log_corrupt");
-                daemon.audit.record(
-                    "issuance_log_unreadable",
-                    &serde_json::json!({"error": e.to_string(), "line": String::from_utf8_lossy(line)}),
-                );
+                daemon
+                    .audit
+                    .record(&crate::audit::schema::AuditRecord::IssuanceLogUnreadable {
+                        error: e.to_string(),
+                        line: String::from_utf8_lossy(line).into_owned(),
+                    });
             }
         }
     }
@@ -711,14 +722,16 @@ impl LossWatch {
                     .state
                     .last_seq
                     .load(std::sync::atomic::Ordering::Relaxed);
-                self.audit.record(
-                    "events_lost",
-                    &serde_json::json!({
-                        "cpu": cpu, "lost": now - before, "total_lost_on_cpu": now,
-                        "after_seq": after,
-                        "note": format!("{} kernel events lost on CPU {cpu} between record {after} and this one", now - before),
-                    }),
-                );
+                self.audit.record(&crate::audit::schema::AuditRecord::EventsLost {
+                    cpu,
+                    lost: now - before,
+                    total_lost_on_cpu: *now,
+                    after_seq: after,
+                    note: format!(
+                        "{} kernel events lost on CPU {cpu} between record {after} and this one",
+                        now - before
+                    ),
+                });
             }
         }
         *seen = c.events_dropped_per_cpu;
@@ -781,10 +794,9 @@ async fn watch_audit_health(
                 );
             } else {
                 tracing::warn!("audit log writable again: the hold on enforced cgroups is lifted");
-                audit.record(
-                    "audit_hold_lifted",
-                    &serde_json::json!({"note": "flows were denied while the log could not be written"}),
-                );
+                audit.record(&crate::audit::schema::AuditRecord::AuditHoldLifted {
+                    note: "flows were denied while the log could not be written".into(),
+                });
             }
             held = hold;
         }

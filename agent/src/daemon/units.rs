@@ -100,15 +100,15 @@ impl Daemon {
                         "a configured cgroup appeared and is enforced now; what its processes sent before was not judged (give its unit ExecStartPre=+agentwall enforce-self)"
                     );
                     self.audit.record(
-                        "configured_cgroup_enforced",
-                        &serde_json::json!({
-                            "cgroup": e.cgroup,
-                            "cgroup_id": id,
-                            "policy": e.policy,
-                            "by": "watcher",
-                            "sockets_destroyed": cut.sockets,
-                            "took_us": started.elapsed().as_micros() as u64,
-                        }),
+                        &crate::audit::schema::AuditRecord::ConfiguredCgroupEnforced {
+                            cgroup: e.cgroup.clone(),
+                            cgroup_id: id,
+                            policy: e.policy.clone(),
+                            by: "watcher".into(),
+                            sockets_destroyed: cut.sockets,
+                            took_us: u64::try_from(started.elapsed().as_micros())
+                                .unwrap_or(u64::MAX),
+                        },
                     );
                     self.count_error("configured_enforced_late");
                 }

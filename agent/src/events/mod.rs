@@ -240,8 +240,7 @@ fn drain(
         log(&rec);
         // Waits while the audit queue is full: the kernel ring then fills and counts the loss.
         if let Some(a) = audit {
-            a.record_compact(
-                "verdict",
+            a.record_verdict(
                 crate::audit::record::verdict(&raw, &rec, at),
                 raw.ts_boot_ns,
             );
@@ -262,7 +261,7 @@ fn drain(
                     a.state
                         .alerts
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    a.record("alert", &alert);
+                    a.record(&crate::audit::schema::AuditRecord::Alert(alert));
                 }
             }
         }

@@ -228,13 +228,13 @@ impl Summarizer {
                     window_secs,
                     budget_per_second: self.cfg.cgroup_rate,
                 });
-            audit.record("verdict_summary", &s);
+            audit.record(&crate::audit::schema::AuditRecord::VerdictSummary(s));
             if let Some(alert) = alert {
                 tracing::warn!(?alert, "behavioral alert");
                 self.alerted.insert(key, now);
                 audit.state.alerts.fetch_add(1, Ordering::Relaxed);
                 audit.state.event_floods.fetch_add(1, Ordering::Relaxed);
-                audit.record("alert", &alert);
+                audit.record(&crate::audit::schema::AuditRecord::Alert(alert));
             }
         }
     }
