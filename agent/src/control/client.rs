@@ -6,7 +6,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Reply, Request};
+use super::{Reply, Request, Status};
+use crate::{events::EventRecord, identity::revoke::Revocation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -26,6 +27,56 @@ pub enum ClientError {
     Closed,
     #[error("{0}")]
     Daemon(String),
+    #[error(
+        "the daemon answered {got} where this CLI expected {wanted}: are the CLI and the daemon the same version?"
+    )]
+    Unexpected { wanted: &'static str, got: String },
+}
+
+/// What a reload put in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    pub generation: u32,
+    pub policies: usize,
+    pub rule_nodes: usize,
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub target: String,
+    /// False when the target was already revoked.
+    pub new: bool,
+    pub cgroups: Vec<u64>,
+    pub sockets_destroyed: u32,
+    /// Why the revocation list could not be saved (the revocation holds until restart).
+    pub not_persisted: Option<String>,
+}
+
+/// The daemon's verdict on a certificate or a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub valid: bool,
+    pub spiffe_id: Option<String>,
+    pub serial: Option<String>,
+    pub not_after: Option<String>,
+    pub message: String,
+}
+
+/// One item of the event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Streamed {
+    Event(Box<EventRecord>),
+    /// Events lost because this subscriber read too slowly.
+    Lagged(u64),
+}
+
+/// The name of a reply's kind, for an error that says what came instead.
+fn kind_of(r: &Reply) -> String {
+    serde_json::to_value(r)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "an unknown reply".into())
 }
 
 /// An open connection to the daemon.
@@ -71,5 +122,128 @@ impl Client {
         let mut c = Self::connect(path)?;
         c.send(req)?;
         c.recv()
+    }
+
+    /// One request, and the reply `pick` takes; any other is [`ClientError::Unexpected`].
+    fn expect<T>(
+        path: &Path,
+        req: &Request,
+        wanted: &'static str,
+        pick: impl FnOnce(Reply) -> Result<T, Box<Reply>>,
+    ) -> Result<T, ClientError> {
+        pick(Self::call(path, req)?).map_err(|r| ClientError::Unexpected {
+            wanted,
+            got: kind_of(&r),
+        })
+    }
+
+    pub fn status(path: &Path) -> Result<Status, ClientError> {
+        Self::expect(path, &Request::Status, "a status", |r| match r {
+            Reply::Status(s) => Ok(*s),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    pub fn reload(path: &Path) -> Result<Reloaded, ClientError> {
+        Self::expect(path, &Request::Reload, "a reload's result", |r| match r {
+            Reply::Reloaded {
+                generation,
+                policies,
+                rule_nodes,
+            } => Ok(Reloaded {
+                generation,
+                policies,
+                rule_nodes,
+            }),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    /// A request answered with a message of what was done (quarantine, enforce-self, key
+    /// rotations).
+    pub fn done(path: &Path, req: &Request) -> Result<String, ClientError> {
+        Self::expect(path, req, "a message of what was done", |r| match r {
+            Reply::Done { message } => Ok(message),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    pub fn revoke(path: &Path, target: String, reason: String) -> Result<Revoked, ClientError> {
+        let req = Request::Revoke { target, reason };
+        Self::expect(path, &req, "a revocation's result", |r| match r {
+            Reply::Revoked {
+                target,
+                new,
+                cgroups,
+                sockets_destroyed,
+                not_persisted,
+            } => Ok(Revoked {
+                target,
+                new,
+                cgroups,
+                sockets_destroyed,
+                not_persisted,
+            }),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    pub fn revocations(path: &Path) -> Result<Vec<Revocation>, ClientError> {
+        Self::expect(
+            path,
+            &Request::Revocations,
+            "the revocation list",
+            |r| match r {
+                Reply::Revocations { entries } => Ok(entries),
+                r => Err(Box::new(r)),
+            },
+        )
+    }
+
+    pub fn jwks(path: &Path) -> Result<serde_json::Value, ClientError> {
+        Self::expect(path, &Request::Jwks, "a JWKS", |r| match r {
+            Reply::Jwks { jwks } => Ok(jwks),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    /// A certificate or token check (`Request::Check`, `Request::CheckToken`).
+    pub fn check(path: &Path, req: &Request) -> Result<Checked, ClientError> {
+        Self::expect(path, req, "a check's result", |r| match r {
+            Reply::Checked {
+                valid,
+                spiffe_id,
+                serial,
+                not_after,
+                message,
+            } => Ok(Checked {
+                valid,
+                spiffe_id,
+                serial,
+                not_after,
+                message,
+            }),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    /// Subscribes to the verdict stream.
+    pub fn events(path: &Path) -> Result<Self, ClientError> {
+        let mut c = Self::connect(path)?;
+        c.send(&Request::Events)?;
+        c.recv()?;
+        Ok(c)
+    }
+
+    /// The next item of a stream [`Client::events`] opened.
+    pub fn next_event(&mut self) -> Result<Streamed, ClientError> {
+        match self.recv()? {
+            Reply::Event(e) => Ok(Streamed::Event(e)),
+            Reply::Lagged { missed } => Ok(Streamed::Lagged(missed)),
+            r => Err(ClientError::Unexpected {
+                wanted: "an event",
+                got: kind_of(&r),
+            }),
+        }
     }
 }
