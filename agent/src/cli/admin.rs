@@ -53,11 +53,11 @@ pub(super) fn revoke(
                 "sockets_destroyed": sockets_destroyed, "not_persisted": not_persisted})
         );
     } else {
+        // The wording scripts and the tests match on, kept as it was.
         println!(
-            "revoked {target}{}: {} denied everything, {} destroyed",
+            "revoked {target}{}: {} cgroups denied everything, {sockets_destroyed} sockets destroyed",
             if new { "" } else { " (already revoked)" },
-            count(cgroups.len(), "cgroup"),
-            count(sockets_destroyed, "socket")
+            cgroups.len()
         );
     }
     if let Some(e) = not_persisted {
