@@ -269,12 +269,12 @@ fn accept_one(
             write_blocking(&stream, &reply)
         }
         Request::Quarantine { cgroup, lift } => {
-            let reply = rt.block_on(daemon.quarantine(&cgroup, lift));
+            let reply = wire::quarantined(rt.block_on(daemon.quarantine(&cgroup, lift)));
             write_blocking(&stream, &reply)
         }
         // The peer's own cgroup, read while it waits for the answer.
         Request::EnforceSelf => {
-            let reply = rt.block_on(daemon.enforce_self(pid));
+            let reply = wire::self_enforced(rt.block_on(daemon.enforce_self(pid)));
             write_blocking(&stream, &reply)
         }
         req => {
@@ -372,9 +372,10 @@ async fn dispatch(
             )
             .await
         }
-        Request::Reload => write(&mut w, &daemon.reload().await).await,
+        Request::Reload => write(&mut w, &wire::reloaded(daemon.reload().await)).await,
         Request::Quarantine { cgroup, lift } => {
-            write(&mut w, &daemon.quarantine(&cgroup, lift).await).await
+            let r = daemon.quarantine(&cgroup, lift).await;
+            write(&mut w, &wire::quarantined(r)).await
         }
         Request::ExecBegin { policy, audience } => {
             let (reply, lease) = daemon.exec_begin(policy.as_deref(), audience).await;
@@ -395,7 +396,9 @@ async fn dispatch(
         Request::Check { pem } => write(&mut w, &daemon.check(&pem)).await,
         Request::Rotate => write(&mut w, &daemon.rotate().await).await,
         Request::Jwks => write(&mut w, &daemon.jwks()).await,
-        Request::RotateAuditKey => write(&mut w, &daemon.rotate_audit_key().await).await,
+        Request::RotateAuditKey => {
+            write(&mut w, &wire::key_rotated(daemon.rotate_audit_key().await)).await
+        }
         Request::CheckToken { token, audience } => {
             write(&mut w, &daemon.check_token(&token, &audience)).await
         }
@@ -428,6 +431,73 @@ async fn dispatch(
                 };
                 write(&mut w, &reply).await?;
             }
+        }
+    }
+}
+
+/// The daemon's typed results, as the admin socket's replies.
+mod wire {
+    use super::Reply;
+    use crate::daemon::{AdminError, KeyRotated, Quarantined, Reloaded, SelfEnforced};
+
+    fn error(e: &AdminError) -> Reply {
+        Reply::Error {
+            message: e.to_string(),
+        }
+    }
+
+    pub(super) fn reloaded(r: Result<Reloaded, AdminError>) -> Reply {
+        match r {
+            Ok(r) => Reply::Reloaded {
+                generation: r.generation,
+                policies: r.policies,
+                rule_nodes: r.rule_nodes,
+            },
+            Err(e) => error(&e),
+        }
+    }
+
+    pub(super) fn quarantined(r: Result<Quarantined, AdminError>) -> Reply {
+        match r {
+            Ok(q) => Reply::Done {
+                message: format!(
+                    "cgroup {} {}",
+                    q.cgroup_id,
+                    if q.lift {
+                        "released"
+                    } else {
+                        "quarantined: every flow denied"
+                    }
+                ),
+            },
+            Err(e) => error(&e),
+        }
+    }
+
+    pub(super) fn self_enforced(r: Result<SelfEnforced, AdminError>) -> Reply {
+        match r {
+            Ok(s) => Reply::Done {
+                message: format!(
+                    "cgroup /{} (id {}) is enforced under policy {}",
+                    s.cgroup, s.cgroup_id, s.policy
+                ),
+            },
+            Err(e) => error(&e),
+        }
+    }
+
+    pub(super) fn key_rotated(r: Result<KeyRotated, AdminError>) -> Reply {
+        match r {
+            Ok(k) => Reply::Done {
+                message: format!(
+                    "audit key {} retired, {} in use from the next record on (a new segment); {} \
+                     holds both: keep it (or a copy off the host) to read the log",
+                    k.from,
+                    k.to,
+                    k.key_file.display()
+                ),
+            },
+            Err(e) => error(&e),
         }
     }
 }

@@ -33,6 +33,67 @@ use crate::{
     state::SlotTable,
 };
 
+/// Why an operator's request was refused; each says what to fix. The admin socket's server
+/// (`control::server`) turns these, and the results beside them, into its replies.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("reload rejected, the policy in force is unchanged: {0}")]
+    ReloadRejected(DaemonError),
+    #[error("{0}")]
+    NoSuchCgroup(String),
+    #[error("cgroup {spec} (id {id}) is not bound by agentwall")]
+    NotBound { spec: String, id: u64 },
+    #[error("{0}")]
+    Kernel(String),
+    #[error("cannot read the cgroup of process {0}")]
+    PeerCgroup(i32),
+    #[error(
+        "cgroup /{0} is not listed under `enforce:` in the configuration; list it there (cgroup: {0}, policy: NAME) and restart or reload the daemon"
+    )]
+    NotConfigured(String),
+    #[error("cannot enforce cgroup /{cgroup}: {error}")]
+    Enforce { cgroup: String, error: DaemonError },
+    #[error(
+        "the audit key comes from {0}: rotate it by setting a new key there and restarting the daemon (readers then need both keys)"
+    )]
+    KeyFromEnvironment(&'static str),
+    #[error("{0}")]
+    KeyRotation(String),
+}
+
+/// A reload that put a new policy generation in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    pub generation: u32,
+    pub policies: usize,
+    pub rule_nodes: usize,
+}
+
+/// A quarantine set or lifted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quarantined {
+    pub cgroup_id: u64,
+    pub lift: bool,
+    pub sockets_destroyed: u32,
+}
+
+/// A configured cgroup enforced at its own request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfEnforced {
+    /// Its path below the cgroup mount.
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub policy: String,
+}
+
+/// An audit key rotation: the ids of the retired and the new key, and the file holding both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRotated {
+    pub from: String,
+    pub to: String,
+    pub key_file: PathBuf,
+}
+
 /// Prefix of the cgroups `agentwall exec` creates below the managed root.
 const EXEC_PREFIX: &str = "exec-";
 
@@ -400,15 +461,9 @@ impl Daemon {
 
     /// A fresh audit key: written first into the key file (the old ones stay below it), then
     /// used for every record from now on, in a new segment.
-    pub async fn rotate_audit_key(self: &Arc<Self>) -> Reply {
+    pub async fn rotate_audit_key(self: &Arc<Self>) -> Result<KeyRotated, AdminError> {
         if std::env::var_os(crate::audit::keys::KEY_ENV).is_some() {
-            return Reply::Error {
-                message: format!(
-                    "the audit key comes from {}: rotate it by setting a new key there and \
-                     restarting the daemon (readers then need both keys)",
-                    crate::audit::keys::KEY_ENV
-                ),
-            };
+            return Err(AdminError::KeyFromEnvironment(crate::audit::keys::KEY_ENV));
         }
         let d = Arc::clone(self);
         let r = tokio::task::spawn_blocking(move || {
@@ -424,24 +479,20 @@ impl Daemon {
         })
         .await;
         match r {
-            Ok(Ok((from, to))) => Reply::Done {
-                message: format!(
-                    "audit key {from} retired, {to} in use from the next record on (a new \
-                     segment); {} holds both: keep it (or a copy off the host) to read the log",
-                    self.cfg.audit.key_file.display()
-                ),
-            },
+            Ok(Ok((from, to))) => Ok(KeyRotated {
+                from,
+                to,
+                key_file: self.cfg.audit.key_file.clone(),
+            }),
             Ok(Err(message)) => {
                 self.count_error("audit_key_rotation");
-                Reply::Error { message }
+                Err(AdminError::KeyRotation(message))
             }
-            Err(e) => Reply::Error {
-                message: format!("audit key rotation: {e}"),
-            },
+            Err(e) => Err(AdminError::KeyRotation(format!("audit key rotation: {e}"))),
         }
     }
 
-    pub async fn reload(&self) -> Reply {
+    pub async fn reload(&self) -> Result<Reloaded, AdminError> {
         let _guard = self.reload_lock.lock().await;
         let result = async {
             let compiled = self.compile_dir()?;
@@ -460,11 +511,11 @@ impl Daemon {
                         dir: self.cfg.policy_dir.display().to_string(),
                         dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
                     });
-                Reply::Reloaded {
+                Ok(Reloaded {
                     generation,
                     policies,
                     rule_nodes,
-                }
+                })
             }
             Err(e) => {
                 self.count_error("reload_rejected");
@@ -475,9 +526,7 @@ impl Daemon {
                         dir: self.cfg.policy_dir.display().to_string(),
                         dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
                     });
-                Reply::Error {
-                    message: format!("reload rejected, the policy in force is unchanged: {e}"),
-                }
+                Err(AdminError::ReloadRejected(e))
             }
         }
     }
@@ -566,7 +615,7 @@ impl Daemon {
 
     /// `enforce_self`: enforces the cgroup of process `pid` (the caller) if the configuration
     /// lists it under `enforce:`.
-    pub async fn enforce_self(&self, pid: i32) -> Reply {
+    pub async fn enforce_self(&self, pid: i32) -> Result<SelfEnforced, AdminError> {
         let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .ok()
             .and_then(|t| {
@@ -574,9 +623,7 @@ impl Daemon {
                     .find_map(|l| l.strip_prefix("0::").map(str::to_string))
             });
         let Some(path) = own else {
-            return Reply::Error {
-                message: format!("cannot read the cgroup of process {pid}"),
-            };
+            return Err(AdminError::PeerCgroup(pid));
         };
         let rel = path.trim_start_matches('/');
         let Some(e) = self
@@ -586,27 +633,23 @@ impl Daemon {
             .find(|e| e.cgroup.trim_start_matches('/') == rel)
             .cloned()
         else {
-            return Reply::Error {
-                message: format!(
-                    "cgroup /{rel} is not listed under `enforce:` in the configuration; list it there (cgroup: {rel}, policy: NAME) and restart or reload the daemon"
-                ),
-            };
+            return Err(AdminError::NotConfigured(rel.to_string()));
         };
         match self.enforce_configured(&e).await {
             Ok((id, _)) => {
                 tracing::info!(cgroup = rel, cgroup_id = id, policy = %e.policy, "a configured cgroup enforced at its caller's request");
-                Reply::Done {
-                    message: format!(
-                        "cgroup /{rel} (id {id}) is enforced under policy {}",
-                        e.policy
-                    ),
-                }
+                Ok(SelfEnforced {
+                    cgroup: rel.to_string(),
+                    cgroup_id: id,
+                    policy: e.policy,
+                })
             }
-            Err(err) => {
+            Err(error) => {
                 self.count_error("enforce_self");
-                Reply::Error {
-                    message: format!("cannot enforce cgroup /{rel}: {err}"),
-                }
+                Err(AdminError::Enforce {
+                    cgroup: rel.to_string(),
+                    error,
+                })
             }
         }
     }
@@ -854,11 +897,10 @@ impl Daemon {
         cg.id().map_err(|e| e.to_string())
     }
 
-    pub async fn quarantine(&self, spec: &str, lift: bool) -> Reply {
-        let id = match self.resolve_cgroup(spec) {
-            Ok(id) => id,
-            Err(message) => return Reply::Error { message },
-        };
+    pub async fn quarantine(&self, spec: &str, lift: bool) -> Result<Quarantined, AdminError> {
+        let id = self
+            .resolve_cgroup(spec)
+            .map_err(AdminError::NoSuchCgroup)?;
         // The flag is set on the binding as it is when the change lands: a revocation or an
         // enrollment meanwhile stays.
         let changed = self
@@ -875,15 +917,14 @@ impl Daemon {
         match changed {
             Ok(Some(_)) => {}
             Ok(None) => {
-                return Reply::Error {
-                    message: format!("cgroup {spec} (id {id}) is not bound by agentwall"),
-                };
+                return Err(AdminError::NotBound {
+                    spec: spec.to_string(),
+                    id,
+                });
             }
             Err(e) => {
                 self.count_error("quarantine");
-                return Reply::Error {
-                    message: e.to_string(),
-                };
+                return Err(AdminError::Kernel(e.to_string()));
             }
         }
         // In the kernel: the rest runs at normal priority (see `sched::step_down`).
@@ -897,22 +938,18 @@ impl Daemon {
             Some(self.destroy_sockets([id].into()).await)
         };
         tracing::info!(cgroup_id = id, lift, ?destroyed, "quarantine changed");
+        let sockets_destroyed = destroyed.map_or(0, |d| d.sockets);
         self.audit
             .record(&crate::audit::schema::AuditRecord::Quarantine {
                 cgroup_id: id,
                 lift,
-                sockets_destroyed: destroyed.map_or(0, |d| d.sockets),
+                sockets_destroyed,
             });
-        Reply::Done {
-            message: format!(
-                "cgroup {id} {}",
-                if lift {
-                    "released"
-                } else {
-                    "quarantined: every flow denied"
-                }
-            ),
-        }
+        Ok(Quarantined {
+            cgroup_id: id,
+            lift,
+            sockets_destroyed,
+        })
     }
 
     pub async fn status(&self) -> Reply {

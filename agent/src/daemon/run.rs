@@ -317,7 +317,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => break None,
             _ = int.recv() => break None,
-            _ = hup.recv() => { daemon.reload().await; }
+            // A rejected reload is logged, audited and counted where it is made.
+            _ = hup.recv() => { let _ = daemon.reload().await; }
             Some(e) = ended.recv() => {
                 // A part of the daemon is gone: stop, with an error, for the service manager
                 // to start a whole one. The kernel keeps enforcing meanwhile.
