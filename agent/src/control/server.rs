@@ -265,7 +265,7 @@ fn accept_one(
     }
     match req {
         Request::Revoke { target, reason } => {
-            let reply = rt.block_on(daemon.revoke(&target, &reason, uid));
+            let reply = wire::revoked(rt.block_on(daemon.revoke(&target, &reason, uid)));
             write_blocking(&stream, &reply)
         }
         Request::Quarantine { cgroup, lift } => {
@@ -390,17 +390,25 @@ async fn dispatch(
             Ok(())
         }
         Request::Revoke { target, reason } => {
-            write(&mut w, &daemon.revoke(&target, &reason, uid).await).await
+            let r = daemon.revoke(&target, &reason, uid).await;
+            write(&mut w, &wire::revoked(r)).await
         }
-        Request::Revocations => write(&mut w, &daemon.revocations()).await,
-        Request::Check { pem } => write(&mut w, &daemon.check(&pem)).await,
-        Request::Rotate => write(&mut w, &daemon.rotate().await).await,
-        Request::Jwks => write(&mut w, &daemon.jwks()).await,
+        Request::Revocations => {
+            let entries = daemon.revocations();
+            write(&mut w, &Reply::Revocations { entries }).await
+        }
+        Request::Check { pem } => write(&mut w, &wire::checked(daemon.check(&pem))).await,
+        Request::Rotate => write(&mut w, &wire::rotated(daemon.rotate().await)).await,
+        Request::Jwks => {
+            let jwks = daemon.jwks();
+            write(&mut w, &Reply::Jwks { jwks }).await
+        }
         Request::RotateAuditKey => {
             write(&mut w, &wire::key_rotated(daemon.rotate_audit_key().await)).await
         }
         Request::CheckToken { token, audience } => {
-            write(&mut w, &daemon.check_token(&token, &audience)).await
+            let c = daemon.check_token(&token, &audience);
+            write(&mut w, &wire::checked(Ok(c))).await
         }
         Request::Events => {
             let mut rx = daemon.subscribe();
@@ -438,7 +446,44 @@ async fn dispatch(
 /// The daemon's typed results, as the admin socket's replies.
 mod wire {
     use super::Reply;
-    use crate::daemon::{AdminError, KeyRotated, Quarantined, Reloaded, SelfEnforced};
+    use crate::daemon::{
+        AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, SelfEnforced,
+    };
+
+    pub(super) fn revoked(r: Result<Revoked, AdminError>) -> Reply {
+        match r {
+            Ok(r) => Reply::Revoked {
+                target: r.target,
+                new: r.new,
+                cgroups: r.cgroups,
+                sockets_destroyed: r.sockets_destroyed,
+                not_persisted: r.not_persisted,
+            },
+            Err(e) => error(&e),
+        }
+    }
+
+    pub(super) fn checked(r: Result<Checked, AdminError>) -> Reply {
+        match r {
+            Ok(c) => Reply::Checked {
+                valid: c.valid,
+                spiffe_id: c.spiffe_id,
+                serial: c.serial,
+                not_after: c.not_after,
+                message: c.message,
+            },
+            Err(e) => error(&e),
+        }
+    }
+
+    pub(super) fn rotated(r: Result<usize, AdminError>) -> Reply {
+        match r {
+            Ok(n) => Reply::Done {
+                message: format!("renewed {n} agent certificates"),
+            },
+            Err(e) => error(&e),
+        }
+    }
 
     fn error(e: &AdminError) -> Reply {
         Reply::Error {

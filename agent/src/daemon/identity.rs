@@ -14,11 +14,10 @@ use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
-use super::{Daemon, DaemonError, Kind, Managed};
+use super::{AdminError, Daemon, DaemonError, Kind, Managed};
 use crate::{
     agentdir::{AgentDir, files},
     cgroup::Cgroup,
-    control::Reply,
     identity::{
         attest::{self, Peer},
         enroll::{self, EnrollReply, EnrollRequest, Enrolled},
@@ -105,8 +104,8 @@ fn boot_ns_at(at: SystemTime) -> u64 {
 }
 
 /// The answer to a validity check that failed.
-fn invalid(message: String) -> Reply {
-    Reply::Checked {
+fn invalid(message: String) -> super::Checked {
+    super::Checked {
         valid: false,
         spiffe_id: None,
         serial: None,
@@ -440,20 +439,16 @@ impl Daemon {
         (hit, failed)
     }
 
-    pub async fn revoke(&self, target: &str, reason: &str, uid: u32) -> Reply {
+    pub async fn revoke(
+        &self,
+        target: &str,
+        reason: &str,
+        uid: u32,
+    ) -> Result<super::Revoked, AdminError> {
         let started = std::time::Instant::now();
-        let target = match Target::parse(target) {
-            Ok(t) => t,
-            Err(e) => {
-                return Reply::Error {
-                    message: e.to_string(),
-                };
-            }
-        };
+        let target = Target::parse(target).map_err(|e| AdminError::BadTarget(e.to_string()))?;
         if reason.trim().is_empty() {
-            return Reply::Error {
-                message: "give a reason (--reason TEXT); it is recorded with the revocation".into(),
-            };
+            return Err(AdminError::NoReason);
         }
         let by = format!("uid {uid}");
         let new = self.identity.revoke(target.clone(), reason, &by);
@@ -534,33 +529,28 @@ impl Daemon {
                 .iter()
                 .map(|(id, e)| format!("cgroup {id}: {e}"))
                 .collect();
-            return Reply::Error {
-                message: format!(
-                    "{target} is on the revocation list, but the kernel could not be told for {} \
-                     cgroup(s) yet (the daemon keeps trying every half second): {}",
-                    failed.len(),
-                    which.join("; ")
-                ),
-            };
+            return Err(AdminError::RevocationNotInKernel {
+                target: target.to_string(),
+                failed: which,
+            });
         }
-        Reply::Revoked {
+        Ok(super::Revoked {
             target: target.to_string(),
             new,
             cgroups,
             sockets_destroyed: destroyed.sockets,
             not_persisted,
-        }
+        })
     }
 
-    pub fn jwks(&self) -> Reply {
-        Reply::Jwks {
-            jwks: self.identity.jwks(),
-        }
+    /// The JWKS that verifies this node's JWT-SVIDs.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.identity.jwks()
     }
 
-    pub fn check_token(&self, token: &str, audience: &str) -> Reply {
+    pub fn check_token(&self, token: &str, audience: &str) -> super::Checked {
         match self.identity.verify_token(token.trim(), audience) {
-            Ok(c) => Reply::Checked {
+            Ok(c) => super::Checked {
                 valid: true,
                 spiffe_id: Some(c.sub),
                 serial: Some(c.svid_serial),
@@ -576,26 +566,20 @@ impl Daemon {
         }
     }
 
-    pub fn revocations(&self) -> Reply {
-        Reply::Revocations {
-            entries: self.identity.revocations(),
-        }
+    pub fn revocations(&self) -> Vec<crate::identity::revoke::Revocation> {
+        self.identity.revocations()
     }
 
     /// Whether a certificate chain is valid here now (trust bundle, SPIFFE rules, revocation).
-    pub fn check(&self, pem: &str) -> Reply {
+    pub fn check(&self, pem: &str) -> Result<super::Checked, AdminError> {
         let chain: Result<Vec<CertificateDer<'static>>, _> =
             CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
         let chain = match chain {
             Ok(c) if !c.is_empty() => c,
-            _ => {
-                return Reply::Error {
-                    message: "no PEM certificate given".into(),
-                };
-            }
+            _ => return Err(AdminError::NoCertificate),
         };
-        match self.identity.verify(&chain, SystemTime::now()) {
-            Ok(s) => Reply::Checked {
+        Ok(match self.identity.verify(&chain, SystemTime::now()) {
+            Ok(s) => super::Checked {
                 valid: true,
                 spiffe_id: Some(s.id.to_string()),
                 serial: Some(s.serial),
@@ -603,7 +587,7 @@ impl Daemon {
                 message: "valid".into(),
             },
             Err(e) => invalid(e.to_string()),
-        }
+        })
     }
 
     /// Verifies the presented chain (trust, SPIFFE rules, revocation, expiry), finds the policy
@@ -1080,18 +1064,18 @@ impl Daemon {
         (ok, failed)
     }
 
-    pub async fn rotate(&self) -> Reply {
+    /// Renews every launched agent's certificate now; returns how many.
+    pub async fn rotate(&self) -> Result<usize, AdminError> {
         let (ok, failed) = self
             .renew_due(Duration::from_secs(u64::from(u32::MAX)))
             .await;
         if failed.is_empty() {
-            Reply::Done {
-                message: format!("renewed {ok} agent certificates"),
-            }
+            Ok(ok)
         } else {
-            Reply::Error {
-                message: format!("renewed {ok}; failed: {}", failed.join("; ")),
-            }
+            Err(AdminError::Renewal {
+                renewed: ok,
+                failed,
+            })
         }
     }
 }

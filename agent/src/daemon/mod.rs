@@ -38,7 +38,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("reload rejected, the policy in force is unchanged: {0}")]
-    ReloadRejected(DaemonError),
+    ReloadRejected(Box<DaemonError>),
     #[error("{0}")]
     NoSuchCgroup(String),
     #[error("cgroup {spec} (id {id}) is not bound by agentwall")]
@@ -52,13 +52,52 @@ pub enum AdminError {
     )]
     NotConfigured(String),
     #[error("cannot enforce cgroup /{cgroup}: {error}")]
-    Enforce { cgroup: String, error: DaemonError },
+    Enforce {
+        cgroup: String,
+        error: Box<DaemonError>,
+    },
     #[error(
         "the audit key comes from {0}: rotate it by setting a new key there and restarting the daemon (readers then need both keys)"
     )]
     KeyFromEnvironment(&'static str),
     #[error("{0}")]
     KeyRotation(String),
+    #[error("{0}")]
+    BadTarget(String),
+    #[error("give a reason (--reason TEXT); it is recorded with the revocation")]
+    NoReason,
+    #[error(
+        "{target} is on the revocation list, but the kernel could not be told for {} cgroup(s) yet (the daemon keeps trying every half second): {}",
+        failed.len(),
+        failed.join("; ")
+    )]
+    RevocationNotInKernel { target: String, failed: Vec<String> },
+    #[error("no PEM certificate given")]
+    NoCertificate,
+    #[error("renewed {renewed}; failed: {}", failed.join("; "))]
+    Renewal { renewed: usize, failed: Vec<String> },
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub target: String,
+    /// False when the target was already on the list.
+    pub new: bool,
+    pub cgroups: Vec<u64>,
+    pub sockets_destroyed: u32,
+    /// Why the list could not be saved (the revocation holds until a restart).
+    pub not_persisted: Option<String>,
+}
+
+/// Whether a certificate or token is valid here now, and whose it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub valid: bool,
+    pub spiffe_id: Option<String>,
+    pub serial: Option<String>,
+    pub not_after: Option<String>,
+    pub message: String,
 }
 
 /// A reload that put a new policy generation in force.
@@ -526,7 +565,7 @@ impl Daemon {
                         dir: self.cfg.policy_dir.display().to_string(),
                         dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
                     });
-                Err(AdminError::ReloadRejected(e))
+                Err(AdminError::ReloadRejected(Box::new(e)))
             }
         }
     }
@@ -648,7 +687,7 @@ impl Daemon {
                 self.count_error("enforce_self");
                 Err(AdminError::Enforce {
                     cgroup: rel.to_string(),
-                    error,
+                    error: Box::new(error),
                 })
             }
         }
