@@ -611,17 +611,18 @@ impl TestDaemon {
 
     /// `agentwall exec UNDER... [--user U] -- aw-netprobe CMDS...`, where UNDER is `--policy P`,
     /// `--cert C --key K` or `--self-enroll`.
+    ///
+    /// Both binaries are copies every user can reach: a command run as another user, or as
+    /// root confined to a mapped uid of its own, cannot reach into a build tree under a 0700
+    /// directory (a fresh clone's), and `exec --cert` starts its enrollment step from the
+    /// launcher's own binary inside the confinement.
     pub fn exec_under(&self, under: &[&str], user: Option<&str>, cmds: &[&str]) -> Command {
-        let mut c = Command::new(agentwall_bin());
+        let mut c = Command::new(self.world_copy(&agentwall_bin()));
         c.arg("exec").arg("--socket").arg(&self.socket).args(under);
-        let probe = match user {
-            Some(u) => {
-                c.arg("--user").arg(u);
-                self.world_netprobe()
-            }
-            None => netprobe_bin(),
-        };
-        c.arg("--").arg(probe).args(cmds);
+        if let Some(u) = user {
+            c.arg("--user").arg(u);
+        }
+        c.arg("--").arg(self.world_netprobe()).args(cmds);
         c
     }
 
