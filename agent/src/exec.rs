@@ -198,8 +198,15 @@ pub fn enroll_exec(socket: &Path, dir: &Path, cmd: &[OsString]) -> i32 {
 /// process got its pid next.
 static CHILD: AtomicI32 = AtomicI32::new(-1);
 
+/// A signal that came before there was a child to forward it to (0: none); sent once there is.
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn forward(sig: libc::c_int) {
     let pidfd = CHILD.load(Ordering::Relaxed);
+    if pidfd < 0 {
+        PENDING.store(sig, Ordering::Relaxed);
+        return;
+    }
     if pidfd >= 0 {
         // SAFETY: a raw system call, async-signal-safe; a reaped child gives ESRCH.
         unsafe {
@@ -369,6 +376,11 @@ pub fn run(
     install_forwarding(confine_root);
     let child = spawn::spawn_in_cgroup(&command, fd.as_fd())?;
     CHILD.store(child.pidfd.as_raw_fd(), Ordering::Relaxed);
+    // A stop asked for while the command was being started reaches it now.
+    let pending = PENDING.swap(0, Ordering::Relaxed);
+    if pending != 0 {
+        forward(pending);
+    }
     let status = spawn::wait(child.pid).map_err(ExecError::Wait);
     // Forget the number before the pidfd is closed with `child`.
     CHILD.store(-1, Ordering::Relaxed);

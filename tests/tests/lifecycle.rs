@@ -850,3 +850,79 @@ fn a_task_that_dies_stops_the_daemon_and_the_kernel_keeps_enforcing() {
     }
     assert_eq!(denied.accepted(), 0);
 }
+
+/// A quarantine of a unit listed under `enforce:` holds against what the unit itself can do:
+/// ask `enforce-self` again (root inside the unit may reach the admin socket for that), or
+/// exit so that its service manager restarts it in a new cgroup at the same path, which the
+/// daemon's watcher enforces. Only `quarantine --lift` ends it.
+#[test]
+fn a_quarantined_unit_stays_quarantined_through_enforce_self_and_a_restart() {
+    let _s = serial();
+    let allowed = TcpSink::new("127.0.0.1:0");
+    let name = format!("awt-{}-q", std::process::id());
+    let parent =
+        agentwall_tests::CgroupGuard(Cgroup::at(agentwall_tests::cgroup_mount().join(&name)));
+    parent.0.create().unwrap();
+    let unit_path = format!("{name}/app.service");
+    let unit = || Cgroup::at(agentwall_tests::cgroup_mount().join(&unit_path));
+    unit().create().unwrap();
+    let config = format!("enforce:\n  - cgroup: {unit_path}\n    policy: web\n");
+    let d = TestDaemon::start_with_config(
+        &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
+        Some(&config),
+    );
+    // One run of the unit: enforce-self (its reply printed), then a connect to the port its
+    // policy allows.
+    let run = |cg: &Cgroup| {
+        let out = d.dir.join("q.out");
+        let script = format!(
+            "{bin} enforce-self --socket {sock} 2>&1; {probe} 'tcp 127.0.0.1:{port}'",
+            bin = agentwall_tests::agentwall_bin().display(),
+            sock = d.socket.display(),
+            probe = netprobe_bin().display(),
+            port = allowed.port(),
+        );
+        let cmd = spawn::Command::new(
+            "/bin/sh",
+            [
+                "-c".to_string(),
+                format!("{{ {script}; }} > {} 2>&1", out.display()),
+            ],
+        );
+        let pid = spawn::spawn_in_cgroup(&cmd, cg.open().unwrap().as_fd())
+            .unwrap()
+            .pid;
+        spawn::wait(pid).unwrap();
+        let text = fs::read_to_string(&out).unwrap_or_default();
+        text.lines().last().unwrap_or_default().to_string()
+    };
+    assert_eq!(run(&unit()), "ok", "the policy allows the port");
+    let q = d.cli(&["quarantine", &unit_path]);
+    assert!(q.status.success(), "{q:?}");
+    assert_eq!(
+        run(&unit()),
+        "err EPERM",
+        "enforce-self from inside the unit"
+    );
+    // The unit restarts: a new cgroup at the same path.
+    unit().remove_tree().unwrap();
+    unit().create().unwrap();
+    assert_eq!(run(&unit()), "err EPERM", "the unit's next run");
+    let st = d.status();
+    assert!(
+        st.cgroups
+            .iter()
+            .any(|c| c.path.ends_with("app.service") && c.quarantined),
+        "{:#?}",
+        st.cgroups
+    );
+    let lift = d.cli(&["quarantine", "--lift", &unit_path]);
+    assert!(lift.status.success(), "{lift:?}");
+    assert_eq!(run(&unit()), "ok", "lifted");
+    // Only the first and the last run's connects arrived.
+    wait_for(Duration::from_secs(5), "the second connect", || {
+        (allowed.accepted() == 2).then_some(())
+    });
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(allowed.accepted(), 2);
+}

@@ -579,15 +579,6 @@ impl Daemon {
     ) -> Result<(u64, bool), DaemonError> {
         let _turn = self.configured_turn.lock().await;
         let cg = Cgroup::under(&self.mount, &e.cgroup)?;
-        let known = match cg.id() {
-            Ok(id) => self
-                .cgroups
-                .lock()
-                .await
-                .get(&id)
-                .is_some_and(|m| m.kind == Kind::Configured),
-            Err(_) => false,
-        };
         let Some(b) = self.binding_for(&e.policy) else {
             return Err(policy::PolicyError {
                 problems: vec![policy::Problem {
@@ -599,8 +590,47 @@ impl Daemon {
             }
             .into());
         };
+        // The id attached, not one read before: the unit may have restarted in between.
         let id = self.enforcer.attach(cg.clone()).await?;
-        self.enforcer.bind(id, b).await?;
+        // Enforced already (its `enforce-self` and the watcher both came): nothing to change,
+        // and above all its binding stays as it is (a quarantine on it holds).
+        let (known, carried) = {
+            let registry = self.cgroups.lock().await;
+            let known = registry
+                .get(&id)
+                .is_some_and(|m| m.kind == Kind::Configured);
+            // A quarantine of the unit's previous cgroup at this path holds for the new one:
+            // a restart is no way out of it.
+            let carried = registry.values().any(|m| {
+                m.kind == Kind::Configured && m.cgroup.path() == cg.path() && m.quarantined
+            });
+            (known, carried)
+        };
+        if known {
+            return Ok((id, false));
+        }
+        let hold = self
+            .audit
+            .state
+            .failing
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.cfg.audit.when_down == crate::config::WhenDown::Deny;
+        // What the kernel holds for this cgroup already (a quarantine, a revocation or a hold
+        // a previous daemon set) stays, as at an enrollment.
+        let quarantined = self
+            .enforcer
+            .rebind(id, move |old| Binding {
+                flags: b.flags
+                    | old.map_or(0, |o| {
+                        o.flags & (flags::DENY_ALL | flags::AUDIT_HOLD | flags::REVOKED)
+                    })
+                    | if carried { flags::DENY_ALL } else { 0 }
+                    | if hold { flags::AUDIT_HOLD } else { 0 },
+                ..b
+            })
+            .await?
+            .is_some_and(|o| o.flags & flags::DENY_ALL != 0)
+            || carried;
         let earlier: Vec<u64> = {
             let mut registry = self.cgroups.lock().await;
             let earlier = registry
@@ -610,10 +640,9 @@ impl Daemon {
                 })
                 .map(|(old, _)| *old)
                 .collect();
-            registry.insert(
-                id,
-                Managed::new(cg, Some(e.policy.clone()), Kind::Configured),
-            );
+            let mut m = Managed::new(cg, Some(e.policy.clone()), Kind::Configured);
+            m.quarantined = quarantined;
+            registry.insert(id, m);
             for old in &earlier {
                 registry.remove(old);
             }
@@ -626,7 +655,7 @@ impl Daemon {
                 self.count_error("unbind");
             }
         }
-        Ok((id, !known))
+        Ok((id, true))
     }
 
     /// Whether process `pid` runs in a cgroup agentwall confines (the managed subtree, or a

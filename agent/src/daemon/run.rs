@@ -179,7 +179,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             tracing::info!(cgroup = %e.cgroup, policy = %e.policy, "a configured cgroup is not there yet; it is enforced when it appears");
             continue;
         }
-        daemon.enforce_configured(&e).await?;
+        match daemon.enforce_configured(&e).await {
+            Ok(_) => {}
+            // Stopped meanwhile: the watcher enforces its next start.
+            Err(err) if !Cgroup::under(&mount, &e.cgroup)?.exists() => {
+                tracing::info!(cgroup = %e.cgroup, error = %err, "a configured cgroup went away while it was enforced; it is enforced when it appears again");
+            }
+            Err(err) => return Err(err),
+        }
     }
     daemon.reconcile().await?;
 

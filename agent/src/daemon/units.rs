@@ -83,15 +83,17 @@ impl Daemon {
                 continue;
             }
             let started = Instant::now();
-            // Empty as it is enforced: nothing ran unjudged (systemd makes the cgroup before
-            // it starts the unit's first process in it).
-            let empty = cg.populated().is_ok_and(|p| !p);
+            // Empty before it is enforced, and no socket to cut after: nothing ran unjudged
+            // (systemd makes the cgroup before it starts the unit's first process in it).
+            let empty_before = cg.populated().is_ok_and(|p| !p);
             match self.enforce_configured(e).await {
-                Ok((id, true)) if empty => {
-                    tracing::info!(cgroup = %e.cgroup, cgroup_id = id, policy = %e.policy, "a configured cgroup appeared and was enforced before a process ran in it");
-                }
                 Ok((id, true)) => {
+                    // Sockets opened before the programs were attached were judged by nobody.
                     let cut = self.destroy_sockets([id].into()).await;
+                    if empty_before && cut.sockets == 0 {
+                        tracing::info!(cgroup = %e.cgroup, cgroup_id = id, policy = %e.policy, "a configured cgroup appeared and was enforced before a process ran in it");
+                        continue;
+                    }
                     tracing::warn!(
                         cgroup = %e.cgroup,
                         cgroup_id = id,
