@@ -389,7 +389,9 @@ fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
     let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[1]))],
         Some(&format!(
-            "detect:\n  denials: 3\n  denial_window: 1m\n  webhook:\n    url: http://127.0.0.1:{}/agentwall/alerts\n    timeout: 2s\n",
+            // `space_warn_percent: 1`: the alert awaited is the detector's, not one of a host
+            // disk that happens to be over 80% full.
+            "detect:\n  denials: 3\n  denial_window: 1m\n  webhook:\n    url: http://127.0.0.1:{}/agentwall/alerts\n    timeout: 2s\naudit:\n  space_warn_percent: 1\n",
             receiver.port
         )),
     );
