@@ -3,48 +3,79 @@
 use std::{ffi::OsString, path::Path, path::PathBuf, process::ExitCode};
 
 use anyhow::bail;
+use clap::Args;
 
-use super::code;
+use super::{SocketArg, code};
 use crate::{config::LogFormat, exec, logging};
 
-/// How the command is launched: under what, and with which descriptors and privileges.
-pub(super) struct Launch {
+// `agentwall exec`'s arguments (its help is the doc of `Command::Exec`).
+#[derive(Debug, Args)]
+pub(super) struct ExecArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// Run the command as this user (name or uid).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Policy the command runs under.
+    #[arg(long, conflicts_with_all = ["cert", "key", "bundle", "self_enroll"], required_unless_present_any = ["cert", "self_enroll"])]
     pub policy: Option<String>,
+    /// The command enrolls itself (AGENTWALL_ENROLL_SOCKET, AGENTWALL_BUNDLE); everything
+    /// is denied until it has.
+    #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
     pub self_enroll: bool,
+    /// X509-SVID (PEM) the command enrolls with; its identity's policy applies.
+    #[arg(long, requires = "key")]
     pub cert: Option<PathBuf>,
+    /// Private key of --cert (PEM).
+    #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// Further CA certificates the command should trust (PEM), added to the local CA's.
+    #[arg(long, requires = "cert")]
     pub bundle: Option<PathBuf>,
+    /// Keep a JWT-SVID for this audience (repeatable) fresh in the file AGENTWALL_TOKEN names.
+    #[arg(long, requires = "cert")]
     pub audience: Vec<String>,
+    /// Pass descriptors 3 .. 3+N to the command (systemd's convention); every other
+    /// inherited descriptor is closed, so that no socket made outside the cgroup reaches it.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
     pub preserve_fds: u32,
+    /// A command that runs as root keeps root's capabilities and the host's cgroup and
+    /// mount namespaces. Without it, it is confined: it cannot leave its cgroup, see
+    /// agentwall's state, pins and audit log, write the cgroup file system, mount, load
+    /// BPF, open packet or raw sockets or ptrace (docs/threat-model.md).
+    #[arg(long)]
     pub keep_privileges: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<OsString>,
 }
 
-pub(super) fn exec(
-    socket: &Path,
-    user: Option<&str>,
-    l: Launch,
-    command: &[OsString],
-) -> anyhow::Result<ExitCode> {
+pub(super) fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     logging::init(LogFormat::Text, "warn");
-    let under = match (l.policy, l.cert, l.key) {
+    let under = match (a.policy, a.cert, a.key) {
         (Some(p), _, _) => exec::Under::Policy(p),
-        _ if l.self_enroll => exec::Under::SelfEnroll,
+        _ if a.self_enroll => exec::Under::SelfEnroll,
         (None, Some(cert), Some(key)) => exec::Under::Identity {
             cert,
             key,
-            bundle: l.bundle,
-            audience: l.audience,
+            bundle: a.bundle,
+            audience: a.audience,
         },
         _ => bail!("give --policy NAME, or --cert FILE and --key FILE"),
     };
     Ok(code(exec::run(
-        socket,
-        user,
+        &a.socket.socket,
+        a.user.as_deref(),
         &under,
-        command,
+        &a.command,
         exec::Options {
-            preserve_fds: l.preserve_fds,
-            keep_privileges: l.keep_privileges,
+            preserve_fds: a.preserve_fds,
+            keep_privileges: a.keep_privileges,
         },
     )?))
 }

@@ -39,50 +39,7 @@ enum Command {
     /// Run a command in a new enforced cgroup, under a named policy or under the identity of a
     /// certificate (it enrolls from inside the cgroup before the command starts); exits with
     /// the command's code.
-    Exec {
-        #[command(flatten)]
-        socket: SocketArg,
-        /// Run the command as this user (name or uid).
-        #[arg(long)]
-        user: Option<String>,
-        /// Policy the command runs under.
-        #[arg(long, conflicts_with_all = ["cert", "key", "bundle", "self_enroll"], required_unless_present_any = ["cert", "self_enroll"])]
-        policy: Option<String>,
-        /// The command enrolls itself (AGENTWALL_ENROLL_SOCKET, AGENTWALL_BUNDLE); everything
-        /// is denied until it has.
-        #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
-        self_enroll: bool,
-        /// X509-SVID (PEM) the command enrolls with; its identity's policy applies.
-        #[arg(long, requires = "key")]
-        cert: Option<PathBuf>,
-        /// Private key of --cert (PEM).
-        #[arg(long, requires = "cert")]
-        key: Option<PathBuf>,
-        /// Further CA certificates the command should trust (PEM), added to the local CA's.
-        #[arg(long, requires = "cert")]
-        bundle: Option<PathBuf>,
-        /// Keep a JWT-SVID for this audience (repeatable) fresh in the file AGENTWALL_TOKEN names.
-        #[arg(long, requires = "cert")]
-        audience: Vec<String>,
-        /// Pass descriptors 3 .. 3+N to the command (systemd's convention); every other
-        /// inherited descriptor is closed, so that no socket made outside the cgroup reaches it.
-        #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
-        preserve_fds: u32,
-        /// A command that runs as root keeps root's capabilities and the host's cgroup and
-        /// mount namespaces. Without it, it is confined: it cannot leave its cgroup, see
-        /// agentwall's state, pins and audit log, write the cgroup file system, mount, load
-        /// BPF, open packet or raw sockets or ptrace (docs/threat-model.md).
-        #[arg(long)]
-        keep_privileges: bool,
-        /// The command and its arguments (after `--`).
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            required = true,
-            value_name = "CMD"
-        )]
-        command: Vec<OsString>,
-    },
+    Exec(exec::ExecArgs),
     /// Show the daemon's health, policies, cgroups and counters.
     Status {
         #[command(flatten)]
@@ -199,33 +156,7 @@ fn code(c: i32) -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(a) => run::run(a),
-        Command::Exec {
-            socket,
-            user,
-            policy,
-            self_enroll,
-            cert,
-            key,
-            bundle,
-            audience,
-            preserve_fds,
-            keep_privileges,
-            command,
-        } => exec::exec(
-            &socket.socket,
-            user.as_deref(),
-            exec::Launch {
-                policy,
-                self_enroll,
-                cert,
-                key,
-                bundle,
-                audience,
-                preserve_fds,
-                keep_privileges,
-            },
-            &command,
-        ),
+        Command::Exec(a) => exec::exec(a),
         Command::EnrollExec {
             socket,
             dir,

@@ -33,35 +33,7 @@ pub enum ClientError {
     Unexpected { wanted: &'static str, got: String },
 }
 
-/// What a reload put in force.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reloaded {
-    pub generation: u32,
-    pub policies: usize,
-    pub rule_nodes: usize,
-}
-
-/// What a revocation did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revoked {
-    pub target: String,
-    /// False when the target was already revoked.
-    pub new: bool,
-    pub cgroups: Vec<u64>,
-    pub sockets_destroyed: u32,
-    /// Why the revocation list could not be saved (the revocation holds until restart).
-    pub not_persisted: Option<String>,
-}
-
-/// The daemon's verdict on a certificate or a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checked {
-    pub valid: bool,
-    pub spiffe_id: Option<String>,
-    pub serial: Option<String>,
-    pub not_after: Option<String>,
-    pub message: String,
-}
+pub use crate::daemon::{Checked, Reloaded, Revoked};
 
 /// One item of the event stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
