@@ -207,18 +207,16 @@ extern "C" fn forward(sig: libc::c_int) {
         PENDING.store(sig, Ordering::Relaxed);
         return;
     }
-    if pidfd >= 0 {
-        // SAFETY: a raw system call, async-signal-safe; a reaped child gives ESRCH.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                pidfd,
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-    }
+    // SAFETY: a raw system call, async-signal-safe; a reaped child gives ESRCH.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
 }
 
 /// `own_session`: the command runs in a session of its own (a confined root command), so the

@@ -695,8 +695,8 @@ fn a_restarted_unit_is_enforced_from_its_first_connect() {
 /// A unit listed under `enforce:` whose unit file lacks `ExecStartPre=+agentwall enforce-self`
 /// still gets a new cgroup at every start. The daemon starts while the unit is stopped (its
 /// cgroup missing), learns of each new cgroup at the configured path and enforces it; the
-/// sockets its processes opened before (here while no policy of that name was in force, so
-/// nothing could enforce it) are destroyed once it is.
+/// sockets its processes opened before (here while no daemon ran) are destroyed once it is.
+/// A listed cgroup whose policy is not in force is denied everything, not left open.
 #[test]
 fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut() {
     let _s = serial();
@@ -707,9 +707,9 @@ fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut(
     parent.0.create().unwrap();
     let unit = |u: &str| Cgroup::at(parent.0.path().join(u));
     let config = format!(
-        "enforce:\n  - cgroup: {name}/a.service\n    policy: web\n  - cgroup: {name}/b.service\n    policy: late\n"
+        "enforce:\n  - cgroup: {name}/a.service\n    policy: web\n  - cgroup: {name}/b.service\n    policy: web\n  - cgroup: {name}/c.service\n    policy: late\n"
     );
-    let d = TestDaemon::start_with_config(
+    let mut d = TestDaemon::start_with_config(
         &[("p.yaml", &tcp_policy("web", &[allowed.port()]))],
         Some(&config),
     );
@@ -759,8 +759,9 @@ fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut(
         unit("a.service").remove_tree().unwrap();
     }
 
-    // b.service starts while its policy is not in force: nothing can enforce it, and it
-    // opens a stream to a destination its policy will not allow.
+    // b.service starts while no daemon runs: nothing enforces it, and it opens a stream to
+    // a destination its policy does not allow. The next daemon enforces it at its start and
+    // cuts the stream.
     let late = |d: &TestDaemon| {
         d.status()
             .daemon_errors
@@ -768,7 +769,7 @@ fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut(
             .copied()
             .unwrap_or(0)
     };
-    let before = late(&d);
+    d.kill9();
     unit("b.service").create().unwrap();
     let procs = unit("b.service").path().join("cgroup.procs");
     let mut c = std::process::Command::new("/bin/sh");
@@ -780,11 +781,10 @@ fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut(
     let mut b = agentwall_tests::Repl::spawn(c);
     assert_eq!(b.cmd(&format!("stream 127.0.0.1:{}", denied.port())), "ok");
     denied.wait_flowing();
-    d.write_policy("late.yaml", &tcp_policy("late", &[allowed.port()]));
-    let reload = d.cli(&["reload"]);
-    assert!(reload.status.success(), "{reload:?}");
+    d.launch();
+    d.wait_healthy();
     assert_eq!(b.cmd("stream-end 5000"), "err ECONNABORTED");
-    denied.assert_stopped("once the cgroup that appeared is enforced");
+    denied.assert_stopped("once the cgroup is enforced");
     assert_eq!(
         b.cmd(&format!("tcp 127.0.0.1:{}", denied.port())),
         "err EPERM"
@@ -792,7 +792,33 @@ fn a_configured_cgroup_that_appears_later_is_enforced_and_its_earlier_flows_cut(
     assert_eq!(b.cmd(&format!("tcp 127.0.0.1:{}", allowed.port())), "ok");
     drop(b);
     // Enforced late, with processes in it: counted for status and metrics.
-    assert_eq!(late(&d), before + 1);
+    assert_eq!(late(&d), 1);
+
+    // c.service's policy is not in force: the cgroup is denied everything (fail closed), not
+    // left open, until it is.
+    unit("c.service").create().unwrap();
+    let out = d.dir.join("c.out");
+    let run_c = || {
+        let script = format!(
+            "exec {} 'sleep 1500' 'tcp 127.0.0.1:{}' > {}",
+            netprobe_bin().display(),
+            allowed.port(),
+            out.display()
+        );
+        let pid = spawn::spawn_in_cgroup(
+            &spawn::Command::new("/bin/sh", ["-c".to_string(), script]),
+            unit("c.service").open().unwrap().as_fd(),
+        )
+        .unwrap()
+        .pid;
+        spawn::wait(pid).unwrap();
+        fs::read_to_string(&out).unwrap_or_default()
+    };
+    assert_eq!(run_c(), "ok\nerr EPERM\n", "no policy named late yet");
+    d.write_policy("late.yaml", &tcp_policy("late", &[allowed.port()]));
+    let reload = d.cli(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    assert_eq!(run_c(), "ok\nok\n", "its policy is in force");
 }
 
 /// Every long-lived task and thread of the daemon is watched: one that panics stops the

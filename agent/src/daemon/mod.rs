@@ -580,12 +580,20 @@ impl Daemon {
         let _turn = self.configured_turn.lock().await;
         let cg = Cgroup::under(&self.mount, &e.cgroup)?;
         let Some(b) = self.binding_for(&e.policy) else {
+            // Fail closed: with the programs attached and no binding, the cgroup is denied
+            // everything until its policy is in force (the watcher tries again each second).
+            if cg.exists() {
+                self.enforcer.attach(cg.clone()).await?;
+            }
             return Err(policy::PolicyError {
                 problems: vec![policy::Problem {
                     file: PathBuf::from("config"),
                     line: None,
                     field: "enforce.policy".into(),
-                    message: format!("no policy named {:?} for cgroup {}", e.policy, e.cgroup),
+                    message: format!(
+                        "no policy named {:?} for cgroup {}; it is denied everything until there is",
+                        e.policy, e.cgroup
+                    ),
                 }],
             }
             .into());

@@ -179,8 +179,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             tracing::info!(cgroup = %e.cgroup, policy = %e.policy, "a configured cgroup is not there yet; it is enforced when it appears");
             continue;
         }
-        match daemon.enforce_configured(&e).await {
-            Ok(_) => {}
+        match daemon.enforce_listed(&e, "daemon start").await {
+            Ok(()) => {}
             // Stopped meanwhile: the watcher enforces its next start.
             Err(err) if !Cgroup::under(&mount, &e.cgroup)?.exists() => {
                 tracing::info!(cgroup = %e.cgroup, error = %err, "a configured cgroup went away while it was enforced; it is enforced when it appears again");

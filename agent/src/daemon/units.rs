@@ -63,64 +63,72 @@ fn watch_parents(daemon: &Daemon, inotify: &Inotify) {
 
 impl Daemon {
     /// Enforces each configured cgroup that exists and is not enforced yet, and destroys the
-    /// sockets its processes opened before.
+    /// sockets its processes opened before; a failure is logged, counted, and tried again at
+    /// the next look.
     pub(super) async fn enforce_appeared(&self) {
         for e in &self.cfg.enforce {
-            let Ok(cg) = Cgroup::under(&self.mount, &e.cgroup) else {
-                continue;
-            };
-            let Ok(id) = cg.id() else {
-                // Not there (yet): the unit is stopped.
-                continue;
-            };
-            let known = self
-                .cgroups
-                .lock()
-                .await
-                .get(&id)
-                .is_some_and(|m| m.kind == super::Kind::Configured);
-            if known {
-                continue;
-            }
-            let started = Instant::now();
-            // Empty before it is enforced, and no socket to cut after: nothing ran unjudged
-            // (systemd makes the cgroup before it starts the unit's first process in it).
-            let empty_before = cg.populated().is_ok_and(|p| !p);
-            match self.enforce_configured(e).await {
-                Ok((id, true)) => {
-                    // Sockets opened before the programs were attached were judged by nobody.
-                    let cut = self.destroy_sockets([id].into()).await;
-                    if empty_before && cut.sockets == 0 {
-                        tracing::info!(cgroup = %e.cgroup, cgroup_id = id, policy = %e.policy, "a configured cgroup appeared and was enforced before a process ran in it");
-                        continue;
-                    }
-                    tracing::warn!(
-                        cgroup = %e.cgroup,
-                        cgroup_id = id,
-                        policy = %e.policy,
-                        sockets_destroyed = cut.sockets,
-                        "a configured cgroup appeared and is enforced now; what its processes sent before was not judged (give its unit ExecStartPre=+agentwall enforce-self)"
-                    );
-                    self.audit.record(
-                        &crate::audit::schema::AuditRecord::ConfiguredCgroupEnforced {
-                            cgroup: e.cgroup.clone(),
-                            cgroup_id: id,
-                            policy: e.policy.clone(),
-                            by: "watcher".into(),
-                            sockets_destroyed: cut.sockets,
-                            took_us: u64::try_from(started.elapsed().as_micros())
-                                .unwrap_or(u64::MAX),
-                        },
-                    );
-                    self.count_error("configured_enforced_late");
-                }
-                // Its `enforce-self` came first.
-                Ok((_, false)) => {}
-                Err(err) => {
-                    tracing::error!(cgroup = %e.cgroup, error = %err, "a configured cgroup appeared and cannot be enforced; retrying");
-                    self.count_error("configured_enforce");
-                }
+            if let Err(err) = self.enforce_listed(e, "watcher").await {
+                tracing::error!(cgroup = %e.cgroup, error = %err, "a configured cgroup appeared and cannot be enforced; retrying");
+                self.count_error("configured_enforce");
             }
         }
+    }
+
+    /// Enforces the configured cgroup of `e` if it exists and is not enforced yet. When
+    /// processes ran in it before (the unit started with no `enforce-self`, or while no daemon
+    /// ran), the sockets they opened, which no hook judged, are destroyed, and that is logged,
+    /// audited (`configured_cgroup_enforced`, `by`) and counted.
+    pub(super) async fn enforce_listed(
+        &self,
+        e: &crate::config::EnforceEntry,
+        by: &str,
+    ) -> Result<(), super::DaemonError> {
+        let cg = Cgroup::under(&self.mount, &e.cgroup)?;
+        let Ok(id) = cg.id() else {
+            // Not there (yet): the unit is stopped.
+            return Ok(());
+        };
+        let known = self
+            .cgroups
+            .lock()
+            .await
+            .get(&id)
+            .is_some_and(|m| m.kind == super::Kind::Configured);
+        if known {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // Empty before it is enforced, and no socket to cut after: nothing ran unjudged
+        // (systemd makes the cgroup before it starts the unit's first process in it).
+        let empty_before = cg.populated().is_ok_and(|p| !p);
+        let (id, newly) = self.enforce_configured(e).await?;
+        if !newly {
+            // Its `enforce-self` came first.
+            return Ok(());
+        }
+        let cut = self.destroy_sockets([id].into()).await;
+        if empty_before && cut.sockets == 0 {
+            tracing::info!(cgroup = %e.cgroup, cgroup_id = id, policy = %e.policy, "a configured cgroup was enforced before a process ran in it");
+            return Ok(());
+        }
+        tracing::warn!(
+            cgroup = %e.cgroup,
+            cgroup_id = id,
+            policy = %e.policy,
+            sockets_destroyed = cut.sockets,
+            "a configured cgroup with processes in it is enforced now; what they sent before was not judged (give its unit ExecStartPre=+agentwall enforce-self)"
+        );
+        self.audit.record(
+            &crate::audit::schema::AuditRecord::ConfiguredCgroupEnforced {
+                cgroup: e.cgroup.clone(),
+                cgroup_id: id,
+                policy: e.policy.clone(),
+                by: by.to_string(),
+                sockets_destroyed: cut.sockets,
+                took_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            },
+        );
+        self.count_error("configured_enforced_late");
+        Ok(())
     }
 }
