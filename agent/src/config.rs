@@ -8,24 +8,10 @@ use std::{
 use agentwall_common::maps;
 use serde::Deserialize;
 
-/// Where things live unless told otherwise. Documented in README.md.
-pub mod defaults {
-    pub const CONFIG_FILE: &str = "/etc/agentwall/agentwall.yaml";
-    pub const POLICY_DIR: &str = "/etc/agentwall/policies";
-    pub const STATE_DIR: &str = "/var/lib/agentwall";
-    pub const PIN_DIR: &str = "/sys/fs/bpf/agentwall";
-    pub const SOCKET: &str = "/run/agentwall/admin.sock";
-    pub const ENROLL_SOCKET: &str = "/run/agentwall/enroll.sock";
-    /// Any local process may try to enroll: the certificate and the selectors decide.
-    pub const ENROLL_SOCKET_MODE: u32 = 0o666;
-    /// Where `agentwall exec --cert` puts the files of the agents it launches.
-    pub const AGENT_DIR: &str = "/run/agentwall/agents";
-    /// The audit key, away from the state directory that holds the log.
-    pub const AUDIT_KEY: &str = "/etc/agentwall/audit.key";
-    pub const CGROUP_ROOT: &str = "agentwall";
-    /// Trust domain of the embedded CA.
-    pub const TRUST_DOMAIN: &str = "agentwall.local";
-}
+use crate::clock::duration_text;
+pub use crate::identity::config::{BundleEntry, IdentityConfig};
+
+pub use crate::defaults;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -280,58 +266,6 @@ impl Default for AuditConfig {
     }
 }
 
-/// The identity service.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
-    /// Trust domain of the embedded CA, and of policy identities given as paths.
-    pub trust_domain: String,
-    /// Lifetime of certificates the daemon issues (`agentwall exec --cert`, renewals).
-    #[serde(with = "duration_text")]
-    pub svid_lifetime: std::time::Duration,
-    /// How long before expiry certificates of launched agents are renewed.
-    #[serde(with = "duration_text")]
-    pub renew_before: std::time::Duration,
-    /// Lifetime of JWT-SVID tokens.
-    #[serde(with = "duration_text")]
-    pub token_lifetime: std::time::Duration,
-    /// Tolerated clock difference when judging validity periods.
-    #[serde(with = "duration_text")]
-    pub clock_skew: std::time::Duration,
-    /// Further trusted trust domains, each with its CA bundle (PEM), such as one exported by a
-    /// SPIRE server (`spire-server bundle show -format pem`).
-    pub bundles: Vec<BundleEntry>,
-    /// Where the files of agents launched by `agentwall exec --cert` live, one directory per
-    /// cgroup; renewals replace them there.
-    pub agent_dir: PathBuf,
-    /// Key type of the certificates the local CA issues, and of the CA itself when it is
-    /// created: `ed25519` (default) or `ecdsa-p256`.
-    pub key_algorithm: crate::identity::svid::KeyAlgorithm,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        use std::time::Duration;
-        Self {
-            trust_domain: defaults::TRUST_DOMAIN.into(),
-            svid_lifetime: Duration::from_secs(3600),
-            renew_before: Duration::from_secs(300),
-            token_lifetime: Duration::from_secs(300),
-            clock_skew: Duration::from_secs(30),
-            bundles: Vec::new(),
-            agent_dir: PathBuf::from(defaults::AGENT_DIR),
-            key_algorithm: crate::identity::svid::KeyAlgorithm::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BundleEntry {
-    pub trust_domain: String,
-    pub file: PathBuf,
-}
-
 /// The enrollment socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -380,20 +314,6 @@ fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         )));
     }
     Ok(v)
-}
-
-/// Durations as humantime text (`1h`, `90s`) in the config file.
-pub(crate) mod duration_text {
-    use serde::Deserialize as _;
-
-    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<std::time::Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!("{s:?} is not a duration such as 1h or 15m: {e}"))
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -13,10 +13,7 @@ use rustls_pki_types::pem::PemObject as _;
 use crate::{
     agentdir::{AgentDir, AgentDirError},
     cgroup::{Cgroup, CgroupError},
-    control::{
-        Reply, Request,
-        client::{Client, ClientError},
-    },
+    control::client::{Client, ClientError},
     spawn::{self, RunAs, SpawnError},
 };
 
@@ -46,8 +43,10 @@ pub use crate::agentdir::files;
 pub enum ExecError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("unexpected answer from the daemon: {0:?}")]
-    Unexpected(Box<Reply>),
+    #[error(
+        "the daemon prepared no enrollment for this cgroup: are the CLI and the daemon the same version?"
+    )]
+    NoEnrollment,
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -276,26 +275,18 @@ pub fn run(
         });
     }
     let run_as = user.map(RunAs::lookup).transpose()?;
-    let mut client = Client::connect(socket)?;
-    client.send(&Request::ExecBegin {
-        policy: match under {
+    let (ready, lease) = Client::exec_begin(
+        socket,
+        match under {
             Under::Policy(p) => Some(p.clone()),
             Under::Identity { .. } | Under::SelfEnroll => None,
         },
-        audience: match under {
+        match under {
             Under::Identity { audience, .. } => audience.clone(),
             _ => Vec::new(),
         },
-    })?;
-    let (cgroup, enroll, protect) = match client.recv()? {
-        Reply::ExecReady {
-            cgroup,
-            enroll,
-            protect,
-            ..
-        } => (PathBuf::from(cgroup), enroll, protect),
-        other => return Err(ExecError::Unexpected(Box::new(other))),
-    };
+    )?;
+    let (cgroup, enroll, protect) = (PathBuf::from(ready.cgroup), ready.enroll, ready.protect);
     // Root inside the cgroup stays inside it (see `spawn::Confinement`): it is root of a user
     // namespace whose uid 0 is a host uid of its own, and its files belong to that uid.
     let (uid, gid) = ids_of(run_as.as_ref());
@@ -354,9 +345,7 @@ pub fn run(
             c
         }
         (Under::Identity { .. } | Under::SelfEnroll, None) => {
-            return Err(ExecError::Unexpected(Box::new(Reply::Error {
-                message: "the daemon prepared no enrollment for this cgroup".into(),
-            })));
+            return Err(ExecError::NoEnrollment);
         }
     };
     if confine_root {
@@ -384,6 +373,6 @@ pub fn run(
     CHILD.store(-1, Ordering::Relaxed);
     let status = status?;
     // Closing the connection ends the lease; the daemon removes the cgroup once it is empty.
-    drop(client);
+    drop(lease);
     Ok(spawn::exit_code(status))
 }

@@ -11,11 +11,14 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod defaults;
 pub mod enforce;
 pub mod events;
 pub mod exec;
 pub mod identity;
 pub mod journal;
+#[cfg(test)]
+mod layering;
 pub mod limits;
 pub mod logging;
 pub mod policy;
@@ -24,8 +27,11 @@ pub mod rootuid;
 pub mod sched;
 pub mod sockdiag;
 pub mod spawn;
+pub mod spiffe;
 pub mod state;
 pub mod supervise;
+pub mod unixsock;
+pub mod verdict;
 
 /// An error and its causes on one line, each text once (messages often repeat their cause).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

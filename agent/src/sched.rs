@@ -115,6 +115,31 @@ impl Drop for SteppedDown {
     }
 }
 
+thread_local! {
+    /// Set on threads that may block on disk I/O inside async code they drive with
+    /// `Handle::block_on` (the enrollment pool, the admin thread), where a hand-over to the
+    /// blocking pool would only add a wake-up, of a thread that may then take the CPU of an
+    /// agent.
+    static MAY_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one that may block on disk and socket I/O itself (see
+/// `MAY_BLOCK`).
+pub fn may_block_here() {
+    MAY_BLOCK.set(true);
+}
+
+/// Runs `f` on this thread if it may block, else on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if MAY_BLOCK.get() {
+        Ok(f())
+    } else {
+        tokio::task::spawn_blocking(f).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ pub struct DetectConfig {
     pub enabled: bool,
     /// How long an identity is watched before its baseline counts (no alerts meanwhile,
     /// except repeated denials).
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "crate::clock::duration_text")]
     pub learn_for: Duration,
     /// A minute with more than `burst_factor` times the identity's usual flows per minute
     /// (and at least `burst_min` flows) is a burst.
@@ -29,7 +29,7 @@ pub struct DetectConfig {
     pub burst_min: u64,
     /// `denials` denials within `denial_window` raise an alert.
     pub denials: usize,
-    #[serde(with = "crate::config::duration_text")]
+    #[serde(with = "crate::clock::duration_text")]
     pub denial_window: Duration,
     /// Alert on activity in an hour of the day (UTC) in which the identity was not active
     /// while it was learned.

@@ -512,7 +512,7 @@ pub struct WebhookConfig {
     /// Time one delivery may take.
     #[serde(
         default = "default_webhook_timeout",
-        with = "crate::config::duration_text"
+        with = "crate::clock::duration_text"
     )]
     pub timeout: Duration,
     /// Alerts waiting for delivery at most; beyond that they are dropped and counted.

@@ -27,7 +27,7 @@ use std::{
 
 use agentwall_common::event::{Event, Hook, Reason, Verdict};
 
-use crate::events::{self, EventRecord};
+use crate::verdict::{self as events, EventRecord};
 
 /// First byte of a compact verdict record.
 pub const VERDICT_V1: u8 = 0x01;
@@ -120,7 +120,7 @@ pub fn json(body: &[u8]) -> Result<Cow<'_, [u8]>, String> {
     match body.first() {
         Some(&VERDICT_V1) => {
             let rec = decode_verdict(body)?;
-            super::sink::encode_record(&super::schema::AuditRecord::Verdict(Box::new(rec)))
+            super::schema::encode_record(&super::schema::AuditRecord::Verdict(Box::new(rec)))
                 .map(Cow::Owned)
                 .ok_or_else(|| "cannot encode a verdict as JSON".to_owned())
         }
@@ -247,7 +247,7 @@ mod tests {
     use agentwall_common::{addr, rules::proto};
 
     use super::*;
-    use crate::events::Resolve;
+    use crate::verdict::Resolve;
 
     struct Names(bool);
     impl Resolve for Names {
@@ -328,7 +328,7 @@ mod tests {
                 let rec = EventRecord::decode_at(&e, &names, at);
                 let body = verdict(&e, &rec, at);
                 assert_eq!(decode_verdict(&body).unwrap(), rec, "event {i}");
-                let want = super::super::sink::encode_record(
+                let want = super::super::schema::encode_record(
                     &super::super::schema::AuditRecord::Verdict(Box::new(rec.clone())),
                 )
                 .unwrap();

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::{
     audit::{detect::Alert, retention::Pruning},
-    events::{EventRecord, summary::VerdictSummary},
     identity::{attest::Source, log::Entry},
+    verdict::{EventRecord, VerdictSummary},
 };
 
 fn none<T>(v: &Option<T>) -> bool {
@@ -233,6 +233,48 @@ impl AuditRecord {
             Self::Verdict(_) => "verdict",
         }
     }
+}
+
+/// A record's JSON: `{"time", "kind", ...fields}`; `time` is now unless the fields carry their
+/// own (a kernel event's time).
+pub(crate) fn encode_record(r: &AuditRecord) -> Option<Vec<u8>> {
+    encode(r.kind(), r)
+}
+
+pub(super) fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
+    let mut body = Vec::with_capacity(512);
+    if let Err(e) = serde_json::to_writer(&mut body, fields) {
+        tracing::error!(error = %e, kind, "cannot encode an audit record");
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let has_time = body.starts_with(b"{\"time\":");
+    out.push(b'{');
+    if !has_time {
+        out.extend_from_slice(b"\"time\":\"");
+        out.extend_from_slice(now_rfc3339().as_bytes());
+        out.extend_from_slice(b"\",");
+    }
+    out.extend_from_slice(b"\"kind\":");
+    serde_json::to_writer(&mut out, kind).ok()?;
+    match body.as_slice() {
+        [b'{', b'}'] => out.push(b'}'),
+        [b'{', rest @ ..] => {
+            out.push(b',');
+            out.extend_from_slice(rest);
+        }
+        // Not an object: kept whole under "value".
+        _ => {
+            out.extend_from_slice(b",\"value\":");
+            out.extend_from_slice(&body);
+            out.push(b'}');
+        }
+    }
+    Some(out)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]

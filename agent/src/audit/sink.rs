@@ -14,15 +14,13 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
-
-use serde::Serialize;
 
 use super::{
     forward::{Durable, Sink, SinkStats},
     keys::{AuditKey, NodeKey},
-    schema::AuditRecord,
+    schema::{AuditRecord, encode_record},
     store::{Rotation, StoreError, Writer},
 };
 
@@ -176,10 +174,6 @@ pub struct AuditHandle {
     pub state: Arc<AuditState>,
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
 impl AuditHandle {
     /// Opens the log (cutting a torn tail, which is then recorded) and starts the writer.
     pub fn start(
@@ -288,44 +282,6 @@ impl AuditHandle {
         self.tx.send(Msg::Flush(tx)).ok()?;
         rx.recv().ok()
     }
-}
-
-/// A record's JSON: `{"time", "kind", ...fields}`; `time` is now unless the fields carry their
-/// own (a kernel event's time).
-pub(crate) fn encode_record(r: &AuditRecord) -> Option<Vec<u8>> {
-    encode(r.kind(), r)
-}
-
-fn encode<T: Serialize>(kind: &str, fields: &T) -> Option<Vec<u8>> {
-    let mut body = Vec::with_capacity(512);
-    if let Err(e) = serde_json::to_writer(&mut body, fields) {
-        tracing::error!(error = %e, kind, "cannot encode an audit record");
-        return None;
-    }
-    let mut out = Vec::with_capacity(body.len() + 64);
-    let has_time = body.starts_with(b"{\"time\":");
-    out.push(b'{');
-    if !has_time {
-        out.extend_from_slice(b"\"time\":\"");
-        out.extend_from_slice(now_rfc3339().as_bytes());
-        out.extend_from_slice(b"\",");
-    }
-    out.extend_from_slice(b"\"kind\":");
-    serde_json::to_writer(&mut out, kind).ok()?;
-    match body.as_slice() {
-        [b'{', b'}'] => out.push(b'}'),
-        [b'{', rest @ ..] => {
-            out.push(b',');
-            out.extend_from_slice(rest);
-        }
-        // Not an object: kept whole under "value".
-        _ => {
-            out.extend_from_slice(b",\"value\":");
-            out.extend_from_slice(&body);
-            out.push(b'}');
-        }
-    }
-    Some(out)
 }
 
 /// The writer's watch over its file system.
@@ -678,7 +634,8 @@ pub fn load_or_create_key(path: &Path) -> Result<AuditKey, super::keys::KeyError
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
-    use super::{Histogram, encode};
+    use super::Histogram;
+    use crate::audit::schema::encode;
 
     #[test]
     fn records_get_their_kind_and_keep_an_event_time() {

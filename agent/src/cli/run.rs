@@ -71,7 +71,8 @@ pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(daemon::run(cfg)).context("cannot enforce")?;
+    rt.block_on(daemon::run(cfg, crate::control::start))
+        .context("cannot enforce")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -33,7 +33,7 @@ pub enum ClientError {
     Unexpected { wanted: &'static str, got: String },
 }
 
-pub use crate::daemon::{Checked, Reloaded, Revoked};
+pub use crate::daemon::{Checked, ExecReady, Reloaded, Revoked};
 
 /// One item of the event stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,13 @@ fn kind_of(r: &Reply) -> String {
         .ok()
         .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
         .unwrap_or_else(|| "an unknown reply".into())
+}
+
+/// The lease of an exec cgroup: the daemon removes the cgroup once this is dropped (the
+/// connection closes) and no process is left in it.
+#[derive(Debug)]
+pub struct Lease {
+    _connection: Client,
 }
 
 /// An open connection to the daemon.
@@ -107,6 +114,38 @@ impl Client {
             wanted,
             got: kind_of(&r),
         })
+    }
+
+    /// Asks for a cgroup for `agentwall exec`, under `policy` or (none) for an agent that
+    /// enrolls; `audience` names the JWT-SVID audiences kept in its files. The cgroup is
+    /// leased for as long as the returned connection stays open.
+    pub fn exec_begin(
+        path: &Path,
+        policy: Option<String>,
+        audience: Vec<String>,
+    ) -> Result<(ExecReady, Lease), ClientError> {
+        let mut c = Self::connect(path)?;
+        c.send(&Request::ExecBegin { policy, audience })?;
+        match c.recv()? {
+            Reply::ExecReady {
+                cgroup,
+                cgroup_id,
+                enroll,
+                protect,
+            } => Ok((
+                ExecReady {
+                    cgroup,
+                    cgroup_id,
+                    enroll,
+                    protect,
+                },
+                Lease { _connection: c },
+            )),
+            r => Err(ClientError::Unexpected {
+                wanted: "an exec cgroup",
+                got: kind_of(&r),
+            }),
+        }
     }
 
     pub fn status(path: &Path) -> Result<Status, ClientError> {

@@ -17,7 +17,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{Health, Reply, Status};
+use super::{Health, Status};
 use crate::daemon::Daemon;
 
 /// Largest request head read.
@@ -281,10 +281,11 @@ pub fn render(s: &Status) -> String {
 }
 
 /// Binds the metrics address; a failure names the address and the config key.
-pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, crate::daemon::DaemonError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| crate::daemon::DaemonError::Metrics { addr, source })
+pub fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, super::server::ServerError> {
+    let err = |source| super::server::ServerError::Metrics { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    TcpListener::from_std(listener).map_err(err)
 }
 
 /// Serves scrapes until the process ends, at most [`crate::limits::METRICS_CONNECTIONS`] at
@@ -359,14 +360,7 @@ async fn handle(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
     .unwrap_or(Ok(Err("408 Request Timeout")))?;
     let (status, content_type, body) = match asked {
         Ok(path) => match path.split('?').next().unwrap_or("") {
-            "/metrics" => match daemon.status().await {
-                Reply::Status(s) => ("200 OK", CONTENT_TYPE, render(&s)),
-                _ => (
-                    "500 Internal Server Error",
-                    "text/plain",
-                    "no status\n".to_owned(),
-                ),
-            },
+            "/metrics" => ("200 OK", CONTENT_TYPE, render(&daemon.status().await)),
             "/" => (
                 "200 OK",
                 "text/plain",

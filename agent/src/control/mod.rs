@@ -10,7 +10,14 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{enforce::Counters, events::EventRecord, policy::Mode};
+pub use crate::daemon::{
+    ExecEnroll, Protect,
+    status::{
+        AuditStatus, CgroupStatus, Health, LatencyStatus, PolicyStatus, Protections, SinkStatus,
+        Status,
+    },
+};
+use crate::{enforce::Counters, events::EventRecord};
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -114,177 +121,37 @@ pub enum Reply {
     },
 }
 
-/// The daemon's files a root agent's mount namespace hides or makes read-only.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Protect {
-    /// Directories covered by an empty read-only file system: the state directory, the pin
-    /// directory, the audit log.
-    pub hide_dirs: Vec<String>,
-    /// Files covered by an empty one: the audit key.
-    pub hide_files: Vec<String>,
-    /// Mounts made read-only: the cgroup file system.
-    pub read_only: Vec<String>,
-    /// The host uid (and gid) root of the command's user namespace is mapped to; none from
-    /// a daemon that hands out none (the launcher then refuses to run a command as root
-    /// without `--keep-privileges`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub root_uid: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecEnroll {
-    pub agent_dir: String,
-    pub bundle_pem: String,
-    pub socket: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub version: String,
-    pub health: Health,
-    pub generation: u32,
-    pub rule_nodes: usize,
-    pub policy_dir: String,
-    pub pin_dir: String,
-    pub cgroup_root: String,
-    pub policies: Vec<PolicyStatus>,
-    pub cgroups: Vec<CgroupStatus>,
-    pub kernel_counters: Counters,
-    pub daemon_errors: std::collections::BTreeMap<String, u64>,
-    #[serde(default)]
-    pub audit: AuditStatus,
-    #[serde(default)]
-    pub protections: Protections,
-}
-
-/// Kernel protections beyond the cgroup hooks, and for each one missing, why.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Protections {
-    /// The task-scoped hooks (BPF LSM) are in force: a socket made outside an enforced cgroup
-    /// and used inside is judged by the task that uses it.
-    pub task_hooks: bool,
-    /// The Unix socket hooks are in force: connects and sends to Unix sockets from enforced
-    /// cgroups are judged against `unix:` rules.
-    #[serde(default)]
-    pub unix_sockets: bool,
-    /// One line per missing protection: what is not judged, and what to do.
-    pub missing: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditStatus {
-    pub dir: String,
-    /// Records made durable since the daemon started.
-    pub committed: u64,
-    pub last_seq: u64,
-    pub last_checkpoint_seq: u64,
-    pub write_errors: u64,
-    /// The log cannot be written right now (enforcement goes on; records wait).
-    pub failing: bool,
-    /// Behavioral alerts raised (each is an `alert` record).
-    #[serde(default)]
-    pub alerts: u64,
-    /// Kernel verdicts over their agent's event budget, counted in `verdict_summary`
-    /// records rather than recorded one by one.
-    #[serde(default)]
-    pub events_suppressed: u64,
-    #[serde(default)]
-    pub event_summaries: u64,
-    /// `event_flood` alerts raised (each also counted in `alerts`).
-    #[serde(default)]
-    pub event_floods: u64,
-    /// Free and total bytes of the audit file system, as last looked at (every 2 s).
-    #[serde(default)]
-    pub free_bytes: u64,
-    #[serde(default)]
-    pub total_bytes: u64,
-    /// Below the free-space watermark (`audit.space_warn_percent`).
-    #[serde(default)]
-    pub space_low: bool,
-    /// Old segments removed by retention, and failed attempts.
-    #[serde(default)]
-    pub segments_removed: u64,
-    #[serde(default)]
-    pub retention_errors: u64,
-    /// The sinks beside the store (stdout, syslog), by name.
-    #[serde(default)]
-    pub sinks: std::collections::BTreeMap<String, SinkStatus>,
-    /// From a kernel event to its record being durable, since the daemon started.
-    #[serde(default)]
-    pub event_to_durable: LatencyStatus,
-    /// Hex public key that verifies the checkpoints.
-    pub node_key: String,
-}
-
-/// A latency distribution, in microseconds (each value within 12.5% above).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatencyStatus {
-    pub count: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub max_us: u64,
-}
-
-/// What a sink did since the daemon started; the store holds every record regardless.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SinkStatus {
-    pub sent: u64,
-    /// Records its full queue turned away.
-    pub dropped: u64,
-    /// Failed connects and writes.
-    pub errors: u64,
-    pub connected: bool,
-    pub last_error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum Health {
-    Starting,
-    /// The probe's connect was denied by the kernel at `probe_at`.
-    Healthy {
-        probe_at: String,
-    },
-    Failed {
-        reason: String,
-    },
-}
-
-impl std::fmt::Display for Health {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Starting => f.write_str("starting"),
-            Self::Healthy { probe_at } => write!(f, "healthy (probe denied at {probe_at})"),
-            Self::Failed { reason } => write!(f, "FAILED: {reason}"),
-        }
+/// Serves the daemon to its operators: the admin socket on a thread of its own and, when the
+/// configuration asks for it, the metrics endpoint. `agentwall run` hands this to
+/// `daemon::run`, which calls it once enforcement holds (see [`crate::daemon::Frontends`]).
+pub fn start(
+    daemon: &std::sync::Arc<crate::daemon::Daemon>,
+    supervisor: &crate::supervise::Supervisor,
+    admin_connections: usize,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let cfg = daemon.config();
+    let (listener, access) = server::bind(&cfg.socket, cfg.socket_group.as_deref())?;
+    let slots = crate::limits::Slots::new("admin socket", admin_connections);
+    server::serve_on_thread(
+        listener,
+        access,
+        std::sync::Arc::clone(daemon),
+        slots,
+        supervisor.watch("admin"),
+    )
+    .map_err(|source| server::ServerError::Io {
+        path: cfg.socket.display().to_string(),
+        source,
+    })?;
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = metrics::bind(addr)?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        supervisor.spawn(
+            "metrics",
+            metrics::serve(listener, std::sync::Arc::clone(daemon)),
+        );
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyStatus {
-    pub name: String,
-    pub slot: u32,
-    pub mode: Mode,
-    pub rules: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CgroupStatus {
-    pub id: u64,
-    pub path: String,
-    pub policy: Option<String>,
-    pub kind: String,
-    pub quarantined: bool,
-    pub leased: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spiffe_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serial: Option<String>,
-    /// RFC 3339: when the binding dies with its certificate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
-    #[serde(default)]
-    pub revoked: bool,
+    Ok(())
 }
 
 // `Counters` holds `&'static str` keys for the kernel counter names; owned deserialization is

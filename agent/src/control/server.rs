@@ -1,11 +1,6 @@
 //! The daemon side of the admin socket.
 
-use std::{
-    fs, io,
-    os::{fd::AsRawFd as _, unix::fs::PermissionsExt as _},
-    path::Path,
-    sync::Arc,
-};
+use std::{io, os::fd::AsRawFd as _, path::Path, sync::Arc};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -17,18 +12,20 @@ use crate::daemon::Daemon;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("another agentwall daemon answers on {0}; stop it first")]
-    InUse(String),
+    #[error(transparent)]
+    Listen(#[from] crate::unixsock::ListenError),
     #[error("admin socket {path}: {source}")]
     Io {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("unknown group {0:?} (config socket_group or enrollment.group)")]
-    UnknownGroup(String),
-    #[error("unknown user {0:?} (config enrollment.owner)")]
-    UnknownUser(String),
+    #[error("metrics.listen {addr}: cannot listen: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Who may use the socket besides root.
@@ -37,69 +34,11 @@ pub struct Access {
     pub gid: Option<u32>,
 }
 
-fn group_id(group: Option<&str>) -> Result<Option<u32>, ServerError> {
-    group
-        .map(|g| {
-            nix::unistd::Group::from_name(g)
-                .ok()
-                .flatten()
-                .map(|gr| gr.gid.as_raw())
-                .ok_or_else(|| ServerError::UnknownGroup(g.into()))
-        })
-        .transpose()
-}
-
-fn user_id(user: Option<&str>) -> Result<Option<u32>, ServerError> {
-    user.map(|u| {
-        nix::unistd::User::from_name(u)
-            .ok()
-            .flatten()
-            .map(|us| us.uid.as_raw())
-            .ok_or_else(|| ServerError::UnknownUser(u.into()))
-    })
-    .transpose()
-}
-
-/// Binds a Unix stream socket created with no access for anyone but its owner, then given
-/// `owner`, `group` and `mode`. A stale socket file of a dead daemon is replaced; a live one
-/// is not.
-pub fn bind_unix(
-    path: &Path,
-    mode: u32,
-    owner: Option<&str>,
-    group: Option<&str>,
-) -> Result<UnixListener, ServerError> {
-    let err = |source| ServerError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let (uid, gid) = (user_id(owner)?, group_id(group)?);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(err)?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ServerError::InUse(path.display().to_string()));
-        }
-        fs::remove_file(path).map_err(err)?;
-    }
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = listener.map_err(err)?;
-    if uid.is_some() || gid.is_some() {
-        nix::unistd::chown(path, uid.map(Into::into), gid.map(Into::into))
-            .map_err(|e| err(e.into()))?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err)?;
-    Ok(listener)
-}
-
 /// Binds the admin socket: 0600, or 0660 for a configured group.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), ServerError> {
-    let gid = group_id(group)?;
+    let gid = crate::unixsock::group_id(group)?;
     let mode = if gid.is_some() { 0o660 } else { 0o600 };
-    let listener = bind_unix(path, mode, None, group)?;
+    let listener = crate::unixsock::bind_unix(path, mode, None, group)?;
     Ok((listener, Access { gid }))
 }
 
@@ -136,7 +75,7 @@ pub fn serve_on_thread(
                 tracing::info!(error = %e, "admin socket: no real-time scheduling (CAP_SYS_NICE?); under load a revocation may wait for a CPU");
                 crate::sched::latency_critical("agentwall-admin");
             }
-            crate::daemon::may_block_here();
+            crate::sched::may_block_here();
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
@@ -362,7 +301,7 @@ async fn dispatch(
     let (r, mut w) = stream.into_split();
     let reader = BufReader::new(r);
     match req {
-        Request::Status => write(&mut w, &daemon.status().await).await,
+        Request::Status => write(&mut w, &Reply::Status(Box::new(daemon.status().await))).await,
         Request::EnforceSelf => {
             write(
                 &mut w,
@@ -378,16 +317,20 @@ async fn dispatch(
             write(&mut w, &wire::quarantined(r)).await
         }
         Request::ExecBegin { policy, audience } => {
-            let (reply, lease) = daemon.exec_begin(policy.as_deref(), audience).await;
-            write(&mut w, &reply).await?;
+            let ready = daemon.exec_begin(policy.as_deref(), audience).await;
+            let lease = ready.as_ref().ok().map(|r| r.cgroup_id);
+            let written = write(&mut w, &wire::exec_ready(ready)).await;
             if let Some(lease) = lease {
-                // The lease lasts until the client closes the connection (or sends anything).
-                let mut rest = String::new();
-                let mut reader = reader;
-                let _ = reader.read_line(&mut rest).await;
+                // The lease lasts until the client closes the connection (or sends anything);
+                // a client gone before the reply ends it at once.
+                if written.is_ok() {
+                    let mut rest = String::new();
+                    let mut reader = reader;
+                    let _ = reader.read_line(&mut rest).await;
+                }
                 daemon.exec_end(lease).await;
             }
-            Ok(())
+            written
         }
         Request::Revoke { target, reason } => {
             let r = daemon.revoke(&target, &reason, uid).await;
@@ -447,8 +390,20 @@ async fn dispatch(
 mod wire {
     use super::Reply;
     use crate::daemon::{
-        AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, SelfEnforced,
+        AdminError, Checked, ExecReady, KeyRotated, Quarantined, Reloaded, Revoked, SelfEnforced,
     };
+
+    pub(super) fn exec_ready(r: Result<ExecReady, AdminError>) -> Reply {
+        match r {
+            Ok(r) => Reply::ExecReady {
+                cgroup: r.cgroup,
+                cgroup_id: r.cgroup_id,
+                enroll: r.enroll,
+                protect: r.protect,
+            },
+            Err(e) => error(&e),
+        }
+    }
 
     pub(super) fn revoked(r: Result<Revoked, AdminError>) -> Reply {
         match r {

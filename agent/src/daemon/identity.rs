@@ -289,7 +289,7 @@ impl Daemon {
         // The store is lent to the save, which may run on another thread; should that panic,
         // a fresh store (which has not read the files, so its next save rewrites them) stays.
         let mut lent = std::mem::replace(store, enrollment_store(&self.cfg.state_dir));
-        let saved = match blocking(move || {
+        let saved = match crate::sched::blocking(move || {
             let r = save(&mut lent);
             (lent, r)
         })
@@ -338,7 +338,7 @@ impl Daemon {
             return;
         }
         let identity = Arc::clone(&self.identity);
-        match blocking(move || identity.save_revocations()).await {
+        match crate::sched::blocking(move || identity.save_revocations()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "the recovered revocations are not persisted; they hold until the daemon restarts");
@@ -380,7 +380,7 @@ impl Daemon {
             let namespaces = sockdiag::foreign_namespaces(&dirs);
             sockdiag::destroy_sockets_in(&cgroups, &namespaces)
         };
-        match blocking(work).await {
+        match crate::sched::blocking(work).await {
             Ok(Ok(d)) => {
                 if d.failed > 0 {
                     self.count_error("socket_destroy");
@@ -494,7 +494,7 @@ impl Daemon {
             .destroy_sockets(cgroups.iter().copied().collect())
             .await;
         let identity = Arc::clone(&self.identity);
-        let saved = blocking(move || identity.save_revocations())
+        let saved = crate::sched::blocking(move || identity.save_revocations())
             .await
             .unwrap_or_else(|e| {
                 Err(crate::identity::revoke::RevokeError::Write {
@@ -958,7 +958,7 @@ impl Daemon {
             );
             let _ = self.enforce_revocations().await;
             let identity = Arc::clone(&self.identity);
-            if let Ok(Err(e)) = blocking(move || identity.save_revocations()).await {
+            if let Ok(Err(e)) = crate::sched::blocking(move || identity.save_revocations()).await {
                 tracing::error!(error = %e, "revocation not persisted; it holds until the daemon restarts");
                 self.count_error("revocation_save");
             }
@@ -1077,31 +1077,6 @@ impl Daemon {
                 failed,
             })
         }
-    }
-}
-
-thread_local! {
-    /// Set on threads that may block on disk I/O inside async code they drive with
-    /// `Handle::block_on` (the enrollment pool, the admin thread), where a hand-over to the
-    /// blocking pool would only add a wake-up, of a thread that may then take the CPU of an
-    /// agent.
-    static MAY_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks the calling thread as one that may block on disk and socket I/O itself (see
-/// `MAY_BLOCK`).
-pub(crate) fn may_block_here() {
-    MAY_BLOCK.set(true);
-}
-
-/// Runs `f` on this thread if it may block, else on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    if MAY_BLOCK.get() {
-        Ok(f())
-    } else {
-        tokio::task::spawn_blocking(f).await
     }
 }
 
@@ -1275,7 +1250,7 @@ impl EnrollPool {
 
     fn run(self: Arc<Self>) {
         use std::sync::atomic::Ordering::SeqCst;
-        MAY_BLOCK.set(true);
+        crate::sched::may_block_here();
         // Without its epoll instance (out of file descriptors) the thread cannot wait: it
         // tries again rather than end, so that the pool never runs out of threads.
         let waiter = loop {

@@ -9,11 +9,10 @@ use std::{
 
 use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 
-use super::{Daemon, DaemonError, Names, RuleBook, compile_policies, now_rfc3339};
+use super::{Daemon, DaemonError, Names, RuleBook, compile_policies, now_rfc3339, status::Health};
 use crate::{
     cgroup::{self, Cgroup},
     config::Config,
-    control::{self, Health},
     enforce::{Enforcer, actor::EnforcerHandle},
     events::{self, Resolve},
     identity::service::IdentityService,
@@ -21,9 +20,18 @@ use crate::{
     state::SlotTable,
 };
 
+/// Starts what serves the daemon to its operators (the admin socket and the metrics endpoint,
+/// in `control`) once enforcement holds; a failure stops the start. Given by the caller, so
+/// that the daemon does not know the wire of its clients.
+pub type Frontends = fn(
+    &Arc<Daemon>,
+    &crate::supervise::Supervisor,
+    usize,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
 /// Runs the daemon until SIGTERM or SIGINT. Returns an error (and the process exits non-zero)
 /// whenever enforcement cannot be established.
-pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     // Not dumpable: no process of the same user without CAP_SYS_PTRACE (a root agent,
     // confined by `agentwall exec`) may ptrace it, read its memory or reach its descriptors.
     // SAFETY: prctl with constant arguments.
@@ -208,34 +216,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         probe: "a connect from the probe cgroup was denied".into(),
     });
 
-    let (listener, access) =
-        control::server::bind(&daemon.cfg.socket, daemon.cfg.socket_group.as_deref())?;
-    let admin_slots = crate::limits::Slots::new("admin socket", limits.admin);
-    control::server::serve_on_thread(
-        listener,
-        access,
-        Arc::clone(&daemon),
-        admin_slots,
-        supervisor.watch("admin"),
-    )
-    .map_err(|source| control::server::ServerError::Io {
-        path: daemon.cfg.socket.display().to_string(),
-        source,
-    })?;
-    if let Some(addr) = daemon.cfg.metrics.listen {
-        let listener = control::metrics::bind(addr).await?;
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        supervisor.spawn(
-            "metrics",
-            control::metrics::serve(listener, Arc::clone(&daemon)),
-        );
-    }
+    // The operators' ways in (the admin socket, the metrics endpoint), once enforcement holds.
+    frontends(&daemon, &supervisor, limits.admin).map_err(DaemonError::Frontend)?;
     let e = &daemon.cfg.enrollment;
     let enroll_listener =
-        control::server::bind_unix(&e.socket, e.mode, e.owner.as_deref(), e.group.as_deref())?;
+        crate::unixsock::bind_unix(&e.socket, e.mode, e.owner.as_deref(), e.group.as_deref())?;
     super::identity::serve_enroll(enroll_listener, Arc::clone(&daemon)).map_err(|source| {
-        control::server::ServerError::Io {
-            path: e.socket.display().to_string(),
+        DaemonError::EnrollSocket {
+            path: e.socket.clone(),
             source,
         }
     })?;

@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, SystemTime},
 };
@@ -19,9 +18,9 @@ use agentwall_common::{
     budget::{self, Summary, SummaryKey},
     event::Verdict,
 };
-use serde::Serialize;
 
 use super::{BootClock, Resolve, code_name, display_addr, family_name, is_unix, proto_name};
+pub use crate::verdict::{SummaryFlow, VerdictSummary};
 use crate::{
     audit::{detect::Alert, sink::AuditHandle},
     config::EventsConfig,
@@ -34,59 +33,6 @@ pub const MAX_DENIED_FLOWS: usize = 16;
 /// Allowed flows listed in one summary record, in the order they began. Each is a
 /// destination the agent reached, so all are listed: past this many, in further records.
 pub const MAX_ALLOWED_FLOWS: usize = 256;
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-/// One agent's verdicts held back in a window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VerdictSummary {
-    /// The end of the window, RFC 3339.
-    pub time: String,
-    pub window_start: String,
-    /// The cgroup; none for the cgroups without a binding, which share one budget (each
-    /// flow names its cgroup).
-    pub cgroup_id: Option<u64>,
-    pub policy: Option<String>,
-    pub spiffe_id: Option<String>,
-    /// 0, or the number of a further record of the same window and cgroup that lists more
-    /// allowed flows (its totals are 0: they are the first record's).
-    #[serde(skip_serializing_if = "is_zero")]
-    pub part: u32,
-    /// Every verdict held back in the window, exactly. The flows' counts add up to it but
-    /// for `unattributed`, and for verdicts at the window's edges, which one window may
-    /// count in its total and the next in its flows: over consecutive windows the totals
-    /// are exact.
-    pub suppressed: u64,
-    pub flows: Vec<SummaryFlow>,
-    /// Denied flows past the [`MAX_DENIED_FLOWS`] listed, and their verdicts.
-    pub other_flows: u64,
-    pub other_count: u64,
-    /// Verdicts in `suppressed` whose flow was not kept (the kernel's table of flows was
-    /// full, or the verdict was counted while its flow was being read).
-    pub unattributed: u64,
-}
-
-/// One flow of a summary: what a verdict record would have said, but for the task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SummaryFlow {
-    pub cgroup_id: u64,
-    pub hook: String,
-    pub verdict: String,
-    pub reason: String,
-    pub protocol: String,
-    pub family: String,
-    /// The destination as judged; none on the Unix hooks and for socket creations.
-    pub dst: Option<IpAddr>,
-    pub port: u16,
-    /// On the Unix hooks, the socket name (see `events::unix_names`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub socket: Option<String>,
-    pub count: u64,
-    pub first: String,
-    pub last: String,
-}
 
 /// Reads the budget maps and writes the summaries; owned by the event reader.
 pub struct Summarizer {

@@ -2,12 +2,14 @@
 //! issuance log. Enrollment over mTLS, rotation and revocation come next (identity issue).
 
 pub mod attest;
+pub mod config;
 pub mod enroll;
 pub mod log;
 pub mod profile;
+pub mod refusal;
 pub mod revoke;
 pub mod service;
-pub mod spiffe;
+pub use crate::spiffe;
 pub mod svid;
 pub mod token;
 pub mod verify;

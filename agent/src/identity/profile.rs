@@ -16,35 +16,8 @@ use x509_parser::{
     extensions::{GeneralName, ParsedExtension},
 };
 
-use super::{
-    spiffe::{IdError, SpiffeId},
-    verify::SvidError,
-};
-
-/// Why a certificate cannot sign X509-SVIDs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SigningFault {
-    #[error("the certificate cannot be parsed: {0}")]
-    Malformed(String),
-    #[error("its basic constraints do not set cA")]
-    NotCa,
-    #[error("it has no key usage extension; a signing certificate needs keyCertSign")]
-    NoKeyUsage,
-    #[error("its key usage extension is not marked critical")]
-    KeyUsageNotCritical,
-    #[error("its key usage lacks keyCertSign")]
-    NoKeyCertSign,
-    #[error("it has {0} URI SANs; a signing certificate carries at most one SPIFFE ID")]
-    MultipleUriSans(usize),
-    #[error(
-        "its URI SAN {0:?} has a path; a signing certificate's SPIFFE ID names only the trust domain"
-    )]
-    IdHasPath(String),
-    #[error("its URI SAN is not a SPIFFE ID: {0}")]
-    BadId(IdError),
-    #[error("it carries the critical extension {0}, which agentwall does not process")]
-    UnknownCritical(String),
-}
+pub use super::refusal::SigningFault;
+use super::{refusal::SvidError, spiffe::SpiffeId};
 
 fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<(Vec<&'a str>, bool), String> {
     let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
@@ -219,6 +192,7 @@ mod tests {
         DEFAULT_SKEW, TrustBundles, Verifier,
         tests::{ID, good_params, t0},
     };
+    use crate::spiffe::IdError;
 
     /// A private arc, so that no verifier knows the extension.
     const UNKNOWN_OID: &[u64] = &[1, 3, 6, 1, 4, 1, 99999, 1];

@@ -10,6 +10,7 @@ use std::{
 
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 
+use super::config::IdentityConfig;
 use super::{
     IdentityError, ca_dir, enroll, log, log_path,
     revoke::{Revocation, RevocationList, RevocationStore, RevokeError, Target},
@@ -18,7 +19,7 @@ use super::{
     token::TokenSigner,
     verify::{SvidError, TrustBundles, VerifiedSvid, Verifier},
 };
-use crate::{config::IdentityConfig, policy::Grant};
+use crate::policy::Grant;
 
 /// Lifetime of the daemon's own enrollment server certificate; it is issued again at start
 /// and whenever less than a quarter of it is left.

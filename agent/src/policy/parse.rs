@@ -8,7 +8,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::identity::spiffe::SpiffeId;
+use crate::spiffe::SpiffeId;
 
 use super::{
     Attest, EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, UnixRule, spans::Spans,

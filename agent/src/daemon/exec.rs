@@ -1,0 +1,233 @@
+//! Cgroups of `agentwall exec`: made and bound before the command runs, leased to its
+//! launcher, removed once the lease ended and no process is left.
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// The daemon's files a root agent's mount namespace hides or makes read-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protect {
+    /// Directories covered by an empty read-only file system: the state directory, the pin
+    /// directory, the audit log.
+    pub hide_dirs: Vec<String>,
+    /// Files covered by an empty one: the audit key.
+    pub hide_files: Vec<String>,
+    /// Mounts made read-only: the cgroup file system.
+    pub read_only: Vec<String>,
+    /// The host uid (and gid) root of the command's user namespace is mapped to; none from
+    /// a daemon that hands out none (the launcher then refuses to run a command as root
+    /// without `--keep-privileges`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_uid: Option<u32>,
+}
+
+/// What an exec cgroup's launcher needs: the cgroup to move its command into, the files of
+/// an agent that enrolls, and what a command running as root must not reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecReady {
+    pub cgroup: String,
+    pub cgroup_id: u64,
+    pub enroll: Option<ExecEnroll>,
+    pub protect: Protect,
+}
+
+/// Where an enrolling agent's files go (renewals replace them there), the CA bundle to check
+/// the daemon with, and the enrollment socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEnroll {
+    pub agent_dir: String,
+    pub bundle_pem: String,
+    pub socket: String,
+}
+
+impl Daemon {
+    /// The daemon's files a root agent must not reach, and the host uid its root is mapped to
+    /// (see `spawn::Confinement`).
+    pub(super) fn protect(&self, root_uid: Option<u32>) -> Protect {
+        let show = |p: &std::path::Path| p.display().to_string();
+        // What the agent needs stays visible: its own directory and the enrollment socket
+        // (a configuration may put them under the state directory).
+        let needed = [
+            self.cfg.identity.agent_dir.as_path(),
+            self.cfg.enrollment.socket.as_path(),
+        ];
+        let hide = [
+            self.cfg.state_dir.clone(),
+            self.cfg.pin_dir.clone(),
+            self.cfg.audit_dir(),
+        ];
+        Protect {
+            hide_dirs: hide
+                .iter()
+                .filter(|d| !needed.iter().any(|n| n.starts_with(d)))
+                .map(|d| show(d))
+                .collect(),
+            hide_files: vec![show(&self.cfg.audit.key_file)],
+            read_only: vec![show(&self.mount)],
+            root_uid,
+        }
+    }
+
+    /// Creates and binds a cgroup for `agentwall exec`. On success the caller holds its lease
+    /// (the cgroup id) until it calls [`Daemon::exec_end`].
+    pub async fn exec_begin(
+        &self,
+        policy: Option<&str>,
+        audience: Vec<String>,
+    ) -> Result<ExecReady, AdminError> {
+        let binding = match policy {
+            None => None,
+            Some(policy) => match self.binding_for(policy) {
+                Some(b) => Some(b),
+                None => {
+                    return Err(AdminError::UnknownPolicy {
+                        policy: policy.to_string(),
+                        loaded: self.policy_names(),
+                    });
+                }
+            },
+        };
+        let seq = crate::clock::boot_ns();
+        let cg = self.root.child(&format!("{EXEC_PREFIX}{seq:x}"));
+        let result = async {
+            cg.create()?;
+            let id = cg.id()?;
+            // Bound before the reply: the command's first instruction runs under its policy.
+            // Without a policy the cgroup stays unbound, which denies everything, until a
+            // process in it enrolls.
+            if let Some(binding) = binding
+                && let Err(e) = self.enforcer.bind(id, binding).await
+            {
+                let _ = cg.remove_tree();
+                return Err(DaemonError::from(e));
+            }
+            let agent_dir = match binding {
+                Some(_) => None,
+                None => match self.identity_agent_dir(id) {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        let _ = cg.remove_tree();
+                        return Err(e);
+                    }
+                },
+            };
+            Ok((id, agent_dir))
+        }
+        .await;
+        match result {
+            Ok((id, agent_dir)) => {
+                let mut m = Managed::new(cg.clone(), policy.map(str::to_string), Kind::Exec);
+                m.leased = true;
+                m.agent_dir.clone_from(&agent_dir);
+                m.audience = audience;
+                let mut registry = self.cgroups.lock().await;
+                let used = registry.values().filter_map(|m| m.root_uid).collect();
+                m.root_uid = self.cfg.exec.root_uids.pick(&used, seq);
+                if let Some(uid) = m.root_uid
+                    && let Err(e) = RootUids::record(&cg, uid)
+                {
+                    // Unrecorded, a restarted daemon could hand the uid out twice: no root.
+                    tracing::error!(cgroup = %cg.path().display(), error = %e, "cannot note the root uid on the exec cgroup; a command of this cgroup cannot run as root");
+                    self.count_error("root_uid_note");
+                    m.root_uid = None;
+                } else if m.root_uid.is_none() {
+                    // The command can still run, unless it runs as root: the launcher then
+                    // refuses it (or runs it with `--keep-privileges`, if asked).
+                    tracing::warn!(
+                        count = self.cfg.exec.root_uids.count,
+                        "every uid of exec.root_uids is in use; a command of this cgroup cannot run as root"
+                    );
+                    self.count_error("root_uids_exhausted");
+                }
+                let root_uid = m.root_uid;
+                registry.insert(id, m);
+                drop(registry);
+                tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
+                let enroll = agent_dir.map(|d| ExecEnroll {
+                    agent_dir: d.display().to_string(),
+                    bundle_pem: self.identity.bundle_pem().to_string(),
+                    socket: self.cfg.enrollment.socket.display().to_string(),
+                });
+                Ok(ExecReady {
+                    cgroup: cg.path().display().to_string(),
+                    cgroup_id: id,
+                    enroll,
+                    protect: self.protect(root_uid),
+                })
+            }
+            Err(e) => {
+                self.count_error("exec_begin");
+                Err(AdminError::ExecCgroup {
+                    what: policy.map_or("enrollment".to_string(), |p| format!("policy {p:?}")),
+                    error: Box::new(e),
+                })
+            }
+        }
+    }
+
+    pub async fn exec_end(&self, id: u64) {
+        if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
+            m.leased = false;
+        }
+        self.gc.notify_one();
+    }
+
+    /// Removes exec cgroups whose lease ended and that hold no process.
+    pub(super) async fn collect(&self) {
+        let candidates: Vec<(u64, Cgroup)> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.kind == Kind::Exec && !m.leased)
+            .map(|(id, m)| (*id, m.cgroup.clone()))
+            .collect();
+        for (id, cg) in candidates {
+            if cg.exists() && cg.populated().unwrap_or(true) {
+                continue;
+            }
+            if let Err(e) = cg.remove_tree() {
+                tracing::debug!(cgroup = %cg.path().display(), error = %e, "exec cgroup not removable yet");
+                continue;
+            }
+            if let Err(e) = self.enforcer.unbind(id).await {
+                tracing::error!(cgroup_id = id, error = %e, "cannot remove the binding of a removed cgroup");
+                self.count_error("unbind");
+                continue;
+            }
+            let gone = self.cgroups.lock().await.remove(&id);
+            if let Some(dir) = gone.and_then(|m| m.agent_dir) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            self.save_enrollments().await;
+            tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "exec cgroup removed");
+        }
+        // Enrolled cgroups elsewhere are not ours to remove; once their owner removed them,
+        // their binding and links go (a new cgroup never reuses the id: it is the inode).
+        let gone: Vec<u64> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.kind == Kind::Enrolled && !m.cgroup.exists())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let result = async {
+                self.enforcer.unbind(id).await?;
+                self.enforcer.detach(id).await?;
+                Ok::<_, DaemonError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::error!(cgroup_id = id, error = %e, "cannot release a removed enrolled cgroup");
+                self.count_error("unbind");
+                continue;
+            }
+            self.cgroups.lock().await.remove(&id);
+            self.save_enrollments().await;
+            tracing::info!(cgroup_id = id, "enrolled cgroup removed; its binding ended");
+        }
+    }
+}
