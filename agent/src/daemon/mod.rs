@@ -16,6 +16,7 @@ use agentwall_common::binding::{Binding, flags};
 use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 
 mod admin;
+mod audit;
 mod configured;
 mod exec;
 mod identity;

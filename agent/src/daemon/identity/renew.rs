@@ -1,0 +1,217 @@
+//! Renewal of the certificates and tokens kept in the directories of launched agents.
+
+use super::*;
+
+impl Daemon {
+    /// Renews the certificate of one launched agent into its directory and extends its
+    /// binding. Returns the new serial.
+    pub(in crate::daemon) async fn renew(&self, cgroup_id: u64) -> Result<String, String> {
+        let (bound, dir) = {
+            let registry = self.cgroups.lock().await;
+            let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
+            match (&m.bound, &m.agent_dir) {
+                (Some(b), Some(d)) => (b.clone(), d.clone()),
+                _ => return Err("not an agent launched with --cert".into()),
+            }
+        };
+        if bound.revoked {
+            return Err("revoked".into());
+        }
+        let id = SpiffeId::workload(&bound.spiffe_id).map_err(|e| e.to_string())?;
+        if id.trust_domain() != self.identity.trust_domain() {
+            return Err(format!(
+                "{} belongs to trust domain {}, whose CA is not this daemon's; renew it there",
+                bound.spiffe_id,
+                id.trust_domain()
+            ));
+        }
+        let req = LeafRequest {
+            id,
+            lifetime: self.identity.config().svid_lifetime,
+            capabilities: bound.capabilities.clone(),
+        };
+        let issued = self
+            .identity
+            .issue(&req, &format!("agentwall renewal for cgroup {cgroup_id}"))
+            .map_err(|e| e.to_string())?;
+        // The files keep the owner the launcher gave the key (the user the agent runs as).
+        let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
+        let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
+        dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)
+            .map_err(|e| e.to_string())?;
+        // Read and written in one enforcer job: a revocation that lands meanwhile keeps its
+        // flag (a read, then a separate write, would put the flagless binding back).
+        let expires_boot_ns = boot_ns_at(issued.not_after);
+        let before = self
+            .enforcer
+            .rebind(cgroup_id, move |old| {
+                let k = old.unwrap_or(Binding {
+                    slot: 0,
+                    flags: flags::DENY_ALL,
+                    expires_boot_ns: 0,
+                });
+                if old.is_none() || k.flags & flags::REVOKED != 0 {
+                    k
+                } else {
+                    Binding {
+                        expires_boot_ns,
+                        ..k
+                    }
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if before.is_none() {
+            return Err("the cgroup has no binding".into());
+        }
+        if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id)
+            && let Some(b) = m.bound.as_mut()
+        {
+            let previous = std::mem::replace(&mut b.serial, issued.serial.clone());
+            b.renewed_from.push(previous);
+            let excess = b.renewed_from.len().saturating_sub(MAX_RENEWAL_CHAIN);
+            b.renewed_from.drain(..excess);
+            b.not_after = unix_secs(issued.not_after);
+        }
+        // A revocation of an earlier serial that came while this certificate was being made
+        // found no chain to follow yet: it follows it now.
+        let cut = self
+            .cgroups
+            .lock()
+            .await
+            .get(&cgroup_id)
+            .and_then(|m| m.bound.as_ref())
+            .is_some_and(|b| {
+                b.renewed_from
+                    .iter()
+                    .any(|s| self.identity.check_revoked(&b.spiffe_id, s).is_err())
+            });
+        if cut {
+            self.identity.revoke(
+                Target::Serial(issued.serial.clone()),
+                "renewed from a serial revoked during the renewal",
+                "agentwall",
+            );
+            let _ = self.enforce_revocations().await;
+            let identity = Arc::clone(&self.identity);
+            if let Ok(Err(e)) = crate::sched::blocking(move || identity.save_revocations()).await {
+                tracing::error!(error = %e, "revocation not persisted; it holds until the daemon restarts");
+                self.count_error("revocation_save");
+            }
+            return Err("an earlier certificate of this agent was revoked".into());
+        }
+        self.save_enrollments_of(&[cgroup_id]).await;
+        tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
+        self.audit
+            .record(&crate::audit::schema::AuditRecord::CertificateRenewed {
+                spiffe_id: issued.id.to_string(),
+                serial: issued.serial.clone(),
+                previous_serial: bound.serial.clone(),
+                not_after: humantime::format_rfc3339_seconds(issued.not_after).to_string(),
+                sha256: issued.sha256.clone(),
+                cgroup_id,
+            });
+        Ok(issued.serial)
+    }
+
+    /// Writes a fresh JWT-SVID into a launched agent's directory.
+    pub(in crate::daemon) async fn refresh_token(&self, cgroup_id: u64) -> Result<(), String> {
+        let (bound, audience, dir) = {
+            let registry = self.cgroups.lock().await;
+            let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
+            match (&m.bound, &m.agent_dir) {
+                (Some(b), Some(d)) if !b.revoked => (b.clone(), m.audience.clone(), d.clone()),
+                _ => return Err("no live identity".into()),
+            }
+        };
+        let id = SpiffeId::workload(&bound.spiffe_id).map_err(|e| e.to_string())?;
+        let holder = crate::identity::token::Holder {
+            id: &id,
+            serial: &bound.serial,
+            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(bound.not_after),
+        };
+        let (token, claims) = self
+            .identity
+            .issue_token(holder, &audience)
+            .map_err(|e| e.to_string())?;
+        let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
+        let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
+        dir.write(files::TOKEN, token.as_bytes(), 0o600, owner)
+            .map_err(|e| e.to_string())?;
+        if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id) {
+            m.token_exp = claims.exp;
+        }
+        Ok(())
+    }
+
+    /// Renews every launched agent whose certificate expires within `within`.
+    pub(in crate::daemon) async fn renew_due(&self, within: Duration) -> (usize, Vec<String>) {
+        let limit = unix_secs(SystemTime::now() + within);
+        let local = format!("spiffe://{}/", self.identity.trust_domain());
+        let due: Vec<u64> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            // Only agents whose certificate lives in their directory (`exec --cert`).
+            .filter(|(_, m)| {
+                m.agent_dir
+                    .as_ref()
+                    .is_some_and(|d| d.join(files::CERT).exists())
+            })
+            // Only this daemon's CA can renew: certificates of other trust domains run out.
+            .filter(|(_, m)| {
+                m.bound.as_ref().is_some_and(|b| {
+                    !b.revoked && b.not_after <= limit && b.spiffe_id.starts_with(&local)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        // Tokens are refreshed at half their lifetime.
+        let half = self.identity.config().token_lifetime / 2;
+        let token_limit = unix_secs(SystemTime::now() + half);
+        let tokens: Vec<u64> = self
+            .cgroups
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, m)| m.agent_dir.is_some() && !m.audience.is_empty())
+            .filter(|(_, m)| m.bound.as_ref().is_some_and(|b| !b.revoked))
+            .filter(|(_, m)| m.token_exp <= token_limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in tokens {
+            if let Err(e) = self.refresh_token(id).await {
+                tracing::warn!(cgroup_id = id, error = %e, "cannot refresh an agent's token");
+                self.count_error("token");
+            }
+        }
+        let (mut ok, mut failed) = (0, Vec::new());
+        for id in due {
+            match self.renew(id).await {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    tracing::warn!(cgroup_id = id, error = %e, "cannot renew an agent's certificate");
+                    self.count_error("renew");
+                    failed.push(format!("cgroup {id}: {e}"));
+                }
+            }
+        }
+        (ok, failed)
+    }
+
+    /// Renews every launched agent's certificate now; returns how many.
+    pub async fn rotate(&self) -> Result<usize, AdminError> {
+        let (ok, failed) = self
+            .renew_due(Duration::from_secs(u64::from(u32::MAX)))
+            .await;
+        if failed.is_empty() {
+            Ok(ok)
+        } else {
+            Err(AdminError::Renewal {
+                renewed: ok,
+                failed,
+            })
+        }
+    }
+}
