@@ -6,6 +6,9 @@
 //! system calls: the parent is multi-threaded, so nothing that allocates or takes a lock is
 //! safe there (and glibc's setuid wrappers would try to signal threads that the child does not
 //! have).
+//!
+//! Size: the code between clone and exec must be raw system calls that allocate nothing. It
+//! stays in one file so that this rule can be checked by reading one file.
 
 use std::{
     ffi::{CString, OsStr, OsString},

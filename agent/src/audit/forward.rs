@@ -11,6 +11,9 @@
 //!   number as structured data `[agentwall@32473 seq="N"]` and the record's JSON as MSG. A
 //!   batch whose write failed is sent again after reconnecting, so a collector may see a
 //!   record twice (never out of order); the sequence number tells duplicates apart.
+//!
+//! Size: both network sinks (syslog, webhook) use the queue, retry and TLS code kept here;
+//! about 100 lines are tests.
 
 use std::{
     borrow::Cow,

@@ -116,23 +116,38 @@ fn prefix(s: &str, max: usize) -> &[u8] {
 }
 
 /// The JSON of a record body: JSON bodies as they are, compact ones decoded.
-pub fn json(body: &[u8]) -> Result<Cow<'_, [u8]>, String> {
+pub fn json(body: &[u8]) -> Result<Cow<'_, [u8]>, DecodeError> {
     match body.first() {
         Some(&VERDICT_V1) => {
             let rec = decode_verdict(body)?;
             super::schema::encode_record(&super::schema::AuditRecord::Verdict(Box::new(rec)))
                 .map(Cow::Owned)
-                .ok_or_else(|| "cannot encode a verdict as JSON".to_owned())
+                .ok_or(DecodeError::Encode)
         }
         _ => Ok(Cow::Borrowed(body)),
     }
 }
 
+/// Why a record body cannot be read back as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a compact verdict")]
+    NotCompact,
+    #[error("a compact verdict cut short at byte {0}")]
+    CutShort(usize),
+    #[error("a {0} that is not UTF-8")]
+    NotUtf8(&'static str),
+    #[error("{0} bytes after the end of a compact verdict")]
+    Trailing(usize),
+    #[error("cannot encode a verdict as JSON")]
+    Encode,
+}
+
 /// The verdict of a compact body.
-pub fn decode_verdict(body: &[u8]) -> Result<EventRecord, String> {
+pub fn decode_verdict(body: &[u8]) -> Result<EventRecord, DecodeError> {
     let mut r = Reader { b: body, at: 0 };
     if r.u8()? != VERDICT_V1 {
-        return Err("not a compact verdict".into());
+        return Err(DecodeError::NotCompact);
     }
     let micros = r.u64()?;
     let [hook, verdict, reason, proto, family] = r.array::<5>()?;
@@ -146,8 +161,8 @@ pub fn decode_verdict(body: &[u8]) -> Result<EventRecord, String> {
     let generation = r.u32()?;
     let comm_len = usize::from(r.u8()?);
     let comm = String::from_utf8(r.take(comm_len)?.to_vec())
-        .map_err(|_| "a command name that is not UTF-8".to_owned())?;
-    let mut addr = |present: u8, v6: u8| -> Result<Option<IpAddr>, String> {
+        .map_err(|_| DecodeError::NotUtf8("command name"))?;
+    let mut addr = |present: u8, v6: u8| -> Result<Option<IpAddr>, DecodeError> {
         if flags & present == 0 {
             return Ok(None);
         }
@@ -159,24 +174,21 @@ pub fn decode_verdict(body: &[u8]) -> Result<EventRecord, String> {
     };
     let dst = addr(F_DST, F_DST6)?;
     let dst_given = addr(F_GIVEN, F_GIVEN6)?.or(dst);
-    let mut text = |flag: u8| -> Result<Option<String>, String> {
+    let mut text = |flag: u8| -> Result<Option<String>, DecodeError> {
         if flags & flag == 0 {
             return Ok(None);
         }
         let len = usize::from(r.u16()?);
         String::from_utf8(r.take(len)?.to_vec())
             .map(Some)
-            .map_err(|_| "a name that is not UTF-8".to_owned())
+            .map_err(|_| DecodeError::NotUtf8("name"))
     };
     let rule = text(F_RULE)?;
     let policy = text(F_POLICY)?;
     let spiffe_id = text(F_SPIFFE)?;
     let unix = text(F_UNIX)?;
     if r.at != body.len() {
-        return Err(format!(
-            "{} bytes after the end of a compact verdict",
-            body.len() - r.at
-        ));
+        return Err(DecodeError::Trailing(body.len() - r.at));
     }
     let at = UNIX_EPOCH + Duration::from_micros(micros);
     Ok(EventRecord {
@@ -209,34 +221,34 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let s = self
             .b
             .get(self.at..self.at.saturating_add(n))
-            .ok_or_else(|| format!("a compact verdict cut short at byte {}", self.at))?;
+            .ok_or(DecodeError::CutShort(self.at))?;
         self.at += n;
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
 
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Result<u16, DecodeError> {
         self.array().map(u16::from_le_bytes)
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, DecodeError> {
         self.array().map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, DecodeError> {
         self.array().map(u64::from_le_bytes)
     }
 }
@@ -345,7 +357,10 @@ mod tests {
                 }
                 let mut long = body.clone();
                 long.push(0);
-                assert!(decode_verdict(&long).unwrap_err().contains("after the end"));
+                assert!(matches!(
+                    decode_verdict(&long).unwrap_err(),
+                    DecodeError::Trailing(_)
+                ));
             }
         }
     }

@@ -5,6 +5,9 @@
 //! Nothing is dropped here: a full queue makes the sender wait. The kernel event reader is
 //! such a sender, so when the log falls behind, the kernel's ring buffer fills and the kernel
 //! counts what it could not deliver; the daemon turns those counts into gap records.
+//!
+//! Size: the writer is one loop (queue, batches, checkpoints, space watch, key switch) whose
+//! parts share the state of its thread; split over files, that state would be harder to follow.
 
 use std::{
     path::Path,

@@ -1,5 +1,8 @@
 //! Writing the audit log: segments, frames, group commit, rotation, torn-tail recovery and
 //! checkpoints.
+//!
+//! Size: the on-disk format (segments, frames, checkpoints) and its recovery rely on each
+//! other's invariants, so they are read together.
 
 use std::{
     fs,

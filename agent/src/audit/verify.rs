@@ -1,6 +1,8 @@
 //! Reading and verifying an audit directory: every segment follows its predecessor, every
 //! record sits at its sequence number, decrypts in its place and extends the chain, and every
 //! signed checkpoint (the local ones and copies exported off the host) matches the chain.
+//!
+//! Size: more than half of the file is tests: tampered, truncated and reordered logs.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -174,6 +174,7 @@ impl RecordFilter {
 /// such, with its bytes, rather than skipped.
 fn record_value(body: &[u8]) -> serde_json::Value {
     crate::audit::record::json(body)
+        .map_err(|e| e.to_string())
         .and_then(|j| serde_json::from_slice(&j).map_err(|e| e.to_string()))
         .unwrap_or_else(
             |e| serde_json::json!({"undecodable": String::from_utf8_lossy(body), "error": e}),

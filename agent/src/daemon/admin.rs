@@ -11,8 +11,10 @@ use super::DaemonError;
 pub enum AdminError {
     #[error("reload rejected, the policy in force is unchanged: {0}")]
     ReloadRejected(Box<DaemonError>),
-    #[error("{0}")]
-    NoSuchCgroup(String),
+    #[error("{0:?} is not a cgroup id")]
+    NotACgroupId(String),
+    #[error(transparent)]
+    NoSuchCgroup(#[from] crate::cgroup::CgroupError),
     #[error("cgroup {spec} (id {id}) is not bound by agentwall")]
     NotBound { spec: String, id: u64 },
     #[error("{0}")]

@@ -408,14 +408,15 @@ impl Daemon {
         book.current.policies.keys().cloned().collect()
     }
 
-    fn resolve_cgroup(&self, spec: &str) -> Result<u64, String> {
+    /// The cgroup an operator names: `id:N`, a bare id, or a path below the cgroup mount.
+    fn resolve_cgroup(&self, spec: &str) -> Result<u64, AdminError> {
         if let Some(id) = spec
             .strip_prefix("id:")
             .or_else(|| spec.parse::<u64>().ok().map(|_| spec))
         {
             return id
                 .parse()
-                .map_err(|_| format!("{spec:?} is not a cgroup id"));
+                .map_err(|_| AdminError::NotACgroupId(spec.to_string()));
         }
         // An absolute path must lie below the mount; either way no `..` may lead out of it.
         let path = std::path::Path::new(spec);
@@ -423,14 +424,12 @@ impl Daemon {
             Ok(rel) => rel.to_string_lossy().into_owned(),
             Err(_) => spec.to_string(),
         };
-        let cg = Cgroup::under(&self.mount, &rel).map_err(|e| e.to_string())?;
-        cg.id().map_err(|e| e.to_string())
+        let cg = Cgroup::under(&self.mount, &rel)?;
+        Ok(cg.id()?)
     }
 
     pub async fn quarantine(&self, spec: &str, lift: bool) -> Result<Quarantined, AdminError> {
-        let id = self
-            .resolve_cgroup(spec)
-            .map_err(AdminError::NoSuchCgroup)?;
+        let id = self.resolve_cgroup(spec)?;
         // The flag is set on the binding as it is when the change lands: a revocation or an
         // enrollment meanwhile stays.
         let changed = self

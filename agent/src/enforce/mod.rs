@@ -12,6 +12,9 @@
 //! - `AW_EVENTS` ring buffer of `agentwall_common::event::Event`.
 //! - `AW_ENFORCED` cgroup id → 0: the cgroups whose tasks the task-scoped (BPF LSM) programs
 //!   judge, with their descendants. A cgroup enters it before the cgroup programs attach.
+//!
+//! Size: [`Enforcer`] owns the aya object, so loading, pinning and every map operation go
+//! through this one type; `actor`, `layout`, `unix` and `budgets` hold the rest.
 
 pub mod actor;
 pub mod budgets;

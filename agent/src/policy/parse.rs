@@ -1,4 +1,7 @@
 //! From YAML text to validated [`Policy`] values, with file, line and field for every problem.
+//!
+//! Size: one pass over the YAML with a check per field, each with its error text; about 210
+//! lines are tests.
 
 use std::{
     net::IpAddr,

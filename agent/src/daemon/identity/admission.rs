@@ -3,6 +3,23 @@
 
 use super::*;
 
+/// Why a caller of the enrollment socket is not admitted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdmitError {
+    #[error(transparent)]
+    Verify(#[from] crate::identity::service::Refusal),
+    #[error("certificate rejected: it expired at {}; renew it", humantime::format_rfc3339_seconds(*.0))]
+    Expired(SystemTime),
+    #[error("no policy governs {0}; name it in a policy's `identity:` field")]
+    Ungoverned(String),
+    #[error("{mismatch} (selectors of policy {policy} at {source_at})")]
+    Selectors {
+        mismatch: attest::Mismatch,
+        policy: String,
+        source_at: String,
+    },
+}
+
 impl Daemon {
     /// Verifies the presented chain (trust, SPIFFE rules, revocation, expiry), finds the policy
     /// governing its identity and checks that policy's selectors against the peer.
@@ -10,17 +27,11 @@ impl Daemon {
         &self,
         peer: &Peer,
         chain: &[CertificateDer<'_>],
-    ) -> Result<(VerifiedSvid, Grant), String> {
-        let svid = self
-            .identity
-            .verify(chain, SystemTime::now())
-            .map_err(|e| e.to_string())?;
+    ) -> Result<(VerifiedSvid, Grant), AdmitError> {
+        let svid = self.identity.verify(chain, SystemTime::now())?;
         if svid.not_after <= SystemTime::now() {
             // Within the clock tolerance of the verifier, but a binding would be dead on arrival.
-            return Err(format!(
-                "certificate rejected: it expired at {}; renew it",
-                humantime::format_rfc3339_seconds(svid.not_after)
-            ));
+            return Err(AdmitError::Expired(svid.not_after));
         }
         let grant = {
             let book = self
@@ -35,16 +46,12 @@ impl Daemon {
             .cloned()
         };
         let Some(grant) = grant else {
-            return Err(format!(
-                "no policy governs {}; name it in a policy's `identity:` field",
-                svid.id
-            ));
+            return Err(AdmitError::Ungoverned(svid.id.to_string()));
         };
-        attest::check(&grant.attest, peer).map_err(|e| {
-            format!(
-                "{e} (selectors of policy {} at {})",
-                grant.policy, grant.source
-            )
+        attest::check(&grant.attest, peer).map_err(|mismatch| AdmitError::Selectors {
+            mismatch,
+            policy: grant.policy.clone(),
+            source_at: grant.source.to_string(),
         })?;
         Ok((svid, grant))
     }
@@ -58,7 +65,7 @@ impl Daemon {
     ) -> EnrollReply {
         let (svid, _) = match self.admit(peer, chain) {
             Ok(a) => a,
-            Err(m) => return refuse(m),
+            Err(e) => return refuse(e.to_string()),
         };
         let holder = crate::identity::token::Holder {
             id: &svid.id,
@@ -86,7 +93,7 @@ impl Daemon {
     ) -> EnrollReply {
         let (svid, grant) = match self.admit(peer, chain) {
             Ok(a) => a,
-            Err(m) => return refuse(m),
+            Err(e) => return refuse(e.to_string()),
         };
         let id_text = svid.id.to_string();
         let rel = peer.cgroup.trim_start_matches('/');

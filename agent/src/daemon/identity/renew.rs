@@ -1,29 +1,62 @@
 //! Renewal of the certificates and tokens kept in the directories of launched agents.
 
 use super::*;
+use crate::{
+    agentdir::AgentDirError,
+    enforce::actor::CallError,
+    identity::{IdentityError, service::Refusal, spiffe::IdError},
+};
+
+/// Why a launched agent's certificate or token was not renewed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RenewError {
+    #[error("no such cgroup")]
+    NoCgroup,
+    #[error("not an agent launched with --cert")]
+    NotLaunched,
+    #[error("revoked")]
+    Revoked,
+    #[error("no live identity")]
+    NoLiveIdentity,
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("{id} belongs to trust domain {domain}, whose CA is not this daemon's; renew it there")]
+    ForeignTrustDomain { id: String, domain: String },
+    #[error(transparent)]
+    Issue(#[from] IdentityError),
+    #[error(transparent)]
+    Token(#[from] Refusal),
+    #[error(transparent)]
+    AgentDir(#[from] AgentDirError),
+    #[error(transparent)]
+    Kernel(#[from] CallError),
+    #[error("the cgroup has no binding")]
+    Unbound,
+    #[error("an earlier certificate of this agent was revoked")]
+    EarlierRevoked,
+}
 
 impl Daemon {
     /// Renews the certificate of one launched agent into its directory and extends its
     /// binding. Returns the new serial.
-    pub(in crate::daemon) async fn renew(&self, cgroup_id: u64) -> Result<String, String> {
+    pub(in crate::daemon) async fn renew(&self, cgroup_id: u64) -> Result<String, RenewError> {
         let (bound, dir) = {
             let registry = self.cgroups.lock().await;
-            let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
+            let m = registry.get(&cgroup_id).ok_or(RenewError::NoCgroup)?;
             match (&m.bound, &m.agent_dir) {
                 (Some(b), Some(d)) => (b.clone(), d.clone()),
-                _ => return Err("not an agent launched with --cert".into()),
+                _ => return Err(RenewError::NotLaunched),
             }
         };
         if bound.revoked {
-            return Err("revoked".into());
+            return Err(RenewError::Revoked);
         }
-        let id = SpiffeId::workload(&bound.spiffe_id).map_err(|e| e.to_string())?;
+        let id = SpiffeId::workload(&bound.spiffe_id)?;
         if id.trust_domain() != self.identity.trust_domain() {
-            return Err(format!(
-                "{} belongs to trust domain {}, whose CA is not this daemon's; renew it there",
-                bound.spiffe_id,
-                id.trust_domain()
-            ));
+            return Err(RenewError::ForeignTrustDomain {
+                id: bound.spiffe_id.clone(),
+                domain: id.trust_domain().to_string(),
+            });
         }
         let req = LeafRequest {
             id,
@@ -32,13 +65,11 @@ impl Daemon {
         };
         let issued = self
             .identity
-            .issue(&req, &format!("agentwall renewal for cgroup {cgroup_id}"))
-            .map_err(|e| e.to_string())?;
+            .issue(&req, &format!("agentwall renewal for cgroup {cgroup_id}"))?;
         // The files keep the owner the launcher gave the key (the user the agent runs as).
-        let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
-        let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
-        dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)
-            .map_err(|e| e.to_string())?;
+        let dir = AgentDir::open(&dir)?;
+        let owner = dir.owner_of(files::KEY)?;
+        dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)?;
         // Read and written in one enforcer job: a revocation that lands meanwhile keeps its
         // flag (a read, then a separate write, would put the flagless binding back).
         let expires_boot_ns = boot_ns_at(issued.not_after);
@@ -59,10 +90,9 @@ impl Daemon {
                     }
                 }
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if before.is_none() {
-            return Err("the cgroup has no binding".into());
+            return Err(RenewError::Unbound);
         }
         if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id)
             && let Some(b) = m.bound.as_mut()
@@ -98,7 +128,7 @@ impl Daemon {
                 tracing::error!(error = %e, "revocation not persisted; it holds until the daemon restarts");
                 self.count_error("revocation_save");
             }
-            return Err("an earlier certificate of this agent was revoked".into());
+            return Err(RenewError::EarlierRevoked);
         }
         self.save_enrollments_of(&[cgroup_id]).await;
         tracing::info!(cgroup_id, serial = %issued.serial, "renewed an agent's certificate");
@@ -115,29 +145,25 @@ impl Daemon {
     }
 
     /// Writes a fresh JWT-SVID into a launched agent's directory.
-    pub(in crate::daemon) async fn refresh_token(&self, cgroup_id: u64) -> Result<(), String> {
+    pub(in crate::daemon) async fn refresh_token(&self, cgroup_id: u64) -> Result<(), RenewError> {
         let (bound, audience, dir) = {
             let registry = self.cgroups.lock().await;
-            let m = registry.get(&cgroup_id).ok_or("no such cgroup")?;
+            let m = registry.get(&cgroup_id).ok_or(RenewError::NoCgroup)?;
             match (&m.bound, &m.agent_dir) {
                 (Some(b), Some(d)) if !b.revoked => (b.clone(), m.audience.clone(), d.clone()),
-                _ => return Err("no live identity".into()),
+                _ => return Err(RenewError::NoLiveIdentity),
             }
         };
-        let id = SpiffeId::workload(&bound.spiffe_id).map_err(|e| e.to_string())?;
+        let id = SpiffeId::workload(&bound.spiffe_id)?;
         let holder = crate::identity::token::Holder {
             id: &id,
             serial: &bound.serial,
             not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(bound.not_after),
         };
-        let (token, claims) = self
-            .identity
-            .issue_token(holder, &audience)
-            .map_err(|e| e.to_string())?;
-        let dir = AgentDir::open(&dir).map_err(|e| e.to_string())?;
-        let owner = dir.owner_of(files::KEY).map_err(|e| e.to_string())?;
-        dir.write(files::TOKEN, token.as_bytes(), 0o600, owner)
-            .map_err(|e| e.to_string())?;
+        let (token, claims) = self.identity.issue_token(holder, &audience)?;
+        let dir = AgentDir::open(&dir)?;
+        let owner = dir.owner_of(files::KEY)?;
+        dir.write(files::TOKEN, token.as_bytes(), 0o600, owner)?;
         if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id) {
             m.token_exp = claims.exp;
         }
