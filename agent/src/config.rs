@@ -103,6 +103,24 @@ impl Default for EventsConfig {
     }
 }
 
+/// The highest event budget rate, in records a second.
+const MAX_EVENT_RATE: u32 = 1_000_000;
+
+/// What is wrong with the `events:` section.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventsProblem {
+    #[error(
+        "{name}_rate {rate} is above {MAX_EVENT_RATE} records a second; use 0 to turn the budget off"
+    )]
+    RateTooHigh { name: &'static str, rate: u32 },
+    #[error("{name}_burst must be at least 1 when {name}_rate is set")]
+    NoBurst { name: &'static str },
+    #[error("summary_every must be between 1s and 1h")]
+    SummaryEvery,
+    #[error("flood_alert_every must be above zero")]
+    FloodAlertEvery,
+}
+
 impl EventsConfig {
     /// The budgets as the kernel programs read them.
     pub fn kernel(&self) -> agentwall_common::budget::BudgetConfig {
@@ -114,30 +132,25 @@ impl EventsConfig {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
-        const MAX_RATE: u32 = 1_000_000;
+    fn check(&self) -> Result<(), EventsProblem> {
         for (name, rate, burst) in [
             ("cgroup", self.cgroup_rate, self.cgroup_burst),
             ("identity", self.identity_rate, self.identity_burst),
         ] {
-            if rate > MAX_RATE {
-                return Err(format!(
-                    "{name}_rate {rate} is above {MAX_RATE} records a second; use 0 to turn the budget off"
-                ));
+            if rate > MAX_EVENT_RATE {
+                return Err(EventsProblem::RateTooHigh { name, rate });
             }
             if rate > 0 && burst == 0 {
-                return Err(format!(
-                    "{name}_burst must be at least 1 when {name}_rate is set"
-                ));
+                return Err(EventsProblem::NoBurst { name });
             }
         }
         if self.summary_every < std::time::Duration::from_secs(1)
             || self.summary_every > std::time::Duration::from_secs(3600)
         {
-            return Err("summary_every must be between 1s and 1h".into());
+            return Err(EventsProblem::SummaryEvery);
         }
         if self.flood_alert_every.is_zero() {
-            return Err("flood_alert_every must be above zero".into());
+            return Err(EventsProblem::FloodAlertEvery);
         }
         Ok(())
     }
@@ -450,10 +463,10 @@ impl Config {
                 });
             }
         }
-        if let Err(message) = self.exec.root_uids.check() {
+        if let Err(e) = self.exec.root_uids.check() {
             return Err(ConfigError::Invalid {
                 field: "exec.root_uids",
-                message,
+                message: e.to_string(),
             });
         }
         let l = &self.limits;
@@ -536,23 +549,21 @@ impl Config {
             });
         }
         if let Some(s) = &self.audit.syslog {
-            s.check().map_err(|message| ConfigError::Invalid {
+            s.check().map_err(|e| ConfigError::Invalid {
                 field: "audit.syslog",
-                message,
+                message: e.to_string(),
             })?;
         }
         if let Some(w) = &self.detect.webhook {
-            w.check().map_err(|message| ConfigError::Invalid {
+            w.check().map_err(|e| ConfigError::Invalid {
                 field: "detect.webhook",
-                message,
+                message: e.to_string(),
             })?;
         }
-        self.events
-            .check()
-            .map_err(|message| ConfigError::Invalid {
-                field: "events",
-                message,
-            })?;
+        self.events.check().map_err(|e| ConfigError::Invalid {
+            field: "events",
+            message: e.to_string(),
+        })?;
         let d = &self.detect;
         if d.burst_factor.is_nan()
             || d.burst_factor <= 1.0

@@ -45,16 +45,24 @@ impl Default for RootUids {
     }
 }
 
+/// Why a range of root uids cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("first {0} is below {MIN_FIRST}: system users, login users and nobody live there")]
+    BelowMin(u32),
+    #[error("count must be at least 1")]
+    Empty,
+    #[error("first {first} and count {count} go past the last uid, {}", u32::MAX - 1)]
+    PastLast { first: u32, count: u32 },
+}
+
 impl RootUids {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RangeError> {
         if self.first < MIN_FIRST {
-            return Err(format!(
-                "first {} is below {MIN_FIRST}: system users, login users and nobody live there",
-                self.first
-            ));
+            return Err(RangeError::BelowMin(self.first));
         }
         if self.count == 0 {
-            return Err("count must be at least 1".into());
+            return Err(RangeError::Empty);
         }
         // u32::MAX is (uid_t)-1, which no process can hold.
         if self
@@ -62,12 +70,10 @@ impl RootUids {
             .checked_add(self.count - 1)
             .is_none_or(|last| last == u32::MAX)
         {
-            return Err(format!(
-                "first {} and count {} go past the last uid, {}",
-                self.first,
-                self.count,
-                u32::MAX - 1
-            ));
+            return Err(RangeError::PastLast {
+                first: self.first,
+                count: self.count,
+            });
         }
         Ok(())
     }
@@ -228,17 +234,28 @@ mod tests {
             first: 1000,
             count: 10,
         };
-        assert!(low.check().unwrap_err().contains("below 65536"));
+        assert!(low.check().unwrap_err().to_string().contains("below 65536"));
         let empty = RootUids {
             first: 100_000,
             count: 0,
         };
-        assert!(empty.check().unwrap_err().contains("at least 1"));
+        assert!(
+            empty
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
         let past = RootUids {
             first: u32::MAX - 5,
             count: 6,
         };
-        assert!(past.check().unwrap_err().contains("past the last uid"));
+        assert!(
+            past.check()
+                .unwrap_err()
+                .to_string()
+                .contains("past the last uid")
+        );
         let last = RootUids {
             first: u32::MAX - 5,
             count: 5,

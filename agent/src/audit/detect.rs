@@ -149,6 +149,15 @@ struct Saved {
 
 const SAVED_VERSION: u32 = 1;
 
+/// Why saved baselines cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("baselines of format version {0} (this agentwall reads {SAVED_VERSION})")]
+    Version(u32),
+}
+
 impl Detector {
     pub fn new(cfg: DetectConfig) -> Self {
         Self {
@@ -172,13 +181,10 @@ impl Detector {
     }
 
     /// A detector that goes on from saved baselines.
-    pub fn restore(cfg: DetectConfig, bytes: &[u8]) -> Result<Self, String> {
-        let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn restore(cfg: DetectConfig, bytes: &[u8]) -> Result<Self, RestoreError> {
+        let saved: Saved = serde_json::from_slice(bytes)?;
         if saved.version != SAVED_VERSION {
-            return Err(format!(
-                "baselines of format version {} (this agentwall reads {SAVED_VERSION})",
-                saved.version
-            ));
+            return Err(RestoreError::Version(saved.version));
         }
         Ok(Self {
             cfg,

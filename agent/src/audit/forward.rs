@@ -226,76 +226,153 @@ fn default_queue() -> usize {
     16_384
 }
 
+/// A syslog `address` that is not `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("address: must be host:port (for example collector.example:6514)")]
+    NoPort,
+    #[error("address: port {0:?} is not a port number (1-65535)")]
+    Port(String),
+    #[error("address: host {0:?} is not a host name or address")]
+    Host(String),
+}
+
+/// What keeps a sink from starting; each says what to fix in its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error(
+        "tls needs ca_file: the CA certificates (PEM) of the collector, or set tls: false for a collector on a trusted network"
+    )]
+    NeedsCa,
+    #[error("cert_file and key_file go together")]
+    CertWithoutKey,
+    #[error(
+        "ca_file, cert_file and key_file need tls: true (records would go in plain text); remove them, or remove tls: false"
+    )]
+    TlsOff,
+    #[error("queue must be between 1 and {max} {what}")]
+    Queue { max: usize, what: &'static str },
+    #[error("url must start with https:// or http://")]
+    UrlScheme,
+    #[error("url has no host")]
+    UrlHost,
+    #[error("ca_file needs an https:// url")]
+    CaNeedsHttps,
+    #[error("timeout must be between 1ms and 60s")]
+    Timeout,
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Pem { path: PathBuf, message: String },
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error(transparent)]
+    Key(#[from] crate::identity::svid::CaError),
+    #[error(transparent)]
+    Tls(#[from] crate::identity::enroll::TlsSetupError),
+    #[error("starting its thread: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+/// Why the syslog sink could not reach its collector this time (it tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("{0} has no address")]
+    NoAddress(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(std::io::Error),
+    #[error("server name {name:?}: {message}")]
+    ServerName { name: String, message: String },
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    #[error("TLS handshake with {host}: {source}")]
+    Handshake {
+        host: String,
+        source: std::io::Error,
+    },
+}
+
 impl SyslogConfig {
     /// The host and port of `address`.
-    pub fn host_port(&self) -> Result<(&str, u16), String> {
-        let (host, port) = self
-            .address
-            .rsplit_once(':')
-            .ok_or("must be host:port (for example collector.example:6514)")?;
+    pub fn host_port(&self) -> Result<(&str, u16), AddressError> {
+        let (host, port) = self.address.rsplit_once(':').ok_or(AddressError::NoPort)?;
         let port: u16 = port
             .parse()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("port {port:?} is not a port number (1-65535)"))?;
+            .ok_or_else(|| AddressError::Port(port.to_string()))?;
         let host = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         if host.is_empty() || host.contains(['[', ']']) {
-            return Err(format!("host {host:?} is not a host name or address"));
+            return Err(AddressError::Host(host.to_string()));
         }
         Ok((host, port))
     }
 
     /// Checks what can be checked without the network; the message says what to fix.
-    pub fn check(&self) -> Result<(), String> {
-        self.host_port().map_err(|e| format!("address: {e}"))?;
+    pub fn check(&self) -> Result<(), SinkError> {
+        self.host_port()?;
         if self.tls && self.ca_file.is_none() {
-            return Err(
-                "tls needs ca_file: the CA certificates (PEM) of the collector, \
-                        or set tls: false for a collector on a trusted network"
-                    .into(),
-            );
+            return Err(SinkError::NeedsCa);
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
-            return Err("cert_file and key_file go together".into());
+            return Err(SinkError::CertWithoutKey);
         }
         if !self.tls && (self.cert_file.is_some() || self.ca_file.is_some()) {
             // A CA file says the collector is to be verified: sending in plain text instead
             // would be a silent downgrade of what the operator wrote.
-            return Err(
-                "ca_file, cert_file and key_file need tls: true (records would go in plain \
-                 text); remove them, or remove tls: false"
-                    .into(),
-            );
+            return Err(SinkError::TlsOff);
         }
         if self.queue == 0 || self.queue > 1 << 20 {
-            return Err("queue must be between 1 and 1048576 records".into());
+            return Err(SinkError::Queue {
+                max: 1 << 20,
+                what: "records",
+            });
         }
         Ok(())
     }
 
-    fn tls_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    fn tls_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, SinkError> {
         if !self.tls {
             return Ok(None);
         }
-        let read =
-            |p: &PathBuf| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
-        let ca = read(self.ca_file.as_ref().ok_or("tls needs ca_file")?)?;
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| SinkError::Read {
+                path: p.clone(),
+                source,
+            })
+        };
+        let ca = read(self.ca_file.as_ref().ok_or(SinkError::NeedsCa)?)?;
         let client = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => {
-                crate::identity::svid::check_key_file(k).map_err(|e| e.to_string())?;
+                crate::identity::svid::check_key_file(k)?;
                 Some((read(c)?, read(k)?))
             }
             _ => None,
         };
-        crate::identity::enroll::collector_client_config(
+        Ok(Some(crate::identity::enroll::collector_client_config(
             &ca,
             client.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
-        )
-        .map(Some)
-        .map_err(|e| e.to_string())
+        )?))
     }
 }
 
@@ -327,12 +404,15 @@ struct Syslog {
 }
 
 impl Syslog {
-    fn connect(&self) -> Result<Conn, String> {
+    fn connect(&self) -> Result<Conn, ConnectError> {
         let (host, port) = self.cfg.host_port()?;
         let addrs = (host, port)
             .to_socket_addrs()
-            .map_err(|e| format!("resolving {host}: {e}"))?;
-        let mut last = format!("{host} has no address");
+            .map_err(|source| ConnectError::Resolve {
+                host: host.to_string(),
+                source,
+            })?;
+        let mut last = ConnectError::NoAddress(host.to_string());
         let mut sock = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, IO_TIMEOUT) {
@@ -340,7 +420,7 @@ impl Syslog {
                     sock = Some(s);
                     break;
                 }
-                Err(e) => last = format!("connecting to {a}: {e}"),
+                Err(source) => last = ConnectError::Connect { addr: a, source },
             }
         }
         let mut sock = sock.ok_or(last)?;
@@ -349,18 +429,25 @@ impl Syslog {
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_nodelay(true)
         };
-        setup(&sock).map_err(|e| e.to_string())?;
+        setup(&sock).map_err(ConnectError::Setup)?;
         let Some(tls) = &self.tls else {
             return Ok(Conn::Plain(sock));
         };
         let name = self.cfg.server_name.as_deref().unwrap_or(host);
-        let name = rustls_pki_types::ServerName::try_from(name.to_owned())
-            .map_err(|e| format!("server name {name:?}: {e}"))?;
-        let mut conn = rustls::ClientConnection::new(Arc::clone(tls), name)
-            .map_err(|e| format!("TLS: {e}"))?;
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned()).map_err(|e| {
+            ConnectError::ServerName {
+                name: name.to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        let mut conn =
+            rustls::ClientConnection::new(Arc::clone(tls), name).map_err(ConnectError::Tls)?;
         while conn.is_handshaking() {
             conn.complete_io(&mut sock)
-                .map_err(|e| format!("TLS handshake with {host}: {e}"))?;
+                .map_err(|source| ConnectError::Handshake {
+                    host: host.to_string(),
+                    source,
+                })?;
         }
         Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
     }
@@ -491,7 +578,7 @@ fn hostname() -> String {
 }
 
 /// Starts the syslog sink; a bad CA, certificate or key file is an error now, not later.
-pub fn syslog(cfg: &SyslogConfig) -> Result<Sink, String> {
+pub fn syslog(cfg: &SyslogConfig) -> Result<Sink, SinkError> {
     cfg.check()?;
     let s = Syslog {
         tls: cfg.tls_config()?,
@@ -499,7 +586,9 @@ pub fn syslog(cfg: &SyslogConfig) -> Result<Sink, String> {
         hostname: hostname(),
         pid: std::process::id(),
     };
-    Sink::spawn("syslog", cfg.queue, move |rx, stats| s.run(&rx, stats)).map_err(|e| e.to_string())
+    Ok(Sink::spawn("syslog", cfg.queue, move |rx, stats| {
+        s.run(&rx, stats);
+    })?)
 }
 
 /// Config `detect.webhook`: alerts are also POSTed (JSON, `{"seq": N, "record": {...}}`) to a
@@ -545,32 +634,38 @@ impl WebhookConfig {
         format!("{scheme}://{host}/…")
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SinkError> {
         let rest = self
             .url
             .strip_prefix("https://")
             .or_else(|| self.url.strip_prefix("http://"))
-            .ok_or("url must start with https:// or http://")?;
+            .ok_or(SinkError::UrlScheme)?;
         if rest.is_empty() || rest.starts_with('/') {
-            return Err("url has no host".into());
+            return Err(SinkError::UrlHost);
         }
         if self.url.starts_with("http://") && self.ca_file.is_some() {
-            return Err("ca_file needs an https:// url".into());
+            return Err(SinkError::CaNeedsHttps);
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
-            return Err("timeout must be between 1ms and 60s".into());
+            return Err(SinkError::Timeout);
         }
         if self.queue == 0 || self.queue > 1 << 16 {
-            return Err("queue must be between 1 and 65536 alerts".into());
+            return Err(SinkError::Queue {
+                max: 1 << 16,
+                what: "alerts",
+            });
         }
         Ok(())
     }
 
-    fn agent(&self) -> Result<ureq::Agent, String> {
+    fn agent(&self) -> Result<ureq::Agent, SinkError> {
         use ureq::tls::{Certificate, RootCerts, TlsConfig};
         let mut tls = TlsConfig::builder();
         if let Some(p) = &self.ca_file {
-            let pem = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+            let pem = std::fs::read(p).map_err(|source| SinkError::Read {
+                path: p.clone(),
+                source,
+            })?;
             let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
                 .filter_map(|i| match i {
                     Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
@@ -578,9 +673,12 @@ impl WebhookConfig {
                     Err(e) => Some(Err(e)),
                 })
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+                .map_err(|e| SinkError::Pem {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
             if certs.is_empty() {
-                return Err(format!("{} holds no PEM certificate", p.display()));
+                return Err(SinkError::NoCertificate(p.clone()));
             }
             tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
         }
@@ -596,7 +694,7 @@ impl WebhookConfig {
 }
 
 /// Starts the alert webhook; a bad CA file is an error now.
-pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, String> {
+pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, SinkError> {
     cfg.check()?;
     let agent = cfg.agent()?;
     let url = cfg.url.clone();
@@ -635,8 +733,7 @@ pub fn webhook(cfg: &WebhookConfig) -> Result<Sink, String> {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     sink.kinds = Some(&["alert"]);
     Ok(sink)
 }
@@ -666,11 +763,11 @@ mod tests {
             assert!(cfg(bad).check().is_err(), "{bad}");
         }
         let tls: SyslogConfig = serde_yaml::from_str("address: a:1\n").unwrap();
-        assert!(tls.check().unwrap_err().contains("ca_file"));
+        assert!(tls.check().unwrap_err().to_string().contains("ca_file"));
         // A CA file with TLS off would send in plain text what the operator meant to verify.
         let plain: SyslogConfig =
             serde_yaml::from_str("address: a:1\ntls: false\nca_file: /ca.pem\n").unwrap();
-        let e = plain.check().unwrap_err();
+        let e = plain.check().unwrap_err().to_string();
         assert!(e.contains("tls: true") && e.contains("plain"), "{e}");
     }
 
@@ -713,16 +810,28 @@ mod tests {
         let w = |yaml: &str| serde_yaml::from_str::<WebhookConfig>(yaml).unwrap().check();
         assert!(w("url: https://alerts.example/hook\n").is_ok());
         assert!(w("url: http://127.0.0.1:9/x\ntimeout: 2s\n").is_ok());
-        assert!(w("url: ftp://x/\n").unwrap_err().contains("https://"));
-        assert!(w("url: https:///x\n").unwrap_err().contains("host"));
+        assert!(
+            w("url: ftp://x/\n")
+                .unwrap_err()
+                .to_string()
+                .contains("https://")
+        );
+        assert!(
+            w("url: https:///x\n")
+                .unwrap_err()
+                .to_string()
+                .contains("host")
+        );
         assert!(
             w("url: http://x/\nca_file: /ca.pem\n")
                 .unwrap_err()
+                .to_string()
                 .contains("https")
         );
         assert!(
             w("url: https://x/\ntimeout: 5m\n")
                 .unwrap_err()
+                .to_string()
                 .contains("timeout")
         );
         assert!(serde_yaml::from_str::<WebhookConfig>("url: https://x/\nheaders: {}\n").is_err());

@@ -161,9 +161,9 @@ pub fn plan_for(writer: &Writer, r: &Retention) -> Result<Option<Pruning>, Store
         let mut b = vec![0u8; store::HEADER_LEN];
         let mut f = fs::File::open(p).map_err(io(p))?;
         let got = std::io::Read::read(&mut f, &mut b).map_err(io(p))?;
-        Header::decode(&b[..got]).map_err(|m| StoreError::Io {
+        Header::decode(&b[..got]).map_err(|message| StoreError::Header {
             path: p.to_path_buf(),
-            source: std::io::Error::other(m),
+            message,
         })
     };
     let first = header(&segs[0].path)?;

@@ -52,8 +52,21 @@ enum Msg {
     /// key ids (hex).
     SwitchKey(
         Box<AuditKey>,
-        mpsc::Sender<Result<(String, String), String>>,
+        mpsc::Sender<Result<(String, String), KeySwitchError>>,
     ),
+}
+
+/// Why the audit key was not switched; the old key stays.
+#[derive(Debug, thiserror::Error)]
+pub enum KeySwitchError {
+    #[error("the audit writer has stopped")]
+    Stopped,
+    #[error("the new key is the current key")]
+    SameKey,
+    #[error("cannot encode the record")]
+    Encode,
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
 }
 
 /// Health of the audit log, for status and metrics.
@@ -269,13 +282,12 @@ impl AuditHandle {
     /// Makes `key` the key of every record from now on: the records queued before are
     /// committed under the old key, a record of the rotation ends the old key's segment, and
     /// a new segment starts under the new key. Returns the old and new key ids.
-    pub fn switch_key(&self, key: AuditKey) -> Result<(String, String), String> {
+    pub fn switch_key(&self, key: AuditKey) -> Result<(String, String), KeySwitchError> {
         let (tx, rx) = mpsc::channel();
         self.tx
             .send(Msg::SwitchKey(Box::new(key), tx))
-            .map_err(|_| "the audit writer has stopped".to_owned())?;
-        rx.recv()
-            .map_err(|_| "the audit writer has stopped".to_owned())?
+            .map_err(|_| KeySwitchError::Stopped)?;
+        rx.recv().map_err(|_| KeySwitchError::Stopped)?
     }
 
     /// Waits until every record queued before this call is durable and sealed by a
@@ -520,16 +532,16 @@ fn switch_key(
     state: &AuditState,
     sinks: &[Sink],
     key: AuditKey,
-) -> Result<(String, String), String> {
+) -> Result<(String, String), KeySwitchError> {
     let ids = (super::hex(&writer.key_id()), super::hex(&key.id()));
     if ids.0 == ids.1 {
-        return Err("the new key is the current key".into());
+        return Err(KeySwitchError::SameKey);
     }
     let fields = AuditRecord::AuditKeyRotation {
         from_key: ids.0.clone(),
         to_key: ids.1.clone(),
     };
-    let rec = encode_record(&fields).ok_or("cannot encode the record")?;
+    let rec = encode_record(&fields).ok_or(KeySwitchError::Encode)?;
     commit_and_offer(
         writer,
         state,
@@ -560,7 +572,7 @@ fn switch_key(
                     &[],
                 );
             }
-            Err(e.to_string())
+            Err(e.into())
         }
     }
 }

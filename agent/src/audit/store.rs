@@ -52,7 +52,11 @@ pub enum StoreError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error("audit segment {path} is not an agentwall audit segment ({message})")]
-    Header { path: PathBuf, message: String },
+    Header {
+        path: PathBuf,
+        #[source]
+        message: HeaderError,
+    },
     #[error("a record of {0} bytes is larger than the largest allowed ({MAX_RECORD})")]
     TooLarge(usize),
     #[error("the key cannot change now: {0}")]
@@ -64,6 +68,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Why a segment's header cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("{0} bytes, shorter than a header")]
+    Short(usize),
+    #[error("wrong magic")]
+    Magic,
+    #[error(
+        "format version {0}, this build reads versions {OLDEST_VERSION} to {VERSION} (written by a newer agentwall?)"
+    )]
+    Version(u32),
 }
 
 /// The fixed header of a segment.
@@ -102,24 +119,20 @@ impl Header {
         h
     }
 
-    pub fn decode(b: &[u8]) -> Result<Self, String> {
+    pub fn decode(b: &[u8]) -> Result<Self, HeaderError> {
         if b.len() < HEADER_LEN_V1 {
-            return Err(format!("{} bytes, shorter than a header", b.len()));
+            return Err(HeaderError::Short(b.len()));
         }
         if &b[..8] != MAGIC {
-            return Err("wrong magic".into());
+            return Err(HeaderError::Magic);
         }
         let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         if !(OLDEST_VERSION..=VERSION).contains(&version) {
-            return Err(format!(
-                "format version {version}, this build reads versions {OLDEST_VERSION} to {VERSION} (written by a newer agentwall?)"
-            ));
+            return Err(HeaderError::Version(version));
         }
         let mut salt = [0u8; SALT_LEN];
         if version >= 2 {
-            let s = b
-                .get(64..HEADER_LEN)
-                .ok_or_else(|| format!("{} bytes, shorter than a header", b.len()))?;
+            let s = b.get(64..HEADER_LEN).ok_or(HeaderError::Short(b.len()))?;
             salt.copy_from_slice(s);
         }
         let mut key_id = [0u8; 8];

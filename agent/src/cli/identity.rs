@@ -157,7 +157,7 @@ pub(super) fn command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
             out,
         } => {
             let id = identity::parse_id(&id, &ca.trust_domain)?;
-            let lifetime = identity::parse_lifetime(&lifetime).map_err(anyhow::Error::msg)?;
+            let lifetime = identity::parse_lifetime(&lifetime)?;
             let requester = format!("uid {} (agentwall identity issue)", nix::unistd::getuid());
             let req = LeafRequest {
                 id,
@@ -301,7 +301,7 @@ pub(super) fn command(cmd: IdentityCommand) -> anyhow::Result<ExitCode> {
             }
             let req = LeafRequest {
                 id: old.id,
-                lifetime: identity::parse_lifetime(&lifetime).map_err(anyhow::Error::msg)?,
+                lifetime: identity::parse_lifetime(&lifetime)?,
                 capabilities: old.capabilities,
             };
             let requester = format!(

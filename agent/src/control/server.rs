@@ -165,10 +165,15 @@ fn accept_one(
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let (uid, pid) = match allowed_fd(stream.as_raw_fd(), access) {
         Ok(peer) => peer,
-        Err(message) => {
-            tracing::warn!(%message, "admin socket: peer refused");
+        Err(refused) => {
+            tracing::warn!(message = %refused, "admin socket: peer refused");
             daemon.count_error("admin_refused");
-            return write_blocking(&stream, &Reply::Error { message });
+            return write_blocking(
+                &stream,
+                &Reply::Error {
+                    message: refused.to_string(),
+                },
+            );
         }
     };
     let line = match read_request_line(&stream) {
@@ -263,13 +268,22 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     groups
 }
 
+/// Why a peer of the admin socket is turned away.
+#[derive(Debug, thiserror::Error)]
+enum PeerRefused {
+    #[error("cannot read peer credentials: {0}")]
+    Credentials(nix::errno::Errno),
+    #[error("uid {0} may not use the admin socket (root or the configured admin group only)")]
+    NotAllowed(u32),
+}
+
 /// The peer's uid and pid if it may use the admin socket: root, or a member of the admin
 /// group.
-fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<(u32, i32), String> {
+fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<(u32, i32), PeerRefused> {
     // SAFETY: `fd` is the accepted socket, open for the duration of this call.
     let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("cannot read peer credentials: {e}"))?;
+        .map_err(PeerRefused::Credentials)?;
     if cred.uid() == 0 {
         return Ok((0, cred.pid()));
     }
@@ -278,10 +292,7 @@ fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<(u32, i32), Stri
     {
         return Ok((cred.uid(), cred.pid()));
     }
-    Err(format!(
-        "uid {} may not use the admin socket (root or the configured admin group only)",
-        cred.uid()
-    ))
+    Err(PeerRefused::NotAllowed(cred.uid()))
 }
 
 async fn write(w: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {

@@ -34,8 +34,18 @@ pub enum AdminError {
         "the audit key comes from {0}: rotate it by setting a new key there and restarting the daemon (readers then need both keys)"
     )]
     KeyFromEnvironment(&'static str),
-    #[error("{0}")]
-    KeyRotation(String),
+    #[error(transparent)]
+    KeyFile(crate::audit::keys::KeyError),
+    #[error(
+        "{error}; {} already holds the new key first: the daemon writes under it from its next start",
+        key_file.display()
+    )]
+    KeySwitch {
+        error: crate::audit::sink::KeySwitchError,
+        key_file: PathBuf,
+    },
+    #[error("audit key rotation: {0}")]
+    KeyRotationTask(tokio::task::JoinError),
     #[error("{0}")]
     BadTarget(String),
     #[error("give a reason (--reason TEXT); it is recorded with the revocation")]

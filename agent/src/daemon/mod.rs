@@ -323,14 +323,13 @@ impl Daemon {
         let d = Arc::clone(self);
         let r = tokio::task::spawn_blocking(move || {
             let path = &d.cfg.audit.key_file;
-            let key = crate::audit::keys::rotate_key_file(path).map_err(|e| e.to_string())?;
-            d.audit.switch_key(key).map_err(|e| {
-                format!(
-                    "{e}; {} already holds the new key first: the daemon writes under it from \
-                     its next start",
-                    path.display()
-                )
-            })
+            let key = crate::audit::keys::rotate_key_file(path).map_err(AdminError::KeyFile)?;
+            d.audit
+                .switch_key(key)
+                .map_err(|error| AdminError::KeySwitch {
+                    error,
+                    key_file: path.clone(),
+                })
         })
         .await;
         match r {
@@ -339,11 +338,11 @@ impl Daemon {
                 to,
                 key_file: self.cfg.audit.key_file.clone(),
             }),
-            Ok(Err(message)) => {
+            Ok(Err(e)) => {
                 self.count_error("audit_key_rotation");
-                Err(AdminError::KeyRotation(message))
+                Err(e)
             }
-            Err(e) => Err(AdminError::KeyRotation(format!("audit key rotation: {e}"))),
+            Err(e) => Err(AdminError::KeyRotationTask(e)),
         }
     }
 

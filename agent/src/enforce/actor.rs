@@ -187,7 +187,7 @@ impl EnforcerHandle {
 
     /// Why the Unix socket programs are missing, if they are.
     pub async fn unix_hooks_missing(&self) -> Result<Option<String>, Stopped> {
-        self.quick(|e| e.unix_hooks_missing().map(str::to_string))
+        self.quick(|e| e.unix_hooks_missing().map(ToString::to_string))
             .await
     }
 

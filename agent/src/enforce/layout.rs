@@ -67,25 +67,22 @@ pub fn from_file(path: &Path) -> Result<KernelLayout, LayoutError> {
     })
 }
 
-/// Checks that the kernel's `struct bpf_sock_addr_kern` has `uaddr` and `uaddrlen` where the
-/// Unix programs read them (`agentwall_common::unix::kern`).
-pub fn check_unix_context(path: &Path) -> Result<(), String> {
-    use agentwall_common::unix::kern;
-    let btf = Btf::from_file(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+/// Byte offsets of `members` of struct `ty` in the kernel's BTF at `path`.
+pub fn member_offsets<const N: usize>(
+    path: &Path,
+    ty: &'static str,
+    members: [&'static str; N],
+) -> Result<[u32; N], LayoutError> {
+    let btf = Btf::from_file(path).map_err(|e| LayoutError::Btf {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     let r = Resolver { btf: &btf };
-    let ty = "bpf_sock_addr_kern";
-    for (member, want) in [
-        ("uaddr", kern::UADDR_OFFSET),
-        ("uaddrlen", kern::UADDRLEN_OFFSET),
-    ] {
-        let got = r.offset(ty, &[member]).map_err(|e| e.to_string())?;
-        if got as usize != want {
-            return Err(format!(
-                "struct {ty} has {member} at offset {got}, not {want} as this build reads it"
-            ));
-        }
+    let mut out = [0; N];
+    for (o, m) in out.iter_mut().zip(members) {
+        *o = r.offset(ty, &[m])?;
     }
-    Ok(())
+    Ok(out)
 }
 
 struct Resolver<'a> {

@@ -188,7 +188,7 @@ pub struct Enforcer {
     attached: HashSet<u64>,
     task_hooks: TaskHooks,
     /// The Unix socket programs, or why they are missing.
-    unix: Result<unix::UnixPrograms, String>,
+    unix: Result<unix::UnixPrograms, unix::UnixUnavailable>,
     unix_rules: HashMap<MapData, UnixKey, u32>,
     /// Until the daemon takes them ([`Self::take_budgets`]).
     budgets: Option<budgets::EventBudgets>,
@@ -254,7 +254,7 @@ impl Enforcer {
             r.map_err(|source| EnforceError::Program { name, source })?;
         }
         // Before any map is taken out of `ebpf`: the Unix programs use its maps.
-        let unix = self::layout::check_unix_context(std::path::Path::new(layout::VMLINUX_BTF))
+        let unix = unix::check_context(std::path::Path::new(layout::VMLINUX_BTF))
             .and_then(|()| unix::UnixPrograms::load(&ebpf, OBJECT));
         if let Err(why) = &unix {
             tracing::warn!(
@@ -335,8 +335,8 @@ impl Enforcer {
     }
 
     /// Why the Unix socket programs are missing, if they are.
-    pub fn unix_hooks_missing(&self) -> Option<&str> {
-        self.unix.as_ref().err().map(String::as_str)
+    pub fn unix_hooks_missing(&self) -> Option<&unix::UnixUnavailable> {
+        self.unix.as_ref().err()
     }
 
     pub fn task_hooks(&self) -> &TaskHooks {

@@ -75,11 +75,71 @@ fn zeroed_attr() -> bpf_attr {
     unsafe { std::mem::zeroed() }
 }
 
+/// Why the Unix socket programs are not in force; said in status.
+#[derive(Debug, thiserror::Error)]
+pub enum UnixUnavailable {
+    #[error(transparent)]
+    Layout(#[from] super::layout::LayoutError),
+    #[error(
+        "struct bpf_sock_addr_kern has {member} at offset {got}, not {want} as this build reads it"
+    )]
+    Offset {
+        member: &'static str,
+        got: u32,
+        want: usize,
+    },
+    #[error("parsing: {0}")]
+    Parse(String),
+    #[error("the object has no program {0}")]
+    NoProgram(&'static str),
+    #[error("the object has no function for {0}")]
+    NoFunction(&'static str),
+    #[error("relocating {what}: {message}")]
+    Relocate { what: &'static str, message: String },
+    #[error("loading {name}: {error}")]
+    Load {
+        name: &'static str,
+        error: LoadError,
+    },
+}
+
+/// Why the kernel refused one Unix program.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("attach type {0} is not a Unix one")]
+    AttachType(u32),
+    #[error("{error}; the verifier said: {log}")]
+    Refused {
+        error: std::io::Error,
+        /// The last lines of the verifier's log, joined by ` | `.
+        log: String,
+    },
+}
+
+/// Checks that the kernel's `struct bpf_sock_addr_kern` has `uaddr` and `uaddrlen` where the
+/// Unix programs read them (`agentwall_common::unix::kern`).
+pub(super) fn check_context(btf: &std::path::Path) -> Result<(), UnixUnavailable> {
+    use agentwall_common::unix::kern;
+    let members = ["uaddr", "uaddrlen"];
+    let got = super::layout::member_offsets(btf, "bpf_sock_addr_kern", members)?;
+    for ((member, got), want) in members
+        .into_iter()
+        .zip(got)
+        .zip([kern::UADDR_OFFSET, kern::UADDRLEN_OFFSET])
+    {
+        if got as usize != want {
+            return Err(UnixUnavailable::Offset { member, got, want });
+        }
+    }
+    Ok(())
+}
+
 impl UnixPrograms {
     /// Loads both programs from `object`, with the maps of `ebpf` (loaded from the same
     /// object, before any of its maps is taken out). The error says why, for status.
-    pub(super) fn load(ebpf: &Ebpf, object: &[u8]) -> Result<Self, String> {
-        let mut obj = aya_obj::Object::parse(object).map_err(|e| format!("parsing: {e}"))?;
+    pub(super) fn load(ebpf: &Ebpf, object: &[u8]) -> Result<Self, UnixUnavailable> {
+        let mut obj =
+            aya_obj::Object::parse(object).map_err(|e| UnixUnavailable::Parse(e.to_string()))?;
         // As aya does: a relocation into any section holding functions is a call.
         let text_sections: HashSet<usize> =
             obj.functions.keys().map(|(section, _)| *section).collect();
@@ -88,7 +148,7 @@ impl UnixPrograms {
             let p = obj
                 .programs
                 .get(name)
-                .ok_or_else(|| format!("the object has no program {name}"))?;
+                .ok_or(UnixUnavailable::NoProgram(name))?;
             keep.insert(p.section_index);
         }
         // Only these programs and the shared functions they may call are relocated here.
@@ -113,19 +173,25 @@ impl UnixPrograms {
         let mut relocated = obj.clone();
         relocated
             .relocate_maps(maps.into_iter(), &text_sections)
-            .map_err(|e| format!("relocating maps: {e}"))?;
+            .map_err(|e| UnixUnavailable::Relocate {
+                what: "maps",
+                message: e.to_string(),
+            })?;
         relocated
             .relocate_calls(&text_sections)
-            .map_err(|e| format!("relocating calls: {e}"))?;
+            .map_err(|e| UnixUnavailable::Relocate {
+                what: "calls",
+                message: e.to_string(),
+            })?;
         let mut progs = Vec::new();
         for (name, attach_type) in programs::UNIX {
             let p = &relocated.programs[name];
             let f = relocated
                 .functions
                 .get(&p.function_key())
-                .ok_or_else(|| format!("the object has no function for {name}"))?;
+                .ok_or(UnixUnavailable::NoFunction(name))?;
             let fd = prog_load(name, attach_type, &f.instructions, &p.license)
-                .map_err(|e| format!("loading {name}: {e}"))?;
+                .map_err(|error| UnixUnavailable::Load { name, error })?;
             progs.push((name, attach_type, fd));
         }
         Ok(Self { progs })
@@ -166,11 +232,11 @@ fn prog_load(
     attach_type: u32,
     insns: &[aya_obj::generated::bpf_insn],
     license: &CString,
-) -> Result<OwnedFd, String> {
+) -> Result<OwnedFd, LoadError> {
     let expected = match attach_type {
         49 => bpf_attach_type::BPF_CGROUP_UNIX_CONNECT,
         50 => bpf_attach_type::BPF_CGROUP_UNIX_SENDMSG,
-        other => return Err(format!("attach type {other} is not a Unix one")),
+        other => return Err(LoadError::AttachType(other)),
     };
     let mut prog_name = [0 as libc::c_char; 16];
     for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
@@ -207,5 +273,8 @@ fn prog_load(
     let text = String::from_utf8_lossy(&log[..end]);
     let mut tail: Vec<&str> = text.lines().rev().take(6).collect();
     tail.reverse();
-    Err(format!("{first}; the verifier said: {}", tail.join(" | ")))
+    Err(LoadError::Refused {
+        error: first,
+        log: tail.join(" | "),
+    })
 }

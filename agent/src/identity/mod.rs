@@ -85,9 +85,19 @@ pub fn issue_into(
 }
 
 /// Parses a lifetime such as `1h`, `15m`, `90s`.
-pub fn parse_lifetime(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration such as 1h or 15m: {e}"))
+pub fn parse_lifetime(s: &str) -> Result<Duration, LifetimeError> {
+    humantime::parse_duration(s).map_err(|source| LifetimeError {
+        text: s.to_string(),
+        source,
+    })
+}
+
+/// A lifetime that is not a duration.
+#[derive(Debug, thiserror::Error)]
+#[error("{text:?} is not a duration such as 1h or 15m: {source}")]
+pub struct LifetimeError {
+    text: String,
+    source: humantime::DurationError,
 }
 
 #[cfg(test)]

@@ -310,10 +310,10 @@ impl LocalCa {
             cert_pem,
             cert_der: der,
         };
-        let found = ca_trust_domain(&ca.cert_der).map_err(|message| CaError::Corrupt {
+        let found = ca_trust_domain(&ca.cert_der).map_err(|e| CaError::Corrupt {
             path: cert_path.clone(),
             what: "CA certificate",
-            message,
+            message: e.to_string(),
         })?;
         if found != trust_domain {
             return Err(CaError::TrustDomain {
@@ -471,21 +471,31 @@ impl LocalCa {
 }
 
 /// The trust domain a CA certificate names in its URI SAN.
-fn ca_trust_domain(der: &CertificateDer<'_>) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "no subject alternative name".to_string())?;
+fn ca_trust_domain(der: &CertificateDer<'_>) -> Result<String, CaIdError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)?;
+    let san = cert.subject_alternative_name()?.ok_or(CaIdError::NoSan)?;
     for name in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(uri) = name {
-            let id: SpiffeId = uri
-                .parse()
-                .map_err(|e: super::spiffe::IdError| e.to_string())?;
+            let id: SpiffeId = uri.parse()?;
             return Ok(id.trust_domain().to_string());
         }
     }
-    Err("no SPIFFE ID in the subject alternative names".into())
+    Err(CaIdError::NoSpiffeId)
+}
+
+/// Why a CA certificate names no trust domain.
+#[derive(Debug, thiserror::Error)]
+enum CaIdError {
+    #[error(transparent)]
+    Der(#[from] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error(transparent)]
+    X509(#[from] x509_parser::error::X509Error),
+    #[error("no subject alternative name")]
+    NoSan,
+    #[error(transparent)]
+    Id(#[from] super::spiffe::IdError),
+    #[error("no SPIFFE ID in the subject alternative names")]
+    NoSpiffeId,
 }
 
 #[cfg(test)]

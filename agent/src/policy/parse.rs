@@ -206,13 +206,13 @@ fn serde_problem(path: &Path, e: &serde_yaml::Error) -> Problem {
 
 fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
     let _ = raw.description;
-    if let Err(m) = check_name(&raw.name) {
-        c.problem("policy.name".into(), m);
+    if let Err(e) = check_name(&raw.name) {
+        c.problem("policy.name".into(), e.to_string());
     }
     let identity = raw.identity.map(|id| {
         let id = id.trim().to_string();
-        if let Err(m) = check_identity(&id) {
-            c.problem("policy.identity".into(), m);
+        if let Err(e) = check_identity(&id) {
+            c.problem("policy.identity".into(), e.to_string());
         }
         id
     });
@@ -265,8 +265,36 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
     }
 }
 
+/// What is wrong with one field's value; the caller adds the file, line and field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum FieldError {
+    #[error(
+        "{0:?} is not a valid policy name: use 1 to {MAX_NAME_LEN} characters of a-z, 0-9, '-', '_' and '.', starting with a letter or digit"
+    )]
+    Name(String),
+    #[error(
+        "{id:?} is not a SPIFFE ID or ID path (such as agent/reader/prod or spiffe://example.org/agent/reader/prod): {error}"
+    )]
+    Identity {
+        id: String,
+        error: crate::spiffe::IdError,
+    },
+    #[error("{given:?} has bits set after the prefix length; did you mean {trunc}?")]
+    HostBits { given: String, trunc: IpNet },
+    #[error(
+        "{0:?} is not an IP address or CIDR (such as 10.0.0.0/8 or 2001:db8::/32); host names come with the services catalog"
+    )]
+    Destination(String),
+    #[error("{0} is not a destination port (1 to 65535)")]
+    Port(i64),
+    #[error("{0:?} is not a port or a range such as 8000-8099")]
+    PortText(String),
+    #[error("range {0:?} is empty: its start is above its end")]
+    EmptyRange(String),
+}
+
 /// A full SPIFFE ID of a workload, or a path to be read in the node's trust domain.
-fn check_identity(id: &str) -> Result<(), String> {
+fn check_identity(id: &str) -> Result<(), FieldError> {
     let full = if id.contains("://") {
         id.to_string()
     } else {
@@ -275,12 +303,12 @@ fn check_identity(id: &str) -> Result<(), String> {
             id.strip_prefix('/').unwrap_or(id)
         )
     };
-    SpiffeId::workload(&full).map(|_| ()).map_err(|e| {
-        format!(
-            "{id:?} is not a SPIFFE ID or ID path (such as agent/reader/prod or \
-             spiffe://example.org/agent/reader/prod): {e}"
-        )
-    })
+    SpiffeId::workload(&full)
+        .map(|_| ())
+        .map_err(|error| FieldError::Identity {
+            id: id.to_string(),
+            error,
+        })
 }
 
 fn check_attest(c: &mut Checker<'_>, raw: RawAttest) -> Attest {
@@ -364,7 +392,7 @@ fn check_attest(c: &mut Checker<'_>, raw: RawAttest) -> Attest {
     }
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> Result<(), FieldError> {
     let ok_first = name
         .chars()
         .next()
@@ -373,10 +401,7 @@ fn check_name(name: &str) -> Result<(), String> {
         .chars()
         .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '-' | '_' | '.'));
     if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_first || !ok_rest {
-        return Err(format!(
-            "{name:?} is not a valid policy name: use 1 to {MAX_NAME_LEN} characters of a-z, \
-             0-9, '-', '_' and '.', starting with a letter or digit"
-        ));
+        return Err(FieldError::Name(name.to_string()));
     }
     Ok(())
 }
@@ -460,7 +485,7 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
     for (f, s) in to_raw {
         match parse_destination(&s) {
             Ok(net) => to.push(net),
-            Err(m) => c.problem(f, m),
+            Err(e) => c.problem(f, e.to_string()),
         }
     }
     let mut ports = Vec::with_capacity(raw.ports.len());
@@ -473,7 +498,7 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
     for (i, p) in raw.ports.into_iter().enumerate() {
         match parse_port(&p) {
             Ok(r) => ports.push(r),
-            Err(m) => c.problem(format!("{field}.ports[{i}]"), m),
+            Err(e) => c.problem(format!("{field}.ports[{i}]"), e.to_string()),
         }
     }
     if c.problems.len() > before {
@@ -491,29 +516,26 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
 }
 
 /// An address (a host prefix) or a CIDR whose host bits are zero.
-fn parse_destination(s: &str) -> Result<IpNet, String> {
+fn parse_destination(s: &str) -> Result<IpNet, FieldError> {
     let s = s.trim();
     if let Ok(addr) = s.parse::<IpAddr>() {
         return Ok(IpNet::from(addr));
     }
     match s.parse::<IpNet>() {
         Ok(net) if net.trunc() == net => Ok(net),
-        Ok(net) => Err(format!(
-            "{s:?} has bits set after the prefix length; did you mean {}?",
-            net.trunc()
-        )),
-        Err(_) => Err(format!(
-            "{s:?} is not an IP address or CIDR (such as 10.0.0.0/8 or 2001:db8::/32); \
-             host names come with the services catalog"
-        )),
+        Ok(net) => Err(FieldError::HostBits {
+            given: s.to_string(),
+            trunc: net.trunc(),
+        }),
+        Err(_) => Err(FieldError::Destination(s.to_string())),
     }
 }
 
 /// A port (1..=65535) or an inclusive range `lo-hi`.
-fn parse_port(p: &RawPort) -> Result<PortRange, String> {
-    let one = |v: i64| -> Result<u16, String> {
+fn parse_port(p: &RawPort) -> Result<PortRange, FieldError> {
+    let one = |v: i64| -> Result<u16, FieldError> {
         match u16::try_from(v) {
-            Ok(0) | Err(_) => Err(format!("{v} is not a destination port (1 to 65535)")),
+            Ok(0) | Err(_) => Err(FieldError::Port(v)),
             Ok(p) => Ok(p),
         }
     };
@@ -524,7 +546,7 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
             let parse = |s: &str| {
                 s.trim()
                     .parse::<i64>()
-                    .map_err(|_| format!("{t:?} is not a port or a range such as 8000-8099"))
+                    .map_err(|_| FieldError::PortText(t.to_string()))
             };
             let (lo, hi) = match t.split_once('-') {
                 Some((a, b)) => (one(parse(a)?)?, one(parse(b)?)?),
@@ -534,7 +556,7 @@ fn parse_port(p: &RawPort) -> Result<PortRange, String> {
                 }
             };
             if lo > hi {
-                return Err(format!("range {t:?} is empty: its start is above its end"));
+                return Err(FieldError::EmptyRange(t.to_string()));
             }
             Ok(PortRange { lo, hi })
         }
