@@ -5,10 +5,22 @@
 //! daemon with an error: the pinned programs keep enforcing, and the service manager starts
 //! a daemon that has all its parts again. None of these tasks is meant to end while the
 //! daemon runs, so any end is a failure.
+//!
+//! The one exception is the stop: [`Supervisor::stop_tasks`] raises the stop signal, which
+//! ends every task spawned here at its next await (and threads that look at
+//! [`Supervisor::stopping`] at their next turn), then waits for them. What ends once the
+//! stop is raised is not reported.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::mpsc;
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 
 /// Which task or thread ended, and whether it panicked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,17 +40,24 @@ impl std::fmt::Display for Ended {
 #[derive(Debug, Clone)]
 pub struct Supervisor {
     tx: mpsc::UnboundedSender<Ended>,
+    stop: Arc<watch::Sender<bool>>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
-/// Reports its task's end when dropped (on return, or while a panic unwinds).
+/// Reports its task's end when dropped (on return, or while a panic unwinds), unless the
+/// daemon is stopping.
 #[derive(Debug)]
 pub struct Watch {
     name: &'static str,
     tx: mpsc::UnboundedSender<Ended>,
+    stop: watch::Receiver<bool>,
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        if *self.stop.borrow() {
+            return;
+        }
         // The main loop may be gone already (an orderly stop drops every task).
         let _ = self.tx.send(Ended {
             name: self.name,
@@ -47,10 +66,25 @@ impl Drop for Watch {
     }
 }
 
+/// How many tasks a stop ended, and how many it had to abort at its time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    pub ended: usize,
+    pub aborted: usize,
+}
+
 impl Supervisor {
     pub fn new() -> (Self, mpsc::UnboundedReceiver<Ended>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
+        let (stop, _) = watch::channel(false);
+        (
+            Self {
+                tx,
+                stop: Arc::new(stop),
+                tasks: Arc::default(),
+            },
+            rx,
+        )
     }
 
     /// A watch for a task or thread named `name`, to be moved into it.
@@ -58,17 +92,55 @@ impl Supervisor {
         Watch {
             name,
             tx: self.tx.clone(),
+            stop: self.stop.subscribe(),
         }
     }
 
-    /// Spawns `fut` on the runtime, watched.
+    /// Whether the stop signal is raised; threads look at it at each turn of their loop.
+    pub fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Spawns `fut` on the runtime, watched; it ends at its next await once the stop signal is
+    /// raised.
     pub fn spawn(&self, name: &'static str, fut: impl Future<Output = ()> + Send + 'static) {
         let watch = self.watch(name);
-        tokio::spawn(async move {
-            let _watch = watch;
-            fault_point(name);
-            fut.await;
-        });
+        let mut stop = self.stop.subscribe();
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .spawn(async move {
+                let _watch = watch;
+                fault_point(name);
+                tokio::select! {
+                    () = fut => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+    }
+
+    /// Raises the stop signal, then waits up to `within` for every task spawned here to end;
+    /// those still running then are aborted.
+    pub async fn stop_tasks(&self, within: Duration) -> Stopped {
+        self.stop.send_replace(true);
+        let mut tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut ended = 0;
+        let all = async {
+            while tasks.join_next().await.is_some() {
+                ended += 1;
+            }
+        };
+        let _ = tokio::time::timeout(within, all).await;
+        // Whatever is left is stuck off an await (blocked in a system call, say): aborted, and
+        // not waited for.
+        let aborted = tasks.len();
+        drop(tasks);
+        Stopped { ended, aborted }
     }
 
     /// Starts `f` on a thread of its own named `agentwall-{name}`, watched.
@@ -98,11 +170,14 @@ impl Supervisor {
         thread: std::thread::JoinHandle<()>,
     ) -> std::io::Result<()> {
         let tx = self.tx.clone();
+        let stop = self.stop.subscribe();
         std::thread::Builder::new()
             .name(format!("agentwall-watch-{name}"))
             .spawn(move || {
                 let panicked = thread.join().is_err();
-                let _ = tx.send(Ended { name, panicked });
+                if !*stop.borrow() {
+                    let _ = tx.send(Ended { name, panicked });
+                }
             })
             .map(drop)
     }
@@ -155,5 +230,30 @@ mod tests {
                 panicked: false
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_every_task_quietly() {
+        let (sup, mut rx) = Supervisor::new();
+        sup.spawn("waits", std::future::pending());
+        sup.spawn("loops", async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        assert!(!sup.stopping());
+        let stopped = sup.stop_tasks(Duration::from_secs(5)).await;
+        assert_eq!(
+            stopped,
+            Stopped {
+                ended: 2,
+                aborted: 0
+            }
+        );
+        assert!(sup.stopping());
+        // A thread that ends once the stop is raised is not a failure either.
+        sup.thread("worker", || ()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "nothing reported after a stop");
     }
 }

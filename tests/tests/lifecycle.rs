@@ -130,6 +130,92 @@ fn sigterm_leaves_enforcement_in_place() {
     assert_eq!(repl.quit(), Some(0));
 }
 
+/// The steps the daemon logged as it stopped (`stop step`, with the step's name), from its
+/// JSON log lines or its text ones (ANSI styling removed).
+fn stop_steps(log: &str) -> Vec<String> {
+    let plain: String = {
+        let mut out = String::with_capacity(log.len());
+        let mut chars = log.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                // An SGR sequence: ESC [ ... m
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    plain
+        .lines()
+        .filter(|l| l.contains("stop step"))
+        .filter_map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(v) => v["step"].as_str().map(str::to_string),
+            Err(_) => l
+                .split("step=")
+                .nth(1)
+                .map(|s| s.trim().trim_matches('"').to_string()),
+        })
+        .collect()
+}
+
+/// An orderly stop takes its steps in one fixed order, whether a signal or a failed task
+/// asked for it: the hard time limit first, then the runtime's tasks end (nothing collects,
+/// renews or changes a hold while the daemon stops), the log ends with `daemon_stop` and is
+/// sealed, and the socket files go last. The pinned programs keep enforcing throughout.
+#[test]
+fn an_orderly_stop_takes_its_steps_in_order() {
+    const ORDER: [&str; 10] = [
+        "limit",
+        "tasks",
+        "revocations",
+        "summaries",
+        "ring",
+        "issuance",
+        "baselines",
+        "stop_record",
+        "seal",
+        "sockets",
+    ];
+    let _s = serial();
+    let denied = TcpSink::new("127.0.0.1:0");
+    let mut d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
+    let mut repl = d.repl("web");
+    let probe = format!("tcp 127.0.0.1:{}", denied.port());
+    assert_eq!(repl.cmd(&probe), "err EPERM");
+    assert!(d.stop().success());
+    let log = d.log_text();
+    assert_eq!(stop_steps(&log), ORDER, "{log}");
+    assert!(
+        !log.contains("stopping the daemon"),
+        "no task reported as failed while it was stopped: {log}"
+    );
+    assert!(!d.socket.exists());
+    let (key, dir) = (
+        d.audit_key().display().to_string(),
+        d.audit_dir().display().to_string(),
+    );
+    let tail = d.cli(&["audit", "tail", &dir, "--key", &key, "-n", "1"]);
+    let last: serde_json::Value =
+        serde_json::from_str(lines(&tail).last().expect("a record")).unwrap();
+    assert_eq!(last["record"]["kind"], "daemon_stop", "{tail:?}");
+    assert_eq!(repl.cmd(&probe), "err EPERM", "enforced after the stop");
+    // A task that dies stops the daemon the same way, with exit code 1.
+    let mut c = d.run_command();
+    c.env("AGENTWALL_TEST_FAULT", "gc");
+    let out = d.run_refused_command(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(stop_steps(&err), ORDER, "{err}");
+    assert_eq!(repl.cmd(&probe), "err EPERM");
+    assert_eq!(repl.quit(), Some(0));
+    assert_eq!(denied.accepted(), 0);
+}
+
 #[test]
 fn invalid_policies_refuse_to_start_and_load_nothing() {
     let _s = serial();

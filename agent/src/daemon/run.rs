@@ -337,65 +337,97 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         }
     };
     let _ = sd_notify("STOPPING=1");
-    // A revocation still not durable gets a last try; if that fails too, it is said loudly.
-    // (The kernel keeps the revoked bindings flagged: the next start recovers their serials.)
-    if daemon.identity.unsaved_revocations() > 0
-        && let Err(e) = daemon.identity.save_revocations()
-    {
-        tracing::error!(error = %e, unsaved = daemon.identity.unsaved_revocations(), "stopping with revocations that are not durable; give them again after the restart");
+    let code = if failed.is_some() { 1 } else { 0 };
+    for step in STOP_ORDER {
+        tracing::info!(step = step.name(), "stop step");
+        match step {
+            // Whatever the audit log is doing (a full file system keeps its writer retrying,
+            // and a full queue blocks whoever records), the daemon is gone within
+            // SHUTDOWN_LIMIT; what could not be written is noted for the next start. The
+            // kernel keeps enforcing either way.
+            StopStep::Limit => {
+                arm_shutdown_limit(audit.clone(), unwritten_note(&daemon.cfg), code);
+            }
+            // No collection, renewal, retry or hold change runs while the daemon stops: what
+            // they leave undone, the next start does (the kernel keeps enforcing).
+            StopStep::Tasks => {
+                let stopped = supervisor.stop_tasks(TASKS_STOP_LIMIT).await;
+                if stopped.aborted > 0 {
+                    tracing::warn!(
+                        aborted = stopped.aborted,
+                        "tasks that did not stop in time were aborted"
+                    );
+                }
+            }
+            // A revocation still not durable gets a last try; if that fails too, it is said
+            // loudly. (The kernel keeps the revoked bindings flagged: the next start recovers
+            // their serials.)
+            StopStep::Revocations => {
+                if daemon.identity.unsaved_revocations() > 0
+                    && let Err(e) = daemon.identity.save_revocations()
+                {
+                    tracing::error!(error = %e, unsaved = daemon.identity.unsaved_revocations(), "stopping with revocations that are not durable; give them again after the restart");
+                }
+            }
+            // The last summaries (the budgets stay in force in the pinned maps; the next
+            // daemon reports what they count meanwhile).
+            StopStep::Summaries => {
+                if let Some(s) = &summarizer {
+                    let (s, names, audit) =
+                        (Arc::clone(s), Arc::clone(&summary_names), audit.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        s.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .close(names.as_ref(), &audit);
+                    })
+                    .await;
+                }
+            }
+            // The reader takes what the ring holds (allowed verdicts wait for its poll), then
+            // the last losses are counted: the log ends with every event accounted for.
+            StopStep::Ring => {
+                tokio::time::sleep(events::POLL_INTERVAL * 2).await;
+                losses.check().await;
+            }
+            StopStep::Issuance => {
+                let d = Arc::clone(&daemon);
+                let _ = tokio::task::spawn_blocking(move || record_issuance(&d)).await;
+            }
+            StopStep::Baselines => {
+                let (detector, path, d) = (
+                    Arc::clone(&detector),
+                    baselines.clone(),
+                    Arc::clone(&daemon),
+                );
+                let _ =
+                    tokio::task::spawn_blocking(move || save_baselines(&d, &detector, &path)).await;
+            }
+            StopStep::StopRecord => {
+                let reason = failed
+                    .as_ref()
+                    .map_or_else(|| "signal".to_string(), ToString::to_string);
+                audit.record(&crate::audit::schema::AuditRecord::DaemonStop {
+                    reason,
+                    note: "the kernel keeps enforcing through the pinned programs".into(),
+                });
+            }
+            // Durable and sealed with a checkpoint before the daemon goes.
+            StopStep::Seal => {
+                let flushing = audit.clone();
+                let last = tokio::task::spawn_blocking(move || flushing.flush())
+                    .await
+                    .ok()
+                    .flatten();
+                tracing::info!(last_audit_seq = ?last, "audit log flushed and sealed");
+            }
+            // The sockets go; pins stay, so the kernel keeps enforcing until a daemon
+            // returns.
+            StopStep::Sockets => {
+                let _ = std::fs::remove_file(&daemon.cfg.socket);
+                let _ = std::fs::remove_file(&daemon.cfg.enrollment.socket);
+            }
+        }
     }
-    // Whatever the audit log is doing (a full file system keeps its writer retrying, and a
-    // full queue blocks whoever records), the daemon is gone within SHUTDOWN_LIMIT; what could
-    // not be written is noted for the next start. The kernel keeps enforcing either way.
-    arm_shutdown_limit(
-        audit.clone(),
-        unwritten_note(&daemon.cfg),
-        if failed.is_some() { 1 } else { 0 },
-    );
-    // The last summaries (the budgets stay in force in the pinned maps; the next daemon
-    // reports what they count meanwhile). The reader takes what the ring holds
-    // (allowed verdicts wait for its poll), then the last losses are counted: the log ends
-    // with every event accounted for.
-    if let Some(s) = &summarizer {
-        let (s, names, audit) = (Arc::clone(s), Arc::clone(&summary_names), audit.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            s.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .close(names.as_ref(), &audit);
-        })
-        .await;
-    }
-    tokio::time::sleep(events::POLL_INTERVAL * 2).await;
-    losses.check().await;
-    {
-        let d = Arc::clone(&daemon);
-        let _ = tokio::task::spawn_blocking(move || record_issuance(&d)).await;
-    }
-    {
-        let (detector, path, d) = (
-            Arc::clone(&detector),
-            baselines.clone(),
-            Arc::clone(&daemon),
-        );
-        let _ = tokio::task::spawn_blocking(move || save_baselines(&d, &detector, &path)).await;
-    }
-    let reason = failed
-        .as_ref()
-        .map_or_else(|| "signal".to_string(), ToString::to_string);
-    audit.record(&crate::audit::schema::AuditRecord::DaemonStop {
-        reason,
-        note: "the kernel keeps enforcing through the pinned programs".into(),
-    });
-    // Durable and sealed with a checkpoint before the daemon goes.
-    let flushing = audit.clone();
-    let last = tokio::task::spawn_blocking(move || flushing.flush())
-        .await
-        .ok()
-        .flatten();
-    tracing::info!(last_audit_seq = ?last, "audit log flushed and sealed");
-    // The socket goes; pins stay, so the kernel keeps enforcing until a daemon returns.
-    let _ = std::fs::remove_file(&daemon.cfg.socket);
-    let _ = std::fs::remove_file(&daemon.cfg.enrollment.socket);
     tracing::info!(
         "agentwall stopped; enforcement continues in the kernel through the pinned programs"
     );
@@ -404,6 +436,66 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         None => Ok(()),
     }
 }
+
+/// The steps of an orderly stop (a signal, or a task that ended), in the order they run.
+/// Nothing here touches the kernel's bindings or programs: they keep enforcing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopStep {
+    /// The hard time limit of the whole stop is armed.
+    Limit,
+    /// The runtime's tasks get the stop signal and are waited for.
+    Tasks,
+    /// Revocations not yet durable get a last save.
+    Revocations,
+    /// The event budgets' last summaries are written.
+    Summaries,
+    /// The ring buffer is read to its end and the last losses counted.
+    Ring,
+    /// Certificates issued meanwhile are copied into the audit log.
+    Issuance,
+    /// The detector's baselines are saved.
+    Baselines,
+    /// The `daemon_stop` record.
+    StopRecord,
+    /// The log is made durable and sealed by a checkpoint.
+    Seal,
+    /// The admin and enrollment socket files are removed.
+    Sockets,
+}
+
+const STOP_ORDER: [StopStep; 10] = [
+    StopStep::Limit,
+    StopStep::Tasks,
+    StopStep::Revocations,
+    StopStep::Summaries,
+    StopStep::Ring,
+    StopStep::Issuance,
+    StopStep::Baselines,
+    StopStep::StopRecord,
+    StopStep::Seal,
+    StopStep::Sockets,
+];
+
+impl StopStep {
+    /// The name the daemon logs as it takes the step (`stop step step=...`).
+    fn name(self) -> &'static str {
+        match self {
+            Self::Limit => "limit",
+            Self::Tasks => "tasks",
+            Self::Revocations => "revocations",
+            Self::Summaries => "summaries",
+            Self::Ring => "ring",
+            Self::Issuance => "issuance",
+            Self::Baselines => "baselines",
+            Self::StopRecord => "stop_record",
+            Self::Seal => "seal",
+            Self::Sockets => "sockets",
+        }
+    }
+}
+
+/// Longest the runtime's tasks may take to end once told to stop.
+const TASKS_STOP_LIMIT: Duration = Duration::from_secs(1);
 
 /// The event budgets' counts as last reported (`events::summary`), in the state directory.
 const BUDGET_COUNTS: &str = "event-budgets.json";

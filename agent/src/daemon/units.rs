@@ -36,8 +36,9 @@ pub(super) fn spawn(
         return Ok(());
     }
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    let sup = supervisor.clone();
     supervisor.thread("units", move || {
-        loop {
+        while !sup.stopping() {
             watch_parents(&daemon, &inotify);
             let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
             let ms = u16::try_from(LOOK_EVERY.as_millis()).unwrap_or(u16::MAX);
