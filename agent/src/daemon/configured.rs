@@ -13,7 +13,7 @@ impl Daemon {
     ) -> Result<(u64, bool), DaemonError> {
         let _turn = self.configured_turn.lock().await;
         let cg = Cgroup::under(&self.mount, &e.cgroup)?;
-        let Some(b) = self.binding_for(&e.policy) else {
+        let Some(b) = self.policies.binding_for(&e.policy) else {
             // Fail closed: with the programs attached and no binding, the cgroup is denied
             // everything until its policy is in force (the watcher tries again each second).
             if cg.exists() {

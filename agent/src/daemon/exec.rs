@@ -78,12 +78,12 @@ impl Daemon {
     ) -> Result<ExecReady, AdminError> {
         let binding = match policy {
             None => None,
-            Some(policy) => match self.binding_for(policy) {
+            Some(policy) => match self.policies.binding_for(policy) {
                 Some(b) => Some(b),
                 None => {
                     return Err(AdminError::UnknownPolicy {
                         policy: policy.to_string(),
-                        loaded: self.policy_names(),
+                        loaded: self.policies.names(),
                     });
                 }
             },

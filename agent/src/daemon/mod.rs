@@ -21,6 +21,7 @@ mod configured;
 mod exec;
 mod identity;
 mod names;
+mod policies;
 mod reconcile;
 mod run;
 pub mod status;
@@ -31,6 +32,7 @@ pub use self::admin::{
 };
 pub use self::exec::{ExecEnroll, ExecReady, Protect};
 use self::names::{Identities, Names};
+use self::policies::Policies;
 use self::status::Health;
 
 pub use self::run::{Frontends, run};
@@ -42,7 +44,6 @@ use crate::{
     policy::{self, Compiled, Mode},
     probe,
     rootuid::RootUids,
-    state::SlotTable,
 };
 
 /// Prefix of the cgroups `agentwall exec` creates below the managed root.
@@ -52,6 +53,8 @@ const EXEC_PREFIX: &str = "exec-";
 pub enum DaemonError {
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    Compile(#[from] policies::CompileError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
@@ -152,14 +155,6 @@ impl Managed {
     }
 }
 
-/// The compiled policy in force and the one before it (events may still name its rules).
-#[derive(Debug, Default)]
-struct RuleBook {
-    generation: u32,
-    current: Arc<Compiled>,
-    previous: Option<(u32, Arc<Compiled>)>,
-}
-
 /// Everything the admin socket and the background tasks share.
 #[derive(Debug)]
 pub struct Daemon {
@@ -167,13 +162,11 @@ pub struct Daemon {
     mount: PathBuf,
     root: Cgroup,
     enforcer: EnforcerHandle,
-    book: Arc<RwLock<RuleBook>>,
-    slots: Mutex<SlotTable>,
+    policies: Arc<Policies>,
     cgroups: AsyncMutex<BTreeMap<u64, Managed>>,
     events: broadcast::Sender<Arc<EventRecord>>,
     health: RwLock<Health>,
     errors: Mutex<BTreeMap<String, u64>>,
-    reload_lock: AsyncMutex<()>,
     /// Taken by whoever enforces a cgroup listed under `enforce:` (the unit's `enforce-self`,
     /// the watcher of new cgroups, the start), so that one sees what the other did.
     configured_turn: AsyncMutex<()>,
@@ -191,41 +184,11 @@ pub struct Daemon {
     audit_node_key: String,
 }
 
-/// Parses and compiles a policy directory, giving new policy names a slot (saved to
-/// `slots_path` before anything refers to it).
-pub(crate) fn compile_policies(
-    dir: &std::path::Path,
-    slots: &mut SlotTable,
-    slots_path: &std::path::Path,
-    (enroll_socket, admin_socket): (&std::path::Path, &std::path::Path),
-) -> Result<Compiled, DaemonError> {
-    let set = policy::load_dir(dir)?;
-    let before = slots.clone();
-    for p in &set.policies {
-        slots.assign(&p.name)?;
-    }
-    if *slots != before {
-        slots.save(slots_path)?;
-    }
-    let mut compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
-        .map_err(|problems| policy::PolicyError { problems })?;
-    // Agents renew their certificates and fetch tokens over the enrollment socket.
-    compiled.allow_unix_everywhere(&enroll_socket.to_string_lossy(), "the enrollment socket");
-    // A unit's `ExecStartPre=+agentwall enforce-self` asks from inside the unit's cgroup; the
-    // admin socket answers only root and its admin group (peer credentials), as before.
-    compiled.allow_unix_everywhere(&admin_socket.to_string_lossy(), "the admin socket");
-    Ok(compiled)
-}
-
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
 impl Daemon {
-    fn slots_path(&self) -> PathBuf {
-        self.cfg.state_dir.join("slots.json")
-    }
-
     /// The configuration the daemon runs with.
     pub fn config(&self) -> &Config {
         &self.cfg
@@ -241,36 +204,12 @@ impl Daemon {
         self.events.subscribe()
     }
 
-    /// Parses and compiles the policy directory, assigning slots to new names.
-    fn compile_dir(&self) -> Result<Compiled, DaemonError> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        compile_policies(
-            &self.cfg.policy_dir,
-            &mut slots,
-            &self.slots_path(),
-            (&self.cfg.enrollment.socket, &self.cfg.socket),
-        )
-    }
-
     /// Writes a compiled policy into the kernel and makes it the one in force.
     async fn install(&self, compiled: Compiled) -> Result<u32, DaemonError> {
         let compiled = Arc::new(compiled);
         let generation = self.enforcer.apply(Arc::clone(&compiled)).await?;
-        {
-            let mut book = self
-                .book
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let old = std::mem::take(&mut *book);
-            *book = RuleBook {
-                generation,
-                current: Arc::clone(&compiled),
-                previous: Some((old.generation, old.current)),
-            };
-        }
+        self.policies
+            .put_in_force(generation, Arc::clone(&compiled));
         self.sync_modes(&compiled).await;
         Ok(generation)
     }
@@ -347,9 +286,9 @@ impl Daemon {
     }
 
     pub async fn reload(&self) -> Result<Reloaded, AdminError> {
-        let _guard = self.reload_lock.lock().await;
+        let _turn = self.policies.reload_turn().await;
         let result = async {
-            let compiled = self.compile_dir()?;
+            let compiled = self.policies.compile()?;
             let (policies, nodes) = (compiled.policies.len(), compiled.nodes.len());
             let generation = self.install(compiled).await?;
             Ok::<_, DaemonError>((generation, policies, nodes))
@@ -383,28 +322,6 @@ impl Daemon {
                 Err(AdminError::ReloadRejected(Box::new(e)))
             }
         }
-    }
-
-    fn binding_for(&self, policy: &str) -> Option<Binding> {
-        let book = self
-            .book
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (slot, mode) = *book.current.policies.get(policy)?;
-        let f = if mode == Mode::Audit { flags::AUDIT } else { 0 };
-        Some(Binding {
-            slot,
-            flags: f,
-            expires_boot_ns: 0,
-        })
-    }
-
-    fn policy_names(&self) -> Vec<String> {
-        let book = self
-            .book
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        book.current.policies.keys().cloned().collect()
     }
 
     /// The cgroup an operator names: `id:N`, a bare id, or a path below the cgroup mount.

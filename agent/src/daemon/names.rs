@@ -3,9 +3,9 @@
 
 use super::*;
 
-/// Resolves names for events from the shared rule book and the enrolled identities.
+/// Resolves names for events from the policies in force and the enrolled identities.
 pub(super) struct Names(
-    pub(super) Arc<RwLock<RuleBook>>,
+    pub(super) Arc<super::Policies>,
     pub(super) Identities,
     pub(super) crate::events::unix_names::UnixNames,
 );
@@ -81,22 +81,11 @@ impl Resolve for Names {
     }
 
     fn policy(&self, slot: u32) -> Option<String> {
-        let book = self.0.read().ok()?;
-        book.current
-            .policies
-            .iter()
-            .find(|(_, (s, _))| *s == slot)
-            .map(|(n, _)| n.clone())
+        self.0.name_of_slot(slot)
     }
 
     fn rule(&self, generation: u32, rule_id: u32) -> Option<String> {
-        let book = self.0.read().ok()?;
-        let compiled = if generation == book.generation {
-            &book.current
-        } else {
-            &book.previous.as_ref().filter(|(g, _)| *g == generation)?.1
-        };
-        compiled.rule(rule_id).map(|r| r.source.to_string())
+        self.0.rule(generation, rule_id)
     }
 }
 

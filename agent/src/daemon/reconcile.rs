@@ -24,11 +24,7 @@ impl Daemon {
             }
         }
         let root_id = self.root.id()?;
-        let slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let slots = self.policies.slots();
         let bindings = self
             .enforcer
             .bindings()

@@ -10,7 +10,7 @@ use std::{
 use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 
 use super::audit::*;
-use super::{Daemon, DaemonError, Names, RuleBook, compile_policies, now_rfc3339, status::Health};
+use super::{Daemon, DaemonError, Names, now_rfc3339, status::Health};
 use crate::{
     cgroup::{self, Cgroup},
     config::Config,
@@ -60,16 +60,12 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     let mount = cgroup::ensure_host_cgroup_namespace()?;
     let root = Cgroup::under(&mount, &cfg.cgroup_root)?;
     root.ensure_not_root(&mount)?;
-    let slots_path = cfg.state_dir.join("slots.json");
-    let mut slots = SlotTable::load(&slots_path)?;
+    let slots_path = super::policies::slots_path(&cfg.state_dir);
+    let slots = SlotTable::load(&slots_path)?;
     check_slots_cover_bindings(&cfg.pin_dir, &slots, &slots_path)?;
+    let policies = Arc::new(super::Policies::new(&cfg, slots));
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
-    let compiled = compile_policies(
-        &cfg.policy_dir,
-        &mut slots,
-        &slots_path,
-        (&cfg.enrollment.socket, &cfg.socket),
-    )?;
+    let compiled = policies.compile()?;
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
     // Every long-lived task and thread from here on is watched: one that ends stops the
     // daemon (see `crate::supervise`).
@@ -92,19 +88,16 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     };
     let (handle, _thread) =
         EnforcerHandle::spawn(enforcer, mount.clone(), supervisor.watch("enforce"));
-    let book = Arc::new(RwLock::new(RuleBook::default()));
     let (events_tx, _) = broadcast::channel(4096);
     let daemon = Arc::new(Daemon {
         mount: mount.clone(),
         root: root.clone(),
         enforcer: handle.clone(),
-        book: Arc::clone(&book),
-        slots: Mutex::new(slots),
+        policies: Arc::clone(&policies),
         cgroups: AsyncMutex::new(BTreeMap::new()),
         events: events_tx.clone(),
         health: RwLock::new(Health::Starting),
         errors: Mutex::new(BTreeMap::new()),
-        reload_lock: AsyncMutex::new(()),
         configured_turn: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,
@@ -133,7 +126,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
 
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(
-        Arc::clone(&book),
+        Arc::clone(&policies),
         Arc::clone(&daemon.identities),
         Default::default(),
     ));

@@ -182,27 +182,7 @@ impl Daemon {
             )),
             Err(e) => protections.missing.push(e.to_string()),
         }
-        let policies = {
-            let book = self
-                .book
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            book.current
-                .policies
-                .iter()
-                .map(|(name, (slot, mode))| PolicyStatus {
-                    name: name.clone(),
-                    slot: *slot,
-                    mode: *mode,
-                    rules: book
-                        .current
-                        .rules
-                        .iter()
-                        .filter(|r| &r.policy == name)
-                        .count(),
-                })
-                .collect()
-        };
+        let policies = self.policies.summaries();
         let cgroups = self
             .cgroups
             .lock()

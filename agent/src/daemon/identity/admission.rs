@@ -33,18 +33,9 @@ impl Daemon {
             // Within the clock tolerance of the verifier, but a binding would be dead on arrival.
             return Err(AdmitError::Expired(svid.not_after));
         }
-        let grant = {
-            let book = self
-                .book
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            grant_for(
-                &book.current.identities,
-                &svid.id,
-                self.identity.trust_domain(),
-            )
-            .cloned()
-        };
+        let grant = self
+            .policies
+            .grant_for(&svid.id, self.identity.trust_domain());
         let Some(grant) = grant else {
             return Err(AdmitError::Ungoverned(svid.id.to_string()));
         };
@@ -123,15 +114,8 @@ impl Daemon {
                 grant.policy
             ));
         }
-        let (slot, mode) = {
-            let book = self
-                .book
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match book.current.policies.get(&grant.policy) {
-                Some(p) => *p,
-                None => return refuse(format!("policy {} is not loaded", grant.policy)),
-            }
+        let Some((slot, mode)) = self.policies.slot_mode(&grant.policy) else {
+            return refuse(format!("policy {} is not loaded", grant.policy));
         };
         let mut registry = self.cgroups.lock().await;
         if let Some(other) = registry
@@ -178,17 +162,9 @@ impl Daemon {
         // switched it after `mode` was read has either not swapped its rule book yet (its
         // pass over the bindings then comes after and finds this one), or has, and this
         // reads the new mode. Either way no stale audit flag stays.
-        let book = Arc::clone(&self.book);
+        let policies = Arc::clone(&self.policies);
         let mode_flag = move || {
-            let book = book
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let now = book
-                .current
-                .policies
-                .values()
-                .find(|(s, _)| *s == slot)
-                .map_or(mode, |(_, m)| *m);
+            let now = policies.mode_of_slot(slot).unwrap_or(mode);
             if now == Mode::Audit { flags::AUDIT } else { 0 }
         };
         // A quarantine, a hold while the audit log is down, or a revocation the registry does

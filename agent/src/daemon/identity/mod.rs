@@ -29,7 +29,6 @@ use crate::{
         attest::{self, Peer},
         enroll::{self, EnrollReply, EnrollRequest, Enrolled},
         revoke::Target,
-        service::grant_for,
         spiffe::SpiffeId,
         svid::LeafRequest,
         verify::VerifiedSvid,

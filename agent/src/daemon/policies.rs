@@ -1,0 +1,206 @@
+//! The policies service: the rule book in force (and the one before it, whose rules events
+//! may still name), the slot table that gives each policy name its identity slot, and the
+//! turn a reload takes. It owns that state; the rest of the daemon asks it by name or slot.
+//!
+//! Writing a compiled book into the kernel is the daemon's (`Daemon::install`): this service
+//! only compiles, and swaps the book once the kernel holds it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use agentwall_common::binding::{Binding, flags};
+use tokio::sync::{Mutex as AsyncMutex, MutexGuard};
+
+use crate::{
+    config::Config,
+    daemon::status::PolicyStatus,
+    policy::{self, Compiled, Grant, Mode},
+    spiffe::SpiffeId,
+    state::{SlotTable, StateError},
+};
+
+/// Why a policy directory did not compile; nothing of it is in force.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    Slots(#[from] StateError),
+}
+
+/// The compiled policy in force and the one before it.
+#[derive(Debug, Default)]
+struct RuleBook {
+    generation: u32,
+    current: Arc<Compiled>,
+    previous: Option<(u32, Arc<Compiled>)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Policies {
+    dir: PathBuf,
+    slots_path: PathBuf,
+    /// The enrollment and the admin socket, which every policy may reach.
+    sockets: (PathBuf, PathBuf),
+    book: RwLock<RuleBook>,
+    slots: Mutex<SlotTable>,
+    reload: AsyncMutex<()>,
+}
+
+impl Policies {
+    /// The service for `cfg`, with the slot table as loaded from the state directory.
+    pub(crate) fn new(cfg: &Config, slots: SlotTable) -> Self {
+        Self {
+            dir: cfg.policy_dir.clone(),
+            slots_path: slots_path(&cfg.state_dir),
+            sockets: (cfg.enrollment.socket.clone(), cfg.socket.clone()),
+            book: RwLock::default(),
+            slots: Mutex::new(slots),
+            reload: AsyncMutex::new(()),
+        }
+    }
+
+    fn book(&self) -> std::sync::RwLockReadGuard<'_, RuleBook> {
+        self.book
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Parses and compiles the policy directory, giving new policy names a slot (saved
+    /// before anything refers to it). The book in force is not touched.
+    pub(crate) fn compile(&self) -> Result<Compiled, CompileError> {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let set = policy::load_dir(&self.dir)?;
+        let before = slots.clone();
+        for p in &set.policies {
+            slots.assign(&p.name)?;
+        }
+        if *slots != before {
+            slots.save(&self.slots_path)?;
+        }
+        let mut compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
+            .map_err(|problems| policy::PolicyError { problems })?;
+        let (enroll, admin) = &self.sockets;
+        // Agents renew their certificates and fetch tokens over the enrollment socket.
+        compiled.allow_unix_everywhere(&enroll.to_string_lossy(), "the enrollment socket");
+        // A unit's `ExecStartPre=+agentwall enforce-self` asks from inside the unit's cgroup;
+        // the admin socket answers only root and its admin group (peer credentials).
+        compiled.allow_unix_everywhere(&admin.to_string_lossy(), "the admin socket");
+        Ok(compiled)
+    }
+
+    /// Makes `compiled`, which the kernel holds as `generation`, the book in force.
+    pub(crate) fn put_in_force(&self, generation: u32, compiled: Arc<Compiled>) {
+        let mut book = self
+            .book
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = std::mem::take(&mut *book);
+        *book = RuleBook {
+            generation,
+            current: compiled,
+            previous: Some((old.generation, old.current)),
+        };
+    }
+
+    /// Held for the whole of a reload: one at a time.
+    pub(crate) async fn reload_turn(&self) -> MutexGuard<'_, ()> {
+        self.reload.lock().await
+    }
+
+    /// Slot and mode of the policy named `name`, if it is in force.
+    pub(crate) fn slot_mode(&self, name: &str) -> Option<(u32, Mode)> {
+        self.book().current.policies.get(name).copied()
+    }
+
+    /// The binding that puts a cgroup under the policy named `name`.
+    pub(crate) fn binding_for(&self, name: &str) -> Option<Binding> {
+        let (slot, mode) = self.slot_mode(name)?;
+        Some(Binding {
+            slot,
+            flags: if mode == Mode::Audit { flags::AUDIT } else { 0 },
+            expires_boot_ns: 0,
+        })
+    }
+
+    /// The mode of the policy in force at `slot`.
+    pub(crate) fn mode_of_slot(&self, slot: u32) -> Option<Mode> {
+        self.book()
+            .current
+            .policies
+            .values()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, m)| *m)
+    }
+
+    /// The name of the policy in force at `slot`.
+    pub(crate) fn name_of_slot(&self, slot: u32) -> Option<String> {
+        self.book()
+            .current
+            .policies
+            .iter()
+            .find(|(_, (s, _))| *s == slot)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Names of the policies in force.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.book().current.policies.keys().cloned().collect()
+    }
+
+    /// `file:line` of rule `rule_id` of generation `generation`, while that generation is in
+    /// force or the one before it.
+    pub(crate) fn rule(&self, generation: u32, rule_id: u32) -> Option<String> {
+        let book = self.book();
+        let compiled = if generation == book.generation {
+            &book.current
+        } else {
+            &book.previous.as_ref().filter(|(g, _)| *g == generation)?.1
+        };
+        compiled.rule(rule_id).map(|r| r.source.to_string())
+    }
+
+    /// The grant of the policy that governs `id` in the book in force.
+    pub(crate) fn grant_for(&self, id: &SpiffeId, trust_domain: &str) -> Option<Grant> {
+        crate::identity::service::grant_for(&self.book().current.identities, id, trust_domain)
+            .cloned()
+    }
+
+    /// Each policy in force, for status.
+    pub(crate) fn summaries(&self) -> Vec<PolicyStatus> {
+        let book = self.book();
+        book.current
+            .policies
+            .iter()
+            .map(|(name, (slot, mode))| PolicyStatus {
+                name: name.clone(),
+                slot: *slot,
+                mode: *mode,
+                rules: book
+                    .current
+                    .rules
+                    .iter()
+                    .filter(|r| &r.policy == name)
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// The slot table as it is now.
+    pub(crate) fn slots(&self) -> SlotTable {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Where the slot table lives in the state directory.
+pub(crate) fn slots_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("slots.json")
+}
