@@ -18,6 +18,7 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 mod admin;
 mod audit;
 mod configured;
+mod enrollments;
 mod exec;
 mod identity;
 mod names;
@@ -31,9 +32,9 @@ pub use self::admin::{
     AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, SelfEnforced,
 };
 pub use self::exec::{ExecEnroll, ExecReady, Protect};
-use self::names::{Identities, Names};
-use self::policies::Policies;
+use self::names::Names;
 use self::status::Health;
+use self::{enrollments::Enrollments, policies::Policies};
 
 pub use self::run::{Frontends, run};
 use crate::{
@@ -172,13 +173,8 @@ pub struct Daemon {
     configured_turn: AsyncMutex<()>,
     gc: Notify,
     identity: Arc<crate::identity::service::IdentityService>,
-    /// The enrollment records as last written (see `save_enrollments`).
-    persisted: AsyncMutex<crate::journal::Journaled>,
-    /// Enrolled identities by cgroup id, for naming verdicts (kept by `save_enrollments` and
-    /// `save_enrollments_of`, one of which runs after every change of an enrollment).
-    identities: Identities,
-    /// Cgroups enrolling agents were found in, by id (see `identity::CgroupNames`).
-    cgroup_names: identity::CgroupNames,
+    /// The enrollment records and the names verdicts get from them.
+    enrollments: Enrollments,
     audit: crate::audit::sink::AuditHandle,
     /// Public key that verifies the audit checkpoints (hex).
     audit_node_key: String,

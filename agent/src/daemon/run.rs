@@ -101,9 +101,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         configured_turn: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,
-        persisted: AsyncMutex::new(super::identity::enrollment_store(&cfg.state_dir)),
-        identities: Arc::default(),
-        cgroup_names: super::identity::CgroupNames::default(),
+        enrollments: super::Enrollments::new(&cfg.state_dir),
         audit: audit.clone(),
         audit_node_key,
         cfg,
@@ -127,7 +125,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(
         Arc::clone(&policies),
-        Arc::clone(&daemon.identities),
+        daemon.enrollments.names(),
         Default::default(),
     ));
     let summary_names = Arc::clone(&names);

@@ -103,7 +103,7 @@ impl Daemon {
             Ok(id) => id,
             Err(e) => return refuse(e.to_string()),
         };
-        self.cgroup_names.learn(cgroup_id, &peer.cgroup);
+        self.enrollments.learn_cgroup_path(cgroup_id, &peer.cgroup);
         let inside = cg.path().starts_with(self.root.path()) && cg.path() != self.root.path();
         if !inside && grant.attest.cgroup.is_none() {
             return refuse(format!(

@@ -127,7 +127,7 @@ fn refuse(message: impl Into<String>) -> EnrollReply {
 }
 
 /// The record of a managed cgroup, if it has anything to record.
-fn record_of(cgroup_id: u64, m: &Managed) -> Option<Record> {
+pub(super) fn record_of(cgroup_id: u64, m: &Managed) -> Option<Record> {
     (m.bound.is_some() || m.agent_dir.is_some()).then(|| Record {
         cgroup_id,
         cgroup: m.cgroup.path().display().to_string(),
@@ -138,72 +138,11 @@ fn record_of(cgroup_id: u64, m: &Managed) -> Option<Record> {
     })
 }
 
-/// The store of the enrollment records. They link kernel bindings (pinned in bpffs) and
-/// cgroups to identities; both end with the machine, so a record must outlive the daemon
-/// (a crash, SIGKILL, a restart), not a power cut: appends go to the page cache without a
-/// sync (see [`crate::journal`]). After a reboot the records name cgroups that are gone, and
-/// [`Daemon::reconcile`] drops them.
-pub(super) fn enrollment_store(state_dir: &std::path::Path) -> crate::journal::Journaled {
-    crate::journal::Journaled::until_reboot(&state_dir.join("enrollments.json"))
-}
-
-/// Paths of cgroups that agents enrolled from, by cgroup id, so that an agent enrolling again
-/// is placed from the cgroup id the kernel reports with its pidfd instead of a read of
-/// /proc/PID/cgroup. A path is used only while it still has that id (a cgroup can be renamed
-/// or removed; ids are never reused while the machine runs).
-#[derive(Debug, Default)]
-pub(super) struct CgroupNames(std::sync::Mutex<HashMap<u64, String>>);
-
-impl CgroupNames {
-    const MAX: usize = 4096;
-
-    /// The path of cgroup `id`, checked against the cgroup tree under `mount`.
-    fn name(&self, mount: &std::path::Path, id: u64) -> Option<String> {
-        use std::os::unix::fs::MetadataExt as _;
-        let mut names = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let path = names.get(&id)?.clone();
-        let still = std::fs::metadata(mount.join(path.trim_start_matches('/')))
-            .is_ok_and(|m| m.ino() == id);
-        if still {
-            Some(path)
-        } else {
-            names.remove(&id);
-            None
-        }
-    }
-
-    fn learn(&self, id: u64, path: &str) {
-        let mut names = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if names.len() >= Self::MAX && !names.contains_key(&id) {
-            names.clear();
-        }
-        names.insert(id, path.to_string());
-    }
-}
-
 impl Daemon {
-    fn enrollments_path(&self) -> PathBuf {
-        self.cfg.state_dir.join("enrollments.json")
-    }
-
-    /// Creates the directory of an agent launched with `agentwall exec --cert` (the
-    /// daemon's, not writable by the agent: see [`crate::agentdir`]).
-    pub(super) fn identity_agent_dir(&self, cgroup_id: u64) -> Result<PathBuf, DaemonError> {
-        let dir = AgentDir::create(&self.cfg.identity.agent_dir, &cgroup_id.to_string())?;
-        Ok(dir.path().to_path_buf())
-    }
-
-    /// The enrollment records of the previous daemon (snapshot and journal, see
-    /// [`crate::journal`]).
+    /// The enrollment records of the previous daemon; damage is logged and counted, and
+    /// what came before it is used.
     pub(super) async fn load_enrollments(&self) -> Vec<Record> {
-        let mut store = self.persisted.lock().await;
-        match store.load(|r: &Record| r.cgroup_id) {
+        match self.enrollments.load().await {
             Ok((records, loaded)) => {
                 if let Some(damage) = loaded.damage {
                     // Bindings stay in the kernel and keep denying or allowing as they did;
@@ -219,126 +158,35 @@ impl Daemon {
                 records
             }
             Err(e) => {
-                tracing::error!(path = %self.enrollments_path().display(), error = %e, "cannot read the enrollment records; identities of bound cgroups are unknown until they enroll again");
+                tracing::error!(error = %e, "identities of bound cgroups are unknown until they enroll again");
                 self.count_error("enrollments_corrupt");
                 Vec::new()
             }
         }
     }
 
-    /// Makes the enrollment records durable if they changed: one journal line per changed
-    /// cgroup, one write. Saves are serialized (snapshot and write under one lock), so
-    /// concurrent callers share a save: the first one's snapshot holds the others' changes.
+    /// Makes the enrollment records durable if they changed (see
+    /// [`super::enrollments::Enrollments::save_all`]); a failure is logged and counted.
     pub(super) async fn save_enrollments(&self) {
-        let mut store = self.persisted.lock().await;
-        let registry = self.cgroups.lock().await;
-        let named: HashMap<u64, String> = registry
-            .iter()
-            .filter_map(|(id, m)| Some((*id, m.bound.as_ref()?.spiffe_id.clone())))
-            .collect();
-        if let Ok(mut ids) = self.identities.write() {
-            ids.replace(named);
-        }
-        let records: Vec<Record> = registry
-            .iter()
-            .filter_map(|(id, m)| record_of(*id, m))
-            .collect();
-        drop(registry);
-        self.persist(&mut store, move |s| {
-            s.save(&records, |r: &Record| r.cgroup_id)
-        })
-        .await;
-    }
-
-    /// [`Self::save_enrollments`] after a change to `ids` only: the cost follows the cgroups
-    /// changed, not the number of cgroups bound.
-    pub(super) async fn save_enrollments_of(&self, ids: &[u64]) {
-        let mut store = self.persisted.lock().await;
-        if !store.is_whole() {
-            drop(store);
-            return self.save_enrollments().await;
-        }
-        let registry = self.cgroups.lock().await;
-        let records: Vec<(u64, Option<Record>)> = ids
-            .iter()
-            .map(|id| (*id, registry.get(id).and_then(|m| record_of(*id, m))))
-            .collect();
-        let names: Vec<(u64, Option<String>)> = ids
-            .iter()
-            .map(|id| {
-                let name = registry
-                    .get(id)
-                    .and_then(|m| Some(m.bound.as_ref()?.spiffe_id.clone()));
-                (*id, name)
-            })
-            .collect();
-        drop(registry);
-        if let Ok(mut n) = self.identities.write() {
-            for (id, name) in names {
-                n.set(id, name);
-            }
-        }
-        self.persist(&mut store, move |s| {
-            let changes: Vec<(u64, Option<&Record>)> =
-                records.iter().map(|(id, r)| (*id, r.as_ref())).collect();
-            s.save_some(&changes)
-        })
-        .await;
-    }
-
-    /// Runs a save on the store: on this thread if it may block, else on the blocking pool.
-    async fn persist(
-        &self,
-        store: &mut crate::journal::Journaled,
-        save: impl FnOnce(&mut crate::journal::Journaled) -> std::io::Result<bool> + Send + 'static,
-    ) {
-        // The store is lent to the save, which may run on another thread; should that panic,
-        // a fresh store (which has not read the files, so its next save rewrites them) stays.
-        let mut lent = std::mem::replace(store, enrollment_store(&self.cfg.state_dir));
-        let saved = match crate::sched::blocking(move || {
-            let r = save(&mut lent);
-            (lent, r)
-        })
-        .await
-        {
-            Ok((back, r)) => {
-                *store = back;
-                r
-            }
-            Err(e) => Err(std::io::Error::other(e)),
-        };
-        if let Err(e) = saved {
+        if let Err(e) = self.enrollments.save_all(&self.cgroups).await {
             tracing::error!(error = %e, "cannot save the enrollment records");
             self.count_error("enrollments_save");
         }
     }
-}
 
-#[cfg(test)]
-mod names_by_id_tests {
-    use super::CgroupNames;
-    use std::os::unix::fs::MetadataExt as _;
+    /// [`Self::save_enrollments`] after a change to `ids` only.
+    pub(super) async fn save_enrollments_of(&self, ids: &[u64]) {
+        if let Err(e) = self.enrollments.save_some(&self.cgroups, ids).await {
+            tracing::error!(error = %e, "cannot save the enrollment records");
+            self.count_error("enrollments_save");
+        }
+    }
 
-    #[test]
-    fn a_path_names_its_id_only_while_it_still_has_it() {
-        // Any directory tree stands for the cgroup tree: the check is the inode number.
-        let root = std::env::temp_dir().join(format!("aw-cgnames-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("a")).unwrap();
-        let id = std::fs::metadata(root.join("a")).unwrap().ino();
-        let names = CgroupNames::default();
-        assert_eq!(names.name(&root, id), None, "never learned");
-        names.learn(id, "/a");
-        assert_eq!(names.name(&root, id).as_deref(), Some("/a"));
-        // Renamed: the old path no longer has the id, and is forgotten.
-        std::fs::rename(root.join("a"), root.join("b")).unwrap();
-        assert_eq!(names.name(&root, id), None);
-        std::fs::rename(root.join("b"), root.join("a")).unwrap();
-        assert_eq!(names.name(&root, id), None, "forgotten until learned again");
-        // A path learned for another id (another directory there now) is not used.
-        names.learn(id + 1, "/a");
-        assert_eq!(names.name(&root, id + 1), None);
-        std::fs::remove_dir_all(&root).unwrap();
+    /// Creates the directory of an agent launched with `agentwall exec --cert` (the
+    /// daemon's, not writable by the agent: see [`crate::agentdir`]).
+    pub(super) fn identity_agent_dir(&self, cgroup_id: u64) -> Result<PathBuf, DaemonError> {
+        let dir = AgentDir::create(&self.cfg.identity.agent_dir, &cgroup_id.to_string())?;
+        Ok(dir.path().to_path_buf())
     }
 }
 

@@ -340,7 +340,7 @@ fn enroll_connection(
                 Some(cred.pid()),
                 cred.uid(),
                 cred.gid(),
-                &|id| daemon.cgroup_names.name(&daemon.mount, id),
+                &|id| daemon.enrollments.cgroup_path(&daemon.mount, id),
             )
             .map_err(std::io::Error::other)
         });
