@@ -261,16 +261,8 @@ fn pipeline() {
     let _ = writeln!(md, "## Audit pipeline: kernel events to durable records\n");
     let _ = writeln!(
         md,
-        "Produced by `cargo xtask bench` (tests/benches/audit.rs), a release daemon with its \
-         default configuration but for the event budgets, which are off so that every verdict \
-         is a record (event ring {} KiB, behavioral detection on), fresh for each run. A workload in an enforced cgroup makes denied UDP sends; each is a kernel event \
-         the daemon reads from the ring buffer, names, encodes as JSON, encrypts, chains and \
-         syncs in groups. First flat out (the workload takes one of the 2 CPUs, the daemon \
-         the other), then paced. Durable rate: records made durable from the workload's start \
-         until the log is idle. Recorded and lost events are counted in the log itself \
-         (verdict records and gap records). Latency: from the kernel's event timestamp to the \
-         sync that made its record durable, as the daemon measures it (`agentwall status`).\n",
-        agentwall::config::Limits::default().event_ring_bytes / 1024
+        "Produced by `cargo xtask bench` (tests/benches/audit.rs), a release daemon fresh for \
+         each run.\n"
     );
     let _ = writeln!(
         md,
@@ -300,14 +292,34 @@ fn pipeline() {
     let _ = writeln!(
         md,
         "\nTarget ≥ 500000 records/s durable with zero unaccounted loss: {} (paced at 500000/s: \
-         {:.0}/s durable, {} lost, {} unaccounted). Flat out the workload offers more than the \
-         daemon takes: the kernel ring fills and the excess is lost, every lost event counted \
-         in a gap record ({} unaccounted), never silently.",
+         {:.0}/s durable, {} lost, {} unaccounted).\n\n\
+         Flat out, the workload offers more than the daemon takes. The kernel ring fills and \
+         the excess is lost. Every lost event is counted in a gap record ({} unaccounted), \
+         never silently.",
         met(sustained && paced.durable_rate >= 495_000.0),
         paced.durable_rate,
         paced.lost,
         paced.unaccounted,
         flat.unaccounted,
+    );
+    let _ = writeln!(
+        md,
+        "\n### Method\n\n\
+         The daemon runs its default configuration but for the event budgets. They are off so \
+         that every verdict is a record. The event ring is {} KiB, and behavioral detection is \
+         on.\n\n\
+         A workload in an enforced cgroup makes denied UDP sends. Each is a kernel event that \
+         the daemon reads from the ring buffer, names, encodes as JSON, encrypts, chains and \
+         syncs in groups.\n\n\
+         The first run is flat out: the workload takes one of the 2 CPUs, the daemon the \
+         other. The next runs are paced.\n\n\
+         Durable rate: records made durable from the workload's start until the log is \
+         idle.\n\n\
+         Recorded and lost events are counted in the log itself, as verdict records and gap \
+         records.\n\n\
+         Latency runs from the kernel's event timestamp to the sync that made its record \
+         durable. The daemon measures it (`agentwall status`).",
+        agentwall::config::Limits::default().event_ring_bytes / 1024
     );
     print!("{md}");
     if let Some(path) = arg("report") {
@@ -446,12 +458,9 @@ fn store() {
     let _ = writeln!(md, "## Audit store\n");
     let _ = writeln!(
         md,
-        "Produced by `cargo xtask bench` (tests/benches/audit.rs). Linux {}, the state directory's \
-         file system. {} kernel verdict records as the daemon writes them (an enrolled agent's \
-         allowed connect: compact form, {bytes_per:.0} bytes each; {json_per:.0} bytes as the JSON \
-         readers get) in batches of {batch}, one sync per batch.\n",
-        kernel.trim(),
-        written
+        "Produced by `cargo xtask bench` (tests/benches/audit.rs). Linux {}, the state \
+         directory's file system. A ratio is the baseline's rate divided by agentwall's.\n",
+        kernel.trim()
     );
     let _ = writeln!(
         md,
@@ -483,12 +492,21 @@ fn store() {
     );
     let _ = writeln!(
         md,
-        "\nThis measures the store alone; the daemon's path from the kernel to the store is the \
-         next section. Verification rates are the median of three passes over the log. The \
-         chain hashes every frame in full (a chain over tags alone would let a holder of the key \
-         swap a record for another with the same tag), and every record is decrypted, so one \
-         core cannot verify faster than the floor row's cryptography; kernel verdicts are kept \
-         in a compact binary form (read back as JSON) so that there are fewer bytes to hash."
+        "\n### Method\n\n\
+         This measures the store alone. The daemon's path from the kernel to the store is the \
+         next section.\n\n\
+         The store takes {} kernel verdict records as the daemon writes them. Each is an \
+         enrolled agent's allowed connect: {bytes_per:.0} bytes in compact form, \
+         {json_per:.0} bytes as the JSON readers get.\n\n\
+         The records go in batches of {batch}, one sync per batch.\n\n\
+         Verification rates are the median of three passes over the log.\n\n\
+         The chain hashes every frame in full. A chain over tags alone would let a holder of \
+         the key swap a record for another with the same tag.\n\n\
+         Every record is also decrypted. So one core cannot verify faster than the floor row's \
+         cryptography.\n\n\
+         Kernel verdicts are kept in a compact binary form (read back as JSON), so that there \
+         are fewer bytes to hash.",
+        written
     );
     print!("{md}");
     if let Some(path) = arg("report") {

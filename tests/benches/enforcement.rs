@@ -542,18 +542,8 @@ fn main() {
     let _ = writeln!(
         md,
         "Produced by `cargo xtask bench` (tests/benches/enforcement.rs). Linux {}, {cpus} CPUs. \
-         {} interleaved rounds of {} operations per configuration: in every round the same process \
-         runs the loop once inside an enforced cgroup (agentwall's programs attached, the policy loaded, \
-         events drained by a reader thread), once in a plain sibling cgroup, and once in a floor \
-         sibling whose hooks (the same ones) run programs that only return allow, in an order \
-         that changes every round; the measuring thread and the event reader are pinned to CPUs \
-         of their own. A ratio is the median of the per-round ratios; the brackets give their \
-         quartiles. floor/plain is what the kernel charges for running any program on those \
-         hooks, enforced/floor what agentwall's programs cost on top of that. Times are medians \
-         per operation.\n",
-        kernel.trim(),
-        a.rounds,
-        a.ops
+         A ratio is the median of the per-round ratios; the brackets give their quartiles.\n",
+        kernel.trim()
     );
     let _ = writeln!(
         md,
@@ -588,42 +578,67 @@ fn main() {
             m.programs,
         );
     }
-    let _ = writeln!(
-        md,
-        "\nWhat the enforced path adds per TCP connect: the sock_create program (a socket type check), \
-         the connect4 program (the decision, the event budget check, one ring buffer event, a \
-         per-CPU flow cache entry for the socket; the budgets are set at a rate no loop reaches, \
-         so every verdict is recorded) and the egress program on each outgoing packet (a flow cache hit for the \
-         packets of a socket judged under the current policy epoch, the full decision otherwise). \
-         A decision that a rule allowed is remembered in a per-CPU decision cache (by cgroup, \
-         destination, port and protocol, valid while the policy epoch holds), so the decision is \
-         one cache read for a destination judged before and the binding lookup plus one \
-         longest-prefix lookup in the rules trie otherwise. The one-destination rows connect to \
-         the same listener every time, as an agent calling the same service does: after the first \
-         connect every decision comes from the cache. The new-destination rows take {SPREAD_PORTS} \
-         listening ports in turn, {}x the cache's {DECISION_CACHE_SLOTS} slots per CPU, so \
-         that nearly every connect is judged in full. The client closes with SO_LINGER 0 (a \
-         reset) so that TIME_WAIT sockets do not pile up across rounds; the UDP loop sends no \
-         datagram, it measures socket, bind (to one local port, the same every time), connect (one connect4 \
-         verdict, from the cache) and close, \
-         four times as many per round as the TCP loops (each is a quarter of the time).",
-        SPREAD_PORTS / DECISION_CACHE_SLOTS as usize
-    );
     if let Some(r) = rows.first() {
         let m = &r.m;
         let _ = writeln!(
             md,
-            "\nThe targets compare with plain. In the first row the hooks alone, running programs that \
-             do nothing, cost {:.3}x (floor/plain), which leaves {:+.3} of the {:.2}x target to \
-             agentwall's programs; they take {:.3}x on top of the floor (enforced/floor). Where \
-             floor/plain is near or above the target, no program on these hooks can meet it on \
-             this host; enforced/floor is the part agentwall's code decides.",
+            "\nThe targets compare with plain. In the first row, the hooks alone cost {:.3}x \
+             (floor/plain), running programs that do nothing. That leaves {:+.3} of the {:.2}x \
+             target to agentwall's programs, which take {:.3}x on top of the floor \
+             (enforced/floor).\n\n\
+             Where floor/plain is near or above the target, no program on these hooks can meet \
+             it on this host. The enforced/floor ratio is the part agentwall's code decides.",
             m.floor_ratio.median,
             r.target - m.floor_ratio.median,
             r.target,
             m.programs.median,
         );
     }
+    let _ = writeln!(
+        md,
+        "\n### Method\n\n\
+         Each configuration runs {} interleaved rounds of {} operations. In every round the \
+         same process runs the loop three times, in an order that changes every round.\n\n\
+         The enforced loop runs inside an enforced cgroup: agentwall's programs attached, the policy \
+         loaded, events drained by a reader thread.\n\n\
+         The plain loop runs in a plain sibling cgroup.\n\n\
+         The floor loop runs in a sibling cgroup whose hooks (the same ones) run programs that only \
+         return allow.\n\n\
+         The measuring thread and the event reader are pinned to CPUs of their own.\n\n\
+         The floor/plain ratio is what the kernel charges for running any program on those \
+         hooks. The enforced/floor ratio is what agentwall's programs cost on top of that.\n\n\
+         Times are medians per operation.",
+        a.rounds, a.ops
+    );
+    let _ = writeln!(
+        md,
+        "\nPer TCP connect, the enforced path adds three programs. The sock_create program \
+         checks the socket type.\n\n\
+         The connect4 program makes the decision, checks the event budget, writes one ring \
+         buffer event and adds a per-CPU flow cache entry for the socket. The budgets are set \
+         at a rate no loop reaches, so every verdict is recorded.\n\n\
+         The egress program runs on each outgoing packet. For the packets of a socket judged \
+         under the current policy epoch, it is a flow cache hit. Otherwise it makes the full \
+         decision.\n\n\
+         A decision that a rule allowed is remembered in a per-CPU decision cache. It is keyed \
+         by cgroup, destination, port and protocol, and stays valid while the policy epoch \
+         holds.\n\n\
+         For a destination judged before, the decision is one cache read. Otherwise it is the \
+         binding lookup plus one longest-prefix lookup in the rules trie.\n\n\
+         The one-destination rows connect to the same listener every time, as an agent calling \
+         the same service does. After the first connect, every decision comes from the cache.\n\n\
+         The new-destination rows take {SPREAD_PORTS} listening ports in turn. That is {}x the \
+         cache's {DECISION_CACHE_SLOTS} slots per CPU, so nearly every connect is judged in \
+         full.\n\n\
+         The client closes with SO_LINGER 0 (a reset), so that TIME_WAIT sockets do not pile up \
+         across rounds.\n\n\
+         The UDP loop sends no datagram. It measures socket, bind, connect and close. The bind \
+         is to one local port, the same every time. The connect is one connect4 verdict, from \
+         the cache.\n\n\
+         The UDP loop runs four times as many operations per round as the TCP loops; each is a \
+         quarter of the time.",
+        SPREAD_PORTS / DECISION_CACHE_SLOTS as usize
+    );
     print!("{md}");
     if let Some(path) = a.report {
         agentwall_tests::write_report_section(&path, "enforcement", &md);

@@ -794,49 +794,62 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "\nAn enrollment here is what an agent pays to prove itself: a TLS 1.3 handshake with its \
-         client certificate (aws-lc-rs; the daemon prefers AES-128-GCM-SHA256), the SVID checks \
-         (chain, SPIFFE ID, key usage, validity, revocation), attestation of the peer process \
-         through its pidfd, the binding written to the kernel map, the enrollment record written \
-         when it changed, and an audit record. An agent presenting the same certificate \
-         again (enrolling again, fetching tokens) has its chain's signature checked once: the \
-         verdict is remembered until a certificate of the chain expires. A certificate never seen \
-         before costs one more signature verification and, since it changes the serial recorded for \
-         the cgroup, one line appended to the enrollment journal before the agent gets its \
-         answer (not synced: the records describe kernel state that ends with the machine, so \
-         they must outlive the daemon, which the page cache does). \
+        "\n### Method\n\n\
+         An enrollment here is what an agent pays to prove itself. It covers a TLS 1.3 handshake \
+         with its client certificate (aws-lc-rs; the daemon prefers AES-128-GCM-SHA256). It \
+         covers the SVID checks (chain, SPIFFE ID, key usage, validity, revocation) and \
+         attestation of the peer process through its pidfd. It also covers the binding written \
+         to the kernel map, the enrollment record written when it changed, and an audit \
+         record.\n\n\
+         An agent presenting the same certificate again (enrolling again, fetching tokens) has \
+         its chain's signature checked once. The verdict is remembered until a certificate of \
+         the chain expires.\n\n\
+         A certificate never seen before costs one more signature verification. It also \
+         changes the serial recorded for the cgroup. So one line is appended to the enrollment \
+         journal before the agent gets its answer.\n\n\
+         That line is not synced. The records describe kernel state that ends with the \
+         machine, so they must outlive the daemon, and the page cache does that.\n\n\
          \"Per daemon core\" is enrollments divided by the CPU time the daemon used meanwhile, \
-         all its threads (the audit writer's too), read to the nanosecond from their schedstat \
-         by the workload around its timed enrollments. The cases and the baseline run in \
-         interleaved rounds, so that a change of the host's speed during the run affects all of \
-         them; the ratio is the median of each round's against that round's baseline. The \
-         daemon serves enrollments from a pool of threads waiting in epoll with EPOLLEXCLUSIVE \
-         (one thread serves agents that enroll one after another), and its enrollment server \
-         certificate has an Ed25519 key (the baseline's server too). The CA and the agents' \
-         certificates have Ed25519 keys, the default `identity.key_algorithm`: each of the two \
-         verifications of a new certificate's enrollment (the CA's signature over it, the agent's \
-         over the handshake) costs ~25 µs here against ~36 µs with `ecdsa-p256`, whose last \
-         report (bb05232, before Ed25519 became the default) measured 3412/s and 3708/s per core for a new \
-         certificate from one and four clients, 4733/s and 5138/s for a known one. The revocation is measured \
-         inside the workload, which connects to an allowed listener in a loop: it writes `revoke` \
-         for its own certificate's serial to the admin socket and keeps connecting; the time runs \
-         from the write until the first EPERM. The EPERM always came before the reply (the \
-         kernel is flagged first; the reply waits for the socket destruction and the synced \
-         revocation list). A workload connecting as fast as it can keeps, with its listener, both \
-         CPUs of this machine busy. The admin socket is read by a real-time thread, which \
-         handles the revocation itself: a normal thread had waited up to a 4 ms scheduler tick \
-         for a CPU there. Once the kernel has the revocation, that thread steps down to normal \
-         priority and does the rest (socket destruction, then the synced list) itself, waking no \
-         other thread that could take the revoked agent's CPU. What remains of the time is the daemon's own work, the locks it \
-         shares with other work in the daemon, and the workload's own scheduling (the row on \
-         when the denied connect was issued shows how much). The workload reads its own \
-         schedstat and rusage around each revocation and times each of its connects: the time \
-         it was runnable but waiting for a CPU is reported, and for the slowest revocation of \
-         each run, how often it slept and its longest connect. The slowest ones had not waited \
-         for a CPU but slept in one connect: a connect allowed just before the revocation, \
-         whose SYN the egress program then dropped, waits until the daemon destroys the socket \
-         (ECONNABORTED). The daemon therefore cuts the sockets before it syncs the revocation \
-         list (that wait was ~1.2 ms when the sync came first, ~0.4 ms now)."
+         over all its threads (the audit writer's too). The workload reads that time to the \
+         nanosecond from their schedstat, around its timed enrollments.\n\n\
+         The cases and the baseline run in interleaved rounds, so that a change of the host's \
+         speed during the run affects all of them. The ratio is the median of each round's \
+         against that round's baseline.\n\n\
+         The daemon serves enrollments from a pool of threads waiting in epoll with \
+         EPOLLEXCLUSIVE. One thread serves agents that enroll one after another.\n\n\
+         The daemon's enrollment server certificate has an Ed25519 key, and so does the \
+         baseline's server.\n\n\
+         The CA and the agents' certificates have Ed25519 keys, the default \
+         `identity.key_algorithm`. A new certificate's enrollment needs two verifications: the \
+         CA's signature over it and the agent's over the handshake. Each costs ~25 µs here, \
+         against ~36 µs with `ecdsa-p256`.\n\n\
+         The last report with `ecdsa-p256` (bb05232, before Ed25519 became the default) \
+         measured 3412/s and 3708/s per core for a new certificate from one and four clients. \
+         For a known one it measured 4733/s and 5138/s.\n\n\
+         The revocation is measured inside the workload, which connects to an allowed listener \
+         in a loop. It writes `revoke` for its own certificate's serial to the admin socket and \
+         keeps connecting. The time runs from the write until the first EPERM.\n\n\
+         The EPERM always came before the reply. The kernel is flagged first; the reply waits \
+         for the socket destruction and the synced revocation list.\n\n\
+         A workload connecting as fast as it can keeps both CPUs of this machine busy, together \
+         with its listener.\n\n\
+         A real-time thread reads the admin socket and handles the revocation itself. A normal \
+         thread had waited up to a 4 ms scheduler tick for a CPU there.\n\n\
+         Once the kernel has the revocation, that thread steps down to normal priority. It does \
+         the rest itself: socket destruction, then the synced list. It wakes no other thread \
+         that could take the revoked agent's CPU.\n\n\
+         What remains of the time is the daemon's own work, the locks it shares with other work \
+         in the daemon, and the workload's own scheduling. The row on when the denied connect \
+         was issued shows how much.\n\n\
+         The workload reads its own schedstat and rusage around each revocation and times each \
+         of its connects. The time it was runnable but waiting for a CPU is reported. For the \
+         slowest revocation of each run, how often it slept and its longest connect are \
+         reported too.\n\n\
+         The slowest revocations had not waited for a CPU but slept in one connect. That \
+         connect was allowed just before the revocation, and the egress program then dropped \
+         its SYN. It waits until the daemon destroys the socket (ECONNABORTED).\n\n\
+         The daemon therefore cuts the sockets before it syncs the revocation list. That wait \
+         was ~1.2 ms when the sync came first; it is ~0.4 ms now."
     );
     print!("{md}");
     if let Some(path) = arg("report") {

@@ -291,14 +291,7 @@ fn main() {
     let _ = writeln!(
         md,
         "Produced by `cargo xtask bench` (tests/benches/load.rs), a release daemon fresh for \
-         each run. One agent floods denied UDP sends for {:.0} s flat out; a quiet agent \
-         beside it makes {QUIET} denied connects spread over the flood. With the default \
-         event budgets (200 records a second per cgroup, bursts of 2000; summaries every 1 s \
-         here) and, as the baseline of the same run, with the budgets off. Audit bytes: the \
-         growth of the audit directory over the flood. Accounted for: the flood's verdicts \
-         recorded one by one, counted in summary records, and lost in gap records, against \
-         the sends the kernel denied. Memory: the daemon's peak resident set (VmHWM).\n",
-        millis as f64 / 1000.0
+         each run.\n"
     );
     let _ = writeln!(
         md,
@@ -327,9 +320,10 @@ fn main() {
     let accounted = on.recorded + on.summarized + on.lost == on.offered;
     let _ = writeln!(
         md,
-        "\nTargets: audit bytes under the flood ≤ 100 KB/s with the default budgets: {} \
-         ({:.1} KB/s; the baseline writes {:.0}x as much, {:.1} KB/s); the quiet agent loses \
-         no record: {} ({} of {QUIET}); every verdict of the flood accounted for: {}.\n",
+        "\nTarget: audit bytes under the flood ≤ 100 KB/s with the default budgets: {} \
+         ({:.1} KB/s). The baseline writes {:.0}x as much, {:.1} KB/s.\n\n\
+         Target: the quiet agent loses no record: {} ({} of {QUIET}).\n\n\
+         Target: every verdict of the flood accounted for: {}.\n",
         met(on.audit_bytes_per_sec <= 100_000.0),
         on.audit_bytes_per_sec / 1000.0,
         off.audit_bytes_per_sec / on.audit_bytes_per_sec.max(1.0),
@@ -340,18 +334,18 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "With the audit file system full (a 1 MiB tmpfs, filled before the flood) the log \
-         cannot take a record: the alarm is up ({}), every send is still denied, the writer's \
-         queue and the kernel ring fill and the rest is counted as lost; the daemon's memory \
-         stays bounded ({} MiB at its peak) and a SIGTERM ends it in {full_stop:.1} s.\n",
+        "With the audit file system full, the log cannot take a record. The alarm is up ({}). \
+         Every send is still denied. The writer's queue and the kernel ring fill, and the rest \
+         is counted as lost.\n\n\
+         The daemon's memory stays bounded ({} MiB at its peak), and a SIGTERM ends it in \
+         {full_stop:.1} s.\n",
         if full_ok { "yes" } else { "NO" },
         full_rss / 1024
     );
     let _ = writeln!(
         md,
-        "Enrollment: {n} `agentwall exec --cert` runs in a row (enroll over mTLS, attest, bind, \
-         run a no-op), while another user holds 4000 idle connections to the enrollment \
-         socket, against the same without them.\n"
+        "Enrollment: {n} `agentwall exec --cert` runs in a row, while another user holds 4000 \
+         idle connections to the enrollment socket, against the same without them.\n"
     );
     let _ = writeln!(md, "| run | p50 | p99 | peak RSS |");
     let _ = writeln!(md, "|---|---:|---:|---:|");
@@ -370,10 +364,27 @@ fn main() {
     let ratio = flooded_enroll.p99_ms / quiet_enroll.p99_ms;
     let _ = writeln!(
         md,
-        "\nTarget: enrollment p99 under the flood within 2x of the baseline's: {} ({ratio:.2}x). \
-         The flooder's connections past the few in progress its cgroup and user may have are refused at once ({}).",
+        "\nTarget: enrollment p99 under the flood within 2x of the baseline's: {} ({ratio:.2}x).\n\n\
+         The flooder's connections past the few in progress its cgroup and user may have are \
+         refused at once ({}).",
         met(ratio <= 2.0),
         flooded_enroll.held.trim()
+    );
+    let _ = writeln!(
+        md,
+        "\n### Method\n\n\
+         One agent floods denied UDP sends for {:.0} s flat out. A quiet agent beside it makes \
+         {QUIET} denied connects spread over the flood.\n\n\
+         The flood runs with the default event budgets: 200 records a second per cgroup, \
+         bursts of 2000, and summaries every 1 s here. The baseline of the same run has the \
+         budgets off.\n\n\
+         Audit bytes: the growth of the audit directory over the flood.\n\n\
+         Accounted for: the flood's verdicts recorded one by one, counted in summary records, \
+         and lost in gap records. They are compared against the sends the kernel denied.\n\n\
+         Memory: the daemon's peak resident set (VmHWM).\n\n\
+         The full audit file system is a 1 MiB tmpfs, filled before the flood.\n\n\
+         Each enrollment run enrolls over mTLS, attests, binds and runs a no-op.",
+        millis as f64 / 1000.0
     );
     print!("{md}");
     if let Some(path) = arg("report") {
