@@ -445,6 +445,9 @@ fn main() {
             .args(["exec", "--socket"])
             .arg(&d.socket)
             .arg("--self-enroll")
+            // The worker reads the certificates and keys `issue` wrote for root (0600): it
+            // runs as root as it was, not as a confined root mapped to a uid of its own.
+            .arg("--keep-privileges")
             .arg("--")
             .arg(&me)
             .args(worker_args)

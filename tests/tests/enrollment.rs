@@ -656,6 +656,28 @@ fn enrollments_go_on_while_silent_clients_hold_connections() {
     }
 }
 
+/// An agent that enrolls from four threads, each one enrollment after another, is never
+/// refused: an enrollment stops counting against its cgroup's four in progress once it is
+/// answered, not once its thread is done with the connection. (It counted until then, so a
+/// thread that connected again at once was sometimes refused.)
+#[test]
+fn an_agent_enrolling_from_four_threads_in_a_row_is_not_refused() {
+    let _s = serial();
+    let d = TestDaemon::start(&[("r.yaml", &identity_policy("reader", 9, ""))]);
+    let (cert, key) = d.issue("agent/reader/prod", "10m");
+    let bundle = d.state_dir().join("ca/ca.crt").display().to_string();
+    let burst = format!(
+        "enroll-burst {} {cert} {key} {bundle} 4 100",
+        d.enroll_socket.display()
+    );
+    // Root as it was: it reads the certificate and key `issue` wrote for root.
+    let o = d
+        .exec_under(&["--self-enroll", "--keep-privileges"], None, &[&burst])
+        .output()
+        .unwrap();
+    assert_eq!(lines(&o), ["ok"], "{o:?}");
+}
+
 #[test]
 fn tokens_are_issued_to_attested_holders_verified_and_rejected_after_revocation() {
     let _s = serial();

@@ -37,7 +37,9 @@
 //! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC),
 //! `unix-connect NAME PAYLOAD` (a Unix stream connect, then the payload), `unix-sendto NAME
 //! PAYLOAD` (a Unix datagram sent to NAME), `unix-dgram-connect NAME PAYLOAD` (a Unix datagram
-//! socket connected to NAME sends); NAME is a path, or @ and an abstract name.
+//! socket connected to NAME sends); NAME is a path, or @ and an abstract name;
+//! `enroll-burst SOCKET CERT KEY BUNDLE THREADS N` (THREADS threads, each enrolling N times
+//! one after another with the certificate CERT: `ok`, or the first refusal).
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -47,6 +49,47 @@ use std::{
 
 /// How the last `stream` ended (its write error), once it has.
 static STREAM_END: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// `threads` threads, each enrolling `n` times in a row over `socket`: `ok`, or the first
+/// refusal.
+fn enroll_burst(
+    socket: &str,
+    (cert, key, bundle): (&str, &str, &str),
+    threads: &str,
+    n: &str,
+) -> String {
+    let read = |p: &str| std::fs::read(p).map_err(|e| format!("err reading {p}: {e}"));
+    let files = (|| Ok::<_, String>((read(cert)?, read(key)?, read(bundle)?)))();
+    let ((cert, key, bundle), threads, n) =
+        match (files, threads.parse::<usize>(), n.parse::<usize>()) {
+            (Ok(f), Ok(t), Ok(n)) => (f, t, n),
+            (Err(e), _, _) => return e,
+            _ => return "err bad count".into(),
+        };
+    let socket = std::path::Path::new(socket);
+    let first_error = std::sync::Mutex::new(None::<String>);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..n {
+                    if let Err(e) =
+                        agentwall::identity::enroll::enroll(socket, &cert, &key, &bundle)
+                    {
+                        let mut first = first_error
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        first.get_or_insert(format!("err {e}"));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    first_error
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(|| "ok".into())
+}
 
 fn errno(e: &io::Error) -> String {
     match e.raw_os_error() {
@@ -623,6 +666,9 @@ fn run(line: &str) -> String {
     let r: Result<String, String> =
         (|| match (cmd, args.as_slice()) {
             ("pid", []) => Ok(std::process::id().to_string()),
+            ("enroll-burst", [socket, cert, key, bundle, threads, n]) => {
+                Ok(enroll_burst(socket, (cert, key, bundle), threads, n))
+            }
             ("sleep", [ms]) => {
                 std::thread::sleep(millis(ms)?.min(Duration::from_secs(60)));
                 Ok("ok".into())

@@ -225,7 +225,7 @@ impl EnrollPool {
                     continue;
                 }
             };
-            let Some(_turn) = self.turn_for(&stream) else {
+            let Some(turn) = self.turn_for(&stream) else {
                 continue;
             };
             // No thread is left waiting: another one takes over the waiting.
@@ -244,7 +244,7 @@ impl EnrollPool {
             }
             // A connection that panics must not take the pool with it.
             let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                enroll_connection(stream, &self.daemon, &self.rt)
+                enroll_connection(stream, turn, &self.daemon, &self.rt)
             }));
             match handled {
                 Ok(Ok(())) => {}
@@ -325,8 +325,12 @@ impl std::io::Write for Deadline {
     }
 }
 
+/// Serves one connection. `turn` is its place among the enrollments in progress: given back
+/// once the answer is known, before it is written, so that a client that connects again as
+/// soon as it reads the answer finds it free.
 fn enroll_connection(
     stream: std::os::unix::net::UnixStream,
+    turn: PeerTurn<'_>,
     daemon: &Daemon,
     rt: &tokio::runtime::Handle,
 ) -> std::io::Result<()> {
@@ -398,6 +402,10 @@ fn enroll_connection(
             }),
         EnrollReply::Enrolled(_) => {}
     }
+    // The answer is known: the enrollment is no longer in progress. What is left is one
+    // write of a small reply, which the socket's buffer takes at once (and the deadline
+    // bounds), so the turn does not protect the pool any longer.
+    drop(turn);
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
     out.push(b'\n');
     // The reply and the close_notify leave in one write.
