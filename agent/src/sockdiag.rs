@@ -66,6 +66,17 @@ pub struct Destroyed {
     pub failed: u32,
 }
 
+impl std::ops::Add for Destroyed {
+    type Output = Self;
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            sockets: self.sockets.saturating_add(o.sockets),
+            failed: self.failed.saturating_add(o.failed),
+        }
+    }
+}
+
 fn align4(n: usize) -> usize {
     (n + 3) & !3
 }

@@ -173,11 +173,17 @@ fn read_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
 /// Per round: enroll with a fresh certificate, connect in a loop, send `revoke` for that
 /// certificate's serial without waiting, and keep connecting until the first EPERM. The time
 /// runs from the moment the request was written until that EPERM.
+///
+/// The admin socket answers no process in an enforced cgroup but for `enforce-self`, so each
+/// round's request goes over a connection the bench makes outside when asked (its peer is the
+/// bench, as an operator's is): the worker asks over descriptor [`ASK_FD`], reads the
+/// connection's descriptor number in the bench from [`GOT_FD`] and takes a copy of it with
+/// pidfd_getfd(2).
 fn worker_revoke(
     certs_dir: &Path,
     bundle: &[u8],
     socket: &Path,
-    admin: &Path,
+    bench_pid: i32,
     target: SocketAddr,
     rounds: (usize, usize),
     pace: Duration,
@@ -216,7 +222,7 @@ fn worker_revoke(
             ok += 1;
             paced();
         }
-        let mut admin_conn = Client::connect(admin).unwrap();
+        let mut admin_conn = Client::from_stream(admin_connection(bench_pid)).unwrap();
         let (delay0, sleeps0) = (run_delay_ns(), voluntary_switches());
         let t0 = Instant::now();
         admin_conn
@@ -365,6 +371,44 @@ fn bare_handshake_cpu(f: &Files, server_cert: &str, server_key: &str, n: usize) 
     srv.join().unwrap() / n as f64
 }
 
+/// The revocation worker's descriptors: it asks for an admin connection on the first, and
+/// reads the number of the bench's descriptor of it from the second.
+const ASK_FD: i32 = 3;
+const GOT_FD: i32 = 4;
+
+/// A connection to the admin socket made by the bench (`bench_pid`) on request, copied into
+/// this process with pidfd_getfd(2).
+fn admin_connection(bench_pid: i32) -> UnixStream {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: descriptors ASK_FD and GOT_FD are the pipes the bench passed (`--preserve-fds`),
+    // used by nothing else; borrowed for this call, not closed.
+    let (mut ask, mut got) = unsafe {
+        (
+            std::mem::ManuallyDrop::new(fs::File::from_raw_fd(ASK_FD)),
+            std::mem::ManuallyDrop::new(fs::File::from_raw_fd(GOT_FD)),
+        )
+    };
+    ask.write_all(b"c").unwrap();
+    let mut n = [0u8; 4];
+    got.read_exact(&mut n).unwrap();
+    let remote = i32::from_le_bytes(n);
+    // SAFETY: pidfd_open(2) and pidfd_getfd(2) with integer arguments; each result is checked
+    // and then owned here.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, bench_pid, 0);
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, remote, 0);
+        let err = std::io::Error::last_os_error();
+        libc::close(pidfd as i32);
+        assert!(fd >= 0, "pidfd_getfd: {err}");
+        UnixStream::from_raw_fd(fd as i32)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn main() {
@@ -399,7 +443,7 @@ fn main() {
                 Path::new(&arg("certs").unwrap()),
                 &fs::read(arg("bundle").unwrap()).unwrap(),
                 &socket,
-                Path::new(&arg("admin").unwrap()),
+                arg("bench-pid").unwrap().parse().unwrap(),
                 arg("target").unwrap().parse().unwrap(),
                 (
                     arg("first").unwrap().parse().unwrap(),
@@ -585,6 +629,57 @@ fn main() {
         eprintln!("  rounds, bare handshake: {}", rates.join(" "));
     }
 
+    // The revocation worker runs in an enforced cgroup, where the admin socket refuses it:
+    // it asks this process for a connection each round (see `worker_revoke`).
+    let exec_with_admin = |worker_args: &[String]| {
+        let (ask_r, ask_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let (got_r, got_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let admin = d.socket.clone();
+        let connector = thread::spawn(move || {
+            let (mut ask, mut got) = (fs::File::from(ask_r), fs::File::from(got_w));
+            let mut held = Vec::new();
+            let mut b = [0u8; 1];
+            while ask.read_exact(&mut b).is_ok() {
+                let c = UnixStream::connect(&admin).unwrap();
+                if got.write_all(&c.as_raw_fd().to_le_bytes()).is_err() {
+                    break;
+                }
+                held.push(c);
+            }
+        });
+        let (ask_fd, got_fd) = (ask_w.as_raw_fd(), got_r.as_raw_fd());
+        let mut c = Command::new(agentwall_tests::agentwall_bin());
+        c.args(["exec", "--socket"])
+            .arg(&d.socket)
+            .arg("--self-enroll")
+            .arg("--keep-privileges")
+            .arg("--preserve-fds=2")
+            .arg("--")
+            .arg(&me)
+            .args(worker_args);
+        // SAFETY: between fork and exec only fcntl and dup2 (async-signal-safe), on descriptors
+        // this process holds open until the child has started.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+                // Out of the way first: either pipe may hold the number the other goes to.
+                let high = [
+                    libc::fcntl(ask_fd, libc::F_DUPFD_CLOEXEC, 100),
+                    libc::fcntl(got_fd, libc::F_DUPFD_CLOEXEC, 100),
+                ];
+                for (from, to) in high.into_iter().zip([ASK_FD, GOT_FD]) {
+                    if from < 0 || libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let o = c.output().unwrap();
+        drop((ask_w, got_r));
+        connector.join().unwrap();
+        assert!(o.status.success(), "worker: {o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
     // Revocation latency.
     // Three workloads connecting as fast as they can (it and the listener keep both CPUs
     // busy), one at a time, then one pacing its connects 200 µs apart.
@@ -594,17 +689,23 @@ fn main() {
     let mut series = Vec::new();
     for (first, pace_us) in plan {
         let log_before = d.log_text().lines().count();
-        let out = exec(&[
-            "--worker=revoke".into(),
-            format!("--socket={}", d.enroll_socket.display()),
-            format!("--admin={}", d.socket.display()),
-            format!("--certs={}", certs.display()),
-            format!("--bundle={bundle}"),
-            format!("--target={target}"),
-            format!("--first={first}"),
-            format!("--end={}", first + rounds),
-            format!("--pace-us={pace_us}"),
-        ]);
+        // One worker, in a cgroup of its own, per round: a cgroup a revocation cut stays
+        // denied whatever certificate enrolls from it later.
+        let out: String = (first..first + rounds)
+            .map(|i| {
+                exec_with_admin(&[
+                    "--worker=revoke".into(),
+                    format!("--socket={}", d.enroll_socket.display()),
+                    format!("--bench-pid={}", std::process::id()),
+                    format!("--certs={}", certs.display()),
+                    format!("--bundle={bundle}"),
+                    format!("--target={target}"),
+                    format!("--first={i}"),
+                    format!("--end={}", i + 1),
+                    format!("--pace-us={pace_us}"),
+                ])
+            })
+            .collect();
         let mut aborted = Vec::new();
         let (mut send, mut issued, mut ret, mut rtt, mut waited, mut slept, mut longest) = (
             Vec::new(),
@@ -832,6 +933,12 @@ fn main() {
          The revocation is measured inside the workload, which connects to an allowed listener \
          in a loop. It writes `revoke` for its own certificate's serial to the admin socket and \
          keeps connecting. The time runs from the write until the first EPERM.\n\n\
+         The admin socket answers no process in an enforced cgroup but for `enforce-self`. So \
+         the bench, outside, connects when the workload asks, before its warm-up, and the \
+         workload takes a copy of that connection with pidfd_getfd(2). The request then takes \
+         the same path as an operator's.\n\n\
+         Each revocation runs in a new workload and cgroup: a cgroup a revocation cut stays \
+         denied whatever certificate enrolls from it later.\n\n\
          The EPERM always came before the reply. The kernel is flagged first; the reply waits \
          for the socket destruction and the synced revocation list.\n\n\
          A workload connecting as fast as it can keeps both CPUs of this machine busy, together \

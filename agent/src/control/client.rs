@@ -77,6 +77,14 @@ impl Client {
         })
     }
 
+    /// A connection made elsewhere and handed over (a descriptor passed to this process).
+    pub fn from_stream(s: UnixStream) -> Result<Self, ClientError> {
+        Ok(Self {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
+    }
+
     pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');

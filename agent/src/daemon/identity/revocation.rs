@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long after a first pass of socket destruction the second one runs (see
+/// `Daemon::destroy_sockets`).
+const SECOND_PASS_AFTER: Duration = Duration::from_millis(5);
+
 impl Daemon {
     /// At start: bindings that the kernel or their record show revoked, but that the
     /// revocation list does not cover. The previous daemon died between flagging the kernel
@@ -75,7 +79,20 @@ impl Daemon {
         };
         let work = move || {
             let namespaces = sockdiag::foreign_namespaces(&dirs);
-            sockdiag::destroy_sockets_in(&cgroups, &namespaces)
+            let first = sockdiag::destroy_sockets_in(&cgroups, &namespaces)?;
+            // A connect its hook allowed just before the binding changed enters the kernel's
+            // socket tables only as it picks its port, a moment later: the dump above cannot
+            // see it. Its SYN is then dropped by the egress program, and it would wait for the
+            // TCP timeout (minutes). A second pass, shortly after, cuts it.
+            std::thread::sleep(SECOND_PASS_AFTER);
+            let second = sockdiag::destroy_sockets_in(&cgroups, &namespaces)?;
+            if second.sockets > 0 {
+                tracing::debug!(
+                    sockets = second.sockets,
+                    "the second pass cut sockets that were connecting during the first"
+                );
+            }
+            Ok::<_, std::io::Error>(first + second)
         };
         match crate::sched::blocking(work).await {
             Ok(Ok(d)) => {
