@@ -36,18 +36,10 @@ impl Daemon {
         let id = self.enforcer.attach(cg.clone()).await?;
         // Enforced already (its `enforce-self` and the watcher both came): nothing to change,
         // and above all its binding stays as it is (a quarantine on it holds).
-        let (known, carried) = {
-            let registry = self.cgroups.lock().await;
-            let known = registry
-                .get(&id)
-                .is_some_and(|m| m.kind == Kind::Configured);
-            // A quarantine of the unit's previous cgroup at this path holds for the new one:
-            // a restart is no way out of it.
-            let carried = registry.values().any(|m| {
-                m.kind == Kind::Configured && m.cgroup.path() == cg.path() && m.quarantined
-            });
-            (known, carried)
-        };
+        let known = self.registry.kind_of(id).await == Some(Kind::Configured);
+        // A quarantine of the unit's previous cgroup at this path holds for the new one:
+        // a restart is no way out of it.
+        let carried = self.registry.configured_quarantined_at(cg.path()).await;
         if known {
             return Ok((id, false));
         }
@@ -73,23 +65,9 @@ impl Daemon {
             .await?
             .is_some_and(|o| o.flags & flags::DENY_ALL != 0)
             || carried;
-        let earlier: Vec<u64> = {
-            let mut registry = self.cgroups.lock().await;
-            let earlier = registry
-                .iter()
-                .filter(|(old, m)| {
-                    **old != id && m.kind == Kind::Configured && m.cgroup.path() == cg.path()
-                })
-                .map(|(old, _)| *old)
-                .collect();
-            let mut m = Managed::new(cg, Some(e.policy.clone()), Kind::Configured);
-            m.quarantined = quarantined;
-            registry.insert(id, m);
-            for old in &earlier {
-                registry.remove(old);
-            }
-            earlier
-        };
+        let mut m = Managed::new(cg, Some(e.policy.clone()), Kind::Configured);
+        m.quarantined = quarantined;
+        let earlier = self.registry.put_configured(id, m).await;
         for old in earlier {
             // The old cgroup is gone with the unit's previous run; its programs and binding go.
             if self.enforcer.unbind(old).await.is_err() || self.enforcer.detach(old).await.is_err()

@@ -11,7 +11,7 @@
 //! callers share one, the first one's snapshot holding the others' changes.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -19,9 +19,8 @@ use std::{
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
-    Managed,
-    identity::{Record, record_of},
     names::Identities,
+    registry::{Record, Registry},
 };
 use crate::journal::{Journaled, Loaded};
 
@@ -37,9 +36,6 @@ pub(crate) enum EnrollmentsError {
     #[error("cannot save the enrollment records: {0}")]
     Save(std::io::Error),
 }
-
-/// The registry of managed cgroups, by cgroup id, as the daemon keeps it.
-type Registry = AsyncMutex<BTreeMap<u64, Managed>>;
 
 #[derive(Debug)]
 pub(crate) struct Enrollments {
@@ -93,20 +89,11 @@ impl Enrollments {
     /// line per changed cgroup, one write.
     pub(crate) async fn save_all(&self, registry: &Registry) -> Result<(), EnrollmentsError> {
         let mut store = self.store.lock().await;
-        let registry = registry.lock().await;
-        let named: HashMap<u64, String> = registry
-            .iter()
-            .filter_map(|(id, m)| Some((*id, m.bound.as_ref()?.spiffe_id.clone())))
-            .collect();
+        let (records, named) = registry.records().await;
         self.names
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .replace(named);
-        let records: Vec<Record> = registry
-            .iter()
-            .filter_map(|(id, m)| record_of(*id, m))
-            .collect();
-        drop(registry);
         self.persist(&mut store, move |s| {
             s.save(&records, |r: &Record| r.cgroup_id)
         })
@@ -125,28 +112,16 @@ impl Enrollments {
             drop(store);
             return self.save_all(registry).await;
         }
-        let registry = registry.lock().await;
-        let records: Vec<(u64, Option<Record>)> = ids
-            .iter()
-            .map(|id| (*id, registry.get(id).and_then(|m| record_of(*id, m))))
-            .collect();
-        let names: Vec<(u64, Option<String>)> = ids
-            .iter()
-            .map(|id| {
-                let name = registry
-                    .get(id)
-                    .and_then(|m| Some(m.bound.as_ref()?.spiffe_id.clone()));
-                (*id, name)
-            })
-            .collect();
-        drop(registry);
+        let changed = registry.records_of(ids).await;
+        let mut records: Vec<(u64, Option<Record>)> = Vec::with_capacity(ids.len());
         {
             let mut n = self
                 .names
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (id, name) in names {
+            for (id, record, name) in changed {
                 n.set(id, name);
+                records.push((id, record));
             }
         }
         self.persist(&mut store, move |s| {

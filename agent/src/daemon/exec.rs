@@ -121,8 +121,8 @@ impl Daemon {
                 m.leased = true;
                 m.agent_dir.clone_from(&agent_dir);
                 m.audience = audience;
-                let mut registry = self.cgroups.lock().await;
-                let used = registry.values().filter_map(|m| m.root_uid).collect();
+                let mut registry = self.registry.hold().await;
+                let used = registry.root_uids_in_use();
                 m.root_uid = self.cfg.exec.root_uids.pick(&used, seq);
                 if let Some(uid) = m.root_uid
                     && let Err(e) = RootUids::record(&cg, uid)
@@ -167,23 +167,13 @@ impl Daemon {
     }
 
     pub async fn exec_end(&self, id: u64) {
-        if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
-            m.leased = false;
-        }
+        self.registry.end_lease(id).await;
         self.gc.notify_one();
     }
 
     /// Removes exec cgroups whose lease ended and that hold no process.
     pub(super) async fn collect(&self) {
-        let candidates: Vec<(u64, Cgroup)> = self
-            .cgroups
-            .lock()
-            .await
-            .iter()
-            .filter(|(_, m)| m.kind == Kind::Exec && !m.leased)
-            .map(|(id, m)| (*id, m.cgroup.clone()))
-            .collect();
-        for (id, cg) in candidates {
+        for (id, cg) in self.registry.unleased_exec().await {
             if cg.exists() && cg.populated().unwrap_or(true) {
                 continue;
             }
@@ -196,8 +186,7 @@ impl Daemon {
                 self.count_error("unbind");
                 continue;
             }
-            let gone = self.cgroups.lock().await.remove(&id);
-            if let Some(dir) = gone.and_then(|m| m.agent_dir) {
+            if let Some(dir) = self.registry.remove(id).await {
                 let _ = std::fs::remove_dir_all(dir);
             }
             self.save_enrollments().await;
@@ -205,15 +194,7 @@ impl Daemon {
         }
         // Enrolled cgroups elsewhere are not ours to remove; once their owner removed them,
         // their binding and links go (a new cgroup never reuses the id: it is the inode).
-        let gone: Vec<u64> = self
-            .cgroups
-            .lock()
-            .await
-            .iter()
-            .filter(|(_, m)| m.kind == Kind::Enrolled && !m.cgroup.exists())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
+        for id in self.registry.enrolled_gone().await {
             let result = async {
                 self.enforcer.unbind(id).await?;
                 self.enforcer.detach(id).await?;
@@ -225,7 +206,7 @@ impl Daemon {
                 self.count_error("unbind");
                 continue;
             }
-            self.cgroups.lock().await.remove(&id);
+            self.registry.remove(id).await;
             self.save_enrollments().await;
             tracing::info!(cgroup_id = id, "enrolled cgroup removed; its binding ended");
         }

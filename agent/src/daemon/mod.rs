@@ -24,6 +24,7 @@ mod identity;
 mod names;
 mod policies;
 mod reconcile;
+mod registry;
 mod run;
 pub mod status;
 mod units;
@@ -34,7 +35,11 @@ pub use self::admin::{
 pub use self::exec::{ExecEnroll, ExecReady, Protect};
 use self::names::Names;
 use self::status::Health;
-use self::{enrollments::Enrollments, policies::Policies};
+use self::{
+    enrollments::Enrollments,
+    policies::Policies,
+    registry::{Kind, Managed, Registry},
+};
 
 pub use self::run::{Frontends, run};
 use crate::{
@@ -110,52 +115,6 @@ pub enum DaemonError {
     Audit(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Kind {
-    /// Created by `agentwall exec` below the managed root.
-    Exec,
-    /// Named in the config's `enforce:` list.
-    Configured,
-    /// A cgroup elsewhere whose process enrolled.
-    Enrolled,
-}
-
-#[derive(Debug, Clone)]
-struct Managed {
-    cgroup: Cgroup,
-    policy: Option<String>,
-    kind: Kind,
-    leased: bool,
-    quarantined: bool,
-    /// The identity bound by enrollment.
-    bound: Option<identity::Bound>,
-    /// Files of an agent launched with `agentwall exec --cert` (renewed there).
-    agent_dir: Option<PathBuf>,
-    /// Audiences of the JWT-SVID kept in the agent's directory, and its expiry (Unix seconds).
-    audience: Vec<String>,
-    token_exp: u64,
-    /// The host uid root of an exec cgroup's command is mapped to (see `rootuid`).
-    root_uid: Option<u32>,
-}
-
-impl Managed {
-    fn new(cgroup: Cgroup, policy: Option<String>, kind: Kind) -> Self {
-        Self {
-            cgroup,
-            policy,
-            kind,
-            leased: false,
-            quarantined: false,
-            bound: None,
-            agent_dir: None,
-            audience: Vec::new(),
-            token_exp: 0,
-            root_uid: None,
-        }
-    }
-}
-
 /// Everything the admin socket and the background tasks share.
 #[derive(Debug)]
 pub struct Daemon {
@@ -164,7 +123,8 @@ pub struct Daemon {
     root: Cgroup,
     enforcer: EnforcerHandle,
     policies: Arc<Policies>,
-    cgroups: AsyncMutex<BTreeMap<u64, Managed>>,
+    /// The cgroups the daemon manages.
+    registry: Registry,
     events: broadcast::Sender<Arc<EventRecord>>,
     health: RwLock<Health>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -370,9 +330,7 @@ impl Daemon {
         }
         // In the kernel: the rest runs at normal priority (see `sched::step_down`).
         let _down = crate::sched::step_down();
-        if let Some(m) = self.cgroups.lock().await.get_mut(&id) {
-            m.quarantined = !lift;
-        }
+        self.registry.set_quarantined(id, !lift).await;
         let destroyed = if lift {
             None
         } else {

@@ -30,8 +30,8 @@ impl Daemon {
             .bindings()
             .await
             .map_err(crate::enforce::actor::CallError::from)?;
-        let mut registry = self.cgroups.lock().await;
-        let configured: Vec<u64> = registry.keys().copied().collect();
+        let mut registry = self.registry.hold().await;
+        let configured: Vec<u64> = registry.ids();
         // Identities revoked in the kernel or in their record: (SPIFFE ID, serial, cgroup).
         let mut revoked = Vec::new();
         for (id, b) in &bindings {
@@ -104,13 +104,10 @@ impl Daemon {
             registry.insert(id, m);
         }
         // The uids the previous daemon gave root commands are taken until their cgroups go.
-        for m in registry.values_mut().filter(|m| m.kind == Kind::Exec) {
+        for m in registry.exec_mut() {
             m.root_uid = self.cfg.exec.root_uids.handed_to(&m.cgroup);
         }
-        let live: HashMap<u64, Cgroup> = registry
-            .iter()
-            .map(|(id, m)| (*id, m.cgroup.clone()))
-            .collect();
+        let live: HashMap<u64, Cgroup> = registry.cgroups();
         drop(registry);
         self.recover_revocations(revoked).await;
         self.save_enrollments().await;

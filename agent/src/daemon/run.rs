@@ -94,7 +94,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         root: root.clone(),
         enforcer: handle.clone(),
         policies: Arc::clone(&policies),
-        cgroups: AsyncMutex::new(BTreeMap::new()),
+        registry: Default::default(),
         events: events_tx.clone(),
         health: RwLock::new(Health::Starting),
         errors: Mutex::new(BTreeMap::new()),

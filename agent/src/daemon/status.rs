@@ -184,19 +184,15 @@ impl Daemon {
         }
         let policies = self.policies.summaries();
         let cgroups = self
-            .cgroups
-            .lock()
+            .registry
+            .snapshot()
             .await
-            .iter()
+            .into_iter()
             .map(|(id, m)| CgroupStatus {
-                id: *id,
+                id,
                 path: m.cgroup.path().display().to_string(),
-                policy: m.policy.clone(),
-                kind: match m.kind {
-                    Kind::Exec => "exec".into(),
-                    Kind::Configured => "configured".into(),
-                    Kind::Enrolled => "enrolled".into(),
-                },
+                kind: m.kind.as_str().into(),
+                policy: m.policy,
                 quarantined: m.quarantined,
                 leased: m.leased,
                 spiffe_id: m.bound.as_ref().map(|b| b.spiffe_id.clone()),

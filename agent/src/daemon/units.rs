@@ -89,12 +89,7 @@ impl Daemon {
             // Not there (yet): the unit is stopped.
             return Ok(());
         };
-        let known = self
-            .cgroups
-            .lock()
-            .await
-            .get(&id)
-            .is_some_and(|m| m.kind == super::Kind::Configured);
+        let known = self.registry.kind_of(id).await == Some(super::Kind::Configured);
         if known {
             return Ok(());
         }

@@ -117,9 +117,9 @@ impl Daemon {
         let Some((slot, mode)) = self.policies.slot_mode(&grant.policy) else {
             return refuse(format!("policy {} is not loaded", grant.policy));
         };
-        let mut registry = self.cgroups.lock().await;
+        let mut registry = self.registry.hold().await;
         if let Some(other) = registry
-            .get(&cgroup_id)
+            .get(cgroup_id)
             .and_then(|m| m.bound.as_ref())
             .filter(|b| b.spiffe_id != id_text)
         {
@@ -129,7 +129,7 @@ impl Daemon {
             ));
         }
         if let Some(cut) = registry
-            .get(&cgroup_id)
+            .get(cgroup_id)
             .and_then(|m| m.bound.as_ref())
             .filter(|b| b.revoked)
         {
@@ -140,7 +140,7 @@ impl Daemon {
                 peer.cgroup, cut.serial, cut.spiffe_id
             ));
         }
-        if let Some(m) = registry.get(&cgroup_id)
+        if let Some(m) = registry.get(cgroup_id)
             && m.bound.is_none()
             && m.policy.is_some()
         {
@@ -151,7 +151,7 @@ impl Daemon {
             ));
         }
         if !inside
-            && !registry.contains_key(&cgroup_id)
+            && !registry.contains(cgroup_id)
             && let Err(e) = self.enforcer.attach(cg.clone()).await
         {
             self.count_error("enroll_attach");
@@ -209,7 +209,7 @@ impl Daemon {
         }
         // The same certificate enrolling again keeps the chain it was renewed along.
         let renewed_from = registry
-            .get(&cgroup_id)
+            .get(cgroup_id)
             .and_then(|m| m.bound.as_ref())
             .filter(|b| b.spiffe_id == id_text && b.serial == svid.serial)
             .map(|b| b.renewed_from.clone())
@@ -222,7 +222,7 @@ impl Daemon {
             revoked: false,
             renewed_from,
         };
-        let entry = registry.entry(cgroup_id).or_insert_with(|| {
+        let entry = registry.entry(cgroup_id, || {
             Managed::new(
                 cg.clone(),
                 None,

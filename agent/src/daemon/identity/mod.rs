@@ -12,7 +12,6 @@ use std::{
 
 use agentwall_common::binding::{Binding, flags};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
 mod admission;
@@ -21,7 +20,10 @@ mod revocation;
 mod socket;
 
 pub(super) use self::socket::serve_enroll;
-use super::{AdminError, Daemon, DaemonError, Kind, Managed};
+use super::{
+    AdminError, Daemon, DaemonError,
+    registry::{Bound, Kind, Managed, Record},
+};
 use crate::{
     agentdir::{AgentDir, files},
     cgroup::Cgroup,
@@ -36,54 +38,6 @@ use crate::{
     policy::{Grant, Mode},
     sockdiag::{self, Destroyed},
 };
-
-/// The identity a cgroup is bound to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Bound {
-    pub(super) spiffe_id: String,
-    pub(super) serial: String,
-    /// Seconds since the Unix epoch.
-    pub(super) not_after: u64,
-    #[serde(default)]
-    pub(super) capabilities: Vec<String>,
-    #[serde(default)]
-    pub(super) revoked: bool,
-    /// Serials this certificate was renewed from, oldest first (at most
-    /// [`MAX_RENEWAL_CHAIN`]): revoking one of them revokes this one too.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(super) renewed_from: Vec<String>,
-}
-
-/// Serials of earlier certificates a binding remembers.
-const MAX_RENEWAL_CHAIN: usize = 64;
-
-impl Bound {
-    /// Whether this binding's certificate, or one it was renewed from, is revoked.
-    fn cut_by(&self, identity: &crate::identity::service::IdentityService) -> bool {
-        std::iter::once(&self.serial)
-            .chain(&self.renewed_from)
-            .any(|serial| identity.check_revoked(&self.spiffe_id, serial).is_err())
-    }
-
-    pub(super) fn expires_at(&self) -> String {
-        humantime::format_rfc3339_seconds(
-            SystemTime::UNIX_EPOCH + Duration::from_secs(self.not_after),
-        )
-        .to_string()
-    }
-}
-
-/// What survives a restart about a cgroup: `<state dir>/enrollments.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct Record {
-    pub(super) cgroup_id: u64,
-    pub(super) cgroup: String,
-    pub(super) kind: Kind,
-    pub(super) bound: Option<Bound>,
-    pub(super) agent_dir: Option<PathBuf>,
-    #[serde(default)]
-    pub(super) audience: Vec<String>,
-}
 
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -126,18 +80,6 @@ fn refuse(message: impl Into<String>) -> EnrollReply {
     }
 }
 
-/// The record of a managed cgroup, if it has anything to record.
-pub(super) fn record_of(cgroup_id: u64, m: &Managed) -> Option<Record> {
-    (m.bound.is_some() || m.agent_dir.is_some()).then(|| Record {
-        cgroup_id,
-        cgroup: m.cgroup.path().display().to_string(),
-        kind: m.kind,
-        bound: m.bound.clone(),
-        agent_dir: m.agent_dir.clone(),
-        audience: m.audience.clone(),
-    })
-}
-
 impl Daemon {
     /// The enrollment records of the previous daemon; damage is logged and counted, and
     /// what came before it is used.
@@ -168,7 +110,7 @@ impl Daemon {
     /// Makes the enrollment records durable if they changed (see
     /// [`super::enrollments::Enrollments::save_all`]); a failure is logged and counted.
     pub(super) async fn save_enrollments(&self) {
-        if let Err(e) = self.enrollments.save_all(&self.cgroups).await {
+        if let Err(e) = self.enrollments.save_all(&self.registry).await {
             tracing::error!(error = %e, "cannot save the enrollment records");
             self.count_error("enrollments_save");
         }
@@ -176,7 +118,7 @@ impl Daemon {
 
     /// [`Self::save_enrollments`] after a change to `ids` only.
     pub(super) async fn save_enrollments_of(&self, ids: &[u64]) {
-        if let Err(e) = self.enrollments.save_some(&self.cgroups, ids).await {
+        if let Err(e) = self.enrollments.save_some(&self.registry, ids).await {
             tracing::error!(error = %e, "cannot save the enrollment records");
             self.count_error("enrollments_save");
         }

@@ -1,6 +1,7 @@
 //! Renewal of the certificates and tokens kept in the directories of launched agents.
 
 use super::*;
+use crate::daemon::registry::{Launched, NotLaunched};
 use crate::{
     agentdir::AgentDirError,
     enforce::actor::CallError,
@@ -40,14 +41,18 @@ impl Daemon {
     /// Renews the certificate of one launched agent into its directory and extends its
     /// binding. Returns the new serial.
     pub(in crate::daemon) async fn renew(&self, cgroup_id: u64) -> Result<String, RenewError> {
-        let (bound, dir) = {
-            let registry = self.cgroups.lock().await;
-            let m = registry.get(&cgroup_id).ok_or(RenewError::NoCgroup)?;
-            match (&m.bound, &m.agent_dir) {
-                (Some(b), Some(d)) => (b.clone(), d.clone()),
-                _ => return Err(RenewError::NotLaunched),
-            }
-        };
+        let Launched {
+            bound,
+            agent_dir: dir,
+            ..
+        } = self
+            .registry
+            .launched(cgroup_id)
+            .await
+            .map_err(|e| match e {
+                NotLaunched::Unknown => RenewError::NoCgroup,
+                NotLaunched::NoFiles => RenewError::NotLaunched,
+            })?;
         if bound.revoked {
             return Err(RenewError::Revoked);
         }
@@ -94,28 +99,20 @@ impl Daemon {
         if before.is_none() {
             return Err(RenewError::Unbound);
         }
-        if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id)
-            && let Some(b) = m.bound.as_mut()
-        {
-            let previous = std::mem::replace(&mut b.serial, issued.serial.clone());
-            b.renewed_from.push(previous);
-            let excess = b.renewed_from.len().saturating_sub(MAX_RENEWAL_CHAIN);
-            b.renewed_from.drain(..excess);
-            b.not_after = unix_secs(issued.not_after);
-        }
+        self.registry
+            .note_renewal(
+                cgroup_id,
+                issued.serial.clone(),
+                unix_secs(issued.not_after),
+            )
+            .await;
         // A revocation of an earlier serial that came while this certificate was being made
         // found no chain to follow yet: it follows it now.
-        let cut = self
-            .cgroups
-            .lock()
-            .await
-            .get(&cgroup_id)
-            .and_then(|m| m.bound.as_ref())
-            .is_some_and(|b| {
-                b.renewed_from
-                    .iter()
-                    .any(|s| self.identity.check_revoked(&b.spiffe_id, s).is_err())
-            });
+        let cut = self.registry.bound(cgroup_id).await.is_some_and(|b| {
+            b.renewed_from
+                .iter()
+                .any(|s| self.identity.check_revoked(&b.spiffe_id, s).is_err())
+        });
         if cut {
             self.identity.revoke(
                 Target::Serial(issued.serial.clone()),
@@ -146,13 +143,10 @@ impl Daemon {
 
     /// Writes a fresh JWT-SVID into a launched agent's directory.
     pub(in crate::daemon) async fn refresh_token(&self, cgroup_id: u64) -> Result<(), RenewError> {
-        let (bound, audience, dir) = {
-            let registry = self.cgroups.lock().await;
-            let m = registry.get(&cgroup_id).ok_or(RenewError::NoCgroup)?;
-            match (&m.bound, &m.agent_dir) {
-                (Some(b), Some(d)) if !b.revoked => (b.clone(), m.audience.clone(), d.clone()),
-                _ => return Err(RenewError::NoLiveIdentity),
-            }
+        let (bound, audience, dir) = match self.registry.launched(cgroup_id).await {
+            Ok(l) if !l.bound.revoked => (l.bound, l.audience, l.agent_dir),
+            Ok(_) | Err(NotLaunched::NoFiles) => return Err(RenewError::NoLiveIdentity),
+            Err(NotLaunched::Unknown) => return Err(RenewError::NoCgroup),
         };
         let id = SpiffeId::workload(&bound.spiffe_id)?;
         let holder = crate::identity::token::Holder {
@@ -164,9 +158,7 @@ impl Daemon {
         let dir = AgentDir::open(&dir)?;
         let owner = dir.owner_of(files::KEY)?;
         dir.write(files::TOKEN, token.as_bytes(), 0o600, owner)?;
-        if let Some(m) = self.cgroups.lock().await.get_mut(&cgroup_id) {
-            m.token_exp = claims.exp;
-        }
+        self.registry.set_token_expiry(cgroup_id, claims.exp).await;
         Ok(())
     }
 
@@ -174,38 +166,20 @@ impl Daemon {
     pub(in crate::daemon) async fn renew_due(&self, within: Duration) -> (usize, Vec<String>) {
         let limit = unix_secs(SystemTime::now() + within);
         let local = format!("spiffe://{}/", self.identity.trust_domain());
+        // Only this daemon's CA can renew: certificates of other trust domains run out.
         let due: Vec<u64> = self
-            .cgroups
-            .lock()
+            .registry
+            .renewals_due(limit, &local)
             .await
-            .iter()
+            .into_iter()
             // Only agents whose certificate lives in their directory (`exec --cert`).
-            .filter(|(_, m)| {
-                m.agent_dir
-                    .as_ref()
-                    .is_some_and(|d| d.join(files::CERT).exists())
-            })
-            // Only this daemon's CA can renew: certificates of other trust domains run out.
-            .filter(|(_, m)| {
-                m.bound.as_ref().is_some_and(|b| {
-                    !b.revoked && b.not_after <= limit && b.spiffe_id.starts_with(&local)
-                })
-            })
-            .map(|(id, _)| *id)
+            .filter(|(_, dir)| dir.join(files::CERT).exists())
+            .map(|(id, _)| id)
             .collect();
         // Tokens are refreshed at half their lifetime.
         let half = self.identity.config().token_lifetime / 2;
         let token_limit = unix_secs(SystemTime::now() + half);
-        let tokens: Vec<u64> = self
-            .cgroups
-            .lock()
-            .await
-            .iter()
-            .filter(|(_, m)| m.agent_dir.is_some() && !m.audience.is_empty())
-            .filter(|(_, m)| m.bound.as_ref().is_some_and(|b| !b.revoked))
-            .filter(|(_, m)| m.token_exp <= token_limit)
-            .map(|(id, _)| *id)
-            .collect();
+        let tokens = self.registry.tokens_due(token_limit).await;
         for id in tokens {
             if let Err(e) = self.refresh_token(id).await {
                 tracing::warn!(cgroup_id = id, error = %e, "cannot refresh an agent's token");

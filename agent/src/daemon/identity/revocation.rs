@@ -69,14 +69,7 @@ impl Daemon {
     /// Destroys the open TCP and UDP sockets of `cgroups`, in the daemon's network namespace
     /// and in those their processes are in.
     pub(in crate::daemon) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
-        let dirs: Vec<PathBuf> = {
-            let registry = self.cgroups.lock().await;
-            cgroups
-                .iter()
-                .filter_map(|id| registry.get(id))
-                .map(|m| m.cgroup.path().to_path_buf())
-                .collect()
-        };
+        let dirs: Vec<PathBuf> = self.registry.paths_of(&cgroups).await;
         let work = move || {
             let namespaces = sockdiag::foreign_namespaces(&dirs);
             let first = sockdiag::destroy_sockets_in(&cgroups, &namespaces)?;
@@ -122,18 +115,15 @@ impl Daemon {
     /// leaves a revoked identity allowed for long.
     pub(in crate::daemon) async fn enforce_revocations(&self) -> (Vec<u64>, Vec<(u64, String)>) {
         let (mut hit, mut failed) = (Vec::new(), Vec::new());
-        let mut registry = self.cgroups.lock().await;
-        for (id, m) in registry.iter_mut() {
-            let Some(b) = m.bound.as_mut() else {
-                continue;
-            };
+        let mut registry = self.registry.hold().await;
+        for (id, b) in registry.bound_mut() {
             // Looked up in place: a copy of the whole list per revocation grew with it.
             if b.revoked || !b.cut_by(&self.identity) {
                 continue;
             }
             let marked = self
                 .enforcer
-                .rebind(*id, |k| {
+                .rebind(id, |k| {
                     let k = k.unwrap_or_default();
                     Binding {
                         flags: k.flags | flags::REVOKED,
@@ -144,11 +134,11 @@ impl Daemon {
             if let Err(e) = marked {
                 tracing::error!(cgroup_id = id, error = %e, "cannot mark a binding revoked; trying again");
                 self.count_error("revoke_bind");
-                failed.push((*id, e.to_string()));
+                failed.push((id, e.to_string()));
                 continue;
             }
             b.revoked = true;
-            hit.push(*id);
+            hit.push(id);
         }
         (hit, failed)
     }
@@ -169,25 +159,7 @@ impl Daemon {
         // Certificates the daemon renewed from a revoked one are revoked with it, so that the
         // newest of the chain cannot enroll anywhere either.
         if let Target::Serial(serial) = &target {
-            let renewed: Vec<String> = self
-                .cgroups
-                .lock()
-                .await
-                .values()
-                .filter_map(|m| m.bound.as_ref())
-                .filter_map(|b| {
-                    let at = b.renewed_from.iter().position(|s| s == serial)?;
-                    Some(
-                        b.renewed_from[at + 1..]
-                            .iter()
-                            .chain(std::iter::once(&b.serial))
-                            .cloned()
-                            .collect::<Vec<_>>(),
-                    )
-                })
-                .flatten()
-                .collect();
-            for later in renewed {
+            for later in self.registry.renewed_after(serial).await {
                 self.identity.revoke(
                     Target::Serial(later),
                     &format!("renewed from revoked serial {serial}: {reason}"),
