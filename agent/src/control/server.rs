@@ -209,16 +209,16 @@ fn accept_one(
     }
     match req {
         Request::Revoke { target, reason } => {
-            let reply = wire::revoked(rt.block_on(daemon.revoke(&target, &reason, uid)));
+            let reply = wire::reply(rt.block_on(daemon.revoke(&target, &reason, uid)));
             write_blocking(&stream, &reply)
         }
         Request::Quarantine { cgroup, lift } => {
-            let reply = wire::quarantined(rt.block_on(daemon.quarantine(&cgroup, lift)));
+            let reply = wire::reply(rt.block_on(daemon.quarantine(&cgroup, lift)));
             write_blocking(&stream, &reply)
         }
         // The peer's own cgroup, read while it waits for the answer.
         Request::EnforceSelf => {
-            let reply = wire::self_enforced(rt.block_on(daemon.enforce_self(pid)));
+            let reply = wire::reply(rt.block_on(daemon.enforce_self(pid)));
             write_blocking(&stream, &reply)
         }
         req => {
@@ -322,15 +322,15 @@ async fn dispatch(
             )
             .await
         }
-        Request::Reload => write(&mut w, &wire::reloaded(daemon.reload().await)).await,
+        Request::Reload => write(&mut w, &wire::reply(daemon.reload().await)).await,
         Request::Quarantine { cgroup, lift } => {
             let r = daemon.quarantine(&cgroup, lift).await;
-            write(&mut w, &wire::quarantined(r)).await
+            write(&mut w, &wire::reply(r)).await
         }
         Request::ExecBegin { policy, audience } => {
             let ready = daemon.exec_begin(policy.as_deref(), audience).await;
             let lease = ready.as_ref().ok().map(|r| r.cgroup_id);
-            let written = write(&mut w, &wire::exec_ready(ready)).await;
+            let written = write(&mut w, &wire::reply(ready)).await;
             if let Some(lease) = lease {
                 // The lease lasts until the client closes the connection (or sends anything);
                 // a client gone before the reply ends it at once.
@@ -345,24 +345,24 @@ async fn dispatch(
         }
         Request::Revoke { target, reason } => {
             let r = daemon.revoke(&target, &reason, uid).await;
-            write(&mut w, &wire::revoked(r)).await
+            write(&mut w, &wire::reply(r)).await
         }
         Request::Revocations => {
             let entries = daemon.revocations();
             write(&mut w, &Reply::Revocations { entries }).await
         }
-        Request::Check { pem } => write(&mut w, &wire::checked(daemon.check(&pem))).await,
-        Request::Rotate => write(&mut w, &wire::rotated(daemon.rotate().await)).await,
+        Request::Check { pem } => write(&mut w, &wire::reply(daemon.check(&pem))).await,
+        Request::Rotate => write(&mut w, &wire::reply(daemon.rotate().await)).await,
         Request::Jwks => {
             let jwks = daemon.jwks();
             write(&mut w, &Reply::Jwks { jwks }).await
         }
         Request::RotateAuditKey => {
-            write(&mut w, &wire::key_rotated(daemon.rotate_audit_key().await)).await
+            write(&mut w, &wire::reply(daemon.rotate_audit_key().await)).await
         }
         Request::CheckToken { token, audience } => {
             let c = daemon.check_token(&token, &audience);
-            write(&mut w, &wire::checked(Ok(c))).await
+            write(&mut w, &Reply::from(c)).await
         }
         Request::Events => {
             let mut rx = daemon.subscribe();
@@ -397,118 +397,135 @@ async fn dispatch(
     }
 }
 
-/// The daemon's typed results, as the admin socket's replies.
+/// The daemon's typed results, as the admin socket's replies: one `From` per result, and
+/// [`wire::reply`] for a result or its error.
 mod wire {
     use super::Reply;
     use crate::daemon::{
-        AdminError, Checked, ExecReady, KeyRotated, Quarantined, Reloaded, Revoked, SelfEnforced,
+        AdminError, Checked, ExecReady, KeyRotated, Quarantined, Reloaded, Revoked, Rotated,
+        SelfEnforced,
     };
 
-    pub(super) fn exec_ready(r: Result<ExecReady, AdminError>) -> Reply {
+    /// The reply to a request the daemon answered with `r`.
+    pub(super) fn reply<T: Into<Reply>>(r: Result<T, AdminError>) -> Reply {
         match r {
-            Ok(r) => Reply::ExecReady {
+            Ok(t) => t.into(),
+            Err(e) => Reply::Error {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    fn done(message: String) -> Reply {
+        Reply::Done { message }
+    }
+
+    impl From<ExecReady> for Reply {
+        fn from(r: ExecReady) -> Self {
+            Reply::ExecReady {
                 cgroup: r.cgroup,
                 cgroup_id: r.cgroup_id,
                 enroll: r.enroll,
                 protect: r.protect,
-            },
-            Err(e) => error(&e),
+            }
         }
     }
 
-    pub(super) fn revoked(r: Result<Revoked, AdminError>) -> Reply {
-        match r {
-            Ok(r) => Reply::Revoked {
+    impl From<Revoked> for Reply {
+        fn from(r: Revoked) -> Self {
+            Reply::Revoked {
                 target: r.target,
                 new: r.new,
                 cgroups: r.cgroups,
                 sockets_destroyed: r.sockets_destroyed,
                 not_persisted: r.not_persisted,
-            },
-            Err(e) => error(&e),
+            }
         }
     }
 
-    pub(super) fn checked(r: Result<Checked, AdminError>) -> Reply {
-        match r {
-            Ok(c) => Reply::Checked {
+    impl From<Checked> for Reply {
+        fn from(c: Checked) -> Self {
+            Reply::Checked {
                 valid: c.valid,
                 spiffe_id: c.spiffe_id,
                 serial: c.serial,
                 not_after: c.not_after,
                 message: c.message,
-            },
-            Err(e) => error(&e),
+            }
         }
     }
 
-    pub(super) fn rotated(r: Result<usize, AdminError>) -> Reply {
-        match r {
-            Ok(n) => Reply::Done {
-                message: format!("renewed {n} agent certificates"),
-            },
-            Err(e) => error(&e),
-        }
-    }
-
-    fn error(e: &AdminError) -> Reply {
-        Reply::Error {
-            message: e.to_string(),
-        }
-    }
-
-    pub(super) fn reloaded(r: Result<Reloaded, AdminError>) -> Reply {
-        match r {
-            Ok(r) => Reply::Reloaded {
+    impl From<Reloaded> for Reply {
+        fn from(r: Reloaded) -> Self {
+            Reply::Reloaded {
                 generation: r.generation,
                 policies: r.policies,
                 rule_nodes: r.rule_nodes,
-            },
-            Err(e) => error(&e),
+            }
         }
     }
 
-    pub(super) fn quarantined(r: Result<Quarantined, AdminError>) -> Reply {
-        match r {
-            Ok(q) => Reply::Done {
-                message: format!(
-                    "cgroup {} {}",
-                    q.cgroup_id,
-                    if q.lift {
-                        "released"
-                    } else {
-                        "quarantined: every flow denied"
-                    }
-                ),
-            },
-            Err(e) => error(&e),
+    impl From<Rotated> for Reply {
+        fn from(r: Rotated) -> Self {
+            done(format!("renewed {} agent certificates", r.renewed))
         }
     }
 
-    pub(super) fn self_enforced(r: Result<SelfEnforced, AdminError>) -> Reply {
-        match r {
-            Ok(s) => Reply::Done {
-                message: format!(
-                    "cgroup /{} (id {}) is enforced under policy {}",
-                    s.cgroup, s.cgroup_id, s.policy
-                ),
-            },
-            Err(e) => error(&e),
+    impl From<Quarantined> for Reply {
+        fn from(q: Quarantined) -> Self {
+            let what = if q.lift {
+                "released"
+            } else {
+                "quarantined: every flow denied"
+            };
+            done(format!("cgroup {} {what}", q.cgroup_id))
         }
     }
 
-    pub(super) fn key_rotated(r: Result<KeyRotated, AdminError>) -> Reply {
-        match r {
-            Ok(k) => Reply::Done {
-                message: format!(
-                    "audit key {} retired, {} in use from the next record on (a new segment); {} \
-                     holds both: keep it (or a copy off the host) to read the log",
-                    k.from,
-                    k.to,
-                    k.key_file.display()
-                ),
-            },
-            Err(e) => error(&e),
+    impl From<SelfEnforced> for Reply {
+        fn from(s: SelfEnforced) -> Self {
+            done(format!(
+                "cgroup /{} (id {}) is enforced under policy {}",
+                s.cgroup, s.cgroup_id, s.policy
+            ))
+        }
+    }
+
+    impl From<KeyRotated> for Reply {
+        fn from(k: KeyRotated) -> Self {
+            done(format!(
+                "audit key {} retired, {} in use from the next record on (a new segment); {} \
+                 holds both: keep it (or a copy off the host) to read the log",
+                k.from,
+                k.to,
+                k.key_file.display()
+            ))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_result_becomes_its_reply_and_an_error_its_message() {
+            let ok = reply(Ok(Rotated { renewed: 2 }));
+            assert!(
+                matches!(ok, Reply::Done { message } if message == "renewed 2 agent certificates")
+            );
+            let err = reply::<Rotated>(Err(AdminError::NoReason));
+            let Reply::Error { message } = err else {
+                panic!("an error reply");
+            };
+            assert_eq!(message, AdminError::NoReason.to_string());
+            let q = reply(Ok(Quarantined {
+                cgroup_id: 9,
+                lift: false,
+                sockets_destroyed: 1,
+            }));
+            assert!(
+                matches!(q, Reply::Done { message } if message == "cgroup 9 quarantined: every flow denied")
+            );
         }
     }
 }

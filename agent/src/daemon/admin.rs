@@ -116,6 +116,12 @@ pub struct SelfEnforced {
     pub policy: String,
 }
 
+/// Every launched agent's certificate renewed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotated {
+    pub renewed: usize,
+}
+
 /// An audit key rotation: the ids of the retired and the new key, and the file holding both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRotated {

@@ -30,7 +30,7 @@ pub mod status;
 mod units;
 
 pub use self::admin::{
-    AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, SelfEnforced,
+    AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, Rotated, SelfEnforced,
 };
 pub use self::exec::{ExecEnroll, ExecReady, Protect};
 use self::names::Names;

@@ -201,12 +201,12 @@ impl Daemon {
     }
 
     /// Renews every launched agent's certificate now; returns how many.
-    pub async fn rotate(&self) -> Result<usize, AdminError> {
+    pub async fn rotate(&self) -> Result<crate::daemon::Rotated, AdminError> {
         let (ok, failed) = self
             .renew_due(Duration::from_secs(u64::from(u32::MAX)))
             .await;
         if failed.is_empty() {
-            Ok(ok)
+            Ok(crate::daemon::Rotated { renewed: ok })
         } else {
             Err(AdminError::Renewal {
                 renewed: ok,
