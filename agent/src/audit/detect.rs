@@ -167,7 +167,7 @@ impl Detector {
     }
 
     /// The learned baselines, to be restored by [`Detector::restore`] after a restart.
-    pub fn save(&self) -> Result<Vec<u8>, String> {
+    pub fn save(&self) -> Result<Vec<u8>, serde_json::Error> {
         #[derive(Serialize)]
         struct SavedRef<'a> {
             version: u32,
@@ -177,7 +177,6 @@ impl Detector {
             version: SAVED_VERSION,
             profiles: &self.profiles,
         })
-        .map_err(|e| e.to_string())
     }
 
     /// A detector that goes on from saved baselines.

@@ -765,18 +765,41 @@ impl Checkpoint {
     }
 }
 
+/// Why a checkpoints file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointsError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {source}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+}
+
 /// Reads a checkpoints file (one JSON object per line); a malformed line is an error with its
 /// line number.
-pub fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>, String> {
+pub fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>, CheckpointsError> {
     let mut text = String::new();
     fs::File::open(path)
         .and_then(|mut f| f.read_to_string(&mut text))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|source| CheckpointsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))
+            serde_json::from_str(l).map_err(|source| CheckpointsError::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })
         })
         .collect()
 }

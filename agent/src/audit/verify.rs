@@ -45,6 +45,10 @@ pub struct Summary {
     pub history_anchor: Option<String>,
 }
 
+fn setup_error(e: store::CheckpointsError) -> VerifyError {
+    VerifyError::Setup(e.to_string())
+}
+
 fn bad(seq: u64, reason: impl Into<String>) -> VerifyError {
     VerifyError::Bad {
         seq,
@@ -234,10 +238,10 @@ pub fn verify(
     let mut cps: Vec<Checkpoint> = Vec::new();
     let local = dir.join(store::CHECKPOINTS);
     if local.exists() {
-        cps.extend(store::read_checkpoints(&local).map_err(VerifyError::Setup)?);
+        cps.extend(store::read_checkpoints(&local).map_err(setup_error)?);
     }
     for f in exported {
-        cps.extend(store::read_checkpoints(f).map_err(VerifyError::Setup)?);
+        cps.extend(store::read_checkpoints(f).map_err(setup_error)?);
     }
     for cp in &cps {
         if !cp.signed_by(node_public) {
@@ -295,7 +299,7 @@ fn anchor(dir: &Path, node_public: &str, summary: &Summary) -> Result<String, Ve
     let before = summary.first_seq - 1;
     let path = dir.join(store::ANCHORS);
     let anchors = if path.exists() {
-        store::read_checkpoints(&path).map_err(VerifyError::Setup)?
+        store::read_checkpoints(&path).map_err(setup_error)?
     } else {
         Vec::new()
     };

@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::{Daemon, DaemonError};
+use super::Daemon;
 use crate::{config::Config, enforce::actor::EnforcerHandle};
 
 /// Longest an orderly stop may take once signalled.
@@ -223,16 +223,41 @@ pub(super) fn save_baselines(
     detector: &std::sync::Mutex<crate::audit::detect::Detector>,
     path: &std::path::Path,
 ) {
-    let bytes = match detector.lock() {
+    let saved = match detector.lock() {
         Ok(d) => d.save(),
         Err(p) => p.into_inner().save(),
     };
-    let r =
-        bytes.and_then(|b| crate::state::write_atomic(path, &b, 0o600).map_err(|e| e.to_string()));
-    if let Err(e) = r {
+    let written = match saved {
+        Ok(bytes) => crate::state::write_atomic(path, &bytes, 0o600),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the behavioral baselines");
+            daemon.count_error("baselines_save");
+            return;
+        }
+    };
+    if let Err(e) = written {
         tracing::error!(path = %path.display(), error = %e, "cannot save the behavioral baselines");
         daemon.count_error("baselines_save");
     }
+}
+
+/// Why the audit log could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditStartError {
+    #[error(transparent)]
+    Key(crate::audit::keys::KeyError),
+    #[error(transparent)]
+    NodePublic(std::io::Error),
+    #[error("audit stdout sink: {0}")]
+    Stdout(std::io::Error),
+    #[error("audit.syslog: {0}")]
+    Syslog(crate::audit::forward::SinkError),
+    #[error("detect.webhook: {0}")]
+    Webhook(crate::audit::forward::SinkError),
+    #[error(transparent)]
+    Store(crate::audit::store::StoreError),
+    #[error("watching the audit writer: {0}")]
+    Watch(std::io::Error),
 }
 
 /// Opens the audit log: key (created on first start), the node's checkpoint key, the writer.
@@ -244,38 +269,32 @@ pub(super) fn start_audit(
         String,
         std::thread::JoinHandle<()>,
     ),
-    DaemonError,
+    AuditStartError,
 > {
     use crate::audit::{keys::NodeKey, sink, store::Rotation};
-    let err = |e: String| DaemonError::Audit(e);
-    let key = sink::load_or_create_key(&cfg.audit.key_file).map_err(|e| err(e.to_string()))?;
+    let key = sink::load_or_create_key(&cfg.audit.key_file).map_err(AuditStartError::Key)?;
     let node = NodeKey::load_or_create(&cfg.state_dir.join("audit-node.key"))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(AuditStartError::Key)?;
     let public = node.public_hex();
     crate::state::write_atomic(
         &cfg.state_dir.join("audit-node.pub"),
         format!("{public}\n").as_bytes(),
         0o644,
     )
-    .map_err(|e| err(e.to_string()))?;
+    .map_err(AuditStartError::NodePublic)?;
     let rotation = Rotation {
         max_bytes: cfg.audit.rotate_bytes,
         max_age: cfg.audit.rotate_age,
     };
     let mut sinks = Vec::new();
     if cfg.audit.stdout {
-        sinks.push(
-            crate::audit::forward::stdout().map_err(|e| err(format!("audit stdout sink: {e}")))?,
-        );
+        sinks.push(crate::audit::forward::stdout().map_err(AuditStartError::Stdout)?);
     }
     if let Some(s) = &cfg.audit.syslog {
-        sinks
-            .push(crate::audit::forward::syslog(s).map_err(|e| err(format!("audit.syslog: {e}")))?);
+        sinks.push(crate::audit::forward::syslog(s).map_err(AuditStartError::Syslog)?);
     }
     if let Some(w) = cfg.detect.webhook.as_ref().filter(|_| cfg.detect.enabled) {
-        sinks.push(
-            crate::audit::forward::webhook(w).map_err(|e| err(format!("detect.webhook: {e}")))?,
-        );
+        sinks.push(crate::audit::forward::webhook(w).map_err(AuditStartError::Webhook)?);
     }
     let (handle, join) = sink::AuditHandle::start(
         &cfg.audit_dir(),
@@ -286,7 +305,7 @@ pub(super) fn start_audit(
         cfg.audit.retention(),
         sinks,
     )
-    .map_err(|e| err(e.to_string()))?;
+    .map_err(AuditStartError::Store)?;
     Ok((handle, public, join))
 }
 

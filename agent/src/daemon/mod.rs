@@ -32,6 +32,7 @@ mod units;
 pub use self::admin::{
     AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, Rotated, SelfEnforced,
 };
+pub use self::audit::AuditStartError;
 pub use self::exec::{ExecEnroll, ExecReady, Protect};
 use self::names::Names;
 use self::status::Health;
@@ -112,7 +113,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Identity(#[from] crate::identity::service::ServiceError),
     #[error("audit log: {0}")]
-    Audit(String),
+    Audit(#[from] AuditStartError),
 }
 
 /// Everything the admin socket and the background tasks share.

@@ -73,7 +73,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     let (audit, audit_node_key, audit_thread) = start_audit(&cfg)?;
     supervisor
         .adopt("audit", audit_thread)
-        .map_err(|e| DaemonError::Audit(format!("watching the audit writer: {e}")))?;
+        .map_err(AuditStartError::Watch)?;
     record_unwritten(&cfg, &audit);
     let cfg_detect = cfg.detect.clone();
 

@@ -19,8 +19,10 @@ use x509_parser::{
 pub use super::refusal::SigningFault;
 use super::{refusal::SvidError, spiffe::SpiffeId};
 
-fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<(Vec<&'a str>, bool), String> {
-    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
+fn uri_sans<'a>(
+    cert: &'a X509Certificate<'_>,
+) -> Result<(Vec<&'a str>, bool), x509_parser::error::X509Error> {
+    let san = cert.subject_alternative_name()?;
     let critical = san.as_ref().is_some_and(|s| s.critical);
     let uris = san
         .iter()
@@ -40,7 +42,7 @@ fn subject_is_empty(cert: &X509Certificate<'_>) -> bool {
 /// Checks a leaf X509-SVID and returns its SPIFFE ID.
 pub(super) fn leaf(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
     let malformed = |e: x509_parser::error::X509Error| SvidError::Malformed(e.to_string());
-    let (uris, san_critical) = uri_sans(cert).map_err(SvidError::Malformed)?;
+    let (uris, san_critical) = uri_sans(cert).map_err(malformed)?;
     let id = match uris.as_slice() {
         [] => return Err(SvidError::NoUriSan),
         [one] => SpiffeId::workload(one).map_err(SvidError::BadId)?,
@@ -116,7 +118,7 @@ pub(super) fn signing(cert: &X509Certificate<'_>, anchor: bool) -> Result<(), Si
     if !ku.value.key_cert_sign() {
         return Err(SigningFault::NoKeyCertSign);
     }
-    let (uris, _) = uri_sans(cert).map_err(SigningFault::Malformed)?;
+    let (uris, _) = uri_sans(cert).map_err(|e| SigningFault::Malformed(e.to_string()))?;
     match uris.as_slice() {
         [] => Ok(()),
         [one] => {
