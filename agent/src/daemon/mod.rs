@@ -128,7 +128,7 @@ pub struct Daemon {
     registry: Registry,
     events: broadcast::Sender<Arc<EventRecord>>,
     health: RwLock<Health>,
-    errors: Mutex<BTreeMap<String, u64>>,
+    errors: ErrorCounts,
     /// Taken by whoever enforces a cgroup listed under `enforce:` (the unit's `enforce-self`,
     /// the watcher of new cgroups, the start), so that one sees what the other did.
     configured_turn: AsyncMutex<()>,
@@ -139,6 +139,16 @@ pub struct Daemon {
     audit: crate::audit::sink::AuditHandle,
     /// Public key that verifies the audit checkpoints (hex).
     audit_node_key: String,
+}
+
+/// The daemon's error counters by name, shown in status and metrics. Shared with work that
+/// outlives the call that started it (see `Daemon::destroy_sockets`).
+type ErrorCounts = Arc<Mutex<BTreeMap<String, u64>>>;
+
+fn count(errors: &ErrorCounts, what: &str) {
+    if let Ok(mut e) = errors.lock() {
+        *e.entry(what.to_string()).or_default() += 1;
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -152,9 +162,7 @@ impl Daemon {
     }
 
     pub fn count_error(&self, what: &str) {
-        if let Ok(mut e) = self.errors.lock() {
-            *e.entry(what.to_string()).or_default() += 1;
-        }
+        count(&self.errors, what);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRecord>> {

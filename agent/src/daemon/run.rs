@@ -1,9 +1,8 @@
 //! Start-up, the signal loop and shutdown of `agentwall run`.
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -97,7 +96,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         registry: Default::default(),
         events: events_tx.clone(),
         health: RwLock::new(Health::Starting),
-        errors: Mutex::new(BTreeMap::new()),
+        errors: Default::default(),
         configured_turn: AsyncMutex::new(()),
         gc: Notify::new(),
         identity,

@@ -67,40 +67,59 @@ impl Daemon {
     }
 
     /// Destroys the open TCP and UDP sockets of `cgroups`, in the daemon's network namespace
-    /// and in those their processes are in.
+    /// and in those their processes are in. Returns what the first pass cut.
+    ///
+    /// A connect its hook allowed just before the binding changed enters the kernel's socket
+    /// tables only as it picks its port, a moment later: the first pass cannot see it. Its
+    /// packets are dropped by the egress program from the start, so nothing flows; but it
+    /// would wait for the TCP timeout (minutes). A second pass [`SECOND_PASS_AFTER`] later
+    /// cuts it. That pass runs in the background, off the caller's path: the command that
+    /// revoked does not wait for it (it is logged, and its failures counted).
     pub(in crate::daemon) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
         let dirs: Vec<PathBuf> = self.registry.paths_of(&cgroups).await;
         let work = move || {
             let namespaces = sockdiag::foreign_namespaces(&dirs);
-            let first = sockdiag::destroy_sockets_in(&cgroups, &namespaces)?;
-            // A connect its hook allowed just before the binding changed enters the kernel's
-            // socket tables only as it picks its port, a moment later: the dump above cannot
-            // see it. Its SYN is then dropped by the egress program, and it would wait for the
-            // TCP timeout (minutes). A second pass, shortly after, cuts it.
-            std::thread::sleep(SECOND_PASS_AFTER);
-            let second = sockdiag::destroy_sockets_in(&cgroups, &namespaces)?;
-            if second.sockets > 0 {
-                tracing::debug!(
-                    sockets = second.sockets,
-                    "the second pass cut sockets that were connecting during the first"
-                );
-            }
-            Ok::<_, std::io::Error>(first + second)
+            let first = sockdiag::destroy_sockets_in(&cgroups, &namespaces);
+            (first, cgroups, namespaces)
         };
-        match crate::sched::blocking(work).await {
-            Ok(Ok(d)) => {
+        let (first, cgroups, namespaces) = match crate::sched::blocking(work).await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "socket destruction task failed");
+                self.count_error("socket_destroy");
+                return Destroyed::default();
+            }
+        };
+        let errors = Arc::clone(&self.errors);
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(SECOND_PASS_AFTER);
+            match sockdiag::destroy_sockets_in(&cgroups, &namespaces) {
+                Ok(second) => {
+                    if second.failed > 0 {
+                        crate::daemon::count(&errors, "socket_destroy");
+                    }
+                    if second.sockets > 0 {
+                        tracing::info!(
+                            sockets = second.sockets,
+                            "the second pass cut sockets that were connecting during the first"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot destroy sockets (sock_diag, second pass); the packet backstop holds them");
+                    crate::daemon::count(&errors, "socket_destroy");
+                }
+            }
+        });
+        match first {
+            Ok(d) => {
                 if d.failed > 0 {
                     self.count_error("socket_destroy");
                 }
                 d
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot destroy sockets (sock_diag); open flows are cut by the packet backstop instead");
-                self.count_error("socket_destroy");
-                Destroyed::default()
-            }
             Err(e) => {
-                tracing::error!(error = %e, "socket destruction task failed");
+                tracing::error!(error = %e, "cannot destroy sockets (sock_diag); open flows are cut by the packet backstop instead");
                 self.count_error("socket_destroy");
                 Destroyed::default()
             }
