@@ -696,6 +696,18 @@ fn two_root_agents_are_different_users() {
     let (pa, pb) = (a.cmd("pid"), b.cmd("pid"));
     let (ua, ub) = (host_uid(&pa), host_uid(&pb));
     assert!(ua != 0 && ub != 0 && ua != ub, "host uids {ua} and {ub}");
+    // Status names the uid each exec cgroup's root was given.
+    let mut shown: Vec<u32> = d
+        .status()
+        .cgroups
+        .iter()
+        .filter(|c| c.kind == "exec" && c.leased)
+        .filter_map(|c| c.root_uid)
+        .collect();
+    shown.sort_unstable();
+    let mut want = vec![ua, ub];
+    want.sort_unstable();
+    assert_eq!(shown, want, "status shows the root uids");
     assert_eq!(a.cmd(&format!("signal {pb}")), "err EPERM");
     assert_eq!(b.cmd(&format!("signal {pa}")), "err EPERM");
     // Each still signals itself (root of its own namespace).

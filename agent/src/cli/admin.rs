@@ -183,12 +183,15 @@ fn print_status(s: &Status) {
     println!("cgroups under {}:", s.cgroup_root);
     for c in &s.cgroups {
         println!(
-            "  {} id {} policy {} ({}{}{}{})",
+            "  {} id {} policy {} ({}{}{}{}{})",
             c.path,
             c.id,
             c.policy.as_deref().unwrap_or("-"),
             c.kind,
             if c.leased { ", running" } else { "" },
+            c.root_uid
+                .map(|u| format!(", root runs as host uid {u}"))
+                .unwrap_or_default(),
             if c.quarantined { ", QUARANTINED" } else { "" },
             if c.revoked { ", REVOKED" } else { "" }
         );

@@ -408,6 +408,7 @@ mod tests {
                 serial: None,
                 expires_at: None,
                 revoked: true,
+                root_uid: None,
             }],
             kernel_counters: crate::enforce::Counters::default(),
             daemon_errors: [("map_update".to_owned(), 2)].into_iter().collect(),

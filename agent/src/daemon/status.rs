@@ -152,6 +152,9 @@ pub struct CgroupStatus {
     pub expires_at: Option<String>,
     #[serde(default)]
     pub revoked: bool,
+    /// The host uid root of an exec cgroup's command runs as (see `rootuid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_uid: Option<u32>,
 }
 
 impl Daemon {
@@ -199,6 +202,7 @@ impl Daemon {
                 serial: m.bound.as_ref().map(|b| b.serial.clone()),
                 expires_at: m.bound.as_ref().map(|b| b.expires_at()),
                 revoked: m.bound.as_ref().is_some_and(|b| b.revoked),
+                root_uid: m.root_uid,
             })
             .collect();
         Status {
