@@ -518,6 +518,39 @@ fn idle_metrics_connections_cannot_take_the_descriptors_of_revocation_or_enrollm
 /// streams) too: with 1024 open files, the one past its share is refused with a message that
 /// says why, rather than taking the descriptors the daemon keeps for its own work; once one
 /// ends, requests are served again.
+/// An admin client that connects and says nothing must not hold up a revocation behind it.
+/// The admin thread once read each connection's request in turn, with a 2 s deadline: four
+/// silent connections made a revocation wait 8 s, and it was answered only after the thread
+/// had given up on (and closed) every one of them. Now they wait side by side: the
+/// revocation is answered while all four are still open.
+#[test]
+fn a_silent_admin_connection_does_not_hold_up_a_revocation() {
+    use std::os::unix::net::UnixStream;
+    let _s = serial();
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[9]))]);
+    let silent: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    let r = d.cli(&[
+        "revoke",
+        "spiffe://agentwall.local/agent/web/prod",
+        "--reason",
+        "silent clients test",
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    // Each silent connection is still open on the daemon's side: nothing to read, no end.
+    for s in &silent {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut &*s, &mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!(
+                "a silent connection was ended before the revocation was answered: {other:?}"
+            ),
+        }
+    }
+}
+
 #[test]
 fn admin_connections_past_their_share_are_refused_with_a_reason() {
     use agentwall::control::{Reply, Request, client::Client};

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod metrics;
 pub mod server;
+mod waiting;
 
 use serde::{Deserialize, Serialize};
 

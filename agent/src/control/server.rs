@@ -7,7 +7,10 @@ use tokio::{
     net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
 };
 
-use super::{MAX_LINE, Reply, Request};
+use super::{
+    MAX_LINE, Reply, Request,
+    waiting::{Ready, Waiting},
+};
 use crate::daemon::Daemon;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +51,12 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Serves the admin socket from a thread of its own, at real-time priority when the daemon
 /// may have it, so that a revocation is read and reaches the kernel at once even while agents
 /// keep every CPU busy (a normal thread can wait a scheduler tick, 4 ms, before it runs). The
-/// thread reads each request with blocking I/O and handles a revocation or a quarantine
-/// itself; every other request goes with its connection to the async runtime at normal
-/// priority. Only root (or the admin group) can connect at all (mode 0600 or 0660), so no
-/// agent can make this thread run; a client that connects and sends nothing holds it for at
-/// most [`REQUEST_TIMEOUT`].
+/// thread waits on every connection that has not sent its request line yet at once (see
+/// [`super::waiting`]), handles a revocation or a quarantine itself, and sends every other
+/// request with its connection to the async runtime at normal priority. Only root (or the
+/// admin group) can connect at all (mode 0600 or 0660), so no agent can make this thread
+/// run; a client that connects and sends nothing holds a place among [`MAX_WAITING`] for at
+/// most [`REQUEST_TIMEOUT`], and no one else's time.
 ///
 /// Connections handed to the runtime hold a place in `slots` until they end (see
 /// [`crate::limits`]); beyond its cap a request is refused with a message.
@@ -65,7 +69,7 @@ pub fn serve_on_thread(
 ) -> io::Result<()> {
     let rt = tokio::runtime::Handle::current();
     let listener = listener.into_std()?;
-    listener.set_nonblocking(false)?;
+    listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("agentwall-admin".into())
         .spawn(move || {
@@ -76,33 +80,104 @@ pub fn serve_on_thread(
                 crate::sched::latency_critical("agentwall-admin");
             }
             crate::sched::may_block_here();
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        // A request that panics must not take the admin socket with it.
-                        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            accept_one(s, access, &daemon, &rt, &slots)
-                        }));
-                        match handled {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "admin connection ended with an error");
-                            }
-                            Err(_) => {
-                                tracing::error!("admin request panicked; the admin socket goes on");
-                                daemon.count_error("admin_panic");
-                            }
+            let mut waiting = Waiting::new(MAX_WAITING, REQUEST_TIMEOUT, MAX_LINE);
+            loop {
+                let round = waiting.wait(&listener);
+                if round.expired > 0 {
+                    tracing::debug!(
+                        connections = round.expired,
+                        "admin connections ended without a request"
+                    );
+                }
+                // Requests first: a revocation does not wait for the connections behind it.
+                for ready in round.ready {
+                    // A request that panics must not take the admin socket with it.
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        answer(ready, &daemon, &rt, &slots)
+                    }));
+                    match handled {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "admin connection ended with an error");
+                        }
+                        Err(_) => {
+                            tracing::error!("admin request panicked; the admin socket goes on");
+                            daemon.count_error("admin_panic");
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin socket accept failed");
-                        daemon.count_error("admin_accept");
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
+                }
+                if round.incoming {
+                    accept_all(&listener, access, &daemon, &mut waiting);
                 }
             }
         })?;
     Ok(())
+}
+
+/// Connections waiting for their request line at most; beyond it the oldest is put out.
+const MAX_WAITING: usize = 64;
+
+/// Accepts every connection the listener holds: refused at once if the peer may not use the
+/// socket, else it waits for its request line.
+fn accept_all(
+    listener: &std::os::unix::net::UnixListener,
+    access: Access,
+    daemon: &Daemon,
+    waiting: &mut Waiting<(u32, i32)>,
+) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket accept failed");
+                daemon.count_error("admin_accept");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                return;
+            }
+        };
+        let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+        let peer = match allowed_fd(stream.as_raw_fd(), access) {
+            Ok(peer) => peer,
+            Err(refused) => {
+                tracing::warn!(message = %refused, "admin socket: peer refused");
+                daemon.count_error("admin_refused");
+                let _ = write_blocking(
+                    &stream,
+                    &Reply::Error {
+                        message: refused.to_string(),
+                    },
+                );
+                continue;
+            }
+        };
+        match waiting.add(stream, peer) {
+            Ok(None) => {}
+            Ok(Some(evicted)) => {
+                daemon.count_error("admin_waiting_evicted");
+                let _ = answer_without_line(evicted);
+            }
+            Err(e) => tracing::debug!(error = %e, "admin connection could not wait"),
+        }
+    }
+}
+
+/// The error reply of a connection that has no request to answer.
+fn answer_without_line(ready: Ready<(u32, i32)>) -> io::Result<()> {
+    let (stream, message) = match ready {
+        Ready::TooLong { stream, max } => (stream, format!("request longer than {max} bytes")),
+        Ready::Evicted { stream } => (
+            stream,
+            format!(
+                "more than {MAX_WAITING} admin connections were waiting to send a request; \
+                 this one had waited longest. Send the request line right after connecting"
+            ),
+        ),
+        Ready::Line { .. } => return Ok(()),
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    write_blocking(&stream, &Reply::Error { message })
 }
 
 fn write_blocking(mut s: &std::os::unix::net::UnixStream, reply: &Reply) -> io::Result<()> {
@@ -112,83 +187,25 @@ fn write_blocking(mut s: &std::os::unix::net::UnixStream, reply: &Reply) -> io::
     s.write_all(&line)
 }
 
-/// Reads one request line and nothing after it (later bytes belong to the exchange that
-/// follows, such as the end of an exec lease): peeks until a newline is there, then reads up
-/// to it. `Ok(None)` at end of stream.
-fn read_request_line(s: &std::os::unix::net::UnixStream) -> io::Result<Option<Vec<u8>>> {
-    use std::io::Read as _;
-    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT;
-    let mut buf = vec![0u8; MAX_LINE + 1];
-    loop {
-        let n = nix::sys::socket::recv(
-            s.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::MSG_PEEK,
-        )
-        .map_err(io::Error::from)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if let Some(i) = buf[..n].iter().position(|b| *b == b'\n') {
-            let mut line = vec![0u8; i + 1];
-            let mut reader = s;
-            reader.read_exact(&mut line)?;
-            return Ok(Some(line));
-        }
-        if n > MAX_LINE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("request longer than {MAX_LINE} bytes"),
-            ));
-        }
-        // Part of a line: wait for the rest.
-        if std::time::Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the request line did not end in time",
-            ));
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
-/// One connection, on the admin thread: who it is, its request, and either the handling of a
-/// revocation or quarantine here or a hand-over to the runtime.
-fn accept_one(
-    stream: std::os::unix::net::UnixStream,
-    access: Access,
+/// A connection whose request line is complete, on the admin thread: the handling of a
+/// revocation or quarantine here, or a hand-over to the runtime.
+fn answer(
+    ready: Ready<(u32, i32)>,
     daemon: &Arc<Daemon>,
     rt: &tokio::runtime::Handle,
     slots: &Arc<crate::limits::Slots>,
 ) -> io::Result<()> {
+    let Ready::Line {
+        stream,
+        peer: (uid, pid),
+        line,
+    } = ready
+    else {
+        return answer_without_line(ready);
+    };
+    stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    let (uid, pid) = match allowed_fd(stream.as_raw_fd(), access) {
-        Ok(peer) => peer,
-        Err(refused) => {
-            tracing::warn!(message = %refused, "admin socket: peer refused");
-            daemon.count_error("admin_refused");
-            return write_blocking(
-                &stream,
-                &Reply::Error {
-                    message: refused.to_string(),
-                },
-            );
-        }
-    };
-    let line = match read_request_line(&stream) {
-        Ok(Some(l)) => l,
-        Ok(None) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-            return write_blocking(
-                &stream,
-                &Reply::Error {
-                    message: e.to_string(),
-                },
-            );
-        }
-        Err(e) => return Err(e),
-    };
     let req: Request = match serde_json::from_slice(line.trim_ascii_end()) {
         Ok(r) => r,
         Err(e) => {
