@@ -53,11 +53,12 @@ pub(super) fn revoke(
                 "sockets_destroyed": sockets_destroyed, "not_persisted": not_persisted})
         );
     } else {
-        // The wording scripts and the tests match on, kept as it was.
+        // Scripts read `--json`; this is for people.
         println!(
-            "revoked {target}{}: {} cgroups denied everything, {sockets_destroyed} sockets destroyed",
+            "revoked {target}{}: {} denied everything, {} destroyed",
             if new { "" } else { " (already revoked)" },
-            cgroups.len()
+            count(cgroups.len(), "cgroup"),
+            count(sockets_destroyed, "socket")
         );
     }
     if let Some(e) = not_persisted {

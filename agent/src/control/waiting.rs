@@ -111,8 +111,13 @@ impl<P> Waiting<P> {
                 .collect();
             match poll(&mut fds, wait) {
                 Ok(_) => {}
-                // Interrupted: the caller calls again.
-                Err(_) => {
+                // Interrupted: the caller calls again. Any other failure (out of memory) is
+                // not retried at once: this thread may run at real-time priority.
+                Err(e) => {
+                    if e != nix::errno::Errno::EINTR {
+                        tracing::warn!(error = %e, "admin socket: poll failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     return Round {
                         incoming: false,
                         ready: Vec::new(),
