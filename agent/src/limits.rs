@@ -25,6 +25,8 @@ pub const ENROLL_THREADS: usize = 128;
 /// What the enrollment pool can hold at most: per thread its epoll instance, the connection,
 /// the peer's pidfd and a file of `/proc` or of the cgroup tree being read.
 pub const ENROLL_DESCRIPTORS: u64 = ENROLL_THREADS as u64 * 4;
+/// Admin connections waiting for their request line at once (see `control::waiting`).
+pub const ADMIN_WAITING: usize = 64;
 /// Admin connections at once however low the limit (root and the admin group only).
 const MIN_ADMIN: usize = 32;
 
@@ -43,7 +45,8 @@ impl Limits {
         let left = nofile
             .saturating_sub(RESERVED)
             .saturating_sub(ENROLL_DESCRIPTORS)
-            .saturating_sub(METRICS_CONNECTIONS as u64);
+            .saturating_sub(METRICS_CONNECTIONS as u64)
+            .saturating_sub(ADMIN_WAITING as u64);
         Self {
             nofile,
             admin: usize::try_from(left).unwrap_or(usize::MAX).max(MIN_ADMIN),
@@ -162,7 +165,11 @@ mod tests {
     fn the_shares_fit_the_limit() {
         let l = Limits::of(1024);
         assert_eq!(
-            RESERVED + ENROLL_DESCRIPTORS + METRICS_CONNECTIONS as u64 + l.admin as u64,
+            RESERVED
+                + ENROLL_DESCRIPTORS
+                + METRICS_CONNECTIONS as u64
+                + ADMIN_WAITING as u64
+                + l.admin as u64,
             1024
         );
         assert_eq!(Limits::of(100).admin, MIN_ADMIN);

@@ -514,10 +514,6 @@ fn idle_metrics_connections_cannot_take_the_descriptors_of_revocation_or_enrollm
     );
 }
 
-/// The admin socket holds a fixed number of long-lived connections (exec leases, event
-/// streams) too: with 1024 open files, the one past its share is refused with a message that
-/// says why, rather than taking the descriptors the daemon keeps for its own work; once one
-/// ends, requests are served again.
 /// An admin client that connects and says nothing must not hold up a revocation behind it.
 /// The admin thread once read each connection's request in turn, with a 2 s deadline: four
 /// silent connections made a revocation wait 8 s, and it was answered only after the thread
@@ -551,6 +547,10 @@ fn a_silent_admin_connection_does_not_hold_up_a_revocation() {
     }
 }
 
+/// The admin socket holds a fixed number of long-lived connections (exec leases, event
+/// streams) too: with 1024 open files, the one past its share is refused with a message that
+/// says why, rather than taking the descriptors the daemon keeps for its own work; once one
+/// ends, requests are served again.
 #[test]
 fn admin_connections_past_their_share_are_refused_with_a_reason() {
     use agentwall::control::{Reply, Request, client::Client};

@@ -9,7 +9,7 @@ use tokio::{
 
 use super::{
     MAX_LINE, Reply, Request,
-    waiting::{Ready, Waiting},
+    waiting::{Class, Ready, Waiting},
 };
 use crate::daemon::Daemon;
 
@@ -55,8 +55,9 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// [`super::waiting`]), handles a revocation or a quarantine itself, and sends every other
 /// request with its connection to the async runtime at normal priority. Only root (or the
 /// admin group) can connect at all (mode 0600 or 0660), so no agent can make this thread
-/// run; a client that connects and sends nothing holds a place among [`MAX_WAITING`] for at
-/// most [`REQUEST_TIMEOUT`], and no one else's time.
+/// run; a client that connects and sends nothing holds a place of its class (root, the admin
+/// group, a confined unit's `enforce_self`) for at most [`REQUEST_TIMEOUT`], and no one
+/// else's time.
 ///
 /// Connections handed to the runtime hold a place in `slots` until they end (see
 /// [`crate::limits`]); beyond its cap a request is refused with a message.
@@ -80,7 +81,7 @@ pub fn serve_on_thread(
                 crate::sched::latency_critical("agentwall-admin");
             }
             crate::sched::may_block_here();
-            let mut waiting = Waiting::new(MAX_WAITING, REQUEST_TIMEOUT, MAX_LINE);
+            let mut waiting = Waiting::new(REQUEST_TIMEOUT, MAX_LINE);
             loop {
                 let round = waiting.wait(&listener);
                 if round.expired > 0 {
@@ -107,25 +108,28 @@ pub fn serve_on_thread(
                     }
                 }
                 if round.incoming {
-                    accept_all(&listener, access, &daemon, &mut waiting);
+                    accept_some(&listener, access, &daemon, &mut waiting, &rt, &slots);
                 }
             }
         })?;
     Ok(())
 }
 
-/// Connections waiting for their request line at most; beyond it the oldest is put out.
-const MAX_WAITING: usize = 64;
+/// Connections accepted at most before the lines that came are read again: a flood of
+/// connections cannot keep the thread from answering.
+const ACCEPT_BURST: usize = 16;
 
-/// Accepts every connection the listener holds: refused at once if the peer may not use the
-/// socket, else it waits for its request line.
-fn accept_all(
+/// Accepts the connections the listener holds, [`ACCEPT_BURST`] at most: refused at once if
+/// the peer may not use the socket, else it waits for its request line among its class.
+fn accept_some(
     listener: &std::os::unix::net::UnixListener,
     access: Access,
-    daemon: &Daemon,
+    daemon: &Arc<Daemon>,
     waiting: &mut Waiting<(u32, i32)>,
+    rt: &tokio::runtime::Handle,
+    slots: &Arc<crate::limits::Slots>,
 ) {
-    loop {
+    for _ in 0..ACCEPT_BURST {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -151,8 +155,20 @@ fn accept_all(
                 continue;
             }
         };
-        match waiting.add(stream, peer) {
+        let class = if daemon.peer_confined(peer.1) {
+            Class::Confined
+        } else if peer.0 == 0 {
+            Class::Root
+        } else {
+            Class::Group
+        };
+        match waiting.add(stream, peer, class) {
             Ok(None) => {}
+            Ok(Some(ready @ Ready::Line { .. })) => {
+                if let Err(e) = answer(ready, daemon, rt, slots) {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            }
             Ok(Some(evicted)) => {
                 daemon.count_error("admin_waiting_evicted");
                 let _ = answer_without_line(evicted);
@@ -168,10 +184,13 @@ fn answer_without_line(ready: Ready<(u32, i32)>) -> io::Result<()> {
         Ready::TooLong { stream, max } => (stream, format!("request longer than {max} bytes")),
         Ready::Evicted { stream } => (
             stream,
-            format!(
-                "more than {MAX_WAITING} admin connections were waiting to send a request; \
-                 this one had waited longest. Send the request line right after connecting"
-            ),
+            "too many admin connections of this kind of peer were waiting to send a request; \
+             this one had waited longest. Send the request line right after connecting"
+                .to_string(),
+        ),
+        Ready::Fragmented { stream } => (
+            stream,
+            "the request line came in too many pieces; send it in one write".to_string(),
         ),
         Ready::Line { .. } => return Ok(()),
     };

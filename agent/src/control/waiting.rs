@@ -9,6 +9,15 @@
 //!
 //! Each connection's bytes are taken as they come, up to its newline and never past it:
 //! what follows the line belongs to the exchange after it (the end of an exec lease).
+//!
+//! The thread may run at real-time priority, so no client may make it spin or work for it:
+//! - Each class of peer (root, the admin group, processes of confined cgroups) has its own
+//!   places ([`Class::places`]); a newcomer can only put out the oldest of its own class, so
+//!   the admin group cannot push out root's revocation, nor a confined unit anyone's.
+//! - Out-of-band data is read inline (`SO_OOBINLINE`): a lone urgent byte would otherwise
+//!   keep the socket readable while a read finds nothing.
+//! - A connection that polls readable and gives no byte is dropped, and one that sends its
+//!   line in more than [`MAX_PIECES`] pieces is refused.
 
 use std::{
     io::{self, Read as _},
@@ -21,6 +30,29 @@ use nix::{
     sys::socket::{MsgFlags, recv},
 };
 
+/// Who a waiting connection's peer is, for its share of the places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Class {
+    Root,
+    /// A member of the admin group.
+    Group,
+    /// A process of a cgroup agentwall confines (it may only ask `enforce_self`).
+    Confined,
+}
+
+impl Class {
+    /// Connections of this class waiting at once.
+    pub(super) fn places(self) -> usize {
+        match self {
+            Class::Root | Class::Group => 30,
+            Class::Confined => 4,
+        }
+    }
+}
+
+/// Pieces a request line may come in (a client writes it in one).
+const MAX_PIECES: u32 = 32;
+
 /// A connection's request line, complete; or why it has none.
 #[derive(Debug)]
 pub(super) enum Ready<P> {
@@ -31,6 +63,8 @@ pub(super) enum Ready<P> {
     },
     /// Longer than the limit with no newline: answered with an error, then closed.
     TooLong { stream: UnixStream, max: usize },
+    /// Sent in more than [`MAX_PIECES`] pieces: answered, then closed.
+    Fragmented { stream: UnixStream },
     /// Put out to make room for a newer one (the oldest goes): answered, then closed.
     Evicted { stream: UnixStream },
 }
@@ -38,16 +72,19 @@ pub(super) enum Ready<P> {
 struct Conn<P> {
     stream: UnixStream,
     peer: P,
+    class: Class,
     line: Vec<u8>,
+    pieces: u32,
     deadline: Instant,
 }
 
-/// The connections waiting for their request line, at most `max` of them.
+/// The connections waiting for their request line.
 pub(super) struct Waiting<P> {
     conns: Vec<Conn<P>>,
-    max: usize,
     timeout: Duration,
     max_line: usize,
+    /// Where peeked bytes land, kept from one read to the next.
+    scratch: Vec<u8>,
 }
 
 /// What one round of [`Waiting::wait`] found.
@@ -60,34 +97,55 @@ pub(super) struct Round<P> {
 }
 
 impl<P> Waiting<P> {
-    pub(super) fn new(max: usize, timeout: Duration, max_line: usize) -> Self {
+    pub(super) fn new(timeout: Duration, max_line: usize) -> Self {
         Self {
             conns: Vec::new(),
-            max,
             timeout,
             max_line,
+            scratch: vec![0u8; max_line + 1],
         }
     }
 
-    /// Adds an accepted connection; it must send its line within the timeout. When the set is
-    /// full, the oldest connection makes room and is returned.
-    pub(super) fn add(&mut self, stream: UnixStream, peer: P) -> io::Result<Option<Ready<P>>> {
+    /// Adds an accepted connection; it must send its line within the timeout. When its class
+    /// has no place left, the oldest connection of the class makes room and is returned
+    /// (answered, if its line came meanwhile).
+    pub(super) fn add(
+        &mut self,
+        stream: UnixStream,
+        peer: P,
+        class: Class,
+    ) -> io::Result<Option<Ready<P>>> {
         stream.set_nonblocking(true)?;
-        let evicted = if self.conns.len() >= self.max.max(1) {
-            let oldest = self.conns.remove(0);
-            Some(Ready::Evicted {
-                stream: oldest.stream,
-            })
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::OobInline, &true)?;
+        let same = self.conns.iter().filter(|c| c.class == class).count();
+        let made_room = if same >= class.places() {
+            let oldest = self
+                .conns
+                .iter()
+                .position(|c| c.class == class)
+                .map(|i| self.conns.remove(i));
+            oldest.map(
+                |mut c| match take_line(&mut c, &mut self.scratch, self.max_line) {
+                    Ok(Step::Line) => Ready::Line {
+                        stream: c.stream,
+                        peer: c.peer,
+                        line: c.line,
+                    },
+                    _ => Ready::Evicted { stream: c.stream },
+                },
+            )
         } else {
             None
         };
         self.conns.push(Conn {
             stream,
             peer,
+            class,
             line: Vec::new(),
+            pieces: 0,
             deadline: Instant::now() + self.timeout,
         });
-        Ok(evicted)
+        Ok(made_room)
     }
 
     #[cfg(test)]
@@ -139,24 +197,35 @@ impl<P> Waiting<P> {
         let mut kept = Vec::with_capacity(self.conns.len());
         for (mut c, readable) in std::mem::take(&mut self.conns).into_iter().zip(readable) {
             if readable {
-                match take_line(&mut c, self.max_line) {
+                match take_line(&mut c, &mut self.scratch, self.max_line) {
                     Ok(Step::More) => {}
                     Ok(Step::Line) => {
-                        ready.push(Ready::Line {
-                            stream: c.stream,
-                            peer: c.peer,
-                            line: c.line,
-                        });
+                        ready.push((
+                            c.class,
+                            Ready::Line {
+                                stream: c.stream,
+                                peer: c.peer,
+                                line: c.line,
+                            },
+                        ));
                         continue;
                     }
                     Ok(Step::TooLong) => {
-                        ready.push(Ready::TooLong {
-                            stream: c.stream,
-                            max: self.max_line,
-                        });
+                        ready.push((
+                            c.class,
+                            Ready::TooLong {
+                                stream: c.stream,
+                                max: self.max_line,
+                            },
+                        ));
                         continue;
                     }
-                    Ok(Step::Closed) | Err(_) => {
+                    Ok(Step::Fragmented) => {
+                        ready.push((c.class, Ready::Fragmented { stream: c.stream }));
+                        continue;
+                    }
+                    // Readable with nothing to read: it would wake this thread again at once.
+                    Ok(Step::Closed | Step::Nothing) | Err(_) => {
                         expired += 1;
                         continue;
                     }
@@ -169,6 +238,9 @@ impl<P> Waiting<P> {
             kept.push(c);
         }
         self.conns = kept;
+        // Root and the admin group before confined peers, each in the order they came.
+        ready.sort_by_key(|(class, _)| *class);
+        let ready = ready.into_iter().map(|(_, r)| r).collect();
         Round {
             incoming,
             ready,
@@ -181,25 +253,29 @@ enum Step {
     More,
     Line,
     TooLong,
+    Fragmented,
     Closed,
+    /// Nothing there to read.
+    Nothing,
 }
 
 /// Takes what the connection has of its line: up to and with the newline, nothing after.
-fn take_line<P>(c: &mut Conn<P>, max_line: usize) -> io::Result<Step> {
+fn take_line<P>(c: &mut Conn<P>, scratch: &mut [u8], max_line: usize) -> io::Result<Step> {
     let room = max_line + 1 - c.line.len().min(max_line);
-    let mut buf = vec![0u8; room];
+    let buf = &mut scratch[..room];
     let n = match recv(
         std::os::fd::AsRawFd::as_raw_fd(&c.stream),
-        &mut buf,
+        buf,
         MsgFlags::MSG_PEEK,
     ) {
         Ok(n) => n,
-        Err(nix::errno::Errno::EAGAIN) => return Ok(Step::More),
+        Err(nix::errno::Errno::EAGAIN) => return Ok(Step::Nothing),
         Err(e) => return Err(e.into()),
     };
     if n == 0 {
         return Ok(Step::Closed);
     }
+    c.pieces += 1;
     let (take, done) = match buf[..n].iter().position(|b| *b == b'\n') {
         Some(i) => (i + 1, true),
         None => (n, false),
@@ -212,6 +288,9 @@ fn take_line<P>(c: &mut Conn<P>, max_line: usize) -> io::Result<Step> {
     }
     if c.line.len() > max_line {
         return Ok(Step::TooLong);
+    }
+    if c.pieces >= MAX_PIECES {
+        return Ok(Step::Fragmented);
     }
     Ok(Step::More)
 }
@@ -237,11 +316,11 @@ mod tests {
     #[test]
     fn a_line_is_taken_while_a_silent_connection_waits_and_nothing_after_it() {
         let listener = listener("line");
-        let mut w = Waiting::new(8, Duration::from_secs(60), 64);
+        let mut w = Waiting::new(Duration::from_secs(60), 64);
         let (_silent_client, silent) = pair();
         let (mut client, server) = pair();
-        assert!(w.add(silent, "silent").unwrap().is_none());
-        assert!(w.add(server, "talker").unwrap().is_none());
+        assert!(w.add(silent, "silent", Class::Root).unwrap().is_none());
+        assert!(w.add(server, "talker", Class::Root).unwrap().is_none());
         // In two pieces, and more after the newline.
         client.write_all(b"{\"op\":").unwrap();
         let r = w.wait(&listener);
@@ -271,17 +350,13 @@ mod tests {
     }
 
     #[test]
-    fn deadlines_limits_and_the_oldest_making_room() {
+    fn deadlines_limits_and_closed_peers() {
         let listener = listener("limits");
-        let mut w = Waiting::new(2, Duration::from_millis(20), 8);
+        let mut w = Waiting::new(Duration::from_millis(20), 8);
         let (_a_client, a) = pair();
-        let (_b_client, b) = pair();
         let (mut c_client, c) = pair();
-        w.add(a, 1).unwrap();
-        w.add(b, 2).unwrap();
-        let Some(Ready::Evicted { .. }) = w.add(c, 3).unwrap() else {
-            panic!("the oldest makes room");
-        };
+        w.add(a, 1, Class::Root).unwrap();
+        w.add(c, 3, Class::Root).unwrap();
         c_client.write_all(b"0123456789").unwrap();
         let r = w.wait(&listener);
         assert!(matches!(
@@ -299,8 +374,102 @@ mod tests {
         assert_eq!((expired, w.len()), (1, 0));
         // A connection closed before its line is dropped at once.
         let (a_client, a) = pair();
-        w.add(a, 4).unwrap();
+        w.add(a, 4, Class::Root).unwrap();
         drop(a_client);
         assert_eq!(w.wait(&listener).expired, 1);
+    }
+
+    #[test]
+    fn a_class_makes_room_only_among_its_own() {
+        let listener = listener("classes");
+        let mut w = Waiting::new(Duration::from_secs(60), 64);
+        let mut clients = Vec::new();
+        // Root's revocation is waiting; the admin group fills all its places and more.
+        let (mut root_client, root) = pair();
+        w.add(root, "root", Class::Root).unwrap();
+        for i in 0..Class::Group.places() {
+            let (c, s) = pair();
+            clients.push(c);
+            assert!(
+                w.add(s, "group", Class::Group).unwrap().is_none(),
+                "place {i}"
+            );
+        }
+        let (_c, s) = pair();
+        let Some(Ready::Evicted { .. }) = w.add(s, "group", Class::Group).unwrap() else {
+            panic!("the oldest of the group makes room");
+        };
+        // Confined peers have few places, and take none of the others'.
+        for _ in 0..Class::Confined.places() {
+            let (c, s) = pair();
+            clients.push(c);
+            assert!(w.add(s, "confined", Class::Confined).unwrap().is_none());
+        }
+        let (_c, s) = pair();
+        assert!(matches!(
+            w.add(s, "confined", Class::Confined).unwrap(),
+            Some(Ready::Evicted { .. })
+        ));
+        root_client.write_all(b"{}\n").unwrap();
+        let r = w.wait(&listener);
+        assert!(matches!(
+            r.ready.as_slice(),
+            [Ready::Line { peer: "root", .. }]
+        ));
+        // The oldest of a class whose line already came is answered, not put out.
+        let (mut first, s) = pair();
+        w.add(s, "first", Class::Confined).unwrap();
+        first.write_all(b"{}\n").unwrap();
+        let made_room = (0..Class::Confined.places())
+            .filter_map(|_| {
+                let (c, s) = pair();
+                clients.push(c);
+                w.add(s, "later", Class::Confined).unwrap()
+            })
+            .collect::<Vec<_>>();
+        assert!(
+            made_room
+                .iter()
+                .any(|r| matches!(r, Ready::Line { peer: "first", .. })),
+            "answered"
+        );
+        assert_eq!(
+            Class::Root.places() + Class::Group.places() + Class::Confined.places(),
+            crate::limits::ADMIN_WAITING
+        );
+    }
+
+    #[test]
+    fn urgent_bytes_and_a_trickle_do_not_keep_the_thread_busy() {
+        let listener = listener("urgent");
+        let mut w = Waiting::new(Duration::from_secs(60), 64);
+        let (oob_client, s) = pair();
+        w.add(s, 1, Class::Root).unwrap();
+        // SAFETY: send(2) of one byte from a live buffer on a socket this test owns.
+        let sent = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&oob_client),
+                b"x".as_ptr().cast(),
+                1,
+                libc::MSG_OOB,
+            )
+        };
+        assert_eq!(sent, 1, "{}", io::Error::last_os_error());
+        // Read inline as part of the line: the socket is not readable again.
+        let r = w.wait(&listener);
+        assert!(r.ready.is_empty() && r.expired == 0 && w.len() == 1);
+        // A line in many small pieces is refused.
+        let (mut trickle, s) = pair();
+        w.add(s, 2, Class::Root).unwrap();
+        let mut refused = false;
+        for _ in 0..MAX_PIECES {
+            trickle.write_all(b"{").unwrap();
+            let r = w.wait(&listener);
+            if matches!(r.ready.as_slice(), [Ready::Fragmented { .. }]) {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "refused after {MAX_PIECES} pieces");
     }
 }
