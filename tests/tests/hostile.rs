@@ -547,6 +547,53 @@ fn a_silent_admin_connection_does_not_hold_up_a_revocation() {
     }
 }
 
+/// One urgent byte (`send(MSG_OOB)`) keeps a Unix stream socket readable while a read finds
+/// nothing. A poll loop that kept such a connection until its deadline would spin the admin
+/// thread, which runs at real-time priority and starves the machine. The daemon reads urgent
+/// bytes inline: the thread stays idle while the connection waits.
+#[test]
+fn an_urgent_byte_does_not_spin_the_admin_thread() {
+    use std::os::{fd::AsRawFd as _, unix::net::UnixStream};
+    let _s = serial();
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[9]))]);
+    let pid = d.pid().unwrap();
+    let admin = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().path())
+        .find(|t| fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "agentwall-admin"))
+        .expect("the admin thread");
+    // utime + stime of the thread, in clock ticks (fields 14 and 15 of stat).
+    let cpu = || {
+        let stat = fs::read_to_string(admin.join("stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    // SAFETY: sysconf takes a constant name.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    let s = UnixStream::connect(&d.socket).unwrap();
+    // SAFETY: send(2) of one byte from a live buffer on a socket this test owns.
+    let sent = unsafe { libc::send(s.as_raw_fd(), b"x".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(sent, 1, "{}", std::io::Error::last_os_error());
+    let before = cpu();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = cpu() - before;
+    // Spinning, it takes a whole CPU (hz ticks a second); waiting, next to none.
+    assert!(
+        used < hz / 4,
+        "the admin thread used {used} of {hz} ticks in a second with an urgent byte waiting"
+    );
+    // And the socket still answers.
+    let r = d.cli(&["status", "--json"]);
+    assert!(r.status.success(), "{r:?}");
+    drop(s);
+}
+
 /// The admin socket holds a fixed number of long-lived connections (exec leases, event
 /// streams) too: with 1024 open files, the one past its share is refused with a message that
 /// says why, rather than taking the descriptors the daemon keeps for its own work; once one
