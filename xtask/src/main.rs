@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint | bench`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | bench | proto`.
 //!
 //! `setup` installs what building the kernel programs needs and is idempotent; every other
 //! task runs it first, so a fresh machine needs no other step.
 
 mod leftovers;
+mod proto;
 mod setup;
 
 use std::{
@@ -47,6 +48,8 @@ enum Task {
         #[arg(long, default_value_t = 61)]
         rounds: u32,
     },
+    /// Generate the Workload API code (agent/src/workload/pb.rs) from agent/proto.
+    Proto,
 }
 
 #[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
@@ -102,6 +105,7 @@ unsafe extern "C" {
 fn run(task: Task) -> anyhow::Result<()> {
     match task {
         Task::Setup => setup::run(),
+        Task::Proto => proto::run(&root()),
         Task::Build { release } => {
             setup::run()?;
             build(release)
@@ -244,11 +248,13 @@ fn lint() -> anyhow::Result<()> {
 }
 
 /// Programs the integration tests drive, with the Debian package of each: curl through
-/// `agentwall exec`, the Python example agent (standard library only), and rsyslog with its
-/// OpenSSL driver as the real remote collector of the audit log.
+/// `agentwall exec`, the Python example agent (standard library only), Python's venv for
+/// py-spiffe (see [`py_spiffe`]), and rsyslog with its OpenSSL driver as the real remote
+/// collector of the audit log.
 const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/curl", "curl"),
     ("/usr/bin/python3", "python3"),
+    ("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
     ("/usr/sbin/rsyslogd", "rsyslog"),
     (
         "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_ossl.so",
@@ -285,6 +291,42 @@ fn test_tools() -> anyhow::Result<()> {
     })
 }
 
+/// Where the tests' py-spiffe lives: outside the build tree, which may sit in a directory
+/// the unprivileged user the client runs as cannot enter.
+const PY_SPIFFE_DIR: &str = "/opt/agentwall-tests/py-spiffe";
+
+/// Installs py-spiffe, the third-party SPIFFE client of the Workload API tests, in a virtual
+/// environment of Debian's Python with the versions `tests/fixtures/workload/requirements.txt`
+/// pins (again whenever that file changes). Returns its Python.
+fn py_spiffe() -> anyhow::Result<PathBuf> {
+    let dir = Path::new(PY_SPIFFE_DIR);
+    let req = root().join("tests/fixtures/workload/requirements.txt");
+    let wanted =
+        std::fs::read_to_string(&req).with_context(|| format!("reading {}", req.display()))?;
+    let stamp = dir.join("requirements.txt");
+    let python = dir.join("bin/python3");
+    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(python);
+    }
+    step(&format!("install py-spiffe into {PY_SPIFFE_DIR}"));
+    let _ = std::fs::remove_dir_all(dir);
+    let mut c = Command::new("/usr/bin/python3");
+    c.args(["-m", "venv"]).arg(dir);
+    status(c).context("creating the virtual environment (python3-venv)")?;
+    let mut c = Command::new(dir.join("bin/pip"));
+    c.args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "-r",
+    ])
+    .arg(&req);
+    status(c).context("installing py-spiffe from PyPI")?;
+    std::fs::copy(&req, &stamp).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(python)
+}
+
 #[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
 fn test() -> anyhow::Result<()> {
     step("build binaries for the tests");
@@ -317,11 +359,13 @@ fn test() -> anyhow::Result<()> {
         );
     }
     test_tools()?;
+    let python = py_spiffe()?;
     leftovers::sweep(&root().join("target/debug/agentwall"));
     step("root integration tests (serial, real kernel)");
     let mut c = cargo();
     c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
     c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
+    c.env("AGENTWALL_PY_SPIFFE", python);
     c.stdout(std::process::Stdio::piped());
     let out = c
         .spawn()
