@@ -179,6 +179,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
     #[serde(default)]
+    pub workload: WorkloadConfig,
+    #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub detect: crate::audit::detect::DetectConfig,
@@ -306,6 +308,32 @@ impl Default for EnrollmentConfig {
     }
 }
 
+/// The SPIFFE Workload API socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadConfig {
+    /// Off: no socket, and `agentwall exec --identity` is refused.
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// File mode of the socket (0666: any process may ask; its cgroup decides the answer).
+    #[serde(deserialize_with = "octal_mode")]
+    pub mode: u32,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+impl Default for WorkloadConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from(defaults::WORKLOAD_SOCKET),
+            mode: defaults::WORKLOAD_SOCKET_MODE,
+            owner: None,
+            group: None,
+        }
+    }
+}
+
 fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -353,6 +381,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub identity: IdentityConfig,
     pub enrollment: EnrollmentConfig,
+    pub workload: WorkloadConfig,
     pub audit: AuditConfig,
     pub detect: crate::audit::detect::DetectConfig,
     pub metrics: MetricsConfig,
@@ -371,6 +400,7 @@ pub struct Overrides {
     pub cgroup_root: Option<String>,
     pub log_format: Option<LogFormat>,
     pub enroll_socket: Option<PathBuf>,
+    pub workload_socket: Option<PathBuf>,
     pub agent_dir: Option<PathBuf>,
     pub audit_dir: Option<PathBuf>,
     pub audit_key: Option<PathBuf>,
@@ -426,6 +456,10 @@ impl Config {
                 socket: o.enroll_socket.clone().unwrap_or(file.enrollment.socket),
                 ..file.enrollment
             },
+            workload: WorkloadConfig {
+                socket: o.workload_socket.clone().unwrap_or(file.workload.socket),
+                ..file.workload
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -455,6 +489,7 @@ impl Config {
         for (field, path) in [
             ("socket", &self.socket),
             ("enrollment.socket", &self.enrollment.socket),
+            ("workload.socket", &self.workload.socket),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {

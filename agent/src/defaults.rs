@@ -8,6 +8,11 @@ pub const SOCKET: &str = "/run/agentwall/admin.sock";
 pub const ENROLL_SOCKET: &str = "/run/agentwall/enroll.sock";
 /// Any local process may try to enroll: the certificate and the selectors decide.
 pub const ENROLL_SOCKET_MODE: u32 = 0o666;
+/// The SPIFFE Workload API (`SPIFFE_ENDPOINT_SOCKET` of agents launched with
+/// `agentwall exec --identity`).
+pub const WORKLOAD_SOCKET: &str = "/run/agentwall/workload.sock";
+/// Any local process may ask: the kernel's account of its cgroup decides what it gets.
+pub const WORKLOAD_SOCKET_MODE: u32 = 0o666;
 /// Where `agentwall exec --cert` puts the files of the agents it launches.
 pub const AGENT_DIR: &str = "/run/agentwall/agents";
 /// The audit key, away from the state directory that holds the log.

@@ -33,6 +33,8 @@ pub mod env {
     pub const SPIFFE_ID: &str = "AGENTWALL_SPIFFE_ID";
     /// The enrollment socket.
     pub const ENROLL_SOCKET: &str = "AGENTWALL_ENROLL_SOCKET";
+    /// The SPIFFE Workload API, as SPIFFE clients look for it (`unix:///PATH`).
+    pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
     /// A JWT-SVID for the audiences given with `--audience`, refreshed in place.
     pub const TOKEN: &str = "AGENTWALL_TOKEN";
 }
@@ -47,6 +49,10 @@ pub enum ExecError {
         "the daemon prepared no enrollment for this cgroup: are the CLI and the daemon the same version?"
     )]
     NoEnrollment,
+    #[error(
+        "the daemon named no Workload API for this cgroup: are the CLI and the daemon the same version?"
+    )]
+    NoWorkload,
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
@@ -89,6 +95,10 @@ pub enum Under {
     /// The command enrolls itself with a certificate of its own; until it does, everything is
     /// denied.
     SelfEnroll,
+    /// An identity the daemon issues: its policy is bound before the command starts, and the
+    /// command gets its X509-SVID from the SPIFFE Workload API (`SPIFFE_ENDPOINT_SOCKET`); the
+    /// key never touches the disk.
+    Workload(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ExecError> {
@@ -279,14 +289,23 @@ pub fn run(
         socket,
         match under {
             Under::Policy(p) => Some(p.clone()),
-            Under::Identity { .. } | Under::SelfEnroll => None,
+            Under::Identity { .. } | Under::SelfEnroll | Under::Workload(_) => None,
         },
         match under {
             Under::Identity { audience, .. } => audience.clone(),
             _ => Vec::new(),
         },
+        match under {
+            Under::Workload(id) => Some(id.clone()),
+            _ => None,
+        },
     )?;
-    let (cgroup, enroll, protect) = (PathBuf::from(ready.cgroup), ready.enroll, ready.protect);
+    let (cgroup, enroll, workload, protect) = (
+        PathBuf::from(ready.cgroup),
+        ready.enroll,
+        ready.workload,
+        ready.protect,
+    );
     // Root inside the cgroup stays inside it (see `spawn::Confinement`): it is root of a user
     // namespace whose uid 0 is a host uid of its own, and its files belong to that uid.
     let (uid, gid) = ids_of(run_as.as_ref());
@@ -342,6 +361,13 @@ pub fn run(
             let mut c = spawn::Command::new(program.clone(), args.iter().cloned());
             c.set_env(env::BUNDLE, dir.join(files::BUNDLE).into_os_string());
             c.set_env(env::ENROLL_SOCKET, e.socket.as_str());
+            c
+        }
+        (Under::Workload(_), _) => {
+            let w = workload.ok_or(ExecError::NoWorkload)?;
+            let mut c = spawn::Command::new(program.clone(), args.iter().cloned());
+            c.set_env(env::SPIFFE_ENDPOINT_SOCKET, format!("unix://{}", w.socket));
+            c.set_env(env::SPIFFE_ID, w.spiffe_id.as_str());
             c
         }
         (Under::Identity { .. } | Under::SelfEnroll, None) => {

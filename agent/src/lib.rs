@@ -32,6 +32,7 @@ pub mod state;
 pub mod supervise;
 pub mod unixsock;
 pub mod verdict;
+pub mod workload;
 
 /// An error and its causes on one line, each text once (messages often repeat their cause).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -9,7 +9,8 @@
 //!
 //! Every listener the daemon has takes its connections through [`Slots`]: the metrics
 //! endpoint ([`METRICS_CONNECTIONS`]), the enrollment pool ([`ENROLL_DESCRIPTORS`], bounded by
-//! its threads) and the admin socket (the rest, [`Limits::admin`]).
+//! its threads), the Workload API ([`WORKLOAD_DESCRIPTORS`]) and the admin socket (the rest,
+//! [`Limits::admin`]).
 
 use std::sync::{
     Arc,
@@ -25,6 +26,16 @@ pub const ENROLL_THREADS: usize = 128;
 /// What the enrollment pool can hold at most: per thread its epoll instance, the connection,
 /// the peer's pidfd and a file of `/proc` or of the cgroup tree being read.
 pub const ENROLL_DESCRIPTORS: u64 = ENROLL_THREADS as u64 * 4;
+/// Connections to the Workload API at once (see `workload::conn`, which also bounds those
+/// of one uid).
+pub const WORKLOAD_CONNECTIONS: usize = 256;
+/// What they hold: per connection the socket and the caller's pidfd.
+pub const WORKLOAD_DESCRIPTORS: u64 = WORKLOAD_CONNECTIONS as u64 * 2;
+/// Calls (streams) of one Workload API connection at once.
+pub const WORKLOAD_CALLS_PER_CONNECTION: usize = 16;
+/// The decoded header fields of one Workload API request, at most (HTTP/2's measure: each
+/// name and value, and 32 per field).
+pub const WORKLOAD_HEADER_LIST: usize = 16 * 1024;
 /// Admin connections waiting for their request line at once (see `control::waiting`).
 pub const ADMIN_WAITING: usize = 64;
 /// Admin connections at once however low the limit (root and the admin group only).
@@ -46,6 +57,7 @@ impl Limits {
             .saturating_sub(RESERVED)
             .saturating_sub(ENROLL_DESCRIPTORS)
             .saturating_sub(METRICS_CONNECTIONS as u64)
+            .saturating_sub(WORKLOAD_DESCRIPTORS)
             .saturating_sub(ADMIN_WAITING as u64);
         Self {
             nofile,
@@ -73,7 +85,11 @@ impl Limits {
             }
         };
         let limits = Self::of(nofile);
-        let needed = RESERVED + ENROLL_DESCRIPTORS + METRICS_CONNECTIONS as u64 + MIN_ADMIN as u64;
+        let needed = RESERVED
+            + ENROLL_DESCRIPTORS
+            + METRICS_CONNECTIONS as u64
+            + WORKLOAD_DESCRIPTORS
+            + MIN_ADMIN as u64;
         if nofile < needed {
             tracing::warn!(
                 nofile,
@@ -163,14 +179,15 @@ mod tests {
 
     #[test]
     fn the_shares_fit_the_limit() {
-        let l = Limits::of(1024);
+        let l = Limits::of(2048);
         assert_eq!(
             RESERVED
                 + ENROLL_DESCRIPTORS
                 + METRICS_CONNECTIONS as u64
+                + WORKLOAD_DESCRIPTORS
                 + ADMIN_WAITING as u64
                 + l.admin as u64,
-            1024
+            2048
         );
         assert_eq!(Limits::of(100).admin, MIN_ADMIN);
         assert!(Limits::of(524_288).admin > 500_000);

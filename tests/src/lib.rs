@@ -371,6 +371,69 @@ impl Drop for UdpSink {
     }
 }
 
+/// A CA of another trust domain, as a SPIRE server would export its bundle; removed on drop.
+#[derive(Debug)]
+pub struct PartnerCa(PathBuf);
+
+impl PartnerCa {
+    pub fn new(trust_domain: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("awt-partner-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let o = Command::new(agentwall_bin())
+            .args(["identity", "issue", "--state-dir"])
+            .arg(dir.join("state"))
+            .args([
+                "--trust-domain",
+                trust_domain,
+                "--id",
+                "agent/setup/prod",
+                "--out",
+            ])
+            .arg(dir.join("setup"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        Self(dir)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.0.join("state")
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.0.join("state/ca/ca.crt")
+    }
+}
+
+impl Drop for PartnerCa {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The Python of the virtual environment with py-spiffe that `cargo xtask test` installs
+/// (`AGENTWALL_PY_SPIFFE`, else where xtask puts it). Missing, the test fails: it is never
+/// skipped.
+pub fn py_spiffe() -> PathBuf {
+    let p = std::env::var_os("AGENTWALL_PY_SPIFFE").map_or_else(
+        || PathBuf::from("/opt/agentwall-tests/py-spiffe/bin/python3"),
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo xtask test` installs py-spiffe there",
+        p.display()
+    );
+    p
+}
+
+/// A fixture file of `tests/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
 /// A daemon of its own: pin directory, cgroup subtree, state and socket unique to the test.
 #[derive(Debug)]
 pub struct TestDaemon {
@@ -379,6 +442,7 @@ pub struct TestDaemon {
     pub policies: PathBuf,
     pub socket: PathBuf,
     pub enroll_socket: PathBuf,
+    pub workload_socket: PathBuf,
     pub pin_dir: PathBuf,
     pub cgroup_root: String,
     pub config: Option<PathBuf>,
@@ -417,6 +481,7 @@ impl TestDaemon {
             policies: dir.join("policies"),
             socket: dir.join("admin.sock"),
             enroll_socket: dir.join("enroll.sock"),
+            workload_socket: dir.join("workload.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             cgroup_root: name.clone(),
             config: config_path,
@@ -456,6 +521,8 @@ impl TestDaemon {
             .arg(&self.socket)
             .arg("--enroll-socket")
             .arg(&self.enroll_socket)
+            .arg("--workload-socket")
+            .arg(&self.workload_socket)
             .arg("--agent-dir")
             .arg(self.dir.join("agents"))
             .arg("--audit-key")

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use agentwall_tests::{Repl, TcpSink, TestDaemon, lines, serial, sign_svid, wait_for};
+use agentwall_tests::{PartnerCa, Repl, TcpSink, TestDaemon, lines, serial, sign_svid, wait_for};
 
 /// A policy for identity `agent/<name>/prod` allowing TCP to one loopback port.
 fn identity_policy(name: &str, port: u16, attest: &str) -> String {
@@ -448,45 +448,6 @@ fn a_binding_whose_enrollment_record_was_lost_is_removed_at_restart() {
         st.cgroups
     );
     drop(agent);
-}
-
-/// A CA of another trust domain, as a SPIRE server would export its bundle; removed on drop.
-struct PartnerCa(PathBuf);
-
-impl PartnerCa {
-    fn new(trust_domain: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("awt-partner-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let o = Command::new(agentwall_tests::agentwall_bin())
-            .args(["identity", "issue", "--state-dir"])
-            .arg(dir.join("state"))
-            .args([
-                "--trust-domain",
-                trust_domain,
-                "--id",
-                "agent/setup/prod",
-                "--out",
-            ])
-            .arg(dir.join("setup"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{o:?}");
-        Self(dir)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.0.join("state")
-    }
-
-    fn bundle(&self) -> PathBuf {
-        self.0.join("state/ca/ca.crt")
-    }
-}
-
-impl Drop for PartnerCa {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

@@ -878,6 +878,7 @@ fn a_restarted_daemon_does_not_hand_a_root_uid_out_twice() {
         .send(&Request::ExecBegin {
             policy: Some("web".into()),
             audience: vec![],
+            identity: None,
         })
         .unwrap();
     let Reply::ExecReady {

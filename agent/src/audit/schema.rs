@@ -93,6 +93,34 @@ pub enum AuditRecord {
         exe: Option<String>,
         cgroup: Option<String>,
     },
+    /// `agentwall exec --identity` launched an agent: its cgroup bound to the identity's
+    /// policy and an X509-SVID issued for it, its key kept in the daemon's memory.
+    WorkloadLaunched {
+        spiffe_id: String,
+        serial: String,
+        policy: String,
+        cgroup: String,
+        cgroup_id: u64,
+        expires_at: String,
+    },
+    /// An X509-SVID and its private key went to a process over the Workload API.
+    SvidDelivered {
+        spiffe_id: String,
+        serial: String,
+        pid: i32,
+        uid: u32,
+        exe: String,
+        cgroup_id: u64,
+    },
+    /// The Workload API gave a caller nothing.
+    WorkloadRefused {
+        rpc: String,
+        reason: String,
+        pid: i32,
+        uid: u32,
+        exe: String,
+        cgroup: String,
+    },
     /// A JWT-SVID was handed out.
     TokenIssued {
         spiffe_id: String,
@@ -214,6 +242,9 @@ impl AuditRecord {
             Self::Revoked { .. } => "revoked",
             Self::Enrolled { .. } => "enrolled",
             Self::EnrollRefused { .. } => "enroll_refused",
+            Self::WorkloadLaunched { .. } => "workload_launched",
+            Self::SvidDelivered { .. } => "svid_delivered",
+            Self::WorkloadRefused { .. } => "workload_refused",
             Self::TokenIssued { .. } => "token_issued",
             Self::CertificateRenewed { .. } => "certificate_renewed",
             Self::CertificateIssued(_) => "certificate_issued",
@@ -370,6 +401,30 @@ mod tests {
                 uid: Some(0),
                 exe: Some(s("/bin/x")),
                 cgroup: Some(s("/a")),
+            },
+            R::WorkloadLaunched {
+                spiffe_id: s("spiffe://d/a"),
+                serial: s("01"),
+                policy: s("p"),
+                cgroup: s("/a"),
+                cgroup_id: 1,
+                expires_at: s("t"),
+            },
+            R::SvidDelivered {
+                spiffe_id: s("spiffe://d/a"),
+                serial: s("01"),
+                pid: 1,
+                uid: 0,
+                exe: s("/bin/x"),
+                cgroup_id: 1,
+            },
+            R::WorkloadRefused {
+                rpc: s("FetchX509SVID"),
+                reason: s("r"),
+                pid: 1,
+                uid: 0,
+                exe: s("/bin/x"),
+                cgroup: s("/a"),
             },
             R::TokenIssued {
                 spiffe_id: s("spiffe://d/a"),

@@ -17,8 +17,14 @@ pub(super) struct ExecArgs {
     #[arg(long)]
     pub user: Option<String>,
     /// Policy the command runs under.
-    #[arg(long, conflicts_with_all = ["cert", "key", "bundle", "self_enroll"], required_unless_present_any = ["cert", "self_enroll"])]
+    #[arg(long, conflicts_with_all = ["cert", "key", "bundle", "self_enroll", "identity"], required_unless_present_any = ["cert", "self_enroll", "identity"])]
     pub policy: Option<String>,
+    /// Identity the command runs as (a SPIFFE ID, or a path in the local trust domain such
+    /// as agent/reader/prod): its policy applies from the first instruction, and the command
+    /// gets its X509-SVID and JWT-SVIDs from the SPIFFE Workload API that
+    /// SPIFFE_ENDPOINT_SOCKET names. The private key never touches the disk.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["cert", "key", "bundle", "self_enroll", "audience"])]
+    pub identity: Option<String>,
     /// The command enrolls itself (AGENTWALL_ENROLL_SOCKET, AGENTWALL_BUNDLE); everything
     /// is denied until it has.
     #[arg(long, conflicts_with_all = ["cert", "key", "bundle"])]
@@ -59,6 +65,7 @@ pub(super) fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
     logging::init(LogFormat::Text, "warn");
     let under = match (a.policy, a.cert, a.key) {
         (Some(p), _, _) => exec::Under::Policy(p),
+        _ if a.identity.is_some() => exec::Under::Workload(a.identity.unwrap_or_default()),
         _ if a.self_enroll => exec::Under::SelfEnroll,
         (None, Some(cert), Some(key)) => exec::Under::Identity {
             cert,
@@ -66,7 +73,7 @@ pub(super) fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
             bundle: a.bundle,
             audience: a.audience,
         },
-        _ => bail!("give --policy NAME, or --cert FILE and --key FILE"),
+        _ => bail!("give --policy NAME, --identity ID, or --cert FILE and --key FILE"),
     };
     Ok(code(exec::run(
         &a.socket.socket,

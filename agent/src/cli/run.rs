@@ -36,6 +36,9 @@ pub(super) struct RunArgs {
     /// Enrollment socket (agents prove their identity here).
     #[arg(long)]
     enroll_socket: Option<PathBuf>,
+    /// The SPIFFE Workload API socket (agents launched with `exec --identity` ask here).
+    #[arg(long)]
+    workload_socket: Option<PathBuf>,
     /// Directory of the files of agents launched with `exec --cert`.
     #[arg(long)]
     agent_dir: Option<PathBuf>,
@@ -57,6 +60,7 @@ pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         cgroup_root: a.cgroup_root,
         log_format: a.log_format,
         enroll_socket: a.enroll_socket,
+        workload_socket: a.workload_socket,
         agent_dir: a.agent_dir,
         audit_dir: a.audit_dir,
         audit_key: a.audit_key,

@@ -131,20 +131,27 @@ impl Client {
         path: &Path,
         policy: Option<String>,
         audience: Vec<String>,
+        identity: Option<String>,
     ) -> Result<(ExecReady, Lease), ClientError> {
         let mut c = Self::connect(path)?;
-        c.send(&Request::ExecBegin { policy, audience })?;
+        c.send(&Request::ExecBegin {
+            policy,
+            audience,
+            identity,
+        })?;
         match c.recv()? {
             Reply::ExecReady {
                 cgroup,
                 cgroup_id,
                 enroll,
+                workload,
                 protect,
             } => Ok((
                 ExecReady {
                     cgroup,
                     cgroup_id,
                     enroll,
+                    workload,
                     protect,
                 },
                 Lease { _connection: c },

@@ -12,7 +12,7 @@ mod waiting;
 use serde::{Deserialize, Serialize};
 
 pub use crate::daemon::{
-    ExecEnroll, Protect,
+    ExecEnroll, ExecWorkload, Protect,
     status::{
         AuditStatus, CgroupStatus, Health, LatencyStatus, PolicyStatus, Protections, SinkStatus,
         Status,
@@ -37,6 +37,10 @@ pub enum Request {
         /// Audiences of a JWT-SVID kept fresh in the agent's directory (identity launches).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         audience: Vec<String>,
+        /// Launch under this identity (a SPIFFE ID, or a path in the local trust domain):
+        /// its policy is bound and the daemon issues its X509-SVID for the Workload API.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<String>,
     },
     /// Reload the policy directory.
     Reload,
@@ -77,6 +81,9 @@ pub enum Reply {
         /// replace them there), the CA bundle to check the daemon with, the enrollment socket.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         enroll: Option<ExecEnroll>,
+        /// For a cgroup launched under an identity: its ID and the Workload API socket.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workload: Option<ExecWorkload>,
         /// What a command that runs as root must not reach (see `spawn::Confinement`).
         #[serde(default)]
         protect: Protect,
@@ -190,6 +197,7 @@ mod tests {
             Request::ExecBegin {
                 policy: Some("web".into()),
                 audience: vec![],
+                identity: None,
             }
         );
         assert_eq!(

@@ -363,8 +363,14 @@ async fn dispatch(
             let r = daemon.quarantine(&cgroup, lift).await;
             write(&mut w, &wire::reply(r)).await
         }
-        Request::ExecBegin { policy, audience } => {
-            let ready = daemon.exec_begin(policy.as_deref(), audience).await;
+        Request::ExecBegin {
+            policy,
+            audience,
+            identity,
+        } => {
+            let ready = daemon
+                .exec_begin(policy.as_deref(), audience, identity.as_deref())
+                .await;
             let lease = ready.as_ref().ok().map(|r| r.cgroup_id);
             let written = write(&mut w, &wire::reply(ready)).await;
             if let Some(lease) = lease {
@@ -462,6 +468,7 @@ mod wire {
                 cgroup: r.cgroup,
                 cgroup_id: r.cgroup_id,
                 enroll: r.enroll,
+                workload: r.workload,
                 protect: r.protect,
             }
         }

@@ -63,6 +63,11 @@ pub enum AdminError {
         what: String,
         error: Box<DaemonError>,
     },
+    #[error("cannot launch under identity {id}: {error}")]
+    ExecIdentity {
+        id: String,
+        error: Box<super::identity::ExecIdentityError>,
+    },
     #[error("no PEM certificate given")]
     NoCertificate,
     #[error("renewed {renewed}; failed: {}", failed.join("; "))]

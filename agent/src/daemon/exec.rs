@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::*;
+use crate::daemon::registry::Bound;
 
 /// The daemon's files a root agent's mount namespace hides or makes read-only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,13 +24,24 @@ pub struct Protect {
 }
 
 /// What an exec cgroup's launcher needs: the cgroup to move its command into, the files of
-/// an agent that enrolls, and what a command running as root must not reach.
+/// an agent that enrolls, the Workload API of an agent launched under an identity, and what a
+/// command running as root must not reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecReady {
     pub cgroup: String,
     pub cgroup_id: u64,
     pub enroll: Option<ExecEnroll>,
+    pub workload: Option<ExecWorkload>,
     pub protect: Protect,
+}
+
+/// An agent launched under an identity (`agentwall exec --identity`): the identity its cgroup
+/// is bound to and the Workload API socket it gets its X509-SVID from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecWorkload {
+    pub spiffe_id: String,
+    /// Absolute path; the command gets it as `SPIFFE_ENDPOINT_SOCKET=unix://PATH`.
+    pub socket: String,
 }
 
 /// Where an enrolling agent's files go (renewals replace them there), the CA bundle to check
@@ -51,6 +63,7 @@ impl Daemon {
         let needed = [
             self.cfg.identity.agent_dir.as_path(),
             self.cfg.enrollment.socket.as_path(),
+            self.cfg.workload.socket.as_path(),
         ];
         let hide = [
             self.cfg.state_dir.clone(),
@@ -69,13 +82,35 @@ impl Daemon {
         }
     }
 
-    /// Creates and binds a cgroup for `agentwall exec`. On success the caller holds its lease
+    /// Creates and binds a cgroup for `agentwall exec`: under `policy`; under `identity`,
+    /// whose policy it binds and whose X509-SVID the daemon issues for the Workload API; or
+    /// (neither) unbound, for an agent that enrolls. On success the caller holds its lease
     /// (the cgroup id) until it calls [`Daemon::exec_end`].
     pub async fn exec_begin(
         &self,
         policy: Option<&str>,
         audience: Vec<String>,
+        identity: Option<&str>,
     ) -> Result<ExecReady, AdminError> {
+        let seq = crate::clock::boot_ns();
+        let launched = match identity {
+            None => None,
+            Some(text) => {
+                let requester = format!("agentwall exec --identity (exec cgroup {seq:x})");
+                let (id, grant, issued) =
+                    self.workload_issue(text, &requester).map_err(|error| {
+                        AdminError::ExecIdentity {
+                            id: text.to_string(),
+                            error: Box::new(error),
+                        }
+                    })?;
+                Some((id, grant, issued))
+            }
+        };
+        let policy = match &launched {
+            Some((_, grant, _)) => Some(grant.policy.as_str()),
+            None => policy,
+        };
         let binding = match policy {
             None => None,
             Some(policy) => match self.policies.binding_for(policy) {
@@ -88,7 +123,14 @@ impl Daemon {
                 }
             },
         };
-        let seq = crate::clock::boot_ns();
+        // An identity's binding ends with its certificate, unless renewed.
+        let binding = binding.map(|b| match &launched {
+            Some((_, _, issued)) => Binding {
+                expires_boot_ns: super::identity::boot_ns_at(issued.not_after),
+                ..b
+            },
+            None => b,
+        });
         let cg = self.root.child(&format!("{EXEC_PREFIX}{seq:x}"));
         let result = async {
             cg.create()?;
@@ -121,6 +163,17 @@ impl Daemon {
                 m.leased = true;
                 m.agent_dir.clone_from(&agent_dir);
                 m.audience = audience;
+                if let Some((id, _, issued)) = &launched {
+                    m.workload = true;
+                    m.bound = Some(Bound {
+                        spiffe_id: id.to_string(),
+                        serial: issued.serial.clone(),
+                        not_after: super::identity::unix_secs(issued.not_after),
+                        capabilities: Vec::new(),
+                        revoked: false,
+                        renewed_from: Vec::new(),
+                    });
+                }
                 let mut registry = self.registry.hold().await;
                 let used = registry.root_uids_in_use();
                 m.root_uid = self.cfg.exec.root_uids.pick(&used, seq);
@@ -143,6 +196,32 @@ impl Daemon {
                 let root_uid = m.root_uid;
                 registry.insert(id, m);
                 drop(registry);
+                let workload = match &launched {
+                    Some((spiffe_id, grant, issued)) => {
+                        if let Err(e) = self.workload_publish(id, issued) {
+                            // Bound but without an SVID to hand out: the renewal loop issues
+                            // one again within seconds.
+                            tracing::error!(cgroup_id = id, error = %e, "cannot hand out the new SVID");
+                            self.count_error("workload_svid");
+                        }
+                        self.save_enrollments_of(&[id]).await;
+                        self.audit
+                            .record(&crate::audit::schema::AuditRecord::WorkloadLaunched {
+                                spiffe_id: spiffe_id.to_string(),
+                                serial: issued.serial.clone(),
+                                policy: grant.policy.clone(),
+                                cgroup: cg.path().display().to_string(),
+                                cgroup_id: id,
+                                expires_at: humantime::format_rfc3339_seconds(issued.not_after)
+                                    .to_string(),
+                            });
+                        Some(ExecWorkload {
+                            spiffe_id: spiffe_id.to_string(),
+                            socket: self.cfg.workload.socket.display().to_string(),
+                        })
+                    }
+                    None => None,
+                };
                 tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
                 let enroll = agent_dir.map(|d| ExecEnroll {
                     agent_dir: d.display().to_string(),
@@ -153,6 +232,7 @@ impl Daemon {
                     cgroup: cg.path().display().to_string(),
                     cgroup_id: id,
                     enroll,
+                    workload,
                     protect: self.protect(root_uid),
                 })
             }
@@ -186,6 +266,7 @@ impl Daemon {
                 self.count_error("unbind");
                 continue;
             }
+            self.svids.withdraw(id);
             if let Some(dir) = self.registry.remove(id).await {
                 let _ = std::fs::remove_dir_all(dir);
             }
@@ -206,6 +287,7 @@ impl Daemon {
                 self.count_error("unbind");
                 continue;
             }
+            self.svids.withdraw(id);
             self.registry.remove(id).await;
             self.save_enrollments().await;
             tracing::info!(cgroup_id = id, "enrolled cgroup removed; its binding ended");

@@ -33,7 +33,9 @@ pub use self::admin::{
     AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, Rotated, SelfEnforced,
 };
 pub use self::audit::AuditStartError;
-pub use self::exec::{ExecEnroll, ExecReady, Protect};
+pub use self::exec::{ExecEnroll, ExecReady, ExecWorkload, Protect};
+pub use self::identity::ExecIdentityError;
+pub(crate) use self::identity::{Entitled, WorkloadRefusal};
 use self::names::Names;
 use self::status::Health;
 use self::{
@@ -76,6 +78,12 @@ pub enum DaemonError {
     Listen(#[from] crate::unixsock::ListenError),
     #[error("enrollment socket {}: {source}", path.display())]
     EnrollSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Workload API socket {}: {source}", path.display())]
+    WorkloadSocket {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -139,6 +147,8 @@ pub struct Daemon {
     audit: crate::audit::sink::AuditHandle,
     /// Public key that verifies the audit checkpoints (hex).
     audit_node_key: String,
+    /// The X509-SVIDs the Workload API hands out, keys in memory only.
+    svids: crate::workload::Svids,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that
@@ -156,6 +166,11 @@ fn now_rfc3339() -> String {
 }
 
 impl Daemon {
+    /// Where the cgroup v2 file system is mounted.
+    pub fn mount(&self) -> &std::path::Path {
+        &self.mount
+    }
+
     /// The configuration the daemon runs with.
     pub fn config(&self) -> &Config {
         &self.cfg

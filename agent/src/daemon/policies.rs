@@ -42,8 +42,8 @@ struct RuleBook {
 pub(crate) struct Policies {
     dir: PathBuf,
     slots_path: PathBuf,
-    /// The enrollment and the admin socket, which every policy may reach.
-    sockets: (PathBuf, PathBuf),
+    /// The enrollment, the admin and the Workload API socket, which every policy may reach.
+    sockets: (PathBuf, PathBuf, Option<PathBuf>),
     book: RwLock<RuleBook>,
     slots: Mutex<SlotTable>,
     reload: AsyncMutex<()>,
@@ -55,7 +55,11 @@ impl Policies {
         Self {
             dir: cfg.policy_dir.clone(),
             slots_path: slots_path(&cfg.state_dir),
-            sockets: (cfg.enrollment.socket.clone(), cfg.socket.clone()),
+            sockets: (
+                cfg.enrollment.socket.clone(),
+                cfg.socket.clone(),
+                cfg.workload.enabled.then(|| cfg.workload.socket.clone()),
+            ),
             book: RwLock::default(),
             slots: Mutex::new(slots),
             reload: AsyncMutex::new(()),
@@ -85,12 +89,16 @@ impl Policies {
         }
         let mut compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
             .map_err(|problems| policy::PolicyError { problems })?;
-        let (enroll, admin) = &self.sockets;
+        let (enroll, admin, workload) = &self.sockets;
         // Agents renew their certificates and fetch tokens over the enrollment socket.
         compiled.allow_unix_everywhere(&enroll.to_string_lossy(), "the enrollment socket");
         // A unit's `ExecStartPre=+agentwall enforce-self` asks from inside the unit's cgroup;
         // the admin socket answers only root and its admin group (peer credentials).
         compiled.allow_unix_everywhere(&admin.to_string_lossy(), "the admin socket");
+        // Agents get their identity there; the kernel's account of the caller decides what.
+        if let Some(w) = workload {
+            compiled.allow_unix_everywhere(&w.to_string_lossy(), "the Workload API socket");
+        }
         Ok(compiled)
     }
 

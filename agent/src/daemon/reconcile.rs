@@ -72,6 +72,7 @@ impl Daemon {
                         m.bound.clone_from(&r.bound);
                         m.agent_dir.clone_from(&r.agent_dir);
                         m.audience.clone_from(&r.audience);
+                        m.workload = r.workload;
                     }
                     if let Some(bound) = m.bound.as_mut() {
                         let flagged = b.flags & flags::REVOKED != 0;

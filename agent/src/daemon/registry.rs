@@ -59,6 +59,9 @@ pub(super) struct Managed {
     pub(super) token_exp: u64,
     /// The host uid root of an exec cgroup's command is mapped to (see `rootuid`).
     pub(super) root_uid: Option<u32>,
+    /// Launched with `agentwall exec --identity`: the daemon holds the key of its X509-SVID
+    /// and hands it out over the Workload API (see `crate::workload`).
+    pub(super) workload: bool,
 }
 
 impl Managed {
@@ -74,6 +77,7 @@ impl Managed {
             audience: Vec::new(),
             token_exp: 0,
             root_uid: None,
+            workload: false,
         }
     }
 
@@ -86,6 +90,7 @@ impl Managed {
             bound: self.bound.clone(),
             agent_dir: self.agent_dir.clone(),
             audience: self.audience.clone(),
+            workload: self.workload,
         })
     }
 
@@ -149,6 +154,9 @@ pub(super) struct Record {
     pub(super) agent_dir: Option<PathBuf>,
     #[serde(default)]
     pub(super) audience: Vec<String>,
+    /// An agent of the Workload API (`agentwall exec --identity`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) workload: bool,
 }
 
 /// An agent launched with `agentwall exec --cert`, as renewal needs it.
@@ -318,6 +326,33 @@ impl Registry {
                 Some((*id, m.agent_dir.clone()?))
             })
             .collect()
+    }
+
+    /// Agents of the Workload API under `prefix` whose certificate, not revoked, ends by
+    /// `limit`, or that `missing` says have none in memory (a restarted daemon's).
+    pub(super) async fn workload_renewals_due(
+        &self,
+        limit: u64,
+        prefix: &str,
+        missing: impl Fn(u64) -> bool,
+    ) -> Vec<u64> {
+        let map = self.cgroups.lock().await;
+        map.iter()
+            .filter(|(_, m)| m.workload)
+            .filter_map(|(id, m)| {
+                let b = m.bound.as_ref()?;
+                let due = b.not_after <= limit || missing(*id);
+                (!b.revoked && due && b.spiffe_id.starts_with(prefix)).then_some(*id)
+            })
+            .collect()
+    }
+
+    /// The identity bound to cgroup `id`, and whether the daemon holds its key (an agent of
+    /// the Workload API).
+    pub(super) async fn identity_of(&self, id: u64) -> Option<(Bound, bool)> {
+        let map = self.cgroups.lock().await;
+        let m = map.get(&id)?;
+        Some((m.bound.clone()?, m.workload))
     }
 
     /// Launched agents with a token, not revoked, whose token ends by `limit`.

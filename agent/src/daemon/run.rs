@@ -103,6 +103,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         enrollments: super::Enrollments::new(&cfg.state_dir),
         audit: audit.clone(),
         audit_node_key,
+        svids: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
@@ -218,6 +219,18 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             source,
         }
     })?;
+    if daemon.cfg.workload.enabled {
+        let w = &daemon.cfg.workload;
+        let listener =
+            crate::unixsock::bind_unix(&w.socket, w.mode, w.owner.as_deref(), w.group.as_deref())?;
+        crate::workload::api::serve(listener, Arc::clone(&daemon), &supervisor).map_err(
+            |source| DaemonError::WorkloadSocket {
+                path: w.socket.clone(),
+                source,
+            },
+        )?;
+        tracing::info!(socket = %w.socket.display(), "SPIFFE Workload API ready");
+    }
     let renew_daemon = Arc::clone(&daemon);
     supervisor.spawn("renew", async move {
         loop {
@@ -415,6 +428,9 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             StopStep::Sockets => {
                 let _ = std::fs::remove_file(&daemon.cfg.socket);
                 let _ = std::fs::remove_file(&daemon.cfg.enrollment.socket);
+                if daemon.cfg.workload.enabled {
+                    let _ = std::fs::remove_file(&daemon.cfg.workload.socket);
+                }
             }
         }
     }

@@ -251,6 +251,26 @@ impl Peer {
         }
     }
 
+    /// The id of the cgroup the process is in now, by the kernel's account (the pidfd,
+    /// Linux 6.13); elsewhere the inode of its cgroup directory under `mount`, read from
+    /// /proc while the process is proved alive. Fails once the process exited.
+    pub fn cgroup_id_now(&self, mount: &Path) -> Result<u64, AttestError> {
+        if let Some(fd) = &self.pidfd {
+            match pidfd_info(fd) {
+                None => return Err(AttestError::Gone(self.pid)),
+                Some((_, Some(id))) => return Ok(id),
+                Some((_, None)) => {}
+            }
+        }
+        let rel = cgroup_of(self.pid)?;
+        let dir = mount.join(rel.trim_start_matches('/'));
+        let id = std::os::unix::fs::MetadataExt::ino(
+            &fs::metadata(&dir).map_err(proc_err(dir.clone()))?,
+        );
+        self.still_there()?;
+        Ok(id)
+    }
+
     /// SHA-256 of the running executable, lower-case hex. Read through /proc/PID/exe, which
     /// opens the file the process runs even if its path was replaced since.
     pub fn exe_sha256(&self) -> Result<String, AttestError> {

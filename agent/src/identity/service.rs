@@ -73,6 +73,9 @@ pub struct IdentityService {
     revocation_store: std::sync::Mutex<RevocationStore>,
     server: RwLock<ServerTls>,
     tokens: TokenSigner,
+    /// The X.509 bundle of every trusted trust domain, the local one included: concatenated
+    /// DER certificates, as the Workload API hands them out.
+    x509_bundles: BTreeMap<String, Vec<u8>>,
     jwks: jsonwebtoken::jwk::JwkSet,
 }
 
@@ -143,6 +146,8 @@ impl IdentityService {
         )
         .map_err(IdentityError::from)?;
         let mut bundles = TrustBundles::default();
+        let mut x509_bundles: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        x509_bundles.insert(cfg.trust_domain.clone(), ca.cert_der().to_vec());
         bundles
             .add(&cfg.trust_domain, ca.cert_der().clone())
             .map_err(|e| ServiceError::Bundle {
@@ -152,6 +157,10 @@ impl IdentityService {
             })?;
         for b in &cfg.bundles {
             for der in read_bundle(&b.file, &b.trust_domain)? {
+                x509_bundles
+                    .entry(b.trust_domain.clone())
+                    .or_default()
+                    .extend_from_slice(&der);
                 bundles
                     .add(&b.trust_domain, der)
                     .map_err(|e| ServiceError::Bundle {
@@ -175,6 +184,7 @@ impl IdentityService {
         })?;
         Ok(Self {
             tokens,
+            x509_bundles,
             jwks,
             cfg: cfg.clone(),
             state_dir: state_dir.to_path_buf(),
@@ -225,6 +235,11 @@ impl IdentityService {
         )?;
         self.check_revoked(&claims.sub, &claims.svid_serial)?;
         Ok(claims)
+    }
+
+    /// Concatenated DER CA certificates by trust domain, the local one included.
+    pub fn x509_bundles(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.x509_bundles
     }
 
     pub fn trust_domain(&self) -> &str {

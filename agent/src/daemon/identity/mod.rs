@@ -18,8 +18,11 @@ mod admission;
 mod renew;
 mod revocation;
 mod socket;
+mod workload;
 
 pub(super) use self::socket::serve_enroll;
+pub use self::workload::ExecIdentityError;
+pub(crate) use self::workload::{Entitled, WorkloadRefusal};
 use super::{
     AdminError, Daemon, DaemonError,
     registry::{Bound, Kind, Managed, Record},
@@ -39,7 +42,7 @@ use crate::{
     sockdiag::{self, Destroyed},
 };
 
-fn unix_secs(t: SystemTime) -> u64 {
+pub(in crate::daemon) fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
@@ -47,7 +50,7 @@ fn unix_secs(t: SystemTime) -> u64 {
 
 /// `CLOCK_BOOTTIME` nanoseconds at wall-clock instant `at` (what the kernel compares expiry
 /// with: it keeps counting across suspend and does not jump with the wall clock).
-fn boot_ns_at(at: SystemTime) -> u64 {
+pub(in crate::daemon) fn boot_ns_at(at: SystemTime) -> u64 {
     let now_wall = SystemTime::now();
     let boot = crate::clock::boot_ns();
     match at.duration_since(now_wall) {

@@ -1,4 +1,6 @@
-//! Renewal of the certificates and tokens kept in the directories of launched agents.
+//! Renewal of the certificates of launched agents: into their directories (`exec --cert`),
+//! or into the daemon's memory for the Workload API (`exec --identity`); and of the tokens
+//! kept in directories.
 
 use super::*;
 use crate::daemon::registry::{Launched, NotLaunched};
@@ -13,8 +15,10 @@ use crate::{
 pub(crate) enum RenewError {
     #[error("no such cgroup")]
     NoCgroup,
-    #[error("not an agent launched with --cert")]
+    #[error("not an agent launched with --cert or --identity")]
     NotLaunched,
+    #[error("the renewed SVID cannot be handed out: {0}")]
+    Workload(#[from] super::workload::ExecIdentityError),
     #[error("revoked")]
     Revoked,
     #[error("no live identity")]
@@ -38,21 +42,20 @@ pub(crate) enum RenewError {
 }
 
 impl Daemon {
-    /// Renews the certificate of one launched agent into its directory and extends its
-    /// binding. Returns the new serial.
+    /// Renews the certificate of one launched agent, into its directory or for the Workload
+    /// API, and extends its binding. Returns the new serial.
     pub(in crate::daemon) async fn renew(&self, cgroup_id: u64) -> Result<String, RenewError> {
-        let Launched {
-            bound,
-            agent_dir: dir,
-            ..
-        } = self
-            .registry
-            .launched(cgroup_id)
-            .await
-            .map_err(|e| match e {
-                NotLaunched::Unknown => RenewError::NoCgroup,
-                NotLaunched::NoFiles => RenewError::NotLaunched,
-            })?;
+        // Files of `exec --cert`, or (none) the daemon's memory for `exec --identity`.
+        let (bound, dir) = match self.registry.launched(cgroup_id).await {
+            Ok(Launched {
+                bound, agent_dir, ..
+            }) => (bound, Some(agent_dir)),
+            Err(NotLaunched::Unknown) => return Err(RenewError::NoCgroup),
+            Err(NotLaunched::NoFiles) => match self.registry.identity_of(cgroup_id).await {
+                Some((bound, true)) => (bound, None),
+                _ => return Err(RenewError::NotLaunched),
+            },
+        };
         if bound.revoked {
             return Err(RenewError::Revoked);
         }
@@ -71,10 +74,18 @@ impl Daemon {
         let issued = self
             .identity
             .issue(&req, &format!("agentwall renewal for cgroup {cgroup_id}"))?;
-        // The files keep the owner the launcher gave the key (the user the agent runs as).
-        let dir = AgentDir::open(&dir)?;
-        let owner = dir.owner_of(files::KEY)?;
-        dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)?;
+        match &dir {
+            Some(dir) => {
+                // The files keep the owner the launcher gave the key (the user the agent runs
+                // as).
+                let dir = AgentDir::open(dir)?;
+                let owner = dir.owner_of(files::KEY)?;
+                dir.write_svid(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes(), owner)?;
+            }
+            // Open streams get it at once (before the binding is extended: an agent that
+            // gets a certificate the kernel does not honour yet only waits for it).
+            None => self.workload_publish(cgroup_id, &issued)?,
+        }
         // Read and written in one enforcer job: a revocation that lands meanwhile keeps its
         // flag (a read, then a separate write, would put the flagless binding back).
         let expires_boot_ns = boot_ns_at(issued.not_after);
@@ -186,8 +197,14 @@ impl Daemon {
                 self.count_error("token");
             }
         }
+        // Agents of the Workload API: due, or without an SVID in memory (a restarted daemon's).
+        let svids = &self.svids;
+        let workload = self
+            .registry
+            .workload_renewals_due(limit, &local, |id| !svids.holds(id))
+            .await;
         let (mut ok, mut failed) = (0, Vec::new());
-        for id in due {
+        for id in due.into_iter().chain(workload) {
             match self.renew(id).await {
                 Ok(_) => ok += 1,
                 Err(e) => {

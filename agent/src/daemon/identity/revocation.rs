@@ -157,6 +157,8 @@ impl Daemon {
                 continue;
             }
             b.revoked = true;
+            // Streams of the Workload API end; fetches find the flag.
+            self.svids.withdraw(id);
             hit.push(id);
         }
         (hit, failed)
