@@ -75,9 +75,19 @@ pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(daemon::run(cfg, crate::control::start))
+    rt.block_on(daemon::run(cfg, frontends))
         .context("cannot enforce")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's ways in: the admin socket and metrics, then the SPIFFE Workload API.
+fn frontends(
+    daemon: &std::sync::Arc<daemon::Daemon>,
+    supervisor: &crate::supervise::Supervisor,
+    admin_connections: usize,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    crate::control::start(daemon, supervisor, admin_connections)?;
+    crate::workload::start(daemon, supervisor)
 }
 
 /// Removes agentwall from the kernel: every pin and the managed cgroup subtree.

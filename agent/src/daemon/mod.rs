@@ -35,7 +35,7 @@ pub use self::admin::{
 pub use self::audit::AuditStartError;
 pub use self::exec::{ExecEnroll, ExecReady, ExecWorkload, Protect};
 pub use self::identity::ExecIdentityError;
-pub(crate) use self::identity::{Entitled, WorkloadRefusal};
+pub(crate) use self::identity::{Caller, Entitled, Issue, WorkloadRefusal, X509Svid};
 use self::names::Names;
 use self::status::Health;
 use self::{
@@ -78,12 +78,6 @@ pub enum DaemonError {
     Listen(#[from] crate::unixsock::ListenError),
     #[error("enrollment socket {}: {source}", path.display())]
     EnrollSocket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("Workload API socket {}: {source}", path.display())]
-    WorkloadSocket {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -148,7 +142,7 @@ pub struct Daemon {
     /// Public key that verifies the audit checkpoints (hex).
     audit_node_key: String,
     /// The X509-SVIDs the Workload API hands out, keys in memory only.
-    svids: crate::workload::Svids,
+    svids: identity::Svids,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that

@@ -20,9 +20,10 @@ use crate::{
     state::SlotTable,
 };
 
-/// Starts what serves the daemon to its operators (the admin socket and the metrics endpoint,
-/// in `control`) once enforcement holds; a failure stops the start. Given by the caller, so
-/// that the daemon does not know the wire of its clients.
+/// Starts what serves the daemon to its operators and agents (the admin socket and the
+/// metrics endpoint, in `control`; the SPIFFE Workload API, in `workload`) once enforcement
+/// holds; a failure stops the start. Given by the caller, so that the daemon does not know
+/// the wire of its clients.
 pub type Frontends = fn(
     &Arc<Daemon>,
     &crate::supervise::Supervisor,
@@ -219,18 +220,6 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             source,
         }
     })?;
-    if daemon.cfg.workload.enabled {
-        let w = &daemon.cfg.workload;
-        let listener =
-            crate::unixsock::bind_unix(&w.socket, w.mode, w.owner.as_deref(), w.group.as_deref())?;
-        crate::workload::api::serve(listener, Arc::clone(&daemon), &supervisor).map_err(
-            |source| DaemonError::WorkloadSocket {
-                path: w.socket.clone(),
-                source,
-            },
-        )?;
-        tracing::info!(socket = %w.socket.display(), "SPIFFE Workload API ready");
-    }
     let renew_daemon = Arc::clone(&daemon);
     supervisor.spawn("renew", async move {
         loop {

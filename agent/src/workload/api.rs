@@ -10,12 +10,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{
-    Issue, X509Svid,
-    conn::Caller,
-    pb::{self, spiffe_workload_api_server::SpiffeWorkloadApi},
-};
-use crate::daemon::{Daemon, Entitled, WorkloadRefusal};
+use super::pb::{self, spiffe_workload_api_server::SpiffeWorkloadApi};
+use crate::daemon::{Caller, Daemon, Entitled, Issue, WorkloadRefusal, X509Svid};
 
 /// The metadata every call must carry (SPIFFE Workload Endpoint, section 6).
 pub(crate) const SECURITY_HEADER: &str = "workload.spiffe.io";

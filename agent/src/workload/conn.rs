@@ -22,20 +22,13 @@ use tokio::{
 
 use super::authority::Rewriter;
 use crate::{
+    daemon::Caller,
     identity::attest::Peer,
     limits::{Slot, Slots},
 };
 
 /// Connections of one peer uid at once.
 pub(crate) const PER_UID: usize = 32;
-
-/// The process that connected, and the cgroup it was in then: its identity is that of this
-/// cgroup, for as long as it stays there.
-#[derive(Debug)]
-pub(crate) struct Caller {
-    pub(crate) peer: Peer,
-    pub(crate) cgroup_id: u64,
-}
 
 /// Open connections by peer uid.
 #[derive(Debug, Default)]

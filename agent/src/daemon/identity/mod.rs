@@ -18,11 +18,13 @@ mod admission;
 mod renew;
 mod revocation;
 mod socket;
+mod svids;
 mod workload;
 
 pub(super) use self::socket::serve_enroll;
+pub(crate) use self::svids::{Issue, Svids, X509Svid};
 pub use self::workload::ExecIdentityError;
-pub(crate) use self::workload::{Entitled, WorkloadRefusal};
+pub(crate) use self::workload::{Caller, Entitled, WorkloadRefusal};
 use super::{
     AdminError, Daemon, DaemonError,
     registry::{Bound, Kind, Managed, Record},

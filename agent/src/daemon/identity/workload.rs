@@ -2,10 +2,15 @@
 //! and renewed here with keys that stay in the daemon's memory, and who may ask for them.
 
 use super::*;
-use crate::{
-    identity::{attest::AttestError, spiffe::IdError},
-    workload::{X509Svid, conn::Caller},
-};
+use crate::identity::{attest::AttestError, spiffe::IdError};
+
+/// A caller of the Workload API: the process that connected, and the cgroup it was in then.
+/// Its identity is that of this cgroup, for as long as it stays there.
+#[derive(Debug)]
+pub(crate) struct Caller {
+    pub(crate) peer: crate::identity::attest::Peer,
+    pub(crate) cgroup_id: u64,
+}
 
 /// Why the Workload API gives a caller nothing. Each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +123,6 @@ fn material(issued: &crate::identity::svid::Issued) -> Result<X509Svid, ExecIden
     Ok(X509Svid::new(
         issued.id.to_string(),
         issued.serial.clone(),
-        issued.not_after,
         issued.cert_der.to_vec(),
         zeroize::Zeroizing::new(pkcs8.secret_pkcs8_der().to_vec()),
     ))
@@ -126,7 +130,7 @@ fn material(issued: &crate::identity::svid::Issued) -> Result<X509Svid, ExecIden
 
 impl Daemon {
     /// The X509-SVIDs of the agents of the Workload API.
-    pub(crate) fn svids(&self) -> &crate::workload::Svids {
+    pub(crate) fn svids(&self) -> &super::Svids {
         &self.svids
     }
 
