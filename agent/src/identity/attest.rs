@@ -58,8 +58,10 @@ pub struct Peer {
     pidfd: Option<OwnedFd>,
 }
 
-/// SO_PEERPIDFD of a connected Unix socket, or `None` on a kernel without it.
-fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
+/// SO_PEERPIDFD of a connected Unix socket: `Ok(None)` on a kernel without the option
+/// (before 6.5) only. Any other failure (the peer exited and was reaped, say) is an error:
+/// the pid SO_PEERCRED still reports may be another process's by now.
+fn peer_pidfd(sock: RawFd) -> std::io::Result<Option<OwnedFd>> {
     let mut fd: libc::c_int = -1;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes one int into `fd` and its size into `len`.
@@ -72,11 +74,18 @@ fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
             &raw mut len,
         )
     };
-    if r != 0 || fd < 0 {
-        return None;
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOPROTOOPT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if fd < 0 {
+        return Err(std::io::Error::other("SO_PEERPIDFD gave no descriptor"));
     }
     // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// `struct pidfd_info` of include/uapi/linux/pidfd.h, its first published size (64 bytes).
@@ -202,7 +211,7 @@ impl Peer {
         gid: u32,
         known: &dyn Fn(u64) -> Option<String>,
     ) -> Result<Self, AttestError> {
-        let pidfd = peer_pidfd(sock);
+        let pidfd = peer_pidfd(sock).map_err(|_| AttestError::Gone(cred_pid.unwrap_or(0)))?;
         let (pid, kernel_cgroup, source) = match (&pidfd, cred_pid) {
             (Some(fd), _) => {
                 let (pid, cgroup_id) =
