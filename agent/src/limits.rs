@@ -26,11 +26,14 @@ pub const ENROLL_THREADS: usize = 128;
 /// What the enrollment pool can hold at most: per thread its epoll instance, the connection,
 /// the peer's pidfd and a file of `/proc` or of the cgroup tree being read.
 pub const ENROLL_DESCRIPTORS: u64 = ENROLL_THREADS as u64 * 4;
-/// Connections to the Workload API at once (see `workload::conn`, which also bounds those
-/// of one uid).
+/// Connections to the Workload API at once of callers whose cgroup has an identity (see
+/// `workload::conn`, which also bounds those of one cgroup).
 pub const WORKLOAD_CONNECTIONS: usize = 256;
+/// Connections at once of callers whose cgroup has no identity (see `workload::conn`).
+pub const WORKLOAD_UNBOUND_CONNECTIONS: usize = 32;
 /// What they hold: per connection the socket and the caller's pidfd.
-pub const WORKLOAD_DESCRIPTORS: u64 = WORKLOAD_CONNECTIONS as u64 * 2;
+pub const WORKLOAD_DESCRIPTORS: u64 =
+    (WORKLOAD_CONNECTIONS + WORKLOAD_UNBOUND_CONNECTIONS) as u64 * 2;
 /// Calls (streams) of one Workload API connection at once.
 pub const WORKLOAD_CALLS_PER_CONNECTION: usize = 16;
 /// The decoded header fields of one Workload API request, at most (HTTP/2's measure: each

@@ -696,13 +696,25 @@ impl TestDaemon {
     /// A netprobe running as `uid` (outside any enforced cgroup) that holds `n` idle
     /// connections to the enrollment socket, and its report (`held=… refused=… waiting=…`).
     pub fn hold_enroll_connections(&self, uid: u32, n: usize) -> (Repl, String) {
+        self.hold_unix_connections("hold-unix", &self.enroll_socket, uid, n)
+    }
+
+    /// The same for any Unix socket of the daemon's, with netprobe's `how` (`hold-unix`,
+    /// `hold-h2`).
+    pub fn hold_unix_connections(
+        &self,
+        how: &str,
+        socket: &Path,
+        uid: u32,
+        n: usize,
+    ) -> (Repl, String) {
         let probe = self.world_copy(&netprobe_bin());
         let mut c = Command::new(probe);
         std::os::unix::process::CommandExt::uid(&mut c, uid);
         std::os::unix::process::CommandExt::gid(&mut c, uid);
         c.arg("repl");
         let mut holder = Repl::spawn(c);
-        let held = holder.cmd(&format!("hold-unix {} {n}", self.enroll_socket.display()));
+        let held = holder.cmd(&format!("{how} {} {n}", socket.display()));
         (holder, held)
     }
 

@@ -343,3 +343,48 @@ fn a_caller_moved_out_of_the_agents_cgroup_gets_no_more_svids() {
     assert_eq!(after["error"], "PERMISSION_DENIED", "{after}");
     let _ = child.wait();
 }
+
+#[test]
+fn users_holding_silent_connections_keep_no_agent_from_its_identity() {
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &reader_policy(sink.port()))]);
+    // Nine users outside any agent's cgroup open as many connections as they can, send the
+    // HTTP/2 preface and nothing more: more than all the connections the socket takes at
+    // once, if they shared one pool with the agents.
+    let holders: Vec<_> = (60_001..60_010)
+        .map(|uid| {
+            let (h, held) = d.hold_unix_connections("hold-h2", &d.workload_socket, uid, 40);
+            let n: usize = held
+                .strip_prefix("held=")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            assert!(n >= 32, "{held}");
+            h
+        })
+        .collect();
+    let out = client(&d, &["--identity", "agent/reader/prod"], &["fetch"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(steps(&out)["x509"]["spiffe_id"], READER, "{out:?}");
+    // A connection that says nothing is closed within seconds (after the server's own
+    // greeting, which it reads first).
+    let mut silent = std::os::unix::net::UnixStream::connect(&d.workload_socket).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 256];
+    loop {
+        match std::io::Read::read(&mut silent, &mut b) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the silent connection is still open: {e}"),
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+    drop(holders);
+}

@@ -366,6 +366,11 @@ fn to_value(v: &serde_json::Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// The largest request message: requests carry a few audiences or one token.
+const MAX_REQUEST: usize = 8 * 1024;
+/// The HTTP/2 flow-control window of a stream (and four of them for a connection).
+const WINDOW: u32 = 16 * 1024;
+
 /// Serves the Workload API on `listener` (supervised tasks): one accepting and identifying
 /// callers, one running the gRPC server on what it accepted.
 pub(crate) fn serve(
@@ -374,22 +379,33 @@ pub(crate) fn serve(
     supervisor: &crate::supervise::Supervisor,
 ) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel(16);
-    let slots =
-        crate::limits::Slots::new("Workload API socket", crate::limits::WORKLOAD_CONNECTIONS);
+    let pools = super::conn::Pools::new(
+        crate::limits::Slots::new(
+            "Workload API socket (agents)",
+            crate::limits::WORKLOAD_CONNECTIONS,
+        ),
+        crate::limits::Slots::new(
+            "Workload API socket (callers without an identity)",
+            crate::limits::WORKLOAD_UNBOUND_CONNECTIONS,
+        ),
+    );
     supervisor.spawn(
         "workload-accept",
-        super::conn::accept(listener, daemon.mount().to_path_buf(), slots, tx),
+        super::conn::accept(listener, Arc::clone(&daemon), pools, tx),
     );
-    let svc = pb::spiffe_workload_api_server::SpiffeWorkloadApiServer::with_interceptor(
-        WorkloadApi { daemon },
-        security_header,
-    );
+    // Requests are a few bytes: a body is refused past 8 KiB, and the flow-control windows
+    // let a client send little more than that before the server has read it.
+    let svc = pb::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(WorkloadApi { daemon })
+        .max_decoding_message_size(MAX_REQUEST);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, security_header);
     supervisor.spawn("workload", async move {
         let served = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(crate::limits::WORKLOAD_CALLS_PER_CONNECTION)
             .max_concurrent_streams(crate::limits::WORKLOAD_CALLS_PER_CONNECTION as u32)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .initial_stream_window_size(Some(WINDOW))
+            .initial_connection_window_size(Some(4 * WINDOW))
             .http2_max_header_list_size(
                 u32::try_from(crate::limits::WORKLOAD_HEADER_LIST).unwrap_or(u32::MAX),
             )

@@ -32,6 +32,8 @@ pub(crate) const MAX_FRAME: usize = 16 * 1024;
 /// The largest compressed header block (HEADERS and its CONTINUATIONs). Huffman coding can
 /// make a field's text longer than the field, though not by more than four times.
 pub(crate) const MAX_BLOCK: usize = 4 * HEADER_LIST;
+/// The rewriter stops taking input once this much output waits to be read.
+pub(crate) const READY_MAX: usize = 64 * 1024;
 /// The dynamic table the client's encoder may use: the HTTP/2 default, which the daemon's
 /// stack announces.
 const TABLE: usize = 4096;
@@ -94,6 +96,8 @@ pub(crate) struct Rewriter {
     head: [u8; FRAME_HEAD],
     have: usize,
     block: Option<Block>,
+    /// Header blocks rewritten so far.
+    requests: u64,
 }
 
 impl fmt::Debug for Rewriter {
@@ -114,15 +118,24 @@ impl Default for Rewriter {
             head: [0; FRAME_HEAD],
             have: 0,
             block: None,
+            requests: 0,
         }
     }
 }
 
 impl Rewriter {
-    /// Takes the next bytes the client sent and appends what the stack is to read to `out`.
-    /// A partial frame waits for the rest.
-    pub(crate) fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), RewriteError> {
-        while !input.is_empty() {
+    /// Header blocks rewritten so far: the client's requests (and trailers).
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// Takes the next bytes the client sent and appends what the stack is to read to `out`;
+    /// returns how many it took. It stops once `out` holds [`READY_MAX`] bytes: the caller
+    /// feeds the rest when the stack has read them. A partial frame waits for the rest.
+    pub(crate) fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, RewriteError> {
+        let whole = input.len();
+        let mut input = input;
+        while !input.is_empty() && out.len() < READY_MAX {
             match &mut self.state {
                 State::Preface(left) | State::Pass(left) => {
                     let n = (*left).min(input.len());
@@ -153,7 +166,7 @@ impl Rewriter {
                 }
             }
         }
-        Ok(())
+        Ok(whole - input.len())
     }
 
     /// A frame's head is in: header frames are gathered, the rest passes.
@@ -253,6 +266,7 @@ impl Rewriter {
         let fields = self.rewrite(&block.bytes)?;
         block.bytes = fields;
         emit(&block, out);
+        self.requests += 1;
         Ok(())
     }
 
@@ -529,6 +543,41 @@ mod tests {
             Rewriter::default().feed(&input, &mut Vec::new()),
             Err(RewriteError::Hpack(_))
         ));
+    }
+
+    #[test]
+    fn a_few_bytes_that_decode_to_many_are_taken_a_bounded_piece_at_a_time() {
+        // One large indexed field, then frames of four references to it: 13 bytes each
+        // that decode to 16 KB each.
+        let mut client = Encoder::new();
+        let first = encode(&mut client, &[(&b"x"[..], vec![b'a'; 4000])]);
+        let mut input = PRI.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        for stream in 0..600u32 {
+            input.extend(frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                3 + 2 * stream,
+                &[0xbe; 4],
+            ));
+        }
+        let mut r = Rewriter::default();
+        let mut rest = input.as_slice();
+        let mut rounds = 0;
+        while !rest.is_empty() {
+            let mut out = Vec::new();
+            let used = r.feed(rest, &mut out).unwrap();
+            assert!(used > 0, "each round takes some input");
+            assert!(
+                out.len() < READY_MAX + 2 * MAX_FRAME,
+                "{} bytes at once",
+                out.len()
+            );
+            rest = &rest[used..];
+            rounds += 1;
+        }
+        assert!(rounds > 100, "{rounds} rounds");
+        assert_eq!(r.requests(), 601);
     }
 
     #[test]

@@ -1,17 +1,20 @@
 //! A connection to the Workload API and the process at its other end, as the kernel
 //! reported it at accept: its pidfd, credentials and cgroup.
 //!
-//! The socket is open to every local process. Connections are bounded per peer uid and in
-//! all, so that a user holding many open (or never speaking) cannot keep other agents
-//! from their identity; beyond a bound a connection is closed at once.
+//! The socket is open to every local process. Callers whose cgroup has an identity and
+//! callers whose cgroup has none are bounded apart: the first per cgroup and in all, the
+//! second per uid and in a small pool of their own, where they stay ten seconds at most. A
+//! connection silent for ten seconds after accept is closed. So no user, however many uids
+//! it holds, keeps an agent from its identity, and an agent can use up only its own cgroup's
+//! share. Beyond a bound a connection is closed at once.
 
 use std::{
     collections::HashMap,
     os::fd::AsRawFd as _,
-    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use tokio::{
@@ -20,74 +23,99 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::authority::Rewriter;
+use super::authority::{READY_MAX, Rewriter};
 use crate::{
     daemon::Caller,
     identity::attest::Peer,
     limits::{Slot, Slots},
 };
 
-/// Connections of one peer uid at once.
-pub(crate) const PER_UID: usize = 32;
+/// Connections of one agent's cgroup at once.
+pub(crate) const PER_CGROUP: usize = 16;
+/// Connections at once of callers whose cgroup has no identity, and of one uid among them.
+/// They get nothing but PermissionDenied, so they share a small pool of their own: a user
+/// filling it keeps no agent from its identity.
+pub(crate) const UNBOUND_PER_UID: usize = 4;
+/// How long a connection may stay silent before its first request, and how long a caller
+/// without an identity may stay at all.
+const FIRST_REQUEST: Duration = Duration::from_secs(10);
 
-/// Open connections by peer uid.
+/// Open connections by a key (a cgroup id, or a uid).
 #[derive(Debug, Default)]
-pub(crate) struct PerUid(Mutex<HashMap<u32, usize>>);
+pub(crate) struct PerKey(Mutex<HashMap<u64, usize>>);
 
-/// A connection's place among those of its uid, given back when it closes.
+/// A connection's place among those of its key, given back when it closes.
 #[derive(Debug)]
-pub(crate) struct UidTurn {
-    owner: Arc<PerUid>,
-    uid: u32,
+pub(crate) struct Turn {
+    owner: Arc<PerKey>,
+    key: u64,
 }
 
-impl PerUid {
-    fn take(self: &Arc<Self>, uid: u32) -> Option<UidTurn> {
+impl PerKey {
+    fn take(self: &Arc<Self>, key: u64, max: usize) -> Option<Turn> {
         let mut m = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(uid).or_default();
-        if *n >= PER_UID {
+        let n = m.entry(key).or_default();
+        if *n >= max {
             return None;
         }
         *n += 1;
-        Some(UidTurn {
+        Some(Turn {
             owner: Arc::clone(self),
-            uid,
+            key,
         })
     }
 }
 
-impl Drop for UidTurn {
+impl Drop for Turn {
     fn drop(&mut self) {
         let mut m = self
             .owner
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = m.get_mut(&self.uid) {
+        if let Some(n) = m.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.uid);
+                m.remove(&self.key);
             }
         }
     }
+}
+
+/// When a connection ends whatever it does.
+#[derive(Debug)]
+enum Deadline {
+    /// Unless it has sent a request by then.
+    FirstRequest(Pin<Box<tokio::time::Sleep>>),
+    /// In any case (a caller without an identity).
+    Lifetime(Pin<Box<tokio::time::Sleep>>),
 }
 
 /// An accepted connection with its caller; its places in the bounds go with it.
 #[derive(Debug)]
 pub(crate) struct PeerStream {
     io: UnixStream,
+    caller: Arc<Caller>,
     /// The client's bytes on their way to the HTTP/2 stack (see [`super::authority`]).
     rewrite: Rewriter,
-    /// Rewritten bytes the stack has not read yet, from `taken` on.
+    /// What was read from the socket, from `raw_at` to `raw_len` not fed to the rewriter yet.
+    raw: Box<[u8]>,
+    raw_at: usize,
+    raw_len: usize,
+    /// Rewritten bytes the stack has not read yet, from `taken` on. The rewriter stops
+    /// adding at [`READY_MAX`]: a few bytes that decode to many cannot fill the memory.
     ready: Vec<u8>,
     taken: usize,
-    caller: Arc<Caller>,
+    deadline: Option<Deadline>,
     _slot: Slot,
-    _turn: UidTurn,
+    _turn: Turn,
 }
+
+/// The socket is read in pieces of this size.
+const READ_SIZE: usize = 8192;
 
 impl tonic::transport::server::Connected for PeerStream {
     type ConnectInfo = Arc<Caller>;
@@ -111,19 +139,40 @@ impl AsyncRead for PeerStream {
                 this.taken += n;
                 if this.taken == this.ready.len() {
                     this.ready.clear();
+                    this.ready.shrink_to(READY_MAX);
                     this.taken = 0;
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut raw = [0u8; 8192];
-            let mut got = ReadBuf::new(&mut raw);
+            if matches!(&this.deadline, Some(Deadline::FirstRequest(_)))
+                && this.rewrite.requests() > 0
+            {
+                this.deadline = None;
+            }
+            if let Some(Deadline::FirstRequest(sleep) | Deadline::Lifetime(sleep)) =
+                &mut this.deadline
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the Workload API connection's time is up",
+                )));
+            }
+            if this.raw_at < this.raw_len {
+                let used = this
+                    .rewrite
+                    .feed(&this.raw[this.raw_at..this.raw_len], &mut this.ready)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                this.raw_at += used;
+                continue;
+            }
+            let mut got = ReadBuf::new(&mut this.raw);
             std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut got))?;
-            if got.filled().is_empty() {
+            let n = got.filled().len();
+            if n == 0 {
                 return Poll::Ready(Ok(()));
             }
-            this.rewrite
-                .feed(got.filled(), &mut this.ready)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            (this.raw_at, this.raw_len) = (0, n);
         }
     }
 }
@@ -173,46 +222,98 @@ fn identify(io: &UnixStream, mount: &std::path::Path) -> Option<Caller> {
     Some(Caller { peer, cgroup_id })
 }
 
+/// The bounds of the Workload API's connections.
+#[derive(Debug)]
+pub(crate) struct Pools {
+    /// Callers whose cgroup has an identity: in all, and per cgroup.
+    pub(crate) bound: Arc<Slots>,
+    per_cgroup: Arc<PerKey>,
+    /// Callers whose cgroup has none: in all, and per uid.
+    pub(crate) unbound: Arc<Slots>,
+    per_uid: Arc<PerKey>,
+}
+
+impl Pools {
+    pub(crate) fn new(bound: Arc<Slots>, unbound: Arc<Slots>) -> Self {
+        Self {
+            bound,
+            per_cgroup: Arc::default(),
+            unbound,
+            per_uid: Arc::default(),
+        }
+    }
+
+    /// A place for `caller`, in the pool its cgroup's identity (or none) puts it in.
+    fn admit(&self, caller: &Caller, has_identity: bool) -> Option<(Slot, Turn, Deadline)> {
+        let (slots, per, key, max) = if has_identity {
+            (&self.bound, &self.per_cgroup, caller.cgroup_id, PER_CGROUP)
+        } else {
+            (
+                &self.unbound,
+                &self.per_uid,
+                u64::from(caller.peer.uid),
+                UNBOUND_PER_UID,
+            )
+        };
+        let Some(turn) = per.take(key, max) else {
+            tracing::debug!(
+                uid = caller.peer.uid,
+                cgroup = %caller.peer.cgroup,
+                has_identity,
+                "workload API: connection refused, its share is taken"
+            );
+            return None;
+        };
+        let Some(slot) = slots.take() else {
+            tracing::debug!("workload API: connection refused, {}", slots.refusal());
+            return None;
+        };
+        let sleep = Box::pin(tokio::time::sleep(FIRST_REQUEST));
+        let deadline = if has_identity {
+            Deadline::FirstRequest(sleep)
+        } else {
+            Deadline::Lifetime(sleep)
+        };
+        Some((slot, turn, deadline))
+    }
+}
+
 /// Accepts connections, identifies each peer and hands them to the server, within the
 /// bounds. Ends only if the server is gone.
 pub(crate) async fn accept(
     listener: tokio::net::UnixListener,
-    mount: PathBuf,
-    slots: Arc<Slots>,
+    daemon: Arc<crate::daemon::Daemon>,
+    pools: Pools,
     to_server: mpsc::Sender<std::io::Result<PeerStream>>,
 ) {
-    let per_uid = Arc::new(PerUid::default());
+    let mount = daemon.mount().to_path_buf();
     loop {
         let io = match listener.accept().await {
             Ok((io, _)) => io,
             Err(e) => {
                 // Out of descriptors, say: wait a little rather than spin.
                 tracing::warn!(error = %e, "workload API: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-        };
-        let Some(slot) = slots.take() else {
-            tracing::debug!("workload API: connection refused, {}", slots.refusal());
-            continue;
-        };
-        let Ok(cred) = io.peer_cred() else { continue };
-        let Some(turn) = per_uid.take(cred.uid()) else {
-            tracing::debug!(
-                uid = cred.uid(),
-                "workload API: connection refused, the uid holds {PER_UID} already"
-            );
-            continue;
         };
         let Some(caller) = identify(&io, &mount) else {
             continue;
         };
+        let has_identity = daemon.workload_has_identity(caller.cgroup_id).await;
+        let Some((slot, turn, deadline)) = pools.admit(&caller, has_identity) else {
+            continue;
+        };
         let stream = PeerStream {
             io,
+            caller: Arc::new(caller),
             rewrite: Rewriter::default(),
+            raw: vec![0; READ_SIZE].into_boxed_slice(),
+            raw_at: 0,
+            raw_len: 0,
             ready: Vec::new(),
             taken: 0,
-            caller: Arc::new(caller),
+            deadline: Some(deadline),
             _slot: slot,
             _turn: turn,
         };
@@ -228,13 +329,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_uid_holds_at_most_its_share_and_gets_it_back() {
-        let p = Arc::new(PerUid::default());
-        let held: Vec<_> = (0..PER_UID).map(|_| p.take(1000).unwrap()).collect();
-        assert!(p.take(1000).is_none());
-        assert!(p.take(1001).is_some(), "another uid is not held up");
+    fn a_key_holds_at_most_its_share_and_gets_it_back() {
+        let p = Arc::new(PerKey::default());
+        let held: Vec<_> = (0..PER_CGROUP)
+            .map(|_| p.take(1000, PER_CGROUP).unwrap())
+            .collect();
+        assert!(p.take(1000, PER_CGROUP).is_none());
+        assert!(
+            p.take(1001, PER_CGROUP).is_some(),
+            "another key is not held up"
+        );
         drop(held);
-        let again = p.take(1000);
+        let again = p.take(1000, PER_CGROUP);
         assert!(again.is_some());
         drop(again);
         assert!(p.0.lock().unwrap().is_empty(), "no entry is left behind");

@@ -26,6 +26,7 @@
 //! `udp-options ADDR PAYLOAD` (a connected UDP send whose packets carry IPv4 options),
 //! `udp-pktinfo ADDR PAYLOAD` (a connected UDP send with a packet-info control message),
 //! `hold-unix PATH N` (N connections to a Unix socket, each sent three bytes, then held),
+//! `hold-h2 PATH N` (the same, each sent the HTTP/2 client preface only),
 //! `packet` (a cooked AF_PACKET socket), `ls DIR` (`entries=N`), `size FILE` (`bytes=N`),
 //! `signal PID` (signal 0: may this process signal PID), `create PATH` (a new file),
 //! `remove PATH`, `unshare-user` (a user namespace, from a child process), `inotify-fill N`
@@ -322,7 +323,7 @@ fn hold_tcp(a: SocketAddr, n: usize, secs: u64) -> String {
     format!("held={opened}")
 }
 
-fn hold_unix(path: &str, n: usize) -> String {
+fn hold_unix(path: &str, n: usize, greeting: &[u8]) -> String {
     use nix::sys::socket::{
         AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr, connect, recv, send, socket,
     };
@@ -350,7 +351,7 @@ fn hold_unix(path: &str, n: usize) -> String {
         };
         match connect(fd.as_raw_fd(), &addr) {
             Ok(()) => {
-                let _ = send(fd.as_raw_fd(), &[0x16, 0x03, 0x01], MsgFlags::empty());
+                let _ = send(fd.as_raw_fd(), greeting, MsgFlags::empty());
                 open.push(fd);
             }
             Err(nix::errno::Errno::EAGAIN) => waiting += 1,
@@ -941,6 +942,12 @@ fn run(line: &str) -> String {
             ("hold-unix", [path, n]) => Ok(hold_unix(
                 path,
                 n.parse().map_err(|_| "err bad count".to_string())?,
+                &[0x16, 0x03, 0x01],
+            )),
+            ("hold-h2", [path, n]) => Ok(hold_unix(
+                path,
+                n.parse().map_err(|_| "err bad count".to_string())?,
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             )),
             ("unix-flood", [name, n]) => Ok(unix_flood(
                 name,

@@ -183,6 +183,15 @@ impl Daemon {
         Ok(())
     }
 
+    /// Whether cgroup `cgroup_id` holds an identity that is not revoked: which pool of the
+    /// Workload API's connections its callers go to.
+    pub(crate) async fn workload_has_identity(&self, cgroup_id: u64) -> bool {
+        self.registry
+            .identity_of(cgroup_id)
+            .await
+            .is_some_and(|(bound, _)| !bound.revoked)
+    }
+
     /// Who the caller is, by the kernel's account now, and what its cgroup entitles it to.
     pub(crate) async fn workload_caller(
         &self,
