@@ -86,8 +86,8 @@ pub struct LeafRequest {
     pub capabilities: Vec<String>,
 }
 
-/// An issued certificate with its fresh private key.
-#[derive(Debug, Clone)]
+/// An issued certificate with its fresh private key (which its `Debug` leaves out).
+#[derive(Clone)]
 pub struct Issued {
     pub id: SpiffeId,
     pub cert_pem: String,
@@ -99,6 +99,18 @@ pub struct Issued {
     pub not_after: SystemTime,
     /// SHA-256 of the certificate's DER, lower-case hex.
     pub sha256: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The key type of the certificates the local CA creates: its own (when it is created) and
@@ -526,6 +538,11 @@ mod tests {
         );
         assert_eq!(leaf.serial.len(), 32);
         assert_eq!(leaf.sha256.len(), 64);
+        let shown = format!("{leaf:?}");
+        assert!(
+            !shown.contains("PRIVATE KEY") && shown.contains(&leaf.serial),
+            "{shown}"
+        );
         let foreign = SpiffeId::workload("spiffe://other.org/agent/reader/prod").unwrap();
         let e = ca
             .issue(

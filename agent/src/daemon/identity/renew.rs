@@ -107,6 +107,12 @@ impl Daemon {
                 }
             })
             .await?;
+        // A revocation or the cgroup's end that came while the certificate was being made
+        // withdrew the SVIDs before this one was published: withdraw it again. (One that
+        // comes after the binding was read withdraws after the publication.)
+        if dir.is_none() && before.is_none_or(|b| b.flags & flags::REVOKED != 0) {
+            self.svids.withdraw(cgroup_id);
+        }
         if before.is_none() {
             return Err(RenewError::Unbound);
         }
