@@ -163,6 +163,112 @@ fn worker_enroll(
     );
 }
 
+/// A Workload API connection: HTTP/2 over the socket, as every gRPC client opens it.
+async fn workload_connect(socket: &Path) -> h2::client::SendRequest<bytes::Bytes> {
+    let io = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+/// One gRPC call with the security header: the first message of the answer, decoded. The
+/// stream ends (cancelled) when it is dropped after that.
+async fn workload_call<M: prost::Message + Default>(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    rpc: &str,
+    request: &impl prost::Message,
+) -> M {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost/SpiffeWorkloadAPI/{rpc}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("workload.spiffe.io", "true")
+        .body(())
+        .unwrap();
+    let body = request.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&body);
+    let (answer, mut stream) = send.send_request(req, false).unwrap();
+    stream.send_data(framed.into(), true).unwrap();
+    let answer = answer.await.unwrap();
+    let refused = answer.headers().get("grpc-message").cloned();
+    let mut body = answer.into_body();
+    let mut got: Vec<u8> = Vec::new();
+    loop {
+        if got.len() >= 5 {
+            let len = u32::from_be_bytes(got[1..5].try_into().unwrap()) as usize;
+            if got.len() >= 5 + len {
+                return M::decode(&got[5..5 + len]).unwrap();
+            }
+        }
+        let chunk = body
+            .data()
+            .await
+            .unwrap_or_else(|| panic!("{rpc}: no message ({refused:?})"))
+            .unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+}
+
+/// Calls the Workload API `n` times per case from inside the agent's cgroup, one call at a
+/// time; prints each case's latencies (µs) and the CPU time the daemon used meanwhile.
+fn worker_workload(socket: &Path, n: usize, daemon: u32) {
+    use agentwall::workload::pb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let x509 = |mut send: h2::client::SendRequest<bytes::Bytes>| async move {
+            let r: pb::X509svidResponse =
+                workload_call(&mut send, "FetchX509SVID", &pb::X509svidRequest {}).await;
+            assert!(!r.svids[0].x509_svid_key.is_empty());
+            send
+        };
+        let jwt = |mut send: h2::client::SendRequest<bytes::Bytes>| async move {
+            let r: pb::JwtsvidResponse = workload_call(
+                &mut send,
+                "FetchJWTSVID",
+                &pb::JwtsvidRequest {
+                    audience: vec!["bench".into()],
+                    spiffe_id: String::new(),
+                },
+            )
+            .await;
+            assert!(!r.svids[0].svid.is_empty());
+            send
+        };
+        // Warm-up: the daemon's first connection, stream and token.
+        let open = jwt(x509(workload_connect(socket).await).await).await;
+        let mut out = String::new();
+        for case in ["x509_new", "x509_open", "jwt_open"] {
+            let mut lat = Vec::with_capacity(n);
+            let mut send = open.clone();
+            let cpu = process_cpu(daemon);
+            for _ in 0..n {
+                let t = Instant::now();
+                send = match case {
+                    "x509_new" => {
+                        drop(x509(workload_connect(socket).await).await);
+                        send
+                    }
+                    "x509_open" => x509(send).await,
+                    _ => jwt(send).await,
+                };
+                lat.push(format!("{:.1}", t.elapsed().as_secs_f64() * 1e6));
+            }
+            let cpu = process_cpu(daemon) - cpu;
+            let _ = writeln!(out, "{case}_cpu={cpu} {case}_us={}", lat.join(","));
+        }
+        print!("{out}");
+    });
+}
+
 fn read_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     (
         fs::read(dir.join("svid.pem")).unwrap(),
@@ -451,6 +557,11 @@ fn main() {
                 ),
                 Duration::from_micros(arg("pace-us").unwrap().parse().unwrap()),
             ),
+            "workload" => worker_workload(
+                &socket,
+                arg("n").unwrap().parse().unwrap(),
+                arg("daemon").unwrap().parse().unwrap(),
+            ),
             other => panic!("unknown worker {other}"),
         }
         return;
@@ -627,6 +738,66 @@ fn main() {
             .map(|c| format!("{:.0}", 1.0 / c))
             .collect();
         eprintln!("  rounds, bare handshake: {}", rates.join(" "));
+    }
+
+    // The Workload API, called from inside a cgroup of `exec --identity`; against the
+    // enrollment of this run by one client presenting one certificate.
+    let n_fetch: usize = arg("fetches").map_or(2000, |v| v.parse().unwrap());
+    let o = Command::new(agentwall_tests::agentwall_bin())
+        .args(["exec", "--socket"])
+        .arg(&d.socket)
+        .args(["--identity", ID, "--keep-privileges", "--"])
+        .arg(&me)
+        .arg("--worker=workload")
+        .arg(format!("--socket={}", d.workload_socket.display()))
+        .arg(format!("--n={n_fetch}"))
+        .arg(format!("--daemon={pid}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "workload worker: {o:?}");
+    let out = String::from_utf8(o.stdout).unwrap();
+    let field = |name: &str| -> String {
+        out.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .unwrap()
+            .to_string()
+    };
+    // (what, p50 µs, p99 µs, calls per daemon core).
+    let workload_rows: Vec<(&str, f64, f64, f64)> = [
+        (
+            "x509_new",
+            "FetchX509SVID on a new connection (connect, HTTP/2 handshake, the first message)",
+        ),
+        (
+            "x509_open",
+            "FetchX509SVID on an open connection (a new stream, the first message)",
+        ),
+        ("jwt_open", "FetchJWTSVID on an open connection"),
+    ]
+    .into_iter()
+    .map(|(case, what)| {
+        let mut lat: Vec<f64> = field(&format!("{case}_us"))
+            .split(',')
+            .map(|v| v.parse().unwrap())
+            .collect();
+        let cpu: f64 = field(&format!("{case}_cpu")).parse().unwrap();
+        (
+            what,
+            quantile(&mut lat, 0.5),
+            quantile(&mut lat, 0.99),
+            n_fetch as f64 / cpu,
+        )
+    })
+    .collect();
+    // The enrollment of one client presenting one certificate: per core, and its mean time.
+    let enroll_known = enroll_rows
+        .iter()
+        .find(|(distinct, clients, ..)| !*distinct && *clients == 1)
+        .map(|(_, _, [rate, ..], wall, _)| (*rate, 1e6 / *wall));
+    for (what, p50, p99, per_core) in &workload_rows {
+        eprintln!(
+            "workload API: {what}: p50 {p50:.0} µs, p99 {p99:.0} µs, {per_core:.0}/s per daemon core"
+        );
     }
 
     // The revocation worker runs in an enforced cgroup, where the admin socket refuses it:
@@ -824,6 +995,25 @@ fn main() {
             "| enrollments per second, wall clock, {who} | {wall_rate:.0}/s | - | - | - |"
         );
     }
+    for (what, p50, p99, per_core) in &workload_rows {
+        let (base_lat, ratio_lat, base_rate, ratio_rate) = match enroll_known {
+            Some((rate, us)) => (
+                format!("enrollment, one client presenting one certificate, mean: {us:.0} µs"),
+                format!("{:.2}x (p50)", p50 / us),
+                format!("enrollments per daemon core, the same client: {rate:.0}/s"),
+                format!("{:.2}x", per_core / rate),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            md,
+            "| Workload API: {what}, one call at a time, {n_fetch} calls | p50 {p50:.0} µs, p99 {p99:.0} µs | {base_lat} | {ratio_lat} | - |"
+        );
+        let _ = writeln!(
+            md,
+            "| Workload API: {what}, calls per second per daemon core | {per_core:.0}/s | {base_rate} | {ratio_rate} | - |"
+        );
+    }
     let flat_p99: Vec<f64> = series
         .iter()
         .filter(|r| r.pace_us == 0)
@@ -899,6 +1089,13 @@ fn main() {
     let _ = writeln!(
         md,
         "\n### Method\n\n\
+         A Workload API call is measured from inside a cgroup of `agentwall exec --identity`, \
+         by a client that speaks gRPC over HTTP/2 as the SPIFFE libraries do. Each call covers \
+         the attestation of the caller (its cgroup now, the identity bound to it, the \
+         policy's selectors) and an audit record; a JWT-SVID also an ES256 signature. The \
+         X509-SVID is the one the daemon holds in memory: no certificate is made per call. \
+         The enrollment it is set against proves a certificate the agent holds; the calls \
+         hand out one the daemon made.\n\n\
          An enrollment here is what an agent pays to prove itself. It covers a TLS 1.3 handshake \
          with its client certificate (aws-lc-rs; the daemon prefers AES-128-GCM-SHA256). It \
          covers the SVID checks (chain, SPIFFE ID, key usage, validity, revocation) and \
