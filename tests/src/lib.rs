@@ -371,9 +371,10 @@ impl Drop for UdpSink {
     }
 }
 
-/// A CA of another trust domain, as a SPIRE server would export its bundle; removed on drop.
+/// A CA of another trust domain (its directory, its name), as a SPIRE server would export
+/// its bundle; removed on drop.
 #[derive(Debug)]
-pub struct PartnerCa(PathBuf);
+pub struct PartnerCa(PathBuf, String);
 
 impl PartnerCa {
     pub fn new(trust_domain: &str) -> Self {
@@ -393,7 +394,7 @@ impl PartnerCa {
             .output()
             .unwrap();
         assert!(o.status.success(), "{o:?}");
-        Self(dir)
+        Self(dir, trust_domain.to_string())
     }
 
     pub fn state(&self) -> PathBuf {
@@ -402,6 +403,15 @@ impl PartnerCa {
 
     pub fn bundle(&self) -> PathBuf {
         self.0.join("state/ca/ca.crt")
+    }
+
+    /// A daemon config that trusts this CA's trust domain (`identity.bundles`).
+    pub fn trusted_config(&self) -> String {
+        format!(
+            "identity:\n  bundles:\n    - trust_domain: {}\n      file: {}\n",
+            self.1,
+            self.bundle().display()
+        )
     }
 }
 

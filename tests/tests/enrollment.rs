@@ -455,10 +455,7 @@ fn an_external_trust_domain_is_trusted_and_its_binding_expires_with_the_certific
     let _s = serial();
     let sink = TcpSink::new("127.0.0.1:0");
     let partner = PartnerCa::new("partner.org");
-    let config = format!(
-        "identity:\n  bundles:\n    - trust_domain: partner.org\n      file: {}\n",
-        partner.bundle().display()
-    );
+    let config = partner.trusted_config();
     let policy = format!(
         "policy:\n  name: partner-reader\n  identity: spiffe://partner.org/agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
         sink.port()

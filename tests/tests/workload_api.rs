@@ -45,6 +45,29 @@ fn client(d: &TestDaemon, under: &[&str], args: &[&str]) -> Command {
     c
 }
 
+/// The client streaming X509 contexts for `seconds` in an agent of the reader identity,
+/// and its JSON lines as they come.
+fn streaming(d: &TestDaemon, seconds: &str) -> (std::process::Child, mpsc::Receiver<Value>) {
+    let mut child = client(
+        d,
+        &["--identity", "agent/reader/prod"],
+        &["stream", seconds],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    (child, rx)
+}
+
 /// The client's JSON lines by step.
 fn steps(out: &Output) -> BTreeMap<String, Value> {
     lines(out)
@@ -72,10 +95,7 @@ fn a_py_spiffe_agent_gets_its_identity_bundles_and_tokens() {
     let _s = serial();
     let sink = TcpSink::new("127.0.0.1:0");
     let partner = PartnerCa::new("partner.org");
-    let config = format!(
-        "identity:\n  bundles:\n    - trust_domain: partner.org\n      file: {}\n",
-        partner.bundle().display()
-    );
+    let config = partner.trusted_config();
     let mut d =
         TestDaemon::start_with_config(&[("p.yaml", &reader_policy(sink.port()))], Some(&config));
     let out = client(&d, &["--identity", "agent/reader/prod"], &["fetch"])
@@ -166,21 +186,10 @@ fn rotation_reaches_the_stream_and_revocation_ends_it() {
     // Short certificates: renewed every few seconds.
     let config = "identity:\n  svid_lifetime: 1m\n  renew_before: 55s\n";
     let d = TestDaemon::start_with_config(&[("p.yaml", &reader_policy(sink.port()))], Some(config));
-    let mut child = client(&d, &["--identity", "agent/reader/prod"], &["stream", "60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let (mut child, lines_in) = streaming(&d, "60");
     let next = |what: &str| {
-        rx.recv_timeout(Duration::from_secs(30))
+        lines_in
+            .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no {what} from the client"))
     };
     let first = loop {
@@ -312,21 +321,10 @@ fn a_caller_moved_out_of_the_agents_cgroup_gets_no_more_svids() {
     elsewhere.0.create().unwrap();
     // The client connects from the agent's cgroup and gets its SVID; then its process is
     // moved to another cgroup (as a root agent could move itself, or a helper it talks to).
-    let mut child = client(&d, &["--identity", "agent/reader/prod"], &["stream", "30"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let (mut child, lines_in) = streaming(&d, "30");
     let next = |what: &str| {
-        rx.recv_timeout(Duration::from_secs(30))
+        lines_in
+            .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("no {what} from the client"))
     };
     let streaming = next("the start");
