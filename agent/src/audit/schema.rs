@@ -120,6 +120,9 @@ pub enum AuditRecord {
         uid: u32,
         exe: String,
         cgroup: String,
+        /// Refusals of the same uid not recorded since its last record (over its budget).
+        #[serde(default, skip_serializing_if = "none")]
+        suppressed: Option<u64>,
     },
     /// A JWT-SVID was handed out.
     TokenIssued {
@@ -425,6 +428,7 @@ mod tests {
                 uid: 0,
                 exe: s("/bin/x"),
                 cgroup: s("/a"),
+                suppressed: Some(3),
             },
             R::TokenIssued {
                 spiffe_id: s("spiffe://d/a"),

@@ -143,6 +143,8 @@ pub struct Daemon {
     audit_node_key: String,
     /// The X509-SVIDs the Workload API hands out, keys in memory only.
     svids: identity::Svids,
+    /// Refusals of the Workload API recorded per uid.
+    workload_refusals: identity::RefusalBudget,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that

@@ -105,6 +105,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         audit: audit.clone(),
         audit_node_key,
         svids: Default::default(),
+        workload_refusals: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported

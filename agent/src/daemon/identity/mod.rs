@@ -24,7 +24,7 @@ mod workload;
 pub(super) use self::socket::serve_enroll;
 pub(crate) use self::svids::{Issue, Svids, X509Svid};
 pub use self::workload::ExecIdentityError;
-pub(crate) use self::workload::{Caller, Entitled, WorkloadRefusal};
+pub(crate) use self::workload::{Caller, Entitled, RefusalBudget, WorkloadRefusal};
 use super::{
     AdminError, Daemon, DaemonError,
     registry::{Bound, Kind, Managed, Record},

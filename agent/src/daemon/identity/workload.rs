@@ -12,6 +12,72 @@ pub(crate) struct Caller {
     pub(crate) cgroup_id: u64,
 }
 
+/// Refusals recorded per uid: any local user can call the Workload API as often as it likes,
+/// and its refusals must not fill the audit log or stall its writer. Each uid has
+/// [`REFUSALS_PER_SECOND`] records a second, and all uids together [`REFUSALS_PER_SECOND_ALL`]
+/// (a user may hold many uids); the rest are counted, and the uid's next record says how
+/// many went unrecorded.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalBudget(std::sync::Mutex<(Option<Window>, HashMap<u32, Window>)>);
+
+/// One uid's current second.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    start: std::time::Instant,
+    recorded: u32,
+    suppressed: u64,
+}
+
+/// Records of refusals per uid per second.
+pub(crate) const REFUSALS_PER_SECOND: u32 = 10;
+/// Records of refusals per second, all uids together.
+pub(crate) const REFUSALS_PER_SECOND_ALL: u32 = 200;
+/// Uids tracked at once; past it, windows that ended are dropped (their counts with them).
+const REFUSAL_UIDS: usize = 4096;
+
+impl RefusalBudget {
+    /// `Some(n)`: record this refusal, `n` of the uid's went unrecorded before it. `None`:
+    /// over the budget, counted.
+    pub(crate) fn admit(&self, uid: u32, now: std::time::Instant) -> Option<u64> {
+        let second = std::time::Duration::from_secs(1);
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (all, m) = &mut *guard;
+        let all = all.get_or_insert(Window {
+            start: now,
+            recorded: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(all.start) >= second {
+            (all.start, all.recorded) = (now, 0);
+        }
+        if m.len() >= REFUSAL_UIDS && !m.contains_key(&uid) {
+            m.retain(|_, w| now.duration_since(w.start) < second);
+            if m.len() >= REFUSAL_UIDS {
+                return None;
+            }
+        }
+        let w = m.entry(uid).or_insert(Window {
+            start: now,
+            recorded: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(w.start) >= second {
+            w.start = now;
+            w.recorded = 0;
+        }
+        if w.recorded >= REFUSALS_PER_SECOND || all.recorded >= REFUSALS_PER_SECOND_ALL {
+            w.suppressed += 1;
+            return None;
+        }
+        w.recorded += 1;
+        all.recorded += 1;
+        Some(std::mem::take(&mut w.suppressed))
+    }
+}
+
 /// Why the Workload API gives a caller nothing. Each says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum WorkloadRefusal {
@@ -254,6 +320,12 @@ impl Daemon {
     pub(crate) fn workload_refused(&self, rpc: &str, caller: &Caller, why: &WorkloadRefusal) {
         tracing::debug!(rpc, pid = caller.peer.pid, error = %why, "workload API refused");
         self.count_error("workload_refused");
+        let Some(suppressed) = self
+            .workload_refusals
+            .admit(caller.peer.uid, std::time::Instant::now())
+        else {
+            return;
+        };
         self.audit
             .record(&crate::audit::schema::AuditRecord::WorkloadRefused {
                 rpc: rpc.to_string(),
@@ -262,6 +334,7 @@ impl Daemon {
                 uid: caller.peer.uid,
                 exe: caller.peer.exe.display().to_string(),
                 cgroup: caller.peer.cgroup.clone(),
+                suppressed: (suppressed > 0).then_some(suppressed),
             });
     }
 
@@ -295,6 +368,33 @@ impl Daemon {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn refusals_are_recorded_within_a_budget_per_uid_and_counted_beyond() {
+        let b = RefusalBudget::default();
+        let t0 = std::time::Instant::now();
+        let n = REFUSALS_PER_SECOND as usize;
+        let first: Vec<_> = (0..3 * n).map(|_| b.admit(1000, t0)).collect();
+        assert!(first[..n].iter().all(|r| *r == Some(0)));
+        assert!(
+            first[n..].iter().all(Option::is_none),
+            "a flood is not recorded"
+        );
+        assert_eq!(b.admit(1001, t0), Some(0), "another uid has its own budget");
+        let later = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(
+            b.admit(1000, later),
+            Some(2 * n as u64),
+            "the next record says how many went unrecorded"
+        );
+        assert_eq!(b.admit(1000, later), Some(0));
+        // Many uids at once: all of them together are bounded too.
+        let t1 = later + std::time::Duration::from_secs(5);
+        let recorded = (0..1000u32)
+            .filter(|uid| b.admit(50_000 + uid, t1).is_some())
+            .count();
+        assert_eq!(recorded, REFUSALS_PER_SECOND_ALL as usize);
+    }
 
     #[test]
     fn an_id_is_whole_or_a_path_in_the_local_trust_domain() {
