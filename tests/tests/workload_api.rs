@@ -47,11 +47,11 @@ fn client(d: &TestDaemon, under: &[&str], args: &[&str]) -> Command {
 
 /// The client streaming X509 contexts for `seconds` in an agent of the reader identity,
 /// and its JSON lines as they come.
-fn streaming(d: &TestDaemon, seconds: &str) -> (std::process::Child, mpsc::Receiver<Value>) {
+fn streaming(d: &TestDaemon, args: &[&str]) -> (std::process::Child, mpsc::Receiver<Value>) {
     let mut child = client(
         d,
         &["--identity", "agent/reader/prod"],
-        &["stream", seconds],
+        &[&["stream"], args].concat(),
     )
     .stdout(Stdio::piped())
     .spawn()
@@ -172,7 +172,10 @@ fn a_py_spiffe_agent_gets_its_identity_bundles_and_tokens() {
     assert!(
         delivered
             .iter()
-            .any(|r| r["serial"] == serial.as_str() && r["spiffe_id"] == READER),
+            // Python prints the serial without its leading zeros.
+            .any(|r| r["serial"].as_str().unwrap().trim_start_matches('0')
+                == serial.trim_start_matches('0')
+                && r["spiffe_id"] == READER),
         "{delivered:?}"
     );
     let launched = audit_records(&d, "workload_launched");
@@ -186,7 +189,7 @@ fn rotation_reaches_the_stream_and_revocation_ends_it() {
     // Short certificates: renewed every few seconds.
     let config = "identity:\n  svid_lifetime: 1m\n  renew_before: 55s\n";
     let d = TestDaemon::start_with_config(&[("p.yaml", &reader_policy(sink.port()))], Some(config));
-    let (mut child, lines_in) = streaming(&d, "60");
+    let (mut child, lines_in) = streaming(&d, &["60"]);
     let next = |what: &str| {
         lines_in
             .recv_timeout(Duration::from_secs(30))
@@ -321,7 +324,7 @@ fn a_caller_moved_out_of_the_agents_cgroup_gets_no_more_svids() {
     elsewhere.0.create().unwrap();
     // The client connects from the agent's cgroup and gets its SVID; then its process is
     // moved to another cgroup (as a root agent could move itself, or a helper it talks to).
-    let (mut child, lines_in) = streaming(&d, "30");
+    let (mut child, lines_in) = streaming(&d, &["30", "60"]);
     let next = |what: &str| {
         lines_in
             .recv_timeout(Duration::from_secs(30))
@@ -339,6 +342,18 @@ fn a_caller_moved_out_of_the_agents_cgroup_gets_no_more_svids() {
     let after = next("what the moved client got");
     assert_eq!(after["step"], "ended", "the moved process got {after}");
     assert_eq!(after["error"], "PERMISSION_DENIED", "{after}");
+    // Its connection, which it keeps open, ends and gives its place in the agents' pool
+    // back: a process outside the agent's cgroup holds none of the cgroup's share.
+    agentwall_tests::wait_for(
+        Duration::from_secs(40),
+        "the moved connection's end",
+        || {
+            d.log_text()
+                .contains("its process left its cgroup")
+                .then_some(())
+        },
+    );
+    let _ = child.kill();
     let _ = child.wait();
 }
 
@@ -385,4 +400,51 @@ fn users_holding_silent_connections_keep_no_agent_from_its_identity() {
     }
     assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
     drop(holders);
+}
+
+#[test]
+fn a_caller_that_stops_reading_is_cut_off_in_time_all_the_same() {
+    use std::io::Write as _;
+    let _s = serial();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let d = TestDaemon::start(&[("p.yaml", &reader_policy(sink.port()))]);
+    // The HTTP/2 preface, then PINGs and never a read: the answers fill the socket, and the
+    // server, which cannot write them, stops reading. Its deadlines must hold all the same.
+    let t0 = std::time::Instant::now();
+    let mut s = std::os::unix::net::UnixStream::connect(&d.workload_socket).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    s.set_nonblocking(true).unwrap();
+    let pings: Vec<u8> = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8].repeat(1024);
+    let (mut at, mut stalled) = (0, None::<std::time::Instant>);
+    while t0.elapsed() < Duration::from_secs(8) {
+        match s.write(&pings[at..]) {
+            Ok(n) => {
+                at = (at + n) % pings.len();
+                stalled = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *stalled.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the server ended the flood itself ({e}); nothing to check"),
+        }
+    }
+    assert!(
+        stalled.is_some(),
+        "the server kept reading a client that never reads"
+    );
+    // Past the deadline of a caller without an identity (10 s), the connection is gone.
+    std::thread::sleep(Duration::from_secs(20).saturating_sub(t0.elapsed()));
+    let after = s.write(&pings[at..]);
+    assert!(
+        matches!(&after, Err(e) if matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )),
+        "the connection is still open: {after:?}"
+    );
 }

@@ -60,10 +60,14 @@ fn td_key(trust_domain: &str) -> String {
 impl WorkloadApi {
     /// The caller's entitlement, or the refusal (recorded) as a status.
     async fn entitled(&self, rpc: &str, caller: &Arc<Caller>) -> Result<Entitled, Status> {
-        self.daemon.workload_caller(caller).await.map_err(|why| {
+        let ent = self.daemon.workload_caller(caller).await.map_err(|why| {
             self.daemon.workload_refused(rpc, caller, &why);
             status_of(&why)
-        })
+        })?;
+        caller
+            .entitled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(ent)
     }
 
     fn x509_response(&self, svid: &X509Svid) -> pb::X509svidResponse {

@@ -4,7 +4,8 @@
 //! The socket is open to every local process. Callers whose cgroup has an identity and
 //! callers whose cgroup has none are bounded apart: the first per cgroup and in all, the
 //! second per uid and in a small pool of their own, where they stay ten seconds at most. A
-//! connection silent for ten seconds after accept is closed. So no user, however many uids
+//! connection none of whose calls was found entitled within ten seconds is closed, and so is
+//! one whose process is gone or in another cgroup, looked at every ten seconds. So no user, however many uids
 //! it holds, keeps an agent from its identity, and an agent can use up only its own cgroup's
 //! share. Beyond a bound a connection is closed at once.
 
@@ -36,9 +37,12 @@ pub(crate) const PER_CGROUP: usize = 16;
 /// They get nothing but PermissionDenied, so they share a small pool of their own: a user
 /// filling it keeps no agent from its identity.
 pub(crate) const UNBOUND_PER_UID: usize = 4;
-/// How long a connection may stay silent before its first request, and how long a caller
+/// How long a connection may go before a call of it is found entitled, and how long a caller
 /// without an identity may stay at all.
 const FIRST_REQUEST: Duration = Duration::from_secs(10);
+/// How often an open connection's process is looked at again: gone, or in another cgroup
+/// than the one it connected from, its connection ends and gives its place back.
+const RECHECK: Duration = Duration::from_secs(10);
 
 /// Open connections by a key (a cgroup id, or a uid).
 #[derive(Debug, Default)]
@@ -88,7 +92,7 @@ impl Drop for Turn {
 /// When a connection ends whatever it does.
 #[derive(Debug)]
 enum Deadline {
-    /// Unless it has sent a request by then.
+    /// Unless a call of it was found entitled by then.
     FirstRequest(Pin<Box<tokio::time::Sleep>>),
     /// In any case (a caller without an identity).
     Lifetime(Pin<Box<tokio::time::Sleep>>),
@@ -110,8 +114,62 @@ pub(crate) struct PeerStream {
     ready: Vec<u8>,
     taken: usize,
     deadline: Option<Deadline>,
+    /// The next look at the process (see [`RECHECK`]).
+    recheck: Pin<Box<tokio::time::Sleep>>,
+    /// Looks in a row that found the process gone or elsewhere.
+    strikes: u8,
+    mount: Arc<std::path::Path>,
     _slot: Slot,
     _turn: Turn,
+}
+
+impl PeerStream {
+    /// Whether the connection must end now. Asked on every read, write and flush, so that
+    /// a client that stops reading (and so stops the stack from reading it) cannot outlive
+    /// its deadline; each timer polled here wakes the connection's task when it fires.
+    fn time_is_up(&mut self, cx: &mut Context<'_>) -> bool {
+        if matches!(&self.deadline, Some(Deadline::FirstRequest(_)))
+            && self
+                .caller
+                .entitled
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.deadline = None;
+        }
+        if let Some(Deadline::FirstRequest(sleep) | Deadline::Lifetime(sleep)) = &mut self.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            return true;
+        }
+        while self.recheck.as_mut().poll(cx).is_ready() {
+            let here = self.caller.peer.cgroup_id_now(&self.mount);
+            if matches!(here, Ok(id) if id == self.caller.cgroup_id) {
+                self.strikes = 0;
+            } else {
+                // Seen twice in a row: the refusals of calls in flight reach the client first.
+                self.strikes += 1;
+                if self.strikes >= 2 {
+                    tracing::info!(
+                        pid = self.caller.peer.pid,
+                        cgroup_id = self.caller.cgroup_id,
+                        "workload API: connection closed, its process left its cgroup or exited"
+                    );
+                    return true;
+                }
+            }
+            self.recheck
+                .as_mut()
+                .reset(tokio::time::Instant::now() + RECHECK);
+        }
+        false
+    }
+}
+
+fn time_up() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the Workload API connection's time is up, or its process left its cgroup",
+    )
 }
 
 /// The socket is read in pieces of this size.
@@ -144,19 +202,8 @@ impl AsyncRead for PeerStream {
                 }
                 return Poll::Ready(Ok(()));
             }
-            if matches!(&this.deadline, Some(Deadline::FirstRequest(_)))
-                && this.rewrite.requests() > 0
-            {
-                this.deadline = None;
-            }
-            if let Some(Deadline::FirstRequest(sleep) | Deadline::Lifetime(sleep)) =
-                &mut this.deadline
-                && sleep.as_mut().poll(cx).is_ready()
-            {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the Workload API connection's time is up",
-                )));
+            if this.time_is_up(cx) {
+                return Poll::Ready(Err(time_up()));
             }
             if this.raw_at < this.raw_len {
                 let used = this
@@ -183,10 +230,16 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.time_is_up(cx) {
+            return Poll::Ready(Err(time_up()));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.time_is_up(cx) {
+            return Poll::Ready(Err(time_up()));
+        }
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
@@ -199,6 +252,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.time_is_up(cx) {
+            return Poll::Ready(Err(time_up()));
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -219,7 +275,11 @@ fn identify(io: &UnixStream, mount: &std::path::Path) -> Option<Caller> {
         .cgroup_id_now(mount)
         .map_err(|e| tracing::debug!(error = %e, "workload API: cannot place a caller"))
         .ok()?;
-    Some(Caller { peer, cgroup_id })
+    Some(Caller {
+        peer,
+        cgroup_id,
+        entitled: std::sync::atomic::AtomicBool::new(false),
+    })
 }
 
 /// The bounds of the Workload API's connections.
@@ -286,7 +346,7 @@ pub(crate) async fn accept(
     pools: Pools,
     to_server: mpsc::Sender<std::io::Result<PeerStream>>,
 ) {
-    let mount = daemon.mount().to_path_buf();
+    let mount: Arc<std::path::Path> = Arc::from(daemon.mount());
     loop {
         let io = match listener.accept().await {
             Ok((io, _)) => io,
@@ -314,6 +374,9 @@ pub(crate) async fn accept(
             ready: Vec::new(),
             taken: 0,
             deadline: Some(deadline),
+            recheck: Box::pin(tokio::time::sleep(RECHECK)),
+            strikes: 0,
+            mount: Arc::clone(&mount),
             _slot: slot,
             _turn: turn,
         };

@@ -10,6 +10,8 @@ use crate::identity::{attest::AttestError, spiffe::IdError};
 pub(crate) struct Caller {
     pub(crate) peer: crate::identity::attest::Peer,
     pub(crate) cgroup_id: u64,
+    /// Set once a call of this connection was found entitled (see `workload::conn`).
+    pub(crate) entitled: std::sync::atomic::AtomicBool,
 }
 
 /// Refusals recorded per uid: any local user can call the Workload API as often as it likes,
