@@ -24,8 +24,13 @@ pub const RAW_SOCKET_DENIED: u32 = 9;
 /// Bare TCP resets (no payload) the backstop let out of a denied flow, so that the peer of a
 /// destroyed socket learns the connection ended.
 pub const RST_PASSED: u32 = 10;
+/// Connects and sends denied by a rule's rate limit.
+pub const RATE_LIMITED: u32 = 11;
+/// Uses of a rate-limited rule whose limit or bucket the programs could not read, or whose
+/// bucket stayed contended (denied).
+pub const RATE_ERRORS: u32 = 12;
 /// Number of counters; the size of the array.
-pub const COUNT: u32 = 11;
+pub const COUNT: u32 = 13;
 
 /// Names in index order, as exported in status and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -40,4 +45,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "skb_unparsed",
     "raw_socket_denied",
     "rst_passed",
+    "rate_limited",
+    "rate_errors",
 ];

@@ -85,6 +85,12 @@ code!(
         IP_OPTIONS = 16, "ip_options";
         /// An IPv6 packet with a routing header (its final destination is not the header's).
         ROUTING_HEADER = 17, "routing_header";
+        /// The rule that grants the destination has a rate limit, and the identity's bucket
+        /// for it is empty ([`Event::rule_id`] names the rule).
+        RATE_LIMITED = 18, "rate_limited";
+        /// Over a rule's rate limit, let through because the rule or the binding is in
+        /// audit mode ([`Event::rule_id`] names the rule).
+        RATE_AUDIT = 19, "rate_audit";
     }
 );
 
@@ -101,7 +107,7 @@ pub struct Event {
     pub addr: Addr16,
     /// Destination as the caller gave it (mapped form for IPv4).
     pub orig_addr: Addr16,
-    /// Rule that allowed, or 0.
+    /// Rule that allowed (or whose rate limit denied), or 0.
     pub rule_id: u32,
     pub slot: u32,
     pub generation: u32,

@@ -30,6 +30,8 @@ mod pod {
     unsafe impl aya::Pod for crate::rules::RuleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::rules::RuleSet {}
+    // SAFETY: `repr(C)` integers (a `Rate` is two u64) without padding.
+    unsafe impl aya::Pod for crate::rules::Limit {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::state::PolicyState {}
     // SAFETY: as above.

@@ -31,6 +31,19 @@ pub const SUMMARIES: &str = "AW_SUMMARIES";
 /// evicted (when full, a verdict is recorded instead).
 pub const ALLOWED_SUMMARIES: &str = "AW_ALLOWED_SUMMARIES";
 
+/// Rate limits of rules (`HashMap<u64, rules::Limit>`, keyed by `Limit::key` of the
+/// generation and rule id) and their buckets (`HashMap<u64, u64>`: `Limit::bucket_key` of the
+/// identity slot → the bucket's theoretical arrival time, boot clock). The daemon writes the
+/// limits with each generation and makes each bucket before the generation is in force;
+/// the buckets are pinned, so that a restarted daemon does not refill them.
+pub const LIMITS: &str = "AW_LIMITS";
+pub const RATE_BUCKETS: &str = "AW_RATE_BUCKETS";
+/// Default capacity of the limits map: two generations of 32,768 rate-limited rules.
+pub const DEFAULT_MAX_LIMITS: u32 = 65_536;
+/// Default capacity of the rate buckets map: one per rate-limited rule (they live across
+/// generations while their rule does).
+pub const DEFAULT_MAX_RATE_BUCKETS: u32 = 32_768;
+
 /// Per-CPU caches of the programs, not pinned (each loaded object has its own): flow
 /// verdicts, decisions and binding copies (`crate::state`). The daemon only empties them.
 pub const FLOW_CACHE: &str = "AW_FLOWS";

@@ -16,6 +16,94 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
+/// Flags of a [`PortRule`].
+pub mod flags {
+    /// The rule has a rate limit ([`super::Limit`], keyed by generation and rule id): each
+    /// connect or addressed send it allows takes a token from the bucket of the caller's
+    /// identity.
+    pub const LIMITED: u8 = 1;
+    /// The rule is in audit mode: what its limit would deny passes and is reported.
+    pub const AUDIT: u8 = 2;
+}
+
+/// A rule's rate limit, in the generic cell rate form of [`crate::budget::Rate`]: a token
+/// bucket of `count` tokens refilled one every `interval_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limit {
+    /// Names the bucket within the identity's slot; stable across reloads that keep the rule.
+    pub bucket: u32,
+    pub _pad: u32,
+    pub rate: crate::budget::Rate,
+}
+const _: () = assert!(core::mem::size_of::<Limit>() == 24);
+
+impl Limit {
+    /// `count` uses per `per_seconds`, all of them at once when the bucket is full.
+    pub const fn new(bucket: u32, count: u32, per_seconds: u64) -> Self {
+        let count = if count == 0 { 1 } else { count as u64 };
+        let interval_ns = per_seconds * 1_000_000_000 / count;
+        Self {
+            bucket,
+            _pad: 0,
+            rate: crate::budget::Rate {
+                interval_ns,
+                tolerance_ns: interval_ns * (count - 1),
+            },
+        }
+    }
+
+    /// Key of the limit of `rule_id` in rule generation `generation`.
+    #[inline(always)]
+    pub const fn key(generation: u32, rule_id: u32) -> u64 {
+        ((generation as u64) << 32) | rule_id as u64
+    }
+
+    /// Key of this limit's bucket for the identity slot `slot`.
+    #[inline(always)]
+    pub const fn bucket_key(&self, slot: u32) -> u64 {
+        ((slot as u64) << 32) | self.bucket as u64
+    }
+
+    /// Takes a token at `now` from a bucket word that other CPUs update at the same time:
+    /// `load` reads the word, `cas(expected, new)` writes `new` if it still holds `expected`
+    /// and returns what it held. A write that lost to another CPU's is retried from what that
+    /// CPU left, up to `attempts` times; past them the use is refused as contended.
+    #[inline(always)]
+    pub fn take(
+        &self,
+        now: u64,
+        attempts: u32,
+        mut load: impl FnMut() -> u64,
+        mut cas: impl FnMut(u64, u64) -> u64,
+    ) -> Taken {
+        let mut tat = load();
+        let mut i = 0;
+        while i < attempts {
+            let Some(next) = self.rate.take(tat, now) else {
+                return Taken::Over;
+            };
+            let held = cas(tat, next);
+            if held == tat {
+                return Taken::Granted;
+            }
+            tat = held;
+            i += 1;
+        }
+        Taken::Contended
+    }
+}
+
+/// What taking a token from a rate limit's bucket said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    Granted,
+    /// The bucket is empty.
+    Over,
+    /// Other CPUs changed the bucket at every attempt.
+    Contended,
+}
+
 /// Most entries one prefix node can hold, inherited ones included.
 pub const MAX_ENTRIES_PER_PREFIX: usize = 16;
 
@@ -51,7 +139,9 @@ pub struct PortRule {
     pub port_hi: u16,
     /// [`proto`] value.
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// [`flags`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<PortRule>() == 12);
 
@@ -102,6 +192,13 @@ impl RuleSet {
     /// The id of the first entry that allows `proto` to `port`.
     #[inline(always)]
     pub fn find(&self, proto: u8, port: u16) -> Option<u32> {
+        self.find_entry(proto, port).map(|e| e.rule_id)
+    }
+
+    /// The first entry that allows `proto` to `port` (the compiler puts entries without a
+    /// rate limit first).
+    #[inline(always)]
+    pub fn find_entry(&self, proto: u8, port: u16) -> Option<PortRule> {
         // A fixed bound keeps the kernel verifier's loop analysis simple.
         let mut i = 0;
         while i < MAX_ENTRIES_PER_PREFIX {
@@ -110,7 +207,7 @@ impl RuleSet {
             }
             let e = &self.entries[i];
             if e.matches(proto, port) {
-                return Some(e.rule_id);
+                return Some(*e);
             }
             i += 1;
         }
@@ -128,7 +225,8 @@ mod tests {
             port_lo: lo,
             port_hi: hi,
             proto,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -177,6 +275,68 @@ mod tests {
         assert_eq!(set.find(proto::UDP, 53), Some(11));
         set.len = u32::MAX;
         assert_eq!(set.find(proto::UDP, 54), None);
+    }
+
+    #[test]
+    fn limits_hold_count_uses_at_once() {
+        let l = Limit::new(7, 10, 60);
+        assert_eq!(l.rate.interval_ns, 6_000_000_000);
+        let mut tat = 0;
+        let now = 1_000_000_000_000;
+        for i in 0..10 {
+            tat = l.rate.take(tat, now).unwrap_or_else(|| panic!("use {i}"));
+        }
+        assert_eq!(l.rate.take(tat, now), None, "the 11th within the minute");
+        assert!(
+            l.rate.take(tat, now + 6_000_000_000).is_some(),
+            "one token back"
+        );
+        assert_eq!(Limit::key(2, 5), (2 << 32) | 5);
+        assert_eq!(l.bucket_key(3), (3 << 32) | 7);
+    }
+
+    /// Two CPUs take the last token at once: the one whose write comes second sees the word
+    /// changed, retries from what the first left, and finds the bucket empty.
+    #[test]
+    fn the_last_token_goes_to_one_of_two_racing_cpus() {
+        let l = Limit::new(1, 2, 60);
+        let now = 1_000_000_000_000;
+        let word = core::cell::Cell::new(0u64);
+        let cas = |expected: u64, new: u64| {
+            let held = word.get();
+            if held == expected {
+                word.set(new);
+            }
+            held
+        };
+        assert_eq!(l.take(now, 4, || word.get(), cas), Taken::Granted);
+        // CPU A reads the word; CPU B takes the last token before A writes.
+        let mut b_ran = false;
+        let got = l.take(
+            now,
+            4,
+            || word.get(),
+            |expected, new| {
+                if !b_ran {
+                    b_ran = true;
+                    assert_eq!(l.take(now, 4, || word.get(), cas), Taken::Granted, "B");
+                }
+                cas(expected, new)
+            },
+        );
+        assert_eq!(got, Taken::Over, "A must not take the token B took");
+        // A word that changes at every attempt is refused, not taken.
+        let mut n = 0;
+        let busy = l.take(
+            now,
+            4,
+            || 0,
+            |_, _| {
+                n += 1;
+                n
+            },
+        );
+        assert_eq!(busy, Taken::Contended);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use agentwall_common::{
     counters,
     event::{Hook, Reason, Verdict},
     maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_RULE_NODES},
-    rules::{RuleKey, RuleSet},
+    rules::{RuleKey, RuleSet, flags as rule_flags},
     state::{
         BINDING_CACHE_SLOTS, BindingCacheEntry, DECISION_CACHE_SLOTS, DecisionCacheEntry,
         PolicyState,
@@ -18,7 +18,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 
-use crate::emit;
+use crate::{emit, limits};
+
+/// Whether a use of a rate-limited rule by `flow` takes a token: a connect or an addressed
+/// send does, and so does a packet of a protocol without a connect (ICMP); a TCP or UDP
+/// packet belongs to a connect or send that took one.
+#[inline(always)]
+fn takes_token(flow: &Flow) -> bool {
+    flow.hook != Hook::EGRESS
+        || !(flow.proto == agentwall_common::rules::proto::TCP
+            || flow.proto == agentwall_common::rules::proto::UDP)
+}
 
 /// Flag for maps whose entries are freed under RCU (see `agentwall_common::maps::BINDINGS`).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -174,9 +184,32 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
     };
     let rule = AW_RULES
         .get(key.as_key())
-        .and_then(|set| set.find(flow.proto, flow.port));
+        .and_then(|set| set.find_entry(flow.proto, flow.port));
     let (verdict, reason, rule_id) = match rule {
-        Some(rule_id) => {
+        Some(e) if e.flags & rule_flags::LIMITED != 0 => {
+            if !takes_token(flow) {
+                // A packet of a flow whose connect or send took its token.
+                (Verdict::ALLOW, Reason::RULE, e.rule_id)
+            } else {
+                match limits::take(generation, slot, e.rule_id) {
+                    Some(true) => (Verdict::ALLOW, Reason::RULE, e.rule_id),
+                    Some(false) if e.flags & rule_flags::AUDIT != 0 || binding.audit_only() => {
+                        (Verdict::ALLOW, Reason::RATE_AUDIT, e.rule_id)
+                    }
+                    // An error fails closed, whatever the mode: the limit could not be judged.
+                    Some(false) | None => {
+                        return Decision {
+                            rule_id: e.rule_id,
+                            now_boot_ns: now,
+                            ..Decision::deny(Reason::RATE_LIMITED, slot, generation)
+                        };
+                    }
+                }
+            }
+        }
+        Some(e) => {
+            let rule_id = e.rule_id;
+            // A limited rule's verdict is never cached: each use takes a token.
             if let Some(e) = cached {
                 let value = DecisionCacheEntry {
                     cgroup_id: flow.cgroup_id,

@@ -12,6 +12,7 @@ mod budget;
 mod decide;
 mod emit;
 mod flowcache;
+mod limits;
 mod lsm;
 mod unix;
 

@@ -23,6 +23,7 @@ impl Daemon {
                 problems: vec![policy::Problem {
                     file: PathBuf::from("config"),
                     line: None,
+                    column: None,
                     field: "enforce.policy".into(),
                     message: format!(
                         "no policy named {:?} for cgroup {}; it is denied everything until there is",

@@ -35,7 +35,7 @@ use agentwall_common::{
     binding::{Binding, flags},
     counters,
     maps::{self, programs},
-    rules::{RuleKey, RuleSet},
+    rules::{Limit, RuleKey, RuleSet},
     state::{BindingCacheEntry, DecisionCacheEntry, FlowCacheEntry, PolicyState},
     unix::UnixKey,
 };
@@ -190,6 +190,9 @@ pub struct Enforcer {
     /// The Unix socket programs, or why they are missing.
     unix: Result<unix::UnixPrograms, unix::UnixUnavailable>,
     unix_rules: HashMap<MapData, UnixKey, u32>,
+    /// Rate limits by (generation, rule id), and their buckets by (slot, bucket).
+    limits: HashMap<MapData, u64, Limit>,
+    rate_buckets: HashMap<MapData, u64, u64>,
     /// Until the daemon takes them ([`Self::take_budgets`]).
     budgets: Option<budgets::EventBudgets>,
 }
@@ -278,6 +281,10 @@ impl Enforcer {
             .map_err(map_err(maps::COUNTERS, "opening"))?;
         let unix_rules = HashMap::try_from(take(&mut ebpf, maps::UNIX_RULES)?)
             .map_err(map_err(maps::UNIX_RULES, "opening"))?;
+        let rate_limits = HashMap::try_from(take(&mut ebpf, maps::LIMITS)?)
+            .map_err(map_err(maps::LIMITS, "opening"))?;
+        let rate_buckets = HashMap::try_from(take(&mut ebpf, maps::RATE_BUCKETS)?)
+            .map_err(map_err(maps::RATE_BUCKETS, "opening"))?;
         let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
             .map_err(map_err(maps::EVENTS, "opening"))?;
         let budgets = budgets::EventBudgets::take(&mut ebpf)?;
@@ -300,6 +307,8 @@ impl Enforcer {
             task_hooks: TaskHooks::Missing(String::new()),
             unix,
             unix_rules,
+            limits: rate_limits,
+            rate_buckets,
             budgets: Some(budgets),
         };
         enforcer.task_hooks = match kernel_layout.and_then(|_| {
@@ -577,6 +586,10 @@ impl Enforcer {
                 return Err(map_err(maps::UNIX_RULES, "inserting")(e));
             }
         }
+        if let Err(e) = self.write_limits(compiled, next) {
+            self.purge_generation(next);
+            return Err(e);
+        }
         let epoch = PolicyState::next_epoch(self.epoch());
         if let Err(e) = self.write_state(PolicyState {
             generation: next,
@@ -588,7 +601,52 @@ impl Enforcer {
         self.generation = next;
         thread::sleep(GENERATION_GRACE);
         self.purge_inactive()?;
+        self.purge_buckets(compiled)?;
         Ok(next)
+    }
+
+    /// Writes the rate limits of `compiled` for `generation`, and makes each bucket they name
+    /// that does not exist yet (full: a bucket a reload keeps keeps its state).
+    fn write_limits(&mut self, compiled: &Compiled, generation: u32) -> Result<(), EnforceError> {
+        /// `bpf_map_update_elem` flag: only create.
+        const BPF_NOEXIST: u64 = 1;
+        for l in &compiled.limits {
+            self.limits
+                .insert(Limit::key(generation, l.rule_id), l.limit, 0)
+                .map_err(map_err(maps::LIMITS, "inserting"))?;
+            match self
+                .rate_buckets
+                .insert(l.limit.bucket_key(l.slot), 0, BPF_NOEXIST)
+            {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(map_err(maps::RATE_BUCKETS, "inserting")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the buckets no limit of `compiled` (now in force) names.
+    fn purge_buckets(&mut self, compiled: &Compiled) -> Result<(), EnforceError> {
+        let live: HashSet<u64> = compiled
+            .limits
+            .iter()
+            .map(|l| l.limit.bucket_key(l.slot))
+            .collect();
+        let stale: Vec<u64> = self
+            .rate_buckets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(k))
+            .collect();
+        for k in stale {
+            match self.rate_buckets.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::RATE_BUCKETS, "removing a stale bucket")(e)),
+            }
+        }
+        Ok(())
     }
 
     fn epoch(&self) -> u32 {
@@ -696,6 +754,18 @@ impl Enforcer {
                 Err(e) => return Err(map_err(maps::UNIX_RULES, "removing a stale name")(e)),
             }
         }
+        let stale: Vec<u64> = self
+            .limits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| (k >> 32) as u32 != active)
+            .collect();
+        for k in stale {
+            match self.limits.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::LIMITS, "removing a stale limit")(e)),
+            }
+        }
         Ok(())
     }
 
@@ -717,6 +787,15 @@ impl Enforcer {
             .collect();
         for k in keys {
             let _ = self.unix_rules.remove(&k);
+        }
+        let keys: Vec<u64> = self
+            .limits
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| (k >> 32) as u32 == generation)
+            .collect();
+        for k in keys {
+            let _ = self.limits.remove(&k);
         }
     }
 

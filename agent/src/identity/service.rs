@@ -402,6 +402,7 @@ mod tests {
             source: Source {
                 file: "p.yaml".into(),
                 line: 1,
+                column: 0,
             },
         };
         let ids: BTreeMap<String, Grant> = [

@@ -14,12 +14,30 @@ use std::{
 
 use agentwall_common::{
     addr::{self, Addr16, LOOPBACK, MAPPED_PREFIX_BITS},
-    rules::{MAX_ENTRIES_PER_PREFIX, PortRule, RuleSet, proto},
+    rules::{Limit, MAX_ENTRIES_PER_PREFIX, PortRule, RuleSet, flags as rule_flags, proto},
 };
 use ipnet::IpNet;
 use serde::Serialize;
 
-use super::{Mode, PolicySet, PortRange, Problem, Protocol, Source};
+use super::{
+    Access, EgressRule, Endpoint, Mode, PolicySet, PortRange, Problem, Protocol, RateLimit, Source,
+};
+
+/// The kernel form of `rate` for `rule` of `policy`. Its bucket is named by the policy, the
+/// resource and the rate, so that a reload that keeps the rule keeps the bucket's state (its
+/// rule id may change) and one that changes the rate starts a fresh bucket.
+fn limit_of(policy: &str, rule: &EgressRule, rate: RateLimit) -> Limit {
+    let resource = rule.access.as_ref().map_or("", |a| a.resource.as_str());
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [policy, resource, &rate.to_string()] {
+        ctx.update(&(part.len() as u64).to_le_bytes());
+        ctx.update(part.as_bytes());
+    }
+    let d = ctx.finish();
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&d.as_ref()[..4]);
+    Limit::new(u32::from_le_bytes(b), rate.count, rate.per.seconds())
+}
 
 /// What a rule id stands for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -27,12 +45,26 @@ pub struct RuleInfo {
     pub id: u32,
     pub policy: String,
     pub source: Source,
-    pub to: Vec<IpNet>,
-    pub protocol: Protocol,
-    pub ports: Vec<PortRange>,
+    pub endpoints: Vec<Endpoint>,
     /// For a Unix socket rule: the socket name as the policy writes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix: Option<String>,
+    /// For a `rules:` entry: the resource, actions and conditions it grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateLimit>,
+    /// The rule's own mode, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+}
+
+/// The rate limit of a rule id, as the kernel holds it (generation set when written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitEntry {
+    pub rule_id: u32,
+    pub slot: u32,
+    pub limit: Limit,
 }
 
 /// One allowed Unix socket name of a slot (generation is set when it is written).
@@ -61,6 +93,8 @@ pub struct Compiled {
     pub unix: Vec<UnixEntry>,
     /// Indexed by rule id - 1.
     pub rules: Vec<RuleInfo>,
+    /// Rate limits of rule ids.
+    pub limits: Vec<LimitEntry>,
     /// Policy name → (slot, mode).
     pub policies: BTreeMap<String, (u32, Mode)>,
     /// Identity as the policy names it (full SPIFFE ID or path) → the policy governing it.
@@ -106,11 +140,13 @@ impl Compiled {
             source: Source {
                 file: PathBuf::from(format!("<built in: {what}>")),
                 line: 0,
+                column: 0,
             },
-            to: Vec::new(),
-            protocol: Protocol::Any,
-            ports: Vec::new(),
+            endpoints: Vec::new(),
             unix: Some(name.to_string()),
+            access: None,
+            rate: None,
+            mode: None,
         });
         // Slot 0's names are open to every enforced cgroup, bound or not (ebpf/src/unix.rs).
         let slots: Vec<u32> = std::iter::once(0)
@@ -195,51 +231,68 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 id,
                 policy: policy.name.clone(),
                 source: rule.source.clone(),
-                to: Vec::new(),
-                protocol: Protocol::Any,
-                ports: Vec::new(),
+                endpoints: Vec::new(),
                 unix: Some(rule.name.clone()),
+                access: None,
+                rate: None,
+                mode: None,
             });
             out.add_unix(slot, &rule.name, id);
         }
         let nodes = own.entry(slot).or_default();
         for rule in &policy.egress {
-            let id = u32::try_from(out.rules.len() + 1).unwrap_or(u32::MAX);
+            let id = out.next_rule_id();
             out.rules.push(RuleInfo {
                 id,
                 policy: policy.name.clone(),
                 source: rule.source.clone(),
-                to: rule.to.clone(),
-                protocol: rule.protocol,
-                ports: rule.ports.clone(),
+                endpoints: rule.endpoints.clone(),
                 unix: None,
+                access: rule.access.clone(),
+                rate: rule.rate,
+                mode: rule.mode,
             });
-            let ranges = if rule.ports.is_empty() || rule.protocol == Protocol::Icmp {
-                vec![PortRange::ALL]
-            } else {
-                rule.ports.clone()
-            };
-            for net in &rule.to {
-                let (a, bits) = canonical(net);
-                let mut prefixes = vec![(a, bits)];
-                let covers_alias = loopback_aliases()
-                    .iter()
-                    .any(|(la, lb)| contains(&a, bits, la, *lb) || contains(la, *lb, &a, bits));
-                if covers_alias && !contains(&a, bits, &LOOPBACK, 128) {
-                    prefixes.push((LOOPBACK, 128));
+            let mut flags = 0;
+            if let Some(rate) = rule.rate {
+                flags |= rule_flags::LIMITED;
+                if rule.mode == Some(Mode::Audit) {
+                    flags |= rule_flags::AUDIT;
                 }
-                for prefix in prefixes {
-                    let (entries, _) = nodes
-                        .entry(prefix)
-                        .or_insert_with(|| (Vec::new(), rule.source.clone()));
-                    for r in &ranges {
-                        entries.push(PortRule {
-                            rule_id: id,
-                            port_lo: r.lo,
-                            port_hi: r.hi,
-                            proto: proto_code(rule.protocol),
-                            _pad: [0; 3],
-                        });
+                out.limits.push(LimitEntry {
+                    rule_id: id,
+                    slot,
+                    limit: limit_of(&policy.name, rule, rate),
+                });
+            }
+            for ep in &rule.endpoints {
+                let ranges = if ep.ports.is_empty() || ep.protocol == Protocol::Icmp {
+                    vec![PortRange::ALL]
+                } else {
+                    ep.ports.clone()
+                };
+                for net in &ep.to {
+                    let (a, bits) = canonical(net);
+                    let mut prefixes = vec![(a, bits)];
+                    let covers_alias = loopback_aliases()
+                        .iter()
+                        .any(|(la, lb)| contains(&a, bits, la, *lb) || contains(la, *lb, &a, bits));
+                    if covers_alias && !contains(&a, bits, &LOOPBACK, 128) {
+                        prefixes.push((LOOPBACK, 128));
+                    }
+                    for prefix in prefixes {
+                        let (entries, _) = nodes
+                            .entry(prefix)
+                            .or_insert_with(|| (Vec::new(), rule.source.clone()));
+                        for r in &ranges {
+                            entries.push(PortRule {
+                                rule_id: id,
+                                port_lo: r.lo,
+                                port_hi: r.hi,
+                                proto: proto_code(ep.protocol),
+                                flags,
+                                _pad: [0; 2],
+                            });
+                        }
                     }
                 }
             }
@@ -264,7 +317,8 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
             let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
             let mut seen = HashSet::new();
             let mut push = |e: &PortRule, all: &mut Vec<PortRule>| {
-                if seen.insert((e.proto, e.port_lo, e.port_hi)) {
+                let limited = e.flags & rule_flags::LIMITED != 0;
+                if seen.insert((e.proto, e.port_lo, e.port_hi, limited)) {
                     all.push(*e);
                 }
             };
@@ -291,6 +345,14 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     }
                 }
             }
+            // Entries without a rate limit first: a destination that one rule grants without a
+            // limit is not limited because another rule grants it with one, and the kernel
+            // then takes from a bucket only when no unlimited entry matches.
+            all.sort_by_key(|e| e.flags & rule_flags::LIMITED != 0);
+            // A limited entry behind an unlimited one of the same protocol and ports is never
+            // consulted.
+            let mut kept = HashSet::new();
+            all.retain(|e| kept.insert((e.proto, e.port_lo, e.port_hi)));
             if all.len() > MAX_ENTRIES_PER_PREFIX {
                 let policy = out
                     .policies
@@ -301,6 +363,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 problems.push(Problem {
                     file: source.file.clone(),
                     line: Some(source.line),
+                    column: None,
                     field: "policy.egress".into(),
                     message: format!(
                         "policy {policy:?}: destination {} is covered by at least {} (protocol, \
@@ -537,5 +600,88 @@ mod tests {
             display_prefix(&std::net::Ipv6Addr::LOCALHOST.octets(), 128),
             "::1/128"
         );
+    }
+
+    /// Golden: a rate-limited service rule compiles to limited entries behind unlimited ones,
+    /// and one limit per rule, whose bucket survives a reload that keeps the rule.
+    #[test]
+    fn rate_limited_rules_compile_to_flagged_entries_and_limits() {
+        let text = "\
+service:
+  name: slack
+  endpoints:
+    - to: 127.0.0.11
+      protocol: tcp
+      ports: [443]
+---
+policy:
+  name: a
+  rules:
+    - resource: service:slack
+      actions: [write:message]
+      rateLimit: 10 per minute
+    - resource: cidr:127.0.0.0/24
+      protocol: tcp
+      ports: [443]
+      rateLimit: 2/s
+      mode: audit
+    - resource: cidr:127.0.0.11
+      protocol: tcp
+      ports: [8443]
+    - resource: cidr:127.0.0.12
+      protocol: tcp
+      ports: [443]
+    - resource: cidr:127.0.0.12
+      protocol: tcp
+      ports: [443]
+      rateLimit: 1/s
+";
+        let c = compile(&set(text), slots).unwrap();
+        assert_eq!(c.limits.len(), 3);
+        assert_eq!((c.limits[0].rule_id, c.limits[0].slot), (1, 1));
+        assert_eq!(c.limits[0].limit.rate.interval_ns, 6_000_000_000);
+        assert_eq!(c.limits[0].limit.rate.tolerance_ns, 54_000_000_000);
+        assert_eq!(c.limits[1].rule_id, 2);
+        assert_ne!(c.limits[0].limit.bucket, c.limits[1].limit.bucket);
+        let node = c
+            .nodes
+            .iter()
+            .find(|n| n.slot == 1 && n.addr == addr::from_v4([127, 0, 0, 11]) && n.bits == 128)
+            .unwrap();
+        let entries: Vec<(u32, u8)> = node.set.entries[..node.set.len as usize]
+            .iter()
+            .map(|e| (e.rule_id, e.flags))
+            .collect();
+        // The unlimited rule 3 first, then the first limit for 443 (rule 2's, inherited from
+        // the /24, is never consulted and is left out).
+        assert_eq!(entries, [(3, 0), (1, rule_flags::LIMITED)]);
+        let at_24 = c
+            .nodes
+            .iter()
+            .find(|n| n.slot == 1 && n.bits == 96 + 24)
+            .unwrap();
+        assert_eq!(
+            at_24.set.entries[0].flags,
+            rule_flags::LIMITED | rule_flags::AUDIT
+        );
+        // An address that one rule grants without a limit is not limited by another's.
+        let twelve = c
+            .nodes
+            .iter()
+            .find(|n| n.slot == 1 && n.addr == addr::from_v4([127, 0, 0, 12]))
+            .unwrap();
+        let entries: Vec<(u32, u8)> = twelve.set.entries[..twelve.set.len as usize]
+            .iter()
+            .map(|e| (e.rule_id, e.flags))
+            .collect();
+        assert_eq!(entries, [(4, 0)]);
+        let info = c.rule(1).unwrap();
+        assert_eq!(info.access.as_ref().unwrap().actions, ["write:message"]);
+        assert_eq!(info.rate.unwrap().to_string(), "10 per minute");
+        // The same rule in a reloaded directory (another id) keeps its bucket.
+        let reordered = text.replace("  rules:\n", "  rules:\n    - resource: cidr:10.0.0.1\n");
+        let c2 = compile(&set(&reordered), slots).unwrap();
+        assert_eq!(c2.limits[0].rule_id, 2);
+        assert_eq!(c2.limits[0].limit.bucket, c.limits[0].limit.bucket);
     }
 }

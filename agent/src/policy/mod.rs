@@ -18,6 +18,7 @@ mod parse;
 mod spans;
 
 use std::{
+    collections::HashMap,
     fmt, fs,
     path::{Path, PathBuf},
 };
@@ -101,6 +102,9 @@ impl fmt::Display for PortRange {
 pub struct Source {
     pub file: PathBuf,
     pub line: usize,
+    /// 1-based; 0 when unknown. Not shown: a rule is named by file and line.
+    #[serde(skip)]
+    pub column: usize,
 }
 
 impl fmt::Display for Source {
@@ -109,13 +113,95 @@ impl fmt::Display for Source {
     }
 }
 
-/// One allowed egress: destinations × protocol × ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EgressRule {
+/// Destinations × protocol × ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
     pub to: Vec<IpNet>,
     pub protocol: Protocol,
     /// Empty means every port.
     pub ports: Vec<PortRange>,
+}
+
+/// A rate limit: `count` uses per `per`, all of them at once if unused (a token bucket of
+/// `count` tokens, refilled one every `per / count`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Per,
+}
+
+/// The period of a [`RateLimit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl Per {
+    pub const fn seconds(self) -> u64 {
+        match self {
+            Self::Second => 1,
+            Self::Minute => 60,
+            Self::Hour => 3600,
+        }
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let per = match self.per {
+            Per::Second => "second",
+            Per::Minute => "minute",
+            Per::Hour => "hour",
+        };
+        write!(f, "{} per {per}", self.count)
+    }
+}
+
+/// What a `rules:` entry grants beyond the network: the actions on the resource and the
+/// attributes they must carry. The kernel cannot see these; the decision API answers them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Access {
+    /// The resource as written, e.g. `service:analytics-db`.
+    pub resource: String,
+    /// Allowed actions; empty means every action.
+    pub actions: Vec<String>,
+    /// Attribute → allowed values; every attribute named must hold one of its values.
+    pub conditions: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// One allowed egress: its endpoints (written inline, or those of a catalog service), and
+/// for a `rules:` entry what it grants there and how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressRule {
+    /// Filled from the services catalog for a `service:` rule once every file is read.
+    pub endpoints: Vec<Endpoint>,
+    /// The catalog service this rule names.
+    pub service: Option<ServiceRef>,
+    /// `None` for an `egress:` entry.
+    pub access: Option<Access>,
+    pub rate: Option<RateLimit>,
+    /// A rule's own mode: `audit` lets through what its rate limit would deny, and records it.
+    pub mode: Option<Mode>,
+    pub source: Source,
+}
+
+/// A `resource: service:NAME`, with where it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub name: String,
+    /// Path of the `resource` field, e.g. `policy.rules[0].resource`.
+    pub field: String,
+    pub at: Source,
+}
+
+/// A named set of endpoints that policies grant by name (`resource: service:NAME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
     pub source: Source,
 }
 
@@ -167,10 +253,11 @@ impl Attest {
     }
 }
 
-/// Every policy of a directory, validated.
+/// Every policy and service of a directory, validated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pub policies: Vec<Policy>,
+    pub services: Vec<Service>,
 }
 
 /// One problem in one file, with the line and the field at fault.
@@ -178,9 +265,24 @@ pub struct PolicySet {
 pub struct Problem {
     pub file: PathBuf,
     pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
     /// Path of the field, e.g. `policy.egress[2].ports[0]`; empty for the whole file.
     pub field: String,
     pub message: String,
+}
+
+impl Problem {
+    /// A problem of the field written at `at` (`field` names it, from the document's top).
+    fn at(at: &Source, field: &str, message: String) -> Self {
+        Self {
+            file: at.file.clone(),
+            line: Some(at.line),
+            column: (at.column > 0).then_some(at.column),
+            field: field.to_string(),
+            message,
+        }
+    }
 }
 
 impl fmt::Display for Problem {
@@ -188,6 +290,9 @@ impl fmt::Display for Problem {
         write!(f, "{}", self.file.display())?;
         if let Some(l) = self.line {
             write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
         }
         if !self.field.is_empty() {
             write!(f, ": {}", self.field)?;
@@ -223,6 +328,7 @@ impl PolicyError {
             problems: vec![Problem {
                 file: file.to_path_buf(),
                 line: None,
+                column: None,
                 field: String::new(),
                 message: message.into(),
             }],
@@ -336,16 +442,26 @@ fn read_bounded(f: &Path) -> Result<String, PolicyError> {
 pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError> {
     let mut problems = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
+    let mut services: Vec<Service> = Vec::new();
     for (path, text) in files {
         match parse::file(path, text) {
-            Ok(ps) => policies.extend(ps),
+            Ok((parsed, mut own)) => {
+                policies.extend(parsed.policies);
+                services.extend(parsed.services);
+                problems.append(&mut own);
+            }
             Err(mut p) => problems.append(&mut p),
         }
+    }
+    let catalog = check_services(&services, &mut problems);
+    for p in &mut policies {
+        resolve_services(p, &catalog, &mut problems);
     }
     let entries: usize = policies
         .iter()
         .flat_map(|p| &p.egress)
-        .map(|r| r.to.len() * r.ports.len().max(1))
+        .flat_map(|r| &r.endpoints)
+        .map(|e| e.to.len() * e.ports.len().max(1))
         .sum();
     if entries > limits::MAX_RULE_ENTRIES {
         problems.push(Problem {
@@ -354,6 +470,7 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
                 .map(|p| p.source.file.clone())
                 .unwrap_or_default(),
             line: None,
+            column: None,
             field: "policy.egress".into(),
             message: format!(
                 "the directory's egress rules name {entries} (destination, port range) pairs; at most {} are compiled: use wider prefixes and port ranges",
@@ -361,10 +478,72 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
             ),
         });
     }
-    // First definitions by name and by identity, for the duplicate checks (linear in the
-    // number of policies).
-    let mut by_name: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut by_identity: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    check_duplicates(&policies, &mut problems);
+    if problems.is_empty() {
+        Ok(PolicySet { policies, services })
+    } else {
+        Err(PolicyError { problems })
+    }
+}
+
+/// The catalog by name; a second definition of a name is a problem.
+fn check_services<'a>(
+    services: &'a [Service],
+    problems: &mut Vec<Problem>,
+) -> HashMap<&'a str, &'a Service> {
+    let mut catalog: HashMap<&str, &Service> = HashMap::new();
+    for s in services {
+        if let Some(first) = catalog.get(s.name.as_str()) {
+            problems.push(Problem::at(
+                &s.source,
+                "service.name",
+                format!(
+                    "service {:?} is already defined at {}",
+                    s.name, first.source
+                ),
+            ));
+        } else {
+            catalog.insert(&s.name, s);
+        }
+    }
+    catalog
+}
+
+/// Gives each `service:` rule of `p` its service's endpoints.
+fn resolve_services(
+    p: &mut Policy,
+    catalog: &HashMap<&str, &Service>,
+    problems: &mut Vec<Problem>,
+) {
+    for rule in &mut p.egress {
+        let Some(ServiceRef { name, field, at }) = &rule.service else {
+            continue;
+        };
+        match catalog.get(name.as_str()) {
+            Some(svc) => rule.endpoints.clone_from(&svc.endpoints),
+            None => {
+                let mut known: Vec<&str> = catalog.keys().copied().collect();
+                known.sort_unstable();
+                let hint = if known.is_empty() {
+                    "the directory defines no service; add a `service:` document".to_string()
+                } else {
+                    format!("the catalog has {}", known.join(", "))
+                };
+                problems.push(Problem::at(
+                    at,
+                    field,
+                    format!("policy {:?}: no service named {name:?}; {hint}", p.name),
+                ));
+            }
+        }
+    }
+}
+
+/// One name, one policy; one identity, one policy.
+fn check_duplicates(policies: &[Policy], problems: &mut Vec<Problem>) {
+    // First definitions by name and by identity (linear in the number of policies).
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let mut by_identity: HashMap<&str, usize> = HashMap::new();
     for (i, p) in policies.iter().enumerate() {
         by_name.entry(p.name.as_str()).or_insert(i);
         if let Some(id) = &p.identity {
@@ -377,12 +556,11 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
             .filter(|f| **f < i)
             .map(|f| &policies[*f])
         {
-            problems.push(Problem {
-                file: p.source.file.clone(),
-                line: Some(p.source.line),
-                field: "policy.name".into(),
-                message: format!("policy {:?} is already defined at {}", p.name, first.source),
-            });
+            problems.push(Problem::at(
+                &p.source,
+                "policy.name",
+                format!("policy {:?} is already defined at {}", p.name, first.source),
+            ));
         }
         if let Some(id) = &p.identity
             && let Some(first) = by_identity
@@ -390,21 +568,15 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
                 .filter(|f| **f < i)
                 .map(|f| &policies[*f])
         {
-            problems.push(Problem {
-                file: p.source.file.clone(),
-                line: Some(p.source.line),
-                field: "policy.identity".into(),
-                message: format!(
+            problems.push(Problem::at(
+                &p.source,
+                "policy.identity",
+                format!(
                     "identity {id:?} is already governed by policy {:?} at {}; one identity, one policy",
                     first.name, first.source
                 ),
-            });
+            ));
         }
-    }
-    if problems.is_empty() {
-        Ok(PolicySet { policies })
-    } else {
-        Err(PolicyError { problems })
     }
 }
 

@@ -14,15 +14,73 @@ use serde::Deserialize;
 use crate::spiffe::SpiffeId;
 
 use super::{
-    Attest, EgressRule, Mode, Policy, PortRange, Problem, Protocol, Source, UnixRule, spans::Spans,
+    Access, Attest, EgressRule, Endpoint, Mode, Per, Policy, PortRange, Problem, Protocol,
+    RateLimit, Service, ServiceRef, Source, UnixRule, spans::Spans,
 };
 
 const MAX_NAME_LEN: usize = 63;
 
+/// The `apiVersion` a file may name.
+pub(super) const API_VERSION: &str = "agentwall.dev/v1";
+
+/// One YAML document: a policy or a catalog service, optionally with Kubernetes-style
+/// `apiVersion` and `kind`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Doc {
-    policy: RawPolicy,
+    #[serde(default, rename = "apiVersion")]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    service: Option<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    #[serde(default)]
+    to: Option<OneOrMany>,
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    resource: String,
+    #[serde(default)]
+    actions: Option<OneOrMany>,
+    #[serde(default)]
+    conditions: std::collections::BTreeMap<String, OneOrMany>,
+    #[serde(default, rename = "rateLimit")]
+    rate_limit: Option<String>,
+    #[serde(default)]
+    mode: Option<Mode>,
+    /// Only for `cidr:` resources.
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    /// Only for `cidr:` resources.
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    description: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +97,8 @@ struct RawPolicy {
     attest: Option<RawAttest>,
     #[serde(default)]
     egress: Vec<RawEgress>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,48 +172,62 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn line(&self, field: &str) -> usize {
-        self.spans.line(self.doc, field).unwrap_or(1)
+    /// Where `field` was written.
+    fn source(&self, field: &str) -> Source {
+        let at = self.spans.at(self.doc, field);
+        Source {
+            file: PathBuf::from(self.file),
+            line: at.map_or(1, |a| a.line),
+            column: at.map_or(0, |a| a.column),
+        }
     }
 
     fn problem(&mut self, field: String, message: String) {
-        let line = self.spans.line(self.doc, &field);
+        let at = self.spans.at(self.doc, &field);
         self.problems.push(Problem {
             file: self.file.to_path_buf(),
-            line,
+            line: at.map(|a| a.line),
+            column: at.map(|a| a.column),
             field,
             message,
         });
     }
 }
 
+/// What one file holds.
+#[derive(Debug, Default)]
+pub(super) struct Parsed {
+    pub(super) policies: Vec<Policy>,
+    pub(super) services: Vec<Service>,
+}
+
 /// Parses every document of one file.
-pub(super) fn file(path: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
+pub(super) fn file(path: &Path, text: &str) -> Result<(Parsed, Vec<Problem>), Vec<Problem>> {
+    let whole = |message: String| Problem {
+        file: path.to_path_buf(),
+        line: None,
+        column: None,
+        field: String::new(),
+        message,
+    };
     let blank = text.lines().all(|l| {
         let l = l.trim();
         l.is_empty() || l.starts_with('#') || l == "---"
     });
     if blank {
-        return Err(vec![Problem {
-            file: path.to_path_buf(),
-            line: None,
-            field: String::new(),
-            message: "the file holds no policy; a policy file holds `policy:` documents".into(),
-        }]);
+        return Err(vec![whole(
+            "the file holds no policy; a policy file holds `policy:` or `service:` documents"
+                .into(),
+        )]);
     }
     let spans = Spans::index(text);
     if spans.aliased_nodes() > super::limits::MAX_ALIASED_NODES {
-        return Err(vec![Problem {
-            file: path.to_path_buf(),
-            line: None,
-            field: String::new(),
-            message: format!(
-                "its YAML aliases expand to more than {} nodes; write the repeated values out, or alias less",
-                super::limits::MAX_ALIASED_NODES
-            ),
-        }]);
+        return Err(vec![whole(format!(
+            "its YAML aliases expand to more than {} nodes; write the repeated values out, or alias less",
+            super::limits::MAX_ALIASED_NODES
+        ))]);
     }
-    let mut out = Vec::new();
+    let mut out = Parsed::default();
     let mut problems = Vec::new();
     for (doc_index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc = match Doc::deserialize(de) {
@@ -170,24 +244,30 @@ pub(super) fn file(path: &Path, text: &str) -> Result<Vec<Policy>, Vec<Problem>>
             doc: doc_index,
             problems: Vec::new(),
         };
-        let policy = check_policy(&mut c, doc.policy);
-        if c.problems.is_empty() {
-            out.push(policy);
-        } else {
-            problems.append(&mut c.problems);
+        check_header(&mut c, &doc);
+        match (doc.policy, doc.service) {
+            // Kept with its problems, so that checks across files (references, duplicates)
+            // report theirs in the same run; a set with any problem is not loaded.
+            (Some(p), None) => out.policies.push(check_policy(&mut c, p)),
+            (None, Some(svc)) => out.services.push(check_service(&mut c, svc)),
+            (Some(_), Some(_)) => c.problem(
+                "service".into(),
+                "a document holds one `policy:` or one `service:`; separate them with `---`".into(),
+            ),
+            (None, None) => c.problem(
+                String::new(),
+                "the document holds neither `policy:` nor `service:`".into(),
+            ),
         }
+        problems.append(&mut c.problems);
     }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
-    }
+    Ok((out, problems))
 }
 
 fn serde_problem(path: &Path, e: &serde_yaml::Error) -> Problem {
-    let line = e.location().map(|l| l.line());
+    let at = e.location();
     // serde_yaml's message is "<path>: <message> at line L column C"; keep the message only,
-    // the line is reported in its own place.
+    // the position is reported in its own place.
     let mut msg = e.to_string();
     if let Some(i) = msg.rfind(" at line ") {
         msg.truncate(i);
@@ -198,9 +278,37 @@ fn serde_problem(path: &Path, e: &serde_yaml::Error) -> Problem {
     };
     Problem {
         file: path.to_path_buf(),
-        line,
+        line: at.as_ref().map(serde_yaml::Location::line),
+        column: at.as_ref().map(serde_yaml::Location::column),
         field,
         message,
+    }
+}
+
+/// `apiVersion` and `kind`, when given, must agree with the document.
+fn check_header(c: &mut Checker<'_>, doc: &Doc) {
+    if let Some(v) = &doc.api_version
+        && v != API_VERSION
+    {
+        c.problem(
+            "apiVersion".into(),
+            format!("{v:?} is not a version this agentwall reads; write {API_VERSION:?}"),
+        );
+    }
+    if let Some(k) = &doc.kind {
+        let want = match (&doc.policy, &doc.service) {
+            (Some(_), None) => "Policy",
+            (None, Some(_)) => "Service",
+            _ => return,
+        };
+        if k != want {
+            c.problem(
+                "kind".into(),
+                format!(
+                    "{k:?} does not match the document, which holds a {want}; write kind: {want}"
+                ),
+            );
+        }
     }
 }
 
@@ -251,6 +359,14 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             ),
         }
     }
+    for (i, r) in raw.rules.into_iter().enumerate() {
+        let field = format!("policy.rules[{i}]");
+        match check_rule(c, &field, r) {
+            Some(Checked::Egress(rule)) => egress.push(rule),
+            Some(Checked::Unix(rule)) => unix.push(rule),
+            None => {}
+        }
+    }
     Policy {
         name: raw.name,
         mode: raw.mode,
@@ -258,11 +374,235 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         attest,
         egress,
         unix,
-        source: Source {
-            file: PathBuf::from(c.file),
-            line: c.line("policy"),
-        },
+        source: c.source("policy"),
     }
+}
+
+/// A catalog service: a name and its endpoints.
+fn check_service(c: &mut Checker<'_>, raw: RawService) -> Service {
+    let _ = raw.description;
+    if let Err(e) = check_name(&raw.name) {
+        c.problem(
+            "service.name".into(),
+            e.to_string().replace("policy name", "service name"),
+        );
+    }
+    if raw.endpoints.is_empty() {
+        c.problem(
+            "service.endpoints".into(),
+            "a service needs at least one endpoint (`to:` addresses with `protocol` and `ports`)"
+                .into(),
+        );
+    }
+    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+    for (i, e) in raw.endpoints.into_iter().enumerate() {
+        let _ = e.description;
+        let field = format!("service.endpoints[{i}]");
+        let to = listed(&field, "to", e.to);
+        if let Some(ep) = check_endpoint(c, &field, to, e.protocol, e.ports) {
+            endpoints.push(ep);
+        }
+    }
+    Service {
+        name: raw.name,
+        endpoints,
+        source: c.source("service"),
+    }
+}
+
+enum Checked {
+    Egress(EgressRule),
+    Unix(UnixRule),
+}
+
+/// What a `resource:` names.
+enum Resource {
+    Service(String),
+    Cidr(String),
+    Unix(String),
+}
+
+fn parse_resource(s: &str) -> Result<Resource, String> {
+    let (kind, rest) = s.split_once(':').unwrap_or(("", s));
+    let rest = rest.trim();
+    match kind.trim() {
+        "service" => check_name(rest)
+            .map(|()| Resource::Service(rest.to_string()))
+            .map_err(|e| e.to_string().replace("policy name", "service name")),
+        "cidr" => Ok(Resource::Cidr(rest.to_string())),
+        "unix" => Ok(Resource::Unix(rest.to_string())),
+        "agent" => Err(format!(
+            "{s:?}: agent-to-agent rules need the agents catalog, which this version does not \
+             read yet; grant the callee's endpoints as a service (`service:NAME`) meanwhile"
+        )),
+        "secret" => Err(format!(
+            "{s:?}: this version serves no secrets; remove the rule"
+        )),
+        _ => Err(format!(
+            "{s:?} is not a resource: write service:NAME (a service of the catalog), \
+             cidr:ADDRESS[/LEN] (with protocol and ports) or unix:PATH"
+        )),
+    }
+}
+
+/// One entry of `rules:`.
+fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked> {
+    let _ = raw.description;
+    let before = c.problems.len();
+    let resource_field = format!("{field}.resource");
+    let resource = match parse_resource(&raw.resource) {
+        Ok(r) => Some(r),
+        Err(m) => {
+            c.problem(resource_field.clone(), m);
+            None
+        }
+    };
+    let actions: Vec<String> = listed(field, "actions", raw.actions)
+        .into_iter()
+        .filter_map(|(f, a)| {
+            let ok = !a.is_empty()
+                && a.len() <= 128
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:*/".contains(&b));
+            if ok {
+                Some(a)
+            } else {
+                c.problem(
+                    f,
+                    format!(
+                        "{a:?} is not an action: use letters, digits and - _ . : * / (such as read or write:message), at most 128"
+                    ),
+                );
+                None
+            }
+        })
+        .collect();
+    let mut conditions = std::collections::BTreeMap::new();
+    for (k, v) in raw.conditions {
+        let f = format!("{field}.conditions.{k}");
+        let key_ok = !k.is_empty()
+            && k.len() <= 64
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !key_ok {
+            c.problem(
+                f,
+                format!(
+                    "{k:?} is not an attribute name: use letters, digits, - _ and ., at most 64"
+                ),
+            );
+            continue;
+        }
+        let values: Vec<String> = listed(field, &format!("conditions.{k}"), Some(v))
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        if values.is_empty() {
+            c.problem(
+                f,
+                "lists no value; a condition names the values the attribute may have".into(),
+            );
+            continue;
+        }
+        conditions.insert(k, values);
+    }
+    let rate = raw.rate_limit.and_then(|r| match parse_rate(&r) {
+        Ok(rate) => Some(rate),
+        Err(m) => {
+            c.problem(format!("{field}.rateLimit"), m);
+            None
+        }
+    });
+    let source = c.source(field);
+    let access = Access {
+        resource: raw.resource.trim().to_string(),
+        actions,
+        conditions,
+    };
+    let network_only = |c: &mut Checker<'_>, what: &str| {
+        if raw.protocol.is_some() || !raw.ports.is_empty() {
+            c.problem(
+                field.to_string(),
+                format!("{what}; remove `protocol` and `ports`"),
+            );
+        }
+    };
+    let checked = match resource? {
+        Resource::Service(name) => {
+            network_only(
+                c,
+                "a service's protocol and ports are those of its catalog entry",
+            );
+            EgressRule {
+                endpoints: Vec::new(),
+                service: Some(ServiceRef {
+                    name,
+                    at: c.source(&resource_field),
+                    field: resource_field,
+                }),
+                access: Some(access),
+                rate,
+                mode: raw.mode,
+                source,
+            }
+        }
+        Resource::Cidr(net) => {
+            let to = vec![(resource_field.clone(), net)];
+            let ep = check_endpoint(c, field, to, raw.protocol, raw.ports)?;
+            EgressRule {
+                endpoints: vec![ep],
+                service: None,
+                access: Some(access),
+                rate,
+                mode: raw.mode,
+                source,
+            }
+        }
+        Resource::Unix(name) => {
+            network_only(c, "a Unix socket has no protocol or ports");
+            if rate.is_some()
+                || raw.mode.is_some()
+                || !access.actions.is_empty()
+                || !access.conditions.is_empty()
+            {
+                c.problem(
+                    field.to_string(),
+                    "a unix: resource takes no actions, conditions, rateLimit or mode: the kernel sees the connect only".into(),
+                );
+            }
+            let rule = unix_rule(c, &resource_field, name)?;
+            if c.problems.len() > before {
+                return None;
+            }
+            return Some(Checked::Unix(rule));
+        }
+    };
+    (c.problems.len() == before).then_some(Checked::Egress(checked))
+}
+
+/// `N per second|minute|hour` (also `N/s`, `N/min`, `N/h`), N from 1 to 1,000,000.
+fn parse_rate(s: &str) -> Result<RateLimit, String> {
+    let bad = || {
+        format!(
+            "{s:?} is not a rate: write N per second, N per minute or N per hour (N from 1 to 1000000)"
+        )
+    };
+    let t = s.trim();
+    let (n, unit) = t
+        .split_once(" per ")
+        .or_else(|| t.split_once('/'))
+        .ok_or_else(bad)?;
+    let count: u32 = n.trim().parse().map_err(|_| bad())?;
+    if count == 0 || count > 1_000_000 {
+        return Err(bad());
+    }
+    let per = match unit.trim() {
+        "second" | "s" | "sec" => Per::Second,
+        "minute" | "min" | "m" => Per::Minute,
+        "hour" | "h" => Per::Hour,
+        _ => return Err(bad()),
+    };
+    Ok(RateLimit { count, per })
 }
 
 /// What is wrong with one field's value; the caller adds the file, line and field.
@@ -436,45 +776,66 @@ fn check_unix(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Vec<UnixRule>
             "names no socket; give a path such as /run/app.sock or @abstract-name".into(),
         );
     }
-    let mut out = Vec::new();
-    for (f, name) in names {
-        let shape_ok = name.starts_with('/') || (name.starts_with('@') && name.len() > 1);
-        if !shape_ok {
-            c.problem(
-                f,
-                format!(
-                    "{name:?} is not a Unix socket name: give an absolute path (/run/app.sock) \
-                     or @ and an abstract name (@app)"
-                ),
-            );
-            continue;
-        }
-        if agentwall_common::unix::UnixKey::from_policy_name(0, 0, &name).is_none() {
-            c.problem(
-                f,
-                format!(
-                    "{name:?} does not fit in a Unix socket address (at most {} bytes, no NUL)",
-                    agentwall_common::unix::SUN_PATH_MAX
-                ),
-            );
-            continue;
-        }
-        out.push(UnixRule {
-            name,
-            source: Source {
-                file: PathBuf::from(c.file),
-                line: c.line(&f),
-            },
-        });
+    names
+        .into_iter()
+        .filter_map(|(f, name)| unix_rule(c, &f, name))
+        .collect()
+}
+
+/// One Unix socket name written at `field`.
+fn unix_rule(c: &mut Checker<'_>, field: &str, name: String) -> Option<UnixRule> {
+    let shape_ok = name.starts_with('/') || (name.starts_with('@') && name.len() > 1);
+    if !shape_ok {
+        c.problem(
+            field.to_string(),
+            format!(
+                "{name:?} is not a Unix socket name: give an absolute path (/run/app.sock) \
+                 or @ and an abstract name (@app)"
+            ),
+        );
+        return None;
     }
-    out
+    if agentwall_common::unix::UnixKey::from_policy_name(0, 0, &name).is_none() {
+        c.problem(
+            field.to_string(),
+            format!(
+                "{name:?} does not fit in a Unix socket address (at most {} bytes, no NUL)",
+                agentwall_common::unix::SUN_PATH_MAX
+            ),
+        );
+        return None;
+    }
+    Some(UnixRule {
+        name,
+        source: c.source(field),
+    })
 }
 
 fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<EgressRule> {
-    let before = c.problems.len();
     let _ = raw.description;
-    let protocol = raw.protocol.unwrap_or_default();
-    let to_raw = listed(field, "to", raw.to);
+    let to = listed(field, "to", raw.to);
+    let ep = check_endpoint(c, field, to, raw.protocol, raw.ports)?;
+    Some(EgressRule {
+        endpoints: vec![ep],
+        service: None,
+        access: None,
+        rate: None,
+        mode: None,
+        source: c.source(field),
+    })
+}
+
+/// Destinations (each with its field), protocol and ports written under `field`: an egress
+/// entry, a service's endpoint, a `cidr:` rule (whose destination is its resource).
+fn check_endpoint(
+    c: &mut Checker<'_>,
+    field: &str,
+    to_raw: Vec<(String, String)>,
+    protocol: Option<Protocol>,
+    raw_ports: Vec<RawPort>,
+) -> Option<Endpoint> {
+    let before = c.problems.len();
+    let protocol = protocol.unwrap_or_default();
     if to_raw.is_empty() {
         c.problem(
             format!("{field}.to"),
@@ -488,30 +849,23 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
             Err(e) => c.problem(f, e.to_string()),
         }
     }
-    let mut ports = Vec::with_capacity(raw.ports.len());
-    if protocol == Protocol::Icmp && !raw.ports.is_empty() {
+    let mut ports = Vec::with_capacity(raw_ports.len());
+    if protocol == Protocol::Icmp && !raw_ports.is_empty() {
         c.problem(
             format!("{field}.ports"),
             "ICMP has no ports; remove `ports` or change `protocol`".into(),
         );
     }
-    for (i, p) in raw.ports.into_iter().enumerate() {
+    for (i, p) in raw_ports.into_iter().enumerate() {
         match parse_port(&p) {
             Ok(r) => ports.push(r),
             Err(e) => c.problem(format!("{field}.ports[{i}]"), e.to_string()),
         }
     }
-    if c.problems.len() > before {
-        return None;
-    }
-    Some(EgressRule {
+    (c.problems.len() == before).then_some(Endpoint {
         to,
         protocol,
         ports,
-        source: Source {
-            file: PathBuf::from(c.file),
-            line: c.line(field),
-        },
     })
 }
 
@@ -569,7 +923,10 @@ mod tests {
     use crate::policy::parse_texts;
 
     fn parse_one(text: &str) -> Result<Vec<Policy>, Vec<Problem>> {
-        file(Path::new("p.yaml"), text)
+        match file(Path::new("p.yaml"), text) {
+            Ok((p, problems)) if problems.is_empty() => Ok(p.policies),
+            Ok((_, problems)) | Err(problems) => Err(problems),
+        }
     }
 
     fn problems(text: &str) -> Vec<String> {
@@ -592,7 +949,7 @@ mod tests {
         assert_eq!(p.mode, Mode::Audit);
         assert_eq!(p.egress.len(), 2);
         assert_eq!(
-            p.egress[0].ports,
+            p.egress[0].endpoints[0].ports,
             vec![
                 PortRange { lo: 443, hi: 443 },
                 PortRange { lo: 8000, hi: 8099 }
@@ -600,8 +957,8 @@ mod tests {
         );
         assert_eq!(p.egress[0].source.line, 5);
         assert_eq!(p.egress[1].source.line, 8);
-        assert_eq!(p.egress[1].to.len(), 2);
-        assert_eq!(p.egress[1].to[0].prefix_len(), 128);
+        assert_eq!(p.egress[1].endpoints[0].to.len(), 2);
+        assert_eq!(p.egress[1].endpoints[0].to[0].prefix_len(), 128);
     }
 
     #[test]
@@ -609,24 +966,24 @@ mod tests {
         let text = "policy:\n  name: web\n  egress:\n    - to: 10.0.0.1/8\n      ports: [0, 70000, \"9-3\", \"x\"]\n    - to: nope.example\n      protocol: icmp\n      ports: [1]\n";
         let got = problems(text);
         let want = [
-            "p.yaml:4: policy.egress[0].to: \"10.0.0.1/8\" has bits set after the prefix length; did you mean 10.0.0.0/8?",
-            "p.yaml:5: policy.egress[0].ports[0]: 0 is not a destination port (1 to 65535)",
-            "p.yaml:5: policy.egress[0].ports[1]: 70000 is not a destination port (1 to 65535)",
-            "p.yaml:5: policy.egress[0].ports[2]: range \"9-3\" is empty: its start is above its end",
-            "p.yaml:5: policy.egress[0].ports[3]: \"x\" is not a port or a range such as 8000-8099",
+            "p.yaml:4:11: policy.egress[0].to: \"10.0.0.1/8\" has bits set after the prefix length; did you mean 10.0.0.0/8?",
+            "p.yaml:5:15: policy.egress[0].ports[0]: 0 is not a destination port (1 to 65535)",
+            "p.yaml:5:18: policy.egress[0].ports[1]: 70000 is not a destination port (1 to 65535)",
+            "p.yaml:5:25: policy.egress[0].ports[2]: range \"9-3\" is empty: its start is above its end",
+            "p.yaml:5:32: policy.egress[0].ports[3]: \"x\" is not a port or a range such as 8000-8099",
         ];
         for w in want {
             assert!(got.iter().any(|g| g == w), "missing {w:?} in {got:#?}");
         }
         assert!(
             got.iter().any(|g| g.starts_with(
-                "p.yaml:6: policy.egress[1].to: \"nope.example\" is not an IP address"
+                "p.yaml:6:11: policy.egress[1].to: \"nope.example\" is not an IP address"
             )),
             "{got:#?}"
         );
         assert!(
             got.iter()
-                .any(|g| g.starts_with("p.yaml:8: policy.egress[1].ports: ICMP has no ports")),
+                .any(|g| g.starts_with("p.yaml:8:7: policy.egress[1].ports: ICMP has no ports")),
             "{got:#?}"
         );
     }
@@ -637,13 +994,13 @@ mod tests {
             problems("policy:\n  name: web\n  egress:\n    - to: 10.0.0.0/8\n      protocl: tcp\n");
         assert_eq!(got.len(), 1);
         assert!(
-            got[0].starts_with("p.yaml:5: policy.egress[0]: unknown field `protocl`"),
+            got[0].starts_with("p.yaml:5:7: policy.egress[0]: unknown field `protocl`"),
             "{got:?}"
         );
 
         let got = problems("policy:\n  name: web\n  mode: strict\n");
         assert!(
-            got[0].starts_with("p.yaml:3: policy.mode: unknown variant `strict`"),
+            got[0].starts_with("p.yaml:3:9: policy.mode: unknown variant `strict`"),
             "{got:?}"
         );
 
@@ -677,15 +1034,15 @@ mod tests {
         assert_eq!(
             got,
             [
-                "p.yaml:4: policy.egress[0].unix: \"app.sock\" is not a Unix socket name: give an absolute path (/run/app.sock) or @ and an abstract name (@app)",
-                "p.yaml:5: policy.egress[1].unix: \"@\" is not a Unix socket name: give an absolute path (/run/app.sock) or @ and an abstract name (@app)",
+                "p.yaml:4:13: policy.egress[0].unix: \"app.sock\" is not a Unix socket name: give an absolute path (/run/app.sock) or @ and an abstract name (@app)",
+                "p.yaml:5:13: policy.egress[1].unix: \"@\" is not a Unix socket name: give an absolute path (/run/app.sock) or @ and an abstract name (@app)",
                 &format!(
-                    "p.yaml:6: policy.egress[2].unix: \"{long}\" does not fit in a Unix socket address (at most 108 bytes, no NUL)"
+                    "p.yaml:6:13: policy.egress[2].unix: \"{long}\" does not fit in a Unix socket address (at most 108 bytes, no NUL)"
                 ),
-                "p.yaml:7: policy.egress[3]: a `unix:` rule has no protocol or ports; remove them",
-                "p.yaml:9: policy.egress[4]: has both `to` and `unix`; write a network rule and a Unix socket rule apart",
-                "p.yaml:11: policy.egress[5]: names nothing; give `to:` (addresses) or `unix:` (Unix socket paths)",
-                "p.yaml:12: policy.egress[6].unix: names no socket; give a path such as /run/app.sock or @abstract-name",
+                "p.yaml:7:7: policy.egress[3]: a `unix:` rule has no protocol or ports; remove them",
+                "p.yaml:9:7: policy.egress[4]: has both `to` and `unix`; write a network rule and a Unix socket rule apart",
+                "p.yaml:11:7: policy.egress[5]: names nothing; give `to:` (addresses) or `unix:` (Unix socket paths)",
+                "p.yaml:12:7: policy.egress[6].unix: names no socket; give a path such as /run/app.sock or @abstract-name",
             ]
         );
     }
@@ -714,7 +1071,7 @@ mod tests {
         assert_eq!(e.problems.len(), 1);
         assert_eq!(
             e.problems[0].to_string(),
-            "b.yaml:3: policy.name: policy \"x\" is already defined at a.yaml:1"
+            "b.yaml:3:1: policy.name: policy \"x\" is already defined at a.yaml:1"
         );
     }
 
@@ -736,11 +1093,11 @@ mod tests {
             "policy:\n  name: r\n  identity: agent/Reader/../x\n  attest:\n    exe: python3\n    sha256: xyz\n    cgroup: agentwall\n    systemd_unit: a/b\n",
         );
         for f in [
-            "p.yaml:3: policy.identity:",
-            "p.yaml:5: policy.attest.exe:",
-            "p.yaml:6: policy.attest.sha256:",
-            "p.yaml:7: policy.attest.cgroup:",
-            "p.yaml:8: policy.attest.systemd_unit:",
+            "p.yaml:3:13: policy.identity:",
+            "p.yaml:5:10: policy.attest.exe:",
+            "p.yaml:6:13: policy.attest.sha256:",
+            "p.yaml:7:13: policy.attest.cgroup:",
+            "p.yaml:8:19: policy.attest.systemd_unit:",
         ] {
             assert!(
                 got.iter().any(|g| g.starts_with(f)),
@@ -776,5 +1133,206 @@ mod tests {
         .unwrap();
         assert_eq!(ps.len(), 2);
         assert_eq!(ps[1].egress[0].source.line, 7);
+    }
+
+    const CATALOG: &str = "\
+kind: Service
+apiVersion: agentwall.dev/v1
+service:
+  name: analytics-db
+  endpoints:
+    - to: 127.0.0.10
+      protocol: tcp
+      ports: [5432]
+---
+service:
+  name: slack
+  endpoints:
+    - to: [127.0.0.11, \"::1\"]
+      protocol: tcp
+      ports: [443]
+";
+
+    const PIPELINE: &str = "\
+apiVersion: agentwall.dev/v1
+kind: Policy
+policy:
+  name: data-pipeline
+  identity: agent/data-pipeline/prod
+  rules:
+    - resource: \"service:analytics-db\"
+      actions: [\"read\"]
+      conditions: { tables: [\"events\", \"sessions\"] }
+    - resource: \"service:slack\"
+      actions: [\"write:message\"]
+      conditions: { channels: [\"#alerts\"] }
+      rateLimit: \"10 per minute\"
+    - resource: cidr:127.0.0.0/30
+      protocol: udp
+      ports: [53]
+      rateLimit: 5/s
+      mode: audit
+    - resource: unix:/run/app.sock
+";
+
+    #[test]
+    fn rules_name_services_with_actions_conditions_and_limits() {
+        let set = parse_texts(&[
+            (PathBuf::from("catalog.yaml"), CATALOG.to_string()),
+            (PathBuf::from("pipeline.yaml"), PIPELINE.to_string()),
+        ])
+        .unwrap();
+        assert_eq!(set.services.len(), 2);
+        let p = &set.policies[0];
+        assert_eq!(p.egress.len(), 3);
+        let db = &p.egress[0];
+        assert_eq!(db.endpoints, set.services[0].endpoints, "the catalog's");
+        let access = db.access.as_ref().unwrap();
+        assert_eq!(access.resource, "service:analytics-db");
+        assert_eq!(access.actions, ["read"]);
+        assert_eq!(access.conditions["tables"], ["events", "sessions"]);
+        assert_eq!(db.source.line, 7);
+        assert_eq!(db.rate, None);
+        let slack = &p.egress[1];
+        assert_eq!(slack.endpoints[0].to.len(), 2);
+        assert_eq!(
+            slack.rate,
+            Some(RateLimit {
+                count: 10,
+                per: Per::Minute
+            })
+        );
+        assert_eq!(slack.rate.unwrap().to_string(), "10 per minute");
+        let dns = &p.egress[2];
+        assert_eq!(dns.endpoints[0].protocol, Protocol::Udp);
+        assert_eq!(dns.endpoints[0].to[0].to_string(), "127.0.0.0/30");
+        assert_eq!(dns.mode, Some(Mode::Audit));
+        assert_eq!(dns.rate.unwrap().per, Per::Second);
+        assert_eq!(p.unix[0].name, "/run/app.sock");
+        assert_eq!(p.unix[0].source.line, 19);
+    }
+
+    /// Every class of bad input in the new language, with the message it gets.
+    #[test]
+    fn bad_rules_and_services_are_each_reported_where_written() {
+        let bad = "\
+policy:
+  name: p
+  rules:
+    - resource: service:nope
+    - resource: service:Bad
+    - resource: printer:x
+    - resource: agent:b/prod
+    - resource: cidr:10.0.0.1/8
+    - resource: service:analytics-db
+      rateLimit: 10 per fortnight
+    - resource: service:analytics-db
+      ports: [5432]
+    - resource: service:analytics-db
+      actions: [\"read it\"]
+      conditions: { \"a b\": [x], c: [] }
+    - resource: unix:/run/x.sock
+      rateLimit: 1/s
+    - resource: service:analytics-db
+      rateLimit: 0 per second
+---
+kind: Service
+policy:
+  name: q
+---
+apiVersion: v2
+service:
+  name: analytics-db
+  endpoints: []
+";
+        let e = parse_texts(&[
+            (PathBuf::from("catalog.yaml"), CATALOG.to_string()),
+            (PathBuf::from("bad.yaml"), bad.to_string()),
+        ])
+        .unwrap_err();
+        let got: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        let want = [
+            "bad.yaml:5:17: policy.rules[1].resource: \"Bad\" is not a valid service name",
+            "bad.yaml:6:17: policy.rules[2].resource: \"printer:x\" is not a resource: write service:NAME",
+            "bad.yaml:7:17: policy.rules[3].resource: \"agent:b/prod\": agent-to-agent rules need the agents catalog",
+            "bad.yaml:8:17: policy.rules[4].resource: \"10.0.0.1/8\" has bits set after the prefix length; did you mean 10.0.0.0/8?",
+            "bad.yaml:10:18: policy.rules[5].rateLimit: \"10 per fortnight\" is not a rate: write N per second",
+            "bad.yaml:11:7: policy.rules[6]: a service's protocol and ports are those of its catalog entry; remove `protocol` and `ports`",
+            "bad.yaml:14:17: policy.rules[7].actions[0]: \"read it\" is not an action",
+            "bad.yaml:15:21: policy.rules[7].conditions.a b: \"a b\" is not an attribute name",
+            "bad.yaml:15:33: policy.rules[7].conditions.c: lists no value",
+            "bad.yaml:16:7: policy.rules[8]: a unix: resource takes no actions, conditions, rateLimit or mode",
+            "bad.yaml:19:18: policy.rules[9].rateLimit: \"0 per second\" is not a rate",
+            "bad.yaml:21:7: kind: \"Service\" does not match the document, which holds a Policy; write kind: Policy",
+            "bad.yaml:25:13: apiVersion: \"v2\" is not a version this agentwall reads; write \"agentwall.dev/v1\"",
+            "bad.yaml:28:3: service.endpoints: a service needs at least one endpoint",
+            "bad.yaml:26:1: service.name: service \"analytics-db\" is already defined at catalog.yaml:3",
+            // Found across files in the same run.
+            "bad.yaml:4:17: policy.rules[0].resource: policy \"p\": no service named \"nope\"; the catalog has analytics-db, slack",
+        ];
+        for w in want {
+            assert!(
+                got.iter().any(|g| g.starts_with(w)),
+                "missing {w:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        // References are resolved across files, after all of them are read.
+        let e = parse_texts(&[(PathBuf::from("p.yaml"), "policy:\n  name: p\n  rules:\n    - resource: service:nope\n    - resource: cidr:10.0.0.1\n      rateLimit: 3 per week\n".to_string())])
+            .unwrap_err();
+        let got: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "p.yaml:6:18: policy.rules[1].rateLimit: \"3 per week\" is not a rate: write N per second, N per minute or N per hour (N from 1 to 1000000)",
+                "p.yaml:4:17: policy.rules[0].resource: policy \"p\": no service named \"nope\"; the directory defines no service; add a `service:` document",
+            ],
+            "a file's own problems and those across files, in one run"
+        );
+        let e = parse_texts(&[
+            (PathBuf::from("a.yaml"), CATALOG.to_string()),
+            (
+                PathBuf::from("b.yaml"),
+                "service:\n  name: slack\n  endpoints:\n    - to: 10.0.0.1\n".to_string(),
+            ),
+            (
+                PathBuf::from("c.yaml"),
+                "policy:\n  name: p\n  rules:\n    - resource: service:slak\n".to_string(),
+            ),
+        ])
+        .unwrap_err();
+        let got: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "b.yaml:1:1: service.name: service \"slack\" is already defined at a.yaml:10",
+                "c.yaml:4:17: policy.rules[0].resource: policy \"p\": no service named \"slak\"; the catalog has analytics-db, slack",
+            ]
+        );
+    }
+
+    #[test]
+    fn rates_read_in_words_and_short() {
+        for (s, count, per) in [
+            ("10 per minute", 10, Per::Minute),
+            ("1 per second", 1, Per::Second),
+            ("3/h", 3, Per::Hour),
+            ("1000000 per hour", 1_000_000, Per::Hour),
+            (" 7 / min ", 7, Per::Minute),
+        ] {
+            assert_eq!(parse_rate(s), Ok(RateLimit { count, per }), "{s}");
+        }
+        for s in [
+            "",
+            "10",
+            "ten per minute",
+            "0/s",
+            "1000001/s",
+            "-1/s",
+            "5 per day",
+            "5 per",
+        ] {
+            assert!(parse_rate(s).is_err(), "{s}");
+        }
     }
 }

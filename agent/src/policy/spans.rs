@@ -9,10 +9,17 @@ use yaml_rust2::{
     scanner::Marker,
 };
 
-/// Path → 1-based line, one map per YAML document of a file.
+/// A position in a file: 1-based line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct At {
+    pub(crate) line: usize,
+    pub(crate) column: usize,
+}
+
+/// Path → where the node starts, one map per YAML document of a file.
 #[derive(Debug, Default)]
 pub(crate) struct Spans {
-    docs: Vec<HashMap<String, usize>>,
+    docs: Vec<HashMap<String, At>>,
     /// Nodes that aliases stand for (each alias counted as the nodes of what it names).
     aliased: u64,
 }
@@ -33,9 +40,9 @@ impl Spans {
         self.aliased
     }
 
-    /// The line where the node at `path` starts in document `doc`, or the nearest enclosing
-    /// node's line.
-    pub(crate) fn line(&self, doc: usize, path: &str) -> Option<usize> {
+    /// Where the node at `path` starts in document `doc` (line and column), or the nearest
+    /// enclosing node's position.
+    pub(crate) fn at(&self, doc: usize, path: &str) -> Option<At> {
         let map = self.docs.get(doc)?;
         let mut p = path;
         loop {
@@ -52,6 +59,9 @@ enum Frame {
     Map {
         key: Option<String>,
         expecting_key: bool,
+        /// No key seen yet: the parser marks a block mapping's start after its first key, so
+        /// the first key's position becomes the mapping's.
+        first: bool,
     },
     Seq {
         next: usize,
@@ -60,7 +70,7 @@ enum Frame {
 
 #[derive(Default)]
 struct Recorder {
-    docs: Vec<HashMap<String, usize>>,
+    docs: Vec<HashMap<String, At>>,
     stack: Vec<(Frame, String)>,
     /// Nodes so far, each alias counted as the nodes of what it names.
     expanded: u64,
@@ -74,14 +84,24 @@ struct Recorder {
 
 impl Recorder {
     /// Called at the start of every node; returns the node's path, or `None` for a map key.
-    fn node_start(&mut self, key_text: Option<&str>, line: usize) -> Option<String> {
+    fn node_start(&mut self, key_text: Option<&str>, line: At) -> Option<String> {
         let Some((frame, parent)) = self.stack.last_mut() else {
             return Some(String::new());
         };
         match frame {
-            Frame::Map { key, expecting_key } => {
+            Frame::Map {
+                key,
+                expecting_key,
+                first,
+            } => {
                 if *expecting_key {
                     *expecting_key = false;
+                    if std::mem::take(first)
+                        && let Some(doc) = self.docs.last_mut()
+                        && let Some(at) = doc.get_mut(parent.as_str())
+                    {
+                        *at = line;
+                    }
                     let k = key_text.unwrap_or("?").to_string();
                     let path = if parent.is_empty() {
                         k.clone()
@@ -111,16 +131,28 @@ impl Recorder {
         }
     }
 
-    fn record(&mut self, path: &str, line: usize) {
-        if let Some(doc) = self.docs.last_mut() {
-            doc.entry(path.to_string()).or_insert(line);
+    /// Records where `path` starts unless known (a map's value is where its key is);
+    /// whether this recorded it.
+    fn record(&mut self, path: &str, line: At) -> bool {
+        let Some(doc) = self.docs.last_mut() else {
+            return false;
+        };
+        match doc.entry(path.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(line);
+                true
+            }
         }
     }
 }
 
 impl MarkedEventReceiver for Recorder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let line = mark.line();
+        let line = At {
+            line: mark.line(),
+            column: mark.col() + 1,
+        };
         match ev {
             Event::DocumentStart => {
                 self.docs.push(HashMap::new());
@@ -131,8 +163,12 @@ impl MarkedEventReceiver for Recorder {
                 if anchor != 0 {
                     self.anchors.insert(anchor, 1);
                 }
-                if let Some(path) = self.node_start(Some(&text), line) {
-                    self.record(&path, line);
+                // A scalar value is located where it is written, not at its key: that is what
+                // a problem with it points to.
+                if let Some(path) = self.node_start(Some(&text), line)
+                    && let Some(doc) = self.docs.last_mut()
+                {
+                    doc.insert(path, line);
                 }
             }
             Event::Alias(anchor) => {
@@ -162,13 +198,14 @@ impl MarkedEventReceiver for Recorder {
 }
 
 impl Recorder {
-    fn collection_start(&mut self, map: bool, line: usize) {
+    fn collection_start(&mut self, map: bool, line: At) {
         let path = self.node_start(None, line).unwrap_or_default();
-        self.record(&path, line);
+        let fresh = self.record(&path, line);
         let frame = if map {
             Frame::Map {
                 key: None,
                 expecting_key: true,
+                first: fresh,
             }
         } else {
             Frame::Seq { next: 0 }
@@ -216,16 +253,36 @@ policy:
   name: b
 ";
         let s = Spans::index(text);
-        assert_eq!(s.line(0, "policy"), Some(1));
-        assert_eq!(s.line(0, "policy.name"), Some(2));
-        assert_eq!(s.line(0, "policy.egress[0]"), Some(4));
-        assert_eq!(s.line(0, "policy.egress[0].ports[1]"), Some(5));
-        assert_eq!(s.line(0, "policy.egress[1]"), Some(6));
-        assert_eq!(s.line(0, "policy.egress[1].to[1]"), Some(8));
-        assert_eq!(s.line(0, "policy.egress[1].protocol"), Some(9));
+        assert_eq!(s.at(0, "policy").map(|a| a.line), Some(1));
+        assert_eq!(s.at(0, "policy.name").map(|a| a.line), Some(2));
+        assert_eq!(s.at(0, "policy.egress[0]").map(|a| a.line), Some(4));
+        assert_eq!(
+            s.at(0, "policy.egress[0].ports[1]").map(|a| a.line),
+            Some(5)
+        );
+        assert_eq!(s.at(0, "policy.egress[1]").map(|a| a.line), Some(6));
+        assert_eq!(s.at(0, "policy.egress[1].to[1]").map(|a| a.line), Some(8));
+        assert_eq!(
+            s.at(0, "policy.egress[1].protocol").map(|a| a.line),
+            Some(9)
+        );
         // Unknown paths fall back to the nearest enclosing node.
-        assert_eq!(s.line(0, "policy.egress[1].nope"), Some(6));
-        assert_eq!(s.line(1, "policy.name"), Some(12));
-        assert_eq!(s.line(2, "policy"), None);
+        assert_eq!(s.at(0, "policy.egress[1].nope").map(|a| a.line), Some(6));
+        assert_eq!(s.at(1, "policy.name").map(|a| a.line), Some(12));
+        assert_eq!(s.at(2, "policy").map(|a| a.line), None);
+        assert_eq!(
+            s.at(0, "policy.egress[0].ports[1]"),
+            Some(At {
+                line: 5,
+                column: 19
+            })
+        );
+        assert_eq!(
+            s.at(0, "policy.egress[1].protocol"),
+            Some(At {
+                line: 9,
+                column: 17
+            })
+        );
     }
 }

@@ -40,7 +40,7 @@ pub struct EventRecord {
     pub unix: Option<String>,
     pub port: u16,
     pub rule_id: u32,
-    /// `file:line` of the rule that allowed.
+    /// `file:line` of the rule that allowed (or whose rate limit denied).
     pub rule: Option<String>,
     pub policy: Option<String>,
     /// The SPIFFE ID the cgroup enrolled with, if it did.

@@ -33,6 +33,8 @@
 //! (inotify instances until one is refused or N are open, kept: `n=K ERR`), `session`
 //! (`own` for a session leader, else `shared`), `write-file PATH TEXT`,
 //! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
+//! `tcp-race ADDR THREADS N` (THREADS threads released at once, each N TCP connects:
+//! `ok=… eperm=… other=…`),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
 //! SECS by a thread that replaces those the server ended; answers once the first N are open),
 //! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC),
@@ -252,6 +254,43 @@ fn unix_send(name: &str, payload: &str, how: UnixHow) -> String {
 
 /// `n` stream connects to the Unix socket `name` (a path, or `@name`): how many were refused
 /// with EPERM, and how many were not.
+/// THREADS threads released together, each making N TCP connects to `to` (each closed at
+/// once): `ok=… eperm=… other=…`.
+fn tcp_race(to: SocketAddr, threads: usize, n: usize) -> String {
+    use std::sync::{
+        Arc, Barrier,
+        atomic::{AtomicU64, Ordering},
+    };
+    let threads = threads.clamp(1, 64);
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let start = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (counts, start) = (Arc::clone(&counts), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..n.min(100_000) {
+                    let i = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                        Ok(_) => 0,
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => 1,
+                        Err(_) => 2,
+                    };
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    format!(
+        "ok={} eperm={} other={}",
+        counts[0].load(Ordering::Relaxed),
+        counts[1].load(Ordering::Relaxed),
+        counts[2].load(Ordering::Relaxed)
+    )
+}
+
 fn unix_flood(name: &str, n: u64) -> String {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
     use std::os::fd::AsRawFd as _;
@@ -948,6 +987,11 @@ fn run(line: &str) -> String {
                 path,
                 n.parse().map_err(|_| "err bad count".to_string())?,
                 b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            )),
+            ("tcp-race", [a, threads, n]) => Ok(tcp_race(
+                addr(a)?,
+                threads.parse().map_err(|_| "err bad count".to_string())?,
+                n.parse().map_err(|_| "err bad count".to_string())?,
             )),
             ("unix-flood", [name, n]) => Ok(unix_flood(
                 name,
