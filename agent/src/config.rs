@@ -181,6 +181,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub workload: WorkloadConfig,
     #[serde(default)]
+    pub decision: DecisionConfig,
+    #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub detect: crate::audit::detect::DetectConfig,
@@ -334,6 +336,36 @@ impl Default for WorkloadConfig {
     }
 }
 
+/// The decision API (`crate::decision`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecisionConfig {
+    /// Off: neither the socket nor the TCP address.
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// File mode of the socket.
+    #[serde(deserialize_with = "octal_mode")]
+    pub mode: u32,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    /// A TCP address to serve it on with mutual TLS too, such as `127.0.0.1:8443`; none by
+    /// default.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for DecisionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: PathBuf::from(defaults::DECISION_SOCKET),
+            mode: defaults::DECISION_SOCKET_MODE,
+            owner: None,
+            group: None,
+            listen: None,
+        }
+    }
+}
+
 fn octal_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -382,11 +414,15 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub enrollment: EnrollmentConfig,
     pub workload: WorkloadConfig,
+    pub decision: DecisionConfig,
     pub audit: AuditConfig,
     pub detect: crate::audit::detect::DetectConfig,
     pub metrics: MetricsConfig,
     pub events: EventsConfig,
     pub exec: ExecConfig,
+    /// For tests only: the wall clock time windows are judged by reads this at start and
+    /// runs on from there (`agentwall run --test-wall-clock`).
+    pub test_wall_clock: Option<jiff::Timestamp>,
 }
 
 /// Command-line overrides.
@@ -401,9 +437,11 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     pub enroll_socket: Option<PathBuf>,
     pub workload_socket: Option<PathBuf>,
+    pub decision_socket: Option<PathBuf>,
     pub agent_dir: Option<PathBuf>,
     pub audit_dir: Option<PathBuf>,
     pub audit_key: Option<PathBuf>,
+    pub test_wall_clock: Option<jiff::Timestamp>,
 }
 
 impl Config {
@@ -447,6 +485,7 @@ impl Config {
             metrics: file.metrics,
             events: file.events,
             exec: file.exec,
+            test_wall_clock: o.test_wall_clock,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),
                 key_file: o.audit_key.clone().unwrap_or(file.audit.key_file),
@@ -459,6 +498,10 @@ impl Config {
             workload: WorkloadConfig {
                 socket: o.workload_socket.clone().unwrap_or(file.workload.socket),
                 ..file.workload
+            },
+            decision: DecisionConfig {
+                socket: o.decision_socket.clone().unwrap_or(file.decision.socket),
+                ..file.decision
             },
         };
         cfg.validate()?;
@@ -490,6 +533,7 @@ impl Config {
             ("socket", &self.socket),
             ("enrollment.socket", &self.enrollment.socket),
             ("workload.socket", &self.workload.socket),
+            ("decision.socket", &self.decision.socket),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid {

@@ -13,6 +13,10 @@ pub const ENROLL_SOCKET_MODE: u32 = 0o666;
 pub const WORKLOAD_SOCKET: &str = "/run/agentwall/workload.sock";
 /// Any local process may ask: the kernel's account of its cgroup decides what it gets.
 pub const WORKLOAD_SOCKET_MODE: u32 = 0o666;
+/// The decision API (callees and gateways ask whether a caller may act).
+pub const DECISION_SOCKET: &str = "/run/agentwall/decision.sock";
+/// Any local process may ask; the answers name rules, not secrets.
+pub const DECISION_SOCKET_MODE: u32 = 0o666;
 /// Where `agentwall exec --cert` puts the files of the agents it launches.
 pub const AGENT_DIR: &str = "/run/agentwall/agents";
 /// The audit key, away from the state directory that holds the log.

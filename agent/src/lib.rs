@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod decision;
 pub mod defaults;
 pub mod enforce;
 pub mod events;

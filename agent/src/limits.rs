@@ -39,6 +39,10 @@ pub const WORKLOAD_CALLS_PER_CONNECTION: usize = 16;
 /// The decoded header fields of one Workload API request, at most (HTTP/2's measure: each
 /// name and value, and 32 per field).
 pub const WORKLOAD_HEADER_LIST: usize = 16 * 1024;
+/// Connections to the decision API at once, on its socket and on its TCP address each.
+pub const DECISION_CONNECTIONS: usize = 64;
+/// What they hold: the socket of each.
+pub const DECISION_DESCRIPTORS: u64 = DECISION_CONNECTIONS as u64 * 2;
 /// Admin connections waiting for their request line at once (see `control::waiting`).
 pub const ADMIN_WAITING: usize = 64;
 /// Admin connections at once however low the limit (root and the admin group only).
@@ -61,6 +65,7 @@ impl Limits {
             .saturating_sub(ENROLL_DESCRIPTORS)
             .saturating_sub(METRICS_CONNECTIONS as u64)
             .saturating_sub(WORKLOAD_DESCRIPTORS)
+            .saturating_sub(DECISION_DESCRIPTORS)
             .saturating_sub(ADMIN_WAITING as u64);
         Self {
             nofile,
@@ -188,6 +193,7 @@ mod tests {
                 + ENROLL_DESCRIPTORS
                 + METRICS_CONNECTIONS as u64
                 + WORKLOAD_DESCRIPTORS
+                + DECISION_DESCRIPTORS
                 + ADMIN_WAITING as u64
                 + l.admin as u64,
             2048

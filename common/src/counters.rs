@@ -26,11 +26,13 @@ pub const RAW_SOCKET_DENIED: u32 = 9;
 pub const RST_PASSED: u32 = 10;
 /// Connects and sends denied by a rule's rate limit.
 pub const RATE_LIMITED: u32 = 11;
-/// Uses of a rate-limited rule whose limit or bucket the programs could not read, or whose
-/// bucket stayed contended (denied).
-pub const RATE_ERRORS: u32 = 12;
+/// Uses of a rule with conditions whose limit, bucket or window the programs could not
+/// read, or whose bucket stayed contended (denied).
+pub const CONDITION_ERRORS: u32 = 12;
+/// Flows denied because the rule's time window was closed.
+pub const OUTSIDE_WINDOW: u32 = 13;
 /// Number of counters; the size of the array.
-pub const COUNT: u32 = 13;
+pub const COUNT: u32 = 14;
 
 /// Names in index order, as exported in status and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -46,5 +48,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "raw_socket_denied",
     "rst_passed",
     "rate_limited",
-    "rate_errors",
+    "condition_errors",
+    "outside_window",
 ];

@@ -91,6 +91,14 @@ code!(
         /// Over a rule's rate limit, let through because the rule or the binding is in
         /// audit mode ([`Event::rule_id`] names the rule).
         RATE_AUDIT = 19, "rate_audit";
+        /// The rule that grants the destination has a time window, and it is closed
+        /// ([`Event::rule_id`] names the rule).
+        OUTSIDE_WINDOW = 20, "outside_window";
+        /// Outside a rule's time window, let through because the rule or the binding is in
+        /// audit mode.
+        WINDOW_AUDIT = 21, "window_audit";
+        /// A rule's limit, bucket or window could not be read (denied, whatever the mode).
+        CONDITION_ERROR = 22, "condition_error";
     }
 );
 

@@ -33,6 +33,8 @@ mod pod {
     // SAFETY: `repr(C)` integers (a `Rate` is two u64) without padding.
     unsafe impl aya::Pod for crate::rules::Limit {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for crate::rules::WindowSpans {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for crate::state::PolicyState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::lsm::KernelLayout {}

@@ -38,6 +38,11 @@ pub const ALLOWED_SUMMARIES: &str = "AW_ALLOWED_SUMMARIES";
 /// the buckets are pinned, so that a restarted daemon does not refill them.
 pub const LIMITS: &str = "AW_LIMITS";
 pub const RATE_BUCKETS: &str = "AW_RATE_BUCKETS";
+/// Time windows of rules (`HashMap<u64, rules::WindowSpans>`, keyed like the limits): the
+/// daemon writes them with each generation and again as spans pass.
+pub const WINDOWS: &str = "AW_WINDOWS";
+/// Default capacity of the windows map: two generations of 32,768 windowed rules.
+pub const DEFAULT_MAX_WINDOWS: u32 = 65_536;
 /// Default capacity of the limits map: two generations of 32,768 rate-limited rules.
 pub const DEFAULT_MAX_LIMITS: u32 = 65_536;
 /// Default capacity of the rate buckets map: one per rate-limited rule (they live across

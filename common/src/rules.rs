@@ -22,8 +22,43 @@ pub mod flags {
     /// connect or addressed send it allows takes a token from the bucket of the caller's
     /// identity.
     pub const LIMITED: u8 = 1;
-    /// The rule is in audit mode: what its limit would deny passes and is reported.
+    /// The rule is in audit mode: what its limit or window would deny passes and is
+    /// reported.
     pub const AUDIT: u8 = 2;
+    /// The rule has a time window ([`super::WindowSpans`], keyed by generation and rule id):
+    /// it grants only while the kernel's clock is inside one of the spans.
+    pub const WINDOWED: u8 = 4;
+}
+
+/// When a windowed rule grants: up to two spans `[start, end)` of the boot clock, the one
+/// in course (or next) and the one after, so that the daemon has a whole span's time to
+/// write the next. Unused spans are `(0, 0)`. The kernel compares its clock with them: the
+/// rule opens and closes at the exact instant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowSpans {
+    pub spans: [[u64; 2]; 2],
+}
+const _: () = assert!(core::mem::size_of::<WindowSpans>() == 32);
+
+impl WindowSpans {
+    /// Whether `now` (boot clock) is inside a span.
+    #[inline(always)]
+    pub fn open(&self, now: u64) -> bool {
+        self.open_until(now).is_some()
+    }
+
+    /// The end of the span `now` is inside, if any.
+    #[inline(always)]
+    pub fn open_until(&self, now: u64) -> Option<u64> {
+        if self.spans[0][0] <= now && now < self.spans[0][1] {
+            Some(self.spans[0][1])
+        } else if self.spans[1][0] <= now && now < self.spans[1][1] {
+            Some(self.spans[1][1])
+        } else {
+            None
+        }
+    }
 }
 
 /// A rule's rate limit, in the generic cell rate form of [`crate::budget::Rate`]: a token
@@ -337,6 +372,29 @@ mod tests {
             },
         );
         assert_eq!(busy, Taken::Contended);
+    }
+
+    #[test]
+    fn a_window_is_open_from_its_start_to_just_before_its_end() {
+        let w = WindowSpans {
+            spans: [[100, 200], [300, 400]],
+        };
+        for (now, open) in [
+            (99, false),
+            (100, true),
+            (199, true),
+            (200, false),
+            (299, false),
+            (300, true),
+            (399, true),
+            (400, false),
+        ] {
+            assert_eq!(w.open(now), open, "{now}");
+        }
+        assert!(!WindowSpans::default().open(0), "no span, never open");
+        assert_eq!(w.open_until(150), Some(200));
+        assert_eq!(w.open_until(350), Some(400));
+        assert_eq!(w.open_until(250), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use agentwall_common::{
     counters,
     event::{Hook, Reason, Verdict},
     maps::{DEFAULT_MAX_BINDINGS, DEFAULT_MAX_RULE_NODES},
-    rules::{RuleKey, RuleSet, flags as rule_flags},
+    rules::{MAX_ENTRIES_PER_PREFIX, PortRule, RuleKey, RuleSet, flags as rule_flags},
     state::{
         BINDING_CACHE_SLOTS, BindingCacheEntry, DECISION_CACHE_SLOTS, DecisionCacheEntry,
         PolicyState,
@@ -18,7 +18,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 
-use crate::{emit, limits};
+use crate::{conditions, emit};
 
 /// Whether a use of a rate-limited rule by `flow` takes a token: a connect or an addressed
 /// send does, and so does a packet of a protocol without a connect (ICMP); a TCP or UDP
@@ -182,34 +182,15 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         generation,
         addr: flow.dst,
     };
-    let rule = AW_RULES
-        .get(key.as_key())
-        .and_then(|set| set.find_entry(flow.proto, flow.port));
-    let (verdict, reason, rule_id) = match rule {
-        Some(e) if e.flags & rule_flags::LIMITED != 0 => {
-            if !takes_token(flow) {
-                // A packet of a flow whose connect or send took its token.
-                (Verdict::ALLOW, Reason::RULE, e.rule_id)
-            } else {
-                match limits::take(generation, slot, e.rule_id) {
-                    Some(true) => (Verdict::ALLOW, Reason::RULE, e.rule_id),
-                    Some(false) if e.flags & rule_flags::AUDIT != 0 || binding.audit_only() => {
-                        (Verdict::ALLOW, Reason::RATE_AUDIT, e.rule_id)
-                    }
-                    // An error fails closed, whatever the mode: the limit could not be judged.
-                    Some(false) | None => {
-                        return Decision {
-                            rule_id: e.rule_id,
-                            now_boot_ns: now,
-                            ..Decision::deny(Reason::RATE_LIMITED, slot, generation)
-                        };
-                    }
-                }
-            }
-        }
-        Some(e) => {
-            let rule_id = e.rule_id;
-            // A limited rule's verdict is never cached: each use takes a token.
+    let judged = AW_RULES.get(key.as_key()).map_or(Judged::NoMatch, |set| {
+        judge(set, flow, generation, slot, binding.audit_only())
+    });
+    // A flow a window allows may be cached only until the window's span ends.
+    let mut expires_boot_ns = binding.expires_boot_ns;
+    let (verdict, reason, rule_id) = match judged {
+        Judged::Plain(rule_id) => {
+            // Only an unconditional rule's verdict is cached: each use of a rule with a limit
+            // or a window is judged.
             if let Some(e) = cached {
                 let value = DecisionCacheEntry {
                     cgroup_id: flow.cgroup_id,
@@ -229,8 +210,21 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
             }
             (Verdict::ALLOW, Reason::RULE, rule_id)
         }
-        None if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),
-        None => {
+        Judged::Allowed(reason, rule_id, until) => {
+            if until != 0 && (expires_boot_ns == 0 || until < expires_boot_ns) {
+                expires_boot_ns = until;
+            }
+            (Verdict::ALLOW, reason, rule_id)
+        }
+        Judged::Denied(reason, rule_id) => {
+            return Decision {
+                rule_id,
+                now_boot_ns: now,
+                ..Decision::deny(reason, slot, generation)
+            };
+        }
+        Judged::NoMatch if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),
+        Judged::NoMatch => {
             return Decision {
                 now_boot_ns: now,
                 ..Decision::deny(Reason::NO_RULE, slot, generation)
@@ -244,9 +238,112 @@ pub(crate) fn decide(flow: &Flow) -> Decision {
         slot,
         generation,
         epoch,
-        expires_boot_ns: binding.expires_boot_ns,
+        expires_boot_ns,
         now_boot_ns: now,
     }
+}
+
+/// What the entries of a rule node say of a flow.
+enum Judged {
+    /// An entry without conditions allows.
+    Plain(u32),
+    /// An entry with conditions allows (`Reason::RULE`), or its conditions failed and audit
+    /// mode lets the flow through (`RATE_AUDIT`, `WINDOW_AUDIT`); with the rule id, and the
+    /// end of the window's span that allows (boot clock, 0 for none).
+    Allowed(Reason, u32, u64),
+    /// Entries matched, but their conditions failed: the first failure, with its rule id.
+    Denied(Reason, u32),
+    NoMatch,
+}
+
+/// Judges `flow` by the entries of its node, in order: the first unconditional entry that
+/// matches allows. Otherwise the first two entries with conditions that match (of two
+/// rules) are tried in turn: one allows if its window is open and it has a token (taken only by a connect or an
+/// addressed send, see [`takes_token`]). When their conditions failed, the first failure
+/// denies, or is let through if that rule or the binding is in audit mode; a condition that
+/// could not be read denies in every mode.
+///
+/// (Two alternatives, not all: the verifier follows every path through the conditions, and
+/// a third rule with a limit or window for the very same destination and port is not
+/// consulted.)
+#[inline(always)]
+fn judge(set: &RuleSet, flow: &Flow, generation: u32, slot: u32, audit_binding: bool) -> Judged {
+    // Unconditional entries come first (the compiler sorts them so): if the first match has
+    // no conditions, no other entry need be looked at.
+    let Some(first) = first_match(set, flow, None) else {
+        return Judged::NoMatch;
+    };
+    if first.flags & (rule_flags::LIMITED | rule_flags::WINDOWED) == 0 {
+        return Judged::Plain(first.rule_id);
+    }
+    let a = conditions_of(&first, flow, generation, slot, audit_binding);
+    if let Judged::Allowed(Reason::RULE, ..) = a {
+        return a;
+    }
+    let Some(second) = first_match(set, flow, Some(first.rule_id)) else {
+        return a;
+    };
+    match conditions_of(&second, flow, generation, slot, audit_binding) {
+        allowed @ Judged::Allowed(Reason::RULE, ..) => allowed,
+        // An audit pass of either lets the flow through; otherwise the first failure stands.
+        b @ Judged::Allowed(..) if matches!(a, Judged::Denied(..)) => b,
+        _ => a,
+    }
+}
+
+/// The first entry of `set` that matches `flow`; with `other_than`, the first entry with
+/// conditions of another rule. Each loop ends at its first match and keeps no state across
+/// turns but its index, which keeps the verifier's work linear.
+#[inline(always)]
+fn first_match(set: &RuleSet, flow: &Flow, other_than: Option<u32>) -> Option<PortRule> {
+    let mut i = 0;
+    while i < MAX_ENTRIES_PER_PREFIX {
+        if i as u32 >= set.len {
+            return None;
+        }
+        let e = set.entries[i];
+        let wanted = match other_than {
+            None => true,
+            Some(id) => e.rule_id != id && e.flags != 0,
+        };
+        if wanted && e.matches(flow.proto, flow.port) {
+            return Some(e);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether the conditions of entry `e`, which matches `flow`, hold: `Allowed(RULE)` if so;
+/// else `Allowed` with an audit reason if `e`'s rule or the binding is in audit mode, or
+/// `Denied` (always, for a condition that could not be read).
+#[inline(always)]
+fn conditions_of(
+    e: &PortRule,
+    flow: &Flow,
+    generation: u32,
+    slot: u32,
+    audit_binding: bool,
+) -> Judged {
+    let audit = e.flags & rule_flags::AUDIT != 0 || audit_binding;
+    let mut until = 0;
+    if e.flags & rule_flags::WINDOWED != 0 {
+        match conditions::window_until(generation, e.rule_id) {
+            Some(Some(end)) => until = end,
+            Some(None) if audit => return Judged::Allowed(Reason::WINDOW_AUDIT, e.rule_id, 0),
+            Some(None) => return Judged::Denied(Reason::OUTSIDE_WINDOW, e.rule_id),
+            None => return Judged::Denied(Reason::CONDITION_ERROR, e.rule_id),
+        }
+    }
+    if e.flags & rule_flags::LIMITED != 0 && takes_token(flow) {
+        match conditions::take(generation, slot, e.rule_id) {
+            Some(true) => {}
+            Some(false) if audit => return Judged::Allowed(Reason::RATE_AUDIT, e.rule_id, until),
+            Some(false) => return Judged::Denied(Reason::RATE_LIMITED, e.rule_id),
+            None => return Judged::Denied(Reason::CONDITION_ERROR, e.rule_id),
+        }
+    }
+    Judged::Allowed(Reason::RULE, e.rule_id, until)
 }
 
 /// The binding of `cgroup_id` if it admits flows to be judged by rules: with its slot and

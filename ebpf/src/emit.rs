@@ -161,7 +161,10 @@ pub(crate) fn finish<T: 'static>(record: Option<Record<T>>, flow: &Flow, d: &Dec
     } else {
         count(counters::DENIED);
     }
-    if d.reason == Reason::AUDIT || d.reason == Reason::RATE_AUDIT {
+    if d.reason == Reason::AUDIT
+        || d.reason == Reason::RATE_AUDIT
+        || d.reason == Reason::WINDOW_AUDIT
+    {
         count(counters::AUDIT_PASSED);
     }
     // One clock reading per verdict: the decision's, if it took one.

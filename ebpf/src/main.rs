@@ -9,10 +9,10 @@
 #![feature(asm_experimental_arch)]
 
 mod budget;
+mod conditions;
 mod decide;
 mod emit;
 mod flowcache;
-mod limits;
 mod lsm;
 mod unix;
 

@@ -453,6 +453,7 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub enroll_socket: PathBuf,
     pub workload_socket: PathBuf,
+    pub decision_socket: PathBuf,
     pub pin_dir: PathBuf,
     pub cgroup_root: String,
     pub config: Option<PathBuf>,
@@ -492,6 +493,7 @@ impl TestDaemon {
             socket: dir.join("admin.sock"),
             enroll_socket: dir.join("enroll.sock"),
             workload_socket: dir.join("workload.sock"),
+            decision_socket: dir.join("decision.sock"),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             cgroup_root: name.clone(),
             config: config_path,
@@ -533,6 +535,8 @@ impl TestDaemon {
             .arg(&self.enroll_socket)
             .arg("--workload-socket")
             .arg(&self.workload_socket)
+            .arg("--decision-socket")
+            .arg(&self.decision_socket)
             .arg("--agent-dir")
             .arg(self.dir.join("agents"))
             .arg("--audit-key")

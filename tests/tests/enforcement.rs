@@ -688,3 +688,27 @@ fn a_cached_verdict_does_not_outlive_a_round_of_the_epoch() {
     e.set_epoch(u32::MAX - 1).unwrap();
     assert!(!connect(), "the verdict cached a round ago answered again");
 }
+
+/// The verifier follows every path of a program, up to 1,000,000 instructions, and refuses
+/// a program past that. Every program here stays below half of it, so that a change that
+/// doubles a program's paths fails here and not on a kernel that counts differently.
+#[test]
+fn every_program_stays_below_half_the_verifiers_limit() {
+    let _s = serial();
+    let name = format!("awt-{}-verified", std::process::id());
+    let pins = Pins(std::path::PathBuf::from("/sys/fs/bpf").join(&name));
+    let (e, _ring) =
+        agentwall::enforce::Enforcer::load(&pins.0, &agentwall::config::Limits::default()).unwrap();
+    let counts = e.verified_instructions();
+    eprintln!("{counts:?}");
+    let connect = counts.iter().find(|(n, _)| n == "aw_connect4");
+    assert!(
+        connect.is_some_and(|(_, c)| c.is_some()),
+        "the kernel reports the count: {counts:?}"
+    );
+    for (name, count) in &counts {
+        if let Some(c) = count {
+            assert!(*c < 500_000, "{name}: {c} instructions verified");
+        }
+    }
+}

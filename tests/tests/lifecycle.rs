@@ -233,8 +233,8 @@ fn invalid_policies_refuse_to_start_and_load_nothing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("bad.yaml:4: policy.egress[0].to"),
-        "file, line and field: {err}"
+        err.contains("bad.yaml:4:11: policy.egress[0].to"),
+        "file, line, column and field: {err}"
     );
     assert!(err.contains("did you mean 10.0.0.0/8?"), "{err}");
     assert!(!d.pin_dir.exists(), "nothing may be loaded into the kernel");
@@ -287,7 +287,7 @@ fn a_bad_reload_keeps_the_policy_in_force() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("p.yaml:5: policy.egress[0].ports[0]: 99999 is not a destination port"),
+        err.contains("p.yaml:5:15: policy.egress[0].ports[0]: 99999 is not a destination port"),
         "{err}"
     );
     let status = d.status();

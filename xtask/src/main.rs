@@ -189,6 +189,12 @@ fn run(task: Task) -> anyhow::Result<()> {
                 "--",
             ]);
             c.arg(format!("--report={}", report.display()));
+            status(c)?;
+            step("benchmark: policy compile and swap, decisions (release daemon)");
+            let mut c = cargo();
+            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
+            c.args(["bench", "-p", "agentwall-tests", "--bench", "policy", "--"]);
+            c.arg(format!("--report={}", report.display()));
             status(c)
         }
     }

@@ -124,6 +124,25 @@ pub enum AuditRecord {
         #[serde(default, skip_serializing_if = "none")]
         suppressed: Option<u64>,
     },
+    /// The decision API answered a callee or gateway about a caller.
+    Decision {
+        /// The caller's SPIFFE ID, when it has one.
+        caller: String,
+        /// How the query named the caller (never the token or the certificate itself).
+        caller_given: String,
+        policy: String,
+        resource: String,
+        action: String,
+        attributes: std::collections::BTreeMap<String, String>,
+        allow: bool,
+        /// Allowed only because of audit mode: `reason` would have denied it.
+        audit_only: bool,
+        /// `file:line` of the deciding rule; empty when no rule named the resource.
+        rule: String,
+        reason: String,
+        /// Who asked: a process on the decision socket, or the mTLS peer.
+        asker: String,
+    },
     /// A JWT-SVID was handed out.
     TokenIssued {
         spiffe_id: String,
@@ -248,6 +267,7 @@ impl AuditRecord {
             Self::WorkloadLaunched { .. } => "workload_launched",
             Self::SvidDelivered { .. } => "svid_delivered",
             Self::WorkloadRefused { .. } => "workload_refused",
+            Self::Decision { .. } => "decision",
             Self::TokenIssued { .. } => "token_issued",
             Self::CertificateRenewed { .. } => "certificate_renewed",
             Self::CertificateIssued(_) => "certificate_issued",
@@ -429,6 +449,19 @@ mod tests {
                 exe: s("/bin/x"),
                 cgroup: s("/a"),
                 suppressed: Some(3),
+            },
+            R::Decision {
+                caller: s("spiffe://d/a"),
+                caller_given: s("pid 7"),
+                policy: s("p"),
+                resource: s("service:db"),
+                action: s("read"),
+                attributes: [(s("tables"), s("events"))].into(),
+                allow: true,
+                audit_only: false,
+                rule: s("p.yaml:4"),
+                reason: s("granted"),
+                asker: s("pid 8"),
             },
             R::TokenIssued {
                 spiffe_id: s("spiffe://d/a"),

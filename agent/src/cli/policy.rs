@@ -19,6 +19,212 @@ pub(super) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Explain what the kernel would do with a connect of an identity, and what the decision
+    /// API would answer for an action: the verdict and the deciding rule (file:line), or why
+    /// nothing matched. Exits 0 for allow, 1 for deny.
+    Explain {
+        /// Policy directory.
+        #[arg(long, default_value = crate::defaults::POLICY_DIR)]
+        policies: PathBuf,
+        /// The caller: a SPIFFE ID, or a path such as agent/reader/prod in the trust domain.
+        #[arg(long, conflicts_with = "policy", required_unless_present = "policy")]
+        identity: Option<String>,
+        /// Or a policy by name (for `agentwall exec --policy` cgroups).
+        #[arg(long)]
+        policy: Option<String>,
+        /// `service:NAME` (its first endpoint), or `ADDRESS:PORT[/tcp|udp|icmp]`
+        /// (`[::1]:443` for IPv6).
+        #[arg(long)]
+        to: String,
+        /// The action to ask the decision API about, such as `read`.
+        #[arg(long)]
+        action: Option<String>,
+        /// Attributes of the action, `NAME=VALUE`; repeatable.
+        #[arg(long = "attr", value_name = "NAME=VALUE")]
+        attrs: Vec<String>,
+        /// When (RFC 3339), for time windows; default now.
+        #[arg(long)]
+        at: Option<jiff::Timestamp>,
+        /// The trust domain of identity paths.
+        #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where `--to` points: the address, port and protocol, and the resource it names.
+fn destination(
+    set: &policy::PolicySet,
+    to: &str,
+) -> anyhow::Result<(std::net::IpAddr, u16, policy::Protocol, Option<String>)> {
+    if let Some(name) = to.strip_prefix("service:") {
+        let svc = set
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no service named {name:?} in the catalog"))?;
+        let ep = svc
+            .endpoints
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("service {name:?} has no endpoint"))?;
+        let net = ep
+            .to
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("service {name:?} has no address"))?;
+        let port = ep.ports.first().map_or(0, |p| p.lo);
+        return Ok((net.network(), port, ep.protocol, Some(to.to_string())));
+    }
+    let (addr, proto) = match to.rsplit_once('/') {
+        Some((a, p)) => (
+            a,
+            match p {
+                "tcp" => policy::Protocol::Tcp,
+                "udp" => policy::Protocol::Udp,
+                "icmp" => policy::Protocol::Icmp,
+                _ => anyhow::bail!("{p:?} is not a protocol: write tcp, udp or icmp"),
+            },
+        ),
+        None => (to, policy::Protocol::Tcp),
+    };
+    let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "{addr:?} is not ADDRESS:PORT (such as 10.0.0.5:5432 or [::1]:443) or service:NAME; host names are not resolved here"
+        )
+    })?;
+    Ok((sock.ip(), sock.port(), proto, None))
+}
+
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn explain(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    let PolicyCommand::Explain {
+        policies,
+        identity,
+        policy: by_name,
+        to,
+        action,
+        attrs,
+        at,
+        trust_domain,
+        json,
+    } = cmd
+    else {
+        anyhow::bail!("not an explain command");
+    };
+    let (set, compiled) = check(&policies)?;
+    let name = match (&identity, by_name) {
+        (_, Some(n)) => {
+            if !compiled.policies.contains_key(&n) {
+                anyhow::bail!("no policy named {n:?} in {}", policies.display());
+            }
+            n
+        }
+        (Some(id), None) => {
+            let full = if id.contains("://") {
+                id.clone()
+            } else {
+                format!("spiffe://{trust_domain}/{}", id.trim_start_matches('/'))
+            };
+            let parsed = crate::spiffe::SpiffeId::workload(&full)
+                .map_err(|e| anyhow::anyhow!("{id:?} is not a SPIFFE ID: {e}"))?;
+            crate::identity::service::grant_for(&compiled.identities, &parsed, &trust_domain)
+                .map(|g| g.policy.clone())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no policy in {} governs {full}", policies.display())
+                })?
+        }
+        (None, None) => anyhow::bail!("give --identity or --policy"),
+    };
+    let (ip, port, protocol, service) = destination(&set, &to)?;
+    let at = at.unwrap_or_else(jiff::Timestamp::now);
+    let mut attributes = std::collections::BTreeMap::new();
+    for a in &attrs {
+        let (k, v) = a
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("{a:?} is not NAME=VALUE"))?;
+        attributes.insert(k.to_string(), v.to_string());
+    }
+    let kernel = policy::explain::kernel(&compiled, &name, ip, port, protocol, at);
+    // The resource the action is asked on: the service named, or the deciding rule's.
+    let resource = service.or_else(|| {
+        kernel
+            .rule_id
+            .and_then(|id| compiled.rule(id))
+            .and_then(|r| r.access.as_ref())
+            .map(|a| a.resource.clone())
+    });
+    let decision = match (&action, &resource) {
+        (Some(action), Some(resource)) => Some(policy::decide::decide(
+            &compiled,
+            &name,
+            &policy::decide::Query {
+                resource: resource.clone(),
+                action: action.clone(),
+                attributes,
+            },
+            at,
+            |_, _| true,
+        )),
+        (Some(_), None) => anyhow::bail!(
+            "no rule with actions reaches {to}; name the resource with --to service:NAME"
+        ),
+        (None, _) => None,
+    };
+    let allow = kernel.allow && decision.as_ref().is_none_or(|d| d.allow);
+    if json {
+        let e = policy::explain::Explanation {
+            policy: name,
+            kernel,
+            decision,
+        };
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        let proto = match protocol {
+            policy::Protocol::Udp => "udp",
+            policy::Protocol::Icmp => "icmp",
+            _ => "tcp",
+        };
+        let dst = std::net::SocketAddr::new(ip, port);
+        println!("policy {name}");
+        let mut line = format!(
+            "kernel: {} {dst}/{proto}",
+            if kernel.allow { "allow" } else { "deny" }
+        );
+        match (&kernel.rule, kernel.reason.as_str()) {
+            (Some(rule), "rule") => line.push_str(&format!(" by {rule}")),
+            (Some(rule), why) => line.push_str(&format!(": {why} ({rule})")),
+            (None, _) => line.push_str(&format!(
+                ": no rule of policy {name} covers it{}",
+                kernel
+                    .node
+                    .as_deref()
+                    .map_or(String::new(), |n| format!(" (nearest rule node {n})"))
+            )),
+        }
+        if let Some(l) = &kernel.limited {
+            line.push_str(&format!("; rate limit {l}, a token per connect"));
+        }
+        if kernel.audit {
+            line.push_str("; audit mode: let through and recorded");
+        }
+        println!("{line}");
+        if let (Some(d), Some(resource), Some(action)) = (&decision, &resource, &action) {
+            println!(
+                "decision: {} {action} on {resource}: {}{}{}",
+                if d.allow { "allow" } else { "deny" },
+                d.reason,
+                d.rule
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" ({r})")),
+                if d.audit { "; audit mode" } else { "" }
+            );
+        }
+    }
+    Ok(if allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `policy check --json` output.
@@ -81,7 +287,10 @@ fn check(
 
 #[expect(clippy::print_stdout, reason = "CLI output")]
 pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
-    let PolicyCommand::Check { dir, json } = cmd;
+    let (dir, json) = match cmd {
+        PolicyCommand::Check { dir, json } => (dir, json),
+        explain_cmd @ PolicyCommand::Explain { .. } => return explain(explain_cmd),
+    };
     let checked = check(&dir);
     if json {
         let report = match &checked {
@@ -141,16 +350,22 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             )
         });
         let limited = p.egress.iter().filter(|r| r.rate.is_some()).count();
+        let windowed = p.egress.iter().filter(|r| r.window.is_some()).count();
+        let conditions: Vec<String> = [(limited, "rate-limited"), (windowed, "with a time window")]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
         println!(
             "policy {} ({}) at {}: {}{}{identity}",
             p.name,
             p.mode,
             p.source,
             count(p.egress.len() + p.unix.len(), "rule"),
-            if limited == 0 {
+            if conditions.is_empty() {
                 String::new()
             } else {
-                format!(" ({limited} rate-limited)")
+                format!(" ({})", conditions.join(", "))
             }
         );
     }

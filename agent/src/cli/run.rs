@@ -39,6 +39,9 @@ pub(super) struct RunArgs {
     /// The SPIFFE Workload API socket (agents launched with `exec --identity` ask here).
     #[arg(long)]
     workload_socket: Option<PathBuf>,
+    /// The decision API socket (callees and gateways ask about their callers here).
+    #[arg(long)]
+    decision_socket: Option<PathBuf>,
     /// Directory of the files of agents launched with `exec --cert`.
     #[arg(long)]
     agent_dir: Option<PathBuf>,
@@ -48,6 +51,9 @@ pub(super) struct RunArgs {
     /// Audit key file (64 hex digits; created if missing), outside the audit directory.
     #[arg(long)]
     audit_key: Option<PathBuf>,
+    /// For tests only: judge time windows as if the wall clock read this RFC 3339 time now.
+    #[arg(long, hide = true)]
+    test_wall_clock: Option<jiff::Timestamp>,
 }
 
 pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -61,9 +67,11 @@ pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         log_format: a.log_format,
         enroll_socket: a.enroll_socket,
         workload_socket: a.workload_socket,
+        decision_socket: a.decision_socket,
         agent_dir: a.agent_dir,
         audit_dir: a.audit_dir,
         audit_key: a.audit_key,
+        test_wall_clock: a.test_wall_clock,
     };
     let cfg = Config::load(&overrides)?;
     logging::init(cfg.log_format, "info");
@@ -80,14 +88,16 @@ pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The daemon's ways in: the admin socket and metrics, then the SPIFFE Workload API.
+/// The daemon's ways in: the admin socket and metrics, then the SPIFFE Workload API and the
+/// decision API.
 fn frontends(
     daemon: &std::sync::Arc<daemon::Daemon>,
     supervisor: &crate::supervise::Supervisor,
     admin_connections: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     crate::control::start(daemon, supervisor, admin_connections)?;
-    crate::workload::start(daemon, supervisor)
+    crate::workload::start(daemon, supervisor)?;
+    crate::decision::start(daemon, supervisor)
 }
 
 /// Removes agentwall from the kernel: every pin and the managed cgroup subtree.

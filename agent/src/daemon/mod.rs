@@ -18,11 +18,13 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, broadcast};
 mod admin;
 mod audit;
 mod configured;
+mod decisions;
 mod enrollments;
 mod exec;
 mod identity;
 mod names;
 mod policies;
+mod policy_watch;
 mod reconcile;
 mod registry;
 mod run;
@@ -33,6 +35,7 @@ pub use self::admin::{
     AdminError, Checked, KeyRotated, Quarantined, Reloaded, Revoked, Rotated, SelfEnforced,
 };
 pub use self::audit::AuditStartError;
+pub use self::decisions::{CallerRef, Decided};
 pub use self::exec::{ExecEnroll, ExecReady, ExecWorkload, Protect};
 pub use self::identity::ExecIdentityError;
 pub(crate) use self::identity::{Caller, Entitled, Issue, WorkloadRefusal, X509Svid};
@@ -145,6 +148,8 @@ pub struct Daemon {
     svids: identity::Svids,
     /// Refusals of the Workload API recorded per uid.
     workload_refusals: identity::RefusalBudget,
+    /// Rate-limit buckets of the decision API, per caller and rule.
+    decision_buckets: decisions::DecisionBuckets,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that

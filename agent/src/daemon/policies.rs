@@ -42,11 +42,15 @@ struct RuleBook {
 pub(crate) struct Policies {
     dir: PathBuf,
     slots_path: PathBuf,
-    /// The enrollment, the admin and the Workload API socket, which every policy may reach.
-    sockets: (PathBuf, PathBuf, Option<PathBuf>),
+    /// The enrollment, the admin, the Workload API and the decision API socket, which every
+    /// policy may reach.
+    sockets: (PathBuf, PathBuf, Option<PathBuf>, Option<PathBuf>),
     book: RwLock<RuleBook>,
     slots: Mutex<SlotTable>,
     reload: AsyncMutex<()>,
+    /// The hash of the policy files as the last load or reload read them, in force or
+    /// rejected: the watcher reloads only files that differ.
+    attempted: Mutex<String>,
 }
 
 impl Policies {
@@ -59,10 +63,12 @@ impl Policies {
                 cfg.enrollment.socket.clone(),
                 cfg.socket.clone(),
                 cfg.workload.enabled.then(|| cfg.workload.socket.clone()),
+                cfg.decision.enabled.then(|| cfg.decision.socket.clone()),
             ),
             book: RwLock::default(),
             slots: Mutex::new(slots),
             reload: AsyncMutex::new(()),
+            attempted: Mutex::new(String::new()),
         }
     }
 
@@ -79,6 +85,10 @@ impl Policies {
             .slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *self
+            .attempted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy::dir_hash(&self.dir);
         let set = policy::load_dir(&self.dir)?;
         let before = slots.clone();
         for p in &set.policies {
@@ -89,7 +99,7 @@ impl Policies {
         }
         let mut compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
             .map_err(|problems| policy::PolicyError { problems })?;
-        let (enroll, admin, workload) = &self.sockets;
+        let (enroll, admin, workload, decision) = &self.sockets;
         // Agents renew their certificates and fetch tokens over the enrollment socket.
         compiled.allow_unix_everywhere(&enroll.to_string_lossy(), "the enrollment socket");
         // A unit's `ExecStartPre=+agentwall enforce-self` asks from inside the unit's cgroup;
@@ -98,6 +108,10 @@ impl Policies {
         // Agents get their identity there; the kernel's account of the caller decides what.
         if let Some(w) = workload {
             compiled.allow_unix_everywhere(&w.to_string_lossy(), "the Workload API socket");
+        }
+        // Callees ask there whether their callers may act.
+        if let Some(d) = decision {
+            compiled.allow_unix_everywhere(&d.to_string_lossy(), "the decision API socket");
         }
         Ok(compiled)
     }
@@ -114,6 +128,19 @@ impl Policies {
             current: compiled,
             previous: Some((old.generation, old.current)),
         };
+    }
+
+    /// The hash of the policy files the last load or reload read (see [`policy::dir_hash`]).
+    pub(crate) fn attempted(&self) -> String {
+        self.attempted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The compiled book in force.
+    pub(crate) fn current(&self) -> Arc<Compiled> {
+        Arc::clone(&self.book().current)
     }
 
     /// Held for the whole of a reload: one at a time.

@@ -355,6 +355,14 @@ impl Registry {
         Some((m.bound.clone()?, m.workload))
     }
 
+    /// The policy, the bound identity and the quarantine of managed cgroup `id`, for a
+    /// decision about a process in it.
+    pub(super) async fn caller(&self, id: u64) -> Option<(Option<String>, Option<Bound>, bool)> {
+        let map = self.cgroups.lock().await;
+        let m = map.get(&id)?;
+        Some((m.policy.clone(), m.bound.clone(), m.quarantined))
+    }
+
     /// Launched agents with a token, not revoked, whose token ends by `limit`.
     pub(super) async fn tokens_due(&self, limit: u64) -> Vec<u64> {
         let map = self.cgroups.lock().await;

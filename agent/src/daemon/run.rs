@@ -32,6 +32,9 @@ pub type Frontends = fn(
 
 /// Runs the daemon until SIGTERM or SIGINT. Returns an error (and the process exits non-zero)
 /// whenever enforcement cannot be established.
+/// The longest the spans of time windows go without being written again.
+const WINDOW_REFRESH: Duration = Duration::from_secs(1);
+
 pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     // Not dumpable: no process of the same user without CAP_SYS_PTRACE (a root agent,
     // confined by `agentwall exec`) may ptrace it, read its memory or reach its descriptors.
@@ -78,6 +81,10 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     let cfg_detect = cfg.detect.clone();
 
     let (mut enforcer, ring) = Enforcer::load(&cfg.pin_dir, &cfg.limits)?;
+    if let Some(at) = cfg.test_wall_clock {
+        tracing::warn!(%at, "time windows are judged by a test clock");
+        enforcer.set_wall_clock(crate::enforce::windows::WallClock::starting_at(at));
+    }
     // The budgets are set before any cgroup program is attached (the task-scoped LSM ones,
     // attached at load, may record a few verdicts without a budget until then).
     let summarizer = match enforcer.take_budgets() {
@@ -106,6 +113,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         audit_node_key,
         svids: Default::default(),
         workload_refusals: Default::default(),
+        decision_buckets: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
@@ -264,6 +272,27 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             }
         }
     });
+    let windows_daemon = Arc::clone(&daemon);
+    supervisor.spawn("windows", async move {
+        // The spans are written again at each edge, and each second (to follow changes of the
+        // wall clock and reloads): the kernel always holds the span in course and the next
+        // one, and opens and closes by its own clock. An edge bumps the epoch, so that open
+        // flows are judged again.
+        loop {
+            let due = match windows_daemon.enforcer.refresh_windows().await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write the spans of time windows");
+                    windows_daemon.count_error("window_refresh");
+                    Some(Duration::from_secs(1))
+                }
+            };
+            let wait = due
+                .map_or(WINDOW_REFRESH, |d| d.min(WINDOW_REFRESH))
+                .max(Duration::from_millis(1));
+            tokio::time::sleep(wait).await;
+        }
+    });
     let losses = Arc::new(LossWatch {
         enforcer: handle.clone(),
         audit: audit.clone(),
@@ -290,6 +319,13 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         watch_audit_health(handle.clone(), audit.clone(), daemon.cfg.audit.when_down),
     );
     super::units::spawn(
+        Arc::clone(&daemon),
+        tokio::runtime::Handle::current(),
+        &supervisor,
+    )
+    .map_err(DaemonError::Watcher)?;
+    // Changes to the policy directory are reloaded as they are made.
+    super::policy_watch::spawn(
         Arc::clone(&daemon),
         tokio::runtime::Handle::current(),
         &supervisor,

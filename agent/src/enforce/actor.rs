@@ -119,6 +119,11 @@ impl EnforcerHandle {
         Ok(self.call(move |e| e.apply(&compiled)).await??)
     }
 
+    /// See [`Enforcer::refresh_windows`].
+    pub async fn refresh_windows(&self) -> Result<Option<std::time::Duration>, CallError> {
+        Ok(self.call(Enforcer::refresh_windows).await??)
+    }
+
     pub async fn bind(&self, cgroup_id: u64, binding: Binding) -> Result<(), CallError> {
         Ok(self.quick(move |e| e.bind(cgroup_id, binding)).await??)
     }

@@ -21,6 +21,7 @@ pub mod budgets;
 pub mod layout;
 mod pins;
 mod unix;
+pub mod windows;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -35,7 +36,7 @@ use agentwall_common::{
     binding::{Binding, flags},
     counters,
     maps::{self, programs},
-    rules::{Limit, RuleKey, RuleSet},
+    rules::{Limit, RuleKey, RuleSet, WindowSpans},
     state::{BindingCacheEntry, DecisionCacheEntry, FlowCacheEntry, PolicyState},
     unix::UnixKey,
 };
@@ -193,6 +194,12 @@ pub struct Enforcer {
     /// Rate limits by (generation, rule id), and their buckets by (slot, bucket).
     limits: HashMap<MapData, u64, Limit>,
     rate_buckets: HashMap<MapData, u64, u64>,
+    windows: HashMap<MapData, u64, WindowSpans>,
+    /// The windows of the generation in force, written again as their spans pass.
+    windows_in_force: Vec<crate::policy::compile::WindowEntry>,
+    /// Which of them were open at the last look: a change bumps the epoch.
+    windows_open: Vec<bool>,
+    wall_clock: windows::WallClock,
     /// Until the daemon takes them ([`Self::take_budgets`]).
     budgets: Option<budgets::EventBudgets>,
 }
@@ -285,6 +292,8 @@ impl Enforcer {
             .map_err(map_err(maps::LIMITS, "opening"))?;
         let rate_buckets = HashMap::try_from(take(&mut ebpf, maps::RATE_BUCKETS)?)
             .map_err(map_err(maps::RATE_BUCKETS, "opening"))?;
+        let window_spans = HashMap::try_from(take(&mut ebpf, maps::WINDOWS)?)
+            .map_err(map_err(maps::WINDOWS, "opening"))?;
         let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
             .map_err(map_err(maps::EVENTS, "opening"))?;
         let budgets = budgets::EventBudgets::take(&mut ebpf)?;
@@ -309,6 +318,10 @@ impl Enforcer {
             unix_rules,
             limits: rate_limits,
             rate_buckets,
+            windows: window_spans,
+            windows_in_force: Vec::new(),
+            windows_open: Vec::new(),
+            wall_clock: windows::WallClock::default(),
             budgets: Some(budgets),
         };
         enforcer.task_hooks = match kernel_layout.and_then(|_| {
@@ -586,7 +599,10 @@ impl Enforcer {
                 return Err(map_err(maps::UNIX_RULES, "inserting")(e));
             }
         }
-        if let Err(e) = self.write_limits(compiled, next) {
+        if let Err(e) = self
+            .write_limits(compiled, next)
+            .and_then(|()| self.write_windows(&compiled.windows, next).map(|_| ()))
+        {
             self.purge_generation(next);
             return Err(e);
         }
@@ -599,10 +615,83 @@ impl Enforcer {
             return Err(e);
         }
         self.generation = next;
+        self.windows_in_force.clone_from(&compiled.windows);
+        self.windows_open.clear();
         thread::sleep(GENERATION_GRACE);
         self.purge_inactive()?;
         self.purge_buckets(compiled)?;
         Ok(next)
+    }
+
+    /// Instructions the verifier went through for each loaded program (kernel 5.16 and later
+    /// report it): how close each is to the verifier's limit of 1,000,000.
+    pub fn verified_instructions(&self) -> Vec<(String, Option<u32>)> {
+        self.ebpf
+            .programs()
+            .map(|(name, p)| {
+                (
+                    name.to_string(),
+                    p.info().ok().and_then(|i| i.verified_instruction_count()),
+                )
+            })
+            .collect()
+    }
+
+    /// Sets the wall clock that time windows are judged by (tests play a chosen time).
+    pub fn set_wall_clock(&mut self, clock: windows::WallClock) {
+        self.wall_clock = clock;
+    }
+
+    /// Writes the spans of `entries` for `generation` as of now; returns how long until the
+    /// first of them starts or ends, when they are due again (`None` without windows).
+    fn write_windows(
+        &mut self,
+        entries: &[crate::policy::compile::WindowEntry],
+        generation: u32,
+    ) -> Result<Option<std::time::Duration>, EnforceError> {
+        let now = windows::Now::read(&self.wall_clock);
+        let mut due: Option<std::time::Duration> = None;
+        for w in entries {
+            let (spans, edge) = windows::spans(&w.window, &now);
+            self.windows
+                .insert(Limit::key(generation, w.rule_id), spans, 0)
+                .map_err(map_err(maps::WINDOWS, "writing"))?;
+            if let Some(edge) = edge {
+                due = Some(due.map_or(edge, |d| d.min(edge)));
+            }
+        }
+        Ok(due)
+    }
+
+    /// Writes the spans of the windows in force again, and, when some window opened or closed
+    /// since the last write, bumps the epoch so that open flows are judged by them again.
+    /// Returns how long until the next edge (`None` without windows).
+    pub fn refresh_windows(&mut self) -> Result<Option<std::time::Duration>, EnforceError> {
+        if self.windows_in_force.is_empty() {
+            return Ok(None);
+        }
+        let entries = std::mem::take(&mut self.windows_in_force);
+        let r = self.write_windows(&entries, self.generation);
+        self.windows_in_force = entries;
+        // The epoch is bumped at an edge even if a write failed (the kernel's copies of the
+        // spans still open and close on time; the flows they allowed expire at the span's
+        // end in the flow cache).
+        let now = crate::clock::boot_ns();
+        let open: Vec<bool> = self
+            .windows_in_force
+            .iter()
+            .map(|w| {
+                self.windows
+                    .get(&Limit::key(self.generation, w.rule_id), 0)
+                    .is_ok_and(|s| s.open(now))
+            })
+            .collect();
+        if open != self.windows_open {
+            self.windows_open = open;
+            self.bump_epoch()?;
+        }
+        let due = r?;
+        Ok(due)
     }
 
     /// Writes the rate limits of `compiled` for `generation`, and makes each bucket they name
@@ -766,6 +855,18 @@ impl Enforcer {
                 Err(e) => return Err(map_err(maps::LIMITS, "removing a stale limit")(e)),
             }
         }
+        let stale: Vec<u64> = self
+            .windows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| (k >> 32) as u32 != active)
+            .collect();
+        for k in stale {
+            match self.windows.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::WINDOWS, "removing a stale window")(e)),
+            }
+        }
         Ok(())
     }
 
@@ -796,6 +897,15 @@ impl Enforcer {
             .collect();
         for k in keys {
             let _ = self.limits.remove(&k);
+        }
+        let keys: Vec<u64> = self
+            .windows
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| (k >> 32) as u32 == generation)
+            .collect();
+        for k in keys {
+            let _ = self.windows.remove(&k);
         }
     }
 

@@ -21,15 +21,21 @@ use serde::Serialize;
 
 use super::{
     Access, EgressRule, Endpoint, Mode, PolicySet, PortRange, Problem, Protocol, RateLimit, Source,
+    window::Window,
 };
 
-/// The kernel form of `rate` for `rule` of `policy`. Its bucket is named by the policy, the
-/// resource and the rate, so that a reload that keeps the rule keeps the bucket's state (its
-/// rule id may change) and one that changes the rate starts a fresh bucket.
-fn limit_of(policy: &str, rule: &EgressRule, rate: RateLimit) -> Limit {
-    let resource = rule.access.as_ref().map_or("", |a| a.resource.as_str());
+/// The kernel form of `rate` for `rule` of `policy`. Its bucket is named by what the rule
+/// says (the policy, the resource, the actions, the endpoints, the window, the rate) and by
+/// `ordinal`, its place among the policy's rules that say the same: so a reload that keeps
+/// the rule keeps the bucket's state (its rule id may change), a rule that changes starts a
+/// fresh one, and no two rules share one.
+fn limit_of(policy: &str, rule: &EgressRule, rate: RateLimit, ordinal: u32) -> Limit {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [policy, resource, &rate.to_string()] {
+    for part in [
+        policy.to_string(),
+        bucket_text(rule, rate),
+        ordinal.to_string(),
+    ] {
         ctx.update(&(part.len() as u64).to_le_bytes());
         ctx.update(part.as_bytes());
     }
@@ -37,6 +43,20 @@ fn limit_of(policy: &str, rule: &EgressRule, rate: RateLimit) -> Limit {
     let mut b = [0u8; 4];
     b.copy_from_slice(&d.as_ref()[..4]);
     Limit::new(u32::from_le_bytes(b), rate.count, rate.per.seconds())
+}
+
+/// What names a rule's bucket, besides its policy and ordinal.
+fn bucket_text(rule: &EgressRule, rate: RateLimit) -> String {
+    let access = rule.access.as_ref();
+    format!(
+        "{}|{}|{:?}|{}|{rate}",
+        access.map_or("", |a| a.resource.as_str()),
+        access.map_or(String::new(), |a| a.actions.join(",")),
+        rule.endpoints,
+        rule.window
+            .as_ref()
+            .map_or(String::new(), ToString::to_string),
+    )
 }
 
 /// What a rule id stands for.
@@ -57,6 +77,16 @@ pub struct RuleInfo {
     /// The rule's own mode, if it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+}
+
+/// The time window of a rule id (its spans are written with the generation, and again as
+/// they pass).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowEntry {
+    pub rule_id: u32,
+    pub window: Window,
 }
 
 /// The rate limit of a rule id, as the kernel holds it (generation set when written).
@@ -95,6 +125,8 @@ pub struct Compiled {
     pub rules: Vec<RuleInfo>,
     /// Rate limits of rule ids.
     pub limits: Vec<LimitEntry>,
+    /// Time windows of rule ids.
+    pub windows: Vec<WindowEntry>,
     /// Policy name → (slot, mode).
     pub policies: BTreeMap<String, (u32, Mode)>,
     /// Identity as the policy names it (full SPIFFE ID or path) → the policy governing it.
@@ -147,6 +179,7 @@ impl Compiled {
             access: None,
             rate: None,
             mode: None,
+            window: None,
         });
         // Slot 0's names are open to every enforced cgroup, bound or not (ebpf/src/unix.rs).
         let slots: Vec<u32> = std::iter::once(0)
@@ -204,6 +237,9 @@ fn proto_code(p: Protocol) -> u8 {
     }
 }
 
+/// Entries of one node collected at most before it is refused (see `compile`).
+const COLLECT_MAX: usize = 4 * MAX_ENTRIES_PER_PREFIX;
+
 /// Prefix → (entries written for it, source of the first rule there), for one slot.
 type SlotNodes = HashMap<(Addr16, u32), (Vec<PortRule>, Source)>;
 
@@ -236,10 +272,13 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 access: None,
                 rate: None,
                 mode: None,
+                window: None,
             });
             out.add_unix(slot, &rule.name, id);
         }
         let nodes = own.entry(slot).or_default();
+        // Rules of this policy that say the same, by what names their buckets.
+        let mut same: HashMap<String, u32> = HashMap::new();
         for rule in &policy.egress {
             let id = out.next_rule_id();
             out.rules.push(RuleInfo {
@@ -251,18 +290,28 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 access: rule.access.clone(),
                 rate: rule.rate,
                 mode: rule.mode,
+                window: rule.window.clone(),
             });
             let mut flags = 0;
             if let Some(rate) = rule.rate {
                 flags |= rule_flags::LIMITED;
-                if rule.mode == Some(Mode::Audit) {
-                    flags |= rule_flags::AUDIT;
-                }
+                let ordinal = same.entry(bucket_text(rule, rate)).or_insert(0);
                 out.limits.push(LimitEntry {
                     rule_id: id,
                     slot,
-                    limit: limit_of(&policy.name, rule, rate),
+                    limit: limit_of(&policy.name, rule, rate, *ordinal),
                 });
+                *ordinal += 1;
+            }
+            if let Some(w) = &rule.window {
+                flags |= rule_flags::WINDOWED;
+                out.windows.push(WindowEntry {
+                    rule_id: id,
+                    window: w.clone(),
+                });
+            }
+            if flags != 0 && rule.mode == Some(Mode::Audit) {
+                flags |= rule_flags::AUDIT;
             }
             for ep in &rule.endpoints {
                 let ranges = if ep.ports.is_empty() || ep.protocol == Protocol::Icmp {
@@ -316,15 +365,18 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
         for ((a, bits), (entries, source)) in sorted {
             let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
             let mut seen = HashSet::new();
+            // Entries with conditions (a limit, a window) are alternatives: each is kept once.
             let mut push = |e: &PortRule, all: &mut Vec<PortRule>| {
-                let limited = e.flags & rule_flags::LIMITED != 0;
-                if seen.insert((e.proto, e.port_lo, e.port_hi, limited)) {
+                let id = if e.flags == 0 { 0 } else { e.rule_id };
+                if seen.insert((e.proto, e.port_lo, e.port_hi, id)) {
                     all.push(*e);
                 }
             };
-            // Past the limit the node is refused; collecting stops there, so that a prefix
-            // many rules cover costs no more than the limit (compilation stays linear).
-            let full = |all: &Vec<PortRule>| all.len() > MAX_ENTRIES_PER_PREFIX;
+            // Collecting stops past four times the limit, so that a prefix many rules cover
+            // costs no more than that (compilation stays linear); such a node is refused.
+            // Below that bound every entry is collected before the shadowed ones go, so
+            // that no entry is left out unseen (the limit is checked after).
+            let full = |all: &Vec<PortRule>| all.len() > COLLECT_MAX;
             for e in entries {
                 push(e, &mut all);
                 if full(&all) {
@@ -345,14 +397,20 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     }
                 }
             }
-            // Entries without a rate limit first: a destination that one rule grants without a
-            // limit is not limited because another rule grants it with one, and the kernel
-            // then takes from a bucket only when no unlimited entry matches.
-            all.sort_by_key(|e| e.flags & rule_flags::LIMITED != 0);
-            // A limited entry behind an unlimited one of the same protocol and ports is never
-            // consulted.
-            let mut kept = HashSet::new();
-            all.retain(|e| kept.insert((e.proto, e.port_lo, e.port_hi)));
+            // Entries without conditions first: a destination that one rule grants outright is
+            // not limited because another rule grants it with a limit or a window, and the
+            // kernel then looks at conditions only when no unconditional entry matches.
+            all.sort_by_key(|e| e.flags != 0);
+            // An entry with conditions behind an unconditional one of the same protocol and
+            // ports is never consulted.
+            let plain: HashSet<(u8, u16, u16)> = all
+                .iter()
+                .filter(|e| e.flags == 0)
+                .map(|e| (e.proto, e.port_lo, e.port_hi))
+                .collect();
+            if all.len() <= COLLECT_MAX {
+                all.retain(|e| e.flags == 0 || !plain.contains(&(e.proto, e.port_lo, e.port_hi)));
+            }
             if all.len() > MAX_ENTRIES_PER_PREFIX {
                 let policy = out
                     .policies
@@ -652,9 +710,16 @@ policy:
             .iter()
             .map(|e| (e.rule_id, e.flags))
             .collect();
-        // The unlimited rule 3 first, then the first limit for 443 (rule 2's, inherited from
-        // the /24, is never consulted and is left out).
-        assert_eq!(entries, [(3, 0), (1, rule_flags::LIMITED)]);
+        // The unlimited rule 3 first, then the limited alternatives for 443 in rule order (the
+        // kernel tries rule 2's bucket when rule 1's is empty).
+        assert_eq!(
+            entries,
+            [
+                (3, 0),
+                (1, rule_flags::LIMITED),
+                (2, rule_flags::LIMITED | rule_flags::AUDIT)
+            ]
+        );
         let at_24 = c
             .nodes
             .iter()
@@ -664,7 +729,8 @@ policy:
             at_24.set.entries[0].flags,
             rule_flags::LIMITED | rule_flags::AUDIT
         );
-        // An address that one rule grants without a limit is not limited by another's.
+        // An address that one rule grants without a limit is not limited by another's (the
+        // limited entries behind it are left out).
         let twelve = c
             .nodes
             .iter()
@@ -683,5 +749,39 @@ policy:
         let c2 = compile(&set(&reordered), slots).unwrap();
         assert_eq!(c2.limits[0].rule_id, 2);
         assert_eq!(c2.limits[0].limit.bucket, c.limits[0].limit.bucket);
+    }
+
+    /// Entries an unconditional rule shadows go after all are collected: a node with many
+    /// of them keeps the entries of wider prefixes it inherits (none is cut off unseen).
+    #[test]
+    fn shadowed_entries_do_not_crowd_out_inherited_ones() {
+        let ports: Vec<String> = (8001..=8009).map(|p| p.to_string()).collect();
+        let text = format!(
+            "service:\n  name: api\n  endpoints:\n    - to: 10.0.0.5\n      protocol: tcp\n      ports: [{}]\n---\npolicy:\n  name: a\n  rules:\n    - resource: service:api\n      rateLimit: 5/s\n    - resource: service:api\n      actions: [read]\n    - resource: cidr:10.0.0.0/8\n      protocol: udp\n      ports: [53]\n",
+            ports.join(", ")
+        );
+        let c = compile(&set(&text), slots).unwrap();
+        assert_eq!(
+            lookup(&c, 1, "10.0.0.5", proto::UDP, 53),
+            Some(3),
+            "inherited"
+        );
+        for p in 8001..=8009 {
+            assert_eq!(
+                lookup(&c, 1, "10.0.0.5", proto::TCP, p),
+                Some(2),
+                "port {p}: the unlimited rule"
+            );
+        }
+    }
+
+    /// Two rules never share a bucket: not a read and a write rule on one resource, not two
+    /// rules that say the same thing.
+    #[test]
+    fn every_limited_rule_has_a_bucket_of_its_own() {
+        let text = "policy:\n  name: a\n  rules:\n    - resource: cidr:10.0.0.1\n      actions: [read]\n      rateLimit: 5/s\n    - resource: cidr:10.0.0.1\n      actions: [write]\n      rateLimit: 5/s\n    - resource: cidr:10.0.0.1\n      actions: [write]\n      rateLimit: 5/s\n    - resource: cidr:10.0.0.1\n      protocol: tcp\n      ports: [80]\n      rateLimit: 5/s\n";
+        let c = compile(&set(text), slots).unwrap();
+        let buckets: HashSet<u32> = c.limits.iter().map(|l| l.limit.bucket).collect();
+        assert_eq!(buckets.len(), 4, "{:?}", c.limits);
     }
 }

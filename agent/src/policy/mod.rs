@@ -14,8 +14,11 @@
 //! ```
 
 pub mod compile;
+pub mod decide;
+pub mod explain;
 mod parse;
 mod spans;
+pub mod window;
 
 use std::{
     collections::HashMap,
@@ -183,8 +186,11 @@ pub struct EgressRule {
     /// `None` for an `egress:` entry.
     pub access: Option<Access>,
     pub rate: Option<RateLimit>,
-    /// A rule's own mode: `audit` lets through what its rate limit would deny, and records it.
+    /// A rule's own mode: `audit` lets through what its rate limit or time window would
+    /// deny, and records it.
     pub mode: Option<Mode>,
+    /// When the rule grants; always if `None`.
+    pub window: Option<window::Window>,
     pub source: Source,
 }
 
@@ -657,5 +663,38 @@ mod tests {
             "{e}"
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The repository's own examples are valid: the `policies/` directory as a whole, and
+    /// each YAML example of docs/policy.md beside the `policies/` catalog.
+    #[test]
+    fn the_example_policies_and_the_documented_examples_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = root.join("policies");
+        let set = load_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let pipeline = set
+            .policies
+            .iter()
+            .find(|p| p.name == "data-pipeline")
+            .expect("the design brief's agent");
+        assert!(pipeline.egress.iter().any(|r| r.rate.is_some()));
+        assert!(pipeline.egress.iter().any(|r| r.window.is_some()));
+        compile::compile(&set, |_| 1).unwrap();
+
+        let catalog = fs::read_to_string(dir.join("catalog.yaml")).unwrap();
+        let doc = fs::read_to_string(root.join("docs/policy.md")).unwrap();
+        let mut examples = 0;
+        for (i, block) in doc.split("```yaml\n").skip(1).enumerate() {
+            let text = block.split("```").next().unwrap();
+            let mut files = vec![(PathBuf::from(format!("example-{i}.yaml")), text.to_string())];
+            if !text.contains("kind: Service") {
+                files.push((PathBuf::from("catalog.yaml"), catalog.clone()));
+            }
+            let set = parse_texts(&files)
+                .unwrap_or_else(|e| panic!("docs/policy.md example {i}:\n{text}\n{e}"));
+            compile::compile(&set, |_| 1).unwrap();
+            examples += 1;
+        }
+        assert!(examples >= 5, "{examples} examples found");
     }
 }

@@ -15,7 +15,9 @@ use crate::spiffe::SpiffeId;
 
 use super::{
     Access, Attest, EgressRule, Endpoint, Mode, Per, Policy, PortRange, Problem, Protocol,
-    RateLimit, Service, ServiceRef, Source, UnixRule, spans::Spans,
+    RateLimit, Service, ServiceRef, Source, UnixRule,
+    spans::Spans,
+    window::{self, Window},
 };
 
 const MAX_NAME_LEN: usize = 63;
@@ -63,6 +65,17 @@ struct RawEndpoint {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawWhen {
+    #[serde(default)]
+    days: Option<OneOrMany>,
+    #[serde(default)]
+    hours: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRule {
     resource: String,
     #[serde(default)]
@@ -73,6 +86,8 @@ struct RawRule {
     rate_limit: Option<String>,
     #[serde(default)]
     mode: Option<Mode>,
+    #[serde(default)]
+    when: Option<RawWhen>,
     /// Only for `cidr:` resources.
     #[serde(default)]
     protocol: Option<Protocol>,
@@ -362,7 +377,7 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
     for (i, r) in raw.rules.into_iter().enumerate() {
         let field = format!("policy.rules[{i}]");
         match check_rule(c, &field, r) {
-            Some(Checked::Egress(rule)) => egress.push(rule),
+            Some(Checked::Egress(rule)) => egress.push(*rule),
             Some(Checked::Unix(rule)) => unix.push(rule),
             None => {}
         }
@@ -411,7 +426,7 @@ fn check_service(c: &mut Checker<'_>, raw: RawService) -> Service {
 }
 
 enum Checked {
-    Egress(EgressRule),
+    Egress(Box<EgressRule>),
     Unix(UnixRule),
 }
 
@@ -513,6 +528,10 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
             None
         }
     });
+    let has_when = raw.when.is_some();
+    let window = raw
+        .when
+        .and_then(|w| check_when(c, &format!("{field}.when"), w));
     let source = c.source(field);
     let access = Access {
         resource: raw.resource.trim().to_string(),
@@ -534,6 +553,7 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
                 "a service's protocol and ports are those of its catalog entry",
             );
             EgressRule {
+                window,
                 endpoints: Vec::new(),
                 service: Some(ServiceRef {
                     name,
@@ -550,6 +570,7 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
             let to = vec![(resource_field.clone(), net)];
             let ep = check_endpoint(c, field, to, raw.protocol, raw.ports)?;
             EgressRule {
+                window,
                 endpoints: vec![ep],
                 service: None,
                 access: Some(access),
@@ -561,13 +582,14 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
         Resource::Unix(name) => {
             network_only(c, "a Unix socket has no protocol or ports");
             if rate.is_some()
+                || has_when
                 || raw.mode.is_some()
                 || !access.actions.is_empty()
                 || !access.conditions.is_empty()
             {
                 c.problem(
                     field.to_string(),
-                    "a unix: resource takes no actions, conditions, rateLimit or mode: the kernel sees the connect only".into(),
+                    "a unix: resource takes no actions, conditions, rateLimit, when or mode: the kernel sees the connect only".into(),
                 );
             }
             let rule = unix_rule(c, &resource_field, name)?;
@@ -577,7 +599,55 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
             return Some(Checked::Unix(rule));
         }
     };
-    (c.problems.len() == before).then_some(Checked::Egress(checked))
+    (c.problems.len() == before).then_some(Checked::Egress(Box::new(checked)))
+}
+
+/// A rule's `when:`: days (all if none), hours (the whole day if none), a time zone (UTC if
+/// none); at least days or hours.
+fn check_when(c: &mut Checker<'_>, field: &str, raw: RawWhen) -> Option<Window> {
+    let before = c.problems.len();
+    if raw.days.is_none() && raw.hours.is_none() {
+        c.problem(
+            field.to_string(),
+            "names no days and no hours; give `days:` (such as mon-fri), `hours:` (such as 09:00-17:00) or both".into(),
+        );
+    }
+    let days_listed = listed(field, "days", raw.days);
+    let days = if days_listed.is_empty() {
+        Window::ALL_DAYS
+    } else {
+        let names: Vec<String> = days_listed.iter().map(|(_, d)| d.clone()).collect();
+        match window::parse_days(&names) {
+            Ok(d) => d,
+            Err(m) => {
+                // The first item that fails, where it is written.
+                let at = days_listed
+                    .iter()
+                    .find(|(_, d)| window::parse_days(std::slice::from_ref(d)).is_err())
+                    .map_or_else(|| format!("{field}.days"), |(f, _)| f.clone());
+                c.problem(at, m);
+                0
+            }
+        }
+    };
+    let (from, until) = match raw.hours.as_deref().map(window::parse_hours) {
+        None => (0, 86_400),
+        Some(Ok(h)) => h,
+        Some(Err(m)) => {
+            c.problem(format!("{field}.hours"), m);
+            (0, 0)
+        }
+    };
+    let timezone = raw.timezone.unwrap_or_else(|| "UTC".into());
+    if let Err(m) = window::check_timezone(&timezone) {
+        c.problem(format!("{field}.timezone"), m);
+    }
+    (c.problems.len() == before).then_some(Window {
+        days,
+        from,
+        until,
+        timezone,
+    })
 }
 
 /// `N per second|minute|hour` (also `N/s`, `N/min`, `N/h`), N from 1 to 1,000,000.
@@ -821,6 +891,7 @@ fn check_egress(c: &mut Checker<'_>, field: &str, raw: RawEgress) -> Option<Egre
         access: None,
         rate: None,
         mode: None,
+        window: None,
         source: c.source(field),
     })
 }
@@ -1173,6 +1244,12 @@ policy:
       rateLimit: 5/s
       mode: audit
     - resource: unix:/run/app.sock
+    - resource: service:analytics-db
+      actions: [write]
+      when:
+        days: [mon-fri]
+        hours: 09:00-17:00
+        timezone: Europe/Berlin
 ";
 
     #[test]
@@ -1184,7 +1261,7 @@ policy:
         .unwrap();
         assert_eq!(set.services.len(), 2);
         let p = &set.policies[0];
-        assert_eq!(p.egress.len(), 3);
+        assert_eq!(p.egress.len(), 4);
         let db = &p.egress[0];
         assert_eq!(db.endpoints, set.services[0].endpoints, "the catalog's");
         let access = db.access.as_ref().unwrap();
@@ -1210,6 +1287,12 @@ policy:
         assert_eq!(dns.rate.unwrap().per, Per::Second);
         assert_eq!(p.unix[0].name, "/run/app.sock");
         assert_eq!(p.unix[0].source.line, 19);
+        let w = p.egress[3].window.as_ref().unwrap();
+        assert_eq!(
+            w.to_string(),
+            "mon,tue,wed,thu,fri 09:00-17:00 Europe/Berlin"
+        );
+        assert_eq!(p.egress[0].window, None);
     }
 
     /// Every class of bad input in the new language, with the message it gets.
@@ -1235,6 +1318,10 @@ policy:
       rateLimit: 1/s
     - resource: service:analytics-db
       rateLimit: 0 per second
+    - resource: service:analytics-db
+      when: { days: [mon, funday], hours: 9-17, timezone: Mars/Olympus }
+    - resource: service:analytics-db
+      when: {}
 ---
 kind: Service
 policy:
@@ -1261,12 +1348,16 @@ service:
             "bad.yaml:14:17: policy.rules[7].actions[0]: \"read it\" is not an action",
             "bad.yaml:15:21: policy.rules[7].conditions.a b: \"a b\" is not an attribute name",
             "bad.yaml:15:33: policy.rules[7].conditions.c: lists no value",
-            "bad.yaml:16:7: policy.rules[8]: a unix: resource takes no actions, conditions, rateLimit or mode",
+            "bad.yaml:16:7: policy.rules[8]: a unix: resource takes no actions, conditions, rateLimit, when or mode",
             "bad.yaml:19:18: policy.rules[9].rateLimit: \"0 per second\" is not a rate",
-            "bad.yaml:21:7: kind: \"Service\" does not match the document, which holds a Policy; write kind: Policy",
-            "bad.yaml:25:13: apiVersion: \"v2\" is not a version this agentwall reads; write \"agentwall.dev/v1\"",
-            "bad.yaml:28:3: service.endpoints: a service needs at least one endpoint",
-            "bad.yaml:26:1: service.name: service \"analytics-db\" is already defined at catalog.yaml:3",
+            "bad.yaml:21:27: policy.rules[10].when.days[1]: \"funday\" is not a day",
+            "bad.yaml:21:43: policy.rules[10].when.hours: \"9-17\" is not a span of hours",
+            "bad.yaml:21:59: policy.rules[10].when.timezone: \"Mars/Olympus\" is not a time zone",
+            "bad.yaml:23:7: policy.rules[11].when: names no days and no hours",
+            "bad.yaml:25:7: kind: \"Service\" does not match the document, which holds a Policy; write kind: Policy",
+            "bad.yaml:29:13: apiVersion: \"v2\" is not a version this agentwall reads; write \"agentwall.dev/v1\"",
+            "bad.yaml:32:3: service.endpoints: a service needs at least one endpoint",
+            "bad.yaml:30:1: service.name: service \"analytics-db\" is already defined at catalog.yaml:3",
             // Found across files in the same run.
             "bad.yaml:4:17: policy.rules[0].resource: policy \"p\": no service named \"nope\"; the catalog has analytics-db, slack",
         ];
@@ -1334,5 +1425,73 @@ service:
         ] {
             assert!(parse_rate(s).is_err(), "{s}");
         }
+    }
+
+    /// docs/policy.schema.json names exactly the fields the parser reads, object by object:
+    /// each object of the schema is compared with the fields serde lists when it refuses an
+    /// unknown one at that place.
+    #[test]
+    fn the_json_schema_names_the_fields_the_parser_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/policy.schema.json");
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let props = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            k.sort();
+            k
+        };
+        // The fields serde expects where `zzz` is written.
+        let expected = |text: &str| -> Vec<String> {
+            let e = file(Path::new("p.yaml"), text)
+                .map(|(_, p)| p)
+                .unwrap_or_else(|p| p)
+                .into_iter()
+                .map(|p| p.message)
+                .find(|m| m.contains("unknown field `zzz`"))
+                .unwrap_or_else(|| panic!("no unknown-field error for {text:?}"));
+            let list = e
+                .split_once("expected one of ")
+                .map_or_else(|| e.split_once("expected ").unwrap().1, |(_, l)| l);
+            let mut k: Vec<String> = list
+                .split(", ")
+                .map(|f| f.trim().trim_matches('`').to_string())
+                .collect();
+            k.sort();
+            k
+        };
+        let defs = &schema["$defs"];
+        for (def, text) in [
+            ("policy", "policy:\n  name: p\n  zzz: 1\n"),
+            (
+                "attest",
+                "policy:\n  name: p\n  identity: a/b\n  attest:\n    zzz: 1\n",
+            ),
+            ("egress", "policy:\n  name: p\n  egress:\n    - zzz: 1\n"),
+            (
+                "rule",
+                "policy:\n  name: p\n  rules:\n    - resource: cidr:10.0.0.1\n      zzz: 1\n",
+            ),
+            (
+                "when",
+                "policy:\n  name: p\n  rules:\n    - resource: cidr:10.0.0.1\n      when:\n        zzz: 1\n",
+            ),
+            ("service", "service:\n  name: s\n  zzz: 1\n"),
+            (
+                "endpoint",
+                "service:\n  name: s\n  endpoints:\n    - zzz: 1\n",
+            ),
+        ] {
+            assert_eq!(props(&defs[def]), expected(text), "schema $defs.{def}");
+        }
+        assert_eq!(
+            props(&schema),
+            expected("zzz: 1\npolicy:\n  name: p\n"),
+            "the document"
+        );
     }
 }

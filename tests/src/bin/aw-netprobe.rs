@@ -34,7 +34,7 @@
 //! (`own` for a session leader, else `shared`), `write-file PATH TEXT`,
 //! `unix-flood NAME N` (N Unix stream connects to NAME: `eperm=… other=…`),
 //! `tcp-race ADDR THREADS N` (THREADS threads released at once, each N TCP connects:
-//! `ok=… eperm=… other=…`),
+//! `ok=… eperm=… other=…`), `decide SOCKET JSON` (a query to the decision API: its answer),
 //! `hold-tcp ADDR N SECS` (N TCP connections, each sent half an HTTP request, kept at N for
 //! SECS by a thread that replaces those the server ended; answers once the first N are open),
 //! `udp-unspec ADDR TO PAYLOAD` (a UDP socket connected to ADDR sends to TO given as AF_UNSPEC),
@@ -254,6 +254,33 @@ fn unix_send(name: &str, payload: &str, how: UnixHow) -> String {
 
 /// `n` stream connects to the Unix socket `name` (a path, or `@name`): how many were refused
 /// with EPERM, and how many were not.
+/// `POST /v1/decide` with `body` on the decision API socket `socket`: the reply's body, or
+/// `err …`.
+fn decide(socket: &str, body: &str) -> String {
+    use std::io::Read as _;
+    let mut s = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => return errno(&e),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "POST /v1/decide HTTP/1.1\r\nHost: agentwall\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = s.write_all(req.as_bytes()) {
+        return errno(&e);
+    }
+    let mut reply = String::new();
+    if let Err(e) = s.read_to_string(&mut reply) {
+        return errno(&e);
+    }
+    reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("err no body")
+        .to_string()
+}
+
 /// THREADS threads released together, each making N TCP connects to `to` (each closed at
 /// once): `ok=… eperm=… other=…`.
 fn tcp_race(to: SocketAddr, threads: usize, n: usize) -> String {
@@ -988,6 +1015,7 @@ fn run(line: &str) -> String {
                 n.parse().map_err(|_| "err bad count".to_string())?,
                 b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             )),
+            ("decide", [socket, body]) => Ok(decide(socket, body)),
             ("tcp-race", [a, threads, n]) => Ok(tcp_race(
                 addr(a)?,
                 threads.parse().map_err(|_| "err bad count".to_string())?,

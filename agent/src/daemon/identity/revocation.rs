@@ -285,7 +285,12 @@ impl Daemon {
             Ok(c) if !c.is_empty() => c,
             _ => return Err(AdminError::NoCertificate),
         };
-        Ok(match self.identity.verify(&chain, SystemTime::now()) {
+        Ok(self.check_chain(&chain))
+    }
+
+    /// Whether a certificate chain (DER, leaf first) is valid here now.
+    pub fn check_chain(&self, chain: &[CertificateDer<'_>]) -> crate::daemon::Checked {
+        match self.identity.verify(chain, SystemTime::now()) {
             Ok(s) => crate::daemon::Checked {
                 valid: true,
                 spiffe_id: Some(s.id.to_string()),
@@ -294,6 +299,14 @@ impl Daemon {
                 message: "valid".into(),
             },
             Err(e) => invalid(e.to_string()),
-        })
+        }
+    }
+
+    /// The TLS configuration of the daemon's own listeners (its server certificate, client
+    /// certificates required).
+    pub fn tls_server_config(
+        &self,
+    ) -> Result<std::sync::Arc<rustls::ServerConfig>, crate::identity::service::ServiceError> {
+        self.identity.server_tls()
     }
 }
