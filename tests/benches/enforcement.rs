@@ -36,6 +36,7 @@ use agentwall::{
     policy,
 };
 use agentwall_common::{binding::Binding, state::DECISION_CACHE_SLOTS};
+use agentwall_tests::quantile;
 
 struct Args {
     rounds: usize,
@@ -279,12 +280,6 @@ fn floor_links(cg: &Cgroup) -> Vec<std::os::fd::OwnedFd> {
         links.push(bpf(bpf_cmd::BPF_LINK_CREATE, &mut l).expect("floor link"));
     }
     links
-}
-
-fn quantile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i]
 }
 
 /// Listening ports the spread TCP case takes in turn (8 times the decision cache's slots).

@@ -40,7 +40,7 @@ use agentwall::{
         svid::{KeyAlgorithm, LeafRequest, LocalCa},
     },
 };
-use agentwall_tests::TestDaemon;
+use agentwall_tests::{TestDaemon, process_cpu, quantile};
 
 const ID: &str = "agent/bench/prod";
 
@@ -86,25 +86,6 @@ fn run_delay_ns() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)
-}
-
-fn quantile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i]
-}
-
-/// CPU seconds the threads of a process have run, to the nanosecond (the first field of
-/// each thread's schedstat). A thread that ends is no longer counted: the daemon's threads
-/// live through a measurement (pool threads end only after 10 s without a connection).
-fn process_cpu(pid: u32) -> f64 {
-    let mut ns = 0u64;
-    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        if let Ok(s) = fs::read_to_string(t.path().join("schedstat")) {
-            ns += s.split_whitespace().next().unwrap().parse::<u64>().unwrap();
-        }
-    }
-    ns as f64 * 1e-9
 }
 
 /// CPU seconds of the calling thread.

@@ -31,7 +31,7 @@ use std::{
 };
 
 use agentwall::audit::{keys::Keyring, verify};
-use agentwall_tests::{TcpSink, TestDaemon, lines, tcp_policy};
+use agentwall_tests::{TcpSink, TestDaemon, lines, quantile, tcp_policy};
 
 /// `--name=VALUE`, or `--name` alone (an empty value).
 fn arg(name: &str) -> Option<String> {
@@ -219,11 +219,6 @@ struct Enroll {
     p99_ms: f64,
     peak_rss_kib: u64,
     held: String,
-}
-
-fn quantile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn enroll_run(flood: bool, n: usize) -> Enroll {

@@ -21,28 +21,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwall_tests::TestDaemon;
+use agentwall_tests::{TestDaemon, process_cpu, quantile};
 
 fn arg(name: &str) -> Option<String> {
     let key = format!("--{name}=");
     std::env::args().find_map(|a| a.strip_prefix(&key).map(str::to_string))
-}
-
-fn quantile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() - 1) as f64 * q).round() as usize;
-    v[i]
-}
-
-/// CPU seconds the threads of a process have run (schedstat).
-fn process_cpu(pid: u32) -> f64 {
-    let mut ns = 0u64;
-    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        if let Ok(s) = fs::read_to_string(t.path().join("schedstat")) {
-            ns += s.split_whitespace().next().unwrap().parse::<u64>().unwrap();
-        }
-    }
-    ns as f64 * 1e-9
 }
 
 /// A policy of `n` rules, each a /32 destination of its own with one port.

@@ -1038,6 +1038,31 @@ pub fn tcp_policy(name: &str, ports: &[u16]) -> String {
     )
 }
 
+/// The `q` quantile of `v` (sorted in place), nearest rank: for the benchmarks.
+pub fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// CPU seconds the threads of process `pid` have run, to the nanosecond (the first field of
+/// each thread's schedstat). A thread that ends is no longer counted: measure across spans
+/// in which the process's threads live on.
+pub fn process_cpu(pid: u32) -> f64 {
+    let mut ns = 0u64;
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = fs::read_to_string(t.path().join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    ns as f64 * 1e-9
+}
+
 /// Replaces the section `name` of a benchmark report (between `<!-- begin NAME -->` and
 /// `<!-- end NAME -->`), or appends it, leaving the other benchmarks' sections as they were.
 pub fn write_report_section(path: &Path, name: &str, body: &str) {

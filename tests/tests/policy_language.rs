@@ -382,3 +382,80 @@ policy:
         "both verdicts exercised: {allowed} allowed"
     );
 }
+
+/// `policy diff` between two git revisions of a policy directory, as a reviewer of a policy
+/// pull request reads it, and as JSON.
+#[test]
+fn policy_diff_reads_git_revisions() {
+    let repo = std::env::temp_dir().join(format!("aw-diff-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    std::fs::create_dir_all(repo.join("policies")).unwrap();
+    let git = |args: &[&str]| {
+        let o = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "git {args:?}: {o:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(
+        repo.join("policies/catalog.yaml"),
+        catalog("slack", "tcp", 443),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("policies/p.yaml"),
+        "policy:\n  name: pipe\n  identity: agent/pipe/prod\n  rules:\n    - resource: service:slack\n      actions: [write:message]\n",
+    )
+    .unwrap();
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "one"]);
+    std::fs::write(
+        repo.join("policies/p.yaml"),
+        "policy:\n  name: pipe\n  identity: agent/pipe/prod\n  rules:\n    - resource: service:slack\n      actions: [write:message]\n      rateLimit: 10 per minute\n",
+    )
+    .unwrap();
+    git(&["commit", "-q", "-am", "two"]);
+    let run = |args: &[&str]| {
+        std::process::Command::new(agentwall_tests::agentwall_bin())
+            .args(["policy", "diff"])
+            .args(args)
+            .current_dir(&repo)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["HEAD~1", "HEAD"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        lines(&out),
+        [
+            "policy pipe (changed), identity agent/pipe/prod",
+            "  + service:slack (127.0.0.1/32 tcp port 443): write:message; at most 10 per minute",
+            "  - service:slack (127.0.0.1/32 tcp port 443): write:message",
+            "1 policy: 1 access granted, 1 access removed",
+        ]
+    );
+    // A revision against the working directory, as JSON.
+    std::fs::remove_file(repo.join("policies/p.yaml")).unwrap();
+    let out = run(&["HEAD", "policies", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["policy"], "pipe");
+    assert_eq!(v[0]["change"], "removed");
+    assert_eq!(v[0]["removed"].as_array().unwrap().len(), 1);
+    let bad = run(&["nope", "HEAD"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is neither a directory nor a git revision"),
+        "{bad:?}"
+    );
+    std::fs::remove_dir_all(&repo).unwrap();
+}

@@ -19,6 +19,18 @@ pub(super) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// What a change to a policy directory grants and removes, per policy and identity. OLD
+    /// and NEW are directories, or git revisions of the directory `--path` in the repository
+    /// of the current directory (such as `main` and `HEAD`).
+    Diff {
+        old: String,
+        new: String,
+        /// The policy directory within the repository, for git revisions.
+        #[arg(long, default_value = "policies")]
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Explain what the kernel would do with a connect of an identity, and what the decision
     /// API would answer for an action: the verdict and the deciding rule (file:line), or why
     /// nothing matched. Exits 0 for allow, 1 for deny.
@@ -51,6 +63,92 @@ pub(super) enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A policy directory as a path or as a git revision of one.
+fn load_side(side: &str, path: &std::path::Path) -> anyhow::Result<policy::PolicySet> {
+    if std::path::Path::new(side).is_dir() {
+        return Ok(policy::load_dir(std::path::Path::new(side))?);
+    }
+    let git = |args: &[&str]| -> anyhow::Result<Vec<u8>> {
+        let o = std::process::Command::new("git")
+            .args(args)
+            .output()
+            .map_err(|e| anyhow::anyhow!("running git: {e}"))?;
+        if !o.status.success() {
+            anyhow::bail!(
+                "{side:?} is neither a directory nor a git revision here: git {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(o.stdout)
+    };
+    let dir = path.to_string_lossy().trim_end_matches('/').to_string();
+    let listing = git(&[
+        "ls-tree",
+        "--name-only",
+        "-z",
+        side,
+        "--",
+        &format!("{dir}/"),
+    ])?;
+    let mut files = Vec::new();
+    for name in listing.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let file = name.rsplit('/').next().unwrap_or(&name).to_string();
+        if file.starts_with('.') || !(file.ends_with(".yaml") || file.ends_with(".yml")) {
+            continue;
+        }
+        let text = git(&["show", &format!("{side}:{name}")])?;
+        files.push((
+            std::path::PathBuf::from(format!("{side}:{name}")),
+            String::from_utf8(text).map_err(|_| anyhow::anyhow!("{side}:{name} is not UTF-8"))?,
+        ));
+    }
+    Ok(policy::parse_texts(&files)?)
+}
+
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn diff(old: &str, new: &str, path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let d = policy::diff::diff(&load_side(old, path)?, &load_side(new, path)?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if d.is_empty() {
+        println!("no access changes");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (mut granted, mut removed) = (0, 0);
+    for p in &d {
+        println!(
+            "policy {} ({}){}",
+            p.policy,
+            p.change,
+            p.identity
+                .as_deref()
+                .map_or(String::new(), |i| format!(", identity {i}"))
+        );
+        for g in &p.granted {
+            println!("  + {g}");
+        }
+        for r in &p.removed {
+            println!("  - {r}");
+        }
+        for o in &p.other {
+            println!("  ~ {o}");
+        }
+        granted += p.granted.len();
+        removed += p.removed.len();
+    }
+    println!(
+        "{}: {} granted, {} removed",
+        count_plural(d.len(), "policy", "policies"),
+        count_plural(granted, "access", "accesses"),
+        count_plural(removed, "access", "accesses")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where `--to` points: the address, port and protocol, and the resource it names.
@@ -290,6 +388,12 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     let (dir, json) = match cmd {
         PolicyCommand::Check { dir, json } => (dir, json),
         explain_cmd @ PolicyCommand::Explain { .. } => return explain(explain_cmd),
+        PolicyCommand::Diff {
+            old,
+            new,
+            path,
+            json,
+        } => return diff(&old, &new, &path, json),
     };
     let checked = check(&dir);
     if json {

@@ -15,6 +15,7 @@
 
 pub mod compile;
 pub mod decide;
+pub mod diff;
 pub mod explain;
 mod parse;
 mod spans;
