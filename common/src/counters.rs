@@ -31,8 +31,10 @@ pub const RATE_LIMITED: u32 = 11;
 pub const CONDITION_ERRORS: u32 = 12;
 /// Flows denied because the rule's time window was closed.
 pub const OUTSIDE_WINDOW: u32 = 13;
+/// TCP connections refused by a policy's ingress rules (their SYN dropped).
+pub const INGRESS_DENIED: u32 = 14;
 /// Number of counters; the size of the array.
-pub const COUNT: u32 = 14;
+pub const COUNT: u32 = 15;
 
 /// Names in index order, as exported in status and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -50,4 +52,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "rate_limited",
     "condition_errors",
     "outside_window",
+    "ingress_denied",
 ];

@@ -37,6 +37,9 @@ code!(
         CONNECT_UNIX = 9, "connect_unix";
         /// A Unix datagram sent to a named socket (`cgroup/sendmsg_unix`); likewise.
         SENDMSG_UNIX = 10, "sendmsg_unix";
+        /// A TCP connection asked of an enforced cgroup's listener (`cgroup_skb/ingress`, the
+        /// SYN): the record's address and port are the peer's address and the local port.
+        INGRESS = 11, "ingress";
     }
 );
 
@@ -99,6 +102,9 @@ code!(
         WINDOW_AUDIT = 21, "window_audit";
         /// A rule's limit, bucket or window could not be read (denied, whatever the mode).
         CONDITION_ERROR = 22, "condition_error";
+        /// A packet of a TCP connection the policy's ingress rules let the peer open: a reply
+        /// ([`Event::rule_id`] names the ingress rule).
+        REPLY = 23, "reply";
     }
 );
 

@@ -6,6 +6,13 @@
 pub const BINDINGS: &str = "AW_BINDINGS";
 /// `LpmTrie<RuleKey, RuleSet>`.
 pub const RULES: &str = "AW_RULES";
+/// `LpmTrie<RuleKey, RuleSet>` of ingress rules: (slot, generation, peer address prefix) →
+/// the local TCP ports that peer may connect to. A slot whose policy judges ingress has a
+/// node at prefix length 0 (empty unless a rule covers every address); a slot without any
+/// node does not judge ingress.
+pub const INGRESS: &str = "AW_INGRESS";
+/// Default capacity of the ingress trie: two generations of 32,768 nodes.
+pub const DEFAULT_MAX_INGRESS_NODES: u32 = 65_536;
 /// `HashMap<UnixKey, u32 rule id>`: the Unix socket names each slot may reach.
 pub const UNIX_RULES: &str = "AW_UNIX";
 /// `Array<PolicyState>` of one entry.
@@ -77,8 +84,17 @@ pub mod programs {
     pub const SENDMSG4: &str = "aw_sendmsg4";
     pub const SENDMSG6: &str = "aw_sendmsg6";
     pub const EGRESS: &str = "aw_egress";
+    pub const INGRESS: &str = "aw_ingress";
     pub const SOCK_CREATE: &str = "aw_sock_create";
-    pub const ALL: [&str; 6] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, EGRESS, SOCK_CREATE];
+    pub const ALL: [&str; 7] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        EGRESS,
+        INGRESS,
+        SOCK_CREATE,
+    ];
     /// The Unix socket programs (kernel >= 6.7). aya 0.14 knows neither attach type, so the
     /// daemon loads and attaches these itself; their ELF sections name an attach type aya
     /// knows only so that aya parses the object (it never loads them). Program name and

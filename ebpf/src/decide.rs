@@ -57,17 +57,17 @@ static AW_DECISIONS: PerCpuArray<DecisionCacheEntry> =
 /// stores: aya's `Key` is packed, and a packed key is written byte by byte, which the trie's
 /// word-wise compare then reads back through stalled store forwarding.
 #[repr(C, align(4))]
-struct LookupKey {
-    prefix_len: u32,
-    slot: u32,
-    generation: u32,
-    addr: Quads,
+pub(crate) struct LookupKey {
+    pub(crate) prefix_len: u32,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+    pub(crate) addr: Quads,
 }
 const _: () = assert!(core::mem::size_of::<LookupKey>() == core::mem::size_of::<Key<RuleKey>>());
 
 impl LookupKey {
     #[inline(always)]
-    fn as_key(&self) -> &Key<RuleKey> {
+    pub(crate) fn as_key(&self) -> &Key<RuleKey> {
         // SAFETY: same size and field order as `Key<RuleKey>` (prefix length, then `RuleKey`:
         // slot, generation, the 16 address bytes, which `Quads` holds in memory order), and
         // `Key` is packed, so any alignment suits it.

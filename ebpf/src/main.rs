@@ -13,6 +13,7 @@ mod conditions;
 mod decide;
 mod emit;
 mod flowcache;
+mod ingress;
 mod lsm;
 mod unix;
 
@@ -164,10 +165,12 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     let Some(Packet {
         orig,
         port,
+        sport,
         proto,
         family,
         bare_rst,
         routed,
+        ..
     }) = parse_packet(&ctx)
     else {
         emit::count(agentwall_common::counters::SKB_UNPARSED);
@@ -196,10 +199,22 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         sock_type: 0,
         family,
     };
-    let d = match routed {
+    let mut d = match routed {
         Some(reason) => decide::Decision::deny(reason, 0, 0),
         None => decide(&flow),
     };
+    // A packet of a TCP connection the peer opened, as the policy's ingress rules let it: its
+    // source port is the one the peer may connect to. (A socket that connects out from that
+    // port passed its connect hook first; one that did not reaches only peers that may
+    // connect in anyway.)
+    if d.reason == Reason::NO_RULE
+        && proto == agentwall_common::rules::proto::TCP
+        && let Some(rule_id) = ingress::reply(&flow, d.slot, d.generation, sport)
+    {
+        d.verdict = Verdict::ALLOW;
+        d.reason = Reason::REPLY;
+        d.rule_id = rule_id;
+    }
     if d.verdict == Verdict::ALLOW {
         if proto == agentwall_common::rules::proto::TCP {
             // A TCP socket's destination is fixed: its next packets may use the cache.
@@ -224,10 +239,15 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
 struct Packet {
     orig: Quads,
     port: u16,
+    /// Source address (word form) and port.
+    src: Quads,
+    sport: u16,
     proto: u8,
     family: u8,
     /// A TCP segment with RST set and no payload.
     bare_rst: bool,
+    /// A TCP segment with SYN set and ACK clear: a connection asked for.
+    syn: bool,
     /// Why the packet may go past its header's destination (IPv4 options, which can hold a
     /// source route; an IPv6 routing header), if it may: such packets are denied.
     routed: Option<Reason>,
@@ -257,18 +277,24 @@ fn plain_header(ctx: &SkBuffContext) -> bool {
 const TCP_FLAGS_LEN: usize = 14;
 const TCP_RST: u8 = 0x04;
 
-/// Whether the TCP header at `at` is a reset with exactly `payload_len` bytes after the IP
-/// header, that is, no data.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Of the TCP header at `at`: whether it is a reset with exactly `payload_len` bytes after
+/// the IP header, that is, no data; and whether it asks for a connection (SYN, no ACK).
 #[inline(always)]
-fn bare_rst(ctx: &SkBuffContext, at: usize, payload_len: usize) -> bool {
+fn tcp_kind(ctx: &SkBuffContext, at: usize, payload_len: usize) -> (bool, bool) {
     let Ok(t) = ctx.load::<[u8; TCP_FLAGS_LEN]>(at) else {
-        return false;
+        return (false, false);
     };
     let doff = usize::from(t[12] >> 4) * 4;
-    t[13] & TCP_RST != 0 && doff >= 20 && payload_len == doff
+    (
+        t[13] & TCP_RST != 0 && doff >= 20 && payload_len == doff,
+        t[13] & TCP_SYN != 0 && t[13] & TCP_ACK == 0,
+    )
 }
 
-/// Destination address, destination port, protocol and family of an outgoing packet.
+/// Addresses, ports, protocol and family of a packet.
 #[inline(always)]
 fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
     // cgroup_skb programs see the packet from its network header on.
@@ -284,25 +310,36 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
             let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
             let proto = h[9];
             let dst = addr::quads_from_v4(u32::from_ne_bytes([h[16], h[17], h[18], h[19]]));
+            let src = addr::quads_from_v4(u32::from_ne_bytes([h[12], h[13], h[14], h[15]]));
             // Egress runs before fragmentation (ip_finish_output), so a later fragment here
             // was crafted: without its transport header it cannot be judged.
             if frag_offset != 0 {
                 return None;
             }
-            let port = if proto == proto::TCP || proto == proto::UDP {
+            let (sport, port) = if proto == proto::TCP || proto == proto::UDP {
                 let p: [u8; 4] = ctx.load(ihl).ok()?;
-                u16::from_be_bytes([p[2], p[3]])
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                )
             } else {
-                0
+                (0, 0)
             };
             let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-            let rst = proto == proto::TCP && bare_rst(ctx, ihl, total.saturating_sub(ihl));
+            let (rst, syn) = if proto == proto::TCP {
+                tcp_kind(ctx, ihl, total.saturating_sub(ihl))
+            } else {
+                (false, false)
+            };
             Some(Packet {
                 orig: dst,
                 port,
+                src,
+                sport,
                 proto,
                 family: AF_INET,
                 bare_rst: rst,
+                syn,
                 routed: (ihl > 20).then_some(Reason::IP_OPTIONS),
             })
         }
@@ -311,22 +348,33 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
             let next = h[6];
             let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
             let dst = [word(24), word(28), word(32), word(36)];
-            let port = if next == proto::TCP || next == proto::UDP {
+            let src = [word(8), word(12), word(16), word(20)];
+            let (sport, port) = if next == proto::TCP || next == proto::UDP {
                 let p: [u8; 4] = ctx.load(40).ok()?;
-                u16::from_be_bytes([p[2], p[3]])
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                )
             } else {
-                0
+                (0, 0)
             };
             let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
-            let rst = next == proto::TCP && bare_rst(ctx, 40, payload);
+            let (rst, syn) = if next == proto::TCP {
+                tcp_kind(ctx, 40, payload)
+            } else {
+                (false, false)
+            };
             // Extension headers are judged as their own protocol number: only a rule for any
             // protocol and every port lets them through.
             Some(Packet {
                 orig: dst,
                 port,
+                src,
+                sport,
                 proto: next,
                 family: AF_INET6,
                 bare_rst: rst,
+                syn,
                 routed: match next {
                     IPV6_ROUTING => Some(Reason::ROUTING_HEADER),
                     // Hop-by-hop and destination options and a fragment header can stand
@@ -337,6 +385,41 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
             })
         }
         _ => None,
+    }
+}
+
+/// The connections peers ask of an enforced cgroup's listeners: a TCP SYN (without ACK) is
+/// judged by the cgroup's policy's ingress rules, when it has any (see [`ingress`]); every
+/// other inbound packet belongs to a flow judged already and passes.
+#[cgroup_skb(ingress)]
+fn aw_ingress(ctx: SkBuffContext) -> i32 {
+    let Some(p) = parse_packet(&ctx) else {
+        return ALLOW;
+    };
+    if !(p.proto == proto::TCP && p.syn) {
+        return ALLOW;
+    }
+    // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
+    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
+    let flow = Flow {
+        cgroup_id,
+        orig: p.src,
+        dst: addr::classify_quads(p.src),
+        port: p.port,
+        proto: p.proto,
+        hook: Hook::INGRESS,
+        sock_type: 0,
+        family: p.family,
+    };
+    let Some(d) = ingress::judge(&flow) else {
+        return ALLOW;
+    };
+    emit::event(&flow, &d, false);
+    if d.verdict == Verdict::ALLOW {
+        ALLOW
+    } else {
+        emit::count(agentwall_common::counters::INGRESS_DENIED);
+        DENY
     }
 }
 

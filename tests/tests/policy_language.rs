@@ -459,3 +459,93 @@ fn policy_diff_reads_git_revisions() {
     );
     std::fs::remove_dir_all(&repo).unwrap();
 }
+
+/// An agent that serves: its policy's ingress rules say which peers may open connections to
+/// which of its ports, in the kernel, and the replies on those connections pass without any
+/// egress rule; a peer the rules do not name gets no connection, and the server cannot use its
+/// listening port to reach out.
+#[test]
+fn ingress_rules_admit_named_peers_and_their_replies_and_nothing_else() {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let _s = serial();
+    let port = agentwall_tests::free_port();
+    let other = TcpSink::new("127.0.0.1:0");
+    let served = format!(
+        "policy:\n  name: served\n  ingress:\n    - from: 127.0.0.1\n      ports: [{port}]\n"
+    );
+    let closed = "policy:\n  name: closed\n  ingress: []\n";
+    let d = TestDaemon::start(&[("served.yaml", &served), ("closed.yaml", closed)]);
+    let events = d.events();
+    // An echo server, then (once its client is served) a connect out from its own port.
+    let script = "import socket,sys\n\
+p=int(sys.argv[1]); o=int(sys.argv[2])\n\
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', p)); s.listen(4)\n\
+print('listening', flush=True)\n\
+s.settimeout(8)\n\
+try:\n    c,_=s.accept(); c.sendall(c.recv(100)); c.close()\nexcept OSError as e:\n    print('accept', type(e).__name__, flush=True)\n\
+x=socket.socket(); x.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+try:\n    x.connect(('127.0.0.1', o)); print('out ok', flush=True)\nexcept OSError as e:\n    print('out', e.errno, flush=True)\n";
+    let serve = |policy: &str| {
+        let mut c = std::process::Command::new(d.world_copy(&agentwall_tests::agentwall_bin()));
+        c.arg("exec")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["--policy", policy, "--", "/usr/bin/python3", "-c", script])
+            .arg(port.to_string())
+            .arg(other.port().to_string())
+            .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "listening");
+        (child, out)
+    };
+    let call = || -> std::io::Result<String> {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"ping\n")?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+
+    // Admitted: the handshake and the echo come back, with no egress rule.
+    let (mut child, mut out) = serve("served");
+    assert_eq!(call().unwrap(), "ping\n");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    // Its own listening port is no way out: the connect is judged as any other.
+    assert_eq!(rest.trim(), "out 1", "EPERM for the connect out: {rest:?}");
+    assert_eq!(other.accepted(), 0);
+
+    // Refused: no peer is named, the connection never opens.
+    let (mut child, mut out) = serve("closed");
+    let refused = call();
+    assert!(refused.is_err(), "{refused:?}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let _ = child.wait();
+    assert!(
+        rest.contains("accept TimeoutError"),
+        "the server saw no connection: {rest:?}"
+    );
+    assert!(d.counter("ingress_denied") >= 1);
+    let evs = events.drain(Duration::from_millis(500));
+    assert!(
+        evs.iter()
+            .any(|e| e.hook == "ingress" && e.verdict == "deny" && e.port == port),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter().any(|e| e.hook == "ingress"
+            && e.verdict == "allow"
+            && e.port == port
+            && e.rule
+                .as_deref()
+                .is_some_and(|r| r.ends_with("served.yaml:4"))),
+        "{evs:#?}"
+    );
+}

@@ -7,6 +7,7 @@
 //! - `AW_BINDINGS` cgroup id → [`Binding`]: the identity slot and flags of every enforced
 //!   cgroup. No entry means deny.
 //! - `AW_RULES` (slot, generation, destination prefix) → [`RuleSet`].
+//! - `AW_INGRESS` (slot, generation, peer prefix) → [`RuleSet`] of local TCP ports.
 //! - `AW_STATE` [0] → [`PolicyState`]: the active generation.
 //! - `AW_COUNTERS` per-CPU counters (`agentwall_common::counters`).
 //! - `AW_EVENTS` ring buffer of `agentwall_common::event::Event`.
@@ -180,6 +181,7 @@ pub struct Enforcer {
     layout: PinLayout,
     bindings: HashMap<MapData, u64, Binding>,
     rules: LpmTrie<MapData, RuleKey, RuleSet>,
+    ingress: LpmTrie<MapData, RuleKey, RuleSet>,
     state: Array<MapData, PolicyState>,
     counters: PerCpuArray<MapData, u64>,
     enforced: HashMap<MapData, u64, u32>,
@@ -280,6 +282,8 @@ impl Enforcer {
             .map_err(map_err(maps::BINDINGS, "opening"))?;
         let rules = LpmTrie::try_from(take(&mut ebpf, maps::RULES)?)
             .map_err(map_err(maps::RULES, "opening"))?;
+        let ingress = LpmTrie::try_from(take(&mut ebpf, maps::INGRESS)?)
+            .map_err(map_err(maps::INGRESS, "opening"))?;
         let state: Array<MapData, PolicyState> = Array::try_from(take(&mut ebpf, maps::STATE)?)
             .map_err(map_err(maps::STATE, "opening"))?;
         let enforced = HashMap::try_from(take(&mut ebpf, maps::ENFORCED)?)
@@ -307,6 +311,7 @@ impl Enforcer {
             layout,
             bindings,
             rules,
+            ingress,
             state,
             counters,
             enforced,
@@ -512,9 +517,12 @@ impl Enforcer {
             }
             aya::programs::Program::CgroupSkb(p) => {
                 let p: &mut CgroupSkb = p;
-                let id = p
-                    .attach(fd, CgroupSkbAttachType::Egress, mode)
-                    .map_err(|e| attach_err(&e))?;
+                let direction = if name == programs::INGRESS {
+                    CgroupSkbAttachType::Ingress
+                } else {
+                    CgroupSkbAttachType::Egress
+                };
+                let id = p.attach(fd, direction, mode).map_err(|e| attach_err(&e))?;
                 p.take_link(id)
                     .map_err(|e| attach_err(&e))?
                     .try_into()
@@ -588,6 +596,20 @@ impl Enforcer {
             if let Err(e) = self.rules.insert(&key, node.set, 0) {
                 self.purge_generation(next);
                 return Err(map_err(maps::RULES, "inserting")(e));
+            }
+        }
+        for node in &compiled.ingress {
+            let key = Key::new(
+                RuleKey::prefix_len(node.bits),
+                RuleKey {
+                    slot: node.slot,
+                    generation: next,
+                    addr: node.addr,
+                },
+            );
+            if let Err(e) = self.ingress.insert(&key, node.set, 0) {
+                self.purge_generation(next);
+                return Err(map_err(maps::INGRESS, "inserting")(e));
             }
         }
         for entry in &compiled.unix {
@@ -831,6 +853,18 @@ impl Enforcer {
                 Err(e) => return Err(map_err(maps::RULES, "removing a stale node")(e)),
             }
         }
+        let stale: Vec<Key<RuleKey>> = self
+            .ingress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().generation != active)
+            .collect();
+        for k in stale {
+            match self.ingress.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::INGRESS, "removing a stale node")(e)),
+            }
+        }
         let stale: Vec<UnixKey> = self
             .unix_rules
             .keys()
@@ -879,6 +913,15 @@ impl Enforcer {
             .collect();
         for k in keys {
             let _ = self.rules.remove(&k);
+        }
+        let keys: Vec<Key<RuleKey>> = self
+            .ingress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().generation == generation)
+            .collect();
+        for k in keys {
+            let _ = self.ingress.remove(&k);
         }
         let keys: Vec<UnixKey> = self
             .unix_rules

@@ -119,6 +119,9 @@ pub struct Node {
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
     pub nodes: Vec<Node>,
+    /// Nodes of the ingress trie (peer prefixes → local TCP ports), for the policies with
+    /// `ingress:` rules; each such slot has a node at prefix length 0.
+    pub ingress: Vec<Node>,
     /// Unix socket names, one entry per (slot, name): the first rule that names it.
     pub unix: Vec<UnixEntry>,
     /// Indexed by rule id - 1.
@@ -247,6 +250,7 @@ type SlotNodes = HashMap<(Addr16, u32), (Vec<PortRule>, Source)>;
 pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compiled, Vec<Problem>> {
     let mut out = Compiled::default();
     let mut own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
+    let mut ingress_own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
     for policy in &set.policies {
         let slot = slot_of(&policy.name);
         out.policies
@@ -320,28 +324,67 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     ep.ports.clone()
                 };
                 for net in &ep.to {
-                    let (a, bits) = canonical(net);
-                    let mut prefixes = vec![(a, bits)];
-                    let covers_alias = loopback_aliases()
-                        .iter()
-                        .any(|(la, lb)| contains(&a, bits, la, *lb) || contains(la, *lb, &a, bits));
-                    if covers_alias && !contains(&a, bits, &LOOPBACK, 128) {
-                        prefixes.push((LOOPBACK, 128));
-                    }
-                    for prefix in prefixes {
-                        let (entries, _) = nodes
-                            .entry(prefix)
-                            .or_insert_with(|| (Vec::new(), rule.source.clone()));
-                        for r in &ranges {
-                            entries.push(PortRule {
+                    for r in &ranges {
+                        add_entry(
+                            nodes,
+                            net,
+                            &rule.source,
+                            PortRule {
                                 rule_id: id,
                                 port_lo: r.lo,
                                 port_hi: r.hi,
                                 proto: proto_code(ep.protocol),
                                 flags,
                                 _pad: [0; 2],
-                            });
-                        }
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(ingress) = &policy.ingress {
+            let nodes = ingress_own.entry(slot).or_default();
+            // The slot judges ingress: every peer finds a node, empty unless a rule covers it.
+            nodes
+                .entry((Addr16::default(), 0))
+                .or_insert_with(|| (Vec::new(), policy.source.clone()));
+            for rule in ingress {
+                let id = out.next_rule_id();
+                out.rules.push(RuleInfo {
+                    id,
+                    policy: policy.name.clone(),
+                    source: rule.source.clone(),
+                    endpoints: vec![Endpoint {
+                        to: rule.from.clone(),
+                        protocol: Protocol::Tcp,
+                        ports: rule.ports.clone(),
+                    }],
+                    unix: None,
+                    access: None,
+                    rate: None,
+                    mode: None,
+                    window: None,
+                });
+                let ranges = if rule.ports.is_empty() {
+                    vec![PortRange::ALL]
+                } else {
+                    rule.ports.clone()
+                };
+                for net in &rule.from {
+                    for r in &ranges {
+                        add_entry(
+                            nodes,
+                            net,
+                            &rule.source,
+                            PortRule {
+                                rule_id: id,
+                                port_lo: r.lo,
+                                port_hi: r.hi,
+                                proto: proto::TCP,
+                                flags: 0,
+                                _pad: [0; 2],
+                            },
+                        );
                     }
                 }
             }
@@ -349,7 +392,46 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
     }
 
     let mut problems = Vec::new();
-    for (slot, nodes) in &own {
+    out.nodes = finish_nodes(&own, &out.policies, "policy.egress", &mut problems);
+    out.ingress = finish_nodes(&ingress_own, &out.policies, "policy.ingress", &mut problems);
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Adds `entry` at the canonical prefix of `net` in `nodes`, and at the canonical loopback
+/// address too when the prefix covers a loopback alias (all the kernel ever looks up for
+/// them).
+fn add_entry(nodes: &mut SlotNodes, net: &IpNet, source: &Source, entry: PortRule) {
+    let (a, bits) = canonical(net);
+    let mut prefixes = vec![(a, bits)];
+    let covers_alias = loopback_aliases()
+        .iter()
+        .any(|(la, lb)| contains(&a, bits, la, *lb) || contains(la, *lb, &a, bits));
+    if covers_alias && !contains(&a, bits, &LOOPBACK, 128) {
+        prefixes.push((LOOPBACK, 128));
+    }
+    for prefix in prefixes {
+        let (entries, _) = nodes
+            .entry(prefix)
+            .or_insert_with(|| (Vec::new(), source.clone()));
+        entries.push(entry);
+    }
+}
+
+/// The kernel nodes of `own`: each prefix with the entries of the shorter prefixes of its
+/// slot that cover it, in the order the kernel reads them. A node over the limit is a
+/// problem of `field`.
+fn finish_nodes(
+    own: &BTreeMap<u32, SlotNodes>,
+    policies: &BTreeMap<String, (u32, Mode)>,
+    field: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<Node> {
+    let mut out = Vec::new();
+    for (slot, nodes) in own {
         let lengths: Vec<u32> = {
             let mut l: Vec<u32> = nodes
                 .keys()
@@ -363,57 +445,9 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
         let mut sorted: Vec<_> = nodes.iter().collect();
         sorted.sort_by_key(|((a, bits), _)| (*bits, *a));
         for ((a, bits), (entries, source)) in sorted {
-            let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
-            let mut seen = HashSet::new();
-            // Entries with conditions (a limit, a window) are alternatives: each is kept once.
-            let mut push = |e: &PortRule, all: &mut Vec<PortRule>| {
-                let id = if e.flags == 0 { 0 } else { e.rule_id };
-                if seen.insert((e.proto, e.port_lo, e.port_hi, id)) {
-                    all.push(*e);
-                }
-            };
-            // Collecting stops past four times the limit, so that a prefix many rules cover
-            // costs no more than that (compilation stays linear); such a node is refused.
-            // Below that bound every entry is collected before the shadowed ones go, so
-            // that no entry is left out unseen (the limit is checked after).
-            let full = |all: &Vec<PortRule>| all.len() > COLLECT_MAX;
-            for e in entries {
-                push(e, &mut all);
-                if full(&all) {
-                    break;
-                }
-            }
-            // Covering prefixes, most specific first, so the nearest rule id is reported.
-            for l in lengths.iter().rev().filter(|l| **l < *bits) {
-                if full(&all) {
-                    break;
-                }
-                if let Some((inherited, _)) = nodes.get(&(mask(a, *l), *l)) {
-                    for e in inherited {
-                        push(e, &mut all);
-                        if full(&all) {
-                            break;
-                        }
-                    }
-                }
-            }
-            // Entries without conditions first: a destination that one rule grants outright is
-            // not limited because another rule grants it with a limit or a window, and the
-            // kernel then looks at conditions only when no unconditional entry matches.
-            all.sort_by_key(|e| e.flags != 0);
-            // An entry with conditions behind an unconditional one of the same protocol and
-            // ports is never consulted.
-            let plain: HashSet<(u8, u16, u16)> = all
-                .iter()
-                .filter(|e| e.flags == 0)
-                .map(|e| (e.proto, e.port_lo, e.port_hi))
-                .collect();
-            if all.len() <= COLLECT_MAX {
-                all.retain(|e| e.flags == 0 || !plain.contains(&(e.proto, e.port_lo, e.port_hi)));
-            }
+            let all = node_entries(nodes, &lengths, a, *bits, entries);
             if all.len() > MAX_ENTRIES_PER_PREFIX {
-                let policy = out
-                    .policies
+                let policy = policies
                     .iter()
                     .find(|(_, (s, _))| s == slot)
                     .map(|(n, _)| n.as_str())
@@ -422,10 +456,10 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     file: source.file.clone(),
                     line: Some(source.line),
                     column: None,
-                    field: "policy.egress".into(),
+                    field: field.into(),
                     message: format!(
-                        "policy {policy:?}: destination {} is covered by at least {} (protocol, \
-                         port range) entries, counting those of wider destinations; at most \
+                        "policy {policy:?}: address {} is covered by at least {} (protocol, \
+                         port range) entries, counting those of wider prefixes; at most \
                          {MAX_ENTRIES_PER_PREFIX} fit. Merge port ranges or split the policy.",
                         display_prefix(a, *bits),
                         all.len()
@@ -438,7 +472,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 ..RuleSet::default()
             };
             set.entries[..all.len()].copy_from_slice(&all);
-            out.nodes.push(Node {
+            out.push(Node {
                 slot: *slot,
                 addr: *a,
                 bits: *bits,
@@ -446,11 +480,66 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
             });
         }
     }
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
+    out
+}
+
+/// The entries of the node at (`a`, `bits`): its own, then those of the covering prefixes,
+/// most specific first (so the nearest rule id is reported), unconditional ones first.
+fn node_entries(
+    nodes: &SlotNodes,
+    lengths: &[u32],
+    a: &Addr16,
+    bits: u32,
+    entries: &[PortRule],
+) -> Vec<PortRule> {
+    let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
+    let mut seen = HashSet::new();
+    // Entries with conditions (a limit, a window) are alternatives: each is kept once.
+    let mut push = |e: &PortRule, all: &mut Vec<PortRule>| {
+        let id = if e.flags == 0 { 0 } else { e.rule_id };
+        if seen.insert((e.proto, e.port_lo, e.port_hi, id)) {
+            all.push(*e);
+        }
+    };
+    // Collecting stops past four times the limit, so that a prefix many rules cover costs no
+    // more than that (compilation stays linear); such a node is refused. Below that bound
+    // every entry is collected before the shadowed ones go, so that no entry is left out
+    // unseen (the limit is checked after).
+    let full = |all: &Vec<PortRule>| all.len() > COLLECT_MAX;
+    for e in entries {
+        push(e, &mut all);
+        if full(&all) {
+            break;
+        }
     }
+    for l in lengths.iter().rev().filter(|l| **l < bits) {
+        if full(&all) {
+            break;
+        }
+        if let Some((inherited, _)) = nodes.get(&(mask(a, *l), *l)) {
+            for e in inherited {
+                push(e, &mut all);
+                if full(&all) {
+                    break;
+                }
+            }
+        }
+    }
+    // Entries without conditions first: a destination that one rule grants outright is not
+    // limited because another rule grants it with a limit or a window, and the kernel then
+    // looks at conditions only when no unconditional entry matches.
+    all.sort_by_key(|e| e.flags != 0);
+    // An entry with conditions behind an unconditional one of the same protocol and ports is
+    // never consulted.
+    let plain: HashSet<(u8, u16, u16)> = all
+        .iter()
+        .filter(|e| e.flags == 0)
+        .map(|e| (e.proto, e.port_lo, e.port_hi))
+        .collect();
+    if all.len() <= COLLECT_MAX {
+        all.retain(|e| e.flags == 0 || !plain.contains(&(e.proto, e.port_lo, e.port_hi)));
+    }
+    all
 }
 
 /// A canonical prefix as the user wrote it: IPv4 for the mapped range.
@@ -783,5 +872,53 @@ policy:
         let c = compile(&set(text), slots).unwrap();
         let buckets: HashSet<u32> = c.limits.iter().map(|l| l.limit.bucket).collect();
         assert_eq!(buckets.len(), 4, "{:?}", c.limits);
+    }
+
+    /// Ingress rules compile to a trie of their own: a policy with them gets a node at prefix
+    /// length 0 (so every peer finds a node), and each peer prefix its local ports; a policy
+    /// without them gets no node at all.
+    #[test]
+    fn ingress_rules_compile_to_peer_prefixes_with_local_ports() {
+        let c = compile(
+            &set("policy:\n  name: a\n  ingress:\n    - from: 10.1.0.0/16\n      ports: [8443]\n    - from: 127.0.0.1\n      ports: [\"9000-9009\"]\n---\npolicy:\n  name: b\n  ingress: []\n---\npolicy:\n  name: c\n"),
+            slots,
+        )
+        .unwrap();
+        let find = |slot: u32, ip: &str, port: u16| {
+            let a = match ip.parse::<std::net::IpAddr>().unwrap() {
+                std::net::IpAddr::V4(v) => addr::from_v4(v.octets()),
+                std::net::IpAddr::V6(v) => v.octets(),
+            };
+            let a = addr::classify(a);
+            c.ingress
+                .iter()
+                .filter(|n| n.slot == slot && contains(&n.addr, n.bits, &a, 128))
+                .max_by_key(|n| n.bits)
+                .map(|n| n.set.find(proto::TCP, port))
+        };
+        assert_eq!(find(1, "10.1.2.3", 8443), Some(Some(1)));
+        assert_eq!(find(1, "10.1.2.3", 8444), Some(None), "judged, refused");
+        assert_eq!(
+            find(1, "10.2.0.1", 8443),
+            Some(None),
+            "the root node: judged, refused"
+        );
+        assert_eq!(
+            find(1, "::1", 9005),
+            Some(Some(2)),
+            "loopback forms are one"
+        );
+        assert_eq!(
+            find(2, "10.1.2.3", 8443),
+            Some(None),
+            "an empty list refuses all"
+        );
+        assert_eq!(
+            find(9, "10.1.2.3", 8443),
+            None,
+            "no ingress key: not judged"
+        );
+        assert!(c.nodes.is_empty(), "no egress node");
+        assert_eq!(c.rule(1).unwrap().source.line, 4);
     }
 }

@@ -74,10 +74,21 @@ fn rule_text(r: &EgressRule) -> String {
 }
 
 fn grants(p: &Policy) -> BTreeSet<String> {
+    let ingress = p.ingress.iter().flatten().map(|r| {
+        format!(
+            "ingress from {}",
+            endpoint_text(&Endpoint {
+                to: r.from.clone(),
+                protocol: Protocol::Tcp,
+                ports: r.ports.clone(),
+            })
+        )
+    });
     p.egress
         .iter()
         .map(rule_text)
         .chain(p.unix.iter().map(|u| format!("unix socket {}", u.name)))
+        .chain(ingress)
         .collect()
 }
 
@@ -121,6 +132,13 @@ pub fn diff(old: &PolicySet, new: &PolicySet) -> Vec<PolicyDiff> {
                     o.identity.as_deref().unwrap_or("(none)"),
                     n.identity.as_deref().unwrap_or("(none)")
                 ));
+            }
+            if o.ingress.is_some() != n.ingress.is_some() {
+                d.other.push(if n.ingress.is_some() {
+                    "inbound connections now judged by ingress rules".into()
+                } else {
+                    "inbound connections no longer judged".into()
+                });
             }
             if o.attest != n.attest {
                 d.other.push(format!(

@@ -212,6 +212,15 @@ pub struct Service {
     pub source: Source,
 }
 
+/// Peers that may open TCP connections to the policy's cgroups, and to which local ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressRule {
+    pub from: Vec<IpNet>,
+    /// Local ports; empty means every port.
+    pub ports: Vec<PortRange>,
+    pub source: Source,
+}
+
 /// One allowed Unix socket: a filesystem path, or `@name` for an abstract one, matched
 /// exactly as the caller passes it (see `agentwall_common::unix`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +242,9 @@ pub struct Policy {
     pub egress: Vec<EgressRule>,
     /// The Unix sockets the identity may connect or send to; none by default.
     pub unix: Vec<UnixRule>,
+    /// Who may open TCP connections to it: `None` (no `ingress:` key) judges no inbound
+    /// connection; a list (even empty) admits only what it names.
+    pub ingress: Option<Vec<IngressRule>>,
     pub source: Source,
 }
 

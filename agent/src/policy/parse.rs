@@ -14,8 +14,8 @@ use serde::Deserialize;
 use crate::spiffe::SpiffeId;
 
 use super::{
-    Access, Attest, EgressRule, Endpoint, Mode, Per, Policy, PortRange, Problem, Protocol,
-    RateLimit, Service, ServiceRef, Source, UnixRule,
+    Access, Attest, EgressRule, Endpoint, IngressRule, Mode, Per, Policy, PortRange, Problem,
+    Protocol, RateLimit, Service, ServiceRef, Source, UnixRule,
     spans::Spans,
     window::{self, Window},
 };
@@ -114,6 +114,21 @@ struct RawPolicy {
     egress: Vec<RawEgress>,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    ingress: Option<Vec<RawIngress>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngress {
+    #[serde(default)]
+    from: Option<OneOrMany>,
+    #[serde(default)]
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    description: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -374,6 +389,12 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
             ),
         }
     }
+    let ingress = raw.ingress.map(|list| {
+        list.into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| check_ingress(c, &format!("policy.ingress[{i}]"), r))
+            .collect()
+    });
     for (i, r) in raw.rules.into_iter().enumerate() {
         let field = format!("policy.rules[{i}]");
         match check_rule(c, &field, r) {
@@ -389,8 +410,35 @@ fn check_policy(c: &mut Checker<'_>, raw: RawPolicy) -> Policy {
         attest,
         egress,
         unix,
+        ingress,
         source: c.source("policy"),
     }
+}
+
+/// One `ingress:` entry: peers (`from`) and local TCP ports.
+fn check_ingress(c: &mut Checker<'_>, field: &str, raw: RawIngress) -> Option<IngressRule> {
+    let _ = raw.description;
+    if !matches!(raw.protocol, None | Some(Protocol::Tcp)) {
+        c.problem(
+            format!("{field}.protocol"),
+            "ingress judges TCP connections only; write protocol: tcp or leave it out".into(),
+        );
+        return None;
+    }
+    let from = listed(field, "from", raw.from);
+    if from.is_empty() {
+        c.problem(
+            format!("{field}.from"),
+            "names no peer; give addresses or CIDRs (127.0.0.1 for callers on this host)".into(),
+        );
+        return None;
+    }
+    let ep = check_endpoint(c, field, from, Some(Protocol::Tcp), raw.ports)?;
+    Some(IngressRule {
+        from: ep.to,
+        ports: ep.ports,
+        source: c.source(field),
+    })
 }
 
 /// A catalog service: a name and its endpoints.
@@ -1472,6 +1520,7 @@ service:
                 "policy:\n  name: p\n  identity: a/b\n  attest:\n    zzz: 1\n",
             ),
             ("egress", "policy:\n  name: p\n  egress:\n    - zzz: 1\n"),
+            ("ingress", "policy:\n  name: p\n  ingress:\n    - zzz: 1\n"),
             (
                 "rule",
                 "policy:\n  name: p\n  rules:\n    - resource: cidr:10.0.0.1\n      zzz: 1\n",
@@ -1492,6 +1541,26 @@ service:
             props(&schema),
             expected("zzz: 1\npolicy:\n  name: p\n"),
             "the document"
+        );
+    }
+
+    #[test]
+    fn ingress_entries_name_peers_and_tcp_ports() {
+        let p = parse_one("policy:\n  name: a\n  ingress:\n    - from: [10.0.0.0/8, \"::1\"]\n      ports: [443]\n").unwrap();
+        let rules = p[0].ingress.as_ref().unwrap();
+        assert_eq!(rules[0].from.len(), 2);
+        assert_eq!(rules[0].ports, [PortRange { lo: 443, hi: 443 }]);
+        assert_eq!(parse_one("policy:\n  name: a\n").unwrap()[0].ingress, None);
+        let got = problems(
+            "policy:\n  name: a\n  ingress:\n    - from: 10.0.0.1\n      protocol: udp\n    - ports: [1]\n    - from: nope\n",
+        );
+        assert_eq!(
+            got,
+            [
+                "p.yaml:5:17: policy.ingress[0].protocol: ingress judges TCP connections only; write protocol: tcp or leave it out",
+                "p.yaml:6:7: policy.ingress[1].from: names no peer; give addresses or CIDRs (127.0.0.1 for callers on this host)",
+                "p.yaml:7:13: policy.ingress[2].from: \"nope\" is not an IP address or CIDR (such as 10.0.0.0/8 or 2001:db8::/32); host names come with the services catalog",
+            ]
         );
     }
 }
