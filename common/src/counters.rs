@@ -33,8 +33,14 @@ pub const CONDITION_ERRORS: u32 = 12;
 pub const OUTSIDE_WINDOW: u32 = 13;
 /// TCP connections refused by a policy's ingress rules (their SYN dropped).
 pub const INGRESS_DENIED: u32 = 14;
+/// Sockets accepted from a listener that the passive sockets map had no room for: their
+/// replies are denied.
+pub const PASSIVE_UNTRACKED: u32 = 15;
+/// Inbound packets to a listener of a cgroup whose policy judges ingress that could not be
+/// read as TCP (IPv4 options, IPv6 extension headers, unparsed): dropped.
+pub const INGRESS_UNPARSED: u32 = 16;
 /// Number of counters; the size of the array.
-pub const COUNT: u32 = 15;
+pub const COUNT: u32 = 17;
 
 /// Names in index order, as exported in status and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -53,4 +59,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "condition_errors",
     "outside_window",
     "ingress_denied",
+    "passive_untracked",
+    "ingress_unparsed",
 ];

@@ -13,6 +13,13 @@ pub const RULES: &str = "AW_RULES";
 pub const INGRESS: &str = "AW_INGRESS";
 /// Default capacity of the ingress trie: two generations of 32,768 nodes.
 pub const DEFAULT_MAX_INGRESS_NODES: u32 = 65_536;
+/// `HashMap<u64 socket cookie, u8>`: the TCP sockets of enforced cgroups the kernel opened
+/// passively (accepted from a listener), from establishment to close (`aw_sockops`). Only
+/// these send replies under the ingress rules.
+pub const PASSIVE: &str = "AW_PASSIVE";
+/// Default capacity of the passive sockets map; past it a new one is not tracked (its
+/// replies are denied, and counted).
+pub const DEFAULT_MAX_PASSIVE: u32 = 65_536;
 /// `HashMap<UnixKey, u32 rule id>`: the Unix socket names each slot may reach.
 pub const UNIX_RULES: &str = "AW_UNIX";
 /// `Array<PolicyState>` of one entry.
@@ -85,14 +92,16 @@ pub mod programs {
     pub const SENDMSG6: &str = "aw_sendmsg6";
     pub const EGRESS: &str = "aw_egress";
     pub const INGRESS: &str = "aw_ingress";
+    pub const SOCK_OPS: &str = "aw_sockops";
     pub const SOCK_CREATE: &str = "aw_sock_create";
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
         SENDMSG6,
         EGRESS,
         INGRESS,
+        SOCK_OPS,
         SOCK_CREATE,
     ];
     /// The Unix socket programs (kernel >= 6.7). aya 0.14 knows neither attach type, so the

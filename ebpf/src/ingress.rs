@@ -9,10 +9,19 @@
 use agentwall_common::{
     counters,
     event::{Reason, Verdict},
-    maps::DEFAULT_MAX_INGRESS_NODES,
+    maps::{DEFAULT_MAX_INGRESS_NODES, DEFAULT_MAX_PASSIVE},
     rules::{RuleKey, RuleSet, proto},
 };
-use aya_ebpf::{macros::map, maps::LpmTrie};
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
+    helpers::generated::bpf_get_socket_cookie,
+    macros::map,
+    maps::{HashMap, LpmTrie},
+    programs::SockOpsContext,
+};
 
 use crate::{
     decide::{self, Decision, Flow, LookupKey},
@@ -21,6 +30,48 @@ use crate::{
 
 #[map]
 static AW_INGRESS: LpmTrie<RuleKey, RuleSet> = LpmTrie::pinned(DEFAULT_MAX_INGRESS_NODES, 0);
+
+#[map]
+static AW_PASSIVE: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_PASSIVE, 0);
+
+/// Marks a socket established passively, until it closes.
+#[inline(always)]
+pub(crate) fn track_passive(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // SAFETY: the program's own context, as the helper requires.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if AW_PASSIVE.insert(cookie, 1, 0).is_err() {
+            emit::count(counters::PASSIVE_UNTRACKED);
+        }
+        // Its close is reported to this program too, to unmark it.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+        // SAFETY: as above.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let _ = AW_PASSIVE.remove(cookie);
+    }
+}
+
+/// Whether socket `cookie` was established passively.
+#[inline(always)]
+pub(crate) fn passive(cookie: u64) -> bool {
+    // SAFETY: the value is only tested for presence.
+    cookie != 0 && unsafe { AW_PASSIVE.get(cookie) }.is_some()
+}
+
+/// Whether cgroup `cgroup_id`'s policy judges ingress (or its binding admits nothing, which
+/// is judged the same: refused).
+#[inline(always)]
+pub(crate) fn judges(cgroup_id: u64) -> bool {
+    let Some(state) = decide::state() else {
+        return true;
+    };
+    match decide::admitted(cgroup_id, state.generation, state.epoch) {
+        Ok((_, slot, _)) => node(slot, state.generation, [0; 4]).is_some(),
+        Err(_) => true,
+    }
+}
 
 /// The ingress node of `slot` in `generation` for the peer `peer` (classified).
 #[inline(always)]

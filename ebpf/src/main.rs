@@ -23,8 +23,8 @@ use agentwall_common::{
     rules::proto,
 };
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
-    programs::{SkBuffContext, SockAddrContext, SockContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 
 use crate::decide::{Flow, decide};
@@ -169,6 +169,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         proto,
         family,
         bare_rst,
+        synack,
         routed,
         ..
     }) = parse_packet(&ctx)
@@ -203,12 +204,13 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         Some(reason) => decide::Decision::deny(reason, 0, 0),
         None => decide(&flow),
     };
-    // A packet of a TCP connection the peer opened, as the policy's ingress rules let it: its
-    // source port is the one the peer may connect to. (A socket that connects out from that
-    // port passed its connect hook first; one that did not reaches only peers that may
-    // connect in anyway.)
+    // A packet of a TCP connection the peer opened, as the policy's ingress rules let it: the
+    // handshake's answer (SYN and ACK, no data), or a packet of a socket accepted from a
+    // listener (marked by `aw_sockops`), to a peer the ingress rules let connect to its source
+    // port. A socket that connected out is never one.
     if d.reason == Reason::NO_RULE
         && proto == agentwall_common::rules::proto::TCP
+        && (synack || ingress::passive(cookie))
         && let Some(rule_id) = ingress::reply(&flow, d.slot, d.generation, sport)
     {
         d.verdict = Verdict::ALLOW;
@@ -248,6 +250,8 @@ struct Packet {
     bare_rst: bool,
     /// A TCP segment with SYN set and ACK clear: a connection asked for.
     syn: bool,
+    /// A TCP segment with SYN and ACK set: a connection's answer.
+    synack: bool,
     /// Why the packet may go past its header's destination (IPv4 options, which can hold a
     /// source route; an IPv6 routing header), if it may: such packets are denied.
     routed: Option<Reason>,
@@ -281,16 +285,20 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 /// Of the TCP header at `at`: whether it is a reset with exactly `payload_len` bytes after
-/// the IP header, that is, no data; and whether it asks for a connection (SYN, no ACK).
+/// the IP header, that is, no data; whether it asks for a connection (SYN, no ACK); whether
+/// it answers one (SYN and ACK).
 #[inline(always)]
-fn tcp_kind(ctx: &SkBuffContext, at: usize, payload_len: usize) -> (bool, bool) {
+fn tcp_kind(ctx: &SkBuffContext, at: usize, payload_len: usize) -> (bool, bool, bool) {
     let Ok(t) = ctx.load::<[u8; TCP_FLAGS_LEN]>(at) else {
-        return (false, false);
+        return (false, false, false);
     };
     let doff = usize::from(t[12] >> 4) * 4;
+    let syn = t[13] & TCP_SYN != 0;
+    let ack = t[13] & TCP_ACK != 0;
     (
         t[13] & TCP_RST != 0 && doff >= 20 && payload_len == doff,
-        t[13] & TCP_SYN != 0 && t[13] & TCP_ACK == 0,
+        syn && !ack,
+        syn && ack,
     )
 }
 
@@ -326,10 +334,10 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 (0, 0)
             };
             let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-            let (rst, syn) = if proto == proto::TCP {
+            let (rst, syn, synack) = if proto == proto::TCP {
                 tcp_kind(ctx, ihl, total.saturating_sub(ihl))
             } else {
-                (false, false)
+                (false, false, false)
             };
             Some(Packet {
                 orig: dst,
@@ -340,6 +348,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 family: AF_INET,
                 bare_rst: rst,
                 syn,
+                synack,
                 routed: (ihl > 20).then_some(Reason::IP_OPTIONS),
             })
         }
@@ -359,10 +368,10 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 (0, 0)
             };
             let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
-            let (rst, syn) = if next == proto::TCP {
+            let (rst, syn, synack) = if next == proto::TCP {
                 tcp_kind(ctx, 40, payload)
             } else {
-                (false, false)
+                (false, false, false)
             };
             // Extension headers are judged as their own protocol number: only a rule for any
             // protocol and every port lets them through.
@@ -375,6 +384,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 family: AF_INET6,
                 bare_rst: rst,
                 syn,
+                synack,
                 routed: match next {
                     IPV6_ROUTING => Some(Reason::ROUTING_HEADER),
                     // Hop-by-hop and destination options and a fragment header can stand
@@ -388,19 +398,29 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
     }
 }
 
-/// The connections peers ask of an enforced cgroup's listeners: a TCP SYN (without ACK) is
-/// judged by the cgroup's policy's ingress rules, when it has any (see [`ingress`]); every
-/// other inbound packet belongs to a flow judged already and passes.
+/// The connections peers ask of an enforced cgroup's listeners: a TCP SYN (without ACK), or
+/// any packet that arrives at a listening socket (the ACK that completes a SYN cookie), is
+/// judged by the cgroup's policy's ingress rules when it has any (see [`ingress`]). A packet
+/// at a listener that cannot be read as TCP (IPv4 options, IPv6 extension headers) is
+/// dropped for such a cgroup. Every other inbound packet belongs to a flow judged already and
+/// passes.
 #[cgroup_skb(ingress)]
 fn aw_ingress(ctx: SkBuffContext) -> i32 {
-    let Some(p) = parse_packet(&ctx) else {
-        return ALLOW;
-    };
-    if !(p.proto == proto::TCP && p.syn) {
-        return ALLOW;
-    }
     // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
+    let listener = to_listener(&ctx);
+    let p = parse_packet(&ctx);
+    let tcp = p
+        .as_ref()
+        .is_some_and(|p| p.proto == proto::TCP && p.routed.is_none());
+    let asks = tcp && p.as_ref().is_some_and(|p| p.syn || listener);
+    let Some(p) = p.filter(|_| asks) else {
+        if listener && !tcp && ingress::judges(cgroup_id) {
+            emit::count(agentwall_common::counters::INGRESS_UNPARSED);
+            return DENY;
+        }
+        return ALLOW;
+    };
     let flow = Flow {
         cgroup_id,
         orig: p.src,
@@ -421,6 +441,30 @@ fn aw_ingress(ctx: SkBuffContext) -> i32 {
         emit::count(agentwall_common::counters::INGRESS_DENIED);
         DENY
     }
+}
+
+/// Whether the packet arrives at a listening TCP socket.
+#[inline(always)]
+fn to_listener(ctx: &SkBuffContext) -> bool {
+    const TCP_LISTEN: u32 = 10;
+    // SAFETY: `ctx.skb` is the kernel's `__sk_buff`; its `sk` field is read whole, checked
+    // for null, and given to the helper, which returns a full socket or null.
+    unsafe {
+        let sk = core::ptr::read_volatile(&raw const (*ctx.skb.skb).__bindgen_anon_2.sk);
+        if sk.is_null() {
+            return false;
+        }
+        let full = aya_ebpf::helpers::generated::bpf_sk_fullsock(sk);
+        !full.is_null() && core::ptr::read_volatile(&raw const (*full).state) == TCP_LISTEN
+    }
+}
+
+/// Sockets the kernel establishes passively (accepted from a listener) are marked from their
+/// establishment to their close: only they may send replies under the ingress rules.
+#[sock_ops]
+fn aw_sockops(ctx: SockOpsContext) -> u32 {
+    ingress::track_passive(&ctx);
+    1
 }
 
 /// No raw sockets in enforced cgroups: they would bypass the address hooks.

@@ -540,3 +540,49 @@ except (OSError, ssl.SSLError, http.client.HTTPException) as e:
         "spiffe_id spiffe://agentwall.local/agent/x/y"
     );
 }
+
+/// An asker that floods the decision API cannot flood the audit log: past its budget of
+/// records its decisions are counted into its next record, and every decision is accounted
+/// for.
+#[test]
+fn a_flood_of_decisions_is_counted_not_recorded_one_by_one() {
+    let _s = serial();
+    let mut d = TestDaemon::start(&[("catalog.yaml", CATALOG)]);
+    let body = serde_json::json!({
+        "caller": {"pid": 1},
+        "resource": "service:report-api",
+        "action": "read",
+        "attributes": {"note": "x".repeat(1000)},
+    })
+    .to_string();
+    let n = 600;
+    for _ in 0..n {
+        let (status, _) = post(&d.decision_socket, "POST", "/v1/decide", &body);
+        assert_eq!(status, 200);
+    }
+    // One more once a token is back: it carries the count of those held back.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let (status, _) = post(&d.decision_socket, "POST", "/v1/decide", &body);
+    assert_eq!(status, 200);
+    assert!(d.stop().success());
+    let decisions: Vec<serde_json::Value> = audit_records(&d)
+        .into_iter()
+        .filter(|r| r["kind"] == "decision")
+        .collect();
+    let held: u64 = decisions
+        .iter()
+        .map(|r| r["suppressed"]["denied"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(decisions.len() < 400, "{} records", decisions.len());
+    assert_eq!(
+        decisions.len() as u64 + held,
+        n + 1,
+        "every decision accounted for"
+    );
+    let note = decisions[0]["attributes"]["note"].as_str().unwrap();
+    assert_eq!(
+        note.len(),
+        128 + '…'.len_utf8(),
+        "values are kept to 128 bytes"
+    );
+}

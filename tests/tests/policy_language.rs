@@ -549,3 +549,100 @@ try:\n    x.connect(('127.0.0.1', o)); print('out ok', flush=True)\nexcept OSErr
         "{evs:#?}"
     );
 }
+
+/// The reply rule is for sockets accepted from a listener only: a connection the agent made
+/// out from its listening port, once its egress rule is gone, is not a reply and stops.
+#[test]
+fn a_connection_out_from_a_listening_port_is_no_reply() {
+    let _s = serial();
+    let port = agentwall_tests::free_port();
+    let sink = TcpSink::new("127.0.0.1:0");
+    let with_egress = format!(
+        "policy:\n  name: leaky\n  ingress:\n    - from: 127.0.0.1\n      ports: [{port}]\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+        sink.port()
+    );
+    let d = TestDaemon::start(&[("leaky.yaml", &with_egress)]);
+    // From the listening port, out to the sink, for as long as it may.
+    let script = "import socket,sys,time\n\
+p=int(sys.argv[1]); o=int(sys.argv[2])\n\
+x=socket.socket(); x.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); x.bind(('127.0.0.1', p))\n\
+x.connect(('127.0.0.1', o)); print('connected', flush=True)\n\
+end=time.time()+8\n\
+while time.time()<end:\n    try:\n        x.send(b'x'*64)\n    except OSError:\n        pass\n    time.sleep(0.01)\n";
+    let mut c = std::process::Command::new(d.world_copy(&agentwall_tests::agentwall_bin()));
+    c.arg("exec")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["--policy", "leaky", "--", "/usr/bin/python3", "-c", script])
+        .arg(port.to_string())
+        .arg(sink.port().to_string())
+        .stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    sink.wait_flowing();
+    // The egress rule goes; the ingress rule for the same port stays.
+    d.write_policy(
+        "leaky.yaml",
+        &format!(
+            "policy:\n  name: leaky\n  ingress:\n    - from: 127.0.0.1\n      ports: [{port}]\n"
+        ),
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    sink.assert_stopped("once the egress rule is gone: the socket connected out, it is no reply");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A SYN behind an IPv6 extension header (Destination Options) reaches the listener's TCP
+/// all the same: ingress reads past nothing, so such a packet at a listener of a cgroup whose
+/// policy judges ingress is dropped, and no half-open connection appears.
+#[test]
+fn a_syn_behind_an_ipv6_extension_header_is_dropped() {
+    let _s = serial();
+    let port = agentwall_tests::free_port();
+    // Egress to every loopback port: a SYN-ACK would go out if the SYN got through.
+    let policy = "policy:\n  name: closed\n  ingress: []\n  egress:\n    - to: \"::1\"\n      protocol: tcp\n";
+    let d = TestDaemon::start(&[("closed.yaml", policy)]);
+    let mut server = d.repl("closed");
+    assert_eq!(server.cmd(&format!("listen [::1]:{port}")), "ok");
+    // From outside the enforced cgroups: an IPv6 packet whose next header is Destination
+    // Options (PadN), then a TCP SYN to the listener.
+    let script = r#"
+import socket, struct, sys
+port = int(sys.argv[1])
+src = socket.inet_pton(socket.AF_INET6, "::1")
+tcp = struct.pack("!HHIIBBHHH", 40001, port, 12345, 0, 5 << 4, 0x02, 65535, 0, 0)
+pseudo = src + src + struct.pack("!I3xB", len(tcp), 6)
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+dstopts = bytes([6, 0, 1, 4, 0, 0, 0, 0])
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_DSTOPTS)
+for _ in range(3):
+    s.sendto(dstopts + tcp, ("::1", 0))
+print("sent")
+"#;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script, &port.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(lines(&out), ["sent"], "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let ss = std::process::Command::new("ss")
+        .args(["-Htn", "state", "syn-recv", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ss.stdout).trim(),
+        "",
+        "no half-open connection on the listener"
+    );
+    assert!(d.counter("ingress_unparsed") >= 1);
+    let _ = server.quit();
+}

@@ -12,6 +12,13 @@ use crate::{
     verdict::{EventRecord, VerdictSummary},
 };
 
+/// Decisions an asker made past its budget of records, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Suppressed {
+    pub allowed: u64,
+    pub denied: u64,
+}
+
 fn none<T>(v: &Option<T>) -> bool {
     v.is_none()
 }
@@ -142,6 +149,10 @@ pub enum AuditRecord {
         reason: String,
         /// Who asked: a process on the decision socket, or the mTLS peer.
         asker: String,
+        /// Decisions of the same asker not recorded one by one since its last record (over
+        /// its budget of records): how many were allowed and how many denied.
+        #[serde(default, skip_serializing_if = "none")]
+        suppressed: Option<Suppressed>,
     },
     /// A JWT-SVID was handed out.
     TokenIssued {
@@ -462,6 +473,10 @@ mod tests {
                 rule: s("p.yaml:4"),
                 reason: s("granted"),
                 asker: s("pid 8"),
+                suppressed: Some(Suppressed {
+                    allowed: 3,
+                    denied: 1,
+                }),
             },
             R::TokenIssued {
                 spiffe_id: s("spiffe://d/a"),

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::Daemon;
 use crate::{
-    audit::schema::AuditRecord,
+    audit::schema::{AuditRecord, Suppressed},
     cgroup::Cgroup,
     policy::{
         self,
@@ -112,6 +112,49 @@ impl BucketMap {
     }
 }
 
+/// Records of decisions per asker a second, in bursts of twice that; past it, decisions are
+/// counted into the asker's next record.
+const RECORDS_PER_ASKER: u32 = 100;
+/// Attribute values are recorded up to this many bytes.
+const RECORDED_VALUE: usize = 128;
+
+/// The record budget of each asker: its bucket and what it held back since its last record.
+#[derive(Debug, Default)]
+pub(crate) struct RecordBudget(Mutex<HashMap<String, (u64, Suppressed)>>);
+
+impl RecordBudget {
+    /// Whether a decision of `asker` is recorded now, with what was held back before it; if
+    /// not, it is counted.
+    fn admit(&self, asker: &str, allow: bool) -> Option<Option<Suppressed>> {
+        let rate = agentwall_common::budget::Rate::new(RECORDS_PER_ASKER, 2 * RECORDS_PER_ASKER);
+        let now = crate::clock::boot_ns();
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= 4096 && !m.contains_key(asker) {
+            // Askers back to a full budget with nothing held back hold nothing worth keeping.
+            m.retain(|_, (tat, held)| *tat > now || held.allowed + held.denied > 0);
+        }
+        let (tat, held) = m.entry(asker.to_string()).or_default();
+        match rate.take(*tat, now) {
+            Some(next) => {
+                *tat = next;
+                let before = std::mem::take(held);
+                Some((before.allowed + before.denied > 0).then_some(before))
+            }
+            None => {
+                if allow {
+                    held.allowed += 1;
+                } else {
+                    held.denied += 1;
+                }
+                None
+            }
+        }
+    }
+}
+
 /// Who the caller turned out to be: its identity (if any) and the policy governing it, or
 /// why none.
 type Resolved = Result<(Option<String>, String), String>;
@@ -165,18 +208,38 @@ impl Daemon {
                 }
             }
         };
+        let Some(suppressed) = self.decision_records.admit(asker, decided.answer.allow) else {
+            return decided;
+        };
+        let attributes = q
+            .attributes
+            .iter()
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                if v.len() > RECORDED_VALUE {
+                    let mut cut = RECORDED_VALUE;
+                    while !v.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    v.truncate(cut);
+                    v.push('…');
+                }
+                (k.clone(), v)
+            })
+            .collect();
         self.audit.record(&AuditRecord::Decision {
             caller: decided.caller.clone().unwrap_or_default(),
             caller_given: describe(caller),
             policy: decided.policy.clone().unwrap_or_default(),
             resource: q.resource.clone(),
             action: q.action.clone(),
-            attributes: q.attributes.clone(),
+            attributes,
             allow: decided.answer.allow,
             audit_only: decided.answer.audit,
             rule: decided.answer.rule.clone().unwrap_or_default(),
             reason: decided.answer.reason.clone(),
             asker: asker_detail.to_string(),
+            suppressed,
         });
         decided
     }

@@ -150,6 +150,8 @@ pub struct Daemon {
     workload_refusals: identity::RefusalBudget,
     /// Rate-limit buckets of the decision API, per caller and rule.
     decision_buckets: decisions::DecisionBuckets,
+    /// Budgets of the decision API's audit records, per asker.
+    decision_records: decisions::RecordBudget,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that

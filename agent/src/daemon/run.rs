@@ -114,6 +114,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         svids: Default::default(),
         workload_refusals: Default::default(),
         decision_buckets: Default::default(),
+        decision_records: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported

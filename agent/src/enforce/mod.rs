@@ -256,6 +256,7 @@ impl Enforcer {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::CgroupSkb(p) => p.load(),
                 aya::programs::Program::CgroupSock(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
                 _ => {
                     return Err(EnforceError::Missing {
                         kind: "cgroup program",
@@ -530,6 +531,14 @@ impl Enforcer {
             }
             aya::programs::Program::CgroupSock(p) => {
                 let p: &mut CgroupSock = p;
+                let id = p.attach(fd, mode).map_err(|e| attach_err(&e))?;
+                p.take_link(id)
+                    .map_err(|e| attach_err(&e))?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+            }
+            aya::programs::Program::SockOps(p) => {
+                let p: &mut aya::programs::SockOps = p;
                 let id = p.attach(fd, mode).map_err(|e| attach_err(&e))?;
                 p.take_link(id)
                     .map_err(|e| attach_err(&e))?
