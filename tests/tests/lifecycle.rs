@@ -31,11 +31,12 @@ fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
     let links_before = links_of(&d);
-    // Six cgroup programs, and the two Unix socket programs where the kernel has their hooks.
+    // Eight cgroup programs (connect, sendmsg, egress, ingress, sockops, sock_create), and the
+    // two Unix socket programs where the kernel has their hooks.
     let programs = if d.status().protections.unix_sockets {
-        8
+        10
     } else {
-        6
+        8
     };
     assert_eq!(links_before.len(), programs, "{links_before:?}");
 
