@@ -593,33 +593,15 @@ impl Enforcer {
             0 => 1,
             g => g,
         };
-        for node in &compiled.nodes {
-            let key = Key::new(
-                RuleKey::prefix_len(node.bits),
-                RuleKey {
-                    slot: node.slot,
-                    generation: next,
-                    addr: node.addr,
-                },
-            );
-            if let Err(e) = self.rules.insert(&key, node.set, 0) {
-                self.purge_generation(next);
-                return Err(map_err(maps::RULES, "inserting")(e));
-            }
-        }
-        for node in &compiled.ingress {
-            let key = Key::new(
-                RuleKey::prefix_len(node.bits),
-                RuleKey {
-                    slot: node.slot,
-                    generation: next,
-                    addr: node.addr,
-                },
-            );
-            if let Err(e) = self.ingress.insert(&key, node.set, 0) {
-                self.purge_generation(next);
-                return Err(map_err(maps::INGRESS, "inserting")(e));
-            }
+        let written = write_trie(&mut self.rules, &compiled.nodes, next)
+            .map_err(map_err(maps::RULES, "inserting"))
+            .and_then(|()| {
+                write_trie(&mut self.ingress, &compiled.ingress, next)
+                    .map_err(map_err(maps::INGRESS, "inserting"))
+            });
+        if let Err(e) = written {
+            self.purge_generation(next);
+            return Err(e);
         }
         for entry in &compiled.unix {
             let Some(key) = UnixKey::from_policy_name(entry.slot, next, &entry.name) else {
@@ -754,19 +736,9 @@ impl Enforcer {
             .iter()
             .map(|l| l.limit.bucket_key(l.slot))
             .collect();
-        let stale: Vec<u64> = self
-            .rate_buckets
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(k))
-            .collect();
-        for k in stale {
-            match self.rate_buckets.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::RATE_BUCKETS, "removing a stale bucket")(e)),
-            }
-        }
-        Ok(())
+        purge_keys(&mut self.rate_buckets, maps::RATE_BUCKETS, |k| {
+            !live.contains(k)
+        })
     }
 
     fn epoch(&self) -> u32 {
@@ -847,118 +819,31 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Removes every rule node whose generation is not the active one.
+    /// Removes every rule node, Unix name, limit and window whose generation is not the active
+    /// one.
     fn purge_inactive(&mut self) -> Result<(), EnforceError> {
         let active = self.generation;
-        let stale: Vec<Key<RuleKey>> = self
-            .rules
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation != active)
-            .collect();
-        for k in stale {
-            match self.rules.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::RULES, "removing a stale node")(e)),
-            }
-        }
-        let stale: Vec<Key<RuleKey>> = self
-            .ingress
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation != active)
-            .collect();
-        for k in stale {
-            match self.ingress.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::INGRESS, "removing a stale node")(e)),
-            }
-        }
-        let stale: Vec<UnixKey> = self
-            .unix_rules
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.generation != active)
-            .collect();
-        for k in stale {
-            match self.unix_rules.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::UNIX_RULES, "removing a stale name")(e)),
-            }
-        }
-        let stale: Vec<u64> = self
-            .limits
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| (k >> 32) as u32 != active)
-            .collect();
-        for k in stale {
-            match self.limits.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::LIMITS, "removing a stale limit")(e)),
-            }
-        }
-        let stale: Vec<u64> = self
-            .windows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| (k >> 32) as u32 != active)
-            .collect();
-        for k in stale {
-            match self.windows.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(maps::WINDOWS, "removing a stale window")(e)),
-            }
-        }
-        Ok(())
+        let stale = |g: u32| g != active;
+        purge_trie(&mut self.rules, maps::RULES, stale)?;
+        purge_trie(&mut self.ingress, maps::INGRESS, stale)?;
+        purge_keys(&mut self.unix_rules, maps::UNIX_RULES, |k| {
+            stale(k.generation)
+        })?;
+        purge_keys(&mut self.limits, maps::LIMITS, |k| stale((*k >> 32) as u32))?;
+        purge_keys(&mut self.windows, maps::WINDOWS, |k| {
+            stale((*k >> 32) as u32)
+        })
     }
 
+    /// Removes what was written of `generation` (a write that failed half way); failures are
+    /// left for the next purge of inactive generations.
     fn purge_generation(&mut self, generation: u32) {
-        let keys: Vec<Key<RuleKey>> = self
-            .rules
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in keys {
-            let _ = self.rules.remove(&k);
-        }
-        let keys: Vec<Key<RuleKey>> = self
-            .ingress
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.data().generation == generation)
-            .collect();
-        for k in keys {
-            let _ = self.ingress.remove(&k);
-        }
-        let keys: Vec<UnixKey> = self
-            .unix_rules
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.generation == generation)
-            .collect();
-        for k in keys {
-            let _ = self.unix_rules.remove(&k);
-        }
-        let keys: Vec<u64> = self
-            .limits
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| (k >> 32) as u32 == generation)
-            .collect();
-        for k in keys {
-            let _ = self.limits.remove(&k);
-        }
-        let keys: Vec<u64> = self
-            .windows
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| (k >> 32) as u32 == generation)
-            .collect();
-        for k in keys {
-            let _ = self.windows.remove(&k);
-        }
+        let of = |g: u32| g == generation;
+        let _ = purge_trie(&mut self.rules, maps::RULES, of);
+        let _ = purge_trie(&mut self.ingress, maps::INGRESS, of);
+        let _ = purge_keys(&mut self.unix_rules, maps::UNIX_RULES, |k| of(k.generation));
+        let _ = purge_keys(&mut self.limits, maps::LIMITS, |k| of((*k >> 32) as u32));
+        let _ = purge_keys(&mut self.windows, maps::WINDOWS, |k| of((*k >> 32) as u32));
     }
 
     /// Binds a cgroup to a slot (or changes its binding).
@@ -1018,6 +903,66 @@ impl Enforcer {
 
 /// The bindings a previous daemon left pinned under `pin_dir` (cgroup id, binding), read
 /// without loading anything; none if there is no pinned bindings map.
+/// Writes `nodes` into `trie` as generation `generation`.
+fn write_trie(
+    trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
+    nodes: &[crate::policy::compile::Node],
+    generation: u32,
+) -> Result<(), MapError> {
+    for node in nodes {
+        let key = Key::new(
+            RuleKey::prefix_len(node.bits),
+            RuleKey {
+                slot: node.slot,
+                generation,
+                addr: node.addr,
+            },
+        );
+        trie.insert(&key, node.set, 0)?;
+    }
+    Ok(())
+}
+
+/// Removes the nodes of `trie` whose generation `stale` picks.
+fn purge_trie(
+    trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
+    name: &'static str,
+    stale: impl Fn(u32) -> bool,
+) -> Result<(), EnforceError> {
+    let keys: Vec<Key<RuleKey>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| stale(k.data().generation))
+        .collect();
+    for k in keys {
+        match trie.remove(&k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name, "removing a stale entry")(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the entries of hash map `map` whose key `stale` picks.
+fn purge_keys<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    stale: impl Fn(&K) -> bool,
+) -> Result<(), EnforceError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| stale(k))
+        .collect();
+    for k in keys {
+        match map.remove(&k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name, "removing a stale entry")(e)),
+        }
+    }
+    Ok(())
+}
+
 pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>, EnforceError> {
     let layout = PinLayout::new(pin_dir);
     let path = layout.maps().join(maps::BINDINGS);

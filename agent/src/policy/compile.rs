@@ -318,28 +318,18 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 flags |= rule_flags::AUDIT;
             }
             for ep in &rule.endpoints {
-                let ranges = if ep.ports.is_empty() || ep.protocol == Protocol::Icmp {
-                    vec![PortRange::ALL]
+                let ports: &[PortRange] = if ep.protocol == Protocol::Icmp {
+                    &[]
                 } else {
-                    ep.ports.clone()
+                    &ep.ports
                 };
-                for net in &ep.to {
-                    for r in &ranges {
-                        add_entry(
-                            nodes,
-                            net,
-                            &rule.source,
-                            PortRule {
-                                rule_id: id,
-                                port_lo: r.lo,
-                                port_hi: r.hi,
-                                proto: proto_code(ep.protocol),
-                                flags,
-                                _pad: [0; 2],
-                            },
-                        );
-                    }
-                }
+                let entry = PortRule {
+                    rule_id: id,
+                    proto: proto_code(ep.protocol),
+                    flags,
+                    ..PortRule::default()
+                };
+                add_entries(nodes, &ep.to, ports, &rule.source, entry);
             }
         }
         if let Some(ingress) = &policy.ingress {
@@ -365,28 +355,12 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     mode: None,
                     window: None,
                 });
-                let ranges = if rule.ports.is_empty() {
-                    vec![PortRange::ALL]
-                } else {
-                    rule.ports.clone()
+                let entry = PortRule {
+                    rule_id: id,
+                    proto: proto::TCP,
+                    ..PortRule::default()
                 };
-                for net in &rule.from {
-                    for r in &ranges {
-                        add_entry(
-                            nodes,
-                            net,
-                            &rule.source,
-                            PortRule {
-                                rule_id: id,
-                                port_lo: r.lo,
-                                port_hi: r.hi,
-                                proto: proto::TCP,
-                                flags: 0,
-                                _pad: [0; 2],
-                            },
-                        );
-                    }
-                }
+                add_entries(nodes, &rule.from, &rule.ports, &rule.source, entry);
             }
         }
     }
@@ -398,6 +372,28 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
         Ok(out)
     } else {
         Err(problems)
+    }
+}
+
+/// Adds `entry`, once per port range of `ports` (every port if none), at each of `nets`.
+fn add_entries(
+    nodes: &mut SlotNodes,
+    nets: &[IpNet],
+    ports: &[PortRange],
+    source: &Source,
+    entry: PortRule,
+) {
+    let all = [PortRange::ALL];
+    let ranges = if ports.is_empty() { &all[..] } else { ports };
+    for net in nets {
+        for r in ranges {
+            let e = PortRule {
+                port_lo: r.lo,
+                port_hi: r.hi,
+                ..entry
+            };
+            add_entry(nodes, net, source, e);
+        }
     }
 }
 
