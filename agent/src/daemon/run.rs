@@ -325,13 +325,17 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         &supervisor,
     )
     .map_err(DaemonError::Watcher)?;
-    // Changes to the policy directory are reloaded as they are made.
-    super::policy_watch::spawn(
+    // Changes to the policy directory are reloaded as they are made. Without the watch (no
+    // inotify instance left, say) the daemon still enforces, and `reload` and SIGHUP still
+    // reload: the failure is logged and counted, not fatal.
+    if let Err(e) = super::policy_watch::spawn(
         Arc::clone(&daemon),
         tokio::runtime::Handle::current(),
         &supervisor,
-    )
-    .map_err(DaemonError::Watcher)?;
+    ) {
+        tracing::warn!(error = %e, dir = %daemon.cfg.policy_dir.display(), "cannot watch the policy directory; changes are reloaded by `agentwall reload` or SIGHUP only");
+        daemon.count_error("policy_watch");
+    }
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
