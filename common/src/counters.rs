@@ -39,8 +39,11 @@ pub const PASSIVE_UNTRACKED: u32 = 15;
 /// Inbound packets to a listener of a cgroup whose policy judges ingress that could not be
 /// read as TCP (IPv4 options, IPv6 extension headers, unparsed): dropped.
 pub const INGRESS_UNPARSED: u32 = 16;
+/// SYNs of enforced cgroups whose caller could not be recorded for the callee (see
+/// `crate::peers`): an agent-to-agent connect they start is refused by the callee's ingress.
+pub const CALLERS_UNRECORDED: u32 = 17;
 /// Number of counters; the size of the array.
-pub const COUNT: u32 = 17;
+pub const COUNT: u32 = 18;
 
 /// Names in index order, as exported in status and metrics.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -61,4 +64,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ingress_denied",
     "passive_untracked",
     "ingress_unparsed",
+    "callers_unrecorded",
 ];

@@ -16,6 +16,7 @@ pub mod counters;
 pub mod event;
 pub mod lsm;
 pub mod maps;
+pub mod peers;
 pub mod rules;
 pub mod state;
 pub mod unix;
@@ -54,4 +55,10 @@ mod pod {
     unsafe impl aya::Pod for crate::budget::SummaryKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::budget::Summary {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::peers::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::peers::Caller {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::peers::PeerKey {}
 }

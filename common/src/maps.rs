@@ -13,13 +13,23 @@ pub const RULES: &str = "AW_RULES";
 pub const INGRESS: &str = "AW_INGRESS";
 /// Default capacity of the ingress trie: two generations of 32,768 nodes.
 pub const DEFAULT_MAX_INGRESS_NODES: u32 = 65_536;
-/// `HashMap<u64 socket cookie, u8>`: the TCP sockets of enforced cgroups the kernel opened
-/// passively (accepted from a listener), from establishment to close (`aw_sockops`). Only
-/// these send replies under the ingress rules.
+/// `HashMap<u64 socket cookie, u64>`: the TCP sockets of enforced cgroups the kernel opened
+/// passively (accepted from a listener), from establishment to close (`aw_sockops`), with the
+/// slot of the caller admitted by an `agent:` rule (0 if none was, see [`crate::peers`]). Only these send
+/// replies under the ingress rules.
 pub const PASSIVE: &str = "AW_PASSIVE";
 /// Default capacity of the passive sockets map; past it a new one is not tracked (its
 /// replies are denied, and counted).
 pub const DEFAULT_MAX_PASSIVE: u32 = 65_536;
+/// `LruHashMap<peers::FlowKey, peers::Caller>`: which enforced cgroup sent the SYN of a TCP
+/// connection, for the callee's ingress (see [`crate::peers`]).
+pub const CALLERS: &str = "AW_CALLERS";
+pub const DEFAULT_MAX_CALLERS: u32 = 65_536;
+/// `HashMap<peers::PeerKey, rules::RuleSet>`: which callers' policies may connect to which
+/// local ports of a callee's, by the callers' `agent:` rules.
+pub const PEERS: &str = "AW_PEERS";
+/// Default capacity: two generations of 8,192 (callee, caller) pairs.
+pub const DEFAULT_MAX_PEERS: u32 = 16_384;
 /// `HashMap<UnixKey, u32 rule id>`: the Unix socket names each slot may reach.
 pub const UNIX_RULES: &str = "AW_UNIX";
 /// `Array<PolicyState>` of one entry.

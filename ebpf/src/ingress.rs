@@ -5,11 +5,16 @@
 //! A policy without ingress rules has no node in the trie: its cgroups' inbound connections
 //! are not judged (their replies still need egress rules). One with them has a node at
 //! prefix length 0, so every peer finds a node, empty unless a rule covers it.
+//!
+//! Callers on this host are also admitted by who they are: see `agentwall_common::peers`.
 
 use agentwall_common::{
     counters,
     event::{Reason, Verdict},
-    maps::{DEFAULT_MAX_INGRESS_NODES, DEFAULT_MAX_PASSIVE},
+    maps::{
+        DEFAULT_MAX_CALLERS, DEFAULT_MAX_INGRESS_NODES, DEFAULT_MAX_PASSIVE, DEFAULT_MAX_PEERS,
+    },
+    peers::{Caller, FlowKey, PeerKey},
     rules::{RuleKey, RuleSet, proto},
 };
 use aya_ebpf::{
@@ -19,7 +24,7 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_get_socket_cookie,
     macros::map,
-    maps::{HashMap, LpmTrie},
+    maps::{HashMap, LpmTrie, LruHashMap},
     programs::SockOpsContext,
 };
 
@@ -32,16 +37,132 @@ use crate::{
 static AW_INGRESS: LpmTrie<RuleKey, RuleSet> = LpmTrie::pinned(DEFAULT_MAX_INGRESS_NODES, 0);
 
 #[map]
-static AW_PASSIVE: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_PASSIVE, 0);
+static AW_PASSIVE: HashMap<u64, u64> = HashMap::pinned(DEFAULT_MAX_PASSIVE, 0);
 
-/// Marks a socket established passively, until it closes.
+#[map]
+static AW_CALLERS: LruHashMap<FlowKey, Caller> = LruHashMap::pinned(DEFAULT_MAX_CALLERS, 0);
+
+#[map]
+static AW_PEERS: HashMap<PeerKey, RuleSet> = HashMap::pinned(DEFAULT_MAX_PEERS, 0);
+
+/// Records that enforced cgroup `cgroup_id` sent the SYN of connection `key`.
+#[inline(always)]
+pub(crate) fn record_caller(key: &FlowKey, cgroup_id: u64) {
+    let caller = Caller {
+        cgroup_id,
+        at_boot_ns: decide::now_boot_ns(),
+        slot: 0,
+        _pad: 0,
+    };
+    if AW_CALLERS.insert(key, caller, 0).is_err() {
+        emit::count(counters::CALLERS_UNRECORDED);
+    }
+}
+
+/// The record of the enforced cgroup whose SYN opened connection `key`, if it still vouches.
+#[inline(always)]
+fn caller_of(key: &FlowKey) -> Option<Caller> {
+    // SAFETY: the value is copied out at once.
+    let c = unsafe { AW_CALLERS.get(key) }.copied()?;
+    c.fresh(decide::now_boot_ns()).then_some(c)
+}
+
+/// The slot of the caller that the ingress admitted on connection `key` by its `agent:`
+/// rule, 0 if none: for the handshake's answer.
+#[inline(always)]
+pub(crate) fn admitted_caller(key: &FlowKey) -> u32 {
+    caller_of(key).map_or(0, |c| c.slot)
+}
+
+/// The caller's `agent:` rule that lets a caller of slot `caller_slot` connect to local TCP
+/// port `port` of a cgroup with slot `slot`.
+#[inline(always)]
+fn peer_rule(caller_slot: u32, slot: u32, generation: u32, port: u16) -> Option<u32> {
+    let key = PeerKey {
+        generation,
+        callee_slot: slot,
+        caller_slot,
+        _pad: 0,
+    };
+    // SAFETY: the value is only read here, under RCU.
+    unsafe { AW_PEERS.get(key) }?.find(proto::TCP, port)
+}
+
+/// Admits the caller recorded for connection `key` to local port `port` of a cgroup with
+/// slot `slot`, by its binding as it is now and its `agent:` rules; the record keeps the
+/// caller's slot, for the replies.
+#[inline(always)]
+fn admit_caller(key: &FlowKey, slot: u32, generation: u32, epoch: u32, port: u16) -> Option<u32> {
+    let mut caller = caller_of(key)?;
+    let (_, caller_slot, _) = decide::admitted(caller.cgroup_id, generation, epoch).ok()?;
+    let rule_id = peer_rule(caller_slot, slot, generation, port)?;
+    caller.slot = caller_slot;
+    let _ = AW_CALLERS.insert(key, caller, 0);
+    Some(rule_id)
+}
+
+/// The connection of a sock_ops context, from its own side.
+#[inline(always)]
+fn flow_key(ctx: &SockOpsContext) -> FlowKey {
+    const AF_INET: u32 = 2;
+    let ops = ctx.ops;
+    // SAFETY: the kernel's `bpf_sock_ops` for this invocation. Every field is read, each with
+    // its own volatile load at a constant offset, and the values are chosen after: the
+    // verifier refuses a context pointer moved by a computed amount, which is what the
+    // compiler makes of loads chosen by the family.
+    let (family, r4, l4, r6, l6, rport, lport) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip4),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&raw const (*ops).remote_port),
+            core::ptr::read_volatile(&raw const (*ops).local_port),
+        )
+    };
+    let v4 = family == AF_INET;
+    FlowKey {
+        remote: if v4 {
+            agentwall_common::addr::quads_from_v4(r4)
+        } else {
+            r6
+        },
+        local: if v4 {
+            agentwall_common::addr::quads_from_v4(l4)
+        } else {
+            l6
+        },
+        // `remote_port` holds the port in network order in its upper half, `local_port` in
+        // host order.
+        remote_port: (u32::from_be(rport) & 0xffff) as u16,
+        local_port: lport as u16,
+        _pad: 0,
+    }
+}
+
+/// Marks a socket established passively, until it closes, with the cgroup that called.
 #[inline(always)]
 pub(crate) fn track_passive(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // SAFETY: the program's own context, as the helper requires.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if AW_PASSIVE.insert(cookie, 1, 0).is_err() {
+        // The record is taken: the connection it vouched for is established.
+        let key = flow_key(ctx);
+        let caller = admitted_caller(&key);
+        let _ = AW_CALLERS.remove(key);
+        if AW_PASSIVE.insert(cookie, u64::from(caller), 0).is_err() {
             emit::count(counters::PASSIVE_UNTRACKED);
         }
         // Its close is reported to this program too, to unmark it.
@@ -53,11 +174,15 @@ pub(crate) fn track_passive(ctx: &SockOpsContext) {
     }
 }
 
-/// Whether socket `cookie` was established passively.
+/// If socket `cookie` was established passively: the slot of the caller its ingress admitted
+/// by an `agent:` rule (0 if none did).
 #[inline(always)]
-pub(crate) fn passive(cookie: u64) -> bool {
-    // SAFETY: the value is only tested for presence.
-    cookie != 0 && unsafe { AW_PASSIVE.get(cookie) }.is_some()
+pub(crate) fn passive(cookie: u64) -> Option<u32> {
+    if cookie == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { AW_PASSIVE.get(cookie) }.map(|v| *v as u32)
 }
 
 /// Whether cgroup `cgroup_id`'s policy judges ingress (or its binding admits nothing, which
@@ -89,10 +214,10 @@ fn node(
     AW_INGRESS.get(key.as_key())
 }
 
-/// Judges a connection `flow.dst` (the peer) asks of local port `flow.port`; `None` when the
-/// cgroup's policy judges no ingress.
+/// Judges a connection `flow.dst` (the peer) asks of local port `flow.port` (`key` is the
+/// connection, for the caller's record); `None` when the cgroup's policy judges no ingress.
 #[inline(always)]
-pub(crate) fn judge(flow: &Flow) -> Option<Decision> {
+pub(crate) fn judge(flow: &Flow, key: &FlowKey) -> Option<Decision> {
     let Some(state) = decide::state() else {
         emit::count(counters::NO_POLICY);
         return Some(Decision::deny(Reason::NO_POLICY, 0, 0));
@@ -107,7 +232,10 @@ pub(crate) fn judge(flow: &Flow) -> Option<Decision> {
         Err(d) => return Some(d),
     };
     let set = node(slot, generation, flow.dst)?;
-    let (verdict, reason, rule_id) = match set.find(proto::TCP, flow.port) {
+    let found = set
+        .find(proto::TCP, flow.port)
+        .or_else(|| admit_caller(key, slot, generation, epoch, flow.port));
+    let (verdict, reason, rule_id) = match found {
         Some(rule_id) => (Verdict::ALLOW, Reason::RULE, rule_id),
         None if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),
         None => (Verdict::DENY, Reason::NO_RULE, 0),
@@ -126,10 +254,24 @@ pub(crate) fn judge(flow: &Flow) -> Option<Decision> {
 
 /// The ingress rule that lets the peer `flow.dst` connect to local port `sport`, for a packet
 /// the cgroup sends from that port: a reply on a connection the peer could open.
+/// `caller_slot` is the slot of the caller the ingress admitted by its `agent:` rule (0 if
+/// none), whose rule must still grant it.
 #[inline(always)]
-pub(crate) fn reply(flow: &Flow, slot: u32, generation: u32, sport: u16) -> Option<u32> {
+pub(crate) fn reply(
+    flow: &Flow,
+    slot: u32,
+    generation: u32,
+    sport: u16,
+    caller_slot: u32,
+) -> Option<u32> {
     if slot == 0 || generation == 0 {
         return None;
     }
-    node(slot, generation, flow.dst)?.find(proto::TCP, sport)
+    node(slot, generation, flow.dst)?
+        .find(proto::TCP, sport)
+        .or_else(|| {
+            (caller_slot != 0)
+                .then(|| peer_rule(caller_slot, slot, generation, sport))
+                .flatten()
+        })
 }

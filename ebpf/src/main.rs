@@ -20,6 +20,7 @@ mod unix;
 use agentwall_common::{
     addr::{self, Quads},
     event::{Hook, Reason, Verdict},
+    peers::FlowKey,
     rules::proto,
 };
 use aya_ebpf::{
@@ -154,7 +155,15 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     let cookie = flowcache::cookie(ctx.skb.skb.cast());
     // The cache vouches for a socket's destination, which its packets go to unless they carry
     // a source route (IPv4 options, an IPv6 routing header): those are judged in full.
-    if plain_header(&ctx) && flowcache::vouches(cookie) {
+    let plain = plain_header(&ctx);
+    // A connection asked for: the callee learns who asks (see `agentwall_common::peers`).
+    // Recorded whatever the verdict: a SYN that is dropped reaches no callee.
+    if let Some(Some(at)) = plain
+        && syn_at(&ctx, at)
+    {
+        record_syn(&ctx, at);
+    }
+    if plain.is_some() && flowcache::vouches(cookie) {
         emit::tally(agentwall_common::counters::SKB_PASSED);
         return ALLOW;
     }
@@ -162,18 +171,7 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     // says which cgroup sent it.
     // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some(Packet {
-        orig,
-        port,
-        sport,
-        proto,
-        family,
-        bare_rst,
-        synack,
-        routed,
-        ..
-    }) = parse_packet(&ctx)
-    else {
+    let Some(packet) = parse_packet(&ctx) else {
         emit::count(agentwall_common::counters::SKB_UNPARSED);
         let flow = Flow {
             cgroup_id,
@@ -190,6 +188,17 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
         emit::count(agentwall_common::counters::SKB_DROPPED);
         return DENY;
     };
+    let Packet {
+        orig,
+        port,
+        sport,
+        proto,
+        family,
+        bare_rst,
+        synack,
+        routed,
+        ..
+    } = packet;
     let flow = Flow {
         cgroup_id,
         orig,
@@ -207,15 +216,21 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     // A packet of a TCP connection the peer opened, as the policy's ingress rules let it: the
     // handshake's answer (SYN and ACK, no data), or a packet of a socket accepted from a
     // listener (marked by `aw_sockops`), to a peer the ingress rules let connect to its source
-    // port. A socket that connected out is never one.
-    if d.reason == Reason::NO_RULE
-        && proto == agentwall_common::rules::proto::TCP
-        && (synack || ingress::passive(cookie))
-        && let Some(rule_id) = ingress::reply(&flow, d.slot, d.generation, sport)
-    {
-        d.verdict = Verdict::ALLOW;
-        d.reason = Reason::REPLY;
-        d.rule_id = rule_id;
+    // port, or whose caller's `agent:` rule grants it. A socket that connected out is never
+    // one.
+    if d.reason == Reason::NO_RULE && proto == agentwall_common::rules::proto::TCP {
+        let caller = if synack {
+            Some(ingress::admitted_caller(&packet.answered()))
+        } else {
+            ingress::passive(cookie)
+        };
+        if let Some(caller_slot) = caller
+            && let Some(rule_id) = ingress::reply(&flow, d.slot, d.generation, sport, caller_slot)
+        {
+            d.verdict = Verdict::ALLOW;
+            d.reason = Reason::REPLY;
+            d.rule_id = rule_id;
+        }
     }
     if d.verdict == Verdict::ALLOW {
         if proto == agentwall_common::rules::proto::TCP {
@@ -257,24 +272,92 @@ struct Packet {
     routed: Option<Reason>,
 }
 
+impl Packet {
+    /// The connection a packet belongs to, from the side that did not send it: its source is
+    /// the remote end (a caller's SYN as the callee sees it).
+    #[inline(always)]
+    fn asked(&self) -> FlowKey {
+        FlowKey {
+            remote: self.src,
+            local: self.orig,
+            remote_port: self.sport,
+            local_port: self.port,
+            _pad: 0,
+        }
+    }
+
+    /// The connection a packet belongs to, from the side that sent it (a callee's SYN-ACK as
+    /// the callee sees it).
+    #[inline(always)]
+    fn answered(&self) -> FlowKey {
+        FlowKey {
+            remote: self.orig,
+            local: self.src,
+            remote_port: self.port,
+            local_port: self.sport,
+            _pad: 0,
+        }
+    }
+}
+
 /// IPv6 next-header values of extension headers.
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DEST_OPTS: u8 = 60;
 
-/// Whether the packet's header names its final destination: IPv4 without options, IPv6 whose
-/// first next header is TCP or UDP.
+/// Whether the packet's header names its final destination (IPv4 without options, IPv6 whose
+/// first next header is TCP or UDP), and if so where its TCP flags are (`None` if not TCP).
 #[inline(always)]
-fn plain_header(ctx: &SkBuffContext) -> bool {
-    let Ok(h) = ctx.load::<[u8; 8]>(0) else {
-        return false;
-    };
+fn plain_header(ctx: &SkBuffContext) -> Option<Option<usize>> {
+    let h = ctx.load::<[u8; 10]>(0).ok()?;
     match h[0] >> 4 {
-        4 => h[0] & 0x0f == 5,
-        6 => h[6] == proto::TCP || h[6] == proto::UDP,
-        _ => false,
+        4 if h[0] & 0x0f == 5 => Some((h[9] == proto::TCP).then_some(20 + 13)),
+        6 if h[6] == proto::TCP => Some(Some(40 + 13)),
+        6 if h[6] == proto::UDP => Some(None),
+        _ => None,
     }
+}
+
+/// Whether the TCP flags at `at` ask for a connection (SYN without ACK).
+#[inline(always)]
+fn syn_at(ctx: &SkBuffContext, at: usize) -> bool {
+    ctx.load::<u8>(at)
+        .is_ok_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+/// Records the sending cgroup of a SYN whose TCP flags are at `flags_at` (a plain header:
+/// IPv4 without options, or IPv6 with TCP next), for the callee's ingress.
+#[inline(always)]
+fn record_syn(ctx: &SkBuffContext, flags_at: usize) {
+    // The TCP header starts 13 bytes before its flags.
+    let key = if flags_at == 20 + 13 {
+        let Ok(h) = ctx.load::<[u8; 24]>(0) else {
+            return;
+        };
+        FlowKey {
+            remote: addr::quads_from_v4(u32::from_ne_bytes([h[12], h[13], h[14], h[15]])),
+            local: addr::quads_from_v4(u32::from_ne_bytes([h[16], h[17], h[18], h[19]])),
+            remote_port: u16::from_be_bytes([h[20], h[21]]),
+            local_port: u16::from_be_bytes([h[22], h[23]]),
+            _pad: 0,
+        }
+    } else {
+        let Ok(h) = ctx.load::<[u8; 44]>(0) else {
+            return;
+        };
+        let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        FlowKey {
+            remote: [word(8), word(12), word(16), word(20)],
+            local: [word(24), word(28), word(32), word(36)],
+            remote_port: u16::from_be_bytes([h[40], h[41]]),
+            local_port: u16::from_be_bytes([h[42], h[43]]),
+            _pad: 0,
+        }
+    };
+    // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
+    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
+    ingress::record_caller(&key, cgroup_id);
 }
 
 /// TCP header bytes up to the flags: ports, sequence, acknowledgment, data offset, flags.
@@ -431,7 +514,7 @@ fn aw_ingress(ctx: SkBuffContext) -> i32 {
         sock_type: 0,
         family: p.family,
     };
-    let Some(d) = ingress::judge(&flow) else {
+    let Some(d) = ingress::judge(&flow, &p.asked()) else {
         return ALLOW;
     };
     emit::event(&flow, &d, false);

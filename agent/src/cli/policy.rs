@@ -15,7 +15,7 @@ pub(super) enum PolicyCommand {
         /// Policy directory.
         dir: PathBuf,
         /// One JSON object on stdout: `ok`, the `problems` (for CI annotations), and for a
-        /// valid directory its policies, services and rule count.
+        /// valid directory its policies, services, agents and rule count.
         #[arg(long)]
         json: bool,
     },
@@ -44,8 +44,8 @@ pub(super) enum PolicyCommand {
         /// Or a policy by name (for `agentwall exec --policy` cgroups).
         #[arg(long)]
         policy: Option<String>,
-        /// `service:NAME` (its first endpoint), or `ADDRESS:PORT[/tcp|udp|icmp]`
-        /// (`[::1]:443` for IPv6).
+        /// `service:NAME` or `agent:NAME/ENV` (its first endpoint), or
+        /// `ADDRESS:PORT[/tcp|udp|icmp]` (`[::1]:443` for IPv6).
         #[arg(long)]
         to: String,
         /// The action to ask the decision API about, such as `read`.
@@ -156,20 +156,25 @@ fn destination(
     set: &policy::PolicySet,
     to: &str,
 ) -> anyhow::Result<(std::net::IpAddr, u16, policy::Protocol, Option<String>)> {
-    if let Some(name) = to.strip_prefix("service:") {
-        let svc = set
-            .services
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| anyhow::anyhow!("no service named {name:?} in the catalog"))?;
-        let ep = svc
-            .endpoints
+    let named = if let Some(name) = to.strip_prefix("service:") {
+        let svc = set.services.iter().find(|s| s.name == name);
+        Some(("service", name, svc.map(|s| &s.endpoints)))
+    } else if let Some(name) = to.strip_prefix("agent:") {
+        let agent = set.agents.iter().find(|a| a.name == name);
+        Some(("agent", name, agent.map(|a| &a.endpoints)))
+    } else {
+        None
+    };
+    if let Some((what, name, endpoints)) = named {
+        let endpoints =
+            endpoints.ok_or_else(|| anyhow::anyhow!("no {what} named {name:?} in the catalog"))?;
+        let ep = endpoints
             .first()
-            .ok_or_else(|| anyhow::anyhow!("service {name:?} has no endpoint"))?;
+            .ok_or_else(|| anyhow::anyhow!("{what} {name:?} has no endpoint"))?;
         let net = ep
             .to
             .first()
-            .ok_or_else(|| anyhow::anyhow!("service {name:?} has no address"))?;
+            .ok_or_else(|| anyhow::anyhow!("{what} {name:?} has no address"))?;
         let port = ep.ports.first().map_or(0, |p| p.lo);
         return Ok((net.network(), port, ep.protocol, Some(to.to_string())));
     }
@@ -187,7 +192,7 @@ fn destination(
     };
     let sock: std::net::SocketAddr = addr.parse().map_err(|_| {
         anyhow::anyhow!(
-            "{addr:?} is not ADDRESS:PORT (such as 10.0.0.5:5432 or [::1]:443) or service:NAME; host names are not resolved here"
+            "{addr:?} is not ADDRESS:PORT (such as 10.0.0.5:5432 or [::1]:443), service:NAME or agent:NAME/ENV; host names are not resolved here"
         )
     })?;
     Ok((sock.ip(), sock.port(), proto, None))
@@ -332,6 +337,7 @@ struct CheckReport {
     problems: Vec<ProblemJson>,
     policies: Vec<PolicyJson>,
     services: Vec<String>,
+    agents: Vec<String>,
     rules: usize,
     kernel_rule_nodes: usize,
 }
@@ -414,6 +420,7 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                     })
                     .collect(),
                 services: set.services.iter().map(|s| s.name.clone()).collect(),
+                agents: set.agents.iter().map(|a| a.name.clone()).collect(),
                 rules: compiled.rules.len(),
                 kernel_rule_nodes: compiled.nodes.len(),
             },
@@ -422,6 +429,7 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                 problems: e.problems.iter().map(ProblemJson::from).collect(),
                 policies: Vec::new(),
                 services: Vec::new(),
+                agents: Vec::new(),
                 rules: 0,
                 kernel_rule_nodes: 0,
             },
@@ -440,6 +448,34 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             s.name,
             s.source,
             count(s.endpoints.len(), "endpoint")
+        );
+    }
+    for a in &set.agents {
+        let callers = compiled
+            .peers
+            .iter()
+            .filter(|p| {
+                compiled
+                    .identities
+                    .get(&a.identity)
+                    .and_then(|g| compiled.policies.get(&g.policy))
+                    .is_some_and(|(slot, _)| *slot == p.callee_slot)
+            })
+            .count();
+        println!(
+            "agent {} at {}: identity {}, {}, {}",
+            a.name,
+            a.source,
+            a.identity,
+            count(a.endpoints.len(), "endpoint"),
+            if compiled.identities.contains_key(&a.identity) {
+                format!(
+                    "{} admitted on this host",
+                    count_plural(callers, "caller policy", "caller policies")
+                )
+            } else {
+                "no policy here (its ingress is judged where it runs)".to_string()
+            }
         );
     }
     for p in &set.policies {
@@ -474,9 +510,10 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         );
     }
     println!(
-        "{}, {}, {}, {}: OK",
+        "{}, {}, {}, {}, {}: OK",
         count_plural(set.policies.len(), "policy", "policies"),
         count(set.services.len(), "service"),
+        count(set.agents.len(), "agent"),
         count(compiled.rules.len(), "rule"),
         count(compiled.nodes.len(), "kernel rule node")
     );

@@ -8,6 +8,9 @@
 //!   cgroup. No entry means deny.
 //! - `AW_RULES` (slot, generation, destination prefix) → [`RuleSet`].
 //! - `AW_INGRESS` (slot, generation, peer prefix) → [`RuleSet`] of local TCP ports.
+//! - `AW_PEERS` (generation, callee slot, caller slot) → [`RuleSet`] of the callee's TCP
+//!   ports, and `AW_CALLERS`, the enforced cgroup that sent each SYN
+//!   (`agentwall_common::peers`).
 //! - `AW_STATE` [0] → [`PolicyState`]: the active generation.
 //! - `AW_COUNTERS` per-CPU counters (`agentwall_common::counters`).
 //! - `AW_EVENTS` ring buffer of `agentwall_common::event::Event`.
@@ -37,6 +40,7 @@ use agentwall_common::{
     binding::{Binding, flags},
     counters,
     maps::{self, programs},
+    peers::PeerKey,
     rules::{Limit, RuleKey, RuleSet, WindowSpans},
     state::{BindingCacheEntry, DecisionCacheEntry, FlowCacheEntry, PolicyState},
     unix::UnixKey,
@@ -182,6 +186,8 @@ pub struct Enforcer {
     bindings: HashMap<MapData, u64, Binding>,
     rules: LpmTrie<MapData, RuleKey, RuleSet>,
     ingress: LpmTrie<MapData, RuleKey, RuleSet>,
+    /// Callers admitted by who they are (`agent:` rules), by generation.
+    peers: HashMap<MapData, PeerKey, RuleSet>,
     state: Array<MapData, PolicyState>,
     counters: PerCpuArray<MapData, u64>,
     enforced: HashMap<MapData, u64, u32>,
@@ -285,6 +291,8 @@ impl Enforcer {
             .map_err(map_err(maps::RULES, "opening"))?;
         let ingress = LpmTrie::try_from(take(&mut ebpf, maps::INGRESS)?)
             .map_err(map_err(maps::INGRESS, "opening"))?;
+        let peers = HashMap::try_from(take(&mut ebpf, maps::PEERS)?)
+            .map_err(map_err(maps::PEERS, "opening"))?;
         let state: Array<MapData, PolicyState> = Array::try_from(take(&mut ebpf, maps::STATE)?)
             .map_err(map_err(maps::STATE, "opening"))?;
         let enforced = HashMap::try_from(take(&mut ebpf, maps::ENFORCED)?)
@@ -313,6 +321,7 @@ impl Enforcer {
             bindings,
             rules,
             ingress,
+            peers,
             state,
             counters,
             enforced,
@@ -603,6 +612,18 @@ impl Enforcer {
             self.purge_generation(next);
             return Err(e);
         }
+        for peer in &compiled.peers {
+            let key = PeerKey {
+                generation: next,
+                callee_slot: peer.callee_slot,
+                caller_slot: peer.caller_slot,
+                _pad: 0,
+            };
+            if let Err(e) = self.peers.insert(key, peer.set, 0) {
+                self.purge_generation(next);
+                return Err(map_err(maps::PEERS, "inserting")(e));
+            }
+        }
         for entry in &compiled.unix {
             let Some(key) = UnixKey::from_policy_name(entry.slot, next, &entry.name) else {
                 continue;
@@ -826,6 +847,7 @@ impl Enforcer {
         let stale = |g: u32| g != active;
         purge_trie(&mut self.rules, maps::RULES, stale)?;
         purge_trie(&mut self.ingress, maps::INGRESS, stale)?;
+        purge_keys(&mut self.peers, maps::PEERS, |k| stale(k.generation))?;
         purge_keys(&mut self.unix_rules, maps::UNIX_RULES, |k| {
             stale(k.generation)
         })?;
@@ -841,6 +863,7 @@ impl Enforcer {
         let of = |g: u32| g == generation;
         let _ = purge_trie(&mut self.rules, maps::RULES, of);
         let _ = purge_trie(&mut self.ingress, maps::INGRESS, of);
+        let _ = purge_keys(&mut self.peers, maps::PEERS, |k| of(k.generation));
         let _ = purge_keys(&mut self.unix_rules, maps::UNIX_RULES, |k| of(k.generation));
         let _ = purge_keys(&mut self.limits, maps::LIMITS, |k| of((*k >> 32) as u32));
         let _ = purge_keys(&mut self.windows, maps::WINDOWS, |k| of((*k >> 32) as u32));

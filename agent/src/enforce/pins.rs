@@ -17,6 +17,7 @@ use agentwall_common::{
     binding::Binding,
     budget::{Bucket, BudgetConfig, Summary, SummaryKey},
     maps,
+    peers::{Caller, FlowKey, PeerKey},
     rules::{RuleKey, RuleSet},
     state::PolicyState,
     unix::UnixKey,
@@ -131,8 +132,24 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// What each pinned map must look like for this build's programs to share it.
-fn expected_shapes() -> [(&'static str, u32, u32); 10] {
+fn expected_shapes() -> [(&'static str, u32, u32); 14] {
     [
+        (
+            maps::INGRESS,
+            4 + size_of::<RuleKey>() as u32,
+            size_of::<RuleSet>() as u32,
+        ),
+        (maps::PASSIVE, 8, 8),
+        (
+            maps::CALLERS,
+            size_of::<FlowKey>() as u32,
+            size_of::<Caller>() as u32,
+        ),
+        (
+            maps::PEERS,
+            size_of::<PeerKey>() as u32,
+            size_of::<RuleSet>() as u32,
+        ),
         (maps::ENFORCED, 8, 4),
         (maps::BINDINGS, 8, size_of::<Binding>() as u32),
         (

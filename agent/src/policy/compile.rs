@@ -20,8 +20,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::{
-    Access, EgressRule, Endpoint, Mode, PolicySet, PortRange, Problem, Protocol, RateLimit, Source,
-    window::Window,
+    Access, EgressRule, Endpoint, Mode, PolicySet, PortRange, Problem, Protocol, RateLimit,
+    RefKind, Source, window::Window,
 };
 
 /// The kernel form of `rate` for `rule` of `policy`. Its bucket is named by what the rule
@@ -115,6 +115,15 @@ pub struct Node {
     pub set: RuleSet,
 }
 
+/// Which callers' policies may connect to which local ports of a callee's (generation is
+/// set when it is written): the `agent:` rules of the caller naming the callee.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub callee_slot: u32,
+    pub caller_slot: u32,
+    pub set: RuleSet,
+}
+
 /// A compiled policy set.
 #[derive(Debug, Clone, Default)]
 pub struct Compiled {
@@ -122,6 +131,8 @@ pub struct Compiled {
     /// Nodes of the ingress trie (peer prefixes → local TCP ports), for the policies with
     /// `ingress:` rules; each such slot has a node at prefix length 0.
     pub ingress: Vec<Node>,
+    /// Callers admitted to callees on this host by who they are (`agent:` rules).
+    pub peers: Vec<Peer>,
     /// Unix socket names, one entry per (slot, name): the first rule that names it.
     pub unix: Vec<UnixEntry>,
     /// Indexed by rule id - 1.
@@ -251,6 +262,8 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
     let mut out = Compiled::default();
     let mut own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
     let mut ingress_own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
+    // `agent:` rules: (caller's slot, rule id, the callee agent, the caller policy).
+    let mut calls: Vec<(u32, u32, &str, &super::Policy, &EgressRule)> = Vec::new();
     for policy in &set.policies {
         let slot = slot_of(&policy.name);
         out.policies
@@ -296,6 +309,11 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 mode: rule.mode,
                 window: rule.window.clone(),
             });
+            if let Some(r) = &rule.service
+                && r.kind == RefKind::Agent
+            {
+                calls.push((slot, id, r.name.as_str(), policy, rule));
+            }
             let mut flags = 0;
             if let Some(rate) = rule.rate {
                 flags |= rule_flags::LIMITED;
@@ -366,6 +384,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
     }
 
     let mut problems = Vec::new();
+    out.peers = compile_calls(set, &slot_of, &calls, &mut ingress_own, &mut problems);
     out.nodes = finish_nodes(&own, &out.policies, "policy.egress", &mut problems);
     out.ingress = finish_nodes(&ingress_own, &out.policies, "policy.ingress", &mut problems);
     if problems.is_empty() {
@@ -373,6 +392,117 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
     } else {
         Err(problems)
     }
+}
+
+/// The callee ends of `agent:` rules (`calls`): a callee whose policy is in `set` judges
+/// ingress, and admits each caller's policy (by who the caller is, on this host) to the ports
+/// of its endpoints, and the caller's other hosts (`hosts:` of its own catalog entry) by
+/// address.
+fn compile_calls(
+    set: &PolicySet,
+    slot_of: &impl Fn(&str) -> u32,
+    calls: &[(u32, u32, &str, &super::Policy, &EgressRule)],
+    ingress_own: &mut BTreeMap<u32, SlotNodes>,
+    problems: &mut Vec<Problem>,
+) -> Vec<Peer> {
+    let governed: HashMap<&str, &super::Policy> = set
+        .policies
+        .iter()
+        .filter_map(|p| Some((p.identity.as_deref()?, p)))
+        .collect();
+    let callee_of = |identity: &str| governed.get(identity).copied();
+    let agents: HashMap<&str, &super::Agent> =
+        set.agents.iter().map(|a| (a.name.as_str(), a)).collect();
+    let agent_of: HashMap<&str, &super::Agent> = set
+        .agents
+        .iter()
+        .map(|a| (a.identity.as_str(), a))
+        .collect();
+    // Every catalogued agent governed here judges who connects to it.
+    for agent in &set.agents {
+        if let Some(callee) = callee_of(&agent.identity) {
+            ingress_own
+                .entry(slot_of(&callee.name))
+                .or_default()
+                .entry((Addr16::default(), 0))
+                .or_insert_with(|| (Vec::new(), callee.source.clone()));
+        }
+    }
+    let mut pairs: BTreeMap<(u32, u32), (Vec<PortRule>, Source)> = BTreeMap::new();
+    for &(caller_slot, rule_id, name, caller, rule) in calls {
+        let Some(agent) = agents.get(name) else {
+            continue;
+        };
+        let Some(callee) = callee_of(&agent.identity) else {
+            // Governed on another host: only the caller's egress is here.
+            continue;
+        };
+        let callee_slot = slot_of(&callee.name);
+        let entry = PortRule {
+            rule_id,
+            proto: proto::TCP,
+            ..PortRule::default()
+        };
+        let (entries, _) = pairs
+            .entry((callee_slot, caller_slot))
+            .or_insert_with(|| (Vec::new(), rule.source.clone()));
+        let all = [PortRange::ALL];
+        for ep in &agent.endpoints {
+            let ranges = if ep.ports.is_empty() {
+                &all[..]
+            } else {
+                &ep.ports[..]
+            };
+            for r in ranges {
+                if !entries
+                    .iter()
+                    .any(|e| e.port_lo == r.lo && e.port_hi == r.hi)
+                {
+                    entries.push(PortRule {
+                        port_lo: r.lo,
+                        port_hi: r.hi,
+                        ..entry
+                    });
+                }
+            }
+        }
+        // The caller's calls from the other hosts it runs on.
+        let own = caller.identity.as_deref().and_then(|id| agent_of.get(id));
+        if let Some(me) = own.filter(|me| !me.hosts.is_empty()) {
+            let nodes = ingress_own.entry(callee_slot).or_default();
+            for ep in &agent.endpoints {
+                add_entries(nodes, &me.hosts, &ep.ports, &rule.source, entry);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(pairs.len());
+    for ((callee_slot, caller_slot), (entries, source)) in pairs {
+        if entries.len() > MAX_ENTRIES_PER_PREFIX {
+            problems.push(Problem {
+                file: source.file.clone(),
+                line: Some(source.line),
+                column: None,
+                field: "policy.rules".into(),
+                message: format!(
+                    "the agent: rules of this policy give one callee {} port ranges; at most \
+                     {MAX_ENTRIES_PER_PREFIX} fit. Merge the callee's endpoint ports.",
+                    entries.len()
+                ),
+            });
+            continue;
+        }
+        let mut set = RuleSet {
+            len: entries.len() as u32,
+            ..RuleSet::default()
+        };
+        set.entries[..entries.len()].copy_from_slice(&entries);
+        out.push(Peer {
+            callee_slot,
+            caller_slot,
+            set,
+        });
+    }
+    out
 }
 
 /// Adds `entry`, once per port range of `ports` (every port if none), at each of `nets`.
@@ -916,5 +1046,71 @@ policy:
         );
         assert!(c.nodes.is_empty(), "no egress node");
         assert_eq!(c.rule(1).unwrap().source.line, 4);
+    }
+
+    /// An `agent:` rule compiles to both ends: the caller's egress to the agent's endpoints,
+    /// and a peer entry that admits the caller's policy to the callee's ports; the callee,
+    /// governed here, judges ingress even without `ingress:`; the caller's other hosts are
+    /// admitted by address.
+    #[test]
+    fn agent_rules_compile_to_the_callers_egress_and_the_callees_ingress() {
+        let text = "\
+agent:
+  name: b/prod
+  endpoints:
+    - to: 127.0.0.20
+      ports: [8443, \"9000-9001\"]
+---
+agent:
+  name: a/prod
+  endpoints:
+    - to: 10.0.0.1
+      ports: [80]
+  hosts: [10.9.0.0/16]
+---
+agent:
+  name: elsewhere/prod
+  endpoints:
+    - to: 10.7.7.7
+      ports: [443]
+---
+policy:
+  name: a
+  identity: agent/a/prod
+  rules:
+    - resource: agent:b/prod
+    - resource: agent:elsewhere/prod
+---
+policy:
+  name: b
+  identity: agent/b/prod
+";
+        let c = compile(&set(text), slots).unwrap();
+        // The caller's egress: TCP to the callee's endpoints, by its rule.
+        assert_eq!(lookup(&c, 1, "127.0.0.20", proto::TCP, 8443), Some(1));
+        assert_eq!(lookup(&c, 1, "127.0.0.20", proto::TCP, 9001), Some(1));
+        assert_eq!(lookup(&c, 1, "127.0.0.20", proto::UDP, 8443), None);
+        assert_eq!(lookup(&c, 1, "10.7.7.7", proto::TCP, 443), Some(2));
+        // The callee admits the caller's policy, on this host, to its ports.
+        assert_eq!(c.peers.len(), 1, "{:?}", c.peers);
+        let peer = &c.peers[0];
+        assert_eq!((peer.callee_slot, peer.caller_slot), (2, 1));
+        assert_eq!(peer.set.find(proto::TCP, 8443), Some(1));
+        assert_eq!(peer.set.find(proto::TCP, 9000), Some(1));
+        assert_eq!(peer.set.find(proto::TCP, 80), None);
+        // It judges ingress: a root node; the caller's other hosts reach its ports.
+        let root = c.ingress.iter().find(|n| n.slot == 2 && n.bits == 0);
+        assert_eq!(root.map(|n| n.set.len), Some(0));
+        let from_hosts = c
+            .ingress
+            .iter()
+            .find(|n| n.slot == 2 && n.addr == addr::from_v4([10, 9, 0, 0]))
+            .unwrap();
+        assert_eq!(from_hosts.set.find(proto::TCP, 8443), Some(1));
+        assert_eq!(from_hosts.set.find(proto::TCP, 22), None);
+        // The caller serves too (it is in the catalog): it judges ingress, and no one calls it.
+        assert!(c.ingress.iter().any(|n| n.slot == 1 && n.bits == 0));
+        assert!(c.peers.iter().all(|p| p.callee_slot != 1));
+        assert_eq!(c.rule(1).unwrap().source.line, 24);
     }
 }

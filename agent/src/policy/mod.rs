@@ -195,10 +195,21 @@ pub struct EgressRule {
     pub source: Source,
 }
 
-/// A `resource: service:NAME`, with where it is written.
+/// Which catalog a resource names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefKind {
+    /// `service:NAME`.
+    Service,
+    /// `agent:NAME/ENV`: the caller's egress to the agent's endpoints, and the callee's
+    /// ingress from the caller.
+    Agent,
+}
+
+/// A `resource: service:NAME` or `agent:NAME/ENV`, with where it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRef {
     pub name: String,
+    pub kind: RefKind,
     /// Path of the `resource` field, e.g. `policy.rules[0].resource`.
     pub field: String,
     pub at: Source,
@@ -209,6 +220,22 @@ pub struct ServiceRef {
 pub struct Service {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
+    pub source: Source,
+}
+
+/// An agent of the catalog: who it is and where it is called, so that `agent:` rules
+/// compile to the caller's egress and the callee's ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// `NAME/ENV`.
+    pub name: String,
+    /// Its SPIFFE ID as policies write it (default `agent/NAME/ENV`): the policy with this
+    /// `identity:` governs it.
+    pub identity: String,
+    /// What it serves (TCP).
+    pub endpoints: Vec<Endpoint>,
+    /// The other hosts it runs on: its calls to agents here come from these addresses.
+    pub hosts: Vec<IpNet>,
     pub source: Source,
 }
 
@@ -277,6 +304,7 @@ impl Attest {
 pub struct PolicySet {
     pub policies: Vec<Policy>,
     pub services: Vec<Service>,
+    pub agents: Vec<Agent>,
 }
 
 /// One problem in one file, with the line and the field at fault.
@@ -462,17 +490,41 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
     let mut problems = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
     let mut services: Vec<Service> = Vec::new();
+    let mut agents: Vec<Agent> = Vec::new();
     for (path, text) in files {
         match parse::file(path, text) {
             Ok((parsed, mut own)) => {
                 policies.extend(parsed.policies);
                 services.extend(parsed.services);
+                agents.extend(parsed.agents);
                 problems.append(&mut own);
             }
             Err(mut p) => problems.append(&mut p),
         }
     }
-    let catalog = check_services(&services, &mut problems);
+    let catalog = Catalog {
+        services: unique(
+            &services,
+            |s| (&s.name, &s.source),
+            "service",
+            "service.name",
+            &mut problems,
+        ),
+        agents: unique(
+            &agents,
+            |a| (&a.name, &a.source),
+            "agent",
+            "agent.name",
+            &mut problems,
+        ),
+    };
+    unique(
+        &agents,
+        |a| (&a.identity, &a.source),
+        "an agent of identity",
+        "agent.identity",
+        &mut problems,
+    );
     for p in &mut policies {
         resolve_services(p, &catalog, &mut problems);
     }
@@ -499,59 +551,86 @@ pub fn parse_texts(files: &[(PathBuf, String)]) -> Result<PolicySet, PolicyError
     }
     check_duplicates(&policies, &mut problems);
     if problems.is_empty() {
-        Ok(PolicySet { policies, services })
+        Ok(PolicySet {
+            policies,
+            services,
+            agents,
+        })
     } else {
         Err(PolicyError { problems })
     }
 }
 
-/// The catalog by name; a second definition of a name is a problem.
-fn check_services<'a>(
-    services: &'a [Service],
-    problems: &mut Vec<Problem>,
-) -> HashMap<&'a str, &'a Service> {
-    let mut catalog: HashMap<&str, &Service> = HashMap::new();
-    for s in services {
-        if let Some(first) = catalog.get(s.name.as_str()) {
-            problems.push(Problem::at(
-                &s.source,
-                "service.name",
-                format!(
-                    "service {:?} is already defined at {}",
-                    s.name, first.source
-                ),
-            ));
-        } else {
-            catalog.insert(&s.name, s);
-        }
-    }
-    catalog
+/// The services and agents by name.
+struct Catalog<'a> {
+    services: HashMap<&'a str, &'a Service>,
+    agents: HashMap<&'a str, &'a Agent>,
 }
 
-/// Gives each `service:` rule of `p` its service's endpoints.
-fn resolve_services(
-    p: &mut Policy,
-    catalog: &HashMap<&str, &Service>,
+/// `items` by the key `key_of` gives (with where each is written); a second definition of a
+/// key is a problem of `field` (`what` names the key).
+fn unique<'a, T>(
+    items: &'a [T],
+    key_of: impl Fn(&'a T) -> (&'a String, &'a Source),
+    what: &str,
+    field: &str,
     problems: &mut Vec<Problem>,
-) {
+) -> HashMap<&'a str, &'a T> {
+    let mut by_key: HashMap<&str, (&T, &Source)> = HashMap::new();
+    for item in items {
+        let (key, source) = key_of(item);
+        if let Some((_, first)) = by_key.get(key.as_str()) {
+            problems.push(Problem::at(
+                source,
+                field,
+                format!("{what} {key:?} is already defined at {first}"),
+            ));
+        } else {
+            by_key.insert(key, (item, source));
+        }
+    }
+    by_key.into_iter().map(|(k, (v, _))| (k, v)).collect()
+}
+
+/// Gives each `service:` and `agent:` rule of `p` the endpoints of what it names.
+fn resolve_services(p: &mut Policy, catalog: &Catalog<'_>, problems: &mut Vec<Problem>) {
     for rule in &mut p.egress {
-        let Some(ServiceRef { name, field, at }) = &rule.service else {
+        let Some(ServiceRef {
+            name,
+            kind,
+            field,
+            at,
+        }) = &rule.service
+        else {
             continue;
         };
-        match catalog.get(name.as_str()) {
-            Some(svc) => rule.endpoints.clone_from(&svc.endpoints),
+        let (found, mut known, what, doc) = match kind {
+            RefKind::Service => (
+                catalog.services.get(name.as_str()).map(|s| &s.endpoints),
+                catalog.services.keys().copied().collect::<Vec<_>>(),
+                "service",
+                "a `service:` document",
+            ),
+            RefKind::Agent => (
+                catalog.agents.get(name.as_str()).map(|a| &a.endpoints),
+                catalog.agents.keys().copied().collect::<Vec<_>>(),
+                "agent",
+                "an `agent:` document (the agents catalog)",
+            ),
+        };
+        match found {
+            Some(endpoints) => rule.endpoints.clone_from(endpoints),
             None => {
-                let mut known: Vec<&str> = catalog.keys().copied().collect();
                 known.sort_unstable();
                 let hint = if known.is_empty() {
-                    "the directory defines no service; add a `service:` document".to_string()
+                    format!("the directory defines no {what}; add {doc}")
                 } else {
                     format!("the catalog has {}", known.join(", "))
                 };
                 problems.push(Problem::at(
                     at,
                     field,
-                    format!("policy {:?}: no service named {name:?}; {hint}", p.name),
+                    format!("policy {:?}: no {what} named {name:?}; {hint}", p.name),
                 ));
             }
         }
@@ -679,7 +758,7 @@ mod tests {
     }
 
     /// The repository's own examples are valid: the `policies/` directory as a whole, and
-    /// each YAML example of docs/policy.md beside the `policies/` catalog.
+    /// each YAML example of docs/policy.md beside the `policies/` catalogs.
     #[test]
     fn the_example_policies_and_the_documented_examples_load() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -695,6 +774,16 @@ mod tests {
         compile::compile(&set, |_| 1).unwrap();
 
         let catalog = fs::read_to_string(dir.join("catalog.yaml")).unwrap();
+        let agents = fs::read_to_string(dir.join("agents.yaml")).unwrap();
+        assert!(
+            !set.agents.is_empty()
+                && set
+                    .policies
+                    .iter()
+                    .flat_map(|p| &p.egress)
+                    .any(|r| r.service.as_ref().is_some_and(|s| s.kind == RefKind::Agent)),
+            "an agent calling another"
+        );
         let doc = fs::read_to_string(root.join("docs/policy.md")).unwrap();
         let mut examples = 0;
         for (i, block) in doc.split("```yaml\n").skip(1).enumerate() {
@@ -702,6 +791,9 @@ mod tests {
             let mut files = vec![(PathBuf::from(format!("example-{i}.yaml")), text.to_string())];
             if !text.contains("kind: Service") {
                 files.push((PathBuf::from("catalog.yaml"), catalog.clone()));
+            }
+            if !text.contains("kind: Agent") {
+                files.push((PathBuf::from("agents.yaml"), agents.clone()));
             }
             let set = parse_texts(&files)
                 .unwrap_or_else(|e| panic!("docs/policy.md example {i}:\n{text}\n{e}"));

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use crate::spiffe::SpiffeId;
 
 use super::{
-    Access, Attest, EgressRule, Endpoint, IngressRule, Mode, Per, Policy, PortRange, Problem,
-    Protocol, RateLimit, Service, ServiceRef, Source, UnixRule,
+    Access, Agent, Attest, EgressRule, Endpoint, IngressRule, Mode, Per, Policy, PortRange,
+    Problem, Protocol, RateLimit, RefKind, Service, ServiceRef, Source, UnixRule,
     spans::Spans,
     window::{self, Window},
 };
@@ -38,6 +38,22 @@ struct Doc {
     policy: Option<RawPolicy>,
     #[serde(default)]
     service: Option<RawService>,
+    #[serde(default)]
+    agent: Option<RawAgent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: String,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    hosts: Option<OneOrMany>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +245,7 @@ impl Checker<'_> {
 pub(super) struct Parsed {
     pub(super) policies: Vec<Policy>,
     pub(super) services: Vec<Service>,
+    pub(super) agents: Vec<Agent>,
 }
 
 /// Parses every document of one file.
@@ -275,18 +292,20 @@ pub(super) fn file(path: &Path, text: &str) -> Result<(Parsed, Vec<Problem>), Ve
             problems: Vec::new(),
         };
         check_header(&mut c, &doc);
-        match (doc.policy, doc.service) {
+        match (doc.policy, doc.service, doc.agent) {
             // Kept with its problems, so that checks across files (references, duplicates)
             // report theirs in the same run; a set with any problem is not loaded.
-            (Some(p), None) => out.policies.push(check_policy(&mut c, p)),
-            (None, Some(svc)) => out.services.push(check_service(&mut c, svc)),
-            (Some(_), Some(_)) => c.problem(
-                "service".into(),
-                "a document holds one `policy:` or one `service:`; separate them with `---`".into(),
-            ),
-            (None, None) => c.problem(
+            (Some(p), None, None) => out.policies.push(check_policy(&mut c, p)),
+            (None, Some(svc), None) => out.services.push(check_service(&mut c, svc)),
+            (None, None, Some(a)) => out.agents.push(check_agent(&mut c, a)),
+            (None, None, None) => c.problem(
                 String::new(),
-                "the document holds neither `policy:` nor `service:`".into(),
+                "the document holds none of `policy:`, `service:` and `agent:`".into(),
+            ),
+            (_, _, agent) => c.problem(
+                if agent.is_some() { "agent" } else { "service" }.into(),
+                "a document holds one `policy:`, `service:` or `agent:`; separate them with `---`"
+                    .into(),
             ),
         }
         problems.append(&mut c.problems);
@@ -326,9 +345,10 @@ fn check_header(c: &mut Checker<'_>, doc: &Doc) {
         );
     }
     if let Some(k) = &doc.kind {
-        let want = match (&doc.policy, &doc.service) {
-            (Some(_), None) => "Policy",
-            (None, Some(_)) => "Service",
+        let want = match (&doc.policy, &doc.service, &doc.agent) {
+            (Some(_), None, None) => "Policy",
+            (None, Some(_), None) => "Service",
+            (None, None, Some(_)) => "Agent",
             _ => return,
         };
         if k != want {
@@ -473,6 +493,71 @@ fn check_service(c: &mut Checker<'_>, raw: RawService) -> Service {
     }
 }
 
+/// An agent of the catalog: its name (`NAME/ENV`), its identity, the endpoints it serves
+/// (TCP) and the other hosts it runs on.
+fn check_agent(c: &mut Checker<'_>, raw: RawAgent) -> Agent {
+    let _ = raw.description;
+    let name = raw.name.trim().to_string();
+    if let Err(m) = check_agent_name(&name) {
+        c.problem("agent.name".into(), m);
+    }
+    let identity = raw
+        .identity
+        .map_or_else(|| format!("agent/{name}"), |id| id.trim().to_string());
+    if let Err(e) = check_identity(&identity) {
+        c.problem("agent.identity".into(), e.to_string());
+    }
+    if raw.endpoints.is_empty() {
+        c.problem(
+            "agent.endpoints".into(),
+            "an agent needs at least one endpoint it serves (`to:` addresses and `ports`)".into(),
+        );
+    }
+    let mut endpoints = Vec::with_capacity(raw.endpoints.len());
+    for (i, e) in raw.endpoints.into_iter().enumerate() {
+        let _ = e.description;
+        let field = format!("agent.endpoints[{i}]");
+        if !matches!(e.protocol, None | Some(Protocol::Tcp)) {
+            c.problem(
+                format!("{field}.protocol"),
+                "agents are called over TCP (the kernel judges who connects); write protocol: tcp or leave it out".into(),
+            );
+            continue;
+        }
+        let to = listed(&field, "to", e.to);
+        if let Some(ep) = check_endpoint(c, &field, to, Some(Protocol::Tcp), e.ports) {
+            endpoints.push(ep);
+        }
+    }
+    let mut hosts = Vec::new();
+    for (f, h) in listed("agent", "hosts", raw.hosts) {
+        match parse_destination(&h) {
+            Ok(net) => hosts.push(net),
+            Err(e) => c.problem(f, e.to_string()),
+        }
+    }
+    Agent {
+        name,
+        identity,
+        endpoints,
+        hosts,
+        source: c.source("agent"),
+    }
+}
+
+/// An agent's name: `NAME/ENV`, each part a name.
+fn check_agent_name(name: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{name:?} is not an agent name: write NAME/ENV (such as report-api/prod), each part \
+             1 to 63 of a-z, 0-9, -, _ and ., starting with a letter or digit"
+        )
+    };
+    let (n, env) = name.split_once('/').ok_or_else(bad)?;
+    check_name(n).map_err(|_| bad())?;
+    check_name(env).map_err(|_| bad())
+}
+
 enum Checked {
     Egress(Box<EgressRule>),
     Unix(UnixRule),
@@ -481,6 +566,7 @@ enum Checked {
 /// What a `resource:` names.
 enum Resource {
     Service(String),
+    Agent(String),
     Cidr(String),
     Unix(String),
 }
@@ -494,16 +580,14 @@ fn parse_resource(s: &str) -> Result<Resource, String> {
             .map_err(|e| e.to_string().replace("policy name", "service name")),
         "cidr" => Ok(Resource::Cidr(rest.to_string())),
         "unix" => Ok(Resource::Unix(rest.to_string())),
-        "agent" => Err(format!(
-            "{s:?}: agent-to-agent rules need the agents catalog, which this version does not \
-             read yet; grant the callee's endpoints as a service (`service:NAME`) meanwhile"
-        )),
+        "agent" => check_agent_name(rest).map(|()| Resource::Agent(rest.to_string())),
         "secret" => Err(format!(
             "{s:?}: this version serves no secrets; remove the rule"
         )),
         _ => Err(format!(
             "{s:?} is not a resource: write service:NAME (a service of the catalog), \
-             cidr:ADDRESS[/LEN] (with protocol and ports) or unix:PATH"
+             agent:NAME/ENV (an agent of the catalog), cidr:ADDRESS[/LEN] (with protocol and \
+             ports) or unix:PATH"
         )),
     }
 }
@@ -595,16 +679,26 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
         }
     };
     let checked = match resource? {
-        Resource::Service(name) => {
-            network_only(
-                c,
-                "a service's protocol and ports are those of its catalog entry",
-            );
+        r @ (Resource::Service(_) | Resource::Agent(_)) => {
+            let (kind, name) = match r {
+                Resource::Agent(name) => {
+                    network_only(c, "an agent's ports are those of its catalog entry");
+                    (RefKind::Agent, name)
+                }
+                Resource::Service(name) | Resource::Cidr(name) | Resource::Unix(name) => {
+                    network_only(
+                        c,
+                        "a service's protocol and ports are those of its catalog entry",
+                    );
+                    (RefKind::Service, name)
+                }
+            };
             EgressRule {
                 window,
                 endpoints: Vec::new(),
                 service: Some(ServiceRef {
                     name,
+                    kind,
                     at: c.source(&resource_field),
                     field: resource_field,
                 }),
@@ -1353,7 +1447,7 @@ policy:
     - resource: service:nope
     - resource: service:Bad
     - resource: printer:x
-    - resource: agent:b/prod
+    - resource: agent:b
     - resource: cidr:10.0.0.1/8
     - resource: service:analytics-db
       rateLimit: 10 per fortnight
@@ -1389,7 +1483,7 @@ service:
         let want = [
             "bad.yaml:5:17: policy.rules[1].resource: \"Bad\" is not a valid service name",
             "bad.yaml:6:17: policy.rules[2].resource: \"printer:x\" is not a resource: write service:NAME",
-            "bad.yaml:7:17: policy.rules[3].resource: \"agent:b/prod\": agent-to-agent rules need the agents catalog",
+            "bad.yaml:7:17: policy.rules[3].resource: \"b\" is not an agent name: write NAME/ENV (such as report-api/prod)",
             "bad.yaml:8:17: policy.rules[4].resource: \"10.0.0.1/8\" has bits set after the prefix length; did you mean 10.0.0.0/8?",
             "bad.yaml:10:18: policy.rules[5].rateLimit: \"10 per fortnight\" is not a rate: write N per second",
             "bad.yaml:11:7: policy.rules[6]: a service's protocol and ports are those of its catalog entry; remove `protocol` and `ports`",
@@ -1530,6 +1624,7 @@ service:
                 "policy:\n  name: p\n  rules:\n    - resource: cidr:10.0.0.1\n      when:\n        zzz: 1\n",
             ),
             ("service", "service:\n  name: s\n  zzz: 1\n"),
+            ("agent", "agent:\n  name: a/prod\n  zzz: 1\n"),
             (
                 "endpoint",
                 "service:\n  name: s\n  endpoints:\n    - zzz: 1\n",
@@ -1562,5 +1657,72 @@ service:
                 "p.yaml:7:13: policy.ingress[2].from: \"nope\" is not an IP address or CIDR (such as 10.0.0.0/8 or 2001:db8::/32); host names come with the services catalog",
             ]
         );
+    }
+
+    /// The agents catalog: a name NAME/ENV, an identity (by default agent/NAME/ENV), the TCP
+    /// endpoints it serves, the other hosts it runs on; and its problems, each where written.
+    #[test]
+    fn agents_are_named_served_over_tcp_and_referenced_by_rules() {
+        let good = "agent:\n  name: report-api/prod\n  endpoints:\n    - to: 127.0.0.20\n      ports: [8443]\n  hosts: 10.0.0.0/8\n---\npolicy:\n  name: p\n  rules:\n    - resource: agent:report-api/prod\n      actions: [read]\n";
+        let set = parse_texts(&[(PathBuf::from("a.yaml"), good.to_string())]).unwrap();
+        let a = &set.agents[0];
+        assert_eq!(a.identity, "agent/report-api/prod");
+        assert_eq!(a.endpoints[0].protocol, Protocol::Tcp);
+        assert_eq!(a.hosts.len(), 1);
+        let rule = &set.policies[0].egress[0];
+        assert_eq!(rule.endpoints, a.endpoints, "the catalog's");
+        assert_eq!(rule.service.as_ref().unwrap().kind, RefKind::Agent);
+
+        let bad = "\
+agent:
+  name: report-api
+  endpoints:
+    - to: 127.0.0.20
+      protocol: udp
+---
+agent:
+  name: x/prod
+  identity: spiffe://
+  endpoints: []
+  hosts: [nope]
+---
+agent:
+  name: y/prod
+  identity: agent/report-api/prod
+  endpoints:
+    - to: 127.0.0.21
+---
+agent:
+  name: z/prod
+  identity: agent/report-api/prod
+  endpoints:
+    - to: 127.0.0.22
+---
+policy:
+  name: p
+  rules:
+    - resource: agent:nobody/prod
+    - resource: agent:y/prod
+      ports: [1]
+";
+        let e = parse_texts(&[(PathBuf::from("bad.yaml"), bad.to_string())]).unwrap_err();
+        let got: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        let want = [
+            "bad.yaml:2:9: agent.name: \"report-api\" is not an agent name: write NAME/ENV",
+            "bad.yaml:5:17: agent.endpoints[0].protocol: agents are called over TCP",
+            "bad.yaml:9:13: agent.identity: ",
+            "bad.yaml:10:3: agent.endpoints: an agent needs at least one endpoint",
+            "bad.yaml:11:11: agent.hosts[0]: \"nope\" is not an IP address or CIDR",
+            "bad.yaml:29:7: policy.rules[1]: an agent's ports are those of its catalog entry",
+            "bad.yaml:19:1: agent.identity: an agent of identity \"agent/report-api/prod\" is already defined at bad.yaml:13",
+            "bad.yaml:28:17: policy.rules[0].resource: policy \"p\": no agent named \"nobody/prod\"; the catalog has report-api, x/prod, y/prod, z/prod",
+        ];
+        for w in want {
+            assert!(
+                got.iter().any(|g| g.starts_with(w)),
+                "missing {w:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
     }
 }
