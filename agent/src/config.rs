@@ -192,6 +192,34 @@ pub struct FileConfig {
     pub events: EventsConfig,
     #[serde(default)]
     pub exec: ExecConfig,
+    #[serde(default)]
+    pub names: NamesConfig,
+}
+
+/// Host names of the services catalog: how the daemon resolves them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamesConfig {
+    /// DNS servers (address and port) to ask; the system's (`/etc/resolv.conf`) if empty.
+    pub servers: Vec<std::net::SocketAddr>,
+    /// The shortest time an answer is kept, whatever its TTL (a TTL of 0 would make the
+    /// daemon ask without pause).
+    #[serde(with = "duration_text")]
+    pub min_ttl: std::time::Duration,
+    /// An answer is asked again this long before it expires (or at half its TTL, if that is
+    /// sooner), so that the next one is in the kernel in time.
+    #[serde(with = "duration_text")]
+    pub refresh_before: std::time::Duration,
+}
+
+impl Default for NamesConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            min_ttl: std::time::Duration::from_secs(5),
+            refresh_before: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// `agentwall exec`.
@@ -420,6 +448,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub events: EventsConfig,
     pub exec: ExecConfig,
+    pub names: NamesConfig,
     /// For tests only: the wall clock time windows are judged by reads this at start and
     /// runs on from there (`agentwall run --test-wall-clock`).
     pub test_wall_clock: Option<jiff::Timestamp>,
@@ -485,6 +514,7 @@ impl Config {
             metrics: file.metrics,
             events: file.events,
             exec: file.exec,
+            names: file.names,
             test_wall_clock: o.test_wall_clock,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),

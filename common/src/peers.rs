@@ -28,15 +28,18 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// The enforced cgroup that sent a connection's SYN, and when (boot clock); once the
-/// callee's ingress admitted it by an `agent:` rule, the caller's slot (0 before).
+/// The enforced cgroup that sent a connection's SYN, when (boot clock) and with which initial
+/// sequence number; once the callee's ingress admitted it by an `agent:` rule, the caller's
+/// slot (0 before). Only a SYN with that sequence number (or the ACK that follows it) is the
+/// recorded one: another process reusing the addresses and ports gets a sequence number of
+/// its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Caller {
     pub cgroup_id: u64,
     pub at_boot_ns: u64,
     pub slot: u32,
-    pub _pad: u32,
+    pub isn: u32,
 }
 const _: () = assert!(core::mem::size_of::<Caller>() == 24);
 

@@ -28,6 +28,9 @@ pub mod flags {
     /// The rule has a time window ([`super::WindowSpans`], keyed by generation and rule id):
     /// it grants only while the kernel's clock is inside one of the spans.
     pub const WINDOWED: u8 = 4;
+    /// An ingress entry for the other hosts a caller runs on (`hosts:` of the agents
+    /// catalog): it admits no connection that comes from this host.
+    pub const REMOTE_ONLY: u8 = 8;
 }
 
 /// When a windowed rule grants: up to two spans `[start, end)` of the boot clock, the one
@@ -228,6 +231,24 @@ impl RuleSet {
     #[inline(always)]
     pub fn find(&self, proto: u8, port: u16) -> Option<u32> {
         self.find_entry(proto, port).map(|e| e.rule_id)
+    }
+
+    /// The id of the first entry that allows `proto` to `port` and has none of the flags
+    /// `skip`.
+    #[inline(always)]
+    pub fn find_skipping(&self, proto: u8, port: u16, skip: u8) -> Option<u32> {
+        let mut i = 0;
+        while i < MAX_ENTRIES_PER_PREFIX {
+            if i as u32 >= self.len {
+                return None;
+            }
+            let e = &self.entries[i];
+            if e.flags & skip == 0 && e.matches(proto, port) {
+                return Some(e.rule_id);
+            }
+            i += 1;
+        }
+        None
     }
 
     /// The first entry that allows `proto` to `port` (the compiler puts entries without a

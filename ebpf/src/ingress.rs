@@ -15,7 +15,7 @@ use agentwall_common::{
         DEFAULT_MAX_CALLERS, DEFAULT_MAX_INGRESS_NODES, DEFAULT_MAX_PASSIVE, DEFAULT_MAX_PEERS,
     },
     peers::{Caller, FlowKey, PeerKey},
-    rules::{RuleKey, RuleSet, proto},
+    rules::{RuleKey, RuleSet, flags as rule_flags, proto},
 };
 use aya_ebpf::{
     bindings::{
@@ -45,14 +45,15 @@ static AW_CALLERS: LruHashMap<FlowKey, Caller> = LruHashMap::pinned(DEFAULT_MAX_
 #[map]
 static AW_PEERS: HashMap<PeerKey, RuleSet> = HashMap::pinned(DEFAULT_MAX_PEERS, 0);
 
-/// Records that enforced cgroup `cgroup_id` sent the SYN of connection `key`.
+/// Records that enforced cgroup `cgroup_id` sent the SYN of connection `key`, with initial
+/// sequence number `isn`.
 #[inline(always)]
-pub(crate) fn record_caller(key: &FlowKey, cgroup_id: u64) {
+pub(crate) fn record_caller(key: &FlowKey, cgroup_id: u64, isn: u32) {
     let caller = Caller {
         cgroup_id,
         at_boot_ns: decide::now_boot_ns(),
         slot: 0,
-        _pad: 0,
+        isn,
     };
     if AW_CALLERS.insert(key, caller, 0).is_err() {
         emit::count(counters::CALLERS_UNRECORDED);
@@ -88,12 +89,21 @@ fn peer_rule(caller_slot: u32, slot: u32, generation: u32, port: u16) -> Option<
     unsafe { AW_PEERS.get(key) }?.find(proto::TCP, port)
 }
 
-/// Admits the caller recorded for connection `key` to local port `port` of a cgroup with
-/// slot `slot`, by its binding as it is now and its `agent:` rules; the record keeps the
-/// caller's slot, for the replies.
+/// Admits the caller recorded for connection `key` (whose SYN carried `isn`) to local port
+/// `port` of a cgroup with slot `slot`, by its binding as it is now and its `agent:` rules;
+/// the record keeps the caller's slot, for the replies. A record of another SYN on the same
+/// addresses and ports (sent by a process whose SYNs are not recorded, reusing them) does not
+/// count.
 #[inline(always)]
-fn admit_caller(key: &FlowKey, slot: u32, generation: u32, epoch: u32, port: u16) -> Option<u32> {
-    let mut caller = caller_of(key)?;
+fn admit_caller(
+    key: &FlowKey,
+    isn: u32,
+    slot: u32,
+    generation: u32,
+    epoch: u32,
+    port: u16,
+) -> Option<u32> {
+    let mut caller = caller_of(key).filter(|c| c.isn == isn)?;
     let (_, caller_slot, _) = decide::admitted(caller.cgroup_id, generation, epoch).ok()?;
     let rule_id = peer_rule(caller_slot, slot, generation, port)?;
     caller.slot = caller_slot;
@@ -215,9 +225,11 @@ fn node(
 }
 
 /// Judges a connection `flow.dst` (the peer) asks of local port `flow.port` (`key` is the
-/// connection, for the caller's record); `None` when the cgroup's policy judges no ingress.
+/// connection and `isn` the caller's initial sequence number, for the caller's record;
+/// `local` says the packet came from this host); `None` when the cgroup's policy judges no
+/// ingress.
 #[inline(always)]
-pub(crate) fn judge(flow: &Flow, key: &FlowKey) -> Option<Decision> {
+pub(crate) fn judge(flow: &Flow, key: &FlowKey, isn: u32, local: bool) -> Option<Decision> {
     let Some(state) = decide::state() else {
         emit::count(counters::NO_POLICY);
         return Some(Decision::deny(Reason::NO_POLICY, 0, 0));
@@ -232,9 +244,15 @@ pub(crate) fn judge(flow: &Flow, key: &FlowKey) -> Option<Decision> {
         Err(d) => return Some(d),
     };
     let set = node(slot, generation, flow.dst)?;
+    // Entries for the hosts a caller runs on elsewhere admit nothing that comes from here.
+    let skip = if local { rule_flags::REMOTE_ONLY } else { 0 };
     let found = set
-        .find(proto::TCP, flow.port)
-        .or_else(|| admit_caller(key, slot, generation, epoch, flow.port));
+        .find_skipping(proto::TCP, flow.port, skip)
+        .or_else(|| admit_caller(key, isn, slot, generation, epoch, flow.port));
+    if found.is_none() {
+        // Spent: a SYN sent again records anew.
+        let _ = AW_CALLERS.remove(key);
+    }
     let (verdict, reason, rule_id) = match found {
         Some(rule_id) => (Verdict::ALLOW, Reason::RULE, rule_id),
         None if binding.audit_only() => (Verdict::ALLOW, Reason::AUDIT, 0),

@@ -267,6 +267,8 @@ struct Packet {
     syn: bool,
     /// A TCP segment with SYN and ACK set: a connection's answer.
     synack: bool,
+    /// A TCP segment's sequence number.
+    seq: u32,
     /// Why the packet may go past its header's destination (IPv4 options, which can hold a
     /// source route; an IPv6 routing header), if it may: such packets are denied.
     routed: Option<Reason>,
@@ -331,33 +333,39 @@ fn syn_at(ctx: &SkBuffContext, at: usize) -> bool {
 #[inline(always)]
 fn record_syn(ctx: &SkBuffContext, flags_at: usize) {
     // The TCP header starts 13 bytes before its flags.
-    let key = if flags_at == 20 + 13 {
-        let Ok(h) = ctx.load::<[u8; 24]>(0) else {
+    let (key, isn) = if flags_at == 20 + 13 {
+        let Ok(h) = ctx.load::<[u8; 28]>(0) else {
             return;
         };
-        FlowKey {
-            remote: addr::quads_from_v4(u32::from_ne_bytes([h[12], h[13], h[14], h[15]])),
-            local: addr::quads_from_v4(u32::from_ne_bytes([h[16], h[17], h[18], h[19]])),
-            remote_port: u16::from_be_bytes([h[20], h[21]]),
-            local_port: u16::from_be_bytes([h[22], h[23]]),
-            _pad: 0,
-        }
+        (
+            FlowKey {
+                remote: addr::quads_from_v4(u32::from_ne_bytes([h[12], h[13], h[14], h[15]])),
+                local: addr::quads_from_v4(u32::from_ne_bytes([h[16], h[17], h[18], h[19]])),
+                remote_port: u16::from_be_bytes([h[20], h[21]]),
+                local_port: u16::from_be_bytes([h[22], h[23]]),
+                _pad: 0,
+            },
+            u32::from_be_bytes([h[24], h[25], h[26], h[27]]),
+        )
     } else {
-        let Ok(h) = ctx.load::<[u8; 44]>(0) else {
+        let Ok(h) = ctx.load::<[u8; 48]>(0) else {
             return;
         };
         let word = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        FlowKey {
-            remote: [word(8), word(12), word(16), word(20)],
-            local: [word(24), word(28), word(32), word(36)],
-            remote_port: u16::from_be_bytes([h[40], h[41]]),
-            local_port: u16::from_be_bytes([h[42], h[43]]),
-            _pad: 0,
-        }
+        (
+            FlowKey {
+                remote: [word(8), word(12), word(16), word(20)],
+                local: [word(24), word(28), word(32), word(36)],
+                remote_port: u16::from_be_bytes([h[40], h[41]]),
+                local_port: u16::from_be_bytes([h[42], h[43]]),
+                _pad: 0,
+            },
+            u32::from_be_bytes([h[44], h[45], h[46], h[47]]),
+        )
     };
     // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
-    ingress::record_caller(&key, cgroup_id);
+    ingress::record_caller(&key, cgroup_id, isn);
 }
 
 /// TCP header bytes up to the flags: ports, sequence, acknowledgment, data offset, flags.
@@ -369,11 +377,11 @@ const TCP_ACK: u8 = 0x10;
 
 /// Of the TCP header at `at`: whether it is a reset with exactly `payload_len` bytes after
 /// the IP header, that is, no data; whether it asks for a connection (SYN, no ACK); whether
-/// it answers one (SYN and ACK).
+/// it answers one (SYN and ACK); its sequence number.
 #[inline(always)]
-fn tcp_kind(ctx: &SkBuffContext, at: usize, payload_len: usize) -> (bool, bool, bool) {
+fn tcp_kind(ctx: &SkBuffContext, at: usize, payload_len: usize) -> (bool, bool, bool, u32) {
     let Ok(t) = ctx.load::<[u8; TCP_FLAGS_LEN]>(at) else {
-        return (false, false, false);
+        return (false, false, false, 0);
     };
     let doff = usize::from(t[12] >> 4) * 4;
     let syn = t[13] & TCP_SYN != 0;
@@ -382,6 +390,7 @@ fn tcp_kind(ctx: &SkBuffContext, at: usize, payload_len: usize) -> (bool, bool, 
         t[13] & TCP_RST != 0 && doff >= 20 && payload_len == doff,
         syn && !ack,
         syn && ack,
+        u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
     )
 }
 
@@ -417,10 +426,10 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 (0, 0)
             };
             let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-            let (rst, syn, synack) = if proto == proto::TCP {
+            let (rst, syn, synack, seq) = if proto == proto::TCP {
                 tcp_kind(ctx, ihl, total.saturating_sub(ihl))
             } else {
-                (false, false, false)
+                (false, false, false, 0)
             };
             Some(Packet {
                 orig: dst,
@@ -432,6 +441,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 bare_rst: rst,
                 syn,
                 synack,
+                seq,
                 routed: (ihl > 20).then_some(Reason::IP_OPTIONS),
             })
         }
@@ -451,10 +461,10 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 (0, 0)
             };
             let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
-            let (rst, syn, synack) = if next == proto::TCP {
+            let (rst, syn, synack, seq) = if next == proto::TCP {
                 tcp_kind(ctx, 40, payload)
             } else {
-                (false, false, false)
+                (false, false, false, 0)
             };
             // Extension headers are judged as their own protocol number: only a rule for any
             // protocol and every port lets them through.
@@ -468,6 +478,7 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
                 bare_rst: rst,
                 syn,
                 synack,
+                seq,
                 routed: match next {
                     IPV6_ROUTING => Some(Reason::ROUTING_HEADER),
                     // Hop-by-hop and destination options and a fragment header can stand
@@ -514,7 +525,10 @@ fn aw_ingress(ctx: SkBuffContext) -> i32 {
         sock_type: 0,
         family: p.family,
     };
-    let Some(d) = ingress::judge(&flow, &p.asked()) else {
+    // The caller's initial sequence number: the SYN's own, or one before the ACK's that
+    // completes a handshake (a SYN cookie's).
+    let isn = if p.syn { p.seq } else { p.seq.wrapping_sub(1) };
+    let Some(d) = ingress::judge(&flow, &p.asked(), isn, from_loopback(&ctx)) else {
         return ALLOW;
     };
     emit::event(&flow, &d, false);
@@ -523,6 +537,17 @@ fn aw_ingress(ctx: SkBuffContext) -> i32 {
     } else {
         emit::count(agentwall_common::counters::INGRESS_DENIED);
         DENY
+    }
+}
+
+/// Whether the packet came in on the loopback device (index 1 in every network namespace):
+/// from this host.
+#[inline(always)]
+fn from_loopback(ctx: &SkBuffContext) -> bool {
+    const LOOPBACK_IFINDEX: u32 = 1;
+    // SAFETY: `ctx.skb` is the kernel's `__sk_buff`; the field is read whole.
+    unsafe {
+        core::ptr::read_volatile(&raw const (*ctx.skb.skb).ingress_ifindex) == LOOPBACK_IFINDEX
     }
 }
 

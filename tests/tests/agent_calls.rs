@@ -214,3 +214,65 @@ for _ in sys.stdin:\n    try:\n        s.sendall(b'ping'); print(s.recv(100).dec
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A caller's record vouches for its own SYN only: a process outside every enforced cgroup
+/// (whose SYNs are not recorded) that reuses the addresses and ports of a caller's connect
+/// that went unanswered, while the caller lives on, is not admitted as that caller.
+#[test]
+fn a_process_reusing_a_callers_unanswered_connect_is_not_admitted_as_it() {
+    let _s = serial();
+    let port = agentwall_tests::free_port();
+    let source = agentwall_tests::free_port();
+    let files = policies(port);
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let d = TestDaemon::start(&refs);
+    // The caller connects from a fixed port while nothing listens: refused, its SYN recorded.
+    // It lives on (its binding with it).
+    let script = "import socket,sys,time\n\
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[2])))\n\
+try:\n    s.connect(('127.0.0.1', int(sys.argv[1]))); print('connected', flush=True)\nexcept OSError as e:\n    print(type(e).__name__, flush=True)\n\
+s.close(); time.sleep(20)\n";
+    let mut caller = Command::new(d.world_copy(&agentwall_tests::agentwall_bin()))
+        .arg("exec")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args([
+            "--policy",
+            "caller-a",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .arg(port.to_string())
+        .arg(source.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    BufReader::new(caller.stdout.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert_eq!(said.trim(), "ConnectionRefusedError");
+    let (server, _out) = serve(&d, "report-api", port);
+    // At once, from the same address and port, outside any enforced cgroup.
+    let reuse = {
+        let script = "import socket,sys\n\
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[2]))); s.settimeout(2)\n\
+try:\n    s.connect(('127.0.0.1', int(sys.argv[1]))); s.sendall(b'ping'); print(s.recv(100).decode(), flush=True)\nexcept OSError as e:\n    print(type(e).__name__, flush=True)\n";
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(port.to_string())
+            .arg(source.to_string())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(reuse, "TimeoutError", "not admitted as the caller");
+    // The caller itself still is.
+    assert_eq!(call_as(&d, "caller-a", port), "ping");
+    for mut child in [server, caller] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -451,16 +451,16 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         );
     }
     for a in &set.agents {
+        let path = policy::compile::identity_path(&a.identity);
+        let callee = compiled
+            .identities
+            .iter()
+            .find(|(id, _)| policy::compile::identity_path(id) == path)
+            .and_then(|(_, g)| compiled.policies.get(&g.policy));
         let callers = compiled
             .peers
             .iter()
-            .filter(|p| {
-                compiled
-                    .identities
-                    .get(&a.identity)
-                    .and_then(|g| compiled.policies.get(&g.policy))
-                    .is_some_and(|(slot, _)| *slot == p.callee_slot)
-            })
+            .filter(|p| callee.is_some_and(|(slot, _)| *slot == p.callee_slot))
             .count();
         println!(
             "agent {} at {}: identity {}, {}, {}",
@@ -468,7 +468,7 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             a.source,
             a.identity,
             count(a.endpoints.len(), "endpoint"),
-            if compiled.identities.contains_key(&a.identity) {
+            if callee.is_some() {
                 format!(
                     "{} admitted on this host",
                     count_plural(callers, "caller policy", "caller policies")

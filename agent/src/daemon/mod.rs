@@ -19,6 +19,7 @@ mod admin;
 mod audit;
 mod configured;
 mod decisions;
+mod dns;
 mod enrollments;
 mod exec;
 mod identity;
@@ -65,6 +66,8 @@ const EXEC_PREFIX: &str = "exec-";
 pub enum DaemonError {
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
     #[error(transparent)]
     Compile(#[from] policies::CompileError),
     #[error(transparent)]
@@ -152,6 +155,8 @@ pub struct Daemon {
     decision_buckets: decisions::DecisionBuckets,
     /// Budgets of the decision API's audit records, per asker.
     decision_records: decisions::RecordBudget,
+    /// The addresses of the catalog's host names.
+    dns: Arc<dns::Dns>,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that
@@ -188,13 +193,76 @@ impl Daemon {
     }
 
     /// Writes a compiled policy into the kernel and makes it the one in force.
-    async fn install(&self, compiled: Compiled) -> Result<u32, DaemonError> {
+    async fn install(
+        &self,
+        compiled: Compiled,
+        set: Arc<policy::PolicySet>,
+    ) -> Result<u32, DaemonError> {
         let compiled = Arc::new(compiled);
         let generation = self.enforcer.apply(Arc::clone(&compiled)).await?;
         self.policies
-            .put_in_force(generation, Arc::clone(&compiled));
+            .put_in_force(generation, Arc::clone(&compiled), set);
         self.sync_modes(&compiled).await;
         Ok(generation)
+    }
+
+    /// Asks for the host names of `set` that are due (all of them, the first time); a name
+    /// that cannot be resolved is logged and counted, and grants nothing.
+    async fn resolve_names(&self, set: &policy::PolicySet) -> bool {
+        let wanted = policy::host_names(set);
+        let mut changed = false;
+        for name in self.dns.due(&wanted) {
+            match self.dns.resolve(&name).await {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    self.count_error("dns_lookup");
+                    tracing::warn!(error = %e, "a host name of the services catalog did not resolve; its last answer stands until it expires");
+                }
+            }
+        }
+        changed
+    }
+
+    /// Asks again for the names due, and writes the policy in force again when an answer
+    /// brought a new address or a later expiry, or an address expired; returns how long until
+    /// the next such event.
+    pub(crate) async fn refresh_names(&self) -> std::time::Duration {
+        const MOST: std::time::Duration = std::time::Duration::from_secs(30);
+        let Some(set) = self.policies.set_in_force() else {
+            return MOST;
+        };
+        let wanted = policy::host_names(&set);
+        if wanted.is_empty() {
+            return MOST;
+        }
+        self.dns.retain(&wanted);
+        let changed = self.resolve_names(&set).await;
+        let (resolved, expired) = self.dns.resolved();
+        if changed || expired {
+            let _turn = self.policies.reload_turn().await;
+            // A reload in between put its own set in force, with the answers then known.
+            if self
+                .policies
+                .set_in_force()
+                .is_some_and(|now| Arc::ptr_eq(&now, &set))
+            {
+                let r = async {
+                    let compiled = self.policies.compile(&set, &resolved)?;
+                    self.install(compiled, Arc::clone(&set)).await
+                }
+                .await;
+                match r {
+                    Ok(generation) => {
+                        tracing::info!(generation, "host names followed: new addresses in force");
+                    }
+                    Err(e) => {
+                        self.count_error("dns_apply");
+                        tracing::error!(error = %e, "cannot write the addresses of host names; the kernel closes the old ones at their expiry");
+                    }
+                }
+            }
+        }
+        self.dns.next_event(MOST)
     }
 
     /// Brings the audit flag of every binding in line with its policy's mode.
@@ -271,9 +339,11 @@ impl Daemon {
     pub async fn reload(&self) -> Result<Reloaded, AdminError> {
         let _turn = self.policies.reload_turn().await;
         let result = async {
-            let compiled = self.policies.compile()?;
+            let set = Arc::new(self.policies.load()?);
+            self.resolve_names(&set).await;
+            let compiled = self.policies.compile(&set, &self.dns.resolved().0)?;
             let (policies, nodes) = (compiled.policies.len(), compiled.nodes.len());
-            let generation = self.install(compiled).await?;
+            let generation = self.install(compiled, set).await?;
             Ok::<_, DaemonError>((generation, policies, nodes))
         }
         .await;

@@ -35,6 +35,8 @@ pub enum CompileError {
 struct RuleBook {
     generation: u32,
     current: Arc<Compiled>,
+    /// The policy set `current` was compiled from (compiled again as host names change).
+    set: Option<Arc<policy::PolicySet>>,
     previous: Option<(u32, Arc<Compiled>)>,
 }
 
@@ -78,18 +80,26 @@ impl Policies {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Parses and compiles the policy directory, giving new policy names a slot (saved
-    /// before anything refers to it). The book in force is not touched.
-    pub(crate) fn compile(&self) -> Result<Compiled, CompileError> {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Reads and checks the policy directory. The book in force is not touched.
+    pub(crate) fn load(&self) -> Result<policy::PolicySet, CompileError> {
         *self
             .attempted
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = policy::dir_hash(&self.dir);
-        let set = policy::load_dir(&self.dir)?;
+        Ok(policy::load_dir(&self.dir)?)
+    }
+
+    /// Compiles `set` with the addresses its host names resolved to, giving new policy names a
+    /// slot (saved before anything refers to it). The book in force is not touched.
+    pub(crate) fn compile(
+        &self,
+        set: &policy::PolicySet,
+        resolved: &policy::compile::Resolved,
+    ) -> Result<Compiled, CompileError> {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let before = slots.clone();
         for p in &set.policies {
             slots.assign(&p.name)?;
@@ -97,8 +107,9 @@ impl Policies {
         if *slots != before {
             slots.save(&self.slots_path)?;
         }
-        let mut compiled = policy::compile(&set, |name| slots.get(name).unwrap_or(0))
-            .map_err(|problems| policy::PolicyError { problems })?;
+        let mut compiled =
+            policy::compile::compile_resolved(set, |name| slots.get(name).unwrap_or(0), resolved)
+                .map_err(|problems| policy::PolicyError { problems })?;
         let (enroll, admin, workload, decision) = &self.sockets;
         // Agents renew their certificates and fetch tokens over the enrollment socket.
         compiled.allow_unix_everywhere(&enroll.to_string_lossy(), "the enrollment socket");
@@ -116,8 +127,13 @@ impl Policies {
         Ok(compiled)
     }
 
-    /// Makes `compiled`, which the kernel holds as `generation`, the book in force.
-    pub(crate) fn put_in_force(&self, generation: u32, compiled: Arc<Compiled>) {
+    /// Makes `compiled` (of `set`), which the kernel holds as `generation`, the book in force.
+    pub(crate) fn put_in_force(
+        &self,
+        generation: u32,
+        compiled: Arc<Compiled>,
+        set: Arc<policy::PolicySet>,
+    ) {
         let mut book = self
             .book
             .write()
@@ -126,8 +142,14 @@ impl Policies {
         *book = RuleBook {
             generation,
             current: compiled,
+            set: Some(set),
             previous: Some((old.generation, old.current)),
         };
+    }
+
+    /// The policy set in force.
+    pub(crate) fn set_in_force(&self) -> Option<Arc<policy::PolicySet>> {
+        self.book().set.clone()
     }
 
     /// The hash of the policy files the last load or reload read (see [`policy::dir_hash`]).

@@ -68,7 +68,9 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     check_slots_cover_bindings(&cfg.pin_dir, &slots, &slots_path)?;
     let policies = Arc::new(super::Policies::new(&cfg, slots));
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
-    let compiled = policies.compile()?;
+    let set = Arc::new(policies.load()?);
+    policies.compile(&set, &policy::compile::Resolved::new())?;
+    let dns = Arc::new(super::dns::Dns::new(&cfg.names)?);
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
     // Every long-lived task and thread from here on is watched: one that ends stops the
     // daemon (see `crate::supervise`).
@@ -115,6 +117,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         workload_refusals: Default::default(),
         decision_buckets: Default::default(),
         decision_records: Default::default(),
+        dns,
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
@@ -179,7 +182,11 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             .map_err(DaemonError::Events)?;
     }
 
-    let generation = daemon.install(compiled).await?;
+    // The catalog's host names are asked for before the first generation, which holds their
+    // addresses.
+    daemon.resolve_names(&set).await;
+    let compiled = policies.compile(&set, &daemon.dns.resolved().0)?;
+    let generation = daemon.install(compiled, set).await?;
     tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");
 
     root.create()?;
@@ -292,6 +299,15 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
                 .map_or(WINDOW_REFRESH, |d| d.min(WINDOW_REFRESH))
                 .max(Duration::from_millis(1));
             tokio::time::sleep(wait).await;
+        }
+    });
+    let names_daemon = Arc::clone(&daemon);
+    supervisor.spawn("names", async move {
+        // Host names are asked again before their answers expire, and the policy in force is
+        // written again when an address comes or goes.
+        loop {
+            let wait = names_daemon.refresh_names().await;
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
     });
     let losses = Arc::new(LossWatch {

@@ -686,7 +686,7 @@ impl Enforcer {
         let now = windows::Now::read(&self.wall_clock);
         let mut due: Option<std::time::Duration> = None;
         for w in entries {
-            let (spans, edge) = windows::spans(&w.window, &now);
+            let (spans, edge) = windows::entry_spans(w, &now);
             self.windows
                 .insert(Limit::key(generation, w.rule_id), spans, 0)
                 .map_err(map_err(maps::WINDOWS, "writing"))?;

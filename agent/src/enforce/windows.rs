@@ -71,6 +71,36 @@ pub fn spans(w: &Window, now: &Now) -> (WindowSpans, Option<Duration>) {
     (out, next_edge)
 }
 
+/// The spans of `entry` as of `now`: its window's (always open without one), closed for good
+/// from its expiry on; with how long until its next edge, if it has one.
+pub fn entry_spans(
+    entry: &crate::policy::compile::WindowEntry,
+    now: &Now,
+) -> (WindowSpans, Option<Duration>) {
+    let (mut out, mut edge) = match &entry.window {
+        Some(w) => spans(w, now),
+        None => (
+            WindowSpans {
+                spans: [[0, u64::MAX], [0, 0]],
+            },
+            None,
+        ),
+    };
+    if let Some(until) = entry.until_boot_ns {
+        for span in &mut out.spans {
+            span[1] = span[1].min(until);
+            if span[0] >= span[1] {
+                *span = [0, 0];
+            }
+        }
+        if until > now.boot_ns {
+            let left = Duration::from_nanos(until - now.boot_ns);
+            edge = Some(edge.map_or(left, |e| e.min(left)));
+        }
+    }
+    (out, edge)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +152,45 @@ mod tests {
         let c = WallClock::starting_at(at);
         let read = c.now();
         assert!(read >= at && read.duration_since(at) < SignedDuration::from_secs(5));
+    }
+
+    #[test]
+    fn an_expiry_closes_a_span_for_good_and_is_an_edge() {
+        let now = Now {
+            wall: "2026-12-07T08:00:00Z".parse().unwrap(),
+            boot_ns: 1_000_000_000_000,
+        };
+        let until = now.boot_ns + 3_000_000_000;
+        let entry = crate::policy::compile::WindowEntry {
+            rule_id: 1,
+            window: None,
+            until_boot_ns: Some(until),
+        };
+        let (s, edge) = entry_spans(&entry, &now);
+        assert_eq!(s.spans, [[0, until], [0, 0]]);
+        assert_eq!(edge, Some(Duration::from_secs(3)));
+        assert!(s.open(until - 1) && !s.open(until));
+        // Within a window: the window's span, cut at the expiry.
+        let windowed = crate::policy::compile::WindowEntry {
+            window: Some(Window {
+                days: Window::ALL_DAYS,
+                from: 7 * 3600,
+                until: 17 * 3600,
+                timezone: "UTC".into(),
+            }),
+            ..entry.clone()
+        };
+        let (s, edge) = entry_spans(&windowed, &now);
+        assert_eq!(s.spans[0][1], until);
+        assert_eq!(s.spans[1], [0, 0], "the next day's span is past the expiry");
+        assert_eq!(edge, Some(Duration::from_secs(3)));
+        // Expired: closed, no edge left.
+        let past = crate::policy::compile::WindowEntry {
+            until_boot_ns: Some(now.boot_ns - 1),
+            ..entry
+        };
+        let (s, edge) = entry_spans(&past, &now);
+        assert!(!s.open(now.boot_ns));
+        assert_eq!(edge, None);
     }
 }

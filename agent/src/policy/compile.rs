@@ -79,14 +79,33 @@ pub struct RuleInfo {
     pub mode: Option<Mode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<Window>,
+    /// For the addresses a host name of the rule resolved to: the name, and when the answer
+    /// expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Resolution>,
 }
 
+/// Where a rule id's addresses came from: a host name, whose answer expires at
+/// `until_boot_ns` (boot clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Resolution {
+    pub name: String,
+    pub until_boot_ns: u64,
+}
+
+/// Host name → its addresses, each with the instant (boot clock) its answer expires: what
+/// the daemon resolved. A name without an entry grants nothing.
+pub type Resolved = BTreeMap<String, Vec<(std::net::IpAddr, u64)>>;
+
 /// The time window of a rule id (its spans are written with the generation, and again as
-/// they pass).
+/// they pass), and the instant its resolved addresses expire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowEntry {
     pub rule_id: u32,
-    pub window: Window,
+    /// Always open if `None`.
+    pub window: Option<Window>,
+    /// Closed for good from this instant on (boot clock), if set.
+    pub until_boot_ns: Option<u64>,
 }
 
 /// The rate limit of a rule id, as the kernel holds it (generation set when written).
@@ -194,6 +213,7 @@ impl Compiled {
             rate: None,
             mode: None,
             window: None,
+            resolved: None,
         });
         // Slot 0's names are open to every enforced cgroup, bound or not (ebpf/src/unix.rs).
         let slots: Vec<u32> = std::iter::once(0)
@@ -257,8 +277,18 @@ const COLLECT_MAX: usize = 4 * MAX_ENTRIES_PER_PREFIX;
 /// Prefix → (entries written for it, source of the first rule there), for one slot.
 type SlotNodes = HashMap<(Addr16, u32), (Vec<PortRule>, Source)>;
 
-/// Compiles `set`; `slot_of` gives each policy's identity slot (never 0).
+/// Compiles `set`; `slot_of` gives each policy's identity slot (never 0). Host names grant
+/// nothing (see [`compile_resolved`]).
 pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compiled, Vec<Problem>> {
+    compile_resolved(set, slot_of, &Resolved::new())
+}
+
+/// Compiles `set` with the addresses its host names resolved to (`resolved`).
+pub fn compile_resolved(
+    set: &PolicySet,
+    slot_of: impl Fn(&str) -> u32,
+    resolved: &Resolved,
+) -> Result<Compiled, Vec<Problem>> {
     let mut out = Compiled::default();
     let mut own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
     let mut ingress_own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
@@ -290,6 +320,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 rate: None,
                 mode: None,
                 window: None,
+                resolved: None,
             });
             out.add_unix(slot, &rule.name, id);
         }
@@ -308,6 +339,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 rate: rule.rate,
                 mode: rule.mode,
                 window: rule.window.clone(),
+                resolved: None,
             });
             if let Some(r) = &rule.service
                 && r.kind == RefKind::Agent
@@ -329,7 +361,8 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                 flags |= rule_flags::WINDOWED;
                 out.windows.push(WindowEntry {
                     rule_id: id,
-                    window: w.clone(),
+                    window: Some(w.clone()),
+                    until_boot_ns: None,
                 });
             }
             if flags != 0 && rule.mode == Some(Mode::Audit) {
@@ -348,6 +381,17 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     ..PortRule::default()
                 };
                 add_entries(nodes, &ep.to, ports, &rule.source, entry);
+                for name in &ep.names {
+                    add_resolved(
+                        &mut out,
+                        nodes,
+                        (slot, rule, id),
+                        name,
+                        resolved,
+                        ports,
+                        entry,
+                    );
+                }
             }
         }
         if let Some(ingress) = &policy.ingress {
@@ -364,6 +408,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     source: rule.source.clone(),
                     endpoints: vec![Endpoint {
                         to: rule.from.clone(),
+                        names: Vec::new(),
                         protocol: Protocol::Tcp,
                         ports: rule.ports.clone(),
                     }],
@@ -372,6 +417,7 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
                     rate: None,
                     mode: None,
                     window: None,
+                    resolved: None,
                 });
                 let entry = PortRule {
                     rule_id: id,
@@ -394,6 +440,74 @@ pub fn compile(set: &PolicySet, slot_of: impl Fn(&str) -> u32) -> Result<Compile
     }
 }
 
+/// The addresses host name `name` of rule `id` (of the policy at `slot`) resolved to: one
+/// rule id per answer, alike in all but its expiry, which the kernel enforces as a window
+/// that closes at that instant (the rule's own window, if any, within it). A rate-limited
+/// rule's ids share its bucket.
+fn add_resolved(
+    out: &mut Compiled,
+    nodes: &mut SlotNodes,
+    (slot, rule, id): (u32, &EgressRule, u32),
+    name: &str,
+    resolved: &Resolved,
+    ports: &[PortRange],
+    entry: PortRule,
+) {
+    let mut by_expiry: BTreeMap<u64, Vec<IpNet>> = BTreeMap::new();
+    for (ip, until) in resolved.get(name).into_iter().flatten() {
+        by_expiry.entry(*until).or_default().push(IpNet::from(*ip));
+    }
+    let limit = out.limits.iter().find(|l| l.rule_id == id).map(|l| l.limit);
+    for (until, nets) in by_expiry {
+        let derived = out.next_rule_id();
+        let Some(mut info) = out.rule(id).cloned() else {
+            return;
+        };
+        info.id = derived;
+        info.resolved = Some(Resolution {
+            name: name.to_string(),
+            until_boot_ns: until,
+        });
+        out.rules.push(info);
+        if let Some(limit) = limit {
+            out.limits.push(LimitEntry {
+                rule_id: derived,
+                slot,
+                limit,
+            });
+        }
+        out.windows.push(WindowEntry {
+            rule_id: derived,
+            window: rule.window.clone(),
+            until_boot_ns: Some(until),
+        });
+        let mut flags = entry.flags | rule_flags::WINDOWED;
+        if rule.mode == Some(Mode::Audit) {
+            flags |= rule_flags::AUDIT;
+        }
+        add_entries(
+            nodes,
+            &nets,
+            ports,
+            &rule.source,
+            PortRule {
+                rule_id: derived,
+                flags,
+                ..entry
+            },
+        );
+    }
+}
+
+/// The path of an identity as a policy or the agents catalog writes it: `agent/x/prod` of
+/// `agent/x/prod`, `/agent/x/prod` and `spiffe://td/agent/x/prod`.
+pub(crate) fn identity_path(id: &str) -> &str {
+    let path = id
+        .strip_prefix("spiffe://")
+        .map_or(id, |rest| rest.split_once('/').map_or("", |(_, p)| p));
+    path.trim_start_matches('/')
+}
+
 /// The callee ends of `agent:` rules (`calls`): a callee whose policy is in `set` judges
 /// ingress, and admits each caller's policy (by who the caller is, on this host) to the ports
 /// of its endpoints, and the caller's other hosts (`hosts:` of its own catalog entry) by
@@ -405,18 +519,20 @@ fn compile_calls(
     ingress_own: &mut BTreeMap<u32, SlotNodes>,
     problems: &mut Vec<Problem>,
 ) -> Vec<Peer> {
+    // Identities are compared by their path: a policy may write the full SPIFFE ID of the
+    // node's trust domain where the catalog writes the path, or the other way round.
     let governed: HashMap<&str, &super::Policy> = set
         .policies
         .iter()
-        .filter_map(|p| Some((p.identity.as_deref()?, p)))
+        .filter_map(|p| Some((identity_path(p.identity.as_deref()?), p)))
         .collect();
-    let callee_of = |identity: &str| governed.get(identity).copied();
+    let callee_of = |identity: &str| governed.get(identity_path(identity)).copied();
     let agents: HashMap<&str, &super::Agent> =
         set.agents.iter().map(|a| (a.name.as_str(), a)).collect();
     let agent_of: HashMap<&str, &super::Agent> = set
         .agents
         .iter()
-        .map(|a| (a.identity.as_str(), a))
+        .map(|a| (identity_path(&a.identity), a))
         .collect();
     // Every catalogued agent governed here judges who connects to it.
     for agent in &set.agents {
@@ -467,11 +583,18 @@ fn compile_calls(
             }
         }
         // The caller's calls from the other hosts it runs on.
-        let own = caller.identity.as_deref().and_then(|id| agent_of.get(id));
+        let own = caller
+            .identity
+            .as_deref()
+            .and_then(|id| agent_of.get(identity_path(id)));
         if let Some(me) = own.filter(|me| !me.hosts.is_empty()) {
             let nodes = ingress_own.entry(callee_slot).or_default();
             for ep in &agent.endpoints {
-                add_entries(nodes, &me.hosts, &ep.ports, &rule.source, entry);
+                let remote = PortRule {
+                    flags: rule_flags::REMOTE_ONLY,
+                    ..entry
+                };
+                add_entries(nodes, &me.hosts, &ep.ports, &rule.source, remote);
             }
         }
     }
@@ -1083,8 +1206,9 @@ policy:
 ---
 policy:
   name: b
-  identity: agent/b/prod
+  identity: spiffe://example.org/agent/b/prod
 ";
+        // The callee's policy writes its full ID, the catalog the path: the same identity.
         let c = compile(&set(text), slots).unwrap();
         // The caller's egress: TCP to the callee's endpoints, by its rule.
         assert_eq!(lookup(&c, 1, "127.0.0.20", proto::TCP, 8443), Some(1));
@@ -1108,9 +1232,54 @@ policy:
             .unwrap();
         assert_eq!(from_hosts.set.find(proto::TCP, 8443), Some(1));
         assert_eq!(from_hosts.set.find(proto::TCP, 22), None);
+        // Only from elsewhere: a process of this host at such an address is no caller there.
+        assert_eq!(
+            from_hosts
+                .set
+                .find_skipping(proto::TCP, 8443, rule_flags::REMOTE_ONLY),
+            None
+        );
         // The caller serves too (it is in the catalog): it judges ingress, and no one calls it.
         assert!(c.ingress.iter().any(|n| n.slot == 1 && n.bits == 0));
         assert!(c.peers.iter().all(|p| p.callee_slot != 1));
         assert_eq!(c.rule(1).unwrap().source.line, 24);
+    }
+
+    /// Each answer of a host name compiles to a rule id of its own, alike but for its expiry,
+    /// which the kernel enforces as a window; a rate-limited rule's ids share its bucket; a
+    /// name without an answer grants nothing.
+    #[test]
+    fn resolved_names_compile_to_expiring_rule_ids() {
+        let text = "service:\n  name: wh\n  endpoints:\n    - to: [wh.example, unknown.example]\n      protocol: tcp\n      ports: [9000]\n---\npolicy:\n  name: a\n  rules:\n    - resource: service:wh\n      rateLimit: 10 per minute\n";
+        let mut resolved = Resolved::new();
+        resolved.insert(
+            "wh.example".into(),
+            vec![
+                ("10.1.0.1".parse().unwrap(), 5_000),
+                ("10.1.0.2".parse().unwrap(), 9_000),
+            ],
+        );
+        let c = compile_resolved(&set(text), slots, &resolved).unwrap();
+        assert_eq!(c.rules.len(), 3, "the rule, and one id per answer");
+        let old = lookup(&c, 1, "10.1.0.1", proto::TCP, 9000).unwrap();
+        let new = lookup(&c, 1, "10.1.0.2", proto::TCP, 9000).unwrap();
+        assert_ne!(old, new);
+        assert_eq!(
+            c.rule(old).unwrap().resolved,
+            Some(Resolution {
+                name: "wh.example".into(),
+                until_boot_ns: 5_000
+            })
+        );
+        assert_eq!(c.rule(old).unwrap().source, c.rule(1).unwrap().source);
+        let w = c.windows.iter().find(|w| w.rule_id == new).unwrap();
+        assert_eq!((w.window.clone(), w.until_boot_ns), (None, Some(9_000)));
+        let bucket = |id: u32| c.limits.iter().find(|l| l.rule_id == id).unwrap().limit;
+        assert_eq!(bucket(old), bucket(1));
+        assert_eq!(bucket(new), bucket(1));
+        assert_eq!(lookup(&c, 1, "10.1.0.3", proto::TCP, 9000), None);
+        // Without answers, nothing.
+        let bare = compile(&set(text), slots).unwrap();
+        assert!(bare.nodes.is_empty());
     }
 }

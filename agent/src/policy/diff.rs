@@ -28,7 +28,11 @@ pub struct PolicyDiff {
 }
 
 fn endpoint_text(e: &Endpoint) -> String {
-    let to: Vec<String> = e.to.iter().map(ToString::to_string).collect();
+    let to: Vec<String> =
+        e.to.iter()
+            .map(ToString::to_string)
+            .chain(e.names.iter().cloned())
+            .collect();
     let proto = match e.protocol {
         Protocol::Any => "any protocol",
         Protocol::Tcp => "tcp",
@@ -79,6 +83,7 @@ fn grants(p: &Policy) -> BTreeSet<String> {
             "ingress from {}",
             endpoint_text(&Endpoint {
                 to: r.from.clone(),
+                names: Vec::new(),
                 protocol: Protocol::Tcp,
                 ports: r.ports.clone(),
             })

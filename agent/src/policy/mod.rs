@@ -121,6 +121,10 @@ impl fmt::Display for Source {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub to: Vec<IpNet>,
+    /// Host names (services catalog only), resolved by the daemon: the addresses of each
+    /// answer are granted until its TTL runs out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
     pub protocol: Protocol,
     /// Empty means every port.
     pub ports: Vec<PortRange>,
@@ -381,6 +385,19 @@ impl PolicyError {
             }],
         }
     }
+}
+
+/// The host names the policies of `set` reach (through the services and agents catalogs),
+/// sorted, once each: what the daemon resolves.
+pub fn host_names(set: &PolicySet) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = set
+        .policies
+        .iter()
+        .flat_map(|p| &p.egress)
+        .flat_map(|r| &r.endpoints)
+        .flat_map(|e| &e.names)
+        .collect();
+    names.into_iter().cloned().collect()
 }
 
 /// Whether a directory entry is a policy file: `*.yaml` or `*.yml`, not hidden.

@@ -482,7 +482,7 @@ fn check_service(c: &mut Checker<'_>, raw: RawService) -> Service {
         let _ = e.description;
         let field = format!("service.endpoints[{i}]");
         let to = listed(&field, "to", e.to);
-        if let Some(ep) = check_endpoint(c, &field, to, e.protocol, e.ports) {
+        if let Some(ep) = check_endpoint_named(c, &field, to, e.protocol, e.ports, true) {
             endpoints.push(ep);
         }
     }
@@ -525,7 +525,7 @@ fn check_agent(c: &mut Checker<'_>, raw: RawAgent) -> Agent {
             continue;
         }
         let to = listed(&field, "to", e.to);
-        if let Some(ep) = check_endpoint(c, &field, to, Some(Protocol::Tcp), e.ports) {
+        if let Some(ep) = check_endpoint_named(c, &field, to, Some(Protocol::Tcp), e.ports, true) {
             endpoints.push(ep);
         }
     }
@@ -1047,6 +1047,18 @@ fn check_endpoint(
     protocol: Option<Protocol>,
     raw_ports: Vec<RawPort>,
 ) -> Option<Endpoint> {
+    check_endpoint_named(c, field, to_raw, protocol, raw_ports, false)
+}
+
+/// [`check_endpoint`], where `names` lets destinations be host names (the catalogs').
+fn check_endpoint_named(
+    c: &mut Checker<'_>,
+    field: &str,
+    to_raw: Vec<(String, String)>,
+    protocol: Option<Protocol>,
+    raw_ports: Vec<RawPort>,
+    names: bool,
+) -> Option<Endpoint> {
     let before = c.problems.len();
     let protocol = protocol.unwrap_or_default();
     if to_raw.is_empty() {
@@ -1056,9 +1068,19 @@ fn check_endpoint(
         );
     }
     let mut to = Vec::with_capacity(to_raw.len());
+    let mut hosts = Vec::new();
     for (f, s) in to_raw {
         match parse_destination(&s) {
             Ok(net) => to.push(net),
+            Err(FieldError::Destination(d)) if names && is_host_name(&d) => {
+                hosts.push(d.trim_end_matches('.').to_ascii_lowercase());
+            }
+            Err(FieldError::Destination(d)) if names => c.problem(
+                f,
+                format!(
+                    "{d:?} is neither an IP address or CIDR (such as 10.0.0.0/8) nor a host name (such as db.internal.example)"
+                ),
+            ),
             Err(e) => c.problem(f, e.to_string()),
         }
     }
@@ -1077,9 +1099,31 @@ fn check_endpoint(
     }
     (c.problems.len() == before).then_some(Endpoint {
         to,
+        names: hosts,
         protocol,
         ports,
     })
+}
+
+/// Whether `s` is a DNS host name: dot-separated labels of letters, digits and `-` (not at
+/// either end), at most 63 bytes each and 253 in all, the last one not all digits (so that a
+/// mistyped address is not taken for a name).
+fn is_host_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    let labels: Vec<&str> = s.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    !s.is_empty()
+        && s.len() <= 253
+        && labels.iter().all(label_ok)
+        && labels
+            .last()
+            .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// An address (a host prefix) or a CIDR whose host bits are zero.
@@ -1724,5 +1768,30 @@ policy:
             );
         }
         assert_eq!(got.len(), want.len(), "{got:#?}");
+    }
+
+    /// Host names: in the catalogs' endpoints only, each a DNS name whose last label is not a
+    /// number (a mistyped address is reported as one).
+    #[test]
+    fn host_names_are_read_in_the_catalogs_only() {
+        let good = "service:\n  name: s\n  endpoints:\n    - to: [Warehouse.Internal.example., 10.0.0.0/8]\n      ports: [9000]\n";
+        let set = parse_texts(&[(PathBuf::from("s.yaml"), good.to_string())]).unwrap();
+        let ep = &set.services[0].endpoints[0];
+        assert_eq!(ep.names, ["warehouse.internal.example"]);
+        assert_eq!(ep.to.len(), 1);
+        assert!(is_host_name("a-1.b"));
+        for bad in ["10.0.0.300", "-a.b", "a..b", "a_b.c", ""] {
+            assert!(!is_host_name(bad), "{bad:?}");
+        }
+        let got = problems(
+            "policy:\n  name: p\n  egress:\n    - to: db.example\n---\nservice:\n  name: s\n  endpoints:\n    - to: 10.0.0.300\n",
+        );
+        assert_eq!(
+            got,
+            [
+                "p.yaml:4:11: policy.egress[0].to: \"db.example\" is not an IP address or CIDR (such as 10.0.0.0/8 or 2001:db8::/32); host names come with the services catalog",
+                "p.yaml:9:11: service.endpoints[0].to: \"10.0.0.300\" is neither an IP address or CIDR (such as 10.0.0.0/8) nor a host name (such as db.internal.example)",
+            ]
+        );
     }
 }
