@@ -31,6 +31,10 @@ pub mod flags {
     /// An ingress entry for the other hosts a caller runs on (`hosts:` of the agents
     /// catalog): it admits no connection that comes from this host.
     pub const REMOTE_ONLY: u8 = 8;
+    /// The entry grants an address a host name resolved to, until the answer expires (its
+    /// `WINDOWED` spans end there). The kernel reads nothing more in it; the compiler puts
+    /// such entries before those with a limit or a window of their own.
+    pub const RESOLVED: u8 = 16;
 }
 
 /// When a windowed rule grants: up to two spans `[start, end)` of the boot clock, the one

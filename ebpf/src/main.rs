@@ -156,9 +156,11 @@ fn aw_egress(ctx: SkBuffContext) -> i32 {
     // The cache vouches for a socket's destination, which its packets go to unless they carry
     // a source route (IPv4 options, an IPv6 routing header): those are judged in full.
     let plain = plain_header(&ctx);
-    // A connection asked for: the callee learns who asks (see `agentwall_common::peers`).
-    // Recorded whatever the verdict: a SYN that is dropped reaches no callee.
+    // A connection asked of this host (the loopback device carries every packet to a local
+    // address): the callee learns who asks (see `agentwall_common::peers`). Recorded whatever
+    // the verdict: a SYN that is dropped reaches no callee.
     if let Some(Some(at)) = plain
+        && to_loopback(&ctx)
         && syn_at(&ctx, at)
     {
         record_syn(&ctx, at);
@@ -538,6 +540,15 @@ fn aw_ingress(ctx: SkBuffContext) -> i32 {
         emit::count(agentwall_common::counters::INGRESS_DENIED);
         DENY
     }
+}
+
+/// Whether the packet goes out on the loopback device (index 1 in every network namespace):
+/// to this host.
+#[inline(always)]
+fn to_loopback(ctx: &SkBuffContext) -> bool {
+    const LOOPBACK_IFINDEX: u32 = 1;
+    // SAFETY: `ctx.skb` is the kernel's `__sk_buff`; the field is read whole.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).ifindex) == LOOPBACK_IFINDEX }
 }
 
 /// Whether the packet came in on the loopback device (index 1 in every network namespace):

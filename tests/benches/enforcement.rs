@@ -97,12 +97,25 @@ fn join(cg: &Cgroup) -> std::io::Result<()> {
 }
 
 /// A policy with the benchmark's own loopback ports (one TCP port, a range of them, one UDP
-/// port) and `n` further prefixes.
-fn policy_text(n: usize, port: u16, spread: (u16, u16), udp_port: u16) -> String {
+/// port) and `n` further prefixes. With `limited`, the one TCP port is granted by a rule with
+/// a rate limit no loop reaches: each connect takes a token from its bucket.
+fn policy_text(n: usize, port: u16, spread: (u16, u16), udp_port: u16, limited: bool) -> String {
+    let one = if limited {
+        String::new()
+    } else {
+        format!("{port}, ")
+    };
     let mut t = format!(
-        "policy:\n  name: bench\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{port}, \"{}-{}\"]\n    - to: 127.0.0.1\n      protocol: udp\n      ports: [{udp_port}]\n",
+        "policy:\n  name: bench\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{one}\"{}-{}\"]\n    - to: 127.0.0.1\n      protocol: udp\n      ports: [{udp_port}]\n",
         spread.0, spread.1
     );
+    let mut rules = String::new();
+    if limited {
+        let _ = write!(
+            rules,
+            "  rules:\n    - resource: cidr:127.0.0.1\n      protocol: tcp\n      ports: [{port}]\n      rateLimit: 1000000 per second\n"
+        );
+    }
     for i in 0..n {
         let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
         if i % 2 == 0 {
@@ -117,6 +130,7 @@ fn policy_text(n: usize, port: u16, spread: (u16, u16), udp_port: u16) -> String
             );
         }
     }
+    t.push_str(&rules);
     t
 }
 
@@ -286,6 +300,7 @@ fn floor_links(cg: &Cgroup) -> Vec<std::os::fd::OwnedFd> {
 const SPREAD_PORTS: usize = 2048;
 const _: () = assert!(SPREAD_PORTS >= 8 * DECISION_CACHE_SLOTS as usize);
 const SPREAD_OP: &str = "TCP connect+accept+close, a new destination port each time";
+const LIMITED_OP: &str = "TCP connect+accept+close, one destination, its rule rate-limited";
 
 struct Row {
     rules: usize,
@@ -456,10 +471,12 @@ fn main() {
     });
 
     let mut rows = Vec::new();
-    for (rules, tcp_target, udp_target_ratio) in
-        [(10_000usize, 1.02, 1.03), (100_000, 1.05, f64::NAN)]
-    {
-        let text = policy_text(rules, port, spread, udp_port);
+    for (rules, tcp_target, udp_target_ratio, limited) in [
+        (10_000usize, 1.02, 1.03, false),
+        (100_000, 1.05, f64::NAN, false),
+        (10_000, f64::NAN, f64::NAN, true),
+    ] {
+        let text = policy_text(rules, port, spread, udp_port, limited);
         let set = policy::parse_texts(&[(Path::new("bench.yaml").to_path_buf(), text)]).unwrap();
         let compiled = policy::compile(&set, |_| 1).unwrap();
         let t = Instant::now();
@@ -491,6 +508,17 @@ fn main() {
             break;
         }
         let cgs = [&plain, &floor, &enforced];
+        if limited {
+            let m = measure(a.rounds, || tcp_round(&one, a.ops), cgs);
+            report_line(LIMITED_OP, &m);
+            rows.push(Row {
+                rules,
+                op: LIMITED_OP,
+                m,
+                target: tcp_target,
+            });
+            continue;
+        }
         for (op, set) in [
             ("TCP connect+accept+close, one destination", &one),
             (SPREAD_OP, &many),
@@ -631,7 +659,12 @@ fn main() {
          is to one local port, the same every time. The connect is one connect4 verdict, from \
          the cache.\n\n\
          The UDP loop runs four times as many operations per round as the TCP loops; each is a \
-         quarter of the time.",
+         quarter of the time.\n\n\
+         The rate-limited row grants the one destination by a `rules:` entry with `rateLimit: \
+         1000000 per second`, which no loop here reaches. A limited rule is never answered from \
+         the decision cache: every connect takes a token from the rule's bucket in the kernel \
+         (a compare-and-swap on the bucket's arrival time). Compare it with the first row, the \
+         same connect granted without a limit.",
         SPREAD_PORTS / DECISION_CACHE_SLOTS as usize
     );
     print!("{md}");

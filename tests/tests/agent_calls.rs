@@ -131,6 +131,38 @@ fn an_agent_rule_admits_its_caller_and_the_callee_refuses_everyone_else() {
     let _ = server.wait();
 
     assert!(d.counter("ingress_denied") >= 2);
+    // `policy explain --from` reads the compiled rules as the kernel does: it agrees.
+    let set = agentwall::policy::load_dir(&d.policies).unwrap();
+    let slots: std::collections::HashMap<String, u32> = set
+        .policies
+        .iter()
+        .zip(1..)
+        .map(|(p, s)| (p.name.clone(), s))
+        .collect();
+    let compiled = agentwall::policy::compile(&set, |n| slots[n]).unwrap();
+    let explain = |caller: &str| {
+        agentwall::policy::explain::ingress(
+            &compiled,
+            "report-api",
+            &agentwall::policy::explain::Peer::Local(caller.into()),
+            port,
+        )
+    };
+    let a = explain("caller-a");
+    assert!(
+        a.allow
+            && a.rule
+                .as_deref()
+                .is_some_and(|r| r.ends_with("caller-a.yaml:4"))
+    );
+    assert!(!explain("caller-c").allow);
+    let outside = agentwall::policy::explain::ingress(
+        &compiled,
+        "report-api",
+        &agentwall::policy::explain::Peer::Address("127.0.0.1".parse().unwrap()),
+        port,
+    );
+    assert!(!outside.allow);
     let evs = events.drain(Duration::from_millis(500));
     assert!(
         evs.iter().any(|e| e.hook == "ingress"

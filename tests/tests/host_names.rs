@@ -175,3 +175,34 @@ fn a_host_name_whose_address_changes_is_followed() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A name may not grant this host: an answer of 127.0.0.1 (which the kernel would read as the
+/// whole loopback, every local service) grants nothing, and is counted.
+#[test]
+fn a_name_that_resolves_to_this_host_grants_nothing() {
+    let _s = serial();
+    let sink = agentwall_tests::TcpSink::new("127.0.0.1:0");
+    let dns = Dns::start(Ipv4Addr::LOCALHOST, 30);
+    let catalog = format!(
+        "kind: Service\nservice:\n  name: local\n  endpoints:\n    - to: sneaky.example.test\n      protocol: tcp\n      ports: [{}]\n",
+        sink.port()
+    );
+    let policy = "policy:\n  name: reader\n  rules:\n    - resource: service:local\n";
+    let config = format!("names:\n  servers: [\"127.0.0.1:{}\"]\n", dns.port);
+    let d = TestDaemon::start_with_config(
+        &[("catalog.yaml", &catalog), ("reader.yaml", policy)],
+        Some(&config),
+    );
+    let out = d.exec("reader", None, &[&format!("tcp 127.0.0.1:{}", sink.port())]);
+    assert_eq!(agentwall_tests::lines(&out), ["err EPERM"]);
+    assert_eq!(sink.accepted(), 0);
+    assert!(dns.asked.load(Ordering::Relaxed) >= 1);
+    assert!(
+        d.status()
+            .daemon_errors
+            .get("dns_refused")
+            .is_some_and(|n| *n >= 1),
+        "{:?}",
+        d.status().daemon_errors
+    );
+}

@@ -46,8 +46,15 @@ pub(super) enum PolicyCommand {
         policy: Option<String>,
         /// `service:NAME` or `agent:NAME/ENV` (its first endpoint), or
         /// `ADDRESS:PORT[/tcp|udp|icmp]` (`[::1]:443` for IPv6).
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        to: Option<String>,
+        /// Or who connects to the identity (its ingress): `agent:NAME/ENV` or `policy:NAME`
+        /// (a process of this host under that agent's or that policy's rules), or an ADDRESS.
+        #[arg(long, requires = "port")]
+        from: Option<String>,
+        /// With --from: the identity's local TCP port connected to.
         #[arg(long)]
-        to: String,
+        port: Option<u16>,
         /// The action to ask the decision API about, such as `read`.
         #[arg(long)]
         action: Option<String>,
@@ -151,6 +158,86 @@ fn diff(old: &str, new: &str, path: &std::path::Path, json: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// `policy explain --from`: whether `from` may connect to local TCP port `port` of processes
+/// under policy `name`, and by which rule.
+#[expect(clippy::print_stdout, reason = "CLI output")]
+fn explain_ingress(
+    set: &policy::PolicySet,
+    compiled: &policy::Compiled,
+    name: &str,
+    from: &str,
+    port: u16,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use policy::explain::Peer;
+    let peer = if let Some(agent) = from.strip_prefix("agent:") {
+        let a = set
+            .agents
+            .iter()
+            .find(|a| a.name == agent)
+            .ok_or_else(|| anyhow::anyhow!("no agent named {agent:?} in the catalog"))?;
+        let path = policy::compile::identity_path(&a.identity);
+        let policy = set
+            .policies
+            .iter()
+            .find(|p| {
+                p.identity
+                    .as_deref()
+                    .is_some_and(|id| policy::compile::identity_path(id) == path)
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no policy governs agent {agent:?} (identity {}) on this host",
+                    a.identity
+                )
+            })?;
+        Peer::Local(policy.name.clone())
+    } else if let Some(p) = from.strip_prefix("policy:") {
+        if !compiled.policies.contains_key(p) {
+            anyhow::bail!("no policy named {p:?}");
+        }
+        Peer::Local(p.to_string())
+    } else {
+        Peer::Address(from.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{from:?} is not agent:NAME/ENV, policy:NAME or an IP address (such as 10.0.0.5)"
+            )
+        })?)
+    };
+    let v = policy::explain::ingress(compiled, name, &peer, port);
+    if json {
+        let e = policy::explain::Explanation {
+            policy: name.to_string(),
+            kernel: v.clone(),
+            decision: None,
+        };
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        println!("policy {name}");
+        let verdict = if v.allow { "allow" } else { "deny" };
+        let why = match (&v.rule, v.reason.as_str()) {
+            (_, "not_judged") => format!(
+                ": policy {name} does not judge who connects (no ingress: rules, not an agent of the catalog)"
+            ),
+            (Some(rule), _) => format!(" by {rule}"),
+            (None, _) => format!(
+                ": no ingress rule of policy {name} and no agent: rule of the caller admits it{}",
+                if v.audit {
+                    "; audit mode: let through and recorded"
+                } else {
+                    ""
+                }
+            ),
+        };
+        println!("kernel: {verdict} {} to port {port}/tcp{why}", v.judged_as);
+    }
+    Ok(if v.allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Where `--to` points: the address, port and protocol, and the resource it names.
 fn destination(
     set: &policy::PolicySet,
@@ -205,6 +292,8 @@ fn explain(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         identity,
         policy: by_name,
         to,
+        from,
+        port,
         action,
         attrs,
         at,
@@ -238,6 +327,10 @@ fn explain(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         }
         (None, None) => anyhow::bail!("give --identity or --policy"),
     };
+    if let (Some(from), Some(port)) = (&from, port) {
+        return explain_ingress(&set, &compiled, &name, from, port, json);
+    }
+    let to = to.ok_or_else(|| anyhow::anyhow!("give --to or --from"))?;
     let (ip, port, protocol, service) = destination(&set, &to)?;
     let at = at.unwrap_or_else(jiff::Timestamp::now);
     let mut attributes = std::collections::BTreeMap::new();

@@ -67,8 +67,6 @@ pub enum DaemonError {
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
     #[error(transparent)]
-    Dns(#[from] dns::DnsError),
-    #[error(transparent)]
     Compile(#[from] policies::CompileError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
@@ -157,6 +155,8 @@ pub struct Daemon {
     decision_records: decisions::RecordBudget,
     /// The addresses of the catalog's host names.
     dns: Arc<dns::Dns>,
+    /// The kernel holds older answers than the DNS service: write them again.
+    names_stale: std::sync::atomic::AtomicBool,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that
@@ -206,21 +206,54 @@ impl Daemon {
         Ok(generation)
     }
 
-    /// Asks for the host names of `set` that are due (all of them, the first time); a name
-    /// that cannot be resolved is logged and counted, and grants nothing.
+    /// Asks, all at once, for the host names of `set` that are due (all of them, the first
+    /// time); a name that cannot be resolved is logged and counted, and grants nothing once
+    /// its last answer expires. Whether an answer brought a new address or a later expiry.
     async fn resolve_names(&self, set: &policy::PolicySet) -> bool {
         let wanted = policy::host_names(set);
-        let mut changed = false;
+        let mut lookups = tokio::task::JoinSet::new();
         for name in self.dns.due(&wanted) {
-            match self.dns.resolve(&name).await {
-                Ok(c) => changed |= c,
+            let dns = Arc::clone(&self.dns);
+            lookups.spawn(async move { dns.resolve(&name).await });
+        }
+        let mut changed = false;
+        while let Some(r) = lookups.join_next().await {
+            match r {
+                Ok(Ok(c)) => changed |= c,
+                Ok(Err(e)) => {
+                    if let dns::DnsError::Refused { changed: c, .. } = &e {
+                        changed |= c;
+                        self.count_error("dns_refused");
+                    } else {
+                        self.count_error("dns_lookup");
+                    }
+                    tracing::warn!(error = %e, "a host name of the services catalog did not resolve to what it may grant; its last answer stands until it expires");
+                }
                 Err(e) => {
                     self.count_error("dns_lookup");
-                    tracing::warn!(error = %e, "a host name of the services catalog did not resolve; its last answer stands until it expires");
+                    tracing::error!(error = %e, "a DNS lookup task failed");
                 }
             }
         }
         changed
+    }
+
+    /// Compiles `set` with the host names' answers in force; if the answers make it fail
+    /// (a node with too many entries), without them: the names then grant nothing, and the
+    /// failure is counted. Content of DNS never stops a valid directory from loading.
+    fn compile_with_names(&self, set: &policy::PolicySet) -> Result<Compiled, DaemonError> {
+        let (resolved, _) = self.dns.resolved();
+        match self.policies.compile(set, &resolved) {
+            Ok(c) => Ok(c),
+            Err(e) if resolved.values().any(|a| !a.is_empty()) => {
+                self.count_error("dns_apply");
+                tracing::error!(error = %e, "the addresses of host names do not fit the policy; the names grant nothing until they do");
+                Ok(self
+                    .policies
+                    .compile(set, &policy::compile::Resolved::new())?)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Asks again for the names due, and writes the policy in force again when an answer
@@ -228,37 +261,42 @@ impl Daemon {
     /// the next such event.
     pub(crate) async fn refresh_names(&self) -> std::time::Duration {
         const MOST: std::time::Duration = std::time::Duration::from_secs(30);
+        const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
         let Some(set) = self.policies.set_in_force() else {
             return MOST;
         };
-        let wanted = policy::host_names(&set);
-        if wanted.is_empty() {
+        if policy::host_names(&set).is_empty() {
             return MOST;
         }
-        self.dns.retain(&wanted);
         let changed = self.resolve_names(&set).await;
-        let (resolved, expired) = self.dns.resolved();
-        if changed || expired {
+        let (_, expired) = self.dns.resolved();
+        if changed || expired || self.names_stale.load(std::sync::atomic::Ordering::Relaxed) {
+            // Under the reload turn, with the set in force then and the answers known then:
+            // a reload in between installed its own, maybe older, answers.
             let _turn = self.policies.reload_turn().await;
-            // A reload in between put its own set in force, with the answers then known.
-            if self
-                .policies
-                .set_in_force()
-                .is_some_and(|now| Arc::ptr_eq(&now, &set))
-            {
-                let r = async {
-                    let compiled = self.policies.compile(&set, &resolved)?;
-                    self.install(compiled, Arc::clone(&set)).await
+            let Some(set) = self.policies.set_in_force() else {
+                return MOST;
+            };
+            self.dns.retain(&policy::host_names(&set));
+            let r = async {
+                let compiled = self.compile_with_names(&set)?;
+                self.install(compiled, Arc::clone(&set)).await
+            }
+            .await;
+            match r {
+                Ok(generation) => {
+                    self.names_stale
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(generation, "host names followed: new addresses in force");
                 }
-                .await;
-                match r {
-                    Ok(generation) => {
-                        tracing::info!(generation, "host names followed: new addresses in force");
-                    }
-                    Err(e) => {
-                        self.count_error("dns_apply");
-                        tracing::error!(error = %e, "cannot write the addresses of host names; the kernel closes the old ones at their expiry");
-                    }
+                Err(e) => {
+                    // Tried again soon; meanwhile the kernel closes old answers at their
+                    // expiry.
+                    self.names_stale
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.count_error("dns_apply");
+                    tracing::error!(error = %e, "cannot write the addresses of host names");
+                    return RETRY;
                 }
             }
         }
@@ -341,7 +379,7 @@ impl Daemon {
         let result = async {
             let set = Arc::new(self.policies.load()?);
             self.resolve_names(&set).await;
-            let compiled = self.policies.compile(&set, &self.dns.resolved().0)?;
+            let compiled = self.compile_with_names(&set)?;
             let (policies, nodes) = (compiled.policies.len(), compiled.nodes.len());
             let generation = self.install(compiled, set).await?;
             Ok::<_, DaemonError>((generation, policies, nodes))

@@ -70,7 +70,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
     let set = Arc::new(policies.load()?);
     policies.compile(&set, &policy::compile::Resolved::new())?;
-    let dns = Arc::new(super::dns::Dns::new(&cfg.names)?);
+    let dns = Arc::new(super::dns::Dns::new(&cfg.names));
     let identity = Arc::new(IdentityService::start(&cfg.state_dir, &cfg.identity)?);
     // Every long-lived task and thread from here on is watched: one that ends stops the
     // daemon (see `crate::supervise`).
@@ -118,6 +118,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         decision_buckets: Default::default(),
         decision_records: Default::default(),
         dns,
+        names_stale: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
@@ -185,7 +186,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     // The catalog's host names are asked for before the first generation, which holds their
     // addresses.
     daemon.resolve_names(&set).await;
-    let compiled = policies.compile(&set, &daemon.dns.resolved().0)?;
+    let compiled = daemon.compile_with_names(&set)?;
     let generation = daemon.install(compiled, set).await?;
     tracing::info!(generation, policy_dir = %daemon.cfg.policy_dir.display(), "policy in force");
 

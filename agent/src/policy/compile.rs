@@ -481,7 +481,7 @@ fn add_resolved(
             window: rule.window.clone(),
             until_boot_ns: Some(until),
         });
-        let mut flags = entry.flags | rule_flags::WINDOWED;
+        let mut flags = entry.flags | rule_flags::WINDOWED | rule_flags::RESOLVED;
         if rule.mode == Some(Mode::Audit) {
             flags |= rule_flags::AUDIT;
         }
@@ -777,7 +777,17 @@ fn node_entries(
     // Entries without conditions first: a destination that one rule grants outright is not
     // limited because another rule grants it with a limit or a window, and the kernel then
     // looks at conditions only when no unconditional entry matches.
-    all.sort_by_key(|e| e.flags != 0);
+    // Of those with conditions, the ones that only expire with their DNS answer come first:
+    // the kernel tries two alternatives at most.
+    all.sort_by_key(|e| match e.flags {
+        0 => 0,
+        f if f & !(rule_flags::WINDOWED | rule_flags::RESOLVED | rule_flags::AUDIT) == 0
+            && f & rule_flags::RESOLVED != 0 =>
+        {
+            1
+        }
+        _ => 2,
+    });
     // An entry with conditions behind an unconditional one of the same protocol and ports is
     // never consulted.
     let plain: HashSet<(u8, u16, u16)> = all

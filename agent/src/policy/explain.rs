@@ -173,6 +173,91 @@ pub fn explain(
     }
 }
 
+/// Who asks for a connection, for [`ingress`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A process of this host under the policy named: it connects from a loopback address,
+    /// and the callee's kernel knows who it is.
+    Local(String),
+    /// A peer at this address.
+    Address(IpAddr),
+}
+
+/// What the kernel would do with a TCP connection `peer` asks of local port `port` of a
+/// process under `policy`: its ingress rules by the peer's address (entries for a caller's
+/// other hosts count only for a peer that is not on this host), then, for a process of this
+/// host, the callers its policy's `agent:` rules admit.
+pub fn ingress(compiled: &Compiled, policy: &str, peer: &Peer, port: u16) -> KernelVerdict {
+    let slot = compiled.policies.get(policy).map_or(0, |(s, _)| *s);
+    let audit_policy = compiled
+        .policies
+        .get(policy)
+        .is_some_and(|(_, m)| *m == super::Mode::Audit);
+    let (raw, local, caller) = match peer {
+        Peer::Local(name) => (
+            addr::LOOPBACK,
+            true,
+            compiled.policies.get(name).map(|(s, _)| *s),
+        ),
+        Peer::Address(IpAddr::V4(v)) => (addr::from_v4(v.octets()), false, None),
+        Peer::Address(IpAddr::V6(v)) => (v.octets(), false, None),
+    };
+    let a = addr::classify(raw);
+    // A loopback address is this host, whatever the caller says.
+    let local = local || a == addr::LOOPBACK;
+    let judged_as = match peer {
+        Peer::Local(name) => format!("a process of this host under policy {name}"),
+        Peer::Address(_) => display_prefix(&a, 128)
+            .trim_end_matches("/128")
+            .trim_end_matches("/32")
+            .to_string(),
+    };
+    let mut verdict = KernelVerdict {
+        allow: true,
+        rule_id: None,
+        rule: None,
+        reason: "not_judged".into(),
+        limited: None,
+        audit: false,
+        judged_as,
+        node: None,
+    };
+    let node: Option<&Node> = compiled
+        .ingress
+        .iter()
+        .filter(|n| n.slot == slot && contains(&n.addr, n.bits, &a))
+        .max_by_key(|n| n.bits);
+    let Some(node) = node else {
+        // No ingress node: the policy does not judge who connects.
+        return verdict;
+    };
+    verdict.node = Some(display_prefix(&node.addr, node.bits));
+    let skip = if local { flags::REMOTE_ONLY } else { 0 };
+    let by_address = node.set.find_skipping(proto::TCP, port, skip);
+    let by_caller = || {
+        let caller = caller?;
+        compiled
+            .peers
+            .iter()
+            .find(|p| p.callee_slot == slot && p.caller_slot == caller)?
+            .set
+            .find(proto::TCP, port)
+    };
+    match by_address.or_else(by_caller) {
+        Some(id) => {
+            verdict.rule_id = Some(id);
+            verdict.rule = compiled.rule(id).map(|r| r.source.to_string());
+            verdict.reason = "rule".into();
+        }
+        None => {
+            verdict.allow = audit_policy;
+            verdict.audit = audit_policy;
+            verdict.reason = "no_rule".into();
+        }
+    }
+    verdict
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -249,5 +334,39 @@ policy:
         );
         assert!(e.kernel.allow);
         assert!(!e.decision.unwrap().allow, "the action is not granted");
+    }
+
+    /// Ingress as the kernel reads it: the address trie first (entries for a caller's other
+    /// hosts only for peers elsewhere), then the callers the `agent:` rules admit.
+    #[test]
+    fn ingress_explains_addresses_and_callers() {
+        let text = "agent:\n  name: b/prod\n  endpoints:\n    - to: 127.0.0.20\n      ports: [8443]\n---\nagent:\n  name: a/prod\n  endpoints:\n    - to: 10.0.0.1\n      ports: [80]\n  hosts: [10.9.0.0/16]\n---\npolicy:\n  name: a\n  identity: agent/a/prod\n  rules:\n    - resource: agent:b/prod\n---\npolicy:\n  name: b\n  identity: agent/b/prod\n  ingress:\n    - from: 192.0.2.0/24\n      ports: [22]\n---\npolicy:\n  name: c\n";
+        let set =
+            crate::policy::parse_texts(&[(std::path::PathBuf::from("p.yaml"), text.to_string())])
+                .unwrap();
+        let slots = |n: &str| match n {
+            "a" => 1,
+            "b" => 2,
+            _ => 3,
+        };
+        let c = crate::policy::compile(&set, slots).unwrap();
+        let local = |p: &str, port| ingress(&c, "b", &Peer::Local(p.into()), port);
+        let v = local("a", 8443);
+        assert!(v.allow);
+        assert_eq!(v.rule.as_deref(), Some("p.yaml:18"));
+        assert!(!local("a", 22).allow, "not its port");
+        assert!(!local("c", 8443).allow, "not its caller");
+        let from = |ip: &str, port| ingress(&c, "b", &Peer::Address(ip.parse().unwrap()), port);
+        assert!(from("10.9.1.1", 8443).allow, "the caller's other host");
+        assert!(!from("10.9.1.1", 22).allow);
+        assert_eq!(from("192.0.2.7", 22).rule.as_deref(), Some("p.yaml:24"));
+        assert!(
+            !from("127.0.0.1", 8443).allow,
+            "this host: by who, not where"
+        );
+        // A policy that judges no ingress.
+        let v = ingress(&c, "c", &Peer::Address("10.1.1.1".parse().unwrap()), 1);
+        assert!(v.allow);
+        assert_eq!(v.reason, "not_judged");
     }
 }
