@@ -502,9 +502,18 @@ fn parse_packet(ctx: &SkBuffContext) -> Option<Packet> {
 /// passes.
 #[cgroup_skb(ingress)]
 fn aw_ingress(ctx: SkBuffContext) -> i32 {
+    let listener = to_listener(&ctx);
+    // The common case first, in three reads: a packet of a connection (not a SYN, not to a
+    // listener) passes; so does anything else that does not reach a listener and is not a
+    // plain TCP SYN (the full reading below lets all of those pass too).
+    if !listener {
+        match plain_header(&ctx) {
+            Some(Some(at)) if syn_at(&ctx, at) => {}
+            _ => return ALLOW,
+        }
+    }
     // SAFETY: `ctx.skb` is the kernel's `__sk_buff` for this program invocation.
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_skb_cgroup_id(ctx.skb.skb) };
-    let listener = to_listener(&ctx);
     let p = parse_packet(&ctx);
     let tcp = p
         .as_ref()

@@ -211,8 +211,8 @@ fn pin(cpu: usize) {
 }
 
 /// The floor of enforcement: a program that only returns 1 (allow) on each hook the enforcer
-/// attaches to (sock_create, connect4/6, sendmsg4/6, egress, and the Unix connect and sendmsg
-/// hooks where the kernel has them), linked to `cg`. What the kernel charges for running any
+/// attaches to (sock_create, connect4/6, sendmsg4/6, egress, ingress, sock_ops, and the Unix
+/// connect and sendmsg hooks where the kernel has them), linked to `cg`. What the kernel charges for running any
 /// cgroup program there at all; enforced minus floor is what agentwall's programs cost.
 /// The links detach when the returned descriptors close.
 fn floor_links(cg: &Cgroup) -> Vec<std::os::fd::OwnedFd> {
@@ -257,6 +257,8 @@ fn floor_links(cg: &Cgroup) -> Vec<std::os::fd::OwnedFd> {
             at::BPF_CGROUP_UDP6_SENDMSG,
         ),
         (pt::BPF_PROG_TYPE_CGROUP_SKB, at::BPF_CGROUP_INET_EGRESS),
+        (pt::BPF_PROG_TYPE_CGROUP_SKB, at::BPF_CGROUP_INET_INGRESS),
+        (pt::BPF_PROG_TYPE_SOCK_OPS, at::BPF_CGROUP_SOCK_OPS),
         (
             pt::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
             at::BPF_CGROUP_UNIX_CONNECT,
