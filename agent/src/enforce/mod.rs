@@ -210,6 +210,9 @@ pub struct Enforcer {
     wall_clock: windows::WallClock,
     /// Until the daemon takes them ([`Self::take_budgets`]).
     budgets: Option<budgets::EventBudgets>,
+    /// How long the last [`Self::apply`] took to put its generation in force (the write and
+    /// the flip, before the grace and the removal of the old one).
+    last_in_force_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -337,6 +340,7 @@ impl Enforcer {
             windows_in_force: Vec::new(),
             windows_open: Vec::new(),
             wall_clock: windows::WallClock::default(),
+            last_in_force_after: None,
             budgets: Some(budgets),
         };
         enforcer.task_hooks = match kernel_layout.and_then(|_| {
@@ -598,6 +602,7 @@ impl Enforcer {
                 capacity: self.max_rule_nodes,
             });
         }
+        let started = std::time::Instant::now();
         let next = match self.generation.wrapping_add(1) {
             0 => 1,
             g => g,
@@ -649,12 +654,19 @@ impl Enforcer {
             return Err(e);
         }
         self.generation = next;
+        self.last_in_force_after = Some(started.elapsed());
         self.windows_in_force.clone_from(&compiled.windows);
         self.windows_open.clear();
         thread::sleep(GENERATION_GRACE);
         self.purge_inactive()?;
         self.purge_buckets(compiled)?;
         Ok(next)
+    }
+
+    /// How long the last [`Self::apply`] took to put its generation in force: the write of
+    /// the new generation and the flip, before the grace and the removal of the old one.
+    pub fn last_in_force_after(&self) -> Option<Duration> {
+        self.last_in_force_after
     }
 
     /// Instructions the verifier went through for each loaded program (kernel 5.16 and later

@@ -742,11 +742,19 @@ fn node_entries(
     entries: &[PortRule],
 ) -> Vec<PortRule> {
     let mut all: Vec<PortRule> = Vec::with_capacity(entries.len());
-    let mut seen = HashSet::new();
-    // Entries with conditions (a limit, a window) are alternatives: each is kept once.
-    let mut push = |e: &PortRule, all: &mut Vec<PortRule>| {
-        let id = if e.flags == 0 { 0 } else { e.rule_id };
-        if seen.insert((e.proto, e.port_lo, e.port_hi, id)) {
+    // Entries with conditions (a limit, a window) are alternatives: each is kept once. A
+    // node holds few entries (collection stops at COLLECT_MAX), so a scan finds a repeat
+    // faster than a hash set would be built.
+    let same = |e: &PortRule, f: &PortRule| {
+        (e.proto, e.port_lo, e.port_hi) == (f.proto, f.port_lo, f.port_hi)
+            && if e.flags == 0 {
+                f.flags == 0
+            } else {
+                f.flags != 0 && f.rule_id == e.rule_id
+            }
+    };
+    let push = |e: &PortRule, all: &mut Vec<PortRule>| {
+        if !all.iter().any(|f| same(e, f)) {
             all.push(*e);
         }
     };
@@ -790,12 +798,12 @@ fn node_entries(
     });
     // An entry with conditions behind an unconditional one of the same protocol and ports is
     // never consulted.
-    let plain: HashSet<(u8, u16, u16)> = all
-        .iter()
-        .filter(|e| e.flags == 0)
-        .map(|e| (e.proto, e.port_lo, e.port_hi))
-        .collect();
-    if all.len() <= COLLECT_MAX {
+    if all.len() <= COLLECT_MAX && all.iter().any(|e| e.flags != 0) {
+        let plain: Vec<(u8, u16, u16)> = all
+            .iter()
+            .filter(|e| e.flags == 0)
+            .map(|e| (e.proto, e.port_lo, e.port_hi))
+            .collect();
         all.retain(|e| e.flags == 0 || !plain.contains(&(e.proto, e.port_lo, e.port_hi)));
     }
     all
