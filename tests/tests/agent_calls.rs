@@ -44,6 +44,17 @@ fn policies(port: u16) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `agentwall exec --policy POLICY -- python3 -c SCRIPT ARGS...` against `d`.
+fn python_under(d: &TestDaemon, policy: &str, script: &str, args: &[String]) -> Command {
+    let mut c = Command::new(d.world_copy(&agentwall_tests::agentwall_bin()));
+    c.arg("exec")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["--policy", policy, "--", "/usr/bin/python3", "-c", script])
+        .args(args);
+    c
+}
+
 /// An echo server under `policy`: it echoes on every connection it accepts, one at a time,
 /// until the caller closes it, and says when it first answered one.
 fn serve(d: &TestDaemon, policy: &str, port: u16) -> (Child, BufReader<ChildStdout>) {
@@ -53,14 +64,10 @@ s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bi
 print('listening', flush=True)\n\
 s.settimeout(20)\n\
 while True:\n    try:\n        c,_=s.accept()\n    except OSError as e:\n        print('accept', type(e).__name__, flush=True); break\n    c.settimeout(10); said=False\n    try:\n        while True:\n            b=c.recv(100)\n            if not b: break\n            c.sendall(b)\n            if not said: print('served', flush=True); said=True\n    except OSError as e:\n        print('echo', type(e).__name__, flush=True)\n    c.close()\n";
-    let mut c = Command::new(d.world_copy(&agentwall_tests::agentwall_bin()));
-    c.arg("exec")
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["--policy", policy, "--", "/usr/bin/python3", "-c", script])
-        .arg(port.to_string())
-        .stdout(Stdio::piped());
-    let mut child = c.spawn().unwrap();
+    let mut child = python_under(d, policy, script, &[port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -73,12 +80,7 @@ fn call_as(d: &TestDaemon, policy: &str, port: u16) -> String {
     let script = "import socket,sys\n\
 try:\n    s=socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=2); s.settimeout(3); s.sendall(b'ping'); print(s.recv(100).decode(), flush=True)\n\
 except OSError as e:\n    print(type(e).__name__, e.errno, flush=True)\n";
-    let out = Command::new(d.world_copy(&agentwall_tests::agentwall_bin()))
-        .arg("exec")
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["--policy", policy, "--", "/usr/bin/python3", "-c", script])
-        .arg(port.to_string())
+    let out = python_under(d, policy, script, &[port.to_string()])
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -198,19 +200,7 @@ fn a_reload_that_drops_the_agent_rule_stops_the_callees_replies_on_an_open_conne
 s=socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=2); s.settimeout(2)\n\
 for _ in sys.stdin:\n    try:\n        s.sendall(b'ping'); print(s.recv(100).decode(), flush=True)\n    except OSError as e:\n        print(type(e).__name__, flush=True)\n";
     let (mut server, _out) = serve(&d, "report-api", port);
-    let mut caller = Command::new(d.world_copy(&agentwall_tests::agentwall_bin()))
-        .arg("exec")
-        .arg("--socket")
-        .arg(&d.socket)
-        .args([
-            "--policy",
-            "caller-a",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            script,
-        ])
-        .arg(port.to_string())
+    let mut caller = python_under(&d, "caller-a", script, &[port.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -264,23 +254,15 @@ fn a_process_reusing_a_callers_unanswered_connect_is_not_admitted_as_it() {
 s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', int(sys.argv[2])))\n\
 try:\n    s.connect(('127.0.0.1', int(sys.argv[1]))); print('connected', flush=True)\nexcept OSError as e:\n    print(type(e).__name__, flush=True)\n\
 s.close(); time.sleep(20)\n";
-    let mut caller = Command::new(d.world_copy(&agentwall_tests::agentwall_bin()))
-        .arg("exec")
-        .arg("--socket")
-        .arg(&d.socket)
-        .args([
-            "--policy",
-            "caller-a",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            script,
-        ])
-        .arg(port.to_string())
-        .arg(source.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut caller = python_under(
+        &d,
+        "caller-a",
+        script,
+        &[port.to_string(), source.to_string()],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     let mut said = String::new();
     BufReader::new(caller.stdout.take().unwrap())
         .read_line(&mut said)

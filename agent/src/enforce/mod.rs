@@ -121,6 +121,14 @@ pub enum EnforceError {
         in_use: usize,
         capacity: u32,
     },
+    #[error(
+        "the policy's agent: rules make {needed} (callee, caller) pairs but the kernel map holds {capacity} with {in_use} in use (two generations meet during a swap); fewer distinct callers per callee, or split the agents over hosts"
+    )]
+    PeersCapacity {
+        needed: usize,
+        in_use: usize,
+        capacity: u32,
+    },
     #[error("binding flags {0:#x} are not known to this version")]
     BadFlags(u32),
     #[error(transparent)]
@@ -600,6 +608,14 @@ impl Enforcer {
                 needed,
                 in_use,
                 capacity: self.max_rule_nodes,
+            });
+        }
+        let peers_in_use = self.peers.keys().count();
+        if peers_in_use + compiled.peers.len() > maps::DEFAULT_MAX_PEERS as usize {
+            return Err(EnforceError::PeersCapacity {
+                needed: compiled.peers.len(),
+                in_use: peers_in_use,
+                capacity: maps::DEFAULT_MAX_PEERS,
             });
         }
         let started = std::time::Instant::now();
