@@ -521,12 +521,19 @@ fn compile_calls(
 ) -> Vec<Peer> {
     // Identities are compared by their path: a policy may write the full SPIFFE ID of the
     // node's trust domain where the catalog writes the path, or the other way round.
-    let governed: HashMap<&str, &super::Policy> = set
-        .policies
-        .iter()
-        .filter_map(|p| Some((identity_path(p.identity.as_deref()?), p)))
-        .collect();
-    let callee_of = |identity: &str| governed.get(identity_path(identity)).copied();
+    // Every policy of the path is a callee: were one left out (two trust domains writing
+    // the same path), its cgroups would not be judged at all.
+    let mut governed: HashMap<&str, Vec<&super::Policy>> = HashMap::new();
+    for p in &set.policies {
+        if let Some(id) = p.identity.as_deref() {
+            governed.entry(identity_path(id)).or_default().push(p);
+        }
+    }
+    let callees_of = |identity: &str| {
+        governed
+            .get(identity_path(identity))
+            .map_or(&[][..], Vec::as_slice)
+    };
     let agents: HashMap<&str, &super::Agent> =
         set.agents.iter().map(|a| (a.name.as_str(), a)).collect();
     let agent_of: HashMap<&str, &super::Agent> = set
@@ -536,7 +543,7 @@ fn compile_calls(
         .collect();
     // Every catalogued agent governed here judges who connects to it.
     for agent in &set.agents {
-        if let Some(callee) = callee_of(&agent.identity) {
+        for callee in callees_of(&agent.identity) {
             ingress_own
                 .entry(slot_of(&callee.name))
                 .or_default()
@@ -549,55 +556,82 @@ fn compile_calls(
         let Some(agent) = agents.get(name) else {
             continue;
         };
-        let Some(callee) = callee_of(&agent.identity) else {
-            // Governed on another host: only the caller's egress is here.
-            continue;
-        };
-        let callee_slot = slot_of(&callee.name);
-        let entry = PortRule {
-            rule_id,
-            proto: proto::TCP,
-            ..PortRule::default()
-        };
-        let (entries, _) = pairs
-            .entry((callee_slot, caller_slot))
-            .or_insert_with(|| (Vec::new(), rule.source.clone()));
-        let all = [PortRange::ALL];
-        for ep in &agent.endpoints {
-            let ranges = if ep.ports.is_empty() {
-                &all[..]
-            } else {
-                &ep.ports[..]
-            };
-            for r in ranges {
-                if !entries
-                    .iter()
-                    .any(|e| e.port_lo == r.lo && e.port_hi == r.hi)
-                {
-                    entries.push(PortRule {
-                        port_lo: r.lo,
-                        port_hi: r.hi,
-                        ..entry
-                    });
-                }
-            }
+        // None: governed on another host, only the caller's egress is here.
+        for callee in callees_of(&agent.identity) {
+            add_call(
+                slot_of(&callee.name),
+                (caller_slot, rule_id, caller, rule),
+                agent,
+                &agent_of,
+                &mut pairs,
+                ingress_own,
+            );
         }
-        // The caller's calls from the other hosts it runs on.
-        let own = caller
-            .identity
-            .as_deref()
-            .and_then(|id| agent_of.get(identity_path(id)));
-        if let Some(me) = own.filter(|me| !me.hosts.is_empty()) {
-            let nodes = ingress_own.entry(callee_slot).or_default();
-            for ep in &agent.endpoints {
-                let remote = PortRule {
-                    flags: rule_flags::REMOTE_ONLY,
+    }
+    finish_pairs(pairs, problems)
+}
+
+/// The callee end of one `agent:` rule (`rule`, id `rule_id`, of `caller` at `caller_slot`)
+/// at the callee's slot: the caller's policy admitted to the agent's ports, and its other
+/// hosts by address.
+fn add_call(
+    callee_slot: u32,
+    (caller_slot, rule_id, caller, rule): (u32, u32, &super::Policy, &EgressRule),
+    agent: &super::Agent,
+    agent_of: &HashMap<&str, &super::Agent>,
+    pairs: &mut BTreeMap<(u32, u32), (Vec<PortRule>, Source)>,
+    ingress_own: &mut BTreeMap<u32, SlotNodes>,
+) {
+    let entry = PortRule {
+        rule_id,
+        proto: proto::TCP,
+        ..PortRule::default()
+    };
+    let (entries, _) = pairs
+        .entry((callee_slot, caller_slot))
+        .or_insert_with(|| (Vec::new(), rule.source.clone()));
+    let all = [PortRange::ALL];
+    for ep in &agent.endpoints {
+        let ranges = if ep.ports.is_empty() {
+            &all[..]
+        } else {
+            &ep.ports[..]
+        };
+        for r in ranges {
+            if !entries
+                .iter()
+                .any(|e| e.port_lo == r.lo && e.port_hi == r.hi)
+            {
+                entries.push(PortRule {
+                    port_lo: r.lo,
+                    port_hi: r.hi,
                     ..entry
-                };
-                add_entries(nodes, &me.hosts, &ep.ports, &rule.source, remote);
+                });
             }
         }
     }
+    // The caller's calls from the other hosts it runs on.
+    let own = caller
+        .identity
+        .as_deref()
+        .and_then(|id| agent_of.get(identity_path(id)));
+    if let Some(me) = own.filter(|me| !me.hosts.is_empty()) {
+        let nodes = ingress_own.entry(callee_slot).or_default();
+        for ep in &agent.endpoints {
+            let remote = PortRule {
+                flags: rule_flags::REMOTE_ONLY,
+                ..entry
+            };
+            add_entries(nodes, &me.hosts, &ep.ports, &rule.source, remote);
+        }
+    }
+}
+
+/// The kernel's peer sets of `pairs`; a pair over the limit is a problem.
+fn finish_pairs(
+    pairs: BTreeMap<(u32, u32), (Vec<PortRule>, Source)>,
+    problems: &mut Vec<Problem>,
+) -> Vec<Peer> {
     let mut out = Vec::with_capacity(pairs.len());
     for ((callee_slot, caller_slot), (entries, source)) in pairs {
         if entries.len() > MAX_ENTRIES_PER_PREFIX {
@@ -1299,5 +1333,26 @@ policy:
         // Without answers, nothing.
         let bare = compile(&set(text), slots).unwrap();
         assert!(bare.nodes.is_empty());
+    }
+
+    /// Two policies whose identities share a path (two trust domains): both are the callee,
+    /// both judge who connects; neither is left unjudged.
+    #[test]
+    fn every_policy_of_an_agents_path_judges_its_ingress() {
+        let text = "agent:\n  name: b/prod\n  endpoints:\n    - to: 127.0.0.20\n      ports: [8443]\n---\npolicy:\n  name: a\n  rules:\n    - resource: agent:b/prod\n---\npolicy:\n  name: b\n  identity: spiffe://one.example/agent/b/prod\n---\npolicy:\n  name: c\n  identity: agent/b/prod\n";
+        let slots = |n: &str| match n {
+            "a" => 1,
+            "b" => 2,
+            _ => 3,
+        };
+        let c = compile(&set(text), slots).unwrap();
+        for callee in [2, 3] {
+            assert!(c.ingress.iter().any(|n| n.slot == callee && n.bits == 0));
+            assert!(
+                c.peers
+                    .iter()
+                    .any(|p| p.callee_slot == callee && p.caller_slot == 1)
+            );
+        }
     }
 }
