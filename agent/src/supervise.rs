@@ -101,6 +101,15 @@ impl Supervisor {
         *self.stop.borrow()
     }
 
+    /// A future that ends once the stop signal is raised, for threads that wait in a
+    /// runtime of their own.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.subscribe();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    }
+
     /// Spawns `fut` on the runtime, watched; it ends at its next await once the stop signal is
     /// raised.
     pub fn spawn(&self, name: &'static str, fut: impl Future<Output = ()> + Send + 'static) {

@@ -161,9 +161,24 @@ fn latency(
 }
 
 fn main() {
-    let report = arg("report").map(PathBuf::from);
+    // `--only=swap|decisions` runs one half, for a quick comparison; it writes no report.
+    let only = arg("only");
+    let report = arg("report").map(PathBuf::from).filter(|_| only.is_none());
     let mut out = String::from("## Policy\n\n");
+    if only.as_deref().is_none_or(|o| o == "swap") {
+        swaps(&mut out);
+    }
+    if only.as_deref().is_none_or(|o| o == "decisions") {
+        decisions(&mut out);
+    }
+    println!("{out}");
+    if let Some(r) = report {
+        agentwall_tests::write_report_section(&r, "policy", &out);
+    }
+}
 
+/// Compile and swap at 1k, 10k and 100k rules, against one rule.
+fn swaps(out: &mut String) {
     // Compile and swap.
     let name = format!("awb-{}-policy", std::process::id());
     let pins = Pins(PathBuf::from("/sys/fs/bpf").join(&name));
@@ -203,8 +218,10 @@ fn main() {
     );
     drop(e);
     drop(pins);
+}
 
-    // Decisions.
+/// The decision API against its do-nothing path.
+fn decisions(out: &mut String) {
     let catalog = "service:\n  name: api\n  endpoints:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [9]\n";
     let policy = "policy:\n  name: bench\n  identity: agent/bench/prod\n  rules:\n    - resource: service:api\n      actions: [read]\n      conditions: { table: [events, sessions] }\n";
     let d = TestDaemon::start(&[("catalog.yaml", catalog), ("bench.yaml", policy)]);
@@ -251,8 +268,4 @@ fn main() {
         "\n### Method\n\nParse: read a policy of N rules, each a /32 destination with one port, from its YAML text (the YAML parsed twice, once for the values and once for each node's position, and every field checked). Compile: the checked set to the kernel's nodes. In force after: `Enforcer::apply` until the new generation is flipped in (its nodes written). Swap, all: the whole of `Enforcer::apply` (the grace and the removal of the old generation too). All in the benchmark's own process, medians of 5.\n\nDecisions: {n} requests on one keep-alive connection to the decision socket of a release daemon, paced at 8,000 a second (under one asker's budget of 10,000), one at a time; latency is the client's round trip; per core is the requests over the daemon's CPU seconds (schedstat of all its threads) meanwhile. The baseline is the same body posted to a path the server does not serve (read, parsed, 404) on the same connection. Each decision is also written to the audit log, which the per-core figure includes."
     );
     let _ = agent.quit();
-    println!("{out}");
-    if let Some(r) = report {
-        agentwall_tests::write_report_section(&r, "policy", &out);
-    }
 }

@@ -237,6 +237,71 @@ struct ErrorBody {
     error: String,
 }
 
+/// The decision API's threads: each runs a runtime of its own, on which the connections
+/// it was handed are served start to end. A request then costs its own work and the one
+/// wake-up of its thread, not a hand-over between the daemon's shared workers; and the
+/// daemon's background work does not stand in the askers' way.
+struct Pool {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Most threads of the decision API (one per CPU up to this).
+const MAX_THREADS: usize = 4;
+
+impl Pool {
+    /// Starts one thread per CPU (at most [`MAX_THREADS`]), watched by `supervisor`. The
+    /// first also runs `accept`, made from the pool once every thread runs; all end when the
+    /// daemon stops.
+    fn start<F, Fut>(supervisor: &Supervisor, accept: F) -> std::io::Result<()>
+    where
+        F: FnOnce(Arc<Pool>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let n = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .clamp(1, MAX_THREADS);
+        let mut handles = Vec::with_capacity(n);
+        let mut runtimes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            runtimes.push(rt);
+        }
+        let pool = Arc::new(Pool {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let mut accept = Some(accept);
+        for rt in runtimes {
+            let stopped = supervisor.stopped();
+            let serve = accept.take().map(|a| a(Arc::clone(&pool)));
+            supervisor.thread("decision", move || {
+                rt.block_on(async move {
+                    match serve {
+                        Some(accept) => tokio::select! {
+                            () = accept => {}
+                            () = stopped => {}
+                        },
+                        None => stopped.await,
+                    }
+                });
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the next thread in turn.
+    fn spawn<Fut>(&self, f: Fut)
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.handles.len();
+        drop(self.handles[i].spawn(f));
+    }
+}
 /// Serves the decision API unless the configuration turns it off.
 pub fn start(
     daemon: &Arc<Daemon>,
@@ -246,117 +311,167 @@ pub fn start(
     if !c.enabled {
         return Ok(());
     }
-    let listener =
-        crate::unixsock::bind_unix(&c.socket, c.mode, c.owner.as_deref(), c.group.as_deref())?;
-    let slots = Slots::new("decision API socket", crate::limits::DECISION_CONNECTIONS);
-    let per_uid = Arc::new(PerUid::default());
+    // Bound here, so that a bad address stops the start with its reason; served on the
+    // pool's threads.
+    let unix =
+        crate::unixsock::bind_unix(&c.socket, c.mode, c.owner.as_deref(), c.group.as_deref())?
+            .into_std()?;
+    let tcp = match c.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("decision API address {addr}: {e}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
     let budget = Arc::new(AskerBudget::default());
     let d = Arc::clone(daemon);
-    let b = Arc::clone(&budget);
-    supervisor.spawn("decision", async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(cred) = stream.peer_cred() else {
-                continue;
-            };
-            let uid = cred.uid();
-            let Some(uid_slot) = per_uid.take(uid) else {
-                refuse_busy(stream, format!("uid {uid} holds {PER_UID} connections to the decision API, the most one uid may; reuse them (keep-alive)"));
-                continue;
-            };
-            let Some(slot) = slots.take() else {
-                refuse_busy(stream, slots.refusal());
-                continue;
-            };
-            let pid = cred.pid().unwrap_or(0);
-            let cgroup = crate::identity::attest::cgroup_of(pid).unwrap_or_else(|_| "?".into());
-            let asker = Asker {
-                id: format!("uid {uid} cgroup {cgroup}"),
-                detail: format!("pid {pid} uid {uid} cgroup {cgroup}"),
-                verified_peer: false,
-            };
-            let (d, b) = (Arc::clone(&d), Arc::clone(&b));
-            tokio::spawn(async move {
-                let _places = (slot, uid_slot);
-                serve(stream, d, asker, b).await;
-            });
+    Pool::start(supervisor, move |pool| async move {
+        let on_socket = accept_unix(unix, Arc::clone(&d), Arc::clone(&budget), Arc::clone(&pool));
+        match tcp {
+            Some(tcp) => {
+                tokio::join!(on_socket, accept_tls(tcp, d, budget, pool));
+            }
+            None => on_socket.await,
         }
-    });
+    })?;
     tracing::info!(socket = %c.socket.display(), "decision API ready");
     if let Some(addr) = c.listen {
-        start_tls(daemon, supervisor, addr, budget)?;
+        tracing::info!(%addr, "decision API ready on TCP with mutual TLS");
     }
     Ok(())
 }
 
-/// The decision API on TCP: mutual TLS with the daemon's server certificate; the client's
-/// SVID must be valid here.
-fn start_tls(
-    daemon: &Arc<Daemon>,
-    supervisor: &Supervisor,
-    addr: std::net::SocketAddr,
+/// Accepts on the decision socket; each connection is served on a thread of the pool.
+/// Returns only if the socket cannot be served (its thread's end stops the daemon).
+async fn accept_unix(
+    listener: std::os::unix::net::UnixListener,
+    d: Arc<Daemon>,
     budget: Arc<AskerBudget>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let std_listener = std::net::TcpListener::bind(addr)
-        .map_err(|e| format!("decision API address {addr}: {e}"))?;
-    std_listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    pool: Arc<Pool>,
+) {
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the decision socket cannot be served");
+            return;
+        }
+    };
+    let slots = Slots::new("decision API socket", crate::limits::DECISION_CONNECTIONS);
+    let per_uid = Arc::new(PerUid::default());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(cred) = stream.peer_cred() else {
+            continue;
+        };
+        let uid = cred.uid();
+        let Some(uid_slot) = per_uid.take(uid) else {
+            refuse_busy(
+                stream,
+                format!(
+                    "uid {uid} holds {PER_UID} connections to the decision API, the most one uid may; reuse them (keep-alive)"
+                ),
+            );
+            continue;
+        };
+        let Some(slot) = slots.take() else {
+            refuse_busy(stream, slots.refusal());
+            continue;
+        };
+        let pid = cred.pid().unwrap_or(0);
+        let cgroup = crate::identity::attest::cgroup_of(pid).unwrap_or_else(|_| "?".into());
+        let asker = Asker {
+            id: format!("uid {uid} cgroup {cgroup}"),
+            detail: format!("pid {pid} uid {uid} cgroup {cgroup}"),
+            verified_peer: false,
+        };
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let (d, b) = (Arc::clone(&d), Arc::clone(&budget));
+        pool.spawn(async move {
+            let _places = (slot, uid_slot);
+            if let Ok(stream) = tokio::net::UnixStream::from_std(stream) {
+                serve(stream, d, asker, b).await;
+            }
+        });
+    }
+}
+
+/// The decision API on TCP: mutual TLS with the daemon's server certificate; the client's
+/// SVID must be valid here. Each connection's handshake and requests are served on a
+/// thread of the pool.
+async fn accept_tls(
+    listener: std::net::TcpListener,
+    d: Arc<Daemon>,
+    budget: Arc<AskerBudget>,
+    pool: Arc<Pool>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the decision API's address cannot be served");
+            return;
+        }
+    };
     let handshakes = Slots::new("decision API address (handshakes)", HANDSHAKES);
     let slots = Slots::new("decision API address", crate::limits::DECISION_CONNECTIONS);
-    let d = Arc::clone(daemon);
-    supervisor.spawn("decision-tls", async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // Nothing is said to a client before it proves who it is: it is just closed.
+        let Some(handshake) = handshakes.take() else {
+            continue;
+        };
+        let Ok(tcp) = tcp.into_std() else {
+            continue;
+        };
+        let (d, b, slots) = (Arc::clone(&d), Arc::clone(&budget), Arc::clone(&slots));
+        pool.spawn(async move {
+            let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
+                return;
             };
-            // Nothing is said to a client before it proves who it is: it is just closed.
-            let Some(handshake) = handshakes.take() else {
-                continue;
+            let Ok(config) = d.tls_server_config() else {
+                return;
             };
-            let (d, b, slots) = (Arc::clone(&d), Arc::clone(&budget), Arc::clone(&slots));
-            tokio::spawn(async move {
-                let Ok(config) = d.tls_server_config() else {
-                    return;
-                };
-                let accepted = tokio::time::timeout(
-                    HEADER_TIMEOUT,
-                    tokio_rustls::TlsAcceptor::from(config).accept(tcp),
-                )
-                .await;
-                drop(handshake);
-                let Ok(Ok(tls)) = accepted else {
-                    return;
-                };
-                // The client's chain must be a valid SVID here (trust bundle, revocation).
-                let checked = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(|chain| d.check_chain(chain));
-                let id = match checked {
-                    Some(c) if c.valid => c.spiffe_id.unwrap_or_default(),
-                    _ => return,
-                };
-                let Some(slot) = slots.take() else {
-                    refuse_busy(tls, slots.refusal());
-                    return;
-                };
-                let _slot = slot;
-                let asker = Asker {
-                    detail: id.clone(),
-                    id,
-                    verified_peer: true,
-                };
-                serve(tls, d, asker, b).await;
-            });
-        }
-    });
-    tracing::info!(%addr, "decision API ready on TCP with mutual TLS");
-    Ok(())
+            let accepted = tokio::time::timeout(
+                HEADER_TIMEOUT,
+                tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+            )
+            .await;
+            drop(handshake);
+            let Ok(Ok(tls)) = accepted else {
+                return;
+            };
+            // The client's chain must be a valid SVID here (trust bundle, revocation).
+            let checked = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|chain| d.check_chain(chain));
+            let id = match checked {
+                Some(c) if c.valid => c.spiffe_id.unwrap_or_default(),
+                _ => return,
+            };
+            let Some(slot) = slots.take() else {
+                refuse_busy(tls, slots.refusal());
+                return;
+            };
+            let _slot = slot;
+            let asker = Asker {
+                detail: id.clone(),
+                id,
+                verified_peer: true,
+            };
+            serve(tls, d, asker, b).await;
+        });
+    }
 }
 
 /// Serves one connection: HTTP/1.1, keep-alive, until the client ends it or its time is up.
