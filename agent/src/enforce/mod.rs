@@ -954,8 +954,70 @@ impl Enforcer {
 
 /// The bindings a previous daemon left pinned under `pin_dir` (cgroup id, binding), read
 /// without loading anything; none if there is no pinned bindings map.
+/// Sets of nodes up to this size are written by one thread.
+const WRITE_ALONE: usize = 2048;
+/// Most threads that write one set of nodes.
+const MAX_WRITERS: usize = 4;
+
 /// Writes `nodes` into `trie` as generation `generation`.
+///
+/// Each node is one system call, which costs more than the kernel's work under the trie's
+/// lock: a large set is split between threads, one per CPU, each writing through a
+/// descriptor of its own for the same map.
 fn write_trie(
+    trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
+    nodes: &[crate::policy::compile::Node],
+    generation: u32,
+) -> Result<(), MapError> {
+    let writers = thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(MAX_WRITERS)
+        .min(nodes.len().div_ceil(WRITE_ALONE));
+    if writers <= 1 {
+        return write_nodes(trie, nodes, generation);
+    }
+    let per = nodes.len().div_ceil(writers);
+    let mut chunks = nodes.chunks(per);
+    let mine = chunks.next().unwrap_or_default();
+    let mut others = Vec::with_capacity(writers - 1);
+    for chunk in chunks {
+        let fd = aya::maps::IterableMap::map(&*trie)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                })
+            })?;
+        let other: LpmTrie<MapData, RuleKey, RuleSet> =
+            LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_fd(fd)?))?;
+        others.push((other, chunk));
+    }
+    thread::scope(|s| {
+        let handles: Vec<_> = others
+            .into_iter()
+            .map(|(mut other, chunk)| s.spawn(move || write_nodes(&mut other, chunk, generation)))
+            .collect();
+        let mut result = write_nodes(trie, mine, generation);
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: std::io::Error::other("a thread writing the nodes panicked"),
+                }))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
+
+/// Writes `nodes` into `trie` as generation `generation`, one after another.
+fn write_nodes(
     trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
     nodes: &[crate::policy::compile::Node],
     generation: u32,
