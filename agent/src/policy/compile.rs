@@ -275,7 +275,11 @@ fn proto_code(p: Protocol) -> u8 {
 const COLLECT_MAX: usize = 4 * MAX_ENTRIES_PER_PREFIX;
 
 /// Prefix → (entries written for it, source of the first rule there), for one slot.
-type SlotNodes = HashMap<(Addr16, u32), (Vec<PortRule>, Source)>;
+/// The nodes of one slot: a prefix → its entries and the first rule that wrote it. Keyed
+/// by a fast hash: the keys come from the policy directory, which only root writes.
+type SlotNodes<'a> = HashMap<(Addr16, u32), (Entries, &'a Source), foldhash::fast::RandomState>;
+/// The entries of one prefix: most have one or two, kept in place.
+type Entries = smallvec::SmallVec<[PortRule; 2]>;
 
 /// Compiles `set`; `slot_of` gives each policy's identity slot (never 0). Host names grant
 /// nothing (see [`compile_resolved`]).
@@ -290,8 +294,14 @@ pub fn compile_resolved(
     resolved: &Resolved,
 ) -> Result<Compiled, Vec<Problem>> {
     let mut out = Compiled::default();
-    let mut own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
-    let mut ingress_own: BTreeMap<u32, SlotNodes> = BTreeMap::new();
+    out.rules.reserve(
+        set.policies
+            .iter()
+            .map(|p| p.unix.len() + p.egress.len() + p.ingress.as_ref().map_or(0, Vec::len))
+            .sum(),
+    );
+    let mut own: BTreeMap<u32, SlotNodes<'_>> = BTreeMap::new();
+    let mut ingress_own: BTreeMap<u32, SlotNodes<'_>> = BTreeMap::new();
     // `agent:` rules: (caller's slot, rule id, the callee agent, the caller policy).
     let mut calls: Vec<(u32, u32, &str, &super::Policy, &EgressRule)> = Vec::new();
     for policy in &set.policies {
@@ -399,7 +409,7 @@ pub fn compile_resolved(
             // The slot judges ingress: every peer finds a node, empty unless a rule covers it.
             nodes
                 .entry((Addr16::default(), 0))
-                .or_insert_with(|| (Vec::new(), policy.source.clone()));
+                .or_insert_with(|| (Entries::new(), &policy.source));
             for rule in ingress {
                 let id = out.next_rule_id();
                 out.rules.push(RuleInfo {
@@ -444,10 +454,10 @@ pub fn compile_resolved(
 /// rule id per answer, alike in all but its expiry, which the kernel enforces as a window
 /// that closes at that instant (the rule's own window, if any, within it). A rate-limited
 /// rule's ids share its bucket.
-fn add_resolved(
+fn add_resolved<'a>(
     out: &mut Compiled,
-    nodes: &mut SlotNodes,
-    (slot, rule, id): (u32, &EgressRule, u32),
+    nodes: &mut SlotNodes<'a>,
+    (slot, rule, id): (u32, &'a EgressRule, u32),
     name: &str,
     resolved: &Resolved,
     ports: &[PortRange],
@@ -512,11 +522,11 @@ pub(crate) fn identity_path(id: &str) -> &str {
 /// ingress, and admits each caller's policy (by who the caller is, on this host) to the ports
 /// of its endpoints, and the caller's other hosts (`hosts:` of its own catalog entry) by
 /// address.
-fn compile_calls(
-    set: &PolicySet,
+fn compile_calls<'a>(
+    set: &'a PolicySet,
     slot_of: &impl Fn(&str) -> u32,
-    calls: &[(u32, u32, &str, &super::Policy, &EgressRule)],
-    ingress_own: &mut BTreeMap<u32, SlotNodes>,
+    calls: &[(u32, u32, &str, &'a super::Policy, &'a EgressRule)],
+    ingress_own: &mut BTreeMap<u32, SlotNodes<'a>>,
     problems: &mut Vec<Problem>,
 ) -> Vec<Peer> {
     // Identities are compared by their path: a policy may write the full SPIFFE ID of the
@@ -548,7 +558,7 @@ fn compile_calls(
                 .entry(slot_of(&callee.name))
                 .or_default()
                 .entry((Addr16::default(), 0))
-                .or_insert_with(|| (Vec::new(), callee.source.clone()));
+                .or_insert_with(|| (Entries::new(), &callee.source));
         }
     }
     let mut pairs: BTreeMap<(u32, u32), (Vec<PortRule>, Source)> = BTreeMap::new();
@@ -574,13 +584,13 @@ fn compile_calls(
 /// The callee end of one `agent:` rule (`rule`, id `rule_id`, of `caller` at `caller_slot`)
 /// at the callee's slot: the caller's policy admitted to the agent's ports, and its other
 /// hosts by address.
-fn add_call(
+fn add_call<'a>(
     callee_slot: u32,
-    (caller_slot, rule_id, caller, rule): (u32, u32, &super::Policy, &EgressRule),
-    agent: &super::Agent,
-    agent_of: &HashMap<&str, &super::Agent>,
+    (caller_slot, rule_id, caller, rule): (u32, u32, &'a super::Policy, &'a EgressRule),
+    agent: &'a super::Agent,
+    agent_of: &HashMap<&str, &'a super::Agent>,
     pairs: &mut BTreeMap<(u32, u32), (Vec<PortRule>, Source)>,
-    ingress_own: &mut BTreeMap<u32, SlotNodes>,
+    ingress_own: &mut BTreeMap<u32, SlotNodes<'a>>,
 ) {
     let entry = PortRule {
         rule_id,
@@ -663,11 +673,11 @@ fn finish_pairs(
 }
 
 /// Adds `entry`, once per port range of `ports` (every port if none), at each of `nets`.
-fn add_entries(
-    nodes: &mut SlotNodes,
+fn add_entries<'a>(
+    nodes: &mut SlotNodes<'a>,
     nets: &[IpNet],
     ports: &[PortRange],
-    source: &Source,
+    source: &'a Source,
     entry: PortRule,
 ) {
     let all = [PortRange::ALL];
@@ -687,19 +697,17 @@ fn add_entries(
 /// Adds `entry` at the canonical prefix of `net` in `nodes`, and at the canonical loopback
 /// address too when the prefix covers a loopback alias (all the kernel ever looks up for
 /// them).
-fn add_entry(nodes: &mut SlotNodes, net: &IpNet, source: &Source, entry: PortRule) {
+fn add_entry<'a>(nodes: &mut SlotNodes<'a>, net: &IpNet, source: &'a Source, entry: PortRule) {
     let (a, bits) = canonical(net);
-    let mut prefixes = vec![(a, bits)];
     let covers_alias = loopback_aliases()
         .iter()
         .any(|(la, lb)| contains(&a, bits, la, *lb) || contains(la, *lb, &a, bits));
-    if covers_alias && !contains(&a, bits, &LOOPBACK, 128) {
-        prefixes.push((LOOPBACK, 128));
-    }
-    for prefix in prefixes {
+    let also_loopback = covers_alias && !contains(&a, bits, &LOOPBACK, 128);
+    let prefixes = [(a, bits), (LOOPBACK, 128)];
+    for prefix in &prefixes[..if also_loopback { 2 } else { 1 }] {
         let (entries, _) = nodes
-            .entry(prefix)
-            .or_insert_with(|| (Vec::new(), source.clone()));
+            .entry(*prefix)
+            .or_insert_with(|| (Entries::new(), source));
         entries.push(entry);
     }
 }
@@ -708,12 +716,12 @@ fn add_entry(nodes: &mut SlotNodes, net: &IpNet, source: &Source, entry: PortRul
 /// slot that cover it, in the order the kernel reads them. A node over the limit is a
 /// problem of `field`.
 fn finish_nodes(
-    own: &BTreeMap<u32, SlotNodes>,
+    own: &BTreeMap<u32, SlotNodes<'_>>,
     policies: &BTreeMap<String, (u32, Mode)>,
     field: &str,
     problems: &mut Vec<Problem>,
 ) -> Vec<Node> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(own.values().map(HashMap::len).sum());
     for (slot, nodes) in own {
         let lengths: Vec<u32> = {
             let mut l: Vec<u32> = nodes
@@ -726,7 +734,7 @@ fn finish_nodes(
             l
         };
         let mut sorted: Vec<_> = nodes.iter().collect();
-        sorted.sort_by_key(|((a, bits), _)| (*bits, *a));
+        sorted.sort_unstable_by_key(|((a, bits), _)| (*bits, *a));
         for ((a, bits), (entries, source)) in sorted {
             let all = node_entries(nodes, &lengths, a, *bits, entries);
             if all.len() > MAX_ENTRIES_PER_PREFIX {
@@ -769,7 +777,7 @@ fn finish_nodes(
 /// The entries of the node at (`a`, `bits`): its own, then those of the covering prefixes,
 /// most specific first (so the nearest rule id is reported), unconditional ones first.
 fn node_entries(
-    nodes: &SlotNodes,
+    nodes: &SlotNodes<'_>,
     lengths: &[u32],
     a: &Addr16,
     bits: u32,
