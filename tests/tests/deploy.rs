@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use agentwall_tests::{TestDaemon, lines, serial};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 #[allow(
     clippy::unwrap_used,
@@ -15,7 +15,7 @@ use serde_yaml::Value;
 fn manifest() -> Vec<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/agentwall.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect()
 }
@@ -39,7 +39,7 @@ fn the_kubernetes_manifest_wires_every_path_and_its_configuration_enforces() {
     let config_text = find(&docs, "ConfigMap", "agentwall-config")["data"]["agentwall.yaml"]
         .as_str()
         .expect("agentwall.yaml in the config map");
-    let config: Value = serde_yaml::from_str(config_text).unwrap();
+    let config: Value = serde_norway::from_str(config_text).unwrap();
     let policies: Vec<(String, String)> = find(&docs, "ConfigMap", "agentwall-policies")["data"]
         .as_mapping()
         .expect("policy files")

@@ -642,7 +642,7 @@ mod tests {
             &rcgen::PKCS_ED25519
         );
         // Configuration names them in kebab case; anything else is refused with the choices.
-        let parse = |v: &str| serde_yaml::from_str::<KeyAlgorithm>(v);
+        let parse = |v: &str| serde_norway::from_str::<KeyAlgorithm>(v);
         assert_eq!(parse("ed25519").unwrap(), KeyAlgorithm::Ed25519);
         assert_eq!(parse("ecdsa-p256").unwrap(), KeyAlgorithm::EcdsaP256);
         let e = parse("rsa").unwrap_err().to_string();

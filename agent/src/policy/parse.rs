@@ -276,7 +276,7 @@ pub(super) fn file(path: &Path, text: &str) -> Result<(Parsed, Vec<Problem>), Ve
     }
     let mut out = Parsed::default();
     let mut problems = Vec::new();
-    for (doc_index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (doc_index, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = match Doc::deserialize(de) {
             Ok(d) => d,
             Err(e) => {
@@ -313,9 +313,9 @@ pub(super) fn file(path: &Path, text: &str) -> Result<(Parsed, Vec<Problem>), Ve
     Ok((out, problems))
 }
 
-fn serde_problem(path: &Path, e: &serde_yaml::Error) -> Problem {
+fn serde_problem(path: &Path, e: &serde_norway::Error) -> Problem {
     let at = e.location();
-    // serde_yaml's message is "<path>: <message> at line L column C"; keep the message only,
+    // serde_norway's message is "<path>: <message> at line L column C"; keep the message only,
     // the position is reported in its own place.
     let mut msg = e.to_string();
     if let Some(i) = msg.rfind(" at line ") {
@@ -327,8 +327,8 @@ fn serde_problem(path: &Path, e: &serde_yaml::Error) -> Problem {
     };
     Problem {
         file: path.to_path_buf(),
-        line: at.as_ref().map(serde_yaml::Location::line),
-        column: at.as_ref().map(serde_yaml::Location::column),
+        line: at.as_ref().map(serde_norway::Location::line),
+        column: at.as_ref().map(serde_norway::Location::column),
         field,
         message,
     }

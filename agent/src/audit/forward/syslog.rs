@@ -409,7 +409,7 @@ mod tests {
     use super::*;
 
     fn cfg(address: &str) -> SyslogConfig {
-        serde_yaml::from_str(&format!("address: \"{address}\"\ntls: false\n")).unwrap()
+        serde_norway::from_str(&format!("address: \"{address}\"\ntls: false\n")).unwrap()
     }
 
     #[test]
@@ -428,11 +428,11 @@ mod tests {
         ] {
             assert!(cfg(bad).check().is_err(), "{bad}");
         }
-        let tls: SyslogConfig = serde_yaml::from_str("address: a:1\n").unwrap();
+        let tls: SyslogConfig = serde_norway::from_str("address: a:1\n").unwrap();
         assert!(tls.check().unwrap_err().to_string().contains("ca_file"));
         // A CA file with TLS off would send in plain text what the operator meant to verify.
         let plain: SyslogConfig =
-            serde_yaml::from_str("address: a:1\ntls: false\nca_file: /ca.pem\n").unwrap();
+            serde_norway::from_str("address: a:1\ntls: false\nca_file: /ca.pem\n").unwrap();
         let e = plain.check().unwrap_err().to_string();
         assert!(e.contains("tls: true") && e.contains("plain"), "{e}");
     }

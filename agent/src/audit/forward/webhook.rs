@@ -155,7 +155,11 @@ mod tests {
 
     #[test]
     fn webhook_settings_are_checked() {
-        let w = |yaml: &str| serde_yaml::from_str::<WebhookConfig>(yaml).unwrap().check();
+        let w = |yaml: &str| {
+            serde_norway::from_str::<WebhookConfig>(yaml)
+                .unwrap()
+                .check()
+        };
         assert!(w("url: https://alerts.example/hook\n").is_ok());
         assert!(w("url: http://127.0.0.1:9/x\ntimeout: 2s\n").is_ok());
         assert!(
@@ -182,13 +186,13 @@ mod tests {
                 .to_string()
                 .contains("timeout")
         );
-        assert!(serde_yaml::from_str::<WebhookConfig>("url: https://x/\nheaders: {}\n").is_err());
+        assert!(serde_norway::from_str::<WebhookConfig>("url: https://x/\nheaders: {}\n").is_err());
     }
 
     #[test]
     fn webhook_urls_are_logged_without_path_query_or_credentials() {
         let shown = |url: &str| {
-            serde_yaml::from_str::<WebhookConfig>(&format!("url: \"{url}\"\n"))
+            serde_norway::from_str::<WebhookConfig>(&format!("url: \"{url}\"\n"))
                 .unwrap()
                 .shown_url()
         };
