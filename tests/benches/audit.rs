@@ -405,23 +405,23 @@ fn store() {
     let t = Instant::now();
     for _ in 0..batches {
         for r in &records {
-            std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, r));
+            std::hint::black_box(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, r));
         }
     }
     let hash_rate = written / t.elapsed().as_secs_f64();
     // The floor of verification: the cryptography it cannot skip. SHA-256 running over every
     // frame as stored (length, sequence number, nonce, ciphertext and tag) and one AES-256-GCM
     // open per record, nothing else.
-    let gcm = ring::aead::LessSafeKey::new(
-        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[0x5a; 32]).unwrap(),
+    let gcm = aws_lc_rs::aead::LessSafeKey::new(
+        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &[0x5a; 32]).unwrap(),
     );
     let sealed: Vec<(Vec<u8>, Vec<u8>)> = records
         .iter()
         .map(|r| {
             let mut ct = r.clone();
             gcm.seal_in_place_append_tag(
-                ring::aead::Nonce::assume_unique_for_key([1; 12]),
-                ring::aead::Aad::from([2u8; 32]),
+                aws_lc_rs::aead::Nonce::assume_unique_for_key([1; 12]),
+                aws_lc_rs::aead::Aad::from([2u8; 32]),
                 &mut ct,
             )
             .unwrap();
@@ -431,15 +431,15 @@ fn store() {
     let frame_bytes = sealed.iter().map(|(f, _)| f.len()).sum::<usize>() as f64 / batch as f64;
     let mut scratch = Vec::new();
     let t = Instant::now();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for _ in 0..batches {
         for (frame, ct) in &sealed {
             ctx.update(frame);
             scratch.clear();
             scratch.extend_from_slice(ct);
             let plain = gcm.open_in_place(
-                ring::aead::Nonce::assume_unique_for_key([1; 12]),
-                ring::aead::Aad::from([2u8; 32]),
+                aws_lc_rs::aead::Nonce::assume_unique_for_key([1; 12]),
+                aws_lc_rs::aead::Aad::from([2u8; 32]),
                 &mut scratch,
             );
             std::hint::black_box(plain.unwrap());

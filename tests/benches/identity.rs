@@ -382,11 +382,11 @@ fn issuance(n: usize, dir: &Path) -> (f64, f64, f64) {
         identity::log::append(&log, &identity::log::Entry::of(&issued, "bench", now)).unwrap();
     }
     let logged = n as f64 / t.elapsed().as_secs_f64();
-    let rng = ring::rand::SystemRandom::new();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
     let t = Instant::now();
     for _ in 0..n {
-        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let kp = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
         std::hint::black_box(kp.sign(&[7u8; 400]));
     }
     let base = n as f64 / t.elapsed().as_secs_f64();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ring::{
+use aws_lc_rs::{
     aead,
     rand::SystemRandom,
     signature::{self, Ed25519KeyPair, KeyPair as _},
@@ -64,7 +64,7 @@ impl AuditKey {
         }
         let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, bytes)
             .map_err(|_| bad("rejected by AES-256-GCM"))?;
-        let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
         let mut id = [0u8; 8];
         id.copy_from_slice(&d.as_ref()[..8]);
         Ok(Self {
@@ -102,7 +102,7 @@ impl AuditKey {
     /// A fresh random key, as hex (for `agentwall audit keygen`).
     pub fn generate_hex() -> Result<String, KeyError> {
         let mut k = [0u8; 32];
-        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut k)
+        aws_lc_rs::rand::SecureRandom::fill(&SystemRandom::new(), &mut k)
             .map_err(|_| KeyError::Sign("no randomness".into()))?;
         Ok(hex(&k))
     }

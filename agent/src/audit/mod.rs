@@ -29,7 +29,7 @@ pub mod sink;
 pub mod store;
 pub mod verify;
 
-use ring::digest;
+use aws_lc_rs::digest;
 
 /// Length of a chain value (SHA-256).
 pub const CHAIN_LEN: usize = 32;

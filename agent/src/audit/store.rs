@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use ring::rand::SecureRandom as _;
+use aws_lc_rs::rand::SecureRandom as _;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -284,7 +284,7 @@ pub struct Writer {
     chain: Chain,
     /// The running chain of the current segment, up to its last durable record.
     seg_chain: SegmentChain,
-    rng: ring::rand::SystemRandom,
+    rng: aws_lc_rs::rand::SystemRandom,
     /// A failed append may have left part of its batch at the end of the segment.
     torn: bool,
     /// A failed append's sequence numbers are written again: in a new segment, under a new
@@ -306,7 +306,7 @@ impl std::fmt::Debug for Writer {
 /// segment whose every record was cut as a torn tail) held no record and is started again.
 fn new_segment(
     dir: &Path,
-    rng: &ring::rand::SystemRandom,
+    rng: &aws_lc_rs::rand::SystemRandom,
     key: &AuditKey,
     first_seq: u64,
     prev_chain: Chain,
@@ -390,7 +390,7 @@ impl Writer {
                 .map(|n| (n.to_string_lossy().into_owned(), len));
             segs.pop();
         }
-        let rng = ring::rand::SystemRandom::new();
+        let rng = aws_lc_rs::rand::SystemRandom::new();
         let Some(last) = segs.last() else {
             let w = Self::create_segment(dir, key, rotation, rng, 1, genesis())?;
             return Ok((w, None));
@@ -485,7 +485,7 @@ impl Writer {
         dir: &Path,
         key: AuditKey,
         rotation: Rotation,
-        rng: ring::rand::SystemRandom,
+        rng: aws_lc_rs::rand::SystemRandom,
         first_seq: u64,
         prev_chain: Chain,
     ) -> Result<Self, StoreError> {

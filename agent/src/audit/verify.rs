@@ -705,7 +705,7 @@ mod tests {
             k.seal(nonce, &store::aad_v1(seq, &k.id(), &chain), &mut data)
                 .unwrap();
             out.extend_from_slice(&((store::FRAME_PREFIX + data.len()) as u32).to_le_bytes());
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
             ctx.update(&chain);
             for part in [&seq.to_le_bytes()[..], &nonce, &data] {
                 out.extend_from_slice(part);

@@ -285,7 +285,7 @@ impl Peer {
     pub fn exe_sha256(&self) -> Result<String, AttestError> {
         let path = PathBuf::from(format!("/proc/{}/exe", self.pid));
         let mut f = fs::File::open(&path).map_err(proc_err(path.clone()))?;
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = f.read(&mut buf).map_err(proc_err(path.clone()))?;

@@ -18,11 +18,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use aws_lc_rs::rand::SecureRandom as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use ring::rand::SecureRandom as _;
 use rustls_pki_types::CertificateDer;
 
 use super::spiffe::SpiffeId;
@@ -240,7 +240,7 @@ pub(crate) fn check_key_file(path: &Path) -> Result<(), CaError> {
 
 fn random_serial() -> Result<[u8; 16], CaError> {
     let mut serial = [0u8; 16];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut serial)
         .map_err(|_| CaError::Random)?;
     // A positive INTEGER, never zero.
@@ -460,7 +460,7 @@ impl LocalCa {
     ) -> Result<Issued, CaError> {
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         let cert = params.signed_by(leaf_key, &issuer)?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, cert.der());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.der());
         // X.509 times have second precision.
         let trunc = |t: SystemTime| {
             let secs = t

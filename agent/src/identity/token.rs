@@ -132,7 +132,7 @@ impl TokenSigner {
             return Err(bad("unexpected public key encoding".into()));
         }
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let digest = ring::digest::digest(&ring::digest::SHA256, raw);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, raw);
         Ok(Self {
             key: EncodingKey::from_ec_der(&pair.serialize_der()),
             trust_domain: trust_domain.to_string(),

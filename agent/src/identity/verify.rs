@@ -121,7 +121,7 @@ const PASSED_MAX: usize = 4096;
 
 /// SHA-256 over the chain, each certificate preceded by its length.
 fn chain_digest(chain: &[CertificateDer<'_>]) -> [u8; 32] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for c in chain {
         ctx.update(&(c.len() as u64).to_be_bytes());
         ctx.update(c);

@@ -30,7 +30,7 @@ use super::{
 /// the rule keeps the bucket's state (its rule id may change), a rule that changes starts a
 /// fresh one, and no two rules share one.
 fn limit_of(policy: &str, rule: &EgressRule, rate: RateLimit, ordinal: u32) -> Limit {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for part in [
         policy.to_string(),
         bucket_text(rule, rate),

@@ -422,7 +422,7 @@ pub fn dir_hash(dir: &Path) -> String {
         })
         .unwrap_or_default();
     files.sort();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for f in files {
         let name = f
             .file_name()

@@ -70,8 +70,13 @@ impl WebhookConfig {
     }
 
     fn agent(&self) -> Result<ureq::Agent, SinkError> {
-        use ureq::tls::{Certificate, RootCerts, TlsConfig};
-        let mut tls = TlsConfig::builder();
+        use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+        // The daemon's one crypto provider (aws-lc-rs), as everywhere else.
+        let mut tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ));
         if let Some(p) = &self.ca_file {
             let pem = std::fs::read(p).map_err(|source| SinkError::Read {
                 path: p.clone(),
