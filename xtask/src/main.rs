@@ -250,6 +250,11 @@ fn lint() -> anyhow::Result<()> {
     c.env("CARGO_TARGET_DIR", root().join("target/ebpf-clippy"));
     c.env_remove("RUSTC");
     c.env_remove("RUSTC_WORKSPACE_WRAPPER");
+    status(c)?;
+    step("cargo deny check licenses bans sources (deny.toml)");
+    setup::cargo_deny()?;
+    let mut c = cargo();
+    c.args(["deny", "check", "licenses", "bans", "sources"]);
     status(c)
 }
 

@@ -17,6 +17,8 @@ use anyhow::{Context as _, bail};
 use crate::step;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-deny, which `cargo xtask lint` runs on the dependency graph (deny.toml).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let line = format!("{cmd:?}");
@@ -122,6 +124,36 @@ pub(crate) fn run() -> anyhow::Result<()> {
     }
     fs::write(&stamp, format!("{want_stamp}\n"))
         .with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+/// Installs cargo-deny at the pinned version unless it is there (a few minutes, once).
+pub(crate) fn cargo_deny() -> anyhow::Result<()> {
+    let have = Command::new("cargo")
+        .args(["deny", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    if have.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DENY_VERSION)) {
+        return Ok(());
+    }
+    step(&format!(
+        "setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes, once)"
+    ));
+    let st = Command::new("cargo")
+        .args([
+            "install",
+            "cargo-deny",
+            "--locked",
+            "--version",
+            CARGO_DENY_VERSION,
+        ])
+        .status()
+        .context("starting cargo install")?;
+    if !st.success() {
+        bail!("installing cargo-deny failed (see the cargo output above)");
+    }
     Ok(())
 }
 
