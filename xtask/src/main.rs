@@ -210,7 +210,32 @@ fn build(release: bool) -> anyhow::Result<()> {
     if release {
         c.arg("--release");
     }
+    // `agentwall version` names it.
+    if let Some(commit) = build_commit() {
+        c.env("AGENTWALL_BUILD_COMMIT", commit);
+    }
     status(c)
+}
+
+/// The commit being built, `-dirty` when the work tree differs from it; none without git.
+fn build_commit() -> Option<String> {
+    let out = Command::new("git")
+        .current_dir(root())
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let clean = Command::new("git")
+        .current_dir(root())
+        .args(["diff", "--quiet", "HEAD"])
+        .status()
+        .is_ok_and(|s| s.success());
+    Some(if clean {
+        commit
+    } else {
+        format!("{commit}-dirty")
+    })
 }
 
 fn lint() -> anyhow::Result<()> {

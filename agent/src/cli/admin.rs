@@ -91,7 +91,7 @@ pub(super) fn status(socket: &Path, json: bool, check: bool) -> anyhow::Result<E
         });
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        println!("{}", serde_json::to_string(&s)?);
     } else {
         print_status(&s);
     }
@@ -144,6 +144,11 @@ pub(super) fn events(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 e.reason,
                 e.policy.as_deref().unwrap_or("-"),
                 e.rule.as_deref().unwrap_or("-"),
+            ),
+            // In JSON, a line of its own kind: every line of the stream stays a JSON object.
+            Streamed::Lagged(missed) if json => println!(
+                "{}",
+                serde_json::json!({ "missed": missed, "why": "reading too slowly" })
             ),
             Streamed::Lagged(missed) => println!("# {missed} events missed: reading too slowly"),
         }

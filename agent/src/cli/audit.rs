@@ -49,6 +49,7 @@ pub(super) enum AuditCommand {
         /// Checkpoints exported off the host (checkpoints.jsonl copies); repeatable.
         #[arg(long = "checkpoints")]
         checkpoints: Vec<PathBuf>,
+        /// Print JSON: one document per line.
         #[arg(long)]
         json: bool,
     },

@@ -136,6 +136,7 @@ pub(super) enum IdentityCommand {
     Log {
         #[command(flatten)]
         ca: CaArgs,
+        /// Print JSON: one document per line.
         #[arg(long)]
         json: bool,
     },

@@ -7,6 +7,7 @@ mod exec;
 mod identity;
 mod policy;
 mod run;
+mod version;
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
 
@@ -119,8 +120,25 @@ enum Command {
         /// Show the revocation list instead.
         #[arg(long, conflicts_with_all = ["target", "reason"])]
         list: bool,
+        /// Print JSON: one document per line.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the version and what this binary was built from.
+    Version {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh or fish) on standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: version::Shell,
+    },
+    /// Write the man pages (agentwall.1 and one per command) into a directory.
+    Man {
+        /// Directory to write them into; made if missing.
+        dir: PathBuf,
     },
     #[command(name = crate::probe::PROBE_COMMAND, hide = true)]
     ProbeConnect { addr: String, unix: Option<String> },
@@ -136,7 +154,15 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    // `--version` says what `agentwall version` says.
+    let matches = Cli::command()
+        .long_version(version::Build::current().long())
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -191,6 +217,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => run::teardown(&pin_dir, &cgroup_root, kill, &socket.socket),
         Command::Identity(cmd) => identity::command(cmd),
         Command::Audit(cmd) => audit::command(cmd),
+        Command::Version { json } => version::print(json),
+        Command::Completions { shell } => version::completions(shell),
+        Command::Man { dir } => version::man_pages(&dir),
         Command::ProbeConnect { addr, unix } => {
             Ok(code(crate::probe::child_main(&addr, unix.as_deref())))
         }

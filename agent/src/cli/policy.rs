@@ -28,6 +28,7 @@ pub(super) enum PolicyCommand {
         /// The policy directory within the repository, for git revisions.
         #[arg(long, default_value = "policies")]
         path: PathBuf,
+        /// Print JSON: one document per line.
         #[arg(long)]
         json: bool,
     },
@@ -67,6 +68,7 @@ pub(super) enum PolicyCommand {
         /// The trust domain of identity paths.
         #[arg(long, default_value = crate::defaults::TRUST_DOMAIN)]
         trust_domain: String,
+        /// Print JSON: one document per line.
         #[arg(long)]
         json: bool,
     },
@@ -120,7 +122,7 @@ fn load_side(side: &str, path: &std::path::Path) -> anyhow::Result<policy::Polic
 fn diff(old: &str, new: &str, path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let d = policy::diff::diff(&load_side(old, path)?, &load_side(new, path)?);
     if json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+        println!("{}", serde_json::to_string(&d)?);
         return Ok(ExitCode::SUCCESS);
     }
     if d.is_empty() {
@@ -211,7 +213,7 @@ fn explain_ingress(
             kernel: v.clone(),
             decision: None,
         };
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        println!("{}", serde_json::to_string(&e)?);
     } else {
         println!("policy {name}");
         let verdict = if v.allow { "allow" } else { "deny" };
@@ -373,7 +375,7 @@ fn explain(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             kernel,
             decision,
         };
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        println!("{}", serde_json::to_string(&e)?);
     } else {
         let proto = match protocol {
             policy::Protocol::Udp => "udp",
@@ -527,7 +529,7 @@ pub(super) fn command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                 kernel_rule_nodes: 0,
             },
         };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string(&report)?);
         return Ok(if report.ok {
             ExitCode::SUCCESS
         } else {

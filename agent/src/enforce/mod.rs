@@ -68,6 +68,11 @@ use crate::{
 /// The kernel object, compiled from `ebpf/` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentwall"));
 
+/// The kernel programs' object this binary loads.
+pub fn kernel_object() -> &'static [u8] {
+    OBJECT
+}
+
 /// How long a superseded rule generation stays in the trie after the flip: longer than any
 /// program run that read the old generation number (they run under RCU, in microseconds).
 const GENERATION_GRACE: Duration = Duration::from_millis(20);
