@@ -66,3 +66,25 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ingress_unparsed",
     "callers_unrecorded",
 ];
+
+/// What each counter counts, in index order: the HELP text of its metric.
+pub const HELP: [&str; COUNT as usize] = [
+    "Flows (connects, datagrams, socket creations) allowed by a rule",
+    "Flows denied, for any reason",
+    "Policy denials let through because the binding is in audit mode",
+    "Events that could not be written because the ring buffer was full, per CPU",
+    "Lookups of a cgroup with no binding (denied)",
+    "Flows denied because no policy state could be read or none was ever loaded",
+    "Packets dropped by the egress backstop",
+    "Packets passed by the egress backstop",
+    "Packets the egress backstop could not parse (dropped)",
+    "Raw and packet sockets refused at creation",
+    "Bare TCP resets the egress backstop let out of a denied flow",
+    "Connects and sends denied by a rule's rate limit",
+    "Uses of a rule whose limit, bucket or window could not be read, or whose bucket stayed contended (denied)",
+    "Flows denied because the rule's time window was closed",
+    "TCP connections refused by a policy's ingress rules (their SYN dropped)",
+    "Sockets accepted from a listener that the passive sockets map had no room for (their replies are denied)",
+    "Inbound packets to a listener judged on ingress that could not be read as TCP (dropped)",
+    "SYNs whose caller could not be recorded for the callee (the callee's ingress refuses them)",
+];

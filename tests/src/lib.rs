@@ -520,6 +520,11 @@ impl TestDaemon {
     /// The same, with another copy of the binary (for example one an unprivileged user can
     /// execute: see [`TestDaemon::world_copy`]).
     pub fn run_command_of(&self, bin: &Path) -> Command {
+        self.run_command_logging(bin, "json")
+    }
+
+    /// The same, with logs in `format` (`text` or `json`).
+    pub fn run_command_logging(&self, bin: &Path, format: &str) -> Command {
         let mut c = Command::new(bin);
         die_with_parent(&mut c);
         c.arg("run")
@@ -544,7 +549,7 @@ impl TestDaemon {
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
             .arg("--log-format")
-            .arg("json");
+            .arg(format);
         match &self.config {
             Some(p) => c.arg("--config").arg(p),
             None => c.arg("--config").arg("/dev/null"),

@@ -553,7 +553,8 @@ fn metrics_show_health_and_verdicts_and_refuse_other_requests() {
     let m = scrape();
     assert_eq!(metric(&m, "agentwall_healthy"), Some(1.0), "{m}");
     assert!(m.contains("agentwall_build_info{version=\""), "{m}");
-    let series = "agentwall_kernel_total{counter=\"denied\"}";
+    openmetrics_parser_reads(&m);
+    let series = "agentwall_kernel_denied_total";
     let before = metric(&m, series).unwrap_or(0.0);
     let mut repl = d.repl("web");
     assert_eq!(
@@ -585,6 +586,62 @@ fn metrics_show_health_and_verdicts_and_refuse_other_requests() {
     assert!(
         err.contains(&format!("metrics.listen 127.0.0.1:{port}: cannot listen")),
         "{err}"
+    );
+}
+
+/// Text logs to a pipe or a file (the journal, a log collector) are plain lines: no colour
+/// escapes, which only a terminal reads.
+#[test]
+fn text_logs_off_a_terminal_have_no_colour_escapes() {
+    let _s = serial();
+    let d = TestDaemon::prepare(&[("p.yaml", "policy:\n  name: [broken\n")], None);
+    let out =
+        d.run_refused_command(d.run_command_logging(&agentwall_tests::agentwall_bin(), "text"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(" INFO "), "a text log line: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour escapes off a terminal: {err:?}"
+    );
+}
+
+/// The Prometheus client's OpenMetrics parser reads `text`, which has one metric per kernel
+/// counter and its latencies as histograms.
+fn openmetrics_parser_reads(text: &str) {
+    let script = r#"
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+types = {f.name: f.type for f in text_string_to_metric_families(sys.stdin.read())}
+print(chr(10).join(f"{n} {t}" for n, t in sorted(types.items())))
+"#;
+    let mut child = std::process::Command::new(agentwall_tests::py_spiffe())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let types = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "agentwall_kernel_denied counter",
+        "agentwall_kernel_allowed counter",
+        "agentwall_kernel_events_dropped counter",
+        "agentwall_audit_event_to_durable_seconds histogram",
+        "agentwall_healthy gauge",
+    ] {
+        assert!(types.lines().any(|l| l == want), "{want} in\n{types}");
+    }
+    assert!(
+        !types.lines().any(|l| l.starts_with("agentwall_kernel ")),
+        "no catch-all kernel metric: {types}"
     );
 }
 

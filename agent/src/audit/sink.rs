@@ -116,6 +116,7 @@ const HIST_BUCKETS: usize = 16 + 8 * 60;
 pub struct Histogram {
     buckets: Box<[AtomicU64]>,
     max: AtomicU64,
+    sum: AtomicU64,
 }
 
 impl Default for Histogram {
@@ -123,6 +124,7 @@ impl Default for Histogram {
         Self {
             buckets: (0..HIST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             max: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
         }
     }
 }
@@ -151,6 +153,29 @@ impl Histogram {
         let i = Self::bucket(v).min(HIST_BUCKETS - 1);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.max.fetch_max(v, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+    }
+
+    /// The sum of every value added.
+    pub fn sum(&self) -> u64 {
+        self.sum.load(Ordering::Relaxed)
+    }
+
+    /// How many values fall at or below each of `bounds` (ascending) and above the one
+    /// before, then how many lie above the last: one more count than bounds. Exact when each
+    /// bound is the top of a bucket of its own (such as `2^k - 1` from 15 on).
+    pub fn counts_at(&self, bounds: &[u64]) -> Vec<u64> {
+        let mut out = vec![0; bounds.len() + 1];
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let top = Self::upper(i);
+            let at = bounds.partition_point(|bound| *bound < top);
+            out[at] += n;
+        }
+        out
     }
 
     pub fn count(&self) -> u64 {

@@ -50,6 +50,38 @@ fn gauge(reg: &mut Registry, name: &str, help: &str, v: i64) {
     reg.register(name, help, g);
 }
 
+/// A latency distribution of the status as a Prometheus histogram, in seconds.
+#[derive(Debug)]
+struct LatencyHistogram(super::LatencyStatus);
+
+impl prometheus_client::encoding::EncodeMetric for LatencyHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let l = &self.0;
+        let bounds = crate::daemon::status::LATENCY_BOUNDS_US
+            .iter()
+            .map(|us| *us as f64 / 1e6)
+            // The last bucket is everything above the last bound; the encoder writes
+            // `+Inf` for f64::MAX.
+            .chain(std::iter::once(f64::MAX));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
+            .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            l.sum_us as f64 / 1e6,
+            l.count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 fn label(k: &str, v: impl ToString) -> Labels {
     vec![(k.to_owned(), v.to_string())]
 }
@@ -114,18 +146,20 @@ pub fn render(s: &Status) -> String {
         "Cgroups under enforcement, and of those the enrolled, revoked and quarantined ones",
         cgroups,
     );
-    let kernel: Vec<(Labels, u64)> = s
-        .kernel_counters
-        .totals
-        .iter()
-        .map(|(k, v)| (label("counter", k), *v))
-        .collect();
-    counter_family(
-        &mut reg,
-        "kernel",
-        "Counters of the kernel programs, summed over CPUs (allowed and denied verdicts, events dropped, failed lookups)",
-        &kernel,
-    );
+    // One metric per kernel counter. Ring buffer drops are per CPU, and only there: a
+    // total beside them would count each drop twice in a sum over the series.
+    for (i, name) in agentwall_common::counters::NAMES.iter().enumerate() {
+        if i == agentwall_common::counters::EVENTS_DROPPED as usize {
+            continue;
+        }
+        let v = s.kernel_counters.totals.get(*name).copied().unwrap_or(0);
+        counter(
+            &mut reg,
+            &format!("kernel_{name}"),
+            agentwall_common::counters::HELP[i],
+            v,
+        );
+    }
     let dropped: Vec<(Labels, u64)> = s
         .kernel_counters
         .events_dropped_per_cpu
@@ -258,18 +292,11 @@ pub fn render(s: &Status) -> String {
         "1 while a sink is connected to its collector",
         connected,
     );
-    let latency = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    let l = &a.event_to_durable;
-    for (q, us) in [("0.5", l.p50_us), ("0.99", l.p99_us), ("1", l.max_us)] {
-        latency
-            .get_or_create(&label("quantile", q))
-            .set(us as f64 / 1e6);
-    }
     reg.register_with_unit(
         "audit_event_to_durable",
-        "Time from a kernel event to its audit record being durable, quantiles since the daemon started",
+        "Time from a kernel event to its audit record being durable, since the daemon started",
         prometheus_client::registry::Unit::Seconds,
-        latency,
+        LatencyHistogram(a.event_to_durable.clone()),
     );
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &reg) {
@@ -434,7 +461,10 @@ mod tests {
                 ..SinkStatus::default()
             },
         );
-        s.audit.event_to_durable.p99_us = 1500;
+        // One event at most 255 µs, two more at most 1023 µs.
+        s.audit.event_to_durable.count = 3;
+        s.audit.event_to_durable.sum_us = 1800;
+        s.audit.event_to_durable.buckets = vec![0, 0, 1, 0, 2];
         let text = render(&s);
         for line in [
             "agentwall_healthy 1",
@@ -443,20 +473,40 @@ mod tests {
             "agentwall_policy_generation 3",
             "agentwall_cgroups{state=\"revoked\"} 1",
             "agentwall_cgroups{state=\"enrolled\"} 1",
-            "agentwall_kernel_total{counter=\"denied\"} 5",
+            "agentwall_kernel_denied_total 5",
+            "# HELP agentwall_kernel_denied Flows denied, for any reason.",
+            "# TYPE agentwall_kernel_denied counter",
+            "agentwall_kernel_rate_limited_total 0",
             "agentwall_kernel_events_dropped_total{cpu=\"1\"} 9",
             "agentwall_daemon_errors_total{error=\"map_update\"} 2",
             "agentwall_audit_records_total 40",
             "agentwall_audit_failing 1",
             "agentwall_audit_sink_dropped_total{sink=\"syslog\"} 1",
             "agentwall_audit_sink_connected{sink=\"syslog\"} 1",
-            "agentwall_audit_event_to_durable_seconds{quantile=\"0.99\"} 0.0015",
+            "# TYPE agentwall_audit_event_to_durable_seconds histogram",
+            "agentwall_audit_event_to_durable_seconds_bucket{le=\"0.000127\"} 0",
+            "agentwall_audit_event_to_durable_seconds_bucket{le=\"0.000255\"} 1",
+            "agentwall_audit_event_to_durable_seconds_bucket{le=\"0.001023\"} 3",
+            "agentwall_audit_event_to_durable_seconds_bucket{le=\"4.194303\"} 3",
+            "agentwall_audit_event_to_durable_seconds_bucket{le=\"+Inf\"} 3",
+            "agentwall_audit_event_to_durable_seconds_count 3",
+            "agentwall_audit_event_to_durable_seconds_sum 0.0018",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
         // No identity leaves through the endpoint.
         assert!(!text.contains("spiffe"), "{text}");
+        // Ring buffer drops only per CPU: no total to add to them twice.
+        assert!(
+            !text.contains("agentwall_kernel_events_dropped_total "),
+            "{text}"
+        );
+        assert!(
+            !text.contains("counter=\""),
+            "no catch-all kernel metric: {text}"
+        );
+        assert!(!text.contains("quantile"), "{text}");
     }
 
     #[test]

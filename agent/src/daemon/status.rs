@@ -84,13 +84,27 @@ pub struct AuditStatus {
 }
 
 /// A latency distribution, in microseconds (each value within 12.5% above).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatencyStatus {
     pub count: u64,
     pub p50_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
+    /// The sum of all values, for a mean.
+    #[serde(default)]
+    pub sum_us: u64,
+    /// How many values fall at or below each of [`LATENCY_BOUNDS_US`] and above the bound
+    /// before it, then above the last: the buckets of a Prometheus histogram.
+    #[serde(default)]
+    pub buckets: Vec<u64>,
 }
+
+/// Upper bounds of the latency histograms' buckets, in microseconds: each the top of a
+/// bucket of the daemon's own histograms (so the counts are exact), from 63 µs to 4.2 s.
+pub const LATENCY_BOUNDS_US: [u64; 17] = [
+    63, 127, 255, 511, 1023, 2047, 4095, 8191, 16_383, 32_767, 65_535, 131_071, 262_143, 524_287,
+    1_048_575, 2_097_151, 4_194_303,
+];
 
 /// What a sink did since the daemon started; the store holds every record regardless.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +259,8 @@ impl Daemon {
                         p50_us: a.event_to_durable.quantile(0.5),
                         p99_us: a.event_to_durable.quantile(0.99),
                         max_us: a.event_to_durable.max(),
+                        sum_us: a.event_to_durable.sum(),
+                        buckets: a.event_to_durable.counts_at(&LATENCY_BOUNDS_US),
                     },
                     sinks: a
                         .sinks
