@@ -239,9 +239,9 @@ fn pipeline_run(n: u64, rate: Option<u64>) -> Run {
         r.offered_rate,
         r.durable_rate,
         r.unaccounted,
-        lat.p50_us,
-        lat.p99_us,
-        lat.max_us
+        r.lat.p50_us,
+        r.lat.p99_us,
+        r.lat.max_us
     );
     r
 }

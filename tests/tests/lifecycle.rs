@@ -608,6 +608,10 @@ fn text_logs_off_a_terminal_have_no_colour_escapes() {
 
 /// The Prometheus client's OpenMetrics parser reads `text`, which has one metric per kernel
 /// counter and its latencies as histograms.
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: failing here fails the test"
+)]
 fn openmetrics_parser_reads(text: &str) {
     let script = r#"
 import sys
