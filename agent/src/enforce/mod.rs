@@ -205,6 +205,10 @@ pub struct Enforcer {
     counters: PerCpuArray<MapData, u64>,
     enforced: HashMap<MapData, u64, u32>,
     generation: u32,
+    /// The last generation number written to, in force or not: a write that failed is never
+    /// written again under the same number, so that whatever its purge missed cannot come
+    /// into force with a later policy.
+    last_written: u32,
     max_rule_nodes: u32,
     /// Cgroups this instance attached to.
     attached: HashSet<u64>,
@@ -342,6 +346,7 @@ impl Enforcer {
             counters,
             enforced,
             generation,
+            last_written: generation,
             max_rule_nodes,
             attached: HashSet::new(),
             task_hooks: TaskHooks::Missing(String::new()),
@@ -624,10 +629,8 @@ impl Enforcer {
             });
         }
         let started = std::time::Instant::now();
-        let next = match self.generation.wrapping_add(1) {
-            0 => 1,
-            g => g,
-        };
+        let next = next_generation(self.last_written, self.generation);
+        self.last_written = next;
         let written = write_trie(&mut self.rules, &compiled.nodes, next)
             .map_err(map_err(maps::RULES, "inserting"))
             .and_then(|()| {
@@ -959,6 +962,17 @@ impl Enforcer {
 
 /// The bindings a previous daemon left pinned under `pin_dir` (cgroup id, binding), read
 /// without loading anything; none if there is no pinned bindings map.
+/// The generation number after `last` (the last one written), never 0 (none) nor `active`.
+fn next_generation(last: u32, active: u32) -> u32 {
+    let mut next = last;
+    loop {
+        next = next.wrapping_add(1);
+        if next != 0 && next != active {
+            return next;
+        }
+    }
+}
+
 /// Sets of nodes up to this size are written by one thread.
 const WRITE_ALONE: usize = 2048;
 /// Most threads that write one set of nodes.
@@ -1001,11 +1015,26 @@ fn write_trie(
         others.push((other, chunk));
     }
     thread::scope(|s| {
-        let handles: Vec<_> = others
-            .into_iter()
-            .map(|(mut other, chunk)| s.spawn(move || write_nodes(&mut other, chunk, generation)))
-            .collect();
-        let mut result = write_nodes(trie, mine, generation);
+        let mut handles = Vec::with_capacity(others.len());
+        let mut result = Ok(());
+        for (mut other, chunk) in others {
+            // A thread that cannot be made (a host out of threads) leaves its share to this
+            // one: the write goes on, slower, and fails only as a write can.
+            match thread::Builder::new()
+                .name("agentwall-nodes".into())
+                .spawn_scoped(s, move || write_nodes(&mut other, chunk, generation))
+            {
+                Ok(h) => handles.push(h),
+                Err(_) => {
+                    if result.is_ok() {
+                        result = write_nodes(trie, chunk, generation);
+                    }
+                }
+            }
+        }
+        if result.is_ok() {
+            result = write_nodes(trie, mine, generation);
+        }
         for h in handles {
             let r = h.join().unwrap_or_else(|_| {
                 Err(MapError::SyscallError(aya::sys::SyscallError {
@@ -1144,4 +1173,21 @@ pub fn teardown(pin_dir: &std::path::Path) -> Result<Vec<PathBuf>, EnforceError>
     }
     let _ = fs::remove_dir(layout.root());
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_generation;
+
+    #[test]
+    fn a_generation_number_is_never_written_twice() {
+        assert_eq!(next_generation(4, 4), 5);
+        // The write of 5 failed (last written 5, 4 still in force): the next try is 6, so
+        // nodes of 5 that its purge missed can never be flipped in.
+        assert_eq!(next_generation(5, 4), 6);
+        // Past the wrap: never 0 (no policy), never the one in force.
+        assert_eq!(next_generation(u32::MAX, 3), 1);
+        assert_eq!(next_generation(u32::MAX, 1), 2);
+        assert_eq!(next_generation(0, 0), 1);
+    }
 }
