@@ -994,7 +994,14 @@ fn a_task_that_dies_stops_the_daemon_and_the_kernel_keeps_enforcing() {
         denied.port(),
         out_file.display()
     );
-    for task in ["gc", "admin", "units", "renew", "decision"] {
+    for task in [
+        "gc",
+        "admin",
+        "units",
+        "renew",
+        "decision",
+        "decision-accept",
+    ] {
         let mut c = d.run_command();
         c.env("AGENTWALL_TEST_FAULT", task);
         let out = d.run_refused_command(c);

@@ -240,19 +240,21 @@ struct ErrorBody {
 /// The decision API's threads: each runs a runtime of its own, on which the connections
 /// it was handed are served start to end. A request then costs its own work and the one
 /// wake-up of its thread, not a hand-over between the daemon's shared workers; and the
-/// daemon's background work does not stand in the askers' way.
+/// daemon's background work does not stand in the askers' way. The listeners have a thread
+/// of their own that serves no connection, so that no asker's requests can hold up the
+/// accepting of others.
 struct Pool {
     handles: Vec<tokio::runtime::Handle>,
     next: std::sync::atomic::AtomicUsize,
 }
 
-/// Most threads of the decision API (one per CPU up to this).
+/// Most threads serving the decision API (one per CPU up to this).
 const MAX_THREADS: usize = 4;
 
 impl Pool {
-    /// Starts one thread per CPU (at most [`MAX_THREADS`]), watched by `supervisor`. The
-    /// first also runs `accept`, made from the pool once every thread runs; all end when the
-    /// daemon stops.
+    /// Starts one serving thread per CPU (at most [`MAX_THREADS`]) and the accepting thread,
+    /// which runs `accept` (made from the pool); all are watched by `supervisor`, and end
+    /// when the daemon stops. `accept` ending ends its thread, which stops the daemon.
     fn start<F, Fut>(supervisor: &Supervisor, accept: F) -> std::io::Result<()>
     where
         F: FnOnce(Arc<Pool>) -> Fut + Send + 'static,
@@ -261,39 +263,35 @@ impl Pool {
         let n = std::thread::available_parallelism()
             .map_or(1, std::num::NonZero::get)
             .clamp(1, MAX_THREADS);
-        let mut handles = Vec::with_capacity(n);
-        let mut runtimes = Vec::with_capacity(n);
-        for _ in 0..n {
-            let rt = tokio::runtime::Builder::new_current_thread()
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?;
+                .build()
+        };
+        let mut handles = Vec::with_capacity(n);
+        for _ in 0..n {
+            let rt = runtime()?;
             handles.push(rt.handle().clone());
-            runtimes.push(rt);
+            let stopped = supervisor.stopped();
+            supervisor.thread("decision", move || rt.block_on(stopped))?;
         }
         let pool = Arc::new(Pool {
             handles,
             next: std::sync::atomic::AtomicUsize::new(0),
         });
-        let mut accept = Some(accept);
-        for rt in runtimes {
-            let stopped = supervisor.stopped();
-            let serve = accept.take().map(|a| a(Arc::clone(&pool)));
-            supervisor.thread("decision", move || {
-                rt.block_on(async move {
-                    match serve {
-                        Some(accept) => tokio::select! {
-                            () = accept => {}
-                            () = stopped => {}
-                        },
-                        None => stopped.await,
-                    }
-                });
-            })?;
-        }
-        Ok(())
+        let rt = runtime()?;
+        let stopped = supervisor.stopped();
+        supervisor.thread("decision-accept", move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    () = accept(pool) => {}
+                    () = stopped => {}
+                }
+            });
+        })
     }
 
-    /// Runs `f` on the next thread in turn.
+    /// Runs `f` on the next serving thread in turn.
     fn spawn<Fut>(&self, f: Fut)
     where
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -302,6 +300,7 @@ impl Pool {
         drop(self.handles[i].spawn(f));
     }
 }
+
 /// Serves the decision API unless the configuration turns it off.
 pub fn start(
     daemon: &Arc<Daemon>,
@@ -330,9 +329,11 @@ pub fn start(
     Pool::start(supervisor, move |pool| async move {
         let on_socket = accept_unix(unix, Arc::clone(&d), Arc::clone(&budget), Arc::clone(&pool));
         match tcp {
-            Some(tcp) => {
-                tokio::join!(on_socket, accept_tls(tcp, d, budget, pool));
-            }
+            // Either listener failing ends the thread: the daemon stops and says so.
+            Some(tcp) => tokio::select! {
+                () = on_socket => {}
+                () = accept_tls(tcp, d, budget, pool) => {}
+            },
             None => on_socket.await,
         }
     })?;

@@ -276,7 +276,8 @@ const COLLECT_MAX: usize = 4 * MAX_ENTRIES_PER_PREFIX;
 
 /// Prefix → (entries written for it, source of the first rule there), for one slot.
 /// The nodes of one slot: a prefix → its entries and the first rule that wrote it. Keyed
-/// by a fast hash: the keys come from the policy directory, which only root writes.
+/// by a fast hash, seeded at random: the keys are the policy directory's prefixes and the
+/// addresses its host names resolved to (at most 64 a name), too few to flood it.
 type SlotNodes<'a> = HashMap<(Addr16, u32), (Entries, &'a Source), foldhash::fast::RandomState>;
 /// The entries of one prefix: most have one or two, kept in place.
 type Entries = smallvec::SmallVec<[PortRule; 2]>;
