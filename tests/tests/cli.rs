@@ -128,6 +128,51 @@ fn man_pages_are_written_for_every_visible_command() {
     }
 }
 
+/// Run as root into a directory someone else can write, `man` could be made to write through
+/// a planted link or hard link: it refuses a directory that is not the caller's alone, and
+/// never writes through what is already in it.
+#[test]
+fn man_pages_are_not_written_through_links() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let victim = Scratch::new("man-victim");
+    let target = victim.path().join("precious");
+    std::fs::write(&target, "keep me").unwrap();
+    let open = Scratch::new("man-open");
+    std::os::unix::fs::symlink(&target, open.path().join("agentwall.1")).unwrap();
+    std::fs::hard_link(&target, open.path().join("agentwall-run.1")).unwrap();
+    let refused = |mode: u32, uid: u32| {
+        std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::lchown(open.path(), Some(uid), None).unwrap();
+        let out = run(&["man", &format!("{}/", open.path().display())]);
+        assert!(!out.status.success(), "mode {mode:o} uid {uid}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("only you can write"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    refused(0o1777, 0);
+    refused(0o775, 0);
+    refused(0o755, 65534);
+    // A directory of one's own: the link and the hard link are replaced, not written through.
+    std::os::unix::fs::lchown(open.path(), Some(0), None).unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run(&["man", open.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me");
+    let page = std::fs::symlink_metadata(open.path().join("agentwall.1")).unwrap();
+    assert!(page.file_type().is_file());
+    assert!(
+        std::fs::read_to_string(open.path().join("agentwall-run.1"))
+            .unwrap()
+            .contains(".TH")
+    );
+}
+
 /// Every read command's `--json` prints one JSON document per line, nothing else.
 #[test]
 fn json_output_is_one_document_per_line() {
