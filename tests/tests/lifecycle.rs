@@ -301,11 +301,26 @@ fn a_bad_reload_keeps_the_policy_in_force() {
         lines(&d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", allowed.port())])),
         ["ok"]
     );
-    // A good reload then takes effect.
-    d.write_policy("p.yaml", &tcp_policy("web", &[1]));
+    // The count of rule nodes the daemon keeps is the policy's, through a refused reload...
+    let nodes = |text: &str| {
+        let set = agentwall::policy::parse_texts(&[(d.policies.join("p.yaml"), text.to_string())])
+            .unwrap();
+        agentwall::policy::compile(&set, |_| 1).unwrap().nodes.len()
+    };
+    let first = tcp_policy("web", &[allowed.port()]);
+    assert_eq!(status.rule_nodes, nodes(&first));
+    // A good reload then takes effect, and the count follows it.
+    let wider = format!(
+        "{}    - to: 127.0.0.2\n      protocol: tcp\n      ports: [2]\n    - to: 10.9.0.0/16\n      protocol: udp\n      ports: [53]\n",
+        tcp_policy("web", &[1])
+    );
+    d.write_policy("p.yaml", &wider);
     let out = d.cli(&["reload"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(d.status().generation, generation + 1);
+    let status = d.status();
+    assert_eq!(status.generation, generation + 1);
+    assert_eq!(status.rule_nodes, nodes(&wider));
+    assert_ne!(nodes(&wider), nodes(&first));
     assert_eq!(
         lines(&d.exec("web", None, &[&format!("tcp 127.0.0.1:{}", allowed.port())])),
         ["err EPERM"]

@@ -209,6 +209,9 @@ pub struct Enforcer {
     /// written again under the same number, so that whatever its purge missed cannot come
     /// into force with a later policy.
     last_written: u32,
+    /// Nodes in the rules trie, kept as they are written and purged: counting the trie's
+    /// keys is a system call each, too slow for every status read and reload.
+    rule_nodes: usize,
     max_rule_nodes: u32,
     /// Cgroups this instance attached to.
     attached: HashSet<u64>,
@@ -347,6 +350,7 @@ impl Enforcer {
             enforced,
             generation,
             last_written: generation,
+            rule_nodes: 0,
             max_rule_nodes,
             attached: HashSet::new(),
             task_hooks: TaskHooks::Missing(String::new()),
@@ -611,7 +615,7 @@ impl Enforcer {
     /// Writes `compiled` as a new generation, flips to it, then removes the old one. If
     /// writing fails the partial generation is removed and the old one stays in force.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<u32, EnforceError> {
-        let in_use = self.rules.keys().count();
+        let in_use = self.rule_nodes;
         let needed = compiled.nodes.len();
         if in_use + needed > self.max_rule_nodes as usize {
             return Err(EnforceError::Capacity {
@@ -641,6 +645,7 @@ impl Enforcer {
             self.purge_generation(next);
             return Err(e);
         }
+        self.rule_nodes += needed;
         for peer in &compiled.peers {
             let key = PeerKey {
                 generation: next,
@@ -881,7 +886,13 @@ impl Enforcer {
     fn purge_inactive(&mut self) -> Result<(), EnforceError> {
         let active = self.generation;
         let stale = |g: u32| g != active;
-        purge_trie(&mut self.rules, maps::RULES, stale)?;
+        match purge_trie(&mut self.rules, maps::RULES, stale) {
+            Ok(left) => self.rule_nodes = left,
+            Err(e) => {
+                self.rule_nodes = self.rules.keys().count();
+                return Err(e);
+            }
+        }
         purge_trie(&mut self.ingress, maps::INGRESS, stale)?;
         purge_keys(&mut self.peers, maps::PEERS, |k| stale(k.generation))?;
         purge_keys(&mut self.unix_rules, maps::UNIX_RULES, |k| {
@@ -897,7 +908,9 @@ impl Enforcer {
     /// left for the next purge of inactive generations.
     fn purge_generation(&mut self, generation: u32) {
         let of = |g: u32| g == generation;
+        // Rare (a failed write): counted again whatever the purge did.
         let _ = purge_trie(&mut self.rules, maps::RULES, of);
+        self.rule_nodes = self.rules.keys().count();
         let _ = purge_trie(&mut self.ingress, maps::INGRESS, of);
         let _ = purge_keys(&mut self.peers, maps::PEERS, |k| of(k.generation));
         let _ = purge_keys(&mut self.unix_rules, maps::UNIX_RULES, |k| of(k.generation));
@@ -956,7 +969,7 @@ impl Enforcer {
 
     /// Number of rule nodes in the trie.
     pub fn rule_nodes(&self) -> usize {
-        self.rules.keys().count()
+        self.rule_nodes
     }
 }
 
@@ -1071,23 +1084,23 @@ fn write_nodes(
 }
 
 /// Removes the nodes of `trie` whose generation `stale` picks.
+/// Returns how many nodes are left.
 fn purge_trie(
     trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
     name: &'static str,
     stale: impl Fn(u32) -> bool,
-) -> Result<(), EnforceError> {
-    let keys: Vec<Key<RuleKey>> = trie
+) -> Result<usize, EnforceError> {
+    let (keys, kept): (Vec<Key<RuleKey>>, Vec<Key<RuleKey>>) = trie
         .keys()
         .filter_map(Result::ok)
-        .filter(|k| stale(k.data().generation))
-        .collect();
+        .partition(|k| stale(k.data().generation));
     for k in keys {
         match trie.remove(&k) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(name, "removing a stale entry")(e)),
         }
     }
-    Ok(())
+    Ok(kept.len())
 }
 
 /// Removes the entries of hash map `map` whose key `stale` picks.
