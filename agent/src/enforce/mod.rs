@@ -22,6 +22,7 @@
 
 pub mod actor;
 pub mod budgets;
+mod generation;
 pub mod layout;
 mod pins;
 mod unix;
@@ -47,10 +48,7 @@ use agentwall_common::{
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf,
-        lpm_trie::{Key, LpmTrie},
-    },
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::LpmTrie},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
         ProgramError, links::FdLink,
@@ -58,6 +56,7 @@ use aya::{
 };
 use serde::Serialize;
 
+use self::generation::{next_generation, purge_keys, purge_trie, write_trie};
 pub use self::pins::PinLayout;
 use crate::{
     cgroup::{Cgroup, CgroupError},
@@ -975,154 +974,6 @@ impl Enforcer {
 
 /// The bindings a previous daemon left pinned under `pin_dir` (cgroup id, binding), read
 /// without loading anything; none if there is no pinned bindings map.
-/// The generation number after `last` (the last one written), never 0 (none) nor `active`.
-fn next_generation(last: u32, active: u32) -> u32 {
-    let mut next = last;
-    loop {
-        next = next.wrapping_add(1);
-        if next != 0 && next != active {
-            return next;
-        }
-    }
-}
-
-/// Sets of nodes up to this size are written by one thread.
-const WRITE_ALONE: usize = 2048;
-/// Most threads that write one set of nodes.
-const MAX_WRITERS: usize = 4;
-
-/// Writes `nodes` into `trie` as generation `generation`.
-///
-/// Each node is one system call, which costs more than the kernel's work under the trie's
-/// lock: a large set is split between threads, one per CPU, each writing through a
-/// descriptor of its own for the same map.
-fn write_trie(
-    trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
-    nodes: &[crate::policy::compile::Node],
-    generation: u32,
-) -> Result<(), MapError> {
-    let writers = thread::available_parallelism()
-        .map_or(1, std::num::NonZero::get)
-        .min(MAX_WRITERS)
-        .min(nodes.len().div_ceil(WRITE_ALONE));
-    if writers <= 1 {
-        return write_nodes(trie, nodes, generation);
-    }
-    let per = nodes.len().div_ceil(writers);
-    let mut chunks = nodes.chunks(per);
-    let mine = chunks.next().unwrap_or_default();
-    let mut others = Vec::with_capacity(writers - 1);
-    for chunk in chunks {
-        let fd = aya::maps::IterableMap::map(&*trie)
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| {
-                MapError::SyscallError(aya::sys::SyscallError {
-                    call: "dup",
-                    io_error: e,
-                })
-            })?;
-        let other: LpmTrie<MapData, RuleKey, RuleSet> =
-            LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_fd(fd)?))?;
-        others.push((other, chunk));
-    }
-    thread::scope(|s| {
-        let mut handles = Vec::with_capacity(others.len());
-        let mut result = Ok(());
-        for (mut other, chunk) in others {
-            // A thread that cannot be made (a host out of threads) leaves its share to this
-            // one: the write goes on, slower, and fails only as a write can.
-            match thread::Builder::new()
-                .name("agentwall-nodes".into())
-                .spawn_scoped(s, move || write_nodes(&mut other, chunk, generation))
-            {
-                Ok(h) => handles.push(h),
-                Err(_) => {
-                    if result.is_ok() {
-                        result = write_nodes(trie, chunk, generation);
-                    }
-                }
-            }
-        }
-        if result.is_ok() {
-            result = write_nodes(trie, mine, generation);
-        }
-        for h in handles {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_elem",
-                    io_error: std::io::Error::other("a thread writing the nodes panicked"),
-                }))
-            });
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
-    })
-}
-
-/// Writes `nodes` into `trie` as generation `generation`, one after another.
-fn write_nodes(
-    trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
-    nodes: &[crate::policy::compile::Node],
-    generation: u32,
-) -> Result<(), MapError> {
-    for node in nodes {
-        let key = Key::new(
-            RuleKey::prefix_len(node.bits),
-            RuleKey {
-                slot: node.slot,
-                generation,
-                addr: node.addr,
-            },
-        );
-        trie.insert(&key, node.set, 0)?;
-    }
-    Ok(())
-}
-
-/// Removes the nodes of `trie` whose generation `stale` picks.
-/// Returns how many nodes are left.
-fn purge_trie(
-    trie: &mut LpmTrie<MapData, RuleKey, RuleSet>,
-    name: &'static str,
-    stale: impl Fn(u32) -> bool,
-) -> Result<usize, EnforceError> {
-    let (keys, kept): (Vec<Key<RuleKey>>, Vec<Key<RuleKey>>) = trie
-        .keys()
-        .filter_map(Result::ok)
-        .partition(|k| stale(k.data().generation));
-    for k in keys {
-        match trie.remove(&k) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(name, "removing a stale entry")(e)),
-        }
-    }
-    Ok(kept.len())
-}
-
-/// Removes the entries of hash map `map` whose key `stale` picks.
-fn purge_keys<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    name: &'static str,
-    stale: impl Fn(&K) -> bool,
-) -> Result<(), EnforceError> {
-    let keys: Vec<K> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| stale(k))
-        .collect();
-    for k in keys {
-        match map.remove(&k) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(name, "removing a stale entry")(e)),
-        }
-    }
-    Ok(())
-}
-
 pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>, EnforceError> {
     let layout = PinLayout::new(pin_dir);
     let path = layout.maps().join(maps::BINDINGS);
@@ -1186,21 +1037,4 @@ pub fn teardown(pin_dir: &std::path::Path) -> Result<Vec<PathBuf>, EnforceError>
     }
     let _ = fs::remove_dir(layout.root());
     Ok(removed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::next_generation;
-
-    #[test]
-    fn a_generation_number_is_never_written_twice() {
-        assert_eq!(next_generation(4, 4), 5);
-        // The write of 5 failed (last written 5, 4 still in force): the next try is 6, so
-        // nodes of 5 that its purge missed can never be flipped in.
-        assert_eq!(next_generation(5, 4), 6);
-        // Past the wrap: never 0 (no policy), never the one in force.
-        assert_eq!(next_generation(u32::MAX, 3), 1);
-        assert_eq!(next_generation(u32::MAX, 1), 2);
-        assert_eq!(next_generation(0, 0), 1);
-    }
 }
