@@ -60,18 +60,25 @@ impl prometheus_client::encoding::EncodeMetric for LatencyHistogram {
         mut encoder: prometheus_client::encoding::MetricEncoder,
     ) -> Result<(), std::fmt::Error> {
         let l = &self.0;
-        let bounds = crate::daemon::status::LATENCY_BOUNDS_US
+        let bounds = &crate::daemon::status::LATENCY_BOUNDS_US;
+        // A status without buckets (an older daemon's) puts its count above the last bound.
+        let mut counts = l.buckets.clone();
+        counts.resize(bounds.len() + 1, 0);
+        if l.buckets.is_empty() {
+            counts[bounds.len()] = l.count;
+        }
+        let buckets: Vec<(f64, u64)> = bounds
             .iter()
             .map(|us| *us as f64 / 1e6)
             // The last bucket is everything above the last bound; the encoder writes
             // `+Inf` for f64::MAX.
-            .chain(std::iter::once(f64::MAX));
-        let buckets: Vec<(f64, u64)> = bounds
-            .zip(l.buckets.iter().copied().chain(std::iter::repeat(0)))
+            .chain(std::iter::once(f64::MAX))
+            .zip(counts.iter().copied())
             .collect();
+        // The count is the +Inf bucket, one number.
         encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
             l.sum_us as f64 / 1e6,
-            l.count,
+            counts.iter().sum(),
             &buckets,
             None,
         )
@@ -409,7 +416,7 @@ async fn handle(mut stream: TcpStream, daemon: &Daemon) -> std::io::Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
-    use crate::control::{AuditStatus, CgroupStatus, SinkStatus};
+    use crate::control::{AuditStatus, CgroupStatus, LatencyStatus, SinkStatus};
 
     #[test]
     fn a_status_renders_as_openmetrics() {
@@ -507,6 +514,34 @@ mod tests {
             "no catch-all kernel metric: {text}"
         );
         assert!(!text.contains("quantile"), "{text}");
+    }
+
+    /// Read while events are added, a status's count may run ahead of its buckets: the
+    /// histogram's count is always its +Inf bucket, as OpenMetrics requires.
+    #[test]
+    fn a_histogram_count_is_its_inf_bucket() {
+        let racing = LatencyStatus {
+            count: 5,
+            sum_us: 900,
+            buckets: vec![0, 0, 1, 0, 2],
+            ..LatencyStatus::default()
+        };
+        let old = LatencyStatus {
+            count: 4,
+            ..LatencyStatus::default()
+        };
+        for (l, n) in [(racing, 3), (old, 4)] {
+            let mut reg = Registry::default();
+            reg.register("lat", "h", LatencyHistogram(l));
+            let mut text = String::new();
+            encode(&mut text, &reg).unwrap();
+            for line in [
+                format!("lat_count {n}"),
+                format!("lat_bucket{{le=\"+Inf\"}} {n}"),
+            ] {
+                assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            }
+        }
     }
 
     #[test]

@@ -254,13 +254,19 @@ impl Daemon {
                     space_low: a.space_low.load(Relaxed),
                     segments_removed: a.segments_removed.load(Relaxed),
                     retention_errors: a.retention_errors.load(Relaxed),
-                    event_to_durable: LatencyStatus {
-                        count: a.event_to_durable.count(),
-                        p50_us: a.event_to_durable.quantile(0.5),
-                        p99_us: a.event_to_durable.quantile(0.99),
-                        max_us: a.event_to_durable.max(),
-                        sum_us: a.event_to_durable.sum(),
-                        buckets: a.event_to_durable.counts_at(&LATENCY_BOUNDS_US),
+                    event_to_durable: {
+                        // The count is the buckets' sum, read once: a scrape must never see
+                        // a count other than its +Inf bucket while events are added.
+                        let h = &a.event_to_durable;
+                        let buckets = h.counts_at(&LATENCY_BOUNDS_US);
+                        LatencyStatus {
+                            count: buckets.iter().sum(),
+                            p50_us: h.quantile(0.5),
+                            p99_us: h.quantile(0.99),
+                            max_us: h.max(),
+                            sum_us: h.sum(),
+                            buckets,
+                        }
                     },
                     sinks: a
                         .sinks
