@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | run | test | lint | bench | proto`.
+//! Project tasks: `cargo xtask setup | build | run | test | lint | bench | package | proto`.
 //!
 //! `setup` installs what building the kernel programs needs and is idempotent; every other
 //! task runs it first, so a fresh machine needs no other step.
 
 mod leftovers;
+mod package;
 mod proto;
 mod setup;
 
@@ -48,6 +49,8 @@ enum Task {
         #[arg(long, default_value_t = 61)]
         rounds: u32,
     },
+    /// The Debian package and the release tarball, from a release build, in target/package.
+    Package,
     /// Generate the Workload API code (agent/src/workload/pb.rs) from agent/proto.
     Proto,
 }
@@ -135,6 +138,11 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Lint => {
             setup::run()?;
             lint()
+        }
+        Task::Package => {
+            setup::run()?;
+            build(true)?;
+            package::run().map(drop)
         }
         Task::Test => {
             setup::run()?;
@@ -396,12 +404,17 @@ fn test() -> anyhow::Result<()> {
     }
     test_tools()?;
     let python = py_spiffe()?;
+    // The package tests install and start what a user would download.
+    build(true)?;
+    let artifacts = package::run()?;
     leftovers::sweep(&root().join("target/debug/agentwall"));
     step("root integration tests (serial, real kernel)");
     let mut c = cargo();
     c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
     c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
     c.env("AGENTWALL_PY_SPIFFE", python);
+    c.env("AGENTWALL_DEB", &artifacts.deb);
+    c.env("AGENTWALL_TARBALL", &artifacts.tarball);
     c.stdout(std::process::Stdio::piped());
     let out = c
         .spawn()

@@ -19,6 +19,8 @@ use crate::step;
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deny, which `cargo xtask lint` runs on the dependency graph (deny.toml).
 const CARGO_DENY_VERSION: &str = "0.20.2";
+/// cargo-deb, which `cargo xtask package` builds the Debian package with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let line = format!("{cmd:?}");
@@ -129,30 +131,32 @@ pub(crate) fn run() -> anyhow::Result<()> {
 
 /// Installs cargo-deny at the pinned version unless it is there (a few minutes, once).
 pub(crate) fn cargo_deny() -> anyhow::Result<()> {
+    cargo_tool("cargo-deny", "deny", CARGO_DENY_VERSION)
+}
+
+/// Installs cargo-deb at the pinned version unless it is there (under a minute, once).
+pub(crate) fn cargo_deb() -> anyhow::Result<()> {
+    cargo_tool("cargo-deb", "deb", CARGO_DEB_VERSION)
+}
+
+/// `cargo install --locked` of `krate` at `version` unless `cargo SUB --version` names it.
+fn cargo_tool(krate: &str, sub: &str, version: &str) -> anyhow::Result<()> {
     let have = Command::new("cargo")
-        .args(["deny", "--version"])
+        .args([sub, "--version"])
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    if have.is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DENY_VERSION)) {
+    if have.is_some_and(|v| v.split_whitespace().any(|w| w == version)) {
         return Ok(());
     }
-    step(&format!(
-        "setup: building cargo-deny {CARGO_DENY_VERSION} (a few minutes, once)"
-    ));
+    step(&format!("setup: building {krate} {version} (once)"));
     let st = Command::new("cargo")
-        .args([
-            "install",
-            "cargo-deny",
-            "--locked",
-            "--version",
-            CARGO_DENY_VERSION,
-        ])
+        .args(["install", krate, "--locked", "--version", version])
         .status()
         .context("starting cargo install")?;
     if !st.success() {
-        bail!("installing cargo-deny failed (see the cargo output above)");
+        bail!("installing {krate} failed (see the cargo output above)");
     }
     Ok(())
 }
