@@ -2,7 +2,10 @@
 //!
 //! `clone3(CLONE_INTO_CGROUP)` (Linux 5.7) creates the child directly in the target cgroup,
 //! so the child's first instruction already runs under the cgroup's programs, and every socket
-//! it ever creates belongs to that cgroup. Between clone and exec the child runs only raw
+//! it ever creates belongs to that cgroup. Where clone3 answers ENOSYS (systemd's
+//! `RestrictNamespaces=` filter gives that answer, as it cannot read clone3's flags), the child
+//! is made with clone and moves itself into the cgroup as its first act, before it creates
+//! anything or runs a line of the command. Between clone and exec the child runs only raw
 //! system calls: the parent is multi-threaded, so nothing that allocates or takes a lock is
 //! safe there (and glibc's setuid wrappers would try to signal threads that the child does not
 //! have).
@@ -231,7 +234,7 @@ struct CloneArgs {
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Stages reported from the child through the pipe.
-const STAGES: [&str; 18] = [
+const STAGES: [&str; 19] = [
     "setgroups",
     "setresgid",
     "setresuid",
@@ -250,6 +253,7 @@ const STAGES: [&str; 18] = [
     "unshare of a user namespace as the mapped uid (root's confinement; user namespaces may be turned off: see sysctl user.max_user_namespaces, or run the command as another user)",
     "telling the launcher the user namespace is there (root's confinement)",
     "keeping capabilities across the change to the mapped uid (root's confinement)",
+    "joining the cgroup (clone3 was refused, so the child moves itself)",
 ];
 
 /// The confinement in the form the child uses: C strings made before the clone.
@@ -359,11 +363,31 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Child, S
     };
     // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed; without
     // CLONE_VM the child gets a copy of this address space, like fork.
-    let ret = unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+    let mut ret =
+        unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) };
+    let mut join = None;
+    if ret < 0 && Errno::last() == Errno::ENOSYS {
+        join = Some(cgroup.as_raw_fd());
+        // SAFETY: clone as fork (no CLONE_VM, no new stack); the kernel writes the pidfd to
+        // `pidfd` (x86_64 and aarch64 argument order: flags, stack, parent_tid, child_tid, tls).
+        ret = unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PIDFD | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                &raw mut pidfd,
+                0usize,
+                0usize,
+            )
+        };
+    }
     if ret == 0 {
         // Child. Only raw system calls from here on.
         // SAFETY: every pointer refers to memory prepared above and copied into the child.
         unsafe {
+            if let Some(fd) = join {
+                join_cgroup(fd, wr_fd);
+            }
             child(
                 wr_fd,
                 handshake,
@@ -379,7 +403,13 @@ pub fn spawn_in_cgroup(cmd: &Command, cgroup: BorrowedFd<'_>) -> Result<Child, S
         return Err(SpawnError::Clone(Errno::last()));
     }
     let pid = Pid::from_raw(ret as i32);
-    // SAFETY: clone3 succeeded, so the kernel wrote a new descriptor that nothing else owns.
+    if pidfd < 0 {
+        // clone's arguments in another order (s390x): no pidfd came back.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        return Err(SpawnError::Clone(Errno::EINVAL));
+    }
+    // SAFETY: the clone succeeded, so the kernel wrote a new descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(wr);
     drop(ready_wr);
@@ -560,6 +590,26 @@ unsafe fn child(
         }
         libc::execve(path, argv, envp);
         fail(3)
+    }
+}
+
+/// Moves the calling child into the cgroup open at `cgroup` ("0" in `cgroup.procs` names the
+/// writer), or ends it.
+///
+/// # Safety
+/// Must run in a freshly cloned child, before anything else.
+unsafe fn join_cgroup(cgroup: i32, wr: i32) {
+    // SAFETY: raw system calls on a descriptor and static strings.
+    unsafe {
+        let fd = libc::openat(
+            cgroup,
+            c"cgroup.procs".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+            die(wr, 18);
+        }
+        libc::close(fd);
     }
 }
 
