@@ -205,12 +205,14 @@ impl AgentDir {
         )
         .map_err(|e| sys("creating a temporary file for", e))?;
         let filled = (|| {
+            // The mode first, while the daemon owns the file: after the chown only
+            // CAP_FOWNER could change it, which the systemd unit does not grant.
+            fchmod(&fd, Mode::from_bits_truncate(mode))?;
             fchown(
                 &fd,
                 Some(Uid::from_raw(owner.0)),
                 Some(Gid::from_raw(owner.1)),
             )?;
-            fchmod(&fd, Mode::from_bits_truncate(mode))?;
             let mut f = std::fs::File::from(fd);
             f.write_all(bytes)
                 .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;

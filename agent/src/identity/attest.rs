@@ -149,7 +149,9 @@ fn pidfd_info(fd: &OwnedFd) -> Option<(i32, Option<u64>)> {
     (pid > 0).then_some((pid, None))
 }
 
-/// Whether the process of a pidfd is still alive (signal 0 through the pidfd).
+/// Whether the process of a pidfd is still alive (signal 0 through the pidfd). Only ESRCH
+/// says it is gone: EPERM (a daemon without CAP_KILL asking about another user's process, as
+/// under the systemd unit) says it is there.
 fn pidfd_alive(fd: &OwnedFd) -> bool {
     // SAFETY: pidfd_send_signal with signal 0 only checks that the target exists.
     let r = unsafe {
@@ -161,7 +163,7 @@ fn pidfd_alive(fd: &OwnedFd) -> bool {
             0,
         )
     };
-    r == 0
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn proc_err(path: PathBuf) -> impl FnOnce(std::io::Error) -> AttestError {
