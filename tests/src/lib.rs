@@ -457,6 +457,8 @@ pub struct TestDaemon {
     pub pin_dir: PathBuf,
     pub cgroup_root: String,
     pub config: Option<PathBuf>,
+    /// A systemd unit whose sandbox the daemon runs under (see [`TestDaemon::daemon_command`]).
+    pub unit: Option<PathBuf>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -481,6 +483,10 @@ impl TestDaemon {
         let dir = std::env::temp_dir().join(&name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("policies")).expect("test dir");
+        // Where the audit key goes: made by the test as systemd makes the unit's
+        // configuration directory (0755), so that the daemon's umask does not decide its mode.
+        fs::create_dir_all(dir.join("keys")).expect("keys dir");
+        fs::set_permissions(dir.join("keys"), fs::Permissions::from_mode(0o755)).expect("chmod");
         // World-readable: commands run as an unprivileged user execute binaries copied here.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
         let config_path = config.map(|text| {
@@ -497,15 +503,33 @@ impl TestDaemon {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             cgroup_root: name.clone(),
             config: config_path,
+            unit: None,
             log: dir.join("daemon.log"),
             child: None,
             name,
             dir,
         };
+        let mut d = d;
+        if let Some(unit) = std::env::var_os("AGENTWALL_UNDER_UNIT") {
+            d.set_unit(PathBuf::from(unit));
+        }
         for (file, text) in policies {
             d.write_policy(file, text);
         }
         d
+    }
+
+    /// Runs this daemon under the sandbox of the systemd unit `unit` (before it is
+    /// launched). As under systemd, its cgroup root is `agents` below the unit's own cgroup,
+    /// which the sandbox makes as systemd would.
+    pub fn set_unit(&mut self, unit: PathBuf) {
+        self.cgroup_root = format!("{}/agents", self.unit_cgroup_name());
+        self.unit = Some(unit);
+    }
+
+    /// The stand-in for the unit's cgroup (`system.slice/agentwall.service`).
+    fn unit_cgroup_name(&self) -> String {
+        format!("{}-unit", self.name)
     }
 
     pub fn write_policy(&self, file: &str, text: &str) {
@@ -525,7 +549,7 @@ impl TestDaemon {
 
     /// The same, with logs in `format` (`text` or `json`).
     pub fn run_command_logging(&self, bin: &Path, format: &str) -> Command {
-        let mut c = Command::new(bin);
+        let mut c = self.daemon_command(bin);
         die_with_parent(&mut c);
         c.arg("run")
             .arg("--policies")
@@ -555,6 +579,34 @@ impl TestDaemon {
             None => c.arg("--config").arg("/dev/null"),
         };
         c.env("RUST_LOG", "info");
+        c
+    }
+
+    /// `bin`, or with a [`TestDaemon::unit`] (`AGENTWALL_UNDER_UNIT=FILE` sets it for every
+    /// daemon), `bin` under the sandbox of that systemd unit (`aw-unit-sandbox`): the unit's
+    /// delegated cgroup is this daemon's cgroup root, its directories this daemon's directory
+    /// and the test's others in the temporary directory (an audit file system of its own, a
+    /// partner's CA), which stand in for what a unit's drop-in would name.
+    pub fn daemon_command(&self, bin: &Path) -> Command {
+        let Some(unit) = &self.unit else {
+            return Command::new(bin);
+        };
+        let mut c = Command::new(target_bin("aw-unit-sandbox"));
+        c.arg("--unit")
+            .arg(unit)
+            .arg("--cgroup")
+            .arg(cgroup_mount().join(self.unit_cgroup_name()))
+            .arg("--rw")
+            .arg(&self.dir);
+        let tmp = std::env::temp_dir();
+        for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let p = e.path();
+            let ours = e.file_name().to_string_lossy().starts_with("awt-");
+            if ours && p != self.dir && p.is_dir() {
+                c.arg("--rw").arg(p);
+            }
+        }
+        c.arg("--").arg(bin);
         c
     }
 
@@ -853,6 +905,9 @@ impl Drop for TestDaemon {
             // Last resort, so that nothing is left behind even if teardown itself failed.
             let _ = wait_removed(&root);
             let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        if self.unit.is_some() {
+            let _ = fs::remove_dir(cgroup_mount().join(self.unit_cgroup_name()));
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

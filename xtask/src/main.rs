@@ -304,6 +304,17 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_ossl.so",
         "rsyslog-openssl",
     ),
+    // The package: cargo-deb's dependency scan, strip for the tarball, `man -w` in its test.
+    ("/usr/bin/dpkg-shlibdeps", "dpkg-dev"),
+    ("/usr/bin/strip", "binutils"),
+    ("/usr/bin/man", "man-db"),
+    // The systemd unit's tests: its score, its system-call groups and the syscall numbers
+    // the sandbox builds its filter from.
+    ("/usr/bin/systemd-analyze", "systemd"),
+    (
+        "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+        "linux-libc-dev",
+    ),
 ];
 
 /// Installs the test tools that are missing (Debian's packages; idempotent).
@@ -371,7 +382,6 @@ fn py_spiffe() -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
-#[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
 fn test() -> anyhow::Result<()> {
     step("build binaries for the tests");
     let mut c = cargo();
@@ -407,14 +417,33 @@ fn test() -> anyhow::Result<()> {
     // The package tests install and start what a user would download.
     build(true)?;
     let artifacts = package::run()?;
-    leftovers::sweep(&root().join("target/debug/agentwall"));
-    step("root integration tests (serial, real kernel)");
-    let mut c = cargo();
-    c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
-    c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
-    c.env("AGENTWALL_PY_SPIFFE", python);
-    c.env("AGENTWALL_DEB", &artifacts.deb);
-    c.env("AGENTWALL_TARBALL", &artifacts.tarball);
+    // Twice: the daemon as it is, then under the restrictions of the shipped systemd unit
+    // (tests/src/bin/aw-unit-sandbox applies them; systemd is not PID 1 on these machines).
+    let unit = root().join("deploy/systemd/agentwall.service");
+    for (what, under) in [("", None), (" under the systemd unit", Some(&unit))] {
+        leftovers::sweep(&root().join("target/debug/agentwall"));
+        step(&format!(
+            "root integration tests{what} (serial, real kernel)"
+        ));
+        let mut c = cargo();
+        c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
+        c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
+        c.env("AGENTWALL_PY_SPIFFE", &python);
+        c.env("AGENTWALL_DEB", &artifacts.deb);
+        c.env("AGENTWALL_TARBALL", &artifacts.tarball);
+        match under {
+            Some(u) => c.env("AGENTWALL_UNDER_UNIT", u),
+            None => c.env_remove("AGENTWALL_UNDER_UNIT"),
+        };
+        root_tests(c, what)?;
+    }
+    Ok(())
+}
+
+/// Runs the root integration tests of `c`, passing their output through, and fails unless
+/// some ran and none failed.
+#[expect(clippy::print_stderr, reason = "xtask reports to the terminal")]
+fn root_tests(mut c: Command, what: &str) -> anyhow::Result<()> {
     c.stdout(std::process::Stdio::piped());
     let out = c
         .spawn()
@@ -440,12 +469,12 @@ fn test() -> anyhow::Result<()> {
         passed += num("passed");
         failed += num("failed");
     }
-    eprintln!("==> root integration tests: {passed} passed, {failed} failed");
+    eprintln!("==> root integration tests{what}: {passed} passed, {failed} failed");
     if !out.status.success() || failed > 0 {
-        bail!("integration tests failed");
+        bail!("integration tests{what} failed");
     }
     if passed == 0 {
-        bail!("no root integration test ran");
+        bail!("no root integration test ran{what}");
     }
     Ok(())
 }
