@@ -35,7 +35,7 @@ pub enum CgroupError {
         "this process is in a cgroup namespace of its own: the cgroup v2 mount {at} shows {root:?} \
          of it, not the whole hierarchy, and other processes' cgroups would be misnamed; run \
          agentwall in the host's cgroup namespace (in a container: `nsenter --target 1 --cgroup \
-         -- agentwall run ...` with the host's process namespace, as deploy/kubernetes does)"
+         -- agentwall run ...` with the host's process namespace, as the Helm chart deploy/helm/agentwall does)"
     )]
     PrivateNamespace { at: PathBuf, root: String },
 }

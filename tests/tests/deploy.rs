@@ -1,23 +1,70 @@
-//! The shipped Kubernetes manifest: every path its configuration names is on a volume of the
-//! DaemonSet (mounted from the node where it must outlive the pod), the daemon runs in the
-//! host's cgroup namespace, its probes ask for the health, and its configuration and policies
-//! run a daemon that enforces.
+//! The Helm chart (deploy/helm/agentwall), rendered by Helm: every path its configuration names
+//! is on a volume of the DaemonSet (mounted from the node where it must outlive the pod), the
+//! daemon runs in the host's cgroup namespace, its probes ask for the health, its configuration
+//! and policies run a daemon that enforces, a change of them rolls the pods, and the rendered
+//! objects pass the Kubernetes schemas and a security scanner, each exception written down.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use agentwall_tests::{TestDaemon, lines, serial};
 use serde_norway::Value;
+
+/// A digest to render with: production installs pin the image by one.
+const DIGEST: &str = "sha256:4f1c0a7d2b9e8c6f5a3d1e0b9c8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a";
+
+/// Helm, kubernetes-validate and checkov (`cargo xtask test` installs them).
+fn tool(name: &str) -> PathBuf {
+    let dir = std::env::var_os("AGENTWALL_KUBERNETES_TOOLS").map_or_else(
+        || PathBuf::from("/opt/agentwall-tests/kubernetes/bin"),
+        PathBuf::from,
+    );
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo xtask test` installs it",
+        p.display()
+    );
+    p
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/agentwall")
+}
+
+/// `helm template` of the chart with `sets` (`key=value`), as text.
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: failing here fails the test"
+)]
+fn render(sets: &[&str]) -> String {
+    let mut c = Command::new(tool("helm"));
+    c.args(["template", "agentwall"]).arg(chart());
+    c.args(["--set", &format!("image.digest={DIGEST}")]);
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "helm template: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
 
 #[allow(
     clippy::unwrap_used,
     reason = "a test helper: failing here fails the test"
 )]
-fn manifest() -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/agentwall.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    serde_norway::Deserializer::from_str(&text)
+fn documents(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
         .collect()
+}
+
+fn manifest() -> Vec<Value> {
+    documents(&render(&[]))
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -33,7 +80,7 @@ fn strings(v: &Value) -> Vec<&str> {
 }
 
 #[test]
-fn the_kubernetes_manifest_wires_every_path_and_its_configuration_enforces() {
+fn the_chart_wires_every_path_and_its_configuration_enforces() {
     let _s = serial();
     let docs = manifest();
     let config_text = find(&docs, "ConfigMap", "agentwall-config")["data"]["agentwall.yaml"]
@@ -56,6 +103,16 @@ fn the_kubernetes_manifest_wires_every_path_and_its_configuration_enforces() {
     assert_eq!(pod["hostPID"].as_bool(), Some(true));
     let c = &pod["containers"][0];
     assert_eq!(c["securityContext"]["privileged"].as_bool(), Some(true));
+    // Pulled by digest, no service-account token, a read-only root.
+    assert_eq!(
+        c["image"].as_str(),
+        Some(format!("agentwall@{DIGEST}").as_str())
+    );
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(
+        c["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+        Some(true)
+    );
     // Volume name -> (mount path, what it mounts).
     let volumes: BTreeMap<&str, &Value> = pod["volumes"]
         .as_sequence()
@@ -129,7 +186,7 @@ fn the_kubernetes_manifest_wires_every_path_and_its_configuration_enforces() {
         host_path(&s(&config["audit"]["key_file"])),
         host_path(&s(&config["state_dir"]))
     );
-    for probe in ["readinessProbe", "livenessProbe"] {
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         assert_eq!(
             strings(&c[probe]["exec"]["command"]),
             [
@@ -162,4 +219,99 @@ fn the_kubernetes_manifest_wires_every_path_and_its_configuration_enforces() {
     let o = d.exec("sealed", None, &[&format!("tcp 127.0.0.1:{}", sink.port())]);
     assert_eq!(lines(&o), ["err EPERM"], "{o:?}");
     assert_eq!(sink.accepted(), 0);
+}
+
+/// The pod template's annotation `name` of a rendering.
+fn pod_annotation(docs: &[Value], name: &str) -> String {
+    find(docs, "DaemonSet", "agentwall")["spec"]["template"]["metadata"]["annotations"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} annotation"))
+        .to_string()
+}
+
+#[test]
+#[allow(clippy::unwrap_used, reason = "a test: failing here fails the test")]
+fn a_policy_or_configuration_change_rolls_the_pods_and_bundles_and_secrets_are_wired() {
+    let base = manifest();
+    let changed = documents(&render(&["policies.extra\\.yaml=policy:\n  name: extra\n"]));
+    assert_ne!(
+        pod_annotation(&base, "checksum/policies"),
+        pod_annotation(&changed, "checksum/policies"),
+        "a policy change changes the pod template"
+    );
+    assert_eq!(
+        pod_annotation(&base, "checksum/config"),
+        pod_annotation(&changed, "checksum/config")
+    );
+    let config = documents(&render(&["config.identity.svid_lifetime=30m"]));
+    assert_ne!(
+        pod_annotation(&base, "checksum/config"),
+        pod_annotation(&config, "checksum/config")
+    );
+    // A trust bundle becomes a file and identity.bundles; the audit key can be a Secret.
+    let docs = documents(&render(&[
+        "trustBundles.example\\.org=PEM",
+        "auditKey.existingSecret=agentwall-audit-key",
+    ]));
+    let text = find(&docs, "ConfigMap", "agentwall-config")["data"]["agentwall.yaml"]
+        .as_str()
+        .unwrap();
+    let config: Value = serde_norway::from_str(text).unwrap();
+    assert_eq!(
+        config["identity"]["bundles"][0]["file"].as_str(),
+        Some("/etc/agentwall/bundles/example.org.pem")
+    );
+    assert!(find(&docs, "ConfigMap", "agentwall-bundles")["data"]["example.org.pem"].is_string());
+    let pod = &find(&docs, "DaemonSet", "agentwall")["spec"]["template"]["spec"];
+    let keys = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str() == Some("keys"))
+        .unwrap();
+    assert_eq!(
+        keys["secret"]["secretName"].as_str(),
+        Some("agentwall-audit-key")
+    );
+}
+
+#[test]
+#[allow(clippy::unwrap_used, reason = "a test: failing here fails the test")]
+fn the_rendered_chart_passes_the_schemas_and_the_scanner_with_every_exception_explained() {
+    let dir = std::env::temp_dir().join(format!("awt-{}-chart", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rendered.yaml");
+    std::fs::write(&file, render(&[])).unwrap();
+    let out = Command::new(tool("kubernetes-validate"))
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kubernetes-validate: {out:?}");
+    // checkov, offline: its guidelines from the network are not needed for the checks.
+    let out = Command::new(tool("checkov"))
+        .args(["--framework", "kubernetes", "--output", "json", "-f"])
+        .arg(&file)
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("checkov's report ({e}): {out:?}"));
+    let summary = &report["summary"];
+    assert_eq!(summary["failed"], 0, "checkov: {report:#}");
+    assert!(summary["passed"].as_u64().unwrap() > 50, "{summary}");
+    // Every check skipped is skipped with its reason.
+    let skipped = report["results"]["skipped_checks"].as_array().unwrap();
+    assert!(!skipped.is_empty());
+    for check in skipped {
+        let why = check["check_result"]["suppress_comment"]
+            .as_str()
+            .unwrap_or("");
+        assert!(
+            why.len() > 20,
+            "{} skipped without a reason",
+            check["check_id"]
+        );
+    }
 }

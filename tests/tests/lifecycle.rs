@@ -669,7 +669,7 @@ print(chr(10).join(f"{n} {t}" for n, t in sorted(types.items())))
 
 /// The daemon in a container: a cgroup namespace of its own (rooted at its cgroup) sees other
 /// processes' cgroups relative to it, so the daemon refuses to start there; joined to the
-/// host's cgroup namespace first, as deploy/kubernetes runs it, it enforces.
+/// host's cgroup namespace first, as the Helm chart runs it, it enforces.
 #[test]
 fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_the_hosts() {
     let _s = serial();
@@ -709,7 +709,7 @@ fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_th
         d.pin_dir.display()
     );
 
-    // deploy/kubernetes joins the namespace of PID 1 (the host's init, with hostPID); here,
+    // The Helm chart joins the namespace of PID 1 (the host's init, with hostPID); here,
     // where PID 1's namespaces may not be opened, that of this test, also the host's.
     let me = std::process::id().to_string();
     d.launch_command(contained(&["nsenter", "--target", &me, "--cgroup", "--"]));
@@ -723,7 +723,7 @@ fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_th
         ],
     );
     assert_eq!(lines(&o), ["ok", "err EPERM"], "{o:?}");
-    // The probe command of deploy/kubernetes: success while healthy, failure once the daemon
+    // The probe command of the Helm chart: success while healthy, failure once the daemon
     // is gone.
     let o = d.cli(&["status", "--check"]);
     assert!(o.status.success(), "{o:?}");

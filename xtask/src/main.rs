@@ -346,29 +346,43 @@ fn test_tools() -> anyhow::Result<()> {
     })
 }
 
-/// Where the tests' py-spiffe lives: outside the build tree, which may sit in a directory
-/// the unprivileged user the client runs as cannot enter.
-const PY_SPIFFE_DIR: &str = "/opt/agentwall-tests/py-spiffe";
+/// Where the tests' Python environments live: outside the build tree, which may sit in a
+/// directory the unprivileged user a client runs as cannot enter.
+const TEST_VENVS: &str = "/opt/agentwall-tests";
 
-/// Installs py-spiffe, the third-party SPIFFE client of the Workload API tests, in a virtual
-/// environment of Debian's Python with the versions `tests/fixtures/workload/requirements.txt`
-/// pins (again whenever that file changes). Returns its Python.
+/// Installs py-spiffe, the third-party SPIFFE client of the Workload API tests, with the
+/// versions `tests/fixtures/workload/requirements.txt` pins. Returns its Python.
 fn py_spiffe() -> anyhow::Result<PathBuf> {
-    let dir = Path::new(PY_SPIFFE_DIR);
-    let req = root().join("tests/fixtures/workload/requirements.txt");
+    venv("py-spiffe", "tests/fixtures/workload/requirements.txt").map(|bin| bin.join("python3"))
+}
+
+/// Installs Helm, kubernetes-validate and checkov, for the chart's tests, with the versions
+/// `tests/fixtures/kubernetes/requirements.txt` pins. Returns their `bin` directory.
+fn kubernetes_tools() -> anyhow::Result<PathBuf> {
+    venv("kubernetes", "tests/fixtures/kubernetes/requirements.txt")
+}
+
+/// A virtual environment of Debian's Python named `name` under [`TEST_VENVS`], with what the
+/// requirements file `req` pins (installed again whenever that file changes). Returns its
+/// `bin` directory.
+fn venv(name: &str, req: &str) -> anyhow::Result<PathBuf> {
+    let dir = Path::new(TEST_VENVS).join(name);
+    let req = root().join(req);
     let wanted =
         std::fs::read_to_string(&req).with_context(|| format!("reading {}", req.display()))?;
     let stamp = dir.join("requirements.txt");
-    let python = dir.join("bin/python3");
-    if python.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
-        return Ok(python);
+    let bin = dir.join("bin");
+    if bin.join("python3").exists()
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted)
+    {
+        return Ok(bin);
     }
-    step(&format!("install py-spiffe into {PY_SPIFFE_DIR}"));
-    let _ = std::fs::remove_dir_all(dir);
+    step(&format!("install {} into {}", req.display(), dir.display()));
+    let _ = std::fs::remove_dir_all(&dir);
     let mut c = Command::new("/usr/bin/python3");
-    c.args(["-m", "venv"]).arg(dir);
+    c.args(["-m", "venv"]).arg(&dir);
     status(c).context("creating the virtual environment (python3-venv)")?;
-    let mut c = Command::new(dir.join("bin/pip"));
+    let mut c = Command::new(bin.join("pip"));
     c.args([
         "install",
         "--quiet",
@@ -377,9 +391,9 @@ fn py_spiffe() -> anyhow::Result<PathBuf> {
         "-r",
     ])
     .arg(&req);
-    status(c).context("installing py-spiffe from PyPI")?;
+    status(c).with_context(|| format!("installing {} from PyPI", req.display()))?;
     std::fs::copy(&req, &stamp).with_context(|| format!("writing {}", stamp.display()))?;
-    Ok(python)
+    Ok(bin)
 }
 
 fn test() -> anyhow::Result<()> {
@@ -414,6 +428,7 @@ fn test() -> anyhow::Result<()> {
     }
     test_tools()?;
     let python = py_spiffe()?;
+    let kubernetes = kubernetes_tools()?;
     // The package tests install and start what a user would download.
     build(true)?;
     let artifacts = package::run()?;
@@ -429,6 +444,7 @@ fn test() -> anyhow::Result<()> {
         c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
         c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
         c.env("AGENTWALL_PY_SPIFFE", &python);
+        c.env("AGENTWALL_KUBERNETES_TOOLS", &kubernetes);
         c.env("AGENTWALL_DEB", &artifacts.deb);
         c.env("AGENTWALL_TARBALL", &artifacts.tarball);
         match under {
