@@ -519,6 +519,12 @@ impl TestDaemon {
         d
     }
 
+    /// Nothing is pinned: the pin directory is missing, or empty (under the systemd unit,
+    /// whose ExecStartPre makes it before the daemon starts).
+    pub fn nothing_pinned(&self) -> bool {
+        fs::read_dir(&self.pin_dir).map_or(true, |mut d| d.next().is_none())
+    }
+
     /// Runs this daemon under the sandbox of the systemd unit `unit` (before it is
     /// launched). As under systemd, its cgroup root is `agents` below the unit's own cgroup,
     /// which the sandbox makes as systemd would.
@@ -596,6 +602,8 @@ impl TestDaemon {
             .arg(unit)
             .arg("--cgroup")
             .arg(cgroup_mount().join(self.unit_cgroup_name()))
+            .arg("--pins")
+            .arg(&self.pin_dir)
             .arg("--rw")
             .arg(&self.dir);
         let tmp = std::env::temp_dir();

@@ -355,7 +355,7 @@ fn a_pin_or_state_directory_another_user_controls_is_refused() {
         state.display()
     );
     assert_eq!(refusal_lines(&out), [want]);
-    assert!(!d.pin_dir.exists(), "nothing was loaded");
+    assert!(d.nothing_pinned(), "nothing was loaded");
 }
 
 /// Agents often run as one user: an agent of that user holding thousands of connections to

@@ -238,7 +238,7 @@ fn invalid_policies_refuse_to_start_and_load_nothing() {
         "file, line, column and field: {err}"
     );
     assert!(err.contains("did you mean 10.0.0.0/8?"), "{err}");
-    assert!(!d.pin_dir.exists(), "nothing may be loaded into the kernel");
+    assert!(d.nothing_pinned(), "nothing may be loaded into the kernel");
     assert!(!d.root_cgroup().exists());
 }
 
@@ -704,7 +704,7 @@ fn in_a_cgroup_namespace_of_its_own_the_daemon_refuses_and_runs_once_it_joins_th
         "{line}"
     );
     assert!(
-        !d.pin_dir.exists(),
+        d.nothing_pinned(),
         "nothing loaded: {}",
         d.pin_dir.display()
     );

@@ -1,14 +1,15 @@
 //! Runs a command under the sandbox of a systemd unit's `[Service]` section, applied by hand:
 //! systemd is not PID 1 on the test machines, so `systemd-run` cannot start the daemon.
 //!
-//! `aw-unit-sandbox --unit FILE --cgroup DIR --rw DIR [--ro DIR]... -- CMD ARGS...`
+//! `aw-unit-sandbox --unit FILE --cgroup DIR --pins DIR --rw DIR [--ro DIR]... -- CMD ARGS...`
 //!
 //! Every key of the section is either applied here or named as one that does not confine
 //! (how the service starts, stops and is supervised); any other key fails the run, so that a
 //! setting added to the unit is never silently left out of the tests. The unit's own
-//! directories (state, runtime, configuration) and its delegated cgroup are the test's:
-//! `--rw` and `--cgroup` name them, and they are the only places, with the bpffs pins, where
-//! the command may write. `--ro` keeps a further directory of the test's visible (files that
+//! directories (state, runtime, configuration), the agents' cgroup and the pin directory are
+//! the test's: `--rw`, `--cgroup` and `--pins` name them, and they are the only places where
+//! the command may write. The one ExecStartPre the unit may have, making the pin directory,
+//! is run as systemd would, before the sandbox. `--ro` keeps a further directory of the test's visible (files that
 //! a real installation would keep under /etc).
 //!
 //! What is applied, in order: a mount namespace of its own (ProtectSystem=strict,
@@ -23,7 +24,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs,
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::fs::PermissionsExt as _},
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -74,6 +75,7 @@ enum Never {}
 struct Args {
     unit: PathBuf,
     cgroup: PathBuf,
+    pins: PathBuf,
     rw: Vec<PathBuf>,
     ro: Vec<PathBuf>,
     cmd: Vec<String>,
@@ -81,12 +83,14 @@ struct Args {
 
 fn args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
-    let (mut unit, mut cgroup, mut rw, mut ro) = (None, None, Vec::new(), Vec::new());
+    let (mut unit, mut cgroup, mut pins, mut rw, mut ro) =
+        (None, None, None, Vec::new(), Vec::new());
     while let Some(a) = it.next() {
         let mut value = || it.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
             "--unit" => unit = Some(PathBuf::from(value()?)),
             "--cgroup" => cgroup = Some(PathBuf::from(value()?)),
+            "--pins" => pins = Some(PathBuf::from(value()?)),
             "--rw" => rw.push(PathBuf::from(value()?)),
             "--ro" => ro.push(PathBuf::from(value()?)),
             "--" => break,
@@ -100,6 +104,7 @@ fn args() -> Result<Args> {
     Ok(Args {
         unit: unit.ok_or("--unit is required")?,
         cgroup: cgroup.ok_or("--cgroup is required")?,
+        pins: pins.ok_or("--pins is required")?,
         rw,
         ro,
         cmd,
@@ -158,7 +163,24 @@ fn run() -> Result<Never> {
             "this harness knows ProtectSystem=strict with ProtectKernelTunables=yes".into(),
         );
     }
-    // ReadWritePaths of the unit: the bpffs stays; its delegated cgroup is the test's.
+    // ExecStartPre: only the pin directory's making, run outside the sandbox as `+` says.
+    for pre in get("ExecStartPre") {
+        let words: Vec<&str> = pre.split_whitespace().collect();
+        match words.as_slice() {
+            ["+/usr/bin/mkdir", "-p", "-m", "0700", dir] if dir.starts_with("/sys/fs/bpf/") => {
+                // `mkdir -p -m`: the mode is that of a directory it makes; one already there
+                // is left as it is.
+                if !a.pins.exists() {
+                    fs::create_dir_all(&a.pins)
+                        .map_err(|e| format!("{}: {e}", a.pins.display()))?;
+                    fs::set_permissions(&a.pins, fs::Permissions::from_mode(0o700))
+                        .map_err(|e| format!("{}: {e}", a.pins.display()))?;
+                }
+            }
+            _ => return Err(format!("ExecStartPre={pre}: not known to this harness")),
+        }
+    }
+    // ReadWritePaths of the unit: its pin directory and the agents' cgroup are the test's.
     let mut writable: Vec<PathBuf> = Vec::new();
     for p in rw_paths.iter().flat_map(|l| l.split_whitespace()) {
         let p = p.trim_start_matches('-');
@@ -167,7 +189,15 @@ fn run() -> Result<Never> {
                 writable.push(a.cgroup.clone());
             }
         } else if p == "/sys/fs/bpf" {
-            writable.push(PathBuf::from(p));
+            // systemd keeps the stricter of two entries for one path: ProtectKernelTunables'
+            // read-only /sys/fs/bpf wins, and the daemon could pin nothing.
+            return Err(
+                "ReadWritePaths=/sys/fs/bpf is dropped by systemd under ProtectKernelTunables \
+                 (the read-only entry for the same path wins): name a directory below it"
+                    .into(),
+            );
+        } else if p.starts_with("/sys/fs/bpf/") {
+            writable.push(a.pins.clone());
         } else {
             return Err(format!(
                 "ReadWritePaths={p}: no stand-in for it in the tests"
