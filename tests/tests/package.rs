@@ -125,8 +125,10 @@ fn the_debian_package_installs_starts_enforces_and_purges() {
     for want in [
         "/usr/bin/agentwall",
         "/usr/lib/systemd/system/agentwall.service",
+        "/usr/lib/systemd/system/agentwall-agents.service",
         "/etc/agentwall/agentwall.yaml",
-        "/etc/agentwall/policies/local-dev.yaml",
+        "/etc/agentwall/policies/README.md",
+        "/usr/share/doc/agentwall/examples/policies/local-dev.yaml",
         "/usr/share/man/man1/agentwall.1.gz",
         "/usr/share/man/man1/agentwall-run.1.gz",
         "/usr/share/bash-completion/completions/agentwall",
@@ -149,18 +151,29 @@ fn the_debian_package_installs_starts_enforces_and_purges() {
             .any(|l| l == "/etc/agentwall/agentwall.yaml"),
         "{conffiles}"
     );
-    // The maintainer scripts enabled the unit (there is no systemd to start it here).
+    // No example is a live grant: the policy directory holds no policy.
     assert!(
-        root.upper("etc/systemd/system/multi-user.target.wants/agentwall.service")
+        !files
+            .lines()
+            .any(|l| l.starts_with("/etc/agentwall/policies/") && l.ends_with(".yaml")),
+        "{files}"
+    );
+    // The maintainer scripts enabled the units (there is no systemd to start them here).
+    for unit in ["agentwall.service", "agentwall-agents.service"] {
+        assert!(
+            root.upper(&format!(
+                "etc/systemd/system/multi-user.target.wants/{unit}"
+            ))
             .symlink_metadata()
             .is_ok(),
-        "the unit is not enabled"
-    );
-    root.ok(&[
-        "systemd-analyze",
-        "verify",
-        "/usr/lib/systemd/system/agentwall.service",
-    ]);
+            "{unit} is not enabled"
+        );
+        root.ok(&[
+            "systemd-analyze",
+            "verify",
+            &format!("/usr/lib/systemd/system/{unit}"),
+        ]);
+    }
     let version = root.ok(&["/usr/bin/agentwall", "version"]);
     assert!(
         version.starts_with(&format!("agentwall {}\n", env!("CARGO_PKG_VERSION"))),
@@ -169,6 +182,12 @@ fn the_debian_package_installs_starts_enforces_and_purges() {
     let page = root.ok(&["man", "-w", "agentwall-run"]);
     assert_eq!(page.trim(), "/usr/share/man/man1/agentwall-run.1.gz");
 
+    // The administrator puts a policy in place: the shipped local-dev example.
+    root.ok(&[
+        "cp",
+        "/usr/share/doc/agentwall/examples/policies/local-dev.yaml",
+        "/etc/agentwall/policies/",
+    ]);
     // The installed daemon on the installed configuration, policies, state directory and
     // audit key; only what is shared with the host (pins, cgroup subtree, sockets) is the
     // test's own.
@@ -247,6 +266,7 @@ fn the_debian_package_installs_starts_enforces_and_purges() {
     root.ok(&["dpkg", "--purge", "agentwall"]);
     assert!(!root.has("/etc/agentwall/agentwall.yaml"));
     assert!(!root.has("/etc/systemd/system/multi-user.target.wants/agentwall.service"));
+    assert!(!root.has("/etc/agentwall/policies/README.md"));
     assert!(root.has("/etc/agentwall/audit.key"));
     assert!(root.has("/var/lib/agentwall"));
 }
@@ -286,6 +306,7 @@ fn the_release_tarball_holds_the_same_pieces_and_runs() {
     for want in [
         "bin/agentwall",
         "systemd/agentwall.service",
+        "systemd/agentwall-agents.service",
         "etc/agentwall.yaml",
         "etc/policies/local-dev.yaml",
         "share/man/man1/agentwall.1.gz",

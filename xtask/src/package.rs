@@ -168,11 +168,13 @@ fn tarball(
         "etc/agentwall.yaml",
         0o644,
     )?;
-    copy(
-        &root.join("deploy/systemd/agentwall.service"),
-        "systemd/agentwall.service",
-        0o644,
-    )?;
+    for unit in ["agentwall.service", "agentwall-agents.service"] {
+        copy(
+            &root.join("deploy/systemd").join(unit),
+            &format!("systemd/{unit}"),
+            0o644,
+        )?;
+    }
     copy(&root.join("LICENSE"), "LICENSE", 0o644)?;
     copy(&root.join("README.md"), "README.md", 0o644)?;
     for (dir, pattern, to) in [
