@@ -519,6 +519,14 @@ impl TestDaemon {
         d
     }
 
+    /// No unit's sandbox for this daemon, even when `AGENTWALL_UNDER_UNIT` is set: for a
+    /// test that starts a daemon of its own making (the installed package's, or one run as
+    /// an unprivileged user), where the sandbox would not be what is under test.
+    pub fn without_unit(&mut self) {
+        self.unit = None;
+        self.cgroup_root = self.name.clone();
+    }
+
     /// Nothing is pinned: the pin directory is missing, or empty (under the systemd unit,
     /// whose ExecStartPre makes it before the daemon starts).
     pub fn nothing_pinned(&self) -> bool {

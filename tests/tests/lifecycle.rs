@@ -248,7 +248,7 @@ fn without_ebpf_the_daemon_exits_with_one_line() {
     let mut d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[80]))], None);
     // A daemon started by an unprivileged user, not by systemd: no unit's sandbox, which only
     // root could set up.
-    d.unit = None;
+    d.without_unit();
     fs::create_dir_all(d.dir.join("state")).unwrap();
     let st = d.dir.join("state");
     nix::unistd::chown(&st, Some(65534.into()), Some(65534.into())).unwrap();
