@@ -12,6 +12,14 @@ impl Daemon {
         e: &crate::config::EnforceEntry,
     ) -> Result<(u64, bool), DaemonError> {
         let _turn = self.configured_turn.lock().await;
+        self.enforce_configured_in_turn(e).await
+    }
+
+    /// [`Self::enforce_configured`] for a caller that holds `configured_turn` already.
+    pub(super) async fn enforce_configured_in_turn(
+        &self,
+        e: &crate::config::EnforceEntry,
+    ) -> Result<(u64, bool), DaemonError> {
         let cg = Cgroup::under(&self.mount, &e.cgroup)?;
         let Some(b) = self.policies.binding_for(&e.policy) else {
             // Fail closed: with the programs attached and no binding, the cgroup is denied

@@ -79,11 +79,16 @@ impl Daemon {
     /// processes ran in it before (the unit started with no `enforce-self`, or while no daemon
     /// ran), the sockets they opened, which no hook judged, are destroyed, and that is logged,
     /// audited (`configured_cgroup_enforced`, `by`) and counted.
+    ///
+    /// The whole of it, the cut included, takes `configured_turn`: an `enforce-self` that
+    /// comes while the watcher enforces the cgroup answers only once the cut is over, so the
+    /// unit's first connects, judged by the hooks, are not cut as if they had come before.
     pub(super) async fn enforce_listed(
         &self,
         e: &crate::config::EnforceEntry,
         by: &str,
     ) -> Result<(), super::DaemonError> {
+        let _turn = self.configured_turn.lock().await;
         let cg = Cgroup::under(&self.mount, &e.cgroup)?;
         let Ok(id) = cg.id() else {
             // Not there (yet): the unit is stopped.
@@ -97,7 +102,7 @@ impl Daemon {
         // Empty before it is enforced, and no socket to cut after: nothing ran unjudged
         // (systemd makes the cgroup before it starts the unit's first process in it).
         let empty_before = cg.populated().is_ok_and(|p| !p);
-        let (id, newly) = self.enforce_configured(e).await?;
+        let (id, newly) = self.enforce_configured_in_turn(e).await?;
         if !newly {
             // Its `enforce-self` came first.
             return Ok(());
