@@ -89,6 +89,8 @@ pub enum EnforceError {
     },
     #[error("pinned map {path}: {message}")]
     PinnedMap { path: PathBuf, message: String },
+    #[error("pin layout in {dir}: {message}")]
+    PinLayout { dir: PathBuf, message: String },
     #[error(
         "loading the kernel programs: {0} (needs root, or CAP_BPF with CAP_NET_ADMIN, and a kernel with BPF and cgroup BPF enabled)"
     )]
@@ -253,7 +255,7 @@ impl Enforcer {
     ) -> Result<(Self, RingBuf<MapData>), EnforceError> {
         let layout = PinLayout::new(pin_dir);
         layout.prepare()?;
-        pins::check_pinned_maps(&layout)?;
+        let found = pins::take_over(&layout)?;
         // The task-scoped programs need the kernel's structure layout; without it (or without
         // the BPF LSM) they are not loaded, and status says so.
         let kernel_layout = match task_hooks_unsupported() {
@@ -383,6 +385,17 @@ impl Enforcer {
         };
         // A daemon that died while writing a generation leaves its partial nodes behind.
         enforcer.purge_inactive()?;
+        // The programs run on the pinned maps now: they are of this layout.
+        enforcer.layout.stamp()?;
+        if let pins::Found::Layout(v) = found
+            && v != pins::LAYOUT_VERSION
+        {
+            tracing::info!(
+                from = v,
+                to = pins::LAYOUT_VERSION,
+                "took over the pins of an earlier agentwall"
+            );
+        }
         Ok((enforcer, events))
     }
 
@@ -984,7 +997,7 @@ pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>,
     for dir in [layout.root().to_path_buf(), layout.maps()] {
         crate::state::check_private_dir(&dir, "pin directory").map_err(EnforceError::NotPrivate)?;
     }
-    pins::check_pinned_maps(&layout)?;
+    pins::take_over(&layout)?;
     let data = MapData::from_pin(&path).map_err(map_err(maps::BINDINGS, "opening the pin"))?;
     let map: HashMap<MapData, u64, Binding> = HashMap::try_from(aya::maps::Map::HashMap(data))
         .map_err(map_err(maps::BINDINGS, "opening the pin"))?;
@@ -1035,6 +1048,7 @@ pub fn teardown(pin_dir: &std::path::Path) -> Result<Vec<PathBuf>, EnforceError>
         }
         let _ = fs::remove_dir(&dir);
     }
+    layout.unstamp();
     let _ = fs::remove_dir(layout.root());
     Ok(removed)
 }
