@@ -67,6 +67,24 @@ pub fn agentwall_bin() -> PathBuf {
     p
 }
 
+/// The previous release's agentwall, which `cargo xtask test` builds from its commit
+/// (`AGENTWALL_PREVIOUS_BIN`). Missing, the test fails: it is never skipped.
+pub fn previous_release_bin() -> PathBuf {
+    let p = std::env::var_os("AGENTWALL_PREVIOUS_BIN").map_or_else(
+        || {
+            let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            top.join("target/previous-release/agentwall-0.1.0")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo xtask test` builds the previous release there",
+        p.display()
+    );
+    p
+}
+
 /// The network helper binary of this package.
 pub fn netprobe_bin() -> PathBuf {
     let p = target_bin("aw-netprobe");
@@ -886,6 +904,24 @@ impl TestDaemon {
     /// The cgroup directory of the managed root.
     pub fn root_cgroup(&self) -> PathBuf {
         cgroup_mount().join(&self.cgroup_root)
+    }
+
+    /// The link pins of the daemon's cgroup root (one per program), sorted.
+    pub fn root_links(&self) -> Vec<String> {
+        let root_id = agentwall::cgroup::Cgroup::at(self.root_cgroup())
+            .id()
+            .expect("the cgroup root's id");
+        let mut v: Vec<String> = fs::read_dir(self.pin_dir.join("links").join(root_id.to_string()))
+            .expect("the cgroup root's link pins")
+            .map(|e| {
+                e.expect("a link pin")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// Counter value from status.

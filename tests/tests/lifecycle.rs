@@ -6,20 +6,6 @@ use std::{fs, os::fd::AsFd as _, os::unix::process::CommandExt as _, thread, tim
 use agentwall::{cgroup::Cgroup, spawn};
 use agentwall_tests::{TcpSink, TestDaemon, lines, netprobe_bin, serial, tcp_policy, wait_for};
 
-#[allow(
-    clippy::unwrap_used,
-    reason = "a test helper: failing here fails the test"
-)]
-fn links_of(d: &TestDaemon) -> Vec<String> {
-    let root_id = Cgroup::at(d.root_cgroup()).id().unwrap();
-    let mut v: Vec<String> = fs::read_dir(d.pin_dir.join("links").join(root_id.to_string()))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
     let _s = serial();
@@ -30,7 +16,7 @@ fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
     let mut repl = d.repl("web");
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
-    let links_before = links_of(&d);
+    let links_before = d.root_links();
     // Eight cgroup programs (connect, sendmsg, egress, ingress, sockops, sock_create), and the
     // two Unix socket programs where the kernel has their hooks.
     let programs = if d.status().protections.unix_sockets {
@@ -89,7 +75,7 @@ fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
     assert_eq!(denied.accepted(), 0);
 
     // Adopted: same enforcement, new links in place of the old ones, the exec cgroup known.
-    let links_after = links_of(&d);
+    let links_after = d.root_links();
     assert_eq!(links_after.len(), programs, "{links_after:?}");
     assert!(
         links_after.iter().all(|l| !links_before.contains(l)),

@@ -5,6 +5,7 @@
 
 mod leftovers;
 mod package;
+mod previous;
 mod proto;
 mod setup;
 
@@ -432,6 +433,8 @@ fn test() -> anyhow::Result<()> {
     // The package tests install and start what a user would download.
     build(true)?;
     let artifacts = package::run()?;
+    // The upgrade tests start the previous release's daemon, then this one on its pins.
+    let previous = previous::build()?;
     // Twice: the daemon as it is, then under the restrictions of the shipped systemd unit
     // (tests/src/bin/aw-unit-sandbox applies them; systemd is not PID 1 on these machines).
     let unit = root().join("deploy/systemd/agentwall.service");
@@ -447,6 +450,7 @@ fn test() -> anyhow::Result<()> {
         c.env("AGENTWALL_KUBERNETES_TOOLS", &kubernetes);
         c.env("AGENTWALL_DEB", &artifacts.deb);
         c.env("AGENTWALL_TARBALL", &artifacts.tarball);
+        c.env("AGENTWALL_PREVIOUS_BIN", &previous);
         match under {
             Some(u) => c.env("AGENTWALL_UNDER_UNIT", u),
             None => c.env_remove("AGENTWALL_UNDER_UNIT"),
