@@ -194,6 +194,42 @@ pub struct FileConfig {
     pub exec: ExecConfig,
     #[serde(default)]
     pub names: NamesConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// The fleet: revocations shared with the other nodes through etcd (`crate::fleet`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// The etcd cluster's client URLs (`http://10.0.0.5:2379`); no fleet when empty.
+    pub etcd: Vec<String>,
+    /// The key prefix of this fleet in etcd.
+    pub prefix: String,
+    /// This node's name in what it publishes (default: the host name).
+    pub node: Option<String>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            etcd: Vec::new(),
+            prefix: "/agentwall".into(),
+            node: None,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// This node's name: the configured one, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unnamed".into())
+        })
+    }
 }
 
 /// Host names of the services catalog: how the daemon resolves them.
@@ -449,6 +485,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub exec: ExecConfig,
     pub names: NamesConfig,
+    pub fleet: FleetConfig,
     /// For tests only: the wall clock time windows are judged by reads this at start and
     /// runs on from there (`agentwall run --test-wall-clock`).
     pub test_wall_clock: Option<jiff::Timestamp>,
@@ -515,6 +552,7 @@ impl Config {
             events: file.events,
             exec: file.exec,
             names: file.names,
+            fleet: file.fleet,
             test_wall_clock: o.test_wall_clock,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),
@@ -550,6 +588,34 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for url in &self.fleet.etcd {
+            let rest = url.strip_prefix("http://").unwrap_or_default();
+            if rest.is_empty() || rest.contains('/') {
+                return Err(ConfigError::Invalid {
+                    field: "fleet.etcd",
+                    message: format!(
+                        "{url:?} is not an etcd client URL of the form http://HOST:PORT \
+                         (TLS to etcd is not supported yet: reach etcd over a private network \
+                         or a local TLS proxy)"
+                    ),
+                });
+            }
+        }
+        let prefix = &self.fleet.prefix;
+        if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "fleet.prefix",
+                message: format!("{prefix:?} must start with / and name more than the root"),
+            });
+        }
+        if let Some(node) = &self.fleet.node
+            && (node.is_empty() || node.len() > 255 || node.chars().any(char::is_control))
+        {
+            return Err(ConfigError::Invalid {
+                field: "fleet.node",
+                message: "must be 1 to 255 bytes without control characters".into(),
+            });
+        }
         let root = self.cgroup_root.trim_matches('/');
         if root.is_empty() {
             return Err(ConfigError::Invalid {

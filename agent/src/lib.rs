@@ -16,6 +16,7 @@ pub mod defaults;
 pub mod enforce;
 pub mod events;
 pub mod exec;
+pub mod fleet;
 pub mod identity;
 pub mod journal;
 #[cfg(test)]

@@ -8,6 +8,8 @@
     reason = "a test harness: a failed set-up step fails the test, with its message"
 )]
 
+pub mod etcd;
+
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},

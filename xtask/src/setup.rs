@@ -1,6 +1,8 @@
 //! `cargo xtask setup`: what building the kernel programs needs, installed once.
 //!
 //! - the nightly toolchain's `rust-src` (for `-Z build-std=core` on bpfel-unknown-none);
+//! - protoc and the well-known protobuf types, which the etcd client's build generates its
+//!   gRPC code with (Debian's protobuf-compiler and libprotobuf-dev);
 //! - bpf-linker, built against the very LLVM of the nightly toolchain that emits the bitcode.
 //!   No LLVM development package of that version exists on these machines, so a prefix
 //!   directory whose `lib/` links to the toolchain's own libLLVM stands in for one; the
@@ -42,6 +44,7 @@ fn cargo_home() -> PathBuf {
 }
 
 pub(crate) fn run() -> anyhow::Result<()> {
+    protoc()?;
     step("setup: nightly toolchain");
     let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))
         .context(
@@ -126,6 +129,58 @@ pub(crate) fn run() -> anyhow::Result<()> {
     }
     fs::write(&stamp, format!("{want_stamp}\n"))
         .with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+/// The well-known types the etcd client's protocol files import.
+const PROTOBUF_INCLUDE: &str = "/usr/include/google/protobuf/descriptor.proto";
+
+/// Installs Debian's protobuf-compiler and libprotobuf-dev unless a protoc runs (or PROTOC
+/// names one) and the well-known types are there (or PROTOC_INCLUDE names them).
+fn protoc() -> anyhow::Result<()> {
+    let runs = |p: &std::ffi::OsStr| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let named = std::env::var_os("PROTOC");
+    let includes = std::env::var_os("PROTOC_INCLUDE").is_some()
+        || std::path::Path::new(PROTOBUF_INCLUDE).exists();
+    if includes
+        && named
+            .as_deref()
+            .map_or_else(|| runs("protoc".as_ref()), runs)
+    {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "protoc is needed to build the etcd client: install Debian's protobuf-compiler and \
+             libprotobuf-dev (`apt-get install protobuf-compiler libprotobuf-dev`), or set \
+             PROTOC and PROTOC_INCLUDE"
+        );
+    }
+    step("setup: protoc (apt-get install protobuf-compiler libprotobuf-dev)");
+    let mut c = Command::new("apt-get");
+    c.args(["update", "-qq"]);
+    crate::status(c).context("apt-get update (for protobuf-compiler)")?;
+    let mut c = Command::new("apt-get");
+    c.args([
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "protobuf-compiler",
+        "libprotobuf-dev",
+    ])
+    .env("DEBIAN_FRONTEND", "noninteractive");
+    crate::status(c).context("installing protobuf-compiler")?;
+    if !runs("protoc".as_ref()) || !std::path::Path::new(PROTOBUF_INCLUDE).exists() {
+        bail!(
+            "protobuf-compiler and libprotobuf-dev were installed but protoc does not run or {PROTOBUF_INCLUDE} is missing"
+        );
+    }
     Ok(())
 }
 

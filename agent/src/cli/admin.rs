@@ -224,6 +224,25 @@ fn print_status(s: &Status) {
             .collect();
         println!("daemon errors: {}", errors.join(" "));
     }
+    if let Some(f) = &s.fleet {
+        println!(
+            "fleet node {} via {}: {}, revision {}; {} applied, {} published, {} refused",
+            f.node,
+            f.endpoints.join(","),
+            if f.connected {
+                "connected".to_string()
+            } else {
+                format!(
+                    "CUT OFF ({}), enforcing what it has",
+                    f.last_error.as_deref().unwrap_or("not connected yet")
+                )
+            },
+            f.revision,
+            count(f.applied, "revocation"),
+            f.published,
+            f.refused,
+        );
+    }
     let a = &s.audit;
     println!(
         "audit {}: {} durable (last {}, checkpoint {}){}; {}; {}",

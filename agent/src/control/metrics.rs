@@ -115,6 +115,39 @@ pub fn render(s: &Status) -> String {
         "1 when a kernel protection is in force, 0 when it is missing (status says why)",
         protections,
     );
+    if let Some(f) = &s.fleet {
+        gauge(
+            &mut reg,
+            "fleet_connected",
+            "1 while the node watches the fleet's etcd; 0 while it is cut off and enforces what it has",
+            i64::from(f.connected),
+        );
+        gauge(
+            &mut reg,
+            "fleet_revision",
+            "The etcd revision of the fleet's revocations this node has applied up to",
+            f.revision,
+        );
+        for (name, help, v) in [
+            (
+                "fleet_revocations_applied",
+                "Revocations made on other nodes and applied here",
+                f.applied,
+            ),
+            (
+                "fleet_revocations_published",
+                "Revocations made here and published to the fleet",
+                f.published,
+            ),
+            (
+                "fleet_values_refused",
+                "Values under the fleet's revocations prefix refused as malformed",
+                f.refused,
+            ),
+        ] {
+            counter(&mut reg, name, help, v);
+        }
+    }
     let build = Family::<Labels, Gauge>::default();
     build.get_or_create(&label("version", &s.version)).set(1);
     reg.register("build_info", "The running agentwall version", build);
@@ -456,6 +489,16 @@ mod tests {
                 unix_sockets: true,
                 missing: vec!["task-scoped hooks: ...".into()],
             },
+            fleet: Some(crate::control::FleetStatus {
+                node: "n1".into(),
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                connected: true,
+                revision: 12,
+                applied: 3,
+                published: 1,
+                refused: 0,
+                last_error: None,
+            }),
         };
         s.kernel_counters.totals.insert("denied", 5);
         s.kernel_counters.events_dropped_per_cpu = vec![0, 9];

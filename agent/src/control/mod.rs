@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::daemon::{
     ExecEnroll, ExecWorkload, Protect,
     status::{
-        AuditStatus, CgroupStatus, Health, LatencyStatus, PolicyStatus, Protections, SinkStatus,
-        Status,
+        AuditStatus, CgroupStatus, FleetStatus, Health, LatencyStatus, PolicyStatus, Protections,
+        SinkStatus, Status,
     },
 };
 use crate::{enforce::Counters, events::EventRecord};

@@ -22,6 +22,7 @@ mod decisions;
 mod dns;
 mod enrollments;
 mod exec;
+pub mod fleet;
 mod identity;
 mod names;
 mod policies;
@@ -157,6 +158,8 @@ pub struct Daemon {
     dns: Arc<dns::Dns>,
     /// The kernel holds older answers than the DNS service: write them again.
     names_stale: std::sync::atomic::AtomicBool,
+    /// Revocations shared with the fleet (`fleet`).
+    fleet: fleet::FleetState,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that

@@ -119,6 +119,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         decision_records: Default::default(),
         dns,
         names_stale: Default::default(),
+        fleet: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
@@ -238,6 +239,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             source,
         }
     })?;
+    super::fleet::spawn(Arc::clone(&daemon), &supervisor);
     let renew_daemon = Arc::clone(&daemon);
     supervisor.spawn("renew", async move {
         loop {

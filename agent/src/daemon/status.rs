@@ -22,6 +22,26 @@ pub struct Status {
     pub audit: AuditStatus,
     #[serde(default)]
     pub protections: Protections,
+    /// The fleet (etcd), when the configuration names one.
+    #[serde(default)]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// This node in the fleet: its connection to etcd and the revocations it shared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub node: String,
+    pub endpoints: Vec<String>,
+    /// Watching etcd now; when not, the node enforces what it has and tries again.
+    pub connected: bool,
+    /// The etcd revision this node has applied up to.
+    pub revision: i64,
+    /// Revocations from other nodes applied here, published from here, and refused values.
+    pub applied: u64,
+    pub published: u64,
+    pub refused: u64,
+    /// Why the last connection ended, while not connected.
+    pub last_error: Option<String>,
 }
 
 /// Kernel protections beyond the cgroup hooks, and for each one missing, why.
@@ -235,6 +255,7 @@ impl Daemon {
             cgroups,
             kernel_counters,
             daemon_errors: self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+            fleet: self.fleet_status(),
             audit: {
                 use std::sync::atomic::Ordering::Relaxed;
                 let a = &self.audit.state;

@@ -210,6 +210,11 @@ impl RevocationList {
     /// The revocation that covers a certificate, if any: of its serial, of its SPIFFE ID, or
     /// of the SPIFFE ID one segment up, whose grants a version of it gets (`agent/x/prod`
     /// covers `agent/x/prod/v2`).
+    /// Whether `target` itself is on the list.
+    pub fn contains(&self, target: &Target) -> bool {
+        self.index.contains_key(target)
+    }
+
     pub fn find(&self, spiffe_id: &str, serial: &str) -> Option<&Revocation> {
         let by_id = |id: &str| self.index.get(&Target::SpiffeId(id.to_string()));
         let parent = spiffe_id

@@ -346,6 +346,14 @@ impl IdentityService {
         f(&mut store, &list)
     }
 
+    /// Whether `target` itself is on the revocation list.
+    pub fn is_revoked(&self, target: &Target) -> bool {
+        self.revocations
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(target)
+    }
+
     pub fn revocations(&self) -> Vec<Revocation> {
         self.revocations
             .read()

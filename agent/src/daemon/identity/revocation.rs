@@ -164,19 +164,37 @@ impl Daemon {
         (hit, failed)
     }
 
+    /// An operator's revocation (uid `uid` on the admin socket); in a fleet, published to
+    /// the other nodes.
     pub async fn revoke(
         &self,
         target: &str,
         reason: &str,
         uid: u32,
     ) -> Result<crate::daemon::Revoked, AdminError> {
-        let started = std::time::Instant::now();
         let target = Target::parse(target).map_err(|e| AdminError::BadTarget(e.to_string()))?;
         if reason.trim().is_empty() {
             return Err(AdminError::NoReason);
         }
-        let by = format!("uid {uid}");
-        let new = self.identity.revoke(target.clone(), reason, &by);
+        let done = self
+            .apply_revocation(target, reason, &format!("uid {uid}"), Some(uid))
+            .await;
+        // On the list even when the kernel could not take it everywhere: the fleet is told.
+        self.fleet.wake();
+        done
+    }
+
+    /// Revokes `target` here: the list, the kernel, the open sockets, the durable list and
+    /// the audit record. `by` says who asked: `uid N`, or a node of the fleet.
+    pub(in crate::daemon) async fn apply_revocation(
+        &self,
+        target: Target,
+        reason: &str,
+        by: &str,
+        by_uid: Option<u32>,
+    ) -> Result<crate::daemon::Revoked, AdminError> {
+        let started = std::time::Instant::now();
+        let new = self.identity.revoke(target.clone(), reason, by);
         // Certificates the daemon renewed from a revoked one are revoked with it, so that the
         // newest of the chain cannot enroll anywhere either.
         if let Target::Serial(serial) = &target {
@@ -184,7 +202,7 @@ impl Daemon {
                 self.identity.revoke(
                     Target::Serial(later),
                     &format!("renewed from revoked serial {serial}: {reason}"),
-                    &by,
+                    by,
                 );
             }
         }
@@ -224,8 +242,8 @@ impl Daemon {
                 target: target.to_string(),
                 spiffe_id: None,
                 reason: reason.to_string(),
-                by: format!("uid {uid}"),
-                by_uid: Some(uid),
+                by: by.to_string(),
+                by_uid,
                 new,
                 cgroups: cgroups.clone(),
                 sockets_destroyed: destroyed.sockets,
