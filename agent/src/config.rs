@@ -208,6 +208,9 @@ pub struct FleetConfig {
     pub prefix: String,
     /// This node's name in what it publishes (default: the host name).
     pub node: Option<String>,
+    /// Files with the public keys (hex) whose signed policy bundles this node puts in force.
+    /// With any, the policies come from the fleet's bundles, not the policy directory.
+    pub policy_keys: Vec<PathBuf>,
 }
 
 impl Default for FleetConfig {
@@ -216,6 +219,7 @@ impl Default for FleetConfig {
             etcd: Vec::new(),
             prefix: "/agentwall".into(),
             node: None,
+            policy_keys: Vec::new(),
         }
     }
 }
@@ -600,6 +604,12 @@ impl Config {
                     ),
                 });
             }
+        }
+        if !self.fleet.policy_keys.is_empty() && self.fleet.etcd.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "fleet.policy_keys",
+                message: "policy bundles come through etcd: name it under fleet.etcd".into(),
+            });
         }
         let prefix = &self.fleet.prefix;
         if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {

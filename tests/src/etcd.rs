@@ -97,6 +97,29 @@ impl TestEtcd {
         assert!(o.status.success(), "etcdctl put {key}: {o:?}");
     }
 
+    /// Puts a value too long for a command line (etcdctl reads it from its stdin).
+    pub fn put_large(&self, key: &str, value: &[u8]) {
+        use std::io::Write as _;
+        let mut child = Command::new("/usr/bin/etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.url()))
+            .arg("--command-timeout=10s")
+            .args(["put", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        child
+            .stdin
+            .take()
+            .expect("etcdctl's stdin")
+            .write_all(value)
+            .expect("write the value");
+        let o = child.wait_with_output().expect("etcdctl");
+        assert!(o.status.success(), "etcdctl put {key}: {o:?}");
+    }
+
     /// The keys under `prefix`.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let o = self.ctl(&["get", "--prefix", "--keys-only", prefix]);

@@ -68,7 +68,7 @@ fn a_revocation_made_on_one_node_reaches_the_others_and_a_cut_off_node_catches_u
     let prefix = format!("/awt-{}-fleet", std::process::id());
     let mut etcd =
         TestEtcd::start(std::env::temp_dir().join(format!("awt-{}-etcd", std::process::id())));
-    let nodes: Vec<TestDaemon> = ["a", "b", "c"]
+    let mut nodes: Vec<TestDaemon> = ["a", "b", "c"]
         .iter()
         .map(|n| node(n, &etcd, &prefix, sink.port()))
         .collect();
@@ -163,7 +163,230 @@ fn a_revocation_made_on_one_node_reaches_the_others_and_a_cut_off_node_catches_u
     });
     assert_eq!(readers[1].cmd(&to), "err EPERM");
     assert_eq!(writers[1].cmd(&to), "err EPERM");
+    // The nodes that hold them put the deleted revocations back, for nodes that read later.
+    wait_for(
+        Duration::from_secs(10),
+        "the deleted keys to be put back",
+        || {
+            let keys = etcd.keys(&prefix);
+            [READER, WRITER]
+                .iter()
+                .all(|t| keys.contains(&format!("{prefix}/revocations/{t}")))
+                .then_some(())
+        },
+    );
+
+    // Values too large for one reply of the full read (1.4 MiB each, sorted first) do not
+    // keep a node from reading the rest: c, restarted, skips them and catches up.
+    let mut c = nodes.pop().expect("node c");
+    c.stop();
+    for n in 0..4 {
+        etcd.put_large(
+            &format!("{prefix}/revocations/0-junk-{n}"),
+            &vec![b'x'; 1400 << 10],
+        );
+    }
+    revoke(
+        &nodes[0],
+        "spiffe://agentwall.local/agent/late/prod",
+        "made while c was down",
+    );
+    c.launch();
+    c.wait_healthy();
+    wait_for(
+        Duration::from_secs(20),
+        "c to read past the large values",
+        || {
+            let f = fleet_of(&c);
+            (f.connected && f.refused >= 4).then_some(())
+        },
+    );
+    let list = String::from_utf8_lossy(&c.cli(&["revoke", "--list"]).stdout).into_owned();
+    assert!(list.contains("made while c was down"), "{list}");
     for r in readers.into_iter().chain(writers) {
         let _ = r.quit();
     }
+}
+
+/// `agentwall fleet keygen --key PATH`: the public key it prints, written to PATH.pub.
+fn keygen(d: &TestDaemon, path: &std::path::Path) -> std::path::PathBuf {
+    let o = d.cli(&["fleet", "keygen", "--key", &path.display().to_string()]);
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let public = out
+        .lines()
+        .last()
+        .expect("the public key")
+        .trim()
+        .to_string();
+    assert_eq!(public.len(), 64, "{out}");
+    let pub_path = path.with_extension("pub");
+    std::fs::write(&pub_path, format!("{public}\n")).expect("write the public key");
+    pub_path
+}
+
+/// `agentwall fleet publish` of a directory with policy `web` allowing `ports`.
+fn publish(
+    d: &TestDaemon,
+    etcd: &TestEtcd,
+    prefix: &str,
+    key: &std::path::Path,
+    version: u64,
+    ports: &[u16],
+) {
+    let dir = d.dir.join(format!(
+        "bundle-{version}-{}",
+        key.display().to_string().len()
+    ));
+    std::fs::create_dir_all(&dir).expect("the bundle's directory");
+    std::fs::write(
+        dir.join("web.yaml"),
+        agentwall_tests::tcp_policy("web", ports),
+    )
+    .expect("the bundle's policy");
+    let o = d.cli(&[
+        "fleet",
+        "publish",
+        "--policies",
+        &dir.display().to_string(),
+        "--key",
+        &key.display().to_string(),
+        "--etcd",
+        &etcd.url(),
+        "--prefix",
+        prefix,
+        "--version",
+        &version.to_string(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+}
+
+/// Policies through etcd: a directory signed with the fleet's key (`agentwall fleet publish`)
+/// is put in force by every node that trusts the key, in place of its policy directory. A
+/// bundle signed by another key, one whose payload was swapped under a trusted signature and
+/// an older one are refused and reported, and the policy in force stays. A node restarted
+/// while etcd is gone enforces the last bundle it had.
+#[test]
+fn signed_policy_bundles_reach_every_node_and_others_are_refused() {
+    let _s = serial();
+    let (first, second) = (TcpSink::new("127.0.0.1:0"), TcpSink::new("127.0.0.1:0"));
+    let (p1, p2) = (first.port(), second.port());
+    let prefix = format!("/awt-{}-bundles", std::process::id());
+    let mut etcd =
+        TestEtcd::start(std::env::temp_dir().join(format!("awt-{}-etcd", std::process::id())));
+    let keys = std::env::temp_dir().join(format!("awt-{}-fleet-keys", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keys);
+    std::fs::create_dir_all(&keys).expect("the keys' directory");
+    let scratch = TestDaemon::prepare(&[], None);
+    let (key, other) = (keys.join("fleet.key"), keys.join("other.key"));
+    let trusted = keygen(&scratch, &key);
+    keygen(&scratch, &other);
+    let mut nodes: Vec<TestDaemon> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let config = format!(
+                "fleet:\n  etcd: [\"{}\"]\n  prefix: {prefix}\n  node: {n}\n  policy_keys: [\"{}\"]\n",
+                etcd.url(),
+                trusted.display()
+            );
+            // The directory grants both ports: with bundles it is not read.
+            TestDaemon::start_with_config(
+                &[("web.yaml", &agentwall_tests::tcp_policy("web", &[p1, p2]))],
+                Some(&config),
+            )
+        })
+        .collect();
+    for d in &nodes {
+        assert_eq!(fleet_of(d).policy_bundle, None);
+        let o = d
+            .exec_under(&["--policy", "web"], None, &["tcp 127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "no bundle yet, no policy web: {o:?}");
+    }
+
+    publish(&scratch, &etcd, &prefix, &key, 1, &[p1]);
+    for d in &nodes {
+        wait_for(Duration::from_secs(10), "bundle 1 on every node", || {
+            (fleet_of(d).policy_bundle == Some(1)).then_some(())
+        });
+    }
+    let mut agents: Vec<Repl> = nodes.iter().map(|d| d.repl("web")).collect();
+    for a in &mut agents {
+        assert_eq!(a.cmd(&format!("tcp 127.0.0.1:{p1}")), "ok");
+        assert_eq!(a.cmd(&format!("tcp 127.0.0.1:{p2}")), "err EPERM");
+    }
+
+    // Signed by a key the nodes do not trust: refused, reported, nothing changes.
+    publish(&scratch, &etcd, &prefix, &other, 5, &[p1, p2]);
+    let bundle_key = format!("{prefix}/policies/bundle");
+    let untrusted = etcd.ctl(&["get", &bundle_key, "--print-value-only"]);
+    wait_for(
+        Duration::from_secs(10),
+        "the untrusted bundle to be refused",
+        || (fleet_of(&nodes[1]).bundles_refused == 1).then_some(()),
+    );
+    let b = fleet_of(&nodes[1]);
+    assert!(
+        b.bundle_error
+            .as_deref()
+            .is_some_and(|e| e.contains("does not trust")),
+        "{b:?}"
+    );
+    assert_eq!(b.policy_bundle, Some(1));
+    assert_eq!(agents[1].cmd(&format!("tcp 127.0.0.1:{p2}")), "err EPERM");
+
+    // The trusted key's name and signature over the untrusted payload: refused.
+    publish(&scratch, &etcd, &prefix, &key, 3, &[p1, p2]);
+    for d in &nodes {
+        wait_for(Duration::from_secs(10), "bundle 3 on every node", || {
+            (fleet_of(d).policy_bundle == Some(3)).then_some(())
+        });
+    }
+    assert_eq!(agents[0].cmd(&format!("tcp 127.0.0.1:{p2}")), "ok");
+    let good = etcd.ctl(&["get", &bundle_key, "--print-value-only"]);
+    let mut forged: serde_json::Value =
+        serde_json::from_slice(&good.stdout).expect("the trusted bundle");
+    let untrusted: serde_json::Value =
+        serde_json::from_slice(&untrusted.stdout).expect("the untrusted bundle");
+    forged["payload"] = untrusted["payload"].clone();
+    etcd.put(&bundle_key, &forged.to_string());
+    wait_for(
+        Duration::from_secs(10),
+        "the forged bundle to be refused",
+        || (fleet_of(&nodes[1]).bundles_refused == 2).then_some(()),
+    );
+    assert!(
+        fleet_of(&nodes[1])
+            .bundle_error
+            .is_some_and(|e| e.contains("signature does not verify")),
+    );
+    // An older bundle, properly signed: a rollback, refused.
+    publish(&scratch, &etcd, &prefix, &key, 2, &[p1]);
+    wait_for(
+        Duration::from_secs(10),
+        "the rollback to be refused",
+        || (fleet_of(&nodes[1]).bundles_refused == 3).then_some(()),
+    );
+    assert!(
+        fleet_of(&nodes[1])
+            .bundle_error
+            .is_some_and(|e| e.contains("rollback")),
+    );
+    assert_eq!(agents[1].cmd(&format!("tcp 127.0.0.1:{p2}")), "ok");
+
+    // etcd gone, b restarts: its last bundle is in force again at once.
+    etcd.stop();
+    nodes[1].stop();
+    nodes[1].launch();
+    nodes[1].wait_healthy();
+    assert_eq!(fleet_of(&nodes[1]).policy_bundle, Some(3));
+    assert_eq!(agents[1].cmd(&format!("tcp 127.0.0.1:{p2}")), "ok");
+    let fresh = nodes[1].repl("web");
+    drop(fresh);
+    for a in agents {
+        let _ = a.quit();
+    }
+    drop(scratch);
+    let _ = std::fs::remove_dir_all(&keys);
 }

@@ -242,6 +242,19 @@ fn print_status(s: &Status) {
             f.published,
             f.refused,
         );
+        if let Some(v) = f.policy_bundle {
+            println!("  policies from fleet bundle version {v}");
+        }
+        if f.bundles_refused > 0 {
+            println!(
+                "  {} refused{}",
+                count(f.bundles_refused, "bundle"),
+                f.bundle_error
+                    .as_deref()
+                    .map(|e| format!(", the last: {e}"))
+                    .unwrap_or_default()
+            );
+        }
     }
     let a = &s.audit;
     println!(

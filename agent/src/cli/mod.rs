@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod exec;
+mod fleet;
 mod identity;
 mod policy;
 mod run;
@@ -92,6 +93,9 @@ enum Command {
     /// The audit log: verify it, read it, make a key.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The fleet: make the policy signing key, publish a signed policy bundle to etcd.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// Remove agentwall from the kernel: unpin links (detaching the programs) and maps, and
     /// remove the managed cgroup subtree. Enforcement ends.
     Teardown {
@@ -217,6 +221,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => run::teardown(&pin_dir, &cgroup_root, kill, &socket.socket),
         Command::Identity(cmd) => identity::command(cmd),
         Command::Audit(cmd) => audit::command(cmd),
+        Command::Fleet(cmd) => fleet::command(cmd),
         Command::Version { json } => version::print(json),
         Command::Completions { shell } => version::completions(shell),
         Command::Man { dir } => version::man_pages(&dir),

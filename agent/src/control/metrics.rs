@@ -124,6 +124,12 @@ pub fn render(s: &Status) -> String {
         );
         gauge(
             &mut reg,
+            "fleet_policy_bundle_version",
+            "The version of the fleet's policy bundle in force (0: none, or policies from the directory)",
+            i64::try_from(f.policy_bundle.unwrap_or(0)).unwrap_or(i64::MAX),
+        );
+        gauge(
+            &mut reg,
             "fleet_revision",
             "The etcd revision of the fleet's revocations this node has applied up to",
             f.revision,
@@ -143,6 +149,11 @@ pub fn render(s: &Status) -> String {
                 "fleet_values_refused",
                 "Values under the fleet's revocations prefix refused as malformed",
                 f.refused,
+            ),
+            (
+                "fleet_bundles_refused",
+                "Policy bundles refused: untrusted key, bad signature, rollback or not compiling",
+                f.bundles_refused,
             ),
         ] {
             counter(&mut reg, name, help, v);
@@ -498,6 +509,9 @@ mod tests {
                 published: 1,
                 refused: 0,
                 last_error: None,
+                policy_bundle: Some(9),
+                bundles_refused: 1,
+                bundle_error: None,
             }),
         };
         s.kernel_counters.totals.insert("denied", 5);

@@ -121,6 +121,8 @@ pub enum DaemonError {
     Identity(#[from] crate::identity::service::ServiceError),
     #[error("audit log: {0}")]
     Audit(#[from] AuditStartError),
+    #[error("fleet.policy_keys: {path}: {message}")]
+    FleetKey { path: PathBuf, message: String },
 }
 
 /// Everything the admin socket and the background tasks share.
@@ -395,8 +397,8 @@ impl Daemon {
                     .record(&crate::audit::schema::AuditRecord::PolicyLoaded {
                         generation,
                         policies,
-                        dir: self.cfg.policy_dir.display().to_string(),
-                        dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
+                        dir: self.policies.source_label(),
+                        dir_sha256: self.policies.source_hash(),
                     });
                 Ok(Reloaded {
                     generation,
@@ -410,8 +412,8 @@ impl Daemon {
                 self.audit
                     .record(&crate::audit::schema::AuditRecord::ReloadRejected {
                         error: e.to_string(),
-                        dir: self.cfg.policy_dir.display().to_string(),
-                        dir_sha256: policy::dir_hash(&self.cfg.policy_dir),
+                        dir: self.policies.source_label(),
+                        dir_sha256: self.policies.source_hash(),
                     });
                 Err(AdminError::ReloadRejected(Box::new(e)))
             }

@@ -40,9 +40,19 @@ struct RuleBook {
     previous: Option<(u32, Arc<Compiled>)>,
 }
 
+/// Where the policies come from.
+#[derive(Debug)]
+enum Source {
+    /// The policy directory.
+    Dir,
+    /// The fleet's signed bundle in force (none yet: no policy, every enforced cgroup denied).
+    Bundle(Mutex<Option<Arc<crate::fleet::BundlePayload>>>),
+}
+
 #[derive(Debug)]
 pub(crate) struct Policies {
     dir: PathBuf,
+    source: Source,
     slots_path: PathBuf,
     /// The enrollment, the admin, the Workload API and the decision API socket, which every
     /// policy may reach.
@@ -60,6 +70,11 @@ impl Policies {
     pub(crate) fn new(cfg: &Config, slots: SlotTable) -> Self {
         Self {
             dir: cfg.policy_dir.clone(),
+            source: if cfg.fleet.policy_keys.is_empty() {
+                Source::Dir
+            } else {
+                Source::Bundle(Mutex::new(None))
+            },
             slots_path: slots_path(&cfg.state_dir),
             sockets: (
                 cfg.enrollment.socket.clone(),
@@ -80,13 +95,83 @@ impl Policies {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Reads and checks the policy directory. The book in force is not touched.
+    /// Reads and checks the policy directory, or the fleet's bundle. The book in force is not
+    /// touched.
     pub(crate) fn load(&self) -> Result<policy::PolicySet, CompileError> {
         *self
             .attempted
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy::dir_hash(&self.dir);
-        Ok(policy::load_dir(&self.dir)?)
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = self.source_hash();
+        match &self.source {
+            Source::Dir => Ok(policy::load_dir(&self.dir)?),
+            Source::Bundle(b) => {
+                let texts = self.bundle_of(b).map(|b| b.texts()).unwrap_or_default();
+                Ok(policy::parse_texts(&texts)?)
+            }
+        }
+    }
+
+    fn bundle_of(
+        &self,
+        b: &Mutex<Option<Arc<crate::fleet::BundlePayload>>>,
+    ) -> Option<Arc<crate::fleet::BundlePayload>> {
+        b.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the policies come from the fleet's bundles rather than the directory.
+    pub(crate) fn uses_bundles(&self) -> bool {
+        matches!(self.source, Source::Bundle(_))
+    }
+
+    /// The bundle the next load reads (none without bundles, or before the first).
+    pub(crate) fn bundle(&self) -> Option<Arc<crate::fleet::BundlePayload>> {
+        match &self.source {
+            Source::Dir => None,
+            Source::Bundle(b) => self.bundle_of(b),
+        }
+    }
+
+    /// Makes `new` the bundle the next load reads; returns the one before.
+    pub(crate) fn set_bundle(
+        &self,
+        new: Option<Arc<crate::fleet::BundlePayload>>,
+    ) -> Option<Arc<crate::fleet::BundlePayload>> {
+        match &self.source {
+            Source::Dir => None,
+            Source::Bundle(b) => std::mem::replace(
+                &mut *b.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                new,
+            ),
+        }
+    }
+
+    /// Where the policies come from, in words (for the audit log and the logs).
+    pub(crate) fn source_label(&self) -> String {
+        match &self.source {
+            Source::Dir => self.dir.display().to_string(),
+            Source::Bundle(_) => match self.bundle() {
+                Some(b) => format!("fleet bundle version {}", b.version),
+                None => "fleet bundle (none yet)".into(),
+            },
+        }
+    }
+
+    /// The hash of what the next load reads: the directory's files, or the bundle's.
+    pub(crate) fn source_hash(&self) -> String {
+        match &self.source {
+            Source::Dir => policy::dir_hash(&self.dir),
+            Source::Bundle(_) => {
+                let bytes = self
+                    .bundle()
+                    .and_then(|b| serde_json::to_vec(&*b).ok())
+                    .unwrap_or_default();
+                crate::audit::hex(
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref(),
+                )
+            }
+        }
     }
 
     /// Compiles `set` with the addresses its host names resolved to, giving new policy names a

@@ -67,6 +67,9 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     let slots = SlotTable::load(&slots_path)?;
     check_slots_cover_bindings(&cfg.pin_dir, &slots, &slots_path)?;
     let policies = Arc::new(super::Policies::new(&cfg, slots));
+    // With fleet bundles, the one this node had in force last (none: every cgroup denied).
+    let bundle_keys = super::fleet::bundle_keys(&cfg)?;
+    policies.set_bundle(super::fleet::stored_bundle(&cfg, &bundle_keys));
     // Policies are validated before anything touches the kernel: a bad directory loads nothing.
     let set = Arc::new(policies.load()?);
     policies.compile(&set, &policy::compile::Resolved::new())?;
@@ -119,7 +122,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         decision_records: Default::default(),
         dns,
         names_stale: Default::default(),
-        fleet: Default::default(),
+        fleet: super::fleet::FleetState::new(bundle_keys),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
@@ -133,8 +136,8 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         events_dropped_per_cpu_before_start: dropped_at_start.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
-        policy_dir: daemon.cfg.policy_dir.display().to_string(),
-        policy_dir_sha256: policy::dir_hash(&daemon.cfg.policy_dir),
+        policy_dir: daemon.policies.source_label(),
+        policy_dir_sha256: daemon.policies.source_hash(),
         pin_dir: daemon.cfg.pin_dir.display().to_string(),
     });
 
@@ -347,7 +350,11 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     // Changes to the policy directory are reloaded as they are made. Without the watch (no
     // inotify instance left, say) the daemon still enforces, and `reload` and SIGHUP still
     // reload: the failure is logged and counted, not fatal.
-    if let Err(e) = super::policy_watch::spawn(
+    if daemon.policies.uses_bundles() {
+        tracing::info!(
+            "policies come from the fleet's signed bundles; the policy directory is not read"
+        );
+    } else if let Err(e) = super::policy_watch::spawn(
         Arc::clone(&daemon),
         tokio::runtime::Handle::current(),
         &supervisor,

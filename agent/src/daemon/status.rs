@@ -42,6 +42,14 @@ pub struct FleetStatus {
     pub refused: u64,
     /// Why the last connection ended, while not connected.
     pub last_error: Option<String>,
+    /// The version of the fleet's policy bundle in force (with `fleet.policy_keys`).
+    #[serde(default)]
+    pub policy_bundle: Option<u64>,
+    /// Bundles refused (signature, rollback, compile), and why the last one was.
+    #[serde(default)]
+    pub bundles_refused: u64,
+    #[serde(default)]
+    pub bundle_error: Option<String>,
 }
 
 /// Kernel protections beyond the cgroup hooks, and for each one missing, why.

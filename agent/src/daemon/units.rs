@@ -80,7 +80,7 @@ impl Daemon {
     /// ran), the sockets they opened, which no hook judged, are destroyed, and that is logged,
     /// audited (`configured_cgroup_enforced`, `by`) and counted.
     ///
-    /// The whole of it, the cut included, takes `configured_turn`: an `enforce-self` that
+    /// The whole of it, the cut (both passes) included, takes `configured_turn`: an `enforce-self` that
     /// comes while the watcher enforces the cgroup answers only once the cut is over, so the
     /// unit's first connects, judged by the hooks, are not cut as if they had come before.
     pub(super) async fn enforce_listed(
@@ -107,7 +107,12 @@ impl Daemon {
             // Its `enforce-self` came first.
             return Ok(());
         }
-        let cut = self.destroy_sockets([id].into()).await;
+        // Both passes, before the turn goes: the second runs shortly after the first, and a
+        // unit's connect after its `enforce-self` answered must not meet it.
+        let (cut, second) = self.destroy_sockets_passes([id].into()).await;
+        if let Some(second) = second {
+            let _ = second.await;
+        }
         if empty_before && cut.sockets == 0 {
             tracing::info!(cgroup = %e.cgroup, cgroup_id = id, policy = %e.policy, "a configured cgroup was enforced before a process ran in it");
             return Ok(());

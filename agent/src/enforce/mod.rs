@@ -997,7 +997,8 @@ pub fn pinned_bindings(pin_dir: &std::path::Path) -> Result<Vec<(u64, Binding)>,
     for dir in [layout.root().to_path_buf(), layout.maps()] {
         crate::state::check_private_dir(&dir, "pin directory").map_err(EnforceError::NotPrivate)?;
     }
-    pins::take_over(&layout)?;
+    pins::check_readable(&layout)?;
+    pins::check_pinned_maps(&layout)?;
     let data = MapData::from_pin(&path).map_err(map_err(maps::BINDINGS, "opening the pin"))?;
     let map: HashMap<MapData, u64, Binding> = HashMap::try_from(aya::maps::Map::HashMap(data))
         .map_err(map_err(maps::BINDINGS, "opening the pin"))?;

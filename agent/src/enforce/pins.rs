@@ -91,46 +91,42 @@ impl PinLayout {
     }
 
     /// The layout version of what is pinned: its marker, or 1 for pinned maps without one.
+    /// Beside the newest marker an older one may remain (a stop between making the new one
+    /// and removing the old): the newest counts.
     pub fn found(&self) -> Result<Found, EnforceError> {
-        let mut versions = Vec::new();
+        let mut newest = None;
         for e in fs::read_dir(&self.root).into_iter().flatten().flatten() {
             let name = e.file_name();
             let Some(v) = name.to_str().and_then(|n| n.strip_prefix("layout-v")) else {
                 continue;
             };
-            match v.parse::<u32>() {
-                Ok(v) if v >= 1 => versions.push(v),
-                _ => {
-                    return Err(self.layout_error(format!(
-                        "{} is no layout marker this agentwall knows; remove it if nothing made it, \
-                         or run the agentwall that did",
-                        e.path().display()
-                    )));
-                }
-            }
+            let exact = !v.is_empty()
+                && !v.starts_with('0')
+                && v.len() <= 9
+                && v.bytes().all(|b| b.is_ascii_digit());
+            let Some(v) = exact.then(|| v.parse::<u32>().ok()).flatten() else {
+                return Err(self.layout_error(format!(
+                    "{} is no layout marker this agentwall knows; remove it if nothing made it, \
+                     or run the agentwall that did",
+                    e.path().display()
+                )));
+            };
+            newest = newest.max(Some(v));
         }
-        match versions[..] {
-            [] => {
-                let any_map = fs::read_dir(self.maps())
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .next()
-                    .is_some();
-                Ok(if any_map {
-                    Found::Layout(1)
-                } else {
-                    Found::Nothing
-                })
-            }
-            [v] => Ok(Found::Layout(v)),
-            _ => Err(self.layout_error(format!(
-                "markers of several layouts ({versions:?}): the directory was changed by hand or \
-                 by two agentwalls at once; enforcement by the pinned programs continues. Keep \
-                 the marker of the agentwall that runs (the newest), or run `agentwall teardown` \
-                 and start again"
-            ))),
+        if let Some(v) = newest {
+            return Ok(Found::Layout(v));
         }
+        let any_map = fs::read_dir(self.maps())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .next()
+            .is_some();
+        Ok(if any_map {
+            Found::Layout(1)
+        } else {
+            Found::Nothing
+        })
     }
 
     /// Marks the pins as of [`LAYOUT_VERSION`], once they are: the marker of an older layout
@@ -289,26 +285,38 @@ fn expected_shapes() -> [(&'static str, u32, u32, Option<u32>); 17] {
     ]
 }
 
-/// Makes what a previous daemon pinned usable by this build: migrates an older layout to
-/// [`LAYOUT_VERSION`] one step at a time, refuses a newer one, and checks every pinned map's
-/// shape. Nothing is stamped yet: the caller does, once its programs are loaded on the maps.
+/// Makes what a previous daemon pinned usable by this build: refuses a newer layout and
+/// maps of another shape, migrates an older layout one step at a time to [`LAYOUT_VERSION`].
+/// An empty directory is marked at once, before anything is pinned in it; migrated pins are
+/// marked by the caller once its programs are loaded on the maps.
 pub(super) fn take_over(layout: &PinLayout) -> Result<Found, EnforceError> {
-    let found = layout.found()?;
-    if let Found::Layout(v) = found {
-        if v > LAYOUT_VERSION {
-            return Err(layout.layout_error(format!(
-                "layout {v}, left by a newer agentwall; this one knows layouts up to \
-                 {LAYOUT_VERSION}. Enforcement by the pinned programs continues. Run the newer \
-                 agentwall, or run `agentwall teardown` (which ends enforcement until the next \
-                 start) and start this one"
-            )));
-        }
-        for from in v..LAYOUT_VERSION {
-            migrate(layout, from)?;
-            tracing::info!(from, to = from + 1, "pin layout migrated");
+    let found = check_readable(layout)?;
+    match found {
+        Found::Nothing => layout.stamp()?,
+        Found::Layout(v) => {
+            for from in v..LAYOUT_VERSION {
+                migrate(layout, from)?;
+                tracing::info!(from, to = from + 1, "pin layout migrated");
+            }
         }
     }
     check_pinned_maps(layout)?;
+    Ok(found)
+}
+
+/// Whether this build can read what is pinned, changing nothing: not a newer layout.
+pub(super) fn check_readable(layout: &PinLayout) -> Result<Found, EnforceError> {
+    let found = layout.found()?;
+    if let Found::Layout(v) = found
+        && v > LAYOUT_VERSION
+    {
+        return Err(layout.layout_error(format!(
+            "layout {v}, left by a newer agentwall; this one knows layouts up to \
+             {LAYOUT_VERSION}. Enforcement by the pinned programs continues. Run the newer \
+             agentwall, or run `agentwall teardown` (which ends enforcement until the next \
+             start) and start this one"
+        )));
+    }
     Ok(found)
 }
 
@@ -325,7 +333,7 @@ fn migrate(layout: &PinLayout, from: u32) -> Result<(), EnforceError> {
 
 /// Refuses pinned maps of another shape (left by an incompatible version): aya would reuse
 /// them as they are, and the programs would read the wrong bytes.
-fn check_pinned_maps(layout: &PinLayout) -> Result<(), EnforceError> {
+pub(super) fn check_pinned_maps(layout: &PinLayout) -> Result<(), EnforceError> {
     for (name, key_size, value_size, entries) in expected_shapes() {
         let path = layout.maps().join(name);
         if !path.exists() {
@@ -444,11 +452,17 @@ mod tests {
         assert_eq!(l.found().unwrap(), Found::Layout(1), "0.1.0 left no marker");
         l.stamp().unwrap();
         assert_eq!(l.found().unwrap(), Found::Layout(LAYOUT_VERSION));
+        // A stop between the new marker and the old one's removal: the newest counts.
         fs::create_dir(dir.0.join("layout-v1")).unwrap();
-        let e = l.found().unwrap_err().to_string();
-        assert!(e.contains("markers of several layouts"), "{e}");
-        l.stamp().unwrap();
         assert_eq!(l.found().unwrap(), Found::Layout(LAYOUT_VERSION));
+        l.stamp().unwrap();
+        assert!(!dir.0.join("layout-v1").exists());
+        for odd in ["layout-v02", "layout-v+2", "layout-v"] {
+            fs::create_dir(dir.0.join(odd)).unwrap();
+            let e = l.found().unwrap_err().to_string();
+            assert!(e.contains("is no layout marker"), "{odd}: {e}");
+            fs::remove_dir(dir.0.join(odd)).unwrap();
+        }
         fs::create_dir(dir.0.join("layout-vx")).unwrap();
         let e = l.found().unwrap_err().to_string();
         assert!(e.contains("layout-vx is no layout marker"), "{e}");

@@ -346,6 +346,15 @@ impl IdentityService {
         f(&mut store, &list)
     }
 
+    /// How many revocations the list holds.
+    pub fn revocation_count(&self) -> usize {
+        self.revocations
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entries()
+            .len()
+    }
+
     /// Whether `target` itself is on the revocation list.
     pub fn is_revoked(&self, target: &Target) -> bool {
         self.revocations

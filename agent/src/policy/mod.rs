@@ -374,7 +374,7 @@ impl fmt::Display for PolicyError {
 }
 
 impl PolicyError {
-    fn one(file: &Path, message: impl Into<String>) -> Self {
+    pub(crate) fn one(file: &Path, message: impl Into<String>) -> Self {
         Self {
             problems: vec![Problem {
                 file: file.to_path_buf(),
@@ -401,7 +401,7 @@ pub fn host_names(set: &PolicySet) -> Vec<String> {
 }
 
 /// Whether a directory entry is a policy file: `*.yaml` or `*.yml`, not hidden.
-fn is_policy_file(path: &Path) -> bool {
+pub(crate) fn is_policy_file(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .and_then(|n| n.to_str())

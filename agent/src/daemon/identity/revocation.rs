@@ -76,6 +76,14 @@ impl Daemon {
     /// cuts it. That pass runs in the background, off the caller's path: the command that
     /// revoked does not wait for it (it is logged, and its failures counted).
     pub(in crate::daemon) async fn destroy_sockets(&self, cgroups: HashSet<u64>) -> Destroyed {
+        self.destroy_sockets_passes(cgroups).await.0
+    }
+
+    /// [`Self::destroy_sockets`], with the second pass to wait for (none if the first failed).
+    pub(in crate::daemon) async fn destroy_sockets_passes(
+        &self,
+        cgroups: HashSet<u64>,
+    ) -> (Destroyed, Option<tokio::task::JoinHandle<()>>) {
         let dirs: Vec<PathBuf> = self.registry.paths_of(&cgroups).await;
         let work = move || {
             let namespaces = sockdiag::foreign_namespaces(&dirs);
@@ -87,11 +95,11 @@ impl Daemon {
             Err(e) => {
                 tracing::error!(error = %e, "socket destruction task failed");
                 self.count_error("socket_destroy");
-                return Destroyed::default();
+                return (Destroyed::default(), None);
             }
         };
         let errors = Arc::clone(&self.errors);
-        tokio::task::spawn_blocking(move || {
+        let second = tokio::task::spawn_blocking(move || {
             std::thread::sleep(SECOND_PASS_AFTER);
             match sockdiag::destroy_sockets_in(&cgroups, &namespaces) {
                 Ok(second) => {
@@ -111,7 +119,7 @@ impl Daemon {
                 }
             }
         });
-        match first {
+        let first = match first {
             Ok(d) => {
                 if d.failed > 0 {
                     self.count_error("socket_destroy");
@@ -123,7 +131,8 @@ impl Daemon {
                 self.count_error("socket_destroy");
                 Destroyed::default()
             }
-        }
+        };
+        (first, Some(second))
     }
 
     /// Sets the revoked flag on every binding whose identity is revoked (after a restart, or
