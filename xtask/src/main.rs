@@ -43,7 +43,7 @@ enum Task {
     Test,
     /// cargo fmt --check and clippy, the kernel crate on its own target.
     Lint,
-    /// Benchmarks (enforcement overhead, audit store, hostile load, identity); writes
+    /// Benchmarks (enforcement overhead, audit store, hostile load, identity, policy, fleet); writes
     /// docs/benchmarks.md.
     Bench {
         /// Interleaved rounds per configuration (at least 11).
@@ -203,6 +203,13 @@ fn run(task: Task) -> anyhow::Result<()> {
             let mut c = cargo();
             c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
             c.args(["bench", "-p", "agentwall-tests", "--bench", "policy", "--"]);
+            c.arg(format!("--report={}", report.display()));
+            status(c)?;
+            test_tools()?;
+            step("benchmark: fleet propagation and idle footprint (release daemons, etcd)");
+            let mut c = cargo();
+            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
+            c.args(["bench", "-p", "agentwall-tests", "--bench", "fleet", "--"]);
             c.arg(format!("--report={}", report.display()));
             status(c)
         }

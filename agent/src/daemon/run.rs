@@ -443,10 +443,11 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
                     .await;
                 }
             }
-            // The reader takes what the ring holds (allowed verdicts wait for its poll), then
+            // The reader takes what the ring holds (allowed verdicts wait for its poll, at the
+            // latest after its longest pause), then
             // the last losses are counted: the log ends with every event accounted for.
             StopStep::Ring => {
-                tokio::time::sleep(events::POLL_INTERVAL * 2).await;
+                tokio::time::sleep(events::IDLE_POLL_INTERVAL + events::POLL_INTERVAL).await;
                 losses.check().await;
             }
             StopStep::Issuance => {
