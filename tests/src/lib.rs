@@ -747,6 +747,16 @@ impl TestDaemon {
         c.wait().expect("wait daemon")
     }
 
+    /// SIGTERM, and asserts an orderly exit; the daemon's log says why if it was not.
+    pub fn stop_cleanly(&mut self) {
+        let st = self.stop();
+        assert!(
+            st.success(),
+            "the daemon stopped with {st}; its log:\n{}",
+            self.log_text()
+        );
+    }
+
     pub fn status(&self) -> Status {
         match Client::call(&self.socket, &Request::Status).expect("status") {
             Reply::Status(s) => *s,
@@ -906,6 +916,19 @@ impl TestDaemon {
     /// The cgroup directory of the managed root.
     pub fn root_cgroup(&self) -> PathBuf {
         cgroup_mount().join(&self.cgroup_root)
+    }
+
+    /// Asserts that status lists the cgroup at `path` (as an agent's `cgroup` prints it)
+    /// under policy `policy`.
+    pub fn assert_under_policy(&self, path: &str, policy: &str) {
+        let status = self.status();
+        assert!(
+            status
+                .cgroups
+                .iter()
+                .any(|c| c.path.ends_with(path) && c.policy.as_deref() == Some(policy)),
+            "{path} under {policy}: {status:#?}"
+        );
     }
 
     /// The link pins of the daemon's cgroup root (one per program), sorted.

@@ -602,7 +602,7 @@ fn baselines_and_copied_issuance_records_survive_restarts() {
     let _ = d.issue("agent/once/test", "10m");
     // Past the learning period, then a clean stop saves the baselines.
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let saved = d.state_dir().join("baselines.json");
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -620,7 +620,7 @@ fn baselines_and_copied_issuance_records_survive_restarts() {
     agentwall_tests::wait_for(Duration::from_secs(5), "the alert", || {
         (d.status().audit.alerts >= 1).then_some(())
     });
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let alerts = records(&audit(&d, &["query", "--kind", "alert"]));
     assert_eq!(alerts.len(), 1, "{alerts:#?}");
     assert_eq!(alerts[0]["alert"], "new_destination");
@@ -632,7 +632,7 @@ fn baselines_and_copied_issuance_records_survive_restarts() {
     d.wait_healthy();
     let status = d.status();
     assert_eq!(status.daemon_errors.get("baselines_unreadable"), Some(&1));
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let issued = records(&audit(&d, &["query", "--kind", "certificate_issued"]));
     assert_eq!(
         issued

@@ -84,14 +84,7 @@ fn sigkill_keeps_enforcing_and_a_restart_adopts_without_a_gap() {
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
     let cgroup = repl.cmd("cgroup");
-    let status = d.status();
-    assert!(
-        status
-            .cgroups
-            .iter()
-            .any(|c| c.path.ends_with(&cgroup) && c.policy.as_deref() == Some("web")),
-        "{status:#?}"
-    );
+    d.assert_under_policy(&cgroup, "web");
     assert_eq!(repl.quit(), Some(0));
     let dir = agentwall_tests::cgroup_mount().join(cgroup.trim_start_matches('/'));
     wait_for(

@@ -81,14 +81,7 @@ fn an_upgrade_from_the_previous_release_takes_over_without_a_gap() {
     );
     // The agent the old daemon started is the new one's, with its policy.
     let cgroup = repl.cmd("cgroup");
-    let status = d.status();
-    assert!(
-        status
-            .cgroups
-            .iter()
-            .any(|c| c.path.ends_with(&cgroup) && c.policy.as_deref() == Some("web")),
-        "{status:#?}"
-    );
+    d.assert_under_policy(&cgroup, "web");
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{x}")), "err EPERM");
     assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{a}")), "ok");
     assert_eq!(repl.quit(), Some(0));

@@ -316,8 +316,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/dpkg-shlibdeps", "dpkg-dev"),
     ("/usr/bin/strip", "binutils"),
     ("/usr/bin/man", "man-db"),
-    // The fleet's tests run etcd on loopback.
+    // The fleet's tests run etcd on loopback, and write to it as any writer could.
     ("/usr/bin/etcd", "etcd-server"),
+    ("/usr/bin/etcdctl", "etcd-client"),
     // The systemd unit's tests: its score, its system-call groups and the syscall numbers
     // the sandbox builds its filter from.
     ("/usr/bin/systemd-analyze", "systemd"),

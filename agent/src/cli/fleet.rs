@@ -77,6 +77,10 @@ pub(super) fn command(cmd: FleetCommand) -> anyhow::Result<ExitCode> {
                 )
                 .unwrap_or(u64::MAX),
             };
+            anyhow::ensure!(
+                version >= 1,
+                "--version must be 1 or more: nodes put a bundle in force only if it is newer"
+            );
             let payload = fleet::BundlePayload::of_dir(&policies, version)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| {
