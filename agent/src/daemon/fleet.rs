@@ -45,6 +45,8 @@ pub struct FleetState {
     bundle_keys: Vec<String>,
     bundles_refused: AtomicU64,
     bundle_error: std::sync::Mutex<Option<String>>,
+    /// The version of the bundle in force (0: none); set once its reload succeeded.
+    bundle_in_force: AtomicU64,
     /// Wakes the task: a revocation was made here.
     publish: Notify,
     connected: AtomicBool,
@@ -67,9 +69,11 @@ enum FleetError {
 }
 
 impl FleetState {
-    pub fn new(bundle_keys: Vec<String>) -> Self {
+    /// With the trusted keys and the version of the bundle the daemon started with.
+    pub fn new(bundle_keys: Vec<String>, bundle_in_force: u64) -> Self {
         Self {
             bundle_keys,
+            bundle_in_force: AtomicU64::new(bundle_in_force),
             ..Self::default()
         }
     }
@@ -197,7 +201,7 @@ impl Daemon {
             published: f.published.load(Ordering::Relaxed),
             refused: f.refused.load(Ordering::Relaxed),
             last_error: f.last_error.lock().ok().and_then(|e| e.clone()),
-            policy_bundle: self.policies.bundle().map(|b| b.version),
+            policy_bundle: Some(f.bundle_in_force.load(Ordering::Relaxed)).filter(|v| *v > 0),
             bundles_refused: f.bundles_refused.load(Ordering::Relaxed),
             bundle_error: f.bundle_error.lock().ok().and_then(|e| e.clone()),
         })
@@ -416,6 +420,7 @@ impl Daemon {
             self.policies.set_bundle(before);
             return refuse(format!("version {version} does not compile: {e}"));
         }
+        self.fleet.bundle_in_force.store(version, Ordering::Relaxed);
         if let Ok(mut e) = self.fleet.bundle_error.lock() {
             *e = None;
         }

@@ -122,7 +122,10 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         decision_records: Default::default(),
         dns,
         names_stale: Default::default(),
-        fleet: super::fleet::FleetState::new(bundle_keys),
+        fleet: super::fleet::FleetState::new(
+            bundle_keys,
+            policies.bundle().map_or(0, |b| b.version),
+        ),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
