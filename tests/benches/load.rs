@@ -125,7 +125,7 @@ fn flood_run(budgets: bool, millis: u64) -> Flood {
     std::thread::sleep(Duration::from_millis(1500));
     let bytes = dir_bytes(&d.audit_dir()) - before;
     let peak = peak_rss_kib(pid);
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let key = Keyring::from_files(&[d.audit_key()]).unwrap();
     let (quiet_needle, flood_needle) = (
         format!("\"port\":{},", quiet_target.port()),

@@ -710,9 +710,7 @@ impl TestDaemon {
                     self.log_text()
                 );
             }
-            if let Ok(Reply::Status(s)) = Client::call(&self.socket, &Request::Status)
-                && matches!(s.health, agentwall::control::Health::Healthy { .. })
-            {
+            if self.is_healthy() {
                 return;
             }
             assert!(
@@ -722,6 +720,14 @@ impl TestDaemon {
             );
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether the daemon answers its admin socket as healthy right now.
+    pub fn is_healthy(&self) -> bool {
+        matches!(
+            Client::call(&self.socket, &Request::Status),
+            Ok(Reply::Status(s)) if matches!(s.health, agentwall::control::Health::Healthy { .. })
+        )
     }
 
     /// SIGKILL, as a crash would.

@@ -70,7 +70,7 @@ fn verdicts_and_identity_events_are_recorded_and_verify() {
     ]);
     assert!(r.status.success(), "{r:?}");
     // A clean stop flushes and seals the log.
-    assert!(d.stop().success());
+    d.stop_cleanly();
 
     let v = verify(&d);
     assert!(v.status.success(), "{v:?}");
@@ -201,7 +201,7 @@ fn a_sigkill_loses_no_acknowledged_record_and_the_log_verifies_after_restart() {
     for _ in 0..10 {
         assert_eq!(repl.cmd(&format!("tcp 127.0.0.1:{}", allowed.port())), "ok");
     }
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let v = verify(&d);
     assert!(v.status.success(), "{v:?}");
     let all = records(&audit(&d, &["tail", "-n", "100000"]));
@@ -388,7 +388,7 @@ fn a_full_disk_raises_the_alarm_applies_the_down_rule_and_loses_nothing() {
     );
     drop(repl);
     let mut d = d;
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let key = d.audit_key().display().to_string();
     let node = d.state_dir().join("audit-node.pub").display().to_string();
     let v = d.cli(&[
@@ -468,7 +468,7 @@ fn events_the_kernel_could_not_deliver_become_gap_records_that_add_up() {
     // The watcher reports each second; give it time to see the final count.
     std::thread::sleep(Duration::from_millis(2500));
     let total = dropped();
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let gaps = records(&audit(&d, &["tail", "-n", "1000000"]));
     let lost: u64 = gaps
         .iter()
@@ -500,7 +500,7 @@ fn repeated_denials_raise_a_behavioral_alert_in_the_log() {
     agentwall_tests::wait_for(std::time::Duration::from_secs(5), "the alert", || {
         (d.status().audit.alerts >= 1).then_some(())
     });
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let alerts = records(&audit(&d, &["tail", "-n", "100000"]));
     let alert = alerts
         .iter()
@@ -553,7 +553,7 @@ fn the_audit_key_rotates_while_the_daemon_runs_and_both_keys_read_the_log() {
         assert_eq!(mode & 0o777, 0o600);
     }
     assert_eq!(lines(&d.exec("web", None, &[&to])), ["err EPERM"]);
-    assert!(d.stop().success());
+    d.stop_cleanly();
 
     // The key file reads the whole log; it verifies across the key change.
     let v = verify(&d);
@@ -692,7 +692,7 @@ fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
         let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
         matches!(state, None | Some('Z')).then_some(())
     });
-    assert!(d.stop().success(), "a stop, not a crash");
+    d.stop_cleanly();
     assert!(
         d.log_text()
             .contains("the audit log could not be made durable"),
@@ -702,7 +702,7 @@ fn sigterm_with_a_full_audit_file_system_stops_the_daemon_promptly() {
     fs::remove_file(&filler).unwrap();
     d.launch();
     d.wait_healthy();
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let key = d.audit_key().display().to_string();
     let node = d.state_dir().join("audit-node.pub").display().to_string();
     let log = log_dir.to_str().unwrap();
@@ -791,7 +791,7 @@ fn a_flooding_agent_is_summarized_and_a_quiet_one_loses_no_record() {
     });
     let status = d.status();
     assert!(status.audit.events_suppressed > 0, "{:?}", status.audit);
-    assert!(d.stop().success());
+    d.stop_cleanly();
 
     let v = verify(&d);
     assert!(v.status.success(), "the log with summaries verifies: {v:?}");
@@ -871,7 +871,7 @@ fn a_denial_flood_cannot_hide_what_the_agent_reached() {
     let report = lines(&out).join(" ");
     assert!(report.starts_with("tcp=ok eperm="), "{report}");
     assert!(report.ends_with(" other=0"), "{report}");
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let all = records(&audit(&d, &["tail", "-n", "10000000"]));
     let recorded: Vec<_> = all
         .iter()
@@ -952,7 +952,7 @@ fn retention_keeps_a_small_audit_file_system_alive_and_the_log_verifiable() {
     );
     let _ = flooder.wait();
     fs::remove_file(&filler).unwrap();
-    assert!(d.stop().success());
+    d.stop_cleanly();
 
     let key = d.audit_key().display().to_string();
     let node = d.state_dir().join("audit-node.pub").display().to_string();
@@ -1015,7 +1015,7 @@ fn a_flood_of_slotless_denials_is_charged_to_its_own_cgroup() {
     assert_eq!(out[1..], ["err EPERM"; 5]);
     let victim_pid: u64 = out[0].parse().unwrap();
     flood.denied_after("the victim");
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let all = records(&audit(&d, &["tail", "-n", "10000000"]));
     let recorded = all
         .iter()
@@ -1071,7 +1071,7 @@ fn a_spray_of_denials_cannot_evict_an_allowed_flow_from_its_summary() {
         ["eperm=60000 other=0", "eperm=59999 other=1"].contains(&said[2].as_str()),
         "{said:?}"
     );
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let all = records(&audit(&d, &["tail", "-n", "10000000"]));
     let recorded = all
         .iter()
@@ -1123,7 +1123,7 @@ fn verdicts_held_back_when_the_daemon_is_killed_are_reported_by_the_next() {
     d.kill9();
     d.launch();
     d.wait_healthy();
-    assert!(d.stop().success(), "a clean stop reports the last window");
+    d.stop_cleanly();
 
     let v = verify(&d);
     assert!(v.status.success(), "{v:?}");
@@ -1168,7 +1168,7 @@ fn a_busy_agent_cannot_spend_a_quiet_siblings_share_of_their_identity() {
     let quiet = d.exec("web", None, &[to.as_str(); 5]);
     assert_eq!(lines(&quiet), ["err EPERM"; 5]);
     flood.denied_after("the sibling");
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let all = records(&audit(&d, &["tail", "-n", "10000000"]));
     let recorded = all
         .iter()

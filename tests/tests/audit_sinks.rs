@@ -250,7 +250,7 @@ fn durable_records_reach_a_real_syslog_collector_over_mutual_tls() {
         sink.connected && sink.sent >= 1 && sink.dropped == 0,
         "{sink:?}"
     );
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let q = d.cli(&["audit", "query", &dir, "--key", &key, "--kind", "verdict"]);
     let local: Vec<serde_json::Value> = lines(&q)
         .iter()
@@ -303,7 +303,7 @@ fn an_absent_collector_costs_copies_never_enforcement_and_is_caught_up_with() {
         (!collector.verdicts_to(later.port()).is_empty()).then_some(())
     });
     assert!(d.status().audit.sinks["syslog"].connected);
-    assert!(d.stop().success());
+    d.stop_cleanly();
     // The local log has every one of the 200 denials, whatever the sink dropped.
     let key = d.audit_key().display().to_string();
     let dir = d.audit_dir().display().to_string();
@@ -420,7 +420,7 @@ fn behavioral_alerts_are_posted_to_the_webhook_once_durable() {
         sink.sent >= 1 && sink.errors == 0 && sink.dropped == 0,
         "{sink:?}"
     );
-    assert!(d.stop().success());
+    d.stop_cleanly();
     // The alert posted is the one in the local log, at the same sequence number.
     let key = d.audit_key().display().to_string();
     let dir = d.audit_dir().display().to_string();
@@ -469,7 +469,7 @@ fn a_stalled_collector_costs_copies_never_the_store_or_enforcement() {
     });
     assert!(!status.failing, "the store is not held up");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    assert!(d.stop().success());
+    d.stop_cleanly();
     // The local log accounts for every send: a verdict record, or a gap record when the
     // kernel ring overflowed during the flood.
     let key = d.audit_key().display().to_string();

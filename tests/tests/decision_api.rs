@@ -184,7 +184,7 @@ fn agent_b_asks_the_decision_api_about_each_caller_over_mtls() {
         "the answer names the rule: {b_lines:?}"
     );
 
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let records = audit_records(&d);
     let decisions: Vec<&serde_json::Value> =
         records.iter().filter(|r| r["kind"] == "decision").collect();
@@ -525,7 +525,7 @@ except (OSError, ssl.SSLError, http.client.HTTPException) as e:
         "a revoked client: {revoked}"
     );
     // The answer given is audited with the gateway as the asker.
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let asked: Vec<serde_json::Value> = audit_records(&d)
         .into_iter()
         .filter(|r| r["kind"] == "decision")
@@ -564,7 +564,7 @@ fn a_flood_of_decisions_is_counted_not_recorded_one_by_one() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     let (status, _) = post(&d.decision_socket, "POST", "/v1/decide", &body);
     assert_eq!(status, 200);
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let decisions: Vec<serde_json::Value> = audit_records(&d)
         .into_iter()
         .filter(|r| r["kind"] == "decision")

@@ -147,6 +147,38 @@ fn stop_steps(log: &str) -> Vec<String> {
 /// asked for it: the hard time limit first, then the runtime's tasks end (nothing collects,
 /// renews or changes a hold while the daemon stops), the log ends with `daemon_stop` and is
 /// sealed, and the socket files go last. The pinned programs keep enforcing throughout.
+/// A stop or reload signal sent as soon as the daemon answers healthy (a service manager's
+/// stop, an operator's reload) is handled: the daemon neither dies by the signal's default
+/// action nor loses the reload.
+#[test]
+fn signals_right_after_healthy_are_handled() {
+    use std::time::{Duration, Instant};
+    let _s = serial();
+    let mut d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[1]))]);
+    d.stop_cleanly();
+    for round in 0..10 {
+        d.launch();
+        let pid = d.pid().unwrap();
+        // Polled without pause: the signal follows the first healthy answer at once.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.is_healthy() {
+            assert!(Instant::now() < deadline, "not healthy:\n{}", d.log_text());
+        }
+        let sig = if round % 2 == 0 {
+            nix::sys::signal::Signal::SIGHUP
+        } else {
+            nix::sys::signal::Signal::SIGTERM
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+        if sig == nix::sys::signal::Signal::SIGHUP {
+            // Still there, and answering.
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = d.status();
+        }
+        d.stop_cleanly();
+    }
+}
+
 #[test]
 fn an_orderly_stop_takes_its_steps_in_order() {
     const ORDER: [&str; 10] = [
@@ -167,7 +199,7 @@ fn an_orderly_stop_takes_its_steps_in_order() {
     let mut repl = d.repl("web");
     let probe = format!("tcp 127.0.0.1:{}", denied.port());
     assert_eq!(repl.cmd(&probe), "err EPERM");
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let log = d.log_text();
     assert_eq!(stop_steps(&log), ORDER, "{log}");
     assert!(

@@ -248,7 +248,7 @@ fn the_debian_package_installs_starts_enforces_and_purges() {
         0,
         "the denied connect reached its listener"
     );
-    assert!(d.stop().success(), "{}", d.log_text());
+    d.stop_cleanly();
     // The daemon made its state where the configuration says, its key readable by root only.
     let key = root.upper("etc/agentwall/audit.key");
     assert_eq!(

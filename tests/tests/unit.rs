@@ -186,7 +186,7 @@ fn under_the_unit_the_daemon_enforces_revokes_reloads_and_restarts_onto_its_pins
     assert_eq!(agent.cmd("stream-end 3000"), "err ECONNABORTED");
 
     // Restarted under the unit, it takes over its pins: the revocation holds.
-    assert!(d.stop().success(), "{}", d.log_text());
+    d.stop_cleanly();
     d.launch();
     d.wait_healthy();
     assert_eq!(agent.cmd(&format!("tcp {to}")), "err EPERM");

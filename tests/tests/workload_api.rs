@@ -167,7 +167,7 @@ fn a_py_spiffe_agent_gets_its_identity_bundles_and_tokens() {
             "only the CA's own keys are on disk: {files}"
         );
     }
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let delivered = audit_records(&d, "svid_delivered");
     assert!(
         delivered
@@ -301,7 +301,7 @@ fn callers_without_an_identity_or_the_header_are_refused() {
             "{id}: {o:?}"
         );
     }
-    assert!(d.stop().success());
+    d.stop_cleanly();
     let refused = audit_records(&d, "workload_refused");
     assert!(
         refused

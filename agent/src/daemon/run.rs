@@ -36,6 +36,13 @@ pub type Frontends = fn(
 const WINDOW_REFRESH: Duration = Duration::from_secs(1);
 
 pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
+    // First of all: a stop or reload signal that arrives while the daemon starts (a service
+    // manager, or a client that saw it healthy) is handled, never the default action that
+    // kills it mid-way.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     // Not dumpable: no process of the same user without CAP_SYS_PTRACE (a root agent,
     // confined by `agentwall exec`) may ptrace it, read its memory or reach its descriptors.
     // SAFETY: prctl with constant arguments.
@@ -368,10 +375,6 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let failed = loop {
         tokio::select! {
             _ = term.recv() => break None,
