@@ -31,7 +31,15 @@ fn main() -> anyhow::Result<()> {
     // diagnostics.
     // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Nightly).context(
+    // The nightly that `cargo xtask setup` prepared (rust-src, bpf-linker against its LLVM).
+    println!("cargo:rerun-if-env-changed=AGENTWALL_NIGHTLY");
+    let nightly = std::env::var("AGENTWALL_NIGHTLY").unwrap_or_default();
+    let toolchain = if nightly.is_empty() {
+        aya_build::Toolchain::Nightly
+    } else {
+        aya_build::Toolchain::Custom(&nightly)
+    };
+    aya_build::build_ebpf([package], toolchain).context(
         "building the kernel programs (ebpf/); `cargo xtask setup` installs what this needs",
     )
 }

@@ -222,7 +222,8 @@ fn build(release: bool) -> anyhow::Result<()> {
         if release { "release" } else { "debug" }
     ));
     let mut c = cargo();
-    c.args(["build", "-p", "agentwall", "--bin", "agentwall"]);
+    // --locked: the build uses Cargo.lock as committed, or fails saying it is stale.
+    c.args(["build", "--locked", "-p", "agentwall", "--bin", "agentwall"]);
     if release {
         c.arg("--release");
     }
@@ -269,7 +270,7 @@ fn lint() -> anyhow::Result<()> {
     c.current_dir(root());
     c.args([
         "run",
-        "nightly",
+        &setup::nightly(),
         "cargo",
         "clippy",
         "-p",
@@ -412,6 +413,7 @@ fn test() -> anyhow::Result<()> {
     let mut c = cargo();
     c.args([
         "build",
+        "--locked",
         "-p",
         "agentwall",
         "-p",
@@ -423,6 +425,7 @@ fn test() -> anyhow::Result<()> {
     let mut c = cargo();
     c.args([
         "test",
+        "--locked",
         "-p",
         "agentwall-common",
         "-p",
@@ -454,7 +457,14 @@ fn test() -> anyhow::Result<()> {
             "root integration tests{what} (serial, real kernel)"
         ));
         let mut c = cargo();
-        c.args(["test", "-p", "agentwall-tests", "--", "--test-threads=1"]);
+        c.args([
+            "test",
+            "--locked",
+            "-p",
+            "agentwall-tests",
+            "--",
+            "--test-threads=1",
+        ]);
         c.env("AGENTWALL_BIN", root().join("target/debug/agentwall"));
         c.env("AGENTWALL_PY_SPIFFE", &python);
         c.env("AGENTWALL_KUBERNETES_TOOLS", &kubernetes);

@@ -43,19 +43,35 @@ fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
 }
 
+/// The nightly toolchain that builds the kernel programs: `AGENTWALL_NIGHTLY` (the image pins
+/// a dated one, e.g. `nightly-2026-05-20`), else whatever `nightly` rustup has.
+pub(crate) fn nightly() -> String {
+    std::env::var("AGENTWALL_NIGHTLY")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "nightly".into())
+}
+
 pub(crate) fn run() -> anyhow::Result<()> {
     protoc()?;
     step("setup: nightly toolchain");
-    let verbose = output(Command::new("rustc").args(["+nightly", "--version", "--verbose"]))
-        .context(
-            "the nightly Rust toolchain is needed to build the kernel programs; install it with \
-         `rustup toolchain install nightly --profile minimal`",
-        )?;
+    let nightly = nightly();
+    let verbose = output(Command::new("rustc").args([
+        &format!("+{nightly}"),
+        "--version",
+        "--verbose",
+    ]))
+    .with_context(|| {
+        format!(
+            "the nightly Rust toolchain `{nightly}` is needed to build the kernel programs; \
+             install it with `rustup toolchain install {nightly} --profile minimal`"
+        )
+    })?;
     let llvm_major = verbose
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
-        .context("cannot read the nightly toolchain's LLVM version from `rustc +nightly -vV`")?
+        .with_context(|| format!("cannot read the LLVM version from `rustc +{nightly} -vV`"))?
         .to_string();
     let nightly_version = verbose.lines().next().unwrap_or_default().to_string();
 
@@ -65,15 +81,15 @@ pub(crate) fn run() -> anyhow::Result<()> {
         "list",
         "--installed",
         "--toolchain",
-        "nightly",
+        &nightly,
     ]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         let st = Command::new("rustup")
-            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .args(["component", "add", "rust-src", "--toolchain", &nightly])
             .status()
             .context("starting rustup")?;
         if !st.success() {
-            bail!("`rustup component add rust-src --toolchain nightly` failed");
+            bail!("`rustup component add rust-src --toolchain {nightly}` failed");
         }
     }
 
@@ -99,8 +115,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
     ));
     let st = Command::new("cargo")
         .args([
-            "+nightly",
+            &format!("+{nightly}"),
             "install",
+            "--locked",
             "bpf-linker",
             "--version",
             BPF_LINKER_VERSION,
@@ -219,7 +236,8 @@ fn cargo_tool(krate: &str, sub: &str, version: &str) -> anyhow::Result<()> {
 /// A directory with `lib/libLLVM.so` (and the library's own soname) linking to the nightly
 /// toolchain's libLLVM.
 fn llvm_prefix(home: &Path) -> anyhow::Result<PathBuf> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{}", nightly()), "--print", "sysroot"]))?;
     let libdir = Path::new(sysroot.trim()).join("lib");
     let lib = fs::read_dir(&libdir)
         .with_context(|| format!("listing {}", libdir.display()))?
