@@ -23,6 +23,7 @@ pub mod journal;
 mod layering;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod policy;
 pub mod probe;
 pub mod rootuid;

@@ -390,6 +390,8 @@ impl Daemon {
             Ok::<_, DaemonError>((generation, policies, nodes))
         }
         .await;
+        // The parse trees of the directory are gone either way: their pages go back.
+        tokio::task::spawn_blocking(crate::memory::release_free);
         match result {
             Ok((generation, policies, rule_nodes)) => {
                 tracing::info!(generation, policies, rule_nodes, "policies reloaded");

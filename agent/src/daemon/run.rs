@@ -372,6 +372,8 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, dir = %daemon.cfg.policy_dir.display(), "cannot watch the policy directory; changes are reloaded by `agentwall reload` or SIGHUP only");
         daemon.count_error("policy_watch");
     }
+    // What start-up parsed and compiled is freed; its pages go back.
+    crate::memory::release_free();
     let _ = sd_notify("READY=1");
     tracing::info!(socket = %daemon.cfg.socket.display(), cgroup_root = %root.path().display(), "agentwall is enforcing");
 
