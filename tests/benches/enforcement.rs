@@ -298,6 +298,111 @@ fn floor_links(cg: &Cgroup) -> Vec<std::os::fd::OwnedFd> {
     links
 }
 
+/// An nftables table of the benchmark's own, deleted on drop (also on panic).
+struct NftTable {
+    name: String,
+}
+
+impl NftTable {
+    /// Loads `ruleset` (which defines `table inet NAME`) with `nft -f -`.
+    fn load(name: &str, ruleset: &str) -> Self {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(NFT)
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft (Debian's nftables; `cargo xtask bench` installs it)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(ruleset.as_bytes())
+            .unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "nft -f refused the ruleset"
+        );
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    /// Packets the table's final drop rule counted.
+    fn dropped(&self) -> u64 {
+        let out = std::process::Command::new(NFT)
+            .args(["list", "chain", "inet", &self.name, "confined"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let l = l.trim();
+                l.ends_with("drop")
+                    .then(|| l.split_whitespace().skip_while(|w| *w != "packets").nth(1))?
+            })
+            .and_then(|n| n.parse().ok())
+            .expect("the drop rule's counter")
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(NFT)
+            .args(["delete", "table", "inet", &self.name])
+            .status();
+    }
+}
+
+const NFT: &str = "/usr/sbin/nft";
+
+/// The same allow/deny as [`policy_text`] in nftables, for the packets of sockets of cgroup
+/// `cg` (given as nft names it: its path below /sys/fs/cgroup, and its depth): the allowed
+/// (address, protocol, port) triples in one interval set per family, looked up by the output
+/// hook for every packet; everything else from that cgroup dropped. Sockets of other cgroups
+/// leave the chain after the cgroup match.
+fn nft_ruleset(
+    table: &str,
+    cg: (&str, usize),
+    n: usize,
+    port: u16,
+    spread: (u16, u16),
+    udp_port: u16,
+) -> String {
+    let mut v4 = format!(
+        "127.0.0.1 . tcp . {port}, 127.0.0.1 . tcp . {}-{}, 127.0.0.1 . udp . {udp_port}",
+        spread.0, spread.1
+    );
+    let mut v6 = String::new();
+    for i in 0..n {
+        let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        if i % 2 == 0 {
+            let _ = write!(v4, ", 10.{a}.{b}.{c} . tcp . 443");
+        } else {
+            if !v6.is_empty() {
+                v6.push_str(", ");
+            }
+            let _ = write!(v6, "2001:db8:{a:x}:{b:x}{c:02x}::/64 . tcp . 443");
+        }
+    }
+    format!(
+        "table inet {table} {{\n\
+         \x20 set allow4 {{\n    type ipv4_addr . inet_proto . inet_service\n    flags interval\n    elements = {{ {v4} }}\n  }}\n\
+         \x20 set allow6 {{\n    type ipv6_addr . inet_proto . inet_service\n    flags interval\n    elements = {{ {v6} }}\n  }}\n\
+         \x20 chain output {{\n    type filter hook output priority filter; policy accept;\n    socket cgroupv2 level {} \"{}\" jump confined\n  }}\n\
+         \x20 chain confined {{\n    ip daddr . meta l4proto . th dport @allow4 accept\n    ip6 daddr . meta l4proto . th dport @allow6 accept\n    counter drop\n  }}\n\
+         }}\n",
+        cg.1, cg.0
+    )
+}
+
+/// How nft names cgroup `cg`: its path below /sys/fs/cgroup and its level (depth below the
+/// cgroup2 root `mount`). None when cgroup2 is mounted elsewhere.
+fn nft_cgroup(mount: &Path, cg: &Cgroup) -> Option<(String, usize)> {
+    let below = cg.path().strip_prefix("/sys/fs/cgroup").ok()?;
+    let level = cg.path().strip_prefix(mount).ok()?.components().count();
+    Some((below.to_str()?.to_owned(), level))
+}
+
 /// Listening ports the spread TCP case takes in turn (8 times the decision cache's slots).
 const SPREAD_PORTS: usize = 2048;
 const _: () = assert!(SPREAD_PORTS >= 8 * DECISION_CACHE_SLOTS as usize);
@@ -415,6 +520,8 @@ fn main() {
     let enforced = base.child("enforced");
     let plain = base.child("plain");
     let floor = base.child("floor");
+    let nft = base.child("nft");
+    nft.create().unwrap();
     enforced.create().unwrap();
     plain.create().unwrap();
     floor.create().unwrap();
@@ -544,6 +651,51 @@ fn main() {
             target: udp_target_ratio,
         });
     }
+    // Side by side with nftables: the same allow/deny at 10k rules, by `socket cgroupv2`
+    // rules on the output hook. The table exists only for these rounds (its cgroup match runs
+    // for every packet of the host), and agentwall's enforced cgroup is measured again
+    // beside it, with the same plain baseline.
+    let mut side = Vec::new();
+    if a.only.is_none() {
+        let rules = 10_000;
+        let text = policy_text(rules, port, spread, udp_port, false);
+        let set = policy::parse_texts(&[(Path::new("bench.yaml").to_path_buf(), text)]).unwrap();
+        enforcer
+            .apply(&policy::compile(&set, |_| 1).unwrap())
+            .unwrap();
+        let (path, level) = nft_cgroup(&mount, &nft)
+            .expect("cgroup2 below /sys/fs/cgroup, where nft looks up the cgroups it names");
+        let table_name = format!("awbench-{}", std::process::id());
+        let t = Instant::now();
+        let table = NftTable::load(
+            &table_name,
+            &nft_ruleset(&table_name, (&path, level), rules, port, spread, udp_port),
+        );
+        eprintln!("nftables: {rules} rules loaded in {:?}", t.elapsed());
+        for (op, set) in [
+            ("TCP connect+accept+close, one destination", &one),
+            (SPREAD_OP, &many),
+        ] {
+            // Measured's fields: plain, agentwall enforced, nftables.
+            let m = measure(
+                a.rounds,
+                || tcp_round(set, a.ops),
+                [&plain, &enforced, &nft],
+            );
+            eprintln!(
+                "  {op}: plain {:.0} ns, agentwall {:.0} ns, nftables {:.0} ns; agentwall/plain {}, nftables/plain {}",
+                m.plain, m.floor, m.enforced, m.floor_ratio, m.overhead
+            );
+            side.push((op, m));
+        }
+        join(&Cgroup::at(mount.clone())).unwrap();
+        assert_eq!(
+            table.dropped(),
+            0,
+            "every benchmark flow is allowed by the nftables rules too"
+        );
+        drop(table);
+    }
     join(&Cgroup::at(mount.clone())).unwrap();
     let counters = enforcer.counters().unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -617,6 +769,43 @@ fn main() {
             r.target - m.floor_ratio.median,
             r.target,
             m.programs.median,
+        );
+    }
+    if !side.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n### Side by side with nftables (10,000 rules)\n\n\
+             | operation | plain | agentwall | nftables `socket cgroupv2` | agentwall/plain [q1, q3] | nftables/plain [q1, q3] |\n\
+             |---|---:|---:|---:|---|---|"
+        );
+        for (op, m) in &side {
+            let _ = writeln!(
+                md,
+                "| {op} | {:.2} µs | {:.2} µs | {:.2} µs | {} | {} |",
+                m.plain / 1000.0,
+                m.floor / 1000.0,
+                m.enforced / 1000.0,
+                m.floor_ratio,
+                m.overhead,
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nThe nftables configuration does the same allow/deny for one cgroup, as a platform \
+             team would write it: an output-hook chain whose first rule sends the packets of \
+             sockets of that cgroup (`socket cgroupv2 level N \"PATH\"`) to a chain that \
+             accepts the allowed (address, protocol, port) triples from two interval sets (one \
+             per family, the 10,000 rules of the policy) and drops the rest.\n\n\
+             Its rounds run interleaved with a plain cgroup and agentwall's enforced cgroup, \
+             while the table is loaded: every packet of the host passes its cgroup match, the \
+             plain baseline included.\n\n\
+             What each one judges differs. nftables looks up every outgoing packet of the \
+             cgroup in its sets and acts on packets: a denied connect is dropped (the caller \
+             waits for a timeout) or rejected, never refused with EPERM, and the rules know \
+             nothing of identities, revocations or rate limits. agentwall judges the connect \
+             (from its decision cache for a destination judged before), passes the packets of \
+             a socket judged under the policy in force from its flow cache, and reports each \
+             verdict."
         );
     }
     let _ = writeln!(

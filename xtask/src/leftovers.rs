@@ -3,8 +3,8 @@
 //! Their guards clean up when a test fails, but not when the run itself dies (SIGKILL,
 //! Ctrl-C): then a cgroup subtree, its bpffs pins (links still attached to it) and a scratch
 //! directory stay. Every one of them carries the name of the run's process: `awt-<pid>-...`
-//! (test daemons and test cgroups), `awbench-<pid>` (the enforcement benchmark), and in the
-//! temporary directory `awt-...-<pid>...`, `aw-bench-audit-<pid>`. Before the next run, names
+//! (test daemons and test cgroups), `awbench-<pid>` (the enforcement benchmark, also its
+//! nftables table), and in the temporary directory `awt-...-<pid>...`, `aw-bench-audit-<pid>`. Before the next run, names
 //! whose process is gone are torn down with `agentwall teardown --kill`, which refuses the
 //! root cgroup; a live process's names are left alone.
 
@@ -91,11 +91,44 @@ pub(crate) fn sweep(agentwall: &Path) {
             eprintln!("==> could not remove {}: {e}", tmp.join(&name).display());
         }
     }
+    // The enforcement benchmark's nftables table (`table inet awbench-<pid>`).
+    let tables = Command::new("/usr/sbin/nft")
+        .args(["list", "tables", "inet"])
+        .output();
+    let listed = tables.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    for name in listed.iter().flat_map(|l| stale_tables(l)) {
+        let deleted = Command::new("/usr/sbin/nft")
+            .args(["delete", "table", "inet", &name])
+            .status();
+        if deleted.is_ok_and(|s| s.success()) {
+            eprintln!("==> removed nftables table {name}, left by an interrupted run");
+        } else {
+            eprintln!("==> could not remove nftables table {name}");
+        }
+    }
+}
+
+/// The tables of ours in `nft list tables inet` output whose process is gone.
+fn stale_tables(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .filter(|n| owner(n, &["awbench-"]).is_some_and(gone))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_tables_of_dead_benchmarks_are_stale() {
+        let me = std::process::id();
+        let listing =
+            format!("table inet filter\ntable inet awbench-{me}\ntable inet awbench-4194305\n");
+        assert_eq!(stale_tables(&listing), ["awbench-4194305"]);
+    }
 
     #[test]
     fn names_of_ours_give_their_process() {

@@ -49,6 +49,10 @@ enum Task {
         /// Interleaved rounds per configuration (at least 11).
         #[arg(long, default_value_t = 61)]
         rounds: u32,
+        /// Only this benchmark (enforcement, audit, load, identity, policy or fleet); its
+        /// section of docs/benchmarks.md is rewritten, the others kept.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(BENCHES.iter().map(|(n, _)| *n)))]
+        only: Option<String>,
     },
     /// The Debian package and the release tarball, from a release build, in target/package.
     Package,
@@ -150,7 +154,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             lint()?;
             test()
         }
-        Task::Bench { rounds } => {
+        Task::Bench { rounds, only } => {
             setup::run()?;
             if !is_root() {
                 bail!("the benchmark loads kernel programs: run it as root");
@@ -160,61 +164,47 @@ fn run(task: Task) -> anyhow::Result<()> {
             }
             build(true)?;
             leftovers::sweep(&root().join("target/release/agentwall"));
-            step("benchmark: enforcement overhead (release build)");
-            let report = root().join("docs/benchmarks.md");
-            let mut c = cargo();
-            c.args([
-                "bench",
-                "-p",
-                "agentwall-tests",
-                "--bench",
-                "enforcement",
-                "--",
-            ]);
-            c.arg(format!("--rounds={rounds}"));
-            c.arg(format!("--report={}", report.display()));
-            status(c)?;
-            step("benchmark: audit store and pipeline (release daemon)");
-            let mut c = cargo();
-            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
-            c.args(["bench", "-p", "agentwall-tests", "--bench", "audit", "--"]);
-            c.arg(format!("--report={}", report.display()));
-            status(c)?;
-            step("benchmark: hostile load (release daemon)");
-            let mut c = cargo();
-            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
-            c.args(["bench", "-p", "agentwall-tests", "--bench", "load", "--"]);
-            c.arg(format!("--report={}", report.display()));
-            status(c)?;
-            step("benchmark: identity (release daemon)");
-            let mut c = cargo();
-            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
-            c.args([
-                "bench",
-                "-p",
-                "agentwall-tests",
-                "--bench",
-                "identity",
-                "--",
-            ]);
-            c.arg(format!("--report={}", report.display()));
-            status(c)?;
-            step("benchmark: policy compile and swap, decisions (release daemon)");
-            let mut c = cargo();
-            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
-            c.args(["bench", "-p", "agentwall-tests", "--bench", "policy", "--"]);
-            c.arg(format!("--report={}", report.display()));
-            status(c)?;
             test_tools()?;
-            step("benchmark: fleet propagation and idle footprint (release daemons, etcd)");
-            let mut c = cargo();
-            c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
-            c.args(["bench", "-p", "agentwall-tests", "--bench", "fleet", "--"]);
-            c.arg(format!("--report={}", report.display()));
-            status(c)
+            let report = root().join("docs/benchmarks.md");
+            for (name, what) in BENCHES {
+                if only.as_deref().is_some_and(|o| o != *name) {
+                    continue;
+                }
+                step(&format!("benchmark: {what}"));
+                let mut c = cargo();
+                c.args(["bench", "-p", "agentwall-tests", "--bench", name, "--"]);
+                if *name == "enforcement" {
+                    c.arg(format!("--rounds={rounds}"));
+                } else {
+                    c.env("AGENTWALL_BIN", root().join("target/release/agentwall"));
+                }
+                c.arg(format!("--report={}", report.display()));
+                status(c)?;
+            }
+            Ok(())
         }
     }
 }
+
+/// The benchmarks `cargo xtask bench` runs, in order: name (of tests/benches/NAME.rs), what
+/// it measures.
+const BENCHES: &[(&str, &str)] = &[
+    (
+        "enforcement",
+        "enforcement overhead, and side by side with nftables (release build)",
+    ),
+    ("audit", "audit store and pipeline (release daemon)"),
+    ("load", "hostile load (release daemon)"),
+    ("identity", "identity (release daemon)"),
+    (
+        "policy",
+        "policy compile and swap, decisions (release daemon)",
+    ),
+    (
+        "fleet",
+        "fleet propagation and idle footprint (release daemons, etcd)",
+    ),
+];
 
 fn build(release: bool) -> anyhow::Result<()> {
     step(&format!(
@@ -317,6 +307,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/dpkg-shlibdeps", "dpkg-dev"),
     ("/usr/bin/strip", "binutils"),
     ("/usr/bin/man", "man-db"),
+    // The enforcement benchmark's side-by-side with nftables.
+    ("/usr/sbin/nft", "nftables"),
     // The fleet's tests run etcd on loopback, and write to it as any writer could.
     ("/usr/bin/etcd", "etcd-server"),
     ("/usr/bin/etcdctl", "etcd-client"),
@@ -517,4 +509,17 @@ fn root_tests(mut c: Command, what: &str) -> anyhow::Result<()> {
         bail!("no root integration test ran{what}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_benchmark_named_has_its_file() {
+        for (name, _) in BENCHES {
+            let file = root().join("tests/benches").join(format!("{name}.rs"));
+            assert!(file.is_file(), "{} is missing", file.display());
+        }
+    }
 }
