@@ -515,6 +515,53 @@ fn root_tests(mut c: Command, what: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// The image's inputs stay pinned: each base image by digest, the nightly by date, and
+    /// the build image's Rust the one rust-toolchain.toml names.
+    #[test]
+    fn the_image_is_built_from_pinned_inputs() {
+        let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+        let toolchain = std::fs::read_to_string(root().join("rust-toolchain.toml")).unwrap();
+        let channel = toolchain
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("channel = "))
+            .map(|c| c.trim_matches('"'))
+            .expect("a channel in rust-toolchain.toml");
+        let arg = |name: &str| {
+            dockerfile
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+                .unwrap_or_else(|| panic!("ARG {name} with a default"))
+                .to_owned()
+        };
+        for name in ["BUILD_IMAGE", "RUNTIME_IMAGE"] {
+            let image = arg(name);
+            let digest = image.split_once("@sha256:").map(|(_, d)| d);
+            assert!(
+                digest.is_some_and(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())),
+                "{name} is not pinned by digest: {image}"
+            );
+        }
+        assert!(
+            arg("BUILD_IMAGE").contains(&format!("/rust:{channel}-")),
+            "the build image's Rust is not {channel}"
+        );
+        let froms: Vec<&str> = dockerfile
+            .lines()
+            .filter_map(|l| l.strip_prefix("FROM "))
+            .collect();
+        assert_eq!(froms, ["${BUILD_IMAGE} AS build", "${RUNTIME_IMAGE}"]);
+        let nightly = dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix("ENV AGENTWALL_NIGHTLY="))
+            .expect("the image names its nightly");
+        let date = nightly.strip_prefix("nightly-").unwrap_or_default();
+        assert!(
+            date.len() == 10 && date.bytes().filter(|b| *b == b'-').count() == 2,
+            "the nightly is not dated: {nightly}"
+        );
+        assert!(dockerfile.contains("cargo xtask build --release"));
+    }
+
     #[test]
     fn every_benchmark_named_has_its_file() {
         for (name, _) in BENCHES {
