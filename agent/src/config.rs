@@ -196,6 +196,28 @@ pub struct FileConfig {
     pub names: NamesConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default)]
+    pub secrets: SecretsConfig,
+}
+
+/// The secret store (`crate::secrets`, docs/secrets.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// The master key file (64 hex digits a line, the current key first), outside the store;
+    /// created (0600) on first use.
+    pub key_file: PathBuf,
+    /// The store's directory (default: `<state dir>/secrets`).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        Self {
+            key_file: PathBuf::from(defaults::SECRETS_KEY),
+            dir: None,
+        }
+    }
 }
 
 /// The fleet: revocations shared with the other nodes through etcd (`crate::fleet`).
@@ -490,6 +512,7 @@ pub struct Config {
     pub exec: ExecConfig,
     pub names: NamesConfig,
     pub fleet: FleetConfig,
+    pub secrets: SecretsConfig,
     /// For tests only: the wall clock time windows are judged by reads this at start and
     /// runs on from there (`agentwall run --test-wall-clock`).
     pub test_wall_clock: Option<jiff::Timestamp>,
@@ -515,6 +538,14 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// The secret store's directory.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.secrets
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("secrets"))
+    }
+
     /// The audit log's directory.
     pub fn audit_dir(&self) -> PathBuf {
         self.audit
@@ -557,6 +588,7 @@ impl Config {
             exec: file.exec,
             names: file.names,
             fleet: file.fleet,
+            secrets: file.secrets,
             test_wall_clock: o.test_wall_clock,
             audit: AuditConfig {
                 dir: o.audit_dir.clone().or(file.audit.dir),

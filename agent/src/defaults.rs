@@ -21,6 +21,8 @@ pub const DECISION_SOCKET_MODE: u32 = 0o666;
 pub const AGENT_DIR: &str = "/run/agentwall/agents";
 /// The audit key, away from the state directory that holds the log.
 pub const AUDIT_KEY: &str = "/etc/agentwall/audit.key";
+/// The secret store's master key (created on first use).
+pub const SECRETS_KEY: &str = "/etc/agentwall/secrets.key";
 pub const CGROUP_ROOT: &str = "agentwall";
 /// Trust domain of the embedded CA.
 pub const TRUST_DOMAIN: &str = "agentwall.local";

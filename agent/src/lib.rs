@@ -28,6 +28,7 @@ pub mod policy;
 pub mod probe;
 pub mod rootuid;
 pub mod sched;
+pub mod secrets;
 pub mod sockdiag;
 pub mod spawn;
 pub mod spiffe;

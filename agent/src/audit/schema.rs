@@ -244,6 +244,35 @@ pub enum AuditRecord {
         to_key: String,
         error: String,
     },
+    /// A secret was stored (its path and new version; never its value).
+    SecretStored {
+        path: String,
+        version: u32,
+        by: String,
+    },
+    /// A secret was read.
+    SecretRead {
+        path: String,
+        version: u32,
+        by: String,
+    },
+    /// A secret was removed with all its versions.
+    SecretRemoved { path: String, by: String },
+    /// A secret operation was refused or failed.
+    SecretRefused {
+        path: String,
+        op: String,
+        by: String,
+        error: String,
+    },
+    /// The secrets master key was rotated; `rewrapped` secrets moved to it (none yet when the
+    /// rewrap failed: `error` says why; it is tried again at the next rotation).
+    SecretKeyRotation {
+        to_key: String,
+        rewrapped: usize,
+        #[serde(skip_serializing_if = "none")]
+        error: Option<String>,
+    },
     /// A kernel verdict (stored compact, read back as this JSON: see `record`).
     Verdict(Box<EventRecord>),
 }
@@ -295,6 +324,11 @@ impl AuditRecord {
             Self::AuditRetentionFailed { .. } => "audit_retention_failed",
             Self::AuditKeyRotation { .. } => "audit_key_rotation",
             Self::AuditKeyRotationFailed { .. } => "audit_key_rotation_failed",
+            Self::SecretStored { .. } => "secret_stored",
+            Self::SecretRead { .. } => "secret_read",
+            Self::SecretRemoved { .. } => "secret_removed",
+            Self::SecretRefused { .. } => "secret_refused",
+            Self::SecretKeyRotation { .. } => "secret_key_rotation",
             Self::Verdict(_) => "verdict",
         }
     }
@@ -574,6 +608,31 @@ mod tests {
                 from_key: s("a"),
                 to_key: s("b"),
                 error: s("e"),
+            },
+            R::SecretStored {
+                path: s("a/b"),
+                version: 1,
+                by: s("admin"),
+            },
+            R::SecretRead {
+                path: s("a/b"),
+                version: 1,
+                by: s("admin"),
+            },
+            R::SecretRemoved {
+                path: s("a/b"),
+                by: s("admin"),
+            },
+            R::SecretRefused {
+                path: s("a/b"),
+                op: s("get"),
+                by: s("admin"),
+                error: s("e"),
+            },
+            R::SecretKeyRotation {
+                to_key: s("k"),
+                rewrapped: 1,
+                error: Some(s("e")),
             },
             R::Verdict(Box::new(verdict)),
         ]

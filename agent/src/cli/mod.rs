@@ -8,6 +8,7 @@ mod fleet;
 mod identity;
 mod policy;
 mod run;
+mod secret;
 mod version;
 
 use std::{ffi::OsString, path::PathBuf, process::ExitCode};
@@ -96,6 +97,9 @@ enum Command {
     /// The fleet: make the policy signing key, publish a signed policy bundle to etcd.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
+    /// Secrets: put, get, list, remove; rotate the store's master key.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Remove agentwall from the kernel: unpin links (detaching the programs) and maps, and
     /// remove the managed cgroup subtree. Enforcement ends.
     Teardown {
@@ -222,6 +226,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Identity(cmd) => identity::command(cmd),
         Command::Audit(cmd) => audit::command(cmd),
         Command::Fleet(cmd) => fleet::command(cmd),
+        Command::Secret(cmd) => secret::command(cmd),
         Command::Version { json } => version::print(json),
         Command::Completions { shell } => version::completions(shell),
         Command::Man { dir } => version::man_pages(&dir),

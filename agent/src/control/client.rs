@@ -194,6 +194,55 @@ impl Client {
         })
     }
 
+    /// Stores a secret's value as its next version; returns that version.
+    pub fn secret_put(path: &Path, secret: String, value: &[u8]) -> Result<u32, ClientError> {
+        use base64::Engine as _;
+        let req = Request::SecretPut {
+            path: secret,
+            value: super::SecretText(base64::engine::general_purpose::STANDARD.encode(value)),
+        };
+        Self::expect(path, &req, "a secret's new version", |r| match r {
+            Reply::SecretStored { version, .. } => Ok(version),
+            r => Err(Box::new(r)),
+        })
+    }
+
+    /// A secret's value (decoded) and its version.
+    pub fn secret_get(
+        path: &Path,
+        secret: String,
+        version: Option<u32>,
+    ) -> Result<(u32, zeroize::Zeroizing<Vec<u8>>), ClientError> {
+        use base64::Engine as _;
+        let req = Request::SecretGet {
+            path: secret,
+            version,
+        };
+        let (version, text) = Self::expect(path, &req, "a secret", |r| match r {
+            Reply::Secret { version, value, .. } => Ok((version, value)),
+            r => Err(Box::new(r)),
+        })?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&text.0)
+            .map_err(|e| ClientError::Daemon(format!("the secret's value is not base64: {e}")))?;
+        Ok((version, zeroize::Zeroizing::new(bytes)))
+    }
+
+    pub fn secret_list(
+        path: &Path,
+        prefix: String,
+    ) -> Result<Vec<crate::secrets::SecretInfo>, ClientError> {
+        Self::expect(
+            path,
+            &Request::SecretList { prefix },
+            "secrets",
+            |r| match r {
+                Reply::Secrets { entries } => Ok(entries),
+                r => Err(Box::new(r)),
+            },
+        )
+    }
+
     pub fn revoke(path: &Path, target: String, reason: String) -> Result<Revoked, ClientError> {
         let req = Request::Revoke { target, reason };
         Self::expect(path, &req, "a revocation's result", |r| match r {

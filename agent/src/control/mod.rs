@@ -68,6 +68,41 @@ pub enum Request {
     CheckToken { token: String, audience: String },
     /// Rotate the audit key: a fresh key in the key file, used from the next record on.
     RotateAuditKey,
+    /// Store a secret's value (base64) as the next version of its path.
+    SecretPut { path: String, value: SecretText },
+    /// A secret's newest version, or the one named.
+    SecretGet {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
+    },
+    /// The secrets whose paths start with `prefix`, without their values.
+    SecretList {
+        #[serde(default)]
+        prefix: String,
+    },
+    /// Remove a secret with every version.
+    SecretRemove { path: String },
+    /// A fresh master key for the secret store; the secrets are rewrapped under it.
+    SecretRotateKey,
+}
+
+/// A secret's value on the wire (base64): never shown by `Debug` (the admin server logs
+/// requests at debug level).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretText(..)")
+    }
+}
+
+impl Drop for SecretText {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +155,22 @@ pub enum Reply {
         message: String,
     },
     Event(Box<EventRecord>),
+    /// A secret's value (base64), with its version.
+    Secret {
+        path: String,
+        version: u32,
+        created: String,
+        value: SecretText,
+    },
+    /// A put's new version.
+    SecretStored {
+        path: String,
+        version: u32,
+    },
+    /// Secrets, without their values.
+    Secrets {
+        entries: Vec<crate::secrets::SecretInfo>,
+    },
     /// Events were lost because this subscriber read too slowly.
     Lagged {
         missed: u64,

@@ -222,6 +222,8 @@ fn answer(
     else {
         return answer_without_line(ready);
     };
+    // The line may carry a secret's value: wiped once parsed.
+    let line = zeroize::Zeroizing::new(line);
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
@@ -332,7 +334,8 @@ fn allowed_fd(fd: std::os::fd::RawFd, access: Access) -> Result<(u32, i32), Peer
 }
 
 async fn write(w: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
-    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    // A reply may carry a secret's value: the line is wiped once sent.
+    let mut line = zeroize::Zeroizing::new(serde_json::to_vec(reply).map_err(io::Error::other)?);
     line.push(b'\n');
     w.write_all(&line).await
 }
@@ -402,6 +405,45 @@ async fn dispatch(
         Request::RotateAuditKey => {
             write(&mut w, &wire::reply(daemon.rotate_audit_key().await)).await
         }
+        Request::SecretPut { path, value } => {
+            use base64::Engine as _;
+            let by = format!("uid {uid}");
+            let r = match base64::engine::general_purpose::STANDARD.decode(&value.0) {
+                Ok(bytes) => daemon.secret_put(&path, bytes, &by).await,
+                Err(e) => Err(crate::daemon::AdminError::Secret(
+                    crate::secrets::SecretError::BadValue(format!("the value is not base64: {e}")),
+                )),
+            };
+            write(&mut w, &wire::reply(r)).await
+        }
+        Request::SecretGet { path, version } => {
+            let r = daemon
+                .secret_get(&path, version, &format!("uid {uid}"))
+                .await;
+            write(&mut w, &wire::reply(r)).await
+        }
+        Request::SecretList { prefix } => {
+            let r = daemon.secret_list(&prefix, &format!("uid {uid}")).await;
+            write(
+                &mut w,
+                &wire::reply(r.map(|entries| Reply::Secrets { entries })),
+            )
+            .await
+        }
+        Request::SecretRemove { path } => {
+            let r = daemon.secret_remove(&path, &format!("uid {uid}")).await;
+            let r = r.map(|existed| Reply::Done {
+                message: if existed {
+                    format!("removed {path} and every version of it")
+                } else {
+                    format!("no secret {path}; nothing removed")
+                },
+            });
+            write(&mut w, &wire::reply(r)).await
+        }
+        Request::SecretRotateKey => {
+            write(&mut w, &wire::reply(daemon.secret_rotate_key().await)).await
+        }
         Request::CheckToken { token, audience } => {
             let c = daemon.check_token(&token, &audience);
             write(&mut w, &Reply::from(c)).await
@@ -460,6 +502,38 @@ mod wire {
 
     fn done(message: String) -> Reply {
         Reply::Done { message }
+    }
+
+    impl From<crate::secrets::Secret> for Reply {
+        fn from(s: crate::secrets::Secret) -> Self {
+            use base64::Engine as _;
+            Reply::Secret {
+                path: s.path.to_string(),
+                version: s.version,
+                created: s.created,
+                value: crate::control::SecretText(
+                    base64::engine::general_purpose::STANDARD.encode(s.value.expose()),
+                ),
+            }
+        }
+    }
+
+    impl From<crate::daemon::SecretStored> for Reply {
+        fn from(s: crate::daemon::SecretStored) -> Self {
+            Reply::SecretStored {
+                path: s.path,
+                version: s.version,
+            }
+        }
+    }
+
+    impl From<crate::daemon::SecretKeyRotated> for Reply {
+        fn from(r: crate::daemon::SecretKeyRotated) -> Self {
+            done(format!(
+                "the secret store's master key is now {}; {} secret(s) rewrapped under it. The retired keys stay below it in the key file: keep them until you no longer restore older backups of the store",
+                r.key_id, r.rewrapped
+            ))
+        }
     }
 
     impl From<ExecReady> for Reply {

@@ -72,6 +72,8 @@ pub enum AdminError {
     NoCertificate,
     #[error("renewed {renewed}; failed: {}", failed.join("; "))]
     Renewal { renewed: usize, failed: Vec<String> },
+    #[error(transparent)]
+    Secret(crate::secrets::SecretError),
 }
 
 /// What a revocation did.

@@ -30,6 +30,7 @@ mod policy_watch;
 mod reconcile;
 mod registry;
 mod run;
+mod secrets;
 pub mod status;
 mod units;
 
@@ -50,6 +51,7 @@ use self::{
 };
 
 pub use self::run::{Frontends, run};
+pub use self::secrets::{SecretKeyRotated, SecretStored};
 use crate::{
     cgroup::{self, Cgroup},
     config::Config,
@@ -162,6 +164,8 @@ pub struct Daemon {
     names_stale: std::sync::atomic::AtomicBool,
     /// Revocations shared with the fleet (`fleet`).
     fleet: fleet::FleetState,
+    /// The secret store, opened on first use (`secrets`).
+    secrets: secrets::Secrets,
 }
 
 /// The daemon's error counters by name, shown in status and metrics. Shared with work that

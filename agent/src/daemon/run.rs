@@ -133,6 +133,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             bundle_keys,
             policies.bundle().map_or(0, |b| b.version),
         ),
+        secrets: Default::default(),
         cfg,
     });
     // Drops counted before this daemon (pinned counters; a previous daemon may have reported
