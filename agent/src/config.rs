@@ -624,6 +624,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.secrets.key_file == self.audit.key_file {
+            return Err(ConfigError::Invalid {
+                field: "secrets.key_file",
+                message: "the secrets master key must be a file of its own, not the audit key \
+                          (readers of the audit log hold that one)"
+                    .into(),
+            });
+        }
         for url in &self.fleet.etcd {
             let rest = url.strip_prefix("http://").unwrap_or_default();
             if rest.is_empty() || rest.contains('/') {
@@ -889,6 +897,23 @@ mod tests {
         });
         fs::remove_dir_all(dir).unwrap();
         r
+    }
+
+    #[test]
+    fn the_secrets_key_is_not_the_audit_key() {
+        let e = load_text(
+            "secrets",
+            "audit:\n  key_file: /etc/k\nsecrets:\n  key_file: /etc/k\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("secrets.key_file") && e.contains("not the audit key"),
+            "{e}"
+        );
+        let c = load_text("secrets-ok", "secrets:\n  dir: /srv/s\n").unwrap();
+        assert_eq!(c.secrets_dir(), Path::new("/srv/s"));
+        assert_eq!(c.secrets.key_file, Path::new(defaults::SECRETS_KEY));
     }
 
     #[test]

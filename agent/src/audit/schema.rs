@@ -270,6 +270,7 @@ pub enum AuditRecord {
     SecretKeyRotation {
         to_key: String,
         rewrapped: usize,
+        by: String,
         #[serde(skip_serializing_if = "none")]
         error: Option<String>,
     },
@@ -632,6 +633,7 @@ mod tests {
             R::SecretKeyRotation {
                 to_key: s("k"),
                 rewrapped: 1,
+                by: s("admin"),
                 error: Some(s("e")),
             },
             R::Verdict(Box::new(verdict)),

@@ -442,7 +442,8 @@ async fn dispatch(
             write(&mut w, &wire::reply(r)).await
         }
         Request::SecretRotateKey => {
-            write(&mut w, &wire::reply(daemon.secret_rotate_key().await)).await
+            let r = daemon.secret_rotate_key(&format!("uid {uid}")).await;
+            write(&mut w, &wire::reply(r)).await
         }
         Request::CheckToken { token, audience } => {
             let c = daemon.check_token(&token, &audience);
@@ -530,7 +531,7 @@ mod wire {
     impl From<crate::daemon::SecretKeyRotated> for Reply {
         fn from(r: crate::daemon::SecretKeyRotated) -> Self {
             done(format!(
-                "the secret store's master key is now {}; {} secret(s) rewrapped under it. The retired keys stay below it in the key file: keep them until you no longer restore older backups of the store",
+                "the secret store's master key is now {}; {} secret(s) rewrapped under it, each under a fresh data key. The retired keys stay below it in the key file, and are trusted while they are there: remove them once no older backup of the store matters, and at once after a suspected compromise",
                 r.key_id, r.rewrapped
             ))
         }

@@ -69,6 +69,7 @@ impl Daemon {
             self.cfg.state_dir.clone(),
             self.cfg.pin_dir.clone(),
             self.cfg.audit_dir(),
+            self.cfg.secrets_dir(),
         ];
         Protect {
             hide_dirs: hide
@@ -76,7 +77,10 @@ impl Daemon {
                 .filter(|d| !needed.iter().any(|n| n.starts_with(d)))
                 .map(|d| show(d))
                 .collect(),
-            hide_files: vec![show(&self.cfg.audit.key_file)],
+            hide_files: vec![
+                show(&self.cfg.audit.key_file),
+                show(&self.cfg.secrets.key_file),
+            ],
             read_only: vec![show(&self.mount)],
             root_uid,
         }

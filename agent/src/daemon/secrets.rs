@@ -15,7 +15,26 @@ use crate::{
 
 /// The store, once opened.
 #[derive(Debug, Default)]
-pub(crate) struct Secrets(Mutex<Option<Arc<LocalStore>>>);
+pub(crate) struct Secrets(Arc<Mutex<Option<Arc<LocalStore>>>>);
+
+impl Secrets {
+    /// The store in `slot`, opened now if it was not yet (blocking: file work).
+    fn open(
+        slot: &Mutex<Option<Arc<LocalStore>>>,
+        dir: &std::path::Path,
+        key_file: &std::path::Path,
+    ) -> Result<Arc<LocalStore>, SecretError> {
+        let mut slot = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = slot.as_ref() {
+            return Ok(Arc::clone(s));
+        }
+        let store = Arc::new(LocalStore::open(dir, key_file)?);
+        *slot = Some(Arc::clone(&store));
+        Ok(store)
+    }
+}
 
 /// What a put made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,22 +71,6 @@ impl Op {
 }
 
 impl Daemon {
-    /// The store, opened now if it was not yet.
-    fn secret_store(&self) -> Result<Arc<LocalStore>, SecretError> {
-        let mut slot = self
-            .secrets
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(s) = slot.as_ref() {
-            return Ok(Arc::clone(s));
-        }
-        let dir = self.cfg.secrets_dir();
-        let store = Arc::new(LocalStore::open(&dir, &self.cfg.secrets.key_file)?);
-        *slot = Some(Arc::clone(&store));
-        Ok(store)
-    }
-
     /// Runs `f` on the store off the runtime's threads (file I/O and crypto); a failure is
     /// audited as refused, counted and returned.
     async fn with_store<T: Send + 'static>(
@@ -77,23 +80,29 @@ impl Daemon {
         by: &str,
         f: impl FnOnce(&LocalStore) -> Result<T, SecretError> + Send + 'static,
     ) -> Result<T, AdminError> {
-        let store = self.secret_store();
-        let r = match store {
-            Ok(store) => tokio::task::spawn_blocking(move || f(&store))
-                .await
-                .unwrap_or_else(|e| Err(SecretError::Crypto(format!("the store's task: {e}")))),
-            Err(e) => Err(e),
-        };
-        r.map_err(|e| {
-            self.count_error("secret_refused");
-            self.audit.record(&AuditRecord::SecretRefused {
-                path: path.to_owned(),
-                op: op.name().into(),
-                by: by.to_owned(),
-                error: e.to_string(),
-            });
-            AdminError::Secret(e)
+        // Opening the store (a first use makes its key and directory) is file work too.
+        let slot = std::sync::Arc::clone(&self.secrets.0);
+        let (key_file, dir) = (self.cfg.secrets.key_file.clone(), self.cfg.secrets_dir());
+        let r = tokio::task::spawn_blocking(move || {
+            let store = Secrets::open(&slot, &dir, &key_file)?;
+            f(&store)
         })
+        .await
+        .unwrap_or_else(|e| Err(SecretError::Crypto(format!("the store's task: {e}"))));
+        r.map_err(|e| self.secret_refused(op.name(), path, by, e))
+    }
+
+    /// Audits and counts a refused secret operation; the error for the operator.
+    fn secret_refused(&self, op: &str, path: &str, by: &str, e: SecretError) -> AdminError {
+        self.count_error("secret_refused");
+        self.audit.record(&AuditRecord::SecretRefused {
+            // As given, which may be anything: cut to a path's longest.
+            path: path.chars().take(crate::secrets::MAX_PATH).collect(),
+            op: op.into(),
+            by: by.to_owned(),
+            error: e.to_string(),
+        });
+        AdminError::Secret(e)
     }
 
     /// Stores `value` as the next version of `path`.
@@ -161,9 +170,11 @@ impl Daemon {
     }
 
     /// A fresh master key first in the key file, then every secret rewrapped under it.
-    pub async fn secret_rotate_key(&self) -> Result<SecretKeyRotated, AdminError> {
-        let store = self.secret_store().map_err(AdminError::Secret)?;
+    pub async fn secret_rotate_key(&self, by: &str) -> Result<SecretKeyRotated, AdminError> {
+        let slot = std::sync::Arc::clone(&self.secrets.0);
+        let (key_file, dir) = (self.cfg.secrets.key_file.clone(), self.cfg.secrets_dir());
         let r = tokio::task::spawn_blocking(move || {
+            let store = Secrets::open(&slot, &dir, &key_file)?;
             let key_id = store.rotate_key()?;
             Ok::<_, SecretError>((key_id, store.rewrap()))
         })
@@ -171,7 +182,7 @@ impl Daemon {
         .unwrap_or_else(|e| Err(SecretError::Crypto(format!("the store's task: {e}"))));
         let (key_id, rewrapped) = r.map_err(|e| {
             self.count_error("secret_key_rotation");
-            AdminError::Secret(e)
+            self.secret_refused("rotate-key", "", by, e)
         })?;
         let (n, error) = match rewrapped {
             Ok(n) => (n, None),
@@ -183,6 +194,7 @@ impl Daemon {
         self.audit.record(&AuditRecord::SecretKeyRotation {
             to_key: key_id.clone(),
             rewrapped: n,
+            by: by.to_owned(),
             error: error.clone(),
         });
         match error {

@@ -34,6 +34,10 @@ use crate::audit::{
 pub const KEPT_VERSIONS: usize = 10;
 /// Suffix of a secret's file (its name is the SHA-256 of the path, in hex).
 const SUFFIX: &str = ".secret.json";
+/// Largest secret file read: ten versions of the largest value, in hex, and then some.
+const MAX_FILE: u64 = 1 << 20;
+/// AES-256-GCM's tag.
+const TAG_LEN: usize = 16;
 
 /// The file of one secret.
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,6 +132,33 @@ fn listing(path: &str, versions: &[StoredVersion]) -> Vec<u8> {
     a
 }
 
+/// A store file's bytes: a regular file (no link followed, no FIFO waited on) of at most
+/// [`MAX_FILE`] bytes.
+fn read_regular(file: &Path) -> Result<Vec<u8>, SecretError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(file)
+        .map_err(io(file))?;
+    let md = f.metadata().map_err(io(file))?;
+    let tampered = |message: String| SecretError::Tampered {
+        file: file.display().to_string(),
+        message,
+    };
+    if !md.is_file() {
+        return Err(tampered("it is not a regular file".into()));
+    }
+    if md.len() > MAX_FILE {
+        return Err(tampered(format!("it is over {MAX_FILE} bytes")));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
+    f.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io(file))?;
+    Ok(bytes)
+}
+
 impl LocalStore {
     /// Opens the store in `dir` (created 0700 if missing; refused if others may enter it)
     /// with the master keys of `key_file` (created 0600 with a fresh key if missing; refused if
@@ -149,6 +180,22 @@ impl LocalStore {
             }));
         }
         if !key_file.exists() {
+            // A store with secrets and no key lost its key (or the configuration names
+            // another file): a new key would open none of them, and what is put under it would
+            // be lost when the old key comes back.
+            let held = fs::read_dir(dir)
+                .map_err(io(dir))?
+                .flatten()
+                .any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(SUFFIX)));
+            if held {
+                return Err(SecretError::Key(KeyError::Bad {
+                    source_name: key_file.display().to_string(),
+                    message: format!(
+                        "is missing, but the store {} holds secrets sealed under it: restore the key file (or name it in secrets.key_file); a new key would open none of them",
+                        dir.display()
+                    ),
+                }));
+            }
             let hex_key = AuditKey::generate_hex()?;
             if let Some(parent) = key_file.parent() {
                 fs::create_dir_all(parent).map_err(io(parent))?;
@@ -200,16 +247,17 @@ impl LocalStore {
             if f.mac_key == current && f.versions.iter().all(|v| v.key == current) {
                 continue;
             }
+            // Each version is sealed again under a fresh data key: whoever kept a retired
+            // master key (and a copy of the store) learns nothing of the new seals.
             for v in &mut f.versions {
                 if v.key == current {
                     continue;
                 }
-                let data_key = self.unwrap_key(&keys, &f.path, v)?;
-                v.wrapped = self.seal(
-                    keys.current(),
-                    &aad("data key", &f.path, v.version),
-                    &data_key,
-                )?;
+                let value = self.open_value(&keys, &file, &f.path, v)?;
+                let (wrapped, sealed) =
+                    self.seal_version(keys.current(), &f.path, v.version, &value)?;
+                v.wrapped = wrapped;
+                v.sealed = sealed;
                 v.key.clone_from(&current);
             }
             drop(keys);
@@ -219,17 +267,57 @@ impl LocalStore {
         Ok(rewritten)
     }
 
+    /// Seals version `version` of `path`: `value` under a fresh data key, which is wrapped
+    /// under the master key `master`. Returns (wrapped data key, sealed value).
+    fn seal_version(
+        &self,
+        master: &AuditKey,
+        path: &str,
+        version: u32,
+        value: &[u8],
+    ) -> Result<(String, String), SecretError> {
+        let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
+        self.rng
+            .fill(&mut data_key[..])
+            .map_err(|_| SecretError::Crypto("no randomness".into()))?;
+        let value_key = AuditKey::from_bytes(&data_key[..], "a data key")?;
+        let sealed = self.seal(&value_key, &aad("value", path, version), value)?;
+        let wrapped = self.seal(master, &aad("data key", path, version), &data_key[..])?;
+        Ok((wrapped, sealed))
+    }
+
+    /// The value of a stored version.
+    fn open_value(
+        &self,
+        keys: &MasterKeys,
+        file: &Path,
+        path: &str,
+        v: &StoredVersion,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
+        let data_key = self.unwrap_key(keys, path, v)?;
+        let value_key = AuditKey::from_bytes(&data_key, "a data key")?;
+        let a = aad("value", path, v.version);
+        Self::open_with(|n, d| value_key.open(n, &a, d).map(|p| p.len()), &v.sealed).ok_or_else(
+            || SecretError::Tampered {
+                file: file.display().to_string(),
+                message: format!("the value of version {} does not open", v.version),
+            },
+        )
+    }
+
     /// Seals `plain` under `key`: a fresh nonce, then ciphertext and tag, in hex.
     fn seal(&self, key: &AuditKey, aad: &[u8], plain: &[u8]) -> Result<String, SecretError> {
         let mut nonce = [0u8; 12];
         self.rng
             .fill(&mut nonce)
             .map_err(|_| SecretError::Crypto("no randomness".into()))?;
-        let mut data = plain.to_vec();
+        // Room for the tag up front: a buffer grown by the seal would leave the plaintext in
+        // the one it freed.
+        let mut data = zeroize::Zeroizing::new(Vec::with_capacity(plain.len() + TAG_LEN));
+        data.extend_from_slice(plain);
         key.seal(nonce, aad, &mut data)?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&data);
-        zeroize::Zeroize::zeroize(&mut data);
         Ok(hex(&out))
     }
 
@@ -299,7 +387,7 @@ impl LocalStore {
             file: file.display().to_string(),
             message,
         };
-        let text = fs::read(file).map_err(io(file))?;
+        let text = read_regular(file)?;
         let f: SecretFile = serde_json::from_slice(&text)
             .map_err(|e| tampered(format!("not a secret file ({e})")))?;
         if f.format != 1 {
@@ -368,19 +456,16 @@ impl SecretStore for LocalStore {
             }
             Err(e) => return Err(e),
         };
-        let version = versions.last().map_or(1, |v| v.version.saturating_add(1));
-        let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
-        self.rng
-            .fill(&mut data_key[..])
-            .map_err(|_| SecretError::Crypto("no randomness".into()))?;
-        let value_key = AuditKey::from_bytes(&data_key[..], "a data key")?;
-        let sealed = self.seal(&value_key, &aad("value", path.as_str(), version), value)?;
+        let Some(version) = versions
+            .last()
+            .map_or(Some(1), |v| v.version.checked_add(1))
+        else {
+            return Err(SecretError::Crypto(format!(
+                "{path} has no version number left"
+            )));
+        };
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let wrapped = self.seal(
-            keys.current(),
-            &aad("data key", path.as_str(), version),
-            &data_key[..],
-        )?;
+        let (wrapped, sealed) = self.seal_version(keys.current(), path.as_str(), version, value)?;
         let key = hex(&keys.current().id());
         drop(keys);
         versions.push(StoredVersion {
@@ -428,15 +513,8 @@ impl SecretStore for LocalStore {
             });
         };
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let data_key = self.unwrap_key(&keys, &f.path, v)?;
+        let value = self.open_value(&keys, &file, &f.path, v)?;
         drop(keys);
-        let value_key = AuditKey::from_bytes(&data_key, "a data key")?;
-        let a = aad("value", &f.path, v.version);
-        let value = Self::open_with(|n, d| value_key.open(n, &a, d).map(|p| p.len()), &v.sealed)
-            .ok_or_else(|| SecretError::Tampered {
-                file: file.display().to_string(),
-                message: format!("the value of version {} does not open", v.version),
-            })?;
         Ok(Secret {
             path: path.clone(),
             version: v.version,
@@ -448,7 +526,16 @@ impl SecretStore for LocalStore {
     fn list(&self, prefix: &str) -> Result<Vec<SecretInfo>, SecretError> {
         let mut out = Vec::new();
         for file in self.files()? {
-            let f = self.read_file(&file, None)?;
+            let f = match self.read_file(&file, None) {
+                Ok(f) => f,
+                // Removed since the directory was read.
+                Err(SecretError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if !f.path.starts_with(prefix) {
                 continue;
             }
@@ -634,6 +721,63 @@ mod tests {
         let s = store(&d);
         assert_eq!(s.get(&p("a/b"), Some(1)).unwrap().value.expose(), b"old");
         assert_eq!(s.get(&p("a/b"), None).unwrap().value.expose(), b"new");
+    }
+
+    #[test]
+    fn a_lost_key_is_not_replaced_over_a_store_that_holds_secrets() {
+        let d = scratch("lost");
+        store(&d).put(&p("a/b"), b"v").unwrap();
+        fs::remove_file(d.0.join("secrets.key")).unwrap();
+        let e = LocalStore::open(&d.0.join("store"), &d.0.join("secrets.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("restore the key file"), "{e}");
+        assert!(!d.0.join("secrets.key").exists());
+    }
+
+    #[test]
+    fn store_files_that_are_links_fifos_or_huge_are_refused() {
+        let d = scratch("files");
+        let s = store(&d);
+        s.put(&p("a/b"), b"v").unwrap();
+        let file = s.file_of(&p("a/b"));
+        let big = d.0.join("big");
+        fs::write(&big, vec![b' '; usize::try_from(MAX_FILE).unwrap() + 1]).unwrap();
+        fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&big, &file).unwrap();
+        let e = s.get(&p("a/b"), None).unwrap_err().to_string();
+        assert!(e.contains("symbolic links"), "{e}");
+        fs::remove_file(&file).unwrap();
+        fs::copy(&big, &file).unwrap();
+        let e = s.get(&p("a/b"), None).unwrap_err().to_string();
+        assert!(e.contains("over 1048576 bytes"), "{e}");
+        fs::remove_file(&file).unwrap();
+        nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = s.get(&p("a/b"), None).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_rewrap_seals_every_version_under_a_fresh_data_key() {
+        let d = scratch("fresh");
+        let s = store(&d);
+        s.put(&p("a/b"), b"value").unwrap();
+        let read = || -> serde_json::Value {
+            serde_json::from_slice(&fs::read(s.file_of(&p("a/b"))).unwrap()).unwrap()
+        };
+        let before = read();
+        s.rotate_key().unwrap();
+        s.rewrap().unwrap();
+        let after = read();
+        assert_ne!(
+            before["versions"][0]["sealed"],
+            after["versions"][0]["sealed"]
+        );
+        assert_ne!(
+            before["versions"][0]["wrapped"],
+            after["versions"][0]["wrapped"]
+        );
+        assert_eq!(s.get(&p("a/b"), None).unwrap().value.expose(), b"value");
     }
 
     #[test]
