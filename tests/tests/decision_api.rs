@@ -17,7 +17,7 @@ use std::{
     process::{Command, Output, Stdio},
 };
 
-use agentwall_tests::{TestDaemon, free_port, lines, serial};
+use agentwall_tests::{TestDaemon, free_port, lines, post, serial};
 
 fn python() -> PathBuf {
     let p = PathBuf::from("/usr/bin/python3");
@@ -213,28 +213,6 @@ fn agent_b_asks_the_decision_api_about_each_caller_over_mtls() {
             && r["spiffe_id"] == "spiffe://agentwall.local/agent/outsider/prod"),
         "no verdict for the outsider"
     );
-}
-
-/// One HTTP/1.1 request on the decision socket: the status and the JSON body.
-fn post(socket: &Path, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: agentwall\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let status: u16 = reply[9..12].parse().unwrap();
-    let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
 }
 
 fn decide(

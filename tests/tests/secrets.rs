@@ -202,3 +202,373 @@ fn secrets_are_versioned_rotated_removed_and_never_leak() {
         }
     }
 }
+
+fn python() -> std::path::PathBuf {
+    let p = std::path::PathBuf::from("/usr/bin/python3");
+    if p.exists() { p } else { "python3".into() }
+}
+
+/// The example client, copied where any user can read it.
+fn secret_agent(d: &TestDaemon) -> std::path::PathBuf {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/secret_agent.py");
+    let dst = d.dir.join("secret_agent.py");
+    fs::copy(&src, &dst).unwrap();
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).unwrap();
+    dst
+}
+
+/// The example client with the SVID `cert`/`key`: launched by `agentwall exec` (in an
+/// enforced cgroup bound to the identity) when `exec`, else as a plain process.
+fn client(
+    d: &TestDaemon,
+    exec: bool,
+    (cert, key): &(String, String),
+    address: &str,
+    args: &[&str],
+) -> Command {
+    let script = secret_agent(d);
+    let mut c = if exec {
+        let mut c = Command::new(d.world_copy(&agentwall_bin()));
+        c.arg("exec")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["--cert", cert, "--key", key, "--"])
+            .arg(python());
+        c
+    } else {
+        let mut c = Command::new(python());
+        c.env("AGENTWALL_SVID", cert)
+            .env("AGENTWALL_SVID_KEY", key)
+            .env(
+                "AGENTWALL_BUNDLE",
+                std::path::Path::new(cert).with_file_name("bundle.pem"),
+            );
+        c
+    };
+    c.arg(script).args(["--address", address]).args(args);
+    c
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    lines(o)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?} in {o:?}")))
+        .collect()
+}
+
+/// A `--keep` client: its lines, one at a time; a line on its input asks for a renewal.
+struct Kept {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Kept {
+    fn spawn(mut c: Command) -> Self {
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self { child, out }
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead as _;
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    }
+
+    fn renew(&mut self) -> serde_json::Value {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"renew\n").unwrap();
+        stdin.flush().unwrap();
+        self.line()
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Agents fetch their own secrets over mutual TLS, as their policies' `secret:` rules grant:
+/// the value reaches what the agent uses it for, other paths and wrong conditions are refused
+/// with the reason, leases are renewed (with the newest version), end when their time is up,
+/// and end at once when the identity is revoked. Every step is audited without the value.
+#[test]
+fn agents_fetch_their_secrets_over_mtls_under_leases() {
+    use base64::Engine as _;
+    let _s = serial();
+    let port = agentwall_tests::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 1m\n    - resource: secret:shared/report-key\n      conditions: { purpose: [report] }\n";
+    let other = "policy:\n  name: other\n  identity: agent/other/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:shared/*\n      lease: 10s\n";
+    let mut d = TestDaemon::prepare(&[("reader.yaml", reader), ("other.yaml", other)], Some(""));
+    let key_file = d.dir.join("keys").join("secrets.key");
+    fs::write(
+        d.dir.join("agentwall.yaml"),
+        format!(
+            "secrets:\n  key_file: {}\ndecision:\n  listen: {address}\n",
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    d.launch();
+    d.wait_healthy();
+    let tag = std::process::id();
+    let planted = [
+        format!("aw-planted-db-{tag}"),
+        format!("aw-planted-report-{tag}"),
+        format!("aw-planted-other-{tag}"),
+        format!("aw-planted-db-v2-{tag}"),
+    ];
+    for (path, value) in [
+        ("agent/reader/db-password", &planted[0]),
+        ("shared/report-key", &planted[1]),
+        ("agent/other/key", &planted[2]),
+    ] {
+        ok(&secret(&d, &["put", path], value.as_bytes()));
+    }
+    let reader_svid = d.issue("agent/reader/prod", "10m");
+    let other_svid = d.issue("agent/other/prod", "10m");
+    let mut outputs: Vec<Vec<u8>> = Vec::new();
+
+    // The agent, confined and bound to its identity, fetches its secret and uses it: the
+    // listener gets the value, byte for byte.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let send_to = listener.local_addr().unwrap().to_string();
+    let used = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let o = client(
+        &d,
+        true,
+        &reader_svid,
+        &address,
+        &["agent/reader/db-password", "--send", &send_to],
+    )
+    .output()
+    .unwrap();
+    let said = json_lines(&o);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(said[0]["fetched"], true, "{said:?}");
+    assert_eq!(said[0]["version"], 1);
+    assert_eq!(said[0]["lease"]["ttl_seconds"], 60);
+    assert_eq!(said[1]["sent"], planted[0].len());
+    assert_eq!(used.join().unwrap(), planted[0].as_bytes());
+    outputs.push(o.stdout);
+
+    // What the policy does not grant is refused, with the reason.
+    let refused_with = |svid: &(String, String), args: &[&str]| {
+        let o = client(&d, false, svid, &address, args).output().unwrap();
+        let said = json_lines(&o);
+        assert_eq!(o.status.code(), Some(3), "{o:?}");
+        (
+            said[0]["status"].as_u64().unwrap(),
+            said[0]["error"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(
+        refused_with(&reader_svid, &["agent/other/key"]),
+        (
+            403,
+            "no rule of policy \"reader\" names secret:agent/other/key".to_owned()
+        )
+    );
+    assert_eq!(
+        refused_with(
+            &reader_svid,
+            &["shared/report-key", "--attr", "purpose=other"]
+        ),
+        (403, "purpose \"other\" is not one of \"report\"".to_owned())
+    );
+    assert_eq!(
+        refused_with(&other_svid, &["agent/reader/db-password"]),
+        (
+            403,
+            "no rule of policy \"other\" names secret:agent/reader/db-password".to_owned()
+        )
+    );
+    let (status, e) = refused_with(&reader_svid, &["agent/reader/none"]);
+    assert_eq!((status, e.as_str()), (404, "no secret agent/reader/none"));
+    let (status, e) = refused_with(&reader_svid, &["agent/../reader/x"]);
+    assert!(status == 400 && e.contains("`..` segment"), "{e}");
+    // Not on the Unix socket, where no certificate is proved.
+    let (status, body) = agentwall_tests::post(
+        &d.decision_socket,
+        "POST",
+        "/v1/secrets/fetch",
+        r#"{"path":"agent/reader/db-password"}"#,
+    );
+    assert_eq!(status, 403);
+    assert!(
+        body["error"].as_str().unwrap().contains("mutual TLS only"),
+        "{body}"
+    );
+
+    // With the condition met, the shared key; the other agent's lease of it (10 s) ends on
+    // its own.
+    let o = client(
+        &d,
+        false,
+        &reader_svid,
+        &address,
+        &["shared/report-key", "--attr", "purpose=report"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(json_lines(&o)[0]["fetched"], true, "{o:?}");
+    outputs.push(o.stdout);
+    let o = client(&d, false, &other_svid, &address, &["shared/report-key"])
+        .output()
+        .unwrap();
+    let said = json_lines(&o);
+    assert_eq!(said[0]["lease"]["ttl_seconds"], 10, "{o:?}");
+    let other_lease = said[0]["lease"]["id"].as_str().unwrap().to_owned();
+    outputs.push(o.stdout);
+
+    // Two holders that stay: one confined by `agentwall exec`, one a plain process (a
+    // gateway, say) whose connection the revocation does not cut.
+    let mut confined = Kept::spawn(client(
+        &d,
+        true,
+        &reader_svid,
+        &address,
+        &["agent/reader/db-password", "--keep"],
+    ));
+    let mut plain = Kept::spawn(client(
+        &d,
+        false,
+        &reader_svid,
+        &address,
+        &["agent/reader/db-password", "--keep"],
+    ));
+    assert_eq!(confined.line()["fetched"], true);
+    assert_eq!(plain.line()["fetched"], true);
+    ok(&secret(
+        &d,
+        &["put", "agent/reader/db-password"],
+        planted[3].as_bytes(),
+    ));
+    let renewed = confined.renew();
+    assert_eq!(
+        (renewed["renewed"].clone(), renewed["version"].clone()),
+        (true.into(), 2.into()),
+        "{renewed}"
+    );
+    let leases = |d: &TestDaemon| -> Vec<serde_json::Value> {
+        ok(&secret(d, &["leases", "--json"], b""))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let reader_id = "spiffe://agentwall.local/agent/reader/prod";
+    let held = leases(&d);
+    assert_eq!(
+        held.iter().filter(|l| l["identity"] == reader_id).count(),
+        4,
+        "{held:#?}"
+    );
+    assert!(held.iter().all(|l| l.get("value").is_none()));
+
+    // Revoked: every lease of the identity ends at once, and no renewal is granted.
+    let r = d.cli(&["revoke", reader_id, "--reason", "test"]);
+    assert!(r.status.success(), "{r:?}");
+    let held = leases(&d);
+    assert_eq!(
+        held.iter().filter(|l| l["identity"] == reader_id).count(),
+        0,
+        "{held:#?}"
+    );
+    let refused = confined.renew();
+    assert_eq!(refused["renewed"], false, "{refused}");
+    let refused = plain.renew();
+    assert_eq!(refused["renewed"], false, "{refused}");
+    assert_eq!(refused["status"], 404, "{refused}");
+
+    // The 10 s lease ends when its time is up.
+    agentwall_tests::wait_for(
+        std::time::Duration::from_secs(20),
+        "the 10 s lease to end",
+        || (!leases(&d).iter().any(|l| l["id"] == other_lease.as_str())).then_some(()),
+    );
+    drop((confined, plain));
+    d.stop_cleanly();
+
+    let leased = records(&d, "secret_leased");
+    assert_eq!(leased.len(), 6, "{leased:#?}");
+    assert_eq!(leased[0]["identity"], reader_id);
+    assert_eq!(leased[0]["path"], "agent/reader/db-password");
+    assert_eq!(leased[0]["version"], 1);
+    assert_eq!(leased[0]["renewal"], false);
+    assert!(
+        leased[0]["rule"]
+            .as_str()
+            .unwrap()
+            .ends_with("reader.yaml:8"),
+        "{leased:#?}"
+    );
+    assert!(
+        leased
+            .iter()
+            .any(|r| r["renewal"] == true && r["version"] == 2),
+        "{leased:#?}"
+    );
+    let denied = records(&d, "secret_denied");
+    assert!(denied.len() >= 6, "{denied:#?}");
+    assert!(
+        denied.iter().any(|r| r["path"] == "shared/report-key"
+            && r["reason"] == "purpose \"other\" is not one of \"report\""
+            && r["rule"]
+                .as_str()
+                .is_some_and(|r| r.ends_with("reader.yaml:10"))),
+        "{denied:#?}"
+    );
+    let ended = records(&d, "secret_lease_ended");
+    let revoked = ended
+        .iter()
+        .filter(|r| r["reason"].as_str().unwrap().starts_with("revoked:"))
+        .count();
+    assert_eq!(revoked, 4, "{ended:#?}");
+    assert!(
+        ended
+            .iter()
+            .any(|r| r["lease"] == other_lease.as_str() && r["reason"] == "expired"),
+        "{ended:#?}"
+    );
+
+    // No value anywhere but where the agent used it.
+    let key = d.audit_key().display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let all_audit = d.cli(&["audit", "query", &dir, "--key", &key]);
+    let mut haystacks = vec![
+        ("daemon log".to_string(), d.log_text().into_bytes()),
+        ("audit log".to_string(), all_audit.stdout),
+    ];
+    haystacks.extend(
+        outputs
+            .into_iter()
+            .map(|o| ("an agent's output".to_string(), o)),
+    );
+    files_below(&d.state_dir(), &mut haystacks);
+    for p in &planted {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(p);
+        for (what, bytes) in &haystacks {
+            let text = String::from_utf8_lossy(bytes);
+            assert!(
+                !text.contains(p.as_str()) && !text.contains(&b64),
+                "a secret value is in {what}"
+            );
+        }
+    }
+}

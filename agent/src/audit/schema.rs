@@ -274,6 +274,41 @@ pub enum AuditRecord {
         #[serde(skip_serializing_if = "none")]
         error: Option<String>,
     },
+    /// An agent fetched a secret, or renewed its lease: the version handed out (never the
+    /// value) and the lease.
+    SecretLeased {
+        identity: String,
+        path: String,
+        version: u32,
+        lease: String,
+        expires: String,
+        rule: String,
+        renewal: bool,
+        asker: String,
+        /// Requests of this identity refused since its last record for coming too fast.
+        #[serde(skip_serializing_if = "none")]
+        suppressed: Option<Suppressed>,
+    },
+    /// An agent's fetch or renewal was refused.
+    SecretDenied {
+        identity: String,
+        path: String,
+        reason: String,
+        #[serde(skip_serializing_if = "none")]
+        rule: Option<String>,
+        asker: String,
+        #[serde(skip_serializing_if = "none")]
+        suppressed: Option<Suppressed>,
+    },
+    /// A lease ended before its holder let it go: its time was up, its identity was revoked,
+    /// or its policy no longer grants it.
+    SecretLeaseEnded {
+        identity: String,
+        path: String,
+        version: u32,
+        lease: String,
+        reason: String,
+    },
     /// A kernel verdict (stored compact, read back as this JSON: see `record`).
     Verdict(Box<EventRecord>),
 }
@@ -330,6 +365,9 @@ impl AuditRecord {
             Self::SecretRemoved { .. } => "secret_removed",
             Self::SecretRefused { .. } => "secret_refused",
             Self::SecretKeyRotation { .. } => "secret_key_rotation",
+            Self::SecretLeased { .. } => "secret_leased",
+            Self::SecretDenied { .. } => "secret_denied",
+            Self::SecretLeaseEnded { .. } => "secret_lease_ended",
             Self::Verdict(_) => "verdict",
         }
     }
@@ -635,6 +673,38 @@ mod tests {
                 rewrapped: 1,
                 by: s("admin"),
                 error: Some(s("e")),
+            },
+            R::SecretLeased {
+                identity: s("spiffe://d/a"),
+                path: s("a/b"),
+                version: 1,
+                lease: s("00ff"),
+                expires: s("2026-12-07T12:00:00Z"),
+                rule: s("p.yaml:4"),
+                renewal: false,
+                asker: s("spiffe://d/a"),
+                suppressed: Some(Suppressed {
+                    allowed: 0,
+                    denied: 1,
+                }),
+            },
+            R::SecretDenied {
+                identity: s("spiffe://d/a"),
+                path: s("a/b"),
+                reason: s("no rule"),
+                rule: Some(s("p.yaml:4")),
+                asker: s("spiffe://d/a"),
+                suppressed: Some(Suppressed {
+                    allowed: 0,
+                    denied: 2,
+                }),
+            },
+            R::SecretLeaseEnded {
+                identity: s("spiffe://d/a"),
+                path: s("a/b"),
+                version: 1,
+                lease: s("00ff"),
+                reason: s("expired"),
             },
             R::Verdict(Box::new(verdict)),
         ]

@@ -52,6 +52,14 @@ pub(super) enum SecretCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// The leases agents hold on secrets: who, which path and version, until when.
+    Leases {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[expect(clippy::print_stdout, reason = "CLI output")]
@@ -109,6 +117,22 @@ pub(super) fn command(cmd: SecretCommand) -> anyhow::Result<ExitCode> {
                 "{}",
                 Client::done(&socket.socket, &Request::SecretRemove { path })?
             );
+        }
+        SecretCommand::Leases { socket, json } => {
+            for l in Client::secret_leases(&socket.socket)? {
+                if json {
+                    println!("{}", serde_json::to_string(&l)?);
+                } else {
+                    println!(
+                        "{}  {}  {} version {}  until {}",
+                        l.id,
+                        l.identity,
+                        l.path,
+                        l.version,
+                        l.expires_text()
+                    );
+                }
+            }
         }
         SecretCommand::RotateKey { socket } => {
             println!(

@@ -243,6 +243,13 @@ impl Client {
         )
     }
 
+    pub fn secret_leases(path: &Path) -> Result<Vec<crate::secrets::lease::Lease>, ClientError> {
+        Self::expect(path, &Request::SecretLeases, "secret leases", |r| match r {
+            Reply::SecretLeases { leases } => Ok(leases),
+            r => Err(Box::new(r)),
+        })
+    }
+
     pub fn revoke(path: &Path, target: String, reason: String) -> Result<Revoked, ClientError> {
         let req = Request::Revoke { target, reason };
         Self::expect(path, &req, "a revocation's result", |r| match r {

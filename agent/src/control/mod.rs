@@ -85,6 +85,8 @@ pub enum Request {
     SecretRemove { path: String },
     /// A fresh master key for the secret store; the secrets are rewrapped under it.
     SecretRotateKey,
+    /// The leases agents hold on secrets (never a value).
+    SecretLeases,
 }
 
 /// A secret's value on the wire (base64): never shown by `Debug` (the admin server logs
@@ -170,6 +172,10 @@ pub enum Reply {
     /// Secrets, without their values.
     Secrets {
         entries: Vec<crate::secrets::SecretInfo>,
+    },
+    /// Leases on secrets, soonest to end first.
+    SecretLeases {
+        leases: Vec<crate::secrets::lease::Lease>,
     },
     /// Events were lost because this subscriber read too slowly.
     Lagged {

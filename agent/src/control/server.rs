@@ -441,6 +441,10 @@ async fn dispatch(
             });
             write(&mut w, &wire::reply(r)).await
         }
+        Request::SecretLeases => {
+            let leases = daemon.secret_leases();
+            write(&mut w, &Reply::SecretLeases { leases }).await
+        }
         Request::SecretRotateKey => {
             let r = daemon.secret_rotate_key(&format!("uid {uid}")).await;
             write(&mut w, &wire::reply(r)).await

@@ -125,7 +125,7 @@ pub(crate) struct RecordBudget(Mutex<HashMap<String, (u64, Suppressed)>>);
 impl RecordBudget {
     /// Whether a decision of `asker` is recorded now, with what was held back before it; if
     /// not, it is counted.
-    fn admit(&self, asker: &str, allow: bool) -> Option<Option<Suppressed>> {
+    pub(super) fn admit(&self, asker: &str, allow: bool) -> Option<Option<Suppressed>> {
         let rate = agentwall_common::budget::Rate::new(RECORDS_PER_ASKER, 2 * RECORDS_PER_ASKER);
         let now = crate::clock::boot_ns();
         let mut m = self
@@ -186,21 +186,8 @@ impl Daemon {
                 },
             },
             Ok((id, policy)) => {
-                let compiled = self.policies.current();
                 let who = id.clone().unwrap_or_else(|| format!("policy:{policy}"));
-                let answer = policy::decide::decide(
-                    &compiled,
-                    &policy,
-                    q,
-                    jiff::Timestamp::now(),
-                    |rule, _| {
-                        compiled
-                            .limits
-                            .iter()
-                            .find(|l| l.rule_id == rule.id)
-                            .is_some_and(|l| self.decision_buckets.take(asker, &who, &l.limit))
-                    },
-                );
+                let answer = self.judge(&policy, q, asker, &who).0;
                 Decided {
                     caller: id,
                     policy: Some(policy),
@@ -244,8 +231,41 @@ impl Daemon {
         decided
     }
 
+    /// What `policy` (in force now) answers to `q` for caller `who`, whose rate limits draw
+    /// on `asker`'s buckets; with the deciding rule's lease, for a secret.
+    pub(super) fn judge(
+        &self,
+        policy: &str,
+        q: &Query,
+        asker: &str,
+        who: &str,
+    ) -> (Answer, Option<u64>) {
+        let compiled = self.policies.current();
+        let answer =
+            policy::decide::decide(&compiled, policy, q, jiff::Timestamp::now(), |rule, _| {
+                compiled
+                    .limits
+                    .iter()
+                    .find(|l| l.rule_id == rule.id)
+                    .is_some_and(|l| self.decision_buckets.take(asker, who, &l.limit))
+            });
+        // Rule ids are their places in the list, from 1.
+        let lease = answer
+            .rule_id
+            .filter(|_| answer.allow && q.resource.starts_with("secret:"))
+            .and_then(|id| {
+                compiled
+                    .rules
+                    .get(usize::try_from(id).ok()?.checked_sub(1)?)
+            })
+            .filter(|r| Some(r.id) == answer.rule_id)
+            .and_then(|r| r.access.as_ref())
+            .and_then(|a| a.lease);
+        (answer, lease)
+    }
+
     /// The identity and the governing policy of `caller`.
-    async fn resolve_caller(&self, caller: &CallerRef) -> Resolved {
+    pub(super) async fn resolve_caller(&self, caller: &CallerRef) -> Resolved {
         let td = self.identity.trust_domain().to_string();
         let governed = |id: String| -> Resolved {
             let parsed = SpiffeId::workload(&id).map_err(|e| format!("{id:?}: {e}"))?;

@@ -262,6 +262,13 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             renew_daemon.renew_due(before).await;
         }
     });
+    let leases_daemon = Arc::clone(&daemon);
+    supervisor.spawn("secret-leases", async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            leases_daemon.expire_leases();
+        }
+    });
     let gc_daemon = Arc::clone(&daemon);
     supervisor.spawn("gc", async move {
         loop {

@@ -4,18 +4,70 @@
 //! The store is opened on first use, so that a daemon that keeps no secrets never makes a
 //! master key; a failure to open it (a key file others may read, say) is answered to the
 //! operator who asked and tried again at the next request.
+//!
+//! Agents fetch secrets over mutual TLS (`crate::decision`): the identity they proved, its
+//! policy's `secret:` rules and its standing (not revoked) decide; each fetch is a lease,
+//! renewed by the same identity and judged again then, ended at once by a revocation.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use super::{AdminError, Daemon};
 use crate::{
     audit::schema::AuditRecord,
-    secrets::{Secret, SecretError, SecretInfo, SecretPath, SecretStore as _, local::LocalStore},
+    policy::decide::Query,
+    secrets::{
+        Secret, SecretError, SecretInfo, SecretPath, SecretStore as _,
+        lease::{self, Lease, LeaseError, Leases},
+        local::LocalStore,
+    },
 };
 
-/// The store, once opened.
+/// The store (once opened), the leases agents hold, and the budget of their requests.
 #[derive(Debug, Default)]
-pub(crate) struct Secrets(Arc<Mutex<Option<Arc<LocalStore>>>>);
+pub(crate) struct Secrets {
+    store: Arc<Mutex<Option<Arc<LocalStore>>>>,
+    leases: Leases,
+    /// Fetches and renewals of one identity a second (and their records); past it, refused
+    /// and counted into its next record.
+    budget: super::decisions::RecordBudget,
+}
+
+/// An agent that asks for a secret: the identity its certificate proved, that
+/// certificate's serial, and the connection's description for the audit.
+#[derive(Debug, Clone)]
+pub struct SecretAsker {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub detail: String,
+}
+
+/// A secret handed to an agent, with its lease.
+#[derive(Debug)]
+pub struct Leased {
+    pub secret: Secret,
+    pub lease: Lease,
+}
+
+/// Why an agent's fetch or renewal was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchRefused {
+    /// The policy does not grant it, or the identity may not ask.
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// Over the identity's request budget, or the lease table's bounds.
+    #[error("{0}")]
+    TooMany(String),
+    /// The store cannot be read now (its key, its files); the operator is told in the log.
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 impl Secrets {
     /// The store in `slot`, opened now if it was not yet (blocking: file work).
@@ -81,7 +133,7 @@ impl Daemon {
         f: impl FnOnce(&LocalStore) -> Result<T, SecretError> + Send + 'static,
     ) -> Result<T, AdminError> {
         // Opening the store (a first use makes its key and directory) is file work too.
-        let slot = std::sync::Arc::clone(&self.secrets.0);
+        let slot = std::sync::Arc::clone(&self.secrets.store);
         let (key_file, dir) = (self.cfg.secrets.key_file.clone(), self.cfg.secrets_dir());
         let r = tokio::task::spawn_blocking(move || {
             let store = Secrets::open(&slot, &dir, &key_file)?;
@@ -171,7 +223,7 @@ impl Daemon {
 
     /// A fresh master key first in the key file, then every secret rewrapped under it.
     pub async fn secret_rotate_key(&self, by: &str) -> Result<SecretKeyRotated, AdminError> {
-        let slot = std::sync::Arc::clone(&self.secrets.0);
+        let slot = std::sync::Arc::clone(&self.secrets.store);
         let (key_file, dir) = (self.cfg.secrets.key_file.clone(), self.cfg.secrets_dir());
         let r = tokio::task::spawn_blocking(move || {
             let store = Secrets::open(&slot, &dir, &key_file)?;
@@ -206,5 +258,276 @@ impl Daemon {
                 "the new key {key_id} is in force for new secrets, but the older ones could not be rewrapped ({e}); they stay readable under the retired key"
             )))),
         }
+    }
+}
+
+impl Daemon {
+    /// Hands `path`'s newest version to the agent `who`, under a new lease, if its policy
+    /// grants it (`attributes` meet the rule's conditions).
+    pub async fn secret_fetch(
+        &self,
+        who: &SecretAsker,
+        path: &str,
+        attributes: BTreeMap<String, String>,
+    ) -> Result<Leased, FetchRefused> {
+        let path = path.trim();
+        let suppressed = self.secret_admit(who, path)?;
+        let parsed = SecretPath::parse(path).map_err(|e| {
+            self.secret_denied(who, path, e.to_string(), None, suppressed, |m| {
+                FetchRefused::BadRequest(m)
+            })
+        })?;
+        let (rule, ttl) =
+            self.secret_judge(who, path, &attributes)
+                .await
+                .map_err(|(why, rule)| {
+                    self.secret_denied(who, path, why, rule, suppressed, FetchRefused::Denied)
+                })?;
+        let secret = self.secret_read(who, &parsed, suppressed).await?;
+        let granted = self.secrets.leases.grant(
+            Lease {
+                id: String::new(),
+                identity: who.spiffe_id.clone(),
+                serial: who.serial.clone(),
+                path: path.to_owned(),
+                version: secret.version,
+                rule: rule.clone(),
+                attributes,
+                ttl_seconds: ttl,
+                expires: 0,
+            },
+            lease::now_secs(),
+        );
+        let lease = granted.map_err(|e| {
+            self.secret_denied(
+                who,
+                path,
+                e.to_string(),
+                Some(rule.clone()),
+                suppressed,
+                FetchRefused::TooMany,
+            )
+        })?;
+        self.secret_leased(who, &lease, false, suppressed);
+        Ok(Leased { secret, lease })
+    }
+
+    /// Renews lease `id` of the agent `who`: judged again (identity, policy, conditions), and
+    /// with the secret's newest version; a renewal refused by the policy ends the lease.
+    pub async fn secret_renew(&self, who: &SecretAsker, id: &str) -> Result<Leased, FetchRefused> {
+        let suppressed = self.secret_admit(who, "")?;
+        let held = self
+            .secrets
+            .leases
+            .get(id, &who.spiffe_id, lease::now_secs())
+            .map_err(|e| {
+                self.secret_denied(
+                    who,
+                    "",
+                    e.to_string(),
+                    None,
+                    suppressed,
+                    FetchRefused::NotFound,
+                )
+            })?;
+        let path = held.path.clone();
+        if let Err((why, rule)) = self.secret_judge(who, &path, &held.attributes).await {
+            self.secret_end(id, &format!("no longer granted: {why}"));
+            return Err(self.secret_denied(
+                who,
+                &path,
+                why,
+                rule,
+                suppressed,
+                FetchRefused::Denied,
+            ));
+        }
+        let parsed =
+            SecretPath::parse(&path).map_err(|e| FetchRefused::BadRequest(e.to_string()))?;
+        let secret = self.secret_read(who, &parsed, suppressed).await?;
+        let lease = self
+            .secrets
+            .leases
+            .renew(id, &who.spiffe_id, secret.version, lease::now_secs())
+            .map_err(|e: LeaseError| {
+                self.secret_denied(
+                    who,
+                    &path,
+                    e.to_string(),
+                    None,
+                    suppressed,
+                    FetchRefused::NotFound,
+                )
+            })?;
+        self.secret_leased(who, &lease, true, suppressed);
+        Ok(Leased { secret, lease })
+    }
+
+    /// The leases in force, soonest to end first (never a value).
+    pub fn secret_leases(&self) -> Vec<Lease> {
+        self.secrets.leases.list()
+    }
+
+    /// Ends the leases of identities and certificates now revoked: at the revocation.
+    pub(super) fn end_revoked_leases(&self) {
+        let identity = &self.identity;
+        let ended = self
+            .secrets
+            .leases
+            .end_where(|l| identity.check_revoked(&l.identity, &l.serial).is_err());
+        for l in ended {
+            let why = match identity.check_revoked(&l.identity, &l.serial) {
+                Err(e) => format!("revoked: {e}"),
+                Ok(()) => "revoked".into(),
+            };
+            self.lease_ended(&l, why);
+        }
+    }
+
+    /// Ends the leases whose time is up (called every second).
+    pub(super) fn expire_leases(&self) {
+        for l in self.secrets.leases.expire(lease::now_secs()) {
+            self.lease_ended(&l, "expired".into());
+        }
+    }
+
+    fn secret_end(&self, id: &str, why: &str) {
+        if let Some(l) = self.secrets.leases.end(id) {
+            self.lease_ended(&l, why.to_owned());
+        }
+    }
+
+    fn lease_ended(&self, l: &Lease, reason: String) {
+        self.audit.record(&AuditRecord::SecretLeaseEnded {
+            identity: l.identity.clone(),
+            path: l.path.clone(),
+            version: l.version,
+            lease: l.id.clone(),
+            reason,
+        });
+    }
+
+    /// Whether the agent may ask now (its budget), with what it had held back.
+    fn secret_admit(
+        &self,
+        who: &SecretAsker,
+        path: &str,
+    ) -> Result<Option<crate::audit::schema::Suppressed>, FetchRefused> {
+        match self.secrets.budget.admit(&who.spiffe_id, false) {
+            Some(held) => Ok(held),
+            None => {
+                let _ = path;
+                self.count_error("secret_requests_over_budget");
+                Err(FetchRefused::TooMany(format!(
+                    "{} asks for secrets too often; slow down (fetch once, renew the lease as it nears its end)",
+                    who.spiffe_id
+                )))
+            }
+        }
+    }
+
+    /// Whether the agent's identity stands (trusted, not revoked) and its policy grants read
+    /// on `path` with `attributes`: the granting rule and the lease's length, or why not.
+    async fn secret_judge(
+        &self,
+        who: &SecretAsker,
+        path: &str,
+        attributes: &BTreeMap<String, String>,
+    ) -> Result<(String, u64), (String, Option<String>)> {
+        if let Err(e) = self.identity.check_revoked(&who.spiffe_id, &who.serial) {
+            return Err((format!("{} is revoked: {e}", who.spiffe_id), None));
+        }
+        let (_, policy) = self
+            .resolve_caller(&super::CallerRef::SpiffeId(who.spiffe_id.clone()))
+            .await
+            .map_err(|why| (why, None))?;
+        let q = Query {
+            resource: format!("secret:{path}"),
+            action: "read".into(),
+            attributes: attributes.clone(),
+        };
+        let (answer, ttl) = self.judge(&policy, &q, &who.spiffe_id, &who.spiffe_id);
+        if !answer.allow {
+            return Err((answer.reason, answer.rule));
+        }
+        Ok((
+            answer.rule.unwrap_or_default(),
+            ttl.unwrap_or(crate::policy::secret::DEFAULT_TTL.as_secs()),
+        ))
+    }
+
+    /// Reads the newest version of `path` for an agent.
+    async fn secret_read(
+        &self,
+        who: &SecretAsker,
+        path: &SecretPath,
+        suppressed: Option<crate::audit::schema::Suppressed>,
+    ) -> Result<Secret, FetchRefused> {
+        let slot = Arc::clone(&self.secrets.store);
+        let (key_file, dir) = (self.cfg.secrets.key_file.clone(), self.cfg.secrets_dir());
+        let p = path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            Secrets::open(&slot, &dir, &key_file)?.get(&p, None)
+        })
+        .await
+        .unwrap_or_else(|e| Err(SecretError::Crypto(format!("the store's task: {e}"))));
+        read.map_err(|e| match e {
+            SecretError::NotFound { .. } => {
+                self.secret_denied(who, path.as_str(), e.to_string(), None, suppressed, FetchRefused::NotFound)
+            }
+            e => {
+                tracing::error!(error = %e, path = %path, "a secret an agent may read cannot be read");
+                self.count_error("secret_unreadable");
+                self.secret_denied(
+                    who,
+                    path.as_str(),
+                    e.to_string(),
+                    None,
+                    suppressed,
+                    |_| FetchRefused::Unavailable("the secret cannot be read now; the operator is told".into()),
+                )
+            }
+        })
+    }
+
+    fn secret_leased(
+        &self,
+        who: &SecretAsker,
+        l: &Lease,
+        renewal: bool,
+        suppressed: Option<crate::audit::schema::Suppressed>,
+    ) {
+        self.audit.record(&AuditRecord::SecretLeased {
+            identity: l.identity.clone(),
+            path: l.path.clone(),
+            version: l.version,
+            lease: l.id.clone(),
+            expires: l.expires_text(),
+            rule: l.rule.clone(),
+            renewal,
+            asker: who.detail.clone(),
+            suppressed,
+        });
+    }
+
+    /// Audits a refusal; the refusal for the agent (`kind` of `why`).
+    fn secret_denied(
+        &self,
+        who: &SecretAsker,
+        path: &str,
+        why: String,
+        rule: Option<String>,
+        suppressed: Option<crate::audit::schema::Suppressed>,
+        kind: impl FnOnce(String) -> FetchRefused,
+    ) -> FetchRefused {
+        self.audit.record(&AuditRecord::SecretDenied {
+            identity: who.spiffe_id.clone(),
+            path: path.chars().take(crate::secrets::MAX_PATH).collect(),
+            reason: why.clone(),
+            rule,
+            asker: who.detail.clone(),
+            suppressed,
+        });
+        kind(why)
     }
 }

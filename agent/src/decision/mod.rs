@@ -5,6 +5,8 @@
 //!   attributes? The answer names the deciding rule (docs/policy.md).
 //! - `POST /v1/validate`: is this certificate chain or JWT-SVID valid here now, revocation
 //!   included?
+//! - `POST /v1/secrets/fetch` and `POST /v1/secrets/renew` (TCP only): a secret for the mTLS
+//!   client's own identity, under a lease, as its policy grants (docs/secrets.md).
 //!
 //! The asker is a process on the socket (by its peer credentials) or the holder of a valid
 //! SVID of a trusted domain (TCP). Requests are bounded in size and time, and connections in
@@ -112,6 +114,39 @@ impl CallerJson {
     }
 }
 
+/// `POST /v1/secrets/fetch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchRequest {
+    path: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+/// `POST /v1/secrets/renew`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewRequest {
+    lease: String,
+}
+
+/// A secret handed out: its value (base64) and its lease.
+#[derive(Serialize)]
+struct SecretBody<'a> {
+    path: &'a str,
+    version: u32,
+    created: &'a str,
+    value: &'a str,
+    lease: LeaseBody<'a>,
+}
+
+#[derive(Serialize)]
+struct LeaseBody<'a> {
+    id: &'a str,
+    expires: String,
+    ttl_seconds: u64,
+}
+
 /// `POST /v1/validate`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,8 +185,12 @@ struct Asker {
     id: String,
     detail: String,
     /// An mTLS client whose SVID the daemon verified: it may name callers by a bare ID it
-    /// verified itself.
+    /// verified itself, and fetch the secrets of its own identity.
     verified_peer: bool,
+    /// The serial of the client's certificate (hex), for an mTLS client.
+    serial: String,
+    /// When that certificate expires: past it, the connection fetches no secret.
+    valid_until: Option<std::time::SystemTime>,
 }
 
 /// Requests per asker, a token bucket each (generic cell rate form).
@@ -389,6 +428,8 @@ async fn accept_unix(
             id: format!("uid {uid} cgroup {cgroup}"),
             detail: format!("pid {pid} uid {uid} cgroup {cgroup}"),
             verified_peer: false,
+            serial: String::new(),
+            valid_until: None,
         };
         let Ok(stream) = stream.into_std() else {
             continue;
@@ -456,8 +497,12 @@ async fn accept_tls(
                 .1
                 .peer_certificates()
                 .map(|chain| d.check_chain(chain));
-            let id = match checked {
-                Some(c) if c.valid => c.spiffe_id.unwrap_or_default(),
+            let (id, serial, valid_until) = match checked {
+                Some(c) if c.valid => (
+                    c.spiffe_id.unwrap_or_default(),
+                    c.serial.unwrap_or_default(),
+                    c.not_after.and_then(|t| humantime::parse_rfc3339(&t).ok()),
+                ),
                 _ => return,
             };
             let Some(slot) = slots.take() else {
@@ -469,6 +514,8 @@ async fn accept_tls(
                 detail: id.clone(),
                 id,
                 verified_peer: true,
+                serial,
+                valid_until,
             };
             serve(tls, d, asker, b).await;
         });
@@ -521,10 +568,7 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     if req.method() != Method::POST {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "use POST /v1/decide or POST /v1/validate",
-        );
+        return error(StatusCode::METHOD_NOT_ALLOWED, ROUTES);
     }
     if !budget.allow(&asker.id) {
         return error(
@@ -595,11 +639,126 @@ async fn route(
             };
             json(StatusCode::OK, &Validity::from(checked))
         }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "use POST /v1/decide or POST /v1/validate",
-        ),
+        "/v1/secrets/fetch" | "/v1/secrets/renew" => secrets(&path, &body, daemon, asker).await,
+        _ => error(StatusCode::NOT_FOUND, ROUTES),
     }
+}
+
+const ROUTES: &str = "use POST /v1/decide, /v1/validate, /v1/secrets/fetch or /v1/secrets/renew";
+
+/// A secret for the mTLS client's own identity: a first fetch, or the renewal of a lease.
+async fn secrets(
+    route: &str,
+    body: &[u8],
+    daemon: &Daemon,
+    asker: &Asker,
+) -> Response<Full<Bytes>> {
+    use crate::daemon::FetchRefused;
+    if !asker.verified_peer {
+        return error(
+            StatusCode::FORBIDDEN,
+            "secrets are handed out over mutual TLS only: connect to the decision API's TCP address (decision.listen) with the agent's own SVID",
+        );
+    }
+    if asker
+        .valid_until
+        .is_none_or(|t| t <= std::time::SystemTime::now())
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the certificate this connection proved has expired: connect again with a renewed SVID",
+        );
+    }
+    let who = crate::daemon::SecretAsker {
+        spiffe_id: asker.id.clone(),
+        serial: asker.serial.clone(),
+        detail: asker.detail.clone(),
+    };
+    let leased = if route == "/v1/secrets/fetch" {
+        match serde_json::from_slice::<FetchRequest>(body) {
+            Ok(r) if r.attributes.len() > MAX_ATTRIBUTES => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("more than {MAX_ATTRIBUTES} attributes"),
+                );
+            }
+            Ok(r)
+                if r.attributes.iter().any(|(k, v)| {
+                    k.len() > MAX_ATTRIBUTE_NAME || v.len() > MAX_ATTRIBUTE_VALUE
+                }) =>
+            {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "attribute names are at most {MAX_ATTRIBUTE_NAME} bytes and values {MAX_ATTRIBUTE_VALUE}"
+                    ),
+                );
+            }
+            Ok(r) => daemon.secret_fetch(&who, &r.path, r.attributes).await,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
+        }
+    } else {
+        match serde_json::from_slice::<RenewRequest>(body) {
+            Ok(r) => daemon.secret_renew(&who, &r.lease).await,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
+        }
+    };
+    let leased = match leased {
+        Ok(l) => l,
+        Err(e) => {
+            let status = match e {
+                FetchRefused::Denied(_) => StatusCode::FORBIDDEN,
+                FetchRefused::BadRequest(_) => StatusCode::BAD_REQUEST,
+                FetchRefused::NotFound(_) => StatusCode::NOT_FOUND,
+                FetchRefused::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+                FetchRefused::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return error(status, &e.to_string());
+        }
+    };
+    secret_response(&leased)
+}
+
+/// The answer that carries a secret: built in buffers that are wiped when dropped, the
+/// body's included (sized up front, so that it is never moved while it grows).
+fn secret_response(leased: &crate::daemon::Leased) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    let (secret, lease) = (&leased.secret, &leased.lease);
+    let mut value = zeroize::Zeroizing::new(String::with_capacity(
+        secret.value.expose().len().div_ceil(3) * 4,
+    ));
+    base64::engine::general_purpose::STANDARD.encode_string(secret.value.expose(), &mut value);
+    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(value.len() + 1024));
+    let written = serde_json::to_writer(
+        &mut *body,
+        &SecretBody {
+            path: secret.path.as_str(),
+            version: secret.version,
+            created: &secret.created,
+            value: &value,
+            lease: LeaseBody {
+                id: &lease.id,
+                expires: lease.expires_text(),
+                ttl_seconds: lease.ttl_seconds,
+            },
+        },
+    );
+    if written.is_err() {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the answer could not be written",
+        );
+    }
+    let mut r = Response::new(Full::new(Bytes::from_owner(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {

@@ -98,7 +98,11 @@ pub fn decide(
     };
     let mut first: Option<(Answer, bool)> = None;
     for r in compiled.rules.iter().filter(|r| r.policy == policy) {
-        let Some(access) = r.access.as_ref().filter(|a| a.resource == q.resource) else {
+        let Some(access) = r
+            .access
+            .as_ref()
+            .filter(|a| names(&a.resource, &q.resource))
+        else {
             continue;
         };
         // (reason, whether a rule in audit mode lets it pass)
@@ -152,11 +156,27 @@ pub fn decide(
             false,
         )
     });
-    if rule_audit || *mode == Mode::Audit {
+    // A secret is never handed out on a would-be grant: audit mode reports, it does not
+    // reveal.
+    if (rule_audit || *mode == Mode::Audit) && !q.resource.starts_with(SECRET) {
         answer.allow = true;
         answer.audit = true;
     }
     answer
+}
+
+/// The prefix of a secret's resource.
+const SECRET: &str = "secret:";
+
+/// Whether a rule's `resource` names the queried one: the same text, or for a secret a path
+/// the rule's pattern names.
+fn names(rule: &str, queried: &str) -> bool {
+    match (rule.strip_prefix(SECRET), queried.strip_prefix(SECRET)) {
+        (Some(pattern), Some(path)) => {
+            super::secret::SecretPattern::parse(pattern).is_ok_and(|p| p.matches(path.trim()))
+        }
+        _ => rule == queried,
+    }
 }
 
 #[cfg(test)]
@@ -328,5 +348,88 @@ policy:
         );
         assert!(a.allow && a.audit, "audit mode: {a:?}");
         assert!(a.reason.starts_with("no rule of policy \"learner\""));
+    }
+
+    /// `secret:` rules name paths by pattern, grant read only, and audit mode never hands
+    /// out a secret that no rule grants.
+    #[test]
+    fn secrets_are_granted_by_pattern_and_never_in_audit_mode() {
+        let text = "\
+policy:
+  name: pipe
+  rules:
+    - resource: secret:agent/pipe/*
+      lease: 2m
+    - resource: secret:shared/*/api-key
+      conditions: { purpose: [report] }
+---
+policy:
+  name: learner
+  mode: audit
+  rules:
+    - resource: secret:learner/key
+";
+        let set = parse_texts(&[(PathBuf::from("p.yaml"), text.to_string())]).unwrap();
+        let c = compile(&set, |_| 1).unwrap();
+        let ask = |policy: &str, query: &Query| decide(&c, policy, query, noon(), |_, _| true);
+        let a = ask("pipe", &q("secret:agent/pipe/db/password", "read", &[]));
+        assert!(a.allow && a.rule_id == Some(1), "{a:?}");
+        assert_eq!(c.rules[0].access.as_ref().unwrap().lease, Some(120));
+        assert_eq!(c.rules[0].access.as_ref().unwrap().actions, ["read"]);
+        assert!(!ask("pipe", &q("secret:agent/pipeline/db", "read", &[])).allow);
+        assert!(!ask("pipe", &q("secret:agent/pipe/db", "write", &[])).allow);
+        let a = ask(
+            "pipe",
+            &q("secret:shared/x/api-key", "read", &[("purpose", "report")]),
+        );
+        assert!(a.allow, "{a:?}");
+        let a = ask(
+            "pipe",
+            &q("secret:shared/x/api-key", "read", &[("purpose", "other")]),
+        );
+        assert!(!a.allow, "{a:?}");
+        // The audit-mode policy is told what would be denied, and gets nothing.
+        let a = ask("learner", &q("secret:other/key", "read", &[]));
+        assert!(!a.allow && !a.audit, "{a:?}");
+        assert!(ask("learner", &q("secret:learner/key", "read", &[])).allow);
+        assert!(ask("learner", &q("service:x", "read", &[])).allow);
+    }
+
+    #[test]
+    fn bad_secret_rules_say_what_to_fix() {
+        for (rule, field, why) in [
+            ("secret:a/*x", "resource", "write secret:PATH"),
+            (
+                "secret:a\n      actions: [write]",
+                "actions",
+                "grants read only",
+            ),
+            ("secret:a\n      mode: audit", "mode", "takes no mode"),
+            (
+                "secret:a\n      lease: 2s",
+                "lease",
+                "a lease lasts from 10s to 1day",
+            ),
+            ("secret:a\n      lease: soon", "lease", "is not a duration"),
+            (
+                "secret:a\n      ports: [80]",
+                "rules[0]",
+                "not reached over the network",
+            ),
+            (
+                "cidr:10.0.0.1\n      lease: 5m",
+                "lease",
+                "only a secret: rule takes a lease",
+            ),
+        ] {
+            let text = format!("policy:\n  name: p\n  rules:\n    - resource: {rule}\n");
+            let e = parse_texts(&[(PathBuf::from("p.yaml"), text)]).unwrap_err();
+            assert!(
+                e.problems
+                    .iter()
+                    .any(|p| p.field.contains(field) && p.message.contains(why)),
+                "{rule}: {e:?}"
+            );
+        }
     }
 }

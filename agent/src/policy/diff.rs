@@ -52,6 +52,7 @@ fn endpoint_text(e: &Endpoint) -> String {
 fn rule_text(r: &EgressRule) -> String {
     let endpoints: Vec<String> = r.endpoints.iter().map(endpoint_text).collect();
     let mut s = match &r.access {
+        Some(a) if endpoints.is_empty() => a.resource.clone(),
         Some(a) => format!("{} ({})", a.resource, endpoints.join("; ")),
         None => format!("egress to {}", endpoints.join("; ")),
     };
@@ -67,6 +68,9 @@ fn rule_text(r: &EgressRule) -> String {
     }
     if let Some(rate) = r.rate {
         s.push_str(&format!("; at most {rate}"));
+    }
+    if let Some(secs) = r.access.as_ref().and_then(|a| a.lease) {
+        s.push_str(&format!("; leases of {secs} s"));
     }
     if let Some(w) = &r.window {
         s.push_str(&format!("; only {w}"));

@@ -18,6 +18,7 @@ pub mod decide;
 pub mod diff;
 pub mod explain;
 mod parse;
+pub mod secret;
 mod spans;
 pub mod window;
 
@@ -178,6 +179,10 @@ pub struct Access {
     pub actions: Vec<String>,
     /// Attribute → allowed values; every attribute named must hold one of its values.
     pub conditions: std::collections::BTreeMap<String, Vec<String>>,
+    /// For a `secret:` rule: how long the lease of a fetch lasts, in seconds (the default if
+    /// `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u64>,
 }
 
 /// One allowed egress: its endpoints (written inline, or those of a catalog service), and

@@ -110,6 +110,9 @@ struct RawRule {
     /// Only for `cidr:` resources.
     #[serde(default)]
     ports: Vec<RawPort>,
+    /// Only for `secret:` resources: how long a fetched secret's lease lasts.
+    #[serde(default)]
+    lease: Option<String>,
     #[serde(default)]
     description: Option<String>,
 }
@@ -569,6 +572,7 @@ enum Resource {
     Agent(String),
     Cidr(String),
     Unix(String),
+    Secret(String),
 }
 
 fn parse_resource(s: &str) -> Result<Resource, String> {
@@ -581,15 +585,30 @@ fn parse_resource(s: &str) -> Result<Resource, String> {
         "cidr" => Ok(Resource::Cidr(rest.to_string())),
         "unix" => Ok(Resource::Unix(rest.to_string())),
         "agent" => check_agent_name(rest).map(|()| Resource::Agent(rest.to_string())),
-        "secret" => Err(format!(
-            "{s:?}: this version serves no secrets; remove the rule"
-        )),
+        "secret" => {
+            super::secret::SecretPattern::parse(rest).map(|_| Resource::Secret(rest.to_string()))
+        }
         _ => Err(format!(
             "{s:?} is not a resource: write service:NAME (a service of the catalog), \
              agent:NAME/ENV (an agent of the catalog), cidr:ADDRESS[/LEN] (with protocol and \
-             ports) or unix:PATH"
+             ports), unix:PATH or secret:PATH"
         )),
     }
+}
+
+/// A `secret:` rule's `lease:`: a duration (such as 5m or 1h) in seconds.
+fn secret_lease(text: &str) -> Result<u64, String> {
+    use super::secret::{MAX_TTL, MIN_TTL};
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write such as 5m or 1h"))?;
+    if d < MIN_TTL || d > MAX_TTL {
+        return Err(format!(
+            "{text:?}: a lease lasts from {} to {}",
+            humantime::format_duration(MIN_TTL),
+            humantime::format_duration(MAX_TTL)
+        ));
+    }
+    Ok(d.as_secs())
 }
 
 /// One entry of `rules:`.
@@ -665,10 +684,29 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
         .when
         .and_then(|w| check_when(c, &format!("{field}.when"), w));
     let source = c.source(field);
+    let is_secret = matches!(resource, Some(Resource::Secret(_)));
+    let lease = match (raw.lease, is_secret) {
+        (None, _) => None,
+        (Some(_), false) => {
+            c.problem(
+                format!("{field}.lease"),
+                "only a secret: rule takes a lease; remove it".into(),
+            );
+            None
+        }
+        (Some(text), true) => match secret_lease(&text) {
+            Ok(secs) => Some(secs),
+            Err(m) => {
+                c.problem(format!("{field}.lease"), m);
+                None
+            }
+        },
+    };
     let access = Access {
         resource: raw.resource.trim().to_string(),
         actions,
         conditions,
+        lease,
     };
     let network_only = |c: &mut Checker<'_>, what: &str| {
         if raw.protocol.is_some() || !raw.ports.is_empty() {
@@ -685,7 +723,10 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
                     network_only(c, "an agent's ports are those of its catalog entry");
                     (RefKind::Agent, name)
                 }
-                Resource::Service(name) | Resource::Cidr(name) | Resource::Unix(name) => {
+                Resource::Service(name)
+                | Resource::Cidr(name)
+                | Resource::Unix(name)
+                | Resource::Secret(name) => {
                     network_only(
                         c,
                         "a service's protocol and ports are those of its catalog entry",
@@ -718,6 +759,33 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
                 access: Some(access),
                 rate,
                 mode: raw.mode,
+                source,
+            }
+        }
+        Resource::Secret(_) => {
+            network_only(c, "a secret is not reached over the network");
+            if raw.mode.is_some() {
+                c.problem(
+                    format!("{field}.mode"),
+                    "a secret: rule takes no mode: no secret is handed out on a would-be grant; remove it".into(),
+                );
+            }
+            let mut access = access;
+            if access.actions.is_empty() {
+                access.actions.push("read".into());
+            } else if let Some(a) = access.actions.iter().find(|a| *a != "read") {
+                c.problem(
+                    format!("{field}.actions"),
+                    format!("{a:?}: a secret: rule grants read only (agents fetch secrets; operators put them)"),
+                );
+            }
+            EgressRule {
+                window,
+                endpoints: Vec::new(),
+                service: None,
+                access: Some(access),
+                rate,
+                mode: None,
                 source,
             }
         }

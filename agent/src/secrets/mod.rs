@@ -10,12 +10,12 @@
 //! A value lives in memory only as [`SecretValue`], which is wiped when dropped and never
 //! printed.
 
+pub mod lease;
 pub mod local;
 
 use std::fmt;
 
-/// Longest secret path, in bytes.
-pub const MAX_PATH: usize = 256;
+pub use crate::policy::secret::MAX_PATH;
 /// Largest secret value, in bytes.
 /// (Sent base64 on the admin socket, whose lines are at most 64 KiB.)
 pub const MAX_VALUE: usize = 32 * 1024;
@@ -72,34 +72,10 @@ pub struct SecretPath(String);
 
 impl SecretPath {
     pub fn parse(text: &str) -> Result<Self, SecretError> {
-        let bad = |message: &str| SecretError::BadPath {
+        crate::policy::secret::check_path(text).map_err(|message| SecretError::BadPath {
             path: text.chars().take(MAX_PATH).collect(),
-            message: message.into(),
-        };
-        if text.is_empty() {
-            return Err(bad("is empty"));
-        }
-        if text.len() > MAX_PATH {
-            return Err(bad(&format!("is over {MAX_PATH} bytes")));
-        }
-        for segment in text.split('/') {
-            if segment.is_empty() {
-                return Err(bad(
-                    "has an empty segment (a leading, trailing or doubled `/`)",
-                ));
-            }
-            if segment == "." || segment == ".." {
-                return Err(bad("has a `.` or `..` segment"));
-            }
-            if let Some(c) = segment
-                .chars()
-                .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-            {
-                return Err(bad(&format!(
-                    "has {c:?}; segments hold letters, digits, `.`, `_` and `-`"
-                )));
-            }
-        }
+            message,
+        })?;
         Ok(Self(text.to_owned()))
     }
 

@@ -215,6 +215,8 @@ impl Daemon {
                 );
             }
         }
+        // Its secret leases end now: no renewal is granted from here on.
+        self.end_revoked_leases();
         // The kernel first: new connects are denied from here on. Then the open sockets are
         // cut, and only then is the list made durable (a sync, about a millisecond here): a
         // connect already in flight is ended at once rather than after the sync. The command
