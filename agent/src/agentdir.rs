@@ -227,6 +227,19 @@ impl AgentDir {
         Ok(())
     }
 
+    /// Removes the file `name`, if it is there (by the directory's descriptor, never
+    /// following a link).
+    pub fn remove(&self, name: &str) -> Result<(), AgentDirError> {
+        match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(errno) => Err(AgentDirError::Sys {
+                op: "removing",
+                path: self.path.join(name),
+                errno,
+            }),
+        }
+    }
+
     /// Replaces the agent's key and certificate (each atomically, key first), owned by
     /// `owner`.
     pub fn write_svid(

@@ -31,6 +31,9 @@ pub mod env {
     pub const BUNDLE: &str = "AGENTWALL_BUNDLE";
     /// The agent's SPIFFE ID.
     pub const SPIFFE_ID: &str = "AGENTWALL_SPIFFE_ID";
+    /// The directory of the secrets `--secret NAME=PATH` asked for: one file per NAME,
+    /// renewed in place.
+    pub const SECRETS_DIR: &str = "AGENTWALL_SECRETS_DIR";
     /// The enrollment socket.
     pub const ENROLL_SOCKET: &str = "AGENTWALL_ENROLL_SOCKET";
     /// The SPIFFE Workload API, as SPIFFE clients look for it (`unix:///PATH`).
@@ -250,12 +253,14 @@ fn install_forwarding(own_session: bool) {
 }
 
 /// How the command is started, beside what it runs under.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Descriptors 3 .. 3+N pass to the command.
     pub preserve_fds: u32,
     /// A command that runs as root is not confined ([`spawn::Confinement`]).
     pub keep_privileges: bool,
+    /// Secrets the daemon keeps in the agent's directory: (file name, secret path).
+    pub secrets: Vec<(String, String)>,
 }
 
 /// Runs `cmd` under a policy or an identity; returns its exit code (128 + signal if a signal
@@ -270,6 +275,7 @@ pub fn run(
     let Options {
         preserve_fds,
         keep_privileges,
+        secrets,
     } = options;
     let (program, args) = cmd.split_first().ok_or(ExecError::NoCommand)?;
     // Checked before this process opens anything that could take a number in the range.
@@ -285,6 +291,27 @@ pub fn run(
         });
     }
     let run_as = user.map(RunAs::lookup).transpose()?;
+    let (uid, gid) = ids_of(run_as.as_ref());
+    let confine_root = uid == 0 && !keep_privileges;
+    let secrets = if secrets.is_empty() {
+        None
+    } else {
+        Some(crate::daemon::ExecSecrets {
+            files: secrets
+                .into_iter()
+                .map(|(name, path)| crate::daemon::ExecSecret { name, path })
+                .collect(),
+            cert_pem: match under {
+                Under::Identity { cert, .. } => {
+                    Some(String::from_utf8_lossy(&read(cert)?).into_owned())
+                }
+                _ => None,
+            },
+            uid,
+            gid,
+            confined_root: confine_root,
+        })
+    };
     let (ready, lease) = Client::exec_begin(
         socket,
         match under {
@@ -299,6 +326,7 @@ pub fn run(
             Under::Workload(id) => Some(id.clone()),
             _ => None,
         },
+        secrets,
     )?;
     let (cgroup, enroll, workload, protect) = (
         PathBuf::from(ready.cgroup),
@@ -308,8 +336,6 @@ pub fn run(
     );
     // Root inside the cgroup stays inside it (see `spawn::Confinement`): it is root of a user
     // namespace whose uid 0 is a host uid of its own, and its files belong to that uid.
-    let (uid, gid) = ids_of(run_as.as_ref());
-    let confine_root = uid == 0 && !keep_privileges;
     let owner = if confine_root {
         let u = protect.root_uid.ok_or(ExecError::NoRootUid)?;
         (u, u)
@@ -382,6 +408,9 @@ pub fn run(
             read_only: paths(protect.read_only),
             root_maps_to: owner.0,
         });
+    }
+    if let Some(dir) = &ready.secrets_dir {
+        command.set_env(env::SECRETS_DIR, dir.as_str());
     }
     command.user = run_as;
     command.preserve_fds = preserve_fds;

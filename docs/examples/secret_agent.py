@@ -7,7 +7,7 @@ address (decision.listen). agentwall hands the secret over if the agent's policy
 `secret:` rule for the path, with a lease that the agent renews before it ends:
 
     python3 secret_agent.py --address 127.0.0.1:8443 agent/reporter/db-password \\
-        --attr purpose=report --send 127.0.0.1:5000 --keep
+        --send 127.0.0.1:5000 --keep
 
 --send HOST:PORT stands for using the secret: it writes the value to that address, once.
 --keep stays and renews the lease when two thirds of it have passed, and at once for each line
@@ -72,8 +72,8 @@ class SecretClient:
         )
         return self.conn.getresponse()
 
-    def fetch(self, path, attributes):
-        return self._post("/v1/secrets/fetch", {"path": path, "attributes": attributes})
+    def fetch(self, path):
+        return self._post("/v1/secrets/fetch", {"path": path})
 
     def renew(self, lease_id):
         return self._post("/v1/secrets/renew", {"lease": lease_id})
@@ -109,13 +109,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path")
     p.add_argument("--address", default=os.environ.get("AGENTWALL_DECISION_ADDRESS"))
-    p.add_argument("--attr", action="append", default=[], help="NAME=VALUE")
     p.add_argument("--send", help="HOST:PORT to write the value to once")
     p.add_argument("--keep", action="store_true", help="stay and renew the lease")
     a = p.parse_args()
     if not a.address:
         sys.exit("give --address HOST:PORT (agentwall's decision.listen)")
-    attributes = dict(kv.split("=", 1) for kv in a.attr)
     try:
         client = SecretClient(
             a.address,
@@ -123,7 +121,7 @@ def main():
             os.environ["AGENTWALL_SVID_KEY"],
             os.environ["AGENTWALL_BUNDLE"],
         )
-        status, answer = client.fetch(a.path, attributes)
+        status, answer = client.fetch(a.path)
     except (OSError, ssl.SSLError, http.client.HTTPException) as e:
         say(fetched=False, error=type(e).__name__)
         return 2

@@ -879,6 +879,7 @@ fn a_restarted_daemon_does_not_hand_a_root_uid_out_twice() {
             policy: Some("web".into()),
             audience: vec![],
             identity: None,
+            secrets: None,
         })
         .unwrap();
     let Reply::ExecReady {

@@ -187,6 +187,10 @@ fn secrets_are_versioned_rotated_removed_and_never_leak() {
     let all_audit = d.cli(&["audit", "query", &dir, "--key", &key]);
     let mut haystacks = vec![
         ("daemon log".to_string(), d.log_text().into_bytes()),
+        (
+            "daemon output".to_string(),
+            fs::read(d.dir.join("stdout.jsonl")).unwrap_or_default(),
+        ),
         ("status".to_string(), status.stdout),
         ("audit log".to_string(), all_audit.stdout),
     ];
@@ -307,7 +311,7 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
     let _s = serial();
     let port = agentwall_tests::free_port();
     let address = format!("127.0.0.1:{port}");
-    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 1m\n    - resource: secret:shared/report-key\n      conditions: { purpose: [report] }\n";
+    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 1m\n    - resource: secret:shared/report-key\n      rateLimit: 1 per hour\n";
     let other = "policy:\n  name: other\n  identity: agent/other/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:shared/*\n      lease: 10s\n";
     let mut d = TestDaemon::prepare(&[("reader.yaml", reader), ("other.yaml", other)], Some(""));
     let key_file = d.dir.join("keys").join("secrets.key");
@@ -386,13 +390,6 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
         )
     );
     assert_eq!(
-        refused_with(
-            &reader_svid,
-            &["shared/report-key", "--attr", "purpose=other"]
-        ),
-        (403, "purpose \"other\" is not one of \"report\"".to_owned())
-    );
-    assert_eq!(
         refused_with(&other_svid, &["agent/reader/db-password"]),
         (
             403,
@@ -416,19 +413,16 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
         "{body}"
     );
 
-    // With the condition met, the shared key; the other agent's lease of it (10 s) ends on
-    // its own.
-    let o = client(
-        &d,
-        false,
-        &reader_svid,
-        &address,
-        &["shared/report-key", "--attr", "purpose=report"],
-    )
-    .output()
-    .unwrap();
+    // The shared key, once an hour; the other agent's lease of it (10 s) ends on its own.
+    let o = client(&d, false, &reader_svid, &address, &["shared/report-key"])
+        .output()
+        .unwrap();
     assert_eq!(json_lines(&o)[0]["fetched"], true, "{o:?}");
     outputs.push(o.stdout);
+    assert_eq!(
+        refused_with(&reader_svid, &["shared/report-key"]),
+        (403, "over the rule's rate limit (1 per hour)".to_owned())
+    );
     let o = client(&d, false, &other_svid, &address, &["shared/report-key"])
         .output()
         .unwrap();
@@ -528,7 +522,7 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
     assert!(denied.len() >= 6, "{denied:#?}");
     assert!(
         denied.iter().any(|r| r["path"] == "shared/report-key"
-            && r["reason"] == "purpose \"other\" is not one of \"report\""
+            && r["reason"] == "over the rule's rate limit (1 per hour)"
             && r["rule"]
                 .as_str()
                 .is_some_and(|r| r.ends_with("reader.yaml:10"))),
@@ -553,6 +547,10 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
     let all_audit = d.cli(&["audit", "query", &dir, "--key", &key]);
     let mut haystacks = vec![
         ("daemon log".to_string(), d.log_text().into_bytes()),
+        (
+            "daemon output".to_string(),
+            fs::read(d.dir.join("stdout.jsonl")).unwrap_or_default(),
+        ),
         ("audit log".to_string(), all_audit.stdout),
     ];
     haystacks.extend(
@@ -568,6 +566,275 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
             assert!(
                 !text.contains(p.as_str()) && !text.contains(&b64),
                 "a secret value is in {what}"
+            );
+        }
+    }
+}
+
+/// The exec cgroups of `d` still there.
+fn exec_cgroups(d: &TestDaemon) -> Vec<String> {
+    let root = agentwall_tests::cgroup_mount().join(&d.cgroup_root);
+    fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("exec-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `agentwall exec --secret NAME=PATH` keeps the secret in a file of the agent's own
+/// directory, owned by the user it runs as and readable by it alone, never in its
+/// environment or command line; renewed in place when a newer version is put; removed the
+/// moment the identity is revoked, and by a restarted daemon, which holds no lease. A secret
+/// the policy does not grant stops the launch.
+#[test]
+fn exec_keeps_granted_secrets_in_the_agents_directory() {
+    let _s = serial();
+    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 15s\n";
+    let mut d = TestDaemon::prepare(&[("reader.yaml", reader)], Some(""));
+    let key_file = d.dir.join("keys").join("secrets.key");
+    fs::write(
+        d.dir.join("agentwall.yaml"),
+        format!("secrets:\n  key_file: {}\n", key_file.display()),
+    )
+    .unwrap();
+    d.launch();
+    d.wait_healthy();
+    let tag = std::process::id();
+    let planted = [
+        format!("aw-planted-exec-{tag}"),
+        format!("aw-planted-exec-v2-{tag}"),
+        format!("aw-planted-exec-other-{tag}"),
+    ];
+    ok(&secret(
+        &d,
+        &["put", "agent/reader/db-password"],
+        planted[0].as_bytes(),
+    ));
+    ok(&secret(
+        &d,
+        &["put", "agent/other/key"],
+        planted[2].as_bytes(),
+    ));
+    let exec = |args: &[&str], script: &str| {
+        Command::new(d.world_copy(&agentwall_bin()))
+            .arg("exec")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .args(["--", "sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    let show = r#"f="$AGENTWALL_SECRETS_DIR/db"; cat "$f"; echo; stat -c '%a %u' "$f"; tr '\0' '\n' < /proc/self/environ | grep -c aw-planted; tr '\0' ' ' < /proc/self/cmdline; echo"#;
+
+    // Under an identity the daemon issues, as an unprivileged user.
+    let o = exec(
+        &[
+            "--identity",
+            "agent/reader/prod",
+            "--user",
+            "nobody",
+            "--secret",
+            "db=agent/reader/db-password",
+        ],
+        show,
+    );
+    let out = ok(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], planted[0], "{o:?}");
+    assert_eq!(
+        lines[1], "400 65534",
+        "owned by nobody, readable by it alone: {o:?}"
+    );
+    assert_eq!(lines[2], "0", "no value in the environment: {o:?}");
+    assert!(!lines[3].contains(&planted[0]), "{o:?}");
+
+    // With a certificate the agent enrolls with: that identity's policy decides.
+    let svid = d.issue("agent/reader/prod", "10m");
+    let o = exec(
+        &[
+            "--cert",
+            &svid.0,
+            "--key",
+            &svid.1,
+            "--secret",
+            "db=agent/reader/db-password",
+        ],
+        show,
+    );
+    assert_eq!(ok(&o).lines().next(), Some(planted[0].as_str()), "{o:?}");
+
+    // A secret the policy does not grant: no launch, and the reason.
+    let o = exec(
+        &[
+            "--identity",
+            "agent/reader/prod",
+            "--secret",
+            "db=agent/reader/db-password",
+            "--secret",
+            "x=agent/other/key",
+        ],
+        "echo ran",
+    );
+    let e = refused(&o);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("ran"), "{o:?}");
+    assert!(
+        e.contains("agentwall exec --secret: x (agent/other/key) for spiffe://agentwall.local/agent/reader/prod: no rule of policy \"reader\" names secret:agent/other/key"),
+        "{e}"
+    );
+    let e = refused(&exec(
+        &[
+            "--policy",
+            "reader",
+            "--secret",
+            "db=agent/reader/db-password",
+        ],
+        "true",
+    ));
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = refused(&exec(
+        &[
+            "--identity",
+            "agent/reader/prod",
+            "--secret",
+            "../db=agent/reader/db-password",
+        ],
+        "true",
+    ));
+    assert!(e.contains("is not a file name"), "{e}");
+
+    // A long-running agent, and the directory of its secrets.
+    let long_running = |d: &TestDaemon| {
+        let mut child = Command::new(d.world_copy(&agentwall_bin()))
+            .arg("exec")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args([
+                "--identity",
+                "agent/reader/prod",
+                "--secret",
+                "db=agent/reader/db-password",
+            ])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                r#"echo "$AGENTWALL_SECRETS_DIR"; exec sleep 60"#,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::BufRead as _;
+        let mut l = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut l)
+            .unwrap();
+        (child, std::path::PathBuf::from(l.trim()))
+    };
+    // The launcher passes a stop on to the command.
+    let stop = |child: &mut std::process::Child| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let _ = child.wait();
+    };
+
+    // A restarted daemon holds no lease: it removes the files an earlier one kept.
+    let (mut held, held_dir) = long_running(&d);
+    assert!(held_dir.join("db").exists());
+    d.stop_cleanly();
+    d.launch();
+    d.wait_healthy();
+    assert!(!held_dir.join("db").exists(), "a secret outlived its lease");
+    stop(&mut held);
+
+    // Renewed in place with the newer version, gone at revocation.
+    let (mut child, dir) = long_running(&d);
+    let file = dir.join("db");
+    assert_eq!(fs::read_to_string(&file).unwrap(), planted[0]);
+    ok(&secret(
+        &d,
+        &["put", "agent/reader/db-password"],
+        planted[1].as_bytes(),
+    ));
+    agentwall_tests::wait_for(
+        std::time::Duration::from_secs(20),
+        "the renewed version in the file",
+        || (fs::read_to_string(&file).ok()? == planted[1]).then_some(()),
+    );
+    let r = d.cli(&[
+        "revoke",
+        "spiffe://agentwall.local/agent/reader/prod",
+        "--reason",
+        "test",
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        !file.exists(),
+        "the secret is removed when the revocation returns"
+    );
+    stop(&mut child);
+    agentwall_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "the exec cgroups to go",
+        || exec_cgroups(&d).is_empty().then_some(()),
+    );
+    d.stop_cleanly();
+
+    let leased = records(&d, "secret_leased");
+    assert!(
+        leased
+            .iter()
+            .any(|r| r["renewal"] == true && r["version"] == 2),
+        "{leased:#?}"
+    );
+    assert!(
+        leased.iter().all(|r| r["asker"]
+            .as_str()
+            .unwrap()
+            .starts_with("agentwall exec (cgroup ")),
+        "{leased:#?}"
+    );
+    let ended = records(&d, "secret_lease_ended");
+    assert!(
+        ended
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().starts_with("revoked")),
+        "{ended:#?}"
+    );
+    assert!(
+        ended
+            .iter()
+            .any(|r| r["reason"] == "the agent's command ended"),
+        "{ended:#?}"
+    );
+    assert!(
+        ended.iter().any(|r| r["reason"] == "the launch failed"),
+        "{ended:#?}"
+    );
+    let key = d.audit_key().display().to_string();
+    let audit_dir = d.audit_dir().display().to_string();
+    let all_audit = d.cli(&["audit", "query", &audit_dir, "--key", &key]);
+    for p in &planted {
+        for (what, text) in [
+            ("daemon log", d.log_text()),
+            (
+                "daemon output",
+                fs::read_to_string(d.dir.join("stdout.jsonl")).unwrap_or_default(),
+            ),
+            (
+                "audit log",
+                String::from_utf8_lossy(&all_audit.stdout).into_owned(),
+            ),
+        ] {
+            assert!(
+                !text.contains(p.as_str()),
+                "a secret value is in the {what}"
             );
         }
     }

@@ -41,6 +41,12 @@ pub(super) struct ExecArgs {
     /// Keep a JWT-SVID for this audience (repeatable) fresh in the file AGENTWALL_TOKEN names.
     #[arg(long, requires = "cert")]
     pub audience: Vec<String>,
+    /// Keep the secret PATH in the file NAME of the directory AGENTWALL_SECRETS_DIR names
+    /// (repeatable), as the identity's policy grants it: renewed there before its lease ends,
+    /// removed when the lease ends or the identity is revoked. Never in the environment or
+    /// the command line. Needs --identity or --cert.
+    #[arg(long, value_name = "NAME=PATH", value_parser = name_and_path, conflicts_with_all = ["policy", "self_enroll"])]
+    pub secret: Vec<(String, String)>,
     /// Pass descriptors 3 .. 3+N to the command (systemd's convention); every other
     /// inherited descriptor is closed, so that no socket made outside the cgroup reaches it.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65536))]
@@ -83,8 +89,21 @@ pub(super) fn exec(a: ExecArgs) -> anyhow::Result<ExitCode> {
         exec::Options {
             preserve_fds: a.preserve_fds,
             keep_privileges: a.keep_privileges,
+            secrets: a.secret,
         },
     )?))
+}
+
+/// `--secret NAME=PATH`.
+fn name_and_path(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_owned(), path.to_owned()))
+        }
+        _ => Err(format!(
+            "{s:?}: write NAME=PATH, such as db=agent/reporter/db-password"
+        )),
+    }
 }
 
 /// The hidden step of `exec --cert` inside the new cgroup: enroll, then become the command.

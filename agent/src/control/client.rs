@@ -132,12 +132,14 @@ impl Client {
         policy: Option<String>,
         audience: Vec<String>,
         identity: Option<String>,
+        secrets: Option<crate::daemon::ExecSecrets>,
     ) -> Result<(ExecReady, Lease), ClientError> {
         let mut c = Self::connect(path)?;
         c.send(&Request::ExecBegin {
             policy,
             audience,
             identity,
+            secrets,
         })?;
         match c.recv()? {
             Reply::ExecReady {
@@ -146,6 +148,7 @@ impl Client {
                 enroll,
                 workload,
                 protect,
+                secrets_dir,
             } => Ok((
                 ExecReady {
                     cgroup,
@@ -153,6 +156,7 @@ impl Client {
                     enroll,
                     workload,
                     protect,
+                    secrets_dir,
                 },
                 Lease { _connection: c },
             )),

@@ -41,6 +41,10 @@ pub enum Request {
         /// its policy is bound and the daemon issues its X509-SVID for the Workload API.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         identity: Option<String>,
+        /// Secrets the daemon keeps in the agent's directory, as its identity's policy
+        /// grants them (`agentwall exec --secret`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secrets: Option<crate::daemon::ExecSecrets>,
     },
     /// Reload the policy directory.
     Reload,
@@ -124,6 +128,9 @@ pub enum Reply {
         /// What a command that runs as root must not reach (see `spawn::Confinement`).
         #[serde(default)]
         protect: Protect,
+        /// Where the secrets asked for are kept (`agentwall exec --secret`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secrets_dir: Option<String>,
     },
     Revoked {
         target: String,
@@ -255,6 +262,7 @@ mod tests {
                 policy: Some("web".into()),
                 audience: vec![],
                 identity: None,
+                secrets: None,
             }
         );
         assert_eq!(

@@ -370,9 +370,10 @@ async fn dispatch(
             policy,
             audience,
             identity,
+            secrets,
         } => {
             let ready = daemon
-                .exec_begin(policy.as_deref(), audience, identity.as_deref())
+                .exec_begin(policy.as_deref(), audience, identity.as_deref(), secrets)
                 .await;
             let lease = ready.as_ref().ok().map(|r| r.cgroup_id);
             let written = write(&mut w, &wire::reply(ready)).await;
@@ -549,6 +550,7 @@ mod wire {
                 enroll: r.enroll,
                 workload: r.workload,
                 protect: r.protect,
+                secrets_dir: r.secrets_dir,
             }
         }
     }

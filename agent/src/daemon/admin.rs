@@ -74,6 +74,8 @@ pub enum AdminError {
     Renewal { renewed: usize, failed: Vec<String> },
     #[error(transparent)]
     Secret(crate::secrets::SecretError),
+    #[error("agentwall exec --secret: {0}")]
+    ExecSecret(String),
 }
 
 /// What a revocation did.

@@ -33,6 +33,8 @@ pub struct ExecReady {
     pub enroll: Option<ExecEnroll>,
     pub workload: Option<ExecWorkload>,
     pub protect: Protect,
+    /// Where the secrets asked for are kept (`agentwall exec --secret`).
+    pub secrets_dir: Option<String>,
 }
 
 /// An agent launched under an identity (`agentwall exec --identity`): the identity its cgroup
@@ -95,7 +97,29 @@ impl Daemon {
         policy: Option<&str>,
         audience: Vec<String>,
         identity: Option<&str>,
+        secrets: Option<super::ExecSecrets>,
     ) -> Result<ExecReady, AdminError> {
+        self.check_exec_secrets(secrets.as_ref(), policy, identity)?;
+        // An agent that enrolls with a certificate gets the secrets of that certificate's
+        // identity, which must be valid here now.
+        let enrolling_as = match secrets.as_ref().and_then(|s| s.cert_pem.as_deref()) {
+            Some(pem) if identity.is_none() => {
+                let c = self
+                    .check(pem)
+                    .map_err(|e| AdminError::ExecSecret(e.to_string()))?;
+                if !c.valid {
+                    return Err(AdminError::ExecSecret(format!(
+                        "the agent's certificate is not valid here: {}",
+                        c.message
+                    )));
+                }
+                Some((
+                    c.spiffe_id.unwrap_or_default(),
+                    c.serial.unwrap_or_default(),
+                ))
+            }
+            _ => None,
+        };
         let seq = crate::clock::boot_ns();
         let launched = match identity {
             None => None,
@@ -226,6 +250,56 @@ impl Daemon {
                     }
                     None => None,
                 };
+                let secrets_dir = match &secrets {
+                    None => None,
+                    Some(asked) => {
+                        let who = match (&launched, &enrolling_as) {
+                            (Some((spiffe_id, _, issued)), _) => {
+                                (spiffe_id.to_string(), issued.serial.clone())
+                            }
+                            (None, Some(who)) => who.clone(),
+                            (None, None) => (String::new(), String::new()),
+                        };
+                        let owner = if asked.confined_root {
+                            root_uid.map(|u| (u, u))
+                        } else {
+                            Some((asked.uid, asked.gid))
+                        };
+                        let dir = match &agent_dir {
+                            Some(d) => Ok(d.clone()),
+                            None => crate::agentdir::AgentDir::create(
+                                &self.cfg.identity.agent_dir,
+                                &id.to_string(),
+                            )
+                            .map(|d| d.path().to_path_buf())
+                            .map_err(|e| AdminError::ExecSecret(e.to_string())),
+                        };
+                        let delivered = match (owner, dir) {
+                            (None, _) => Err(AdminError::ExecSecret(
+                                "no uid to give a confined root command's secrets to (exec.root_uids all in use)".into(),
+                            )),
+                            (_, Err(e)) => Err(e),
+                            (Some(owner), Ok(dir)) => {
+                                self.deliver_exec_secrets(
+                                    id,
+                                    (&who.0, &who.1),
+                                    &dir,
+                                    owner,
+                                    &asked.files,
+                                )
+                                .await
+                            }
+                        };
+                        match delivered {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                // The cgroup goes with its lease; nothing runs in it.
+                                self.exec_end(id).await;
+                                return Err(e);
+                            }
+                        }
+                    }
+                };
                 tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, policy, "exec cgroup ready");
                 let enroll = agent_dir.map(|d| ExecEnroll {
                     agent_dir: d.display().to_string(),
@@ -238,6 +312,7 @@ impl Daemon {
                     enroll,
                     workload,
                     protect: self.protect(root_uid),
+                    secrets_dir,
                 })
             }
             Err(e) => {
@@ -271,8 +346,14 @@ impl Daemon {
                 continue;
             }
             self.svids.withdraw(id);
+            self.end_exec_secrets(id, "the agent's command ended");
             if let Some(dir) = self.registry.remove(id).await {
                 let _ = std::fs::remove_dir_all(dir);
+            }
+            // The directory made for the secrets of an agent launched under an identity.
+            let secrets_home = self.cfg.identity.agent_dir.join(id.to_string());
+            if secrets_home.exists() {
+                let _ = std::fs::remove_dir_all(secrets_home);
             }
             self.save_enrollments().await;
             tracing::info!(cgroup = %cg.path().display(), cgroup_id = id, "exec cgroup removed");

@@ -51,7 +51,9 @@ use self::{
 };
 
 pub use self::run::{Frontends, run};
-pub use self::secrets::{FetchRefused, Leased, SecretAsker, SecretKeyRotated, SecretStored};
+pub use self::secrets::{
+    ExecSecret, ExecSecrets, FetchRefused, Leased, SecretAsker, SecretKeyRotated, SecretStored,
+};
 use crate::{
     cgroup::{self, Cgroup},
     config::Config,

@@ -152,6 +152,10 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         pin_dir: daemon.cfg.pin_dir.display().to_string(),
     });
 
+    // Secrets an earlier daemon kept in agents' directories are no longer leased: removed,
+    // so that none outlives a revocation this daemon would not know to act on.
+    daemon.withdraw_unleased_secret_files();
+
     // Events first, so that nothing the start-up triggers goes unreported.
     let names: Arc<dyn Resolve + Send + Sync> = Arc::new(Names(
         Arc::clone(&policies),
@@ -266,7 +270,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     supervisor.spawn("secret-leases", async move {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            leases_daemon.expire_leases();
+            leases_daemon.tend_secret_leases().await;
         }
     });
     let gc_daemon = Arc::clone(&daemon);

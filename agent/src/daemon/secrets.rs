@@ -30,9 +30,73 @@ use crate::{
 pub(crate) struct Secrets {
     store: Arc<Mutex<Option<Arc<LocalStore>>>>,
     leases: Leases,
+    /// Leases whose secret the daemon keeps in an agent's directory, by lease id.
+    delivered: Mutex<std::collections::HashMap<String, Delivery>>,
     /// Fetches and renewals of one identity a second (and their records); past it, refused
     /// and counted into its next record.
     budget: super::decisions::RecordBudget,
+}
+
+/// The secrets `agentwall exec --secret NAME=PATH` asks for, and for whom.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSecrets {
+    pub files: Vec<ExecSecret>,
+    /// For an agent that enrolls with a certificate: that certificate (PEM), whose identity
+    /// the secrets are judged for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_pem: Option<String>,
+    /// The host uid and gid the command runs as (the files' owner).
+    pub uid: u32,
+    pub gid: u32,
+    /// It runs as root, confined: its files belong to the host uid its root maps to.
+    #[serde(default)]
+    pub confined_root: bool,
+}
+
+/// One secret file: its name in the agent's secrets directory, and the secret's path.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSecret {
+    pub name: String,
+    pub path: String,
+}
+
+/// The directory below an agent's that holds its secret files.
+const SECRETS_SUBDIR: &str = "secrets";
+
+/// A secret kept in an agent's directory: renewed there, removed when its lease ends.
+#[derive(Debug, Clone)]
+struct Delivery {
+    cgroup_id: u64,
+    /// The agent's secrets directory, and the file's name in it.
+    dir: std::path::PathBuf,
+    name: String,
+    owner: (u32, u32),
+}
+
+/// Checks the names of `agentwall exec --secret` files: what to fix, if anything.
+fn check_files(files: &[ExecSecret]) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        let ok = !f.name.is_empty()
+            && f.name.len() <= 64
+            && !f.name.starts_with('.')
+            && f.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(format!(
+                "{:?} is not a file name: use letters, digits, `.`, `_` and `-` (not first), at most 64",
+                f.name
+            ));
+        }
+        if !seen.insert(f.name.as_str()) {
+            return Err(format!("{:?} is named twice", f.name));
+        }
+        SecretPath::parse(&f.path).map_err(|e| format!("{}: {e}", f.name))?;
+    }
+    Ok(())
 }
 
 /// An agent that asks for a secret: the identity its certificate proved, that
@@ -263,26 +327,22 @@ impl Daemon {
 
 impl Daemon {
     /// Hands `path`'s newest version to the agent `who`, under a new lease, if its policy
-    /// grants it (`attributes` meet the rule's conditions).
+    /// grants it.
     pub async fn secret_fetch(
         &self,
         who: &SecretAsker,
         path: &str,
-        attributes: BTreeMap<String, String>,
     ) -> Result<Leased, FetchRefused> {
         let path = path.trim();
-        let suppressed = self.secret_admit(who, path)?;
+        let suppressed = self.secret_admit(who)?;
         let parsed = SecretPath::parse(path).map_err(|e| {
             self.secret_denied(who, path, e.to_string(), None, suppressed, |m| {
                 FetchRefused::BadRequest(m)
             })
         })?;
-        let (rule, ttl) =
-            self.secret_judge(who, path, &attributes)
-                .await
-                .map_err(|(why, rule)| {
-                    self.secret_denied(who, path, why, rule, suppressed, FetchRefused::Denied)
-                })?;
+        let (rule, ttl) = self.secret_judge(who, path).await.map_err(|(why, rule)| {
+            self.secret_denied(who, path, why, rule, suppressed, FetchRefused::Denied)
+        })?;
         let secret = self.secret_read(who, &parsed, suppressed).await?;
         let granted = self.secrets.leases.grant(
             Lease {
@@ -292,7 +352,6 @@ impl Daemon {
                 path: path.to_owned(),
                 version: secret.version,
                 rule: rule.clone(),
-                attributes,
                 ttl_seconds: ttl,
                 expires: 0,
             },
@@ -308,14 +367,42 @@ impl Daemon {
                 FetchRefused::TooMany,
             )
         })?;
+        self.revoked_meanwhile(who, &lease, suppressed)?;
         self.secret_leased(who, &lease, false, suppressed);
         Ok(Leased { secret, lease })
     }
 
-    /// Renews lease `id` of the agent `who`: judged again (identity, policy, conditions), and
-    /// with the secret's newest version; a renewal refused by the policy ends the lease.
+    /// A revocation that came while the secret was read (after the judgement, before the
+    /// lease was in the table to be ended) ends the new lease here, and nothing is handed
+    /// out. One that comes later finds the lease in the table.
+    fn revoked_meanwhile(
+        &self,
+        who: &SecretAsker,
+        lease: &Lease,
+        suppressed: Option<crate::audit::schema::Suppressed>,
+    ) -> Result<(), FetchRefused> {
+        match self.identity.check_revoked(&who.spiffe_id, &who.serial) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.secret_end(&lease.id, &format!("revoked: {e}"));
+                Err(self.secret_denied(
+                    who,
+                    &lease.path,
+                    format!("{} is revoked: {e}", who.spiffe_id),
+                    None,
+                    suppressed,
+                    FetchRefused::Denied,
+                ))
+            }
+        }
+    }
+
+    /// Renews lease `id` of the agent `who`: judged again (identity, certificate, policy), and
+    /// with the secret's newest version; a renewal refused by the policy ends the lease. The
+    /// lease takes the serial of the certificate that renewed it, and the rule (and length)
+    /// that grants it now.
     pub async fn secret_renew(&self, who: &SecretAsker, id: &str) -> Result<Leased, FetchRefused> {
-        let suppressed = self.secret_admit(who, "")?;
+        let suppressed = self.secret_admit(who)?;
         let held = self
             .secrets
             .leases
@@ -331,24 +418,34 @@ impl Daemon {
                 )
             })?;
         let path = held.path.clone();
-        if let Err((why, rule)) = self.secret_judge(who, &path, &held.attributes).await {
-            self.secret_end(id, &format!("no longer granted: {why}"));
-            return Err(self.secret_denied(
-                who,
-                &path,
-                why,
-                rule,
-                suppressed,
-                FetchRefused::Denied,
-            ));
-        }
+        let (rule, ttl) = match self.secret_judge(who, &path).await {
+            Ok(granted) => granted,
+            Err((why, rule)) => {
+                self.secret_end(id, &format!("no longer granted: {why}"));
+                return Err(self.secret_denied(
+                    who,
+                    &path,
+                    why,
+                    rule,
+                    suppressed,
+                    FetchRefused::Denied,
+                ));
+            }
+        };
         let parsed =
             SecretPath::parse(&path).map_err(|e| FetchRefused::BadRequest(e.to_string()))?;
         let secret = self.secret_read(who, &parsed, suppressed).await?;
+        let renewed = lease::Renewal {
+            identity: &who.spiffe_id,
+            serial: &who.serial,
+            rule: &rule,
+            ttl_seconds: ttl,
+            version: secret.version,
+        };
         let lease = self
             .secrets
             .leases
-            .renew(id, &who.spiffe_id, secret.version, lease::now_secs())
+            .renew(id, renewed, lease::now_secs())
             .map_err(|e: LeaseError| {
                 self.secret_denied(
                     who,
@@ -359,6 +456,7 @@ impl Daemon {
                     FetchRefused::NotFound,
                 )
             })?;
+        self.revoked_meanwhile(who, &lease, suppressed)?;
         self.secret_leased(who, &lease, true, suppressed);
         Ok(Leased { secret, lease })
     }
@@ -368,13 +466,19 @@ impl Daemon {
         self.secrets.leases.list()
     }
 
-    /// Ends the leases of identities and certificates now revoked: at the revocation.
-    pub(super) fn end_revoked_leases(&self) {
+    /// Ends the leases of identities and certificates now revoked, and those the daemon
+    /// keeps in the directories of `cgroups` (whose binding was revoked): at the revocation.
+    pub(super) fn end_revoked_leases(&self, cgroups: &[u64]) {
         let identity = &self.identity;
-        let ended = self
-            .secrets
-            .leases
-            .end_where(|l| identity.check_revoked(&l.identity, &l.serial).is_err());
+        let in_cgroups: std::collections::HashSet<String> = self
+            .delivered()
+            .iter()
+            .filter(|(_, d)| cgroups.contains(&d.cgroup_id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let ended = self.secrets.leases.end_where(|l| {
+            in_cgroups.contains(&l.id) || identity.check_revoked(&l.identity, &l.serial).is_err()
+        });
         for l in ended {
             let why = match identity.check_revoked(&l.identity, &l.serial) {
                 Err(e) => format!("revoked: {e}"),
@@ -398,6 +502,10 @@ impl Daemon {
     }
 
     fn lease_ended(&self, l: &Lease, reason: String) {
+        let delivered = self.delivered().remove(&l.id);
+        if let Some(d) = delivered {
+            self.withdraw_file(&d);
+        }
         self.audit.record(&AuditRecord::SecretLeaseEnded {
             identity: l.identity.clone(),
             path: l.path.clone(),
@@ -411,12 +519,10 @@ impl Daemon {
     fn secret_admit(
         &self,
         who: &SecretAsker,
-        path: &str,
     ) -> Result<Option<crate::audit::schema::Suppressed>, FetchRefused> {
         match self.secrets.budget.admit(&who.spiffe_id, false) {
             Some(held) => Ok(held),
             None => {
-                let _ = path;
                 self.count_error("secret_requests_over_budget");
                 Err(FetchRefused::TooMany(format!(
                     "{} asks for secrets too often; slow down (fetch once, renew the lease as it nears its end)",
@@ -427,12 +533,11 @@ impl Daemon {
     }
 
     /// Whether the agent's identity stands (trusted, not revoked) and its policy grants read
-    /// on `path` with `attributes`: the granting rule and the lease's length, or why not.
+    /// on `path`: the granting rule and the lease's length, or why not.
     async fn secret_judge(
         &self,
         who: &SecretAsker,
         path: &str,
-        attributes: &BTreeMap<String, String>,
     ) -> Result<(String, u64), (String, Option<String>)> {
         if let Err(e) = self.identity.check_revoked(&who.spiffe_id, &who.serial) {
             return Err((format!("{} is revoked: {e}", who.spiffe_id), None));
@@ -444,7 +549,7 @@ impl Daemon {
         let q = Query {
             resource: format!("secret:{path}"),
             action: "read".into(),
-            attributes: attributes.clone(),
+            attributes: BTreeMap::new(),
         };
         let (answer, ttl) = self.judge(&policy, &q, &who.spiffe_id, &who.spiffe_id);
         if !answer.allow {
@@ -529,5 +634,194 @@ impl Daemon {
             suppressed,
         });
         kind(why)
+    }
+}
+
+impl Daemon {
+    fn delivered(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Delivery>> {
+        self.secrets
+            .delivered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks what `agentwall exec --secret` asks for before a cgroup is made.
+    pub(super) fn check_exec_secrets(
+        &self,
+        asked: Option<&ExecSecrets>,
+        policy: Option<&str>,
+        identity: Option<&str>,
+    ) -> Result<(), AdminError> {
+        let Some(asked) = asked else { return Ok(()) };
+        check_files(&asked.files).map_err(AdminError::ExecSecret)?;
+        if identity.is_none() && (policy.is_some() || asked.cert_pem.is_none()) {
+            return Err(AdminError::ExecSecret(
+                "secrets are handed to an identity: launch with --identity ID, or --cert and --key"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands the secrets asked for to the agent of exec cgroup `cgroup_id`, as files of
+    /// `agent_dir/secrets` (made here), each under a lease of `spiffe_id` (certificate
+    /// `serial`); returns that directory. None is kept unless all are: on a refusal the
+    /// leases granted so far end and their files go.
+    pub(super) async fn deliver_exec_secrets(
+        &self,
+        cgroup_id: u64,
+        who: (&str, &str),
+        agent_dir: &std::path::Path,
+        owner: (u32, u32),
+        files: &[ExecSecret],
+    ) -> Result<String, AdminError> {
+        let r = self
+            .deliver_all(cgroup_id, who, agent_dir, owner, files)
+            .await;
+        if r.is_err() {
+            self.end_exec_secrets(cgroup_id, "the launch failed");
+        }
+        r
+    }
+
+    async fn deliver_all(
+        &self,
+        cgroup_id: u64,
+        (spiffe_id, serial): (&str, &str),
+        agent_dir: &std::path::Path,
+        owner: (u32, u32),
+        files: &[ExecSecret],
+    ) -> Result<String, AdminError> {
+        let dir = crate::agentdir::AgentDir::create(agent_dir, SECRETS_SUBDIR)
+            .map_err(|e| AdminError::ExecSecret(e.to_string()))?;
+        let who = SecretAsker {
+            spiffe_id: spiffe_id.to_owned(),
+            serial: serial.to_owned(),
+            detail: format!("agentwall exec (cgroup {cgroup_id})"),
+        };
+        for f in files {
+            let leased = self.secret_fetch(&who, &f.path).await.map_err(|e| {
+                AdminError::ExecSecret(format!("{} ({}) for {spiffe_id}: {e}", f.name, f.path))
+            })?;
+            // Recorded first: the lease's end, whatever ends it, removes the file.
+            self.delivered().insert(
+                leased.lease.id.clone(),
+                Delivery {
+                    cgroup_id,
+                    dir: dir.path().to_path_buf(),
+                    name: f.name.clone(),
+                    owner,
+                },
+            );
+            dir.write(&f.name, leased.secret.value.expose(), 0o400, owner)
+                .map_err(|e| AdminError::ExecSecret(format!("{}: {e}", f.name)))?;
+        }
+        Ok(dir.path().display().to_string())
+    }
+
+    /// Ends the leases kept in the directory of exec cgroup `cgroup_id` (its command ended,
+    /// or its launch failed); their files go.
+    pub(super) fn end_exec_secrets(&self, cgroup_id: u64, why: &str) {
+        let ids: Vec<String> = self
+            .delivered()
+            .iter()
+            .filter(|(_, d)| d.cgroup_id == cgroup_id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.secret_end(&id, why);
+        }
+    }
+
+    /// Renews the secrets kept in agents' directories whose lease has a third or less to
+    /// go (the file is rewritten when a newer version was put), then ends the leases whose
+    /// time is up. A renewal is refused, and the lease ends, when the agent's cgroup no longer
+    /// holds the identity (revoked, quarantined, gone) or the policy no longer grants it.
+    pub(super) async fn tend_secret_leases(&self) {
+        let now = lease::now_secs();
+        let delivered = self.delivered().clone();
+        let due: Vec<(Lease, Delivery)> = self
+            .secrets
+            .leases
+            .list()
+            .into_iter()
+            .filter(|l| l.expires <= now + l.ttl_seconds / 3)
+            .filter_map(|l| delivered.get(&l.id).cloned().map(|d| (l, d)))
+            .collect();
+        for (l, d) in due {
+            // Renewed with the certificate the cgroup holds now (the daemon renews it too).
+            let serial = match self.registry.caller(d.cgroup_id).await {
+                Some((_, Some(b), false))
+                    if !b.revoked && !b.cut_by(&self.identity) && b.spiffe_id == l.identity =>
+                {
+                    b.serial
+                }
+                _ => {
+                    self.secret_end(&l.id, "the agent's cgroup no longer holds the identity");
+                    continue;
+                }
+            };
+            let who = SecretAsker {
+                spiffe_id: l.identity.clone(),
+                serial,
+                detail: format!("agentwall exec (cgroup {})", d.cgroup_id),
+            };
+            // A refusal by the policy ends the lease (and its file); any other refusal (the
+            // store unreadable, too many requests) is tried again, until the lease runs out.
+            if let Ok(leased) = self.secret_renew(&who, &l.id).await
+                && leased.secret.version != l.version
+            {
+                let written = crate::agentdir::AgentDir::open(&d.dir).and_then(|dir| {
+                    dir.write(&d.name, leased.secret.value.expose(), 0o400, d.owner)
+                });
+                if let Err(e) = written {
+                    tracing::error!(error = %e, file = %d.dir.join(&d.name).display(), "cannot write a renewed secret into an agent's directory; its lease ends");
+                    self.count_error("secret_delivery");
+                    self.secret_end(
+                        &l.id,
+                        &format!("the renewed secret could not be written: {e}"),
+                    );
+                }
+            }
+        }
+        self.expire_leases();
+    }
+
+    /// Removes a delivered secret's file.
+    fn withdraw_file(&self, d: &Delivery) {
+        let removed = crate::agentdir::AgentDir::open(&d.dir).and_then(|dir| dir.remove(&d.name));
+        // Gone with its directory is fine; anything else is told.
+        if let Err(e) = removed
+            && d.dir.exists()
+        {
+            tracing::error!(error = %e, file = %d.dir.join(&d.name).display(), "cannot remove an ended secret from an agent's directory");
+            self.count_error("secret_withdraw");
+        }
+    }
+
+    /// At start: removes the secrets directories of agents (`agentwall exec --secret`) that an
+    /// earlier daemon filled; it held their leases in memory, this one holds none.
+    pub(super) fn withdraw_unleased_secret_files(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.identity.agent_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            // Agents' directories are the daemon's; a link here is not one of them.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = entry.path().join(SECRETS_SUBDIR);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::warn!(dir = %dir.display(), "secrets an earlier daemon kept for an agent were removed: their leases ended with it; launch the agent again to get them")
+                    }
+                    Err(e) => {
+                        tracing::error!(dir = %dir.display(), error = %e, "cannot remove the secrets an earlier daemon kept for an agent");
+                        self.count_error("secret_withdraw");
+                    }
+                }
+            }
+        }
     }
 }

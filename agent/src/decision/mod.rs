@@ -119,8 +119,6 @@ impl CallerJson {
 #[serde(deny_unknown_fields)]
 struct FetchRequest {
     path: String,
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
 }
 
 /// `POST /v1/secrets/renew`.
@@ -676,25 +674,7 @@ async fn secrets(
     };
     let leased = if route == "/v1/secrets/fetch" {
         match serde_json::from_slice::<FetchRequest>(body) {
-            Ok(r) if r.attributes.len() > MAX_ATTRIBUTES => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("more than {MAX_ATTRIBUTES} attributes"),
-                );
-            }
-            Ok(r)
-                if r.attributes.iter().any(|(k, v)| {
-                    k.len() > MAX_ATTRIBUTE_NAME || v.len() > MAX_ATTRIBUTE_VALUE
-                }) =>
-            {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        "attribute names are at most {MAX_ATTRIBUTE_NAME} bytes and values {MAX_ATTRIBUTE_VALUE}"
-                    ),
-                );
-            }
-            Ok(r) => daemon.secret_fetch(&who, &r.path, r.attributes).await,
+            Ok(r) => daemon.secret_fetch(&who, &r.path).await,
             Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
         }
     } else {

@@ -361,7 +361,7 @@ policy:
     - resource: secret:agent/pipe/*
       lease: 2m
     - resource: secret:shared/*/api-key
-      conditions: { purpose: [report] }
+      when: { hours: \"08:00-18:00\" }
 ---
 policy:
   name: learner
@@ -378,16 +378,20 @@ policy:
         assert_eq!(c.rules[0].access.as_ref().unwrap().actions, ["read"]);
         assert!(!ask("pipe", &q("secret:agent/pipeline/db", "read", &[])).allow);
         assert!(!ask("pipe", &q("secret:agent/pipe/db", "write", &[])).allow);
-        let a = ask(
-            "pipe",
-            &q("secret:shared/x/api-key", "read", &[("purpose", "report")]),
-        );
+        let a = ask("pipe", &q("secret:shared/x/api-key", "read", &[]));
         assert!(a.allow, "{a:?}");
-        let a = ask(
+        let night: Timestamp = "2026-12-07T20:00:00Z".parse().unwrap();
+        let a = decide(
+            &c,
             "pipe",
-            &q("secret:shared/x/api-key", "read", &[("purpose", "other")]),
+            &q("secret:shared/x/api-key", "read", &[]),
+            night,
+            |_, _| true,
         );
-        assert!(!a.allow, "{a:?}");
+        assert!(
+            !a.allow && a.reason.starts_with("outside the rule's window"),
+            "{a:?}"
+        );
         // The audit-mode policy is told what would be denied, and gets nothing.
         let a = ask("learner", &q("secret:other/key", "read", &[]));
         assert!(!a.allow && !a.audit, "{a:?}");
@@ -405,6 +409,11 @@ policy:
                 "grants read only",
             ),
             ("secret:a\n      mode: audit", "mode", "takes no mode"),
+            (
+                "secret:a\n      conditions: { purpose: [x] }",
+                "conditions",
+                "takes no conditions",
+            ),
             (
                 "secret:a\n      lease: 2s",
                 "lease",

@@ -770,6 +770,12 @@ fn check_rule(c: &mut Checker<'_>, field: &str, raw: RawRule) -> Option<Checked>
                     "a secret: rule takes no mode: no secret is handed out on a would-be grant; remove it".into(),
                 );
             }
+            if !access.conditions.is_empty() {
+                c.problem(
+                    format!("{field}.conditions"),
+                    "a secret: rule takes no conditions: the agent that fetches would vouch for them itself; grant the paths by identity (one policy per identity)".into(),
+                );
+            }
             let mut access = access;
             if access.actions.is_empty() {
                 access.actions.push("read".into());

@@ -7,7 +7,7 @@
 //! is refused new leases (it cannot push out those of others).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::Mutex,
     time::{Duration, SystemTime},
 };
@@ -40,11 +40,8 @@ pub struct Lease {
     pub serial: String,
     pub path: String,
     pub version: u32,
-    /// The rule that granted it (`file:line`).
+    /// The rule that granted it, at the fetch or the last renewal (`file:line`).
     pub rule: String,
-    /// The attributes the fetch gave (a renewal is judged with them again).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub attributes: BTreeMap<String, String>,
     /// Its length, in seconds, as the rule names it.
     pub ttl_seconds: u64,
     /// When it ends, in seconds since the epoch (UTC).
@@ -59,6 +56,16 @@ impl Lease {
         )
         .to_string()
     }
+}
+
+/// A renewal as judged: who asked, with which certificate, what grants it now.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal<'a> {
+    pub identity: &'a str,
+    pub serial: &'a str,
+    pub rule: &'a str,
+    pub ttl_seconds: u64,
+    pub version: u32,
 }
 
 /// Why a lease could not be granted or renewed.
@@ -155,22 +162,21 @@ impl Leases {
             .ok_or_else(|| LeaseError::Unknown { id: short(id) })
     }
 
-    /// Extends lease `id` of `identity` by its TTL from `now`, at `version`.
-    pub fn renew(
-        &self,
-        id: &str,
-        identity: &str,
-        version: u32,
-        now: u64,
-    ) -> Result<Lease, LeaseError> {
+    /// Renews lease `id` of `renewed.identity` from `now`, as judged again: the certificate
+    /// that asked (its serial), the rule that grants it now and that rule's length, the
+    /// version handed out.
+    pub fn renew(&self, id: &str, renewed: Renewal<'_>, now: u64) -> Result<Lease, LeaseError> {
         let mut t = self.table();
         let lease = t
             .by_id
             .get_mut(id)
-            .filter(|l| l.identity == identity && l.expires > now)
+            .filter(|l| l.identity == renewed.identity && l.expires > now)
             .ok_or_else(|| LeaseError::Unknown { id: short(id) })?;
-        lease.expires = now.saturating_add(lease.ttl_seconds);
-        lease.version = version;
+        renewed.serial.clone_into(&mut lease.serial);
+        renewed.rule.clone_into(&mut lease.rule);
+        lease.ttl_seconds = renewed.ttl_seconds;
+        lease.version = renewed.version;
+        lease.expires = now.saturating_add(renewed.ttl_seconds);
         Ok(lease.clone())
     }
 
@@ -222,7 +228,6 @@ mod tests {
             path: "a/b".into(),
             version: 1,
             rule: "p.yaml:3".into(),
-            attributes: BTreeMap::new(),
             ttl_seconds: 60,
             expires: 0,
         }
@@ -235,13 +240,26 @@ mod tests {
         assert_eq!(a.id.len(), 32);
         assert_eq!(a.expires, 1060);
         // Another identity cannot renew it, nor learn that it exists.
-        let e = t.renew(&a.id, "spiffe://d/b", 1, 1010).unwrap_err();
+        let by = |identity, serial, ttl_seconds| Renewal {
+            identity,
+            serial,
+            rule: "p.yaml:9",
+            ttl_seconds,
+            version: 2,
+        };
+        let e = t
+            .renew(&a.id, by("spiffe://d/b", "01", 60), 1010)
+            .unwrap_err();
         assert!(matches!(e, LeaseError::Unknown { .. }), "{e}");
-        let r = t.renew(&a.id, "spiffe://d/a", 2, 1030).unwrap();
-        assert_eq!((r.expires, r.version), (1090, 2));
+        // Renewed as judged now: the certificate that asked, the rule and its length.
+        let r = t.renew(&a.id, by("spiffe://d/a", "02", 30), 1030).unwrap();
+        assert_eq!(
+            (r.expires, r.version, r.serial.as_str(), r.rule.as_str()),
+            (1060, 2, "02", "p.yaml:9")
+        );
         // Past its end it cannot be renewed, and the sweep ends it.
-        assert!(t.renew(&a.id, "spiffe://d/a", 2, 1090).is_err());
-        assert_eq!(t.expire(1090).len(), 1);
+        assert!(t.renew(&a.id, by("spiffe://d/a", "02", 30), 1060).is_err());
+        assert_eq!(t.expire(1060).len(), 1);
         assert!(t.is_empty());
         let b = t.grant(lease("spiffe://d/b"), 1000).unwrap();
         let c = t.grant(lease("spiffe://d/c"), 1000).unwrap();

@@ -215,14 +215,14 @@ impl Daemon {
                 );
             }
         }
-        // Its secret leases end now: no renewal is granted from here on.
-        self.end_revoked_leases();
         // The kernel first: new connects are denied from here on. Then the open sockets are
         // cut, and only then is the list made durable (a sync, about a millisecond here): a
         // connect already in flight is ended at once rather than after the sync. The command
         // reports success only once the list is durable.
         let (cgroups, failed) = self.enforce_revocations().await;
         let in_kernel_us = started.elapsed().as_micros();
+        // Its secret leases end now, and the secrets kept in its agents' directories go.
+        self.end_revoked_leases(&cgroups);
         // In the kernel: the rest is ordinary work (on the admin thread, done here at normal
         // priority, without waking another thread that could take an agent's CPU).
         let _down = crate::sched::step_down();
