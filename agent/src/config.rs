@@ -209,6 +209,8 @@ pub struct SecretsConfig {
     pub key_file: PathBuf,
     /// The store's directory (default: `<state dir>/secrets`).
     pub dir: Option<PathBuf>,
+    /// Databases whose credentials are issued per lease (`database/SERVICE`).
+    pub databases: Vec<crate::secrets::postgres::DatabaseConfig>,
 }
 
 impl Default for SecretsConfig {
@@ -216,6 +218,7 @@ impl Default for SecretsConfig {
         Self {
             key_file: PathBuf::from(defaults::SECRETS_KEY),
             dir: None,
+            databases: Vec::new(),
         }
     }
 }
@@ -631,6 +634,19 @@ impl Config {
                           (readers of the audit log hold that one)"
                     .into(),
             });
+        }
+        let mut services = std::collections::BTreeSet::new();
+        for db in &self.secrets.databases {
+            db.check().map_err(|message| ConfigError::Invalid {
+                field: "secrets.databases",
+                message,
+            })?;
+            if !services.insert(db.service.as_str()) {
+                return Err(ConfigError::Invalid {
+                    field: "secrets.databases",
+                    message: format!("{} is listed twice", db.service),
+                });
+            }
         }
         for url in &self.fleet.etcd {
             let rest = url.strip_prefix("http://").unwrap_or_default();

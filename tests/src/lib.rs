@@ -9,6 +9,7 @@
 )]
 
 pub mod etcd;
+pub mod postgres;
 
 use std::{
     fs,

@@ -312,6 +312,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // The fleet's tests run etcd on loopback, and write to it as any writer could.
     ("/usr/bin/etcd", "etcd-server"),
     ("/usr/bin/etcdctl", "etcd-client"),
+    // The secret store's database engine issues roles in a real PostgreSQL on loopback.
+    ("/usr/bin/psql", "postgresql-client"),
+    ("/usr/lib/postgresql/15/bin/initdb", "postgresql"),
     // The systemd unit's tests: its score, its system-call groups and the syscall numbers
     // the sandbox builds its filter from.
     ("/usr/bin/systemd-analyze", "systemd"),

@@ -285,6 +285,9 @@ pub enum AuditRecord {
         rule: String,
         renewal: bool,
         asker: String,
+        /// For a lease on a database: the login role made for it.
+        #[serde(skip_serializing_if = "none")]
+        role: Option<String>,
         /// Requests of this identity refused since its last record for coming too fast.
         #[serde(skip_serializing_if = "none")]
         suppressed: Option<Suppressed>,
@@ -307,6 +310,8 @@ pub enum AuditRecord {
         path: String,
         version: u32,
         lease: String,
+        #[serde(skip_serializing_if = "none")]
+        role: Option<String>,
         reason: String,
     },
     /// A kernel verdict (stored compact, read back as this JSON: see `record`).
@@ -683,6 +688,7 @@ mod tests {
                 rule: s("p.yaml:4"),
                 renewal: false,
                 asker: s("spiffe://d/a"),
+                role: Some(s("aw_00ff")),
                 suppressed: Some(Suppressed {
                     allowed: 0,
                     denied: 1,
@@ -704,6 +710,7 @@ mod tests {
                 path: s("a/b"),
                 version: 1,
                 lease: s("00ff"),
+                role: Some(s("aw_00ff")),
                 reason: s("expired"),
             },
             R::Verdict(Box::new(verdict)),

@@ -14,6 +14,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+mod databases;
+
 use super::{AdminError, Daemon};
 use crate::{
     audit::schema::AuditRecord,
@@ -32,6 +34,8 @@ pub(crate) struct Secrets {
     leases: Leases,
     /// Leases whose secret the daemon keeps in an agent's directory, by lease id.
     delivered: Mutex<std::collections::HashMap<String, Delivery>>,
+    /// The roles of leases on databases.
+    databases: databases::Databases,
     /// Fetches and renewals of one identity a second (and their records); past it, refused
     /// and counted into its next record.
     budget: super::decisions::RecordBudget,
@@ -340,6 +344,9 @@ impl Daemon {
                 FetchRefused::BadRequest(m)
             })
         })?;
+        if let Some(db) = self.database_of(path) {
+            return self.database_fetch(who, &parsed, db, suppressed).await;
+        }
         let (rule, ttl) = self.secret_judge(who, path).await.map_err(|(why, rule)| {
             self.secret_denied(who, path, why, rule, suppressed, FetchRefused::Denied)
         })?;
@@ -354,6 +361,7 @@ impl Daemon {
                 rule: rule.clone(),
                 ttl_seconds: ttl,
                 expires: 0,
+                role: None,
             },
             lease::now_secs(),
         );
@@ -418,6 +426,13 @@ impl Daemon {
                 )
             })?;
         let path = held.path.clone();
+        let parsed =
+            SecretPath::parse(&path).map_err(|e| FetchRefused::BadRequest(e.to_string()))?;
+        if let Some(db) = self.database_of(&path) {
+            return self
+                .database_renew(who, held, &parsed, db, suppressed)
+                .await;
+        }
         let (rule, ttl) = match self.secret_judge(who, &path).await {
             Ok(granted) => granted,
             Err((why, rule)) => {
@@ -432,8 +447,6 @@ impl Daemon {
                 ));
             }
         };
-        let parsed =
-            SecretPath::parse(&path).map_err(|e| FetchRefused::BadRequest(e.to_string()))?;
         let secret = self.secret_read(who, &parsed, suppressed).await?;
         let renewed = lease::Renewal {
             identity: &who.spiffe_id,
@@ -506,11 +519,13 @@ impl Daemon {
         if let Some(d) = delivered {
             self.withdraw_file(&d);
         }
+        self.database_lease_ended(&l.id);
         self.audit.record(&AuditRecord::SecretLeaseEnded {
             identity: l.identity.clone(),
             path: l.path.clone(),
             version: l.version,
             lease: l.id.clone(),
+            role: l.role.clone(),
             reason,
         });
     }
@@ -611,6 +626,7 @@ impl Daemon {
             rule: l.rule.clone(),
             renewal,
             asker: who.detail.clone(),
+            role: l.role.clone(),
             suppressed,
         });
     }
@@ -785,6 +801,7 @@ impl Daemon {
             }
         }
         self.expire_leases();
+        self.drop_pending_roles().await;
     }
 
     /// Removes a delivered secret's file.

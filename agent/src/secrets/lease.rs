@@ -46,6 +46,9 @@ pub struct Lease {
     pub ttl_seconds: u64,
     /// When it ends, in seconds since the epoch (UTC).
     pub expires: u64,
+    /// For a lease on a database: the login role made for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl Lease {
@@ -230,6 +233,7 @@ mod tests {
             rule: "p.yaml:3".into(),
             ttl_seconds: 60,
             expires: 0,
+            role: None,
         }
     }
 

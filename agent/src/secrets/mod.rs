@@ -12,6 +12,7 @@
 
 pub mod lease;
 pub mod local;
+pub mod postgres;
 
 use std::fmt;
 

@@ -223,6 +223,8 @@ impl Daemon {
         let in_kernel_us = started.elapsed().as_micros();
         // Its secret leases end now, and the secrets kept in its agents' directories go.
         self.end_revoked_leases(&cgroups);
+        // Their database roles are dropped, their sessions ended, before the command returns.
+        self.drop_pending_roles().await;
         // In the kernel: the rest is ordinary work (on the admin thread, done here at normal
         // priority, without waking another thread that could take an agent's CPU).
         let _down = crate::sched::step_down();

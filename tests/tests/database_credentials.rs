@@ -1,0 +1,340 @@
+//! Short-lived database credentials against a real PostgreSQL on loopback: an agent's lease
+//! on `database/analytics-db` is a login role of its own with SELECT on the tables its policy
+//! lists; it reads them, cannot write or read others, and cannot log in once its identity is
+//! revoked or its lease ran out. Root, one at a time.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a failed step fails the test with its message"
+)]
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::TcpListener,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use agentwall_tests::{
+    TestDaemon, agentwall_bin, free_port, lines,
+    postgres::{ADMIN_PASSWORD, TestPostgres},
+    serial, wait_for,
+};
+
+fn secret_put(d: &TestDaemon, path: &str, value: &str) {
+    let mut child = Command::new(agentwall_bin())
+        .args(["secret", "put", path])
+        .env("AGENTWALL_SOCKET", d.dir.join("admin.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+}
+
+/// The audit records of `kind`.
+fn records(d: &TestDaemon, kind: &str) -> Vec<serde_json::Value> {
+    let key = d.audit_key().display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let o = d.cli(&["audit", "query", &dir, "--key", &key, "--kind", kind]);
+    assert!(o.status.success(), "{o:?}");
+    lines(&o)
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+        .collect()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fetches `database/analytics-db` with the example client as `svid` (a plain process):
+/// the credential, as the client hands it to what uses it (a listener here), and the lease.
+fn fetch_credential(
+    d: &TestDaemon,
+    svid: &(String, String),
+    address: &str,
+) -> (String, serde_json::Value) {
+    let script = d.dir.join("secret_agent.py");
+    if !script.exists() {
+        fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/secret_agent.py"),
+            &script,
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let used = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        got
+    });
+    let o = Command::new("python3")
+        .arg(&script)
+        .args(["--address", address, "database/analytics-db", "--send", &to])
+        .env("AGENTWALL_SVID", &svid.0)
+        .env("AGENTWALL_SVID_KEY", &svid.1)
+        .env(
+            "AGENTWALL_BUNDLE",
+            Path::new(&svid.0).with_file_name("bundle.pem"),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let said: serde_json::Value = serde_json::from_str(lines(&o).first().unwrap()).unwrap();
+    (used.join().unwrap(), said)
+}
+
+#[test]
+fn agents_get_short_lived_database_roles_with_their_policys_grants() {
+    let _s = serial();
+    let mut d = TestDaemon::prepare(&[], Some(""));
+    let pg = TestPostgres::start(&d.dir);
+    let o = pg.admin("postgres", "CREATE DATABASE analytics");
+    assert!(o.status.success(), "{o:?}");
+    let o = pg.admin(
+        "analytics",
+        "CREATE TABLE events (id int); CREATE TABLE sessions (id int); CREATE TABLE users (id int, secret text); \
+         INSERT INTO events VALUES (1), (2), (3); INSERT INTO sessions VALUES (7); INSERT INTO users VALUES (1, 'x');",
+    );
+    assert!(o.status.success(), "{o:?}");
+
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let catalog = format!(
+        "service:\n  name: analytics-db\n  endpoints:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+        pg.port
+    );
+    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events, sessions] }\n";
+    let outsider = "policy:\n  name: outsider\n  identity: agent/outsider/prod\n";
+    for (f, t) in [
+        ("catalog.yaml", catalog.as_str()),
+        ("reader.yaml", reader),
+        ("outsider.yaml", outsider),
+    ] {
+        d.write_policy(f, t);
+    }
+    let key_file = d.dir.join("keys").join("secrets.key");
+    fs::write(
+        d.dir.join("agentwall.yaml"),
+        format!(
+            "secrets:\n  key_file: {}\n  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n      ttl: 10s\ndecision:\n  listen: {address}\n",
+            key_file.display(),
+            pg.port
+        ),
+    )
+    .unwrap();
+    d.launch();
+    d.wait_healthy();
+    secret_put(&d, "agentwall/databases/analytics-db", ADMIN_PASSWORD);
+    let reader_svid = d.issue("agent/reader/prod", "10m");
+    let outsider_svid = d.issue("agent/outsider/prod", "10m");
+
+    // The agent, confined under its identity, gets a role of its own as a file and uses it:
+    // it reads the tables its policy lists, and nothing else.
+    let exec = |script: &str| {
+        Command::new(d.world_copy(&agentwall_bin()))
+            .arg("exec")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args([
+                "--identity",
+                "agent/reader/prod",
+                "--secret",
+                "db=database/analytics-db",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap()
+    };
+    let psql = "psql -X -q -t -A -v ON_ERROR_STOP=1 \"$(cat \"$AGENTWALL_SECRETS_DIR/db\")\"";
+    let o = exec(&format!(
+        "{psql} -c 'SELECT count(*) FROM events' && {psql} -c 'SELECT count(*) FROM sessions'"
+    ));
+    assert!(o.status.success(), "{o:?} {}", pg.log());
+    assert_eq!(stdout(&o), "3\n1");
+    let o = exec(&format!("{psql} -c 'SELECT * FROM users'"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("permission denied for table users"),
+        "{o:?}"
+    );
+    let o = exec(&format!("{psql} -c 'INSERT INTO events VALUES (4)'"));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("permission denied for table events"),
+        "{o:?}"
+    );
+
+    // An identity whose policy names no tables of the database gets nothing.
+    let script = d.dir.join("secret_agent.py");
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/secret_agent.py"),
+        &script,
+    )
+    .unwrap();
+    let o = Command::new("python3")
+        .arg(&script)
+        .args(["--address", &address, "database/analytics-db"])
+        .env("AGENTWALL_SVID", &outsider_svid.0)
+        .env("AGENTWALL_SVID_KEY", &outsider_svid.1)
+        .env(
+            "AGENTWALL_BUNDLE",
+            Path::new(&outsider_svid.0).with_file_name("bundle.pem"),
+        )
+        .output()
+        .unwrap();
+    let said: serde_json::Value = serde_json::from_str(lines(&o).first().unwrap()).unwrap();
+    assert_eq!(said["status"], 403, "{said}");
+    assert!(
+        said["error"].as_str().unwrap().starts_with(
+            "no rule of policy \"outsider\" grants read or write on tables of service:analytics-db"
+        ),
+        "{said}"
+    );
+
+    // A role ends with its lease: not renewed, it is dropped within a second of its end.
+    let (uri, said) = fetch_credential(&d, &reader_svid, &address);
+    assert_eq!(said["lease"]["ttl_seconds"], 10, "{said}");
+    let role = uri
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(role.starts_with("aw_"), "{role}");
+    let o = pg.psql(&uri, "SELECT count(*) FROM events");
+    assert_eq!(stdout(&o), "3", "{o:?}");
+    wait_for(Duration::from_secs(20), "the role to be dropped", || {
+        let o = pg.admin(
+            "analytics",
+            &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"),
+        );
+        (stdout(&o) == "0").then_some(())
+    });
+    let o = pg.psql(&uri, "SELECT 1");
+    assert!(!o.status.success(), "an expired role logs in: {o:?}");
+
+    // Revoked: the role is dropped, and its open session ended, before the command returns.
+    let (uri, _) = fetch_credential(&d, &reader_svid, &address);
+    let role = uri
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut session = Command::new("psql")
+        .args(["-X", "-q", "-t", "-A", &uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut session_in = session.stdin.take().unwrap();
+    writeln!(session_in, "SELECT 'connected';").unwrap();
+    wait_for(Duration::from_secs(10), "the session to connect", || {
+        let o = pg.admin(
+            "analytics",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"),
+        );
+        (stdout(&o) == "1").then_some(())
+    });
+    let r = d.cli(&[
+        "revoke",
+        "spiffe://agentwall.local/agent/reader/prod",
+        "--reason",
+        "test",
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    let o = pg.psql(&uri, "SELECT 1");
+    assert!(!o.status.success(), "a revoked agent's role logs in: {o:?}");
+    let o = pg.admin(
+        "analytics",
+        &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"),
+    );
+    assert_eq!(stdout(&o), "0", "the role is dropped");
+    writeln!(session_in, "SELECT 'still here';").unwrap();
+    drop(session_in);
+    let out = session.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("still here"),
+        "the revoked role's session went on: {out:?}"
+    );
+    d.stop_cleanly();
+
+    let leased = records(&d, "secret_leased");
+    assert!(
+        leased.iter().all(|r| r["path"] == "database/analytics-db"
+            && r["role"].as_str().is_some_and(|n| n.starts_with("aw_"))),
+        "{leased:#?}"
+    );
+    let ended = records(&d, "secret_lease_ended");
+    assert!(ended.iter().any(|r| r["reason"] == "expired"), "{ended:#?}");
+    assert!(
+        ended
+            .iter()
+            .any(|r| r["role"] == role.as_str()
+                && r["reason"].as_str().unwrap().starts_with("revoked")),
+        "{ended:#?}"
+    );
+    // Neither the administrator's password nor a role's is in the daemon's output or the
+    // audit log.
+    let password = uri
+        .rsplit(':')
+        .nth(1)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_owned();
+    let key = d.audit_key().display().to_string();
+    let dir = d.audit_dir().display().to_string();
+    let all_audit = d.cli(&["audit", "query", &dir, "--key", &key]);
+    for (what, text) in [
+        ("daemon log", d.log_text()),
+        (
+            "daemon output",
+            fs::read_to_string(d.dir.join("stdout.jsonl")).unwrap_or_default(),
+        ),
+        (
+            "audit log",
+            String::from_utf8_lossy(&all_audit.stdout).into_owned(),
+        ),
+        ("postgres log", pg.log()),
+    ] {
+        assert!(
+            !text.contains(ADMIN_PASSWORD),
+            "the admin password is in the {what}"
+        );
+        assert!(
+            !text.contains(&password),
+            "a role's password is in the {what}"
+        );
+    }
+}
