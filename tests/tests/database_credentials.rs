@@ -113,7 +113,7 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
     assert!(o.status.success(), "{o:?}");
     let o = pg.admin(
         "analytics",
-        "CREATE TABLE events (id int); CREATE TABLE sessions (id int); CREATE TABLE users (id int, secret text); \
+        "CREATE TABLE events (id int); CREATE TABLE sessions (id int); CREATE TABLE users (id int, secret text); CREATE TABLE scratch (id int); \
          INSERT INTO events VALUES (1), (2), (3); INSERT INTO sessions VALUES (7); INSERT INTO users VALUES (1, 'x');",
     );
     assert!(o.status.success(), "{o:?}");
@@ -124,7 +124,7 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
         "service:\n  name: analytics-db\n  endpoints:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
         pg.port
     );
-    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events, sessions] }\n";
+    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events, sessions] }\n    - resource: service:analytics-db\n      actions: [write]\n      conditions: { tables: [scratch] }\n";
     let outsider = "policy:\n  name: outsider\n  identity: agent/outsider/prod\n";
     for (f, t) in [
         ("catalog.yaml", catalog.as_str()),
@@ -187,6 +187,19 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
         stderr(&o).contains("permission denied for table events"),
         "{o:?}"
     );
+    // Each rule's privileges on its own tables: writes to scratch, not to what it reads.
+    let o = exec(&format!("{psql} -c 'INSERT INTO scratch VALUES (1)'"));
+    assert!(o.status.success(), "{o:?}");
+    let o = exec(&format!("{psql} -c 'DELETE FROM events'"));
+    assert!(
+        stderr(&o).contains("permission denied for table events"),
+        "{o:?}"
+    );
+    let o = exec(&format!("{psql} -c 'SELECT * FROM scratch'"));
+    assert!(
+        stderr(&o).contains("permission denied for table scratch"),
+        "{o:?}"
+    );
 
     // An identity whose policy names no tables of the database gets nothing.
     let script = d.dir.join("secret_agent.py");
@@ -239,7 +252,34 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
     let o = pg.psql(&uri, "SELECT 1");
     assert!(!o.status.success(), "an expired role logs in: {o:?}");
 
-    // Revoked: the role is dropped, and its open session ended, before the command returns.
+    // A daemon that died holding a lease: the next one drops its role as it starts.
+    let (uri, _) = fetch_credential(&d, &reader_svid, &address);
+    let role = uri
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    d.kill9();
+    d.launch();
+    d.wait_healthy();
+    wait_for(
+        Duration::from_secs(20),
+        "the earlier daemon's role to be dropped",
+        || {
+            let o = pg.admin(
+                "analytics",
+                &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"),
+            );
+            (stdout(&o) == "0").then_some(())
+        },
+    );
+
+    // Revoked: the role is dropped, and its open session ended, before the command returns,
+    // even while that session holds a lock on the role (it altered its own password in a
+    // transaction it keeps open).
     let (uri, _) = fetch_credential(&d, &reader_svid, &address);
     let role = uri
         .split("://")
@@ -257,11 +297,15 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
         .spawn()
         .unwrap();
     let mut session_in = session.stdin.take().unwrap();
-    writeln!(session_in, "SELECT 'connected';").unwrap();
+    writeln!(
+        session_in,
+        "BEGIN; ALTER ROLE \"{role}\" PASSWORD 'mine'; SELECT 'connected';"
+    )
+    .unwrap();
     wait_for(Duration::from_secs(10), "the session to connect", || {
         let o = pg.admin(
             "analytics",
-            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"),
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND state = 'idle in transaction'"),
         );
         (stdout(&o) == "1").then_some(())
     });
@@ -337,4 +381,115 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
             "a role's password is in the {what}"
         );
     }
+}
+
+/// `agentwall launch FILE`: from an agent's description to the agent running under its
+/// identity, with a role for its database and its other secrets as files; `agentwall
+/// identity rotate` renews them with the certificates. Every step is audited.
+#[test]
+fn launch_issues_identity_and_credentials_and_rotate_renews_them() {
+    let _s = serial();
+    let mut d = TestDaemon::prepare(&[], Some(""));
+    let pg = TestPostgres::start(&d.dir);
+    let o = pg.admin("postgres", "CREATE DATABASE analytics");
+    assert!(o.status.success(), "{o:?}");
+    let o = pg.admin(
+        "analytics",
+        "CREATE TABLE events (id int); INSERT INTO events VALUES (1), (2);",
+    );
+    assert!(o.status.success(), "{o:?}");
+    let catalog = format!(
+        "service:\n  name: analytics-db\n  endpoints:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
+        pg.port
+    );
+    let pipeline = "policy:\n  name: pipeline\n  identity: agent/data-pipeline-agent/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events] }\n    - resource: secret:agent/data-pipeline-agent/*\n";
+    d.write_policy("catalog.yaml", &catalog);
+    d.write_policy("pipeline.yaml", pipeline);
+    let key_file = d.dir.join("keys").join("secrets.key");
+    fs::write(
+        d.dir.join("agentwall.yaml"),
+        format!(
+            "secrets:\n  key_file: {}\n  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n",
+            key_file.display(),
+            pg.port
+        ),
+    )
+    .unwrap();
+    d.launch();
+    d.wait_healthy();
+    secret_put(&d, "agentwall/databases/analytics-db", ADMIN_PASSWORD);
+    let api_key = format!("aw-planted-api-{}", std::process::id());
+    secret_put(&d, "agent/data-pipeline-agent/api-key", &api_key);
+
+    let description = d.dir.join("pipeline-agent.yaml");
+    fs::write(
+        &description,
+        "launch:\n  agent: data-pipeline-agent/prod\n  user: nobody\n  databases: [analytics-db]\n  secrets:\n    api-key: agent/data-pipeline-agent/api-key\n  command: [sh, -c, 'psql -X -q -t -A \"$(cat \"$AGENTWALL_SECRETS_DIR/analytics-db\")\" -c \"SELECT count(*) FROM events\"; echo \"$AGENTWALL_SPIFFE_ID\"; read -r _; wc -c < \"$AGENTWALL_SECRETS_DIR/api-key\"']\n",
+    )
+    .unwrap();
+    let mut agent = Command::new(d.world_copy(&agentwall_bin()))
+        .arg("launch")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg(&description)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(agent.stdout.take().unwrap());
+    let mut line = || {
+        use std::io::BufRead as _;
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l.trim().to_owned()
+    };
+    assert_eq!(line(), "2", "the launched agent reads its table");
+    assert_eq!(
+        line(),
+        "spiffe://agentwall.local/agent/data-pipeline-agent/prod"
+    );
+    // While it runs, a rotation renews its certificate and both its credentials.
+    let r = d.cli(&["identity", "rotate"]);
+    assert!(r.status.success(), "{r:?}");
+    let said = stdout(&r);
+    assert!(said.ends_with("and 2 secret leases"), "{said}");
+    writeln!(agent.stdin.take().unwrap()).unwrap();
+    assert_eq!(line(), api_key.len().to_string());
+    assert!(agent.wait().unwrap().success());
+    wait_for(Duration::from_secs(10), "the agent's leases to end", || {
+        let o = d.cli(&["secret", "leases", "--json"]);
+        stdout(&o).is_empty().then_some(())
+    });
+    d.stop_cleanly();
+
+    let launched = records(&d, "workload_launched");
+    assert_eq!(launched.len(), 1, "{launched:#?}");
+    let leased = records(&d, "secret_leased");
+    let paths = |renewal: bool| {
+        let mut p: Vec<String> = leased
+            .iter()
+            .filter(|r| r["renewal"] == renewal)
+            .map(|r| r["path"].as_str().unwrap().to_owned())
+            .collect();
+        p.sort();
+        p
+    };
+    let both = ["agent/data-pipeline-agent/api-key", "database/analytics-db"];
+    assert_eq!(paths(false), both, "{leased:#?}");
+    assert_eq!(paths(true), both, "{leased:#?}");
+    let ended = records(&d, "secret_lease_ended");
+    assert_eq!(
+        ended
+            .iter()
+            .filter(|r| r["reason"] == "the agent's command ended")
+            .count(),
+        2,
+        "{ended:#?}"
+    );
+    let o = pg.admin(
+        "analytics",
+        "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'aw\\_%'",
+    );
+    assert_eq!(stdout(&o), "0", "the role is dropped when the agent ends");
 }

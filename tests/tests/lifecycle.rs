@@ -181,10 +181,11 @@ fn signals_right_after_healthy_are_handled() {
 
 #[test]
 fn an_orderly_stop_takes_its_steps_in_order() {
-    const ORDER: [&str; 10] = [
+    const ORDER: [&str; 11] = [
         "limit",
         "tasks",
         "revocations",
+        "leases",
         "summaries",
         "ring",
         "issuance",

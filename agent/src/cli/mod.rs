@@ -6,6 +6,7 @@ mod audit;
 mod exec;
 mod fleet;
 mod identity;
+mod launch;
 mod policy;
 mod run;
 mod secret;
@@ -43,6 +44,10 @@ enum Command {
     /// certificate (it enrolls from inside the cgroup before the command starts); exits with
     /// the command's code.
     Exec(exec::ExecArgs),
+    /// Launch an agent from its description (a YAML file): under its identity, which the
+    /// daemon issues and renews, with the credentials of its databases and its secrets as
+    /// files only it reads. `agentwall exec --identity ... --secret ...`, in one file.
+    Launch(launch::LaunchArgs),
     /// Show the daemon's health, policies, cgroups and counters.
     Status {
         #[command(flatten)]
@@ -191,6 +196,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(a) => run::run(a),
         Command::Exec(a) => exec::exec(a),
+        Command::Launch(a) => launch::launch(a),
         Command::EnrollExec {
             socket,
             dir,

@@ -591,7 +591,10 @@ mod wire {
 
     impl From<Rotated> for Reply {
         fn from(r: Rotated) -> Self {
-            done(format!("renewed {} agent certificates", r.renewed))
+            done(format!(
+                "renewed {} agent certificates and {} secret leases",
+                r.renewed, r.credentials
+            ))
         }
     }
 
@@ -633,9 +636,12 @@ mod wire {
 
         #[test]
         fn a_result_becomes_its_reply_and_an_error_its_message() {
-            let ok = reply(Ok(Rotated { renewed: 2 }));
+            let ok = reply(Ok(Rotated {
+                renewed: 2,
+                credentials: 1,
+            }));
             assert!(
-                matches!(ok, Reply::Done { message } if message == "renewed 2 agent certificates")
+                matches!(ok, Reply::Done { message } if message == "renewed 2 agent certificates and 1 secret leases")
             );
             let err = reply::<Rotated>(Err(AdminError::NoReason));
             let Reply::Error { message } = err else {

@@ -129,6 +129,8 @@ pub struct SelfEnforced {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rotated {
     pub renewed: usize,
+    /// Secret leases the daemon holds for agents (`agentwall exec --secret`) renewed.
+    pub credentials: usize,
 }
 
 /// An audit key rotation: the ids of the retired and the new key, and the file holding both.

@@ -347,6 +347,7 @@ impl Daemon {
             }
             self.svids.withdraw(id);
             self.end_exec_secrets(id, "the agent's command ended");
+            self.drop_pending_roles().await;
             if let Some(dir) = self.registry.remove(id).await {
                 let _ = std::fs::remove_dir_all(dir);
             }

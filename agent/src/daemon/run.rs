@@ -268,6 +268,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
     });
     let leases_daemon = Arc::clone(&daemon);
     supervisor.spawn("secret-leases", async move {
+        leases_daemon.sweep_stale_roles().await;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             leases_daemon.tend_secret_leases().await;
@@ -449,6 +450,13 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
                     tracing::error!(error = %e, unsaved = daemon.identity.unsaved_revocations(), "stopping with revocations that are not durable; give them again after the restart");
                 }
             }
+            // The secret leases end with the daemon that holds them: the files it kept for
+            // agents go, and their database roles are dropped (those it cannot drop in time
+            // cannot log in past their end).
+            StopStep::Leases => {
+                daemon.end_all_leases("the daemon stopped");
+                let _ = tokio::time::timeout(LEASES_STOP_LIMIT, daemon.drop_pending_roles()).await;
+            }
             // The last summaries (the budgets stay in force in the pinned maps; the next
             // daemon reports what they count meanwhile).
             StopStep::Summaries => {
@@ -531,6 +539,8 @@ enum StopStep {
     Tasks,
     /// Revocations not yet durable get a last save.
     Revocations,
+    /// The secret leases end; their files and database roles go.
+    Leases,
     /// The event budgets' last summaries are written.
     Summaries,
     /// The ring buffer is read to its end and the last losses counted.
@@ -547,10 +557,15 @@ enum StopStep {
     Sockets,
 }
 
-const STOP_ORDER: [StopStep; 10] = [
+/// The longest the stop waits for database roles to be dropped (the steps after it must
+/// fit in the hard limit too).
+const LEASES_STOP_LIMIT: Duration = Duration::from_secs(1);
+
+const STOP_ORDER: [StopStep; 11] = [
     StopStep::Limit,
     StopStep::Tasks,
     StopStep::Revocations,
+    StopStep::Leases,
     StopStep::Summaries,
     StopStep::Ring,
     StopStep::Issuance,
@@ -567,6 +582,7 @@ impl StopStep {
             Self::Limit => "limit",
             Self::Tasks => "tasks",
             Self::Revocations => "revocations",
+            Self::Leases => "leases",
             Self::Summaries => "summaries",
             Self::Ring => "ring",
             Self::Issuance => "issuance",

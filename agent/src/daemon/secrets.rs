@@ -501,6 +501,13 @@ impl Daemon {
         }
     }
 
+    /// Ends every lease (the daemon stops).
+    pub(super) fn end_all_leases(&self, why: &str) {
+        for l in self.secrets.leases.end_where(|_| true) {
+            self.lease_ended(&l, why.to_owned());
+        }
+    }
+
     /// Ends the leases whose time is up (called every second).
     pub(super) fn expire_leases(&self) {
         for l in self.secrets.leases.expire(lease::now_secs()) {
@@ -731,6 +738,8 @@ impl Daemon {
             );
             dir.write(&f.name, leased.secret.value.expose(), 0o400, owner)
                 .map_err(|e| AdminError::ExecSecret(format!("{}: {e}", f.name)))?;
+            self.still_leased(&leased.lease)
+                .map_err(|()| AdminError::ExecSecret(format!("{}: revoked meanwhile", f.name)))?;
         }
         Ok(dir.path().display().to_string())
     }
@@ -750,10 +759,19 @@ impl Daemon {
     }
 
     /// Renews the secrets kept in agents' directories whose lease has a third or less to
-    /// go (the file is rewritten when a newer version was put), then ends the leases whose
-    /// time is up. A renewal is refused, and the lease ends, when the agent's cgroup no longer
-    /// holds the identity (revoked, quarantined, gone) or the policy no longer grants it.
+    /// go, then ends the leases whose time is up and drops the roles of those that ended.
     pub(super) async fn tend_secret_leases(&self) {
+        self.renew_kept_secrets(false).await;
+        self.expire_leases();
+        self.drop_pending_roles().await;
+    }
+
+    /// Renews the secrets kept in agents' directories: those with a third or less of their
+    /// lease to go, or all (`agentwall identity rotate`). A newer version is written in place
+    /// of the file. A renewal is refused, and the lease ends, when the agent's cgroup no
+    /// longer holds the identity (revoked, quarantined, gone) or the policy no longer grants
+    /// it. Returns how many were renewed, and why the others were not.
+    pub(crate) async fn renew_kept_secrets(&self, all: bool) -> (usize, Vec<String>) {
         let now = lease::now_secs();
         let delivered = self.delivered().clone();
         let due: Vec<(Lease, Delivery)> = self
@@ -761,9 +779,10 @@ impl Daemon {
             .leases
             .list()
             .into_iter()
-            .filter(|l| l.expires <= now + l.ttl_seconds / 3)
+            .filter(|l| all || l.expires <= now + l.ttl_seconds / 3)
             .filter_map(|l| delivered.get(&l.id).cloned().map(|d| (l, d)))
             .collect();
+        let (mut renewed, mut failed) = (0, Vec::new());
         for (l, d) in due {
             // Renewed with the certificate the cgroup holds now (the daemon renews it too).
             let serial = match self.registry.caller(d.cgroup_id).await {
@@ -784,24 +803,48 @@ impl Daemon {
             };
             // A refusal by the policy ends the lease (and its file); any other refusal (the
             // store unreadable, too many requests) is tried again, until the lease runs out.
-            if let Ok(leased) = self.secret_renew(&who, &l.id).await
-                && leased.secret.version != l.version
-            {
-                let written = crate::agentdir::AgentDir::open(&d.dir).and_then(|dir| {
-                    dir.write(&d.name, leased.secret.value.expose(), 0o400, d.owner)
-                });
-                if let Err(e) = written {
-                    tracing::error!(error = %e, file = %d.dir.join(&d.name).display(), "cannot write a renewed secret into an agent's directory; its lease ends");
-                    self.count_error("secret_delivery");
-                    self.secret_end(
-                        &l.id,
-                        &format!("the renewed secret could not be written: {e}"),
-                    );
+            match self.secret_renew(&who, &l.id).await {
+                Ok(leased) if leased.secret.version != l.version => {
+                    let written = crate::agentdir::AgentDir::open(&d.dir).and_then(|dir| {
+                        dir.write(&d.name, leased.secret.value.expose(), 0o400, d.owner)
+                    });
+                    match written.map(|()| self.still_leased(&leased.lease)) {
+                        Ok(Ok(())) => renewed += 1,
+                        Ok(Err(())) => failed.push(format!("{}: ended meanwhile", l.path)),
+                        Err(e) => {
+                            tracing::error!(error = %e, file = %d.dir.join(&d.name).display(), "cannot write a renewed secret into an agent's directory; its lease ends");
+                            self.count_error("secret_delivery");
+                            self.secret_end(
+                                &l.id,
+                                &format!("the renewed secret could not be written: {e}"),
+                            );
+                            failed.push(format!("{}: {e}", l.path));
+                        }
+                    }
                 }
+                Ok(_) => renewed += 1,
+                Err(e) => failed.push(format!("{} for {}: {e}", l.path, l.identity)),
             }
         }
-        self.expire_leases();
-        self.drop_pending_roles().await;
+        (renewed, failed)
+    }
+
+    /// Whether `lease` is still in force after its file was written: a revocation (or any
+    /// end) that came meanwhile found no file to remove; it is removed here.
+    fn still_leased(&self, lease: &Lease) -> Result<(), ()> {
+        if self
+            .secrets
+            .leases
+            .get(&lease.id, &lease.identity, lease::now_secs())
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let d = self.delivered().remove(&lease.id);
+        if let Some(d) = d {
+            self.withdraw_file(&d);
+        }
+        Err(())
     }
 
     /// Removes a delivered secret's file.

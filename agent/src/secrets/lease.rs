@@ -155,6 +155,20 @@ impl Leases {
         Ok(lease)
     }
 
+    /// Whether `identity` may hold one more lease.
+    pub fn room_for(&self, identity: &str) -> Result<(), LeaseError> {
+        let t = self.table();
+        if t.per_identity.get(identity).copied().unwrap_or(0) >= MAX_PER_IDENTITY {
+            return Err(LeaseError::IdentityFull {
+                identity: identity.to_owned(),
+            });
+        }
+        if t.by_id.len() >= MAX_LEASES {
+            return Err(LeaseError::Full);
+        }
+        Ok(())
+    }
+
     /// The lease `id` of `identity` still in force at `now`.
     pub fn get(&self, id: &str, identity: &str, now: u64) -> Result<Lease, LeaseError> {
         self.table()

@@ -122,17 +122,19 @@ pub enum EngineError {
     },
     #[error("database {service}: no randomness for a role")]
     Random { service: String },
+    #[error("database {service}: no answer within {OP_LIMIT:?}")]
+    Timeout { service: String },
 }
 
-/// The privileges a role gets: which of SELECT, INSERT, UPDATE, DELETE, on which tables.
+/// The privileges a role gets, table by table: which of SELECT, INSERT, UPDATE, DELETE.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
-    pub privileges: BTreeSet<&'static str>,
-    pub tables: BTreeSet<String>,
+    pub by_table: std::collections::BTreeMap<String, BTreeSet<&'static str>>,
 }
 
 impl Grants {
-    /// Adds what one rule grants: `actions` (none means every action) on `tables`.
+    /// Adds what one rule grants: `actions` (none means every action) on its `tables`, and
+    /// on those only.
     pub fn add(&mut self, actions: &[String], tables: &[String]) -> Result<(), String> {
         for t in tables {
             check_table(t)?;
@@ -151,15 +153,20 @@ impl Grants {
                 _ => {}
             }
         }
-        if !privileges.is_empty() && !tables.is_empty() {
-            self.privileges.extend(privileges);
-            self.tables.extend(tables.iter().cloned());
+        if privileges.is_empty() {
+            return Ok(());
+        }
+        for t in tables {
+            self.by_table
+                .entry(t.clone())
+                .or_default()
+                .extend(privileges.iter().copied());
         }
         Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.privileges.is_empty() || self.tables.is_empty()
+        self.by_table.is_empty()
     }
 }
 
@@ -219,6 +226,11 @@ fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Sessions one role may hold at once.
+const CONNECTIONS: u32 = 4;
+/// The longest one operation (connect and statements) may take.
+const OP_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The engine of one database.
 #[derive(Debug, Clone)]
 pub struct Postgres {
@@ -264,6 +276,9 @@ impl Postgres {
             .user(&self.cfg.admin_user)
             .password(password)
             .application_name("agentwall")
+            // A lock an agent's own session holds (it may alter its role) or a slow server
+            // fails the statement, to be tried again, rather than holding the daemon.
+            .options("-c lock_timeout=2000 -c statement_timeout=5000")
             .connect_timeout(std::time::Duration::from_secs(5));
         let (client, connection) = c
             .connect(tokio_postgres::NoTls)
@@ -277,8 +292,32 @@ impl Postgres {
         Ok(client)
     }
 
+    /// `op`, or a timeout.
+    async fn limited<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        tokio::time::timeout(OP_LIMIT, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(EngineError::Timeout {
+                    service: self.cfg.service.clone(),
+                })
+            })
+    }
+
     /// Makes a login role valid until `until`, with `grants`.
     pub async fn create(
+        &self,
+        admin_password: &[u8],
+        grants: &Grants,
+        until: SystemTime,
+    ) -> Result<Role, EngineError> {
+        self.limited(self.create_now(admin_password, grants, until))
+            .await
+    }
+
+    async fn create_now(
         &self,
         admin_password: &[u8],
         grants: &Grants,
@@ -294,8 +333,6 @@ impl Postgres {
             name: format!("aw_{}", random_hex(8, &self.cfg.service)?),
             password: zeroize::Zeroizing::new(random_hex(24, &self.cfg.service)?),
         };
-        let tables: Vec<String> = grants.tables.iter().map(|t| quote_table(t)).collect();
-        let privileges: Vec<&str> = grants.privileges.iter().copied().collect();
         // The server gets the password's SCRAM verifier, never the password: a statement log
         // on its side shows nothing that logs in.
         let verifier = postgres_protocol::password::scram_sha_256(role.password.as_bytes());
@@ -303,12 +340,21 @@ impl Postgres {
         let _ = write!(
             sql,
             "BEGIN; CREATE ROLE \"{name}\" LOGIN PASSWORD '{verifier}' VALID UNTIL '{until}' \
-             CONNECTION LIMIT 16; GRANT {privileges} ON {tables} TO \"{name}\"; COMMIT;",
+             CONNECTION LIMIT {CONNECTIONS};",
             name = role.name,
             until = timestamp(until),
-            privileges = privileges.join(", "),
-            tables = tables.join(", "),
         );
+        for (table, privileges) in &grants.by_table {
+            let privileges: Vec<&str> = privileges.iter().copied().collect();
+            let _ = write!(
+                sql,
+                " GRANT {} ON {} TO \"{}\";",
+                privileges.join(", "),
+                quote_table(table),
+                role.name
+            );
+        }
+        sql.push_str(" COMMIT;");
         let admin = self.admin(admin_password).await?;
         admin
             .batch_execute(&sql)
@@ -324,22 +370,36 @@ impl Postgres {
         role: &str,
         until: SystemTime,
     ) -> Result<(), EngineError> {
-        let admin = self.admin(admin_password).await?;
-        admin
-            .batch_execute(&format!(
-                "ALTER ROLE \"{}\" VALID UNTIL '{}'",
-                checked_role(role),
-                timestamp(until)
-            ))
-            .await
-            .map_err(|e| self.failed(e))
+        self.limited(async {
+            let admin = self.admin(admin_password).await?;
+            admin
+                .batch_execute(&format!(
+                    "ALTER ROLE \"{}\" VALID UNTIL '{}'",
+                    checked_role(role),
+                    timestamp(until)
+                ))
+                .await
+                .map_err(|e| self.failed(e))
+        })
+        .await
     }
 
-    /// Ends `role`: no more logins, its sessions terminated, its privileges and itself
-    /// dropped. A role already gone is fine.
+    /// Ends `role`: its sessions terminated (first: one may hold a lock on the role), no
+    /// more logins, its sessions terminated again (one that logged in meanwhile), its
+    /// privileges and itself dropped. A role already gone is fine.
     pub async fn drop_role(&self, admin_password: &[u8], role: &str) -> Result<(), EngineError> {
-        let role = checked_role(role);
-        let admin = self.admin(admin_password).await?;
+        self.limited(async {
+            let admin = self.admin(admin_password).await?;
+            self.drop_with(&admin, checked_role(role)).await
+        })
+        .await
+    }
+
+    async fn drop_with(
+        &self,
+        admin: &tokio_postgres::Client,
+        role: &str,
+    ) -> Result<(), EngineError> {
         let exists = admin
             .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
             .await
@@ -348,15 +408,17 @@ impl Postgres {
         if !exists {
             return Ok(());
         }
+        let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1";
+        admin
+            .execute(terminate, &[&role])
+            .await
+            .map_err(|e| self.failed(e))?;
         admin
             .batch_execute(&format!("ALTER ROLE \"{role}\" NOLOGIN"))
             .await
             .map_err(|e| self.failed(e))?;
         admin
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                &[&role],
-            )
+            .execute(terminate, &[&role])
             .await
             .map_err(|e| self.failed(e))?;
         admin
@@ -365,6 +427,34 @@ impl Postgres {
             ))
             .await
             .map_err(|e| self.failed(e))
+    }
+
+    /// Drops every role the engine made here (`aw_` and 16 hex digits): at start, the leases
+    /// of an earlier daemon are gone with it. Returns how many.
+    pub async fn sweep(&self, admin_password: &[u8]) -> Result<usize, EngineError> {
+        tokio::time::timeout(OP_LIMIT * 6, async {
+            let admin = self.admin(admin_password).await?;
+            let rows = admin
+                .query(
+                    "SELECT rolname FROM pg_roles WHERE rolname ~ '^aw_[0-9a-f]{16}$'",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.failed(e))?;
+            let mut n = 0;
+            for row in rows {
+                let name: String = row.get(0);
+                self.drop_with(&admin, checked_role(&name)).await?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(EngineError::Timeout {
+                service: self.cfg.service.clone(),
+            })
+        })
     }
 }
 
@@ -385,14 +475,17 @@ mod tests {
         let mut g = Grants::default();
         g.add(&["read".into()], &["events".into(), "sessions".into()])
             .unwrap();
-        assert_eq!(g.privileges, BTreeSet::from(["SELECT"]));
         g.add(&["write".into()], &["audit.log_2026".into()])
             .unwrap();
+        // Each rule's privileges on its own tables: no write on the tables read.
+        assert_eq!(g.by_table["events"], BTreeSet::from(["SELECT"]));
+        assert_eq!(g.by_table["sessions"], BTreeSet::from(["SELECT"]));
         assert_eq!(
-            g.privileges,
-            BTreeSet::from(["SELECT", "INSERT", "UPDATE", "DELETE"])
+            g.by_table["audit.log_2026"],
+            BTreeSet::from(["INSERT", "UPDATE", "DELETE"])
         );
-        assert_eq!(g.tables.len(), 3);
+        g.add(&["read".into()], &["audit.log_2026".into()]).unwrap();
+        assert_eq!(g.by_table["audit.log_2026"].len(), 4);
         // An action a database does not know grants nothing; nor does a rule without tables.
         let mut none = Grants::default();
         none.add(&["write:message".into()], &["t".into()]).unwrap();

@@ -225,11 +225,17 @@ impl Daemon {
 
     /// Renews every launched agent's certificate now; returns how many.
     pub async fn rotate(&self) -> Result<crate::daemon::Rotated, AdminError> {
-        let (ok, failed) = self
+        let (ok, mut failed) = self
             .renew_due(Duration::from_secs(u64::from(u32::MAX)))
             .await;
+        // The credentials the daemon keeps for agents, renewed with their certificates.
+        let (credentials, not_renewed) = self.renew_kept_secrets(true).await;
+        failed.extend(not_renewed);
         if failed.is_empty() {
-            Ok(crate::daemon::Rotated { renewed: ok })
+            Ok(crate::daemon::Rotated {
+                renewed: ok,
+                credentials,
+            })
         } else {
             Err(AdminError::Renewal {
                 renewed: ok,

@@ -7,6 +7,9 @@ use super::*;
 /// `Daemon::destroy_sockets`).
 const SECOND_PASS_AFTER: Duration = Duration::from_millis(5);
 
+/// The longest a revocation waits for the database roles of its leases to be dropped.
+const ROLES_DROP_LIMIT: Duration = Duration::from_secs(5);
+
 impl Daemon {
     /// At start: bindings that the kernel or their record show revoked, but that the
     /// revocation list does not cover. The previous daemon died between flagging the kernel
@@ -223,8 +226,6 @@ impl Daemon {
         let in_kernel_us = started.elapsed().as_micros();
         // Its secret leases end now, and the secrets kept in its agents' directories go.
         self.end_revoked_leases(&cgroups);
-        // Their database roles are dropped, their sessions ended, before the command returns.
-        self.drop_pending_roles().await;
         // In the kernel: the rest is ordinary work (on the admin thread, done here at normal
         // priority, without waking another thread that could take an agent's CPU).
         let _down = crate::sched::step_down();
@@ -262,6 +263,10 @@ impl Daemon {
                 sockets_destroyed: destroyed.sockets,
                 persisted: not_persisted.is_none(),
             });
+        // Their database roles are dropped and their sessions ended before the command
+        // returns, as far as the database answers in time; what is left, the leases' task
+        // drops (a role cannot log in past its end meanwhile).
+        let _ = tokio::time::timeout(ROLES_DROP_LIMIT, self.drop_pending_roles()).await;
         if !failed.is_empty() {
             let which: Vec<String> = failed
                 .iter()

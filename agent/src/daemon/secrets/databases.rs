@@ -28,16 +28,25 @@ pub(crate) struct Databases {
     roles: Mutex<HashMap<String, DbRole>>,
     /// Roles whose lease ended, not dropped yet (tried again each second).
     to_drop: Mutex<Vec<DbRole>>,
+    /// One change to the databases' roles at a time: PostgreSQL refuses a grant and a revoke
+    /// on one table at once ("tuple concurrently updated").
+    changes: tokio::sync::Mutex<()>,
 }
 
 /// A lease's role: where, which, its password (the agent gets it again at each renewal) and
 /// the privileges it was made with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct DbRole {
     service: String,
     name: String,
     password: zeroize::Zeroizing<String>,
     grants: Grants,
+}
+
+impl std::fmt::Debug for DbRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DbRole({} of {})", self.name, self.service)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -166,16 +175,28 @@ impl Daemon {
                 )
             })
         };
+        // A lease that could not be held is refused before a role is made for it.
+        self.secrets.leases.room_for(&who.spiffe_id).map_err(|e| {
+            self.secret_denied(
+                who,
+                path,
+                e.to_string(),
+                None,
+                suppressed,
+                FetchRefused::TooMany,
+            )
+        })?;
         let admin = self
             .database_admin_password(&db)
             .await
             .map_err(unavailable)?;
         let engine = Postgres::new(db.clone());
         let until = SystemTime::now() + Duration::from_secs(ttl);
-        let role = engine
-            .create(admin.expose(), &grants, until)
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let role = {
+            let _one = self.secrets.databases.changes.lock().await;
+            engine.create(admin.expose(), &grants, until).await
+        }
+        .map_err(|e| unavailable(e.to_string()))?;
         let secret = Self::database_secret(&engine, parsed, &role);
         let granted = self.secrets.leases.grant(
             Lease {
@@ -321,33 +342,69 @@ impl Daemon {
 
     /// Drops the roles whose lease ended (their sessions end); those that fail are tried
     /// again at the next call (every second), and until then cannot log in past their end.
+    /// A role leaves the list only once dropped: a call cut short loses none.
     pub(crate) async fn drop_pending_roles(&self) {
-        let pending = std::mem::take(&mut *lock(&self.secrets.databases.to_drop));
-        let mut failed = Vec::new();
+        let pending = lock(&self.secrets.databases.to_drop).clone();
         for role in pending {
             let Some(db) = self.database_of(&format!("database/{}", role.service)) else {
                 tracing::error!(role = %role.name, database = %role.service, "a role to drop belongs to a database no longer configured; drop it by hand");
                 self.count_error("database_drop");
+                self.forget_drop(&role.name);
                 continue;
             };
             let dropped = match self.database_admin_password(&db).await {
-                Ok(admin) => Postgres::new(db)
-                    .drop_role(admin.expose(), &role.name)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(admin) => {
+                    let _one = self.secrets.databases.changes.lock().await;
+                    Postgres::new(db)
+                        .drop_role(admin.expose(), &role.name)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e),
             };
             match dropped {
                 Ok(()) => {
-                    tracing::info!(role = %role.name, database = %role.service, "database role dropped")
+                    self.forget_drop(&role.name);
+                    tracing::info!(role = %role.name, database = %role.service, "database role dropped");
                 }
                 Err(e) => {
                     tracing::warn!(role = %role.name, error = %e, "cannot drop a database role yet; it cannot log in past its end");
                     self.count_error("database_drop");
-                    failed.push(role);
                 }
             }
         }
-        lock(&self.secrets.databases.to_drop).extend(failed);
+    }
+
+    fn forget_drop(&self, name: &str) {
+        lock(&self.secrets.databases.to_drop).retain(|r| r.name != name);
+    }
+
+    /// At start: the roles an earlier daemon made are dropped (their leases ended with it),
+    /// database by database; one that cannot be reached now is told and tried at the next
+    /// start (its roles cannot log in past their end meanwhile).
+    pub(crate) async fn sweep_stale_roles(&self) {
+        for db in self.cfg.secrets.databases.clone() {
+            let service = db.service.clone();
+            let swept = match self.database_admin_password(&db).await {
+                Ok(admin) => {
+                    let _one = self.secrets.databases.changes.lock().await;
+                    Postgres::new(db)
+                        .sweep(admin.expose())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            };
+            match swept {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(database = %service, roles = n, "roles an earlier daemon made were dropped: their leases ended with it")
+                }
+                Err(e) => {
+                    tracing::error!(database = %service, error = %e, "cannot drop the roles an earlier daemon made");
+                    self.count_error("database_sweep");
+                }
+            }
+        }
     }
 }
