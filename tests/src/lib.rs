@@ -917,6 +917,20 @@ impl TestDaemon {
         self.state_dir().join("audit")
     }
 
+    /// The records of `kind` in the audit log, oldest first.
+    pub fn audit_records(&self, kind: &str) -> Vec<serde_json::Value> {
+        let key = self.audit_key().display().to_string();
+        let dir = self.audit_dir().display().to_string();
+        let o = self.cli(&["audit", "query", &dir, "--key", &key, "--kind", kind]);
+        assert!(o.status.success(), "{o:?}");
+        lines(&o)
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("a record")["record"].clone()
+            })
+            .collect()
+    }
+
     pub fn audit_key(&self) -> PathBuf {
         self.dir.join("keys").join("audit.key")
     }

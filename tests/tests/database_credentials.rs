@@ -46,14 +46,7 @@ fn secret_put(d: &TestDaemon, path: &str, value: &str) {
 
 /// The audit records of `kind`.
 fn records(d: &TestDaemon, kind: &str) -> Vec<serde_json::Value> {
-    let key = d.audit_key().display().to_string();
-    let dir = d.audit_dir().display().to_string();
-    let o = d.cli(&["audit", "query", &dir, "--key", &key, "--kind", kind]);
-    assert!(o.status.success(), "{o:?}");
-    lines(&o)
-        .iter()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
-        .collect()
+    d.audit_records(kind)
 }
 
 fn stdout(o: &Output) -> String {

@@ -45,14 +45,7 @@ fn refused(o: &Output) -> String {
 
 /// The audit records of `kind`.
 fn records(d: &TestDaemon, kind: &str) -> Vec<serde_json::Value> {
-    let key = d.audit_key().display().to_string();
-    let dir = d.audit_dir().display().to_string();
-    let o = d.cli(&["audit", "query", &dir, "--key", &key, "--kind", kind]);
-    assert!(o.status.success(), "{o:?}");
-    lines(&o)
-        .iter()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
-        .collect()
+    d.audit_records(kind)
 }
 
 /// Every file below `dir`, read whole.

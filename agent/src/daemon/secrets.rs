@@ -554,6 +554,18 @@ impl Daemon {
         }
     }
 
+    /// The policy governing `who`, if its identity and certificate stand (not revoked), or
+    /// why not.
+    async fn standing_policy(&self, who: &SecretAsker) -> Result<String, (String, Option<String>)> {
+        if let Err(e) = self.identity.check_revoked(&who.spiffe_id, &who.serial) {
+            return Err((format!("{} is revoked: {e}", who.spiffe_id), None));
+        }
+        self.resolve_caller(&super::CallerRef::SpiffeId(who.spiffe_id.clone()))
+            .await
+            .map(|(_, policy)| policy)
+            .map_err(|why| (why, None))
+    }
+
     /// Whether the agent's identity stands (trusted, not revoked) and its policy grants read
     /// on `path`: the granting rule and the lease's length, or why not.
     async fn secret_judge(
@@ -561,13 +573,7 @@ impl Daemon {
         who: &SecretAsker,
         path: &str,
     ) -> Result<(String, u64), (String, Option<String>)> {
-        if let Err(e) = self.identity.check_revoked(&who.spiffe_id, &who.serial) {
-            return Err((format!("{} is revoked: {e}", who.spiffe_id), None));
-        }
-        let (_, policy) = self
-            .resolve_caller(&super::CallerRef::SpiffeId(who.spiffe_id.clone()))
-            .await
-            .map_err(|why| (why, None))?;
+        let policy = self.standing_policy(who).await?;
         let q = Query {
             resource: format!("secret:{path}"),
             action: "read".into(),

@@ -72,13 +72,7 @@ impl Daemon {
         who: &SecretAsker,
         db: &DatabaseConfig,
     ) -> Result<(Grants, String), (String, Option<String>)> {
-        if let Err(e) = self.identity.check_revoked(&who.spiffe_id, &who.serial) {
-            return Err((format!("{} is revoked: {e}", who.spiffe_id), None));
-        }
-        let (_, policy) = self
-            .resolve_caller(&crate::daemon::CallerRef::SpiffeId(who.spiffe_id.clone()))
-            .await
-            .map_err(|why| (why, None))?;
+        let policy = self.standing_policy(who).await?;
         let compiled = self.policies.current();
         if compiled.policies.get(&policy).map(|(_, m)| *m) == Some(Mode::Audit) {
             return Err((
