@@ -97,40 +97,33 @@ fn fetch_credential(
     (used.join().unwrap(), said)
 }
 
-#[test]
-fn agents_get_short_lived_database_roles_with_their_policys_grants() {
-    let _s = serial();
+/// A daemon and a PostgreSQL with database `analytics` (its tables made by `tables`), the
+/// catalog service `analytics-db` on it, `policies` and the configuration's `extra` lines;
+/// the administrator's password put in the store.
+fn daemon_with_database(
+    tables: &str,
+    policies: &[(&str, &str)],
+    extra: &str,
+) -> (TestDaemon, TestPostgres) {
     let mut d = TestDaemon::prepare(&[], Some(""));
     let pg = TestPostgres::start(&d.dir);
     let o = pg.admin("postgres", "CREATE DATABASE analytics");
     assert!(o.status.success(), "{o:?}");
-    let o = pg.admin(
-        "analytics",
-        "CREATE TABLE events (id int); CREATE TABLE sessions (id int); CREATE TABLE users (id int, secret text); CREATE TABLE scratch (id int); \
-         INSERT INTO events VALUES (1), (2), (3); INSERT INTO sessions VALUES (7); INSERT INTO users VALUES (1, 'x');",
-    );
+    let o = pg.admin("analytics", tables);
     assert!(o.status.success(), "{o:?}");
-
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
     let catalog = format!(
         "service:\n  name: analytics-db\n  endpoints:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
         pg.port
     );
-    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events, sessions] }\n    - resource: service:analytics-db\n      actions: [write]\n      conditions: { tables: [scratch] }\n";
-    let outsider = "policy:\n  name: outsider\n  identity: agent/outsider/prod\n";
-    for (f, t) in [
-        ("catalog.yaml", catalog.as_str()),
-        ("reader.yaml", reader),
-        ("outsider.yaml", outsider),
-    ] {
+    d.write_policy("catalog.yaml", &catalog);
+    for (f, t) in policies {
         d.write_policy(f, t);
     }
     let key_file = d.dir.join("keys").join("secrets.key");
     fs::write(
         d.dir.join("agentwall.yaml"),
         format!(
-            "secrets:\n  key_file: {}\n  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n      ttl: 10s\ndecision:\n  listen: {address}\n",
+            "secrets:\n  key_file: {}\n  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n{extra}",
             key_file.display(),
             pg.port
         ),
@@ -139,6 +132,22 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
     d.launch();
     d.wait_healthy();
     secret_put(&d, "agentwall/databases/analytics-db", ADMIN_PASSWORD);
+    (d, pg)
+}
+
+#[test]
+fn agents_get_short_lived_database_roles_with_their_policys_grants() {
+    let _s = serial();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events, sessions] }\n    - resource: service:analytics-db\n      actions: [write]\n      conditions: { tables: [scratch] }\n";
+    let outsider = "policy:\n  name: outsider\n  identity: agent/outsider/prod\n";
+    let (mut d, pg) = daemon_with_database(
+        "CREATE TABLE events (id int); CREATE TABLE sessions (id int); CREATE TABLE users (id int, secret text); CREATE TABLE scratch (id int); \
+         INSERT INTO events VALUES (1), (2), (3); INSERT INTO sessions VALUES (7); INSERT INTO users VALUES (1, 'x');",
+        &[("reader.yaml", reader), ("outsider.yaml", outsider)],
+        &format!("      ttl: 10s\ndecision:\n  listen: {address}\n"),
+    );
     let reader_svid = d.issue("agent/reader/prod", "10m");
     let outsider_svid = d.issue("agent/outsider/prod", "10m");
 
@@ -382,35 +391,12 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
 #[test]
 fn launch_issues_identity_and_credentials_and_rotate_renews_them() {
     let _s = serial();
-    let mut d = TestDaemon::prepare(&[], Some(""));
-    let pg = TestPostgres::start(&d.dir);
-    let o = pg.admin("postgres", "CREATE DATABASE analytics");
-    assert!(o.status.success(), "{o:?}");
-    let o = pg.admin(
-        "analytics",
-        "CREATE TABLE events (id int); INSERT INTO events VALUES (1), (2);",
-    );
-    assert!(o.status.success(), "{o:?}");
-    let catalog = format!(
-        "service:\n  name: analytics-db\n  endpoints:\n    - to: 127.0.0.1\n      protocol: tcp\n      ports: [{}]\n",
-        pg.port
-    );
     let pipeline = "policy:\n  name: pipeline\n  identity: agent/data-pipeline-agent/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events] }\n    - resource: secret:agent/data-pipeline-agent/*\n";
-    d.write_policy("catalog.yaml", &catalog);
-    d.write_policy("pipeline.yaml", pipeline);
-    let key_file = d.dir.join("keys").join("secrets.key");
-    fs::write(
-        d.dir.join("agentwall.yaml"),
-        format!(
-            "secrets:\n  key_file: {}\n  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n",
-            key_file.display(),
-            pg.port
-        ),
-    )
-    .unwrap();
-    d.launch();
-    d.wait_healthy();
-    secret_put(&d, "agentwall/databases/analytics-db", ADMIN_PASSWORD);
+    let (mut d, pg) = daemon_with_database(
+        "CREATE TABLE events (id int); INSERT INTO events VALUES (1), (2);",
+        &[("pipeline.yaml", pipeline)],
+        "",
+    );
     let api_key = format!("aw-planted-api-{}", std::process::id());
     secret_put(&d, "agent/data-pipeline-agent/api-key", &api_key);
 
