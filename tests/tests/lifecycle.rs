@@ -1143,3 +1143,28 @@ fn a_quarantined_unit_stays_quarantined_through_enforce_self_and_a_restart() {
     thread::sleep(Duration::from_millis(200));
     assert_eq!(allowed.accepted(), 2);
 }
+
+/// Whoever sees the daemon healthy on its admin socket finds every other socket already
+/// bound: the admin socket is made last. (It was made first, and a client that connected to
+/// the enrollment socket as soon as the daemon answered healthy got ENOENT.) Socket files
+/// keep the time they were bound as their modification time, so the order is checked, not
+/// raced.
+#[test]
+fn the_admin_socket_is_bound_after_every_other_socket() {
+    use std::os::unix::fs::MetadataExt as _;
+    let _s = serial();
+    let d = TestDaemon::start(&[("p.yaml", &tcp_policy("web", &[9]))]);
+    let bound_at = |p: &std::path::Path| {
+        let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (m.mtime(), m.mtime_nsec())
+    };
+    let admin = bound_at(&d.socket);
+    for other in [&d.enroll_socket, &d.workload_socket, &d.decision_socket] {
+        let at = bound_at(other);
+        assert!(
+            at <= admin,
+            "{} was bound at {at:?}, after the admin socket ({admin:?})",
+            other.display()
+        );
+    }
+}

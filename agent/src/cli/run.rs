@@ -88,16 +88,16 @@ pub(super) fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The daemon's ways in: the admin socket and metrics, then the SPIFFE Workload API and the
-/// decision API.
+/// The daemon's ways in: the SPIFFE Workload API and the decision API, then the admin socket
+/// and metrics. The admin socket comes last: once it answers, every other socket is bound.
 fn frontends(
     daemon: &std::sync::Arc<daemon::Daemon>,
     supervisor: &crate::supervise::Supervisor,
     admin_connections: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    crate::control::start(daemon, supervisor, admin_connections)?;
     crate::workload::start(daemon, supervisor)?;
-    crate::decision::start(daemon, supervisor)
+    crate::decision::start(daemon, supervisor)?;
+    crate::control::start(daemon, supervisor, admin_connections)
 }
 
 /// Removes agentwall from the kernel: every pin and the managed cgroup subtree.

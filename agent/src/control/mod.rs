@@ -202,6 +202,15 @@ pub fn start(
     admin_connections: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let cfg = daemon.config();
+    // Metrics first: the admin socket answering means everything else is up.
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = metrics::bind(addr)?;
+        tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        supervisor.spawn(
+            "metrics",
+            metrics::serve(listener, std::sync::Arc::clone(daemon)),
+        );
+    }
     let (listener, access) = server::bind(&cfg.socket, cfg.socket_group.as_deref())?;
     let slots = crate::limits::Slots::new("admin socket", admin_connections);
     server::serve_on_thread(
@@ -215,14 +224,6 @@ pub fn start(
         path: cfg.socket.display().to_string(),
         source,
     })?;
-    if let Some(addr) = cfg.metrics.listen {
-        let listener = metrics::bind(addr)?;
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        supervisor.spawn(
-            "metrics",
-            metrics::serve(listener, std::sync::Arc::clone(daemon)),
-        );
-    }
     Ok(())
 }
 

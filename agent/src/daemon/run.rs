@@ -246,8 +246,10 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
         probe: "a connect from the probe cgroup was denied".into(),
     });
 
-    // The operators' ways in (the admin socket, the metrics endpoint), once enforcement holds.
-    frontends(&daemon, &supervisor, limits.admin).map_err(DaemonError::Frontend)?;
+    // The ways in, once enforcement holds: the enrollment socket, then the frontends, the
+    // admin socket last. Whoever sees the daemon healthy on the admin socket finds every
+    // other socket bound (a test or a unit's ExecStartPost that connected at once found the
+    // enrollment socket missing).
     let e = &daemon.cfg.enrollment;
     let enroll_listener =
         crate::unixsock::bind_unix(&e.socket, e.mode, e.owner.as_deref(), e.group.as_deref())?;
@@ -257,6 +259,7 @@ pub async fn run(cfg: Config, frontends: Frontends) -> Result<(), DaemonError> {
             source,
         }
     })?;
+    frontends(&daemon, &supervisor, limits.admin).map_err(DaemonError::Frontend)?;
     super::fleet::spawn(Arc::clone(&daemon), &supervisor);
     let renew_daemon = Arc::clone(&daemon);
     supervisor.spawn("renew", async move {
