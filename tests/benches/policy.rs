@@ -15,7 +15,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::Write as _,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -90,46 +90,10 @@ fn compile_and_swap(e: &mut agentwall::enforce::Enforcer, n: usize) -> Timings {
 }
 
 /// One keep-alive HTTP/1.1 client of the decision socket.
-struct Http {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
+type Http = agentwall_tests::http::KeepAlive<UnixStream>;
 
-impl Http {
-    fn connect(socket: &Path) -> Self {
-        let w = UnixStream::connect(socket).unwrap();
-        Self {
-            r: BufReader::new(w.try_clone().unwrap()),
-            w,
-        }
-    }
-
-    /// Sends one request and reads the answer; its status.
-    fn post(&mut self, path: &str, body: &str) -> u16 {
-        write!(
-            self.w,
-            "POST {path} HTTP/1.1\r\nHost: agentwall\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut line = String::new();
-        self.r.read_line(&mut line).unwrap();
-        let status: u16 = line[9..12].parse().unwrap();
-        let mut len = 0;
-        loop {
-            line.clear();
-            self.r.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
-            }
-        }
-        let mut b = vec![0; len];
-        self.r.read_exact(&mut b).unwrap();
-        status
-    }
+fn connect(socket: &Path) -> Http {
+    Http::new(UnixStream::connect(socket).unwrap())
 }
 
 /// (p50 µs, p99 µs) of `n` requests to `path`, and the daemon's CPU seconds for them.
@@ -141,7 +105,7 @@ fn latency(
     n: usize,
     want: u16,
 ) -> (f64, f64, f64) {
-    let mut c = Http::connect(socket);
+    let mut c = connect(socket);
     let mut v = Vec::with_capacity(n);
     let cpu0 = process_cpu(pid);
     // Paced under the asker's budget (10,000 a second): the server's cost, not its refusals.
@@ -153,7 +117,7 @@ fn latency(
             std::thread::sleep(w);
         }
         let t = Instant::now();
-        assert_eq!(c.post(path, body), want);
+        assert_eq!(c.post(path, body).0, want);
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let cpu = process_cpu(pid) - cpu0;
@@ -175,7 +139,7 @@ fn client(socket: &str) {
     let want: u16 = arg("want").unwrap().parse().unwrap();
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).unwrap();
-    let mut c = Http::connect(Path::new(socket));
+    let mut c = connect(Path::new(socket));
     let pace = Duration::from_secs(1) / CLIENT_RATE;
     let start = Instant::now();
     let mut ok = 0;
@@ -184,7 +148,7 @@ fn client(socket: &str) {
         if let Some(w) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(w);
         }
-        if c.post(&path, &body) == want {
+        if c.post(&path, &body).0 == want {
             ok += 1;
         }
     }

@@ -9,6 +9,7 @@
 )]
 
 pub mod etcd;
+pub mod http;
 pub mod postgres;
 
 use std::{
@@ -953,6 +954,25 @@ impl TestDaemon {
             out.join("svid.pem").display().to_string(),
             out.join("svid.key").display().to_string(),
         )
+    }
+
+    /// `agentwall secret put PATH` of `value` (on its standard input); panics if refused.
+    pub fn secret_put(&self, path: &str, value: &str) {
+        let mut child = Command::new(agentwall_bin())
+            .args(["secret", "put", path])
+            .env("AGENTWALL_SOCKET", &self.socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agentwall secret put");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(value.as_bytes())
+                .expect("the secret's value");
+        }
+        let o = child.wait_with_output().expect("agentwall secret put");
+        assert!(o.status.success(), "secret put {path}: {o:?}");
     }
 
     /// The cgroup directory of the managed root.

@@ -25,25 +25,6 @@ use agentwall_tests::{
     serial, wait_for,
 };
 
-fn secret_put(d: &TestDaemon, path: &str, value: &str) {
-    let mut child = Command::new(agentwall_bin())
-        .args(["secret", "put", path])
-        .env("AGENTWALL_SOCKET", d.dir.join("admin.sock"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{o:?}");
-}
-
 /// The audit records of `kind`.
 fn records(d: &TestDaemon, kind: &str) -> Vec<serde_json::Value> {
     d.audit_records(kind)
@@ -131,7 +112,7 @@ fn daemon_with_database(
     .unwrap();
     d.launch();
     d.wait_healthy();
-    secret_put(&d, "agentwall/databases/analytics-db", ADMIN_PASSWORD);
+    d.secret_put("agentwall/databases/analytics-db", ADMIN_PASSWORD);
     (d, pg)
 }
 
@@ -398,7 +379,7 @@ fn launch_issues_identity_and_credentials_and_rotate_renews_them() {
         "",
     );
     let api_key = format!("aw-planted-api-{}", std::process::id());
-    secret_put(&d, "agent/data-pipeline-agent/api-key", &api_key);
+    d.secret_put("agent/data-pipeline-agent/api-key", &api_key);
 
     let description = d.dir.join("pipeline-agent.yaml");
     fs::write(

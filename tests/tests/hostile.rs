@@ -953,3 +953,61 @@ fn a_root_uid_range_a_host_user_has_is_refused_at_start() {
             .contains("mallory")
     );
 }
+
+/// Connections to the decision API's TCP address that never begin their TLS handshake cannot
+/// shut it to agents that do: a newcomer takes the place of the oldest handshake. (The first
+/// 16 held every place for 5 s each and every connection past them was closed, so a client
+/// that renewed its silent connections kept every agent from its secrets.) One identity holds
+/// 8 connections at most; the next is told why.
+#[test]
+fn silent_connections_cannot_shut_the_decision_address() {
+    use agentwall_tests::{free_port, http::mtls, wait_for};
+    let _s = serial();
+    let address = format!("127.0.0.1:{}", free_port());
+    let d = TestDaemon::start_with_config(
+        &[("r.yaml", &identity_policy("reader", 9))],
+        Some(&format!("decision:\n  listen: {address}\n")),
+    );
+    let svid = d.issue("agent/reader/prod", "10m");
+    // Twice the places, held open and silent.
+    let silent: Vec<_> = (0..32)
+        .map(|_| std::net::TcpStream::connect(&address).unwrap())
+        .collect();
+    let displaced = || {
+        d.status()
+            .daemon_errors
+            .get("decision_handshake_displaced")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Every silent connection accepted (the daemon counts those it displaced); without the
+    // count, give the accepting loop the time it needs.
+    let settled = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while displaced() < 16 && std::time::Instant::now() < settled {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut agent =
+        mtls(&address, &svid).expect("the agent's handshake, behind 32 silent connections");
+    assert_eq!(agent.post("/v1/nothing", "{}").0, 404);
+    assert!(displaced() >= 16, "{}", displaced());
+    drop(silent);
+
+    // One identity's connections: 8 (this one and 7 more), then a 503 with the reason.
+    let mut held: Vec<_> = (0..7).map(|_| mtls(&address, &svid).unwrap()).collect();
+    for c in &mut held {
+        assert_eq!(c.post("/v1/nothing", "{}").0, 404);
+    }
+    let mut ninth = mtls(&address, &svid).unwrap();
+    let (status, body) = ninth.post("/v1/nothing", "{}");
+    assert_eq!(status, 503);
+    let why = String::from_utf8_lossy(&body);
+    assert!(why.contains("holds 8 connections"), "{why}");
+    // Another identity is not held back by them.
+    let other = d.issue("agent/other/prod", "10m");
+    let mut c = wait_for(
+        std::time::Duration::from_secs(5),
+        "another identity's connection",
+        || mtls(&address, &other).ok(),
+    );
+    assert_eq!(c.post("/v1/nothing", "{}").0, 404);
+}

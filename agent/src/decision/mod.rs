@@ -14,6 +14,8 @@
 //!
 //! The wire types are here; the decisions are the daemon's (`Daemon::decide`).
 
+mod places;
+
 use std::{collections::BTreeMap, convert::Infallible, sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -43,8 +45,11 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections of one uid at once on the socket, of the [`crate::limits::DECISION_CONNECTIONS`].
 const PER_UID: usize = 16;
 /// TLS handshakes at once on TCP (a connection takes its place in the pool only once its
-/// client proved a valid SVID).
+/// client proved a valid SVID); a newcomer ends the oldest.
 const HANDSHAKES: usize = 16;
+/// Connections of one SPIFFE ID at once on TCP, of the
+/// [`crate::limits::DECISION_CONNECTIONS`].
+const PER_IDENTITY: usize = 8;
 /// What one query may carry.
 const MAX_ATTRIBUTES: usize = 32;
 const MAX_ATTRIBUTE_NAME: usize = 64;
@@ -218,43 +223,6 @@ impl AskerBudget {
     }
 }
 
-/// Connections per uid on the socket.
-#[derive(Debug, Default)]
-struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
-
-/// One connection's place in its uid's count, given back when dropped.
-struct UidSlot(Arc<PerUid>, u32);
-
-impl PerUid {
-    fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
-        let mut m = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(uid).or_default();
-        if *n >= PER_UID {
-            return None;
-        }
-        *n += 1;
-        Some(UidSlot(Arc::clone(self), uid))
-    }
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut m = (self.0)
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = m.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// Tells a client refused for lack of room why, without waiting on it.
 fn refuse_busy<S: AsyncWrite + Unpin + Send + 'static>(mut stream: S, why: String) {
     use tokio::io::AsyncWriteExt as _;
@@ -397,7 +365,7 @@ async fn accept_unix(
         }
     };
     let slots = Slots::new("decision API socket", crate::limits::DECISION_CONNECTIONS);
-    let per_uid = Arc::new(PerUid::default());
+    let per_uid = places::PerKey::new(PER_UID);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -407,7 +375,7 @@ async fn accept_unix(
             continue;
         };
         let uid = cred.uid();
-        let Some(uid_slot) = per_uid.take(uid) else {
+        let Some(uid_slot) = per_uid.take(&uid) else {
             refuse_busy(
                 stream,
                 format!(
@@ -458,21 +426,29 @@ async fn accept_tls(
             return;
         }
     };
-    let handshakes = Slots::new("decision API address (handshakes)", HANDSHAKES);
+    let handshakes = places::Handshakes::new(HANDSHAKES);
     let slots = Slots::new("decision API address", crate::limits::DECISION_CONNECTIONS);
+    let per_identity = places::PerKey::new(PER_IDENTITY);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        // Nothing is said to a client before it proves who it is: it is just closed.
-        let Some(handshake) = handshakes.take() else {
-            continue;
-        };
+        // Nothing is said to a client before it proves who it is: one whose handshake is
+        // ended (by its time, or by a newcomer) is just closed.
+        let (mut handshake, evicted) = handshakes.begin();
+        if evicted {
+            d.count_error("decision_handshake_displaced");
+        }
         let Ok(tcp) = tcp.into_std() else {
             continue;
         };
-        let (d, b, slots) = (Arc::clone(&d), Arc::clone(&budget), Arc::clone(&slots));
+        let (d, b, slots, per_identity) = (
+            Arc::clone(&d),
+            Arc::clone(&budget),
+            Arc::clone(&slots),
+            Arc::clone(&per_identity),
+        );
         pool.spawn(async move {
             let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
                 return;
@@ -480,11 +456,13 @@ async fn accept_tls(
             let Ok(config) = d.tls_server_config() else {
                 return;
             };
-            let accepted = tokio::time::timeout(
-                HEADER_TIMEOUT,
-                tokio_rustls::TlsAcceptor::from(config).accept(tcp),
-            )
-            .await;
+            let accepted = tokio::select! {
+                a = tokio::time::timeout(
+                    HEADER_TIMEOUT,
+                    tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+                ) => a,
+                _ = &mut handshake.ended => return,
+            };
             drop(handshake);
             let Ok(Ok(tls)) = accepted else {
                 return;
@@ -503,11 +481,21 @@ async fn accept_tls(
                 ),
                 _ => return,
             };
+            let Some(id_slot) = per_identity.take(&id) else {
+                refuse_busy(
+                    tls,
+                    format!(
+                        "{id} holds {} connections to the decision API, the most one identity may; reuse them (keep-alive)",
+                        per_identity.max()
+                    ),
+                );
+                return;
+            };
             let Some(slot) = slots.take() else {
                 refuse_busy(tls, slots.refusal());
                 return;
             };
-            let _slot = slot;
+            let _places = (slot, id_slot);
             let asker = Asker {
                 detail: id.clone(),
                 id,
