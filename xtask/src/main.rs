@@ -204,6 +204,10 @@ const BENCHES: &[(&str, &str)] = &[
         "fleet",
         "fleet propagation and idle footprint (release daemons, etcd)",
     ),
+    (
+        "secrets",
+        "secret fetches over mTLS, database credentials (release daemon, PostgreSQL)",
+    ),
 ];
 
 fn build(release: bool) -> anyhow::Result<()> {
