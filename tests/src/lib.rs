@@ -1078,6 +1078,17 @@ fn wait_removed(root: &cgroup::Cgroup) -> bool {
     false
 }
 
+/// A child process, killed and reaped when dropped: a test that fails leaves none behind.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A cgroup of the test's own outside the managed subtree, killed and removed on drop.
 #[derive(Debug)]
 pub struct CgroupGuard(pub cgroup::Cgroup);

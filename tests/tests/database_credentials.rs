@@ -78,6 +78,15 @@ fn fetch_credential(
     (used.join().unwrap(), said)
 }
 
+/// The role a credential logs in as (`postgresql://ROLE:PASSWORD@...`).
+fn role_of(uri: &str) -> String {
+    uri.split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap()
+        .to_owned()
+}
+
 /// A daemon and a PostgreSQL with database `analytics` (its tables made by `tables`), the
 /// catalog service `analytics-db` on it, `policies` and the configuration's `extra` lines;
 /// the administrator's password put in the store.
@@ -214,14 +223,7 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
     // A role ends with its lease: not renewed, it is dropped within a second of its end.
     let (uri, said) = fetch_credential(&d, &reader_svid, &address);
     assert_eq!(said["lease"]["ttl_seconds"], 10, "{said}");
-    let role = uri
-        .split("://")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap()
-        .to_owned();
+    let role = role_of(&uri);
     assert!(role.starts_with("aw_"), "{role}");
     let o = pg.psql(&uri, "SELECT count(*) FROM events");
     assert_eq!(stdout(&o), "3", "{o:?}");
@@ -237,14 +239,7 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
 
     // A daemon that died holding a lease: the next one drops its role as it starts.
     let (uri, _) = fetch_credential(&d, &reader_svid, &address);
-    let role = uri
-        .split("://")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap()
-        .to_owned();
+    let role = role_of(&uri);
     d.kill9();
     d.launch();
     d.wait_healthy();
@@ -264,14 +259,7 @@ fn agents_get_short_lived_database_roles_with_their_policys_grants() {
     // even while that session holds a lock on the role (it altered its own password in a
     // transaction it keeps open).
     let (uri, _) = fetch_credential(&d, &reader_svid, &address);
-    let role = uri
-        .split("://")
-        .nth(1)
-        .unwrap()
-        .split(':')
-        .next()
-        .unwrap()
-        .to_owned();
+    let role = role_of(&uri);
     let mut session = Command::new("psql")
         .args(["-X", "-q", "-t", "-A", &uri])
         .stdin(Stdio::piped())
@@ -452,4 +440,46 @@ fn launch_issues_identity_and_credentials_and_rotate_renews_them() {
         "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'aw\\_%'",
     );
     assert_eq!(stdout(&o), "0", "the role is dropped when the agent ends");
+}
+
+/// A reload that changes what the policy grants on the database ends the leases whose grants
+/// changed: their roles are dropped within seconds (they lasted until the renewal, a third of
+/// the lease before its end: 20 minutes here).
+#[test]
+fn a_reload_that_changes_the_grants_drops_the_role() {
+    let _s = serial();
+    let address = format!("127.0.0.1:{}", free_port());
+    let both = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events, sessions] }\n";
+    let narrowed = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: service:analytics-db\n      actions: [read]\n      conditions: { tables: [events] }\n";
+    let (d, pg) = daemon_with_database(
+        "CREATE TABLE events (id int); CREATE TABLE sessions (id int); INSERT INTO sessions VALUES (7);",
+        &[("reader.yaml", both)],
+        &format!("      ttl: 1h\ndecision:\n  listen: {address}\n"),
+    );
+    let svid = d.issue("agent/reader/prod", "10m");
+    let (uri, _) = fetch_credential(&d, &svid, &address);
+    let role = role_of(&uri);
+    let o = pg.psql(&uri, "SELECT count(*) FROM sessions");
+    assert_eq!(stdout(&o), "1", "{o:?}");
+    d.write_policy("reader.yaml", narrowed);
+    let o = d.cli(&["reload"]);
+    assert!(o.status.success(), "{o:?}");
+    wait_for(Duration::from_secs(10), "the role to be dropped", || {
+        let o = pg.admin(
+            "analytics",
+            &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"),
+        );
+        (stdout(&o) == "0").then_some(())
+    });
+    let o = pg.psql(&uri, "SELECT count(*) FROM events");
+    assert!(
+        !o.status.success(),
+        "a role the policy no longer grants logs in: {o:?}"
+    );
+    let ended = records(&d, "secret_lease_ended");
+    assert!(
+        ended.iter().any(|r| r["role"] == role.as_str()
+            && r["reason"] == "no longer granted: the policy's grants on the database changed"),
+        "{ended:#?}"
+    );
 }

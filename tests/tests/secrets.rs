@@ -832,3 +832,99 @@ fn exec_keeps_granted_secrets_in_the_agents_directory() {
         }
     }
 }
+
+/// A lease lasts until its renewal judges it again, up to a day: what no longer stands ends
+/// it sooner. A reload that takes the grant away ends the lease of an agent launched with the
+/// secret within seconds, and a quarantine of the agent's cgroup takes its file. (Both lasted
+/// until the renewal, when a third of the lease was left: 40 minutes here.)
+#[test]
+fn a_reload_that_takes_the_grant_away_or_a_quarantine_ends_the_lease() {
+    use std::{io::BufRead as _, sync::mpsc, time::Duration};
+    let _s = serial();
+    let granted = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 1h\n";
+    let taken = "policy:\n  name: reader\n  identity: agent/reader/prod\n";
+    let mut d = TestDaemon::prepare(&[("reader.yaml", granted)], Some(""));
+    let key_file = d.dir.join("keys").join("secrets.key");
+    fs::write(
+        d.dir.join("agentwall.yaml"),
+        format!("secrets:\n  key_file: {}\n", key_file.display()),
+    )
+    .unwrap();
+    d.launch();
+    d.wait_healthy();
+    d.secret_put("agent/reader/db-password", "aw-planted-standing");
+    // The agent says where its secret is, then waits for the file to go.
+    let agent = || {
+        let mut child = Command::new(d.world_copy(&agentwall_bin()))
+            .arg("exec")
+            .arg("--socket")
+            .arg(&d.socket)
+            .args([
+                "--identity",
+                "agent/reader/prod",
+                "--secret",
+                "db=agent/reader/db-password",
+                "--",
+                "sh",
+                "-c",
+                r#"echo "$AGENTWALL_SECRETS_DIR"; while [ -e "$AGENTWALL_SECRETS_DIR/db" ]; do sleep 0.1; done; echo gone"#,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let dir = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        (agentwall_tests::KillOnDrop(child), rx, dir)
+    };
+
+    let (_a, said, _) = agent();
+    d.write_policy("reader.yaml", taken);
+    let o = d.cli(&["reload"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        said.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("gone"),
+        "the secret's file outlived the grant"
+    );
+
+    d.write_policy("reader.yaml", granted);
+    let o = d.cli(&["reload"]);
+    assert!(o.status.success(), "{o:?}");
+    let (_b, said, dir) = agent();
+    // The secrets of an agent launched under an identity are in the directory of its cgroup.
+    let cgroup_id = std::path::Path::new(&dir)
+        .parent()
+        .and_then(|p| p.file_name())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let o = d.cli(&["quarantine", &format!("id:{cgroup_id}")]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        said.recv_timeout(Duration::from_secs(10)).as_deref(),
+        Ok("gone"),
+        "the secret's file outlived the quarantine"
+    );
+
+    let ended = records(&d, "secret_lease_ended");
+    assert!(
+        ended.iter().any(|r| r["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no longer granted: ")),
+        "{ended:#?}"
+    );
+    assert!(
+        ended
+            .iter()
+            .any(|r| r["reason"] == "the agent's cgroup is quarantined"),
+        "{ended:#?}"
+    );
+}

@@ -245,6 +245,11 @@ impl Policies {
             .clone()
     }
 
+    /// The generation of the book in force (the kernel's number for it).
+    pub(crate) fn generation(&self) -> u32 {
+        self.book().generation
+    }
+
     /// The compiled book in force.
     pub(crate) fn current(&self) -> Arc<Compiled> {
         Arc::clone(&self.book().current)

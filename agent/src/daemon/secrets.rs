@@ -16,6 +16,7 @@ use std::{
 
 mod databases;
 mod delivery;
+mod standing;
 
 pub use self::delivery::{ExecSecret, ExecSecrets};
 use super::{AdminError, Daemon};
@@ -41,6 +42,8 @@ pub(crate) struct Secrets {
     /// Fetches and renewals of one identity a second (and their records); past it, refused
     /// and counted into its next record.
     budget: super::decisions::RecordBudget,
+    /// The policy generation the leases were last judged under (`standing`).
+    judged_generation: std::sync::atomic::AtomicU32,
 }
 
 /// An agent that asks for a secret: the identity its certificate proved, that

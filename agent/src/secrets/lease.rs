@@ -198,6 +198,11 @@ impl Leases {
     }
 
     /// Ends lease `id`, if it is in force.
+    /// Lease `id`, whoever holds it.
+    pub fn find(&self, id: &str) -> Option<Lease> {
+        self.table().by_id.get(id).cloned()
+    }
+
     pub fn end(&self, id: &str) -> Option<Lease> {
         self.table().take(id)
     }

@@ -67,7 +67,7 @@ impl Daemon {
 
     /// What the policy of `who` grants on `db` now: the privileges and tables of its rules
     /// on the service whose window is open, and those rules (`file:line`); or why nothing.
-    async fn database_grants(
+    pub(super) async fn database_grants(
         &self,
         who: &SecretAsker,
         db: &DatabaseConfig,
@@ -111,6 +111,13 @@ impl Daemon {
             ));
         }
         Ok((grants, rules.join(", ")))
+    }
+
+    /// The grants of the role of database lease `lease_id`, if it holds one.
+    pub(super) fn database_role_grants(&self, lease_id: &str) -> Option<Grants> {
+        lock(&self.secrets.databases.roles)
+            .get(lease_id)
+            .map(|r| r.grants.clone())
     }
 
     /// The administrator's password of `db`, from the store.

@@ -176,6 +176,7 @@ impl Daemon {
     /// Renews the secrets kept in agents' directories whose lease has a third or less to
     /// go, then ends the leases whose time is up and drops the roles of those that ended.
     pub(in crate::daemon) async fn tend_secret_leases(&self) {
+        self.end_leases_no_longer_held().await;
         self.renew_kept_secrets(false).await;
         self.expire_leases();
         self.drop_pending_roles().await;
