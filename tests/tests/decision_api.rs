@@ -368,7 +368,7 @@ fn bad_requests_are_refused_with_what_to_fix() {
     let _s = serial();
     let d = TestDaemon::start(&[("catalog.yaml", CATALOG)]);
     let s = &d.decision_socket;
-    let cases: [(&str, &str, String, u16, &str); 7] = [
+    let cases: [(&str, &str, String, u16, &str); 8] = [
         ("GET", "/v1/decide", String::new(), 405, "use POST"),
         ("POST", "/v2/x", "{}".into(), 404, "use POST /v1/decide"),
         (
@@ -391,6 +391,14 @@ fn bad_requests_are_refused_with_what_to_fix() {
             r#"{"caller":{},"resource":"r","action":"a"}"#.into(),
             400,
             "name the caller one way",
+        ),
+        // Who may read which secret is no asker's business: an agent fetches its own.
+        (
+            "POST",
+            "/v1/decide",
+            r#"{"caller":{"pid":1},"resource":"secret:agent/reader/db","action":"read"}"#.into(),
+            400,
+            "an agent fetches its own secrets with POST /v1/secrets/fetch",
         ),
         (
             "POST",

@@ -587,6 +587,14 @@ async fn route(
             if let Some(why) = oversized(&r) {
                 return error(StatusCode::BAD_REQUEST, &why);
             }
+            // Which identity may read which secret would tell any asker the paths and grants
+            // of others' secrets: not answered here.
+            if r.resource.trim_start().starts_with("secret:") {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`resource`: secrets are not decided for others; an agent fetches its own secrets with POST /v1/secrets/fetch",
+                );
+            }
             let caller = match r.caller.into_ref() {
                 Ok(c) => c,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &format!("`caller`: {e}")),
