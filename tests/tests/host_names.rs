@@ -105,13 +105,13 @@ fn a_host_name_whose_address_changes_is_followed() {
     let _s = serial();
     let port = 47_631;
     let (old_ip, new_ip) = (Ipv4Addr::new(192, 0, 2, 31), Ipv4Addr::new(192, 0, 2, 32));
-    let dns = Dns::start(old_ip, 4);
+    let dns = Dns::start(old_ip, 6);
     let catalog = format!(
         "kind: Service\nservice:\n  name: reports\n  endpoints:\n    - to: reports.example.test\n      protocol: tcp\n      ports: [{port}]\n"
     );
     let policy = "policy:\n  name: reader\n  rules:\n    - resource: service:reports\n";
     let config = format!(
-        "names:\n  servers: [\"127.0.0.1:{}\"]\n  min_ttl: 1s\n  refresh_before: 2s\n",
+        "names:\n  servers: [\"127.0.0.1:{}\"]\n  min_ttl: 1s\n  refresh_before: 4s\n",
         dns.port
     );
     let d = TestDaemon::start_with_config(
@@ -147,9 +147,10 @@ fn a_host_name_whose_address_changes_is_followed() {
     assert_eq!(try_both(), (true, false), "the name's address, and only it");
     assert!(dns.asked.load(Ordering::Relaxed) >= 1);
 
-    // The name moves. Until the old answer expires (4 s after it was given) the old address
-    // stays; the new one comes with the answer asked for 2 s before that.
-    dns.set(new_ip, 4);
+    // The name moves. Until the old answer expires (6 s after it was given) the old address
+    // stays; the new one comes with the answer asked for 3 s before that (half the time to
+    // live, under `refresh_before`: a margin that a loaded host keeps).
+    dns.set(new_ip, 6);
     let start = Instant::now();
     let mut seen = Vec::new();
     let mut both_at_once = false;
