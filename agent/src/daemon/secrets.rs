@@ -42,8 +42,11 @@ pub(crate) struct Secrets {
     /// Fetches and renewals of one identity a second (and their records); past it, refused
     /// and counted into its next record.
     budget: super::decisions::RecordBudget,
-    /// The policy generation the leases were last judged under (`standing`).
-    judged_generation: std::sync::atomic::AtomicU32,
+    /// The policy set the leases were last judged under (`standing`).
+    judged_set: Mutex<Option<Arc<crate::policy::PolicySet>>>,
+    /// A lease was granted or renewed under a policy that changed meanwhile: every lease
+    /// is judged again at the next pass.
+    judge_again: std::sync::atomic::AtomicBool,
 }
 
 /// An agent that asks for a secret: the identity its certificate proved, that
@@ -280,6 +283,13 @@ impl Daemon {
         who: &SecretAsker,
         path: &str,
     ) -> Result<Leased, FetchRefused> {
+        let generation = self.policies.generation();
+        let r = self.first_fetch(who, path).await;
+        self.leased_under(generation, &r);
+        r
+    }
+
+    async fn first_fetch(&self, who: &SecretAsker, path: &str) -> Result<Leased, FetchRefused> {
         let path = path.trim();
         let suppressed = self.secret_admit(who)?;
         let parsed = SecretPath::parse(path).map_err(|e| {
@@ -353,6 +363,13 @@ impl Daemon {
     /// lease takes the serial of the certificate that renewed it, and the rule (and length)
     /// that grants it now.
     pub async fn secret_renew(&self, who: &SecretAsker, id: &str) -> Result<Leased, FetchRefused> {
+        let generation = self.policies.generation();
+        let r = self.renewal(who, id).await;
+        self.leased_under(generation, &r);
+        r
+    }
+
+    async fn renewal(&self, who: &SecretAsker, id: &str) -> Result<Leased, FetchRefused> {
         let suppressed = self.secret_admit(who)?;
         let held = self
             .secrets

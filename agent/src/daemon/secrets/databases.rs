@@ -235,6 +235,11 @@ impl Daemon {
             }
         };
         lock(&self.secrets.databases.roles).insert(lease.id.clone(), db_role);
+        // A lease ended before its role was listed (a revocation, a policy change) found no
+        // role to drop: its role is dropped now.
+        if self.secrets.leases.find(&lease.id).is_none() {
+            self.database_lease_ended(&lease.id);
+        }
         self.revoked_meanwhile(who, &lease, suppressed)?;
         self.secret_leased(who, &lease, false, suppressed);
         Ok(Leased { secret, lease })
