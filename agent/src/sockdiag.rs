@@ -1,4 +1,5 @@
-//! Destroying the open sockets of cgroups (sock_diag SOCK_DESTROY over netlink).
+//! Destroying the open sockets of cgroups (sock_diag SOCK_DESTROY over netlink), and finding
+//! the cgroup of the process that opened a TCP connection to the daemon ([`PeerCgroups`]).
 //!
 //! Changing a verdict stops new flows at once; flows already open are cut by destroying their
 //! sockets: the local side gets ECONNABORTED, a TCP peer gets a reset. Sockets are found by
@@ -324,6 +325,99 @@ const MAX_CGROUP_DIRS: usize = 4096;
 /// agent that makes thousands (user namespaces let it) cannot stall a revocation for long.
 /// Sockets beyond them stay open, their packets dropped by the backstop.
 const MAX_NAMESPACES: usize = 256;
+
+/// The socket id (`struct inet_diag_sockid`) of the TCP socket bound to `local` and
+/// connected to `remote`, with no cookie.
+fn sockid(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> [u8; SOCKID_LEN] {
+    fn addr(ip: std::net::IpAddr) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        match ip {
+            std::net::IpAddr::V4(v4) => a[..4].copy_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => a.copy_from_slice(&v6.octets()),
+        }
+        a
+    }
+    let mut id = [0u8; SOCKID_LEN];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    id[4..20].copy_from_slice(&addr(local.ip()));
+    id[20..36].copy_from_slice(&addr(remote.ip()));
+    // Interface 0 (any), and INET_DIAG_NOCOOKIE.
+    id[40..48].copy_from_slice(&[0xff; 8]);
+    id
+}
+
+/// Finds which cgroup opened the client end of a TCP connection accepted on this host: the
+/// client socket is looked up by its addresses (one netlink round trip), and its
+/// INET_DIAG_CGROUP_ID read.
+#[derive(Debug)]
+pub struct PeerCgroups(Netlink);
+
+impl std::fmt::Debug for Netlink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Netlink").field("seq", &self.seq).finish()
+    }
+}
+
+impl PeerCgroups {
+    pub fn open() -> io::Result<Self> {
+        Netlink::open().map(Self)
+    }
+
+    /// The cgroup id of the process that made the connection whose server end is bound to
+    /// `local` and connected from `peer`; `None` if no socket of this network namespace has
+    /// those addresses (the client is elsewhere) or it carries no cgroup.
+    pub fn of(
+        &mut self,
+        local: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+    ) -> io::Result<Option<u64>> {
+        let family = if peer.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        } as u8;
+        let nl = &mut self.0;
+        let seq = nl.send(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST,
+            family,
+            libc::IPPROTO_TCP as u8,
+            ALL_STATES,
+            &sockid(peer, local),
+        )?;
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = nl.recv(&mut buf)?;
+            let mut off = 0;
+            while off + NLMSG_HDR <= n {
+                let h = &buf[off..n];
+                let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                let kind = u16::from_ne_bytes([h[4], h[5]]);
+                let mseq = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
+                if len < NLMSG_HDR || len > h.len() {
+                    return Err(io::Error::other("malformed sock_diag reply"));
+                }
+                if mseq == seq {
+                    match kind {
+                        NLMSG_ERROR if len >= NLMSG_HDR + 4 => {
+                            let code = i32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+                            return match -code {
+                                0 | libc::ENOENT => Ok(None),
+                                e => Err(io::Error::from_raw_os_error(e)),
+                            };
+                        }
+                        SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDR + MSG_LEN => {
+                            return Ok(socket_cgroup(&h[NLMSG_HDR..len]));
+                        }
+                        _ => return Err(io::Error::other("unexpected sock_diag reply")),
+                    }
+                }
+                off += align4(len);
+            }
+        }
+    }
+}
 
 /// The network namespaces, other than this thread's, that processes of the cgroups at `dirs`
 /// or of their descendants are in: one handle each.

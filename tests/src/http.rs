@@ -21,26 +21,34 @@ impl<S: Read + Write> KeepAlive<S> {
     /// Sends `POST path` with `body` and reads the whole answer: its status and body. Panics
     /// on a broken connection or an answer that is not HTTP (the benchmark aborts).
     pub fn post(&mut self, path: &str, body: &str) -> (u16, Vec<u8>) {
+        self.try_post(path, body)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// [`KeepAlive::post`], with the error of a broken connection or a garbled answer.
+    pub fn try_post(&mut self, path: &str, body: &str) -> std::io::Result<(u16, Vec<u8>)> {
+        let garbled = |what: &str| std::io::Error::other(format!("not HTTP: {what}"));
         let w = self.s.get_mut();
         write!(
             w,
             "POST {path} HTTP/1.1\r\nHost: agentwall\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .expect("send a request");
-        w.flush().expect("send a request");
+        )?;
+        w.flush()?;
         self.line.clear();
-        self.s.read_line(&mut self.line).expect("read the status");
+        self.s.read_line(&mut self.line)?;
         let status: u16 = self
             .line
             .get(9..12)
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP status line: {:?}", self.line));
+            .ok_or_else(|| garbled(&self.line))?;
         let mut len = 0;
         loop {
             self.line.clear();
-            self.s.read_line(&mut self.line).expect("read a header");
-            if self.line == "\r\n" || self.line.is_empty() {
+            if self.s.read_line(&mut self.line)? == 0 {
+                return Err(garbled("the answer broke off in its head"));
+            }
+            if self.line == "\r\n" {
                 break;
             }
             if let Some(v) = self
@@ -48,12 +56,12 @@ impl<S: Read + Write> KeepAlive<S> {
                 .to_ascii_lowercase()
                 .strip_prefix("content-length:")
             {
-                len = v.trim().parse().expect("a Content-Length");
+                len = v.trim().parse().map_err(|_| garbled("Content-Length"))?;
             }
         }
         let mut b = vec![0; len];
-        self.s.read_exact(&mut b).expect("read the body");
-        (status, b)
+        self.s.read_exact(&mut b)?;
+        Ok((status, b))
     }
 }
 

@@ -1011,3 +1011,63 @@ fn silent_connections_cannot_shut_the_decision_address() {
     );
     assert_eq!(c.post("/v1/nothing", "{}").0, 404);
 }
+
+/// A confined agent that connects to the decision API's TCP address and lets go as fast as it
+/// can does not keep other agents from it: a new handshake ends the oldest of the source
+/// holding the most places, and the flood is one source (its cgroup, or its address once its
+/// sockets are gone). (Ending the oldest of all let such a flood end every agent's handshake
+/// before it was done.)
+#[test]
+fn a_connect_flood_cannot_end_other_agents_handshakes() {
+    use agentwall_tests::{free_port, http::mtls};
+    let _s = serial();
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let d = TestDaemon::start_with_config(
+        &[("f.yaml", &tcp_policy("flood", &[port]))],
+        Some(&format!("decision:\n  listen: {address}\n")),
+    );
+    let svid = d.issue("agent/reader/prod", "10m");
+    let mut flood = d.repl("flood");
+    let flooding = {
+        let address = address.clone();
+        std::thread::spawn(move || {
+            let r = flood.cmd(&format!("connect-flood-for {address} 6000 4"));
+            (flood, r)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Handshakes one after another while the flood lasts (some of them, 17 of 827 in one
+    // run, were ended by it before the change).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (mut tried, mut served) = (0, 0);
+    while std::time::Instant::now() < until {
+        tried += 1;
+        if let Ok(mut c) = mtls(&address, &svid)
+            && c.try_post("/v1/nothing", "{}")
+                .is_ok_and(|(status, _)| status == 404)
+        {
+            served += 1;
+        }
+    }
+    let (_flood, flooded) = flooding.join().unwrap();
+    let connects: u64 = flooded
+        .strip_prefix("ok=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{flooded}"));
+    let displaced = d
+        .status()
+        .daemon_errors
+        .get("decision_handshake_displaced")
+        .copied()
+        .unwrap_or(0);
+    eprintln!(
+        "flood: {connects} connects, {displaced} handshakes displaced; agent served {served} of {tried}"
+    );
+    assert!(connects > 1000, "the flood did not flood: {flooded}");
+    assert!(tried >= 20, "{tried}");
+    assert_eq!(
+        served, tried,
+        "the agent was kept out by the flood ({displaced} displaced)"
+    );
+}

@@ -429,14 +429,20 @@ async fn accept_tls(
     let handshakes = places::Handshakes::new(HANDSHAKES);
     let slots = Slots::new("decision API address", crate::limits::DECISION_CONNECTIONS);
     let per_identity = places::PerKey::new(PER_IDENTITY);
+    // Without sock_diag, every client is known by its address.
+    let mut peers = crate::sockdiag::PeerCgroups::open()
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "the decision API cannot tell which cgroup a local client is in (sock_diag); it tells them apart by address only");
+        })
+        .ok();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         // Nothing is said to a client before it proves who it is: one whose handshake is
         // ended (by its time, or by a newcomer) is just closed.
-        let (mut handshake, evicted) = handshakes.begin();
+        let (mut handshake, evicted) = handshakes.begin(source_of(&tcp, peer, peers.as_mut()));
         if evicted {
             d.count_error("decision_handshake_displaced");
         }
@@ -506,6 +512,20 @@ async fn accept_tls(
             serve(tls, d, asker, b).await;
         });
     }
+}
+
+/// Where the connection from `peer` comes from: the cgroup of the process that opened it,
+/// when it is on this host and its socket is still open; else its address.
+fn source_of(
+    tcp: &tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    peers: Option<&mut crate::sockdiag::PeerCgroups>,
+) -> places::Source {
+    let cgroup = match (peers, tcp.local_addr()) {
+        (Some(p), Ok(local)) => p.of(local, peer).ok().flatten(),
+        _ => None,
+    };
+    cgroup.map_or(places::Source::Address(peer.ip()), places::Source::Cgroup)
 }
 
 /// Serves one connection: HTTP/1.1, keep-alive, until the client ends it or its time is up.

@@ -1,6 +1,6 @@
 //! How many connections the decision API holds, and for whom: a count per key (the uid on
 //! the socket, the SPIFFE ID on TCP), and the TLS handshakes in progress on TCP, where a
-//! newcomer takes the place of the oldest.
+//! newcomer takes the place of the oldest handshake of the source that holds the most.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -57,11 +57,20 @@ impl<K: Hash + Eq + Clone> Drop for KeySlot<K> {
     }
 }
 
+/// Where a connection comes from: the cgroup of the process that opened it (on this host),
+/// or its address (elsewhere, or when the host cannot tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Source {
+    Cgroup(u64),
+    Address(std::net::IpAddr),
+}
+
 /// The TLS handshakes in progress, oldest first, at most `max`. A connection that comes
-/// when all places are taken ends the oldest handshake and takes its place: clients that
-/// connect and say nothing cannot keep out the agents that prove who they are (each
-/// handshake has a few seconds; refusing newcomers let a few silent connections, renewed
-/// as they timed out, shut the address to everyone).
+/// when all places are taken ends the oldest handshake of the source that holds the most
+/// places, and takes its place. Clients that connect and say nothing, or connect and go
+/// as fast as they can, end their own handshakes, not those of the agents that prove who
+/// they are. (Refusing newcomers let a few silent connections shut the address; ending the
+/// oldest of all let a flood of connects end every agent's handshake.)
 #[derive(Debug)]
 pub(super) struct Handshakes {
     max: usize,
@@ -69,11 +78,32 @@ pub(super) struct Handshakes {
 }
 
 /// The next handshake's number, and the handshakes in progress, oldest first: each number
-/// with the sender whose drop ends it.
+/// with its source and the sender whose drop ends it.
 #[derive(Debug, Default)]
 struct Pending {
     next: u64,
-    queue: VecDeque<(u64, oneshot::Sender<()>)>,
+    queue: VecDeque<(u64, Source, oneshot::Sender<()>)>,
+}
+
+impl Pending {
+    /// Ends the oldest handshake of the source that holds the most places (of those holding
+    /// as many, the one whose oldest handshake is oldest); whether one was.
+    fn end_one(&mut self) -> bool {
+        let mut held: HashMap<Source, usize> = HashMap::new();
+        for (_, source, _) in &self.queue {
+            *held.entry(*source).or_default() += 1;
+        }
+        let most = held.values().copied().max().unwrap_or(0);
+        let Some(at) = self
+            .queue
+            .iter()
+            .position(|(_, source, _)| held.get(source) == Some(&most))
+        else {
+            return false;
+        };
+        // Dropping the sender wakes that handshake's `ended`.
+        self.queue.remove(at).is_some()
+    }
 }
 
 /// One handshake's place; given back when dropped. Its `ended` resolves when a newcomer
@@ -93,15 +123,14 @@ impl Handshakes {
         })
     }
 
-    /// A place for a new handshake, and whether an older one was ended for it.
-    pub(super) fn begin(self: &Arc<Self>) -> (Handshake, bool) {
+    /// A place for a new handshake from `source`, and whether another was ended for it.
+    pub(super) fn begin(self: &Arc<Self>, source: Source) -> (Handshake, bool) {
         let (tx, ended) = oneshot::channel();
         let mut g = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let id = g.next;
         g.next += 1;
-        // Dropping the sender wakes the oldest handshake's `ended`.
-        let evicted = g.queue.len() >= self.max && g.queue.pop_front().is_some();
-        g.queue.push_back((id, tx));
+        let evicted = g.queue.len() >= self.max && g.end_one();
+        g.queue.push_back((id, source, tx));
         drop(g);
         let place = Handshake {
             set: Arc::clone(self),
@@ -128,7 +157,7 @@ impl Drop for Handshake {
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        g.queue.retain(|(id, _)| *id != self.id);
+        g.queue.retain(|(id, _, _)| *id != self.id);
     }
 }
 
@@ -148,32 +177,49 @@ mod tests {
     }
 
     #[test]
-    fn a_newcomer_ends_the_oldest_handshake_when_all_places_are_taken() {
-        let h = Handshakes::new(2);
-        let (mut first, e1) = h.begin();
-        let (mut second, e2) = h.begin();
-        assert!(!e1 && !e2);
-        assert!(
-            first
-                .ended
-                .try_recv()
-                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+    fn a_newcomer_ends_the_oldest_handshake_of_the_source_that_holds_the_most() {
+        let (agent, flood) = (Source::Cgroup(7), Source::Cgroup(9));
+        let h = Handshakes::new(3);
+        let (mut first, e1) = h.begin(agent);
+        let (mut second, e2) = h.begin(flood);
+        let (mut third, e3) = h.begin(flood);
+        assert!(!e1 && !e2 && !e3);
+        assert_eq!(
+            first.ended.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
         );
-        let (third, e3) = h.begin();
-        assert!(e3, "the oldest made room");
+        // The flood holds two places: its oldest goes, whoever comes.
+        let (mut fourth, e4) = h.begin(agent);
+        assert!(e4, "room was made");
+        assert_eq!(
+            second.ended.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the flood's oldest is told"
+        );
+        assert_eq!(
+            first.ended.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(h.in_progress(), 3);
+        // Now the agent holds two places and the flood one: the agent's oldest goes.
+        let (_fifth, e5) = h.begin(flood);
+        assert!(e5);
         assert_eq!(
             first.ended.try_recv(),
             Err(oneshot::error::TryRecvError::Closed),
-            "the oldest is told"
+            "the source with the most places gives one up"
         );
         assert_eq!(
-            second.ended.try_recv(),
+            third.ended.try_recv(),
             Err(oneshot::error::TryRecvError::Empty)
         );
-        assert_eq!(h.in_progress(), 2);
-        drop(first);
-        assert_eq!(h.in_progress(), 2, "an ended handshake holds no place");
-        drop((second, third));
-        assert_eq!(h.in_progress(), 0);
+        assert_eq!(
+            fourth.ended.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        drop((first, second));
+        assert_eq!(h.in_progress(), 3, "an ended handshake holds no place");
+        drop((third, fourth));
+        assert_eq!(h.in_progress(), 1);
     }
 }

@@ -873,6 +873,33 @@ fn run(line: &str) -> String {
                 }
                 Ok(format!("ok={ok} eperm={eperm} other={other}"))
             }
+            ("connect-flood-for", [a, ms, threads]) => {
+                // Connects and lets go, as fast as it can from `threads` threads, for `ms`:
+                // how many connected.
+                let a = addr(a)?;
+                let ms: u64 = ms.parse().map_err(|_| "err bad millis".to_string())?;
+                let threads: usize = threads.parse().map_err(|_| "err bad threads".to_string())?;
+                let end = Instant::now() + Duration::from_millis(ms);
+                let n: u64 = std::thread::scope(|s| {
+                    let each: Vec<_> = (0..threads.clamp(1, 16))
+                        .map(|_| {
+                            s.spawn(move || {
+                                let mut n = 0u64;
+                                while Instant::now() < end {
+                                    if TcpStream::connect_timeout(&a, Duration::from_millis(500))
+                                        .is_ok()
+                                    {
+                                        n += 1;
+                                    }
+                                }
+                                n
+                            })
+                        })
+                        .collect();
+                    each.into_iter().map(|t| t.join().unwrap_or(0)).sum()
+                });
+                Ok(format!("ok={n}"))
+            }
             ("udp-flood", [a, n]) => {
                 let a = addr(a)?;
                 let n: u64 = n.parse().map_err(|_| "err bad count".to_string())?;
