@@ -1071,3 +1071,41 @@ fn a_connect_flood_cannot_end_other_agents_handshakes() {
         "the agent was kept out by the flood ({displaced} displaced)"
     );
 }
+
+/// Agents that hold every connection of the decision API's TCP address (8 identities of 8
+/// connections each, the most one identity may hold) do not keep out an identity that holds
+/// none: it takes the oldest connection of one of them. (It was refused with 503 until one of
+/// them let go, which a client pinging every few seconds never did.)
+#[test]
+fn identities_that_hold_every_connection_give_one_up() {
+    use agentwall_tests::{free_port, http::mtls};
+    let _s = serial();
+    let address = format!("127.0.0.1:{}", free_port());
+    let d = TestDaemon::start_with_config(
+        &[("r.yaml", &identity_policy("reader", 9))],
+        Some(&format!("decision:\n  listen: {address}\n")),
+    );
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let svid = d.issue(&format!("agent/holder-{i}/prod"), "10m");
+        for _ in 0..8 {
+            let mut c = mtls(&address, &svid).unwrap();
+            assert_eq!(c.post("/v1/nothing", "{}").0, 404);
+            held.push(c);
+        }
+    }
+    let newcomer = d.issue("agent/reader/prod", "10m");
+    let mut c = mtls(&address, &newcomer).unwrap();
+    let (status, body) = c.post("/v1/nothing", "{}");
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        d.status()
+            .daemon_errors
+            .get("decision_connection_displaced")
+            .copied(),
+        Some(1)
+    );
+    // The displaced one is the oldest: the first holder's first connection.
+    assert!(held[0].try_post("/v1/nothing", "{}").is_err());
+    assert_eq!(held[1].post("/v1/nothing", "{}").0, 404);
+}

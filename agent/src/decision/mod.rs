@@ -426,8 +426,8 @@ async fn accept_tls(
             return;
         }
     };
-    let handshakes = places::Handshakes::new(HANDSHAKES);
-    let slots = Slots::new("decision API address", crate::limits::DECISION_CONNECTIONS);
+    let handshakes = places::Displacing::new(HANDSHAKES);
+    let connections = places::Displacing::new(crate::limits::DECISION_CONNECTIONS);
     let per_identity = places::PerKey::new(PER_IDENTITY);
     // Without sock_diag, every client is known by its address.
     let mut peers = crate::sockdiag::PeerCgroups::open()
@@ -442,17 +442,17 @@ async fn accept_tls(
         };
         // Nothing is said to a client before it proves who it is: one whose handshake is
         // ended (by its time, or by a newcomer) is just closed.
-        let (mut handshake, evicted) = handshakes.begin(source_of(&tcp, peer, peers.as_mut()));
+        let (mut handshake, evicted) = handshakes.take(source_of(&tcp, peer, peers.as_mut()));
         if evicted {
             d.count_error("decision_handshake_displaced");
         }
         let Ok(tcp) = tcp.into_std() else {
             continue;
         };
-        let (d, b, slots, per_identity) = (
+        let (d, b, connections, per_identity) = (
             Arc::clone(&d),
             Arc::clone(&budget),
-            Arc::clone(&slots),
+            Arc::clone(&connections),
             Arc::clone(&per_identity),
         );
         pool.spawn(async move {
@@ -497,11 +497,11 @@ async fn accept_tls(
                 );
                 return;
             };
-            let Some(slot) = slots.take() else {
-                refuse_busy(tls, slots.refusal());
-                return;
-            };
-            let _places = (slot, id_slot);
+            let (mut place, displaced) = connections.take(id.clone());
+            if displaced {
+                d.count_error("decision_connection_displaced");
+            }
+            let _id_slot = id_slot;
             let asker = Asker {
                 detail: id.clone(),
                 id,
@@ -509,7 +509,10 @@ async fn accept_tls(
                 serial,
                 valid_until,
             };
-            serve(tls, d, asker, b).await;
+            tokio::select! {
+                () = serve(tls, d, asker, b) => {}
+                _ = &mut place.ended => {}
+            }
         });
     }
 }

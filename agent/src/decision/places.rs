@@ -1,6 +1,6 @@
 //! How many connections the decision API holds, and for whom: a count per key (the uid on
-//! the socket, the SPIFFE ID on TCP), and the TLS handshakes in progress on TCP, where a
-//! newcomer takes the place of the oldest handshake of the source that holds the most.
+//! the socket, the SPIFFE ID on TCP), and on TCP the handshakes in progress and the
+//! connections held, where a newcomer takes a place from the busiest ([`Displacing`]).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -65,84 +65,89 @@ pub(super) enum Source {
     Address(std::net::IpAddr),
 }
 
-/// The TLS handshakes in progress, oldest first, at most `max`. A connection that comes
-/// when all places are taken ends the oldest handshake of the source that holds the most
-/// places, and takes its place. Clients that connect and say nothing, or connect and go
-/// as fast as they can, end their own handshakes, not those of the agents that prove who
-/// they are. (Refusing newcomers let a few silent connections shut the address; ending the
-/// oldest of all let a flood of connects end every agent's handshake.)
+/// Places that a newcomer takes from the busiest: at most `max` held, oldest first. One that
+/// comes when all are taken ends the oldest of the key that holds the most places (of keys
+/// holding as many, the one whose oldest place is oldest), and takes its place.
+///
+/// The TLS handshakes in progress are keyed by [`Source`]: clients that connect and say
+/// nothing, or connect and go as fast as they can, end their own handshakes, not those of
+/// agents that prove who they are. (Refusing newcomers let a few silent connections shut the
+/// address; ending the oldest of all let a flood of connects end every agent's handshake.)
+/// The connections of verified clients are keyed by SPIFFE ID: a few identities that hold
+/// every connection give one up to an identity that holds none.
 #[derive(Debug)]
-pub(super) struct Handshakes {
+pub(super) struct Displacing<K> {
     max: usize,
-    pending: Mutex<Pending>,
+    held: Mutex<Held<K>>,
 }
 
-/// The next handshake's number, and the handshakes in progress, oldest first: each number
-/// with its source and the sender whose drop ends it.
-#[derive(Debug, Default)]
-struct Pending {
+/// The next place's number, and the places held, oldest first: each number with its key and
+/// the sender whose drop ends it.
+#[derive(Debug)]
+struct Held<K> {
     next: u64,
-    queue: VecDeque<(u64, Source, oneshot::Sender<()>)>,
+    queue: VecDeque<(u64, K, oneshot::Sender<()>)>,
 }
 
-impl Pending {
-    /// Ends the oldest handshake of the source that holds the most places (of those holding
-    /// as many, the one whose oldest handshake is oldest); whether one was.
+impl<K: Hash + Eq + Clone> Held<K> {
+    /// Ends the oldest place of the key that holds the most; whether one was.
     fn end_one(&mut self) -> bool {
-        let mut held: HashMap<Source, usize> = HashMap::new();
-        for (_, source, _) in &self.queue {
-            *held.entry(*source).or_default() += 1;
+        let mut held: HashMap<&K, usize> = HashMap::new();
+        for (_, key, _) in &self.queue {
+            *held.entry(key).or_default() += 1;
         }
         let most = held.values().copied().max().unwrap_or(0);
         let Some(at) = self
             .queue
             .iter()
-            .position(|(_, source, _)| held.get(source) == Some(&most))
+            .position(|(_, key, _)| held.get(key) == Some(&most))
         else {
             return false;
         };
-        // Dropping the sender wakes that handshake's `ended`.
+        // Dropping the sender wakes that place's `ended`.
         self.queue.remove(at).is_some()
     }
 }
 
-/// One handshake's place; given back when dropped. Its `ended` resolves when a newcomer
-/// took the place.
+/// One place; given back when dropped. Its `ended` resolves when a newcomer took it.
 #[derive(Debug)]
-pub(super) struct Handshake {
-    set: Arc<Handshakes>,
+pub(super) struct Place<K: Hash + Eq + Clone> {
+    set: Arc<Displacing<K>>,
     id: u64,
     pub(super) ended: oneshot::Receiver<()>,
 }
 
-impl Handshakes {
+impl<K: Hash + Eq + Clone> Displacing<K> {
     pub(super) fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
-            pending: Mutex::new(Pending::default()),
+            held: Mutex::new(Held {
+                next: 0,
+                queue: VecDeque::new(),
+            }),
         })
     }
 
-    /// A place for a new handshake from `source`, and whether another was ended for it.
-    pub(super) fn begin(self: &Arc<Self>, source: Source) -> (Handshake, bool) {
+    /// A place for `key`, and whether another was ended for it.
+    pub(super) fn take(self: &Arc<Self>, key: K) -> (Place<K>, bool) {
         let (tx, ended) = oneshot::channel();
-        let mut g = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let id = g.next;
         g.next += 1;
-        let evicted = g.queue.len() >= self.max && g.end_one();
-        g.queue.push_back((id, source, tx));
+        let displaced = g.queue.len() >= self.max && g.end_one();
+        g.queue.push_back((id, key, tx));
         drop(g);
-        let place = Handshake {
+        let place = Place {
             set: Arc::clone(self),
             id,
             ended,
         };
-        (place, evicted)
+        (place, displaced)
     }
 
     #[cfg(test)]
-    fn in_progress(&self) -> usize {
-        self.pending
+    fn in_use(&self) -> usize {
+        self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .queue
@@ -150,13 +155,9 @@ impl Handshakes {
     }
 }
 
-impl Drop for Handshake {
+impl<K: Hash + Eq + Clone> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut g = self
-            .set
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut g = self.set.held.lock().unwrap_or_else(PoisonError::into_inner);
         g.queue.retain(|(id, _, _)| *id != self.id);
     }
 }
@@ -179,17 +180,17 @@ mod tests {
     #[test]
     fn a_newcomer_ends_the_oldest_handshake_of_the_source_that_holds_the_most() {
         let (agent, flood) = (Source::Cgroup(7), Source::Cgroup(9));
-        let h = Handshakes::new(3);
-        let (mut first, e1) = h.begin(agent);
-        let (mut second, e2) = h.begin(flood);
-        let (mut third, e3) = h.begin(flood);
+        let h = Displacing::new(3);
+        let (mut first, e1) = h.take(agent);
+        let (mut second, e2) = h.take(flood);
+        let (mut third, e3) = h.take(flood);
         assert!(!e1 && !e2 && !e3);
         assert_eq!(
             first.ended.try_recv(),
             Err(oneshot::error::TryRecvError::Empty)
         );
         // The flood holds two places: its oldest goes, whoever comes.
-        let (mut fourth, e4) = h.begin(agent);
+        let (mut fourth, e4) = h.take(agent);
         assert!(e4, "room was made");
         assert_eq!(
             second.ended.try_recv(),
@@ -200,9 +201,9 @@ mod tests {
             first.ended.try_recv(),
             Err(oneshot::error::TryRecvError::Empty)
         );
-        assert_eq!(h.in_progress(), 3);
+        assert_eq!(h.in_use(), 3);
         // Now the agent holds two places and the flood one: the agent's oldest goes.
-        let (_fifth, e5) = h.begin(flood);
+        let (_fifth, e5) = h.take(flood);
         assert!(e5);
         assert_eq!(
             first.ended.try_recv(),
@@ -218,8 +219,8 @@ mod tests {
             Err(oneshot::error::TryRecvError::Empty)
         );
         drop((first, second));
-        assert_eq!(h.in_progress(), 3, "an ended handshake holds no place");
+        assert_eq!(h.in_use(), 3, "an ended handshake holds no place");
         drop((third, fourth));
-        assert_eq!(h.in_progress(), 1);
+        assert_eq!(h.in_use(), 1);
     }
 }
