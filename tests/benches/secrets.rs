@@ -137,16 +137,10 @@ fn main() {
             ),
         );
     }
-    let key_file = d.dir.join("keys").join("secrets.key");
-    std::fs::write(
-        d.dir.join("agentwall.yaml"),
-        format!(
-            "secrets:\n  key_file: {}\n  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n      ttl: 1h\ndecision:\n  listen: {address}\n",
-            key_file.display(),
-            pg.port
-        ),
-    )
-    .unwrap();
+    d.write_secrets_config(&format!(
+        "  databases:\n    - service: analytics-db\n      host: 127.0.0.1\n      port: {}\n      database: analytics\n      admin_user: postgres\n      admin_password_secret: agentwall/databases/analytics-db\n      ttl: 1h\ndecision:\n  listen: {address}\n",
+        pg.port
+    ));
     d.launch();
     d.wait_healthy();
     d.secret_put("agentwall/databases/analytics-db", ADMIN_PASSWORD);

@@ -519,6 +519,32 @@ impl TestDaemon {
         d
     }
 
+    /// [`TestDaemon::prepare`] with a secret store: the configuration names its master key
+    /// (`keys/secrets.key`, made on first use), then has the lines `extra` (more of the
+    /// `secrets:` mapping, indented, or other top-level keys).
+    pub fn prepare_with_secrets(policies: &[(&str, &str)], extra: &str) -> Self {
+        let d = Self::prepare(policies, Some(""));
+        d.write_secrets_config(extra);
+        d
+    }
+
+    /// Writes the configuration of [`TestDaemon::prepare_with_secrets`] (before the launch).
+    pub fn write_secrets_config(&self, extra: &str) {
+        fs::write(
+            self.dir.join("agentwall.yaml"),
+            format!(
+                "secrets:\n  key_file: {}\n{extra}",
+                self.secrets_key().display()
+            ),
+        )
+        .expect("config");
+    }
+
+    /// The secret store's master key file of [`TestDaemon::prepare_with_secrets`].
+    pub fn secrets_key(&self) -> PathBuf {
+        self.dir.join("keys").join("secrets.key")
+    }
+
     /// Creates the directories and files without starting the daemon.
     pub fn prepare(policies: &[(&str, &str)], config: Option<&str>) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);

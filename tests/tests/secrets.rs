@@ -65,13 +65,8 @@ fn files_below(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
 fn secrets_are_versioned_rotated_removed_and_never_leak() {
     use base64::Engine as _;
     let _s = serial();
-    let mut d = TestDaemon::prepare(&[("p.yaml", &tcp_policy("web", &[1]))], Some(""));
-    let key_file = d.dir.join("keys").join("secrets.key");
-    fs::write(
-        d.dir.join("agentwall.yaml"),
-        format!("secrets:\n  key_file: {}\n", key_file.display()),
-    )
-    .unwrap();
+    let mut d = TestDaemon::prepare_with_secrets(&[("p.yaml", &tcp_policy("web", &[1]))], "");
+    let key_file = d.secrets_key();
     d.launch();
     d.wait_healthy();
     // Opened on first use: no key until a secret is stored.
@@ -306,16 +301,10 @@ fn agents_fetch_their_secrets_over_mtls_under_leases() {
     let address = format!("127.0.0.1:{port}");
     let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 1m\n    - resource: secret:shared/report-key\n      rateLimit: 1 per hour\n";
     let other = "policy:\n  name: other\n  identity: agent/other/prod\n  egress:\n    - to: 127.0.0.1\n      protocol: tcp\n  rules:\n    - resource: secret:shared/*\n      lease: 10s\n";
-    let mut d = TestDaemon::prepare(&[("reader.yaml", reader), ("other.yaml", other)], Some(""));
-    let key_file = d.dir.join("keys").join("secrets.key");
-    fs::write(
-        d.dir.join("agentwall.yaml"),
-        format!(
-            "secrets:\n  key_file: {}\ndecision:\n  listen: {address}\n",
-            key_file.display()
-        ),
-    )
-    .unwrap();
+    let mut d = TestDaemon::prepare_with_secrets(
+        &[("reader.yaml", reader), ("other.yaml", other)],
+        &format!("decision:\n  listen: {address}\n"),
+    );
     d.launch();
     d.wait_healthy();
     let tag = std::process::id();
@@ -586,13 +575,7 @@ fn exec_cgroups(d: &TestDaemon) -> Vec<String> {
 fn exec_keeps_granted_secrets_in_the_agents_directory() {
     let _s = serial();
     let reader = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 15s\n";
-    let mut d = TestDaemon::prepare(&[("reader.yaml", reader)], Some(""));
-    let key_file = d.dir.join("keys").join("secrets.key");
-    fs::write(
-        d.dir.join("agentwall.yaml"),
-        format!("secrets:\n  key_file: {}\n", key_file.display()),
-    )
-    .unwrap();
+    let mut d = TestDaemon::prepare_with_secrets(&[("reader.yaml", reader)], "");
     d.launch();
     d.wait_healthy();
     let tag = std::process::id();
@@ -843,13 +826,7 @@ fn a_reload_that_takes_the_grant_away_or_a_quarantine_ends_the_lease() {
     let _s = serial();
     let granted = "policy:\n  name: reader\n  identity: agent/reader/prod\n  rules:\n    - resource: secret:agent/reader/*\n      lease: 1h\n";
     let taken = "policy:\n  name: reader\n  identity: agent/reader/prod\n";
-    let mut d = TestDaemon::prepare(&[("reader.yaml", granted)], Some(""));
-    let key_file = d.dir.join("keys").join("secrets.key");
-    fs::write(
-        d.dir.join("agentwall.yaml"),
-        format!("secrets:\n  key_file: {}\n", key_file.display()),
-    )
-    .unwrap();
+    let mut d = TestDaemon::prepare_with_secrets(&[("reader.yaml", granted)], "");
     d.launch();
     d.wait_healthy();
     d.secret_put("agent/reader/db-password", "aw-planted-standing");
