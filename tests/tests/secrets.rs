@@ -242,6 +242,23 @@ fn client(
     c
 }
 
+/// `agentwall exec` of `sh -c script` under identity `agent/reader/prod`, with the secret
+/// `agent/reader/db-password` as file `db`.
+fn reader_with_secret(d: &TestDaemon, script: &str) -> Command {
+    let mut c = Command::new(d.world_copy(&agentwall_bin()));
+    c.arg("exec").arg("--socket").arg(&d.socket).args([
+        "--identity",
+        "agent/reader/prod",
+        "--secret",
+        "db=agent/reader/db-password",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    c
+}
+
 fn json_lines(o: &Output) -> Vec<serde_json::Value> {
     lines(o)
         .iter()
@@ -684,22 +701,7 @@ fn exec_keeps_granted_secrets_in_the_agents_directory() {
 
     // A long-running agent, and the directory of its secrets.
     let long_running = |d: &TestDaemon| {
-        let mut child = Command::new(d.world_copy(&agentwall_bin()))
-            .arg("exec")
-            .arg("--socket")
-            .arg(&d.socket)
-            .args([
-                "--identity",
-                "agent/reader/prod",
-                "--secret",
-                "db=agent/reader/db-password",
-            ])
-            .args([
-                "--",
-                "sh",
-                "-c",
-                r#"echo "$AGENTWALL_SECRETS_DIR"; exec sleep 60"#,
-            ])
+        let mut child = reader_with_secret(d, r#"echo "$AGENTWALL_SECRETS_DIR"; exec sleep 60"#)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -832,21 +834,11 @@ fn a_reload_that_takes_the_grant_away_or_a_quarantine_ends_the_lease() {
     d.secret_put("agent/reader/db-password", "aw-planted-standing");
     // The agent says where its secret is, then waits for the file to go.
     let agent = || {
-        let mut child = Command::new(d.world_copy(&agentwall_bin()))
-            .arg("exec")
-            .arg("--socket")
-            .arg(&d.socket)
-            .args([
-                "--identity",
-                "agent/reader/prod",
-                "--secret",
-                "db=agent/reader/db-password",
-                "--",
-                "sh",
-                "-c",
-                r#"echo "$AGENTWALL_SECRETS_DIR"; while [ -e "$AGENTWALL_SECRETS_DIR/db" ]; do sleep 0.1; done; echo gone"#,
-            ])
-            .stdout(Stdio::piped())
+        let mut child = reader_with_secret(
+            &d,
+            r#"echo "$AGENTWALL_SECRETS_DIR"; while [ -e "$AGENTWALL_SECRETS_DIR/db" ]; do sleep 0.1; done; echo gone"#,
+        )
+        .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
